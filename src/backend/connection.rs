@@ -1,0 +1,331 @@
+//! One raw protocol connection to Postgres: transport, optional TLS (SSLRequest first), the
+//! StartupMessage with the client's own parameters, authentication (trust, cleartext, md5,
+//! SCRAM-SHA-256 through postgres-protocol's SCRAM client), and the ParameterStatus values and
+//! cancel key the server reports (Postgres docs, "Start-up").
+//!
+//! After start-up the session owns the stream and forwards frames; this type only keeps what
+//! the pool needs: the parameters it was started with, its current ParameterStatus values,
+//! its cancel key and its age.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::Password;
+use crate::net::Stream;
+use crate::protocol::backend::{self as be, ErrorFields, TransactionStatus};
+use crate::protocol::frame::{self, Frame, FrameError};
+use crate::protocol::startup::encode_startup;
+
+use super::Endpoint;
+
+/// Frames from Postgres are trusted to be well formed but still bounded by the protocol's own
+/// i32 length.
+pub const BACKEND_MAX_FRAME: usize = i32::MAX as usize + 1;
+
+/// The key Postgres gave a backend for CancelRequest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendKey {
+    pub pid: i32,
+    pub secret: i32,
+}
+
+/// The startup parameters a connection was opened with (user and database included), in the
+/// order the client sent them. Two connections are interchangeable only when these are equal:
+/// Postgres resets to them on `RESET`/`DISCARD ALL`.
+pub type StartupParams = Arc<Vec<(String, String)>>;
+
+/// Why a backend connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("could not connect to upstream {addr}: {source}")]
+    Io { addr: String, source: std::io::Error },
+    #[error("connecting to upstream {0} timed out")]
+    Timeout(String),
+    #[error("TLS with upstream failed: {0}")]
+    Tls(String),
+    #[error("upstream {0} refused TLS but sslmode requires it")]
+    TlsRefused(String),
+    #[error("upstream asked for a password")]
+    PasswordRequired,
+    /// Postgres refused the login; `raw` is its ErrorResponse, forwarded to the client as is.
+    #[error("upstream refused the connection: {fields}")]
+    Server { raw: Bytes, fields: ErrorFields },
+    #[error("upstream asked for an unsupported authentication method: {0}")]
+    UnsupportedAuth(String),
+    #[error("protocol error from upstream during start-up: {0}")]
+    Protocol(String),
+}
+
+impl ConnectError {
+    /// Whether Postgres rejected the password (so a remembered one must be forgotten).
+    pub fn is_bad_password(&self) -> bool {
+        matches!(self, ConnectError::Server { fields, .. } if fields.code == "28P01")
+    }
+}
+
+/// An authenticated backend connection at ReadyForQuery.
+#[derive(Debug)]
+pub struct Connection {
+    pub stream: Stream,
+    /// Bytes read from the server but not yet consumed.
+    pub rbuf: BytesMut,
+    pub startup: StartupParams,
+    /// ParameterStatus values as the server last reported them.
+    pub params: BTreeMap<String, String>,
+    pub key: BackendKey,
+    pub status: TransactionStatus,
+    pub created: Instant,
+}
+
+impl Connection {
+    /// Opens and authenticates a connection. `password` is used only if the server asks.
+    pub async fn connect(
+        endpoint: &Endpoint,
+        startup: StartupParams,
+        password: Option<&Password>,
+    ) -> Result<Connection, ConnectError> {
+        let addr = endpoint.describe();
+        match tokio::time::timeout(endpoint.connect_timeout, Self::connect_inner(endpoint, startup, password)).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Timeout(addr)),
+        }
+    }
+
+    async fn connect_inner(
+        endpoint: &Endpoint,
+        startup: StartupParams,
+        password: Option<&Password>,
+    ) -> Result<Connection, ConnectError> {
+        let addr = endpoint.describe();
+        let io_err = |source| ConnectError::Io { addr: addr.clone(), source };
+        let mut stream = endpoint.open().await.map_err(io_err)?;
+        if let Some(tls) = &endpoint.tls {
+            let mut req = BytesMut::new();
+            frontend::ssl_request(&mut req);
+            stream.write_all(&req).await.map_err(io_err)?;
+            let answer = stream.read_u8().await.map_err(io_err)?;
+            stream = match (answer, stream) {
+                (b'S', Stream::Tcp(tcp)) => {
+                    let tls_stream = tls
+                        .connector
+                        .connect(tls.server_name.clone(), tcp)
+                        .await
+                        .map_err(|e| ConnectError::Tls(e.to_string()))?;
+                    Stream::TlsClient(Box::new(tls_stream))
+                }
+                (b'N', s) if tls.optional => s,
+                (b'N', _) => return Err(ConnectError::TlsRefused(addr)),
+                (other, _) => return Err(ConnectError::Protocol(format!("unexpected SSLRequest answer {other:#x}"))),
+            };
+        }
+        let mut conn = Connection {
+            stream,
+            rbuf: BytesMut::with_capacity(8192),
+            startup,
+            params: BTreeMap::new(),
+            key: BackendKey { pid: 0, secret: 0 },
+            status: TransactionStatus::Idle,
+            created: Instant::now(),
+        };
+        let mut out = BytesMut::new();
+        encode_startup(&conn.startup, &mut out);
+        conn.stream.write_all(&out).await.map_err(io_err)?;
+        conn.authenticate(password).await?;
+        conn.finish_startup().await?;
+        Ok(conn)
+    }
+
+    fn user(&self) -> &str {
+        self.startup.iter().find(|(k, _)| k == "user").map_or("", |(_, v)| v.as_str())
+    }
+
+    async fn authenticate(&mut self, password: Option<&Password>) -> Result<(), ConnectError> {
+        let mut scram: Option<sasl::ScramSha256> = None;
+        loop {
+            let msg = self.read_startup_message().await?;
+            let mut out = BytesMut::new();
+            let need = || password.ok_or(ConnectError::PasswordRequired);
+            let proto = |e: std::io::Error| ConnectError::Protocol(e.to_string());
+            match msg {
+                Message::AuthenticationOk => return Ok(()),
+                Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(need()?.expose().as_bytes(), &mut out).map_err(proto)?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let hash = md5_hash(self.user().as_bytes(), need()?.expose().as_bytes(), body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut out).map_err(proto)?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut has_scram = false;
+                    while let Some(m) = fallible_next(&mut mechanisms)? {
+                        has_scram |= m == sasl::SCRAM_SHA_256;
+                    }
+                    if !has_scram {
+                        return Err(ConnectError::UnsupportedAuth("SASL without SCRAM-SHA-256".into()));
+                    }
+                    // Channel binding is not offered ('n'): the TLS session pgcache holds with
+                    // Postgres is not the client's, so binding could not be end to end anyway.
+                    let s = sasl::ScramSha256::new(need()?.expose().as_bytes(), sasl::ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out).map_err(proto)?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram.as_mut().ok_or_else(|| ConnectError::Protocol("SASL continue before start".into()))?;
+                    s.update(body.data()).map_err(proto)?;
+                    frontend::sasl_response(s.message(), &mut out).map_err(proto)?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    // Verifies the server's signature: a server that does not know the
+                    // password cannot complete this.
+                    let s = scram.as_mut().ok_or_else(|| ConnectError::Protocol("SASL final before start".into()))?;
+                    s.finish(body.data()).map_err(proto)?;
+                    continue;
+                }
+                Message::NoticeResponse(_) => continue,
+                Message::AuthenticationKerberosV5
+                | Message::AuthenticationScmCredential
+                | Message::AuthenticationGss
+                | Message::AuthenticationSspi
+                | Message::AuthenticationGssContinue(_) => {
+                    return Err(ConnectError::UnsupportedAuth("GSSAPI/SSPI/Kerberos".into()));
+                }
+                _ => return Err(ConnectError::Protocol("unexpected message during authentication".into())),
+            }
+            self.stream.write_all(&out).await.map_err(|source| ConnectError::Io { addr: "upstream".into(), source })?;
+        }
+    }
+
+    /// After AuthenticationOk: ParameterStatus and BackendKeyData until ReadyForQuery.
+    async fn finish_startup(&mut self) -> Result<(), ConnectError> {
+        loop {
+            match self.read_startup_message().await? {
+                Message::ParameterStatus(p) => {
+                    let name = p.name().map_err(|e| ConnectError::Protocol(e.to_string()))?;
+                    let value = p.value().map_err(|e| ConnectError::Protocol(e.to_string()))?;
+                    self.params.insert(name.to_owned(), value.to_owned());
+                }
+                Message::BackendKeyData(k) => {
+                    self.key = BackendKey { pid: k.process_id(), secret: k.secret_key() };
+                }
+                Message::ReadyForQuery(r) => {
+                    self.status = TransactionStatus::from_byte(r.status()).unwrap_or_default();
+                    return Ok(());
+                }
+                Message::NoticeResponse(_) => {}
+                _ => return Err(ConnectError::Protocol("unexpected message after authentication".into())),
+            }
+        }
+    }
+
+    /// Reads one frame and decodes it with postgres-protocol (which never panics); an
+    /// ErrorResponse becomes [`ConnectError::Server`] with its raw bytes.
+    async fn read_startup_message(&mut self) -> Result<Message, ConnectError> {
+        let frame = self.read_frame().await.map_err(|e| ConnectError::Protocol(e.to_string()))?;
+        if frame.tag() == be::ERROR_RESPONSE {
+            let fields = be::error_fields(frame.body()).unwrap_or_default();
+            return Err(ConnectError::Server { raw: frame.into_raw(), fields });
+        }
+        let mut buf = BytesMut::from(&frame.raw()[..]);
+        match Message::parse(&mut buf) {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err(ConnectError::Protocol("incomplete message".into())),
+            Err(e) => Err(ConnectError::Protocol(e.to_string())),
+        }
+    }
+
+    /// Reads one complete frame from the server.
+    pub async fn read_frame(&mut self) -> Result<Frame, ReadError> {
+        loop {
+            if let Some(f) = frame::take_frame(&mut self.rbuf, BACKEND_MAX_FRAME)? {
+                return Ok(f);
+            }
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(ReadError::Closed);
+            }
+        }
+    }
+
+    /// Runs a statement the pool issues itself (e.g. `DISCARD ALL`) and waits for
+    /// ReadyForQuery, keeping ParameterStatus up to date. An error from Postgres fails it.
+    pub async fn run_internal(&mut self, sql: &str) -> Result<(), ReadError> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out).map_err(ReadError::Io)?;
+        self.stream.write_all(&out).await?;
+        let mut failed = None;
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag() {
+                be::ERROR_RESPONSE => failed = Some(be::error_fields(f.body()).unwrap_or_default()),
+                be::PARAMETER_STATUS => self.note_parameter(f.body()),
+                be::READY_FOR_QUERY => {
+                    self.status = be::ready_status(f.body()).map_err(|_| ReadError::Malformed)?;
+                    return match failed {
+                        Some(e) => Err(ReadError::Server(e)),
+                        None => Ok(()),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Records a ParameterStatus body.
+    pub fn note_parameter(&mut self, body: &[u8]) {
+        if let Ok((name, value)) = be::parameter_status(body) {
+            self.params.insert(name, value);
+        }
+    }
+
+    /// Whether an idle connection is still usable: nothing to read and not closed. A server
+    /// that shut down has sent a FATAL and closed, which shows up here.
+    pub fn is_alive(&mut self) -> bool {
+        if !self.rbuf.is_empty() {
+            return false;
+        }
+        match self.stream.read_buf(&mut self.rbuf).now_or_never() {
+            None => true,
+            Some(_) => false,
+        }
+    }
+
+    /// Says goodbye politely (Terminate) so the server does not log an unexpected EOF.
+    pub async fn terminate(mut self) {
+        let mut out = BytesMut::new();
+        frontend::terminate(&mut out);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            let _ = self.stream.write_all(&out).await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
+    }
+}
+
+fn fallible_next<I: fallible_iterator::FallibleIterator<Error = std::io::Error>>(
+    it: &mut I,
+) -> Result<Option<I::Item>, ConnectError> {
+    it.next().map_err(|e| ConnectError::Protocol(e.to_string()))
+}
+
+/// Failure while reading from an established backend connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("upstream connection closed")]
+    Closed,
+    #[error("upstream I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed message from upstream: {0}")]
+    Frame(#[from] FrameError),
+    #[error("malformed message from upstream")]
+    Malformed,
+    #[error("upstream error: {0}")]
+    Server(ErrorFields),
+}

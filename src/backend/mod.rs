@@ -1,0 +1,14 @@
+//! Connections to Postgres: how one is opened and authenticated ([`connection`]), where it is
+//! reached and how its queries are cancelled ([`endpoint`]), and the pool that lends them to
+//! client sessions ([`pool`]), keyed by (database, user) and by the client's startup
+//! parameters, with what pgcache knows about logging in as each user ([`credentials`]).
+
+pub mod connection;
+pub mod credentials;
+pub mod endpoint;
+pub mod pool;
+
+pub use connection::{BackendKey, ConnectError, Connection};
+pub use credentials::Credentials;
+pub use endpoint::Endpoint;
+pub use pool::{Lease, Pool, PoolError, PoolKey, Pools, Reset};

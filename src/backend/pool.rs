@@ -1,0 +1,328 @@
+//! The backend pool: connections to Postgres lent to client sessions.
+//!
+//! There is one [`Pool`] per (database, user). Within it, connections are interchangeable only
+//! if they were started with the same startup parameters (`options`, `DateStyle`,
+//! `application_name`, ...), because Postgres resets a session to its startup packet on
+//! `RESET ALL`/`DISCARD ALL`; so a client is given an idle connection started exactly like its
+//! own, or a new one. The pool caps connections per (database, user): a semaphore bounds the
+//! connections lent out, and an idle connection with other parameters is closed to make room.
+//!
+//! A [`Lease`] is what a session holds. Giving it back says how to reset the connection; a
+//! lease dropped without that (a client gone mid-query, a panic) closes the connection, so a
+//! busy or dirty backend is never reused. The same acquire/release pair serves a session for
+//! its whole life (session pooling) or for one transaction.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{Password, PoolConfig};
+use crate::protocol::backend::TransactionStatus;
+
+use super::connection::StartupParams;
+use super::credentials::Known;
+use super::{ConnectError, Connection, Credentials, Endpoint};
+
+/// A pool's identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolKey {
+    pub database: String,
+    pub user: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no backend connection available for {user}@{database} within {timeout:?} (pool size {max})")]
+    Timeout { database: String, user: String, timeout: Duration, max: usize },
+    #[error("pgcache is shutting down")]
+    Closed,
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+}
+
+/// How a returned connection is made clean for its next user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reset {
+    /// Nothing was sent on it: reuse as is.
+    None,
+    /// Run `DISCARD ALL` (drops prepared statements, temp tables, LISTENs, advisory locks,
+    /// and runs `RESET ALL` back to the startup parameters).
+    Discard,
+    /// Close it.
+    Close,
+}
+
+struct Idle {
+    conn: Connection,
+    since: Instant,
+}
+
+/// Connections for one (database, user).
+pub struct Pool {
+    pub key: PoolKey,
+    settings: PoolConfig,
+    endpoint: Arc<Endpoint>,
+    slots: Arc<Semaphore>,
+    idle: Mutex<VecDeque<Idle>>,
+    /// Startup parameters most recently asked for: used to open `min_idle` connections.
+    last_startup: Mutex<Option<StartupParams>>,
+    closed: AtomicBool,
+}
+
+/// Counts for `SHOW POOLS` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    pub active: usize,
+    pub idle: usize,
+    pub max: usize,
+}
+
+impl Pool {
+    fn new(key: PoolKey, settings: PoolConfig, endpoint: Arc<Endpoint>) -> Self {
+        Pool {
+            slots: Arc::new(Semaphore::new(settings.max_size)),
+            key,
+            settings,
+            endpoint,
+            idle: Mutex::new(VecDeque::new()),
+            last_startup: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let max = self.settings.max_size;
+        PoolStats { active: max - self.slots.available_permits(), idle: self.idle().len(), max }
+    }
+
+    fn expired(&self, conn: &Connection) -> bool {
+        conn.created.elapsed() >= self.settings.max_lifetime
+    }
+
+    /// Lends a connection started with `startup`, opening one with `password` if none is idle
+    /// (or always, with `fresh`: a login that must be verified by Postgres itself). Waits up
+    /// to the acquire timeout for a free slot.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        startup: &StartupParams,
+        password: Option<&Password>,
+        fresh: bool,
+    ) -> Result<Lease, PoolError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(PoolError::Closed);
+        }
+        let permit = match tokio::time::timeout(self.settings.acquire_timeout, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return Err(PoolError::Closed),
+            Err(_) => {
+                return Err(PoolError::Timeout {
+                    database: self.key.database.clone(),
+                    user: self.key.user.clone(),
+                    timeout: self.settings.acquire_timeout,
+                    max: self.settings.max_size,
+                });
+            }
+        };
+        *self.last_startup.lock().unwrap_or_else(|e| e.into_inner()) = Some(startup.clone());
+        while let Some(mut conn) = self.take_idle(startup).filter(|_| !fresh) {
+            if conn.is_alive() && !self.expired(&conn) {
+                return Ok(Lease::new(conn, permit, self.clone()));
+            }
+            tokio::spawn(conn.terminate());
+        }
+        self.make_room(&permit);
+        let conn = Connection::connect(&self.endpoint, startup.clone(), password).await?;
+        Ok(Lease::new(conn, permit, self.clone()))
+    }
+
+    /// The most recently used idle connection with these startup parameters.
+    fn take_idle(&self, startup: &StartupParams) -> Option<Connection> {
+        let mut idle = self.idle();
+        let pos = idle.iter().rposition(|i| i.conn.startup == *startup)?;
+        idle.remove(pos).map(|i| i.conn)
+    }
+
+    /// Closes the oldest idle connection if opening one more would exceed the pool size.
+    fn make_room(&self, _held: &OwnedSemaphorePermit) {
+        let lent = self.settings.max_size - self.slots.available_permits();
+        let mut idle = self.idle();
+        if idle.len() + lent > self.settings.max_size
+            && let Some(old) = idle.pop_front()
+        {
+            tokio::spawn(old.conn.terminate());
+        }
+    }
+
+    fn put_idle(&self, conn: Connection) {
+        if self.closed.load(Ordering::Acquire) || self.expired(&conn) {
+            tokio::spawn(conn.terminate());
+            return;
+        }
+        self.idle().push_back(Idle { conn, since: Instant::now() });
+    }
+
+    /// Closes idle connections past the idle timeout or max lifetime, then opens connections
+    /// up to `min_idle` when a verified login is known.
+    async fn maintain(self: &Arc<Self>, credentials: &Credentials) {
+        let now = Instant::now();
+        let stale: Vec<Connection> = {
+            let mut idle = self.idle();
+            let (keep, drop): (VecDeque<Idle>, VecDeque<Idle>) = idle
+                .drain(..)
+                .partition(|i| now - i.since < self.settings.idle_timeout && !self.expired(&i.conn));
+            *idle = keep;
+            drop.into_iter().map(|i| i.conn).collect()
+        };
+        for conn in stale {
+            conn.terminate().await;
+        }
+        let startup = self.last_startup.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (Some(startup), Some(known)) = (startup, credentials.get(&self.key)) else { return };
+        let password = match &known {
+            Known::Password(p) => Some(p),
+            Known::NoPassword => None,
+        };
+        while self.idle().len() < self.settings.min_idle && !self.closed.load(Ordering::Acquire) {
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else { return };
+            self.make_room(&permit);
+            match Connection::connect(&self.endpoint, startup.clone(), password).await {
+                Ok(conn) => self.put_idle(conn),
+                Err(e) => {
+                    if e.is_bad_password() {
+                        credentials.forget(&self.key);
+                    }
+                    tracing::warn!(pool = %self.key.user, database = %self.key.database, error = %e, "could not open min_idle connection");
+                    return;
+                }
+            }
+            drop(permit);
+        }
+    }
+
+    async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let conns: Vec<Idle> = self.idle().drain(..).collect();
+        for i in conns {
+            i.conn.terminate().await;
+        }
+    }
+}
+
+/// A connection lent to a session. Give it back with [`Lease::release`]; dropping it closes
+/// the connection.
+pub struct Lease {
+    conn: Option<Connection>,
+    permit: Option<OwnedSemaphorePermit>,
+    pool: Arc<Pool>,
+}
+
+impl Lease {
+    fn new(conn: Connection, permit: OwnedSemaphorePermit, pool: Arc<Pool>) -> Self {
+        Lease { conn: Some(conn), permit: Some(permit), pool }
+    }
+
+    pub fn conn(&mut self) -> &mut Connection {
+        self.conn.as_mut().expect("a lease holds its connection until released")
+    }
+
+    pub fn conn_ref(&self) -> &Connection {
+        self.conn.as_ref().expect("a lease holds its connection until released")
+    }
+
+    /// Returns the connection to the pool. It is reused only when it is at rest: idle
+    /// transaction status, nothing unread. The reset runs in the background; the slot stays
+    /// taken until it is done.
+    pub fn release(mut self, reset: Reset) {
+        let (Some(mut conn), Some(permit)) = (self.conn.take(), self.permit.take()) else { return };
+        let pool = self.pool.clone();
+        let reusable = reset != Reset::Close && conn.status == TransactionStatus::Idle && conn.rbuf.is_empty();
+        if !reusable {
+            tokio::spawn(conn.terminate());
+            return;
+        }
+        if reset == Reset::None {
+            pool.put_idle(conn);
+            return;
+        }
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(5), conn.run_internal("DISCARD ALL")).await {
+                Ok(Ok(())) if conn.status == TransactionStatus::Idle => pool.put_idle(conn),
+                Ok(Ok(())) => conn.terminate().await,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "reset failed, closing backend connection");
+                    conn.terminate().await;
+                }
+                Err(_) => tracing::debug!("reset timed out, closing backend connection"),
+            }
+            drop(permit);
+        });
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // Not released: the session ended abnormally. Never reuse it.
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(conn.terminate());
+            }
+        }
+    }
+}
+
+/// Every pool, created on first use.
+pub struct Pools {
+    settings: PoolConfig,
+    endpoint: Arc<Endpoint>,
+    pub credentials: Credentials,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+impl Pools {
+    pub fn new(settings: PoolConfig, endpoint: Arc<Endpoint>) -> Self {
+        Pools { settings, endpoint, credentials: Credentials::default(), pools: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Arc<Pool>>> {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, key: &PoolKey) -> Arc<Pool> {
+        self.map()
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Pool::new(key.clone(), self.settings.clone(), self.endpoint.clone())))
+            .clone()
+    }
+
+    /// Every pool, sorted by key.
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        let mut v: Vec<_> = self.map().values().cloned().collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
+    /// Periodic upkeep of every pool.
+    pub async fn maintain(&self) {
+        for pool in self.all() {
+            pool.maintain(&self.credentials).await;
+        }
+    }
+
+    /// Closes idle connections and refuses new leases (shutdown).
+    pub async fn close(&self) {
+        for pool in self.all() {
+            pool.close().await;
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The TOML config file. Every key is optional; a key given on the command line or in the
+//! environment wins over the file. Unknown keys are errors (`deny_unknown_fields`), reported
+//! by `toml` with the key, line and column.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// A duration written as `"500ms"`, `"5s"`, `"10m"`, `"1h"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e} (write e.g. \"5s\", \"250ms\", \"10m\")")))
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Client listen address (default `127.0.0.1:6432`).
+    pub listen: Option<String>,
+    /// Upstream Postgres URL (default `postgres://postgres@127.0.0.1:5432/postgres`).
+    pub upstream: Option<String>,
+    /// Rule directory (default `./rules`).
+    pub rules: Option<PathBuf>,
+    /// Admin HTTP address (default `127.0.0.1:9930`).
+    pub admin: Option<String>,
+    /// Log format, `text` (default) or `json`.
+    pub log_format: Option<String>,
+    #[serde(default)]
+    pub auth: AuthFile,
+    #[serde(default)]
+    pub pool: PoolFile,
+    #[serde(default)]
+    pub client: ClientFile,
+    #[serde(default)]
+    pub shutdown: ShutdownFile,
+}
+
+/// `[auth]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    /// `passthrough` (default: clients log in with their Postgres credentials, verified by
+    /// the upstream) or `trust` (no client authentication; loopback listen addresses only).
+    pub mode: Option<String>,
+    /// Allow cleartext password exchange with clients on non-loopback, non-TLS connections
+    /// (default `false`).
+    pub allow_plaintext_over_network: Option<bool>,
+}
+
+/// `[pool]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolFile {
+    /// `session` (default).
+    pub mode: Option<String>,
+    /// Maximum backend connections per (database, user) (default 20).
+    pub max_size: Option<usize>,
+    /// Idle connections kept open per pool once its credentials are known (default 0).
+    pub min_idle: Option<usize>,
+    /// How long a client waits for a backend before SQLSTATE 53300 (default `5s`).
+    pub acquire_timeout: Option<HumanDuration>,
+    /// Close idle backend connections after this long (default `10m`).
+    pub idle_timeout: Option<HumanDuration>,
+    /// Close backend connections older than this when they are next idle (default `1h`).
+    pub max_lifetime: Option<HumanDuration>,
+    /// Give up connecting to Postgres after this long (default `5s`, or the URL's
+    /// `connect_timeout`).
+    pub connect_timeout: Option<HumanDuration>,
+}
+
+/// `[client]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    /// Maximum concurrent client connections (default 5000).
+    pub max_connections: Option<usize>,
+    /// Largest message a client may send, in bytes (default 1 GiB, as Postgres).
+    pub max_message_bytes: Option<usize>,
+    /// Time allowed for the startup handshake and authentication (default `60s`).
+    pub startup_timeout: Option<HumanDuration>,
+    /// PEM certificate chain for client TLS; with `tls_key`, SSLRequest is answered `S`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for client TLS.
+    pub tls_key: Option<PathBuf>,
+    /// Refuse clients that do not use TLS (default `false`; needs `tls_cert`).
+    pub tls_required: Option<bool>,
+}
+
+/// `[shutdown]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownFile {
+    /// On SIGTERM/SIGINT, how long running statements may take to finish (default `30s`).
+    pub drain_timeout: Option<HumanDuration>,
+}
+
+impl FileConfig {
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+}

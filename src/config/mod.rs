@@ -1,0 +1,296 @@
+//! Configuration: command-line flags, `PGCACHE_*` environment variables and a TOML file, merged
+//! in that order of precedence (flag over env over file over default), then validated into one
+//! immutable [`Config`] that the server shares with every session.
+
+mod file;
+pub mod upstream;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+pub use file::FileConfig;
+pub use upstream::{Host, Password, SslMode, Upstream};
+
+/// The command line. Every flag can also come from the named environment variable.
+#[derive(Debug, Parser, Default)]
+#[command(name = "pgcache", version, about = "A caching sidecar proxy for PostgreSQL")]
+pub struct Cli {
+    /// Address clients connect to [default: 127.0.0.1:6432]
+    #[arg(long, env = "PGCACHE_LISTEN")]
+    pub listen: Option<String>,
+    /// Upstream Postgres URL (libpq URI or key=value form)
+    /// [default: postgres://postgres@127.0.0.1:5432/postgres]
+    #[arg(long, env = "PGCACHE_UPSTREAM", hide_env_values = true)]
+    pub upstream: Option<String>,
+    /// TOML config file
+    #[arg(long, env = "PGCACHE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory of rule files [default: ./rules]
+    #[arg(long, env = "PGCACHE_RULES")]
+    pub rules: Option<PathBuf>,
+    /// Admin HTTP address (/metrics, /healthz, /readyz) [default: 127.0.0.1:9930]
+    #[arg(long, env = "PGCACHE_ADMIN")]
+    pub admin: Option<String>,
+    /// Client authentication: passthrough or trust [default: passthrough]
+    #[arg(long, env = "PGCACHE_AUTH")]
+    pub auth: Option<String>,
+    /// Maximum backend connections per (database, user) [default: 20]
+    #[arg(long, env = "PGCACHE_POOL_SIZE")]
+    pub pool_size: Option<usize>,
+    /// Log format: text or json [default: text]
+    #[arg(long, env = "PGCACHE_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default).
+    Run,
+}
+
+/// How clients prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Clients present their Postgres password; the upstream verifies it.
+    Passthrough,
+    /// No client authentication (loopback listeners only).
+    Trust,
+}
+
+/// How long a client keeps a backend connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// For the whole client session.
+    Session,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    pub allow_plaintext_over_network: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub mode: PoolMode,
+    pub max_size: usize,
+    pub min_idle: usize,
+    pub acquire_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_lifetime: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub max_connections: usize,
+    pub max_message_bytes: usize,
+    pub startup_timeout: Duration,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_required: bool,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    pub rules: PathBuf,
+    pub admin: SocketAddr,
+    pub log_format: LogFormat,
+    pub auth: AuthConfig,
+    pub pool: PoolConfig,
+    pub client: ClientConfig,
+    pub drain_timeout: Duration,
+}
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("invalid value for {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
+pub const DEFAULT_UPSTREAM: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9930";
+
+impl Config {
+    /// Merges flags/env (`cli`) over the file named by `cli.config`, if any, over defaults.
+    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Config::merge(cli, file)
+    }
+
+    /// A configuration with every default, pointed at `upstream` (used by tests and tools).
+    pub fn for_upstream(upstream: &str) -> Result<Config, ConfigError> {
+        let cli = Cli { upstream: Some(upstream.to_owned()), ..Cli::default() };
+        Config::merge(&cli, FileConfig::default())
+    }
+
+    pub fn merge(cli: &Cli, f: FileConfig) -> Result<Config, ConfigError> {
+        let listen_s = cli.listen.clone().or(f.listen).unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let upstream_s = cli.upstream.clone().or(f.upstream).unwrap_or_else(|| DEFAULT_UPSTREAM.into());
+        let admin_s = cli.admin.clone().or(f.admin).unwrap_or_else(|| DEFAULT_ADMIN.into());
+        let upstream: Upstream = upstream_s.parse().map_err(|e: upstream::UpstreamError| invalid("upstream", e.to_string()))?;
+        let auth_mode = match cli.auth.clone().or(f.auth.mode).as_deref() {
+            None | Some("passthrough") => AuthMode::Passthrough,
+            Some("trust") => AuthMode::Trust,
+            Some(other) => return Err(invalid("auth.mode", format!("{other:?} (expected \"passthrough\" or \"trust\")"))),
+        };
+        let log_format = match cli.log_format.clone().or(f.log_format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(invalid("log_format", format!("{other:?} (expected \"text\" or \"json\")"))),
+        };
+        let pool_mode = match f.pool.mode.as_deref() {
+            None | Some("session") => PoolMode::Session,
+            Some(other) => return Err(invalid("pool.mode", format!("{other:?} (expected \"session\")"))),
+        };
+        let dur = |v: Option<file::HumanDuration>, d: u64| v.map_or(Duration::from_secs(d), |h| h.0);
+        let config = Config {
+            listen: resolve("listen", &listen_s)?,
+            admin: resolve("admin", &admin_s)?,
+            rules: cli.rules.clone().or(f.rules).unwrap_or_else(|| PathBuf::from("./rules")),
+            log_format,
+            auth: AuthConfig {
+                mode: auth_mode,
+                allow_plaintext_over_network: f.auth.allow_plaintext_over_network.unwrap_or(false),
+            },
+            pool: PoolConfig {
+                mode: pool_mode,
+                max_size: cli.pool_size.or(f.pool.max_size).unwrap_or(20),
+                min_idle: f.pool.min_idle.unwrap_or(0),
+                acquire_timeout: dur(f.pool.acquire_timeout, 5),
+                idle_timeout: dur(f.pool.idle_timeout, 600),
+                max_lifetime: dur(f.pool.max_lifetime, 3600),
+                connect_timeout: f.pool.connect_timeout.map(|h| h.0).or(upstream.connect_timeout).unwrap_or(Duration::from_secs(5)),
+            },
+            client: ClientConfig {
+                max_connections: f.client.max_connections.unwrap_or(5000),
+                max_message_bytes: f.client.max_message_bytes.unwrap_or(1 << 30),
+                startup_timeout: dur(f.client.startup_timeout, 60),
+                tls_cert: f.client.tls_cert,
+                tls_key: f.client.tls_key,
+                tls_required: f.client.tls_required.unwrap_or(false),
+            },
+            drain_timeout: dur(f.shutdown.drain_timeout, 30),
+            upstream,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.auth.mode == AuthMode::Trust && !self.listen.ip().is_loopback() {
+            return Err(invalid(
+                "auth.mode",
+                format!("\"trust\" needs a loopback listen address, not {}", self.listen),
+            ));
+        }
+        if self.pool.max_size == 0 {
+            return Err(invalid("pool.max_size", "must be at least 1"));
+        }
+        if self.pool.min_idle > self.pool.max_size {
+            return Err(invalid("pool.min_idle", "must not exceed pool.max_size"));
+        }
+        if self.client.max_connections == 0 {
+            return Err(invalid("client.max_connections", "must be at least 1"));
+        }
+        if self.client.max_message_bytes < 1024 {
+            return Err(invalid("client.max_message_bytes", "must be at least 1024"));
+        }
+        if self.client.tls_cert.is_some() != self.client.tls_key.is_some() {
+            return Err(invalid("client.tls_cert", "tls_cert and tls_key must be set together"));
+        }
+        if self.client.tls_required && self.client.tls_cert.is_none() {
+            return Err(invalid("client.tls_required", "needs client.tls_cert and client.tls_key"));
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    FileConfig::parse(&text).map_err(|source| ConfigError::Parse { path: path.into(), source: Box::new(source) })
+}
+
+fn resolve(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.to_socket_addrs()
+        .map_err(|e| invalid(key, format!("{s:?}: {e}")))?
+        .next()
+        .ok_or_else(|| invalid(key, format!("{s:?} resolves to no address")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("pgcache").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::merge(&Cli::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.admin.to_string(), DEFAULT_ADMIN);
+        assert_eq!(c.upstream.user, "postgres");
+        assert_eq!(c.rules, PathBuf::from("./rules"));
+        assert_eq!(c.auth.mode, AuthMode::Passthrough);
+        assert_eq!(c.pool.max_size, 20);
+    }
+
+    #[test]
+    fn flag_wins_over_file() {
+        let f = FileConfig::parse("listen = \"127.0.0.1:7000\"\nadmin = \"127.0.0.1:7001\"\n[pool]\nmax_size = 3\n").unwrap();
+        let c = Config::merge(&cli(&["--listen", "127.0.0.1:7100"]), f).unwrap();
+        assert_eq!(c.listen.port(), 7100);
+        assert_eq!(c.admin.port(), 7001);
+        assert_eq!(c.pool.max_size, 3);
+    }
+
+    #[test]
+    fn unknown_file_key_is_named() {
+        let e = FileConfig::parse("[pool]\nmax_sise = 3\n").unwrap_err().to_string();
+        assert!(e.contains("max_sise"), "{e}");
+        let e = FileConfig::parse("[pool]\nidle_timeout = \"forever\"\n").unwrap_err().to_string();
+        assert!(e.contains("idle_timeout") && e.contains("forever"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let e = Config::merge(&cli(&["--listen", "nowhere"]), FileConfig::default()).unwrap_err().to_string();
+        assert!(e.contains("listen"), "{e}");
+        let e = Config::merge(&cli(&["--upstream", "postgres://h/d?sslmode=x"]), FileConfig::default()).unwrap_err().to_string();
+        assert!(e.contains("upstream") && e.contains("sslmode"), "{e}");
+        let e = Config::merge(&cli(&["--auth", "trust", "--listen", "0.0.0.0:6432"]), FileConfig::default()).unwrap_err().to_string();
+        assert!(e.contains("auth.mode") && e.contains("loopback"), "{e}");
+        let f = FileConfig::parse("[pool]\nmin_idle = 50\n").unwrap();
+        let e = Config::merge(&Cli::default(), f).unwrap_err().to_string();
+        assert!(e.contains("pool.min_idle"), "{e}");
+    }
+}

@@ -1,0 +1,273 @@
+//! Backend (server → client) messages: the few fields pgcache reads from what Postgres sends,
+//! and the messages pgcache originates itself (errors, authentication requests, the startup
+//! sequence for a pooled connection, ReadyForQuery after a cache hit).
+//!
+//! Generated messages are encoded with pgwire's message types; reads use our own checked
+//! [`Reader`] so a malformed backend message is an error, never a panic.
+
+use bytes::BytesMut;
+use pgwire::messages::Message;
+use pgwire::messages::response::{ErrorResponse, NoticeResponse, ReadyForQuery};
+use pgwire::messages::startup::{
+    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
+};
+
+use super::sqlstate::SqlState;
+use super::{Reader, Truncated};
+
+pub const AUTHENTICATION: u8 = b'R';
+pub const PARAMETER_STATUS: u8 = b'S';
+pub const BACKEND_KEY_DATA: u8 = b'K';
+pub const READY_FOR_QUERY: u8 = b'Z';
+pub const ERROR_RESPONSE: u8 = b'E';
+pub const NOTICE_RESPONSE: u8 = b'N';
+pub const NOTIFICATION_RESPONSE: u8 = b'A';
+pub const COMMAND_COMPLETE: u8 = b'C';
+pub const ROW_DESCRIPTION: u8 = b'T';
+pub const DATA_ROW: u8 = b'D';
+pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
+pub const PARSE_COMPLETE: u8 = b'1';
+pub const BIND_COMPLETE: u8 = b'2';
+pub const CLOSE_COMPLETE: u8 = b'3';
+pub const NO_DATA: u8 = b'n';
+pub const PARAMETER_DESCRIPTION: u8 = b't';
+pub const PORTAL_SUSPENDED: u8 = b's';
+pub const COPY_IN_RESPONSE: u8 = b'G';
+pub const COPY_OUT_RESPONSE: u8 = b'H';
+pub const COPY_BOTH_RESPONSE: u8 = b'W';
+pub const COPY_DATA: u8 = b'd';
+pub const COPY_DONE: u8 = b'c';
+pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+pub const FUNCTION_CALL_RESPONSE: u8 = b'V';
+
+/// Transaction status carried by ReadyForQuery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransactionStatus {
+    #[default]
+    Idle,
+    InBlock,
+    Failed,
+}
+
+impl TransactionStatus {
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            b'I' => Some(Self::Idle),
+            b'T' => Some(Self::InBlock),
+            b'E' => Some(Self::Failed),
+            _ => None,
+        }
+    }
+
+    fn wire(self) -> pgwire::messages::response::TransactionStatus {
+        use pgwire::messages::response::TransactionStatus as W;
+        match self {
+            Self::Idle => W::Idle,
+            Self::InBlock => W::Transaction,
+            Self::Failed => W::Error,
+        }
+    }
+}
+
+/// Reads the status byte of a ReadyForQuery body.
+pub fn ready_status(body: &[u8]) -> Result<TransactionStatus, Truncated> {
+    match body {
+        [b] => TransactionStatus::from_byte(*b).ok_or(Truncated),
+        _ => Err(Truncated),
+    }
+}
+
+/// Reads a ParameterStatus body: name and value.
+pub fn parameter_status(body: &[u8]) -> Result<(String, String), Truncated> {
+    let mut r = Reader::new(body);
+    let name = String::from_utf8_lossy(r.cstr()?).into_owned();
+    let value = String::from_utf8_lossy(r.cstr()?).into_owned();
+    Ok((name, value))
+}
+
+/// Reads a CommandComplete tag.
+pub fn command_tag(body: &[u8]) -> Result<&[u8], Truncated> {
+    Reader::new(body).cstr()
+}
+
+/// The fields of an ErrorResponse or NoticeResponse that pgcache looks at.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorFields {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ErrorFields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} ({})", self.severity, self.message, self.code)
+    }
+}
+
+/// Reads the severity, code and message fields of an ErrorResponse/NoticeResponse body.
+pub fn error_fields(body: &[u8]) -> Result<ErrorFields, Truncated> {
+    let mut r = Reader::new(body);
+    let mut fields = ErrorFields::default();
+    loop {
+        let kind = r.u8()?;
+        if kind == 0 {
+            return Ok(fields);
+        }
+        let value = String::from_utf8_lossy(r.cstr()?).into_owned();
+        match kind {
+            // 'V' is the non-localized severity; prefer it over 'S'.
+            b'V' => fields.severity = value,
+            b'S' if fields.severity.is_empty() => fields.severity = value,
+            b'C' => fields.code = value,
+            b'M' => fields.message = value,
+            _ => {}
+        }
+    }
+}
+
+/// Severity of an error pgcache reports itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+/// An error pgcache originates, as a client will see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgError {
+    pub severity: Severity,
+    pub code: SqlState,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} ({})", self.severity.as_str(), self.message, self.code)
+    }
+}
+
+impl PgError {
+    pub fn new(severity: Severity, code: SqlState, message: impl Into<String>) -> Self {
+        PgError { severity, code, message: message.into(), detail: None, hint: None }
+    }
+
+    pub fn error(code: SqlState, message: impl Into<String>) -> Self {
+        Self::new(Severity::Error, code, message)
+    }
+
+    pub fn fatal(code: SqlState, message: impl Into<String>) -> Self {
+        Self::new(Severity::Fatal, code, message)
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    fn fields(&self) -> Vec<(u8, String)> {
+        let sev = self.severity.as_str().to_owned();
+        let mut f = vec![
+            (b'S', sev.clone()),
+            (b'V', sev),
+            (b'C', self.code.code().to_owned()),
+            (b'M', self.message.clone()),
+        ];
+        if let Some(d) = &self.detail {
+            f.push((b'D', d.clone()));
+        }
+        if let Some(h) = &self.hint {
+            f.push((b'H', h.clone()));
+        }
+        f
+    }
+
+    pub fn encode(&self, out: &mut BytesMut) {
+        put(out, &ErrorResponse::new(self.fields()));
+    }
+
+    /// Encodes the same fields as a NoticeResponse (used for warnings pgcache emits).
+    pub fn encode_notice(&self, out: &mut BytesMut) {
+        put(out, &NoticeResponse::new(self.fields()));
+    }
+}
+
+fn put(out: &mut BytesMut, msg: &impl Message) {
+    // Encoding only fails for out-of-range secret keys, which pgcache never builds.
+    msg.encode(out).expect("encoding a well-formed message cannot fail");
+}
+
+pub fn ready_for_query(status: TransactionStatus, out: &mut BytesMut) {
+    put(out, &ReadyForQuery::new(status.wire()));
+}
+
+pub fn authentication_ok(out: &mut BytesMut) {
+    put(out, &Authentication::Ok);
+}
+
+pub fn authentication_cleartext(out: &mut BytesMut) {
+    put(out, &Authentication::CleartextPassword);
+}
+
+pub fn parameter_status_msg(name: &str, value: &str, out: &mut BytesMut) {
+    put(out, &ParameterStatus::new(name.to_owned(), value.to_owned()));
+}
+
+pub fn backend_key_data(pid: i32, secret: i32, out: &mut BytesMut) {
+    put(out, &BackendKeyData::new(pid, SecretKey::I32(secret)));
+}
+
+/// Tells a client that asked for a newer 3.x minor version or `_pq_.` options that this
+/// server speaks 3.0 (Postgres docs, "Protocol versions").
+pub fn negotiate_protocol_version(unsupported: Vec<String>, out: &mut BytesMut) {
+    put(out, &NegotiateProtocolVersion::new(0, unsupported));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::take_frame;
+
+    #[test]
+    fn generated_error_reads_back() {
+        let mut out = BytesMut::new();
+        PgError::fatal(SqlState::ADMIN_SHUTDOWN, "bye").with_hint("later").encode(&mut out);
+        let f = take_frame(&mut out, 1 << 20).unwrap().unwrap();
+        assert_eq!(f.tag(), ERROR_RESPONSE);
+        let e = error_fields(f.body()).unwrap();
+        assert_eq!((e.severity.as_str(), e.code.as_str(), e.message.as_str()), ("FATAL", "57P01", "bye"));
+    }
+
+    #[test]
+    fn ready_for_query_round_trip() {
+        for s in [TransactionStatus::Idle, TransactionStatus::InBlock, TransactionStatus::Failed] {
+            let mut out = BytesMut::new();
+            ready_for_query(s, &mut out);
+            let f = take_frame(&mut out, 1 << 20).unwrap().unwrap();
+            assert_eq!(ready_status(f.body()).unwrap(), s);
+        }
+        assert!(ready_status(b"").is_err());
+        assert!(ready_status(b"X").is_err());
+    }
+
+    #[test]
+    fn truncated_error_is_an_error() {
+        assert!(error_fields(b"SERROR\0Cxx").is_err());
+        assert!(parameter_status(b"a\0b").is_err());
+    }
+}

@@ -1,0 +1,206 @@
+//! The frontend (client → server) messages pgcache inspects, decoded without copying and without
+//! trusting any count or length field (Postgres docs, "Message Formats").
+//!
+//! Everything else a client sends is forwarded as an opaque [`Frame`](super::Frame).
+
+use super::{Reader, Truncated};
+
+pub const QUERY: u8 = b'Q';
+pub const PARSE: u8 = b'P';
+pub const BIND: u8 = b'B';
+pub const DESCRIBE: u8 = b'D';
+pub const EXECUTE: u8 = b'E';
+pub const CLOSE: u8 = b'C';
+pub const FLUSH: u8 = b'H';
+pub const SYNC: u8 = b'S';
+pub const TERMINATE: u8 = b'X';
+pub const COPY_DATA: u8 = b'd';
+pub const COPY_DONE: u8 = b'c';
+pub const COPY_FAIL: u8 = b'f';
+pub const FUNCTION_CALL: u8 = b'F';
+pub const PASSWORD: u8 = b'p';
+
+/// Simple-protocol Query: SQL text as the client's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Query<'a> {
+    pub sql: &'a [u8],
+}
+
+/// Parse: create a prepared statement (`name` empty for the unnamed one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parse<'a> {
+    pub name: &'a [u8],
+    pub sql: &'a [u8],
+    pub param_types: Vec<u32>,
+}
+
+/// Bind: create a portal from a statement and parameter values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind<'a> {
+    pub portal: &'a [u8],
+    pub statement: &'a [u8],
+    pub param_formats: Vec<i16>,
+    pub params: Vec<Option<&'a [u8]>>,
+    pub result_formats: Vec<i16>,
+}
+
+/// What a Describe or Close names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Statement,
+    Portal,
+}
+
+/// Describe or Close of a statement or portal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Named<'a> {
+    pub target: Target,
+    pub name: &'a [u8],
+}
+
+/// Execute a portal, returning at most `max_rows` rows (0 = all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Execute<'a> {
+    pub portal: &'a [u8],
+    pub max_rows: i32,
+}
+
+fn finish<T>(r: &Reader<'_>, v: T) -> Result<T, Truncated> {
+    if r.remaining() == 0 { Ok(v) } else { Err(Truncated) }
+}
+
+pub fn query(body: &[u8]) -> Result<Query<'_>, Truncated> {
+    let mut r = Reader::new(body);
+    let sql = r.cstr()?;
+    finish(&r, Query { sql })
+}
+
+pub fn parse(body: &[u8]) -> Result<Parse<'_>, Truncated> {
+    let mut r = Reader::new(body);
+    let name = r.cstr()?;
+    let sql = r.cstr()?;
+    let n = r.count16()?;
+    if r.remaining() < n * 4 {
+        return Err(Truncated);
+    }
+    let param_types = (0..n).map(|_| r.i32().map(|t| t as u32)).collect::<Result<_, _>>()?;
+    finish(&r, Parse { name, sql, param_types })
+}
+
+pub fn bind(body: &[u8]) -> Result<Bind<'_>, Truncated> {
+    let mut r = Reader::new(body);
+    let portal = r.cstr()?;
+    let statement = r.cstr()?;
+    let param_formats = formats(&mut r)?;
+    let n = r.count16()?;
+    if r.remaining() < n * 4 {
+        return Err(Truncated);
+    }
+    let mut params = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = r.i32()?;
+        params.push(if len < 0 { None } else { Some(r.bytes(len as usize)?) });
+    }
+    let result_formats = formats(&mut r)?;
+    finish(&r, Bind { portal, statement, param_formats, params, result_formats })
+}
+
+fn formats(r: &mut Reader<'_>) -> Result<Vec<i16>, Truncated> {
+    let n = r.count16()?;
+    if r.remaining() < n * 2 {
+        return Err(Truncated);
+    }
+    (0..n).map(|_| r.i16()).collect()
+}
+
+/// Describe and Close share one layout: a target byte and a name.
+pub fn named(body: &[u8]) -> Result<Named<'_>, Truncated> {
+    let mut r = Reader::new(body);
+    let target = match r.u8()? {
+        b'S' => Target::Statement,
+        b'P' => Target::Portal,
+        _ => return Err(Truncated),
+    };
+    let name = r.cstr()?;
+    finish(&r, Named { target, name })
+}
+
+pub fn execute(body: &[u8]) -> Result<Execute<'_>, Truncated> {
+    let mut r = Reader::new(body);
+    let portal = r.cstr()?;
+    let max_rows = r.i32()?;
+    finish(&r, Execute { portal, max_rows })
+}
+
+/// A PasswordMessage carrying a cleartext password (NUL-terminated).
+pub fn password(body: &[u8]) -> Result<&[u8], Truncated> {
+    let mut r = Reader::new(body);
+    let pw = r.cstr()?;
+    finish(&r, pw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bind_body() -> Vec<u8> {
+        let mut b = b"p1\0s1\0".to_vec();
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&2i16.to_be_bytes());
+        b.extend_from_slice(&4i32.to_be_bytes());
+        b.extend_from_slice(&42i32.to_be_bytes());
+        b.extend_from_slice(&(-1i32).to_be_bytes());
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn bind_decodes_params_and_formats() {
+        let body = bind_body();
+        let b = bind(&body).unwrap();
+        assert_eq!(b.portal, b"p1");
+        assert_eq!(b.statement, b"s1");
+        assert_eq!(b.param_formats, vec![1]);
+        assert_eq!(b.params, vec![Some(&42i32.to_be_bytes()[..]), None]);
+        assert_eq!(b.result_formats, vec![0]);
+    }
+
+    #[test]
+    fn every_truncation_of_bind_is_an_error_not_a_panic() {
+        let body = bind_body();
+        for cut in 0..body.len() {
+            assert!(bind(&body[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = body.clone();
+        long.push(0);
+        assert!(bind(&long).is_err());
+    }
+
+    #[test]
+    fn huge_counts_do_not_allocate() {
+        let mut b = b"\0\0".to_vec();
+        b.extend_from_slice(&i16::MAX.to_be_bytes());
+        assert!(bind(&b).is_err());
+        let mut p = b"\0select 1\0".to_vec();
+        p.extend_from_slice(&(-5i16).to_be_bytes());
+        assert!(parse(&p).is_err());
+    }
+
+    #[test]
+    fn parse_describe_execute_query() {
+        let mut p = b"s\0select $1\0".to_vec();
+        p.extend_from_slice(&1i16.to_be_bytes());
+        p.extend_from_slice(&23i32.to_be_bytes());
+        let parsed = parse(&p).unwrap();
+        assert_eq!((parsed.name, parsed.sql, parsed.param_types), (&b"s"[..], &b"select $1"[..], vec![23]));
+        assert_eq!(named(b"Pabc\0").unwrap(), Named { target: Target::Portal, name: b"abc" });
+        assert!(named(b"Xabc\0").is_err());
+        let mut e = b"\0".to_vec();
+        e.extend_from_slice(&10i32.to_be_bytes());
+        assert_eq!(execute(&e).unwrap().max_rows, 10);
+        assert_eq!(query(b"select 1\0").unwrap().sql, b"select 1");
+        assert!(query(b"select 1").is_err());
+    }
+}

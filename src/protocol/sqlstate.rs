@@ -1,0 +1,33 @@
+//! The SQLSTATE codes pgcache itself reports (Postgres docs, Appendix A "Error Codes").
+//! Errors that come from Postgres are forwarded verbatim and never pass through here.
+
+/// A five-character SQLSTATE code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SqlState(pub &'static str);
+
+impl SqlState {
+    pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
+    pub const CONNECTION_FAILURE: SqlState = SqlState("08006");
+    pub const SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION: SqlState = SqlState("08001");
+    pub const INVALID_AUTHORIZATION_SPECIFICATION: SqlState = SqlState("28000");
+    pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
+    pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
+    pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
+    pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
+    pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
+    pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
+    pub const SYNTAX_ERROR: SqlState = SqlState("42601");
+    pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");
+    pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState("42501");
+    pub const INVALID_CATALOG_NAME: SqlState = SqlState("3D000");
+
+    pub fn code(self) -> &'static str {
+        self.0
+    }
+}
+
+impl std::fmt::Display for SqlState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}

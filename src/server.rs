@@ -1,0 +1,111 @@
+//! The accept loop, the client limit, shutdown and drain (the shape of mini-redis's server):
+//! the caller binds the listener (port 0 in tests) and owns the shutdown token; one task per
+//! connection; accept errors back off; on shutdown the listener closes, sessions finish their
+//! running statements and are told 57P01 at a quiet moment, and after the drain timeout the
+//! rest are closed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backend::{Endpoint, Pools};
+use crate::config::Config;
+use crate::net::tls::{self, TlsError};
+use crate::session::{self, cancel::CancelRegistry};
+
+/// What every session shares. Built once per server; nothing here is a process-wide global,
+/// so tests run many servers in one process.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub pools: Pools,
+    pub cancels: Arc<CancelRegistry>,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Stop accepting and drain.
+    pub shutdown: CancellationToken,
+    /// The drain timeout passed: close what is left.
+    pub force_close: CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+impl Shared {
+    pub fn new(config: Config, shutdown: CancellationToken) -> Result<Arc<Shared>, ServerError> {
+        let endpoint = Arc::new(Endpoint::new(&config.upstream, config.pool.connect_timeout)?);
+        let tls = match (&config.client.tls_cert, &config.client.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+            _ => None,
+        };
+        Ok(Arc::new(Shared {
+            pools: Pools::new(config.pool.clone(), endpoint),
+            config: Arc::new(config),
+            cancels: Arc::new(CancelRegistry::default()),
+            tls,
+            shutdown,
+            force_close: CancellationToken::new(),
+        }))
+    }
+}
+
+/// Binds the configured listen address.
+pub async fn bind(config: &Config) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(config.listen).await.map_err(|source| ServerError::Bind { addr: config.listen, source })
+}
+
+/// Accepts clients on `listener` until `shared.shutdown` is cancelled, then drains.
+pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
+    let sessions = TaskTracker::new();
+    let limit = Arc::new(Semaphore::new(shared.config.client.max_connections));
+    let upkeep = tokio::spawn(maintain(shared.clone()));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shared.shutdown.cancelled() => break,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                backoff = Duration::from_millis(5);
+                let permit = limit.clone().try_acquire_owned().ok();
+                sessions.spawn(session::run(shared.clone(), tcp, peer, permit));
+            }
+            Err(e) => {
+                // Usually EMFILE: wait for connections to close rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+    drop(listener);
+    sessions.close();
+    tracing::info!(sessions = sessions.len(), "shutting down: draining sessions");
+    if tokio::time::timeout(shared.config.drain_timeout, sessions.wait()).await.is_err() {
+        tracing::warn!(sessions = sessions.len(), "drain timeout passed: closing remaining sessions");
+        shared.force_close.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), sessions.wait()).await;
+    }
+    upkeep.abort();
+    shared.pools.close().await;
+    tracing::info!("shutdown complete");
+}
+
+/// Pool upkeep once a second: idle timeout, max lifetime, min idle.
+async fn maintain(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        shared.pools.maintain().await;
+    }
+}

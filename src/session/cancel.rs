@@ -1,0 +1,95 @@
+//! Cancel routing. Every client gets its own BackendKeyData from pgcache (a pid and secret
+//! that are not a real backend's); a CancelRequest carrying that key is turned into a
+//! CancelRequest for the backend the client is using at that moment.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rand::Rng;
+
+use crate::backend::BackendKey;
+
+#[derive(Debug, Default)]
+struct Slot {
+    secret: i32,
+    backend: Option<BackendKey>,
+}
+
+/// The keys handed to clients, by pid.
+#[derive(Debug, Default)]
+pub struct CancelRegistry {
+    map: Mutex<HashMap<i32, Slot>>,
+}
+
+/// A client's registration; removed when dropped.
+#[derive(Debug)]
+pub struct CancelHandle {
+    registry: Arc<CancelRegistry>,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+impl CancelRegistry {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Slot>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Issues a fresh key for a new client.
+    pub fn register(self: &Arc<Self>) -> CancelHandle {
+        let mut rng = rand::rng();
+        let mut map = self.map();
+        let pid = loop {
+            let pid = rng.random_range(1..i32::MAX);
+            if !map.contains_key(&pid) {
+                break pid;
+            }
+        };
+        let secret = rng.random();
+        map.insert(pid, Slot { secret, backend: None });
+        CancelHandle { registry: self.clone(), pid, secret }
+    }
+
+    /// The backend currently serving the client with this key, if the key is valid.
+    pub fn lookup(&self, pid: i32, secret: &[u8]) -> Option<BackendKey> {
+        let map = self.map();
+        let slot = map.get(&pid)?;
+        // Compare in constant time with respect to the secret's content.
+        let ours = slot.secret.to_be_bytes();
+        let same = secret.len() == 4 && ours.iter().zip(secret).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if same { slot.backend } else { None }
+    }
+}
+
+impl CancelHandle {
+    /// Records which backend (if any) a cancel should reach now.
+    pub fn set_backend(&self, key: Option<BackendKey>) {
+        if let Some(slot) = self.registry.map().get_mut(&self.pid) {
+            slot.backend = key;
+        }
+    }
+}
+
+impl Drop for CancelHandle {
+    fn drop(&mut self) {
+        self.registry.map().remove(&self.pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_right_secret_finds_the_backend() {
+        let reg = Arc::new(CancelRegistry::default());
+        let h = reg.register();
+        let key = BackendKey { pid: 42, secret: 7 };
+        h.set_backend(Some(key));
+        assert_eq!(reg.lookup(h.pid, &h.secret.to_be_bytes()), Some(key));
+        assert_eq!(reg.lookup(h.pid, &h.secret.wrapping_add(1).to_be_bytes()), None);
+        assert_eq!(reg.lookup(h.pid, &[0; 8]), None);
+        let pid = h.pid;
+        drop(h);
+        assert_eq!(reg.lookup(pid, &key.secret.to_be_bytes()), None);
+    }
+}

@@ -1,0 +1,106 @@
+//! The one place where a failure becomes what the client sees: a Postgres ErrorResponse with
+//! a SQLSTATE constant, the upstream's own ErrorResponse verbatim, or nothing at all when the
+//! client is already gone.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::backend::connection::ReadError;
+use crate::backend::{ConnectError, PoolError};
+use crate::protocol::backend::PgError;
+use crate::protocol::sqlstate::SqlState;
+use crate::protocol::startup::StartupError;
+use crate::protocol::{FrameError, Truncated};
+
+/// Why a session ended (or could not start).
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The client's socket failed or closed: nobody to tell.
+    #[error("client connection lost: {0}")]
+    ClientIo(#[from] std::io::Error),
+    #[error("client closed the connection")]
+    ClientClosed,
+    #[error("timeout expired during start-up")]
+    StartupTimeout,
+    #[error("invalid startup packet: {0}")]
+    Startup(#[from] StartupError),
+    #[error("invalid message from client: {0}")]
+    Frame(#[from] FrameError),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Refused(PgError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("lost connection to upstream: {0}")]
+    Upstream(#[from] ReadError),
+    #[error("pgcache is shutting down")]
+    Shutdown,
+}
+
+impl From<Truncated> for SessionError {
+    fn from(_: Truncated) -> Self {
+        SessionError::Protocol("message body is truncated or malformed".into())
+    }
+}
+
+/// What to send the client for an error.
+pub enum Reply {
+    /// An ErrorResponse from Postgres, forwarded as it came.
+    Verbatim(Bytes),
+    Error(PgError),
+    /// The client is gone or went away on its own; say nothing.
+    Nothing,
+}
+
+impl SessionError {
+    pub fn reply(&self) -> Reply {
+        use SqlState as S;
+        let fatal = |code, msg: String| Reply::Error(PgError::fatal(code, msg));
+        match self {
+            SessionError::ClientIo(_) | SessionError::ClientClosed => Reply::Nothing,
+            SessionError::StartupTimeout => fatal(S::PROTOCOL_VIOLATION, "timeout expired during start-up".into()),
+            SessionError::Startup(StartupError::UnsupportedProtocol { .. }) => fatal(S::FEATURE_NOT_SUPPORTED, self.to_string()),
+            SessionError::Startup(e) => fatal(S::PROTOCOL_VIOLATION, e.to_string()),
+            SessionError::Frame(e) => fatal(S::PROTOCOL_VIOLATION, e.to_string()),
+            SessionError::Protocol(m) => fatal(S::PROTOCOL_VIOLATION, m.clone()),
+            SessionError::Refused(e) => Reply::Error(e.clone()),
+            SessionError::Pool(PoolError::Timeout { .. }) => fatal(S::TOO_MANY_CONNECTIONS, format!("pgcache: {self}")),
+            SessionError::Pool(PoolError::Closed) | SessionError::Shutdown => {
+                fatal(S::ADMIN_SHUTDOWN, "terminating connection due to administrator command".into())
+            }
+            SessionError::Pool(PoolError::Connect(e)) => connect_reply(e),
+            SessionError::Upstream(e) => fatal(S::CONNECTION_FAILURE, format!("pgcache: lost connection to upstream: {e}")),
+        }
+    }
+
+    /// Whether this ending deserves a warning in the log (client hang-ups do not).
+    pub fn is_noteworthy(&self) -> bool {
+        !matches!(self, SessionError::ClientIo(_) | SessionError::ClientClosed | SessionError::Shutdown)
+    }
+
+    pub fn encode(&self, out: &mut BytesMut) {
+        match self.reply() {
+            Reply::Verbatim(raw) => out.extend_from_slice(&raw),
+            Reply::Error(e) => e.encode(out),
+            Reply::Nothing => {}
+        }
+    }
+}
+
+fn connect_reply(e: &ConnectError) -> Reply {
+    use SqlState as S;
+    match e {
+        ConnectError::Server { raw, .. } => Reply::Verbatim(raw.clone()),
+        ConnectError::PasswordRequired => Reply::Error(PgError::fatal(
+            S::INVALID_PASSWORD,
+            "pgcache: the upstream asks for a password that pgcache does not have for this user",
+        )),
+        ConnectError::UnsupportedAuth(_) => {
+            Reply::Error(PgError::fatal(S::INVALID_AUTHORIZATION_SPECIFICATION, format!("pgcache: {e}")))
+        }
+        ConnectError::Protocol(_) => Reply::Error(PgError::fatal(S::CONNECTION_FAILURE, format!("pgcache: {e}"))),
+        ConnectError::Io { .. } | ConnectError::Timeout(_) | ConnectError::Tls(_) | ConnectError::TlsRefused(_) => {
+            Reply::Error(PgError::fatal(S::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION, format!("pgcache: {e}")))
+        }
+    }
+}

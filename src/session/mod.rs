@@ -1,0 +1,181 @@
+//! One client connection, from its first byte to its close.
+//!
+//! ```text
+//! Opening ──SSLRequest/GSSENCRequest──▶ Opening (TLS or not)
+//!    │ CancelRequest ──▶ forward to the backend serving that key, close
+//!    ▼ StartupMessage
+//! Authenticating ──(login; backend leased)──▶ Relaying ──Terminate/EOF──▶ Closed
+//!                                               │ shutdown: at rest ──▶ 57P01, Closed
+//!                                               │ error ──▶ ErrorResponse, Closed
+//! ```
+//!
+//! Errors become ErrorResponses in one place ([`error`]). When the session ends its backend
+//! goes back to the pool only if it is at rest; a backend left mid-query is cancelled and
+//! closed.
+
+pub mod auth;
+pub mod cancel;
+pub mod client;
+pub mod error;
+pub mod queue;
+pub mod relay;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::backend::connection::StartupParams;
+use crate::backend::{Lease, PoolKey, Reset};
+use crate::protocol::backend::{PgError, negotiate_protocol_version};
+use crate::protocol::sqlstate::SqlState;
+use crate::protocol::startup::Startup;
+use crate::server::Shared;
+
+pub use error::SessionError;
+
+use client::{Client, Opening};
+use state::Tracker;
+
+/// Serves one accepted connection. `permit` is `None` when the client limit is reached.
+pub async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, permit: Option<OwnedSemaphorePermit>) {
+    let opened = tokio::select! {
+        r = tokio::time::timeout(shared.config.client.startup_timeout, Client::open(tcp, peer, shared.tls.as_ref(), shared.config.client.tls_required)) => {
+            r.unwrap_or(Err(SessionError::StartupTimeout))
+        }
+        _ = shared.shutdown.cancelled() => Err(SessionError::Shutdown),
+    };
+    match opened {
+        Ok(Opening::Cancel { pid, secret }) => cancel(&shared, pid, &secret).await,
+        Ok(Opening::Session(mut client, startup)) => {
+            let result = match permit {
+                Some(_) => serve(&shared, &mut client, startup).await,
+                None => Err(SessionError::Refused(PgError::fatal(
+                    SqlState::TOO_MANY_CONNECTIONS,
+                    format!("sorry, too many clients already (pgcache client.max_connections = {})", shared.config.client.max_connections),
+                ))),
+            };
+            if let Err(e) = result {
+                report(&mut client, &e).await;
+            }
+        }
+        Err(e) => {
+            if e.is_noteworthy() {
+                tracing::warn!(%peer, error = %e, "connection refused during start-up");
+            }
+        }
+    }
+}
+
+async fn report(client: &mut Client, e: &SessionError) {
+    if e.is_noteworthy() {
+        tracing::warn!(peer = %client.peer, error = %e, "session failed");
+    }
+    let mut out = BytesMut::new();
+    e.encode(&mut out);
+    if !out.is_empty() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.send(&out)).await;
+    }
+}
+
+/// Turns a client's CancelRequest into one for the backend it is using.
+async fn cancel(shared: &Shared, pid: i32, secret: &[u8]) {
+    match shared.cancels.lookup(pid, secret) {
+        Some(key) => {
+            if let Err(e) = shared.pools.endpoint().cancel(key).await {
+                tracing::warn!(error = %e, "could not forward cancel request");
+            }
+        }
+        None => tracing::debug!(pid, "cancel request for an unknown key ignored"),
+    }
+}
+
+/// Derives the pool key and the backend startup parameters from the client's StartupMessage.
+/// The client's parameters pass unchanged and in order; a missing user or database is taken
+/// from the upstream URL.
+fn backend_startup(shared: &Shared, startup: &Startup) -> Result<(PoolKey, StartupParams, Vec<String>), SessionError> {
+    if startup.param("replication").is_some_and(|v| v != "false" && v != "off" && v != "0") {
+        return Err(SessionError::Refused(PgError::fatal(
+            SqlState::FEATURE_NOT_SUPPORTED,
+            "pgcache does not proxy replication connections; connect to Postgres directly",
+        )));
+    }
+    let upstream = &shared.config.upstream;
+    let mut params: Vec<(String, String)> = Vec::with_capacity(startup.params.len() + 2);
+    let mut unsupported = Vec::new();
+    for (k, v) in &startup.params {
+        if k.starts_with("_pq_.") {
+            unsupported.push(k.clone());
+        } else {
+            params.push((k.clone(), v.clone()));
+        }
+    }
+    let user = startup.param("user").filter(|u| !u.is_empty()).unwrap_or(&upstream.user).to_owned();
+    let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(&upstream.dbname).to_owned();
+    if startup.param("user").is_none_or(str::is_empty) {
+        params.retain(|(k, _)| k != "user");
+        params.insert(0, ("user".into(), user.clone()));
+    }
+    if startup.param("database").is_none_or(str::is_empty) {
+        params.retain(|(k, _)| k != "database");
+        params.insert(1, ("database".into(), database.clone()));
+    }
+    Ok((PoolKey { database, user }, Arc::new(params), unsupported))
+}
+
+async fn serve(shared: &Shared, client: &mut Client, startup: Startup) -> Result<(), SessionError> {
+    let started = Instant::now();
+    let (key, params, unsupported) = backend_startup(shared, &startup)?;
+    if startup.minor > 0 || !unsupported.is_empty() {
+        let mut out = BytesMut::new();
+        negotiate_protocol_version(unsupported, &mut out);
+        client.send(&out).await?;
+    }
+    let login = tokio::time::timeout(shared.config.client.startup_timeout, auth::login(client, shared, &key, &params));
+    let mut lease = tokio::select! {
+        r = login => r.unwrap_or(Err(SessionError::StartupTimeout))?,
+        _ = shared.shutdown.cancelled() => return Err(SessionError::Shutdown),
+    };
+    let handle = shared.cancels.register();
+    handle.set_backend(Some(lease.conn_ref().key));
+    client.send(&relay::welcome(&lease.conn_ref().params, handle.pid, handle.secret)).await?;
+    tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, "client connected");
+
+    let mut track = Tracker::default();
+    let result = relay::run(shared, client, lease.conn(), &mut track).await;
+    lease.conn().status = track.status;
+    give_back(shared, lease, &track);
+    let duration_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, duration_ms, "client disconnected");
+    match result {
+        Ok(_) | Err(SessionError::ClientIo(_)) => Ok(()),
+        // The relay already told the client.
+        Err(e) => {
+            if e.is_noteworthy() {
+                tracing::warn!(peer = %client.peer, error = %e, "session ended with an error");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Returns the backend to the pool if it is at rest; otherwise cancels what it runs and
+/// closes it.
+fn give_back(shared: &Shared, lease: Lease, track: &Tracker) {
+    if track.at_rest() {
+        lease.release(if track.used { Reset::Discard } else { Reset::None });
+        return;
+    }
+    if !track.between_requests() {
+        let endpoint = shared.pools.endpoint().clone();
+        let key = lease.conn_ref().key;
+        tokio::spawn(async move {
+            let _ = endpoint.cancel(key).await;
+        });
+    }
+    lease.release(Reset::Close);
+}
