@@ -1,0 +1,70 @@
+//! Test harness: a throwaway PostgreSQL cluster ([`pg`]), pgcache started in-process in front
+//! of it ([`proxy`]), a raw protocol client for byte-exact transcripts ([`raw`]), and helpers
+//! to run `psql` and `pgbench`.
+#![allow(dead_code)]
+
+pub mod pg;
+pub mod proxy;
+pub mod raw;
+
+use std::process::Output;
+use std::time::Duration;
+
+#[allow(unused_imports)]
+pub use pg::{ClusterOptions, PgCluster};
+pub use proxy::Proxy;
+
+/// Runs a command-line client (psql, pgbench) off the async runtime.
+pub async fn run_tool(program: &str, args: Vec<String>, env: Vec<(String, String)>, stdin: Option<String>) -> Output {
+    let program = program.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut cmd = std::process::Command::new(&program);
+        cmd.args(&args).envs(env).env("PGCONNECT_TIMEOUT", "10").env_remove("PGPASSWORD");
+        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        let mut input = child.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).unwrap();
+        }
+        drop(input);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// `psql -X -v ON_ERROR_STOP=1` against `host:port/db` as `user`, extra args appended.
+pub async fn psql(port: u16, db: &str, user: &str, args: &[&str]) -> Output {
+    let mut a: Vec<String> = ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p"].iter().map(|s| s.to_string()).collect();
+    a.extend([port.to_string(), "-U".into(), user.into(), "-d".into(), db.into()]);
+    a.extend(args.iter().map(|s| s.to_string()));
+    run_tool("psql", a, vec![], None).await
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+pub async fn eventually<F: FnMut() -> bool>(limit: Duration, mut f: F) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
+
+/// A database name unique to one test.
+pub fn unique_db(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}

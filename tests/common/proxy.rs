@@ -1,0 +1,81 @@
+//! pgcache started in-process on port 0, in front of a test cluster.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use pgcache::config::Config;
+use pgcache::server::{self, Shared};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::PgCluster;
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Default settings in front of `cluster` (upstream user: the superuser).
+    pub fn config(cluster: &PgCluster) -> Config {
+        let mut c = Config::for_upstream(&cluster.url("postgres", &cluster.superuser())).unwrap();
+        c.listen = "127.0.0.1:0".parse().unwrap();
+        c
+    }
+
+    pub async fn start(config: Config) -> Proxy {
+        let listener = server::bind(&config).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let shared = Shared::new(config, shutdown.clone()).unwrap();
+        let handle = tokio::spawn(server::run(listener, shared.clone()));
+        Proxy { addr, shared, shutdown, handle: Some(handle) }
+    }
+
+    pub async fn with_defaults(cluster: &PgCluster) -> Proxy {
+        Proxy::start(Proxy::config(cluster)).await
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn url(&self, db: &str, user: &str) -> String {
+        format!("postgres://{user}@127.0.0.1:{}/{db}?sslmode=disable", self.port())
+    }
+
+    /// A tokio-postgres client through the proxy.
+    pub async fn connect(&self, db: &str, user: &str) -> tokio_postgres::Client {
+        connect(&self.url(db, user)).await
+    }
+
+    /// Begins a graceful shutdown (as SIGTERM) and waits for the server to finish.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap();
+        }
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.shared.force_close.cancel();
+    }
+}
+
+/// Connects tokio-postgres with a background connection task.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
