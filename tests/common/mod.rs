@@ -68,3 +68,47 @@ pub fn unique_db(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
+
+/// The pgcache binary running as its own process (for RSS measurements and signal tests).
+pub struct ProxyProcess {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl ProxyProcess {
+    /// Starts `pgcache --listen 127.0.0.1:<free port> --upstream <upstream> <args>` and waits
+    /// until it accepts connections.
+    pub async fn start(upstream: &str, args: &[&str]) -> ProxyProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pgcache"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", upstream, "--admin", &format!("127.0.0.1:{admin}")])
+            .args(args)
+            .env("PGCACHE_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the pgcache binary");
+        let up = eventually(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
+        assert!(up, "pgcache did not start listening");
+        ProxyProcess { child, port }
+    }
+
+    /// Resident set size in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: u64 = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+        kb * 1024
+    }
+
+    pub fn signal(&self, sig: &str) {
+        std::process::Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap();
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
