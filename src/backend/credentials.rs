@@ -1,9 +1,12 @@
 //! What pgcache has learned about logging in to the upstream as a (database, user): that no
 //! password is needed, or a password the upstream accepted. Kept in memory only, never logged;
-//! forgotten when the upstream rejects it.
+//! forgotten when the upstream rejects it, and trusted only for `auth.verify_interval` after
+//! Postgres last confirmed it, so a password changed or a role locked in Postgres stops
+//! working through pgcache within that interval.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::config::Password;
 
@@ -18,15 +21,32 @@ pub enum Known {
     Password(Password),
 }
 
-/// Verified logins by pool key.
-#[derive(Debug, Default)]
+/// Verified logins by pool key, with when Postgres confirmed them.
+#[derive(Debug)]
 pub struct Credentials {
-    map: Mutex<HashMap<PoolKey, Known>>,
+    map: Mutex<HashMap<PoolKey, (Known, Instant)>>,
+    max_age: Duration,
 }
 
 impl Credentials {
+    pub fn new(max_age: Duration) -> Self {
+        Credentials {
+            map: Mutex::new(HashMap::new()),
+            max_age,
+        }
+    }
+
+    /// The login confirmed for `key` within the verify interval, if any.
     pub fn get(&self, key: &PoolKey) -> Option<Known> {
-        self.lock().get(key).cloned()
+        self.lock()
+            .get(key)
+            .filter(|(_, at)| at.elapsed() < self.max_age)
+            .map(|(k, _)| k.clone())
+    }
+
+    /// The login last confirmed for `key`, however old (for opening pool connections).
+    pub fn last(&self, key: &PoolKey) -> Option<Known> {
+        self.lock().get(key).map(|(k, _)| k.clone())
     }
 
     pub fn remember(&self, key: &PoolKey, password: Option<&Password>) {
@@ -34,14 +54,14 @@ impl Credentials {
             Some(p) => Known::Password(p.clone()),
             None => Known::NoPassword,
         };
-        self.lock().insert(key.clone(), known);
+        self.lock().insert(key.clone(), (known, Instant::now()));
     }
 
     pub fn forget(&self, key: &PoolKey) {
         self.lock().remove(key);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Known>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, (Known, Instant)>> {
         // A poisoned map only means a panic elsewhere mid-insert; the data is still usable.
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }

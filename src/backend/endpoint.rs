@@ -8,8 +8,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::config::{Host, Upstream};
-use crate::net::tls::{self, TlsError, UpstreamTls};
 use crate::net::Stream;
+use crate::net::tls::{self, TlsError, UpstreamTls};
 use crate::protocol::startup::encode_cancel;
 
 use super::BackendKey;
@@ -25,7 +25,12 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn new(upstream: &Upstream, connect_timeout: Duration) -> Result<Self, TlsError> {
-        Ok(Endpoint { host: upstream.host.clone(), port: upstream.port, tls: tls::upstream(upstream)?, connect_timeout })
+        Ok(Endpoint {
+            host: upstream.host.clone(),
+            port: upstream.port,
+            tls: tls::upstream(upstream)?,
+            connect_timeout,
+        })
     }
 
     /// The server's address for messages and logs.
@@ -41,7 +46,9 @@ impl Endpoint {
                 s.set_nodelay(true)?;
                 Ok(Stream::Tcp(s))
             }
-            Host::Unix(dir) => Ok(Stream::Unix(UnixStream::connect(dir.join(format!(".s.PGSQL.{}", self.port))).await?)),
+            Host::Unix(dir) => Ok(Stream::Unix(
+                UnixStream::connect(dir.join(format!(".s.PGSQL.{}", self.port))).await?,
+            )),
         }
     }
 
@@ -61,6 +68,11 @@ impl Endpoint {
         };
         tokio::time::timeout(self.connect_timeout, work)
             .await
-            .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel request timed out")))
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "cancel request timed out",
+                ))
+            })
     }
 }

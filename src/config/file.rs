@@ -16,7 +16,11 @@ impl<'de> Deserialize<'de> for HumanDuration {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s)
             .map(HumanDuration)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e} (write e.g. \"5s\", \"250ms\", \"10m\")")))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {s:?}: {e} (write e.g. \"5s\", \"250ms\", \"10m\")"
+                ))
+            })
     }
 }
 
@@ -54,6 +58,9 @@ pub struct AuthFile {
     /// Allow cleartext password exchange with clients on non-loopback, non-TLS connections
     /// (default `false`).
     pub allow_plaintext_over_network: Option<bool>,
+    /// How long a password Postgres accepted is trusted before the next client login is
+    /// verified by Postgres again (default `60s`; `0s` verifies every login).
+    pub verify_interval: Option<HumanDuration>,
 }
 
 /// `[pool]`

@@ -153,13 +153,25 @@ pub struct PgError {
 
 impl std::fmt::Display for PgError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {} ({})", self.severity.as_str(), self.message, self.code)
+        write!(
+            f,
+            "{}: {} ({})",
+            self.severity.as_str(),
+            self.message,
+            self.code
+        )
     }
 }
 
 impl PgError {
     pub fn new(severity: Severity, code: SqlState, message: impl Into<String>) -> Self {
-        PgError { severity, code, message: message.into(), detail: None, hint: None }
+        PgError {
+            severity,
+            code,
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
     }
 
     pub fn error(code: SqlState, message: impl Into<String>) -> Self {
@@ -209,7 +221,8 @@ impl PgError {
 
 fn put(out: &mut BytesMut, msg: &impl Message) {
     // Encoding only fails for out-of-range secret keys, which pgcache never builds.
-    msg.encode(out).expect("encoding a well-formed message cannot fail");
+    msg.encode(out)
+        .expect("encoding a well-formed message cannot fail");
 }
 
 pub fn ready_for_query(status: TransactionStatus, out: &mut BytesMut) {
@@ -225,7 +238,10 @@ pub fn authentication_cleartext(out: &mut BytesMut) {
 }
 
 pub fn parameter_status_msg(name: &str, value: &str, out: &mut BytesMut) {
-    put(out, &ParameterStatus::new(name.to_owned(), value.to_owned()));
+    put(
+        out,
+        &ParameterStatus::new(name.to_owned(), value.to_owned()),
+    );
 }
 
 pub fn backend_key_data(pid: i32, secret: i32, out: &mut BytesMut) {
@@ -246,16 +262,25 @@ mod tests {
     #[test]
     fn generated_error_reads_back() {
         let mut out = BytesMut::new();
-        PgError::fatal(SqlState::ADMIN_SHUTDOWN, "bye").with_hint("later").encode(&mut out);
+        PgError::fatal(SqlState::ADMIN_SHUTDOWN, "bye")
+            .with_hint("later")
+            .encode(&mut out);
         let f = take_frame(&mut out, 1 << 20).unwrap().unwrap();
         assert_eq!(f.tag(), ERROR_RESPONSE);
         let e = error_fields(f.body()).unwrap();
-        assert_eq!((e.severity.as_str(), e.code.as_str(), e.message.as_str()), ("FATAL", "57P01", "bye"));
+        assert_eq!(
+            (e.severity.as_str(), e.code.as_str(), e.message.as_str()),
+            ("FATAL", "57P01", "bye")
+        );
     }
 
     #[test]
     fn ready_for_query_round_trip() {
-        for s in [TransactionStatus::Idle, TransactionStatus::InBlock, TransactionStatus::Failed] {
+        for s in [
+            TransactionStatus::Idle,
+            TransactionStatus::InBlock,
+            TransactionStatus::Failed,
+        ] {
             let mut out = BytesMut::new();
             ready_for_query(s, &mut out);
             let f = take_frame(&mut out, 1 << 20).unwrap().unwrap();

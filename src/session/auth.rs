@@ -16,9 +16,9 @@
 
 use bytes::BytesMut;
 
+use crate::backend::connection::StartupParams;
 use crate::backend::credentials::Known;
 use crate::backend::{ConnectError, Lease, PoolError, PoolKey};
-use crate::backend::connection::StartupParams;
 use crate::config::{AuthMode, Password};
 use crate::protocol::backend::{PgError, authentication_cleartext};
 use crate::protocol::sqlstate::SqlState;
@@ -28,11 +28,18 @@ use super::SessionError;
 use super::client::Client;
 
 /// Authenticates the client and returns its backend connection.
-pub async fn login(client: &mut Client, shared: &Shared, key: &PoolKey, startup: &StartupParams) -> Result<Lease, SessionError> {
+pub async fn login(
+    client: &mut Client,
+    shared: &Shared,
+    key: &PoolKey,
+    startup: &StartupParams,
+) -> Result<Lease, SessionError> {
     let pool = shared.pools.get(key);
     if shared.config.auth.mode == AuthMode::Trust {
         let upstream = &shared.config.upstream;
-        let password = (key.user == upstream.user).then_some(upstream.password.as_ref()).flatten();
+        let password = (key.user == upstream.user)
+            .then_some(upstream.password.as_ref())
+            .flatten();
         return Ok(pool.acquire(startup, password, false).await?);
     }
     let credentials = &shared.pools.credentials;

@@ -36,32 +36,34 @@ impl Client {
         tcp: TcpStream,
         peer: SocketAddr,
         tls: Option<&tokio_rustls::TlsAcceptor>,
-        tls_required: bool,
     ) -> Result<Opening, SessionError> {
         let _ = tcp.set_nodelay(true);
-        let mut client = Client { stream: Stream::Tcp(tcp), rbuf: BytesMut::with_capacity(1024), peer };
+        let mut client = Client {
+            stream: Stream::Tcp(tcp),
+            rbuf: BytesMut::with_capacity(1024),
+            peer,
+        };
         loop {
             let packet = client.read_startup_packet().await?;
             match startup::decode(&packet)? {
                 StartupPacket::SslRequest => client = client.negotiate_tls(tls).await?,
                 StartupPacket::GssEncRequest => client.stream.write_all(b"N").await?,
-                StartupPacket::Cancel { pid, secret } => return Ok(Opening::Cancel { pid, secret }),
-                StartupPacket::Startup(s) => {
-                    if tls_required && !client.stream.is_tls() {
-                        return Err(SessionError::Refused(crate::protocol::backend::PgError::fatal(
-                            crate::protocol::sqlstate::SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
-                            "pgcache requires TLS: connect with sslmode=require or stronger",
-                        )));
-                    }
-                    return Ok(Opening::Session(client, s));
+                StartupPacket::Cancel { pid, secret } => {
+                    return Ok(Opening::Cancel { pid, secret });
                 }
+                StartupPacket::Startup(s) => return Ok(Opening::Session(client, s)),
             }
         }
     }
 
-    async fn negotiate_tls(mut self, tls: Option<&tokio_rustls::TlsAcceptor>) -> Result<Client, SessionError> {
+    async fn negotiate_tls(
+        mut self,
+        tls: Option<&tokio_rustls::TlsAcceptor>,
+    ) -> Result<Client, SessionError> {
         if self.stream.is_tls() {
-            return Err(SessionError::Protocol("SSLRequest on an encrypted connection".into()));
+            return Err(SessionError::Protocol(
+                "SSLRequest on an encrypted connection".into(),
+            ));
         }
         let Some(acceptor) = tls else {
             self.stream.write_all(b"N").await?;
@@ -70,14 +72,25 @@ impl Client {
         // Bytes sent after SSLRequest but before the handshake would be processed as if they
         // had come over TLS (CVE-2021-23222); refuse them.
         if !self.rbuf.is_empty() {
-            return Err(SessionError::Protocol("received unencrypted data after SSL request".into()));
+            return Err(SessionError::Protocol(
+                "received unencrypted data after SSL request".into(),
+            ));
         }
         self.stream.write_all(b"S").await?;
         let Stream::Tcp(tcp) = self.stream else {
-            return Err(SessionError::Protocol("SSLRequest on an encrypted connection".into()));
+            return Err(SessionError::Protocol(
+                "SSLRequest on an encrypted connection".into(),
+            ));
         };
-        let tls_stream = acceptor.accept(tcp).await?;
-        Ok(Client { stream: Stream::TlsServer(Box::new(tls_stream)), rbuf: self.rbuf, peer: self.peer })
+        let tls_stream = acceptor
+            .accept(tcp)
+            .await
+            .map_err(SessionError::TlsHandshake)?;
+        Ok(Client {
+            stream: Stream::TlsServer(Box::new(tls_stream)),
+            rbuf: self.rbuf,
+            peer: self.peer,
+        })
     }
 
     async fn read_startup_packet(&mut self) -> Result<BytesMut, SessionError> {
@@ -110,10 +123,14 @@ impl Client {
     pub async fn read_password(&mut self) -> Result<String, SessionError> {
         let f = self.read_frame(MAX_STARTUP_PACKET).await?;
         if f.tag() != crate::protocol::frontend::PASSWORD {
-            return Err(SessionError::Protocol(format!("expected password response, got message type {:?}", f.tag() as char)));
+            return Err(SessionError::Protocol(format!(
+                "expected password response, got message type {:?}",
+                f.tag() as char
+            )));
         }
         let pw = crate::protocol::frontend::password(f.body())?;
-        String::from_utf8(pw.to_vec()).map_err(|_| SessionError::Protocol("password is not valid UTF-8".into()))
+        String::from_utf8(pw.to_vec())
+            .map_err(|_| SessionError::Protocol("password is not valid UTF-8".into()))
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {

@@ -13,9 +13,9 @@
 //! backend ReadyForQuery(status)             awaiting_ready -= 1, status recorded
 //! ```
 
+use crate::protocol::Truncated;
 use crate::protocol::backend::{self as be, TransactionStatus};
 use crate::protocol::frontend as fe;
-use crate::protocol::Truncated;
 
 /// A COPY in progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -106,7 +106,14 @@ mod tests {
     #[test]
     fn pipelined_extended_batch() {
         let mut t = Tracker::default();
-        for tag in [fe::PARSE, fe::BIND, fe::EXECUTE, fe::SYNC, fe::BIND, fe::EXECUTE] {
+        for tag in [
+            fe::PARSE,
+            fe::BIND,
+            fe::EXECUTE,
+            fe::SYNC,
+            fe::BIND,
+            fe::EXECUTE,
+        ] {
             t.client_sent(tag);
         }
         assert!(t.unsynced && t.awaiting_ready == 1);

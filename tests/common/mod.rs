@@ -15,14 +15,26 @@ pub use pg::{ClusterOptions, PgCluster};
 pub use proxy::Proxy;
 
 /// Runs a command-line client (psql, pgbench) off the async runtime.
-pub async fn run_tool(program: &str, args: Vec<String>, env: Vec<(String, String)>, stdin: Option<String>) -> Output {
+pub async fn run_tool(
+    program: &str,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    stdin: Option<String>,
+) -> Output {
     let program = program.to_owned();
     tokio::task::spawn_blocking(move || {
         use std::io::Write;
         let mut cmd = std::process::Command::new(&program);
-        cmd.args(&args).envs(env).env("PGCONNECT_TIMEOUT", "10").env_remove("PGPASSWORD");
-        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        cmd.args(&args)
+            .envs(env)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .env_remove("PGPASSWORD");
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
         let mut input = child.stdin.take().unwrap();
         if let Some(s) = stdin {
             input.write_all(s.as_bytes()).unwrap();
@@ -36,8 +48,17 @@ pub async fn run_tool(program: &str, args: Vec<String>, env: Vec<(String, String
 
 /// `psql -X -v ON_ERROR_STOP=1` against `host:port/db` as `user`, extra args appended.
 pub async fn psql(port: u16, db: &str, user: &str, args: &[&str]) -> Output {
-    let mut a: Vec<String> = ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p"].iter().map(|s| s.to_string()).collect();
-    a.extend([port.to_string(), "-U".into(), user.into(), "-d".into(), db.into()]);
+    let mut a: Vec<String> = ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.extend([
+        port.to_string(),
+        "-U".into(),
+        user.into(),
+        "-d".into(),
+        db.into(),
+    ]);
     a.extend(args.iter().map(|s| s.to_string()));
     run_tool("psql", a, vec![], None).await
 }
@@ -66,7 +87,11 @@ pub async fn eventually<F: FnMut() -> bool>(limit: Duration, mut f: F) -> bool {
 pub fn unique_db(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The pgcache binary running as its own process (for RSS measurements and signal tests).
@@ -79,17 +104,35 @@ impl ProxyProcess {
     /// Starts `pgcache --listen 127.0.0.1:<free port> --upstream <upstream> <args>` and waits
     /// until it accepts connections.
     pub async fn start(upstream: &str, args: &[&str]) -> ProxyProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let admin = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_pgcache"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", upstream, "--admin", &format!("127.0.0.1:{admin}")])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--upstream",
+                upstream,
+                "--admin",
+                &format!("127.0.0.1:{admin}"),
+            ])
             .args(args)
             .env("PGCACHE_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start the pgcache binary");
-        let up = eventually(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
+        let up = eventually(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await;
         assert!(up, "pgcache did not start listening");
         ProxyProcess { child, port }
     }
@@ -97,12 +140,23 @@ impl ProxyProcess {
     /// Resident set size in bytes.
     pub fn rss(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let kb: u64 = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+        let kb: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
         kb * 1024
     }
 
     pub fn signal(&self, sig: &str) {
-        std::process::Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap();
+        std::process::Command::new("kill")
+            .args(["-s", sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
     }
 }
 

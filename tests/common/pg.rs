@@ -41,7 +41,10 @@ fn is_root() -> bool {
 fn find_bindir() -> PathBuf {
     if let Ok(path) = std::env::var("PATH") {
         for dir in std::env::split_paths(&path) {
-            if dir.join("pg_ctl").exists() && dir.join("initdb").exists() && dir.join("postgres").exists() {
+            if dir.join("pg_ctl").exists()
+                && dir.join("initdb").exists()
+                && dir.join("postgres").exists()
+            {
                 return dir;
             }
         }
@@ -53,14 +56,25 @@ fn find_bindir() -> PathBuf {
         }
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("pg_ctl").exists()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .filter(|p| p.join("pg_ctl").exists())
+                .collect()
+        })
         .unwrap_or_default();
     versions.sort();
-    versions.pop().expect("PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: install postgresql")
+    versions.pop().expect(
+        "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: install postgresql",
+    )
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl PgCluster {
@@ -74,28 +88,64 @@ impl PgCluster {
     }
 
     fn external(url: String) -> PgCluster {
-        let up: pgcache::config::Upstream = url.parse().expect("PGCACHE_TEST_DATABASE_URL must be a postgres:// URL");
+        let up: pgcache::config::Upstream = url
+            .parse()
+            .expect("PGCACHE_TEST_DATABASE_URL must be a postgres:// URL");
         let host = match &up.host {
             pgcache::config::Host::Tcp(h) => h.clone(),
             pgcache::config::Host::Unix(_) => panic!("PGCACHE_TEST_DATABASE_URL must use TCP"),
         };
-        PgCluster { host, port: up.port, socket_dir: None, dir: None, bin: PathBuf::new(), external_url: Some(url) }
+        PgCluster {
+            host,
+            port: up.port,
+            socket_dir: None,
+            dir: None,
+            bin: PathBuf::new(),
+            external_url: Some(url),
+        }
     }
 
     /// Starts a private cluster (for tests that stop it, or change its authentication).
     pub fn start(opts: ClusterOptions) -> PgCluster {
         let bin = find_bindir();
-        let dir = std::env::temp_dir().join(format!("pgcache-test-{}-{}", std::process::id(), free_port()));
+        let dir = std::env::temp_dir().join(format!(
+            "pgcache-test-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let root = is_root();
         if root {
-            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir));
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir));
         }
         let port = free_port();
-        let cluster = PgCluster { host: "127.0.0.1".into(), port, socket_dir: Some(dir.clone()), dir: Some(dir.clone()), bin, external_url: None };
+        let cluster = PgCluster {
+            host: "127.0.0.1".into(),
+            port,
+            socket_dir: Some(dir.clone()),
+            dir: Some(dir.clone()),
+            bin,
+            external_url: None,
+        };
         cluster.spawn_watchdog();
         let data = dir.join("data");
-        cluster.pg(&cluster.bin.join("initdb"), &["-D", &data.to_string_lossy(), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"]);
+        cluster.pg(
+            &cluster.bin.join("initdb"),
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ],
+        );
         let mut conf = vec![
             format!("port = {port}"),
             "listen_addresses = '127.0.0.1'".into(),
@@ -169,9 +219,17 @@ impl PgCluster {
         let dir = self.dir.as_ref().unwrap();
         let data = dir.join("data");
         let stop = if is_root() {
-            format!("runuser -u postgres -- {} -D {} -m immediate stop", self.bin.join("pg_ctl").display(), data.display())
+            format!(
+                "runuser -u postgres -- {} -D {} -m immediate stop",
+                self.bin.join("pg_ctl").display(),
+                data.display()
+            )
         } else {
-            format!("{} -D {} -m immediate stop", self.bin.join("pg_ctl").display(), data.display())
+            format!(
+                "{} -D {} -m immediate stop",
+                self.bin.join("pg_ctl").display(),
+                data.display()
+            )
         };
         let script = format!(
             "while [ -d /proc/{pid} ]; do sleep 1; done; [ -f {data}/postmaster.pid ] && {stop} >/dev/null 2>&1; rm -rf {dir}",
@@ -201,7 +259,10 @@ impl PgCluster {
             }
             None => String::new(),
         };
-        format!("postgres://{user}{pw}@{}:{}/{db}?sslmode=disable", self.host, self.port)
+        format!(
+            "postgres://{user}{pw}@{}:{}/{db}?sslmode=disable",
+            self.host, self.port
+        )
     }
 
     /// The superuser's name.
@@ -216,11 +277,16 @@ impl PgCluster {
     /// pg_hba.conf says about TCP).
     pub async fn admin(&self, db: &str) -> tokio_postgres::Client {
         let conninfo = match &self.socket_dir {
-            Some(dir) => format!("host={} port={} user=postgres dbname={db}", dir.display(), self.port),
+            Some(dir) => format!(
+                "host={} port={} user=postgres dbname={db}",
+                dir.display(),
+                self.port
+            ),
             None => self.url(db, &self.superuser()),
         };
-        let (client, conn) =
-            tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await.unwrap_or_else(|e| panic!("admin connect: {e}"));
+        let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("admin connect: {e}"));
         tokio::spawn(conn);
         client
     }
@@ -228,7 +294,11 @@ impl PgCluster {
     /// Creates a fresh database and returns its name.
     pub async fn create_db(&self, prefix: &str) -> String {
         let name = super::unique_db(prefix);
-        self.admin("postgres").await.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        self.admin("postgres")
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
         name
     }
 }
@@ -239,9 +309,20 @@ impl Drop for PgCluster {
             if self.data().join("postmaster.pid").exists() {
                 let data = self.data();
                 let ctl = self.bin.join("pg_ctl");
-                let args = ["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"];
+                let args = [
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ];
                 let _ = if is_root() {
-                    Command::new("runuser").args(["-u", "postgres", "--"]).arg(&ctl).args(args).output()
+                    Command::new("runuser")
+                        .args(["-u", "postgres", "--"])
+                        .arg(&ctl)
+                        .args(args)
+                        .output()
                 } else {
                     Command::new(&ctl).args(args).output()
                 };
@@ -252,8 +333,15 @@ impl Drop for PgCluster {
 }
 
 fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn append(path: &Path, text: &str) {
