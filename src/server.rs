@@ -36,18 +36,12 @@ pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
 }
 
 impl Shared {
     pub fn new(config: Config, shutdown: CancellationToken) -> Result<Arc<Shared>, ServerError> {
-        let endpoint = Arc::new(Endpoint::new(
-            &config.upstream,
-            config.pool.connect_timeout,
-        )?);
+        let endpoint = Arc::new(Endpoint::new(&config.upstream, config.pool.connect_timeout)?);
         let tls = match (&config.client.tls_cert, &config.client.tls_key) {
             (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
             _ => None,
@@ -65,12 +59,7 @@ impl Shared {
 
 /// Binds the configured listen address.
 pub async fn bind(config: &Config) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        })
+    TcpListener::bind(config.listen).await.map_err(|source| ServerError::Bind { addr: config.listen, source })
 }
 
 /// Accepts clients on `listener` until `shared.shutdown` is cancelled, then drains.
@@ -100,18 +89,9 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
     }
     drop(listener);
     sessions.close();
-    tracing::info!(
-        sessions = sessions.len(),
-        "shutting down: draining sessions"
-    );
-    if tokio::time::timeout(shared.config.drain_timeout, sessions.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            sessions = sessions.len(),
-            "drain timeout passed: closing remaining sessions"
-        );
+    tracing::info!(sessions = sessions.len(), "shutting down: draining sessions");
+    if tokio::time::timeout(shared.config.drain_timeout, sessions.wait()).await.is_err() {
+        tracing::warn!(sessions = sessions.len(), "drain timeout passed: closing remaining sessions");
         shared.force_close.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), sessions.wait()).await;
     }

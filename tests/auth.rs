@@ -27,37 +27,18 @@ CREATE ROLE clear_user LOGIN PASSWORD 'plain';
 ";
 
 async fn auth_cluster() -> PgCluster {
-    let cluster = PgCluster::start(ClusterOptions {
-        hba: Some(HBA.into()),
-        ..Default::default()
-    });
-    cluster
-        .admin("postgres")
-        .await
-        .batch_execute(ROLES)
-        .await
-        .unwrap();
+    let cluster = PgCluster::start(ClusterOptions { hba: Some(HBA.into()), ..Default::default() });
+    cluster.admin("postgres").await.batch_execute(ROLES).await.unwrap();
     cluster
 }
 
 fn url(proxy: &Proxy, user: &str, password: &str) -> String {
     let pw: String = url_encode(password);
-    format!(
-        "postgres://{user}:{pw}@127.0.0.1:{}/postgres?sslmode=disable",
-        proxy.port()
-    )
+    format!("postgres://{user}:{pw}@127.0.0.1:{}/postgres?sslmode=disable", proxy.port())
 }
 
 fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
 }
 
 async fn try_connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
@@ -68,35 +49,19 @@ async fn try_connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres
 
 async fn backends_of(cluster: &PgCluster, user: &str) -> i64 {
     let admin = cluster.admin("postgres").await;
-    admin
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
-            &[&user],
-        )
-        .await
-        .unwrap()
-        .get(0)
+    admin.query_one("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", &[&user]).await.unwrap().get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn right_password_logs_in_for_every_upstream_method() {
     let cluster = auth_cluster().await;
     let proxy = Proxy::with_defaults(&cluster).await;
-    for (user, password) in [
-        ("clear_user", "plain"),
-        ("md5_user", "md5 secret"),
-        ("scram_user", "sc@ram:pw/%"),
-    ] {
+    for (user, password) in [("clear_user", "plain"), ("md5_user", "md5 secret"), ("scram_user", "sc@ram:pw/%")] {
         for round in 0..2 {
             // The second round is checked against the remembered password and reuses the pool.
-            let c = try_connect(&url(&proxy, user, password))
-                .await
-                .unwrap_or_else(|e| panic!("{user} round {round}: {e}"));
-            let who: String = c
-                .query_one("SELECT current_user::text", &[])
-                .await
-                .unwrap()
-                .get(0);
+            let c =
+                try_connect(&url(&proxy, user, password)).await.unwrap_or_else(|e| panic!("{user} round {round}: {e}"));
+            let who: String = c.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
             assert_eq!(who, user);
         }
     }
@@ -113,15 +78,9 @@ async fn wrong_password_is_refused_with_28p01_and_leaks_nothing() {
                 .await
                 .err()
                 .unwrap_or_else(|| panic!("{phase} {user}: admitted"));
-            assert_eq!(
-                err.code(),
-                Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
-                "{phase} {user}: {err}"
-            );
+            assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD), "{phase} {user}: {err}");
         }
-        let ok = try_connect(&url(&proxy, "scram_user", "sc@ram:pw/%"))
-            .await
-            .unwrap();
+        let ok = try_connect(&url(&proxy, "scram_user", "sc@ram:pw/%")).await.unwrap();
         drop(ok);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -130,11 +89,7 @@ async fn wrong_password_is_refused_with_28p01_and_leaks_nothing() {
         assert!(try_connect(&url(&proxy, "md5_user", "nope")).await.is_err());
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        backends_of(&cluster, "md5_user").await,
-        before,
-        "failed logins left backend connections behind"
-    );
+    assert_eq!(backends_of(&cluster, "md5_user").await, before, "failed logins left backend connections behind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,23 +97,11 @@ async fn trust_upstream_needs_no_password() {
     let cluster = auth_cluster().await;
     let proxy = Proxy::with_defaults(&cluster).await;
     // -w: never prompt; psql fails if a password is asked for.
-    let out = psql(
-        proxy.port(),
-        "postgres",
-        "postgres",
-        &["-w", "-At", "-c", "SELECT current_user"],
-    )
-    .await;
+    let out = psql(proxy.port(), "postgres", "postgres", &["-w", "-At", "-c", "SELECT current_user"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).trim(), "postgres");
     // A password-protected user is asked for one: without it, psql -w fails.
-    let out = psql(
-        proxy.port(),
-        "postgres",
-        "md5_user",
-        &["-w", "-c", "SELECT 1"],
-    )
-    .await;
+    let out = psql(proxy.port(), "postgres", "md5_user", &["-w", "-c", "SELECT 1"]).await;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("password"), "{}", stderr(&out));
 }
@@ -169,51 +112,30 @@ async fn changed_password_is_picked_up() {
     let mut config = Proxy::config(&cluster);
     config.auth.verify_interval = Duration::ZERO;
     let proxy = Proxy::start(config).await;
-    try_connect(&url(&proxy, "md5_user", "md5 secret"))
-        .await
-        .unwrap();
+    try_connect(&url(&proxy, "md5_user", "md5 secret")).await.unwrap();
     cluster
         .admin("postgres")
         .await
         .batch_execute("SET password_encryption = 'md5'; ALTER ROLE md5_user PASSWORD 'rotated'")
         .await
         .unwrap();
-    let old = try_connect(&url(&proxy, "md5_user", "md5 secret"))
-        .await
-        .err()
-        .expect("old password refused");
-    assert_eq!(
-        old.code(),
-        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD)
-    );
-    try_connect(&url(&proxy, "md5_user", "rotated"))
-        .await
-        .expect("new password accepted");
+    let old = try_connect(&url(&proxy, "md5_user", "md5 secret")).await.err().expect("old password refused");
+    assert_eq!(old.code(), Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD));
+    try_connect(&url(&proxy, "md5_user", "rotated")).await.expect("new password accepted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trust_mode_uses_the_upstream_password() {
     let cluster = auth_cluster().await;
     let mut config = Proxy::config(&cluster);
-    config.upstream = format!(
-        "postgres://md5_user:md5%20secret@127.0.0.1:{}/postgres?sslmode=disable",
-        cluster.port
-    )
-    .parse()
-    .unwrap();
+    config.upstream = format!("postgres://md5_user:md5%20secret@127.0.0.1:{}/postgres?sslmode=disable", cluster.port)
+        .parse()
+        .unwrap();
     config.auth.mode = AuthMode::Trust;
     let proxy = Proxy::start(config).await;
-    let c = try_connect(&format!(
-        "postgres://md5_user@127.0.0.1:{}/postgres?sslmode=disable",
-        proxy.port()
-    ))
-    .await
-    .unwrap();
-    let who: String = c
-        .query_one("SELECT current_user::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let c =
+        try_connect(&format!("postgres://md5_user@127.0.0.1:{}/postgres?sslmode=disable", proxy.port())).await.unwrap();
+    let who: String = c.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
     assert_eq!(who, "md5_user");
 }
 
@@ -221,22 +143,15 @@ async fn trust_mode_uses_the_upstream_password() {
 fn test_pki(names: &[&str]) -> (String, String, String) {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "pgcache test CA");
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "pgcache test CA");
     let ca_key = KeyPair::generate().unwrap();
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     let mut params = CertificateParams::new(names).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "pgcache test server");
+    params.distinguished_name.push(rcgen::DnType::CommonName, "pgcache test server");
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &issuer).unwrap();
     (ca_cert.pem(), cert.pem(), key.serialize_pem())
@@ -245,7 +160,9 @@ fn test_pki(names: &[&str]) -> (String, String, String) {
 async fn tls_cluster(names: &[&str]) -> (PgCluster, tempfile::TempDir) {
     let (ca, cert, key) = test_pki(names);
     let cluster = PgCluster::start(ClusterOptions {
-        hba: Some("local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n".into()),
+        hba: Some(
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n".into(),
+        ),
         conf: vec!["ssl = on".into(), "ssl_cert_file = 'server.crt'".into(), "ssl_key_file = 'server.key'".into()],
         files: vec![("server.crt".into(), cert.into_bytes()), ("server.key".into(), key.into_bytes())],
     });
@@ -256,23 +173,12 @@ async fn tls_cluster(names: &[&str]) -> (PgCluster, tempfile::TempDir) {
 
 /// The server's message for a database error, else the error's text.
 fn message(e: tokio_postgres::Error) -> String {
-    e.as_db_error().map_or_else(
-        || e.to_string(),
-        |d| format!("{} {}", d.code().code(), d.message()),
-    )
+    e.as_db_error().map_or_else(|| e.to_string(), |d| format!("{} {}", d.code().code(), d.message()))
 }
 
 async fn ssl_in_use(proxy: &Proxy) -> Result<bool, String> {
-    let c = try_connect(&proxy.url("postgres", "postgres"))
-        .await
-        .map_err(message)?;
-    let row = c
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .map_err(message)?;
+    let c = try_connect(&proxy.url("postgres", "postgres")).await.map_err(message)?;
+    let row = c.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.map_err(message)?;
     Ok(row.get(0))
 }
 
@@ -293,19 +199,10 @@ async fn upstream_tls_verify_full_with_a_private_ca() {
 
     // The server refuses plain connections, so sslmode=disable cannot work.
     let mut config = Proxy::config(&cluster);
-    config.upstream = format!(
-        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
-        cluster.port
-    )
-    .parse()
-    .unwrap();
+    config.upstream =
+        format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable", cluster.port).parse().unwrap();
     let plain = Proxy::start(config).await;
-    assert!(
-        ssl_in_use(&plain)
-            .await
-            .unwrap_err()
-            .contains("pg_hba.conf")
-    );
+    assert!(ssl_in_use(&plain).await.unwrap_err().contains("pg_hba.conf"));
 
     // A CA that did not sign the server's certificate is refused, with a clear error.
     let (other_ca, _, _) = test_pki(&["localhost"]);
@@ -328,11 +225,7 @@ async fn upstream_tls_verify_full_with_a_private_ca() {
 async fn verify_ca_ignores_the_name_verify_full_does_not() {
     let (cluster, dir) = tls_cluster(&["db.example.internal"]).await;
     let ca = dir.path().join("ca.pem");
-    for (mode, works) in [
-        ("require", true),
-        ("verify-ca", true),
-        ("verify-full", false),
-    ] {
+    for (mode, works) in [("require", true), ("verify-ca", true), ("verify-full", false)] {
         let mut config = Proxy::config(&cluster);
         config.upstream = format!(
             "postgres://postgres@127.0.0.1:{}/postgres?sslmode={mode}&sslrootcert={}",
@@ -367,15 +260,7 @@ async fn clients_can_use_tls_and_it_can_be_required() {
             dir.path().join("ca.pem").display()
         )
     };
-    let args = |mode: &str| {
-        vec![
-            conninfo(mode),
-            "-X".into(),
-            "-At".into(),
-            "-c".into(),
-            "SELECT 'over tls'".into(),
-        ]
-    };
+    let args = |mode: &str| vec![conninfo(mode), "-X".into(), "-At".into(), "-c".into(), "SELECT 'over tls'".into()];
     let out = common::run_tool("psql", args("verify-full"), vec![], None).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).trim(), "over tls");

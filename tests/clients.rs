@@ -16,34 +16,16 @@ async fn psql_commands_describe_and_copy() {
     let db = cluster.create_db("psql").await;
     let proxy = Proxy::with_defaults(cluster).await;
     let user = cluster.superuser();
-    let out = psql(
-        proxy.port(),
-        &db,
-        &user,
-        &[
-            "-c",
-            "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL)",
-        ],
-    )
-    .await;
+    let out =
+        psql(proxy.port(), &db, &user, &["-c", "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL)"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let d = psql(proxy.port(), &db, &user, &["-c", "\\d items"]).await;
-    assert!(
-        stdout(&d).contains("Table \"public.items\"") && stdout(&d).contains("items_pkey"),
-        "{}",
-        stdout(&d)
-    );
+    assert!(stdout(&d).contains("Table \"public.items\"") && stdout(&d).contains("items_pkey"), "{}", stdout(&d));
 
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.csv");
     let output = dir.path().join("out.csv");
-    std::fs::write(
-        &input,
-        (1..=500)
-            .map(|i| format!("{i},name {i}\n"))
-            .collect::<String>(),
-    )
-    .unwrap();
+    std::fs::write(&input, (1..=500).map(|i| format!("{i},name {i}\n")).collect::<String>()).unwrap();
     let script = dir.path().join("script.sql");
     std::fs::write(
         &script,
@@ -54,27 +36,14 @@ async fn psql_commands_describe_and_copy() {
         ),
     )
     .unwrap();
-    let run = psql(
-        proxy.port(),
-        &db,
-        &user,
-        &["-At", "-f", script.to_str().unwrap()],
-    )
-    .await;
+    let run = psql(proxy.port(), &db, &user, &["-At", "-f", script.to_str().unwrap()]).await;
     assert!(run.status.success(), "{}", stderr(&run));
     assert_eq!(stdout(&run).trim(), "500");
-    assert_eq!(
-        std::fs::read_to_string(&output).unwrap(),
-        std::fs::read_to_string(&input).unwrap()
-    );
+    assert_eq!(std::fs::read_to_string(&output).unwrap(), std::fs::read_to_string(&input).unwrap());
 
     let err = psql(proxy.port(), &db, &user, &["-c", "SELECT * FROM nope"]).await;
     assert!(!err.status.success());
-    assert!(
-        stderr(&err).contains("relation \"nope\" does not exist"),
-        "{}",
-        stderr(&err)
-    );
+    assert!(stderr(&err).contains("relation \"nope\" does not exist"), "{}", stderr(&err));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,10 +53,7 @@ async fn pgbench_runs_in_every_query_mode() {
     let proxy = Proxy::with_defaults(cluster).await;
     let user = cluster.superuser();
     let base = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = ["-h", "127.0.0.1", "-p"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut a: Vec<String> = ["-h", "127.0.0.1", "-p"].iter().map(|s| s.to_string()).collect();
         a.extend([proxy.port().to_string(), "-U".into(), user.clone()]);
         a.extend(extra.iter().map(|s| s.to_string()));
         a.push(db.clone());
@@ -96,23 +62,12 @@ async fn pgbench_runs_in_every_query_mode() {
     let init = common::run_tool("pgbench", base(&["-i", "-s", "1", "-q"]), vec![], None).await;
     assert!(init.status.success(), "{}", stderr(&init));
     for mode in ["simple", "extended", "prepared"] {
-        let run = common::run_tool(
-            "pgbench",
-            base(&["-M", mode, "-c", "8", "-j", "2", "-t", "50"]),
-            vec![],
-            None,
-        )
-        .await;
+        let run =
+            common::run_tool("pgbench", base(&["-M", mode, "-c", "8", "-j", "2", "-t", "50"]), vec![], None).await;
         let out = stdout(&run);
         assert!(run.status.success(), "mode {mode}: {}\n{out}", stderr(&run));
-        assert!(
-            out.contains("number of transactions actually processed: 400/400"),
-            "mode {mode}: {out}"
-        );
-        assert!(
-            out.contains("number of failed transactions: 0"),
-            "mode {mode}: {out}"
-        );
+        assert!(out.contains("number of transactions actually processed: 400/400"), "mode {mode}: {out}");
+        assert!(out.contains("number of failed transactions: 0"), "mode {mode}: {out}");
     }
 }
 
@@ -122,37 +77,24 @@ async fn copy_in_and_out_of_100k_rows() {
     let db = cluster.create_db("copy").await;
     let proxy = Proxy::with_defaults(cluster).await;
     let c = proxy.connect(&db, &cluster.superuser()).await;
-    c.batch_execute("CREATE TABLE big (id int, payload text)")
-        .await
-        .unwrap();
+    c.batch_execute("CREATE TABLE big (id int, payload text)").await.unwrap();
     let sink = c.copy_in("COPY big FROM STDIN").await.unwrap();
     futures_util::pin_mut!(sink);
     let mut chunk = String::new();
     for i in 0..100_000 {
         chunk.push_str(&format!("{i}\tpayload-{i}\n"));
         if chunk.len() > 64 * 1024 {
-            sink.send(Bytes::from(std::mem::take(&mut chunk)))
-                .await
-                .unwrap();
+            sink.send(Bytes::from(std::mem::take(&mut chunk))).await.unwrap();
         }
     }
     sink.send(Bytes::from(chunk)).await.unwrap();
     assert_eq!(sink.finish().await.unwrap(), 100_000);
-    let row = c
-        .query_one("SELECT count(*), sum(id) FROM big", &[])
-        .await
-        .unwrap();
-    assert_eq!(
-        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
-        (100_000, 4_999_950_000)
-    );
+    let row = c.query_one("SELECT count(*), sum(id) FROM big", &[]).await.unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (100_000, 4_999_950_000));
 
     let stream = c.copy_out("COPY big TO STDOUT").await.unwrap();
     let chunks: Vec<Bytes> = stream.try_collect().await.unwrap();
-    let text: String = chunks
-        .iter()
-        .map(|b| String::from_utf8_lossy(b).into_owned())
-        .collect();
+    let text: String = chunks.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
     assert_eq!(text.lines().count(), 100_000);
     assert!(text.contains("99999\tpayload-99999\n"));
 }
@@ -163,9 +105,7 @@ async fn listen_notify_between_two_clients() {
     let db = cluster.create_db("notify").await;
     let proxy = Proxy::with_defaults(cluster).await;
     let (listener, mut conn) =
-        tokio_postgres::connect(&proxy.url(&db, &cluster.superuser()), tokio_postgres::NoTls)
-            .await
-            .unwrap();
+        tokio_postgres::connect(&proxy.url(&db, &cluster.superuser()), tokio_postgres::NoTls).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
@@ -177,16 +117,11 @@ async fn listen_notify_between_two_clients() {
     });
     listener.batch_execute("LISTEN orders").await.unwrap();
     let talker = proxy.connect(&db, &cluster.superuser()).await;
-    talker
-        .batch_execute("NOTIFY orders, 'order 1'; SELECT pg_notify('orders', 'order 2')")
-        .await
-        .unwrap();
+    talker.batch_execute("NOTIFY orders, 'order 1'; SELECT pg_notify('orders', 'order 2')").await.unwrap();
     // The listener is idle: the notifications must arrive without it sending anything.
     for expected in ["order 1", "order 2"] {
-        let (channel, payload) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .expect("notification")
-            .unwrap();
+        let (channel, payload) =
+            tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("notification").unwrap();
         assert_eq!((channel.as_str(), payload.as_str()), ("orders", expected));
     }
 }
@@ -198,25 +133,12 @@ async fn cancel_request_reaches_the_backend() {
     let c = proxy.connect("postgres", &cluster.superuser()).await;
     let token = c.cancel_token();
     let started = Instant::now();
-    let query =
-        tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
+    let query = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(300)).await;
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(5), query)
-        .await
-        .expect("query ended")
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
-        "{err}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "cancelled after {:?}",
-        started.elapsed()
-    );
+    let err = tokio::time::timeout(Duration::from_secs(5), query).await.expect("query ended").unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2), "cancelled after {:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,10 +155,7 @@ async fn large_result_streams_with_bounded_memory() {
     let before = proxy.rss();
     // 200,000 rows of 1 kB: about 200 MB through the proxy.
     let rows = c
-        .query_raw(
-            "SELECT repeat('x', 1000) FROM generate_series(1, 200000)",
-            std::iter::empty::<i32>(),
-        )
+        .query_raw("SELECT repeat('x', 1000) FROM generate_series(1, 200000)", std::iter::empty::<i32>())
         .await
         .unwrap();
     futures_util::pin_mut!(rows);
@@ -251,9 +170,5 @@ async fn large_result_streams_with_bounded_memory() {
     }
     assert_eq!((n, bytes), (200_000, 200_000_000));
     let growth = peak.saturating_sub(before);
-    assert!(
-        growth < 24 << 20,
-        "pgcache RSS grew by {} MB streaming 200 MB",
-        growth >> 20
-    );
+    assert!(growth < 24 << 20, "pgcache RSS grew by {} MB streaming 200 MB", growth >> 20);
 }

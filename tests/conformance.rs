@@ -27,9 +27,7 @@ struct Pair {
 impl Pair {
     async fn open(cluster: &PgCluster, proxy: &Proxy, db: &str, extra: &[(&str, &str)]) -> Pair {
         let user = cluster.superuser();
-        let direct_addr = format!("{}:{}", cluster.host, cluster.port)
-            .parse()
-            .unwrap();
+        let direct_addr = format!("{}:{}", cluster.host, cluster.port).parse().unwrap();
         let direct = RawConn::connect(direct_addr, &user, db, extra).await;
         let proxied = RawConn::connect(proxy.addr, &user, db, extra).await;
         assert_eq!(direct.params, proxied.params, "ParameterStatus at start-up");
@@ -62,60 +60,20 @@ async fn simple_protocol_transcripts_match_postgres() {
     let mut p = Pair::open(cluster, &proxy, &db, &[]).await;
     let types = p.same("types as text", &query(TYPES), 1).await;
     assert_eq!(tags(&types), "TDCZ");
-    p.same(
-        "multi-statement string",
-        &query("SELECT 1; SELECT 'two'::text AS t; SELECT NULL"),
-        1,
-    )
-    .await;
+    p.same("multi-statement string", &query("SELECT 1; SELECT 'two'::text AS t; SELECT NULL"), 1).await;
     let empty = p.same("empty query", &query(""), 1).await;
     assert_eq!(tags(&empty), "IZ");
     p.same("only a semicolon", &query(";"), 1).await;
-    let syntax = p
-        .same("syntax error with position", &query("SELEC 1"), 1)
-        .await;
-    assert!(
-        String::from_utf8_lossy(&syntax[0].body).contains("P1\0"),
-        "{syntax:?}"
-    );
-    let dup = p
-        .same(
-            "unique violation",
-            &query("INSERT INTO uniq VALUES (1, 'again')"),
-            1,
-        )
-        .await;
+    let syntax = p.same("syntax error with position", &query("SELEC 1"), 1).await;
+    assert!(String::from_utf8_lossy(&syntax[0].body).contains("P1\0"), "{syntax:?}");
+    let dup = p.same("unique violation", &query("INSERT INTO uniq VALUES (1, 'again')"), 1).await;
     let body = String::from_utf8_lossy(&dup[0].body).into_owned();
-    assert!(
-        body.contains("C23505") && body.contains("nuniq_pkey"),
-        "{body}"
-    );
-    let notice = p
-        .same(
-            "notice",
-            &query("DO $$ BEGIN RAISE NOTICE 'hello %', 42; END $$"),
-            1,
-        )
-        .await;
+    assert!(body.contains("C23505") && body.contains("nuniq_pkey"), "{body}");
+    let notice = p.same("notice", &query("DO $$ BEGIN RAISE NOTICE 'hello %', 42; END $$"), 1).await;
     assert_eq!(tags(&notice), "NCZ");
-    p.same(
-        "ParameterStatus on SET",
-        &query("SET application_name = 'conformance'"),
-        1,
-    )
-    .await;
-    p.same(
-        "rows from a table",
-        &query("SELECT * FROM series ORDER BY n"),
-        1,
-    )
-    .await;
-    p.same(
-        "extra_float_digits",
-        &query("SET extra_float_digits = 3; SELECT 0.1::float8, 1e100::float4"),
-        1,
-    )
-    .await;
+    p.same("ParameterStatus on SET", &query("SET application_name = 'conformance'"), 1).await;
+    p.same("rows from a table", &query("SELECT * FROM series ORDER BY n"), 1).await;
+    p.same("extra_float_digits", &query("SET extra_float_digits = 3; SELECT 0.1::float8, 1e100::float4"), 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,79 +81,41 @@ async fn transactions_match_postgres() {
     let (cluster, proxy, db) = setup().await;
     let mut p = Pair::open(cluster, &proxy, &db, &[]).await;
     // Each side writes its own temp table, so the two sessions never wait on each other.
-    p.same(
-        "temp table",
-        &query("CREATE TEMP TABLE tt (id int PRIMARY KEY)"),
-        1,
-    )
-    .await;
+    p.same("temp table", &query("CREATE TEMP TABLE tt (id int PRIMARY KEY)"), 1).await;
     let begin = p.same("begin", &query("BEGIN"), 1).await;
     assert_eq!(begin.last().unwrap().body.as_ref(), b"T");
-    p.same(
-        "insert in transaction",
-        &query("INSERT INTO tt VALUES (2)"),
-        1,
-    )
-    .await;
+    p.same("insert in transaction", &query("INSERT INTO tt VALUES (2)"), 1).await;
     p.same("rollback", &query("ROLLBACK"), 1).await;
-    p.same(
-        "rolled back row is gone",
-        &query("SELECT count(*) FROM tt"),
-        1,
-    )
-    .await;
+    p.same("rolled back row is gone", &query("SELECT count(*) FROM tt"), 1).await;
     p.same("begin", &query("BEGIN"), 1).await;
-    let failed = p
-        .same("error in transaction", &query("SELECT 1/0"), 1)
-        .await;
+    let failed = p.same("error in transaction", &query("SELECT 1/0"), 1).await;
     assert_eq!(failed.last().unwrap().body.as_ref(), b"E");
-    let aborted = p
-        .same("statement in failed transaction", &query("SELECT 1"), 1)
-        .await;
+    let aborted = p.same("statement in failed transaction", &query("SELECT 1"), 1).await;
     assert!(String::from_utf8_lossy(&aborted[0].body).contains("25P02"));
     p.same("rollback failed", &query("ROLLBACK"), 1).await;
-    p.same("commit path", &query("BEGIN; CREATE TEMP TABLE t(x int); INSERT INTO t VALUES (1); COMMIT; SELECT x + 0 AS x FROM t"), 1).await;
+    p.same(
+        "commit path",
+        &query("BEGIN; CREATE TEMP TABLE t(x int); INSERT INTO t VALUES (1); COMMIT; SELECT x + 0 AS x FROM t"),
+        1,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_protocol_transcripts_match_postgres() {
     let (cluster, proxy, db) = setup().await;
-    let mut p = Pair::open(
-        cluster,
-        &proxy,
-        &db,
-        &[
-            ("extra_float_digits", "3"),
-            ("TimeZone", "America/New_York"),
-        ],
-    )
-    .await;
+    let mut p =
+        Pair::open(cluster, &proxy, &db, &[("extra_float_digits", "3"), ("TimeZone", "America/New_York")]).await;
 
-    let binary = batch(&[
-        parse("", TYPES, &[]),
-        bind("", "", &[], &[1]),
-        describe(b'P', ""),
-        execute("", 0),
-        sync(),
-    ]);
+    let binary = batch(&[parse("", TYPES, &[]), bind("", "", &[], &[1]), describe(b'P', ""), execute("", 0), sync()]);
     let got = p.same("types in binary", &binary, 1).await;
     assert_eq!(tags(&got), "12TDCZ");
-    let text = batch(&[
-        parse("", TYPES, &[]),
-        bind("", "", &[], &[0]),
-        describe(b'P', ""),
-        execute("", 0),
-        sync(),
-    ]);
+    let text = batch(&[parse("", TYPES, &[]), bind("", "", &[], &[0]), describe(b'P', ""), execute("", 0), sync()]);
     p.same("types in text", &text, 1).await;
 
     p.same(
         "named statement",
-        &batch(&[
-            parse("s1", "SELECT n, h FROM series WHERE n = $1", &[23]),
-            describe(b'S', "s1"),
-            sync(),
-        ]),
+        &batch(&[parse("s1", "SELECT n, h FROM series WHERE n = $1", &[23]), describe(b'S', "s1"), sync()]),
         1,
     )
     .await;
@@ -243,29 +163,15 @@ async fn extended_protocol_transcripts_match_postgres() {
         query("COMMIT").as_ref().into(),
     ]);
     let got = p.same("portal with row limit", &portal, 3).await;
-    assert_eq!(
-        got.iter().filter(|m| m.tag == b's').count(),
-        2,
-        "two PortalSuspended"
-    );
+    assert_eq!(got.iter().filter(|m| m.tag == b's').count(), 2, "two PortalSuspended");
 
-    let closes = batch(&[
-        raw::close(b'S', "s1"),
-        raw::close(b'P', "nope"),
-        sync(),
-        bind("", "s1", &[Some("1")], &[]),
-        sync(),
-    ]);
+    let closes =
+        batch(&[raw::close(b'S', "s1"), raw::close(b'P', "nope"), sync(), bind("", "s1", &[Some("1")], &[]), sync()]);
     let got = p.same("close statement, then use it", &closes, 2).await;
     assert_eq!(tags(&got), "33ZEZ");
 
     // Flush without Sync: answers arrive, no ReadyForQuery until the Sync.
-    let flushed = batch(&[
-        parse("", "SELECT 5", &[]),
-        bind("", "", &[], &[]),
-        execute("", 0),
-        raw::flush(),
-    ]);
+    let flushed = batch(&[parse("", "SELECT 5", &[]), bind("", "", &[], &[]), execute("", 0), raw::flush()]);
     p.direct.send(&flushed).await;
     p.proxied.send(&flushed).await;
     let mut d = Vec::new();
@@ -283,20 +189,9 @@ async fn extended_protocol_transcripts_match_postgres() {
 async fn copy_transcripts_match_postgres() {
     let (cluster, proxy, db) = setup().await;
     let mut p = Pair::open(cluster, &proxy, &db, &[]).await;
-    let out = p
-        .same(
-            "copy out",
-            &query("COPY (SELECT n, h FROM series ORDER BY n) TO STDOUT"),
-            1,
-        )
-        .await;
+    let out = p.same("copy out", &query("COPY (SELECT n, h FROM series ORDER BY n) TO STDOUT"), 1).await;
     assert_eq!(out.iter().filter(|m| m.tag == b'd').count(), 50);
-    p.same(
-        "temp table",
-        &query("CREATE TEMP TABLE c (n int, h text)"),
-        1,
-    )
-    .await;
+    p.same("temp table", &query("CREATE TEMP TABLE c (n int, h text)"), 1).await;
     for conn in [&mut p.direct, &mut p.proxied] {
         conn.send(&query("COPY c FROM STDIN")).await;
         assert_eq!(conn.recv().await.tag, b'G');
@@ -311,19 +206,14 @@ async fn copy_transcripts_match_postgres() {
     let q = p.proxied.until_ready(1).await;
     assert_eq!(d, q, "copy in");
     assert_eq!(String::from_utf8_lossy(&d[0].body), "COPY 1000\0");
-    p.same("copied rows", &query("SELECT count(*), sum(n) FROM c"), 1)
-        .await;
+    p.same("copied rows", &query("SELECT count(*), sum(n) FROM c"), 1).await;
     // CopyFail from the client aborts the COPY with an error.
     for conn in [&mut p.direct, &mut p.proxied] {
         conn.send(&query("COPY c FROM STDIN")).await;
         assert_eq!(conn.recv().await.tag, b'G');
         conn.send(&raw::frame(b'f', b"client gave up\0")).await;
     }
-    assert_eq!(
-        p.direct.until_ready(1).await,
-        p.proxied.until_ready(1).await,
-        "copy fail"
-    );
+    assert_eq!(p.direct.until_ready(1).await, p.proxied.until_ready(1).await, "copy fail");
 }
 
 struct BytesMutExt(bytes::BytesMut);
@@ -352,13 +242,7 @@ impl<'a> tokio_postgres::types::FromSql<'a> for RawValue {
 
 async fn raw_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<Option<Vec<u8>>>> {
     let rows = client.query(sql, &[]).await.unwrap();
-    rows.iter()
-        .map(|r| {
-            (0..r.len())
-                .map(|i| r.get::<_, Option<RawValue>>(i).map(|v| v.0))
-                .collect()
-        })
-        .collect()
+    rows.iter().map(|r| (0..r.len()).map(|i| r.get::<_, Option<RawValue>>(i).map(|v| v.0)).collect()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,19 +251,13 @@ async fn tokio_postgres_values_match_in_binary_and_text() {
     let user = cluster.superuser();
     let direct = common::proxy::connect(&cluster.url(&db, &user)).await;
     let proxied = proxy.connect(&db, &user).await;
-    assert_eq!(
-        raw_rows(&direct, TYPES).await,
-        raw_rows(&proxied, TYPES).await,
-        "binary values"
-    );
+    assert_eq!(raw_rows(&direct, TYPES).await, raw_rows(&proxied, TYPES).await, "binary values");
     let text = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| {
         msgs.into_iter()
             .filter_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                    (0..r.len())
-                        .map(|i| r.get(i).map(str::to_owned))
-                        .collect::<Vec<_>>(),
-                ),
+                tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    Some((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect::<Vec<_>>())
+                }
                 _ => None,
             })
             .collect::<Vec<_>>()
@@ -389,19 +267,10 @@ async fn tokio_postgres_values_match_in_binary_and_text() {
         text(proxied.simple_query(TYPES).await.unwrap()),
         "text values"
     );
-    let e1 = direct
-        .query("SELECT * FROM missing_table", &[])
-        .await
-        .unwrap_err();
-    let e2 = proxied
-        .query("SELECT * FROM missing_table", &[])
-        .await
-        .unwrap_err();
+    let e1 = direct.query("SELECT * FROM missing_table", &[]).await.unwrap_err();
+    let e2 = proxied.query("SELECT * FROM missing_table", &[]).await.unwrap_err();
     let (d, p) = (e1.as_db_error().unwrap(), e2.as_db_error().unwrap());
-    assert_eq!(
-        (d.code(), d.message(), d.position()),
-        (p.code(), p.message(), p.position())
-    );
+    assert_eq!((d.code(), d.message(), d.position()), (p.code(), p.message(), p.position()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -416,26 +285,14 @@ async fn startup_parameters_apply_and_reset_returns_to_them() {
     assert_eq!(one(&c, "SHOW intervalstyle").await, "iso_8601");
     assert_eq!(one(&c, "SHOW search_path").await, "pg_catalog");
     assert_eq!(one(&c, "SHOW application_name").await, "myapp");
-    c.batch_execute("SET intervalstyle = postgres; SET application_name = other")
-        .await
-        .unwrap();
+    c.batch_execute("SET intervalstyle = postgres; SET application_name = other").await.unwrap();
     assert_eq!(one(&c, "SHOW intervalstyle").await, "postgres");
-    c.batch_execute("RESET intervalstyle; RESET application_name")
-        .await
-        .unwrap();
-    assert_eq!(
-        one(&c, "SHOW intervalstyle").await,
-        "iso_8601",
-        "RESET returns to the startup value"
-    );
+    c.batch_execute("RESET intervalstyle; RESET application_name").await.unwrap();
+    assert_eq!(one(&c, "SHOW intervalstyle").await, "iso_8601", "RESET returns to the startup value");
     assert_eq!(one(&c, "SHOW application_name").await, "myapp");
     c.batch_execute("SET DateStyle = German").await.unwrap();
     c.batch_execute("RESET ALL").await.unwrap();
-    assert_eq!(
-        one(&c, "SHOW intervalstyle").await,
-        "iso_8601",
-        "RESET ALL returns to the startup value"
-    );
+    assert_eq!(one(&c, "SHOW intervalstyle").await, "iso_8601", "RESET ALL returns to the startup value");
     drop(c);
 
     // A client without those options gets a connection started without them.
@@ -473,34 +330,10 @@ async fn pooled_connection_is_reused_and_reset() {
         .await
     );
     let second = proxy.connect(&db, &user).await;
-    assert_eq!(
-        one(&second, "SELECT pg_backend_pid()").await,
-        pid,
-        "the backend was reused"
-    );
-    assert_eq!(
-        one(&second, "SHOW work_mem").await,
-        "4MB",
-        "settings were reset"
-    );
-    assert_eq!(
-        one(&second, "SELECT count(*) FROM pg_prepared_statements").await,
-        "0"
-    );
-    assert_eq!(
-        one(&second, "SELECT to_regclass('pg_temp.scratch') IS NULL").await,
-        "t"
-    );
-    assert_eq!(
-        one(&second, "SELECT count(*) FROM pg_listening_channels()").await,
-        "0"
-    );
-    assert_eq!(
-        one(
-            &second,
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
-        )
-        .await,
-        "0"
-    );
+    assert_eq!(one(&second, "SELECT pg_backend_pid()").await, pid, "the backend was reused");
+    assert_eq!(one(&second, "SHOW work_mem").await, "4MB", "settings were reset");
+    assert_eq!(one(&second, "SELECT count(*) FROM pg_prepared_statements").await, "0");
+    assert_eq!(one(&second, "SELECT to_regclass('pg_temp.scratch') IS NULL").await, "t");
+    assert_eq!(one(&second, "SELECT count(*) FROM pg_listening_channels()").await, "0");
+    assert_eq!(one(&second, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").await, "0");
 }

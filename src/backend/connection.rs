@@ -46,10 +46,7 @@ pub type StartupParams = Arc<Vec<(String, String)>>;
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("could not connect to upstream {addr}: {source}")]
-    Io {
-        addr: String,
-        source: std::io::Error,
-    },
+    Io { addr: String, source: std::io::Error },
     #[error("connecting to upstream {0} timed out")]
     Timeout(String),
     #[error("TLS with upstream failed: {0}")]
@@ -96,12 +93,7 @@ impl Connection {
         password: Option<&Password>,
     ) -> Result<Connection, ConnectError> {
         let addr = endpoint.describe();
-        match tokio::time::timeout(
-            endpoint.connect_timeout,
-            Self::connect_inner(endpoint, startup, password),
-        )
-        .await
-        {
+        match tokio::time::timeout(endpoint.connect_timeout, Self::connect_inner(endpoint, startup, password)).await {
             Ok(r) => r,
             Err(_) => Err(ConnectError::Timeout(addr)),
         }
@@ -113,10 +105,7 @@ impl Connection {
         password: Option<&Password>,
     ) -> Result<Connection, ConnectError> {
         let addr = endpoint.describe();
-        let io_err = |source| ConnectError::Io {
-            addr: addr.clone(),
-            source,
-        };
+        let io_err = |source| ConnectError::Io { addr: addr.clone(), source };
         let mut stream = endpoint.open().await.map_err(io_err)?;
         if let Some(tls) = &endpoint.tls {
             let mut req = BytesMut::new();
@@ -135,9 +124,7 @@ impl Connection {
                 (b'N', s) if tls.optional => s,
                 (b'N', _) => return Err(ConnectError::TlsRefused(addr)),
                 (other, _) => {
-                    return Err(ConnectError::Protocol(format!(
-                        "unexpected SSLRequest answer {other:#x}"
-                    )));
+                    return Err(ConnectError::Protocol(format!("unexpected SSLRequest answer {other:#x}")));
                 }
             };
         }
@@ -159,10 +146,7 @@ impl Connection {
     }
 
     fn user(&self) -> &str {
-        self.startup
-            .iter()
-            .find(|(k, _)| k == "user")
-            .map_or("", |(_, v)| v.as_str())
+        self.startup.iter().find(|(k, _)| k == "user").map_or("", |(_, v)| v.as_str())
     }
 
     async fn authenticate(&mut self, password: Option<&Password>) -> Result<(), ConnectError> {
@@ -175,15 +159,10 @@ impl Connection {
             match msg {
                 Message::AuthenticationOk => return Ok(()),
                 Message::AuthenticationCleartextPassword => {
-                    frontend::password_message(need()?.expose().as_bytes(), &mut out)
-                        .map_err(proto)?;
+                    frontend::password_message(need()?.expose().as_bytes(), &mut out).map_err(proto)?;
                 }
                 Message::AuthenticationMd5Password(body) => {
-                    let hash = md5_hash(
-                        self.user().as_bytes(),
-                        need()?.expose().as_bytes(),
-                        body.salt(),
-                    );
+                    let hash = md5_hash(self.user().as_bytes(), need()?.expose().as_bytes(), body.salt());
                     frontend::password_message(hash.as_bytes(), &mut out).map_err(proto)?;
                 }
                 Message::AuthenticationSasl(body) => {
@@ -193,33 +172,24 @@ impl Connection {
                         has_scram |= m == sasl::SCRAM_SHA_256;
                     }
                     if !has_scram {
-                        return Err(ConnectError::UnsupportedAuth(
-                            "SASL without SCRAM-SHA-256".into(),
-                        ));
+                        return Err(ConnectError::UnsupportedAuth("SASL without SCRAM-SHA-256".into()));
                     }
                     // Channel binding is not offered ('n'): the TLS session pgcache holds with
                     // Postgres is not the client's, so binding could not be end to end anyway.
-                    let s = sasl::ScramSha256::new(
-                        need()?.expose().as_bytes(),
-                        sasl::ChannelBinding::unsupported(),
-                    );
-                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out)
-                        .map_err(proto)?;
+                    let s = sasl::ScramSha256::new(need()?.expose().as_bytes(), sasl::ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out).map_err(proto)?;
                     scram = Some(s);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let s = scram.as_mut().ok_or_else(|| {
-                        ConnectError::Protocol("SASL continue before start".into())
-                    })?;
+                    let s =
+                        scram.as_mut().ok_or_else(|| ConnectError::Protocol("SASL continue before start".into()))?;
                     s.update(body.data()).map_err(proto)?;
                     frontend::sasl_response(s.message(), &mut out).map_err(proto)?;
                 }
                 Message::AuthenticationSaslFinal(body) => {
                     // Verifies the server's signature: a server that does not know the
                     // password cannot complete this.
-                    let s = scram
-                        .as_mut()
-                        .ok_or_else(|| ConnectError::Protocol("SASL final before start".into()))?;
+                    let s = scram.as_mut().ok_or_else(|| ConnectError::Protocol("SASL final before start".into()))?;
                     s.finish(body.data()).map_err(proto)?;
                     continue;
                 }
@@ -232,18 +202,10 @@ impl Connection {
                     return Err(ConnectError::UnsupportedAuth("GSSAPI/SSPI/Kerberos".into()));
                 }
                 _ => {
-                    return Err(ConnectError::Protocol(
-                        "unexpected message during authentication".into(),
-                    ));
+                    return Err(ConnectError::Protocol("unexpected message during authentication".into()));
                 }
             }
-            self.stream
-                .write_all(&out)
-                .await
-                .map_err(|source| ConnectError::Io {
-                    addr: "upstream".into(),
-                    source,
-                })?;
+            self.stream.write_all(&out).await.map_err(|source| ConnectError::Io { addr: "upstream".into(), source })?;
         }
     }
 
@@ -252,19 +214,12 @@ impl Connection {
         loop {
             match self.read_startup_message().await? {
                 Message::ParameterStatus(p) => {
-                    let name = p
-                        .name()
-                        .map_err(|e| ConnectError::Protocol(e.to_string()))?;
-                    let value = p
-                        .value()
-                        .map_err(|e| ConnectError::Protocol(e.to_string()))?;
+                    let name = p.name().map_err(|e| ConnectError::Protocol(e.to_string()))?;
+                    let value = p.value().map_err(|e| ConnectError::Protocol(e.to_string()))?;
                     self.params.insert(name.to_owned(), value.to_owned());
                 }
                 Message::BackendKeyData(k) => {
-                    self.key = BackendKey {
-                        pid: k.process_id(),
-                        secret: k.secret_key(),
-                    };
+                    self.key = BackendKey { pid: k.process_id(), secret: k.secret_key() };
                 }
                 Message::ReadyForQuery(r) => {
                     self.status = TransactionStatus::from_byte(r.status()).unwrap_or_default();
@@ -272,9 +227,7 @@ impl Connection {
                 }
                 Message::NoticeResponse(_) => {}
                 _ => {
-                    return Err(ConnectError::Protocol(
-                        "unexpected message after authentication".into(),
-                    ));
+                    return Err(ConnectError::Protocol("unexpected message after authentication".into()));
                 }
             }
         }
@@ -283,16 +236,10 @@ impl Connection {
     /// Reads one frame and decodes it with postgres-protocol (which never panics); an
     /// ErrorResponse becomes [`ConnectError::Server`] with its raw bytes.
     async fn read_startup_message(&mut self) -> Result<Message, ConnectError> {
-        let frame = self
-            .read_frame()
-            .await
-            .map_err(|e| ConnectError::Protocol(e.to_string()))?;
+        let frame = self.read_frame().await.map_err(|e| ConnectError::Protocol(e.to_string()))?;
         if frame.tag() == be::ERROR_RESPONSE {
             let fields = be::error_fields(frame.body()).unwrap_or_default();
-            return Err(ConnectError::Server {
-                raw: frame.into_raw(),
-                fields,
-            });
+            return Err(ConnectError::Server { raw: frame.into_raw(), fields });
         }
         let mut buf = BytesMut::from(&frame.raw()[..]);
         match Message::parse(&mut buf) {

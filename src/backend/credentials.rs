@@ -30,18 +30,12 @@ pub struct Credentials {
 
 impl Credentials {
     pub fn new(max_age: Duration) -> Self {
-        Credentials {
-            map: Mutex::new(HashMap::new()),
-            max_age,
-        }
+        Credentials { map: Mutex::new(HashMap::new()), max_age }
     }
 
     /// The login confirmed for `key` within the verify interval, if any.
     pub fn get(&self, key: &PoolKey) -> Option<Known> {
-        self.lock()
-            .get(key)
-            .filter(|(_, at)| at.elapsed() < self.max_age)
-            .map(|(k, _)| k.clone())
+        self.lock().get(key).filter(|(_, at)| at.elapsed() < self.max_age).map(|(k, _)| k.clone())
     }
 
     /// The login last confirmed for `key`, however old (for opening pool connections).

@@ -46,9 +46,9 @@ impl Endpoint {
                 s.set_nodelay(true)?;
                 Ok(Stream::Tcp(s))
             }
-            Host::Unix(dir) => Ok(Stream::Unix(
-                UnixStream::connect(dir.join(format!(".s.PGSQL.{}", self.port))).await?,
-            )),
+            Host::Unix(dir) => {
+                Ok(Stream::Unix(UnixStream::connect(dir.join(format!(".s.PGSQL.{}", self.port))).await?))
+            }
         }
     }
 
@@ -68,11 +68,6 @@ impl Endpoint {
         };
         tokio::time::timeout(self.connect_timeout, work)
             .await
-            .unwrap_or_else(|_| {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "cancel request timed out",
-                ))
-            })
+            .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel request timed out")))
     }
 }

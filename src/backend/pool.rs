@@ -35,15 +35,8 @@ pub struct PoolKey {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    #[error(
-        "no backend connection available for {user}@{database} within {timeout:?} (pool size {max})"
-    )]
-    Timeout {
-        database: String,
-        user: String,
-        timeout: Duration,
-        max: usize,
-    },
+    #[error("no backend connection available for {user}@{database} within {timeout:?} (pool size {max})")]
+    Timeout { database: String, user: String, timeout: Duration, max: usize },
     #[error("pgcache is shutting down")]
     Closed,
     #[error(transparent)]
@@ -106,11 +99,7 @@ impl Pool {
 
     pub fn stats(&self) -> PoolStats {
         let max = self.settings.max_size;
-        PoolStats {
-            active: max - self.slots.available_permits(),
-            idle: self.idle().len(),
-            max,
-        }
+        PoolStats { active: max - self.slots.available_permits(), idle: self.idle().len(), max }
     }
 
     fn expired(&self, conn: &Connection) -> bool {
@@ -129,11 +118,7 @@ impl Pool {
         if self.closed.load(Ordering::Acquire) {
             return Err(PoolError::Closed);
         }
-        let permit = match tokio::time::timeout(
-            self.settings.acquire_timeout,
-            self.slots.clone().acquire_owned(),
-        )
-        .await
+        let permit = match tokio::time::timeout(self.settings.acquire_timeout, self.slots.clone().acquire_owned()).await
         {
             Ok(Ok(p)) => p,
             Ok(Err(_)) => return Err(PoolError::Closed),
@@ -181,10 +166,7 @@ impl Pool {
             tokio::spawn(conn.terminate());
             return;
         }
-        self.idle().push_back(Idle {
-            conn,
-            since: Instant::now(),
-        });
+        self.idle().push_back(Idle { conn, since: Instant::now() });
     }
 
     /// Closes idle connections past the idle timeout or max lifetime, then opens connections
@@ -193,20 +175,15 @@ impl Pool {
         let now = Instant::now();
         let stale: Vec<Connection> = {
             let mut idle = self.idle();
-            let (keep, drop): (VecDeque<Idle>, VecDeque<Idle>) = idle.drain(..).partition(|i| {
-                now - i.since < self.settings.idle_timeout && !self.expired(&i.conn)
-            });
+            let (keep, drop): (VecDeque<Idle>, VecDeque<Idle>) =
+                idle.drain(..).partition(|i| now - i.since < self.settings.idle_timeout && !self.expired(&i.conn));
             *idle = keep;
             drop.into_iter().map(|i| i.conn).collect()
         };
         for conn in stale {
             conn.terminate().await;
         }
-        let startup = self
-            .last_startup
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let startup = self.last_startup.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let (Some(startup), Some(known)) = (startup, credentials.last(&self.key)) else {
             return;
         };
@@ -252,23 +229,15 @@ pub struct Lease {
 
 impl Lease {
     fn new(conn: Connection, permit: OwnedSemaphorePermit, pool: Arc<Pool>) -> Self {
-        Lease {
-            conn: Some(conn),
-            permit: Some(permit),
-            pool,
-        }
+        Lease { conn: Some(conn), permit: Some(permit), pool }
     }
 
     pub fn conn(&mut self) -> &mut Connection {
-        self.conn
-            .as_mut()
-            .expect("a lease holds its connection until released")
+        self.conn.as_mut().expect("a lease holds its connection until released")
     }
 
     pub fn conn_ref(&self) -> &Connection {
-        self.conn
-            .as_ref()
-            .expect("a lease holds its connection until released")
+        self.conn.as_ref().expect("a lease holds its connection until released")
     }
 
     /// Returns the connection to the pool. It is reused only when it is at rest: idle
@@ -279,8 +248,7 @@ impl Lease {
             return;
         };
         let pool = self.pool.clone();
-        let reusable =
-            reset != Reset::Close && conn.status == TransactionStatus::Idle && conn.rbuf.is_empty();
+        let reusable = reset != Reset::Close && conn.status == TransactionStatus::Idle && conn.rbuf.is_empty();
         if !reusable {
             tokio::spawn(conn.terminate());
             return;
@@ -290,9 +258,7 @@ impl Lease {
             return;
         }
         tokio::spawn(async move {
-            match tokio::time::timeout(Duration::from_secs(5), conn.run_internal("DISCARD ALL"))
-                .await
-            {
+            match tokio::time::timeout(Duration::from_secs(5), conn.run_internal("DISCARD ALL")).await {
                 Ok(Ok(())) if conn.status == TransactionStatus::Idle => pool.put_idle(conn),
                 Ok(Ok(())) => conn.terminate().await,
                 Ok(Err(e)) => {
@@ -327,12 +293,7 @@ pub struct Pools {
 
 impl Pools {
     pub fn new(settings: PoolConfig, endpoint: Arc<Endpoint>, verify_interval: Duration) -> Self {
-        Pools {
-            settings,
-            endpoint,
-            credentials: Credentials::new(verify_interval),
-            pools: Mutex::new(HashMap::new()),
-        }
+        Pools { settings, endpoint, credentials: Credentials::new(verify_interval), pools: Mutex::new(HashMap::new()) }
     }
 
     pub fn endpoint(&self) -> &Arc<Endpoint> {
@@ -346,13 +307,7 @@ impl Pools {
     pub fn get(&self, key: &PoolKey) -> Arc<Pool> {
         self.map()
             .entry(key.clone())
-            .or_insert_with(|| {
-                Arc::new(Pool::new(
-                    key.clone(),
-                    self.settings.clone(),
-                    self.endpoint.clone(),
-                ))
-            })
+            .or_insert_with(|| Arc::new(Pool::new(key.clone(), self.settings.clone(), self.endpoint.clone())))
             .clone()
     }
 

@@ -16,11 +16,7 @@ pub use upstream::{Host, Password, SslMode, Upstream};
 
 /// The command line. Every flag can also come from the named environment variable.
 #[derive(Debug, Parser, Default)]
-#[command(
-    name = "pgcache",
-    version,
-    about = "A caching sidecar proxy for PostgreSQL"
-)]
+#[command(name = "pgcache", version, about = "A caching sidecar proxy for PostgreSQL")]
 pub struct Cli {
     /// Address clients connect to [default: 127.0.0.1:6432]
     #[arg(long, env = "PGCACHE_LISTEN")]
@@ -125,24 +121,15 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
     #[error("invalid value for {key}: {message}")]
     Invalid { key: &'static str, message: String },
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        message: message.into(),
-    }
+    ConfigError::Invalid { key, message: message.into() }
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
@@ -161,71 +148,41 @@ impl Config {
 
     /// A configuration with every default, pointed at `upstream` (used by tests and tools).
     pub fn for_upstream(upstream: &str) -> Result<Config, ConfigError> {
-        let cli = Cli {
-            upstream: Some(upstream.to_owned()),
-            ..Cli::default()
-        };
+        let cli = Cli { upstream: Some(upstream.to_owned()), ..Cli::default() };
         Config::merge(&cli, FileConfig::default())
     }
 
     pub fn merge(cli: &Cli, f: FileConfig) -> Result<Config, ConfigError> {
-        let listen_s = cli
-            .listen
-            .clone()
-            .or(f.listen)
-            .unwrap_or_else(|| DEFAULT_LISTEN.into());
-        let upstream_s = cli
-            .upstream
-            .clone()
-            .or(f.upstream)
-            .unwrap_or_else(|| DEFAULT_UPSTREAM.into());
-        let admin_s = cli
-            .admin
-            .clone()
-            .or(f.admin)
-            .unwrap_or_else(|| DEFAULT_ADMIN.into());
-        let upstream: Upstream = upstream_s
-            .parse()
-            .map_err(|e: upstream::UpstreamError| invalid("upstream", e.to_string()))?;
+        let listen_s = cli.listen.clone().or(f.listen).unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let upstream_s = cli.upstream.clone().or(f.upstream).unwrap_or_else(|| DEFAULT_UPSTREAM.into());
+        let admin_s = cli.admin.clone().or(f.admin).unwrap_or_else(|| DEFAULT_ADMIN.into());
+        let upstream: Upstream =
+            upstream_s.parse().map_err(|e: upstream::UpstreamError| invalid("upstream", e.to_string()))?;
         let auth_mode = match cli.auth.clone().or(f.auth.mode).as_deref() {
             None | Some("passthrough") => AuthMode::Passthrough,
             Some("trust") => AuthMode::Trust,
             Some(other) => {
-                return Err(invalid(
-                    "auth.mode",
-                    format!("{other:?} (expected \"passthrough\" or \"trust\")"),
-                ));
+                return Err(invalid("auth.mode", format!("{other:?} (expected \"passthrough\" or \"trust\")")));
             }
         };
         let log_format = match cli.log_format.clone().or(f.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
             Some(other) => {
-                return Err(invalid(
-                    "log_format",
-                    format!("{other:?} (expected \"text\" or \"json\")"),
-                ));
+                return Err(invalid("log_format", format!("{other:?} (expected \"text\" or \"json\")")));
             }
         };
         let pool_mode = match f.pool.mode.as_deref() {
             None | Some("session") => PoolMode::Session,
             Some(other) => {
-                return Err(invalid(
-                    "pool.mode",
-                    format!("{other:?} (expected \"session\")"),
-                ));
+                return Err(invalid("pool.mode", format!("{other:?} (expected \"session\")")));
             }
         };
-        let dur =
-            |v: Option<file::HumanDuration>, d: u64| v.map_or(Duration::from_secs(d), |h| h.0);
+        let dur = |v: Option<file::HumanDuration>, d: u64| v.map_or(Duration::from_secs(d), |h| h.0);
         let config = Config {
             listen: resolve("listen", &listen_s)?,
             admin: resolve("admin", &admin_s)?,
-            rules: cli
-                .rules
-                .clone()
-                .or(f.rules)
-                .unwrap_or_else(|| PathBuf::from("./rules")),
+            rules: cli.rules.clone().or(f.rules).unwrap_or_else(|| PathBuf::from("./rules")),
             log_format,
             auth: AuthConfig {
                 mode: auth_mode,
@@ -265,10 +222,7 @@ impl Config {
         if self.auth.mode == AuthMode::Trust && !self.listen.ip().is_loopback() {
             return Err(invalid(
                 "auth.mode",
-                format!(
-                    "\"trust\" needs a loopback listen address, not {}",
-                    self.listen
-                ),
+                format!("\"trust\" needs a loopback listen address, not {}", self.listen),
             ));
         }
         if self.pool.max_size == 0 {
@@ -284,30 +238,18 @@ impl Config {
             return Err(invalid("client.max_message_bytes", "must be at least 1024"));
         }
         if self.client.tls_cert.is_some() != self.client.tls_key.is_some() {
-            return Err(invalid(
-                "client.tls_cert",
-                "tls_cert and tls_key must be set together",
-            ));
+            return Err(invalid("client.tls_cert", "tls_cert and tls_key must be set together"));
         }
         if self.client.tls_required && self.client.tls_cert.is_none() {
-            return Err(invalid(
-                "client.tls_required",
-                "needs client.tls_cert and client.tls_key",
-            ));
+            return Err(invalid("client.tls_required", "needs client.tls_cert and client.tls_key"));
         }
         Ok(())
     }
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.into(),
-        source,
-    })?;
-    FileConfig::parse(&text).map_err(|source| ConfigError::Parse {
-        path: path.into(),
-        source: Box::new(source),
-    })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    FileConfig::parse(&text).map_err(|source| ConfigError::Parse { path: path.into(), source: Box::new(source) })
 }
 
 fn resolve(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
@@ -338,10 +280,8 @@ mod tests {
 
     #[test]
     fn flag_wins_over_file() {
-        let f = FileConfig::parse(
-            "listen = \"127.0.0.1:7000\"\nadmin = \"127.0.0.1:7001\"\n[pool]\nmax_size = 3\n",
-        )
-        .unwrap();
+        let f = FileConfig::parse("listen = \"127.0.0.1:7000\"\nadmin = \"127.0.0.1:7001\"\n[pool]\nmax_size = 3\n")
+            .unwrap();
         let c = Config::merge(&cli(&["--listen", "127.0.0.1:7100"]), f).unwrap();
         assert_eq!(c.listen.port(), 7100);
         assert_eq!(c.admin.port(), 7001);
@@ -350,35 +290,23 @@ mod tests {
 
     #[test]
     fn unknown_file_key_is_named() {
-        let e = FileConfig::parse("[pool]\nmax_sise = 3\n")
-            .unwrap_err()
-            .to_string();
+        let e = FileConfig::parse("[pool]\nmax_sise = 3\n").unwrap_err().to_string();
         assert!(e.contains("max_sise"), "{e}");
-        let e = FileConfig::parse("[pool]\nidle_timeout = \"forever\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = FileConfig::parse("[pool]\nidle_timeout = \"forever\"\n").unwrap_err().to_string();
         assert!(e.contains("idle_timeout") && e.contains("forever"), "{e}");
     }
 
     #[test]
     fn invalid_values_name_the_key() {
-        let e = Config::merge(&cli(&["--listen", "nowhere"]), FileConfig::default())
+        let e = Config::merge(&cli(&["--listen", "nowhere"]), FileConfig::default()).unwrap_err().to_string();
+        assert!(e.contains("listen"), "{e}");
+        let e = Config::merge(&cli(&["--upstream", "postgres://h/d?sslmode=x"]), FileConfig::default())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("listen"), "{e}");
-        let e = Config::merge(
-            &cli(&["--upstream", "postgres://h/d?sslmode=x"]),
-            FileConfig::default(),
-        )
-        .unwrap_err()
-        .to_string();
         assert!(e.contains("upstream") && e.contains("sslmode"), "{e}");
-        let e = Config::merge(
-            &cli(&["--auth", "trust", "--listen", "0.0.0.0:6432"]),
-            FileConfig::default(),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = Config::merge(&cli(&["--auth", "trust", "--listen", "0.0.0.0:6432"]), FileConfig::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("auth.mode") && e.contains("loopback"), "{e}");
         let f = FileConfig::parse("[pool]\nmin_idle = 50\n").unwrap();
         let e = Config::merge(&Cli::default(), f).unwrap_err().to_string();

@@ -107,11 +107,7 @@ impl Upstream {
     pub fn is_local(&self) -> bool {
         match &self.host {
             Host::Unix(_) => true,
-            Host::Tcp(h) => {
-                h == "localhost"
-                    || h.parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback())
-            }
+            Host::Tcp(h) => h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()),
         }
     }
 }
@@ -131,19 +127,14 @@ impl std::str::FromStr for Upstream {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         let mut b = Builder::default();
-        if let Some(rest) = s
-            .strip_prefix("postgresql://")
-            .or_else(|| s.strip_prefix("postgres://"))
-        {
+        if let Some(rest) = s.strip_prefix("postgresql://").or_else(|| s.strip_prefix("postgres://")) {
             parse_uri(rest, &mut b)?;
         } else if s.contains('=') {
             for (k, v) in keyword_pairs(s)? {
                 b.set(&k, v)?;
             }
         } else {
-            return Err(UpstreamError::Syntax(
-                "expected postgres://... or postgresql://... or key=value pairs".into(),
-            ));
+            return Err(UpstreamError::Syntax("expected postgres://... or postgresql://... or key=value pairs".into()));
         }
         b.finish()
     }
@@ -181,39 +172,24 @@ impl Builder {
     }
 
     fn finish(self) -> Result<Upstream, UpstreamError> {
-        let host_s = self
-            .host
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "localhost".into());
+        let host_s = self.host.filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into());
         if host_s.contains(',') {
             return Err(UpstreamError::MultipleHosts(host_s));
         }
-        let host = if host_s.starts_with('/') {
-            Host::Unix(host_s.into())
-        } else {
-            Host::Tcp(host_s)
-        };
+        let host = if host_s.starts_with('/') { Host::Unix(host_s.into()) } else { Host::Tcp(host_s) };
         let port = match self.port.filter(|p| !p.is_empty()) {
             Some(p) => p.parse().map_err(|_| UpstreamError::Invalid("port", p))?,
             None => 5432,
         };
-        let user = self
-            .user
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| "postgres".into());
-        let dbname = self
-            .dbname
-            .filter(|d| !d.is_empty())
-            .unwrap_or_else(|| user.clone());
+        let user = self.user.filter(|u| !u.is_empty()).unwrap_or_else(|| "postgres".into());
+        let dbname = self.dbname.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
         let sslmode = match &self.sslmode {
             Some(m) => SslMode::parse(m)?,
             None => SslMode::default(),
         };
         let connect_timeout = match self.connect_timeout {
             Some(t) => {
-                let secs: u64 = t
-                    .parse()
-                    .map_err(|_| UpstreamError::Invalid("connect_timeout", t))?;
+                let secs: u64 = t.parse().map_err(|_| UpstreamError::Invalid("connect_timeout", t))?;
                 (secs > 0).then(|| Duration::from_secs(secs))
             }
             None => None,
@@ -233,10 +209,7 @@ impl Builder {
 }
 
 fn decode(s: &str, what: &'static str) -> Result<String, UpstreamError> {
-    percent_decode_str(s)
-        .decode_utf8()
-        .map(|c| c.into_owned())
-        .map_err(|_| UpstreamError::Invalid(what, s.to_owned()))
+    percent_decode_str(s).decode_utf8().map(|c| c.into_owned()).map_err(|_| UpstreamError::Invalid(what, s.to_owned()))
 }
 
 /// `[user[:password]@][host][:port][/dbname][?k=v&...]` (the part after the scheme).
@@ -266,9 +239,7 @@ fn parse_uri(rest: &str, b: &mut Builder) -> Result<(), UpstreamError> {
         return Err(UpstreamError::MultipleHosts(hostport.to_owned()));
     }
     let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| UpstreamError::Syntax("unterminated [ in host".into()))?;
+        let (h, after) = v6.split_once(']').ok_or_else(|| UpstreamError::Syntax("unterminated [ in host".into()))?;
         (h.to_owned(), after.strip_prefix(':').map(str::to_owned))
     } else {
         match hostport.rsplit_once(':') {
@@ -283,14 +254,8 @@ fn parse_uri(rest: &str, b: &mut Builder) -> Result<(), UpstreamError> {
     if let Some(p) = path.filter(|p| !p.is_empty()) {
         b.dbname = Some(decode(p, "dbname")?);
     }
-    for pair in query
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .filter(|p| !p.is_empty())
-    {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| UpstreamError::Syntax(format!("missing = in {pair:?}")))?;
+    for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| UpstreamError::Syntax(format!("missing = in {pair:?}")))?;
         b.set(&decode(k, "parameter")?, decode(v, "parameter")?)?;
     }
     Ok(())
@@ -305,8 +270,7 @@ fn keyword_pairs(s: &str) -> Result<Vec<(String, String)>, UpstreamError> {
         if chars.peek().is_none() {
             return Ok(out);
         }
-        let key: String =
-            std::iter::from_fn(|| chars.next_if(|c| *c != '=' && !c.is_whitespace())).collect();
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=' && !c.is_whitespace())).collect();
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         if chars.next() != Some('=') {
             return Err(UpstreamError::Syntax(format!("missing = after {key:?}")));
@@ -345,14 +309,9 @@ mod tests {
 
     #[test]
     fn full_uri_with_encoded_password() {
-        let u = up(
-            "postgres://app:p%40ss%3Aw0rd@db.internal:6543/shop?sslmode=verify-full&sslrootcert=/ca.pem",
-        );
+        let u = up("postgres://app:p%40ss%3Aw0rd@db.internal:6543/shop?sslmode=verify-full&sslrootcert=/ca.pem");
         assert_eq!(u.host, Host::Tcp("db.internal".into()));
-        assert_eq!(
-            (u.port, u.user.as_str(), u.dbname.as_str()),
-            (6543, "app", "shop")
-        );
+        assert_eq!((u.port, u.user.as_str(), u.dbname.as_str()), (6543, "app", "shop"));
         assert_eq!(u.password.unwrap().expose(), "p@ss:w0rd");
         assert_eq!(u.sslmode, SslMode::VerifyFull);
         assert_eq!(u.sslrootcert, Some(PathBuf::from("/ca.pem")));
@@ -362,10 +321,7 @@ mod tests {
     fn defaults_follow_libpq() {
         let u = up("postgresql://");
         assert_eq!(u.host, Host::Tcp("localhost".into()));
-        assert_eq!(
-            (u.port, u.user.as_str(), u.dbname.as_str()),
-            (5432, "postgres", "postgres")
-        );
+        assert_eq!((u.port, u.user.as_str(), u.dbname.as_str()), (5432, "postgres", "postgres"));
         assert_eq!(u.sslmode, SslMode::Prefer);
         let u = up("postgres://bob@localhost");
         assert_eq!(u.dbname, "bob");
@@ -386,8 +342,7 @@ mod tests {
 
     #[test]
     fn keyword_value_form() {
-        let u =
-            up("host=10.0.0.5 port=5433 user=app password='it\\'s x' dbname=shop sslmode=require");
+        let u = up("host=10.0.0.5 port=5433 user=app password='it\\'s x' dbname=shop sslmode=require");
         assert_eq!(u.host, Host::Tcp("10.0.0.5".into()));
         assert_eq!(u.password.unwrap().expose(), "it's x");
         assert_eq!(u.sslmode, SslMode::Require);
@@ -395,9 +350,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_parameter() {
-        let e = "postgres://h/d?sslmode=sometimes"
-            .parse::<Upstream>()
-            .unwrap_err();
+        let e = "postgres://h/d?sslmode=sometimes".parse::<Upstream>().unwrap_err();
         assert!(e.to_string().contains("sslmode"), "{e}");
         let e = "postgres://h/d?bogus=1".parse::<Upstream>().unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");

@@ -21,11 +21,7 @@ use crate::config::{SslMode, Upstream};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {what} from {path}: {message}")]
-    Pem {
-        what: &'static str,
-        path: String,
-        message: String,
-    },
+    Pem { what: &'static str, path: String, message: String },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("no usable root certificates for sslmode={0}")]
@@ -37,11 +33,7 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem_err = |message: String| TlsError::Pem {
-        what: "certificates",
-        path: path.display().to_string(),
-        message,
-    };
+    let pem_err = |message: String| TlsError::Pem { what: "certificates", path: path.display().to_string(), message };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| pem_err(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
@@ -78,10 +70,7 @@ pub struct UpstreamTls {
 
 impl std::fmt::Debug for UpstreamTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamTls")
-            .field("server_name", &self.server_name)
-            .field("optional", &self.optional)
-            .finish()
+        f.debug_struct("UpstreamTls").field("server_name", &self.server_name).field("optional", &self.optional).finish()
     }
 }
 
@@ -97,8 +86,8 @@ pub fn upstream(upstream: &Upstream) -> Result<Option<UpstreamTls>, TlsError> {
         (m, _) => m,
     };
     let provider = provider();
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?;
+    let builder =
+        rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
     let algorithms = provider.signature_verification_algorithms;
     let config = match mode {
         SslMode::Prefer | SslMode::Require => builder
@@ -108,32 +97,19 @@ pub fn upstream(upstream: &Upstream) -> Result<Option<UpstreamTls>, TlsError> {
         SslMode::VerifyCa | SslMode::VerifyFull => {
             let roots = Arc::new(roots(
                 upstream.sslrootcert.as_deref(),
-                if mode == SslMode::VerifyCa {
-                    "verify-ca"
-                } else {
-                    "verify-full"
-                },
+                if mode == SslMode::VerifyCa { "verify-ca" } else { "verify-full" },
             )?);
             let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
                 .build()
                 .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
-            let verifier: Arc<dyn ServerCertVerifier> = if mode == SslMode::VerifyCa {
-                Arc::new(IgnoreHostName { inner: webpki })
-            } else {
-                webpki
-            };
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(verifier)
-                .with_no_client_auth()
+            let verifier: Arc<dyn ServerCertVerifier> =
+                if mode == SslMode::VerifyCa { Arc::new(IgnoreHostName { inner: webpki }) } else { webpki };
+            builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth()
         }
         SslMode::Disable => return Ok(None),
     };
-    let server_name = ServerName::try_from(host.clone()).map_err(|_| {
-        TlsError::Rustls(rustls::Error::General(format!(
-            "invalid TLS server name {host:?}"
-        )))
-    })?;
+    let server_name = ServerName::try_from(host.clone())
+        .map_err(|_| TlsError::Rustls(rustls::Error::General(format!("invalid TLS server name {host:?}"))))?;
     Ok(Some(UpstreamTls {
         connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
         server_name,
@@ -217,10 +193,7 @@ impl ServerCertVerifier for IgnoreHostName {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),

@@ -8,9 +8,7 @@
 use bytes::BytesMut;
 use pgwire::messages::Message;
 use pgwire::messages::response::{ErrorResponse, NoticeResponse, ReadyForQuery};
-use pgwire::messages::startup::{
-    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
-};
+use pgwire::messages::startup::{Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey};
 
 use super::sqlstate::SqlState;
 use super::{Reader, Truncated};
@@ -153,25 +151,13 @@ pub struct PgError {
 
 impl std::fmt::Display for PgError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}: {} ({})",
-            self.severity.as_str(),
-            self.message,
-            self.code
-        )
+        write!(f, "{}: {} ({})", self.severity.as_str(), self.message, self.code)
     }
 }
 
 impl PgError {
     pub fn new(severity: Severity, code: SqlState, message: impl Into<String>) -> Self {
-        PgError {
-            severity,
-            code,
-            message: message.into(),
-            detail: None,
-            hint: None,
-        }
+        PgError { severity, code, message: message.into(), detail: None, hint: None }
     }
 
     pub fn error(code: SqlState, message: impl Into<String>) -> Self {
@@ -194,12 +180,8 @@ impl PgError {
 
     fn fields(&self) -> Vec<(u8, String)> {
         let sev = self.severity.as_str().to_owned();
-        let mut f = vec![
-            (b'S', sev.clone()),
-            (b'V', sev),
-            (b'C', self.code.code().to_owned()),
-            (b'M', self.message.clone()),
-        ];
+        let mut f =
+            vec![(b'S', sev.clone()), (b'V', sev), (b'C', self.code.code().to_owned()), (b'M', self.message.clone())];
         if let Some(d) = &self.detail {
             f.push((b'D', d.clone()));
         }
@@ -221,8 +203,7 @@ impl PgError {
 
 fn put(out: &mut BytesMut, msg: &impl Message) {
     // Encoding only fails for out-of-range secret keys, which pgcache never builds.
-    msg.encode(out)
-        .expect("encoding a well-formed message cannot fail");
+    msg.encode(out).expect("encoding a well-formed message cannot fail");
 }
 
 pub fn ready_for_query(status: TransactionStatus, out: &mut BytesMut) {
@@ -238,10 +219,7 @@ pub fn authentication_cleartext(out: &mut BytesMut) {
 }
 
 pub fn parameter_status_msg(name: &str, value: &str, out: &mut BytesMut) {
-    put(
-        out,
-        &ParameterStatus::new(name.to_owned(), value.to_owned()),
-    );
+    put(out, &ParameterStatus::new(name.to_owned(), value.to_owned()));
 }
 
 pub fn backend_key_data(pid: i32, secret: i32, out: &mut BytesMut) {
@@ -262,25 +240,16 @@ mod tests {
     #[test]
     fn generated_error_reads_back() {
         let mut out = BytesMut::new();
-        PgError::fatal(SqlState::ADMIN_SHUTDOWN, "bye")
-            .with_hint("later")
-            .encode(&mut out);
+        PgError::fatal(SqlState::ADMIN_SHUTDOWN, "bye").with_hint("later").encode(&mut out);
         let f = take_frame(&mut out, 1 << 20).unwrap().unwrap();
         assert_eq!(f.tag(), ERROR_RESPONSE);
         let e = error_fields(f.body()).unwrap();
-        assert_eq!(
-            (e.severity.as_str(), e.code.as_str(), e.message.as_str()),
-            ("FATAL", "57P01", "bye")
-        );
+        assert_eq!((e.severity.as_str(), e.code.as_str(), e.message.as_str()), ("FATAL", "57P01", "bye"));
     }
 
     #[test]
     fn ready_for_query_round_trip() {
-        for s in [
-            TransactionStatus::Idle,
-            TransactionStatus::InBlock,
-            TransactionStatus::Failed,
-        ] {
+        for s in [TransactionStatus::Idle, TransactionStatus::InBlock, TransactionStatus::Failed] {
             let mut out = BytesMut::new();
             ready_for_query(s, &mut out);
             let f = take_frame(&mut out, 1 << 20).unwrap().unwrap();

@@ -15,12 +15,7 @@ pub struct Frame {
 
 impl std::fmt::Debug for Frame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Frame({:?}, {} bytes)",
-            self.tag() as char,
-            self.raw.len()
-        )
+        write!(f, "Frame({:?}, {} bytes)", self.tag() as char, self.raw.len())
     }
 }
 
@@ -77,18 +72,11 @@ pub fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
     let tag = buf[0];
     let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
     if len < 4 {
-        return Err(FrameError::InvalidLength {
-            tag: tag as char,
-            len,
-        });
+        return Err(FrameError::InvalidLength { tag: tag as char, len });
     }
     let total = len as usize + 1;
     if total > max {
-        return Err(FrameError::TooLarge {
-            tag: tag as char,
-            len: total,
-            max,
-        });
+        return Err(FrameError::TooLarge { tag: tag as char, len: total, max });
     }
     Ok(Some(total))
 }
@@ -97,9 +85,7 @@ pub fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
 /// the rest of the frame) when it is not complete yet.
 pub fn take_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {
     match frame_len(buf, max)? {
-        Some(total) if buf.len() >= total => Ok(Some(Frame {
-            raw: buf.split_to(total).freeze(),
-        })),
+        Some(total) if buf.len() >= total => Ok(Some(Frame { raw: buf.split_to(total).freeze() })),
         Some(total) => {
             buf.reserve(total - buf.len());
             Ok(None)
@@ -163,11 +149,7 @@ mod tests {
         let full = frame_bytes(b'Q', b"select 1\0");
         for cut in 0..full.len() {
             let mut part = BytesMut::from(&full[..cut]);
-            assert_eq!(
-                take_frame(&mut part, 1 << 20).unwrap(),
-                None,
-                "cut at {cut}"
-            );
+            assert_eq!(take_frame(&mut part, 1 << 20).unwrap(), None, "cut at {cut}");
             assert_eq!(part.len(), cut);
         }
     }
@@ -177,10 +159,7 @@ mod tests {
         for len in [-1i32, 0, 3, i32::MIN] {
             let mut buf = BytesMut::from(&b"Q"[..]);
             buf.extend_from_slice(&len.to_be_bytes());
-            assert!(matches!(
-                take_frame(&mut buf, 1 << 20),
-                Err(FrameError::InvalidLength { .. })
-            ));
+            assert!(matches!(take_frame(&mut buf, 1 << 20), Err(FrameError::InvalidLength { .. })));
         }
     }
 

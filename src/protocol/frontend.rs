@@ -66,11 +66,7 @@ pub struct Execute<'a> {
 }
 
 fn finish<T>(r: &Reader<'_>, v: T) -> Result<T, Truncated> {
-    if r.remaining() == 0 {
-        Ok(v)
-    } else {
-        Err(Truncated)
-    }
+    if r.remaining() == 0 { Ok(v) } else { Err(Truncated) }
 }
 
 pub fn query(body: &[u8]) -> Result<Query<'_>, Truncated> {
@@ -87,17 +83,8 @@ pub fn parse(body: &[u8]) -> Result<Parse<'_>, Truncated> {
     if r.remaining() < n * 4 {
         return Err(Truncated);
     }
-    let param_types = (0..n)
-        .map(|_| r.i32().map(|t| t as u32))
-        .collect::<Result<_, _>>()?;
-    finish(
-        &r,
-        Parse {
-            name,
-            sql,
-            param_types,
-        },
-    )
+    let param_types = (0..n).map(|_| r.i32().map(|t| t as u32)).collect::<Result<_, _>>()?;
+    finish(&r, Parse { name, sql, param_types })
 }
 
 pub fn bind(body: &[u8]) -> Result<Bind<'_>, Truncated> {
@@ -112,23 +99,10 @@ pub fn bind(body: &[u8]) -> Result<Bind<'_>, Truncated> {
     let mut params = Vec::with_capacity(n);
     for _ in 0..n {
         let len = r.i32()?;
-        params.push(if len < 0 {
-            None
-        } else {
-            Some(r.bytes(len as usize)?)
-        });
+        params.push(if len < 0 { None } else { Some(r.bytes(len as usize)?) });
     }
     let result_formats = formats(&mut r)?;
-    finish(
-        &r,
-        Bind {
-            portal,
-            statement,
-            param_formats,
-            params,
-            result_formats,
-        },
-    )
+    finish(&r, Bind { portal, statement, param_formats, params, result_formats })
 }
 
 fn formats(r: &mut Reader<'_>) -> Result<Vec<i16>, Truncated> {
@@ -220,17 +194,8 @@ mod tests {
         p.extend_from_slice(&1i16.to_be_bytes());
         p.extend_from_slice(&23i32.to_be_bytes());
         let parsed = parse(&p).unwrap();
-        assert_eq!(
-            (parsed.name, parsed.sql, parsed.param_types),
-            (&b"s"[..], &b"select $1"[..], vec![23])
-        );
-        assert_eq!(
-            named(b"Pabc\0").unwrap(),
-            Named {
-                target: Target::Portal,
-                name: b"abc"
-            }
-        );
+        assert_eq!((parsed.name, parsed.sql, parsed.param_types), (&b"s"[..], &b"select $1"[..], vec![23]));
+        assert_eq!(named(b"Pabc\0").unwrap(), Named { target: Target::Portal, name: b"abc" });
         assert!(named(b"Xabc\0").is_err());
         let mut e = b"\0".to_vec();
         e.extend_from_slice(&10i32.to_be_bytes());

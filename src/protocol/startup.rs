@@ -34,10 +34,7 @@ pub struct Startup {
 
 impl Startup {
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -105,11 +102,7 @@ pub fn decode(packet: &[u8]) -> Result<StartupPacket, StartupError> {
             if r.remaining() != 0 {
                 return Err(StartupError::Malformed);
             }
-            Ok(StartupPacket::Startup(Startup {
-                major,
-                minor,
-                params,
-            }))
+            Ok(StartupPacket::Startup(Startup { major, minor, params }))
         }
     }
 }
@@ -154,13 +147,8 @@ mod tests {
 
     #[test]
     fn startup_keeps_parameter_order() {
-        let p = packet(
-            PROTOCOL_3_0,
-            b"user\0bob\0database\0app\0options\0-c x=1\0\0",
-        );
-        let StartupPacket::Startup(s) = decode(&p).unwrap() else {
-            panic!()
-        };
+        let p = packet(PROTOCOL_3_0, b"user\0bob\0database\0app\0options\0-c x=1\0\0");
+        let StartupPacket::Startup(s) = decode(&p).unwrap() else { panic!() };
         assert_eq!(s.param("user"), Some("bob"));
         assert_eq!(s.params[2], ("options".into(), "-c x=1".into()));
         let mut out = bytes::BytesMut::new();
@@ -170,22 +158,13 @@ mod tests {
 
     #[test]
     fn special_requests() {
-        assert_eq!(
-            decode(&packet(SSL_REQUEST, b"")).unwrap(),
-            StartupPacket::SslRequest
-        );
-        assert_eq!(
-            decode(&packet(GSSENC_REQUEST, b"")).unwrap(),
-            StartupPacket::GssEncRequest
-        );
+        assert_eq!(decode(&packet(SSL_REQUEST, b"")).unwrap(), StartupPacket::SslRequest);
+        assert_eq!(decode(&packet(GSSENC_REQUEST, b"")).unwrap(), StartupPacket::GssEncRequest);
         let mut rest = 7i32.to_be_bytes().to_vec();
         rest.extend_from_slice(&9i32.to_be_bytes());
         assert_eq!(
             decode(&packet(CANCEL_REQUEST, &rest)).unwrap(),
-            StartupPacket::Cancel {
-                pid: 7,
-                secret: 9i32.to_be_bytes().to_vec()
-            }
+            StartupPacket::Cancel { pid: 7, secret: 9i32.to_be_bytes().to_vec() }
         );
     }
 
@@ -194,10 +173,7 @@ mod tests {
         assert!(decode(&packet(PROTOCOL_3_0, b"user\0bob")).is_err());
         assert!(decode(&packet(PROTOCOL_3_0, b"user\0bob\0\0extra")).is_err());
         assert!(decode(&packet(CANCEL_REQUEST, b"\0\0")).is_err());
-        assert!(matches!(
-            decode(&packet(2 << 16, b"\0")),
-            Err(StartupError::UnsupportedProtocol { major: 2, .. })
-        ));
+        assert!(matches!(decode(&packet(2 << 16, b"\0")), Err(StartupError::UnsupportedProtocol { major: 2, .. })));
         assert!(packet_len(&[0, 0, 0, 3]).is_err());
         assert!(packet_len(&[0, 1, 0, 0]).is_err());
         assert_eq!(packet_len(&[0, 0]).unwrap(), None);

@@ -37,9 +37,7 @@ pub async fn login(
     let pool = shared.pools.get(key);
     if shared.config.auth.mode == AuthMode::Trust {
         let upstream = &shared.config.upstream;
-        let password = (key.user == upstream.user)
-            .then_some(upstream.password.as_ref())
-            .flatten();
+        let password = (key.user == upstream.user).then_some(upstream.password.as_ref()).flatten();
         return Ok(pool.acquire(startup, password, false).await?);
     }
     let credentials = &shared.pools.credentials;

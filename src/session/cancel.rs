@@ -45,18 +45,8 @@ impl CancelRegistry {
             }
         };
         let secret = rng.random();
-        map.insert(
-            pid,
-            Slot {
-                secret,
-                backend: None,
-            },
-        );
-        CancelHandle {
-            registry: self.clone(),
-            pid,
-            secret,
-        }
+        map.insert(pid, Slot { secret, backend: None });
+        CancelHandle { registry: self.clone(), pid, secret }
     }
 
     /// The backend currently serving the client with this key, if the key is valid.
@@ -65,12 +55,7 @@ impl CancelRegistry {
         let slot = map.get(&pid)?;
         // Compare in constant time with respect to the secret's content.
         let ours = slot.secret.to_be_bytes();
-        let same = secret.len() == 4
-            && ours
-                .iter()
-                .zip(secret)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
+        let same = secret.len() == 4 && ours.iter().zip(secret).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
         if same { slot.backend } else { None }
     }
 }
@@ -101,10 +86,7 @@ mod tests {
         let key = BackendKey { pid: 42, secret: 7 };
         h.set_backend(Some(key));
         assert_eq!(reg.lookup(h.pid, &h.secret.to_be_bytes()), Some(key));
-        assert_eq!(
-            reg.lookup(h.pid, &h.secret.wrapping_add(1).to_be_bytes()),
-            None
-        );
+        assert_eq!(reg.lookup(h.pid, &h.secret.wrapping_add(1).to_be_bytes()), None);
         assert_eq!(reg.lookup(h.pid, &[0; 8]), None);
         let pid = h.pid;
         drop(h);

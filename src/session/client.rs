@@ -25,72 +25,73 @@ pub struct Client {
 
 /// What a new connection turned out to be.
 pub enum Opening {
-    Session(Client, Startup),
+    Session(Startup),
     Cancel { pid: i32, secret: Vec<u8> },
 }
 
+/// A start-up that failed, with the client when it can still be told why.
+pub struct Failure {
+    pub client: Option<Client>,
+    pub error: SessionError,
+}
+
 impl Client {
+    pub fn new(tcp: TcpStream, peer: SocketAddr) -> Client {
+        let _ = tcp.set_nodelay(true);
+        Client { stream: Stream::Tcp(tcp), rbuf: BytesMut::with_capacity(1024), peer }
+    }
+
     /// Runs the startup phase up to the StartupMessage (Postgres docs, "Start-up" and
     /// "SSL Session Encryption").
-    pub async fn open(
-        tcp: TcpStream,
-        peer: SocketAddr,
-        tls: Option<&tokio_rustls::TlsAcceptor>,
-    ) -> Result<Opening, SessionError> {
-        let _ = tcp.set_nodelay(true);
-        let mut client = Client {
-            stream: Stream::Tcp(tcp),
-            rbuf: BytesMut::with_capacity(1024),
-            peer,
-        };
+    pub async fn open(mut self, tls: Option<&tokio_rustls::TlsAcceptor>) -> Result<(Client, Opening), Failure> {
         loop {
-            let packet = client.read_startup_packet().await?;
-            match startup::decode(&packet)? {
-                StartupPacket::SslRequest => client = client.negotiate_tls(tls).await?,
-                StartupPacket::GssEncRequest => client.stream.write_all(b"N").await?,
-                StartupPacket::Cancel { pid, secret } => {
-                    return Ok(Opening::Cancel { pid, secret });
+            let packet = match self.read_startup_packet().await {
+                Ok(p) => p,
+                Err(error) => return Err(Failure { client: Some(self), error }),
+            };
+            let decoded = match startup::decode(&packet) {
+                Ok(d) => d,
+                Err(e) => return Err(Failure { client: Some(self), error: e.into() }),
+            };
+            match decoded {
+                StartupPacket::SslRequest => self = self.negotiate_tls(tls).await?,
+                StartupPacket::GssEncRequest => {
+                    if let Err(e) = self.stream.write_all(b"N").await {
+                        return Err(Failure { client: None, error: e.into() });
+                    }
                 }
-                StartupPacket::Startup(s) => return Ok(Opening::Session(client, s)),
+                StartupPacket::Cancel { pid, secret } => return Ok((self, Opening::Cancel { pid, secret })),
+                StartupPacket::Startup(s) => return Ok((self, Opening::Session(s))),
             }
         }
     }
 
-    async fn negotiate_tls(
-        mut self,
-        tls: Option<&tokio_rustls::TlsAcceptor>,
-    ) -> Result<Client, SessionError> {
+    async fn negotiate_tls(mut self, tls: Option<&tokio_rustls::TlsAcceptor>) -> Result<Client, Failure> {
+        let protocol = |client, m: &str| Failure { client: Some(client), error: SessionError::Protocol(m.into()) };
         if self.stream.is_tls() {
-            return Err(SessionError::Protocol(
-                "SSLRequest on an encrypted connection".into(),
-            ));
+            return Err(protocol(self, "SSLRequest on an encrypted connection"));
         }
         let Some(acceptor) = tls else {
-            self.stream.write_all(b"N").await?;
-            return Ok(self);
+            return match self.stream.write_all(b"N").await {
+                Ok(()) => Ok(self),
+                Err(e) => Err(Failure { client: None, error: e.into() }),
+            };
         };
         // Bytes sent after SSLRequest but before the handshake would be processed as if they
         // had come over TLS (CVE-2021-23222); refuse them.
         if !self.rbuf.is_empty() {
-            return Err(SessionError::Protocol(
-                "received unencrypted data after SSL request".into(),
-            ));
+            return Err(protocol(self, "received unencrypted data after SSL request"));
         }
-        self.stream.write_all(b"S").await?;
-        let Stream::Tcp(tcp) = self.stream else {
-            return Err(SessionError::Protocol(
-                "SSLRequest on an encrypted connection".into(),
-            ));
+        if let Err(e) = self.stream.write_all(b"S").await {
+            return Err(Failure { client: None, error: e.into() });
+        }
+        let (Stream::Tcp(tcp), rbuf, peer) = (self.stream, self.rbuf, self.peer) else {
+            unreachable!("a stream that is not TLS is TCP: Unix sockets are only used towards Postgres")
         };
-        let tls_stream = acceptor
-            .accept(tcp)
-            .await
-            .map_err(SessionError::TlsHandshake)?;
-        Ok(Client {
-            stream: Stream::TlsServer(Box::new(tls_stream)),
-            rbuf: self.rbuf,
-            peer: self.peer,
-        })
+        match acceptor.accept(tcp).await {
+            Ok(tls_stream) => Ok(Client { stream: Stream::TlsServer(Box::new(tls_stream)), rbuf, peer }),
+            Err(e) => Err(Failure { client: None, error: SessionError::TlsHandshake(e) }),
+        }
     }
 
     async fn read_startup_packet(&mut self) -> Result<BytesMut, SessionError> {
@@ -129,8 +130,7 @@ impl Client {
             )));
         }
         let pw = crate::protocol::frontend::password(f.body())?;
-        String::from_utf8(pw.to_vec())
-            .map_err(|_| SessionError::Protocol("password is not valid UTF-8".into()))
+        String::from_utf8(pw.to_vec()).map_err(|_| SessionError::Protocol("password is not valid UTF-8".into()))
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {

@@ -60,13 +60,8 @@ impl SessionError {
         use SqlState as S;
         let fatal = |code, msg: String| Reply::Error(PgError::fatal(code, msg));
         match self {
-            SessionError::ClientIo(_)
-            | SessionError::ClientClosed
-            | SessionError::TlsHandshake(_) => Reply::Nothing,
-            SessionError::StartupTimeout => fatal(
-                S::PROTOCOL_VIOLATION,
-                "timeout expired during start-up".into(),
-            ),
+            SessionError::ClientIo(_) | SessionError::ClientClosed | SessionError::TlsHandshake(_) => Reply::Nothing,
+            SessionError::StartupTimeout => fatal(S::PROTOCOL_VIOLATION, "timeout expired during start-up".into()),
             SessionError::Startup(StartupError::UnsupportedProtocol { .. }) => {
                 fatal(S::FEATURE_NOT_SUPPORTED, self.to_string())
             }
@@ -74,27 +69,20 @@ impl SessionError {
             SessionError::Frame(e) => fatal(S::PROTOCOL_VIOLATION, e.to_string()),
             SessionError::Protocol(m) => fatal(S::PROTOCOL_VIOLATION, m.clone()),
             SessionError::Refused(e) => Reply::Error(e.clone()),
-            SessionError::Pool(PoolError::Timeout { .. }) => {
-                fatal(S::TOO_MANY_CONNECTIONS, format!("pgcache: {self}"))
+            SessionError::Pool(PoolError::Timeout { .. }) => fatal(S::TOO_MANY_CONNECTIONS, format!("pgcache: {self}")),
+            SessionError::Pool(PoolError::Closed) | SessionError::Shutdown => {
+                fatal(S::ADMIN_SHUTDOWN, "terminating connection due to administrator command".into())
             }
-            SessionError::Pool(PoolError::Closed) | SessionError::Shutdown => fatal(
-                S::ADMIN_SHUTDOWN,
-                "terminating connection due to administrator command".into(),
-            ),
             SessionError::Pool(PoolError::Connect(e)) => connect_reply(e),
-            SessionError::Upstream(e) => fatal(
-                S::CONNECTION_FAILURE,
-                format!("pgcache: lost connection to upstream: {e}"),
-            ),
+            SessionError::Upstream(e) => {
+                fatal(S::CONNECTION_FAILURE, format!("pgcache: lost connection to upstream: {e}"))
+            }
         }
     }
 
     /// Whether this ending deserves a warning in the log (client hang-ups do not).
     pub fn is_noteworthy(&self) -> bool {
-        !matches!(
-            self,
-            SessionError::ClientIo(_) | SessionError::ClientClosed | SessionError::Shutdown
-        )
+        !matches!(self, SessionError::ClientIo(_) | SessionError::ClientClosed | SessionError::Shutdown)
     }
 
     pub fn encode(&self, out: &mut BytesMut) {
@@ -114,20 +102,12 @@ fn connect_reply(e: &ConnectError) -> Reply {
             S::INVALID_PASSWORD,
             "pgcache: the upstream asks for a password that pgcache does not have for this user",
         )),
-        ConnectError::UnsupportedAuth(_) => Reply::Error(PgError::fatal(
-            S::INVALID_AUTHORIZATION_SPECIFICATION,
-            format!("pgcache: {e}"),
-        )),
-        ConnectError::Protocol(_) => Reply::Error(PgError::fatal(
-            S::CONNECTION_FAILURE,
-            format!("pgcache: {e}"),
-        )),
-        ConnectError::Io { .. }
-        | ConnectError::Timeout(_)
-        | ConnectError::Tls(_)
-        | ConnectError::TlsRefused(_) => Reply::Error(PgError::fatal(
-            S::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-            format!("pgcache: {e}"),
-        )),
+        ConnectError::UnsupportedAuth(_) => {
+            Reply::Error(PgError::fatal(S::INVALID_AUTHORIZATION_SPECIFICATION, format!("pgcache: {e}")))
+        }
+        ConnectError::Protocol(_) => Reply::Error(PgError::fatal(S::CONNECTION_FAILURE, format!("pgcache: {e}"))),
+        ConnectError::Io { .. } | ConnectError::Timeout(_) | ConnectError::Tls(_) | ConnectError::TlsRefused(_) => {
+            Reply::Error(PgError::fatal(S::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION, format!("pgcache: {e}")))
+        }
     }
 }

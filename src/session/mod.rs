@@ -38,50 +38,47 @@ use crate::server::Shared;
 
 pub use error::SessionError;
 
-use client::{Client, Opening};
+use client::{Client, Failure, Opening};
 use state::Tracker;
 
 /// Serves one accepted connection. `permit` is `None` when the client limit is reached.
-pub async fn run(
-    shared: Arc<Shared>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    permit: Option<OwnedSemaphorePermit>,
-) {
+pub async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, permit: Option<OwnedSemaphorePermit>) {
+    let open = Client::new(tcp, peer).open(shared.tls.as_ref());
     let opened = tokio::select! {
-        r = tokio::time::timeout(shared.config.client.startup_timeout, Client::open(tcp, peer, shared.tls.as_ref())) => {
-            r.unwrap_or(Err(SessionError::StartupTimeout))
+        r = tokio::time::timeout(shared.config.client.startup_timeout, open) => {
+            r.unwrap_or(Err(Failure { client: None, error: SessionError::StartupTimeout }))
         }
-        _ = shared.shutdown.cancelled() => Err(SessionError::Shutdown),
+        _ = shared.shutdown.cancelled() => Err(Failure { client: None, error: SessionError::Shutdown }),
     };
-    match opened {
-        Ok(Opening::Cancel { pid, secret }) => cancel(&shared, pid, &secret).await,
-        Ok(Opening::Session(mut client, startup)) => {
-            let result = if permit.is_none() {
-                Err(SessionError::Refused(PgError::fatal(
-                    SqlState::TOO_MANY_CONNECTIONS,
-                    format!(
-                        "sorry, too many clients already (pgcache client.max_connections = {})",
-                        shared.config.client.max_connections
-                    ),
-                )))
-            } else if shared.config.client.tls_required && !client.stream.is_tls() {
-                Err(SessionError::Refused(PgError::fatal(
-                    SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
-                    "pgcache requires TLS: connect with sslmode=require or stronger",
-                )))
-            } else {
-                serve(&shared, &mut client, startup).await
-            };
-            if let Err(e) = result {
-                report(&mut client, &e).await;
+    let (mut client, startup) = match opened {
+        Ok((_, Opening::Cancel { pid, secret })) => return cancel(&shared, pid, &secret).await,
+        Ok((client, Opening::Session(startup))) => (client, startup),
+        Err(Failure { client: Some(mut client), error }) => return report(&mut client, &error).await,
+        Err(Failure { client: None, error }) => {
+            if error.is_noteworthy() {
+                tracing::warn!(%peer, %error, "connection failed during start-up");
             }
+            return;
         }
-        Err(e) => {
-            if e.is_noteworthy() {
-                tracing::warn!(%peer, error = %e, "connection refused during start-up");
-            }
-        }
+    };
+    let result = if permit.is_none() {
+        Err(SessionError::Refused(PgError::fatal(
+            SqlState::TOO_MANY_CONNECTIONS,
+            format!(
+                "sorry, too many clients already (pgcache client.max_connections = {})",
+                shared.config.client.max_connections
+            ),
+        )))
+    } else if shared.config.client.tls_required && !client.stream.is_tls() {
+        Err(SessionError::Refused(PgError::fatal(
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            "pgcache requires TLS: connect with sslmode=require or stronger",
+        )))
+    } else {
+        serve(&shared, &mut client, startup).await
+    };
+    if let Err(e) = result {
+        report(&mut client, &e).await;
     }
 }
 
@@ -111,14 +108,8 @@ async fn cancel(shared: &Shared, pid: i32, secret: &[u8]) {
 /// Derives the pool key and the backend startup parameters from the client's StartupMessage.
 /// The client's parameters pass unchanged and in order; a missing user or database is taken
 /// from the upstream URL.
-fn backend_startup(
-    shared: &Shared,
-    startup: &Startup,
-) -> Result<(PoolKey, StartupParams, Vec<String>), SessionError> {
-    if startup
-        .param("replication")
-        .is_some_and(|v| v != "false" && v != "off" && v != "0")
-    {
+fn backend_startup(shared: &Shared, startup: &Startup) -> Result<(PoolKey, StartupParams, Vec<String>), SessionError> {
+    if startup.param("replication").is_some_and(|v| v != "false" && v != "off" && v != "0") {
         return Err(SessionError::Refused(PgError::fatal(
             SqlState::FEATURE_NOT_SUPPORTED,
             "pgcache does not proxy replication connections; connect to Postgres directly",
@@ -134,16 +125,8 @@ fn backend_startup(
             params.push((k.clone(), v.clone()));
         }
     }
-    let user = startup
-        .param("user")
-        .filter(|u| !u.is_empty())
-        .unwrap_or(&upstream.user)
-        .to_owned();
-    let database = startup
-        .param("database")
-        .filter(|d| !d.is_empty())
-        .unwrap_or(&upstream.dbname)
-        .to_owned();
+    let user = startup.param("user").filter(|u| !u.is_empty()).unwrap_or(&upstream.user).to_owned();
+    let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(&upstream.dbname).to_owned();
     if startup.param("user").is_none_or(str::is_empty) {
         params.retain(|(k, _)| k != "user");
         params.insert(0, ("user".into(), user.clone()));
@@ -163,23 +146,14 @@ async fn serve(shared: &Shared, client: &mut Client, startup: Startup) -> Result
         negotiate_protocol_version(unsupported, &mut out);
         client.send(&out).await?;
     }
-    let login = tokio::time::timeout(
-        shared.config.client.startup_timeout,
-        auth::login(client, shared, &key, &params),
-    );
+    let login = tokio::time::timeout(shared.config.client.startup_timeout, auth::login(client, shared, &key, &params));
     let mut lease = tokio::select! {
         r = login => r.unwrap_or(Err(SessionError::StartupTimeout))?,
         _ = shared.shutdown.cancelled() => return Err(SessionError::Shutdown),
     };
     let handle = shared.cancels.register();
     handle.set_backend(Some(lease.conn_ref().key));
-    client
-        .send(&relay::welcome(
-            &lease.conn_ref().params,
-            handle.pid,
-            handle.secret,
-        ))
-        .await?;
+    client.send(&relay::welcome(&lease.conn_ref().params, handle.pid, handle.secret)).await?;
     tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, "client connected");
 
     let mut track = Tracker::default();
@@ -204,11 +178,7 @@ async fn serve(shared: &Shared, client: &mut Client, startup: Startup) -> Result
 /// closes it.
 fn give_back(shared: &Shared, lease: Lease, track: &Tracker) {
     if track.at_rest() {
-        lease.release(if track.used {
-            Reset::Discard
-        } else {
-            Reset::None
-        });
+        lease.release(if track.used { Reset::Discard } else { Reset::None });
         return;
     }
     if !track.between_requests() {

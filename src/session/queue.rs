@@ -43,10 +43,7 @@ impl Buf for OutQueue {
         assert!(cnt <= self.len, "advance past the end of the queue");
         self.len -= cnt;
         while cnt > 0 {
-            let front = self
-                .chunks
-                .front_mut()
-                .expect("length accounts for every chunk");
+            let front = self.chunks.front_mut().expect("length accounts for every chunk");
             if cnt < front.len() {
                 front.advance(cnt);
                 return;

@@ -106,20 +106,16 @@ pub async fn run(
     // Tell the client why it is being closed, after whatever was already on its way.
     let mut tail = BytesMut::new();
     match &result {
-        Ok(Ending::Drained) => PgError::fatal(
-            SqlState::ADMIN_SHUTDOWN,
-            "terminating connection due to administrator command",
-        )
-        .encode(&mut tail),
+        Ok(Ending::Drained) => {
+            PgError::fatal(SqlState::ADMIN_SHUTDOWN, "terminating connection due to administrator command")
+                .encode(&mut tail)
+        }
         Err(SessionError::Upstream(_)) if upstream_said_fatal => {}
         Err(e) => e.encode(&mut tail),
         Ok(Ending::ClientLeft) => {}
     }
     to_client.push(tail.freeze());
-    if !matches!(
-        result,
-        Err(SessionError::ClientIo(_)) | Ok(Ending::ClientLeft)
-    ) {
+    if !matches!(result, Err(SessionError::ClientIo(_)) | Ok(Ending::ClientLeft)) {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
             client_wr.write_all_buf(&mut to_client).await?;
             client_wr.flush().await
@@ -184,9 +180,7 @@ fn from_backend(
             break;
         }
         let (tag, body) = (buf[run], &buf[run + 5..run + len]);
-        track
-            .backend_sent(tag, body)
-            .map_err(|_| ReadError::Malformed)?;
+        track.backend_sent(tag, body).map_err(|_| ReadError::Malformed)?;
         match tag {
             be::PARAMETER_STATUS => {
                 let (name, value) = be::parameter_status(body).map_err(|_| ReadError::Malformed)?;

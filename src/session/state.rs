@@ -106,14 +106,7 @@ mod tests {
     #[test]
     fn pipelined_extended_batch() {
         let mut t = Tracker::default();
-        for tag in [
-            fe::PARSE,
-            fe::BIND,
-            fe::EXECUTE,
-            fe::SYNC,
-            fe::BIND,
-            fe::EXECUTE,
-        ] {
+        for tag in [fe::PARSE, fe::BIND, fe::EXECUTE, fe::SYNC, fe::BIND, fe::EXECUTE] {
             t.client_sent(tag);
         }
         assert!(t.unsynced && t.awaiting_ready == 1);

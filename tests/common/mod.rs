@@ -15,26 +15,16 @@ pub use pg::{ClusterOptions, PgCluster};
 pub use proxy::Proxy;
 
 /// Runs a command-line client (psql, pgbench) off the async runtime.
-pub async fn run_tool(
-    program: &str,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    stdin: Option<String>,
-) -> Output {
+pub async fn run_tool(program: &str, args: Vec<String>, env: Vec<(String, String)>, stdin: Option<String>) -> Output {
     let program = program.to_owned();
     tokio::task::spawn_blocking(move || {
         use std::io::Write;
         let mut cmd = std::process::Command::new(&program);
-        cmd.args(&args)
-            .envs(env)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .env_remove("PGPASSWORD");
+        cmd.args(&args).envs(env).env("PGCONNECT_TIMEOUT", "10").env_remove("PGPASSWORD");
         cmd.stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
         let mut input = child.stdin.take().unwrap();
         if let Some(s) = stdin {
             input.write_all(s.as_bytes()).unwrap();
@@ -48,17 +38,9 @@ pub async fn run_tool(
 
 /// `psql -X -v ON_ERROR_STOP=1` against `host:port/db` as `user`, extra args appended.
 pub async fn psql(port: u16, db: &str, user: &str, args: &[&str]) -> Output {
-    let mut a: Vec<String> = ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    a.extend([
-        port.to_string(),
-        "-U".into(),
-        user.into(),
-        "-d".into(),
-        db.into(),
-    ]);
+    let mut a: Vec<String> =
+        ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p"].iter().map(|s| s.to_string()).collect();
+    a.extend([port.to_string(), "-U".into(), user.into(), "-d".into(), db.into()]);
     a.extend(args.iter().map(|s| s.to_string()));
     run_tool("psql", a, vec![], None).await
 }
@@ -87,11 +69,7 @@ pub async fn eventually<F: FnMut() -> bool>(limit: Duration, mut f: F) -> bool {
 pub fn unique_db(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}_{}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 /// The pgcache binary running as its own process (for RSS measurements and signal tests).
@@ -104,16 +82,8 @@ impl ProxyProcess {
     /// Starts `pgcache --listen 127.0.0.1:<free port> --upstream <upstream> <args>` and waits
     /// until it accepts connections.
     pub async fn start(upstream: &str, args: &[&str]) -> ProxyProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let admin = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_pgcache"))
             .args([
                 "--listen",
@@ -129,10 +99,8 @@ impl ProxyProcess {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start the pgcache binary");
-        let up = eventually(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        })
-        .await;
+        let up =
+            eventually(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
         assert!(up, "pgcache did not start listening");
         ProxyProcess { child, port }
     }
@@ -153,10 +121,7 @@ impl ProxyProcess {
     }
 
     pub fn signal(&self, sig: &str) {
-        std::process::Command::new("kill")
-            .args(["-s", sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        std::process::Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap();
     }
 }
 
@@ -164,5 +129,27 @@ impl Drop for ProxyProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Raises this process's open-file limit to its hard limit (for tests with many sockets).
+pub fn raise_fd_limit() {
+    #[repr(C)]
+    struct RLimit {
+        cur: u64,
+        max: u64,
+    }
+    unsafe extern "C" {
+        fn getrlimit(resource: i32, rlim: *mut RLimit) -> i32;
+        fn setrlimit(resource: i32, rlim: *const RLimit) -> i32;
+    }
+    const RLIMIT_NOFILE: i32 = 7;
+    let mut l = RLimit { cur: 0, max: 0 };
+    // SAFETY: plain libc calls with a valid, properly laid out struct.
+    unsafe {
+        if getrlimit(RLIMIT_NOFILE, &mut l) == 0 && l.cur < l.max {
+            l.cur = l.max;
+            setrlimit(RLIMIT_NOFILE, &l);
+        }
     }
 }

@@ -41,10 +41,7 @@ fn is_root() -> bool {
 fn find_bindir() -> PathBuf {
     if let Ok(path) = std::env::var("PATH") {
         for dir in std::env::split_paths(&path) {
-            if dir.join("pg_ctl").exists()
-                && dir.join("initdb").exists()
-                && dir.join("postgres").exists()
-            {
+            if dir.join("pg_ctl").exists() && dir.join("initdb").exists() && dir.join("postgres").exists() {
                 return dir;
             }
         }
@@ -57,24 +54,15 @@ fn find_bindir() -> PathBuf {
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.path().join("bin"))
-                .filter(|p| p.join("pg_ctl").exists())
-                .collect()
+            rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("pg_ctl").exists()).collect()
         })
         .unwrap_or_default();
     versions.sort();
-    versions.pop().expect(
-        "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: install postgresql",
-    )
+    versions.pop().expect("PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: install postgresql")
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl PgCluster {
@@ -88,37 +76,22 @@ impl PgCluster {
     }
 
     fn external(url: String) -> PgCluster {
-        let up: pgcache::config::Upstream = url
-            .parse()
-            .expect("PGCACHE_TEST_DATABASE_URL must be a postgres:// URL");
+        let up: pgcache::config::Upstream = url.parse().expect("PGCACHE_TEST_DATABASE_URL must be a postgres:// URL");
         let host = match &up.host {
             pgcache::config::Host::Tcp(h) => h.clone(),
             pgcache::config::Host::Unix(_) => panic!("PGCACHE_TEST_DATABASE_URL must use TCP"),
         };
-        PgCluster {
-            host,
-            port: up.port,
-            socket_dir: None,
-            dir: None,
-            bin: PathBuf::new(),
-            external_url: Some(url),
-        }
+        PgCluster { host, port: up.port, socket_dir: None, dir: None, bin: PathBuf::new(), external_url: Some(url) }
     }
 
     /// Starts a private cluster (for tests that stop it, or change its authentication).
     pub fn start(opts: ClusterOptions) -> PgCluster {
         let bin = find_bindir();
-        let dir = std::env::temp_dir().join(format!(
-            "pgcache-test-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
+        let dir = std::env::temp_dir().join(format!("pgcache-test-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).unwrap();
         let root = is_root();
         if root {
-            run(Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir));
+            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir));
         }
         let port = free_port();
         let cluster = PgCluster {
@@ -133,18 +106,7 @@ impl PgCluster {
         let data = dir.join("data");
         cluster.pg(
             &cluster.bin.join("initdb"),
-            &[
-                "-D",
-                &data.to_string_lossy(),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ],
+            &["-D", &data.to_string_lossy(), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"],
         );
         let mut conf = vec![
             format!("port = {port}"),
@@ -225,11 +187,7 @@ impl PgCluster {
                 data.display()
             )
         } else {
-            format!(
-                "{} -D {} -m immediate stop",
-                self.bin.join("pg_ctl").display(),
-                data.display()
-            )
+            format!("{} -D {} -m immediate stop", self.bin.join("pg_ctl").display(), data.display())
         };
         let script = format!(
             "while [ -d /proc/{pid} ]; do sleep 1; done; [ -f {data}/postmaster.pid ] && {stop} >/dev/null 2>&1; rm -rf {dir}",
@@ -259,10 +217,7 @@ impl PgCluster {
             }
             None => String::new(),
         };
-        format!(
-            "postgres://{user}{pw}@{}:{}/{db}?sslmode=disable",
-            self.host, self.port
-        )
+        format!("postgres://{user}{pw}@{}:{}/{db}?sslmode=disable", self.host, self.port)
     }
 
     /// The superuser's name.
@@ -277,11 +232,7 @@ impl PgCluster {
     /// pg_hba.conf says about TCP).
     pub async fn admin(&self, db: &str) -> tokio_postgres::Client {
         let conninfo = match &self.socket_dir {
-            Some(dir) => format!(
-                "host={} port={} user=postgres dbname={db}",
-                dir.display(),
-                self.port
-            ),
+            Some(dir) => format!("host={} port={} user=postgres dbname={db}", dir.display(), self.port),
             None => self.url(db, &self.superuser()),
         };
         let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
@@ -294,11 +245,7 @@ impl PgCluster {
     /// Creates a fresh database and returns its name.
     pub async fn create_db(&self, prefix: &str) -> String {
         let name = super::unique_db(prefix);
-        self.admin("postgres")
-            .await
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
+        self.admin("postgres").await.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
         name
     }
 }
@@ -309,20 +256,9 @@ impl Drop for PgCluster {
             if self.data().join("postmaster.pid").exists() {
                 let data = self.data();
                 let ctl = self.bin.join("pg_ctl");
-                let args = [
-                    "-D",
-                    data.to_str().unwrap(),
-                    "-m",
-                    "immediate",
-                    "-w",
-                    "stop",
-                ];
+                let args = ["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"];
                 let _ = if is_root() {
-                    Command::new("runuser")
-                        .args(["-u", "postgres", "--"])
-                        .arg(&ctl)
-                        .args(args)
-                        .output()
+                    Command::new("runuser").args(["-u", "postgres", "--"]).arg(&ctl).args(args).output()
                 } else {
                     Command::new(&ctl).args(args).output()
                 };
@@ -333,9 +269,7 @@ impl Drop for PgCluster {
 }
 
 fn run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed:\n{}\n{}",

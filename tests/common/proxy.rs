@@ -32,12 +32,7 @@ impl Proxy {
         let shutdown = CancellationToken::new();
         let shared = Shared::new(config, shutdown.clone()).unwrap();
         let handle = tokio::spawn(server::run(listener, shared.clone()));
-        Proxy {
-            addr,
-            shared,
-            shutdown,
-            handle: Some(handle),
-        }
+        Proxy { addr, shared, shutdown, handle: Some(handle) }
     }
 
     pub async fn with_defaults(cluster: &PgCluster) -> Proxy {
@@ -49,10 +44,7 @@ impl Proxy {
     }
 
     pub fn url(&self, db: &str, user: &str) -> String {
-        format!(
-            "postgres://{user}@127.0.0.1:{}/{db}?sslmode=disable",
-            self.port()
-        )
+        format!("postgres://{user}@127.0.0.1:{}/{db}?sslmode=disable", self.port())
     }
 
     /// A tokio-postgres client through the proxy.
@@ -82,9 +74,8 @@ impl Drop for Proxy {
 
 /// Connects tokio-postgres with a background connection task.
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    let (client, conn) =
+        tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap_or_else(|e| panic!("connect {url}: {e}"));
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -97,9 +88,6 @@ pub fn init_logging() {
     ONCE.call_once(|| {
         let filter = tracing_subscriber::EnvFilter::try_from_env("PGCACHE_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_test_writer()
-            .try_init();
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     });
 }

@@ -18,12 +18,7 @@ pub struct Msg {
 
 impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}:{:?}",
-            self.tag as char,
-            String::from_utf8_lossy(&self.body)
-        )
+        write!(f, "{}:{:?}", self.tag as char, String::from_utf8_lossy(&self.body))
     }
 }
 
@@ -36,24 +31,11 @@ pub struct RawConn {
 
 impl RawConn {
     /// Connects with trust or cleartext/md5-free auth (trust only) and waits for ReadyForQuery.
-    pub async fn connect(
-        addr: SocketAddr,
-        user: &str,
-        db: &str,
-        extra: &[(&str, &str)],
-    ) -> RawConn {
+    pub async fn connect(addr: SocketAddr, user: &str, db: &str, extra: &[(&str, &str)]) -> RawConn {
         let stream = TcpStream::connect(addr).await.unwrap();
         stream.set_nodelay(true).unwrap();
-        let mut c = RawConn {
-            stream,
-            buf: BytesMut::new(),
-            params: BTreeMap::new(),
-            key: (0, 0),
-        };
-        let mut params = vec![
-            ("user".to_string(), user.to_string()),
-            ("database".into(), db.into()),
-        ];
+        let mut c = RawConn { stream, buf: BytesMut::new(), params: BTreeMap::new(), key: (0, 0) };
+        let mut params = vec![("user".to_string(), user.to_string()), ("database".into(), db.into())];
         params.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let mut out = BytesMut::new();
         pgcache::protocol::startup::encode_startup(&params, &mut out);
@@ -61,17 +43,10 @@ impl RawConn {
         loop {
             let m = c.recv().await;
             match m.tag {
-                b'R' => assert_eq!(
-                    &m.body[..4],
-                    &[0, 0, 0, 0],
-                    "test raw client only supports trust auth"
-                ),
+                b'R' => assert_eq!(&m.body[..4], &[0, 0, 0, 0], "test raw client only supports trust auth"),
                 b'S' => {
                     let parts: Vec<&[u8]> = m.body.split(|b| *b == 0).collect();
-                    c.params.insert(
-                        String::from_utf8_lossy(parts[0]).into(),
-                        String::from_utf8_lossy(parts[1]).into(),
-                    );
+                    c.params.insert(String::from_utf8_lossy(parts[0]).into(), String::from_utf8_lossy(parts[1]).into());
                 }
                 b'K' => {
                     c.key = (
@@ -98,10 +73,7 @@ impl RawConn {
     pub async fn try_recv(&mut self) -> Option<Msg> {
         loop {
             if let Some(f) = take_frame(&mut self.buf, 1 << 30).unwrap() {
-                return Some(Msg {
-                    tag: f.tag(),
-                    body: Bytes::copy_from_slice(f.body()),
-                });
+                return Some(Msg { tag: f.tag(), body: Bytes::copy_from_slice(f.body()) });
             }
             if self.stream.read_buf(&mut self.buf).await.ok()? == 0 {
                 return None;
