@@ -119,7 +119,7 @@ async fn changed_password_is_picked_up() {
         .batch_execute("SET password_encryption = 'md5'; ALTER ROLE md5_user PASSWORD 'rotated'")
         .await
         .unwrap();
-    let old = try_connect(&url(&proxy, "md5_user", "md5 secret")).await.err().expect("old password refused");
+    let old = try_connect(&url(&proxy, "md5_user", "md5 secret")).await.expect_err("old password refused");
     assert_eq!(old.code(), Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD));
     try_connect(&url(&proxy, "md5_user", "rotated")).await.expect("new password accepted");
 }

@@ -337,3 +337,45 @@ async fn pooled_connection_is_reused_and_reset() {
     assert_eq!(one(&second, "SELECT count(*) FROM pg_listening_channels()").await, "0");
     assert_eq!(one(&second, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").await, "0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_call_passes_through_untouched() {
+    let (cluster, proxy, db) = setup().await;
+    let mut p = Pair::open(cluster, &proxy, &db, &[]).await;
+    // FunctionCall (fast path) of int4abs (oid 1397) with one binary int4 argument.
+    let mut body = 1397i32.to_be_bytes().to_vec();
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(&4i32.to_be_bytes());
+    body.extend_from_slice(&(-5i32).to_be_bytes());
+    body.extend_from_slice(&1i16.to_be_bytes());
+    let got = p.same("function call", &raw::frame(b'F', &body), 1).await;
+    assert_eq!(tags(&got), "VZ");
+    assert_eq!(&got[0].body[4..], &5i32.to_be_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_protocol_minor_is_negotiated_down_to_3_0() {
+    let (cluster, proxy, _db) = setup().await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut body = ((3 << 16) | 2i32).to_be_bytes().to_vec();
+    for part in ["user", &cluster.superuser(), "database", "postgres", "_pq_.made_up", "1", ""] {
+        body.extend_from_slice(part.as_bytes());
+        body.push(0);
+    }
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(&packet).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let mut first = None;
+    while first.is_none() {
+        s.read_buf(&mut buf).await.unwrap();
+        first = pgcache::protocol::frame::take_frame(&mut buf, 1 << 20).unwrap();
+    }
+    let first = first.unwrap();
+    assert_eq!(first.tag(), b'v', "NegotiateProtocolVersion first");
+    assert_eq!(&first.body()[..8], &[0, 0, 0, 0, 0, 0, 0, 1], "3.0 and one unsupported option");
+    assert_eq!(&first.body()[8..], b"_pq_.made_up\0");
+}

@@ -27,7 +27,7 @@ async fn upstream_down_gives_a_prompt_error_and_recovers() {
     let proxy = Proxy::with_defaults(&cluster).await;
     cluster.stop_server();
     let started = Instant::now();
-    let err = try_connect(&proxy.url("postgres", "postgres")).await.err().expect("refused while down");
+    let err = try_connect(&proxy.url("postgres", "postgres")).await.expect_err("refused while down");
     assert_eq!(code(&err), Some("08001"), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(3), "error took {:?}", started.elapsed());
     cluster.start_server();
@@ -83,7 +83,7 @@ async fn garbage_from_a_client_is_refused_and_others_carry_on() {
     assert!(String::from_utf8_lossy(&reply).contains("08P01"), "{:?}", String::from_utf8_lossy(&reply));
 
     // After start-up: a frame whose length is impossible, then one far over the limit.
-    for bad in [raw_frame(b'Q', 2), raw_frame(b'Q', (2 << 20) as i32)] {
+    for bad in [raw_frame(b'Q', 2), raw_frame(b'Q', 2 << 20)] {
         let mut c = RawConn::connect(proxy.addr, &user, "postgres", &[]).await;
         c.send(&bad).await;
         let m = c.recv().await;
@@ -158,7 +158,7 @@ async fn pool_exhaustion_returns_53300_after_the_acquire_timeout() {
     let a = proxy.connect("postgres", &user).await;
     let b = proxy.connect("postgres", &user).await;
     let started = Instant::now();
-    let err = try_connect(&proxy.url("postgres", &user)).await.err().expect("no slot");
+    let err = try_connect(&proxy.url("postgres", &user)).await.expect_err("no slot");
     assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err:?}");
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(450), "waited only {waited:?}");

@@ -298,10 +298,7 @@ impl Connection {
         if !self.rbuf.is_empty() {
             return false;
         }
-        match self.stream.read_buf(&mut self.rbuf).now_or_never() {
-            None => true,
-            Some(_) => false,
-        }
+        self.stream.read_buf(&mut self.rbuf).now_or_never().is_none()
     }
 
     /// Says goodbye politely (Terminate) so the server does not log an unexpected EOF.

@@ -177,6 +177,8 @@ impl PgCluster {
         self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
     }
 
+    // The watchdog must outlive this process; nobody waits for it by design.
+    #[allow(clippy::zombie_processes)]
     fn spawn_watchdog(&self) {
         let dir = self.dir.as_ref().unwrap();
         let data = dir.join("data");
