@@ -125,10 +125,26 @@ pub async fn run(
     result
 }
 
+/// Makes room to read into `buf` without letting it grow unboundedly.
+///
+/// Frames already split off share the buffer's allocation while they wait to be written, and
+/// `BytesMut::reserve` on such a buffer may double it, after which one read can pull far more
+/// than the high-water mark. So sizing happens only here: room for the rest of a frame already
+/// begun (growing at most geometrically with what has arrived, so a header claiming a huge
+/// length allocates nothing up front) or for one read, reclaimed in place when possible,
+/// otherwise a fresh buffer holding only the unconsumed tail.
 fn reserve(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
+    let pending = match buf.get(..5) {
+        Some(h) => (i32::from_be_bytes([h[1], h[2], h[3], h[4]]).max(4) as usize + 1).saturating_sub(buf.len()),
+        None => 0,
+    };
+    let want = pending.min(buf.len().max(READ_CHUNK)).max(READ_CHUNK / 4);
+    if buf.capacity() - buf.len() >= want || buf.try_reclaim(want) {
+        return;
     }
+    let mut fresh = BytesMut::with_capacity(buf.len() + want.max(READ_CHUNK));
+    fresh.extend_from_slice(buf);
+    *buf = fresh;
 }
 
 /// Takes the complete client frames at the front of `buf`, notes them, and queues them for
@@ -143,7 +159,6 @@ fn from_client(
     let mut ending = None;
     while let Some(len) = frame_len(&buf[run..], max_message)? {
         if buf.len() - run < len {
-            buf.reserve(len - (buf.len() - run));
             break;
         }
         let tag = buf[run];
@@ -176,7 +191,6 @@ fn from_backend(
     let mut run = 0;
     while let Some(len) = frame_len(&buf[run..], BACKEND_MAX_FRAME).map_err(ReadError::Frame)? {
         if buf.len() - run < len {
-            buf.reserve(len - (buf.len() - run));
             break;
         }
         let (tag, body) = (buf[run], &buf[run + 5..run + len]);
