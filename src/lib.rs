@@ -17,8 +17,11 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod backend;
+pub mod cache;
 pub mod config;
 pub mod net;
 pub mod protocol;
+pub mod query;
+pub mod rules;
 pub mod server;
 pub mod session;

@@ -106,28 +106,7 @@ impl Connection {
     ) -> Result<Connection, ConnectError> {
         let addr = endpoint.describe();
         let io_err = |source| ConnectError::Io { addr: addr.clone(), source };
-        let mut stream = endpoint.open().await.map_err(io_err)?;
-        if let Some(tls) = &endpoint.tls {
-            let mut req = BytesMut::new();
-            frontend::ssl_request(&mut req);
-            stream.write_all(&req).await.map_err(io_err)?;
-            let answer = stream.read_u8().await.map_err(io_err)?;
-            stream = match (answer, stream) {
-                (b'S', Stream::Tcp(tcp)) => {
-                    let tls_stream = tls
-                        .connector
-                        .connect(tls.server_name.clone(), tcp)
-                        .await
-                        .map_err(|e| ConnectError::Tls(e.to_string()))?;
-                    Stream::TlsClient(Box::new(tls_stream))
-                }
-                (b'N', s) if tls.optional => s,
-                (b'N', _) => return Err(ConnectError::TlsRefused(addr)),
-                (other, _) => {
-                    return Err(ConnectError::Protocol(format!("unexpected SSLRequest answer {other:#x}")));
-                }
-            };
-        }
+        let stream = endpoint.connect().await?;
         let mut conn = Connection {
             stream,
             rbuf: BytesMut::with_capacity(8192),

@@ -51,6 +51,18 @@ impl Credentials {
         self.lock().insert(key.clone(), (known, Instant::now()));
     }
 
+    /// Every login confirmed for `database`, newest first.
+    pub fn known_for_database(&self, database: &str) -> Vec<(String, Known)> {
+        let map = self.lock();
+        let mut v: Vec<_> = map
+            .iter()
+            .filter(|(k, _)| k.database == database)
+            .map(|(k, (kn, at))| (k.user.clone(), kn.clone(), *at))
+            .collect();
+        v.sort_by(|a, b| b.2.cmp(&a.2));
+        v.into_iter().map(|(u, k, _)| (u, k)).collect()
+    }
+
     pub fn forget(&self, key: &PoolKey) {
         self.lock().remove(key);
     }

@@ -12,7 +12,7 @@ use crate::net::Stream;
 use crate::net::tls::{self, TlsError, UpstreamTls};
 use crate::protocol::startup::encode_cancel;
 
-use super::BackendKey;
+use super::{BackendKey, ConnectError};
 
 /// The upstream server, resolved from the config once.
 #[derive(Debug, Clone)]
@@ -49,6 +49,32 @@ impl Endpoint {
             Host::Unix(dir) => {
                 Ok(Stream::Unix(UnixStream::connect(dir.join(format!(".s.PGSQL.{}", self.port))).await?))
             }
+        }
+    }
+
+    /// Opens the transport and, unless `sslmode=disable`, negotiates TLS (SSLRequest first,
+    /// then the handshake; `prefer` falls back to plain when the server answers `N`).
+    pub async fn connect(&self) -> Result<Stream, ConnectError> {
+        let addr = self.describe();
+        let io_err = |source| ConnectError::Io { addr: addr.clone(), source };
+        let mut stream = self.open().await.map_err(io_err)?;
+        let Some(tls) = &self.tls else { return Ok(stream) };
+        let mut req = BytesMut::new();
+        postgres_protocol::message::frontend::ssl_request(&mut req);
+        stream.write_all(&req).await.map_err(io_err)?;
+        let answer = stream.read_u8().await.map_err(io_err)?;
+        match (answer, stream) {
+            (b'S', Stream::Tcp(tcp)) => {
+                let tls_stream = tls
+                    .connector
+                    .connect(tls.server_name.clone(), tcp)
+                    .await
+                    .map_err(|e| ConnectError::Tls(e.to_string()))?;
+                Ok(Stream::TlsClient(Box::new(tls_stream)))
+            }
+            (b'N', s) if tls.optional => Ok(s),
+            (b'N', _) => Err(ConnectError::TlsRefused(addr)),
+            (other, _) => Err(ConnectError::Protocol(format!("unexpected SSLRequest answer {other:#x}"))),
         }
     }
 

@@ -287,13 +287,18 @@ impl Drop for Lease {
 pub struct Pools {
     settings: PoolConfig,
     endpoint: Arc<Endpoint>,
-    pub credentials: Credentials,
+    pub credentials: Arc<Credentials>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
 }
 
 impl Pools {
     pub fn new(settings: PoolConfig, endpoint: Arc<Endpoint>, verify_interval: Duration) -> Self {
-        Pools { settings, endpoint, credentials: Credentials::new(verify_interval), pools: Mutex::new(HashMap::new()) }
+        Pools {
+            settings,
+            endpoint,
+            credentials: Arc::new(Credentials::new(verify_interval)),
+            pools: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn endpoint(&self) -> &Arc<Endpoint> {

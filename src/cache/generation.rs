@@ -1,0 +1,102 @@
+//! Generation counters. Relations are identified as Postgres would resolve them when known
+//! (`schema.name`), with a second counter per bare name for writes pgcache could not resolve
+//! and for DDL, and a global counter for writes whose targets are unknown. Counters are
+//! interned `Arc<AtomicU64>`s, so checking an entry is a few atomic loads, without locks.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::query::Relation;
+
+/// A counter an entry depends on, with the value it had when the entry's query was sent.
+#[derive(Debug, Clone)]
+pub struct Dependency {
+    counter: Arc<AtomicU64>,
+    seen: u64,
+}
+
+impl Dependency {
+    pub fn moved(&self) -> bool {
+        self.counter.load(Ordering::Acquire) != self.seen
+    }
+}
+
+/// Every counter.
+#[derive(Debug, Default)]
+pub struct Generations {
+    global: Arc<AtomicU64>,
+    relations: Mutex<HashMap<Relation, Arc<AtomicU64>>>,
+    names: Mutex<HashMap<String, Arc<AtomicU64>>>,
+}
+
+fn intern<K: std::hash::Hash + Eq + Clone>(map: &Mutex<HashMap<K, Arc<AtomicU64>>>, k: &K) -> Arc<AtomicU64> {
+    map.lock().unwrap_or_else(|e| e.into_inner()).entry(k.clone()).or_default().clone()
+}
+
+fn snap(counter: Arc<AtomicU64>) -> Dependency {
+    let seen = counter.load(Ordering::Acquire);
+    Dependency { counter, seen }
+}
+
+impl Generations {
+    /// The counters a read of `relations` depends on, as they are now. `relations` are the
+    /// qualified relations the read resolved to (views expanded, partitions included).
+    pub fn snapshot(&self, relations: &[Relation]) -> Vec<Dependency> {
+        let mut deps = Vec::with_capacity(relations.len() * 2 + 1);
+        deps.push(snap(self.global.clone()));
+        for r in relations {
+            deps.push(snap(intern(&self.relations, r)));
+            deps.push(snap(intern(&self.names, &r.name)));
+        }
+        deps
+    }
+
+    /// A write to these resolved relations.
+    pub fn bump_relations(&self, relations: &[Relation]) {
+        for r in relations {
+            intern(&self.relations, r).fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// A write to every relation called `name`, in any schema (unresolved writes and DDL).
+    pub fn bump_name(&self, name: &str) {
+        intern(&self.names, &name.to_owned()).fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A write whose targets are unknown: every entry dies.
+    pub fn bump_all(&self) {
+        self.global.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel(s: &str, n: &str) -> Relation {
+        Relation::new(Some(s), n)
+    }
+
+    fn alive(deps: &[Dependency]) -> bool {
+        !deps.iter().any(Dependency::moved)
+    }
+
+    #[test]
+    fn writes_kill_exactly_the_dependent_reads() {
+        let g = Generations::default();
+        let a = g.snapshot(&[rel("public", "t")]);
+        let b = g.snapshot(&[rel("other", "t")]);
+        let c = g.snapshot(&[rel("public", "u")]);
+        g.bump_relations(&[rel("public", "t")]);
+        assert!(!alive(&a));
+        assert!(alive(&b), "same name in another schema is unaffected by a resolved write");
+        assert!(alive(&c));
+        g.bump_name("t");
+        assert!(!alive(&b), "an unresolved write to t reaches every schema");
+        assert!(alive(&c));
+        let d = g.snapshot(&[]);
+        g.bump_all();
+        assert!(!alive(&c) && !alive(&d));
+    }
+}

@@ -1,0 +1,26 @@
+//! The result cache: wire bytes of SELECT results, bounded by bytes, expiring by TTL, and
+//! invalidated by table generations.
+//!
+//! - [`store`]: entries in `quick_cache` with a byte weighter; freshness (fresh, stale within
+//!   the rule's windows, dead) is kept in the value and checked on every read; a sweep removes
+//!   what can never be served again.
+//! - [`generation`]: one counter per relation (and per relation name, and one global). An
+//!   entry records the counters of everything it read when its query was sent, and is dead as
+//!   soon as one moves. A write bumps counters before its completion reaches the client, which
+//!   also closes the fill race: a miss that started before the write finds a moved counter and
+//!   does not insert.
+//! - [`key`]: the collision-safe, length-delimited key.
+//! - [`flight`]: single-flight for concurrent misses. quick_cache's placeholder guard is not
+//!   used: a fill here streams through the session's relay loop over many iterations (a guard
+//!   would borrow the cache across all of them), and while a stale entry is being refreshed
+//!   readers must keep getting the stale value, which a placeholder would block.
+
+pub mod flight;
+pub mod generation;
+pub mod key;
+pub mod store;
+
+pub use flight::{Flight, Flights};
+pub use generation::{Dependency, Generations};
+pub use key::Key;
+pub use store::{Entry, Freshness, Store};

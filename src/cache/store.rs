@@ -1,0 +1,256 @@
+//! Cache entries and the byte-bounded store holding them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quick_cache::sync::Cache;
+use quick_cache::{DefaultHashBuilder, Lifecycle, Weighter};
+use tokio::time::Instant;
+
+use crate::query::Relation;
+use crate::rules::Rule;
+
+use super::{Dependency, Key};
+
+/// A cached result: the exact backend bytes a client needs.
+#[derive(Debug)]
+pub struct Entry {
+    /// The rule that admitted it (its TTL and windows apply).
+    pub rule: Arc<Rule>,
+    /// The RowDescription (or NoData) frame, sent when the client asked to describe.
+    pub row_description: Bytes,
+    /// DataRow frames and the CommandComplete frame.
+    pub body: Bytes,
+    pub rows: u64,
+    pub created: Instant,
+    pub deps: Vec<Dependency>,
+    /// The relations it read (for reports and `INVALIDATE TABLE`).
+    pub tables: Vec<Relation>,
+    /// A background refresh is running (stale-while-revalidate).
+    pub refreshing: AtomicBool,
+    pub hits: AtomicU64,
+}
+
+/// How an entry may be used now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Within its TTL.
+    Fresh,
+    /// Past its TTL but within `stale_while_revalidate`: serve it and refresh it.
+    Stale,
+    /// Past those but within `stale_if_error`: only when Postgres cannot answer.
+    Fallback,
+    /// Expired, or a relation it read was written since: never served again.
+    Dead,
+}
+
+impl Entry {
+    pub fn weight(&self) -> u64 {
+        (self.row_description.len() + self.body.len() + 256 + self.deps.len() * 24) as u64
+    }
+
+    pub fn age(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    pub fn invalidated(&self) -> bool {
+        self.deps.iter().any(Dependency::moved)
+    }
+
+    pub fn freshness(&self) -> Freshness {
+        if self.invalidated() {
+            return Freshness::Dead;
+        }
+        let age = self.age();
+        let ttl = self.rule.ttl;
+        if age < ttl {
+            Freshness::Fresh
+        } else if age < ttl + self.rule.stale_while_revalidate {
+            Freshness::Stale
+        } else if age < ttl + self.rule.stale_if_error {
+            Freshness::Fallback
+        } else {
+            Freshness::Dead
+        }
+    }
+}
+
+#[derive(Clone)]
+struct ByBytes;
+
+impl Weighter<Key, Arc<Entry>> for ByBytes {
+    fn weight(&self, key: &Key, entry: &Arc<Entry>) -> u64 {
+        key.0.len() as u64 + entry.weight()
+    }
+}
+
+#[derive(Clone, Default)]
+struct CountEvictions(Arc<AtomicU64>);
+
+impl Lifecycle<Key, Arc<Entry>> for CountEvictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _: &mut (), _: Key, _: Arc<Entry>) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The store, bounded by the total weight (bytes) of its entries.
+pub struct Store {
+    cache: Cache<Key, Arc<Entry>, ByBytes, DefaultHashBuilder, CountEvictions>,
+    evictions: Arc<AtomicU64>,
+    max_bytes: u64,
+}
+
+impl Store {
+    pub fn new(max_bytes: u64) -> Self {
+        let evictions = CountEvictions::default();
+        let counter = evictions.0.clone();
+        let estimated = (max_bytes / 4096).clamp(64, 1 << 20) as usize;
+        Store {
+            cache: Cache::with(estimated, max_bytes, ByBytes, DefaultHashBuilder::default(), evictions),
+            evictions: counter,
+            max_bytes,
+        }
+    }
+
+    /// The entry for `key` unless it is dead (a dead entry is removed).
+    pub fn get(&self, key: &Key) -> Option<(Arc<Entry>, Freshness)> {
+        let entry = self.cache.get(key)?;
+        match entry.freshness() {
+            Freshness::Dead => {
+                self.cache.remove_if(key, |e| Arc::ptr_eq(e, &entry));
+                None
+            }
+            f => Some((entry, f)),
+        }
+    }
+
+    /// Inserts unless the entry is already invalidated (the fill race) or larger than the
+    /// store could ever hold. Returns whether it was stored.
+    pub fn insert(&self, key: Key, entry: Entry) -> bool {
+        if entry.invalidated() || entry.weight() > self.max_bytes / 2 {
+            return false;
+        }
+        self.cache.insert(key, Arc::new(entry));
+        true
+    }
+
+    /// Removes entries that can never be served again (dead, or past every window).
+    pub fn sweep(&self) {
+        self.cache.retain(|_, e| e.freshness() != Freshness::Dead);
+    }
+
+    /// Removes entries matching `f`; returns how many.
+    pub fn remove_where(&self, f: impl Fn(&Entry) -> bool) -> usize {
+        let before = self.cache.len();
+        self.cache.retain(|_, e| !f(e));
+        before.saturating_sub(self.cache.len())
+    }
+
+    pub fn entries(&self) -> Vec<(Key, Arc<Entry>)> {
+        self.cache.iter().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    /// Total weight (bytes) held.
+    pub fn bytes(&self) -> u64 {
+        self.cache.weight()
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.max_bytes
+    }
+
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Generations;
+    use crate::cache::key::KeyBuilder;
+    use crate::rules::{Action, Matcher};
+
+    fn rule(ttl: u64, swr: u64, sie: u64) -> Arc<Rule> {
+        Arc::new(Rule {
+            name: "r".into(),
+            file: "r.toml".into(),
+            line: 1,
+            action: Action::Cache,
+            ttl: Duration::from_secs(ttl),
+            max_entry_bytes: None,
+            stale_while_revalidate: Duration::from_secs(swr),
+            stale_if_error: Duration::from_secs(sie),
+            share_across_roles: false,
+            allow_stable_functions: false,
+            matcher: Matcher::default(),
+        })
+    }
+
+    fn entry(rule: Arc<Rule>, deps: Vec<Dependency>, size: usize) -> Entry {
+        Entry {
+            rule,
+            row_description: Bytes::new(),
+            body: Bytes::from(vec![0u8; size]),
+            rows: 1,
+            created: Instant::now(),
+            deps,
+            tables: vec![],
+            refreshing: AtomicBool::new(false),
+            hits: AtomicU64::new(0),
+        }
+    }
+
+    fn key(s: &str) -> Key {
+        KeyBuilder::new(b'Q').str(s).finish()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn freshness_follows_ttl_and_windows() {
+        let store = Store::new(1 << 20);
+        store.insert(key("a"), entry(rule(10, 5, 60), vec![], 10));
+        assert_eq!(store.get(&key("a")).map(|e| e.1), Some(Freshness::Fresh));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(store.get(&key("a")).map(|e| e.1), Some(Freshness::Stale));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(store.get(&key("a")).map(|e| e.1), Some(Freshness::Fallback));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(store.get(&key("a")).is_none());
+        assert!(store.is_empty(), "dead entries are removed on sight");
+    }
+
+    #[tokio::test]
+    async fn invalidated_entries_are_never_served_or_stored() {
+        let store = Store::new(1 << 20);
+        let g = Generations::default();
+        let t = Relation::new(Some("public"), "t");
+        store.insert(key("a"), entry(rule(60, 0, 0), g.snapshot(std::slice::from_ref(&t)), 10));
+        let late = g.snapshot(std::slice::from_ref(&t));
+        g.bump_relations(std::slice::from_ref(&t));
+        assert!(store.get(&key("a")).is_none());
+        assert!(!store.insert(key("b"), entry(rule(60, 0, 0), late, 10)), "a fill that raced a write is dropped");
+    }
+
+    #[tokio::test]
+    async fn byte_bound_holds_under_a_flood() {
+        let store = Store::new(256 * 1024);
+        for i in 0..10_000 {
+            store.insert(key(&format!("k{i}")), entry(rule(60, 0, 0), vec![], 1000));
+            assert!(store.bytes() <= store.capacity(), "over capacity after {i}");
+        }
+        assert!(store.len() < 10_000 && store.len() > 50);
+        assert!(store.evictions() > 0);
+    }
+}

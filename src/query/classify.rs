@@ -1,0 +1,531 @@
+//! Statement classification with libpg_query (the real Postgres parser).
+//!
+//! `pg_query::summary()` gives the relations by context (read, DML, DDL), the functions called
+//! and every statement type, including those inside CTEs. What it does not say is found by an
+//! exhaustive walk of the parse tree (through its serde form, so no node type can be missed):
+//! `FOR UPDATE/SHARE`, `SELECT INTO`, SQL-value functions such as `CURRENT_TIMESTAMP` and
+//! `current_user`, literals such as `'now'` whose meaning changes with time, `TABLESAMPLE`, and
+//! the options of transaction and `SET` statements.
+//!
+//! Cacheability is an allow-list: only a single plain SELECT can be [`Kind::Select`]; anything
+//! whose effect is not understood is [`Kind::Opaque`] and is treated as a write to unknown
+//! tables.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use pg_query::protobuf::summary_result::Context;
+use serde_json::Value;
+
+/// A relation as written in SQL: its schema when qualified, and its name as Postgres folds it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Relation {
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+impl Relation {
+    pub fn new(schema: Option<&str>, name: &str) -> Self {
+        Relation { schema: schema.filter(|s| !s.is_empty()).map(str::to_owned), name: name.to_owned() }
+    }
+
+    fn is_system(&self) -> bool {
+        matches!(self.schema.as_deref(), Some("pg_catalog" | "information_schema" | "pg_toast"))
+            || self.name.starts_with("pg_")
+    }
+
+    fn is_temp(&self) -> bool {
+        self.schema.as_deref().is_some_and(|s| s == "pg_temp" || s.starts_with("pg_temp_"))
+    }
+}
+
+impl std::fmt::Display for Relation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.schema {
+            Some(s) => write!(f, "{s}.{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// Transaction control statements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxControl {
+    /// BEGIN / START TRANSACTION; `plain` when no isolation level or mode is given.
+    Begin {
+        plain: bool,
+    },
+    Commit,
+    Rollback,
+    /// SAVEPOINT, RELEASE, ROLLBACK TO: inside a transaction, no effect on its end.
+    Savepoint,
+    /// SET TRANSACTION ...: changes the current transaction's isolation or mode.
+    SetTransaction,
+    /// PREPARE TRANSACTION / COMMIT PREPARED / ROLLBACK PREPARED.
+    TwoPhase,
+}
+
+/// Statements that change session state pgcache keys on or must track.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionChange {
+    /// SET / RESET / SET ROLE / SET SESSION AUTHORIZATION and the like.
+    Setting,
+    /// DISCARD ALL / PLANS / SEQUENCES / TEMP.
+    Discard,
+    /// Creates a temporary object, whose contents are private to the session.
+    CreatesTemp,
+}
+
+/// What kind of statement it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// A single read-only SELECT: may be served from the cache.
+    Select,
+    /// Changes the rows of the relations in `writes`.
+    Write,
+    /// Changes schema, privileges or functions; invalidates `writes`, or everything when it
+    /// names no relation.
+    Ddl,
+    Transaction(TxControl),
+    Session(SessionChange),
+    /// Reads or does nothing that can change query results (SHOW, LISTEN, VACUUM, COPY TO...).
+    Neutral,
+    /// Effects unknown (DO, CALL, EXECUTE, unrecognised statements): treated as a write to
+    /// unknown tables.
+    Opaque,
+    /// The parser refused it; Postgres will too, but it is still treated as [`Kind::Opaque`].
+    Unparseable,
+}
+
+/// The classification of one statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classified {
+    pub kind: Kind,
+    pub reads: Vec<Relation>,
+    pub writes: Vec<Relation>,
+    /// Functions called, with their schema when qualified.
+    pub functions: Vec<Relation>,
+    /// Calls SQL-value functions (`CURRENT_TIMESTAMP`, `current_user`, ...) or uses literals
+    /// such as `'now'`: stable, not immutable.
+    pub stable_builtins: bool,
+    /// Why this SELECT may never be cached whatever the rules say.
+    pub never_cache: Option<&'static str>,
+    /// Fingerprint of the statement's shape (literals and parameters ignored), for rules.
+    pub fingerprint: u64,
+    /// Normalized text (literals replaced by `$n`), for reports and logs.
+    pub normalized: Arc<str>,
+}
+
+impl Classified {
+    fn opaque(kind: Kind, sql: &str) -> Self {
+        Classified {
+            kind,
+            reads: Vec::new(),
+            writes: Vec::new(),
+            functions: Vec::new(),
+            stable_builtins: false,
+            never_cache: Some("not a plain SELECT"),
+            fingerprint: 0,
+            normalized: Arc::from(sql),
+        }
+    }
+
+    /// Whether the statement may change data in ways pgcache cannot attribute to relations.
+    pub fn writes_unknown(&self) -> bool {
+        matches!(self.kind, Kind::Opaque | Kind::Unparseable) || (self.kind == Kind::Ddl && self.writes.is_empty())
+    }
+}
+
+/// Fingerprint options: schema names and full relation names are significant, so a rule for
+/// `s1.orders_2024` never matches `s2.orders_2025`.
+fn fingerprint_options() -> pg_query::FingerprintOptions {
+    pg_query::FingerprintOptions::RANGEVAR_PG17_COMPAT | pg_query::FingerprintOptions::FULL_RELNAME
+}
+
+/// Fingerprint of a statement's shape, or `None` if it does not parse.
+pub fn fingerprint(sql: &str) -> Option<u64> {
+    pg_query::fingerprint(sql, 0, fingerprint_options()).ok().map(|f| f.value)
+}
+
+/// Classifies one SQL string, which may hold several statements.
+pub fn classify(sql: &str) -> Vec<Classified> {
+    let statements = match pg_query::split_with_parser(sql) {
+        Ok(parts) => parts,
+        Err(_) => return vec![Classified::opaque(Kind::Unparseable, sql)],
+    };
+    if statements.len() <= 1 {
+        return vec![classify_one(sql)];
+    }
+    statements.into_iter().map(classify_one).collect()
+}
+
+fn classify_one(sql: &str) -> Classified {
+    let (summary, tree) = match (pg_query::summary(sql, 0, -1), pg_query::parse(sql, 0)) {
+        (Ok(s), Ok(t)) => (s, t),
+        _ => return Classified::opaque(Kind::Unparseable, sql),
+    };
+    let Ok(tree) = serde_json::to_value(&tree.protobuf) else {
+        return Classified::opaque(Kind::Unparseable, sql);
+    };
+    let Some((top, node)) =
+        tree["stmts"].get(0).and_then(|s| s["stmt"]["node"].as_object()).and_then(|o| o.iter().next())
+    else {
+        // Only comments or semicolons: the empty query.
+        return Classified { never_cache: Some("empty query"), ..Classified::opaque(Kind::Neutral, sql) };
+    };
+    let mut facts = Facts::default();
+    facts.walk(&tree);
+
+    let mut reads = BTreeSet::new();
+    let mut writes = BTreeSet::new();
+    for t in &summary.tables {
+        let rel = Relation::new(Some(&t.schema_name), &t.table_name);
+        match t.context {
+            Context::Select => reads.insert(rel),
+            Context::Dml | Context::Ddl => writes.insert(rel),
+            Context::None | Context::Call => reads.insert(rel),
+        };
+    }
+    let functions: Vec<Relation> = summary
+        .functions
+        .iter()
+        .filter(|f| f.context == Context::Call)
+        .map(|f| Relation::new(f.schema_name.as_deref(), &f.function_name))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let only_select = summary.statement_types.iter().all(|t| t == "SelectStmt");
+
+    let kind = match top.as_str() {
+        "SelectStmt" if only_select && writes.is_empty() && !facts.into => Kind::Select,
+        "SelectStmt" | "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => Kind::Write,
+        "CopyStmt" if node["is_from"].as_bool() == Some(true) => {
+            // summary() reports COPY FROM's target as read: it is written.
+            writes.append(&mut reads);
+            Kind::Write
+        }
+        "CopyStmt" if writes.is_empty() => Kind::Neutral,
+        "CopyStmt" => Kind::Write,
+        "TruncateStmt" | "RefreshMatViewStmt" => {
+            writes.append(&mut reads);
+            Kind::Write
+        }
+        "TransactionStmt" => Kind::Transaction(tx_control(node)),
+        "VariableSetStmt" if node["name"].as_str() == Some("TRANSACTION") => {
+            Kind::Transaction(TxControl::SetTransaction)
+        }
+        "VariableSetStmt" => Kind::Session(SessionChange::Setting),
+        "DiscardStmt" => Kind::Session(SessionChange::Discard),
+        "VariableShowStmt" | "ListenStmt" | "UnlistenStmt" | "NotifyStmt" | "VacuumStmt" | "CheckPointStmt"
+        | "LockStmt" | "DeallocateStmt" | "PrepareStmt" | "ClusterStmt" | "ReindexStmt" | "LoadStmt"
+        | "ClosePortalStmt" => {
+            // Maintenance and session plumbing: no rows change, whatever relations they name.
+            writes.clear();
+            Kind::Neutral
+        }
+        // A cursor's query runs on FETCH; a writable one is a write now.
+        "DeclareCursorStmt" | "FetchStmt" | "MoveStmt" if writes.is_empty() => Kind::Neutral,
+        "ExplainStmt" if !explain_analyze(node) => Kind::Neutral,
+        "ExplainStmt" if writes.is_empty() && only_select => Kind::Neutral,
+        "ExplainStmt" => Kind::Write,
+        "DoStmt" | "CallStmt" | "ExecuteStmt" => Kind::Opaque,
+        other if is_ddl(other) => {
+            if facts.temp {
+                Kind::Session(SessionChange::CreatesTemp)
+            } else {
+                // DDL touches whatever it names, read or written.
+                writes.append(&mut reads);
+                Kind::Ddl
+            }
+        }
+        _ => Kind::Opaque,
+    };
+    let never_cache = if kind != Kind::Select {
+        Some("not a plain SELECT")
+    } else if facts.locks {
+        Some("locks rows (FOR UPDATE/SHARE)")
+    } else if facts.tablesample {
+        Some("uses TABLESAMPLE")
+    } else if reads.iter().any(Relation::is_temp) {
+        Some("reads a temporary table")
+    } else if reads.iter().any(Relation::is_system) {
+        Some("reads a system catalog or statistics view")
+    } else {
+        None
+    };
+    Classified {
+        kind,
+        reads: reads.into_iter().collect(),
+        writes: writes.into_iter().collect(),
+        functions,
+        stable_builtins: facts.stable_builtins,
+        never_cache,
+        fingerprint: pg_query::fingerprint(sql, 0, fingerprint_options()).map(|f| f.value).unwrap_or(0),
+        normalized: Arc::from(pg_query::normalize(sql).unwrap_or_else(|_| sql.to_owned()).trim()),
+    }
+}
+
+/// Statement node types that define or alter objects.
+fn is_ddl(node: &str) -> bool {
+    node.starts_with("Create")
+        || node.starts_with("Alter")
+        || node.starts_with("Drop")
+        || matches!(
+            node,
+            "IndexStmt"
+                | "ViewStmt"
+                | "RenameStmt"
+                | "GrantStmt"
+                | "GrantRoleStmt"
+                | "RuleStmt"
+                | "CommentStmt"
+                | "SecLabelStmt"
+                | "DefineStmt"
+                | "CompositeTypeStmt"
+                | "ReassignOwnedStmt"
+                | "ImportForeignSchemaStmt"
+                | "CreateTableAsStmt"
+                | "CreateSchemaStmt"
+        )
+}
+
+fn explain_analyze(node: &Value) -> bool {
+    node["options"].as_array().into_iter().flatten().any(|o| {
+        let name = o["node"]["DefElem"]["defname"].as_str().unwrap_or("");
+        name.eq_ignore_ascii_case("analyze")
+    })
+}
+
+fn tx_control(node: &Value) -> TxControl {
+    // TransactionStmtKind in the protobuf (pg_query's enum numbering).
+    match node["kind"].as_i64().unwrap_or(0) {
+        1 | 2 => TxControl::Begin { plain: node["options"].as_array().is_none_or(|o| o.is_empty()) },
+        3 => TxControl::Commit,
+        4 => TxControl::Rollback,
+        5..=7 => TxControl::Savepoint,
+        8 => TxControl::SetTransaction,
+        9..=11 => TxControl::TwoPhase,
+        _ => TxControl::SetTransaction,
+    }
+}
+
+/// What the tree walk finds.
+#[derive(Debug, Default)]
+struct Facts {
+    locks: bool,
+    into: bool,
+    stable_builtins: bool,
+    tablesample: bool,
+    temp: bool,
+}
+
+/// Literals whose value depends on when they are evaluated (Postgres docs, "Special Date/Time
+/// Inputs").
+const TIME_WORDS: [&str; 4] = ["now", "today", "tomorrow", "yesterday"];
+
+impl Facts {
+    fn walk(&mut self, v: &Value) {
+        match v {
+            Value::Object(map) => {
+                for (key, child) in map {
+                    match key.as_str() {
+                        "SqlvalueFunction" => self.stable_builtins = true,
+                        "RangeTableSample" => self.tablesample = true,
+                        "locking_clause" if child.as_array().is_some_and(|a| !a.is_empty()) => self.locks = true,
+                        "into_clause" if !child.is_null() => self.into = true,
+                        "relpersistence" if child.as_str() == Some("t") => self.temp = true,
+                        "sval" => {
+                            if child.as_str().is_some_and(is_time_word) {
+                                self.stable_builtins = true;
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.walk(child);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|i| self.walk(i)),
+            _ => {}
+        }
+    }
+}
+
+/// Whether a text value is one of the special date/time inputs that mean "now".
+pub fn is_time_word(s: &str) -> bool {
+    let t = s.trim();
+    TIME_WORDS.iter().any(|w| t.eq_ignore_ascii_case(w))
+}
+
+/// A cache of classifications by SQL text, so the hot path does not re-parse.
+pub struct Classifier {
+    cache: quick_cache::sync::Cache<Arc<str>, Arc<Vec<Classified>>>,
+}
+
+impl Default for Classifier {
+    fn default() -> Self {
+        Classifier { cache: quick_cache::sync::Cache::new(10_000) }
+    }
+}
+
+impl Classifier {
+    pub fn classify(&self, sql: &str) -> Arc<Vec<Classified>> {
+        if let Some(c) = self.cache.get(sql) {
+            return c;
+        }
+        let c = Arc::new(classify(sql));
+        self.cache.insert(Arc::from(sql), c.clone());
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(sql: &str) -> Classified {
+        let mut v = classify(sql);
+        assert_eq!(v.len(), 1, "{sql}");
+        v.remove(0)
+    }
+
+    fn names(rels: &[Relation]) -> Vec<String> {
+        rels.iter().map(|r| r.to_string()).collect()
+    }
+
+    #[test]
+    fn plain_selects_are_cacheable_candidates() {
+        for (sql, reads) in [
+            ("SELECT * FROM items WHERE id = $1", vec!["items"]),
+            ("select a.x from s.a join b using (id)", vec!["b", "s.a"]),
+            ("WITH f AS (SELECT * FROM t) SELECT * FROM f", vec!["t"]),
+            ("SELECT * FROM ONLY t", vec!["t"]),
+            ("SELECT (SELECT count(*) FROM u) FROM t", vec!["t", "u"]),
+            ("SELECT 1", vec![]),
+            ("SELECT * FROM \"Mixed Case\"", vec!["Mixed Case"]),
+        ] {
+            let c = one(sql);
+            assert_eq!(c.kind, Kind::Select, "{sql}");
+            assert_eq!(c.never_cache, None, "{sql}");
+            assert_eq!(names(&c.reads), reads, "{sql}");
+            assert!(c.writes.is_empty(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn writes_and_their_targets() {
+        for (sql, writes) in [
+            ("INSERT INTO t VALUES (1)", vec!["t"]),
+            ("UPDATE ONLY s.t SET x = 1", vec!["s.t"]),
+            ("DELETE FROM t USING u WHERE t.id = u.id", vec!["t"]),
+            ("MERGE INTO t USING u ON t.id = u.id WHEN MATCHED THEN DELETE", vec!["t"]),
+            ("WITH d AS (DELETE FROM audit RETURNING *) SELECT * FROM d", vec!["audit"]),
+            ("SELECT * INTO newtab FROM items", vec!["newtab"]),
+            ("COPY items FROM STDIN", vec!["items"]),
+            ("TRUNCATE a, s.b", vec!["a", "s.b"]),
+            ("REFRESH MATERIALIZED VIEW mv", vec!["mv"]),
+            ("EXPLAIN ANALYZE DELETE FROM t", vec!["t"]),
+            ("COPY (DELETE FROM t RETURNING *) TO STDOUT", vec!["t"]),
+        ] {
+            let c = one(sql);
+            assert_eq!(c.kind, Kind::Write, "{sql}");
+            assert_eq!(names(&c.writes), writes, "{sql}");
+        }
+    }
+
+    #[test]
+    fn ddl_names_what_it_touches() {
+        let c = one("ALTER TABLE t RENAME TO t_old");
+        assert_eq!((c.kind.clone(), names(&c.writes)), (Kind::Ddl, vec!["t".to_string(), "t_old".to_string()]));
+        let c = one("DROP TABLE a, s.b");
+        assert_eq!(names(&c.writes), vec!["a", "s.b"]);
+        let c = one("CREATE OR REPLACE VIEW v AS SELECT * FROM t");
+        assert_eq!(c.kind, Kind::Ddl);
+        assert!(names(&c.writes).contains(&"v".to_string()));
+        let c = one("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'select 1'");
+        assert!(c.writes_unknown(), "DDL naming no relation invalidates everything");
+        assert_eq!(one("CREATE TEMP TABLE x (a int)").kind, Kind::Session(SessionChange::CreatesTemp));
+    }
+
+    #[test]
+    fn selects_that_must_never_be_cached() {
+        for (sql, why) in [
+            ("SELECT * FROM t FOR UPDATE", "locks"),
+            ("SELECT * FROM t WHERE id IN (SELECT id FROM u FOR SHARE)", "locks"),
+            ("SELECT * FROM t TABLESAMPLE SYSTEM (10)", "TABLESAMPLE"),
+            ("SELECT * FROM pg_stat_activity", "system"),
+            ("SELECT * FROM pg_catalog.pg_class", "system"),
+            ("SELECT * FROM information_schema.tables", "system"),
+            ("SELECT * FROM pg_temp.scratch", "temporary"),
+        ] {
+            let c = one(sql);
+            assert!(c.never_cache.is_some_and(|r| r.contains(why)), "{sql}: {:?}", c.never_cache);
+        }
+    }
+
+    #[test]
+    fn stable_builtins_and_functions_are_found() {
+        assert!(one("SELECT CURRENT_TIMESTAMP").stable_builtins);
+        assert!(one("SELECT * FROM t WHERE owner = current_user").stable_builtins);
+        assert!(one("SELECT * FROM t WHERE day = 'today'::date").stable_builtins);
+        assert!(one("SELECT 'NOW'::timestamptz").stable_builtins);
+        assert!(!one("SELECT 'nowhere'").stable_builtins);
+        let c = one("SELECT now(), lower(x), s.f(1) FROM t LIMIT (random()*10)::int");
+        assert_eq!(names(&c.functions), vec!["lower", "now", "random", "s.f"]);
+    }
+
+    #[test]
+    fn transaction_and_session_statements() {
+        assert_eq!(one("BEGIN").kind, Kind::Transaction(TxControl::Begin { plain: true }));
+        assert_eq!(
+            one("START TRANSACTION ISOLATION LEVEL SERIALIZABLE").kind,
+            Kind::Transaction(TxControl::Begin { plain: false })
+        );
+        assert_eq!(one("BEGIN READ ONLY").kind, Kind::Transaction(TxControl::Begin { plain: false }));
+        assert_eq!(one("COMMIT").kind, Kind::Transaction(TxControl::Commit));
+        assert_eq!(one("END").kind, Kind::Transaction(TxControl::Commit));
+        assert_eq!(one("ROLLBACK").kind, Kind::Transaction(TxControl::Rollback));
+        assert_eq!(one("ABORT").kind, Kind::Transaction(TxControl::Rollback));
+        assert_eq!(one("SAVEPOINT a").kind, Kind::Transaction(TxControl::Savepoint));
+        assert_eq!(one("ROLLBACK TO SAVEPOINT a").kind, Kind::Transaction(TxControl::Savepoint));
+        assert_eq!(
+            one("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").kind,
+            Kind::Transaction(TxControl::SetTransaction)
+        );
+        assert_eq!(one("SET search_path = a, b").kind, Kind::Session(SessionChange::Setting));
+        assert_eq!(one("RESET ALL").kind, Kind::Session(SessionChange::Setting));
+        assert_eq!(one("SET ROLE reader").kind, Kind::Session(SessionChange::Setting));
+        assert_eq!(one("DISCARD ALL").kind, Kind::Session(SessionChange::Discard));
+    }
+
+    #[test]
+    fn unknown_effects_are_opaque() {
+        for sql in ["DO $$ BEGIN PERFORM 1; END $$", "CALL p()", "EXECUTE q(1)"] {
+            assert!(one(sql).writes_unknown(), "{sql}");
+        }
+        let bad = classify("SELEC oops");
+        assert_eq!(bad[0].kind, Kind::Unparseable);
+        assert!(bad[0].writes_unknown());
+        for sql in ["SHOW work_mem", "LISTEN x", "NOTIFY x", "VACUUM t", "EXPLAIN SELECT 1", "COPY t TO STDOUT"] {
+            assert_eq!(one(sql).kind, Kind::Neutral, "{sql}");
+        }
+    }
+
+    #[test]
+    fn multi_statement_strings_are_split() {
+        let v = classify("SELECT 1; UPDATE t SET x = 1; SELECT * FROM t");
+        let kinds: Vec<Kind> = v.iter().map(|c| c.kind.clone()).collect();
+        assert_eq!(kinds, vec![Kind::Select, Kind::Write, Kind::Select]);
+        assert_eq!(classify("").len(), 1);
+        assert_eq!(classify(";")[0].kind, Kind::Neutral);
+    }
+
+    #[test]
+    fn fingerprints_ignore_literals_and_layout() {
+        let a = one("SELECT * FROM users WHERE id = 42");
+        let b = one("select *\n  from users where id=$1");
+        let c = one("SELECT * FROM s.users WHERE id = 1");
+        assert_eq!(a.fingerprint, b.fingerprint);
+        assert_ne!(a.fingerprint, c.fingerprint);
+        assert_eq!(&*a.normalized, "SELECT * FROM users WHERE id = $1");
+    }
+}

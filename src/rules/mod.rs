@@ -1,0 +1,109 @@
+//! Rules: which SELECTs are cached, for how long, and which never are.
+//!
+//! Rule files are TOML files in one directory, loaded in file-name order; the first rule that
+//! matches a statement decides ([`RuleSet::decide`]). Loading validates everything and reports
+//! errors with file, line, rule and field ([`load`]). The loaded set is swapped atomically on
+//! reload; a statement keeps the rule set it started with ([`reload`]).
+
+pub mod load;
+pub mod reload;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::query::{Classified, Relation};
+
+pub use load::{LoadError, load_dir};
+pub use reload::Rules;
+
+/// What a rule does with the statements it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Cache,
+    Bypass,
+}
+
+/// One validated rule.
+#[derive(Debug)]
+pub struct Rule {
+    pub name: String,
+    pub file: PathBuf,
+    pub line: usize,
+    pub action: Action,
+    pub ttl: Duration,
+    pub max_entry_bytes: Option<u64>,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    pub share_across_roles: bool,
+    pub allow_stable_functions: bool,
+    pub matcher: Matcher,
+}
+
+/// The conditions of a rule; all that are given must hold.
+#[derive(Debug, Default)]
+pub struct Matcher {
+    /// The statement reads only these relations (`schema.name`, or a bare name for any
+    /// schema), and at least one of them.
+    pub tables: Option<Vec<Relation>>,
+    /// The statement has this shape (pg_query fingerprint of the rule's query).
+    pub query: Option<(String, u64)>,
+    pub pattern: Option<regex::Regex>,
+    pub database: Option<String>,
+    pub user: Option<String>,
+}
+
+/// What the session needs to know to match a statement.
+pub struct Subject<'a> {
+    pub sql: &'a str,
+    pub statement: &'a Classified,
+    /// Each read relation with its schema resolved where known (through the session's
+    /// `search_path` and the catalog).
+    pub resolved_reads: &'a [Relation],
+    pub database: &'a str,
+    pub user: &'a str,
+}
+
+impl Matcher {
+    fn matches(&self, s: &Subject<'_>) -> bool {
+        if self.database.as_deref().is_some_and(|d| d != s.database)
+            || self.user.as_deref().is_some_and(|u| u != s.user)
+        {
+            return false;
+        }
+        if self.query.as_ref().is_some_and(|(_, fp)| *fp != s.statement.fingerprint) {
+            return false;
+        }
+        if self.pattern.as_ref().is_some_and(|p| !p.is_match(s.sql)) {
+            return false;
+        }
+        if let Some(tables) = &self.tables {
+            let covered = |read: &Relation| {
+                tables.iter().any(|t| t.name == read.name && (t.schema.is_none() || t.schema == read.schema))
+            };
+            if s.resolved_reads.is_empty() || !s.resolved_reads.iter().all(covered) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Rules in order, as loaded from one directory.
+#[derive(Debug, Default)]
+pub struct RuleSet {
+    pub rules: Vec<Arc<Rule>>,
+    /// Incremented on every successful load: decisions cached under another version are stale.
+    pub version: u64,
+}
+
+impl RuleSet {
+    /// The first rule matching the statement, if any.
+    pub fn decide(&self, s: &Subject<'_>) -> Option<Arc<Rule>> {
+        self.rules.iter().find(|r| r.matcher.matches(s)).cloned()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Rule>> {
+        self.rules.iter().find(|r| r.name == name)
+    }
+}
