@@ -30,20 +30,31 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener = server::bind(&config).await?;
     tracing::info!(listen = %config.listen, upstream = %config.upstream.describe(), "pgcache listening");
     let shared = server::Shared::new(config, shutdown.clone()).context("cannot start")?;
-    tokio::spawn(wait_for_signal(shutdown));
+    tokio::spawn(wait_for_signal(shutdown, shared.clone()));
     server::run(listener, shared).await;
     Ok(())
 }
 
-async fn wait_for_signal(shutdown: CancellationToken) {
+/// SIGTERM/SIGINT start a graceful shutdown; SIGHUP reloads the rules.
+async fn wait_for_signal(shutdown: CancellationToken, shared: std::sync::Arc<server::Shared>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
         tracing::error!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading rules");
+                let _ = shared.rules.reload();
+                continue;
+            }
+        }
+        shutdown.cancel();
+        return;
     }
-    shutdown.cancel();
 }

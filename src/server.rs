@@ -14,8 +14,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::{Endpoint, Pools};
+use crate::cache::{Flights, Generations, Store};
 use crate::config::Config;
 use crate::net::tls::{self, TlsError};
+use crate::query::Classifier;
+use crate::query::catalog::Catalog;
+use crate::rules::{LoadError, Rules};
 use crate::session::{self, cancel::CancelRegistry};
 
 /// What every session shares. Built once per server; nothing here is a process-wide global,
@@ -25,6 +29,12 @@ pub struct Shared {
     pub pools: Pools,
     pub cancels: Arc<CancelRegistry>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub rules: Arc<Rules>,
+    pub store: Store,
+    pub generations: Generations,
+    pub flights: Arc<Flights>,
+    pub classifier: Classifier,
+    pub catalog: Catalog,
     /// Stop accepting and drain.
     pub shutdown: CancellationToken,
     /// The drain timeout passed: close what is left.
@@ -37,6 +47,8 @@ pub enum ServerError {
     Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("invalid rules:\n{0}")]
+    Rules(#[from] LoadError),
 }
 
 impl Shared {
@@ -46,8 +58,23 @@ impl Shared {
             (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
             _ => None,
         };
+        let rules = if config.rules_explicit || config.rules.exists() {
+            Rules::load(&config.rules)?
+        } else {
+            tracing::warn!(dir = %config.rules.display(), "no rule directory: nothing will be cached");
+            Rules::empty(&config.rules)
+        };
+        let pools = Pools::new(config.pool.clone(), endpoint.clone(), config.auth.verify_interval);
+        let catalog =
+            Catalog::new(endpoint, config.upstream.clone(), pools.credentials.clone(), config.cache.catalog_ttl);
         Ok(Arc::new(Shared {
-            pools: Pools::new(config.pool.clone(), endpoint, config.auth.verify_interval),
+            pools,
+            store: Store::new(config.cache.max_bytes),
+            generations: Generations::default(),
+            flights: Arc::new(Flights::default()),
+            classifier: Classifier::default(),
+            catalog,
+            rules: Arc::new(rules),
             config: Arc::new(config),
             cancels: Arc::new(CancelRegistry::default()),
             tls,
@@ -67,6 +94,7 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
     let sessions = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(shared.config.client.max_connections));
     let upkeep = tokio::spawn(maintain(shared.clone()));
+    let watch = tokio::spawn(shared.rules.clone().watch(Duration::from_secs(1)));
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -96,16 +124,19 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
         let _ = tokio::time::timeout(Duration::from_secs(5), sessions.wait()).await;
     }
     upkeep.abort();
+    watch.abort();
     shared.pools.close().await;
     tracing::info!("shutdown complete");
 }
 
-/// Pool upkeep once a second: idle timeout, max lifetime, min idle.
+/// Upkeep once a second: pools (idle timeout, max lifetime, min idle) and the cache (entries
+/// that can never be served again are removed).
 async fn maintain(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         shared.pools.maintain().await;
+        shared.store.sweep();
     }
 }

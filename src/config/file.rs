@@ -42,6 +42,27 @@ pub struct FileConfig {
     pub client: ClientFile,
     #[serde(default)]
     pub shutdown: ShutdownFile,
+    #[serde(default)]
+    pub cache: CacheFile,
+}
+
+/// `[cache]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheFile {
+    /// Total bytes of cached results (default 256 MiB).
+    pub max_bytes: Option<u64>,
+    /// Largest single result cached, unless a rule says otherwise (default 8 MiB).
+    pub max_entry_bytes: Option<u64>,
+    /// How long a miss waits for an identical miss in flight before querying itself
+    /// (default `5s`).
+    pub single_flight_wait: Option<HumanDuration>,
+    /// Writes whose targets cannot be known (DO, CALL, volatile user functions, unparseable
+    /// SQL): `invalidate_all` (default) or `ignore` (counted and logged only).
+    pub unknown_writes: Option<String>,
+    /// How long catalog facts (function volatility, views, partitions, foreign keys) are
+    /// trusted before being looked up again (default `60s`; DDL seen by pgcache clears them).
+    pub catalog_ttl: Option<HumanDuration>,
 }
 
 /// `[auth]`

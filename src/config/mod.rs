@@ -103,18 +103,38 @@ pub struct ClientConfig {
     pub tls_required: bool,
 }
 
+/// What to do with writes whose targets cannot be known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownWrites {
+    InvalidateAll,
+    Ignore,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub max_bytes: u64,
+    pub max_entry_bytes: u64,
+    pub single_flight_wait: Duration,
+    pub unknown_writes: UnknownWrites,
+    pub catalog_ttl: Duration,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     pub upstream: Upstream,
     pub rules: PathBuf,
+    /// Whether the rule directory was named explicitly (a missing default directory only
+    /// means "no rules").
+    pub rules_explicit: bool,
     pub admin: SocketAddr,
     pub log_format: LogFormat,
     pub auth: AuthConfig,
     pub pool: PoolConfig,
     pub client: ClientConfig,
     pub drain_timeout: Duration,
+    pub cache: CacheConfig,
 }
 
 /// A configuration problem, naming the key at fault.
@@ -179,10 +199,22 @@ impl Config {
             }
         };
         let dur = |v: Option<file::HumanDuration>, d: u64| v.map_or(Duration::from_secs(d), |h| h.0);
+        let unknown_writes = match f.cache.unknown_writes.as_deref() {
+            None | Some("invalidate_all") => UnknownWrites::InvalidateAll,
+            Some("ignore") => UnknownWrites::Ignore,
+            Some(other) => {
+                return Err(invalid(
+                    "cache.unknown_writes",
+                    format!("{other:?} (expected \"invalidate_all\" or \"ignore\")"),
+                ));
+            }
+        };
+        let rules_given = cli.rules.clone().or(f.rules);
         let config = Config {
             listen: resolve("listen", &listen_s)?,
             admin: resolve("admin", &admin_s)?,
-            rules: cli.rules.clone().or(f.rules).unwrap_or_else(|| PathBuf::from("./rules")),
+            rules_explicit: rules_given.is_some(),
+            rules: rules_given.unwrap_or_else(|| PathBuf::from("./rules")),
             log_format,
             auth: AuthConfig {
                 mode: auth_mode,
@@ -212,6 +244,13 @@ impl Config {
                 tls_required: f.client.tls_required.unwrap_or(false),
             },
             drain_timeout: dur(f.shutdown.drain_timeout, 30),
+            cache: CacheConfig {
+                max_bytes: f.cache.max_bytes.unwrap_or(256 << 20),
+                max_entry_bytes: f.cache.max_entry_bytes.unwrap_or(8 << 20),
+                single_flight_wait: dur(f.cache.single_flight_wait, 5),
+                unknown_writes,
+                catalog_ttl: dur(f.cache.catalog_ttl, 60),
+            },
             upstream,
         };
         config.validate()?;
@@ -230,6 +269,12 @@ impl Config {
         }
         if self.pool.min_idle > self.pool.max_size {
             return Err(invalid("pool.min_idle", "must not exceed pool.max_size"));
+        }
+        if self.cache.max_bytes < 1 << 16 {
+            return Err(invalid("cache.max_bytes", "must be at least 65536"));
+        }
+        if self.cache.max_entry_bytes == 0 || self.cache.max_entry_bytes > self.cache.max_bytes / 2 {
+            return Err(invalid("cache.max_entry_bytes", "must be between 1 and half of cache.max_bytes"));
         }
         if self.client.max_connections == 0 {
             return Err(invalid("client.max_connections", "must be at least 1"));

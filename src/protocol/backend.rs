@@ -88,6 +88,18 @@ pub fn command_tag(body: &[u8]) -> Result<&[u8], Truncated> {
     Reader::new(body).cstr()
 }
 
+/// Reads a DataRow's values as text (for pgcache's own queries, which use the text format).
+pub fn data_row_text(body: &[u8]) -> Result<Vec<Option<String>>, Truncated> {
+    let mut r = Reader::new(body);
+    let n = r.count16()?;
+    let mut values = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = r.i32()?;
+        values.push(if len < 0 { None } else { Some(String::from_utf8_lossy(r.bytes(len as usize)?).into_owned()) });
+    }
+    Ok(values)
+}
+
 /// The fields of an ErrorResponse or NoticeResponse that pgcache looks at.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ErrorFields {

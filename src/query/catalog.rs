@@ -42,6 +42,8 @@ pub struct FunctionInfo {
 /// What pgcache knows of a relation name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RelationInfo {
+    /// The schemas holding a relation of this name (for `search_path` resolution).
+    pub schemas: Vec<String>,
     /// Qualified relations whose writes change what reading this name returns.
     pub read_deps: Vec<Relation>,
     /// Qualified relations a write to this name changes.
@@ -274,6 +276,7 @@ impl Catalog {
                 (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
             let viewdef: Option<String> = row.get(5);
             let me = Relation::new(Some(&schema), &name.name);
+            info.schemas.push(schema.clone());
             reads.insert(me.clone());
             writes.insert(me.clone());
             info.write_effects_unknown |= triggers;

@@ -130,6 +130,11 @@ impl Classified {
         }
     }
 
+    /// A statement that could not be read (e.g. not valid UTF-8): effects unknown.
+    pub fn unparseable() -> Self {
+        Classified::opaque(Kind::Unparseable, "")
+    }
+
     /// Whether the statement may change data in ways pgcache cannot attribute to relations.
     pub fn writes_unknown(&self) -> bool {
         matches!(self.kind, Kind::Opaque | Kind::Unparseable) || (self.kind == Kind::Ddl && self.writes.is_empty())

@@ -16,9 +16,16 @@
 pub mod auth;
 pub mod cancel;
 pub mod client;
+mod decide;
+pub mod effects;
 pub mod error;
+mod extended;
+pub mod flow;
+pub mod pipeline;
 pub mod queue;
 pub mod relay;
+pub mod settings;
+mod simple;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -157,9 +164,10 @@ async fn serve(shared: &Shared, client: &mut Client, startup: Startup) -> Result
     tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, "client connected");
 
     let mut track = Tracker::default();
-    let result = relay::run(shared, client, lease.conn(), &mut track).await;
+    let mut flow = flow::Flow::default();
+    let result = relay::run(shared, &key, client, lease.conn(), &mut track, &mut flow).await;
     lease.conn().status = track.status;
-    give_back(shared, lease, &track);
+    give_back(shared, lease, &track, &flow);
     let duration_ms = started.elapsed().as_millis() as u64;
     tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, duration_ms, "client disconnected");
     match result {
@@ -176,8 +184,8 @@ async fn serve(shared: &Shared, client: &mut Client, startup: Startup) -> Result
 
 /// Returns the backend to the pool if it is at rest; otherwise cancels what it runs and
 /// closes it.
-fn give_back(shared: &Shared, lease: Lease, track: &Tracker) {
-    if track.at_rest() {
+fn give_back(shared: &Shared, lease: Lease, track: &Tracker, flow: &flow::Flow) {
+    if track.at_rest() && flow.pipeline.is_empty() && flow.batch.is_empty() {
         lease.release(if track.used { Reset::Discard } else { Reset::None });
         return;
     }

@@ -1,28 +1,33 @@
 //! The relay loop: once a client has its backend, frames flow both ways as raw bytes.
 //!
 //! One task, four directions: read client, write backend, read backend, write client. Each
-//! read side is framed by header and inspected only by tag (plus the few bodies the
-//! [`Tracker`] needs), then queued for the other side as the very bytes read. Reading a side
-//! stops while the queue towards the other side is above a high-water mark, so a large result
-//! streams with bounded memory and a slow client slows the backend down instead of filling
-//! pgcache. Reading the backend never waits for the client to speak, so NOTIFY, notices and
-//! ParameterStatus reach an idle client at once.
+//! read side is framed by header; frames that need no inspection are queued for the other
+//! side as the very bytes read. Reading a side stops while the queue towards the other side is
+//! above a high-water mark, so a large result streams with bounded memory and a slow client
+//! slows the backend instead of filling pgcache. Reading the backend never waits for the client
+//! to speak, so NOTIFY, notices and ParameterStatus reach an idle client at once.
+//!
+//! Queries and extended-protocol messages go through the cache logic ([`super::simple`],
+//! [`super::extended`]); answers from the backend are routed through the
+//! [`super::pipeline`] ([`Relay::from_backend`] here).
 
 use std::collections::BTreeMap;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
-use crate::backend::Connection;
 use crate::backend::connection::{BACKEND_MAX_FRAME, ReadError};
+use crate::backend::{Connection, PoolKey};
+use crate::net::Stream;
 use crate::protocol::backend::{self as be, PgError};
-use crate::protocol::frame::frame_len;
+use crate::protocol::frame::{Frame, frame_len, take_frame};
 use crate::protocol::frontend as fe;
 use crate::protocol::sqlstate::SqlState;
 use crate::server::Shared;
 
 use super::SessionError;
 use super::client::Client;
+use super::flow::Flow;
 use super::queue::OutQueue;
 use super::state::Tracker;
 
@@ -40,89 +45,289 @@ pub enum Ending {
     Drained,
 }
 
+/// Everything the relay works on, for the life of the session.
+pub struct Relay<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) key: &'a PoolKey,
+    client_rd: ReadHalf<&'a mut Stream>,
+    client_wr: WriteHalf<&'a mut Stream>,
+    backend_rd: ReadHalf<&'a mut Stream>,
+    backend_wr: WriteHalf<&'a mut Stream>,
+    client_buf: &'a mut BytesMut,
+    backend_buf: &'a mut BytesMut,
+    pub(super) params: &'a mut BTreeMap<String, String>,
+    pub(super) to_client: OutQueue,
+    pub(super) to_backend: OutQueue,
+    pub(super) track: &'a mut Tracker,
+    pub(super) flow: &'a mut Flow,
+    upstream_said_fatal: bool,
+    max_message: usize,
+}
+
 /// Relays between `client` and `conn` until one side ends. `track` holds the backend's
 /// protocol state afterwards, which decides whether the connection can be reused.
 pub async fn run(
     shared: &Shared,
+    key: &PoolKey,
     client: &mut Client,
     conn: &mut Connection,
     track: &mut Tracker,
+    flow: &mut Flow,
 ) -> Result<Ending, SessionError> {
-    let max_message = shared.config.client.max_message_bytes;
-    let (mut client_rd, mut client_wr) = tokio::io::split(&mut client.stream);
-    let (mut backend_rd, mut backend_wr) = tokio::io::split(&mut conn.stream);
-    let (client_buf, backend_buf) = (&mut client.rbuf, &mut conn.rbuf);
-    let mut to_client = OutQueue::default();
-    let mut to_backend = OutQueue::default();
-    let mut draining = false;
-    let mut upstream_said_fatal = false;
-
-    // The client may have pipelined messages behind its startup packet.
-    let mut result = from_client(client_buf, max_message, track, &mut to_backend).transpose();
-    while result.is_none() {
-        if draining && track.at_rest() {
-            result = Some(Ok(Ending::Drained));
-            break;
-        }
-        reserve(client_buf);
-        reserve(backend_buf);
-        tokio::select! {
-            r = client_wr.write_buf(&mut to_client), if !to_client.is_empty() => {
-                let r = match r {
-                    Ok(_) if to_client.is_empty() => client_wr.flush().await,
-                    other => other.map(|_| ()),
-                };
-                if let Err(e) = r {
-                    result = Some(Err(e.into()));
-                }
-            }
-            r = backend_wr.write_buf(&mut to_backend), if !to_backend.is_empty() => {
-                if let Err(e) = r {
-                    result = Some(Err(ReadError::Io(e).into()));
-                }
-            }
-            r = client_rd.read_buf(client_buf), if to_backend.len() < HIGH_WATER => {
-                result = match r {
-                    Ok(0) => Some(Ok(Ending::ClientLeft)),
-                    Ok(_) => from_client(client_buf, max_message, track, &mut to_backend).transpose(),
-                    Err(e) => Some(Err(e.into())),
-                };
-            }
-            r = backend_rd.read_buf(backend_buf), if to_client.len() < HIGH_WATER => {
-                result = match r {
-                    Ok(0) => Some(Err(ReadError::Closed.into())),
-                    Ok(_) => from_backend(backend_buf, track, &mut conn.params, &mut to_client, &mut upstream_said_fatal)
-                        .err()
-                        .map(Err),
-                    Err(e) => Some(Err(ReadError::Io(e).into())),
-                };
-            }
-            _ = shared.shutdown.cancelled(), if !draining => draining = true,
-            _ = shared.force_close.cancelled() => result = Some(Err(SessionError::Shutdown)),
-        }
-    }
-    let result = result.expect("the loop ends with a result");
-
-    // Tell the client why it is being closed, after whatever was already on its way.
-    let mut tail = BytesMut::new();
-    match &result {
-        Ok(Ending::Drained) => {
-            PgError::fatal(SqlState::ADMIN_SHUTDOWN, "terminating connection due to administrator command")
-                .encode(&mut tail)
-        }
-        Err(SessionError::Upstream(_)) if upstream_said_fatal => {}
-        Err(e) => e.encode(&mut tail),
-        Ok(Ending::ClientLeft) => {}
-    }
-    to_client.push(tail.freeze());
-    if !matches!(result, Err(SessionError::ClientIo(_)) | Ok(Ending::ClientLeft)) {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-            client_wr.write_all_buf(&mut to_client).await?;
-            client_wr.flush().await
-        })
-        .await;
-    }
+    let (client_rd, client_wr) = tokio::io::split(&mut client.stream);
+    let (backend_rd, backend_wr) = tokio::io::split(&mut conn.stream);
+    let mut relay = Relay {
+        shared,
+        key,
+        client_rd,
+        client_wr,
+        backend_rd,
+        backend_wr,
+        client_buf: &mut client.rbuf,
+        backend_buf: &mut conn.rbuf,
+        params: &mut conn.params,
+        to_client: OutQueue::default(),
+        to_backend: OutQueue::default(),
+        track,
+        flow,
+        upstream_said_fatal: false,
+        max_message: shared.config.client.max_message_bytes,
+    };
+    let result = relay.main_loop().await;
+    relay.finish(&result).await;
     result
+}
+
+impl Relay<'_> {
+    /// Every answer owed has been given and the backend is idle outside a transaction.
+    pub(super) fn at_rest(&self) -> bool {
+        self.flow.pipeline.is_empty() && self.flow.batch.is_empty() && self.track.at_rest()
+    }
+
+    async fn main_loop(&mut self) -> Result<Ending, SessionError> {
+        let mut draining = false;
+        // The client may have pipelined messages behind its startup packet.
+        if let Some(end) = self.from_client().await? {
+            return Ok(end);
+        }
+        loop {
+            if draining && self.at_rest() {
+                return Ok(Ending::Drained);
+            }
+            reserve(self.client_buf);
+            reserve(self.backend_buf);
+            tokio::select! {
+                r = self.client_wr.write_buf(&mut self.to_client), if !self.to_client.is_empty() => {
+                    r?;
+                    if self.to_client.is_empty() {
+                        self.client_wr.flush().await?;
+                    }
+                }
+                r = self.backend_wr.write_buf(&mut self.to_backend), if !self.to_backend.is_empty() => {
+                    r.map_err(ReadError::Io)?;
+                }
+                r = self.client_rd.read_buf(self.client_buf), if self.to_backend.len() < HIGH_WATER => {
+                    if r? == 0 {
+                        return Ok(Ending::ClientLeft);
+                    }
+                    if let Some(end) = self.from_client().await? {
+                        return Ok(end);
+                    }
+                }
+                r = self.backend_rd.read_buf(self.backend_buf), if self.to_client.len() < HIGH_WATER => {
+                    if r.map_err(ReadError::Io)? == 0 {
+                        return Err(ReadError::Closed.into());
+                    }
+                    self.from_backend()?;
+                }
+                _ = self.shared.shutdown.cancelled(), if !draining => draining = true,
+                _ = self.shared.force_close.cancelled() => return Err(SessionError::Shutdown),
+            }
+        }
+    }
+
+    /// Moves data until `done` holds, without reading the client: used while a client request
+    /// waits for an answer pgcache needs first (the settings probe).
+    pub(super) async fn pump_until(&mut self, done: impl Fn(&Flow) -> bool) -> Result<(), SessionError> {
+        while !done(self.flow) {
+            reserve(self.backend_buf);
+            tokio::select! {
+                r = self.client_wr.write_buf(&mut self.to_client), if !self.to_client.is_empty() => {
+                    r?;
+                }
+                r = self.backend_wr.write_buf(&mut self.to_backend), if !self.to_backend.is_empty() => {
+                    r.map_err(ReadError::Io)?;
+                }
+                r = self.backend_rd.read_buf(self.backend_buf), if self.to_client.len() < HIGH_WATER => {
+                    if r.map_err(ReadError::Io)? == 0 {
+                        return Err(ReadError::Closed.into());
+                    }
+                    self.from_backend()?;
+                }
+                _ = self.shared.force_close.cancelled() => return Err(SessionError::Shutdown),
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the client why it is being closed, after whatever was already on its way.
+    async fn finish(&mut self, result: &Result<Ending, SessionError>) {
+        let mut tail = BytesMut::new();
+        match result {
+            Ok(Ending::Drained) => {
+                PgError::fatal(SqlState::ADMIN_SHUTDOWN, "terminating connection due to administrator command")
+                    .encode(&mut tail)
+            }
+            Err(SessionError::Upstream(_)) if self.upstream_said_fatal => {}
+            Err(e) => e.encode(&mut tail),
+            Ok(Ending::ClientLeft) => {}
+        }
+        self.to_client.push(tail.freeze());
+        if !matches!(result, Err(SessionError::ClientIo(_)) | Ok(Ending::ClientLeft)) {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                self.client_wr.write_all_buf(&mut self.to_client).await?;
+                self.client_wr.flush().await
+            })
+            .await;
+        }
+    }
+
+    /// Queues a frame for the backend and notes it.
+    pub(super) fn send(&mut self, frame: Bytes) {
+        if let Some(&tag) = frame.first() {
+            self.track.client_sent(tag);
+        }
+        self.to_backend.push(frame);
+    }
+
+    /// Handles the complete client frames at the front of the read buffer. Frames that need
+    /// no inspection pass as one chunk; queries and extended-protocol messages go to the cache
+    /// logic. Returns an ending if the client sent Terminate.
+    async fn from_client(&mut self) -> Result<Option<Ending>, SessionError> {
+        loop {
+            let run = self.plain_run()?;
+            if run > 0 {
+                if !self.flow.batch.is_empty() {
+                    self.run_batch().await?;
+                }
+                let chunk = self.client_buf.split_to(run).freeze();
+                self.to_backend.push(chunk);
+            }
+            let Some(frame) = take_frame(self.client_buf, self.max_message)? else { return Ok(None) };
+            match frame.tag() {
+                // Terminate ends the client's session, not the pooled backend's.
+                fe::TERMINATE => return Ok(Some(Ending::ClientLeft)),
+                fe::QUERY | fe::FUNCTION_CALL => {
+                    if !self.flow.batch.is_empty() {
+                        self.run_batch().await?;
+                    }
+                    if frame.tag() == fe::QUERY {
+                        self.on_query(frame).await?;
+                    } else {
+                        self.forward_request(frame, super::pipeline::Expect::Query);
+                    }
+                }
+                _ => self.on_extended(frame).await?,
+            }
+        }
+    }
+
+    /// Length of the complete frames at the front of the client buffer that pass through
+    /// uninspected (COPY data and anything unknown).
+    fn plain_run(&mut self) -> Result<usize, SessionError> {
+        let mut at = 0;
+        while let Some(len) = frame_len(&self.client_buf[at..], self.max_message)? {
+            if self.client_buf.len() - at < len {
+                break;
+            }
+            let tag = self.client_buf[at];
+            if matches!(
+                tag,
+                fe::TERMINATE
+                    | fe::QUERY
+                    | fe::FUNCTION_CALL
+                    | fe::PARSE
+                    | fe::BIND
+                    | fe::DESCRIBE
+                    | fe::EXECUTE
+                    | fe::CLOSE
+                    | fe::FLUSH
+                    | fe::SYNC
+            ) {
+                break;
+            }
+            self.track.client_sent(tag);
+            at += len;
+        }
+        Ok(at)
+    }
+
+    /// Forwards a request as the client sent it, expecting `expect` as its answer.
+    pub(super) fn forward_request(&mut self, frame: Frame, expect: super::pipeline::Expect) {
+        self.send(frame.into_raw());
+        self.flow.pipeline.items.push_back(super::pipeline::Item::Backend(super::pipeline::Forwarded::new(expect)));
+    }
+
+    /// Routes the complete backend frames at the front of the read buffer: through the
+    /// pipeline, to the client (as slices of the bytes read, in order with pgcache's own
+    /// answers) or nowhere (answers to pgcache's own requests).
+    pub(super) fn from_backend(&mut self) -> Result<(), SessionError> {
+        let mut out: Vec<Out> = Vec::new();
+        self.flow.emit_locals(self.track.status, &mut out);
+        let (mut at, mut run_start) = (0, 0);
+        let buf: &BytesMut = self.backend_buf;
+        while let Some(len) = frame_len(&buf[at..], BACKEND_MAX_FRAME).map_err(ReadError::Frame)? {
+            if buf.len() - at < len {
+                break;
+            }
+            let raw = &buf[at..at + len];
+            let (tag, body) = (raw[0], &raw[5..]);
+            self.track.backend_sent(tag, body).map_err(|_| ReadError::Malformed)?;
+            if tag == be::ERROR_RESPONSE {
+                let fields = be::error_fields(body).map_err(|_| ReadError::Malformed)?;
+                self.upstream_said_fatal |= fields.severity == "FATAL" || fields.severity == "PANIC";
+            }
+            let routed =
+                self.flow.route(self.shared, self.params, self.track.status, raw).map_err(|_| ReadError::Malformed)?;
+            if !routed.visible {
+                out.push(Out::Range(run_start, at));
+                run_start = at + len;
+            }
+            at += len;
+            if routed.completed {
+                out.push(Out::Range(run_start, at));
+                run_start = at;
+                self.flow.emit_locals(self.track.status, &mut out);
+            }
+        }
+        out.push(Out::Range(run_start, at));
+        let consumed = self.backend_buf.split_to(at).freeze();
+        for o in out {
+            match o {
+                Out::Range(a, b) if b > a => self.to_client.push(consumed.slice(a..b)),
+                Out::Range(..) => {}
+                Out::Bytes(b) => self.to_client.push(b),
+            }
+        }
+        Ok(())
+    }
+
+    /// Emits local answers now if nothing before them is pending (called after queuing them).
+    pub(super) fn flush_locals(&mut self) {
+        let mut out = Vec::new();
+        self.flow.emit_locals(self.track.status, &mut out);
+        for o in out {
+            if let Out::Bytes(b) = o {
+                self.to_client.push(b);
+            }
+        }
+    }
+}
+
+/// A piece of output, in order: a range of the backend bytes just read, or pgcache's own.
+pub(super) enum Out {
+    Range(usize, usize),
+    Bytes(Bytes),
 }
 
 /// Makes room to read into `buf` without letting it grow unboundedly.
@@ -145,73 +350,6 @@ fn reserve(buf: &mut BytesMut) {
     let mut fresh = BytesMut::with_capacity(buf.len() + want.max(READ_CHUNK));
     fresh.extend_from_slice(buf);
     *buf = fresh;
-}
-
-/// Takes the complete client frames at the front of `buf`, notes them, and queues them for
-/// the backend as one chunk. Returns an ending if the client sent Terminate.
-fn from_client(
-    buf: &mut BytesMut,
-    max_message: usize,
-    track: &mut Tracker,
-    out: &mut OutQueue,
-) -> Result<Option<Ending>, SessionError> {
-    let mut run = 0;
-    let mut ending = None;
-    while let Some(len) = frame_len(&buf[run..], max_message)? {
-        if buf.len() - run < len {
-            break;
-        }
-        let tag = buf[run];
-        if tag == fe::TERMINATE {
-            // Terminate ends the client's session, not the pooled backend's.
-            ending = Some(Ending::ClientLeft);
-            break;
-        }
-        track.client_sent(tag);
-        run += len;
-    }
-    if run > 0 {
-        out.push(buf.split_to(run).freeze());
-    }
-    if ending.is_some() {
-        buf.clear();
-    }
-    Ok(ending)
-}
-
-/// Takes the complete backend frames at the front of `buf`, notes them, and queues them for
-/// the client as one chunk.
-fn from_backend(
-    buf: &mut BytesMut,
-    track: &mut Tracker,
-    params: &mut BTreeMap<String, String>,
-    out: &mut OutQueue,
-    said_fatal: &mut bool,
-) -> Result<(), SessionError> {
-    let mut run = 0;
-    while let Some(len) = frame_len(&buf[run..], BACKEND_MAX_FRAME).map_err(ReadError::Frame)? {
-        if buf.len() - run < len {
-            break;
-        }
-        let (tag, body) = (buf[run], &buf[run + 5..run + len]);
-        track.backend_sent(tag, body).map_err(|_| ReadError::Malformed)?;
-        match tag {
-            be::PARAMETER_STATUS => {
-                let (name, value) = be::parameter_status(body).map_err(|_| ReadError::Malformed)?;
-                params.insert(name, value);
-            }
-            be::ERROR_RESPONSE => {
-                let fields = be::error_fields(body).map_err(|_| ReadError::Malformed)?;
-                *said_fatal |= fields.severity == "FATAL" || fields.severity == "PANIC";
-            }
-            _ => {}
-        }
-        run += len;
-    }
-    if run > 0 {
-        out.push(buf.split_to(run).freeze());
-    }
-    Ok(())
 }
 
 /// Encodes the messages a client expects after authentication on a pooled connection:

@@ -153,3 +153,25 @@ pub fn raise_fd_limit() {
         }
     }
 }
+
+/// A rule directory holding `files` (name, contents).
+pub fn rules_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+/// How many times Postgres executed statements whose normalized text contains `fragment`
+/// (pg_stat_statements must be installed in the database).
+pub async fn executions(admin: &tokio_postgres::Client, fragment: &str) -> i64 {
+    admin
+        .query_one(
+            "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements WHERE query LIKE '%' || $1 || '%' AND query NOT LIKE '%pg_stat_statements%'",
+            &[&fragment],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}

@@ -1,0 +1,192 @@
+//! Whether a SELECT is answered from the cache, filled into it, or just forwarded — the same
+//! decision for the simple and the extended protocol.
+//!
+//! In order: a rule must match and say `cache`; the statement must be cacheable by itself (no
+//! locks, temporary or system relations, volatile functions, stable ones unless the rule
+//! allows them); the session must be able to use the cache (no write in its transaction, no
+//! isolation above READ COMMITTED, settings known — probed if not); then the key is built and
+//! looked up. A miss joins the single flight for its key and takes a snapshot of the
+//! generations it depends on before its query is sent.
+
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::BytesMut;
+
+use crate::cache::flight::Turn;
+use crate::cache::key::KeyBuilder;
+use crate::cache::{Entry, Freshness};
+use crate::protocol::backend::TransactionStatus;
+use crate::protocol::frontend::Bind;
+use crate::query::catalog::Volatility;
+use crate::query::classify::is_time_word;
+use crate::query::{Classified, Relation};
+use crate::rules::{Action, Subject};
+
+use super::SessionError;
+use super::flow::Probe;
+use super::pipeline::{Expect, Fill, Forwarded, Item};
+use super::relay::Relay;
+use super::settings::probe_sql;
+
+/// What to do with one SELECT.
+pub(super) enum Plan {
+    /// Answer from this entry.
+    Hit(Arc<Entry>),
+    /// Forward, and keep the answer.
+    Fill(Fill),
+    /// Forward only, for this reason.
+    Forward(Cow<'static, str>),
+}
+
+/// The protocol-specific parts of a request.
+pub(super) enum Request<'a> {
+    Simple,
+    Extended { param_types: &'a [u32], bind: &'a Bind<'a> },
+}
+
+fn forward(why: impl Into<Cow<'static, str>>) -> Result<Plan, SessionError> {
+    Ok(Plan::Forward(why.into()))
+}
+
+impl Relay<'_> {
+    pub(super) async fn decide(&mut self, sql: &str, c: &Classified, req: Request<'_>) -> Result<Plan, SessionError> {
+        let shared = self.shared;
+        let rules = shared.rules.current();
+        if rules.rules.is_empty() {
+            return forward("no rules loaded");
+        }
+        if let Some(why) = c.never_cache {
+            return forward(why);
+        }
+        if let Some(why) = self.flow.taint {
+            return forward(why);
+        }
+        if self.flow.wrote {
+            return forward("the transaction has written");
+        }
+        if self.track.status == TransactionStatus::Failed {
+            return forward("the transaction has failed");
+        }
+        let database = self.key.database.as_str();
+        let infos = match shared.catalog.relations(database, &c.reads).await {
+            Ok(i) => i,
+            Err(e) => return forward(format!("catalog unavailable: {e}")),
+        };
+        if let Some(why) = infos.iter().find_map(|i| i.never_cache.clone()) {
+            return forward(why);
+        }
+        if !self.flow.settings.known() {
+            self.probe().await?;
+            if !self.flow.settings.known() {
+                return forward("session settings unknown");
+            }
+        }
+        if self.track.status == TransactionStatus::InBlock && !self.flow.settings.read_committed() {
+            return forward("isolation level above READ COMMITTED");
+        }
+        let resolved: Vec<Relation> = c
+            .reads
+            .iter()
+            .zip(&infos)
+            .map(|(r, info)| match (&r.schema, self.flow.settings.resolve(&info.schemas)) {
+                (None, Some(schema)) => Relation::new(Some(schema), &r.name),
+                _ => r.clone(),
+            })
+            .collect();
+        let subject = Subject { sql, statement: c, resolved_reads: &resolved, database, user: &self.key.user };
+        let Some(rule) = rules.decide(&subject) else { return forward("no rule matches") };
+        if rule.action == Action::Bypass {
+            return forward(format!("rule {:?} bypasses the cache", rule.name));
+        }
+        if !c.functions.is_empty() {
+            let functions = match shared.catalog.functions(database, &c.functions).await {
+                Ok(f) => f,
+                Err(e) => return forward(format!("catalog unavailable: {e}")),
+            };
+            match functions.iter().map(|f| f.volatility).max() {
+                Some(Volatility::Volatile) => return forward("calls a volatile function"),
+                Some(Volatility::Stable) if !rule.allow_stable_functions => return forward("calls a stable function"),
+                _ => {}
+            }
+        }
+        if (c.stable_builtins || infos.iter().any(|i| i.stable)) && !rule.allow_stable_functions {
+            return forward("depends on the time or the session (stable functions)");
+        }
+        let mut kb = KeyBuilder::new(match req {
+            Request::Simple => b'Q',
+            Request::Extended { .. } => b'E',
+        });
+        kb.str(database);
+        self.flow.settings.key(self.params, rule.share_across_roles, &mut kb);
+        kb.str(sql);
+        if let Request::Extended { param_types, bind } = &req {
+            if has_time_word(bind) {
+                return forward("a parameter value depends on the time ('now', 'today', ...)");
+            }
+            kb.u32s(param_types).i16s(&bind.param_formats);
+            for p in &bind.params {
+                kb.part(*p);
+            }
+            kb.i16s(&bind.result_formats);
+        }
+        let key = kb.finish();
+
+        match shared.store.get(&key) {
+            Some((entry, Freshness::Fresh)) => return Ok(Plan::Hit(entry)),
+            Some((entry, Freshness::Stale)) => {
+                self.refresh_in_background(&key, &entry, sql, &req);
+                return Ok(Plan::Hit(entry));
+            }
+            _ => {}
+        }
+        let flight = match shared.flights.join(&key, shared.config.cache.single_flight_wait).await {
+            Turn::Lead(f) => Some(f),
+            Turn::Waited { .. } => {
+                if let Some((entry, Freshness::Fresh | Freshness::Stale)) = shared.store.get(&key) {
+                    return Ok(Plan::Hit(entry));
+                }
+                None
+            }
+        };
+        let deps: BTreeSet<Relation> = infos.iter().flat_map(|i| i.read_deps.iter().cloned()).collect();
+        let deps = shared.generations.snapshot(&deps.into_iter().collect::<Vec<_>>());
+        let limit = rule.max_entry_bytes.unwrap_or(shared.config.cache.max_entry_bytes);
+        Ok(Plan::Fill(Fill::new(key, rule, deps, resolved, flight, limit)))
+    }
+
+    /// Reads the session's unreported settings with one hidden query.
+    async fn probe(&mut self) -> Result<(), SessionError> {
+        self.flow.probe = Some(Probe::Running);
+        self.flow.probe_row = None;
+        let mut q = BytesMut::new();
+        postgres_protocol::message::frontend::query(&probe_sql(), &mut q).map_err(SessionError::ClientIo)?;
+        self.send(q.freeze());
+        self.flow
+            .pipeline
+            .items
+            .push_back(Item::Backend(Forwarded { probe: true, ..Forwarded::hidden(Expect::Query) }));
+        self.pump_until(|f| f.probe != Some(Probe::Running)).await
+    }
+
+    /// Stale-while-revalidate: the entry is served, and refreshed once in the background.
+    fn refresh_in_background(&self, _key: &crate::cache::Key, entry: &Arc<Entry>, _sql: &str, _req: &Request<'_>) {
+        if entry.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+    }
+}
+
+/// Text-format parameters such as `'now'` make a result depend on the time.
+fn has_time_word(bind: &Bind<'_>) -> bool {
+    bind.params.iter().enumerate().any(|(i, p)| {
+        let format = match bind.param_formats.as_slice() {
+            [] => 0,
+            [one] => *one,
+            many => many.get(i).copied().unwrap_or(0),
+        };
+        format == 0 && p.and_then(|v| std::str::from_utf8(v).ok()).is_some_and(is_time_word)
+    })
+}

@@ -1,0 +1,155 @@
+//! What a statement invalidates, and applying it.
+//!
+//! A write to known relations bumps the generations of the relations the catalog says it
+//! changes (itself, partitions, a view's base tables, tables reached by cascading foreign
+//! keys). When that cannot be known — the catalog is unreachable, the table has user triggers
+//! or rules, the statement is `DO`/`CALL`/unparseable, or it calls a volatile user function —
+//! pgcache invalidates wider: by name in every schema, or everything, as `cache.unknown_writes`
+//! says. DDL invalidates by name and clears the catalog facts.
+
+use crate::config::UnknownWrites;
+use crate::query::catalog::CatalogError;
+use crate::query::{Classified, Kind, Relation};
+use crate::server::Shared;
+
+/// One invalidation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// These resolved relations changed.
+    Relations(Vec<Relation>),
+    /// Every relation with this name, in any schema, changed.
+    Name(String),
+    /// Something unknown changed (subject to `cache.unknown_writes`).
+    Unknown(&'static str),
+    /// Anything cached may be wrong now (DDL on functions, types, roles, privileges).
+    All,
+}
+
+/// Applies effects to the generations (before the completion reaches the client).
+pub fn apply(shared: &Shared, effects: &[Effect]) {
+    for e in effects {
+        match e {
+            Effect::Relations(r) => shared.generations.bump_relations(r),
+            Effect::Name(n) => shared.generations.bump_name(n),
+            Effect::All => shared.generations.bump_all(),
+            Effect::Unknown(why) => match shared.config.cache.unknown_writes {
+                UnknownWrites::InvalidateAll => shared.generations.bump_all(),
+                UnknownWrites::Ignore => {
+                    tracing::warn!(reason = why, "write with unknown targets; cache not invalidated")
+                }
+            },
+        }
+    }
+}
+
+/// The invalidations `c` causes in `database`. Looks up the catalog (cached, bounded wait).
+pub async fn of(shared: &Shared, database: &str, c: &Classified) -> Vec<Effect> {
+    match c.kind {
+        Kind::Write => {
+            let mut out = writes(shared, database, &c.writes).await;
+            out.extend(function_effects(shared, database, c).await);
+            out
+        }
+        Kind::Ddl => {
+            shared.catalog.invalidate(database);
+            let mut out: Vec<Effect> = c.writes.iter().map(|r| Effect::Name(r.name.clone())).collect();
+            if c.writes.is_empty() {
+                // Functions, types, roles, privileges: anything cached may depend on them.
+                out.push(Effect::All);
+            }
+            out
+        }
+        Kind::Opaque => vec![Effect::Unknown("statement with unknown effects (DO, CALL, EXECUTE)")],
+        Kind::Unparseable => vec![Effect::Unknown("statement pgcache cannot parse")],
+        Kind::Select | Kind::Neutral => function_effects(shared, database, c).await,
+        Kind::Transaction(_) | Kind::Session(_) => Vec::new(),
+    }
+}
+
+async fn writes(shared: &Shared, database: &str, targets: &[Relation]) -> Vec<Effect> {
+    match shared.catalog.relations(database, targets).await {
+        Ok(infos) => {
+            let mut out = Vec::new();
+            for (target, info) in targets.iter().zip(infos) {
+                if info.write_effects_unknown {
+                    out.push(Effect::Name(target.name.clone()));
+                    out.push(Effect::Unknown("write to a relation with triggers or rules, or unknown to the catalog"));
+                } else {
+                    out.push(Effect::Relations(info.write_targets.clone()));
+                }
+            }
+            out
+        }
+        Err(e) => unknown_after(e, targets),
+    }
+}
+
+fn unknown_after(e: CatalogError, targets: &[Relation]) -> Vec<Effect> {
+    tracing::warn!(error = %e, "catalog unavailable; invalidating wider");
+    let mut out: Vec<Effect> = targets.iter().map(|t| Effect::Name(t.name.clone())).collect();
+    out.push(Effect::Unknown("catalog unavailable"));
+    out
+}
+
+/// A volatile function outside pg_catalog may write anything.
+async fn function_effects(shared: &Shared, database: &str, c: &Classified) -> Vec<Effect> {
+    if c.functions.is_empty() {
+        return Vec::new();
+    }
+    match shared.catalog.functions(database, &c.functions).await {
+        Ok(infos) if infos.iter().any(|f| f.may_write) => vec![Effect::Unknown("volatile user function")],
+        Ok(_) => Vec::new(),
+        Err(_) => vec![Effect::Unknown("catalog unavailable for a function call")],
+    }
+}
+
+use super::relay::Relay;
+use crate::query::{SessionChange, TxControl};
+
+impl Relay<'_> {
+    /// Whether the cache is in use at all: rules are loaded, or entries remain from when they
+    /// were. (While neither holds there is nothing to serve or invalidate.)
+    pub(super) fn caching(&self) -> bool {
+        !self.shared.store.is_empty() || !self.shared.rules.current().rules.is_empty()
+    }
+
+    /// Records what a statement about to be sent does to the session (transaction, settings,
+    /// temporary objects) and returns the invalidations it causes.
+    pub(super) async fn note(&mut self, c: &Classified) -> Vec<Effect> {
+        if !self.caching() {
+            // Nothing is cached, so nothing needs invalidating; stay conservative about the
+            // session in case rules arrive mid-transaction.
+            self.flow.settings.forget();
+            self.flow.wrote = true;
+            return Vec::new();
+        }
+        match &c.kind {
+            Kind::Transaction(TxControl::Begin { plain: false } | TxControl::SetTransaction) => {
+                self.flow.settings_may_change();
+            }
+            Kind::Session(SessionChange::Setting) => self.flow.settings_may_change(),
+            Kind::Session(SessionChange::Discard) => {
+                self.flow.settings_may_change();
+                // DISCARD ALL deallocates every prepared statement, in the client's view too.
+                self.flow.statements.clear();
+                self.flow.unnamed_stale = false;
+                self.flow.virtual_portal = None;
+            }
+            Kind::Session(SessionChange::CreatesTemp) => {
+                self.flow.taint = Some("the session created temporary objects")
+            }
+            Kind::Opaque | Kind::Unparseable => self.flow.settings_may_change(),
+            _ => {}
+        }
+        let effects = of(self.shared, &self.key.database, c).await;
+        if !effects.is_empty() || matches!(c.kind, Kind::Write | Kind::Ddl) {
+            self.flow.wrote = true;
+            if effects.iter().any(|e| matches!(e, Effect::Unknown(_))) {
+                // Whatever ran may also have changed settings (set_config, SET in a function).
+                self.flow.settings_may_change();
+            }
+        }
+        self.flow.tx_effects.extend(effects.iter().cloned());
+        effects
+    }
+}

@@ -1,0 +1,476 @@
+//! The extended query protocol. Messages are collected up to their Sync (or Flush) and the
+//! batch is planned as a unit, because answers must come back in order and an error makes
+//! the backend skip to the Sync:
+//!
+//! 1. simulate the client's statements and portals through the batch, note every Execute's
+//!    writes, and decide each cacheable Execute (a single SELECT on the unnamed portal, no row
+//!    limit, no write before it in the batch);
+//! 2. a Bind whose portal is only described and executed from the cache need not reach the
+//!    backend, nor an unnamed Parse whose every Bind is like that — pgcache answers
+//!    ParseComplete/BindComplete itself and re-sends them later if the backend ever needs
+//!    that statement or portal;
+//! 3. emit: forwarded messages become pipeline items, cached answers local items; a batch
+//!    answered entirely from the cache gets its ReadyForQuery without touching the backend.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::protocol::Frame;
+use crate::protocol::backend as be;
+use crate::protocol::frame::put_frame;
+use crate::protocol::frontend::{self as fe, Bind, Execute, Named, Parse, Target};
+use crate::query::Classified;
+
+use super::SessionError;
+use super::decide::{Plan, Request};
+use super::effects::Effect;
+use super::flow::Statement;
+use super::pipeline::{Expect, Forwarded, Item};
+use super::relay::Relay;
+
+enum Msg<'f> {
+    Parse(Parse<'f>),
+    Bind(Bind<'f>),
+    Describe(Named<'f>),
+    Execute(Execute<'f>),
+    Close(Named<'f>),
+    Sync,
+    Flush,
+}
+
+fn decode(f: &Frame) -> Option<Msg<'_>> {
+    let b = f.body();
+    Some(match f.tag() {
+        fe::PARSE => Msg::Parse(fe::parse(b).ok()?),
+        fe::BIND => Msg::Bind(fe::bind(b).ok()?),
+        fe::DESCRIBE => Msg::Describe(fe::named(b).ok()?),
+        fe::EXECUTE => Msg::Execute(fe::execute(b).ok()?),
+        fe::CLOSE => Msg::Close(fe::named(b).ok()?),
+        fe::SYNC => Msg::Sync,
+        fe::FLUSH => Msg::Flush,
+        _ => return None,
+    })
+}
+
+/// What one Execute was planned to be.
+enum Exec {
+    Hit(Arc<crate::cache::Entry>),
+    Fill(usize),
+    Forward,
+}
+
+/// The plan for a batch, index-aligned with its messages.
+#[derive(Default)]
+struct BatchPlan {
+    /// Statements created by Parse messages.
+    parsed: HashMap<usize, Arc<Statement>>,
+    /// Per Execute: its plan and its writes.
+    exec: HashMap<usize, (Exec, Vec<Effect>)>,
+    /// The unnamed-portal Bind each Execute/Describe of the unnamed portal refers to.
+    bound_by: HashMap<usize, usize>,
+    virtual_parse: Vec<bool>,
+    virtual_bind: Vec<bool>,
+    /// The client's unnamed statement when the batch began.
+    unnamed_at_start: Option<Arc<Statement>>,
+}
+
+fn message(tag: u8) -> Bytes {
+    let mut b = BytesMut::with_capacity(5);
+    put_frame(&mut b, tag, &[]);
+    b.freeze()
+}
+
+impl Relay<'_> {
+    pub(super) async fn on_extended(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let tag = frame.tag();
+        self.flow.batch.push(frame);
+        if tag == fe::SYNC || tag == fe::FLUSH {
+            self.run_batch().await?;
+        }
+        Ok(())
+    }
+
+    /// Plans and sends the collected batch.
+    pub(super) async fn run_batch(&mut self) -> Result<(), SessionError> {
+        let frames = std::mem::take(&mut self.flow.batch);
+        let Some(msgs) = frames.iter().map(decode).collect::<Option<Vec<_>>>() else {
+            // A message pgcache cannot read: Postgres will report it. Send as is.
+            return self.forward_raw(frames);
+        };
+        let cacheable = frames.last().is_some_and(|f| f.tag() == fe::SYNC);
+        let plan = self.plan(&frames, &msgs, cacheable).await?;
+        self.emit(&frames, &msgs, plan);
+        self.flush_locals();
+        Ok(())
+    }
+
+    fn statement(&self, overlay: &HashMap<Vec<u8>, Option<Arc<Statement>>>, name: &[u8]) -> Option<Arc<Statement>> {
+        match overlay.get(name) {
+            Some(s) => s.clone(),
+            None => self.flow.statements.get(name).cloned(),
+        }
+    }
+
+    /// Phase 1 and 2: simulate, decide, and find what need not reach the backend.
+    async fn plan(&mut self, frames: &[Frame], msgs: &[Msg<'_>], cacheable: bool) -> Result<BatchPlan, SessionError> {
+        let mut plan = BatchPlan {
+            virtual_parse: vec![false; msgs.len()],
+            virtual_bind: vec![false; msgs.len()],
+            unnamed_at_start: self.flow.statements.get(&b""[..]).cloned(),
+            ..Default::default()
+        };
+        let mut stmts: HashMap<Vec<u8>, Option<Arc<Statement>>> = HashMap::new();
+        let mut portals: HashMap<Vec<u8>, Option<Arc<Statement>>> = HashMap::new();
+        let mut unnamed_bind: Option<usize> = None;
+        let mut unnamed_executed = false;
+        let mut write_seen = false;
+        for (i, m) in msgs.iter().enumerate() {
+            match m {
+                Msg::Parse(p) => {
+                    let classified = match std::str::from_utf8(p.sql) {
+                        Ok(sql) => self.shared.classifier.classify(sql),
+                        Err(_) => Arc::new(vec![Classified::unparseable()]),
+                    };
+                    let st = Arc::new(Statement {
+                        sql: Arc::from(String::from_utf8_lossy(p.sql).as_ref()),
+                        param_types: p.param_types.clone(),
+                        parse: frames[i].clone(),
+                        classified,
+                    });
+                    stmts.insert(p.name.to_vec(), Some(st.clone()));
+                    plan.parsed.insert(i, st);
+                }
+                Msg::Bind(b) => {
+                    portals.insert(b.portal.to_vec(), self.statement(&stmts, b.statement));
+                    if b.portal.is_empty() {
+                        unnamed_bind = Some(i);
+                        unnamed_executed = false;
+                    }
+                }
+                Msg::Close(Named { target: Target::Statement, name }) => {
+                    stmts.insert(name.to_vec(), None);
+                }
+                Msg::Close(Named { target: Target::Portal, name }) => {
+                    portals.insert(name.to_vec(), None);
+                    if name.is_empty() {
+                        unnamed_bind = None;
+                    }
+                }
+                Msg::Describe(Named { target: Target::Portal, name }) if name.is_empty() => {
+                    if let Some(bi) = unnamed_bind {
+                        plan.bound_by.insert(i, bi);
+                    }
+                }
+                Msg::Execute(e) => {
+                    let st = match portals.get(e.portal) {
+                        Some(s) => s.clone(),
+                        None => self.flow.portals.get(e.portal).cloned(),
+                    };
+                    let mut effects = Vec::new();
+                    match &st {
+                        Some(st) => {
+                            for c in st.classified.iter() {
+                                effects.extend(self.note(c).await);
+                            }
+                        }
+                        None => effects.push(Effect::Unknown("execute of a portal pgcache did not see bound")),
+                    }
+                    let mut exec = Exec::Forward;
+                    if e.portal.is_empty()
+                        && let Some(bi) = unnamed_bind
+                    {
+                        plan.bound_by.insert(i, bi);
+                        let select = st.as_ref().and_then(|s| s.select().cloned());
+                        if let (true, Some(c), Some(st), Msg::Bind(b)) = (
+                            cacheable && e.max_rows == 0 && !unnamed_executed && !write_seen && effects.is_empty(),
+                            select,
+                            &st,
+                            &msgs[bi],
+                        ) {
+                            exec = match self
+                                .decide(&st.sql, &c, Request::Extended { param_types: &st.param_types, bind: b })
+                                .await?
+                            {
+                                Plan::Hit(entry) => Exec::Hit(entry),
+                                Plan::Fill(fill) => Exec::Fill(self.flow.pipeline.add_fill(fill)),
+                                Plan::Forward(why) => {
+                                    tracing::debug!(reason = %why, "forwarded, not cached");
+                                    Exec::Forward
+                                }
+                            };
+                        }
+                        unnamed_executed = true;
+                    }
+                    write_seen |= !effects.is_empty() || st.as_ref().is_none_or(|s| s.select().is_none());
+                    plan.exec.insert(i, (exec, effects));
+                }
+                _ => {}
+            }
+        }
+        self.find_virtual(msgs, &mut plan);
+        // The client's view of its statements and portals after this batch.
+        for (name, st) in stmts {
+            match st {
+                Some(st) => self.flow.statements.insert(Bytes::from(name), st),
+                None => self.flow.statements.remove(name.as_slice()),
+            };
+        }
+        for (name, st) in portals {
+            match st {
+                Some(st) => self.flow.portals.insert(Bytes::from(name), st),
+                None => self.flow.portals.remove(name.as_slice()),
+            };
+        }
+        Ok(plan)
+    }
+
+    /// A Bind is virtual when its portal is used only by cache hits (and Describes answered
+    /// from them); an unnamed Parse is virtual when all its Binds are.
+    fn find_virtual(&mut self, msgs: &[Msg<'_>], plan: &mut BatchPlan) {
+        let mut uses: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (&i, &bi) in &plan.bound_by {
+            uses.entry(bi).or_default().push(i);
+        }
+        for (bi, used) in uses {
+            let all_hits = used.iter().all(|i| match &msgs[*i] {
+                Msg::Execute(_) => matches!(plan.exec.get(i), Some((Exec::Hit(_), _))),
+                Msg::Describe(_) => true,
+                _ => false,
+            });
+            let executes = used.iter().filter(|i| matches!(msgs[**i], Msg::Execute(_))).count();
+            plan.virtual_bind[bi] = all_hits && executes == 1;
+        }
+        // A hit whose Bind must reach the backend anyway is not served from the cache.
+        let mut demote = Vec::new();
+        for (&i, (exec, _)) in &plan.exec {
+            if matches!(exec, Exec::Hit(_)) && plan.bound_by.get(&i).is_none_or(|bi| !plan.virtual_bind[*bi]) {
+                demote.push(i);
+            }
+        }
+        for i in demote {
+            if let Some((exec, _)) = plan.exec.get_mut(&i) {
+                *exec = Exec::Forward;
+            }
+        }
+        for (pi, m) in msgs.iter().enumerate() {
+            let Msg::Parse(p) = m else { continue };
+            if !p.name.is_empty() {
+                continue;
+            }
+            let mut binds = 0;
+            let mut ok = true;
+            for (j, later) in msgs.iter().enumerate().skip(pi + 1) {
+                match later {
+                    Msg::Parse(q) if q.name.is_empty() => break,
+                    Msg::Close(Named { target: Target::Statement, name }) if name.is_empty() => {
+                        ok = false;
+                        break;
+                    }
+                    Msg::Describe(Named { target: Target::Statement, name }) if name.is_empty() => ok = false,
+                    Msg::Bind(b) if b.statement.is_empty() => {
+                        binds += 1;
+                        ok &= plan.virtual_bind[j];
+                    }
+                    _ => {}
+                }
+            }
+            plan.virtual_parse[pi] = ok && binds > 0;
+        }
+    }
+
+    /// Phase 3: sends what must reach the backend and queues every answer in order.
+    fn emit(&mut self, frames: &[Frame], msgs: &[Msg<'_>], mut plan: BatchPlan) {
+        let mut forwarded = false;
+        let mut current_unnamed = plan.unnamed_at_start.take();
+        let mut described = false;
+        for (i, m) in msgs.iter().enumerate() {
+            let frame = frames[i].clone();
+            match m {
+                Msg::Parse(p) => {
+                    if p.name.is_empty() {
+                        current_unnamed = plan.parsed.get(&i).cloned();
+                    }
+                    if plan.virtual_parse[i] {
+                        self.answer_locally(message(be::PARSE_COMPLETE));
+                        self.flow.unnamed_stale = true;
+                    } else {
+                        self.forward_request(frame, Expect::Parse);
+                        forwarded = true;
+                        if p.name.is_empty() {
+                            self.flow.unnamed_stale = false;
+                        }
+                    }
+                }
+                Msg::Bind(b) => {
+                    described = false;
+                    if plan.virtual_bind[i] {
+                        self.answer_locally(message(be::BIND_COMPLETE));
+                        self.flow.virtual_portal = Some(frame);
+                    } else {
+                        if b.statement.is_empty() {
+                            self.materialize_unnamed(current_unnamed.as_ref());
+                        }
+                        self.forward_request(frame, Expect::Bind);
+                        forwarded = true;
+                        if b.portal.is_empty() {
+                            self.flow.virtual_portal = None;
+                        }
+                    }
+                }
+                Msg::Describe(Named { target: Target::Statement, name }) => {
+                    if name.is_empty() {
+                        self.materialize_unnamed(current_unnamed.as_ref());
+                    }
+                    self.forward_request(frame, Expect::DescribeStatement);
+                    forwarded = true;
+                }
+                Msg::Describe(Named { target: Target::Portal, name }) => {
+                    described = true;
+                    let local = plan.bound_by.get(&i).is_some_and(|bi| plan.virtual_bind[*bi]);
+                    if local {
+                        // Answered from the entry of the hit this portal is bound for.
+                        let entry = plan.exec.iter().find_map(|(e, (exec, _))| match exec {
+                            Exec::Hit(entry) if plan.bound_by.get(e) == plan.bound_by.get(&i) => Some(entry.clone()),
+                            _ => None,
+                        });
+                        if let Some(entry) = entry {
+                            self.answer_locally(entry.row_description.clone());
+                            continue;
+                        }
+                    }
+                    if name.is_empty() {
+                        self.materialize_portal(current_unnamed.as_ref());
+                    }
+                    let fill = self.fill_of_next_execute(msgs, &plan, i);
+                    self.send(frame.into_raw());
+                    self.flow
+                        .pipeline
+                        .items
+                        .push_back(Item::Backend(Forwarded { fill, ..Forwarded::new(Expect::DescribePortal) }));
+                    forwarded = true;
+                }
+                Msg::Execute(e) => {
+                    let (exec, effects) = plan.exec.remove(&i).unwrap_or((Exec::Forward, Vec::new()));
+                    match exec {
+                        Exec::Hit(entry) => {
+                            entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            self.answer_locally(entry.body.clone());
+                        }
+                        Exec::Fill(id) => {
+                            if !described {
+                                // The entry needs the RowDescription for clients that will ask.
+                                let mut d = BytesMut::new();
+                                put_frame(&mut d, fe::DESCRIBE, b"P\0");
+                                self.send(d.freeze());
+                                self.flow.pipeline.items.push_back(Item::Backend(Forwarded {
+                                    fill: Some(id),
+                                    ..Forwarded::hidden(Expect::DescribePortal)
+                                }));
+                            }
+                            self.send(frame.into_raw());
+                            self.flow.pipeline.items.push_back(Item::Backend(Forwarded {
+                                fill: Some(id),
+                                effects,
+                                ..Forwarded::new(Expect::Execute)
+                            }));
+                            forwarded = true;
+                        }
+                        Exec::Forward => {
+                            if e.portal.is_empty() {
+                                self.materialize_portal(current_unnamed.as_ref());
+                            }
+                            self.send(frame.into_raw());
+                            self.flow
+                                .pipeline
+                                .items
+                                .push_back(Item::Backend(Forwarded { effects, ..Forwarded::new(Expect::Execute) }));
+                            forwarded = true;
+                        }
+                    }
+                }
+                Msg::Close(Named { target, name }) => {
+                    if name.is_empty() {
+                        match target {
+                            Target::Statement => {
+                                self.flow.unnamed_stale = false;
+                                current_unnamed = None;
+                            }
+                            Target::Portal => self.flow.virtual_portal = None,
+                        }
+                    }
+                    self.forward_request(frame, Expect::Close);
+                    forwarded = true;
+                }
+                Msg::Sync if forwarded => self.forward_request(frame, Expect::Sync),
+                Msg::Sync => self.flow.pipeline.items.push_back(Item::LocalReady),
+                Msg::Flush if forwarded => self.send(frame.into_raw()),
+                Msg::Flush => {}
+            }
+        }
+    }
+
+    /// The fill of the Execute that a Describe of the unnamed portal precedes, if any.
+    fn fill_of_next_execute(&self, msgs: &[Msg<'_>], plan: &BatchPlan, describe: usize) -> Option<usize> {
+        let bi = plan.bound_by.get(&describe)?;
+        msgs.iter().enumerate().skip(describe + 1).find_map(|(j, m)| match m {
+            Msg::Execute(_) if plan.bound_by.get(&j) == Some(bi) => match plan.exec.get(&j) {
+                Some((Exec::Fill(id), _)) => Some(*id),
+                _ => None,
+            },
+            _ => None,
+        })
+    }
+
+    /// Re-sends the client's unnamed statement if the backend does not have it.
+    fn materialize_unnamed(&mut self, current: Option<&Arc<Statement>>) {
+        if !self.flow.unnamed_stale {
+            return;
+        }
+        self.flow.unnamed_stale = false;
+        if let Some(st) = current {
+            self.send(st.parse.raw().clone());
+            self.flow.pipeline.items.push_back(Item::Backend(Forwarded::hidden(Expect::Parse)));
+        }
+    }
+
+    /// Re-creates the client's unnamed portal if only pgcache had it.
+    fn materialize_portal(&mut self, current: Option<&Arc<Statement>>) {
+        let Some(bind) = self.flow.virtual_portal.take() else { return };
+        if fe::bind(bind.body()).is_ok_and(|b| b.statement.is_empty()) {
+            self.materialize_unnamed(current);
+        }
+        self.send(bind.into_raw());
+        self.flow.pipeline.items.push_back(Item::Backend(Forwarded::hidden(Expect::Bind)));
+    }
+
+    /// Sends a batch pgcache cannot read, expecting the answers its message types get.
+    fn forward_raw(&mut self, frames: Vec<Frame>) -> Result<(), SessionError> {
+        let current = self.flow.statements.get(&b""[..]).cloned();
+        self.materialize_portal(current.as_ref());
+        self.materialize_unnamed(current.as_ref());
+        for frame in frames {
+            let expect = match frame.tag() {
+                fe::PARSE => Some(Expect::Parse),
+                fe::BIND => Some(Expect::Bind),
+                fe::DESCRIBE if frame.body().first() == Some(&b'S') => Some(Expect::DescribeStatement),
+                fe::DESCRIBE => Some(Expect::DescribePortal),
+                fe::EXECUTE => Some(Expect::Execute),
+                fe::CLOSE => Some(Expect::Close),
+                fe::SYNC => Some(Expect::Sync),
+                _ => None,
+            };
+            let mut item = expect.map(Forwarded::new);
+            if let Some(f) = item.as_mut().filter(|f| f.expect == Expect::Execute) {
+                f.effects.push(Effect::Unknown("execute in a batch pgcache could not read"));
+                self.flow.wrote = true;
+            }
+            self.send(frame.into_raw());
+            if let Some(item) = item {
+                self.flow.pipeline.items.push_back(Item::Backend(item));
+            }
+        }
+        Ok(())
+    }
+}

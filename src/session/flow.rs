@@ -1,0 +1,81 @@
+//! What a session remembers for caching between messages: its settings, its transaction's
+//! writes, the prepared statements the client created, and the answers it is owed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::protocol::Frame;
+use crate::query::Classified;
+
+use super::effects::Effect;
+use super::pipeline::Pipeline;
+use super::settings::Settings;
+
+/// A prepared statement as the client created it (Parse).
+#[derive(Debug)]
+pub struct Statement {
+    pub sql: Arc<str>,
+    pub param_types: Vec<u32>,
+    /// The Parse message, to re-send when the backend must (re)learn the statement.
+    pub parse: Frame,
+    pub classified: Arc<Vec<Classified>>,
+}
+
+impl Statement {
+    /// The statement's classification if it is a single SELECT.
+    pub fn select(&self) -> Option<&Classified> {
+        match self.classified.as_slice() {
+            [c] if c.kind == crate::query::Kind::Select => Some(c),
+            _ => None,
+        }
+    }
+}
+
+/// The state of the settings probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    Running,
+    Done,
+    Failed,
+}
+
+/// Session state the cache depends on.
+#[derive(Debug, Default)]
+pub struct Flow {
+    pub pipeline: Pipeline,
+    pub settings: Settings,
+    pub probe: Option<Probe>,
+    /// The probe's row, until its ReadyForQuery.
+    pub probe_row: Option<Vec<Option<String>>>,
+    /// A write was sent in the current (explicit or implicit) transaction.
+    pub wrote: bool,
+    /// Settings may have changed in the current transaction (a rollback would undo that).
+    pub settings_changed_in_tx: bool,
+    /// Invalidations of the current transaction, applied again when it ends.
+    pub tx_effects: Vec<Effect>,
+    /// Why this session may never use the cache (e.g. it created temporary tables).
+    pub taint: Option<&'static str>,
+    /// Prepared statements by name (the unnamed one under the empty name), as the client
+    /// sees them.
+    pub statements: HashMap<Bytes, Arc<Statement>>,
+    /// Portals by name, as the client bound them (dropped when the transaction ends).
+    pub portals: HashMap<Bytes, Arc<Statement>>,
+    /// The backend's unnamed statement is not the client's: pgcache answered the client's
+    /// Parse itself; re-send it before the backend needs it.
+    pub unnamed_stale: bool,
+    /// The client's unnamed portal exists only in pgcache (its Bind was answered from the
+    /// cache); this Bind re-creates it if the backend needs it.
+    pub virtual_portal: Option<Frame>,
+    /// Extended-protocol messages waiting for their Sync or Flush.
+    pub batch: Vec<Frame>,
+}
+
+impl Flow {
+    /// Notes a statement that changes session settings (key parts or isolation).
+    pub fn settings_may_change(&mut self) {
+        self.settings.forget();
+        self.settings_changed_in_tx = true;
+    }
+}

@@ -1,0 +1,71 @@
+//! The simple query protocol: a Query message answered from the cache, filled into it, or
+//! forwarded — with its writes noted for invalidation either way.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::protocol::Frame;
+use crate::protocol::frontend;
+use crate::query::{Classified, Kind};
+
+use super::SessionError;
+use super::decide::{Plan, Request};
+use super::pipeline::{Expect, Forwarded, Item};
+use super::relay::Relay;
+
+impl Relay<'_> {
+    pub(super) async fn on_query(&mut self, frame: Frame) -> Result<(), SessionError> {
+        if !self.caching() {
+            self.flow.settings.forget();
+            self.flow.wrote = true;
+            self.forward_request(frame, Expect::Query);
+            return Ok(());
+        }
+        // Non-UTF-8 SQL (e.g. a LATIN1 client) cannot be classified: it passes through as a
+        // statement with unknown effects.
+        let classified = match frontend::query(frame.body()).ok().and_then(|q| std::str::from_utf8(q.sql).ok()) {
+            Some(sql) => self.shared.classifier.classify(sql),
+            None => std::sync::Arc::new(vec![Classified::unparseable()]),
+        };
+        let mut effects = Vec::new();
+        for c in classified.iter() {
+            effects.extend(self.note(c).await);
+        }
+        if let [c] = classified.as_slice()
+            && c.kind == Kind::Select
+            && effects.is_empty()
+            && let Ok(q) = frontend::query(frame.body())
+            && let Ok(sql) = std::str::from_utf8(q.sql)
+        {
+            match self.decide(sql, c, Request::Simple).await? {
+                Plan::Hit(entry) => {
+                    entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let mut answer = BytesMut::with_capacity(entry.row_description.len() + entry.body.len());
+                    answer.extend_from_slice(&entry.row_description);
+                    answer.extend_from_slice(&entry.body);
+                    self.answer_locally(answer.freeze());
+                    self.flow.pipeline.items.push_back(Item::LocalReady);
+                    self.flush_locals();
+                    return Ok(());
+                }
+                Plan::Fill(fill) => {
+                    let id = self.flow.pipeline.add_fill(fill);
+                    self.send(frame.into_raw());
+                    self.flow
+                        .pipeline
+                        .items
+                        .push_back(Item::Backend(Forwarded { fill: Some(id), ..Forwarded::new(Expect::Query) }));
+                    return Ok(());
+                }
+                Plan::Forward(why) => tracing::debug!(reason = %why, "forwarded, not cached"),
+            }
+        }
+        self.send(frame.into_raw());
+        self.flow.pipeline.items.push_back(Item::Backend(Forwarded { effects, ..Forwarded::new(Expect::Query) }));
+        Ok(())
+    }
+
+    /// Queues bytes pgcache answers with itself.
+    pub(super) fn answer_locally(&mut self, bytes: Bytes) {
+        self.flow.pipeline.items.push_back(Item::Local(bytes));
+    }
+}
