@@ -63,6 +63,9 @@ pub struct CacheFile {
     /// How long catalog facts (function volatility, views, partitions, foreign keys) are
     /// trusted before being looked up again (default `60s`; DDL seen by pgcache clears them).
     pub catalog_ttl: Option<HumanDuration>,
+    /// Invalidate cached results when pgcache sees writes to the tables they read (default
+    /// `true`). `false` makes the cache TTL-only: results may be stale for up to their TTL.
+    pub invalidate_on_writes: Option<bool>,
 }
 
 /// `[auth]`

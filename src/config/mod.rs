@@ -117,6 +117,7 @@ pub struct CacheConfig {
     pub single_flight_wait: Duration,
     pub unknown_writes: UnknownWrites,
     pub catalog_ttl: Duration,
+    pub invalidate_on_writes: bool,
 }
 
 /// The validated configuration.
@@ -250,6 +251,7 @@ impl Config {
                 single_flight_wait: dur(f.cache.single_flight_wait, 5),
                 unknown_writes,
                 catalog_ttl: dur(f.cache.catalog_ttl, 60),
+                invalidate_on_writes: f.cache.invalidate_on_writes.unwrap_or(true),
             },
             upstream,
         };

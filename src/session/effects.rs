@@ -27,6 +27,9 @@ pub enum Effect {
 
 /// Applies effects to the generations (before the completion reaches the client).
 pub fn apply(shared: &Shared, effects: &[Effect]) {
+    if !shared.config.cache.invalidate_on_writes {
+        return;
+    }
     for e in effects {
         match e {
             Effect::Relations(r) => shared.generations.bump_relations(r),
@@ -60,6 +63,8 @@ pub async fn of(shared: &Shared, database: &str, c: &Classified) -> Vec<Effect> 
             out
         }
         Kind::Opaque => vec![Effect::Unknown("statement with unknown effects (DO, CALL, EXECUTE)")],
+        // COMMIT PREPARED makes visible writes pgcache may never have seen.
+        Kind::Transaction(crate::query::TxControl::TwoPhase) => vec![Effect::Unknown("two-phase commit")],
         Kind::Unparseable => vec![Effect::Unknown("statement pgcache cannot parse")],
         Kind::Select | Kind::Neutral => function_effects(shared, database, c).await,
         Kind::Transaction(_) | Kind::Session(_) => Vec::new(),
@@ -127,6 +132,9 @@ impl Relay<'_> {
             Kind::Transaction(TxControl::Begin { plain: false } | TxControl::SetTransaction) => {
                 self.flow.settings_may_change();
             }
+            // What the transaction wrote is undone: its invalidations are not needed (the
+            // entries filled before it stay valid). Statements after the ROLLBACK start anew.
+            Kind::Transaction(TxControl::Rollback) => self.flow.tx_effects.clear(),
             Kind::Session(SessionChange::Setting) => self.flow.settings_may_change(),
             Kind::Session(SessionChange::Discard) => {
                 self.flow.settings_may_change();

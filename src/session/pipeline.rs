@@ -320,7 +320,11 @@ impl Flow {
                 done(false)
             }
             be::COMMAND_COMPLETE => {
-                if let Some(Item::Backend(head)) = self.pipeline.items.front() {
+                // Outside a transaction block the statement has committed now. Inside one, its
+                // invalidations wait for the transaction to end (a rollback discards them).
+                if status == TransactionStatus::Idle
+                    && let Some(Item::Backend(head)) = self.pipeline.items.front()
+                {
                     effects::apply(shared, &head.effects);
                 }
                 if let Some(id) = fill
@@ -360,7 +364,9 @@ impl Flow {
                 done(false)
             }
             be::READY_FOR_QUERY => {
-                if let Some(Item::Backend(head)) = self.pipeline.items.pop_front() {
+                if let Some(Item::Backend(head)) = self.pipeline.items.pop_front()
+                    && status == TransactionStatus::Idle
+                {
                     effects::apply(shared, &head.effects);
                 }
                 if probe {
@@ -385,8 +391,9 @@ impl Flow {
         }
     }
 
-    /// The transaction (explicit or implicit) ended: its writes are invalidated once more, now
-    /// that they are committed (or rolled back), and settings it changed may have reverted.
+    /// The transaction (explicit or implicit) ended: its writes are invalidated, now that they
+    /// are committed (a ROLLBACK cleared them when it was sent), and settings it changed may
+    /// have reverted.
     fn end_transaction(&mut self, shared: &Shared) {
         let effects = std::mem::take(&mut self.tx_effects);
         effects::apply(shared, &effects);

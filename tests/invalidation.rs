@@ -1,0 +1,216 @@
+//! Invalidation: after a write through pgcache completes (or its transaction commits), no
+//! client reads the old rows from the cache — through every kind of write, in the same session
+//! and in a new one. Each check also proves the read before the write was a cache hit.
+
+mod common;
+
+use common::{PgCluster, Proxy, executions, rules_dir};
+use tokio_postgres::Client;
+
+const RULES: &str = r#"
+[[rule]]
+name = "all-app-tables"
+match = { pattern = "(?i)\\bfrom\\b" }
+ttl = "10m"
+"#;
+
+const SCHEMA: &str = "
+CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+CREATE TABLE t (id int PRIMARY KEY, v text);
+INSERT INTO t VALUES (1, 'one');
+CREATE SCHEMA a; CREATE SCHEMA b;
+CREATE TABLE a.same (v text); INSERT INTO a.same VALUES ('a1');
+CREATE TABLE b.same (v text); INSERT INTO b.same VALUES ('b1');
+CREATE VIEW t_view AS SELECT v FROM t WHERE id = 1;
+CREATE TABLE parent (id int PRIMARY KEY);
+CREATE TABLE child (id int, parent_id int REFERENCES parent ON DELETE CASCADE);
+INSERT INTO parent VALUES (1); INSERT INTO child VALUES (10, 1);
+CREATE TABLE audit (n int);
+CREATE TABLE audited (v text);
+CREATE FUNCTION log_it() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INTO audit VALUES (1); RETURN NEW; END $$;
+CREATE TRIGGER audited_log AFTER INSERT ON audited FOR EACH ROW EXECUTE FUNCTION log_it();
+CREATE TABLE measurements (day int, v int) PARTITION BY RANGE (day);
+CREATE TABLE measurements_1 PARTITION OF measurements FOR VALUES FROM (0) TO (100);
+INSERT INTO measurements VALUES (1, 1);
+";
+
+struct Env {
+    proxy: Proxy,
+    db: String,
+    user: String,
+    admin: Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn env() -> Env {
+    let cluster = PgCluster::shared();
+    let db = cluster.create_db("inval").await;
+    let admin = cluster.admin(&db).await;
+    admin.batch_execute(SCHEMA).await.unwrap();
+    let dir = rules_dir(&[("rules.toml", RULES)]);
+    let mut config = Proxy::config(cluster);
+    config.rules = dir.path().to_owned();
+    config.rules_explicit = true;
+    Env { proxy: Proxy::start(config).await, db, user: cluster.superuser(), admin, _dir: dir }
+}
+
+impl Env {
+    async fn client(&self) -> Client {
+        self.proxy.connect(&self.db, &self.user).await
+    }
+
+    /// Reads `sql` twice through `c`, asserting the second read was a hit; returns the value.
+    async fn cached(&self, c: &Client, sql: &str) -> String {
+        let first = text(c, sql).await;
+        let before = executions(&self.admin, &shape(sql)).await;
+        assert_eq!(text(c, sql).await, first);
+        assert_eq!(executions(&self.admin, &shape(sql)).await, before, "second read of {sql:?} was not a hit");
+        first
+    }
+}
+
+/// A fragment of the normalized text pg_stat_statements records for `sql`.
+fn shape(sql: &str) -> String {
+    sql.split(" WHERE").next().unwrap_or(sql).to_owned()
+}
+
+async fn text(c: &Client, sql: &str) -> String {
+    let mut out = Vec::new();
+    for m in c.simple_query(sql).await.unwrap() {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            out.push((0..r.len()).map(|i| r.get(i).unwrap_or("NULL").to_owned()).collect::<Vec<_>>().join(","));
+        }
+    }
+    out.join(";")
+}
+
+/// Fills `read`, runs `write` (simple protocol), and checks the same session and a new one
+/// see `expected` at once.
+async fn check(e: &Env, read: &str, write: &str, expected: &str) {
+    let c = e.client().await;
+    let before = e.cached(&c, read).await;
+    assert_ne!(before, expected, "the write must change {read:?}");
+    c.batch_execute(write).await.unwrap_or_else(|err| panic!("{write}: {err}"));
+    assert_eq!(text(&c, read).await, expected, "same session after {write:?}");
+    assert_eq!(text(&e.client().await, read).await, expected, "new session after {write:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_write_invalidates() {
+    let e = env().await;
+    let read = "SELECT count(*), string_agg(v, ',' ORDER BY id) FROM t";
+    check(&e, read, "INSERT INTO t VALUES (2, 'two')", "2,one,two").await;
+    check(&e, read, "UPDATE t SET v = 'uno' WHERE id = 1", "2,uno,two").await;
+    check(&e, read, "DELETE FROM t WHERE id = 2", "1,uno").await;
+    check(
+        &e,
+        read,
+        "MERGE INTO t USING (VALUES (3, 'three')) s(id, v) ON t.id = s.id WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.v)",
+        "2,uno,three",
+    )
+    .await;
+    check(&e, read, "WITH gone AS (DELETE FROM t WHERE id = 3 RETURNING *) SELECT count(*) FROM gone", "1,uno").await;
+    check(&e, read, "SELECT 1; UPDATE t SET v = 'one' WHERE id = 1; SELECT 2", "1,one").await;
+    check(&e, read, "BEGIN; INSERT INTO t VALUES (4, 'four'); COMMIT", "2,one,four").await;
+    check(&e, read, "TRUNCATE t", "0,NULL").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_from_and_extended_protocol_writes_invalidate() {
+    let e = env().await;
+    let read = "SELECT count(*) FROM t";
+    let c = e.client().await;
+    assert_eq!(e.cached(&c, read).await, "1");
+    let sink = c.copy_in("COPY t FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    use futures_util::SinkExt;
+    sink.send(bytes::Bytes::from_static(b"5\tfive\n6\tsix\n")).await.unwrap();
+    sink.finish().await.unwrap();
+    assert_eq!(text(&c, read).await, "3");
+    assert_eq!(e.cached(&c, read).await, "3");
+    c.execute("INSERT INTO t VALUES ($1, $2)", &[&7i32, &"seven"]).await.unwrap();
+    assert_eq!(text(&e.client().await, read).await, "4");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_invalidate_on_commit_and_rollback_keeps_entries() {
+    let e = env().await;
+    let read = "SELECT v FROM t WHERE id = 1";
+    let c = e.client().await;
+    let other = e.client().await;
+    assert_eq!(e.cached(&c, read).await, "one");
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("UPDATE t SET v = 'changed' WHERE id = 1").await.unwrap();
+    // The writer sees its own write (not the cache); others still see the committed row.
+    assert_eq!(text(&c, read).await, "changed");
+    assert_eq!(text(&other, read).await, "one");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    let before = executions(&e.admin, "SELECT v FROM t").await;
+    assert_eq!(text(&other, read).await, "one");
+    assert_eq!(executions(&e.admin, "SELECT v FROM t").await, before, "after ROLLBACK the entry is still valid");
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("UPDATE t SET v = 'committed' WHERE id = 1").await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(text(&other, read).await, "committed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_views_and_new_tables_invalidate() {
+    let e = env().await;
+    check(&e, "SELECT * FROM t WHERE id = 1", "ALTER TABLE t ADD COLUMN extra int DEFAULT 7", "1,one,7").await;
+    check(&e, "SELECT v FROM t_view", "UPDATE t SET v = 'via view' WHERE id = 1", "via view").await;
+    // A table created after pgcache started.
+    e.admin.batch_execute("CREATE TABLE later (v int); INSERT INTO later VALUES (1)").await.unwrap();
+    check(&e, "SELECT sum(v) FROM later", "INSERT INTO later VALUES (41)", "42").await;
+    check(
+        &e,
+        "SELECT sum(v) FROM later",
+        "DROP TABLE later; CREATE TABLE later (v int); INSERT INTO later VALUES (5)",
+        "5",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemas_are_told_apart_and_qualified_names_work() {
+    let e = env().await;
+    let c = e.client().await;
+    assert_eq!(e.cached(&c, "SELECT v FROM a.same").await, "a1");
+    assert_eq!(e.cached(&c, "SELECT v FROM b.same").await, "b1");
+    c.batch_execute("UPDATE a.same SET v = 'a2'").await.unwrap();
+    assert_eq!(text(&c, "SELECT v FROM a.same").await, "a2");
+    let before = executions(&e.admin, "SELECT v FROM b.same").await;
+    assert_eq!(text(&c, "SELECT v FROM b.same").await, "b1");
+    assert_eq!(
+        executions(&e.admin, "SELECT v FROM b.same").await,
+        before,
+        "b.same was not invalidated by a write to a.same"
+    );
+    // Unqualified names resolve through search_path, for reads and writes.
+    c.batch_execute("SET search_path = b, public").await.unwrap();
+    assert_eq!(e.cached(&c, "SELECT v FROM same").await, "b1");
+    c.batch_execute("UPDATE same SET v = 'b2'").await.unwrap();
+    assert_eq!(text(&c, "SELECT v FROM same").await, "b2");
+    assert_eq!(text(&e.client().await, "SELECT v FROM b.same").await, "b2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cascades_triggers_and_partitions_invalidate() {
+    let e = env().await;
+    check(&e, "SELECT count(*) FROM child", "DELETE FROM parent WHERE id = 1", "0").await;
+    check(&e, "SELECT count(*) FROM audit", "INSERT INTO audited VALUES ('x')", "1").await;
+    check(&e, "SELECT sum(v) FROM measurements_1", "INSERT INTO measurements VALUES (2, 10)", "11").await;
+    check(&e, "SELECT sum(v) FROM measurements", "INSERT INTO measurements_1 VALUES (3, 100)", "111").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_writes_invalidate_everything() {
+    let e = env().await;
+    let read = "SELECT v FROM t WHERE id = 1";
+    check(&e, read, "DO $$ BEGIN UPDATE t SET v = 'by do' WHERE id = 1; END $$", "by do").await;
+    e.admin
+        .batch_execute("CREATE FUNCTION sneaky() RETURNS int LANGUAGE sql AS $$ UPDATE t SET v = 'sneaky' WHERE id = 1 RETURNING 1 $$")
+        .await
+        .unwrap();
+    check(&e, read, "SELECT sneaky()", "sneaky").await;
+}
