@@ -5,11 +5,14 @@ use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use pgcache::config::{Cli, Config, LogFormat};
+use pgcache::config::{Cli, Command, Config, LogFormat};
 use pgcache::server;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::CheckRules { dir }) = &cli.command {
+        return check_rules(dir);
+    }
     let config = Config::load(&cli)?;
     init_logging(config.log_format);
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(config))
@@ -56,5 +59,22 @@ async fn wait_for_signal(shutdown: CancellationToken, shared: std::sync::Arc<ser
         }
         shutdown.cancel();
         return;
+    }
+}
+
+/// `pgcache check-rules DIR`: the rules as they would be loaded, or every error.
+fn check_rules(dir: &std::path::Path) -> anyhow::Result<()> {
+    match pgcache::rules::load_dir(dir, 1) {
+        Ok(set) => {
+            println!("{}: {} rule(s), first match wins:", dir.display(), set.rules.len());
+            for r in &set.rules {
+                println!("  {}", pgcache::rules::describe(r));
+            }
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
     }
 }

@@ -264,6 +264,26 @@ impl Connection {
         }
     }
 
+    /// Sends pgcache's own request (ending in Sync or a Query) and returns every frame of the
+    /// answer up to and including ReadyForQuery.
+    pub async fn exchange(&mut self, request: &[u8]) -> Result<Vec<Frame>, ReadError> {
+        self.stream.write_all(request).await?;
+        let mut frames = Vec::new();
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag() {
+                be::PARAMETER_STATUS => self.note_parameter(f.body()),
+                be::READY_FOR_QUERY => {
+                    self.status = be::ready_status(f.body()).map_err(|_| ReadError::Malformed)?;
+                    frames.push(f);
+                    return Ok(frames);
+                }
+                _ => {}
+            }
+            frames.push(f);
+        }
+    }
+
     /// Records a ParameterStatus body.
     pub fn note_parameter(&mut self, body: &[u8]) {
         if let Ok((name, value)) = be::parameter_status(body) {

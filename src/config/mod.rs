@@ -51,6 +51,12 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy (the default).
     Run,
+    /// Validate the rule files in DIR, print the rules in the order they apply, and exit
+    /// non-zero if any is invalid.
+    CheckRules {
+        /// Rule directory
+        dir: PathBuf,
+    },
 }
 
 /// How clients prove who they are.

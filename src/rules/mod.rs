@@ -107,3 +107,46 @@ impl RuleSet {
         self.rules.iter().find(|r| r.name == name)
     }
 }
+
+/// One line describing a rule: where it is, what it matches, what it does.
+pub fn describe(r: &Rule) -> String {
+    let mut m = Vec::new();
+    if let Some(t) = &r.matcher.tables {
+        m.push(format!("tables={}", t.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")));
+    }
+    if let Some((q, _)) = &r.matcher.query {
+        m.push(format!("query={q:?}"));
+    }
+    if let Some(p) = &r.matcher.pattern {
+        m.push(format!("pattern={:?}", p.as_str()));
+    }
+    if let Some(d) = &r.matcher.database {
+        m.push(format!("database={d}"));
+    }
+    if let Some(u) = &r.matcher.user {
+        m.push(format!("user={u}"));
+    }
+    let action = match r.action {
+        Action::Bypass => "bypass".to_owned(),
+        Action::Cache => {
+            let mut a = format!("cache ttl={}", humantime::format_duration(r.ttl));
+            if !r.stale_while_revalidate.is_zero() {
+                a += &format!(" stale_while_revalidate={}", humantime::format_duration(r.stale_while_revalidate));
+            }
+            if !r.stale_if_error.is_zero() {
+                a += &format!(" stale_if_error={}", humantime::format_duration(r.stale_if_error));
+            }
+            if let Some(b) = r.max_entry_bytes {
+                a += &format!(" max_entry_bytes={b}");
+            }
+            if r.share_across_roles {
+                a += " share_across_roles";
+            }
+            if r.allow_stable_functions {
+                a += " allow_stable_functions";
+            }
+            a
+        }
+    };
+    format!("{} ({}:{}): {} -> {}", r.name, r.file.display(), r.line, m.join(" "), action)
+}

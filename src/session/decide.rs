@@ -13,11 +13,11 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use crate::cache::flight::Turn;
 use crate::cache::key::KeyBuilder;
-use crate::cache::{Entry, Freshness};
+use crate::cache::{Entry, Freshness, Key};
 use crate::protocol::backend::TransactionStatus;
 use crate::protocol::frontend::Bind;
 use crate::query::catalog::Volatility;
@@ -28,6 +28,7 @@ use crate::rules::{Action, Subject};
 use super::SessionError;
 use super::flow::Probe;
 use super::pipeline::{Expect, Fill, Forwarded, Item};
+use super::refresh;
 use super::relay::Relay;
 use super::settings::probe_sql;
 
@@ -137,7 +138,8 @@ impl Relay<'_> {
         match shared.store.get(&key) {
             Some((entry, Freshness::Fresh)) => return Ok(Plan::Hit(entry)),
             Some((entry, Freshness::Stale)) => {
-                self.refresh_in_background(&key, &entry, sql, &req);
+                let deps: BTreeSet<Relation> = infos.iter().flat_map(|i| i.read_deps.iter().cloned()).collect();
+                self.refresh_in_background(&key, &entry, sql, &req, deps.into_iter().collect());
                 return Ok(Plan::Hit(entry));
             }
             _ => {}
@@ -171,11 +173,35 @@ impl Relay<'_> {
         self.pump_until(|f| f.probe != Some(Probe::Running)).await
     }
 
-    /// Stale-while-revalidate: the entry is served, and refreshed once in the background.
-    fn refresh_in_background(&self, _key: &crate::cache::Key, entry: &Arc<Entry>, _sql: &str, _req: &Request<'_>) {
+    /// Stale-while-revalidate: the entry is served, and refreshed once in the background
+    /// (unless a refresh is already running, or the session's settings cannot be reproduced).
+    fn refresh_in_background(&self, key: &Key, entry: &Arc<Entry>, sql: &str, req: &Request<'_>, deps: Vec<Relation>) {
+        let Some(settings) = self.flow.settings.replay(self.params, &self.key.user) else { return };
         if entry.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
+        let request = match req {
+            Request::Simple => refresh::Request::Simple { sql: sql.to_owned() },
+            Request::Extended { param_types, bind } => refresh::Request::Extended {
+                sql: sql.to_owned(),
+                param_types: param_types.to_vec(),
+                param_formats: bind.param_formats.clone(),
+                params: bind.params.iter().map(|p| p.map(Bytes::copy_from_slice)).collect(),
+                result_formats: bind.result_formats.clone(),
+            },
+        };
+        refresh::spawn(
+            self.shared.clone(),
+            refresh::Refresh {
+                key: key.clone(),
+                stale: entry.clone(),
+                pool: self.key.clone(),
+                startup: self.startup.clone(),
+                settings,
+                request,
+                deps,
+            },
+        );
     }
 }
 

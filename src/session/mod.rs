@@ -23,6 +23,7 @@ mod extended;
 pub mod flow;
 pub mod pipeline;
 pub mod queue;
+pub mod refresh;
 pub mod relay;
 pub mod settings;
 mod simple;
@@ -145,7 +146,7 @@ fn backend_startup(shared: &Shared, startup: &Startup) -> Result<(PoolKey, Start
     Ok((PoolKey { database, user }, Arc::new(params), unsupported))
 }
 
-async fn serve(shared: &Shared, client: &mut Client, startup: Startup) -> Result<(), SessionError> {
+async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: Startup) -> Result<(), SessionError> {
     let started = Instant::now();
     let (key, params, unsupported) = backend_startup(shared, &startup)?;
     if startup.minor > 0 || !unsupported.is_empty() {
@@ -165,7 +166,7 @@ async fn serve(shared: &Shared, client: &mut Client, startup: Startup) -> Result
 
     let mut track = Tracker::default();
     let mut flow = flow::Flow::default();
-    let result = relay::run(shared, &key, client, lease.conn(), &mut track, &mut flow).await;
+    let result = relay::run(shared, &key, &params, client, lease.conn(), &mut track, &mut flow).await;
     lease.conn().status = track.status;
     give_back(shared, lease, &track, &flow);
     let duration_ms = started.elapsed().as_millis() as u64;

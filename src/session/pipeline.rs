@@ -129,7 +129,19 @@ impl Fill {
         self.body.extend_from_slice(frame);
     }
 
-    pub fn into_entry(self) -> Option<(Key, Entry)> {
+    /// Stores the result (unless aborted, too large, or raced by a write); only then are the
+    /// sessions waiting on this key's flight woken, so they find the entry.
+    pub fn finish(mut self, store: &crate::cache::Store) -> bool {
+        let flight = self.flight.take();
+        let stored = match self.into_entry() {
+            Some((key, entry)) => store.insert(key, entry),
+            None => false,
+        };
+        drop(flight);
+        stored
+    }
+
+    fn into_entry(self) -> Option<(Key, Entry)> {
         if self.aborted {
             return None;
         }
@@ -331,9 +343,7 @@ impl Flow {
                     && let Some(mut f) = self.pipeline.take_fill(id)
                 {
                     f.add_body(raw);
-                    if let Some((key, entry)) = f.into_entry() {
-                        shared.store.insert(key, entry);
-                    }
+                    f.finish(&shared.store);
                 }
                 if expect == Expect::Execute {
                     self.pipeline.items.pop_front();

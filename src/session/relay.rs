@@ -12,11 +12,12 @@
 //! [`super::pipeline`] ([`Relay::from_backend`] here).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
-use crate::backend::connection::{BACKEND_MAX_FRAME, ReadError};
+use crate::backend::connection::{BACKEND_MAX_FRAME, ReadError, StartupParams};
 use crate::backend::{Connection, PoolKey};
 use crate::net::Stream;
 use crate::protocol::backend::{self as be, PgError};
@@ -47,8 +48,9 @@ pub enum Ending {
 
 /// Everything the relay works on, for the life of the session.
 pub struct Relay<'a> {
-    pub(super) shared: &'a Shared,
+    pub(super) shared: &'a Arc<Shared>,
     pub(super) key: &'a PoolKey,
+    pub(super) startup: &'a StartupParams,
     client_rd: ReadHalf<&'a mut Stream>,
     client_wr: WriteHalf<&'a mut Stream>,
     backend_rd: ReadHalf<&'a mut Stream>,
@@ -67,8 +69,9 @@ pub struct Relay<'a> {
 /// Relays between `client` and `conn` until one side ends. `track` holds the backend's
 /// protocol state afterwards, which decides whether the connection can be reused.
 pub async fn run(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     key: &PoolKey,
+    startup: &StartupParams,
     client: &mut Client,
     conn: &mut Connection,
     track: &mut Tracker,
@@ -79,6 +82,7 @@ pub async fn run(
     let mut relay = Relay {
         shared,
         key,
+        startup,
         client_rd,
         client_wr,
         backend_rd,

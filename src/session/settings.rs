@@ -115,6 +115,30 @@ impl Settings {
         }
     }
 
+    /// The settings to apply on another connection (started like this session's, as
+    /// `login_user`) so it computes the same results: `(name, value)` pairs for `set_config`.
+    /// `None` when that cannot be reproduced (a different session authorization).
+    pub fn replay(&self, reported: &BTreeMap<String, String>, login_user: &str) -> Option<Vec<(String, String)>> {
+        let probed = self.probed.as_ref()?;
+        if reported.get("session_authorization").is_some_and(|a| a != login_user) {
+            return None;
+        }
+        let mut out = Vec::new();
+        for name in ["TimeZone", "DateStyle", "IntervalStyle", "client_encoding", "standard_conforming_strings"] {
+            if let Some(v) = reported.get(name) {
+                out.push((name.to_owned(), v.clone()));
+            }
+        }
+        for (name, value) in PROBED.iter().zip(probed) {
+            match *name {
+                "current_user" if value != login_user => out.push(("role".to_owned(), value.clone())),
+                "current_user" | "transaction_isolation" | "default_transaction_isolation" => {}
+                _ => out.push(((*name).to_owned(), value.clone())),
+            }
+        }
+        Some(out)
+    }
+
     /// Resolves an unqualified relation to the first schema of the search path holding it
     /// (`pg_temp` and `pg_catalog` first unless listed, as Postgres does).
     pub fn resolve<'a>(&self, candidates: &'a [String]) -> Option<&'a str> {

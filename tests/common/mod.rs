@@ -163,12 +163,14 @@ pub fn rules_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
-/// How many times Postgres executed statements whose normalized text contains `fragment`
-/// (pg_stat_statements must be installed in the database).
+/// How many times Postgres executed, in the admin client's database, statements whose
+/// normalized text contains `fragment` (pg_stat_statements must be installed there).
 pub async fn executions(admin: &tokio_postgres::Client, fragment: &str) -> i64 {
     admin
         .query_one(
-            "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements WHERE query LIKE '%' || $1 || '%' AND query NOT LIKE '%pg_stat_statements%'",
+            "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements \
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+               AND query LIKE '%' || $1 || '%' AND query NOT LIKE '%pg_stat_statements%'",
             &[&fragment],
         )
         .await

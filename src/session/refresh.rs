@@ -1,0 +1,183 @@
+//! Stale-while-revalidate: an entry past its TTL but within its rule's
+//! `stale_while_revalidate` window is served, and refreshed once in the background on a
+//! pooled connection of its own — started like the session's, with the session's key settings
+//! (search_path, TimeZone, role, ...) applied with `set_config` — by replaying the exact
+//! request. The new entry records the generations as they were before the refresh was sent,
+//! so a write that lands meanwhile still kills it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use tokio::time::Instant;
+
+use crate::backend::connection::StartupParams;
+use crate::backend::credentials::Known;
+use crate::backend::{PoolKey, Reset};
+use crate::cache::{Entry, Key};
+use crate::config::{AuthMode, Password};
+use crate::protocol::backend as be;
+use crate::protocol::frame::put_frame;
+use crate::protocol::frontend as fe;
+use crate::query::Relation;
+use crate::server::Shared;
+
+/// The request to replay.
+#[derive(Debug, Clone)]
+pub enum Request {
+    Simple {
+        sql: String,
+    },
+    Extended {
+        sql: String,
+        param_types: Vec<u32>,
+        param_formats: Vec<i16>,
+        params: Vec<Option<Bytes>>,
+        result_formats: Vec<i16>,
+    },
+}
+
+/// Everything needed to recompute one entry away from its session.
+#[derive(Debug)]
+pub struct Refresh {
+    pub key: Key,
+    pub stale: Arc<Entry>,
+    pub pool: PoolKey,
+    pub startup: StartupParams,
+    pub settings: Vec<(String, String)>,
+    pub request: Request,
+    pub deps: Vec<Relation>,
+}
+
+/// The password pgcache uses to open pooled connections for `key`.
+pub fn pooled_password(shared: &Shared, key: &PoolKey) -> Option<Password> {
+    if shared.config.auth.mode == AuthMode::Trust {
+        let up = &shared.config.upstream;
+        return if key.user == up.user { up.password.clone() } else { None };
+    }
+    match shared.pools.credentials.last(key) {
+        Some(Known::Password(p)) => Some(p),
+        _ => None,
+    }
+}
+
+/// Starts the refresh; the entry's `refreshing` flag (already set) is cleared when it ends.
+pub fn spawn(shared: Arc<Shared>, r: Refresh) {
+    tokio::spawn(async move {
+        if let Err(e) = run(&shared, &r).await {
+            tracing::debug!(error = %e, "background refresh failed; the entry will expire");
+        }
+        r.stale.refreshing.store(false, Ordering::Release);
+    });
+}
+
+async fn run(shared: &Shared, r: &Refresh) -> Result<(), String> {
+    let pool = shared.pools.get(&r.pool);
+    let password = pooled_password(shared, &r.pool);
+    let mut lease = pool.acquire(&r.startup, password.as_ref(), false).await.map_err(|e| e.to_string())?;
+    let result = async {
+        let conn = lease.conn();
+        if !r.settings.is_empty() {
+            let answer = conn.exchange(&set_config(&r.settings)).await.map_err(|e| e.to_string())?;
+            if let Some(e) = answer.iter().find(|f| f.tag() == be::ERROR_RESPONSE) {
+                return Err(be::error_fields(e.body()).map(|f| f.to_string()).unwrap_or_default());
+            }
+        }
+        let deps = shared.generations.snapshot(&r.deps);
+        let answer = conn.exchange(&encode(&r.request)).await.map_err(|e| e.to_string())?;
+        let mut entry = Entry {
+            rule: r.stale.rule.clone(),
+            row_description: Bytes::new(),
+            body: Bytes::new(),
+            rows: 0,
+            created: Instant::now(),
+            deps,
+            tables: r.stale.tables.clone(),
+            refreshing: AtomicBool::new(false),
+            hits: AtomicU64::new(0),
+        };
+        let mut body = BytesMut::new();
+        for f in &answer {
+            match f.tag() {
+                be::ROW_DESCRIPTION | be::NO_DATA => entry.row_description = f.raw().clone(),
+                be::DATA_ROW => {
+                    entry.rows += 1;
+                    body.extend_from_slice(f.raw());
+                }
+                be::COMMAND_COMPLETE => body.extend_from_slice(f.raw()),
+                be::ERROR_RESPONSE | be::NOTICE_RESPONSE => return Err("the query no longer runs cleanly".into()),
+                _ => {}
+            }
+        }
+        entry.body = body.freeze();
+        shared.store.insert(r.key.clone(), entry);
+        Ok(())
+    }
+    .await;
+    lease.release(if result.is_ok() { Reset::Discard } else { Reset::Close });
+    result
+}
+
+fn cstr(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(s);
+    out.push(0);
+}
+
+/// `SELECT set_config($1, $2, false), ...` with the values as parameters (no quoting).
+fn set_config(settings: &[(String, String)]) -> BytesMut {
+    let calls: Vec<String> =
+        (0..settings.len()).map(|i| format!("set_config(${}, ${}, false)", 2 * i + 1, 2 * i + 2)).collect();
+    let sql = format!("SELECT {}", calls.join(", "));
+    let params: Vec<Option<Bytes>> =
+        settings.iter().flat_map(|(k, v)| [Some(Bytes::from(k.clone())), Some(Bytes::from(v.clone()))]).collect();
+    encode(&Request::Extended {
+        sql,
+        param_types: Vec::new(),
+        param_formats: Vec::new(),
+        params,
+        result_formats: Vec::new(),
+    })
+}
+
+/// The request as the client sent it: a Query, or Parse/Bind/Describe/Execute/Sync on the
+/// unnamed statement and portal.
+fn encode(request: &Request) -> BytesMut {
+    let mut out = BytesMut::new();
+    match request {
+        Request::Simple { sql } => {
+            let mut b = Vec::new();
+            cstr(&mut b, sql.as_bytes());
+            put_frame(&mut out, fe::QUERY, &b);
+        }
+        Request::Extended { sql, param_types, param_formats, params, result_formats } => {
+            let mut b = Vec::new();
+            cstr(&mut b, b"");
+            cstr(&mut b, sql.as_bytes());
+            b.extend_from_slice(&(param_types.len() as i16).to_be_bytes());
+            param_types.iter().for_each(|t| b.extend_from_slice(&t.to_be_bytes()));
+            put_frame(&mut out, fe::PARSE, &b);
+            let mut b = Vec::new();
+            cstr(&mut b, b"");
+            cstr(&mut b, b"");
+            b.extend_from_slice(&(param_formats.len() as i16).to_be_bytes());
+            param_formats.iter().for_each(|f| b.extend_from_slice(&f.to_be_bytes()));
+            b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+            for p in params {
+                match p {
+                    Some(v) => {
+                        b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                        b.extend_from_slice(v);
+                    }
+                    None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+                }
+            }
+            b.extend_from_slice(&(result_formats.len() as i16).to_be_bytes());
+            result_formats.iter().for_each(|f| b.extend_from_slice(&f.to_be_bytes()));
+            put_frame(&mut out, fe::BIND, &b);
+            put_frame(&mut out, fe::DESCRIBE, b"P\0");
+            put_frame(&mut out, fe::EXECUTE, b"\0\0\0\0\0");
+            put_frame(&mut out, fe::SYNC, &[]);
+        }
+    }
+    out
+}

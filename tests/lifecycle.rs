@@ -1,0 +1,191 @@
+//! Entry lifecycle: TTL expiry, stale-while-revalidate, single-flight, the byte bound, and
+//! rule reloads while queries run.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{PgCluster, Proxy, executions, rules_dir};
+use pgcache::config::Config;
+use tokio_postgres::Client;
+
+struct Env {
+    proxy: Proxy,
+    db: String,
+    admin: Client,
+    dir: tempfile::TempDir,
+}
+
+async fn env(rules: &str, tweak: impl FnOnce(&mut Config)) -> Env {
+    let cluster = PgCluster::shared();
+    let db = cluster.create_db("life").await;
+    let admin = cluster.admin(&db).await;
+    admin
+        .batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+             CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g;",
+        )
+        .await
+        .unwrap();
+    let dir = rules_dir(&[("rules.toml", rules)]);
+    let mut config = Proxy::config(cluster);
+    config.rules = dir.path().to_owned();
+    config.rules_explicit = true;
+    tweak(&mut config);
+    Env { proxy: Proxy::start(config).await, db, admin, dir }
+}
+
+async fn text(c: &Client, sql: &str) -> String {
+    let msgs = c.simple_query(sql).await.unwrap();
+    for m in &msgs {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            return r.get(0).unwrap_or("NULL").to_owned();
+        }
+    }
+    panic!("no row: {msgs:?}")
+}
+
+const SQL: &str = "SELECT v FROM items WHERE id = 1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_expire_after_their_ttl() {
+    let e = env("[[rule]]\nname = \"short\"\nmatch = { tables = [\"items\"] }\nttl = \"1s\"\n", |_| {}).await;
+    let c = e.proxy.connect(&e.db, "postgres").await;
+    text(&c, SQL).await;
+    let n = executions(&e.admin, "FROM items WHERE id").await;
+    text(&c, SQL).await;
+    assert_eq!(executions(&e.admin, "FROM items WHERE id").await, n, "hit within the TTL");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    text(&c, SQL).await;
+    assert_eq!(executions(&e.admin, "FROM items WHERE id").await, n + 1, "miss after the TTL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_entries_are_served_while_refreshed_in_the_background() {
+    let rule =
+        "[[rule]]\nname = \"swr\"\nmatch = { tables = [\"items\"] }\nttl = \"2s\"\nstale_while_revalidate = \"1m\"\n";
+    let e = env(rule, |_| {}).await;
+    let c = e.proxy.connect(&e.db, "postgres").await;
+    c.batch_execute("SET search_path = public; SET TimeZone = 'Asia/Tokyo'").await.unwrap();
+    assert_eq!(text(&c, SQL).await, "v1");
+    // A write pgcache does not see: only the TTL and the refresh can pick it up.
+    e.admin.batch_execute("UPDATE items SET v = 'changed' WHERE id = 1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let n = executions(&e.admin, "FROM items WHERE id").await;
+    assert_eq!(text(&c, SQL).await, "v1", "the stale entry is served at once");
+    let mut seen = String::new();
+    for _ in 0..40 {
+        seen = text(&c, SQL).await;
+        if seen == "changed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(seen, "changed", "the background refresh replaced the entry");
+    assert_eq!(executions(&e.admin, "FROM items WHERE id").await, n + 1, "one refresh; every read was a hit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_identical_misses_run_once() {
+    let e =
+        env("[[rule]]\nname = \"agg\"\nmatch = { tables = [\"items\"] }\nttl = \"1m\"\n", |c| c.pool.max_size = 100)
+            .await;
+    let mut clients = Vec::new();
+    for _ in 0..100 {
+        let c = e.proxy.connect(&e.db, "postgres").await;
+        // Settle each session's settings probe first, so the misses start together.
+        c.simple_query("SELECT 1").await.unwrap();
+        clients.push(c);
+    }
+    let slow = "SELECT count(*) FROM items a, items b, items c WHERE a.id + b.id + c.id > 0";
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(clients.len()));
+    let before = executions(&e.admin, "FROM items a, items b").await;
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|c| {
+            let b = barrier.clone();
+            tokio::spawn(async move {
+                b.wait().await;
+                text(&c, slow).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), "1000000");
+    }
+    assert_eq!(executions(&e.admin, "FROM items a, items b").await - before, 1, "100 concurrent misses, one execution");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_bound_holds_under_a_flood_of_distinct_keys() {
+    let e = env("[[rule]]\nname = \"all\"\nmatch = { tables = [\"items\"] }\nttl = \"1h\"\n", |c| {
+        c.cache.max_bytes = 256 * 1024
+    })
+    .await;
+    let c = e.proxy.connect(&e.db, "postgres").await;
+    let store = &e.proxy.shared.store;
+    for i in 0..3000 {
+        text(&c, &format!("SELECT repeat(v, 50) || {i} FROM items WHERE id = {}", i % 100 + 1)).await;
+        assert!(store.bytes() <= store.capacity(), "{} bytes held, capacity {}", store.bytes(), store.capacity());
+    }
+    assert!(store.evictions() > 0, "the flood forced evictions");
+    assert!(store.len() > 10, "the cache still holds entries");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_reload_swaps_atomically_and_a_broken_file_keeps_the_old_rules() {
+    let cache = "[[rule]]\nname = \"items\"\nmatch = { tables = [\"items\"] }\nttl = \"1h\"\n";
+    let e = env(cache, |_| {}).await;
+    let c = e.proxy.connect(&e.db, "postgres").await;
+    text(&c, SQL).await;
+    // Queries keep running while the rules change underneath them.
+    let url = e.proxy.url(&e.db, "postgres");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let runner = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let c = common::proxy::connect(&url).await;
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(text(&c, SQL).await, "v1");
+                n += 1;
+            }
+            n
+        })
+    };
+    let path = e.dir.path().join("rules.toml");
+    std::fs::write(&path, "[[rule]]\nname = \"broken\"\nmatch = {}\nttl = \"1h\"\n").unwrap();
+    assert!(e.proxy.shared.rules.reload().is_err());
+    assert_eq!(e.proxy.shared.rules.current().rules[0].name, "items", "old rules kept");
+    let n = executions(&e.admin, "FROM items WHERE id").await;
+    text(&c, SQL).await;
+    assert_eq!(executions(&e.admin, "FROM items WHERE id").await, n, "still served from the cache");
+    std::fs::write(&path, "[[rule]]\nname = \"off\"\nmatch = { tables = [\"items\"] }\naction = \"bypass\"\n").unwrap();
+    // The directory watcher picks the change up by itself.
+    let swapped =
+        common::eventually(Duration::from_secs(5), || e.proxy.shared.rules.current().rules[0].name == "off").await;
+    assert!(swapped);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(runner.await.unwrap() > 0, "queries ran throughout the swaps");
+    let n = executions(&e.admin, "FROM items WHERE id").await;
+    text(&c, SQL).await;
+    text(&c, SQL).await;
+    assert_eq!(executions(&e.admin, "FROM items WHERE id").await, n + 2, "bypassed after the reload");
+}
+
+#[test]
+fn check_rules_validates_the_shipped_examples_and_reports_errors() {
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_pgcache"))
+        .args(["check-rules", concat!(env!("CARGO_MANIFEST_DIR"), "/rules")])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("never-sessions"));
+    let dir = rules_dir(&[("bad.toml", "[[rule]]\nname = \"x\"\nmatch = { tables = [\"t\"] }\nttl = \"soon\"\n")]);
+    let bad =
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgcache")).arg("check-rules").arg(dir.path()).output().unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("bad.toml:4") && err.contains("ttl"), "{err}");
+}
