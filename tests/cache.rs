@@ -110,7 +110,7 @@ async fn pgbench_hits_in_every_mode() {
     }
 }
 
-use common::raw::{self, Msg, RawConn, batch, bind, describe, execute, parse, query, sync};
+use common::raw::{Msg, RawConn, batch, bind, describe, execute, parse, query, sync};
 
 fn tags(msgs: &[Msg]) -> String {
     msgs.iter().map(|m| m.tag as char).collect()

@@ -36,11 +36,12 @@ async fn upstream_down_gives_a_prompt_error_and_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backend_restart_between_queries_ends_the_session_cleanly() {
+async fn backend_restart_between_queries_ends_a_pinned_session_cleanly() {
     let cluster = PgCluster::start(ClusterOptions::default());
     let proxy = Proxy::with_defaults(&cluster).await;
     let c = proxy.connect("postgres", "postgres").await;
-    c.simple_query("SELECT 1").await.unwrap();
+    // LISTEN ties the session to its backend: it cannot survive losing it.
+    c.batch_execute("LISTEN channel").await.unwrap();
     cluster.stop_server();
     cluster.start_server();
     let err = c.simple_query("SELECT 1").await.unwrap_err();

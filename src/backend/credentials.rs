@@ -59,7 +59,7 @@ impl Credentials {
             .filter(|(k, _)| k.database == database)
             .map(|(k, (kn, at))| (k.user.clone(), kn.clone(), *at))
             .collect();
-        v.sort_by(|a, b| b.2.cmp(&a.2));
+        v.sort_by_key(|e| std::cmp::Reverse(e.2));
         v.into_iter().map(|(u, k, _)| (u, k)).collect()
     }
 

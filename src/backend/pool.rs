@@ -69,6 +69,8 @@ pub struct Pool {
     idle: Mutex<VecDeque<Idle>>,
     /// Startup parameters most recently asked for: used to open `min_idle` connections.
     last_startup: Mutex<Option<StartupParams>>,
+    /// When opening a connection last failed (Postgres unreachable or refusing).
+    last_failure: Mutex<Option<Instant>>,
     closed: AtomicBool,
 }
 
@@ -89,6 +91,7 @@ impl Pool {
             endpoint,
             idle: Mutex::new(VecDeque::new()),
             last_startup: Mutex::new(None),
+            last_failure: Mutex::new(None),
             closed: AtomicBool::new(false),
         }
     }
@@ -139,8 +142,21 @@ impl Pool {
             tokio::spawn(conn.terminate());
         }
         self.make_room(&permit);
-        let conn = Connection::connect(&self.endpoint, startup.clone(), password).await?;
-        Ok(Lease::new(conn, permit, self.clone()))
+        match Connection::connect(&self.endpoint, startup.clone(), password).await {
+            Ok(conn) => Ok(Lease::new(conn, permit, self.clone())),
+            Err(e) => {
+                if !matches!(e, ConnectError::Server { .. } | ConnectError::PasswordRequired) {
+                    *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Whether opening a connection failed within `within` (to avoid hammering a server that
+    /// is down).
+    pub fn failed_within(&self, within: Duration) -> bool {
+        self.last_failure.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| t.elapsed() < within)
     }
 
     /// The most recently used idle connection with these startup parameters.

@@ -110,6 +110,9 @@ pub struct Classified {
     pub stable_builtins: bool,
     /// Why this SELECT may never be cached whatever the rules say.
     pub never_cache: Option<&'static str>,
+    /// Session state this statement creates that lives only in its backend connection and
+    /// cannot be rebuilt on another one (LISTEN, cursors, SQL-level PREPARE, advisory locks).
+    pub pins: Option<&'static str>,
     /// Fingerprint of the statement's shape (literals and parameters ignored), for rules.
     pub fingerprint: u64,
     /// Normalized text (literals replaced by `$n`), for reports and logs.
@@ -125,6 +128,7 @@ impl Classified {
             functions: Vec::new(),
             stable_builtins: false,
             never_cache: Some("not a plain SELECT"),
+            pins: None,
             fingerprint: 0,
             normalized: Arc::from(sql),
         }
@@ -258,8 +262,22 @@ fn classify_one(sql: &str) -> Classified {
     } else {
         None
     };
+    let pins = match top.as_str() {
+        "ListenStmt" => Some("LISTEN"),
+        "DeclareCursorStmt" => Some("an open cursor"),
+        "PrepareStmt" => Some("a SQL-level prepared statement"),
+        "LoadStmt" => Some("a loaded library"),
+        _ if functions
+            .iter()
+            .any(|f| f.name.starts_with("pg_advisory_lock") || f.name.starts_with("pg_try_advisory_lock")) =>
+        {
+            Some("a session advisory lock")
+        }
+        _ => None,
+    };
     Classified {
         kind,
+        pins,
         reads: reads.into_iter().collect(),
         writes: writes.into_iter().collect(),
         functions,
@@ -339,11 +357,7 @@ impl Facts {
                         "locking_clause" if child.as_array().is_some_and(|a| !a.is_empty()) => self.locks = true,
                         "into_clause" if !child.is_null() => self.into = true,
                         "relpersistence" if child.as_str() == Some("t") => self.temp = true,
-                        "sval" => {
-                            if child.as_str().is_some_and(is_time_word) {
-                                self.stable_builtins = true;
-                            }
-                        }
+                        "sval" if child.as_str().is_some_and(is_time_word) => self.stable_builtins = true,
                         _ => {}
                     }
                     self.walk(child);
@@ -507,6 +521,9 @@ mod tests {
         for sql in ["DO $$ BEGIN PERFORM 1; END $$", "CALL p()", "EXECUTE q(1)"] {
             assert!(one(sql).writes_unknown(), "{sql}");
         }
+        assert_eq!(one("LISTEN x").pins, Some("LISTEN"));
+        assert_eq!(one("SELECT pg_advisory_lock(1)").pins, Some("a session advisory lock"));
+        assert_eq!(one("SELECT pg_advisory_xact_lock(1)").pins, None);
         let bad = classify("SELEC oops");
         assert_eq!(bad[0].kind, Kind::Unparseable);
         assert!(bad[0].writes_unknown());

@@ -116,24 +116,12 @@ impl Relay<'_> {
         if (c.stable_builtins || infos.iter().any(|i| i.stable)) && !rule.allow_stable_functions {
             return forward("depends on the time or the session (stable functions)");
         }
-        let mut kb = KeyBuilder::new(match req {
-            Request::Simple => b'Q',
-            Request::Extended { .. } => b'E',
-        });
-        kb.str(database);
-        self.flow.settings.key(self.params, rule.share_across_roles, &mut kb);
-        kb.str(sql);
-        if let Request::Extended { param_types, bind } = &req {
-            if has_time_word(bind) {
-                return forward("a parameter value depends on the time ('now', 'today', ...)");
-            }
-            kb.u32s(param_types).i16s(&bind.param_formats);
-            for p in &bind.params {
-                kb.part(*p);
-            }
-            kb.i16s(&bind.result_formats);
+        if let Request::Extended { bind, .. } = &req
+            && has_time_word(bind)
+        {
+            return forward("a parameter value depends on the time ('now', 'today', ...)");
         }
-        let key = kb.finish();
+        let key = cache_key(database, &self.flow.settings, self.params, rule.share_across_roles, sql, &req);
 
         match shared.store.get(&key) {
             Some((entry, Freshness::Fresh)) => return Ok(Plan::Hit(entry)),
@@ -203,6 +191,34 @@ impl Relay<'_> {
             },
         );
     }
+}
+
+/// The key of a request: protocol, database, every result-affecting setting (the role unless
+/// shared across roles), the SQL text, and for the extended protocol the parameter types,
+/// formats and values and the result formats.
+pub(super) fn cache_key(
+    database: &str,
+    settings: &super::settings::Settings,
+    reported: &std::collections::BTreeMap<String, String>,
+    share_across_roles: bool,
+    sql: &str,
+    req: &Request<'_>,
+) -> Key {
+    let mut kb = KeyBuilder::new(match req {
+        Request::Simple => b'Q',
+        Request::Extended { .. } => b'E',
+    });
+    kb.str(database);
+    settings.key(reported, share_across_roles, &mut kb);
+    kb.str(sql);
+    if let Request::Extended { param_types, bind } = req {
+        kb.u32s(param_types).i16s(&bind.param_formats);
+        for p in &bind.params {
+            kb.part(*p);
+        }
+        kb.i16s(&bind.result_formats);
+    }
+    kb.finish()
 }
 
 /// Text-format parameters such as `'now'` make a result depend on the time.

@@ -118,15 +118,23 @@ impl Relay<'_> {
         !self.shared.store.is_empty() || !self.shared.rules.current().rules.is_empty()
     }
 
+    /// A statement pgcache did not classify (nothing is cached): stay conservative about the
+    /// session in case rules arrive mid-transaction, and never move it to another backend.
+    pub(super) fn untracked(&mut self) {
+        self.flow.settings_may_change();
+        self.flow.wrote = true;
+        self.flow.pinned = Some("statements ran while caching was off");
+    }
+
     /// Records what a statement about to be sent does to the session (transaction, settings,
     /// temporary objects) and returns the invalidations it causes.
     pub(super) async fn note(&mut self, c: &Classified) -> Vec<Effect> {
         if !self.caching() {
-            // Nothing is cached, so nothing needs invalidating; stay conservative about the
-            // session in case rules arrive mid-transaction.
-            self.flow.settings.forget();
-            self.flow.wrote = true;
+            self.untracked();
             return Vec::new();
+        }
+        if c.pins.is_some() {
+            self.flow.pinned = c.pins;
         }
         match &c.kind {
             Kind::Transaction(TxControl::Begin { plain: false } | TxControl::SetTransaction) => {
@@ -140,7 +148,7 @@ impl Relay<'_> {
                 self.flow.settings_may_change();
                 // DISCARD ALL deallocates every prepared statement, in the client's view too.
                 self.flow.statements.clear();
-                self.flow.unnamed_stale = false;
+                self.flow.unprepared.clear();
                 self.flow.virtual_portal = None;
             }
             Kind::Session(SessionChange::CreatesTemp) => {

@@ -158,7 +158,7 @@ impl Relay<'_> {
                         unnamed_bind = None;
                     }
                 }
-                Msg::Describe(Named { target: Target::Portal, name }) if name.is_empty() => {
+                Msg::Describe(Named { target: Target::Portal, name: b"" }) => {
                     if let Some(bi) = unnamed_bind {
                         plan.bound_by.insert(i, bi);
                     }
@@ -264,11 +264,11 @@ impl Relay<'_> {
             for (j, later) in msgs.iter().enumerate().skip(pi + 1) {
                 match later {
                     Msg::Parse(q) if q.name.is_empty() => break,
-                    Msg::Close(Named { target: Target::Statement, name }) if name.is_empty() => {
+                    Msg::Close(Named { target: Target::Statement, name: b"" }) => {
                         ok = false;
                         break;
                     }
-                    Msg::Describe(Named { target: Target::Statement, name }) if name.is_empty() => ok = false,
+                    Msg::Describe(Named { target: Target::Statement, name: b"" }) => ok = false,
                     Msg::Bind(b) if b.statement.is_empty() => {
                         binds += 1;
                         ok &= plan.virtual_bind[j];
@@ -294,13 +294,11 @@ impl Relay<'_> {
                     }
                     if plan.virtual_parse[i] {
                         self.answer_locally(message(be::PARSE_COMPLETE));
-                        self.flow.unnamed_stale = true;
+                        self.flow.unprepared.insert(Bytes::new());
                     } else {
                         self.forward_request(frame, Expect::Parse);
                         forwarded = true;
-                        if p.name.is_empty() {
-                            self.flow.unnamed_stale = false;
-                        }
+                        self.flow.unprepared.remove(p.name);
                     }
                 }
                 Msg::Bind(b) => {
@@ -309,9 +307,7 @@ impl Relay<'_> {
                         self.answer_locally(message(be::BIND_COMPLETE));
                         self.flow.virtual_portal = Some(frame);
                     } else {
-                        if b.statement.is_empty() {
-                            self.materialize_unnamed(current_unnamed.as_ref());
-                        }
+                        self.materialize(b.statement, current_unnamed.as_ref());
                         self.forward_request(frame, Expect::Bind);
                         forwarded = true;
                         if b.portal.is_empty() {
@@ -320,9 +316,7 @@ impl Relay<'_> {
                     }
                 }
                 Msg::Describe(Named { target: Target::Statement, name }) => {
-                    if name.is_empty() {
-                        self.materialize_unnamed(current_unnamed.as_ref());
-                    }
+                    self.materialize(name, current_unnamed.as_ref());
                     self.forward_request(frame, Expect::DescribeStatement);
                     forwarded = true;
                 }
@@ -391,14 +385,15 @@ impl Relay<'_> {
                     }
                 }
                 Msg::Close(Named { target, name }) => {
-                    if name.is_empty() {
-                        match target {
-                            Target::Statement => {
-                                self.flow.unnamed_stale = false;
+                    match target {
+                        Target::Statement => {
+                            self.flow.unprepared.remove(*name);
+                            if name.is_empty() {
                                 current_unnamed = None;
                             }
-                            Target::Portal => self.flow.virtual_portal = None,
                         }
+                        Target::Portal if name.is_empty() => self.flow.virtual_portal = None,
+                        Target::Portal => {}
                     }
                     self.forward_request(frame, Expect::Close);
                     forwarded = true;
@@ -423,13 +418,14 @@ impl Relay<'_> {
         })
     }
 
-    /// Re-sends the client's unnamed statement if the backend does not have it.
-    fn materialize_unnamed(&mut self, current: Option<&Arc<Statement>>) {
-        if !self.flow.unnamed_stale {
+    /// Re-sends the client's statement `name` if the backend does not have it. `unnamed` is
+    /// the client's unnamed statement at this point of the batch.
+    fn materialize(&mut self, name: &[u8], unnamed: Option<&Arc<Statement>>) {
+        if !self.flow.unprepared.remove(name) {
             return;
         }
-        self.flow.unnamed_stale = false;
-        if let Some(st) = current {
+        let st = if name.is_empty() { unnamed.cloned() } else { self.flow.statements.get(name).cloned() };
+        if let Some(st) = st {
             self.send(st.parse.raw().clone());
             self.flow.pipeline.items.push_back(Item::Backend(Forwarded::hidden(Expect::Parse)));
         }
@@ -438,8 +434,9 @@ impl Relay<'_> {
     /// Re-creates the client's unnamed portal if only pgcache had it.
     fn materialize_portal(&mut self, current: Option<&Arc<Statement>>) {
         let Some(bind) = self.flow.virtual_portal.take() else { return };
-        if fe::bind(bind.body()).is_ok_and(|b| b.statement.is_empty()) {
-            self.materialize_unnamed(current);
+        if let Ok(b) = fe::bind(bind.body()) {
+            let name = b.statement.to_vec();
+            self.materialize(&name, current);
         }
         self.send(bind.into_raw());
         self.flow.pipeline.items.push_back(Item::Backend(Forwarded::hidden(Expect::Bind)));
@@ -449,7 +446,10 @@ impl Relay<'_> {
     fn forward_raw(&mut self, frames: Vec<Frame>) -> Result<(), SessionError> {
         let current = self.flow.statements.get(&b""[..]).cloned();
         self.materialize_portal(current.as_ref());
-        self.materialize_unnamed(current.as_ref());
+        let names: Vec<Bytes> = self.flow.unprepared.iter().cloned().collect();
+        for name in names {
+            self.materialize(&name, current.as_ref());
+        }
         for frame in frames {
             let expect = match frame.tag() {
                 fe::PARSE => Some(Expect::Parse),

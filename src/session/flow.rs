@@ -57,14 +57,20 @@ pub struct Flow {
     pub tx_effects: Vec<Effect>,
     /// Why this session may never use the cache (e.g. it created temporary tables).
     pub taint: Option<&'static str>,
+    /// Why this session cannot move to another backend connection (state that lives only in
+    /// its current one). `None`: it can, if its settings are known or were never changed.
+    pub pinned: Option<&'static str>,
+    /// The session changed settings at some point (so moving it needs them replayed).
+    pub settings_touched: bool,
     /// Prepared statements by name (the unnamed one under the empty name), as the client
     /// sees them.
     pub statements: HashMap<Bytes, Arc<Statement>>,
     /// Portals by name, as the client bound them (dropped when the transaction ends).
     pub portals: HashMap<Bytes, Arc<Statement>>,
-    /// The backend's unnamed statement is not the client's: pgcache answered the client's
-    /// Parse itself; re-send it before the backend needs it.
-    pub unnamed_stale: bool,
+    /// Client statements the backend does not have (an unnamed Parse pgcache answered itself,
+    /// or every statement after the session moved to a new backend): re-sent before the
+    /// backend needs them.
+    pub unprepared: std::collections::HashSet<Bytes>,
     /// The client's unnamed portal exists only in pgcache (its Bind was answered from the
     /// cache); this Bind re-creates it if the backend needs it.
     pub virtual_portal: Option<Frame>,
@@ -77,5 +83,20 @@ impl Flow {
     pub fn settings_may_change(&mut self) {
         self.settings.forget();
         self.settings_changed_in_tx = true;
+        self.settings_touched = true;
+    }
+
+    /// Why the session could not continue on another backend connection, if it could not.
+    pub fn movable(&self) -> Result<(), &'static str> {
+        if let Some(why) = self.pinned.or(self.taint) {
+            return Err(why);
+        }
+        if self.settings_touched && !self.settings.known() {
+            return Err("settings changed and not yet read back");
+        }
+        if !self.pipeline.is_empty() || !self.batch.is_empty() {
+            return Err("a request was in flight");
+        }
+        Ok(())
     }
 }

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod cancel;
 pub mod client;
 mod decide;
+mod detached;
 pub mod effects;
 pub mod error;
 mod extended;
@@ -155,7 +156,7 @@ async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: Startup) -> R
         client.send(&out).await?;
     }
     let login = tokio::time::timeout(shared.config.client.startup_timeout, auth::login(client, shared, &key, &params));
-    let mut lease = tokio::select! {
+    let lease = tokio::select! {
         r = login => r.unwrap_or(Err(SessionError::StartupTimeout))?,
         _ = shared.shutdown.cancelled() => return Err(SessionError::Shutdown),
     };
@@ -166,9 +167,39 @@ async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: Startup) -> R
 
     let mut track = Tracker::default();
     let mut flow = flow::Flow::default();
-    let result = relay::run(shared, &key, &params, client, lease.conn(), &mut track, &mut flow).await;
-    lease.conn().status = track.status;
-    give_back(shared, lease, &track, &flow);
+    let mut reported = lease.conn_ref().params.clone();
+    let mut lease = Some(lease);
+    let result = loop {
+        let Some(mut attached) = lease.take() else {
+            handle.set_backend(None);
+            match detached::run(shared, &key, &params, client, &mut flow, &reported).await {
+                Ok(detached::Outcome::Reattached(new)) => {
+                    tracing::info!(peer = %client.peer, user = %key.user, "session moved to a new backend connection");
+                    client.send(&changed_parameters(&reported, &new.conn_ref().params)).await?;
+                    track = Tracker { used: true, ..Tracker::default() };
+                    lease = Some(new);
+                    continue;
+                }
+                Ok(detached::Outcome::ClientLeft) => break Ok(relay::Ending::ClientLeft),
+                Err(e) => {
+                    // No relay to tell the client: say it here (e.g. 57P01 at shutdown).
+                    report(client, &e).await;
+                    break Ok(relay::Ending::ClientLeft);
+                }
+            }
+        };
+        handle.set_backend(Some(attached.conn_ref().key));
+        let result = relay::run(shared, &key, &params, client, attached.conn(), &mut track, &mut flow).await;
+        attached.conn().status = track.status;
+        if let Ok(relay::Ending::BackendLost) = result {
+            tracing::warn!(peer = %client.peer, user = %key.user, "backend connection lost; the session continues without one");
+            reported = attached.conn_ref().params.clone();
+            attached.release(Reset::Close);
+            continue;
+        }
+        give_back(shared, attached, &track, &flow);
+        break result;
+    };
     let duration_ms = started.elapsed().as_millis() as u64;
     tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, duration_ms, "client disconnected");
     match result {
@@ -181,6 +212,20 @@ async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: Startup) -> R
             Ok(())
         }
     }
+}
+
+/// ParameterStatus messages for values a new backend reports differently from the old one.
+fn changed_parameters(
+    old: &std::collections::BTreeMap<String, String>,
+    new: &std::collections::BTreeMap<String, String>,
+) -> BytesMut {
+    let mut out = BytesMut::new();
+    for (name, value) in new {
+        if old.get(name) != Some(value) {
+            crate::protocol::backend::parameter_status_msg(name, value, &mut out);
+        }
+    }
+    out
 }
 
 /// Returns the backend to the pool if it is at rest; otherwise cancels what it runs and

@@ -284,7 +284,12 @@ impl Flow {
             _ => {}
         }
         let Some(Item::Backend(head)) = self.pipeline.items.front() else {
-            // Nothing expected: a FATAL at shutdown, or something new; the client decides.
+            // Nothing expected: a FATAL because the server is shutting down, or something
+            // new. If the session can move to another backend when this one closes, the
+            // client need not hear about it.
+            if tag == be::ERROR_RESPONSE && self.movable().is_ok() {
+                return Ok(Routed { visible: false, completed: false });
+            }
             return Ok(pass);
         };
         let (visible, expect, fill, probe) = (!head.hidden, head.expect, head.fill, head.probe);

@@ -77,12 +77,7 @@ async fn run(shared: &Shared, r: &Refresh) -> Result<(), String> {
     let mut lease = pool.acquire(&r.startup, password.as_ref(), false).await.map_err(|e| e.to_string())?;
     let result = async {
         let conn = lease.conn();
-        if !r.settings.is_empty() {
-            let answer = conn.exchange(&set_config(&r.settings)).await.map_err(|e| e.to_string())?;
-            if let Some(e) = answer.iter().find(|f| f.tag() == be::ERROR_RESPONSE) {
-                return Err(be::error_fields(e.body()).map(|f| f.to_string()).unwrap_or_default());
-            }
-        }
+        apply_settings(conn, &r.settings).await?;
         let deps = shared.generations.snapshot(&r.deps);
         let answer = conn.exchange(&encode(&r.request)).await.map_err(|e| e.to_string())?;
         let mut entry = Entry {
@@ -116,6 +111,21 @@ async fn run(shared: &Shared, r: &Refresh) -> Result<(), String> {
     .await;
     lease.release(if result.is_ok() { Reset::Discard } else { Reset::Close });
     result
+}
+
+/// Applies session settings to a connection with `set_config` (nothing to do for none).
+pub async fn apply_settings(
+    conn: &mut crate::backend::Connection,
+    settings: &[(String, String)],
+) -> Result<(), String> {
+    if settings.is_empty() {
+        return Ok(());
+    }
+    let answer = conn.exchange(&set_config(settings)).await.map_err(|e| e.to_string())?;
+    match answer.iter().find(|f| f.tag() == be::ERROR_RESPONSE) {
+        Some(e) => Err(be::error_fields(e.body()).map(|f| f.to_string()).unwrap_or_default()),
+        None => Ok(()),
+    }
 }
 
 fn cstr(out: &mut Vec<u8>, s: &[u8]) {

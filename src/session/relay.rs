@@ -9,7 +9,7 @@
 //!
 //! Queries and extended-protocol messages go through the cache logic ([`super::simple`],
 //! [`super::extended`]); answers from the backend are routed through the
-//! [`super::pipeline`] ([`Relay::from_backend`] here).
+//! [`super::pipeline`] ([`Relay::on_backend_data`] here).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,6 +44,8 @@ pub enum Ending {
     ClientLeft,
     /// pgcache is shutting down; the client was told so at a quiet moment.
     Drained,
+    /// The backend went away while the session was idle and could move to another one.
+    BackendLost,
 }
 
 /// Everything the relay works on, for the life of the session.
@@ -111,7 +113,7 @@ impl Relay<'_> {
     async fn main_loop(&mut self) -> Result<Ending, SessionError> {
         let mut draining = false;
         // The client may have pipelined messages behind its startup packet.
-        if let Some(end) = self.from_client().await? {
+        if let Some(end) = self.on_client_data().await? {
             return Ok(end);
         }
         loop {
@@ -134,15 +136,17 @@ impl Relay<'_> {
                     if r? == 0 {
                         return Ok(Ending::ClientLeft);
                     }
-                    if let Some(end) = self.from_client().await? {
+                    if let Some(end) = self.on_client_data().await? {
                         return Ok(end);
                     }
                 }
                 r = self.backend_rd.read_buf(self.backend_buf), if self.to_client.len() < HIGH_WATER => {
-                    if r.map_err(ReadError::Io)? == 0 {
-                        return Err(ReadError::Closed.into());
+                    match r {
+                        Ok(n) if n > 0 => self.on_backend_data()?,
+                        _ if self.track.at_rest() && self.flow.movable().is_ok() => return Ok(Ending::BackendLost),
+                        Ok(_) => return Err(ReadError::Closed.into()),
+                        Err(e) => return Err(ReadError::Io(e).into()),
                     }
-                    self.from_backend()?;
                 }
                 _ = self.shared.shutdown.cancelled(), if !draining => draining = true,
                 _ = self.shared.force_close.cancelled() => return Err(SessionError::Shutdown),
@@ -166,7 +170,7 @@ impl Relay<'_> {
                     if r.map_err(ReadError::Io)? == 0 {
                         return Err(ReadError::Closed.into());
                     }
-                    self.from_backend()?;
+                    self.on_backend_data()?;
                 }
                 _ = self.shared.force_close.cancelled() => return Err(SessionError::Shutdown),
             }
@@ -184,10 +188,11 @@ impl Relay<'_> {
             }
             Err(SessionError::Upstream(_)) if self.upstream_said_fatal => {}
             Err(e) => e.encode(&mut tail),
-            Ok(Ending::ClientLeft) => {}
+            Ok(Ending::ClientLeft | Ending::BackendLost) => {}
         }
         self.to_client.push(tail.freeze());
         if !matches!(result, Err(SessionError::ClientIo(_)) | Ok(Ending::ClientLeft)) {
+            // Also flushes what was owed before a lost backend, so nothing is dropped.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
                 self.client_wr.write_all_buf(&mut self.to_client).await?;
                 self.client_wr.flush().await
@@ -207,7 +212,7 @@ impl Relay<'_> {
     /// Handles the complete client frames at the front of the read buffer. Frames that need
     /// no inspection pass as one chunk; queries and extended-protocol messages go to the cache
     /// logic. Returns an ending if the client sent Terminate.
-    async fn from_client(&mut self) -> Result<Option<Ending>, SessionError> {
+    async fn on_client_data(&mut self) -> Result<Option<Ending>, SessionError> {
         loop {
             let run = self.plain_run()?;
             if run > 0 {
@@ -275,7 +280,7 @@ impl Relay<'_> {
     /// Routes the complete backend frames at the front of the read buffer: through the
     /// pipeline, to the client (as slices of the bytes read, in order with pgcache's own
     /// answers) or nowhere (answers to pgcache's own requests).
-    pub(super) fn from_backend(&mut self) -> Result<(), SessionError> {
+    pub(super) fn on_backend_data(&mut self) -> Result<(), SessionError> {
         let mut out: Vec<Out> = Vec::new();
         self.flow.emit_locals(self.track.status, &mut out);
         let (mut at, mut run_start) = (0, 0);

@@ -15,8 +15,7 @@ use super::relay::Relay;
 impl Relay<'_> {
     pub(super) async fn on_query(&mut self, frame: Frame) -> Result<(), SessionError> {
         if !self.caching() {
-            self.flow.settings.forget();
-            self.flow.wrote = true;
+            self.untracked();
             self.forward_request(frame, Expect::Query);
             return Ok(());
         }

@@ -18,10 +18,13 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Default settings in front of `cluster` (upstream user: the superuser).
+    /// Default settings in front of `cluster` (upstream user: the superuser), with no rules
+    /// (whatever the working directory holds).
     pub fn config(cluster: &PgCluster) -> Config {
         let mut c = Config::for_upstream(&cluster.url("postgres", &cluster.superuser())).unwrap();
         c.listen = "127.0.0.1:0".parse().unwrap();
+        c.rules = "/nonexistent/pgcache-test-rules".into();
+        c.rules_explicit = false;
         c
     }
 

@@ -1,0 +1,255 @@
+//! A session whose backend went away while it was idle, and that holds nothing only that
+//! backend had (no transaction, temporary objects, LISTEN, cursors, advisory locks), carries
+//! on without one:
+//!
+//! - requests the cache can answer are answered — fresh and stale entries at once, and
+//!   entries within their rule's `stale_if_error` window when Postgres cannot be reached;
+//! - any other request first tries to take a new backend (at most once a second while
+//!   Postgres is down): on success the session's settings are replayed on it with
+//!   `set_config`, its prepared statements are re-sent when next used, and the request runs
+//!   as if nothing happened; on failure the request gets `ERROR 08006` and the session stays
+//!   open, so the client can retry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::backend::connection::StartupParams;
+use crate::backend::{Lease, PoolKey, Reset};
+use crate::cache::{Entry, Freshness};
+use crate::protocol::Frame;
+use crate::protocol::backend::{self as be, PgError, TransactionStatus};
+use crate::protocol::frame::put_frame;
+use crate::protocol::frontend::{self as fe, Named, Target};
+use crate::protocol::sqlstate::SqlState;
+use crate::query::{Classified, Kind};
+use crate::rules::Action;
+use crate::server::Shared;
+
+use super::SessionError;
+use super::client::Client;
+use super::decide::{Request, cache_key};
+use super::flow::{Flow, Statement};
+use super::refresh;
+
+/// How often a detached session tries to reach Postgres again, at most.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// How a detached stretch ended.
+pub enum Outcome {
+    /// A new backend, settings replayed; the request that needed it is back in the client's
+    /// read buffer.
+    Reattached(Lease),
+    ClientLeft,
+}
+
+struct Detached<'a> {
+    shared: &'a Arc<Shared>,
+    key: &'a PoolKey,
+    startup: &'a StartupParams,
+    flow: &'a mut Flow,
+    reported: &'a BTreeMap<String, String>,
+}
+
+pub async fn run(
+    shared: &Arc<Shared>,
+    key: &PoolKey,
+    startup: &StartupParams,
+    client: &mut Client,
+    flow: &mut Flow,
+    reported: &BTreeMap<String, String>,
+) -> Result<Outcome, SessionError> {
+    let mut d = Detached { shared, key, startup, flow, reported };
+    let max = shared.config.client.max_message_bytes;
+    loop {
+        let mut frames = Vec::new();
+        loop {
+            let frame = tokio::select! {
+                f = client.read_frame(max) => f,
+                _ = shared.shutdown.cancelled() => return Err(SessionError::Shutdown),
+            };
+            let frame = match frame {
+                Ok(f) => f,
+                Err(SessionError::ClientClosed) => return Ok(Outcome::ClientLeft),
+                Err(e) => return Err(e),
+            };
+            let tag = frame.tag();
+            if tag == fe::TERMINATE {
+                return Ok(Outcome::ClientLeft);
+            }
+            frames.push(frame);
+            if !matches!(tag, fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE) {
+                break;
+            }
+        }
+        if let Some(answer) = d.answer(&frames, false) {
+            client.send(&answer).await?;
+            continue;
+        }
+        match d.reattach().await {
+            Ok(lease) => {
+                let mut unread = BytesMut::new();
+                for f in &frames {
+                    unread.extend_from_slice(f.raw());
+                }
+                unread.extend_from_slice(&client.rbuf);
+                client.rbuf = unread;
+                return Ok(Outcome::Reattached(lease));
+            }
+            Err(why) => {
+                let answer = match d.answer(&frames, true) {
+                    Some(stale) => stale,
+                    None => refusal(&frames, &why),
+                };
+                client.send(&answer).await?;
+            }
+        }
+    }
+}
+
+/// The error for a request that needed Postgres while it could not be reached, shaped as
+/// Postgres would answer a failing request (ReadyForQuery after a Query or Sync).
+fn refusal(frames: &[Frame], why: &str) -> Bytes {
+    let mut out = BytesMut::new();
+    PgError::error(SqlState::CONNECTION_FAILURE, format!("pgcache: the upstream is unavailable: {why}"))
+        .with_hint("the session is still open; retry later")
+        .encode(&mut out);
+    if frames.last().is_some_and(|f| matches!(f.tag(), fe::QUERY | fe::SYNC | fe::FUNCTION_CALL)) {
+        be::ready_for_query(TransactionStatus::Idle, &mut out);
+    }
+    out.freeze()
+}
+
+fn message(tag: u8) -> [u8; 5] {
+    let mut b = BytesMut::with_capacity(5);
+    put_frame(&mut b, tag, &[]);
+    let mut out = [0u8; 5];
+    out.copy_from_slice(&b);
+    out
+}
+
+impl Detached<'_> {
+    /// Takes a new backend and replays the session's settings on it.
+    async fn reattach(&mut self) -> Result<Lease, String> {
+        self.flow.movable().map_err(str::to_owned)?;
+        let pool = self.shared.pools.get(self.key);
+        if pool.failed_within(RETRY_EVERY) {
+            return Err("connecting failed less than a second ago".into());
+        }
+        let password = refresh::pooled_password(self.shared, self.key);
+        let mut lease = pool.acquire(self.startup, password.as_ref(), false).await.map_err(|e| e.to_string())?;
+        let settings = if self.flow.settings.known() {
+            self.flow
+                .settings
+                .replay(self.reported, &self.key.user)
+                .ok_or("the session authorization cannot be replayed")?
+        } else {
+            Vec::new()
+        };
+        if let Err(e) = refresh::apply_settings(lease.conn(), &settings).await {
+            lease.release(Reset::Close);
+            return Err(e);
+        }
+        // The new backend knows none of the client's statements; re-send each when needed.
+        self.flow.unprepared = self.flow.statements.keys().cloned().collect();
+        self.flow.portals.clear();
+        self.flow.virtual_portal = None;
+        Ok(lease)
+    }
+
+    /// An entry for this request, if one may be served now.
+    fn lookup(&self, sql: &str, c: &Classified, req: Request<'_>, fallback: bool) -> Option<Arc<Entry>> {
+        if c.kind != Kind::Select || c.never_cache.is_some() || !self.flow.settings.known() || self.flow.taint.is_some()
+        {
+            return None;
+        }
+        let rules = self.shared.rules.current();
+        [false, true].into_iter().find_map(|share| {
+            let key = cache_key(&self.key.database, &self.flow.settings, self.reported, share, sql, &req);
+            let (entry, freshness) = self.shared.store.get(&key)?;
+            let usable = match freshness {
+                Freshness::Fresh | Freshness::Stale => true,
+                Freshness::Fallback => fallback,
+                Freshness::Dead => false,
+            };
+            // Only while the rule that admitted it still says so.
+            let ruled = rules.get(&entry.rule.name).is_some_and(|r| r.action == Action::Cache);
+            (usable && ruled && entry.rule.share_across_roles == share).then_some(entry)
+        })
+    }
+
+    /// The whole answer to a Query, or to an extended batch of Parse/Bind/Describe/Execute on
+    /// the unnamed portal ending in Sync, if the cache holds every result.
+    fn answer(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
+        let mut out = BytesMut::new();
+        let ready = |out: &mut BytesMut| be::ready_for_query(TransactionStatus::Idle, out);
+        if let [q] = frames
+            && q.tag() == fe::QUERY
+        {
+            let sql = std::str::from_utf8(fe::query(q.body()).ok()?.sql).ok()?;
+            let classified = self.shared.classifier.classify(sql);
+            let [c] = classified.as_slice() else { return None };
+            let entry = self.lookup(sql, c, Request::Simple, fallback)?;
+            out.extend_from_slice(&entry.row_description);
+            out.extend_from_slice(&entry.body);
+            ready(&mut out);
+            return Some(out.freeze());
+        }
+        if frames.last()?.tag() != fe::SYNC {
+            return None;
+        }
+        let mut parsed: HashMap<Vec<u8>, Arc<Statement>> = HashMap::new();
+        let mut current: Option<Arc<Entry>> = None;
+        for f in frames {
+            match f.tag() {
+                fe::PARSE => {
+                    let p = fe::parse(f.body()).ok()?;
+                    let sql = std::str::from_utf8(p.sql).ok()?;
+                    let st = Statement {
+                        sql: Arc::from(sql),
+                        param_types: p.param_types.clone(),
+                        parse: f.clone(),
+                        classified: self.shared.classifier.classify(sql),
+                    };
+                    parsed.insert(p.name.to_vec(), Arc::new(st));
+                    out.extend_from_slice(&message(be::PARSE_COMPLETE));
+                }
+                fe::BIND => {
+                    let b = fe::bind(f.body()).ok()?;
+                    if !b.portal.is_empty() {
+                        return None;
+                    }
+                    let st =
+                        parsed.get(b.statement).cloned().or_else(|| self.flow.statements.get(b.statement).cloned())?;
+                    let [c] = st.classified.as_slice() else { return None };
+                    let req = Request::Extended { param_types: &st.param_types, bind: &b };
+                    current = Some(self.lookup(&st.sql, c, req, fallback)?);
+                    out.extend_from_slice(&message(be::BIND_COMPLETE));
+                }
+                fe::DESCRIBE => match fe::named(f.body()).ok()? {
+                    Named { target: Target::Portal, name: b"" } => {
+                        out.extend_from_slice(&current.as_ref()?.row_description);
+                    }
+                    _ => return None,
+                },
+                fe::EXECUTE => {
+                    let e = fe::execute(f.body()).ok()?;
+                    if !e.portal.is_empty() || e.max_rows != 0 {
+                        return None;
+                    }
+                    out.extend_from_slice(&current.take()?.body);
+                }
+                fe::SYNC => ready(&mut out),
+                _ => return None,
+            }
+        }
+        for (name, st) in parsed {
+            let name = Bytes::from(name);
+            self.flow.unprepared.insert(name.clone());
+            self.flow.statements.insert(name, st);
+        }
+        Some(out.freeze())
+    }
+}
