@@ -1,0 +1,56 @@
+# Shared by the benchmark scripts: a throwaway cluster and a release build of pgcache.
+# Source it; it defines $pgport, $work, start_cluster, start_pgcache, run_pgbench, cleanup.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+pgbin=$(dirname "$(command -v pg_ctl 2>/dev/null || ls -d /usr/lib/postgresql/*/bin/pg_ctl | sort -V | tail -n 1)")
+as_pg() { if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+work=$(mktemp -d /tmp/pgcache-bench.XXXXXX)
+chmod 755 "$work"
+[[ $(id -u) -eq 0 ]] && chown postgres "$work"
+pgport=$(free_port)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  as_pg "$pgbin/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# start_cluster SCALE: initdb, start, pgbench -i.
+start_cluster() {
+  cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+  as_pg "$pgbin/initdb" -D "$work/data" -A trust -U postgres --no-sync >/dev/null
+  cat >>"$work/data/postgresql.conf" <<CONF
+port = $pgport
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$work'
+max_connections = 200
+shared_buffers = 256MB
+fsync = off
+synchronous_commit = off
+CONF
+  as_pg "$pgbin/pg_ctl" -D "$work/data" -l "$work/pg.log" -w start >/dev/null
+  pgbench -h 127.0.0.1 -p "$pgport" -U postgres -i -s "$1" -q postgres >/dev/null 2>&1
+}
+
+# start_pgcache PORT [ARGS...]: pgcache in front of the cluster.
+start_pgcache() {
+  local port=$1
+  shift
+  PGCACHE_LOG=warn "$root/target/release/pgcache" --listen "127.0.0.1:$port" --admin "127.0.0.1:$(free_port)" \
+    --upstream "postgres://postgres@127.0.0.1:$pgport/postgres?sslmode=disable" --pool-size 32 "$@" 2>>"$work/pgcache.log" &
+  pids+=($!)
+  for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" && return; sleep 0.1; done
+}
+
+# run_pgbench PORT CLIENTS SECONDS ARGS... -> "tps latency_ms"
+run_pgbench() {
+  local port=$1 clients=$2 secs=$3 out
+  shift 3
+  out=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -n -c "$clients" -j "$(( clients < 2 ? clients : 2 ))" -T "$secs" "$@" postgres 2>&1)
+  echo "$(grep -oP 'tps = \K[0-9.]+' <<<"$out") $(grep -oP 'latency average = \K[0-9.]+' <<<"$out")"
+}
+
+ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
