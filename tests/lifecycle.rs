@@ -189,3 +189,43 @@ fn check_rules_validates_the_shipped_examples_and_reports_errors() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("bad.toml:4") && err.contains("ttl"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_over_max_entry_bytes_stream_through_uncached() {
+    let rule = "[[rule]]\nname = \"small\"\nmatch = { tables = [\"items\"] }\nttl = \"1h\"\nmax_entry_bytes = 500\n";
+    let e = env(rule, |_| {}).await;
+    let c = e.proxy.connect(&e.db, "postgres").await;
+    let big = "SELECT string_agg(repeat(v, 5), ',') FROM items";
+    let small = "SELECT v FROM items WHERE id = 3";
+    for _ in 0..3 {
+        assert!(text(&c, big).await.len() > 500);
+        assert_eq!(text(&c, small).await, "v3");
+    }
+    assert_eq!(executions(&e.admin, "SELECT string_agg").await, 3, "too large: every read reached Postgres");
+    assert_eq!(executions(&e.admin, "FROM items WHERE id").await, 1, "small enough: cached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_caching_inside_repeatable_read_or_serializable_transactions() {
+    let e = env("[[rule]]\nname = \"items\"\nmatch = { tables = [\"items\"] }\nttl = \"1h\"\n", |_| {}).await;
+    let c = e.proxy.connect(&e.db, "postgres").await;
+    text(&c, SQL).await;
+    for begin in ["BEGIN ISOLATION LEVEL REPEATABLE READ", "BEGIN ISOLATION LEVEL SERIALIZABLE"] {
+        c.batch_execute(begin).await.unwrap();
+        let n = executions(&e.admin, "FROM items WHERE id").await;
+        text(&c, SQL).await;
+        text(&c, SQL).await;
+        assert_eq!(
+            executions(&e.admin, "FROM items WHERE id").await,
+            n + 2,
+            "{begin}: the snapshot must be the transaction's"
+        );
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    // A plain READ COMMITTED transaction that has not written may use the cache.
+    c.batch_execute("BEGIN").await.unwrap();
+    let n = executions(&e.admin, "FROM items WHERE id").await;
+    text(&c, SQL).await;
+    assert_eq!(executions(&e.admin, "FROM items WHERE id").await, n);
+    c.batch_execute("COMMIT").await.unwrap();
+}
