@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{PgCluster, Proxy, executions, rules_dir};
+use common::{PgCluster, Proxy, executions, rules_dir, text};
 use tokio_postgres::Client;
 
 const RULES: &str = r#"
@@ -72,16 +72,6 @@ impl Env {
 /// A fragment of the normalized text pg_stat_statements records for `sql`.
 fn shape(sql: &str) -> String {
     sql.split(" WHERE").next().unwrap_or(sql).to_owned()
-}
-
-async fn text(c: &Client, sql: &str) -> String {
-    let mut out = Vec::new();
-    for m in c.simple_query(sql).await.unwrap() {
-        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
-            out.push((0..r.len()).map(|i| r.get(i).unwrap_or("NULL").to_owned()).collect::<Vec<_>>().join(","));
-        }
-    }
-    out.join(";")
 }
 
 /// Fills `read`, runs `write` (simple protocol), and checks the same session and a new one

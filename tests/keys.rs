@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{PgCluster, Proxy, executions, rules_dir};
+use common::{PgCluster, Proxy, executions, rules_dir, text};
 use tokio_postgres::Client;
 
 const RULES: &str = r#"
@@ -31,16 +31,6 @@ async fn env(schema: &str) -> Env {
     config.rules = dir.path().to_owned();
     config.rules_explicit = true;
     Env { proxy: Proxy::start(config).await, db, admin, _dir: dir }
-}
-
-async fn text(c: &Client, sql: &str) -> String {
-    let mut out = Vec::new();
-    for m in c.simple_query(sql).await.unwrap() {
-        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
-            out.push((0..r.len()).map(|i| r.get(i).unwrap_or("NULL").to_owned()).collect::<Vec<_>>().join(","));
-        }
-    }
-    out.join(";")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

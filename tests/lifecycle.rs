@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{PgCluster, Proxy, executions, rules_dir};
+use common::{PgCluster, Proxy, executions, rules_dir, text};
 use pgcache::config::Config;
 use tokio_postgres::Client;
 
@@ -34,16 +34,6 @@ async fn env(rules: &str, tweak: impl FnOnce(&mut Config)) -> Env {
     config.rules_explicit = true;
     tweak(&mut config);
     Env { proxy: Proxy::start(config).await, db, admin, dir }
-}
-
-async fn text(c: &Client, sql: &str) -> String {
-    let msgs = c.simple_query(sql).await.unwrap();
-    for m in &msgs {
-        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
-            return r.get(0).unwrap_or("NULL").to_owned();
-        }
-    }
-    panic!("no row: {msgs:?}")
 }
 
 const SQL: &str = "SELECT v FROM items WHERE id = 1";

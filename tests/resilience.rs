@@ -7,8 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ClusterOptions, PgCluster, Proxy, rules_dir};
-use tokio_postgres::Client;
+use common::{ClusterOptions, PgCluster, Proxy, rules_dir, try_text as text};
 
 const RULES: &str = r#"
 [[rule]]
@@ -22,15 +21,6 @@ name = "brief"
 match = { tables = ["brief"] }
 ttl = "1s"
 "#;
-
-async fn text(c: &Client, sql: &str) -> Result<String, tokio_postgres::Error> {
-    for m in c.simple_query(sql).await? {
-        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
-            return Ok(r.get(0).unwrap_or("NULL").to_owned());
-        }
-    }
-    Ok(String::new())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_survive_an_outage_and_serve_stale_if_error() {

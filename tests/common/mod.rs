@@ -177,3 +177,20 @@ pub async fn executions(admin: &tokio_postgres::Client, fragment: &str) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// Runs `sql` with the simple protocol and returns its rows as text: values joined by `,`,
+/// rows by `;`, NULL as `NULL`.
+pub async fn try_text(c: &tokio_postgres::Client, sql: &str) -> Result<String, tokio_postgres::Error> {
+    let mut out = Vec::new();
+    for m in c.simple_query(sql).await? {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            out.push((0..r.len()).map(|i| r.get(i).unwrap_or("NULL").to_owned()).collect::<Vec<_>>().join(","));
+        }
+    }
+    Ok(out.join(";"))
+}
+
+/// [`try_text`], panicking on error.
+pub async fn text(c: &tokio_postgres::Client, sql: &str) -> String {
+    try_text(c, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
