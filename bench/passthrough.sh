@@ -11,7 +11,8 @@ secs=${1:-10}
 scale=${2:-10}
 start_cluster "$scale"
 pcport=$(free_port)
-start_pgcache "$pcport" --rules "$work/no-rules-here"
+mkdir -p "$work/no-rules"
+start_pgcache "$pcport" --rules "$work/no-rules"
 targets=("direct:$pgport" "pgcache:$pcport")
 if command -v pgbouncer >/dev/null 2>&1; then
   bport=$(free_port)

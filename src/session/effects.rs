@@ -118,21 +118,9 @@ impl Relay<'_> {
         !self.shared.store.is_empty() || !self.shared.rules.current().rules.is_empty()
     }
 
-    /// A statement pgcache did not classify (nothing is cached): stay conservative about the
-    /// session in case rules arrive mid-transaction, and never move it to another backend.
-    pub(super) fn untracked(&mut self) {
-        self.flow.settings_may_change();
-        self.flow.wrote = true;
-        self.flow.pinned = Some("statements ran while caching was off");
-    }
-
     /// Records what a statement about to be sent does to the session (transaction, settings,
     /// temporary objects) and returns the invalidations it causes.
     pub(super) async fn note(&mut self, c: &Classified) -> Vec<Effect> {
-        if !self.caching() {
-            self.untracked();
-            return Vec::new();
-        }
         if c.pins.is_some() {
             self.flow.pinned = c.pins;
         }
@@ -157,7 +145,16 @@ impl Relay<'_> {
             Kind::Opaque | Kind::Unparseable => self.flow.settings_may_change(),
             _ => {}
         }
-        let effects = of(self.shared, &self.key.database, c).await;
+        // While nothing is cached there is nothing to invalidate: skip the catalog.
+        let effects = if self.caching() {
+            of(self.shared, &self.key.database, c).await
+        } else {
+            match c.kind {
+                Kind::Write | Kind::Ddl => c.writes.iter().map(|r| Effect::Name(r.name.clone())).collect(),
+                Kind::Opaque | Kind::Unparseable => vec![Effect::Unknown("statement with unknown effects")],
+                _ => Vec::new(),
+            }
+        };
         if !effects.is_empty() || matches!(c.kind, Kind::Write | Kind::Ddl) {
             self.flow.wrote = true;
             if effects.iter().any(|e| matches!(e, Effect::Unknown(_))) {

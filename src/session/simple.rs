@@ -14,11 +14,6 @@ use super::relay::Relay;
 
 impl Relay<'_> {
     pub(super) async fn on_query(&mut self, frame: Frame) -> Result<(), SessionError> {
-        if !self.caching() {
-            self.untracked();
-            self.forward_request(frame, Expect::Query);
-            return Ok(());
-        }
         // Non-UTF-8 SQL (e.g. a LATIN1 client) cannot be classified: it passes through as a
         // statement with unknown effects.
         let classified = match frontend::query(frame.body()).ok().and_then(|q| std::str::from_utf8(q.sql).ok()) {
