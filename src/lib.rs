@@ -19,9 +19,11 @@
 pub mod backend;
 pub mod cache;
 pub mod config;
+pub mod metrics;
 pub mod net;
 pub mod protocol;
 pub mod query;
 pub mod rules;
 pub mod server;
 pub mod session;
+pub mod stats;

@@ -21,6 +21,7 @@ use crate::query::Classifier;
 use crate::query::catalog::Catalog;
 use crate::rules::{LoadError, Rules};
 use crate::session::{self, cancel::CancelRegistry};
+use crate::stats::Stats;
 
 /// What every session shares. Built once per server; nothing here is a process-wide global,
 /// so tests run many servers in one process.
@@ -35,6 +36,9 @@ pub struct Shared {
     pub flights: Arc<Flights>,
     pub classifier: Classifier,
     pub catalog: Catalog,
+    pub stats: Arc<Stats>,
+    /// New backend work waits while this is true (admin `PAUSE`).
+    pub paused: tokio::sync::watch::Sender<bool>,
     /// Stop accepting and drain.
     pub shutdown: CancellationToken,
     /// The drain timeout passed: close what is left.
@@ -58,13 +62,14 @@ impl Shared {
             (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
             _ => None,
         };
+        let stats = Arc::new(Stats::new(config.max_table_labels, config.slow_statement));
         let rules = if config.rules_explicit || config.rules.exists() {
-            Rules::load(&config.rules)?
+            Rules::load(&config.rules, Some(stats.clone()))?
         } else {
             tracing::warn!(dir = %config.rules.display(), "no rule directory: nothing will be cached");
-            Rules::empty(&config.rules)
+            Rules::empty(&config.rules, Some(stats.clone()))
         };
-        let pools = Pools::new(config.pool.clone(), endpoint.clone(), config.auth.verify_interval);
+        let pools = Pools::new(config.pool.clone(), endpoint.clone(), config.auth.verify_interval, stats.clone());
         let catalog =
             Catalog::new(endpoint, config.upstream.clone(), pools.credentials.clone(), config.cache.catalog_ttl);
         Ok(Arc::new(Shared {
@@ -75,6 +80,8 @@ impl Shared {
             classifier: Classifier::default(),
             catalog,
             rules: Arc::new(rules),
+            stats,
+            paused: tokio::sync::watch::channel(false).0,
             config: Arc::new(config),
             cancels: Arc::new(CancelRegistry::default()),
             tls,

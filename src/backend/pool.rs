@@ -25,6 +25,7 @@ use crate::protocol::backend::TransactionStatus;
 use super::connection::StartupParams;
 use super::credentials::Known;
 use super::{ConnectError, Connection, Credentials, Endpoint};
+use crate::stats::Stats;
 
 /// A pool's identity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -72,6 +73,7 @@ pub struct Pool {
     /// When opening a connection last failed (Postgres unreachable or refusing).
     last_failure: Mutex<Option<Instant>>,
     closed: AtomicBool,
+    stats: Arc<Stats>,
 }
 
 /// Counts for `SHOW POOLS` and metrics.
@@ -83,7 +85,7 @@ pub struct PoolStats {
 }
 
 impl Pool {
-    fn new(key: PoolKey, settings: PoolConfig, endpoint: Arc<Endpoint>) -> Self {
+    fn new(key: PoolKey, settings: PoolConfig, endpoint: Arc<Endpoint>, stats: Arc<Stats>) -> Self {
         Pool {
             slots: Arc::new(Semaphore::new(settings.max_size)),
             key,
@@ -93,6 +95,7 @@ impl Pool {
             last_startup: Mutex::new(None),
             last_failure: Mutex::new(None),
             closed: AtomicBool::new(false),
+            stats,
         }
     }
 
@@ -121,6 +124,7 @@ impl Pool {
         if self.closed.load(Ordering::Acquire) {
             return Err(PoolError::Closed);
         }
+        let asked = Instant::now();
         let permit = match tokio::time::timeout(self.settings.acquire_timeout, self.slots.clone().acquire_owned()).await
         {
             Ok(Ok(p)) => p,
@@ -134,6 +138,7 @@ impl Pool {
                 });
             }
         };
+        self.stats.pool_wait(asked.elapsed());
         *self.last_startup.lock().unwrap_or_else(|e| e.into_inner()) = Some(startup.clone());
         while let Some(mut conn) = self.take_idle(startup).filter(|_| !fresh) {
             if conn.is_alive() && !self.expired(&conn) {
@@ -146,6 +151,7 @@ impl Pool {
             Ok(conn) => Ok(Lease::new(conn, permit, self.clone())),
             Err(e) => {
                 if !matches!(e, ConnectError::Server { .. } | ConnectError::PasswordRequired) {
+                    self.stats.backend_error();
                     *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 }
                 Err(e.into())
@@ -305,15 +311,17 @@ pub struct Pools {
     endpoint: Arc<Endpoint>,
     pub credentials: Arc<Credentials>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    stats: Arc<Stats>,
 }
 
 impl Pools {
-    pub fn new(settings: PoolConfig, endpoint: Arc<Endpoint>, verify_interval: Duration) -> Self {
+    pub fn new(settings: PoolConfig, endpoint: Arc<Endpoint>, verify_interval: Duration, stats: Arc<Stats>) -> Self {
         Pools {
             settings,
             endpoint,
             credentials: Arc::new(Credentials::new(verify_interval)),
             pools: Mutex::new(HashMap::new()),
+            stats,
         }
     }
 
@@ -328,7 +336,9 @@ impl Pools {
     pub fn get(&self, key: &PoolKey) -> Arc<Pool> {
         self.map()
             .entry(key.clone())
-            .or_insert_with(|| Arc::new(Pool::new(key.clone(), self.settings.clone(), self.endpoint.clone())))
+            .or_insert_with(|| {
+                Arc::new(Pool::new(key.clone(), self.settings.clone(), self.endpoint.clone(), self.stats.clone()))
+            })
             .clone()
     }
 

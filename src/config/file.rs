@@ -34,6 +34,8 @@ pub struct FileConfig {
     pub admin: Option<String>,
     /// Log format, `text` (default) or `json`.
     pub log_format: Option<String>,
+    /// Log statements slower than this, with their normalized text (default `1s`).
+    pub slow_statement: Option<HumanDuration>,
     #[serde(default)]
     pub auth: AuthFile,
     #[serde(default)]
@@ -44,6 +46,30 @@ pub struct FileConfig {
     pub shutdown: ShutdownFile,
     #[serde(default)]
     pub cache: CacheFile,
+    #[serde(default)]
+    pub console: ConsoleFile,
+    #[serde(default)]
+    pub metrics: MetricsFile,
+}
+
+/// `[console]`: the psql admin console.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleFile {
+    /// The virtual database name (default `pgcache`).
+    pub database: Option<String>,
+    /// Users allowed to connect to it (default: the user of the upstream URL). They
+    /// authenticate as for any database.
+    pub users: Option<Vec<String>>,
+}
+
+/// `[metrics]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    /// Distinct `table` label values on `pgcache_invalidations_total` before further tables
+    /// are counted as `other` (default 100).
+    pub max_table_labels: Option<usize>,
 }
 
 /// `[cache]`

@@ -126,6 +126,12 @@ pub struct CacheConfig {
     pub invalidate_on_writes: bool,
 }
 
+#[derive(Debug, Clone)]
+pub struct ConsoleConfig {
+    pub database: String,
+    pub users: Vec<String>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -142,6 +148,9 @@ pub struct Config {
     pub client: ClientConfig,
     pub drain_timeout: Duration,
     pub cache: CacheConfig,
+    pub console: ConsoleConfig,
+    pub max_table_labels: usize,
+    pub slow_statement: Duration,
 }
 
 /// A configuration problem, naming the key at fault.
@@ -259,6 +268,12 @@ impl Config {
                 catalog_ttl: dur(f.cache.catalog_ttl, 60),
                 invalidate_on_writes: f.cache.invalidate_on_writes.unwrap_or(true),
             },
+            console: ConsoleConfig {
+                database: f.console.database.unwrap_or_else(|| "pgcache".into()),
+                users: f.console.users.unwrap_or_else(|| vec![upstream.user.clone()]),
+            },
+            max_table_labels: f.metrics.max_table_labels.unwrap_or(100),
+            slow_statement: dur(f.slow_statement, 1),
             upstream,
         };
         config.validate()?;
@@ -283,6 +298,9 @@ impl Config {
         }
         if self.cache.max_entry_bytes == 0 || self.cache.max_entry_bytes > self.cache.max_bytes / 2 {
             return Err(invalid("cache.max_entry_bytes", "must be between 1 and half of cache.max_bytes"));
+        }
+        if self.console.database.is_empty() {
+            return Err(invalid("console.database", "must not be empty"));
         }
         if self.client.max_connections == 0 {
             return Err(invalid("client.max_connections", "must be at least 1"));

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 
 use super::{LoadError, RuleSet, load_dir};
+use crate::stats::Stats;
 
 /// The outcome of the last load attempt.
 #[derive(Debug, Clone)]
@@ -27,11 +28,12 @@ pub struct Rules {
     versions: AtomicU64,
     status: Mutex<ReloadStatus>,
     stamp: Mutex<Vec<(PathBuf, u64, Option<SystemTime>)>>,
+    stats: Option<Arc<Stats>>,
 }
 
 impl Rules {
     /// Loads `dir`; an error here is fatal (the caller should refuse to start).
-    pub fn load(dir: &Path) -> Result<Rules, LoadError> {
+    pub fn load(dir: &Path, stats: Option<Arc<Stats>>) -> Result<Rules, LoadError> {
         let set = load_dir(dir, 1)?;
         tracing::info!(dir = %dir.display(), rules = set.rules.len(), "rules loaded");
         Ok(Rules {
@@ -40,17 +42,19 @@ impl Rules {
             versions: AtomicU64::new(1),
             status: Mutex::new(ReloadStatus { at: SystemTime::now(), error: None }),
             stamp: Mutex::new(stamp(dir)),
+            stats,
         })
     }
 
     /// No rules: everything is forwarded (used when the default directory does not exist).
-    pub fn empty(dir: &Path) -> Rules {
+    pub fn empty(dir: &Path, stats: Option<Arc<Stats>>) -> Rules {
         Rules {
             dir: dir.to_owned(),
             current: ArcSwap::from_pointee(RuleSet::default()),
             versions: AtomicU64::new(0),
             status: Mutex::new(ReloadStatus { at: SystemTime::now(), error: None }),
             stamp: Mutex::new(stamp(dir)),
+            stats,
         }
     }
 
@@ -72,6 +76,9 @@ impl Rules {
         *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp(&self.dir);
         let version = self.versions.fetch_add(1, Ordering::AcqRel) + 1;
         let result = load_dir(&self.dir, version);
+        if let Some(stats) = &self.stats {
+            stats.rules_reloaded(result.is_ok());
+        }
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         status.at = SystemTime::now();
         match result {
@@ -129,7 +136,7 @@ mod tests {
     fn bad_reload_keeps_the_old_rules() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("r.toml"), GOOD).expect("write");
-        let rules = Rules::load(dir.path()).expect("loads");
+        let rules = Rules::load(dir.path(), None).expect("loads");
         let before = rules.current();
         std::fs::write(dir.path().join("r.toml"), "[[rule]]\nname = \"a\"\n").expect("write");
         assert!(rules.reload().is_err());
@@ -146,7 +153,7 @@ mod tests {
     async fn a_changed_file_is_picked_up() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("r.toml"), GOOD).expect("write");
-        let rules = Arc::new(Rules::load(dir.path()).expect("loads"));
+        let rules = Arc::new(Rules::load(dir.path(), None).expect("loads"));
         tokio::spawn(rules.clone().watch(Duration::from_secs(1)));
         std::fs::write(dir.path().join("s.toml"), GOOD.replace("\"a\"", "\"c\"").replace("\"t\"", "\"u\""))
             .expect("write");

@@ -24,6 +24,7 @@ use crate::query::catalog::Volatility;
 use crate::query::classify::is_time_word;
 use crate::query::{Classified, Relation};
 use crate::rules::{Action, Subject};
+use crate::stats::key_hash;
 
 use super::SessionError;
 use super::flow::Probe;
@@ -34,8 +35,8 @@ use super::settings::probe_sql;
 
 /// What to do with one SELECT.
 pub(super) enum Plan {
-    /// Answer from this entry.
-    Hit(Arc<Entry>),
+    /// Answer from this entry (`key`: a hash of its key; `stale`: past its TTL).
+    Hit { entry: Arc<Entry>, key: u64, stale: bool },
     /// Forward, and keep the answer.
     Fill(Fill),
     /// Forward only, for this reason.
@@ -123,20 +124,22 @@ impl Relay<'_> {
         }
         let key = cache_key(database, &self.flow.settings, self.params, rule.share_across_roles, sql, &req);
 
+        let hash = key_hash(&key.0);
         match shared.store.get(&key) {
-            Some((entry, Freshness::Fresh)) => return Ok(Plan::Hit(entry)),
+            Some((entry, Freshness::Fresh)) => return Ok(Plan::Hit { entry, key: hash, stale: false }),
             Some((entry, Freshness::Stale)) => {
                 let deps: BTreeSet<Relation> = infos.iter().flat_map(|i| i.read_deps.iter().cloned()).collect();
                 self.refresh_in_background(&key, &entry, sql, &req, deps.into_iter().collect());
-                return Ok(Plan::Hit(entry));
+                return Ok(Plan::Hit { entry, key: hash, stale: true });
             }
             _ => {}
         }
         let flight = match shared.flights.join(&key, shared.config.cache.single_flight_wait).await {
             Turn::Lead(f) => Some(f),
             Turn::Waited { .. } => {
-                if let Some((entry, Freshness::Fresh | Freshness::Stale)) = shared.store.get(&key) {
-                    return Ok(Plan::Hit(entry));
+                shared.stats.coalesced(&rule.name);
+                if let Some((entry, f @ (Freshness::Fresh | Freshness::Stale))) = shared.store.get(&key) {
+                    return Ok(Plan::Hit { entry, key: hash, stale: f == Freshness::Stale });
                 }
                 None
             }

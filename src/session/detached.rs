@@ -19,6 +19,7 @@ use bytes::{Bytes, BytesMut};
 use crate::backend::connection::StartupParams;
 use crate::backend::{Lease, PoolKey, Reset};
 use crate::cache::{Entry, Freshness};
+use crate::metrics;
 use crate::protocol::Frame;
 use crate::protocol::backend::{self as be, PgError, TransactionStatus};
 use crate::protocol::frame::put_frame;
@@ -27,6 +28,7 @@ use crate::protocol::sqlstate::SqlState;
 use crate::query::{Classified, Kind};
 use crate::rules::Action;
 use crate::server::Shared;
+use crate::stats::{Observation, key_hash};
 
 use super::SessionError;
 use super::client::Client;
@@ -159,8 +161,9 @@ impl Detached<'_> {
         Ok(lease)
     }
 
-    /// An entry for this request, if one may be served now.
-    fn lookup(&self, sql: &str, c: &Classified, req: Request<'_>, fallback: bool) -> Option<Arc<Entry>> {
+    /// An entry for this request, if one may be served now, with its key's hash and whether
+    /// it is past its TTL.
+    fn lookup(&self, sql: &str, c: &Classified, req: Request<'_>, fallback: bool) -> Option<(Arc<Entry>, u64, bool)> {
         if c.kind != Kind::Select || c.never_cache.is_some() || !self.flow.settings.known() || self.flow.taint.is_some()
         {
             return None;
@@ -169,6 +172,7 @@ impl Detached<'_> {
         [false, true].into_iter().find_map(|share| {
             let key = cache_key(&self.key.database, &self.flow.settings, self.reported, share, sql, &req);
             let (entry, freshness) = self.shared.store.get(&key)?;
+            let stale = freshness != Freshness::Fresh;
             let usable = match freshness {
                 Freshness::Fresh | Freshness::Stale => true,
                 Freshness::Fallback => fallback,
@@ -176,7 +180,7 @@ impl Detached<'_> {
             };
             // Only while the rule that admitted it still says so.
             let ruled = rules.get(&entry.rule.name).is_some_and(|r| r.action == Action::Cache);
-            (usable && ruled && entry.rule.share_across_roles == share).then_some(entry)
+            (usable && ruled && entry.rule.share_across_roles == share).then(|| (entry, key_hash(&key.0), stale))
         })
     }
 
@@ -191,10 +195,11 @@ impl Detached<'_> {
             let sql = std::str::from_utf8(fe::query(q.body()).ok()?.sql).ok()?;
             let classified = self.shared.classifier.classify(sql);
             let [c] = classified.as_slice() else { return None };
-            let entry = self.lookup(sql, c, Request::Simple, fallback)?;
+            let (entry, key, stale) = self.lookup(sql, c, Request::Simple, fallback)?;
             out.extend_from_slice(&entry.row_description);
             out.extend_from_slice(&entry.body);
             ready(&mut out);
+            self.record(classified.clone(), &entry, key, stale, out.len());
             return Some(out.freeze());
         }
         if frames.last()?.tag() != fe::SYNC {
@@ -202,6 +207,7 @@ impl Detached<'_> {
         }
         let mut parsed: HashMap<Vec<u8>, Arc<Statement>> = HashMap::new();
         let mut current: Option<Arc<Entry>> = None;
+        let mut hits = Vec::new();
         for f in frames {
             match f.tag() {
                 fe::PARSE => {
@@ -225,7 +231,9 @@ impl Detached<'_> {
                         parsed.get(b.statement).cloned().or_else(|| self.flow.statements.get(b.statement).cloned())?;
                     let [c] = st.classified.as_slice() else { return None };
                     let req = Request::Extended { param_types: &st.param_types, bind: &b };
-                    current = Some(self.lookup(&st.sql, c, req, fallback)?);
+                    let (entry, key, stale) = self.lookup(&st.sql, c, req, fallback)?;
+                    hits.push((st.classified.clone(), entry.clone(), key, stale));
+                    current = Some(entry);
                     out.extend_from_slice(&message(be::BIND_COMPLETE));
                 }
                 fe::DESCRIBE => match fe::named(f.body()).ok()? {
@@ -250,6 +258,22 @@ impl Detached<'_> {
             self.flow.unprepared.insert(name.clone());
             self.flow.statements.insert(name, st);
         }
+        for (classified, entry, key, stale) in hits {
+            let served = entry.body.len();
+            self.record(classified, &entry, key, stale, served);
+        }
         Some(out.freeze())
+    }
+
+    fn record(&self, classified: Arc<Vec<Classified>>, entry: &Entry, key: u64, stale: bool, served: usize) {
+        entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let o = Observation {
+            rule: Some(Arc::from(entry.rule.name.as_str())),
+            key: Some(key),
+            stale,
+            rows: entry.rows,
+            ..Observation::new(classified, metrics::Outcome::Hit)
+        };
+        self.shared.stats.record(&o, served as u64, false);
     }
 }

@@ -25,22 +25,49 @@ pub enum Effect {
     All,
 }
 
-/// Applies effects to the generations (before the completion reaches the client).
-pub fn apply(shared: &Shared, effects: &[Effect]) {
+/// Applies effects to the generations (before the completion reaches the client). A write's
+/// effects are applied when it completes and again when its transaction ends; `count` is set
+/// only for the latter, so the statistics count each committed write once.
+pub fn apply(shared: &Shared, effects: &[Effect], count: bool) {
     if !shared.config.cache.invalidate_on_writes {
         return;
     }
     for e in effects {
         match e {
-            Effect::Relations(r) => shared.generations.bump_relations(r),
-            Effect::Name(n) => shared.generations.bump_name(n),
-            Effect::All => shared.generations.bump_all(),
-            Effect::Unknown(why) => match shared.config.cache.unknown_writes {
-                UnknownWrites::InvalidateAll => shared.generations.bump_all(),
-                UnknownWrites::Ignore => {
-                    tracing::warn!(reason = why, "write with unknown targets; cache not invalidated")
+            Effect::Relations(r) => {
+                shared.generations.bump_relations(r);
+                if count {
+                    r.iter().for_each(|r| shared.stats.table_written(&r.name));
                 }
-            },
+            }
+            Effect::Name(n) => {
+                shared.generations.bump_name(n);
+                if count {
+                    shared.stats.table_written(n);
+                }
+            }
+            Effect::All => {
+                shared.generations.bump_all();
+                if count {
+                    shared.stats.all_invalidated();
+                }
+            }
+            Effect::Unknown(why) => {
+                if count {
+                    shared.stats.unknown_write();
+                }
+                match shared.config.cache.unknown_writes {
+                    UnknownWrites::InvalidateAll => {
+                        shared.generations.bump_all();
+                        if count {
+                            shared.stats.all_invalidated();
+                        }
+                    }
+                    UnknownWrites::Ignore => {
+                        tracing::warn!(reason = why, "write with unknown targets; cache not invalidated")
+                    }
+                }
+            }
         }
     }
 }

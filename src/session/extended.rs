@@ -12,16 +12,19 @@
 //! 3. emit: forwarded messages become pipeline items, cached answers local items; a batch
 //!    answered entirely from the cache gets its ReadyForQuery without touching the backend.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::metrics::Outcome;
 use crate::protocol::Frame;
 use crate::protocol::backend as be;
 use crate::protocol::frame::put_frame;
 use crate::protocol::frontend::{self as fe, Bind, Execute, Named, Parse, Target};
 use crate::query::Classified;
+use crate::stats::{Observation, key_hash};
 
 use super::SessionError;
 use super::decide::{Plan, Request};
@@ -68,6 +71,8 @@ struct BatchPlan {
     parsed: HashMap<usize, Arc<Statement>>,
     /// Per Execute: its plan and its writes.
     exec: HashMap<usize, (Exec, Vec<Effect>)>,
+    /// Per Execute: what the statistics will record.
+    observe: HashMap<usize, Observation>,
     /// The unnamed-portal Bind each Execute/Describe of the unnamed portal refers to.
     bound_by: HashMap<usize, usize>,
     virtual_parse: Vec<bool>,
@@ -178,6 +183,19 @@ impl Relay<'_> {
                         None => effects.push(Effect::Unknown("execute of a portal pgcache did not see bound")),
                     }
                     let mut exec = Exec::Forward;
+                    let mut observe = st.as_ref().map(|st| {
+                        let mut o = Observation::new(st.classified.clone(), Outcome::Passthrough);
+                        o.reason = Some(Cow::Borrowed(match st.select() {
+                            Some(c) => c.never_cache.unwrap_or("may write (calls a volatile user function)"),
+                            None => "not a plain SELECT",
+                        }));
+                        o
+                    });
+                    if e.max_rows != 0
+                        && let Some(o) = observe.as_mut()
+                    {
+                        o.reason = Some(Cow::Borrowed("executed with a row limit"));
+                    }
                     if e.portal.is_empty()
                         && let Some(bi) = unnamed_bind
                     {
@@ -193,10 +211,31 @@ impl Relay<'_> {
                                 .decide(&st.sql, &c, Request::Extended { param_types: &st.param_types, bind: b })
                                 .await?
                             {
-                                Plan::Hit(entry) => Exec::Hit(entry),
-                                Plan::Fill(fill) => Exec::Fill(self.flow.pipeline.add_fill(fill)),
+                                Plan::Hit { entry, key, stale } => {
+                                    if let Some(o) = observe.as_mut() {
+                                        o.outcome = Outcome::Hit;
+                                        o.rule = Some(Arc::from(entry.rule.name.as_str()));
+                                        o.reason = None;
+                                        o.key = Some(key);
+                                        o.stale = stale;
+                                        o.rows = entry.rows;
+                                    }
+                                    Exec::Hit(entry)
+                                }
+                                Plan::Fill(fill) => {
+                                    if let Some(o) = observe.as_mut() {
+                                        o.outcome = Outcome::Miss;
+                                        o.rule = Some(Arc::from(fill.rule.name.as_str()));
+                                        o.reason = None;
+                                        o.key = Some(key_hash(&fill.key.0));
+                                    }
+                                    Exec::Fill(self.flow.pipeline.add_fill(fill))
+                                }
                                 Plan::Forward(why) => {
                                     tracing::debug!(reason = %why, "forwarded, not cached");
+                                    if let Some(o) = observe.as_mut() {
+                                        o.reason = Some(why);
+                                    }
                                     Exec::Forward
                                 }
                             };
@@ -205,6 +244,9 @@ impl Relay<'_> {
                     }
                     write_seen |= !effects.is_empty() || st.as_ref().is_none_or(|s| s.select().is_none());
                     plan.exec.insert(i, (exec, effects));
+                    if let Some(o) = observe {
+                        plan.observe.insert(i, o);
+                    }
                 }
                 _ => {}
             }
@@ -252,6 +294,10 @@ impl Relay<'_> {
         for i in demote {
             if let Some((exec, _)) = plan.exec.get_mut(&i) {
                 *exec = Exec::Forward;
+            }
+            if let Some(o) = plan.observe.get_mut(&i) {
+                o.outcome = Outcome::Passthrough;
+                o.reason = Some(Cow::Borrowed("its portal is used again in the same batch"));
             }
         }
         for (pi, m) in msgs.iter().enumerate() {
@@ -347,9 +393,13 @@ impl Relay<'_> {
                 }
                 Msg::Execute(e) => {
                     let (exec, effects) = plan.exec.remove(&i).unwrap_or((Exec::Forward, Vec::new()));
+                    let observe = plan.observe.remove(&i).map(Box::new);
                     match exec {
                         Exec::Hit(entry) => {
                             entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if let Some(o) = &observe {
+                                self.shared.stats.record(o, entry.body.len() as u64, false);
+                            }
                             self.answer_locally(entry.body.clone());
                         }
                         Exec::Fill(id) => {
@@ -367,6 +417,7 @@ impl Relay<'_> {
                             self.flow.pipeline.items.push_back(Item::Backend(Forwarded {
                                 fill: Some(id),
                                 effects,
+                                observe,
                                 ..Forwarded::new(Expect::Execute)
                             }));
                             forwarded = true;
@@ -376,10 +427,11 @@ impl Relay<'_> {
                                 self.materialize_portal(current_unnamed.as_ref());
                             }
                             self.send(frame.into_raw());
-                            self.flow
-                                .pipeline
-                                .items
-                                .push_back(Item::Backend(Forwarded { effects, ..Forwarded::new(Expect::Execute) }));
+                            self.flow.pipeline.items.push_back(Item::Backend(Forwarded {
+                                effects,
+                                observe,
+                                ..Forwarded::new(Expect::Execute)
+                            }));
                             forwarded = true;
                         }
                     }

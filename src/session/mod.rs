@@ -162,6 +162,7 @@ async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: Startup) -> R
     };
     let handle = shared.cancels.register();
     handle.set_backend(Some(lease.conn_ref().key));
+    let registered = shared.stats.client(client.peer, &key.user, &key.database);
     client.send(&relay::welcome(&lease.conn_ref().params, handle.pid, handle.secret)).await?;
     tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, "client connected");
 
@@ -172,7 +173,11 @@ async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: Startup) -> R
     let result = loop {
         let Some(mut attached) = lease.take() else {
             handle.set_backend(None);
-            match detached::run(shared, &key, &params, client, &mut flow, &reported).await {
+            registered.backend_pid.store(0, std::sync::atomic::Ordering::Relaxed);
+            shared.stats.detached(1.0);
+            let outcome = detached::run(shared, &key, &params, client, &mut flow, &reported).await;
+            shared.stats.detached(-1.0);
+            match outcome {
                 Ok(detached::Outcome::Reattached(new)) => {
                     tracing::info!(peer = %client.peer, user = %key.user, "session moved to a new backend connection");
                     client.send(&changed_parameters(&reported, &new.conn_ref().params)).await?;
@@ -189,9 +194,11 @@ async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: Startup) -> R
             }
         };
         handle.set_backend(Some(attached.conn_ref().key));
+        registered.backend_pid.store(attached.conn_ref().key.pid as i64, std::sync::atomic::Ordering::Relaxed);
         let result = relay::run(shared, &key, &params, client, attached.conn(), &mut track, &mut flow).await;
         attached.conn().status = track.status;
         if let Ok(relay::Ending::BackendLost) = result {
+            shared.stats.backend_error();
             tracing::warn!(peer = %client.peer, user = %key.user, "backend connection lost; the session continues without one");
             reported = attached.conn_ref().params.clone();
             attached.release(Reset::Close);

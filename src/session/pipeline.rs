@@ -26,6 +26,7 @@ use crate::query::Relation;
 use crate::rules::Rule;
 
 use super::effects::Effect;
+use crate::stats::Observation;
 
 /// Which answer a forwarded request gets (Postgres docs, "Message Flow").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,11 +56,15 @@ pub struct Forwarded {
     pub probe: bool,
     /// Invalidations to apply when the request completes.
     pub effects: Vec<Effect>,
+    /// Recorded in the statistics when the request completes.
+    pub observe: Option<Box<Observation>>,
+    /// The backend reported an error for it.
+    pub failed: bool,
 }
 
 impl Forwarded {
     pub fn new(expect: Expect) -> Self {
-        Forwarded { expect, hidden: false, fill: None, probe: false, effects: Vec::new() }
+        Forwarded { expect, hidden: false, fill: None, probe: false, effects: Vec::new(), observe: None, failed: false }
     }
 
     pub fn hidden(expect: Expect) -> Self {
@@ -303,9 +308,13 @@ impl Flow {
                     self.probe_row = None;
                 }
                 if matches!(expect, Expect::Query | Expect::Sync) {
+                    if let Some(Item::Backend(head)) = self.pipeline.items.front_mut() {
+                        head.failed = true;
+                    }
                     return done(false);
                 }
                 // The backend now skips to Sync, and so do pgcache's own answers.
+                self.observed(shared, true);
                 self.pipeline.items.pop_front();
                 for id in self.pipeline.skip_to_sync() {
                     self.pipeline.take_fill(id);
@@ -328,6 +337,11 @@ impl Flow {
                 done(false)
             }
             be::DATA_ROW => {
+                if let Some(Item::Backend(head)) = self.pipeline.items.front_mut()
+                    && let Some(o) = head.observe.as_mut()
+                {
+                    o.rows += 1;
+                }
                 if probe {
                     self.probe_row = be::data_row_text(body).ok();
                 } else if let Some(f) = fill.and_then(|id| self.pipeline.fill_mut(id)) {
@@ -342,7 +356,7 @@ impl Flow {
                 if status == TransactionStatus::Idle
                     && let Some(Item::Backend(head)) = self.pipeline.items.front()
                 {
-                    effects::apply(shared, &head.effects);
+                    effects::apply(shared, &head.effects, false);
                 }
                 if let Some(id) = fill
                     && let Some(mut f) = self.pipeline.take_fill(id)
@@ -351,6 +365,7 @@ impl Flow {
                     f.finish(&shared.store);
                 }
                 if expect == Expect::Execute {
+                    self.observed(shared, false);
                     self.pipeline.items.pop_front();
                     return done(true);
                 }
@@ -361,6 +376,7 @@ impl Flow {
                     self.pipeline.take_fill(id);
                 }
                 if expect == Expect::Execute {
+                    self.observed(shared, false);
                     self.pipeline.items.pop_front();
                     return done(true);
                 }
@@ -379,10 +395,13 @@ impl Flow {
                 done(false)
             }
             be::READY_FOR_QUERY => {
-                if let Some(Item::Backend(head)) = self.pipeline.items.pop_front()
-                    && status == TransactionStatus::Idle
-                {
-                    effects::apply(shared, &head.effects);
+                if let Some(Item::Backend(head)) = self.pipeline.items.pop_front() {
+                    if let Some(o) = &head.observe {
+                        shared.stats.record(o, 0, head.failed);
+                    }
+                    if status == TransactionStatus::Idle {
+                        effects::apply(shared, &head.effects, false);
+                    }
                 }
                 if probe {
                     self.finish_probe();
@@ -393,6 +412,15 @@ impl Flow {
                 done(true)
             }
             _ => done(false),
+        }
+    }
+
+    /// Records the observation of the item at the head, if it has one.
+    fn observed(&mut self, shared: &Shared, error: bool) {
+        if let Some(Item::Backend(head)) = self.pipeline.items.front_mut()
+            && let Some(o) = head.observe.take()
+        {
+            shared.stats.record(&o, 0, error);
         }
     }
 
@@ -411,7 +439,7 @@ impl Flow {
     /// have reverted.
     fn end_transaction(&mut self, shared: &Shared) {
         let effects = std::mem::take(&mut self.tx_effects);
-        effects::apply(shared, &effects);
+        effects::apply(shared, &effects, true);
         self.wrote = false;
         self.portals.clear();
         if std::mem::take(&mut self.settings_changed_in_tx) {

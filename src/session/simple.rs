@@ -1,11 +1,16 @@
 //! The simple query protocol: a Query message answered from the cache, filled into it, or
 //! forwarded — with its writes noted for invalidation either way.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 
+use crate::metrics::Outcome;
 use crate::protocol::Frame;
 use crate::protocol::frontend;
 use crate::query::{Classified, Kind};
+use crate::stats::{Observation, key_hash};
 
 use super::SessionError;
 use super::decide::{Plan, Request};
@@ -18,12 +23,17 @@ impl Relay<'_> {
         // statement with unknown effects.
         let classified = match frontend::query(frame.body()).ok().and_then(|q| std::str::from_utf8(q.sql).ok()) {
             Some(sql) => self.shared.classifier.classify(sql),
-            None => std::sync::Arc::new(vec![Classified::unparseable()]),
+            None => Arc::new(vec![Classified::unparseable()]),
         };
         let mut effects = Vec::new();
         for c in classified.iter() {
             effects.extend(self.note(c).await);
         }
+        let mut observe = Observation::new(classified.clone(), Outcome::Passthrough);
+        observe.reason = Some(Cow::Borrowed(match classified.as_slice() {
+            [c] => c.never_cache.unwrap_or("may write (calls a volatile user function)"),
+            _ => "several statements in one query",
+        }));
         if let [c] = classified.as_slice()
             && c.kind == Kind::Select
             && effects.is_empty()
@@ -31,30 +41,49 @@ impl Relay<'_> {
             && let Ok(sql) = std::str::from_utf8(q.sql)
         {
             match self.decide(sql, c, Request::Simple).await? {
-                Plan::Hit(entry) => {
+                Plan::Hit { entry, key, stale } => {
                     entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let mut answer = BytesMut::with_capacity(entry.row_description.len() + entry.body.len());
                     answer.extend_from_slice(&entry.row_description);
                     answer.extend_from_slice(&entry.body);
+                    observe.outcome = Outcome::Hit;
+                    observe.rule = Some(Arc::from(entry.rule.name.as_str()));
+                    observe.reason = None;
+                    observe.key = Some(key);
+                    observe.stale = stale;
+                    observe.rows = entry.rows;
+                    self.shared.stats.record(&observe, answer.len() as u64, false);
                     self.answer_locally(answer.freeze());
                     self.flow.pipeline.items.push_back(Item::LocalReady);
                     self.flush_locals();
                     return Ok(());
                 }
                 Plan::Fill(fill) => {
+                    observe.outcome = Outcome::Miss;
+                    observe.rule = Some(Arc::from(fill.rule.name.as_str()));
+                    observe.reason = None;
+                    observe.key = Some(key_hash(&fill.key.0));
                     let id = self.flow.pipeline.add_fill(fill);
                     self.send(frame.into_raw());
-                    self.flow
-                        .pipeline
-                        .items
-                        .push_back(Item::Backend(Forwarded { fill: Some(id), ..Forwarded::new(Expect::Query) }));
+                    self.flow.pipeline.items.push_back(Item::Backend(Forwarded {
+                        fill: Some(id),
+                        observe: Some(Box::new(observe)),
+                        ..Forwarded::new(Expect::Query)
+                    }));
                     return Ok(());
                 }
-                Plan::Forward(why) => tracing::debug!(reason = %why, "forwarded, not cached"),
+                Plan::Forward(why) => {
+                    tracing::debug!(reason = %why, "forwarded, not cached");
+                    observe.reason = Some(why);
+                }
             }
         }
         self.send(frame.into_raw());
-        self.flow.pipeline.items.push_back(Item::Backend(Forwarded { effects, ..Forwarded::new(Expect::Query) }));
+        self.flow.pipeline.items.push_back(Item::Backend(Forwarded {
+            effects,
+            observe: Some(Box::new(observe)),
+            ..Forwarded::new(Expect::Query)
+        }));
         Ok(())
     }
 

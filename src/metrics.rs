@@ -1,0 +1,209 @@
+//! Every Prometheus metric pgcache exports: names, kinds and help texts in one place (the
+//! names are part of the interface; `deploy/` alerts and dashboards are checked against this
+//! list), and the recorder they are kept in.
+//!
+//! Each server owns its own `metrics-exporter-prometheus` recorder and registers its handles
+//! through it, rather than installing the `metrics` crate's process-wide global recorder: many
+//! servers can then run in one process (as the tests do) with separate counts. Histograms use
+//! explicit buckets, rendered as real Prometheus histograms (summaries cannot be aggregated
+//! across the replicas of a sidecar).
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
+
+/// What kind of metric a name is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+pub const CACHE_HITS: &str = "pgcache_cache_hits_total";
+pub const CACHE_MISSES: &str = "pgcache_cache_misses_total";
+pub const CACHE_STALE_SERVED: &str = "pgcache_cache_stale_served_total";
+pub const CACHE_COALESCED: &str = "pgcache_cache_coalesced_total";
+pub const CACHE_SERVED_BYTES: &str = "pgcache_cache_served_bytes_total";
+pub const CACHE_ENTRIES: &str = "pgcache_cache_entries";
+pub const CACHE_BYTES: &str = "pgcache_cache_bytes";
+pub const CACHE_CAPACITY_BYTES: &str = "pgcache_cache_capacity_bytes";
+pub const CACHE_EVICTIONS: &str = "pgcache_cache_evictions_total";
+pub const INVALIDATIONS: &str = "pgcache_invalidations_total";
+pub const UNKNOWN_WRITES: &str = "pgcache_unknown_writes_total";
+pub const QUERY_DURATION: &str = "pgcache_query_duration_seconds";
+pub const CLIENT_CONNECTIONS: &str = "pgcache_client_connections";
+pub const DETACHED_SESSIONS: &str = "pgcache_detached_sessions";
+pub const BACKEND_CONNECTIONS: &str = "pgcache_backend_connections";
+pub const POOL_WAIT: &str = "pgcache_pool_wait_seconds";
+pub const BACKEND_ERRORS: &str = "pgcache_backend_errors_total";
+pub const RULES_RELOAD: &str = "pgcache_rules_reload_total";
+pub const RULES_LOADED: &str = "pgcache_rules_loaded";
+
+/// Every metric: name, kind, help text.
+pub const ALL: &[(&str, Kind, &str)] = &[
+    (CACHE_HITS, Kind::Counter, "Statements answered from the cache, by rule."),
+    (CACHE_MISSES, Kind::Counter, "Cacheable statements sent to Postgres because no usable entry existed, by rule."),
+    (
+        CACHE_STALE_SERVED,
+        Kind::Counter,
+        "Hits served past their TTL (stale-while-revalidate or stale-if-error), by rule.",
+    ),
+    (
+        CACHE_COALESCED,
+        Kind::Counter,
+        "Misses that waited for an identical miss in flight instead of querying, by rule.",
+    ),
+    (CACHE_SERVED_BYTES, Kind::Counter, "Bytes of results answered from the cache, by rule."),
+    (CACHE_ENTRIES, Kind::Gauge, "Entries in the cache."),
+    (CACHE_BYTES, Kind::Gauge, "Bytes held by the cache."),
+    (CACHE_CAPACITY_BYTES, Kind::Gauge, "Configured cache size in bytes (cache.max_bytes)."),
+    (CACHE_EVICTIONS, Kind::Counter, "Entries evicted to stay within the byte bound."),
+    (
+        INVALIDATIONS,
+        Kind::Counter,
+        "Invalidations caused by writes, by table (\"*all*\" for everything, \"other\" past the label cap).",
+    ),
+    (
+        UNKNOWN_WRITES,
+        Kind::Counter,
+        "Writes whose targets pgcache could not know (DO, CALL, volatile user functions, triggers).",
+    ),
+    (QUERY_DURATION, Kind::Histogram, "Statement duration as the client sees it, by outcome (hit, miss, passthrough)."),
+    (CLIENT_CONNECTIONS, Kind::Gauge, "Client connections in a session."),
+    (
+        DETACHED_SESSIONS,
+        Kind::Gauge,
+        "Client sessions without a backend (Postgres unreachable; serving from the cache).",
+    ),
+    (BACKEND_CONNECTIONS, Kind::Gauge, "Backend connections, by state (active, idle)."),
+    (POOL_WAIT, Kind::Histogram, "Time clients waited for a backend connection."),
+    (BACKEND_ERRORS, Kind::Counter, "Failures to connect to Postgres and backend connections lost mid-session."),
+    (RULES_RELOAD, Kind::Counter, "Rule reloads, by result (success, failure)."),
+    (RULES_LOADED, Kind::Gauge, "Rules in force."),
+];
+
+/// Histogram buckets, 50 µs to 10 s.
+pub const BUCKETS: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// How a statement was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Miss,
+    Passthrough,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Passthrough => "passthrough",
+        }
+    }
+}
+
+static METADATA: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, None);
+
+/// One server's metrics.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    tables: Mutex<HashSet<String>>,
+    max_table_labels: usize,
+}
+
+impl Metrics {
+    pub fn new(max_table_labels: usize) -> Self {
+        let mut builder = PrometheusBuilder::new();
+        for (name, kind, _) in ALL {
+            if *kind == Kind::Histogram {
+                builder = builder
+                    .set_buckets_for_metric(Matcher::Full((*name).to_owned()), BUCKETS)
+                    .expect("the bucket list is not empty");
+            }
+        }
+        let recorder = builder.build_recorder();
+        for (name, kind, help) in ALL {
+            let help = SharedString::from(*help);
+            let key = (*name).into();
+            match kind {
+                Kind::Counter => recorder.describe_counter(key, None, help),
+                Kind::Gauge => recorder.describe_gauge(key, None, help),
+                Kind::Histogram => recorder.describe_histogram(key, Some(Unit::Seconds), help),
+            }
+        }
+        Metrics { recorder, tables: Mutex::new(HashSet::new()), max_table_labels }
+    }
+
+    fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+        Key::from_parts(name, labels.iter().map(|(k, v)| Label::new(*k, v.to_string())).collect::<Vec<_>>())
+    }
+
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        self.recorder.register_counter(&Self::key(name, labels), &METADATA)
+    }
+
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        self.recorder.register_gauge(&Self::key(name, labels), &METADATA)
+    }
+
+    pub fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+        self.recorder.register_histogram(&Self::key(name, labels), &METADATA)
+    }
+
+    /// The label for a table: itself while fewer than the cap have been seen, else `other`.
+    pub fn table_label(&self, table: &str) -> String {
+        let mut seen = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(table) {
+            return table.to_owned();
+        }
+        if seen.len() < self.max_table_labels {
+            seen.insert(table.to_owned());
+            return table.to_owned();
+        }
+        "other".to_owned()
+    }
+
+    pub fn render(&self) -> String {
+        let handle = self.recorder.handle();
+        handle.run_upkeep();
+        handle.render()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_render_as_histograms_and_help_is_present() {
+        let m = Metrics::new(2);
+        m.histogram(QUERY_DURATION, &[("outcome", "hit")]).record(0.0002);
+        m.counter(CACHE_HITS, &[("rule", "r")]).increment(3);
+        let text = m.render();
+        assert!(text.contains("pgcache_query_duration_seconds_bucket{outcome=\"hit\",le=\"0.00025\"} 1"), "{text}");
+        assert!(text.contains("pgcache_cache_hits_total{rule=\"r\"} 3"), "{text}");
+        assert!(text.contains("# HELP pgcache_cache_hits_total Statements answered from the cache"), "{text}");
+    }
+
+    #[test]
+    fn table_labels_are_capped() {
+        let m = Metrics::new(2);
+        assert_eq!(m.table_label("a"), "a");
+        assert_eq!(m.table_label("b"), "b");
+        assert_eq!(m.table_label("c"), "other");
+        assert_eq!(m.table_label("a"), "a");
+    }
+
+    #[test]
+    fn names_are_unique_and_prefixed() {
+        let mut seen = HashSet::new();
+        for (name, _, help) in ALL {
+            assert!(name.starts_with("pgcache_") && seen.insert(*name) && !help.is_empty());
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! What pgcache observes, for the admin console and Prometheus at once: totals, one row per
+//! normalized query (calls, time, rows, outcomes, the rule that matched or why none could, the
+//! tables read, how many distinct keys it used), writes per table, and the connected clients.
+//! Each event is recorded once here and fed to [`Metrics`] too.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::metrics::{self as m, Metrics, Outcome};
+
+/// Queries tracked at most; past that, new shapes are counted in the totals only.
+const MAX_QUERIES: usize = 5000;
+/// Distinct keys counted per query at most.
+const MAX_KEYS: usize = 1024;
+
+/// One request's outcome, built when it is planned and recorded when it completes.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    /// The classified statements of the request (one, or all of a multi-statement Query).
+    pub statements: Arc<Vec<crate::query::Classified>>,
+    pub rule: Option<Arc<str>>,
+    pub outcome: Outcome,
+    /// Why it was not answered from the cache.
+    pub reason: Option<Cow<'static, str>>,
+    /// A hash of its cache key (distinct keys drive the hit-ratio estimate).
+    pub key: Option<u64>,
+    pub stale: bool,
+    pub started: Instant,
+    pub rows: u64,
+}
+
+impl Observation {
+    pub fn new(statements: Arc<Vec<crate::query::Classified>>, outcome: Outcome) -> Self {
+        Observation {
+            statements,
+            rule: None,
+            outcome,
+            reason: None,
+            key: None,
+            stale: false,
+            started: Instant::now(),
+            rows: 0,
+        }
+    }
+
+    /// The shape the request is counted under (several statements count as one shape).
+    fn fingerprint(&self) -> u64 {
+        self.statements.iter().fold(0u64, |acc, c| acc.rotate_left(7) ^ c.fingerprint)
+    }
+
+    fn normalized(&self) -> Arc<str> {
+        match self.statements.as_slice() {
+            [one] => one.normalized.clone(),
+            many => Arc::from(many.iter().map(|c| &*c.normalized).collect::<Vec<_>>().join("; ")),
+        }
+    }
+
+    fn tables(&self) -> Vec<String> {
+        let mut t: Vec<String> = self.statements.iter().flat_map(|c| c.reads.iter().map(|r| r.to_string())).collect();
+        t.sort();
+        t.dedup();
+        t
+    }
+}
+
+/// Per normalized query.
+#[derive(Debug, Clone)]
+pub struct QueryStat {
+    pub normalized: Arc<str>,
+    pub calls: u64,
+    pub total: Duration,
+    pub rows: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub passthrough: u64,
+    pub errors: u64,
+    pub rule: Option<Arc<str>>,
+    pub reason: Option<Cow<'static, str>>,
+    pub tables: Vec<String>,
+    pub keys: HashSet<u64>,
+    pub first_seen: Instant,
+}
+
+/// A connected client, for `SHOW CLIENTS`.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub peer: SocketAddr,
+    pub user: String,
+    pub database: String,
+    pub since: SystemTime,
+    /// The backend's pid, 0 while the session has none.
+    pub backend_pid: Arc<AtomicI64>,
+}
+
+#[derive(Debug, Default)]
+struct Totals {
+    statements: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    passthrough: AtomicU64,
+    stale: AtomicU64,
+    errors: AtomicU64,
+    bytes_served: AtomicU64,
+    busy_micros: AtomicU64,
+}
+
+/// Totals as numbers, for `SHOW STATS`.
+#[derive(Debug, Clone, Default)]
+pub struct TotalsSnapshot {
+    pub uptime: Duration,
+    pub statements: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub passthrough: u64,
+    pub stale: u64,
+    pub errors: u64,
+    pub bytes_served: u64,
+    pub busy: Duration,
+}
+
+pub struct Stats {
+    pub metrics: Metrics,
+    started: Instant,
+    totals: Totals,
+    queries: Mutex<HashMap<u64, QueryStat>>,
+    table_writes: Mutex<HashMap<String, u64>>,
+    clients: Mutex<HashMap<u64, ClientInfo>>,
+    next_client: AtomicU64,
+    slow: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A hash of a cache key.
+pub fn key_hash(key: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// Removes the client from the registry when dropped.
+pub struct ClientGuard {
+    stats: Arc<Stats>,
+    id: u64,
+    pub backend_pid: Arc<AtomicI64>,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        lock(&self.stats.clients).remove(&self.id);
+        self.stats.metrics.gauge(m::CLIENT_CONNECTIONS, &[]).decrement(1.0);
+    }
+}
+
+impl Stats {
+    pub fn new(max_table_labels: usize, slow: Duration) -> Self {
+        Stats {
+            metrics: Metrics::new(max_table_labels),
+            started: Instant::now(),
+            totals: Totals::default(),
+            queries: Mutex::new(HashMap::new()),
+            table_writes: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+            next_client: AtomicU64::new(1),
+            slow,
+        }
+    }
+
+    /// Records a completed statement; `served` is the bytes answered from the cache.
+    pub fn record(&self, o: &Observation, served: u64, error: bool) {
+        let elapsed = o.started.elapsed();
+        let t = &self.totals;
+        t.statements.fetch_add(1, Ordering::Relaxed);
+        t.busy_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        let rule = o.rule.as_deref().unwrap_or("");
+        match o.outcome {
+            Outcome::Hit => {
+                t.hits.fetch_add(1, Ordering::Relaxed);
+                t.bytes_served.fetch_add(served, Ordering::Relaxed);
+                self.metrics.counter(m::CACHE_HITS, &[("rule", rule)]).increment(1);
+                self.metrics.counter(m::CACHE_SERVED_BYTES, &[("rule", rule)]).increment(served);
+                if o.stale {
+                    t.stale.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.counter(m::CACHE_STALE_SERVED, &[("rule", rule)]).increment(1);
+                }
+            }
+            Outcome::Miss => {
+                t.misses.fetch_add(1, Ordering::Relaxed);
+                self.metrics.counter(m::CACHE_MISSES, &[("rule", rule)]).increment(1);
+            }
+            Outcome::Passthrough => {
+                t.passthrough.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if error {
+            t.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.metrics.histogram(m::QUERY_DURATION, &[("outcome", o.outcome.as_str())]).record(elapsed.as_secs_f64());
+        if elapsed >= self.slow && o.outcome != Outcome::Hit {
+            // The normalized text only: never parameter values.
+            tracing::warn!(duration_ms = elapsed.as_millis() as u64, query = %o.normalized(), "slow statement");
+        }
+        let fingerprint = o.fingerprint();
+        let mut queries = lock(&self.queries);
+        if !queries.contains_key(&fingerprint) && queries.len() >= MAX_QUERIES {
+            return;
+        }
+        let q = queries.entry(fingerprint).or_insert_with(|| QueryStat {
+            normalized: o.normalized(),
+            calls: 0,
+            total: Duration::ZERO,
+            rows: 0,
+            hits: 0,
+            misses: 0,
+            passthrough: 0,
+            errors: 0,
+            rule: None,
+            reason: None,
+            tables: o.tables(),
+            keys: HashSet::new(),
+            first_seen: o.started,
+        });
+        q.calls += 1;
+        q.total += elapsed;
+        q.rows += o.rows;
+        q.errors += error as u64;
+        match o.outcome {
+            Outcome::Hit => q.hits += 1,
+            Outcome::Miss => q.misses += 1,
+            Outcome::Passthrough => q.passthrough += 1,
+        }
+        q.rule = o.rule.clone();
+        q.reason = o.reason.clone();
+        if let Some(k) = o.key
+            && q.keys.len() < MAX_KEYS
+        {
+            q.keys.insert(k);
+        }
+    }
+
+    /// A write changed `table` (any schema).
+    pub fn table_written(&self, table: &str) {
+        *lock(&self.table_writes).entry(table.to_owned()).or_default() += 1;
+        let label = self.metrics.table_label(table);
+        self.metrics.counter(m::INVALIDATIONS, &[("table", &label)]).increment(1);
+    }
+
+    /// Everything was invalidated (a write with unknown targets, or an operator's command).
+    pub fn all_invalidated(&self) {
+        self.metrics.counter(m::INVALIDATIONS, &[("table", "*all*")]).increment(1);
+    }
+
+    pub fn unknown_write(&self) {
+        self.metrics.counter(m::UNKNOWN_WRITES, &[]).increment(1);
+    }
+
+    pub fn coalesced(&self, rule: &str) {
+        self.metrics.counter(m::CACHE_COALESCED, &[("rule", rule)]).increment(1);
+    }
+
+    pub fn backend_error(&self) {
+        self.metrics.counter(m::BACKEND_ERRORS, &[]).increment(1);
+    }
+
+    pub fn pool_wait(&self, waited: Duration) {
+        self.metrics.histogram(m::POOL_WAIT, &[]).record(waited.as_secs_f64());
+    }
+
+    pub fn rules_reloaded(&self, ok: bool) {
+        self.metrics.counter(m::RULES_RELOAD, &[("result", if ok { "success" } else { "failure" })]).increment(1);
+    }
+
+    pub fn detached(&self, delta: f64) {
+        self.metrics.gauge(m::DETACHED_SESSIONS, &[]).increment(delta);
+    }
+
+    /// Registers a connected client until the guard is dropped.
+    pub fn client(self: &Arc<Self>, peer: SocketAddr, user: &str, database: &str) -> ClientGuard {
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        let backend_pid = Arc::new(AtomicI64::new(0));
+        let info = ClientInfo {
+            peer,
+            user: user.to_owned(),
+            database: database.to_owned(),
+            since: SystemTime::now(),
+            backend_pid: backend_pid.clone(),
+        };
+        lock(&self.clients).insert(id, info);
+        self.metrics.gauge(m::CLIENT_CONNECTIONS, &[]).increment(1.0);
+        ClientGuard { stats: self.clone(), id, backend_pid }
+    }
+
+    pub fn totals(&self) -> TotalsSnapshot {
+        let t = &self.totals;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        TotalsSnapshot {
+            uptime: self.started.elapsed(),
+            statements: get(&t.statements),
+            hits: get(&t.hits),
+            misses: get(&t.misses),
+            passthrough: get(&t.passthrough),
+            stale: get(&t.stale),
+            errors: get(&t.errors),
+            bytes_served: get(&t.bytes_served),
+            busy: Duration::from_micros(get(&t.busy_micros)),
+        }
+    }
+
+    pub fn queries(&self) -> Vec<QueryStat> {
+        let mut v: Vec<QueryStat> = lock(&self.queries).values().cloned().collect();
+        v.sort_by(|a, b| b.calls.cmp(&a.calls).then_with(|| a.normalized.cmp(&b.normalized)));
+        v
+    }
+
+    pub fn table_writes(&self) -> HashMap<String, u64> {
+        lock(&self.table_writes).clone()
+    }
+
+    pub fn clients(&self) -> Vec<ClientInfo> {
+        let mut v: Vec<ClientInfo> = lock(&self.clients).values().cloned().collect();
+        v.sort_by_key(|c| c.since);
+        v
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+/// The fraction of calls a cache would answer for a query called `calls` times over `period`
+/// with `keys` distinct keys, reading tables written `writes` times over the same period, with
+/// entries living `ttl`: each entry lives until its TTL or the next write (Poisson writes at
+/// rate w: expected life (1 - e^{-w·ttl}) / w), and answers the calls for its key meanwhile.
+pub fn estimated_hit_ratio(calls: u64, keys: usize, writes: u64, period: Duration, ttl: Duration) -> f64 {
+    let secs = period.as_secs_f64().max(1.0);
+    let per_key = calls as f64 / secs / keys.max(1) as f64;
+    let w = writes as f64 / secs;
+    let t = ttl.as_secs_f64();
+    let life = if w > 0.0 { (1.0 - (-w * t).exp()) / w } else { t };
+    let served = per_key * life;
+    served / (1.0 + served)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_ratio_estimate_behaves() {
+        let minute = Duration::from_secs(60);
+        let hot = estimated_hit_ratio(6000, 1, 0, minute, minute);
+        assert!(hot > 0.99, "{hot}");
+        let written = estimated_hit_ratio(6000, 1, 6000, minute, minute);
+        assert!(written < 0.55 && written > 0.45, "{written}");
+        let spread = estimated_hit_ratio(60, 1000, 0, minute, minute);
+        assert!(spread < 0.1, "{spread}");
+    }
+
+    #[test]
+    fn records_feed_totals_queries_and_metrics() {
+        let s = Stats::new(10, Duration::from_secs(60));
+        let o = Observation {
+            rule: Some(Arc::from("r")),
+            key: Some(1),
+            stale: true,
+            rows: 1,
+            ..Observation::new(Arc::new(crate::query::classify::classify("SELECT 1")), Outcome::Hit)
+        };
+        s.record(&o, 40, false);
+        s.record(&Observation { outcome: Outcome::Miss, key: Some(2), ..o.clone() }, 0, false);
+        let t = s.totals();
+        assert_eq!((t.statements, t.hits, t.misses, t.stale, t.bytes_served), (2, 1, 1, 1, 40));
+        let q = &s.queries()[0];
+        assert_eq!((q.calls, q.hits, q.misses, q.keys.len()), (2, 1, 1, 2));
+        let text = s.metrics.render();
+        assert!(text.contains("pgcache_cache_stale_served_total{rule=\"r\"} 1"), "{text}");
+    }
+}
