@@ -31,8 +31,13 @@ fn init_logging(format: LogFormat) {
 async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let listener = server::bind(&config).await?;
-    tracing::info!(listen = %config.listen, upstream = %config.upstream.describe(), "pgcache listening");
+    tracing::info!(listen = %config.listen, admin = %config.admin, upstream = %config.upstream.describe(), "pgcache listening");
+    let admin = tokio::net::TcpListener::bind(config.admin)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.admin))?;
     let shared = server::Shared::new(config, shutdown.clone()).context("cannot start")?;
+    *shared.config_source.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::env::args_os().collect());
+    tokio::spawn(pgcache::admin::http::serve(admin, shared.clone()));
     tokio::spawn(wait_for_signal(shutdown, shared.clone()));
     server::run(listener, shared).await;
     Ok(())
@@ -52,8 +57,10 @@ async fn wait_for_signal(shutdown: CancellationToken, shared: std::sync::Arc<ser
             _ = term.recv() => tracing::info!("SIGTERM received"),
             _ = int.recv() => tracing::info!("SIGINT received"),
             _ = hup.recv() => {
-                tracing::info!("SIGHUP received: reloading rules");
-                let _ = shared.rules.reload();
+                tracing::info!("SIGHUP received: reloading rules and configuration");
+                if let Err(e) = shared.reload() {
+                    tracing::error!(error = %e, "reload failed");
+                }
                 continue;
             }
         }

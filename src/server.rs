@@ -26,7 +26,11 @@ use crate::stats::Stats;
 /// What every session shares. Built once per server; nothing here is a process-wide global,
 /// so tests run many servers in one process.
 pub struct Shared {
-    pub config: Arc<Config>,
+    /// The configuration in force; `RELOAD` and SIGHUP swap in changes that are safe live.
+    config: arc_swap::ArcSwap<Config>,
+    /// The command line the server was started with, to re-read on reload (`None` when built
+    /// from a `Config` directly, as in tests).
+    pub config_source: std::sync::Mutex<Option<Vec<std::ffi::OsString>>>,
     pub pools: Pools,
     pub cancels: Arc<CancelRegistry>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
@@ -56,6 +60,41 @@ pub enum ServerError {
 }
 
 impl Shared {
+    /// Waits while new backend work is paused (admin `PAUSE`), or until shutdown forces
+    /// sessions closed.
+    pub async fn wait_while_paused(&self) {
+        let mut rx = self.paused.subscribe();
+        tokio::select! {
+            _ = rx.wait_for(|paused| !*paused) => {}
+            _ = self.force_close.cancelled() => {}
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    /// Reloads the rules, and the configuration if the server was started from a command line:
+    /// settings that are safe to change live take effect; the names of changed settings that
+    /// need a restart are returned.
+    pub fn reload(&self) -> Result<Vec<&'static str>, String> {
+        let rules = self.rules.reload().map_err(|e| e.to_string());
+        let args = self.config_source.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut restart = Vec::new();
+        if let Some(args) = args {
+            let cli = <crate::config::Cli as clap::Parser>::try_parse_from(args).map_err(|e| e.to_string())?;
+            let fresh = Config::load(&cli).map_err(|e| e.to_string())?;
+            let (applied, needs) = self.config().reloaded(fresh);
+            self.config.store(Arc::new(applied));
+            restart = needs;
+            if !restart.is_empty() {
+                tracing::warn!(settings = ?restart, "configuration changes that need a restart were not applied");
+            }
+        }
+        rules.map(|_| restart)
+    }
+
     pub fn new(config: Config, shutdown: CancellationToken) -> Result<Arc<Shared>, ServerError> {
         let endpoint = Arc::new(Endpoint::new(&config.upstream, config.pool.connect_timeout)?);
         let tls = match (&config.client.tls_cert, &config.client.tls_key) {
@@ -82,7 +121,8 @@ impl Shared {
             rules: Arc::new(rules),
             stats,
             paused: tokio::sync::watch::channel(false).0,
-            config: Arc::new(config),
+            config: arc_swap::ArcSwap::from_pointee(config),
+            config_source: std::sync::Mutex::new(None),
             cancels: Arc::new(CancelRegistry::default()),
             tls,
             shutdown,
@@ -99,7 +139,7 @@ pub async fn bind(config: &Config) -> Result<TcpListener, ServerError> {
 /// Accepts clients on `listener` until `shared.shutdown` is cancelled, then drains.
 pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
     let sessions = TaskTracker::new();
-    let limit = Arc::new(Semaphore::new(shared.config.client.max_connections));
+    let limit = Arc::new(Semaphore::new(shared.config().client.max_connections));
     let upkeep = tokio::spawn(maintain(shared.clone()));
     let watch = tokio::spawn(shared.rules.clone().watch(Duration::from_secs(1)));
     let mut backoff = Duration::from_millis(5);
@@ -125,7 +165,7 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
     drop(listener);
     sessions.close();
     tracing::info!(sessions = sessions.len(), "shutting down: draining sessions");
-    if tokio::time::timeout(shared.config.drain_timeout, sessions.wait()).await.is_err() {
+    if tokio::time::timeout(shared.config().drain_timeout, sessions.wait()).await.is_err() {
         tracing::warn!(sessions = sessions.len(), "drain timeout passed: closing remaining sessions");
         shared.force_close.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), sessions.wait()).await;

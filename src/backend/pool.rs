@@ -72,8 +72,18 @@ pub struct Pool {
     last_startup: Mutex<Option<StartupParams>>,
     /// When opening a connection last failed (Postgres unreachable or refusing).
     last_failure: Mutex<Option<Instant>>,
+    /// Connections lent out, by backend pid: when they were opened.
+    lent: Mutex<HashMap<i32, Instant>>,
     closed: AtomicBool,
     stats: Arc<Stats>,
+}
+
+/// One backend connection, for `SHOW SERVERS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerInfo {
+    pub pid: i32,
+    pub active: bool,
+    pub age: Duration,
 }
 
 /// Counts for `SHOW POOLS` and metrics.
@@ -94,6 +104,7 @@ impl Pool {
             idle: Mutex::new(VecDeque::new()),
             last_startup: Mutex::new(None),
             last_failure: Mutex::new(None),
+            lent: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             stats,
         }
@@ -101,6 +112,31 @@ impl Pool {
 
     fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every connection: lent out (active) or idle.
+    pub fn servers(&self) -> Vec<ServerInfo> {
+        let mut v: Vec<ServerInfo> = self
+            .lent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(pid, created)| ServerInfo { pid: *pid, active: true, age: created.elapsed() })
+            .collect();
+        v.extend(self.idle().iter().map(|i| ServerInfo {
+            pid: i.conn.key.pid,
+            active: false,
+            age: i.conn.created.elapsed(),
+        }));
+        v
+    }
+
+    fn lend(&self, conn: &Connection) {
+        self.lent.lock().unwrap_or_else(|e| e.into_inner()).insert(conn.key.pid, conn.created);
+    }
+
+    fn returned(&self, conn: &Connection) {
+        self.lent.lock().unwrap_or_else(|e| e.into_inner()).remove(&conn.key.pid);
     }
 
     pub fn stats(&self) -> PoolStats {
@@ -251,6 +287,7 @@ pub struct Lease {
 
 impl Lease {
     fn new(conn: Connection, permit: OwnedSemaphorePermit, pool: Arc<Pool>) -> Self {
+        pool.lend(&conn);
         Lease { conn: Some(conn), permit: Some(permit), pool }
     }
 
@@ -269,6 +306,7 @@ impl Lease {
         let (Some(mut conn), Some(permit)) = (self.conn.take(), self.permit.take()) else {
             return;
         };
+        self.pool.returned(&conn);
         let pool = self.pool.clone();
         let reusable = reset != Reset::Close && conn.status == TransactionStatus::Idle && conn.rbuf.is_empty();
         if !reusable {
@@ -297,6 +335,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
+            self.pool.returned(&conn);
             // Not released: the session ended abnormally. Never reuse it.
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 handle.spawn(conn.terminate());

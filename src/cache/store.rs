@@ -28,6 +28,8 @@ pub struct Entry {
     pub deps: Vec<Dependency>,
     /// The relations it read (for reports and `INVALIDATE TABLE`).
     pub tables: Vec<Relation>,
+    /// The SQL text it answers (for `EXPLAIN CACHE`).
+    pub sql: Arc<str>,
     /// A background refresh is running (stale-while-revalidate).
     pub refreshing: AtomicBool,
     pub hits: AtomicU64,
@@ -208,6 +210,7 @@ mod tests {
             created: Instant::now(),
             deps,
             tables: vec![],
+            sql: Arc::from("SELECT 1"),
             refreshing: AtomicBool::new(false),
             hits: AtomicU64::new(0),
         }

@@ -238,6 +238,38 @@ pub fn backend_key_data(pid: i32, secret: i32, out: &mut BytesMut) {
     put(out, &BackendKeyData::new(pid, SecretKey::I32(secret)));
 }
 
+/// A RowDescription of text columns (for pgcache's own result sets).
+pub fn row_description_text(columns: &[&str], out: &mut BytesMut) {
+    use pgwire::messages::data::{FieldDescription, RowDescription};
+    const TEXT: u32 = 25;
+    let fields = columns.iter().map(|c| FieldDescription::new((*c).to_owned(), 0, 0, TEXT, -1, -1, 0)).collect();
+    put(out, &RowDescription::new(fields));
+}
+
+/// A DataRow of text values (`None` is NULL).
+pub fn data_row_text_msg(values: &[Option<String>], out: &mut BytesMut) {
+    use bytes::BufMut;
+    let mut data = BytesMut::new();
+    for v in values {
+        match v {
+            Some(s) => {
+                data.put_i32(s.len() as i32);
+                data.put_slice(s.as_bytes());
+            }
+            None => data.put_i32(-1),
+        }
+    }
+    put(out, &pgwire::messages::data::DataRow::new(data, values.len() as i16));
+}
+
+pub fn command_complete(tag: &str, out: &mut BytesMut) {
+    put(out, &pgwire::messages::response::CommandComplete::new(tag.to_owned()));
+}
+
+pub fn empty_query_response(out: &mut BytesMut) {
+    put(out, &pgwire::messages::response::EmptyQueryResponse::new());
+}
+
 /// Tells a client that asked for a newer 3.x minor version or `_pq_.` options that this
 /// server speaks 3.0 (Postgres docs, "Protocol versions").
 pub fn negotiate_protocol_version(unsupported: Vec<String>, out: &mut BytesMut) {

@@ -121,7 +121,8 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-type FieldError = (&'static str, String);
+/// A field that failed validation, and why.
+pub type FieldError = (&'static str, String);
 
 fn validate(raw: RawRule, path: &Path, line: usize) -> Result<Rule, FieldError> {
     if raw.name.trim().is_empty() {
@@ -192,7 +193,7 @@ fn validate(raw: RawRule, path: &Path, line: usize) -> Result<Rule, FieldError> 
 
 /// `name` or `schema.name`, unquoted identifiers folded to lower case as Postgres does;
 /// `"Quoted"` parts kept as written.
-fn parse_table(s: &str) -> Result<Relation, FieldError> {
+pub fn parse_table(s: &str) -> Result<Relation, FieldError> {
     let parts = split_ident(s).ok_or_else(|| ("match.tables", format!("{s:?} is not a table name")))?;
     match parts.as_slice() {
         [name] => Ok(Relation::new(None, name)),

@@ -35,8 +35,8 @@ pub async fn login(
     startup: &StartupParams,
 ) -> Result<Lease, SessionError> {
     let pool = shared.pools.get(key);
-    if shared.config.auth.mode == AuthMode::Trust {
-        let upstream = &shared.config.upstream;
+    if shared.config().auth.mode == AuthMode::Trust {
+        let upstream = &shared.config().upstream;
         let password = (key.user == upstream.user).then_some(upstream.password.as_ref()).flatten();
         return Ok(pool.acquire(startup, password, false).await?);
     }
@@ -88,8 +88,8 @@ async fn fresh_login(
     }
 }
 
-async fn ask_password(client: &mut Client, shared: &Shared) -> Result<Password, SessionError> {
-    if !client.is_private() && !shared.config.auth.allow_plaintext_over_network {
+pub(crate) async fn ask_password(client: &mut Client, shared: &Shared) -> Result<Password, SessionError> {
+    if !client.is_private() && !shared.config().auth.allow_plaintext_over_network {
         return Err(SessionError::Refused(
             PgError::fatal(
                 SqlState::INVALID_AUTHORIZATION_SPECIFICATION,

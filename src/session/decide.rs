@@ -38,7 +38,7 @@ pub(super) enum Plan {
     /// Answer from this entry (`key`: a hash of its key; `stale`: past its TTL).
     Hit { entry: Arc<Entry>, key: u64, stale: bool },
     /// Forward, and keep the answer.
-    Fill(Fill),
+    Fill(Box<Fill>),
     /// Forward only, for this reason.
     Forward(Cow<'static, str>),
 }
@@ -134,7 +134,7 @@ impl Relay<'_> {
             }
             _ => {}
         }
-        let flight = match shared.flights.join(&key, shared.config.cache.single_flight_wait).await {
+        let flight = match shared.flights.join(&key, shared.config().cache.single_flight_wait).await {
             Turn::Lead(f) => Some(f),
             Turn::Waited { .. } => {
                 shared.stats.coalesced(&rule.name);
@@ -146,8 +146,8 @@ impl Relay<'_> {
         };
         let deps: BTreeSet<Relation> = infos.iter().flat_map(|i| i.read_deps.iter().cloned()).collect();
         let deps = shared.generations.snapshot(&deps.into_iter().collect::<Vec<_>>());
-        let limit = rule.max_entry_bytes.unwrap_or(shared.config.cache.max_entry_bytes);
-        Ok(Plan::Fill(Fill::new(key, rule, deps, resolved, flight, limit)))
+        let limit = rule.max_entry_bytes.unwrap_or(shared.config().cache.max_entry_bytes);
+        Ok(Plan::Fill(Box::new(Fill::new(key, rule, deps, resolved, Arc::from(sql), flight, limit))))
     }
 
     /// Reads the session's unreported settings with one hidden query.

@@ -64,7 +64,7 @@ pub async fn run(
     reported: &BTreeMap<String, String>,
 ) -> Result<Outcome, SessionError> {
     let mut d = Detached { shared, key, startup, flow, reported };
-    let max = shared.config.client.max_message_bytes;
+    let max = shared.config().client.max_message_bytes;
     loop {
         let mut frames = Vec::new();
         loop {

@@ -29,7 +29,7 @@ pub enum Effect {
 /// effects are applied when it completes and again when its transaction ends; `count` is set
 /// only for the latter, so the statistics count each committed write once.
 pub fn apply(shared: &Shared, effects: &[Effect], count: bool) {
-    if !shared.config.cache.invalidate_on_writes {
+    if !shared.config().cache.invalidate_on_writes {
         return;
     }
     for e in effects {
@@ -56,7 +56,7 @@ pub fn apply(shared: &Shared, effects: &[Effect], count: bool) {
                 if count {
                     shared.stats.unknown_write();
                 }
-                match shared.config.cache.unknown_writes {
+                match shared.config().cache.unknown_writes {
                     UnknownWrites::InvalidateAll => {
                         shared.generations.bump_all();
                         if count {

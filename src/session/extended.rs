@@ -92,6 +92,7 @@ impl Relay<'_> {
         let tag = frame.tag();
         self.flow.batch.push(frame);
         if tag == fe::SYNC || tag == fe::FLUSH {
+            self.shared.wait_while_paused().await;
             self.run_batch().await?;
         }
         Ok(())
@@ -229,7 +230,7 @@ impl Relay<'_> {
                                         o.reason = None;
                                         o.key = Some(key_hash(&fill.key.0));
                                     }
-                                    Exec::Fill(self.flow.pipeline.add_fill(fill))
+                                    Exec::Fill(self.flow.pipeline.add_fill(*fill))
                                 }
                                 Plan::Forward(why) => {
                                     tracing::debug!(reason = %why, "forwarded, not cached");

@@ -54,7 +54,7 @@ use state::Tracker;
 pub async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, permit: Option<OwnedSemaphorePermit>) {
     let open = Client::new(tcp, peer).open(shared.tls.as_ref());
     let opened = tokio::select! {
-        r = tokio::time::timeout(shared.config.client.startup_timeout, open) => {
+        r = tokio::time::timeout(shared.config().client.startup_timeout, open) => {
             r.unwrap_or(Err(Failure { client: None, error: SessionError::StartupTimeout }))
         }
         _ = shared.shutdown.cancelled() => Err(Failure { client: None, error: SessionError::Shutdown }),
@@ -75,14 +75,16 @@ pub async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, permit: 
             SqlState::TOO_MANY_CONNECTIONS,
             format!(
                 "sorry, too many clients already (pgcache client.max_connections = {})",
-                shared.config.client.max_connections
+                shared.config().client.max_connections
             ),
         )))
-    } else if shared.config.client.tls_required && !client.stream.is_tls() {
+    } else if shared.config().client.tls_required && !client.stream.is_tls() {
         Err(SessionError::Refused(PgError::fatal(
             SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
             "pgcache requires TLS: connect with sslmode=require or stronger",
         )))
+    } else if startup.param("database") == Some(shared.config().console.database.as_str()) {
+        crate::admin::console::serve(&shared, &mut client, &startup).await
     } else {
         serve(&shared, &mut client, startup).await
     };
@@ -124,7 +126,7 @@ fn backend_startup(shared: &Shared, startup: &Startup) -> Result<(PoolKey, Start
             "pgcache does not proxy replication connections; connect to Postgres directly",
         )));
     }
-    let upstream = &shared.config.upstream;
+    let upstream = &shared.config().upstream;
     let mut params: Vec<(String, String)> = Vec::with_capacity(startup.params.len() + 2);
     let mut unsupported = Vec::new();
     for (k, v) in &startup.params {
@@ -155,7 +157,9 @@ async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: Startup) -> R
         negotiate_protocol_version(unsupported, &mut out);
         client.send(&out).await?;
     }
-    let login = tokio::time::timeout(shared.config.client.startup_timeout, auth::login(client, shared, &key, &params));
+    shared.wait_while_paused().await;
+    let login =
+        tokio::time::timeout(shared.config().client.startup_timeout, auth::login(client, shared, &key, &params));
     let lease = tokio::select! {
         r = login => r.unwrap_or(Err(SessionError::StartupTimeout))?,
         _ = shared.shutdown.cancelled() => return Err(SessionError::Shutdown),

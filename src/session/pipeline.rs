@@ -90,6 +90,7 @@ pub struct Fill {
     pub rule: Arc<Rule>,
     pub deps: Vec<Dependency>,
     pub tables: Vec<Relation>,
+    pub sql: Arc<str>,
     pub flight: Option<Flight>,
     pub limit: u64,
     pub row_description: Option<Bytes>,
@@ -104,6 +105,7 @@ impl Fill {
         rule: Arc<Rule>,
         deps: Vec<Dependency>,
         tables: Vec<Relation>,
+        sql: Arc<str>,
         flight: Option<Flight>,
         limit: u64,
     ) -> Self {
@@ -112,6 +114,7 @@ impl Fill {
             rule,
             deps,
             tables,
+            sql,
             flight,
             limit,
             row_description: None,
@@ -158,6 +161,7 @@ impl Fill {
             created: Instant::now(),
             deps: self.deps,
             tables: self.tables,
+            sql: self.sql,
             refreshing: AtomicBool::new(false),
             hits: AtomicU64::new(0),
         };

@@ -51,8 +51,8 @@ pub struct Refresh {
 
 /// The password pgcache uses to open pooled connections for `key`.
 pub fn pooled_password(shared: &Shared, key: &PoolKey) -> Option<Password> {
-    if shared.config.auth.mode == AuthMode::Trust {
-        let up = &shared.config.upstream;
+    if shared.config().auth.mode == AuthMode::Trust {
+        let up = &shared.config().upstream;
         return if key.user == up.user { up.password.clone() } else { None };
     }
     match shared.pools.credentials.last(key) {
@@ -88,6 +88,7 @@ async fn run(shared: &Shared, r: &Refresh) -> Result<(), String> {
             created: Instant::now(),
             deps,
             tables: r.stale.tables.clone(),
+            sql: r.stale.sql.clone(),
             refreshing: AtomicBool::new(false),
             hits: AtomicU64::new(0),
         };

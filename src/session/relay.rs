@@ -97,7 +97,7 @@ pub async fn run(
         track,
         flow,
         upstream_said_fatal: false,
-        max_message: shared.config.client.max_message_bytes,
+        max_message: shared.config().client.max_message_bytes,
     };
     let result = relay.main_loop().await;
     relay.finish(&result).await;
@@ -227,6 +227,7 @@ impl Relay<'_> {
                 // Terminate ends the client's session, not the pooled backend's.
                 fe::TERMINATE => return Ok(Some(Ending::ClientLeft)),
                 fe::QUERY | fe::FUNCTION_CALL => {
+                    self.shared.wait_while_paused().await;
                     if !self.flow.batch.is_empty() {
                         self.run_batch().await?;
                     }

@@ -63,7 +63,7 @@ impl Relay<'_> {
                     observe.rule = Some(Arc::from(fill.rule.name.as_str()));
                     observe.reason = None;
                     observe.key = Some(key_hash(&fill.key.0));
-                    let id = self.flow.pipeline.add_fill(fill);
+                    let id = self.flow.pipeline.add_fill(*fill);
                     self.send(frame.into_raw());
                     self.flow.pipeline.items.push_back(Item::Backend(Forwarded {
                         fill: Some(id),

@@ -222,6 +222,11 @@ impl PgCluster {
         format!("postgres://{user}{pw}@{}:{}/{db}?sslmode=disable", self.host, self.port)
     }
 
+    /// The shared cluster's superuser (tests that use the shared cluster).
+    pub fn shared_or_superuser() -> String {
+        PgCluster::shared().superuser()
+    }
+
     /// The superuser's name.
     pub fn superuser(&self) -> String {
         match &self.external_url {

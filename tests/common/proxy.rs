@@ -12,6 +12,8 @@ use super::PgCluster;
 
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin HTTP address (/metrics, /healthz, /readyz).
+    pub admin: SocketAddr,
     pub shared: Arc<Shared>,
     shutdown: CancellationToken,
     handle: Option<JoinHandle<()>>,
@@ -33,9 +35,12 @@ impl Proxy {
         let listener = server::bind(&config).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
+        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = admin_listener.local_addr().unwrap();
         let shared = Shared::new(config, shutdown.clone()).unwrap();
+        tokio::spawn(pgcache::admin::http::serve(admin_listener, shared.clone()));
         let handle = tokio::spawn(server::run(listener, shared.clone()));
-        Proxy { addr, shared, shutdown, handle: Some(handle) }
+        Proxy { addr, admin, shared, shutdown, handle: Some(handle) }
     }
 
     pub async fn with_defaults(cluster: &PgCluster) -> Proxy {
@@ -61,6 +66,31 @@ impl Proxy {
         if let Some(h) = self.handle.take() {
             h.await.unwrap();
         }
+    }
+
+    /// GET `path` on the admin HTTP server: (status, body).
+    pub async fn http(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.admin).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.unwrap();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        (status, body)
+    }
+
+    /// The value of one metric series in a /metrics scrape (0 if absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (_, body) = self.http("/metrics").await;
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
     }
 
     pub fn begin_shutdown(&self) {

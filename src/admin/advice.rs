@@ -1,0 +1,243 @@
+//! The query advisor: what the workload does and what to cache next.
+//!
+//! `SHOW QUERIES` lists every normalized query with its calls, time, rows and outcomes, the
+//! rule that matched or why it cannot be cached, the tables it reads and how often they were
+//! written, and an estimated hit ratio for a candidate TTL (the matching rule's, else 60 s),
+//! from its call rate, its number of distinct keys and its tables' write rate
+//! ([`estimated_hit_ratio`]). `SHOW ADVICE` turns the best uncached candidates into rule TOML
+//! to paste into a rule file. `EXPLAIN CACHE <select>` shows how one statement would be
+//! handled and what the cache holds for it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cache::Freshness;
+use crate::query::catalog::Volatility;
+use crate::query::{Kind, Relation};
+use crate::rules::{Action, Subject};
+use crate::server::Shared;
+use crate::stats::{QueryStat, estimated_hit_ratio};
+
+use super::commands::ResultSet;
+
+/// The TTL the advisor proposes when no rule gives one.
+pub const CANDIDATE_TTL: Duration = Duration::from_secs(60);
+
+/// Reasons that only say "no rule" (the statement itself could be cached).
+fn only_lacks_a_rule(q: &QueryStat) -> bool {
+    matches!(q.reason.as_deref(), Some("no rules loaded" | "no rule matches"))
+}
+
+/// Writes to the query's tables, scaled to the query's observation period.
+fn writes_for(q: &QueryStat, writes: &std::collections::HashMap<String, u64>) -> u64 {
+    q.tables.iter().map(|t| writes.get(t.rsplit('.').next().unwrap_or(t)).copied().unwrap_or(0)).sum()
+}
+
+struct Assessed<'a> {
+    q: &'a QueryStat,
+    writes: u64,
+    ttl: Duration,
+    estimate: Option<f64>,
+}
+
+fn assess<'a>(shared: &Shared, q: &'a QueryStat, writes: &std::collections::HashMap<String, u64>) -> Assessed<'a> {
+    let rules = shared.rules.current();
+    let rule_ttl = q.rule.as_deref().and_then(|r| rules.get(r)).filter(|r| r.action == Action::Cache).map(|r| r.ttl);
+    let ttl = rule_ttl.unwrap_or(CANDIDATE_TTL);
+    let total_writes = writes_for(q, writes);
+    let uptime = shared.stats.uptime().max(Duration::from_secs(1));
+    let period = q.first_seen.elapsed().max(Duration::from_secs(1));
+    // Writes were counted since start; the query has been seen for `period`.
+    let scaled = (total_writes as f64 * period.as_secs_f64() / uptime.as_secs_f64()).round() as u64;
+    let cacheable = q.hits + q.misses > 0 || only_lacks_a_rule(q);
+    let estimate = cacheable.then(|| estimated_hit_ratio(q.calls, q.keys.len(), scaled, period, ttl));
+    Assessed { q, writes: total_writes, ttl, estimate }
+}
+
+pub fn queries(shared: &Shared) -> ResultSet {
+    let writes = shared.stats.table_writes();
+    let mut r = ResultSet::new(
+        &[
+            "query",
+            "calls",
+            "total_ms",
+            "mean_ms",
+            "rows",
+            "hits",
+            "misses",
+            "passthrough",
+            "errors",
+            "rule",
+            "cacheable",
+            "tables",
+            "table_writes",
+            "distinct_keys",
+            "candidate_ttl",
+            "est_hit_ratio",
+        ],
+        "SHOW",
+    );
+    for q in shared.stats.queries() {
+        let a = assess(shared, &q, &writes);
+        let total_ms = q.total.as_secs_f64() * 1000.0;
+        r.rows.push(vec![
+            Some(q.normalized.to_string()),
+            Some(q.calls.to_string()),
+            Some(format!("{total_ms:.3}")),
+            Some(format!("{:.3}", total_ms / q.calls.max(1) as f64)),
+            Some(q.rows.to_string()),
+            Some(q.hits.to_string()),
+            Some(q.misses.to_string()),
+            Some(q.passthrough.to_string()),
+            Some(q.errors.to_string()),
+            q.rule.as_deref().map(str::to_owned),
+            Some(if q.hits + q.misses > 0 && q.passthrough == 0 {
+                "yes".to_owned()
+            } else {
+                q.reason.as_deref().unwrap_or("yes").to_owned()
+            }),
+            Some(q.tables.join(",")),
+            Some(a.writes.to_string()),
+            Some(q.keys.len().to_string()),
+            Some(humantime::format_duration(a.ttl).to_string()),
+            a.estimate.map(|e| format!("{e:.3}")),
+        ]);
+    }
+    r
+}
+
+/// Draft rules for the uncached queries that would gain most, as TOML lines.
+pub fn advice(shared: &Shared) -> ResultSet {
+    let writes = shared.stats.table_writes();
+    let all = shared.stats.queries();
+    let mut candidates: Vec<Assessed<'_>> = all
+        .iter()
+        .filter(|q| only_lacks_a_rule(q) && q.calls >= 2)
+        .map(|q| assess(shared, q, &writes))
+        .filter(|a| a.estimate.is_some_and(|e| e >= 0.3))
+        .collect();
+    candidates.sort_by(|a, b| {
+        let gain = |x: &Assessed<'_>| x.estimate.unwrap_or(0.0) * x.q.total.as_secs_f64();
+        gain(b).total_cmp(&gain(a))
+    });
+    let mut r = ResultSet::new(&["advice"], "SHOW");
+    if candidates.is_empty() {
+        r.row(["# No candidates yet: run the workload through pgcache, then ask again.".to_owned()]);
+        return r;
+    }
+    r.row(["# Draft rules from observed traffic; review, then paste into a rule file.".to_owned()]);
+    for (i, a) in candidates.iter().take(10).enumerate() {
+        let q = a.q;
+        let mean_ms = q.total.as_secs_f64() * 1000.0 / q.calls.max(1) as f64;
+        r.row([String::new()]);
+        r.row([format!(
+            "# {} calls, {mean_ms:.2} ms mean, {} distinct keys, est. hit ratio {:.2} with ttl {}; reads {}; {} writes seen",
+            q.calls,
+            q.keys.len().max(1),
+            a.estimate.unwrap_or(0.0),
+            humantime::format_duration(a.ttl),
+            if q.tables.is_empty() { "no tables".to_owned() } else { q.tables.join(", ") },
+            a.writes
+        )]);
+        r.row(["[[rule]]".to_owned()]);
+        let base = q.tables.first().map(|t| t.replace('.', "-")).unwrap_or_else(|| "query".into());
+        r.row([format!("name = {}", toml::Value::String(format!("advice-{}-{base}", i + 1)))]);
+        r.row([format!("match = {{ query = {} }}", toml::Value::String(q.normalized.to_string()))]);
+        r.row([format!("ttl = \"{}\"", humantime::format_duration(a.ttl))]);
+    }
+    r
+}
+
+/// How one statement would be handled, evaluated for `database` (default: the upstream URL's)
+/// and the upstream URL's user.
+pub async fn explain(shared: &Arc<Shared>, database: Option<&str>, sql: &str) -> ResultSet {
+    let config = shared.config();
+    let database = database.map_or_else(|| config.upstream.dbname.clone(), str::to_owned);
+    let user = config.upstream.user.clone();
+    let classified = shared.classifier.classify(sql);
+    let mut out: Vec<(&str, String)> = Vec::new();
+    let [c] = classified.as_slice() else {
+        out.push(("cacheable", "no: several statements".into()));
+        return ResultSet::pairs("EXPLAIN", out);
+    };
+    out.push(("statement", c.normalized.to_string()));
+    out.push(("kind", format!("{:?}", c.kind)));
+    out.push(("reads", c.reads.iter().map(Relation::to_string).collect::<Vec<_>>().join(", ")));
+    out.push(("functions", c.functions.iter().map(Relation::to_string).collect::<Vec<_>>().join(", ")));
+    out.push(("evaluated_for", format!("database {database}, user {user}")));
+    let mut why_not: Option<String> = c.never_cache.map(str::to_owned);
+    let mut stable = c.stable_builtins;
+    if c.kind == Kind::Select {
+        match shared.catalog.relations(&database, &c.reads).await {
+            Ok(infos) => {
+                let watched: std::collections::BTreeSet<String> =
+                    infos.iter().flat_map(|i| i.read_deps.iter().map(Relation::to_string)).collect();
+                out.push(("tables_watched", watched.into_iter().collect::<Vec<_>>().join(", ")));
+                if why_not.is_none() {
+                    why_not = infos.iter().find_map(|i| i.never_cache.clone());
+                }
+            }
+            Err(e) => out.push(("tables_watched", format!("unknown: catalog unavailable ({e})"))),
+        }
+        if !c.functions.is_empty()
+            && let Ok(f) = shared.catalog.functions(&database, &c.functions).await
+        {
+            let worst = f.iter().map(|f| f.volatility).max();
+            out.push(("function_volatility", format!("{worst:?}").to_lowercase()));
+            if worst == Some(Volatility::Volatile) && why_not.is_none() {
+                why_not = Some("calls a volatile function".into());
+            }
+            stable |= worst == Some(Volatility::Stable);
+        }
+    }
+    let rules = shared.rules.current();
+    let rule = rules.decide(&Subject { sql, statement: c, resolved_reads: &c.reads, database: &database, user: &user });
+    match &rule {
+        Some(r) => {
+            out.push(("rule", format!("{} ({}:{})", r.name, r.file.display(), r.line)));
+            out.push(("action", (if r.action == Action::Cache { "cache" } else { "bypass" }).into()));
+            out.push(("ttl", humantime::format_duration(r.ttl).to_string()));
+            out.push(("stale_while_revalidate", humantime::format_duration(r.stale_while_revalidate).to_string()));
+            out.push(("stale_if_error", humantime::format_duration(r.stale_if_error).to_string()));
+            if stable && !r.allow_stable_functions {
+                why_not.get_or_insert_with(|| "depends on the time or the session (stable functions)".into());
+            }
+        }
+        None => {
+            out.push(("rule", "none matches".into()));
+            why_not.get_or_insert_with(|| "no rule matches".into());
+        }
+    }
+    if rule.as_ref().is_some_and(|r| r.action == Action::Bypass) {
+        why_not.get_or_insert_with(|| "the rule bypasses the cache".into());
+    }
+    out.push(("cacheable", why_not.map_or("yes".to_owned(), |w| format!("no: {w}"))));
+    out.push((
+        "key_parts",
+        "protocol, database, role (unless shared), settings (search_path, TimeZone, DateStyle, IntervalStyle, \
+         extra_float_digits, bytea_output, client_encoding, ...), SQL text, parameter types/values/formats, result formats"
+            .into(),
+    ));
+    let entries: Vec<_> = shared.store.entries().into_iter().filter(|(_, e)| &*e.sql == sql.trim()).collect();
+    out.push(("entries", entries.len().to_string()));
+    for (_, e) in entries.iter().take(10) {
+        let state = match e.freshness() {
+            Freshness::Fresh => "fresh",
+            Freshness::Stale => "stale (serving while revalidating)",
+            Freshness::Fallback => "expired (served only if Postgres is unreachable)",
+            Freshness::Dead => "dead",
+        };
+        out.push((
+            "entry",
+            format!(
+                "age {:.1}s, {state}, {} rows, {} bytes, {} hits, rule {}",
+                e.age().as_secs_f64(),
+                e.rows,
+                e.weight(),
+                e.hits.load(std::sync::atomic::Ordering::Relaxed),
+                e.rule.name
+            ),
+        ));
+    }
+    ResultSet::pairs("EXPLAIN", out)
+}

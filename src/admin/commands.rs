@@ -1,0 +1,359 @@
+//! The admin console's commands. Each runs against the live server and answers with a result
+//! set (text columns), so psql shows a table. Unknown commands get an error listing them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::protocol::backend::PgError;
+use crate::protocol::sqlstate::SqlState;
+use crate::query::Relation;
+use crate::rules::Action;
+use crate::server::Shared;
+
+use super::advice;
+
+/// Rows of text values under named columns, with the command tag Postgres would use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultSet {
+    pub columns: Vec<&'static str>,
+    pub rows: Vec<Vec<Option<String>>>,
+    pub tag: String,
+}
+
+impl ResultSet {
+    pub fn new(columns: &[&'static str], tag: &str) -> Self {
+        ResultSet { columns: columns.to_vec(), rows: Vec::new(), tag: tag.to_owned() }
+    }
+
+    pub fn row<I: IntoIterator<Item = String>>(&mut self, values: I) {
+        self.rows.push(values.into_iter().map(Some).collect());
+    }
+
+    /// Two columns of names and values.
+    pub fn pairs(tag: &str, pairs: Vec<(&str, String)>) -> Self {
+        let mut r = ResultSet::new(&["item", "value"], tag);
+        for (k, v) in pairs {
+            r.row([k.to_owned(), v]);
+        }
+        r
+    }
+}
+
+pub const COMMANDS: &str = "SHOW STATS | POOLS | CLIENTS | SERVERS | CACHE | RULES | CONFIG | QUERIES | ADVICE, \
+    EXPLAIN CACHE [ON <database>] <select>, INVALIDATE TABLE <name> | RULE <name> | ALL, RELOAD, PAUSE, RESUME";
+
+fn unknown(cmd: &str) -> PgError {
+    PgError::error(SqlState::SYNTAX_ERROR, format!("unknown pgcache admin command: {cmd:?}"))
+        .with_hint(format!("commands: {COMMANDS}"))
+}
+
+/// Runs one command (a statement without its trailing semicolon).
+pub async fn run(shared: &Arc<Shared>, text: &str) -> Result<ResultSet, PgError> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+    let up: Vec<&str> = upper.iter().map(String::as_str).collect();
+    match up.as_slice() {
+        ["SHOW", "STATS"] => Ok(stats(shared)),
+        ["SHOW", "POOLS"] => Ok(pools(shared)),
+        ["SHOW", "CLIENTS"] => Ok(clients(shared)),
+        ["SHOW", "SERVERS"] => Ok(servers(shared)),
+        ["SHOW", "CACHE"] => Ok(cache(shared)),
+        ["SHOW", "RULES"] => Ok(rules(shared)),
+        ["SHOW", "CONFIG"] => Ok(config(shared)),
+        ["SHOW", "QUERIES"] => Ok(advice::queries(shared)),
+        ["SHOW", "ADVICE"] => Ok(advice::advice(shared)),
+        ["EXPLAIN", "CACHE", ..] => {
+            // EXPLAIN CACHE [ON database] <select>
+            let rest = text.trim_start()[7..].trim_start()[5..].trim_start();
+            let (database, sql) = match up.get(2) {
+                Some(&"ON") if words.len() > 3 => {
+                    let after_on = rest[2..].trim_start();
+                    let db = words[3];
+                    (Some(db), after_on[db.len()..].trim())
+                }
+                _ => (None, rest.trim()),
+            };
+            if sql.is_empty() {
+                return Err(PgError::error(SqlState::SYNTAX_ERROR, "EXPLAIN CACHE needs a SELECT"));
+            }
+            Ok(advice::explain(shared, database, sql).await)
+        }
+        ["INVALIDATE", "TABLE", _] => invalidate_table(shared, words[2]),
+        ["INVALIDATE", "RULE", _] => invalidate_rule(shared, words[2]),
+        ["INVALIDATE", "ALL"] => {
+            shared.generations.bump_all();
+            shared.stats.all_invalidated();
+            let n = shared.store.remove_where(|_| true);
+            Ok(ResultSet::pairs("INVALIDATE", vec![("entries_removed", n.to_string())]))
+        }
+        ["RELOAD"] => reload(shared),
+        ["PAUSE"] => {
+            shared.paused.send_replace(true);
+            Ok(ResultSet::pairs("PAUSE", vec![("paused", "new backend work waits until RESUME".into())]))
+        }
+        ["RESUME"] => {
+            shared.paused.send_replace(false);
+            Ok(ResultSet::pairs("RESUME", vec![("paused", "no".into())]))
+        }
+        _ => Err(unknown(text.trim())),
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64())
+}
+
+fn stats(shared: &Shared) -> ResultSet {
+    let t = shared.stats.totals();
+    let up = t.uptime.as_secs_f64().max(1e-3);
+    let mut r = ResultSet::new(&["stat", "total", "per_second"], "SHOW");
+    let mut add =
+        |name: &str, total: u64| r.row([name.to_owned(), total.to_string(), format!("{:.2}", total as f64 / up)]);
+    add("statements", t.statements);
+    add("hits", t.hits);
+    add("misses", t.misses);
+    add("passthrough", t.passthrough);
+    add("stale_served", t.stale);
+    add("errors", t.errors);
+    add("bytes_served_from_cache", t.bytes_served);
+    let cacheable = t.hits + t.misses;
+    r.row([
+        "hit_ratio".into(),
+        if cacheable == 0 { "".into() } else { format!("{:.4}", t.hits as f64 / cacheable as f64) },
+        "".into(),
+    ]);
+    r.row(["uptime_seconds".into(), format!("{:.0}", up), "".into()]);
+    r.row(["clients".into(), shared.stats.clients().len().to_string(), "".into()]);
+    r.row(["cache_entries".into(), shared.store.len().to_string(), "".into()]);
+    r.row(["cache_bytes".into(), shared.store.bytes().to_string(), "".into()]);
+    r.row(["cache_evictions".into(), shared.store.evictions().to_string(), "".into()]);
+    r.row(["paused".into(), (if *shared.paused.borrow() { "yes" } else { "no" }).into(), "".into()]);
+    r
+}
+
+fn pools(shared: &Shared) -> ResultSet {
+    let mut r = ResultSet::new(&["database", "user", "active", "idle", "max"], "SHOW");
+    for p in shared.pools.all() {
+        let s = p.stats();
+        r.row([
+            p.key.database.clone(),
+            p.key.user.clone(),
+            s.active.to_string(),
+            s.idle.to_string(),
+            s.max.to_string(),
+        ]);
+    }
+    r
+}
+
+fn clients(shared: &Shared) -> ResultSet {
+    let mut r = ResultSet::new(&["peer", "user", "database", "connected_since", "backend_pid"], "SHOW");
+    for c in shared.stats.clients() {
+        let pid = c.backend_pid.load(std::sync::atomic::Ordering::Relaxed);
+        r.row([
+            c.peer.to_string(),
+            c.user,
+            c.database,
+            humantime::format_rfc3339_seconds(c.since).to_string(),
+            if pid == 0 { "none (detached)".into() } else { pid.to_string() },
+        ]);
+    }
+    r
+}
+
+fn servers(shared: &Shared) -> ResultSet {
+    let mut r = ResultSet::new(&["database", "user", "pid", "state", "age_seconds"], "SHOW");
+    for p in shared.pools.all() {
+        for s in p.servers() {
+            r.row([
+                p.key.database.clone(),
+                p.key.user.clone(),
+                s.pid.to_string(),
+                (if s.active { "active" } else { "idle" }).into(),
+                format!("{:.0}", s.age.as_secs_f64()),
+            ]);
+        }
+    }
+    r
+}
+
+fn cache(shared: &Shared) -> ResultSet {
+    let mut per_rule: std::collections::BTreeMap<String, (u64, u64, u64, Duration)> = Default::default();
+    for (_, e) in shared.store.entries() {
+        let slot = per_rule.entry(e.rule.name.clone()).or_default();
+        slot.0 += 1;
+        slot.1 += e.weight();
+        slot.2 += e.hits.load(std::sync::atomic::Ordering::Relaxed);
+        slot.3 = slot.3.max(e.age());
+    }
+    let mut r = ResultSet::new(&["rule", "entries", "bytes", "hits_on_entries", "oldest_age_seconds"], "SHOW");
+    for (rule, (n, b, h, age)) in per_rule {
+        r.row([rule, n.to_string(), b.to_string(), h.to_string(), secs(age)]);
+    }
+    r.row([
+        "(total)".into(),
+        shared.store.len().to_string(),
+        shared.store.bytes().to_string(),
+        format!("capacity {}", shared.store.capacity()),
+        format!("evictions {}", shared.store.evictions()),
+    ]);
+    r
+}
+
+fn rules(shared: &Shared) -> ResultSet {
+    let set = shared.rules.current();
+    let status = shared.rules.status();
+    let queries = shared.stats.queries();
+    let mut r = ResultSet::new(
+        &[
+            "name",
+            "file",
+            "line",
+            "action",
+            "ttl",
+            "stale_while_revalidate",
+            "stale_if_error",
+            "match",
+            "hits",
+            "misses",
+            "last_reload",
+            "reload_error",
+        ],
+        "SHOW",
+    );
+    for rule in &set.rules {
+        let (hits, misses) = queries
+            .iter()
+            .filter(|q| q.rule.as_deref() == Some(rule.name.as_str()))
+            .fold((0, 0), |(h, m), q| (h + q.hits, m + q.misses));
+        let described = crate::rules::describe(rule);
+        let matcher = described.split(": ").nth(1).and_then(|s| s.split(" -> ").next()).unwrap_or("").to_owned();
+        r.row([
+            rule.name.clone(),
+            rule.file.display().to_string(),
+            rule.line.to_string(),
+            (if rule.action == Action::Cache { "cache" } else { "bypass" }).into(),
+            humantime::format_duration(rule.ttl).to_string(),
+            humantime::format_duration(rule.stale_while_revalidate).to_string(),
+            humantime::format_duration(rule.stale_if_error).to_string(),
+            matcher,
+            hits.to_string(),
+            misses.to_string(),
+            humantime::format_rfc3339_seconds(status.at).to_string(),
+            status.error.clone().unwrap_or_default(),
+        ]);
+    }
+    if set.rules.is_empty() {
+        r.rows.push(vec![
+            Some("(no rules)".into()),
+            Some(shared.rules.dir().display().to_string()),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            Some(humantime::format_rfc3339_seconds(status.at).to_string()),
+            Some(status.error.unwrap_or_default()),
+        ]);
+    }
+    r
+}
+
+fn config(shared: &Shared) -> ResultSet {
+    let c = shared.config();
+    let up = &c.upstream;
+    ResultSet::pairs(
+        "SHOW",
+        vec![
+            ("listen", c.listen.to_string()),
+            ("admin", c.admin.to_string()),
+            (
+                "upstream",
+                format!(
+                    "{}@{}/{} sslmode={:?} password={}",
+                    up.user,
+                    up.describe(),
+                    up.dbname,
+                    up.sslmode,
+                    if up.password.is_some() { "(set)" } else { "(none)" }
+                ),
+            ),
+            ("rules", c.rules.display().to_string()),
+            ("auth.mode", format!("{:?}", c.auth.mode).to_lowercase()),
+            ("auth.allow_plaintext_over_network", c.auth.allow_plaintext_over_network.to_string()),
+            ("auth.verify_interval", humantime::format_duration(c.auth.verify_interval).to_string()),
+            ("pool.mode", format!("{:?}", c.pool.mode).to_lowercase()),
+            ("pool.max_size", c.pool.max_size.to_string()),
+            ("pool.min_idle", c.pool.min_idle.to_string()),
+            ("pool.acquire_timeout", humantime::format_duration(c.pool.acquire_timeout).to_string()),
+            ("pool.idle_timeout", humantime::format_duration(c.pool.idle_timeout).to_string()),
+            ("pool.max_lifetime", humantime::format_duration(c.pool.max_lifetime).to_string()),
+            ("pool.connect_timeout", humantime::format_duration(c.pool.connect_timeout).to_string()),
+            ("client.max_connections", c.client.max_connections.to_string()),
+            ("client.max_message_bytes", c.client.max_message_bytes.to_string()),
+            (
+                "client.tls",
+                (if c.client.tls_cert.is_some() {
+                    if c.client.tls_required { "required" } else { "offered" }
+                } else {
+                    "off"
+                })
+                .into(),
+            ),
+            ("cache.max_bytes", c.cache.max_bytes.to_string()),
+            ("cache.max_entry_bytes", c.cache.max_entry_bytes.to_string()),
+            ("cache.single_flight_wait", humantime::format_duration(c.cache.single_flight_wait).to_string()),
+            ("cache.unknown_writes", format!("{:?}", c.cache.unknown_writes)),
+            ("cache.invalidate_on_writes", c.cache.invalidate_on_writes.to_string()),
+            ("cache.catalog_ttl", humantime::format_duration(c.cache.catalog_ttl).to_string()),
+            ("console.database", c.console.database.clone()),
+            ("console.users", c.console.users.join(",")),
+            ("metrics.max_table_labels", c.max_table_labels.to_string()),
+            ("slow_statement", humantime::format_duration(c.slow_statement).to_string()),
+            ("shutdown.drain_timeout", humantime::format_duration(c.drain_timeout).to_string()),
+        ],
+    )
+}
+
+fn invalidate_table(shared: &Shared, name: &str) -> Result<ResultSet, PgError> {
+    let rel = crate::rules::load::parse_table(name)
+        .map_err(|(_, m)| PgError::error(SqlState::SYNTAX_ERROR, format!("INVALIDATE TABLE: {m}")))?;
+    match &rel.schema {
+        Some(_) => shared.generations.bump_relations(std::slice::from_ref(&rel)),
+        None => shared.generations.bump_name(&rel.name),
+    }
+    shared.stats.table_written(&rel.name);
+    let n = shared.store.remove_where(|e| e.invalidated() || e.tables.iter().any(|t| covers(&rel, t)));
+    Ok(ResultSet::pairs("INVALIDATE", vec![("table", rel.to_string()), ("entries_removed", n.to_string())]))
+}
+
+/// Whether `wanted` (as the operator wrote it) names `read` (as an entry resolved it).
+fn covers(wanted: &Relation, read: &Relation) -> bool {
+    wanted.name == read.name && (wanted.schema.is_none() || read.schema.is_none() || wanted.schema == read.schema)
+}
+
+fn invalidate_rule(shared: &Shared, name: &str) -> Result<ResultSet, PgError> {
+    let name = name.trim_matches('"');
+    let n = shared.store.remove_where(|e| e.rule.name == name);
+    if n == 0 && shared.rules.current().get(name).is_none() {
+        return Err(PgError::error(SqlState::UNDEFINED_OBJECT, format!("no rule named {name:?}")));
+    }
+    Ok(ResultSet::pairs("INVALIDATE", vec![("rule", name.to_owned()), ("entries_removed", n.to_string())]))
+}
+
+fn reload(shared: &Shared) -> Result<ResultSet, PgError> {
+    match shared.reload() {
+        Ok(restart) => {
+            let mut pairs = vec![("rules", shared.rules.current().rules.len().to_string())];
+            pairs.push(("needs_restart", if restart.is_empty() { "none".into() } else { restart.join(", ") }));
+            Ok(ResultSet::pairs("RELOAD", pairs))
+        }
+        Err(e) => Err(PgError::error(
+            SqlState::INTERNAL_ERROR,
+            format!("reload failed, the previous rules stay in force: {e}"),
+        )),
+    }
+}

@@ -1,0 +1,210 @@
+//! The psql admin console: `psql -h 127.0.0.1 -p 6432 -U <admin> pgcache` connects to a
+//! virtual database (`console.database`) served by pgcache itself.
+//!
+//! Only users listed in `console.users` may connect, and they authenticate as for any
+//! database: in `passthrough` mode Postgres verifies the login (on a connection of its own to
+//! the upstream URL's database, closed at once — the console shares no pool and no cache with
+//! applications). Commands use the simple query protocol (psql, `simple_query` in drivers);
+//! several may be sent in one string, separated by semicolons.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use crate::backend::connection::Connection;
+use crate::backend::{ConnectError, PoolError};
+use crate::config::AuthMode;
+use crate::protocol::backend::{self as be, PgError, TransactionStatus};
+use crate::protocol::frontend as fe;
+use crate::protocol::sqlstate::SqlState;
+use crate::protocol::startup::{MAX_STARTUP_PACKET, Startup};
+use crate::server::Shared;
+use crate::session::SessionError;
+use crate::session::auth::ask_password;
+use crate::session::client::Client;
+
+use super::commands::{self, ResultSet};
+
+/// Serves an admin session from its StartupMessage to its end.
+pub async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: &Startup) -> Result<(), SessionError> {
+    let config = shared.config();
+    let user = startup.param("user").unwrap_or(&config.upstream.user).to_owned();
+    if !config.console.users.contains(&user) {
+        return Err(SessionError::Refused(PgError::fatal(
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            format!("pgcache: user {user:?} may not use the admin console (console.users)"),
+        )));
+    }
+    let server_version = authenticate(shared, client, &user).await?;
+    let handle = shared.cancels.register();
+    let mut out = BytesMut::new();
+    be::authentication_ok(&mut out);
+    for (name, value) in [
+        ("server_version", server_version.as_str()),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("TimeZone", "UTC"),
+        ("application_name", startup.param("application_name").unwrap_or("")),
+        ("is_superuser", "off"),
+        ("session_authorization", user.as_str()),
+    ] {
+        be::parameter_status_msg(name, value, &mut out);
+    }
+    be::backend_key_data(handle.pid, handle.secret, &mut out);
+    be::ready_for_query(TransactionStatus::Idle, &mut out);
+    client.send(&out).await?;
+    tracing::info!(peer = %client.peer, %user, "admin console session started");
+    run(shared, client).await
+}
+
+/// Verifies the login like any other (Postgres judges the password), returning the server
+/// version to report.
+async fn authenticate(shared: &Arc<Shared>, client: &mut Client, user: &str) -> Result<String, SessionError> {
+    let config = shared.config();
+    if config.auth.mode == AuthMode::Trust {
+        return Ok("15.0 (pgcache console)".into());
+    }
+    let params =
+        Arc::new(vec![("user".to_owned(), user.to_owned()), ("database".to_owned(), config.upstream.dbname.clone())]);
+    let endpoint = shared.pools.endpoint();
+    let mut password = None;
+    loop {
+        match Connection::connect(endpoint, params.clone(), password.as_ref()).await {
+            Ok(conn) => {
+                let version = conn.params.get("server_version").cloned().unwrap_or_else(|| "15.0".into());
+                conn.terminate().await;
+                return Ok(format!("{version} (pgcache console)"));
+            }
+            Err(ConnectError::PasswordRequired) if password.is_none() => {
+                password = Some(ask_password(client, shared).await?)
+            }
+            Err(e) => return Err(SessionError::Pool(PoolError::Connect(e))),
+        }
+    }
+}
+
+/// The command loop.
+async fn run(shared: &Arc<Shared>, client: &mut Client) -> Result<(), SessionError> {
+    let mut skipping = false;
+    loop {
+        let frame = tokio::select! {
+            f = client.read_frame(MAX_STARTUP_PACKET.max(1 << 20)) => f,
+            _ = shared.shutdown.cancelled() => return Err(SessionError::Shutdown),
+        };
+        let frame = match frame {
+            Ok(f) => f,
+            Err(SessionError::ClientClosed) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut out = BytesMut::new();
+        match frame.tag() {
+            fe::TERMINATE => return Ok(()),
+            fe::QUERY => {
+                let sql = fe::query(frame.body()).ok().and_then(|q| std::str::from_utf8(q.sql).ok()).unwrap_or("");
+                answer(shared, sql, &mut out).await;
+                be::ready_for_query(TransactionStatus::Idle, &mut out);
+            }
+            fe::SYNC => {
+                skipping = false;
+                be::ready_for_query(TransactionStatus::Idle, &mut out);
+            }
+            fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE | fe::FLUSH if !skipping => {
+                // As after any error in the extended protocol: skip to the Sync.
+                skipping = true;
+                PgError::error(
+                    SqlState::FEATURE_NOT_SUPPORTED,
+                    "the pgcache admin console speaks the simple query protocol only",
+                )
+                .with_hint("use psql, or simple_query in your driver")
+                .encode(&mut out);
+            }
+            _ => {}
+        }
+        if !out.is_empty() {
+            client.send(&out).await?;
+        }
+    }
+}
+
+/// Runs every command in `sql` (semicolon-separated), stopping at the first error.
+async fn answer(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) {
+    let parts: Vec<&str> = split(sql).into_iter().map(str::trim).filter(|p| !p.is_empty()).collect();
+    if parts.is_empty() {
+        be::empty_query_response(out);
+        return;
+    }
+    for part in parts {
+        match commands::run(shared, part).await {
+            Ok(result) => encode(&result, out),
+            Err(e) => {
+                e.encode(out);
+                return;
+            }
+        }
+    }
+}
+
+/// RowDescription (text columns), DataRows and CommandComplete.
+fn encode(r: &ResultSet, out: &mut BytesMut) {
+    be::row_description_text(&r.columns, out);
+    for row in &r.rows {
+        be::data_row_text_msg(row, out);
+    }
+    let tag = if r.tag == "SHOW" || r.tag == "EXPLAIN" { format!("SELECT {}", r.rows.len()) } else { r.tag.clone() };
+    be::command_complete(&tag, out);
+}
+
+/// Splits on semicolons outside quotes (`'...'`, `"..."`, `$tag$...$tag$`). pg_query's
+/// splitters do not fit: console commands are not SQL, and its scanner drops statements it
+/// does not recognise.
+fn split(sql: &str) -> Vec<&str> {
+    let bytes = sql.as_bytes();
+    let (mut parts, mut start, mut i) = (Vec::new(), 0, 0);
+    while i < bytes.len() {
+        match bytes[i] {
+            q @ (b'\'' | b'"') => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != q {
+                    i += 1;
+                }
+            }
+            b'$' => {
+                if let Some(len) = sql[i + 1..]
+                    .find('$')
+                    .filter(|l| sql[i + 1..i + 1 + l].chars().all(|c| c.is_alphanumeric() || c == '_'))
+                {
+                    let tag = &sql[i..i + len + 2];
+                    match sql[i + tag.len()..].find(tag) {
+                        Some(end) => i += tag.len() + end + tag.len() - 1,
+                        None => i = bytes.len(),
+                    }
+                }
+            }
+            b';' => {
+                parts.push(&sql[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    parts.push(&sql[start..]);
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split;
+
+    #[test]
+    fn splits_outside_quotes() {
+        assert_eq!(split("RELOAD"), vec!["RELOAD"]);
+        assert_eq!(split("SHOW STATS; SHOW POOLS;"), vec!["SHOW STATS", " SHOW POOLS", ""]);
+        assert_eq!(split("EXPLAIN CACHE SELECT ';' FROM t; PAUSE"), vec!["EXPLAIN CACHE SELECT ';' FROM t", " PAUSE"]);
+        assert_eq!(split("EXPLAIN CACHE SELECT $x$;$x$; RESUME"), vec!["EXPLAIN CACHE SELECT $x$;$x$", " RESUME"]);
+        assert_eq!(split("SELECT $1; X"), vec!["SELECT $1", " X"]);
+    }
+}

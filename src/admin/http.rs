@@ -1,0 +1,77 @@
+//! The admin HTTP server on `--admin`: `/metrics` (Prometheus text), `/healthz` (the process
+//! is up) and `/readyz` (rules loaded and Postgres reachable; 503 with the reason otherwise,
+//! and during shutdown so traffic moves elsewhere). One small axum router, because the
+//! exporter's own listener answers every path with the metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::net::TcpListener;
+
+use crate::metrics as m;
+use crate::server::Shared;
+
+/// Serves until the server shuts down.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let shutdown = shared.shutdown.clone();
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(shared);
+    let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "admin HTTP server failed");
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    refresh_gauges(&shared);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.stats.metrics.render())
+}
+
+/// Gauges are read off their sources at scrape time.
+fn refresh_gauges(shared: &Shared) {
+    let metrics = &shared.stats.metrics;
+    metrics.gauge(m::CACHE_ENTRIES, &[]).set(shared.store.len() as f64);
+    metrics.gauge(m::CACHE_BYTES, &[]).set(shared.store.bytes() as f64);
+    metrics.gauge(m::CACHE_CAPACITY_BYTES, &[]).set(shared.store.capacity() as f64);
+    metrics.counter(m::CACHE_EVICTIONS, &[]).absolute(shared.store.evictions());
+    metrics.gauge(m::RULES_LOADED, &[]).set(shared.rules.current().rules.len() as f64);
+    let (mut active, mut idle) = (0, 0);
+    for pool in shared.pools.all() {
+        let s = pool.stats();
+        active += s.active;
+        idle += s.idle;
+    }
+    metrics.gauge(m::BACKEND_CONNECTIONS, &[("state", "active")]).set(active as f64);
+    metrics.gauge(m::BACKEND_CONNECTIONS, &[("state", "idle")]).set(idle as f64);
+}
+
+async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
+    match readiness(&shared).await {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+    }
+}
+
+/// Why pgcache should not get traffic now, if it should not. (Rules are always loaded while
+/// the server runs: it does not start with invalid rules, and a failed reload keeps the old
+/// ones.) The upstream check is a bare TCP connection, which Postgres does not log, unlike a
+/// TLS handshake or a partial start-up on every probe.
+pub async fn readiness(shared: &Shared) -> Result<(), String> {
+    if shared.shutdown.is_cancelled() {
+        return Err("shutting down".into());
+    }
+    let endpoint = shared.pools.endpoint();
+    match tokio::time::timeout(Duration::from_secs(1), endpoint.open()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("upstream {} unreachable: {e}", endpoint.describe())),
+        Err(_) => Err(format!("upstream {} did not answer within 1s", endpoint.describe())),
+    }
+}

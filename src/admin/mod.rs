@@ -1,0 +1,8 @@
+//! Operating pgcache: the HTTP endpoints Prometheus and Kubernetes use ([`http`]: `/metrics`,
+//! `/healthz`, `/readyz`) and the psql admin console on the virtual database ([`console`],
+//! running the [`commands`], with the query advisor in [`advice`]).
+
+pub mod advice;
+pub mod commands;
+pub mod console;
+pub mod http;

@@ -1,0 +1,296 @@
+//! Operating pgcache: exact metric deltas after a scripted workload, health and readiness,
+//! every admin console command through psql and tokio-postgres, admin access control, and
+//! the advisor.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{ClusterOptions, PgCluster, Proxy, executions, psql, rules_dir, stderr, stdout, text};
+use tokio_postgres::Client;
+
+const RULES: &str = r#"
+[[rule]]
+name = "items"
+match = { tables = ["items"] }
+ttl = "1h"
+
+[[rule]]
+name = "all-selects"
+match = { pattern = "(?i)from\\s+numbers" }
+ttl = "1h"
+"#;
+
+struct Env {
+    proxy: Proxy,
+    db: String,
+    admin: Client,
+    dir: tempfile::TempDir,
+}
+
+async fn env_on(cluster: &PgCluster) -> Env {
+    let db = cluster.create_db("ops").await;
+    let admin = cluster.admin(&db).await;
+    admin
+        .batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+             CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 10) g;
+             CREATE TABLE numbers (x int); INSERT INTO numbers SELECT generate_series(1, 5);
+             CREATE TABLE uncached (k int PRIMARY KEY, v text); INSERT INTO uncached SELECT g, 'u' || g FROM generate_series(1, 5) g;",
+        )
+        .await
+        .unwrap();
+    let dir = rules_dir(&[("rules.toml", RULES)]);
+    let mut config = Proxy::config(cluster);
+    config.rules = dir.path().to_owned();
+    config.rules_explicit = true;
+    config.console.users = vec![cluster.superuser()];
+    Env { proxy: Proxy::start(config).await, db, admin, dir }
+}
+
+async fn env() -> Env {
+    env_on(PgCluster::shared()).await
+}
+
+impl Env {
+    async fn app(&self) -> Client {
+        self.proxy.connect(&self.db, &PgCluster::shared_or_superuser()).await
+    }
+
+    async fn console(&self) -> Client {
+        self.proxy.connect("pgcache", &PgCluster::shared_or_superuser()).await
+    }
+}
+
+/// Rows of a console command as vectors of text.
+async fn rows(c: &Client, sql: &str) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for m in c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}")) {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            out.push((0..r.len()).map(|i| r.get(i).unwrap_or("").to_owned()).collect());
+        }
+    }
+    out
+}
+
+fn lookup<'a>(rows: &'a [Vec<String>], key: &str) -> &'a [String] {
+    rows.iter().find(|r| r[0] == key).unwrap_or_else(|| panic!("no row {key} in {rows:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_exact_deltas_after_a_scripted_workload() {
+    let e = env().await;
+    let c = e.app().await;
+    let m = |s: &'static str| e.proxy.metric(s);
+    let before_hits = m("pgcache_cache_hits_total{rule=\"items\"}").await;
+    text(&c, "SELECT v FROM items WHERE id = 1").await; // miss
+    for _ in 0..3 {
+        text(&c, "SELECT v FROM items WHERE id = 1").await; // hits
+    }
+    c.batch_execute("UPDATE items SET v = 'changed' WHERE id = 1").await.unwrap();
+    assert_eq!(text(&c, "SELECT v FROM items WHERE id = 1").await, "changed"); // miss after invalidation
+    assert_eq!(m("pgcache_cache_hits_total{rule=\"items\"}").await - before_hits, 3.0);
+    assert_eq!(m("pgcache_cache_misses_total{rule=\"items\"}").await, 2.0);
+    assert_eq!(m("pgcache_invalidations_total{table=\"items\"}").await, 1.0);
+    assert_eq!(m("pgcache_query_duration_seconds_count{outcome=\"hit\"}").await, 3.0);
+    assert_eq!(m("pgcache_query_duration_seconds_count{outcome=\"miss\"}").await, 2.0);
+    assert!(m("pgcache_cache_served_bytes_total{rule=\"items\"}").await > 0.0);
+    assert_eq!(m("pgcache_client_connections").await, 1.0);
+    assert_eq!(m("pgcache_cache_entries").await, 1.0);
+    assert_eq!(m("pgcache_rules_loaded").await, 2.0);
+    assert_eq!(m("pgcache_backend_connections{state=\"active\"}").await, 1.0);
+    let (status, body) = e.proxy.http("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("pgcache_query_duration_seconds_bucket{outcome=\"hit\",le=\"0.00005\"}"), "real histograms");
+    assert!(body.contains("# HELP pgcache_cache_hits_total"));
+    drop(c);
+    let mut gone = false;
+    for _ in 0..100 {
+        if m("pgcache_client_connections").await == 0.0 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone, "the client gauge returns to zero when the client leaves");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_backend_and_healthz_the_process() {
+    let cluster = PgCluster::start(ClusterOptions::default());
+    let e = env_on(&cluster).await;
+    assert_eq!(e.proxy.http("/healthz").await.0, 200);
+    assert_eq!(e.proxy.http("/readyz").await, (200, "ready\n".to_owned()));
+    cluster.stop_server();
+    let (status, body) = e.proxy.http("/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("unreachable"), "{body}");
+    assert_eq!(e.proxy.http("/healthz").await.0, 200);
+    cluster.start_server();
+    assert_eq!(e.proxy.http("/readyz").await.0, 200);
+    assert_eq!(e.proxy.http("/nope").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_console_command_answers_through_psql_and_tokio_postgres() {
+    let e = env().await;
+    let app = e.app().await;
+    text(&app, "SELECT v FROM items WHERE id = 2").await;
+    text(&app, "SELECT v FROM items WHERE id = 2").await;
+    let console = e.console().await;
+    let commands = [
+        ("SHOW STATS", "hits"),
+        ("SHOW POOLS", &e.db as &str),
+        ("SHOW CLIENTS", &e.db),
+        ("SHOW SERVERS", "active"),
+        ("SHOW CACHE", "items"),
+        ("SHOW RULES", "all-selects"),
+        ("SHOW CONFIG", "pool.max_size"),
+        ("SHOW QUERIES", "SELECT v FROM items WHERE id = $1"),
+        ("SHOW ADVICE", "#"),
+        ("EXPLAIN CACHE SELECT v FROM items WHERE id = 2", "items"),
+        ("INVALIDATE TABLE items", "entries_removed"),
+        ("INVALIDATE RULE items", "entries_removed"),
+        ("INVALIDATE ALL", "entries_removed"),
+        ("RELOAD", "rules"),
+        ("PAUSE", "paused"),
+        ("RESUME", "paused"),
+    ];
+    for (cmd, expect) in commands {
+        let via_driver = rows(&console, cmd).await;
+        assert!(via_driver.iter().flatten().any(|v| v.contains(expect)), "{cmd}: {via_driver:?}");
+        let out = psql(e.proxy.port(), "pgcache", &PgCluster::shared_or_superuser(), &["-c", cmd]).await;
+        assert!(out.status.success(), "psql {cmd}: {}", stderr(&out));
+        assert!(stdout(&out).contains(expect), "psql {cmd}: {}", stdout(&out));
+    }
+    let stats = rows(&console, "SHOW STATS").await;
+    assert_eq!(lookup(&stats, "hits")[1], "1");
+    assert_eq!(lookup(&stats, "misses")[1], "1");
+    // Several commands in one string; an unknown one gets an error listing the commands.
+    let pools = rows(&console, "SHOW POOLS").await.len();
+    assert_eq!(rows(&console, "SHOW POOLS; SHOW STATS").await.len(), pools + stats.len());
+    let err = console.simple_query("FLUSH EVERYTHING").await.unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "42601");
+    assert!(db.hint().unwrap_or("").contains("QUERIES"), "{db:?}");
+    // The extended protocol is refused cleanly, and the session stays usable.
+    let err = console.query("SHOW STATS", &[]).await.unwrap_err();
+    assert!(
+        err.to_string().contains("simple query") || err.as_db_error().is_some_and(|d| d.code().code() == "0A000"),
+        "{err}"
+    );
+    assert!(!rows(&console, "SHOW STATS").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_admins_may_use_the_console() {
+    let e = env().await;
+    let role = format!("notadmin_{}", std::process::id());
+    e.admin.batch_execute(&format!("DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN CREATE ROLE {role} LOGIN; END IF; END $$")).await.unwrap();
+    let err =
+        tokio_postgres::connect(&e.proxy.url("pgcache", &role), tokio_postgres::NoTls).await.err().expect("refused");
+    assert_eq!(err.code().map(|c| c.code()), Some("28000"), "{err:?}");
+    // The same role can use its application database.
+    let app = e.proxy.connect(&e.db, &role).await;
+    app.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_and_reload_take_effect_for_the_next_query() {
+    let e = env().await;
+    let app = e.app().await;
+    let console = e.console().await;
+    let sql = "SELECT v FROM items WHERE id = 3";
+    let shape = "FROM items WHERE id";
+    text(&app, sql).await;
+    let n = executions(&e.admin, shape).await;
+    text(&app, sql).await;
+    assert_eq!(executions(&e.admin, shape).await, n, "a hit");
+    for cmd in ["INVALIDATE TABLE items", "INVALIDATE TABLE public.items", "INVALIDATE RULE items", "INVALIDATE ALL"] {
+        rows(&console, cmd).await;
+        let n = executions(&e.admin, shape).await;
+        text(&app, sql).await;
+        assert_eq!(executions(&e.admin, shape).await, n + 1, "{cmd}: the next read reached Postgres");
+        text(&app, sql).await;
+        assert_eq!(executions(&e.admin, shape).await, n + 1, "{cmd}: and was cached again");
+    }
+    std::fs::write(
+        e.dir.path().join("rules.toml"),
+        "[[rule]]\nname = \"off\"\nmatch = { tables = [\"items\"] }\naction = \"bypass\"\n",
+    )
+    .unwrap();
+    let reloaded = rows(&console, "RELOAD").await;
+    assert_eq!(lookup(&reloaded, "rules")[1], "1");
+    let n = executions(&e.admin, shape).await;
+    text(&app, sql).await;
+    text(&app, sql).await;
+    assert_eq!(executions(&e.admin, shape).await, n + 2, "bypassed after RELOAD");
+    // A broken file: RELOAD fails with the error, and the rules stay.
+    std::fs::write(e.dir.path().join("rules.toml"), "[[rule]]\nname = \"x\"\n").unwrap();
+    let err = console.simple_query("RELOAD").await.unwrap_err();
+    assert!(err.as_db_error().unwrap().message().contains("rules.toml"), "{err:?}");
+    assert_eq!(rows(&console, "SHOW RULES").await[0][0], "off");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_queries_explains_why_a_query_is_not_cached() {
+    let e = env().await;
+    let app = e.app().await;
+    for _ in 0..3 {
+        text(&app, "SELECT x, random() FROM numbers").await;
+        text(&app, "SELECT x FROM numbers WHERE x > 2").await;
+    }
+    let console = e.console().await;
+    let q = rows(&console, "SHOW QUERIES").await;
+    let volatile = q.iter().find(|r| r[0].contains("random()")).unwrap_or_else(|| panic!("{q:?}"));
+    assert_eq!(volatile[1], "3", "calls");
+    assert_eq!(volatile[10], "calls a volatile function");
+    let cached = q.iter().find(|r| r[0] == "SELECT x FROM numbers WHERE x > $1").unwrap_or_else(|| panic!("{q:?}"));
+    assert_eq!(
+        (cached[5].as_str(), cached[6].as_str(), cached[9].as_str(), cached[10].as_str()),
+        ("2", "1", "all-selects", "yes")
+    );
+    let explained = rows(&console, &format!("EXPLAIN CACHE ON {} SELECT x, random() FROM numbers", e.db)).await;
+    assert_eq!(lookup(&explained, "cacheable")[1], "no: calls a volatile function");
+    let explained = rows(&console, &format!("EXPLAIN CACHE ON {} SELECT x FROM numbers WHERE x > 2", e.db)).await;
+    assert_eq!(lookup(&explained, "cacheable")[1], "yes");
+    assert_eq!(lookup(&explained, "entries")[1], "1");
+    assert!(lookup(&explained, "rule")[1].starts_with("all-selects"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_advice_drafts_rules_that_load() {
+    let e = env().await;
+    let app = e.app().await;
+    for i in 0..20 {
+        text(&app, &format!("SELECT v FROM uncached WHERE k = {}", i % 2 + 1)).await;
+    }
+    let console = e.console().await;
+    let advice: Vec<String> = rows(&console, "SHOW ADVICE").await.into_iter().map(|r| r[0].clone()).collect();
+    let toml = advice.join("\n");
+    assert!(toml.contains("SELECT v FROM uncached WHERE k = $1"), "{toml}");
+    let dir = rules_dir(&[("advice.toml", &toml)]);
+    let set = pgcache::rules::load_dir(dir.path(), 1).unwrap_or_else(|err| panic!("{err}\n{toml}"));
+    assert!(!set.rules.is_empty());
+    // And the drafted rule does cache the query once loaded.
+    std::fs::write(e.dir.path().join("advice.toml"), &toml).unwrap();
+    rows(&console, "RELOAD").await;
+    text(&app, "SELECT v FROM uncached WHERE k = 1").await;
+    let n = executions(&e.admin, "FROM uncached WHERE k").await;
+    text(&app, "SELECT v FROM uncached WHERE k = 1").await;
+    assert_eq!(executions(&e.admin, "FROM uncached WHERE k").await, n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_new_backend_work_until_resume() {
+    let e = env().await;
+    let app = e.app().await;
+    let console = e.console().await;
+    rows(&console, "PAUSE").await;
+    let waiting = tokio::spawn(async move { text(&app, "SELECT count(*) FROM uncached").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the query waits while paused");
+    assert_eq!(lookup(&rows(&console, "SHOW STATS").await, "paused")[1], "yes");
+    rows(&console, "RESUME").await;
+    assert_eq!(tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap(), "5");
+}
