@@ -20,6 +20,7 @@ pub mod admin;
 pub mod backend;
 pub mod cache;
 pub mod config;
+pub mod demo;
 pub mod metrics;
 pub mod net;
 pub mod protocol;

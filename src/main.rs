@@ -15,6 +15,12 @@ fn main() -> anyhow::Result<()> {
     }
     let config = Config::load(&cli)?;
     init_logging(config.log_format);
+    if let Some(Command::Demo) = &cli.command {
+        return Ok(tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(pgcache::demo::run(config))?);
+    }
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(config))
 }
 

@@ -80,3 +80,109 @@ fn bad_configuration_names_the_key() {
     let e = refused(&["--config", "/nonexistent/pgcache.toml"], None);
     assert!(e.contains("/nonexistent/pgcache.toml"), "{e}");
 }
+
+/// Waits until a line containing `marker` appears on `reader`, returning what was read.
+fn read_until(reader: &mut impl std::io::BufRead, marker: &str, limit: Duration) -> String {
+    let start = Instant::now();
+    let mut seen = String::new();
+    let mut line = String::new();
+    while start.elapsed() < limit {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        seen.push_str(&line);
+        if line.contains(marker) {
+            break;
+        }
+    }
+    seen
+}
+
+fn psql_at(port: u16, db: &str, sql: &str) -> std::process::Output {
+    Command::new("psql")
+        .args(["-X", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", db, "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn demo_starts_serves_from_cache_and_cleans_up() {
+    let (port, admin) = (free_port(), free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgcache"))
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}"), "--admin", &format!("127.0.0.1:{admin}")])
+        .env("PGCACHE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let banner = read_until(&mut out, "Press Ctrl-C", Duration::from_secs(120));
+    assert!(banner.contains(&format!("psql -h 127.0.0.1 -p {port} -U postgres demo")), "{banner}");
+    let sql = "SELECT name FROM products WHERE category_id = 3 ORDER BY id LIMIT 2";
+    let first = psql_at(port, "demo", sql);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert_eq!(psql_at(port, "demo", sql).stdout, first.stdout);
+    let stats = psql_at(port, "pgcache", "SHOW STATS");
+    assert!(String::from_utf8_lossy(&stats.stdout).contains("hits|1|"), "{}", String::from_utf8_lossy(&stats.stdout));
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let rest = read_until(&mut out, "done", Duration::from_secs(30));
+    assert!(rest.contains("pgcache demo: done."), "{rest}");
+    assert!(child.wait().unwrap().success());
+    let leftovers: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.ends_with(&format!("-{}", child.id())) || n.contains(&format!("-{}-", child.id())))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn json_logs_parse_and_never_show_parameter_values() {
+    let cluster = pgcache::demo::cluster::Cluster::start(&pgcache::demo::cluster::Options {
+        watchdog: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgcache"))
+        .args([
+            "--log-format",
+            "json",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream",
+            &cluster.url("postgres"),
+        ])
+        .env("PGCACHE_ADMIN", format!("127.0.0.1:{}", free_port()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    read_until(&mut err, "pgcache listening", Duration::from_secs(20));
+    // slow_statement defaults to 1s: a 1.1s statement is logged, with its normalized text.
+    let out = psql_at(port, "postgres", "SELECT pg_sleep(1.1), 'secret-literal'");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = read_until(&mut err, "client disconnected", Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut messages = Vec::new();
+    for line in lines.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        messages.push(v["fields"]["message"].as_str().unwrap_or("").to_owned());
+        assert!(!line.contains("secret-literal"), "a literal value was logged: {line}");
+        if v["fields"]["message"] == "slow statement" {
+            assert_eq!(v["fields"]["query"], "SELECT pg_sleep($1), $2");
+            assert!(v["fields"]["duration_ms"].as_u64().unwrap() >= 1100);
+        }
+        if v["fields"]["message"] == "client connected" {
+            assert_eq!(v["fields"]["user"], "postgres");
+            assert!(v["fields"]["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+        }
+    }
+    for expected in ["client connected", "slow statement", "client disconnected"] {
+        assert!(messages.iter().any(|m| m == expected), "{expected} missing from {messages:?}");
+    }
+}

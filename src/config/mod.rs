@@ -19,29 +19,29 @@ pub use upstream::{Host, Password, SslMode, Upstream};
 #[command(name = "pgcache", version, about = "A caching sidecar proxy for PostgreSQL")]
 pub struct Cli {
     /// Address clients connect to [default: 127.0.0.1:6432]
-    #[arg(long, env = "PGCACHE_LISTEN")]
+    #[arg(long, global = true, env = "PGCACHE_LISTEN")]
     pub listen: Option<String>,
     /// Upstream Postgres URL (libpq URI or key=value form)
     /// [default: postgres://postgres@127.0.0.1:5432/postgres]
-    #[arg(long, env = "PGCACHE_UPSTREAM", hide_env_values = true)]
+    #[arg(long, global = true, env = "PGCACHE_UPSTREAM", hide_env_values = true)]
     pub upstream: Option<String>,
     /// TOML config file
-    #[arg(long, env = "PGCACHE_CONFIG")]
+    #[arg(long, global = true, env = "PGCACHE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Directory of rule files [default: ./rules]
-    #[arg(long, env = "PGCACHE_RULES")]
+    #[arg(long, global = true, env = "PGCACHE_RULES")]
     pub rules: Option<PathBuf>,
     /// Admin HTTP address (/metrics, /healthz, /readyz) [default: 127.0.0.1:9930]
-    #[arg(long, env = "PGCACHE_ADMIN")]
+    #[arg(long, global = true, env = "PGCACHE_ADMIN")]
     pub admin: Option<String>,
     /// Client authentication: passthrough or trust [default: passthrough]
-    #[arg(long, env = "PGCACHE_AUTH")]
+    #[arg(long, global = true, env = "PGCACHE_AUTH")]
     pub auth: Option<String>,
     /// Maximum backend connections per (database, user) [default: 20]
-    #[arg(long, env = "PGCACHE_POOL_SIZE")]
+    #[arg(long, global = true, env = "PGCACHE_POOL_SIZE")]
     pub pool_size: Option<usize>,
     /// Log format: text or json [default: text]
-    #[arg(long, env = "PGCACHE_LOG_FORMAT")]
+    #[arg(long, global = true, env = "PGCACHE_LOG_FORMAT")]
     pub log_format: Option<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -51,6 +51,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy (the default).
     Run,
+    /// Start a throwaway PostgreSQL with a sample schema and pgcache in front of it, with the
+    /// example rules; print what to try; clean up on Ctrl-C.
+    Demo,
     /// Validate the rule files in DIR, print the rules in the order they apply, and exit
     /// non-zero if any is invalid.
     CheckRules {
