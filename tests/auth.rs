@@ -165,6 +165,7 @@ async fn tls_cluster(names: &[&str]) -> (PgCluster, tempfile::TempDir) {
         ),
         conf: vec!["ssl = on".into(), "ssl_cert_file = 'server.crt'".into(), "ssl_key_file = 'server.key'".into()],
         files: vec![("server.crt".into(), cert.into_bytes()), ("server.key".into(), key.into_bytes())],
+        ..Default::default()
     });
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), ca).unwrap();
