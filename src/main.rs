@@ -13,6 +13,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(Command::CheckRules { dir }) = &cli.command {
         return check_rules(dir);
     }
+    if let Some(Command::Healthcheck) = &cli.command {
+        return healthcheck(&Config::load(&cli)?);
+    }
     let config = Config::load(&cli)?;
     init_logging(config.log_format);
     if let Some(Command::Demo) = &cli.command {
@@ -89,5 +92,20 @@ fn check_rules(dir: &std::path::Path) -> anyhow::Result<()> {
             eprintln!("{e}");
             std::process::exit(1);
         }
+    }
+}
+
+/// `pgcache healthcheck`: GET /healthz on the admin address; exit non-zero unless 200.
+fn healthcheck(config: &Config) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(3);
+    let mut s = std::net::TcpStream::connect_timeout(&config.admin, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    match answer.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        other => anyhow::bail!("unhealthy: status {other:?}"),
     }
 }

@@ -294,3 +294,19 @@ async fn pause_holds_new_backend_work_until_resume() {
     rows(&console, "RESUME").await;
     assert_eq!(tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap(), "5");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_subcommand_reports_the_admin_endpoint() {
+    let e = env().await;
+    let run = |addr: String| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_pgcache"))
+                .args(["healthcheck", "--admin", &addr])
+                .output()
+                .unwrap()
+        })
+    };
+    assert!(run(e.proxy.admin.to_string()).await.unwrap().status.success());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    assert!(!run(closed.to_string()).await.unwrap().status.success());
+}

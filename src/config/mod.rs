@@ -51,6 +51,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy (the default).
     Run,
+    /// Exit 0 if pgcache's /healthz (on --admin) answers 200 (for container health checks).
+    Healthcheck,
     /// Start a throwaway PostgreSQL with a sample schema and pgcache in front of it, with the
     /// example rules; print what to try; clean up on Ctrl-C.
     Demo,
