@@ -3,16 +3,25 @@
 //! The data path, module by module:
 //!
 //! ```text
-//! server   accept loop, client limit, shutdown and drain
-//!   └─ session     one client: start-up and TLS, authentication, then the relay loop
+//! server     accept loop, client limit, shutdown and drain
+//!   └─ session     one client: start-up and TLS, authentication, then the relay loop; its
+//!        │         response pipeline answers from the cache or forwards, in order
 //!        ├─ protocol   wire format: framing, startup packets, the few messages decoded
+//!        ├─ query      SQL classification (libpg_query) and catalog facts
+//!        ├─ rules      rule files: which SELECTs are cached, for how long
+//!        ├─ cache      the byte-bounded store, keys, table generations, single-flight
 //!        └─ backend    raw Postgres connections (TLS, SCRAM/md5), the pool, cancel
-//! config   flags, environment and TOML file merged and validated
-//! net      streams and rustls set-up
+//! admin      /metrics, /healthz, /readyz, and the psql console with the query advisor
+//! metrics    every metric name; stats: what is observed, for both
+//! config     flags, environment and TOML file merged and validated
+//! net        streams and rustls set-up
+//! demo       pgcache demo, and the throwaway cluster the tests use too
 //! ```
 //!
 //! Frames are forwarded as the bytes they arrived as; only what the proxy must know is
-//! decoded (transaction status, ParameterStatus, COPY state, errors).
+//! decoded. A cache hit writes stored wire bytes without touching Postgres; a write observed
+//! on the way bumps the generations of what it changed before its completion reaches the
+//! client.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
