@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{PgCluster, Proxy, executions, rules_dir};
+use common::{PgCluster, Proxy, cache_env, executions};
 
 const RULES: &str = r#"
 [[rule]]
@@ -14,21 +14,10 @@ ttl = "60s"
 
 async fn setup(rules: &str) -> (&'static PgCluster, Proxy, String, tempfile::TempDir, tokio_postgres::Client) {
     let cluster = PgCluster::shared();
-    let db = cluster.create_db("cache").await;
-    let admin = cluster.admin(&db).await;
-    admin
-        .batch_execute(
-            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
-             CREATE TABLE items (id int PRIMARY KEY, name text, price numeric);
-             INSERT INTO items SELECT g, 'item ' || g, g * 1.5 FROM generate_series(1, 100) g;",
-        )
-        .await
-        .unwrap();
-    let dir = rules_dir(&[("10-test.toml", rules)]);
-    let mut config = Proxy::config(cluster);
-    config.rules = dir.path().to_owned();
-    config.rules_explicit = true;
-    (cluster, Proxy::start(config).await, db, dir, admin)
+    let schema = "CREATE TABLE items (id int PRIMARY KEY, name text, price numeric);
+                  INSERT INTO items SELECT g, 'item ' || g, g * 1.5 FROM generate_series(1, 100) g;";
+    let e = cache_env(cluster, "cache", schema, rules, |_| {}).await;
+    (cluster, e.proxy, e.db, e.dir, e.admin)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{PgCluster, Proxy, executions, rules_dir, text};
+use common::{CacheEnv, PgCluster, cache_env, executions, text};
 use tokio_postgres::Client;
 
 const RULES: &str = r#"
@@ -15,7 +15,6 @@ ttl = "10m"
 "#;
 
 const SCHEMA: &str = "
-CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
 CREATE TABLE t (id int PRIMARY KEY, v text);
 INSERT INTO t VALUES (1, 'one');
 CREATE SCHEMA a; CREATE SCHEMA b;
@@ -34,29 +33,20 @@ CREATE TABLE measurements_1 PARTITION OF measurements FOR VALUES FROM (0) TO (10
 INSERT INTO measurements VALUES (1, 1);
 ";
 
-struct Env {
-    proxy: Proxy,
-    db: String,
-    user: String,
-    admin: Client,
-    _dir: tempfile::TempDir,
-}
+type Env = CacheEnv;
 
 async fn env() -> Env {
-    let cluster = PgCluster::shared();
-    let db = cluster.create_db("inval").await;
-    let admin = cluster.admin(&db).await;
-    admin.batch_execute(SCHEMA).await.unwrap();
-    let dir = rules_dir(&[("rules.toml", RULES)]);
-    let mut config = Proxy::config(cluster);
-    config.rules = dir.path().to_owned();
-    config.rules_explicit = true;
-    Env { proxy: Proxy::start(config).await, db, user: cluster.superuser(), admin, _dir: dir }
+    cache_env(PgCluster::shared(), "inval", SCHEMA, RULES, |_| {}).await
 }
 
-impl Env {
+trait Reads {
+    async fn client(&self) -> Client;
+    async fn cached(&self, c: &Client, sql: &str) -> String;
+}
+
+impl Reads for Env {
     async fn client(&self) -> Client {
-        self.proxy.connect(&self.db, &self.user).await
+        self.proxy.connect(&self.db, &PgCluster::shared_or_superuser()).await
     }
 
     /// Reads `sql` twice through `c`, asserting the second read was a hit; returns the value.

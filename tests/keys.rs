@@ -3,8 +3,7 @@
 
 mod common;
 
-use common::{PgCluster, Proxy, executions, rules_dir, text};
-use tokio_postgres::Client;
+use common::{CacheEnv, PgCluster, cache_env, executions, text};
 
 const RULES: &str = r#"
 [[rule]]
@@ -13,24 +12,8 @@ match = { pattern = "(?i)select" }
 ttl = "10m"
 "#;
 
-struct Env {
-    proxy: Proxy,
-    db: String,
-    admin: Client,
-    _dir: tempfile::TempDir,
-}
-
-async fn env(schema: &str) -> Env {
-    let cluster = PgCluster::shared();
-    let db = cluster.create_db("keys").await;
-    let admin = cluster.admin(&db).await;
-    admin.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await.unwrap();
-    admin.batch_execute(schema).await.unwrap();
-    let dir = rules_dir(&[("rules.toml", RULES)]);
-    let mut config = Proxy::config(cluster);
-    config.rules = dir.path().to_owned();
-    config.rules_explicit = true;
-    Env { proxy: Proxy::start(config).await, db, admin, _dir: dir }
+async fn env(schema: &str) -> CacheEnv {
+    cache_env(PgCluster::shared(), "keys", schema, RULES, |_| {}).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,35 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{PgCluster, Proxy, executions, rules_dir, text};
+use common::{CacheEnv, PgCluster, cache_env, executions, rules_dir, text};
 use pgcache::config::Config;
-use tokio_postgres::Client;
 
-struct Env {
-    proxy: Proxy,
-    db: String,
-    admin: Client,
-    dir: tempfile::TempDir,
-}
-
-async fn env(rules: &str, tweak: impl FnOnce(&mut Config)) -> Env {
-    let cluster = PgCluster::shared();
-    let db = cluster.create_db("life").await;
-    let admin = cluster.admin(&db).await;
-    admin
-        .batch_execute(
-            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
-             CREATE TABLE items (id int PRIMARY KEY, v text);
-             INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g;",
-        )
-        .await
-        .unwrap();
-    let dir = rules_dir(&[("rules.toml", rules)]);
-    let mut config = Proxy::config(cluster);
-    config.rules = dir.path().to_owned();
-    config.rules_explicit = true;
-    tweak(&mut config);
-    Env { proxy: Proxy::start(config).await, db, admin, dir }
+async fn env(rules: &str, tweak: impl FnOnce(&mut Config)) -> CacheEnv {
+    let schema = "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g;";
+    cache_env(PgCluster::shared(), "life", schema, rules, tweak).await
 }
 
 const SQL: &str = "SELECT v FROM items WHERE id = 1";

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ClusterOptions, PgCluster, Proxy, executions, psql, rules_dir, stderr, stdout, text};
+use common::{CacheEnv, ClusterOptions, PgCluster, cache_env, executions, psql, rules_dir, stderr, stdout, text};
 use tokio_postgres::Client;
 
 const RULES: &str = r#"
@@ -21,38 +21,28 @@ match = { pattern = "(?i)from\\s+numbers" }
 ttl = "1h"
 "#;
 
-struct Env {
-    proxy: Proxy,
-    db: String,
-    admin: Client,
-    dir: tempfile::TempDir,
-}
+type Env = CacheEnv;
+
+const SCHEMA: &str = "
+    CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 10) g;
+    CREATE TABLE numbers (x int); INSERT INTO numbers SELECT generate_series(1, 5);
+    CREATE TABLE uncached (k int PRIMARY KEY, v text); INSERT INTO uncached SELECT g, 'u' || g FROM generate_series(1, 5) g;";
 
 async fn env_on(cluster: &PgCluster) -> Env {
-    let db = cluster.create_db("ops").await;
-    let admin = cluster.admin(&db).await;
-    admin
-        .batch_execute(
-            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
-             CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 10) g;
-             CREATE TABLE numbers (x int); INSERT INTO numbers SELECT generate_series(1, 5);
-             CREATE TABLE uncached (k int PRIMARY KEY, v text); INSERT INTO uncached SELECT g, 'u' || g FROM generate_series(1, 5) g;",
-        )
-        .await
-        .unwrap();
-    let dir = rules_dir(&[("rules.toml", RULES)]);
-    let mut config = Proxy::config(cluster);
-    config.rules = dir.path().to_owned();
-    config.rules_explicit = true;
-    config.console.users = vec![cluster.superuser()];
-    Env { proxy: Proxy::start(config).await, db, admin, dir }
+    let admins = vec![cluster.superuser()];
+    cache_env(cluster, "ops", SCHEMA, RULES, |c| c.console.users = admins).await
 }
 
 async fn env() -> Env {
     env_on(PgCluster::shared()).await
 }
 
-impl Env {
+trait Clients {
+    async fn app(&self) -> Client;
+    async fn console(&self) -> Client;
+}
+
+impl Clients for Env {
     async fn app(&self) -> Client {
         self.proxy.connect(&self.db, &PgCluster::shared_or_superuser()).await
     }

@@ -1,10 +1,12 @@
 //! What a SQL statement does, as far as the cache is concerned: whether it is a single
 //! read-only SELECT, which relations it reads and writes, which functions it calls, and whether
 //! it controls the transaction or session. Built on the Postgres grammar itself (pg_query);
-//! see [`classify`]. Results are cached by SQL text ([`Classifier`]), and function volatility,
+//! see [`classify`]. Results are cached by SQL text and shape ([`classifier`]), and function volatility,
 //! views and other facts only the database knows come from [`catalog`].
 
 pub mod catalog;
+pub mod classifier;
 pub mod classify;
 
-pub use classify::{Classified, Classifier, Kind, Relation, SessionChange, TxControl};
+pub use classifier::Classifier;
+pub use classify::{Classified, Kind, Relation, SessionChange, TxControl};

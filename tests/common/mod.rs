@@ -194,3 +194,32 @@ pub async fn try_text(c: &tokio_postgres::Client, sql: &str) -> Result<String, t
 pub async fn text(c: &tokio_postgres::Client, sql: &str) -> String {
     try_text(c, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
+
+/// A fresh database with `schema` loaded (and pg_stat_statements), a rule directory holding
+/// `rules` as `rules.toml`, and pgcache started in front with those rules.
+pub struct CacheEnv {
+    pub proxy: Proxy,
+    pub db: String,
+    /// A superuser client on `db`, straight to Postgres.
+    pub admin: tokio_postgres::Client,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn cache_env(
+    cluster: &PgCluster,
+    prefix: &str,
+    schema: &str,
+    rules: &str,
+    tweak: impl FnOnce(&mut pgcache::config::Config),
+) -> CacheEnv {
+    let db = cluster.create_db(prefix).await;
+    let admin = cluster.admin(&db).await;
+    admin.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await.unwrap();
+    admin.batch_execute(schema).await.unwrap_or_else(|e| panic!("schema: {e}"));
+    let dir = rules_dir(&[("rules.toml", rules)]);
+    let mut config = Proxy::config(cluster);
+    config.rules = dir.path().to_owned();
+    config.rules_explicit = true;
+    tweak(&mut config);
+    CacheEnv { proxy: Proxy::start(config).await, db, admin, dir }
+}
