@@ -188,3 +188,20 @@ async fn virtual_statements_and_portals_are_recreated_when_needed() {
     assert_eq!(tags(&got), "TZ", "{got:?}");
     c.exchange(&query("COMMIT"), 1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_recreated_statement_reports_its_error() {
+    let (cluster, proxy, db, _dir, admin) = setup(RULES).await;
+    let mut c = RawConn::connect(proxy.addr, &cluster.superuser(), &db, &[]).await;
+    let q = "SELECT name FROM items WHERE id = 11";
+    let hit = batch(&[parse("", q, &[]), bind("", "", &[], &[]), execute("", 0), sync()]);
+    c.exchange(&hit, 1).await;
+    assert_eq!(tags(&c.exchange(&hit, 1).await), "12DCZ", "answered by pgcache; the unnamed statement is virtual");
+    // The table goes away; re-creating the unnamed statement on the backend now fails, and
+    // the client must hear so (not wait for answers that never come).
+    admin.batch_execute("ALTER TABLE items RENAME TO items_gone").await.unwrap();
+    let got = c.exchange(&batch(&[bind("", "", &[], &[1]), execute("", 0), sync()]), 1).await;
+    assert_eq!(tags(&got), "EZ", "{got:?}");
+    assert!(String::from_utf8_lossy(&got[0].body).contains("42P01"), "{got:?}");
+    admin.batch_execute("ALTER TABLE items_gone RENAME TO items").await.unwrap();
+}

@@ -305,6 +305,11 @@ impl Flow {
         let done = |completed| Ok(Routed { visible, completed });
         match tag {
             be::ERROR_RESPONSE => {
+                // An injected request that fails makes the backend skip the client's own
+                // messages up to Sync: the client must see why. Only the settings probe (a
+                // request of pgcache's own between the client's) stays silent.
+                let visible = visible || !probe;
+                let done = |completed| Ok(Routed { visible, completed });
                 if let Some(id) = fill {
                     self.pipeline.take_fill(id);
                 }
