@@ -103,6 +103,12 @@ impl RuleSet {
         self.rules.iter().find(|r| r.matcher.matches(s)).cloned()
     }
 
+    /// Whether matching needs relations resolved to their schemas (some rule lists a
+    /// schema-qualified table); otherwise names as written are enough.
+    pub fn needs_resolution(&self) -> bool {
+        self.rules.iter().any(|r| r.matcher.tables.as_ref().is_some_and(|t| t.iter().any(|t| t.schema.is_some())))
+    }
+
     pub fn get(&self, name: &str) -> Option<&Arc<Rule>> {
         self.rules.iter().find(|r| r.name == name)
     }

@@ -73,6 +73,20 @@ impl Relay<'_> {
             return forward("the transaction has failed");
         }
         let database = self.key.database.as_str();
+        // Match on names as written first when no rule needs schemas: statements no rule
+        // matches then cost neither a catalog look-up nor a settings probe.
+        let early = if rules.needs_resolution() {
+            None
+        } else {
+            let subject = Subject { sql, statement: c, resolved_reads: &c.reads, database, user: &self.key.user };
+            match rules.decide(&subject) {
+                None => return forward("no rule matches"),
+                Some(rule) if rule.action == Action::Bypass => {
+                    return forward(format!("rule {:?} bypasses the cache", rule.name));
+                }
+                Some(rule) => Some(rule),
+            }
+        };
         let infos = match shared.catalog.relations(database, &c.reads).await {
             Ok(i) => i,
             Err(e) => return forward(format!("catalog unavailable: {e}")),
@@ -98,8 +112,16 @@ impl Relay<'_> {
                 _ => r.clone(),
             })
             .collect();
-        let subject = Subject { sql, statement: c, resolved_reads: &resolved, database, user: &self.key.user };
-        let Some(rule) = rules.decide(&subject) else { return forward("no rule matches") };
+        let rule = match early {
+            Some(rule) => rule,
+            None => {
+                let subject = Subject { sql, statement: c, resolved_reads: &resolved, database, user: &self.key.user };
+                match rules.decide(&subject) {
+                    Some(rule) => rule,
+                    None => return forward("no rule matches"),
+                }
+            }
+        };
         if rule.action == Action::Bypass {
             return forward(format!("rule {:?} bypasses the cache", rule.name));
         }
