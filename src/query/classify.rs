@@ -284,7 +284,9 @@ fn classify_one(sql: &str) -> Classified {
         stable_builtins: facts.stable_builtins,
         never_cache,
         fingerprint: pg_query::fingerprint(sql, 0, fingerprint_options()).map(|f| f.value).unwrap_or(0),
-        normalized: Arc::from(pg_query::normalize(sql).unwrap_or_else(|_| sql.to_owned()).trim()),
+        normalized: Arc::from(
+            pg_query::normalize(sql).unwrap_or_else(|_| sql.to_owned()).trim().trim_end_matches(';').trim_end(),
+        ),
     }
 }
 
@@ -527,5 +529,6 @@ mod tests {
         assert_eq!(a.fingerprint, b.fingerprint);
         assert_ne!(a.fingerprint, c.fingerprint);
         assert_eq!(&*a.normalized, "SELECT * FROM users WHERE id = $1");
+        assert_eq!(&*one("SELECT 1 ;").normalized, "SELECT $1");
     }
 }
