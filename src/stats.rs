@@ -48,6 +48,24 @@ impl Observation {
         }
     }
 
+    /// Answered from an entry admitted by `rule`.
+    pub fn hit(&mut self, rule: &str, key: u64, stale: bool, rows: u64) {
+        self.outcome = Outcome::Hit;
+        self.rule = Some(Arc::from(rule));
+        self.reason = None;
+        self.key = Some(key);
+        self.stale = stale;
+        self.rows = rows;
+    }
+
+    /// Sent to Postgres to fill an entry for `rule`.
+    pub fn miss(&mut self, rule: &str, key: u64) {
+        self.outcome = Outcome::Miss;
+        self.rule = Some(Arc::from(rule));
+        self.reason = None;
+        self.key = Some(key);
+    }
+
     /// The shape the request is counted under (several statements count as one shape).
     fn fingerprint(&self) -> u64 {
         self.statements.iter().fold(0u64, |acc, c| acc.rotate_left(7) ^ c.fingerprint)

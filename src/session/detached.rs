@@ -267,13 +267,8 @@ impl Detached<'_> {
 
     fn record(&self, classified: Arc<Vec<Classified>>, entry: &Entry, key: u64, stale: bool, served: usize) {
         entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let o = Observation {
-            rule: Some(Arc::from(entry.rule.name.as_str())),
-            key: Some(key),
-            stale,
-            rows: entry.rows,
-            ..Observation::new(classified, metrics::Outcome::Hit)
-        };
+        let mut o = Observation::new(classified, metrics::Outcome::Hit);
+        o.hit(&entry.rule.name, key, stale, entry.rows);
         self.shared.stats.record(&o, served as u64, false);
     }
 }

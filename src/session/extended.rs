@@ -214,21 +214,13 @@ impl Relay<'_> {
                             {
                                 Plan::Hit { entry, key, stale } => {
                                     if let Some(o) = observe.as_mut() {
-                                        o.outcome = Outcome::Hit;
-                                        o.rule = Some(Arc::from(entry.rule.name.as_str()));
-                                        o.reason = None;
-                                        o.key = Some(key);
-                                        o.stale = stale;
-                                        o.rows = entry.rows;
+                                        o.hit(&entry.rule.name, key, stale, entry.rows);
                                     }
                                     Exec::Hit(entry)
                                 }
                                 Plan::Fill(fill) => {
                                     if let Some(o) = observe.as_mut() {
-                                        o.outcome = Outcome::Miss;
-                                        o.rule = Some(Arc::from(fill.rule.name.as_str()));
-                                        o.reason = None;
-                                        o.key = Some(key_hash(&fill.key.0));
+                                        o.miss(&fill.rule.name, key_hash(&fill.key.0));
                                     }
                                     Exec::Fill(self.flow.pipeline.add_fill(*fill))
                                 }

@@ -46,12 +46,7 @@ impl Relay<'_> {
                     let mut answer = BytesMut::with_capacity(entry.row_description.len() + entry.body.len());
                     answer.extend_from_slice(&entry.row_description);
                     answer.extend_from_slice(&entry.body);
-                    observe.outcome = Outcome::Hit;
-                    observe.rule = Some(Arc::from(entry.rule.name.as_str()));
-                    observe.reason = None;
-                    observe.key = Some(key);
-                    observe.stale = stale;
-                    observe.rows = entry.rows;
+                    observe.hit(&entry.rule.name, key, stale, entry.rows);
                     self.shared.stats.record(&observe, answer.len() as u64, false);
                     self.answer_locally(answer.freeze());
                     self.flow.pipeline.items.push_back(Item::LocalReady);
@@ -59,10 +54,7 @@ impl Relay<'_> {
                     return Ok(());
                 }
                 Plan::Fill(fill) => {
-                    observe.outcome = Outcome::Miss;
-                    observe.rule = Some(Arc::from(fill.rule.name.as_str()));
-                    observe.reason = None;
-                    observe.key = Some(key_hash(&fill.key.0));
+                    observe.miss(&fill.rule.name, key_hash(&fill.key.0));
                     let id = self.flow.pipeline.add_fill(*fill);
                     self.send(frame.into_raw());
                     self.flow.pipeline.items.push_back(Item::Backend(Forwarded {
