@@ -45,7 +45,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.admin))?;
     let shared = server::Shared::new(config, shutdown.clone()).context("cannot start")?;
-    *shared.config_source.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::env::args_os().collect());
+    *shared.config_source.lock() = Some(std::env::args_os().collect());
     tokio::spawn(pgcache::admin::http::serve(admin, shared.clone()));
     tokio::spawn(wait_for_signal(shutdown, shared.clone()));
     server::run(listener, shared).await;

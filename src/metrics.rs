@@ -9,10 +9,10 @@
 //! across the replicas of a sidecar).
 
 use std::collections::HashSet;
-use std::sync::Mutex;
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
+use parking_lot::Mutex;
 
 /// What kind of metric a name is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,7 +157,7 @@ impl Metrics {
 
     /// The label for a table: itself while fewer than the cap have been seen, else `other`.
     pub fn table_label(&self, table: &str) -> String {
-        let mut seen = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self.tables.lock();
         if seen.contains(table) {
             return table.to_owned();
         }

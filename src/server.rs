@@ -30,7 +30,7 @@ pub struct Shared {
     config: arc_swap::ArcSwap<Config>,
     /// The command line the server was started with, to re-read on reload (`None` when built
     /// from a `Config` directly, as in tests).
-    pub config_source: std::sync::Mutex<Option<Vec<std::ffi::OsString>>>,
+    pub config_source: parking_lot::Mutex<Option<Vec<std::ffi::OsString>>>,
     pub pools: Pools,
     pub cancels: Arc<CancelRegistry>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
@@ -80,7 +80,7 @@ impl Shared {
     /// need a restart are returned.
     pub fn reload(&self) -> Result<Vec<&'static str>, String> {
         let rules = self.rules.reload().map_err(|e| e.to_string());
-        let args = self.config_source.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let args = self.config_source.lock().clone();
         let mut restart = Vec::new();
         if let Some(args) = args {
             let cli = <crate::config::Cli as clap::Parser>::try_parse_from(args).map_err(|e| e.to_string())?;
@@ -122,7 +122,7 @@ impl Shared {
             stats,
             paused: tokio::sync::watch::channel(false).0,
             config: arc_swap::ArcSwap::from_pointee(config),
-            config_source: std::sync::Mutex::new(None),
+            config_source: parking_lot::Mutex::new(None),
             cancels: Arc::new(CancelRegistry::default()),
             tls,
             shutdown,

@@ -7,9 +7,11 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
 
 use crate::metrics::{self as m, Metrics, Outcome};
 
@@ -152,10 +154,6 @@ pub struct Stats {
     slow: Duration,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// A hash of a cache key.
 pub fn key_hash(key: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -172,7 +170,7 @@ pub struct ClientGuard {
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
-        lock(&self.stats.clients).remove(&self.id);
+        self.stats.clients.lock().remove(&self.id);
         self.stats.metrics.gauge(m::CLIENT_CONNECTIONS, &[]).decrement(1.0);
     }
 }
@@ -226,7 +224,7 @@ impl Stats {
             tracing::warn!(duration_ms = elapsed.as_millis() as u64, query = %o.normalized(), "slow statement");
         }
         let fingerprint = o.fingerprint();
-        let mut queries = lock(&self.queries);
+        let mut queries = self.queries.lock();
         if !queries.contains_key(&fingerprint) && queries.len() >= MAX_QUERIES {
             return;
         }
@@ -265,7 +263,7 @@ impl Stats {
 
     /// A write changed `table` (any schema).
     pub fn table_written(&self, table: &str) {
-        *lock(&self.table_writes).entry(table.to_owned()).or_default() += 1;
+        *self.table_writes.lock().entry(table.to_owned()).or_default() += 1;
         let label = self.metrics.table_label(table);
         self.metrics.counter(m::INVALIDATIONS, &[("table", &label)]).increment(1);
     }
@@ -310,7 +308,7 @@ impl Stats {
             since: SystemTime::now(),
             backend_pid: backend_pid.clone(),
         };
-        lock(&self.clients).insert(id, info);
+        self.clients.lock().insert(id, info);
         self.metrics.gauge(m::CLIENT_CONNECTIONS, &[]).increment(1.0);
         ClientGuard { stats: self.clone(), id, backend_pid }
     }
@@ -332,17 +330,17 @@ impl Stats {
     }
 
     pub fn queries(&self) -> Vec<QueryStat> {
-        let mut v: Vec<QueryStat> = lock(&self.queries).values().cloned().collect();
+        let mut v: Vec<QueryStat> = self.queries.lock().values().cloned().collect();
         v.sort_by(|a, b| b.calls.cmp(&a.calls).then_with(|| a.normalized.cmp(&b.normalized)));
         v
     }
 
     pub fn table_writes(&self) -> HashMap<String, u64> {
-        lock(&self.table_writes).clone()
+        self.table_writes.lock().clone()
     }
 
     pub fn clients(&self) -> Vec<ClientInfo> {
-        let mut v: Vec<ClientInfo> = lock(&self.clients).values().cloned().collect();
+        let mut v: Vec<ClientInfo> = self.clients.lock().values().cloned().collect();
         v.sort_by_key(|c| c.since);
         v
     }

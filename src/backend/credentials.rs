@@ -5,8 +5,9 @@
 //! working through pgcache within that interval.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::config::Password;
 
@@ -35,12 +36,12 @@ impl Credentials {
 
     /// The login confirmed for `key` within the verify interval, if any.
     pub fn get(&self, key: &PoolKey) -> Option<Known> {
-        self.lock().get(key).filter(|(_, at)| at.elapsed() < self.max_age).map(|(k, _)| k.clone())
+        self.map.lock().get(key).filter(|(_, at)| at.elapsed() < self.max_age).map(|(k, _)| k.clone())
     }
 
     /// The login last confirmed for `key`, however old (for opening pool connections).
     pub fn last(&self, key: &PoolKey) -> Option<Known> {
-        self.lock().get(key).map(|(k, _)| k.clone())
+        self.map.lock().get(key).map(|(k, _)| k.clone())
     }
 
     pub fn remember(&self, key: &PoolKey, password: Option<&Password>) {
@@ -48,12 +49,12 @@ impl Credentials {
             Some(p) => Known::Password(p.clone()),
             None => Known::NoPassword,
         };
-        self.lock().insert(key.clone(), (known, Instant::now()));
+        self.map.lock().insert(key.clone(), (known, Instant::now()));
     }
 
     /// Every login confirmed for `database`, newest first.
     pub fn known_for_database(&self, database: &str) -> Vec<(String, Known)> {
-        let map = self.lock();
+        let map = self.map.lock();
         let mut v: Vec<_> = map
             .iter()
             .filter(|(k, _)| k.database == database)
@@ -64,11 +65,6 @@ impl Credentials {
     }
 
     pub fn forget(&self, key: &PoolKey) {
-        self.lock().remove(key);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, (Known, Instant)>> {
-        // A poisoned map only means a panic elsewhere mid-insert; the data is still usable.
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
+        self.map.lock().remove(key);
     }
 }

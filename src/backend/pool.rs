@@ -13,10 +13,11 @@
 //! its whole life (session pooling) or for one transaction.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Password, PoolConfig};
@@ -110,20 +111,15 @@ impl Pool {
         }
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Every connection: lent out (active) or idle.
     pub fn servers(&self) -> Vec<ServerInfo> {
         let mut v: Vec<ServerInfo> = self
             .lent
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .map(|(pid, created)| ServerInfo { pid: *pid, active: true, age: created.elapsed() })
             .collect();
-        v.extend(self.idle().iter().map(|i| ServerInfo {
+        v.extend(self.idle.lock().iter().map(|i| ServerInfo {
             pid: i.conn.key.pid,
             active: false,
             age: i.conn.created.elapsed(),
@@ -132,16 +128,16 @@ impl Pool {
     }
 
     fn lend(&self, conn: &Connection) {
-        self.lent.lock().unwrap_or_else(|e| e.into_inner()).insert(conn.key.pid, conn.created);
+        self.lent.lock().insert(conn.key.pid, conn.created);
     }
 
     fn returned(&self, conn: &Connection) {
-        self.lent.lock().unwrap_or_else(|e| e.into_inner()).remove(&conn.key.pid);
+        self.lent.lock().remove(&conn.key.pid);
     }
 
     pub fn stats(&self) -> PoolStats {
         let max = self.settings.max_size;
-        PoolStats { active: max - self.slots.available_permits(), idle: self.idle().len(), max }
+        PoolStats { active: max - self.slots.available_permits(), idle: self.idle.lock().len(), max }
     }
 
     fn expired(&self, conn: &Connection) -> bool {
@@ -175,7 +171,7 @@ impl Pool {
             }
         };
         self.stats.pool_wait(asked.elapsed());
-        *self.last_startup.lock().unwrap_or_else(|e| e.into_inner()) = Some(startup.clone());
+        *self.last_startup.lock() = Some(startup.clone());
         while let Some(mut conn) = self.take_idle(startup).filter(|_| !fresh) {
             if conn.is_alive() && !self.expired(&conn) {
                 return Ok(Lease::new(conn, permit, self.clone()));
@@ -188,7 +184,7 @@ impl Pool {
             Err(e) => {
                 if !matches!(e, ConnectError::Server { .. } | ConnectError::PasswordRequired) {
                     self.stats.backend_error();
-                    *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                    *self.last_failure.lock() = Some(Instant::now());
                 }
                 Err(e.into())
             }
@@ -198,12 +194,12 @@ impl Pool {
     /// Whether opening a connection failed within `within` (to avoid hammering a server that
     /// is down).
     pub fn failed_within(&self, within: Duration) -> bool {
-        self.last_failure.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| t.elapsed() < within)
+        self.last_failure.lock().is_some_and(|t| t.elapsed() < within)
     }
 
     /// The most recently used idle connection with these startup parameters.
     fn take_idle(&self, startup: &StartupParams) -> Option<Connection> {
-        let mut idle = self.idle();
+        let mut idle = self.idle.lock();
         let pos = idle.iter().rposition(|i| i.conn.startup == *startup)?;
         idle.remove(pos).map(|i| i.conn)
     }
@@ -211,7 +207,7 @@ impl Pool {
     /// Closes the oldest idle connection if opening one more would exceed the pool size.
     fn make_room(&self, _held: &OwnedSemaphorePermit) {
         let lent = self.settings.max_size - self.slots.available_permits();
-        let mut idle = self.idle();
+        let mut idle = self.idle.lock();
         if idle.len() + lent > self.settings.max_size
             && let Some(old) = idle.pop_front()
         {
@@ -224,7 +220,7 @@ impl Pool {
             tokio::spawn(conn.terminate());
             return;
         }
-        self.idle().push_back(Idle { conn, since: Instant::now() });
+        self.idle.lock().push_back(Idle { conn, since: Instant::now() });
     }
 
     /// Closes idle connections past the idle timeout or max lifetime, then opens connections
@@ -232,7 +228,7 @@ impl Pool {
     async fn maintain(self: &Arc<Self>, credentials: &Credentials) {
         let now = Instant::now();
         let stale: Vec<Connection> = {
-            let mut idle = self.idle();
+            let mut idle = self.idle.lock();
             let (keep, drop): (VecDeque<Idle>, VecDeque<Idle>) =
                 idle.drain(..).partition(|i| now - i.since < self.settings.idle_timeout && !self.expired(&i.conn));
             *idle = keep;
@@ -241,7 +237,7 @@ impl Pool {
         for conn in stale {
             conn.terminate().await;
         }
-        let startup = self.last_startup.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let startup = self.last_startup.lock().clone();
         let (Some(startup), Some(known)) = (startup, credentials.last(&self.key)) else {
             return;
         };
@@ -249,7 +245,7 @@ impl Pool {
             Known::Password(p) => Some(p),
             Known::NoPassword => None,
         };
-        while self.idle().len() < self.settings.min_idle && !self.closed.load(Ordering::Acquire) {
+        while self.idle.lock().len() < self.settings.min_idle && !self.closed.load(Ordering::Acquire) {
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                 return;
             };
@@ -270,7 +266,7 @@ impl Pool {
 
     async fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        let conns: Vec<Idle> = self.idle().drain(..).collect();
+        let conns: Vec<Idle> = self.idle.lock().drain(..).collect();
         for i in conns {
             i.conn.terminate().await;
         }
@@ -368,12 +364,9 @@ impl Pools {
         &self.endpoint
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Arc<Pool>>> {
-        self.pools.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     pub fn get(&self, key: &PoolKey) -> Arc<Pool> {
-        self.map()
+        self.pools
+            .lock()
             .entry(key.clone())
             .or_insert_with(|| {
                 Arc::new(Pool::new(key.clone(), self.settings.clone(), self.endpoint.clone(), self.stats.clone()))
@@ -383,7 +376,7 @@ impl Pools {
 
     /// Every pool, sorted by key.
     pub fn all(&self) -> Vec<Arc<Pool>> {
-        let mut v: Vec<_> = self.map().values().cloned().collect();
+        let mut v: Vec<_> = self.pools.lock().values().cloned().collect();
         v.sort_by(|a, b| a.key.cmp(&b.key));
         v
     }

@@ -2,9 +2,10 @@
 //! the others wait (bounded) for its result instead of sending it too.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::Key;
@@ -26,7 +27,7 @@ pub struct Flight {
 impl Drop for Flight {
     fn drop(&mut self) {
         // Dropping the sender wakes every waiter.
-        self.flights.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+        self.flights.map.lock().remove(&self.key);
     }
 }
 
@@ -41,7 +42,7 @@ pub enum Turn {
 impl Flights {
     pub async fn join(self: &Arc<Self>, key: &Key, wait: Duration) -> Turn {
         let mut rx = {
-            let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            let mut map = self.map.lock();
             match map.get(key) {
                 Some(rx) => rx.clone(),
                 None => {
@@ -57,7 +58,7 @@ impl Flights {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.map.lock().len()
     }
 }
 

@@ -4,8 +4,10 @@
 //! interned `Arc<AtomicU64>`s, so checking an entry is a few atomic loads, without locks.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 
 use crate::query::Relation;
 
@@ -31,7 +33,7 @@ pub struct Generations {
 }
 
 fn intern<K: std::hash::Hash + Eq + Clone>(map: &Mutex<HashMap<K, Arc<AtomicU64>>>, k: &K) -> Arc<AtomicU64> {
-    map.lock().unwrap_or_else(|e| e.into_inner()).entry(k.clone()).or_default().clone()
+    map.lock().entry(k.clone()).or_default().clone()
 }
 
 fn snap(counter: Arc<AtomicU64>) -> Dependency {

@@ -10,10 +10,11 @@
 //! the caller fails open (does not cache) and, for writes, invalidates wider.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
+use parking_lot::Mutex;
 use tokio_postgres::{Client, NoTls};
 
 use crate::backend::credentials::Known;
@@ -87,10 +88,6 @@ pub struct Catalog {
     ttl: Duration,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 const SYSTEM_SCHEMAS: [&str; 2] = ["pg_catalog", "information_schema"];
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -100,14 +97,14 @@ impl Catalog {
     }
 
     fn db(&self, db: &str) -> Arc<DbCatalog> {
-        lock(&self.dbs).entry(db.to_owned()).or_default().clone()
+        self.dbs.lock().entry(db.to_owned()).or_default().clone()
     }
 
     /// Forgets everything known about `db` (after DDL).
     pub fn invalidate(&self, db: &str) {
         let d = self.db(db);
-        lock(&d.functions).clear();
-        lock(&d.relations).clear();
+        d.functions.lock().clear();
+        d.relations.lock().clear();
     }
 
     async fn client(&self, db: &str) -> Result<Arc<Client>, CatalogError> {
@@ -161,19 +158,19 @@ impl Catalog {
     pub async fn functions(&self, db: &str, names: &[Relation]) -> Result<Vec<FunctionInfo>, CatalogError> {
         let d = self.db(db);
         let missing: Vec<&Relation> = {
-            let map = lock(&d.functions);
+            let map = d.functions.lock();
             names.iter().filter(|n| map.get(*n).is_none_or(|c| c.at.elapsed() > self.ttl)).collect()
         };
         if !missing.is_empty() {
             let fetched = tokio::time::timeout(LOOKUP_TIMEOUT, self.fetch_functions(db, &missing))
                 .await
                 .map_err(|_| CatalogError::Timeout)??;
-            let mut map = lock(&d.functions);
+            let mut map = d.functions.lock();
             for (name, info) in fetched {
                 map.insert(name, Cached { value: info, at: Instant::now() });
             }
         }
-        let map = lock(&d.functions);
+        let map = d.functions.lock();
         Ok(names.iter().map(|n| map.get(n).map_or(UNKNOWN_FUNCTION, |c| c.value)).collect())
     }
 
@@ -235,12 +232,12 @@ impl Catalog {
             let mut out = Vec::with_capacity(names.len());
             for name in names {
                 let cached =
-                    lock(&d.relations).get(name).filter(|c| c.at.elapsed() <= self.ttl).map(|c| c.value.clone());
+                    d.relations.lock().get(name).filter(|c| c.at.elapsed() <= self.ttl).map(|c| c.value.clone());
                 let info = match cached {
                     Some(i) => i,
                     None => {
                         let i = Arc::new(self.fetch_relation(db, name, depth).await?);
-                        lock(&d.relations).insert(name.clone(), Cached { value: i.clone(), at: Instant::now() });
+                        d.relations.lock().insert(name.clone(), Cached { value: i.clone(), at: Instant::now() });
                         i
                     }
                 };

@@ -5,11 +5,12 @@
 //! symlink. A reload that fails validation keeps the previous rules and records the error.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 
 use super::{LoadError, RuleSet, load_dir};
 use crate::stats::Stats;
@@ -68,18 +69,18 @@ impl Rules {
     }
 
     pub fn status(&self) -> ReloadStatus {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.status.lock().clone()
     }
 
     /// Reloads the directory. On error the rules in force stay and the error is recorded.
     pub fn reload(&self) -> Result<usize, LoadError> {
-        *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp(&self.dir);
+        *self.stamp.lock() = stamp(&self.dir);
         let version = self.versions.fetch_add(1, Ordering::AcqRel) + 1;
         let result = load_dir(&self.dir, version);
         if let Some(stats) = &self.stats {
             stats.rules_reloaded(result.is_ok());
         }
-        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let mut status = self.status.lock();
         status.at = SystemTime::now();
         match result {
             Ok(set) => {
@@ -104,7 +105,7 @@ impl Rules {
         loop {
             tick.tick().await;
             let now = stamp(&self.dir);
-            let changed = *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) != now;
+            let changed = *self.stamp.lock() != now;
             if changed {
                 let _ = self.reload();
             }

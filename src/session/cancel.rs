@@ -3,8 +3,9 @@
 //! CancelRequest for the backend the client is using at that moment.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use parking_lot::Mutex;
 use rand::Rng;
 
 use crate::backend::BackendKey;
@@ -30,14 +31,10 @@ pub struct CancelHandle {
 }
 
 impl CancelRegistry {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Slot>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Issues a fresh key for a new client.
     pub fn register(self: &Arc<Self>) -> CancelHandle {
         let mut rng = rand::rng();
-        let mut map = self.map();
+        let mut map = self.map.lock();
         let pid = loop {
             let pid = rng.random_range(1..i32::MAX);
             if !map.contains_key(&pid) {
@@ -51,7 +48,7 @@ impl CancelRegistry {
 
     /// The backend currently serving the client with this key, if the key is valid.
     pub fn lookup(&self, pid: i32, secret: &[u8]) -> Option<BackendKey> {
-        let map = self.map();
+        let map = self.map.lock();
         let slot = map.get(&pid)?;
         // Compare in constant time with respect to the secret's content.
         let ours = slot.secret.to_be_bytes();
@@ -63,7 +60,7 @@ impl CancelRegistry {
 impl CancelHandle {
     /// Records which backend (if any) a cancel should reach now.
     pub fn set_backend(&self, key: Option<BackendKey>) {
-        if let Some(slot) = self.registry.map().get_mut(&self.pid) {
+        if let Some(slot) = self.registry.map.lock().get_mut(&self.pid) {
             slot.backend = key;
         }
     }
@@ -71,7 +68,7 @@ impl CancelHandle {
 
 impl Drop for CancelHandle {
     fn drop(&mut self) {
-        self.registry.map().remove(&self.pid);
+        self.registry.map.lock().remove(&self.pid);
     }
 }
 
