@@ -54,6 +54,31 @@ async fn stale_entries_are_served_while_refreshed_in_the_background() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_refresh_replays_extended_requests_with_their_parameters() {
+    let rule =
+        "[[rule]]\nname = \"swr\"\nmatch = { tables = [\"items\"] }\nttl = \"2s\"\nstale_while_revalidate = \"1m\"\n";
+    let e = env(rule, |_| {}).await;
+    let c = e.proxy.connect(&e.db, "postgres").await;
+    let sql = "SELECT v FROM items WHERE id = $1";
+    let read = || async { c.query_one(sql, &[&7i32]).await.unwrap().get::<_, String>(0) };
+    assert_eq!(read().await, "v7");
+    e.admin.batch_execute("UPDATE items SET v = 'changed' WHERE id = 7").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let n = executions(&e.admin, "FROM items WHERE id = $1").await;
+    assert_eq!(read().await, "v7", "the stale entry is served at once");
+    let mut seen = String::new();
+    for _ in 0..40 {
+        seen = read().await;
+        if seen == "changed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(seen, "changed", "the refresh ran the statement with the client's binary parameter");
+    assert_eq!(executions(&e.admin, "FROM items WHERE id = $1").await, n + 1, "one refresh; every read was a hit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_identical_misses_run_once() {
     let e =
         env("[[rule]]\nname = \"agg\"\nmatch = { tables = [\"items\"] }\nttl = \"1m\"\n", |c| c.pool.max_size = 100)

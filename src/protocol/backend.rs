@@ -266,6 +266,14 @@ pub fn command_complete(tag: &str, out: &mut BytesMut) {
     put(out, &pgwire::messages::response::CommandComplete::new(tag.to_owned()));
 }
 
+pub fn parse_complete(out: &mut BytesMut) {
+    put(out, &pgwire::messages::extendedquery::ParseComplete::new());
+}
+
+pub fn bind_complete(out: &mut BytesMut) {
+    put(out, &pgwire::messages::extendedquery::BindComplete::new());
+}
+
 pub fn empty_query_response(out: &mut BytesMut) {
     put(out, &pgwire::messages::response::EmptyQueryResponse::new());
 }

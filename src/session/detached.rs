@@ -22,7 +22,6 @@ use crate::cache::{Entry, Freshness};
 use crate::metrics;
 use crate::protocol::Frame;
 use crate::protocol::backend::{self as be, PgError, TransactionStatus};
-use crate::protocol::frame::put_frame;
 use crate::protocol::frontend::{self as fe, Named, Target};
 use crate::protocol::sqlstate::SqlState;
 use crate::query::{Classified, Kind};
@@ -124,14 +123,6 @@ fn refusal(frames: &[Frame], why: &str) -> Bytes {
     out.freeze()
 }
 
-fn message(tag: u8) -> [u8; 5] {
-    let mut b = BytesMut::with_capacity(5);
-    put_frame(&mut b, tag, &[]);
-    let mut out = [0u8; 5];
-    out.copy_from_slice(&b);
-    out
-}
-
 impl Detached<'_> {
     /// Takes a new backend and replays the session's settings on it.
     async fn reattach(&mut self) -> Result<Lease, String> {
@@ -220,7 +211,7 @@ impl Detached<'_> {
                         classified: self.shared.classifier.classify(sql),
                     };
                     parsed.insert(p.name.to_vec(), Arc::new(st));
-                    out.extend_from_slice(&message(be::PARSE_COMPLETE));
+                    be::parse_complete(&mut out);
                 }
                 fe::BIND => {
                     let b = fe::bind(f.body()).ok()?;
@@ -234,7 +225,7 @@ impl Detached<'_> {
                     let (entry, key, stale) = self.lookup(&st.sql, c, req, fallback)?;
                     hits.push((st.classified.clone(), entry.clone(), key, stale));
                     current = Some(entry);
-                    out.extend_from_slice(&message(be::BIND_COMPLETE));
+                    be::bind_complete(&mut out);
                 }
                 fe::DESCRIBE => match fe::named(f.body()).ok()? {
                     Named { target: Target::Portal, name: b"" } => {

@@ -17,11 +17,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use postgres_protocol::message::frontend;
 
 use crate::metrics::Outcome;
 use crate::protocol::Frame;
 use crate::protocol::backend as be;
-use crate::protocol::frame::put_frame;
 use crate::protocol::frontend::{self as fe, Bind, Execute, Named, Parse, Target};
 use crate::query::Classified;
 use crate::stats::{Observation, key_hash};
@@ -81,9 +81,10 @@ struct BatchPlan {
     unnamed_at_start: Option<Arc<Statement>>,
 }
 
-fn message(tag: u8) -> Bytes {
+/// One message pgcache answers with itself (ParseComplete, BindComplete).
+fn encoded(put: fn(&mut BytesMut)) -> Bytes {
     let mut b = BytesMut::with_capacity(5);
-    put_frame(&mut b, tag, &[]);
+    put(&mut b);
     b.freeze()
 }
 
@@ -332,7 +333,7 @@ impl Relay<'_> {
                         current_unnamed = plan.parsed.get(&i).cloned();
                     }
                     if plan.virtual_parse[i] {
-                        self.answer_locally(message(be::PARSE_COMPLETE));
+                        self.answer_locally(encoded(be::parse_complete));
                         self.flow.unprepared.insert(Bytes::new());
                     } else {
                         self.forward_request(frame, Expect::Parse);
@@ -343,7 +344,7 @@ impl Relay<'_> {
                 Msg::Bind(b) => {
                     described = false;
                     if plan.virtual_bind[i] {
-                        self.answer_locally(message(be::BIND_COMPLETE));
+                        self.answer_locally(encoded(be::bind_complete));
                         self.flow.virtual_portal = Some(frame);
                     } else {
                         self.materialize(b.statement, current_unnamed.as_ref());
@@ -399,7 +400,7 @@ impl Relay<'_> {
                             if !described {
                                 // The entry needs the RowDescription for clients that will ask.
                                 let mut d = BytesMut::new();
-                                put_frame(&mut d, fe::DESCRIBE, b"P\0");
+                                frontend::describe(b'P', "", &mut d).expect("the unnamed portal's name encodes");
                                 self.send(d.freeze());
                                 self.flow.pipeline.items.push_back(Item::Backend(Forwarded {
                                     fill: Some(id),

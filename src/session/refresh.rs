@@ -5,10 +5,13 @@
 //! request. The new entry records the generations as they were before the refresh was sent,
 //! so a write that lands meanwhile still kills it.
 
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
+use postgres_protocol::IsNull;
+use postgres_protocol::message::frontend::{self, BindError};
 use tokio::time::Instant;
 
 use crate::backend::connection::StartupParams;
@@ -17,8 +20,6 @@ use crate::backend::{PoolKey, Reset};
 use crate::cache::{Entry, Key};
 use crate::config::{AuthMode, Password};
 use crate::protocol::backend as be;
-use crate::protocol::frame::put_frame;
-use crate::protocol::frontend as fe;
 use crate::query::Relation;
 use crate::server::Shared;
 
@@ -79,7 +80,8 @@ async fn run(shared: &Shared, r: &Refresh) -> Result<(), String> {
         let conn = lease.conn();
         apply_settings(conn, &r.settings).await?;
         let deps = shared.generations.snapshot(&r.deps);
-        let answer = conn.exchange(&encode(&r.request)).await.map_err(|e| e.to_string())?;
+        let request = encode(&r.request).map_err(|e| e.to_string())?;
+        let answer = conn.exchange(&request).await.map_err(|e| e.to_string())?;
         let mut entry = Entry {
             rule: r.stale.rule.clone(),
             row_description: Bytes::new(),
@@ -122,20 +124,16 @@ pub async fn apply_settings(
     if settings.is_empty() {
         return Ok(());
     }
-    let answer = conn.exchange(&set_config(settings)).await.map_err(|e| e.to_string())?;
+    let request = set_config(settings).map_err(|e| e.to_string())?;
+    let answer = conn.exchange(&request).await.map_err(|e| e.to_string())?;
     match answer.iter().find(|f| f.tag() == be::ERROR_RESPONSE) {
         Some(e) => Err(be::error_fields(e.body()).map(|f| f.to_string()).unwrap_or_default()),
         None => Ok(()),
     }
 }
 
-fn cstr(out: &mut Vec<u8>, s: &[u8]) {
-    out.extend_from_slice(s);
-    out.push(0);
-}
-
 /// `SELECT set_config($1, $2, false), ...` with the values as parameters (no quoting).
-fn set_config(settings: &[(String, String)]) -> BytesMut {
+fn set_config(settings: &[(String, String)]) -> io::Result<BytesMut> {
     let calls: Vec<String> =
         (0..settings.len()).map(|i| format!("set_config(${}, ${}, false)", 2 * i + 1, 2 * i + 2)).collect();
     let sql = format!("SELECT {}", calls.join(", "));
@@ -151,44 +149,40 @@ fn set_config(settings: &[(String, String)]) -> BytesMut {
 }
 
 /// The request as the client sent it: a Query, or Parse/Bind/Describe/Execute/Sync on the
-/// unnamed statement and portal.
-fn encode(request: &Request) -> BytesMut {
+/// unnamed statement and portal. Fails only for what no client could have sent (a NUL in
+/// the SQL, more than 65535 parameters).
+fn encode(request: &Request) -> io::Result<BytesMut> {
     let mut out = BytesMut::new();
     match request {
-        Request::Simple { sql } => {
-            let mut b = Vec::new();
-            cstr(&mut b, sql.as_bytes());
-            put_frame(&mut out, fe::QUERY, &b);
-        }
+        Request::Simple { sql } => frontend::query(sql, &mut out)?,
         Request::Extended { sql, param_types, param_formats, params, result_formats } => {
-            let mut b = Vec::new();
-            cstr(&mut b, b"");
-            cstr(&mut b, sql.as_bytes());
-            b.extend_from_slice(&(param_types.len() as i16).to_be_bytes());
-            param_types.iter().for_each(|t| b.extend_from_slice(&t.to_be_bytes()));
-            put_frame(&mut out, fe::PARSE, &b);
-            let mut b = Vec::new();
-            cstr(&mut b, b"");
-            cstr(&mut b, b"");
-            b.extend_from_slice(&(param_formats.len() as i16).to_be_bytes());
-            param_formats.iter().for_each(|f| b.extend_from_slice(&f.to_be_bytes()));
-            b.extend_from_slice(&(params.len() as i16).to_be_bytes());
-            for p in params {
-                match p {
+            frontend::parse("", sql, param_types.iter().copied(), &mut out)?;
+            let value = |v: &Option<Bytes>, buf: &mut BytesMut| {
+                Ok(match v {
                     Some(v) => {
-                        b.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                        b.extend_from_slice(v);
+                        buf.extend_from_slice(v);
+                        IsNull::No
                     }
-                    None => b.extend_from_slice(&(-1i32).to_be_bytes()),
-                }
-            }
-            b.extend_from_slice(&(result_formats.len() as i16).to_be_bytes());
-            result_formats.iter().for_each(|f| b.extend_from_slice(&f.to_be_bytes()));
-            put_frame(&mut out, fe::BIND, &b);
-            put_frame(&mut out, fe::DESCRIBE, b"P\0");
-            put_frame(&mut out, fe::EXECUTE, b"\0\0\0\0\0");
-            put_frame(&mut out, fe::SYNC, &[]);
+                    None => IsNull::Yes,
+                })
+            };
+            frontend::bind(
+                "",
+                "",
+                param_formats.iter().copied(),
+                params,
+                value,
+                result_formats.iter().copied(),
+                &mut out,
+            )
+            .map_err(|e| match e {
+                BindError::Serialization(e) => e,
+                BindError::Conversion(e) => io::Error::other(e),
+            })?;
+            frontend::describe(b'P', "", &mut out)?;
+            frontend::execute("", 0, &mut out)?;
+            frontend::sync(&mut out);
         }
     }
-    out
+    Ok(out)
 }
