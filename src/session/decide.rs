@@ -28,7 +28,7 @@ use crate::stats::key_hash;
 
 use super::SessionError;
 use super::flow::Probe;
-use super::pipeline::{Expect, Fill, Forwarded, Item};
+use super::pipeline::{Expect, Fill, Forwarded};
 use super::refresh;
 use super::relay::Relay;
 use super::settings::probe_sql;
@@ -178,11 +178,7 @@ impl Relay<'_> {
         self.flow.probe_row = None;
         let mut q = BytesMut::new();
         postgres_protocol::message::frontend::query(&probe_sql(), &mut q).map_err(SessionError::ClientIo)?;
-        self.send(q.freeze());
-        self.flow
-            .pipeline
-            .items
-            .push_back(Item::Backend(Forwarded { probe: true, ..Forwarded::hidden(Expect::Query) }));
+        self.request(q.freeze(), Forwarded { probe: true, ..Forwarded::hidden(Expect::Query) });
         self.pump_until(|f| f.probe != Some(Probe::Running)).await
     }
 

@@ -378,11 +378,7 @@ impl Relay<'_> {
                         self.materialize_portal(current_unnamed.as_ref());
                     }
                     let fill = self.fill_of_next_execute(msgs, &plan, i);
-                    self.send(frame.into_raw());
-                    self.flow
-                        .pipeline
-                        .items
-                        .push_back(Item::Backend(Forwarded { fill, ..Forwarded::new(Expect::DescribePortal) }));
+                    self.request(frame.into_raw(), Forwarded { fill, ..Forwarded::new(Expect::DescribePortal) });
                     forwarded = true;
                 }
                 Msg::Execute(e) => {
@@ -401,31 +397,25 @@ impl Relay<'_> {
                                 // The entry needs the RowDescription for clients that will ask.
                                 let mut d = BytesMut::new();
                                 frontend::describe(b'P', "", &mut d).expect("the unnamed portal's name encodes");
-                                self.send(d.freeze());
-                                self.flow.pipeline.items.push_back(Item::Backend(Forwarded {
-                                    fill: Some(id),
-                                    ..Forwarded::hidden(Expect::DescribePortal)
-                                }));
+                                self.request(
+                                    d.freeze(),
+                                    Forwarded { fill: Some(id), ..Forwarded::hidden(Expect::DescribePortal) },
+                                );
                             }
-                            self.send(frame.into_raw());
-                            self.flow.pipeline.items.push_back(Item::Backend(Forwarded {
-                                fill: Some(id),
-                                effects,
-                                observe,
-                                ..Forwarded::new(Expect::Execute)
-                            }));
+                            self.request(
+                                frame.into_raw(),
+                                Forwarded { fill: Some(id), effects, observe, ..Forwarded::new(Expect::Execute) },
+                            );
                             forwarded = true;
                         }
                         Exec::Forward => {
                             if e.portal.is_empty() {
                                 self.materialize_portal(current_unnamed.as_ref());
                             }
-                            self.send(frame.into_raw());
-                            self.flow.pipeline.items.push_back(Item::Backend(Forwarded {
-                                effects,
-                                observe,
-                                ..Forwarded::new(Expect::Execute)
-                            }));
+                            self.request(
+                                frame.into_raw(),
+                                Forwarded { effects, observe, ..Forwarded::new(Expect::Execute) },
+                            );
                             forwarded = true;
                         }
                     }
@@ -472,8 +462,7 @@ impl Relay<'_> {
         }
         let st = if name.is_empty() { unnamed.cloned() } else { self.flow.statements.get(name).cloned() };
         if let Some(st) = st {
-            self.send(st.parse.raw().clone());
-            self.flow.pipeline.items.push_back(Item::Backend(Forwarded::hidden(Expect::Parse)));
+            self.request(st.parse.raw().clone(), Forwarded::hidden(Expect::Parse));
         }
     }
 
@@ -484,8 +473,7 @@ impl Relay<'_> {
             let name = b.statement.to_vec();
             self.materialize(&name, current);
         }
-        self.send(bind.into_raw());
-        self.flow.pipeline.items.push_back(Item::Backend(Forwarded::hidden(Expect::Bind)));
+        self.request(bind.into_raw(), Forwarded::hidden(Expect::Bind));
     }
 
     /// Sends a batch pgcache cannot read, expecting the answers its message types get.
@@ -507,15 +495,17 @@ impl Relay<'_> {
                 fe::SYNC => Some(Expect::Sync),
                 _ => None,
             };
-            let mut item = expect.map(Forwarded::new);
-            if let Some(f) = item.as_mut().filter(|f| f.expect == Expect::Execute) {
-                f.effects.push(Effect::Unknown("execute in a batch pgcache could not read"));
+            let Some(expect) = expect else {
+                // Flush has no answer of its own.
+                self.send(frame.into_raw());
+                continue;
+            };
+            let mut answer = Forwarded::new(expect);
+            if expect == Expect::Execute {
+                answer.effects.push(Effect::Unknown("execute in a batch pgcache could not read"));
                 self.flow.wrote = true;
             }
-            self.send(frame.into_raw());
-            if let Some(item) = item {
-                self.flow.pipeline.items.push_back(Item::Backend(item));
-            }
+            self.request(frame.into_raw(), answer);
         }
         Ok(())
     }

@@ -29,6 +29,7 @@ use crate::server::Shared;
 use super::SessionError;
 use super::client::Client;
 use super::flow::Flow;
+use super::pipeline::{Expect, Forwarded, Item};
 use super::queue::OutQueue;
 use super::state::Tracker;
 
@@ -234,7 +235,7 @@ impl Relay<'_> {
                     if frame.tag() == fe::QUERY {
                         self.on_query(frame).await?;
                     } else {
-                        self.forward_request(frame, super::pipeline::Expect::Query);
+                        self.forward_request(frame, Expect::Query);
                     }
                 }
                 _ => self.on_extended(frame).await?,
@@ -272,10 +273,15 @@ impl Relay<'_> {
         Ok(at)
     }
 
+    /// Sends a request to the backend and queues the answer it is owed.
+    pub(super) fn request(&mut self, bytes: Bytes, answer: Forwarded) {
+        self.send(bytes);
+        self.flow.pipeline.items.push_back(Item::Backend(answer));
+    }
+
     /// Forwards a request as the client sent it, expecting `expect` as its answer.
-    pub(super) fn forward_request(&mut self, frame: Frame, expect: super::pipeline::Expect) {
-        self.send(frame.into_raw());
-        self.flow.pipeline.items.push_back(super::pipeline::Item::Backend(super::pipeline::Forwarded::new(expect)));
+    pub(super) fn forward_request(&mut self, frame: Frame, expect: Expect) {
+        self.request(frame.into_raw(), Forwarded::new(expect));
     }
 
     /// Routes the complete backend frames at the front of the read buffer: through the

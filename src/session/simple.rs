@@ -56,12 +56,10 @@ impl Relay<'_> {
                 Plan::Fill(fill) => {
                     observe.miss(&fill.rule.name, key_hash(&fill.key.0));
                     let id = self.flow.pipeline.add_fill(*fill);
-                    self.send(frame.into_raw());
-                    self.flow.pipeline.items.push_back(Item::Backend(Forwarded {
-                        fill: Some(id),
-                        observe: Some(Box::new(observe)),
-                        ..Forwarded::new(Expect::Query)
-                    }));
+                    self.request(
+                        frame.into_raw(),
+                        Forwarded { fill: Some(id), observe: Some(Box::new(observe)), ..Forwarded::new(Expect::Query) },
+                    );
                     return Ok(());
                 }
                 Plan::Forward(why) => {
@@ -70,12 +68,10 @@ impl Relay<'_> {
                 }
             }
         }
-        self.send(frame.into_raw());
-        self.flow.pipeline.items.push_back(Item::Backend(Forwarded {
-            effects,
-            observe: Some(Box::new(observe)),
-            ..Forwarded::new(Expect::Query)
-        }));
+        self.request(
+            frame.into_raw(),
+            Forwarded { effects, observe: Some(Box::new(observe)), ..Forwarded::new(Expect::Query) },
+        );
         Ok(())
     }
 
