@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::cache::Freshness;
 use crate::query::catalog::Volatility;
 use crate::query::{Kind, Relation};
-use crate::rules::{Action, Subject};
+use crate::rules::{Action, NO_MATCH, NO_RULES, Subject};
 use crate::server::Shared;
 use crate::stats::{QueryStat, estimated_hit_ratio};
 
@@ -25,7 +25,7 @@ pub const CANDIDATE_TTL: Duration = Duration::from_secs(60);
 
 /// Reasons that only say "no rule" (the statement itself could be cached).
 fn only_lacks_a_rule(q: &QueryStat) -> bool {
-    matches!(q.reason.as_deref(), Some("no rules loaded" | "no rule matches"))
+    q.reason.as_deref().is_some_and(|r| r == NO_RULES || r == NO_MATCH)
 }
 
 /// Writes to the query's tables, scaled to the query's observation period.
@@ -205,7 +205,7 @@ pub async fn explain(shared: &Arc<Shared>, database: Option<&str>, sql: &str) ->
         }
         None => {
             out.push(("rule", "none matches".into()));
-            why_not.get_or_insert_with(|| "no rule matches".into());
+            why_not.get_or_insert_with(|| NO_MATCH.into());
         }
     }
     if rule.as_ref().is_some_and(|r| r.action == Action::Bypass) {

@@ -24,6 +24,11 @@ pub enum Action {
     Bypass,
 }
 
+/// Why a statement is forwarded when no rules are loaded, and when none matches. These are
+/// the reasons that say only "no rule": the advisor looks for them.
+pub const NO_RULES: &str = "no rules loaded";
+pub const NO_MATCH: &str = "no rule matches";
+
 /// One validated rule.
 #[derive(Debug)]
 pub struct Rule {

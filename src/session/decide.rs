@@ -20,11 +20,11 @@ use crate::cache::key::KeyBuilder;
 use crate::cache::{Entry, Freshness, Key};
 use crate::protocol::backend::TransactionStatus;
 use crate::protocol::frontend::Bind;
-use crate::query::catalog::Volatility;
+use crate::query::catalog::{RelationInfo, Volatility};
 use crate::query::classify::is_time_word;
 use crate::query::{Classified, Relation};
-use crate::rules::{Action, Subject};
-use crate::stats::key_hash;
+use crate::rules::{Action, NO_MATCH, NO_RULES, Rule, RuleSet, Subject};
+use crate::stats::{Observation, key_hash};
 
 use super::SessionError;
 use super::flow::Probe;
@@ -53,12 +53,41 @@ fn forward(why: impl Into<Cow<'static, str>>) -> Result<Plan, SessionError> {
     Ok(Plan::Forward(why.into()))
 }
 
+impl Plan {
+    /// Records in `o` what was decided.
+    pub(super) fn observe(&self, o: &mut Observation) {
+        match self {
+            Plan::Hit { entry, key, stale } => o.hit(&entry.rule.name, *key, *stale, entry.rows),
+            Plan::Fill(fill) => o.miss(&fill.rule.name, key_hash(&fill.key.0)),
+            Plan::Forward(why) => {
+                tracing::debug!(reason = %why, "forwarded, not cached");
+                o.reason = Some(why.clone());
+            }
+        }
+    }
+}
+
+/// The rule that decides `subject`, or why none lets it be cached.
+fn choose(rules: &RuleSet, subject: &Subject<'_>) -> Result<Arc<Rule>, Cow<'static, str>> {
+    match rules.decide(subject) {
+        None => Err(NO_MATCH.into()),
+        Some(rule) if rule.action == Action::Bypass => Err(format!("rule {:?} bypasses the cache", rule.name).into()),
+        Some(rule) => Ok(rule),
+    }
+}
+
+/// Every qualified relation whose writes change what the reads described by `infos` return.
+fn read_deps(infos: &[Arc<RelationInfo>]) -> Vec<Relation> {
+    let deps: BTreeSet<Relation> = infos.iter().flat_map(|i| i.read_deps.iter().cloned()).collect();
+    deps.into_iter().collect()
+}
+
 impl Relay<'_> {
     pub(super) async fn decide(&mut self, sql: &str, c: &Classified, req: Request<'_>) -> Result<Plan, SessionError> {
         let shared = self.shared;
         let rules = shared.rules.current();
         if rules.rules.is_empty() {
-            return forward("no rules loaded");
+            return forward(NO_RULES);
         }
         if let Some(why) = c.never_cache {
             return forward(why);
@@ -75,16 +104,13 @@ impl Relay<'_> {
         let database = self.key.database.as_str();
         // Match on names as written first when no rule needs schemas: statements no rule
         // matches then cost neither a catalog look-up nor a settings probe.
+        let subject = |resolved_reads| Subject { sql, statement: c, resolved_reads, database, user: &self.key.user };
         let early = if rules.needs_resolution() {
             None
         } else {
-            let subject = Subject { sql, statement: c, resolved_reads: &c.reads, database, user: &self.key.user };
-            match rules.decide(&subject) {
-                None => return forward("no rule matches"),
-                Some(rule) if rule.action == Action::Bypass => {
-                    return forward(format!("rule {:?} bypasses the cache", rule.name));
-                }
-                Some(rule) => Some(rule),
+            match choose(&rules, &subject(&c.reads)) {
+                Ok(rule) => Some(rule),
+                Err(why) => return forward(why),
             }
         };
         let infos = match shared.catalog.relations(database, &c.reads).await {
@@ -112,19 +138,10 @@ impl Relay<'_> {
                 _ => r.clone(),
             })
             .collect();
-        let rule = match early {
-            Some(rule) => rule,
-            None => {
-                let subject = Subject { sql, statement: c, resolved_reads: &resolved, database, user: &self.key.user };
-                match rules.decide(&subject) {
-                    Some(rule) => rule,
-                    None => return forward("no rule matches"),
-                }
-            }
+        let rule = match early.map_or_else(|| choose(&rules, &subject(&resolved)), Ok) {
+            Ok(rule) => rule,
+            Err(why) => return forward(why),
         };
-        if rule.action == Action::Bypass {
-            return forward(format!("rule {:?} bypasses the cache", rule.name));
-        }
         if !c.functions.is_empty() {
             let functions = match shared.catalog.functions(database, &c.functions).await {
                 Ok(f) => f,
@@ -150,8 +167,7 @@ impl Relay<'_> {
         match shared.store.get(&key) {
             Some((entry, Freshness::Fresh)) => return Ok(Plan::Hit { entry, key: hash, stale: false }),
             Some((entry, Freshness::Stale)) => {
-                let deps: BTreeSet<Relation> = infos.iter().flat_map(|i| i.read_deps.iter().cloned()).collect();
-                self.refresh_in_background(&key, &entry, sql, &req, deps.into_iter().collect());
+                self.refresh_in_background(&key, &entry, sql, &req, read_deps(&infos));
                 return Ok(Plan::Hit { entry, key: hash, stale: true });
             }
             _ => {}
@@ -166,8 +182,7 @@ impl Relay<'_> {
                 None
             }
         };
-        let deps: BTreeSet<Relation> = infos.iter().flat_map(|i| i.read_deps.iter().cloned()).collect();
-        let deps = shared.generations.snapshot(&deps.into_iter().collect::<Vec<_>>());
+        let deps = shared.generations.snapshot(&read_deps(&infos));
         let limit = rule.max_entry_bytes.unwrap_or(shared.config().cache.max_entry_bytes);
         Ok(Plan::Fill(Box::new(Fill::new(key, rule, deps, resolved, Arc::from(sql), flight, limit))))
     }

@@ -24,7 +24,7 @@ use crate::protocol::Frame;
 use crate::protocol::backend as be;
 use crate::protocol::frontend::{self as fe, Bind, Execute, Named, Parse, Target};
 use crate::query::Classified;
-use crate::stats::{Observation, key_hash};
+use crate::stats::Observation;
 
 use super::SessionError;
 use super::decide::{Plan, Request};
@@ -209,29 +209,15 @@ impl Relay<'_> {
                             &st,
                             &msgs[bi],
                         ) {
-                            exec = match self
-                                .decide(&st.sql, &c, Request::Extended { param_types: &st.param_types, bind: b })
-                                .await?
-                            {
-                                Plan::Hit { entry, key, stale } => {
-                                    if let Some(o) = observe.as_mut() {
-                                        o.hit(&entry.rule.name, key, stale, entry.rows);
-                                    }
-                                    Exec::Hit(entry)
-                                }
-                                Plan::Fill(fill) => {
-                                    if let Some(o) = observe.as_mut() {
-                                        o.miss(&fill.rule.name, key_hash(&fill.key.0));
-                                    }
-                                    Exec::Fill(self.flow.pipeline.add_fill(*fill))
-                                }
-                                Plan::Forward(why) => {
-                                    tracing::debug!(reason = %why, "forwarded, not cached");
-                                    if let Some(o) = observe.as_mut() {
-                                        o.reason = Some(why);
-                                    }
-                                    Exec::Forward
-                                }
+                            let req = Request::Extended { param_types: &st.param_types, bind: b };
+                            let plan = self.decide(&st.sql, &c, req).await?;
+                            if let Some(o) = observe.as_mut() {
+                                plan.observe(o);
+                            }
+                            exec = match plan {
+                                Plan::Hit { entry, .. } => Exec::Hit(entry),
+                                Plan::Fill(fill) => Exec::Fill(self.flow.pipeline.add_fill(*fill)),
+                                Plan::Forward(_) => Exec::Forward,
                             };
                         }
                         unnamed_executed = true;

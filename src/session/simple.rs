@@ -10,7 +10,7 @@ use crate::metrics::Outcome;
 use crate::protocol::Frame;
 use crate::protocol::frontend;
 use crate::query::{Classified, Kind};
-use crate::stats::{Observation, key_hash};
+use crate::stats::Observation;
 
 use super::SessionError;
 use super::decide::{Plan, Request};
@@ -40,13 +40,14 @@ impl Relay<'_> {
             && let Ok(q) = frontend::query(frame.body())
             && let Ok(sql) = std::str::from_utf8(q.sql)
         {
-            match self.decide(sql, c, Request::Simple).await? {
-                Plan::Hit { entry, key, stale } => {
+            let plan = self.decide(sql, c, Request::Simple).await?;
+            plan.observe(&mut observe);
+            match plan {
+                Plan::Hit { entry, .. } => {
                     entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let mut answer = BytesMut::with_capacity(entry.row_description.len() + entry.body.len());
                     answer.extend_from_slice(&entry.row_description);
                     answer.extend_from_slice(&entry.body);
-                    observe.hit(&entry.rule.name, key, stale, entry.rows);
                     self.shared.stats.record(&observe, answer.len() as u64, false);
                     self.answer_locally(answer.freeze());
                     self.flow.pipeline.items.push_back(Item::LocalReady);
@@ -54,7 +55,6 @@ impl Relay<'_> {
                     return Ok(());
                 }
                 Plan::Fill(fill) => {
-                    observe.miss(&fill.rule.name, key_hash(&fill.key.0));
                     let id = self.flow.pipeline.add_fill(*fill);
                     self.request(
                         frame.into_raw(),
@@ -62,10 +62,7 @@ impl Relay<'_> {
                     );
                     return Ok(());
                 }
-                Plan::Forward(why) => {
-                    tracing::debug!(reason = %why, "forwarded, not cached");
-                    observe.reason = Some(why);
-                }
+                Plan::Forward(_) => {}
             }
         }
         self.request(
