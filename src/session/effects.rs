@@ -9,8 +9,10 @@
 
 use crate::config::UnknownWrites;
 use crate::query::catalog::CatalogError;
-use crate::query::{Classified, Kind, Relation};
+use crate::query::{Classified, Kind, Relation, SessionChange, TxControl};
 use crate::server::Shared;
+
+use super::relay::Relay;
 
 /// One invalidation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +84,7 @@ pub async fn of(shared: &Shared, database: &str, c: &Classified) -> Vec<Effect> 
         }
         Kind::Ddl => {
             shared.catalog.invalidate(database);
-            let mut out: Vec<Effect> = c.writes.iter().map(|r| Effect::Name(r.name.clone())).collect();
+            let mut out = by_name(&c.writes);
             if c.writes.is_empty() {
                 // Functions, types, roles, privileges: anything cached may depend on them.
                 out.push(Effect::All);
@@ -91,7 +93,7 @@ pub async fn of(shared: &Shared, database: &str, c: &Classified) -> Vec<Effect> 
         }
         Kind::Opaque => vec![Effect::Unknown("statement with unknown effects (DO, CALL, EXECUTE)")],
         // COMMIT PREPARED makes visible writes pgcache may never have seen.
-        Kind::Transaction(crate::query::TxControl::TwoPhase) => vec![Effect::Unknown("two-phase commit")],
+        Kind::Transaction(TxControl::TwoPhase) => vec![Effect::Unknown("two-phase commit")],
         Kind::Unparseable => vec![Effect::Unknown("statement pgcache cannot parse")],
         Kind::Select | Kind::Neutral => function_effects(shared, database, c).await,
         Kind::Transaction(_) | Kind::Session(_) => Vec::new(),
@@ -116,9 +118,14 @@ async fn writes(shared: &Shared, database: &str, targets: &[Relation]) -> Vec<Ef
     }
 }
 
+/// A write to every relation with these names, in any schema.
+fn by_name(relations: &[Relation]) -> Vec<Effect> {
+    relations.iter().map(|r| Effect::Name(r.name.clone())).collect()
+}
+
 fn unknown_after(e: CatalogError, targets: &[Relation]) -> Vec<Effect> {
     tracing::warn!(error = %e, "catalog unavailable; invalidating wider");
-    let mut out: Vec<Effect> = targets.iter().map(|t| Effect::Name(t.name.clone())).collect();
+    let mut out = by_name(targets);
     out.push(Effect::Unknown("catalog unavailable"));
     out
 }
@@ -134,9 +141,6 @@ async fn function_effects(shared: &Shared, database: &str, c: &Classified) -> Ve
         Err(_) => vec![Effect::Unknown("catalog unavailable for a function call")],
     }
 }
-
-use super::relay::Relay;
-use crate::query::{SessionChange, TxControl};
 
 impl Relay<'_> {
     /// Whether the cache is in use at all: rules are loaded, or entries remain from when they
@@ -177,7 +181,7 @@ impl Relay<'_> {
             of(self.shared, &self.key.database, c).await
         } else {
             match c.kind {
-                Kind::Write | Kind::Ddl => c.writes.iter().map(|r| Effect::Name(r.name.clone())).collect(),
+                Kind::Write | Kind::Ddl => by_name(&c.writes),
                 Kind::Opaque | Kind::Unparseable => vec![Effect::Unknown("statement with unknown effects")],
                 _ => Vec::new(),
             }

@@ -86,6 +86,11 @@ impl Flow {
         self.settings_touched = true;
     }
 
+    /// No answer is owed to the client and no message waits for its Sync.
+    pub fn owes_nothing(&self) -> bool {
+        self.pipeline.is_empty() && self.batch.is_empty()
+    }
+
     /// Why the session could not continue on another backend connection, if it could not.
     pub fn movable(&self) -> Result<(), &'static str> {
         if let Some(why) = self.pinned.or(self.taint) {
@@ -94,7 +99,7 @@ impl Flow {
         if self.settings_touched && !self.settings.known() {
             return Err("settings changed and not yet read back");
         }
-        if !self.pipeline.is_empty() || !self.batch.is_empty() {
+        if !self.owes_nothing() {
             return Err("a request was in flight");
         }
         Ok(())

@@ -242,7 +242,7 @@ fn changed_parameters(
 /// Returns the backend to the pool if it is at rest; otherwise cancels what it runs and
 /// closes it.
 fn give_back(shared: &Shared, lease: Lease, track: &Tracker, flow: &flow::Flow) {
-    if track.at_rest() && flow.pipeline.is_empty() && flow.batch.is_empty() {
+    if track.at_rest() && flow.owes_nothing() {
         lease.release(if track.used { Reset::Discard } else { Reset::None });
         return;
     }

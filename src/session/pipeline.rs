@@ -14,7 +14,7 @@
 //! passed to the client, so no client can see a write acknowledged while its old rows are
 //! still served.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 
@@ -22,11 +22,16 @@ use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
 use crate::cache::{Dependency, Entry, Flight, Key};
+use crate::protocol::Truncated;
+use crate::protocol::backend::{self as be, TransactionStatus};
 use crate::query::Relation;
 use crate::rules::Rule;
-
-use super::effects::Effect;
+use crate::server::Shared;
 use crate::stats::Observation;
+
+use super::effects::{self, Effect};
+use super::flow::{Flow, Probe};
+use super::relay::Out;
 
 /// Which answer a forwarded request gets (Postgres docs, "Message Flow").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,16 +235,6 @@ pub struct Routed {
     /// It completed the item at the head of the pipeline (local answers may follow now).
     pub completed: bool,
 }
-
-use std::collections::BTreeMap;
-
-use crate::protocol::Truncated;
-use crate::protocol::backend::{self as be, TransactionStatus};
-use crate::server::Shared;
-
-use super::effects;
-use super::flow::{Flow, Probe};
-use super::relay::Out;
 
 impl Flow {
     /// Emits the local answers at the head of the pipeline.

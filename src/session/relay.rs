@@ -108,7 +108,7 @@ pub async fn run(
 impl Relay<'_> {
     /// Every answer owed has been given and the backend is idle outside a transaction.
     pub(super) fn at_rest(&self) -> bool {
-        self.flow.pipeline.is_empty() && self.flow.batch.is_empty() && self.track.at_rest()
+        self.flow.owes_nothing() && self.track.at_rest()
     }
 
     async fn main_loop(&mut self) -> Result<Ending, SessionError> {
