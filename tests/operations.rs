@@ -153,6 +153,9 @@ async fn every_console_command_answers_through_psql_and_tokio_postgres() {
         assert!(out.status.success(), "psql {cmd}: {}", stderr(&out));
         assert!(stdout(&out).contains(expect), "psql {cmd}: {}", stdout(&out));
     }
+    let rules = rows(&console, "SHOW RULES").await;
+    assert_eq!(lookup(&rules, "items")[7], "tables=items");
+    assert_eq!(lookup(&rules, "all-selects")[7], r#"pattern="(?i)from\\s+numbers""#);
     let stats = rows(&console, "SHOW STATS").await;
     assert_eq!(lookup(&stats, "hits")[1], "1");
     assert_eq!(lookup(&stats, "misses")[1], "1");

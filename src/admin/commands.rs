@@ -226,8 +226,6 @@ fn rules(shared: &Shared) -> ResultSet {
             .iter()
             .filter(|q| q.rule.as_deref() == Some(rule.name.as_str()))
             .fold((0, 0), |(h, m), q| (h + q.hits, m + q.misses));
-        let described = crate::rules::describe(rule);
-        let matcher = described.split(": ").nth(1).and_then(|s| s.split(" -> ").next()).unwrap_or("").to_owned();
         r.row([
             rule.name.clone(),
             rule.file.display().to_string(),
@@ -236,7 +234,7 @@ fn rules(shared: &Shared) -> ResultSet {
             humantime::format_duration(rule.ttl).to_string(),
             humantime::format_duration(rule.stale_while_revalidate).to_string(),
             humantime::format_duration(rule.stale_if_error).to_string(),
-            matcher,
+            rule.matcher.describe(),
             hits.to_string(),
             misses.to_string(),
             humantime::format_rfc3339_seconds(status.at).to_string(),

@@ -92,6 +92,27 @@ impl Matcher {
         }
         true
     }
+
+    /// What it matches, as `key=value` words.
+    pub fn describe(&self) -> String {
+        let mut m = Vec::new();
+        if let Some(t) = &self.tables {
+            m.push(format!("tables={}", t.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")));
+        }
+        if let Some((q, _)) = &self.query {
+            m.push(format!("query={q:?}"));
+        }
+        if let Some(p) = &self.pattern {
+            m.push(format!("pattern={:?}", p.as_str()));
+        }
+        if let Some(d) = &self.database {
+            m.push(format!("database={d}"));
+        }
+        if let Some(u) = &self.user {
+            m.push(format!("user={u}"));
+        }
+        m.join(" ")
+    }
 }
 
 /// Rules in order, as loaded from one directory.
@@ -121,22 +142,6 @@ impl RuleSet {
 
 /// One line describing a rule: where it is, what it matches, what it does.
 pub fn describe(r: &Rule) -> String {
-    let mut m = Vec::new();
-    if let Some(t) = &r.matcher.tables {
-        m.push(format!("tables={}", t.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")));
-    }
-    if let Some((q, _)) = &r.matcher.query {
-        m.push(format!("query={q:?}"));
-    }
-    if let Some(p) = &r.matcher.pattern {
-        m.push(format!("pattern={:?}", p.as_str()));
-    }
-    if let Some(d) = &r.matcher.database {
-        m.push(format!("database={d}"));
-    }
-    if let Some(u) = &r.matcher.user {
-        m.push(format!("user={u}"));
-    }
     let action = match r.action {
         Action::Bypass => "bypass".to_owned(),
         Action::Cache => {
@@ -159,5 +164,5 @@ pub fn describe(r: &Rule) -> String {
             a
         }
     };
-    format!("{} ({}:{}): {} -> {}", r.name, r.file.display(), r.line, m.join(" "), action)
+    format!("{} ({}:{}): {} -> {}", r.name, r.file.display(), r.line, r.matcher.describe(), action)
 }
