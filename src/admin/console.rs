@@ -7,6 +7,7 @@
 //! applications). Commands use the simple query protocol (psql, `simple_query` in drivers);
 //! several may be sent in one string, separated by semicolons.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -22,6 +23,7 @@ use crate::server::Shared;
 use crate::session::SessionError;
 use crate::session::auth::ask_password;
 use crate::session::client::Client;
+use crate::session::relay::welcome;
 
 use super::commands::{self, ResultSet};
 
@@ -37,9 +39,7 @@ pub async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: &Startup)
     }
     let server_version = authenticate(shared, client, &user).await?;
     let handle = shared.cancels.register();
-    let mut out = BytesMut::new();
-    be::authentication_ok(&mut out);
-    for (name, value) in [
+    let params: BTreeMap<String, String> = [
         ("server_version", server_version.as_str()),
         ("server_encoding", "UTF8"),
         ("client_encoding", "UTF8"),
@@ -50,12 +50,11 @@ pub async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: &Startup)
         ("application_name", startup.param("application_name").unwrap_or("")),
         ("is_superuser", "off"),
         ("session_authorization", user.as_str()),
-    ] {
-        be::parameter_status_msg(name, value, &mut out);
-    }
-    be::backend_key_data(handle.pid, handle.secret, &mut out);
-    be::ready_for_query(TransactionStatus::Idle, &mut out);
-    client.send(&out).await?;
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value.to_owned()))
+    .collect();
+    client.send(&welcome(&params, handle.pid, handle.secret)).await?;
     tracing::info!(peer = %client.peer, %user, "admin console session started");
     run(shared, client).await
 }
