@@ -79,6 +79,29 @@ async fn the_background_refresh_replays_extended_requests_with_their_parameters(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_too_large_for_the_rule_is_not_stored() {
+    let rule = "[[rule]]\nname = \"swr\"\nmatch = { tables = [\"items\"] }\nttl = \"2s\"\n\
+                stale_while_revalidate = \"1m\"\nmax_entry_bytes = 500\n";
+    let e = env(rule, |_| {}).await;
+    let c = e.proxy.connect(&e.db, "postgres").await;
+    assert_eq!(text(&c, SQL).await, "v1");
+    e.admin.batch_execute("UPDATE items SET v = repeat('x', 2000) WHERE id = 1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let n = executions(&e.admin, "FROM items WHERE id").await;
+    assert_eq!(text(&c, SQL).await, "v1", "the stale entry is served and a refresh starts");
+    for _ in 0..40 {
+        if executions(&e.admin, "FROM items WHERE id").await > n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(executions(&e.admin, "FROM items WHERE id").await, n + 1, "the refresh ran");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Its 2 kB result is over the rule's 500 bytes: the stale entry was not replaced by it.
+    assert_eq!(text(&c, SQL).await, "v1", "still the stale entry, not an oversized one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_identical_misses_run_once() {
     let e =
         env("[[rule]]\nname = \"agg\"\nmatch = { tables = [\"items\"] }\nttl = \"1m\"\n", |c| c.pool.max_size = 100)

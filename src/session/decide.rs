@@ -183,7 +183,7 @@ impl Relay<'_> {
             }
         };
         let deps = shared.generations.snapshot(&read_deps(&infos));
-        let limit = rule.max_entry_bytes.unwrap_or(shared.config().cache.max_entry_bytes);
+        let limit = shared.config().cache.max_entry_bytes;
         Ok(Plan::Fill(Box::new(Fill::new(key, rule, deps, resolved, Arc::from(sql), flight, limit))))
     }
 

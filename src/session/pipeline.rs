@@ -105,6 +105,7 @@ pub struct Fill {
 }
 
 impl Fill {
+    /// A fill for `rule`, keeping results up to its `max_entry_bytes` (else `default_limit`).
     pub fn new(
         key: Key,
         rule: Arc<Rule>,
@@ -112,16 +113,16 @@ impl Fill {
         tables: Vec<Relation>,
         sql: Arc<str>,
         flight: Option<Flight>,
-        limit: u64,
+        default_limit: u64,
     ) -> Self {
         Fill {
             key,
+            limit: rule.max_entry_bytes.unwrap_or(default_limit),
             rule,
             deps,
             tables,
             sql,
             flight,
-            limit,
             row_description: None,
             body: BytesMut::new(),
             rows: 0,
@@ -129,6 +130,13 @@ impl Fill {
         }
     }
 
+    /// A DataRow.
+    pub fn add_row(&mut self, frame: &[u8]) {
+        self.rows += 1;
+        self.add_body(frame);
+    }
+
+    /// A DataRow or the CommandComplete.
     pub fn add_body(&mut self, frame: &[u8]) {
         if self.aborted {
             return;
@@ -349,8 +357,7 @@ impl Flow {
                 if probe {
                     self.probe_row = be::data_row_text(body).ok();
                 } else if let Some(f) = fill.and_then(|id| self.pipeline.fill_mut(id)) {
-                    f.rows += 1;
-                    f.add_body(raw);
+                    f.add_row(raw);
                 }
                 done(false)
             }

@@ -2,17 +2,17 @@
 //! `stale_while_revalidate` window is served, and refreshed once in the background on a
 //! pooled connection of its own — started like the session's, with the session's key settings
 //! (search_path, TimeZone, role, ...) applied with `set_config` — by replaying the exact
-//! request. The new entry records the generations as they were before the refresh was sent,
-//! so a write that lands meanwhile still kills it.
+//! request. The answer is filled like any other ([`Fill`]): it records the generations as they
+//! were before the refresh was sent, so a write that lands meanwhile still kills it, and a
+//! result over the rule's `max_entry_bytes` is not stored.
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use bytes::{Bytes, BytesMut};
 use postgres_protocol::IsNull;
 use postgres_protocol::message::frontend::{self, BindError};
-use tokio::time::Instant;
 
 use crate::backend::connection::StartupParams;
 use crate::backend::credentials::Known;
@@ -22,6 +22,8 @@ use crate::config::{AuthMode, Password};
 use crate::protocol::backend as be;
 use crate::query::Relation;
 use crate::server::Shared;
+
+use super::pipeline::Fill;
 
 /// The request to replay.
 #[derive(Debug, Clone)]
@@ -82,33 +84,21 @@ async fn run(shared: &Shared, r: &Refresh) -> Result<(), String> {
         let deps = shared.generations.snapshot(&r.deps);
         let request = encode(&r.request).map_err(|e| e.to_string())?;
         let answer = conn.exchange(&request).await.map_err(|e| e.to_string())?;
-        let mut entry = Entry {
-            rule: r.stale.rule.clone(),
-            row_description: Bytes::new(),
-            body: Bytes::new(),
-            rows: 0,
-            created: Instant::now(),
-            deps,
-            tables: r.stale.tables.clone(),
-            sql: r.stale.sql.clone(),
-            refreshing: AtomicBool::new(false),
-            hits: AtomicU64::new(0),
-        };
-        let mut body = BytesMut::new();
+        let stale = &r.stale;
+        let limit = shared.config().cache.max_entry_bytes;
+        let mut fill =
+            Fill::new(r.key.clone(), stale.rule.clone(), deps, stale.tables.clone(), stale.sql.clone(), None, limit);
         for f in &answer {
             match f.tag() {
-                be::ROW_DESCRIPTION | be::NO_DATA => entry.row_description = f.raw().clone(),
-                be::DATA_ROW => {
-                    entry.rows += 1;
-                    body.extend_from_slice(f.raw());
-                }
-                be::COMMAND_COMPLETE => body.extend_from_slice(f.raw()),
+                be::ROW_DESCRIPTION | be::NO_DATA => fill.row_description = Some(f.raw().clone()),
+                be::DATA_ROW => fill.add_row(f.raw()),
+                be::COMMAND_COMPLETE => fill.add_body(f.raw()),
                 be::ERROR_RESPONSE | be::NOTICE_RESPONSE => return Err("the query no longer runs cleanly".into()),
                 _ => {}
             }
         }
-        entry.body = body.freeze();
-        shared.store.insert(r.key.clone(), entry);
+        // Like any fill: not stored if too large for the rule, or if a write raced it.
+        fill.finish(&shared.store);
         Ok(())
     }
     .await;
