@@ -37,7 +37,9 @@ impl Pair {
     /// Sends the same frames to both and asserts identical answers; returns them.
     async fn same(&mut self, what: &str, frames: &[u8], readies: usize) -> Vec<Msg> {
         let d = self.direct.exchange(frames, readies).await;
-        let p = self.proxied.exchange(frames, readies).await;
+        let p = tokio::time::timeout(std::time::Duration::from_secs(10), self.proxied.exchange(frames, readies))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: pgcache did not answer; Postgres sent {d:?}"));
         assert_eq!(d, p, "{what}: transcripts differ");
         d
     }
@@ -378,4 +380,143 @@ async fn newer_protocol_minor_is_negotiated_down_to_3_0() {
     assert_eq!(first.tag(), b'v', "NegotiateProtocolVersion first");
     assert_eq!(&first.body()[..8], &[0, 0, 0, 0, 0, 0, 0, 1], "3.0 and one unsupported option");
     assert_eq!(&first.body()[8..], b"_pq_.made_up\0");
+}
+
+impl Pair {
+    /// Sends the same frames to both and compares the next `n` messages (no Sync needed).
+    async fn same_n(&mut self, what: &str, frames: &[u8], n: usize) -> Vec<Msg> {
+        self.direct.send(frames).await;
+        self.proxied.send(frames).await;
+        let (mut d, mut p) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            d.push(self.direct.recv().await);
+            p.push(tokio::time::timeout(std::time::Duration::from_secs(5), self.proxied.recv()).await.unwrap_or_else(
+                |_| panic!("{what}: pgcache did not answer; Postgres sent {d:?}, pgcache so far {p:?}"),
+            ));
+        }
+        assert_eq!(d, p, "{what}: transcripts differ");
+        d
+    }
+}
+
+/// The extended protocol's error paths, with and without the cache in play.
+async fn error_paths(p: &mut Pair) {
+    // asyncpg after an error in a transaction: Parse/Describe/Flush gets the error, then
+    // Sync, then a simple ROLLBACK.
+    p.same("begin", &query("BEGIN"), 1).await;
+    p.same("failing statement", &batch(&[parse("", "SELECT 1/0", &[]), bind("", "", &[], &[]), execute("", 0), sync()]), 1)
+        .await;
+    let flushed =
+        p.same_n("parse after error, flushed", &batch(&[parse("a1", "SELECT 2", &[]), describe(b'S', "a1"), raw::flush()]), 1).await;
+    assert_eq!(tags(&flushed), "E");
+    let synced = p.same("sync after the flushed error", &sync(), 1).await;
+    assert_eq!(synced.last().unwrap().body.as_ref(), b"E");
+    let rolled = p.same("rollback after the flushed error", &query("ROLLBACK"), 1).await;
+    assert_eq!(tags(&rolled), "CZ");
+
+    // An error in the middle of pipelined batches: the rest of its batch is skipped, the
+    // next batch runs.
+    let pipelined = batch(&[
+        parse("", "SELECT n FROM series WHERE n = 1", &[]),
+        bind("", "", &[], &[]),
+        execute("", 0),
+        parse("", "SELECT n / 0 FROM series", &[]),
+        bind("", "", &[], &[]),
+        execute("", 0),
+        parse("", "SELECT n FROM series WHERE n = 2", &[]),
+        bind("", "", &[], &[]),
+        execute("", 0),
+        sync(),
+        parse("", "SELECT n FROM series WHERE n = 3", &[]),
+        bind("", "", &[], &[]),
+        describe(b'P', ""),
+        execute("", 0),
+        sync(),
+    ]);
+    let got = p.same("error mid-pipeline", &pipelined, 2).await;
+    assert_eq!(tags(&got), "12DC12EZ12TDCZ");
+
+    // Everything after a failed Parse is skipped up to Sync.
+    let after_parse = batch(&[
+        parse("bad", "SELEKT 1", &[]),
+        describe(b'S', "bad"),
+        bind("", "bad", &[], &[]),
+        execute("", 0),
+        raw::close(b'S', "bad"),
+        sync(),
+        bind("", "bad", &[], &[]),
+        sync(),
+    ]);
+    let got = p.same("after a failed parse", &after_parse, 2).await;
+    assert_eq!(tags(&got), "EZEZ");
+
+    // An error while a portal is suspended.
+    let suspended = batch(&[
+        query("BEGIN").as_ref().into(),
+        parse("susp", "SELECT 10 / (5 - g) FROM generate_series(1, 10) g", &[]),
+        bind("cur", "susp", &[], &[]),
+        execute("cur", 2),
+        sync(),
+        execute("cur", 10),
+        sync(),
+        query("ROLLBACK").as_ref().into(),
+    ]);
+    let got = p.same("error in a suspended portal", &suspended, 4).await;
+    assert!(tags(&got).contains("DDsZ") && tags(&got).contains("EZ"), "{}", tags(&got));
+
+    // A statement that may be a cache hit or fill in the same batch as an error, twice.
+    for round in 0..2 {
+        let mixed = batch(&[
+            parse("", "SELECT h FROM series WHERE n = 7", &[]),
+            bind("", "", &[], &[]),
+            describe(b'P', ""),
+            execute("", 0),
+            parse("", "SELECT missing_column FROM series", &[]),
+            bind("", "", &[], &[]),
+            execute("", 0),
+            sync(),
+            parse("", "SELECT h FROM series WHERE n = 7", &[]),
+            bind("", "", &[], &[]),
+            execute("", 0),
+            sync(),
+        ]);
+        let got = p.same(&format!("hit or fill beside an error, round {round}"), &mixed, 2).await;
+        assert_eq!(tags(&got), "12TDCEZ12DCZ");
+        // An error before the cacheable statement in its batch.
+        let before = batch(&[
+            parse("", "SELECT 1/0", &[]),
+            bind("", "", &[], &[]),
+            execute("", 0),
+            parse("", "SELECT h FROM series WHERE n = 8", &[]),
+            bind("", "", &[], &[]),
+            execute("", 0),
+            sync(),
+            query("SELECT h FROM series WHERE n = 8").as_ref().into(),
+        ]);
+        let got = p.same(&format!("error before a cacheable statement, round {round}"), &before, 2).await;
+        assert_eq!(tags(&got), "1EZTDCZ");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_protocol_error_paths_match_postgres() {
+    let (cluster, proxy, db) = setup().await;
+    let mut p = Pair::open(cluster, &proxy, &db, &[]).await;
+    error_paths(&mut p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_protocol_error_paths_match_postgres_with_everything_cached() {
+    let cluster = PgCluster::shared();
+    let db = cluster.create_db("conf").await;
+    cluster.admin(&db).await.batch_execute(SETUP).await.unwrap();
+    let dir = common::rules_dir(&[("all.toml", "[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"60s\"\n")]);
+    let mut config = Proxy::config(cluster);
+    config.rules = dir.path().to_owned();
+    config.rules_explicit = true;
+    let proxy = Proxy::start(config).await;
+    let mut p = Pair::open(cluster, &proxy, &db, &[]).await;
+    error_paths(&mut p).await;
+    let hits = proxy.shared.stats.totals().hits;
+    assert!(hits >= 2, "the second round was answered from the cache ({hits} hits)");
 }

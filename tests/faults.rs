@@ -229,3 +229,33 @@ async fn sigterm_drains_running_statements_and_exits_zero() {
     let status = tokio::task::spawn_blocking(move || proxy.child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "exit status {status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_while_postgres_skips_to_sync_frees_its_backend() {
+    let cluster = PgCluster::shared();
+    let dir = common::rules_dir(&[("all.toml", "[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"60s\"\n")]);
+    let mut config = Proxy::config(cluster);
+    config.rules = dir.path().to_owned();
+    config.rules_explicit = true;
+    config.pool.max_size = 3;
+    config.pool.acquire_timeout = Duration::from_secs(2);
+    let proxy = Proxy::start(config).await;
+    let user = cluster.superuser();
+    // More clients than backends: each must give its backend back when it leaves.
+    for _ in 0..6 {
+        let mut c = RawConn::connect(proxy.addr, &user, "postgres", &[]).await;
+        // Describe of a portal that does not exist, without Sync: Postgres reports the error
+        // and skips everything until a Sync, including the Query that follows.
+        c.send(&raw::batch(&[raw::describe(b'P', "nope"), raw::query("SELECT 1")])).await;
+        let e = c.recv().await;
+        assert_eq!(e.tag, b'E', "{e:?}");
+        drop(c);
+    }
+    let freed = common::eventually(Duration::from_secs(5), || {
+        proxy.shared.pools.all().iter().all(|p| p.stats().active == 0) && proxy.shared.stats.clients().is_empty()
+    })
+    .await;
+    assert!(freed, "every session and backend went away with its client");
+    let c = proxy.connect("postgres", &user).await;
+    assert_eq!(c.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0), 3);
+}

@@ -113,3 +113,133 @@ async fn time_dependent_and_volatile_results_are_never_cached() {
     }
     assert_eq!(executions(&e.admin, "WHERE $1::timestamptz >").await - before, 3);
 }
+
+/// A tenant table whose policy reads a custom setting, PostgREST/Supabase style: one shared
+/// role, the tenant in `app.tenant`.
+fn tenant_schema(role: &str) -> String {
+    format!(
+        "CREATE TABLE docs (tenant int, body text);
+         INSERT INTO docs VALUES (1, 'tenant 1 row'), (2, 'tenant 2 row');
+         ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY by_tenant ON docs USING (tenant = current_setting('app.tenant')::int);
+         DO $$ BEGIN
+           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN CREATE ROLE {role} LOGIN; END IF;
+         END $$;
+         GRANT SELECT ON docs TO {role};"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_level_security_tables_are_not_cached_unless_the_rule_opts_in() {
+    let role = format!("tenant_app_{}", std::process::id());
+    let e = env(&tenant_schema(&role)).await;
+    let c = e.proxy.connect(&e.db, &role).await;
+    c.batch_execute("SET app.tenant = '1'").await.unwrap();
+    let before = executions(&e.admin, "SELECT body FROM docs").await;
+    for _ in 0..3 {
+        assert_eq!(text(&c, "SELECT body FROM docs").await, "tenant 1 row");
+    }
+    assert_eq!(executions(&e.admin, "SELECT body FROM docs").await - before, 3, "an RLS table reaches Postgres");
+    let other = e.proxy.connect(&e.db, &role).await;
+    other.batch_execute("SET app.tenant = '2'").await.unwrap();
+    assert_eq!(text(&other, "SELECT body FROM docs").await, "tenant 2 row");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_keyed_on_a_custom_setting_never_see_each_others_rows() {
+    let role = format!("tenant_rls_{}", std::process::id());
+    let rules = "[[rule]]\nname = \"tenants\"\nmatch = { tables = [\"docs\"] }\nttl = \"10m\"\nallow_row_security = true\n";
+    let e = cache_env(PgCluster::shared(), "keys", &tenant_schema(&role), rules, |_| {}).await;
+    let sql = "SELECT body FROM docs";
+    // SET in the session.
+    let one = e.proxy.connect(&e.db, &role).await;
+    one.batch_execute("SET app.tenant = '1'").await.unwrap();
+    assert_eq!(text(&one, sql).await, "tenant 1 row");
+    let before = executions(&e.admin, sql).await;
+    assert_eq!(text(&one, sql).await, "tenant 1 row");
+    assert_eq!(executions(&e.admin, sql).await, before, "with the opt-in, a tenant's repeat is a hit");
+    let two = e.proxy.connect(&e.db, &role).await;
+    two.batch_execute("SET app.tenant = '2'").await.unwrap();
+    assert_eq!(text(&two, sql).await, "tenant 2 row");
+    // The tenant in the startup packet.
+    let url = format!("{}&options=-c%20app.tenant%3D2", e.proxy.url(&e.db, &role));
+    let startup = common::proxy::connect(&url).await;
+    assert_eq!(text(&startup, sql).await, "tenant 2 row");
+    // Transaction-local set_config, as PostgREST does it per request.
+    let rest = e.proxy.connect(&e.db, &role).await;
+    for tenant in [1, 2, 1, 2] {
+        let got = text(
+            &rest,
+            &format!("BEGIN; SELECT set_config('app.tenant', '{tenant}', true); SELECT body FROM docs; COMMIT"),
+        )
+        .await;
+        assert_eq!(got, format!("{tenant};tenant {tenant} row"));
+    }
+    // After the transaction the local setting is gone: Postgres refuses to read it, and so
+    // must the cache (the entry keyed on tenant 2 must not answer).
+    let err = rest.simple_query(sql).await.expect_err("app.tenant is unset again");
+    assert!(err.to_string().contains("invalid input syntax") || err.code().is_some(), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_config_changes_the_key_like_set_does() {
+    let e = env("CREATE SCHEMA s1; CREATE SCHEMA s2;
+         CREATE TABLE s1.t (v text); INSERT INTO s1.t VALUES ('in s1');
+         CREATE TABLE s2.t (v text); INSERT INTO s2.t VALUES ('in s2');")
+    .await;
+    let c = e.proxy.connect(&e.db, "postgres").await;
+    c.batch_execute("SET search_path = s1").await.unwrap();
+    assert_eq!(text(&c, "SELECT v FROM t").await, "in s1");
+    assert_eq!(text(&c, "SELECT v FROM t").await, "in s1");
+    text(&c, "SELECT set_config('search_path', 's2', false)").await;
+    assert_eq!(text(&c, "SELECT v FROM t").await, "in s2");
+    // Through the extended protocol too.
+    c.query("SELECT set_config('search_path', 's1', false)", &[]).await.unwrap();
+    assert_eq!(text(&c, "SELECT v FROM t").await, "in s1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planner_settings_are_part_of_the_key() {
+    let e = env("CREATE TABLE grp AS SELECT (g * 7919) % 100 AS k FROM generate_series(1, 1000) g; ANALYZE grp;").await;
+    let user = PgCluster::shared_or_superuser();
+    let sql = "SELECT k, count(*) FROM grp GROUP BY k";
+    let hashed = e.proxy.connect(&e.db, &user).await;
+    text(&hashed, sql).await;
+    text(&hashed, sql).await;
+    let sorted = e.proxy.connect(&e.db, &user).await;
+    sorted.batch_execute("SET enable_hashagg = off").await.unwrap();
+    let direct = common::proxy::connect(&PgCluster::shared().url(&e.db, &user)).await;
+    direct.batch_execute("SET enable_hashagg = off").await.unwrap();
+    assert_eq!(text(&sorted, sql).await, text(&direct, sql).await, "rows in the order this session's plan gives");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn literals_read_through_the_catalog_are_not_cached() {
+    let e = env("CREATE TABLE tbl (a int); CREATE TYPE mood AS ENUM ('ok');").await;
+    let user = PgCluster::shared_or_superuser();
+    let c = e.proxy.connect(&e.db, &user).await;
+    let direct = common::proxy::connect(&PgCluster::shared().url(&e.db, &user)).await;
+    for (sql, fragment) in [
+        ("SELECT 'tbl'::regclass::oid", "$1::regclass::oid"),
+        ("SELECT CAST('tbl' AS regclass)::oid::int8", "AS regclass"),
+        ("SELECT regclass 'tbl' = 'tbl'::regclass", "= $2::regclass"),
+        ("SELECT 'mood'::regtype::oid", "::regtype"),
+        ("SELECT '{tbl}'::regclass[]", "::regclass[]"),
+        ("SELECT 'tbl'::text::regclass::oid", "::text::regclass"),
+    ] {
+        let before = executions(&e.admin, fragment).await;
+        text(&c, sql).await;
+        text(&c, sql).await;
+        assert_eq!(executions(&e.admin, fragment).await - before, 2, "{sql} must reach Postgres every time");
+    }
+    let sql = "SELECT 'tbl'::regclass::oid";
+    text(&c, sql).await;
+    c.batch_execute("DROP TABLE tbl; CREATE TABLE tbl (a int)").await.unwrap();
+    assert_eq!(text(&c, sql).await, text(&direct, sql).await, "the OID of the new table");
+    // Literals whose reading depends only on settings (which the key holds) stay cacheable.
+    let before = executions(&e.admin, "::timestamptz").await;
+    for _ in 0..3 {
+        text(&c, "SELECT '2024-01-01 00:00:00+00'::timestamptz, '{1,2}'::int[], 'ok'::mood").await;
+    }
+    assert_eq!(executions(&e.admin, "::timestamptz").await - before, 1, "cached after the first");
+}

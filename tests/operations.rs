@@ -303,3 +303,34 @@ async fn healthcheck_subcommand_reports_the_admin_endpoint() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     assert!(!run(closed.to_string()).await.unwrap().status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_cache_and_show_queries_agree_with_the_data_path() {
+    let schema = "CREATE TABLE products (id int PRIMARY KEY, name text, category_id int, price numeric);
+        INSERT INTO products SELECT g, 'p' || g, g % 5, g FROM generate_series(1, 20) g;
+        CREATE TABLE secrets (id int, v text); INSERT INTO secrets VALUES (1, 's');
+        ALTER TABLE secrets ENABLE ROW LEVEL SECURITY; CREATE POLICY open ON secrets USING (true);";
+    let rules = "[[rule]]\nname = \"products\"\nmatch = { tables = [\"public.products\"] }\nttl = \"1h\"\n\n\
+                 [[rule]]\nname = \"secrets\"\nmatch = { tables = [\"secrets\"] }\nttl = \"1h\"\n";
+    let admins = vec![PgCluster::shared_or_superuser()];
+    let e = cache_env(PgCluster::shared(), "ops", schema, rules, |c| c.console.users = admins).await;
+    let app = e.app().await;
+    let products = "SELECT name, price FROM products WHERE category_id = 3 ORDER BY price LIMIT 5";
+    let secret = "SELECT v FROM secrets";
+    for _ in 0..2 {
+        text(&app, products).await;
+        text(&app, secret).await;
+    }
+    let console = e.console().await;
+    let explained = rows(&console, &format!("EXPLAIN CACHE ON {} {products}", e.db)).await;
+    assert!(lookup(&explained, "rule")[1].starts_with("products"), "{explained:?}");
+    assert_eq!(lookup(&explained, "cacheable")[1], "yes", "{explained:?}");
+    assert_eq!(lookup(&explained, "entries")[1], "1", "{explained:?}");
+    let explained = rows(&console, &format!("EXPLAIN CACHE ON {} {secret}", e.db)).await;
+    assert!(lookup(&explained, "cacheable")[1].contains("row-level security"), "{explained:?}");
+    let q = rows(&console, "SHOW QUERIES").await;
+    let p = q.iter().find(|r| r[0].starts_with("SELECT name, price FROM products")).unwrap_or_else(|| panic!("{q:?}"));
+    assert_eq!((p[5].as_str(), p[6].as_str(), p[9].as_str(), p[10].as_str()), ("1", "1", "products", "yes"));
+    let s = q.iter().find(|r| r[0] == secret).unwrap_or_else(|| panic!("{q:?}"));
+    assert!(s[10].contains("row-level security"), "{s:?}");
+}

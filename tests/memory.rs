@@ -1,0 +1,43 @@
+//! Memory that must not grow with traffic when nobody scrapes `/metrics`. Alone in its test
+//! binary, so the process's RSS reflects only what this test does.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{PgCluster, Proxy};
+use pgcache::metrics::Outcome;
+use pgcache::stats::Observation;
+
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    statm.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_timings_are_drained_without_a_scraper() {
+    let proxy = Proxy::with_defaults(PgCluster::shared()).await;
+    let stats = proxy.shared.stats.clone();
+    let statement = Arc::new(pgcache::query::classify::classify("SELECT 1"));
+    // What every statement records: its outcome and duration (a histogram sample).
+    let record = move |n: usize| {
+        for _ in 0..n {
+            stats.record(&Observation::new(statement.clone(), Outcome::Passthrough), 0, false);
+        }
+    };
+    const PHASE: usize = 400_000;
+    let record = Arc::new(record);
+    let r = record.clone();
+    tokio::task::spawn_blocking(move || r(PHASE)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after_first = rss();
+    for _ in 0..3 {
+        let r = record.clone();
+        tokio::task::spawn_blocking(move || r(PHASE)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    let grown = rss().saturating_sub(after_first);
+    // Held samples cost at least 8 bytes each: 1.2 million would be over 9 MB.
+    assert!(grown < 3 << 20, "RSS grew by {} KiB over {} statements with no scraper", grown >> 10, 3 * PHASE);
+}
