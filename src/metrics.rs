@@ -173,6 +173,12 @@ impl Metrics {
         handle.run_upkeep();
         handle.render()
     }
+
+    /// Folds recorded histogram samples into their buckets. The exporter keeps every sample
+    /// until this runs, so the server calls it periodically whether or not anyone scrapes.
+    pub fn upkeep(&self) {
+        self.recorder.handle().run_upkeep();
+    }
 }
 
 #[cfg(test)]

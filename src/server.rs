@@ -176,8 +176,9 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
     tracing::info!("shutdown complete");
 }
 
-/// Upkeep once a second: pools (idle timeout, max lifetime, min idle) and the cache (entries
-/// that can never be served again are removed).
+/// Upkeep once a second: pools (idle timeout, max lifetime, min idle), the cache (entries
+/// that can never be served again are removed) and the metrics (histogram samples folded into
+/// buckets, which would otherwise pile up until the next scrape).
 async fn maintain(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -185,5 +186,6 @@ async fn maintain(shared: Arc<Shared>) {
         tick.tick().await;
         shared.pools.maintain().await;
         shared.store.sweep();
+        shared.stats.metrics.upkeep();
     }
 }

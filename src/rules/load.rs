@@ -52,6 +52,7 @@ struct RawRule {
     stale_if_error: Option<Dur>,
     share_across_roles: Option<bool>,
     allow_stable_functions: Option<bool>,
+    allow_row_security: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
