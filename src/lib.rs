@@ -32,6 +32,7 @@ pub mod config;
 pub mod demo;
 pub mod metrics;
 pub mod net;
+pub mod policy;
 pub mod protocol;
 pub mod query;
 pub mod rules;

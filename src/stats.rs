@@ -3,7 +3,6 @@
 //! tables read, how many distinct keys it used), writes per table, and the connected clients.
 //! Each event is recorded once here and fed to [`Metrics`] too.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
@@ -14,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use parking_lot::Mutex;
 
 use crate::metrics::{self as m, Metrics, Outcome};
+use crate::policy::Reason;
 
 /// Queries tracked at most; past that, new shapes are counted in the totals only.
 const MAX_QUERIES: usize = 5000;
@@ -28,7 +28,7 @@ pub struct Observation {
     pub rule: Option<Arc<str>>,
     pub outcome: Outcome,
     /// Why it was not answered from the cache.
-    pub reason: Option<Cow<'static, str>>,
+    pub reason: Option<Reason>,
     /// A hash of its cache key (distinct keys drive the hit-ratio estimate).
     pub key: Option<u64>,
     pub stale: bool,
@@ -100,7 +100,7 @@ pub struct QueryStat {
     pub passthrough: u64,
     pub errors: u64,
     pub rule: Option<Arc<str>>,
-    pub reason: Option<Cow<'static, str>>,
+    pub reason: Option<Reason>,
     pub tables: Vec<String>,
     pub keys: HashSet<u64>,
     pub first_seen: Instant,

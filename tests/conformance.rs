@@ -404,10 +404,19 @@ async fn error_paths(p: &mut Pair) {
     // asyncpg after an error in a transaction: Parse/Describe/Flush gets the error, then
     // Sync, then a simple ROLLBACK.
     p.same("begin", &query("BEGIN"), 1).await;
-    p.same("failing statement", &batch(&[parse("", "SELECT 1/0", &[]), bind("", "", &[], &[]), execute("", 0), sync()]), 1)
+    p.same(
+        "failing statement",
+        &batch(&[parse("", "SELECT 1/0", &[]), bind("", "", &[], &[]), execute("", 0), sync()]),
+        1,
+    )
+    .await;
+    let flushed = p
+        .same_n(
+            "parse after error, flushed",
+            &batch(&[parse("a1", "SELECT 2", &[]), describe(b'S', "a1"), raw::flush()]),
+            1,
+        )
         .await;
-    let flushed =
-        p.same_n("parse after error, flushed", &batch(&[parse("a1", "SELECT 2", &[]), describe(b'S', "a1"), raw::flush()]), 1).await;
     assert_eq!(tags(&flushed), "E");
     let synced = p.same("sync after the flushed error", &sync(), 1).await;
     assert_eq!(synced.last().unwrap().body.as_ref(), b"E");
@@ -510,7 +519,8 @@ async fn extended_protocol_error_paths_match_postgres_with_everything_cached() {
     let cluster = PgCluster::shared();
     let db = cluster.create_db("conf").await;
     cluster.admin(&db).await.batch_execute(SETUP).await.unwrap();
-    let dir = common::rules_dir(&[("all.toml", "[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"60s\"\n")]);
+    let dir =
+        common::rules_dir(&[("all.toml", "[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"60s\"\n")]);
     let mut config = Proxy::config(cluster);
     config.rules = dir.path().to_owned();
     config.rules_explicit = true;

@@ -233,7 +233,8 @@ async fn sigterm_drains_running_statements_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_while_postgres_skips_to_sync_frees_its_backend() {
     let cluster = PgCluster::shared();
-    let dir = common::rules_dir(&[("all.toml", "[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"60s\"\n")]);
+    let dir =
+        common::rules_dir(&[("all.toml", "[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"60s\"\n")]);
     let mut config = Proxy::config(cluster);
     config.rules = dir.path().to_owned();
     config.rules_explicit = true;

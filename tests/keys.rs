@@ -148,7 +148,8 @@ async fn row_level_security_tables_are_not_cached_unless_the_rule_opts_in() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_keyed_on_a_custom_setting_never_see_each_others_rows() {
     let role = format!("tenant_rls_{}", std::process::id());
-    let rules = "[[rule]]\nname = \"tenants\"\nmatch = { tables = [\"docs\"] }\nttl = \"10m\"\nallow_row_security = true\n";
+    let rules =
+        "[[rule]]\nname = \"tenants\"\nmatch = { tables = [\"docs\"] }\nttl = \"10m\"\nallow_row_security = true\n";
     let e = cache_env(PgCluster::shared(), "keys", &tenant_schema(&role), rules, |_| {}).await;
     let sql = "SELECT body FROM docs";
     // SET in the session.

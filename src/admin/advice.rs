@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cache::Freshness;
-use crate::query::catalog::Volatility;
-use crate::query::{Kind, Relation};
-use crate::rules::{Action, NO_MATCH, NO_RULES, Subject};
+use crate::policy::{self, Assessed, Reason, SearchPath, Target};
+use crate::query::Relation;
+use crate::rules::Action;
 use crate::server::Shared;
 use crate::stats::{QueryStat, estimated_hit_ratio};
 
@@ -25,7 +25,7 @@ pub const CANDIDATE_TTL: Duration = Duration::from_secs(60);
 
 /// Reasons that only say "no rule" (the statement itself could be cached).
 fn only_lacks_a_rule(q: &QueryStat) -> bool {
-    q.reason.as_deref().is_some_and(|r| r == NO_RULES || r == NO_MATCH)
+    q.reason.as_ref().is_some_and(Reason::only_lacks_a_rule)
 }
 
 /// Writes to the query's tables, scaled to the query's observation period.
@@ -33,14 +33,14 @@ fn writes_for(q: &QueryStat, writes: &std::collections::HashMap<String, u64>) ->
     q.tables.iter().map(|t| writes.get(t.rsplit('.').next().unwrap_or(t)).copied().unwrap_or(0)).sum()
 }
 
-struct Assessed<'a> {
+struct Estimate<'a> {
     q: &'a QueryStat,
     writes: u64,
     ttl: Duration,
     estimate: Option<f64>,
 }
 
-fn assess<'a>(shared: &Shared, q: &'a QueryStat, writes: &std::collections::HashMap<String, u64>) -> Assessed<'a> {
+fn assess<'a>(shared: &Shared, q: &'a QueryStat, writes: &std::collections::HashMap<String, u64>) -> Estimate<'a> {
     let rules = shared.rules.current();
     let rule_ttl = q.rule.as_deref().and_then(|r| rules.get(r)).filter(|r| r.action == Action::Cache).map(|r| r.ttl);
     let ttl = rule_ttl.unwrap_or(CANDIDATE_TTL);
@@ -51,7 +51,7 @@ fn assess<'a>(shared: &Shared, q: &'a QueryStat, writes: &std::collections::Hash
     let scaled = (total_writes as f64 * period.as_secs_f64() / uptime.as_secs_f64()).round() as u64;
     let cacheable = q.hits + q.misses > 0 || only_lacks_a_rule(q);
     let estimate = cacheable.then(|| estimated_hit_ratio(q.calls, q.keys.len(), scaled, period, ttl));
-    Assessed { q, writes: total_writes, ttl, estimate }
+    Estimate { q, writes: total_writes, ttl, estimate }
 }
 
 pub fn queries(shared: &Shared) -> ResultSet {
@@ -94,7 +94,7 @@ pub fn queries(shared: &Shared) -> ResultSet {
             Some(if q.hits + q.misses > 0 && q.passthrough == 0 {
                 "yes".to_owned()
             } else {
-                q.reason.as_deref().unwrap_or("yes").to_owned()
+                q.reason.as_ref().map_or_else(|| "yes".to_owned(), ToString::to_string)
             }),
             Some(q.tables.join(",")),
             Some(a.writes.to_string()),
@@ -110,14 +110,14 @@ pub fn queries(shared: &Shared) -> ResultSet {
 pub fn advice(shared: &Shared) -> ResultSet {
     let writes = shared.stats.table_writes();
     let all = shared.stats.queries();
-    let mut candidates: Vec<Assessed<'_>> = all
+    let mut candidates: Vec<Estimate<'_>> = all
         .iter()
         .filter(|q| only_lacks_a_rule(q) && q.calls >= 2)
         .map(|q| assess(shared, q, &writes))
         .filter(|a| a.estimate.is_some_and(|e| e >= 0.3))
         .collect();
     candidates.sort_by(|a, b| {
-        let gain = |x: &Assessed<'_>| x.estimate.unwrap_or(0.0) * x.q.total.as_secs_f64();
+        let gain = |x: &Estimate<'_>| x.estimate.unwrap_or(0.0) * x.q.total.as_secs_f64();
         gain(b).total_cmp(&gain(a))
     });
     let mut r = ResultSet::new(&["advice"], "SHOW");
@@ -148,74 +148,74 @@ pub fn advice(shared: &Shared) -> ResultSet {
     r
 }
 
-/// How one statement would be handled, evaluated for `database` (default: the upstream URL's)
-/// and the upstream URL's user.
+/// How one statement would be handled by a fresh session in `database` (default: the upstream
+/// URL's), logged in as the catalog's user, with that user's default `search_path`: the same
+/// [`policy::assess`] the data path runs.
 pub async fn explain(shared: &Arc<Shared>, database: Option<&str>, sql: &str) -> ResultSet {
     let config = shared.config();
     let database = database.map_or_else(|| config.upstream.dbname.clone(), str::to_owned);
-    let user = config.upstream.user.clone();
     let classified = shared.classifier.classify(sql);
     let mut out: Vec<(&str, String)> = Vec::new();
     let [c] = classified.as_slice() else {
-        out.push(("cacheable", "no: several statements".into()));
+        out.push(("cacheable", format!("no: {}", Reason::SeveralStatements)));
         return ResultSet::pairs("EXPLAIN", out);
     };
     out.push(("statement", c.normalized.to_string()));
     out.push(("kind", format!("{:?}", c.kind)));
     out.push(("reads", c.reads.iter().map(Relation::to_string).collect::<Vec<_>>().join(", ")));
     out.push(("functions", c.functions.iter().map(Relation::to_string).collect::<Vec<_>>().join(", ")));
-    out.push(("evaluated_for", format!("database {database}, user {user}")));
-    let mut why_not: Option<String> = c.never_cache.map(str::to_owned);
-    let mut stable = c.stable_builtins;
-    if c.kind == Kind::Select {
-        match shared.catalog.relations(&database, &c.reads).await {
-            Ok(infos) => {
-                let watched: std::collections::BTreeSet<String> =
-                    infos.iter().flat_map(|i| i.read_deps.iter().map(Relation::to_string)).collect();
-                out.push(("tables_watched", watched.into_iter().collect::<Vec<_>>().join(", ")));
-                if why_not.is_none() {
-                    why_not = infos.iter().find_map(|i| i.never_cache.clone());
-                }
-            }
-            Err(e) => out.push(("tables_watched", format!("unknown: catalog unavailable ({e})"))),
-        }
-        if !c.functions.is_empty()
-            && let Ok(f) = shared.catalog.functions(&database, &c.functions).await
-        {
-            let worst = f.iter().map(|f| f.volatility).max();
-            out.push(("function_volatility", format!("{worst:?}").to_lowercase()));
-            if worst == Some(Volatility::Volatile) && why_not.is_none() {
-                why_not = Some("calls a volatile function".into());
-            }
-            stable |= worst == Some(Volatility::Stable);
-        }
-    }
+    out.push(("types", c.types.iter().map(Relation::to_string).collect::<Vec<_>>().join(", ")));
+    let defaults = shared.catalog.defaults(&database).await;
+    let (user, search_path) = match &defaults {
+        Ok(d) => (d.user.clone(), d.search_path.clone()),
+        Err(_) => (config.upstream.user.clone(), "\"$user\", public".to_owned()),
+    };
+    out.push(("evaluated_for", format!("database {database}, user {user}, search_path {search_path}")));
     let rules = shared.rules.current();
-    let rule = rules.decide(&Subject { sql, statement: c, resolved_reads: &c.reads, database: &database, user: &user });
-    match &rule {
-        Some(r) => {
-            out.push(("rule", format!("{} ({}:{})", r.name, r.file.display(), r.line)));
-            out.push(("action", (if r.action == Action::Cache { "cache" } else { "bypass" }).into()));
-            out.push(("ttl", humantime::format_duration(r.ttl).to_string()));
-            out.push(("stale_while_revalidate", humantime::format_duration(r.stale_while_revalidate).to_string()));
-            out.push(("stale_if_error", humantime::format_duration(r.stale_if_error).to_string()));
-            if stable && !r.allow_stable_functions {
-                why_not.get_or_insert_with(|| "depends on the time or the session (stable functions)".into());
+    let target = Target { sql, statement: c, database: &database, user: &user };
+    let path = SearchPath { role: &user, search_path: &search_path };
+    let verdict = match policy::assess(&shared.catalog, &rules, &target, Some(path)).await {
+        Assessed::Cacheable(a) => {
+            describe_rule(&mut out, &a.rule);
+            out.push(("tables_watched", a.deps.iter().map(Relation::to_string).collect::<Vec<_>>().join(", ")));
+            if a.row_security {
+                out.push(("row_security", "yes: keyed by role and every setting, custom ones included".into()));
             }
+            "yes".to_owned()
         }
-        None => {
-            out.push(("rule", "none matches".into()));
-            why_not.get_or_insert_with(|| NO_MATCH.into());
+        Assessed::Forward(why) => {
+            // The rule that matched, if the reason came after matching.
+            let resolved = shared.catalog.relations(&database, &c.reads).await.ok().map(|infos| {
+                c.reads
+                    .iter()
+                    .zip(&infos)
+                    .map(|(r, i)| match (&r.schema, policy::resolve(&user, &search_path, &i.schemas)) {
+                        (None, Some(s)) => Relation::new(Some(s), &r.name),
+                        _ => r.clone(),
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let subject = crate::rules::Subject {
+                sql,
+                statement: c,
+                resolved_reads: resolved.as_deref().unwrap_or(&c.reads),
+                database: &database,
+                user: &user,
+            };
+            match rules.decide(&subject) {
+                Some(rule) => describe_rule(&mut out, &rule),
+                None => out.push(("rule", "none matches".into())),
+            }
+            format!("no: {why}")
         }
-    }
-    if rule.as_ref().is_some_and(|r| r.action == Action::Bypass) {
-        why_not.get_or_insert_with(|| "the rule bypasses the cache".into());
-    }
-    out.push(("cacheable", why_not.map_or("yes".to_owned(), |w| format!("no: {w}"))));
+        Assessed::NeedsSearchPath => "no: session settings unknown".to_owned(),
+    };
+    out.push(("cacheable", verdict));
     out.push((
         "key_parts",
-        "protocol, database, role (unless shared), settings (search_path, TimeZone, DateStyle, IntervalStyle, \
-         extra_float_digits, bytea_output, client_encoding, ...), SQL text, parameter types/values/formats, result formats"
+        "protocol, database, role (unless shared across roles and no row-level security), every setting the session \
+         changed from its default (SET, SET LOCAL, set_config, startup options, custom settings such as app.tenant), \
+         search_path, SQL text, parameter types/values/formats, result formats"
             .into(),
     ));
     let entries: Vec<_> = shared.store.entries().into_iter().filter(|(_, e)| &*e.sql == sql.trim()).collect();
@@ -240,4 +240,12 @@ pub async fn explain(shared: &Arc<Shared>, database: Option<&str>, sql: &str) ->
         ));
     }
     ResultSet::pairs("EXPLAIN", out)
+}
+
+fn describe_rule(out: &mut Vec<(&str, String)>, r: &crate::rules::Rule) {
+    out.push(("rule", format!("{} ({}:{})", r.name, r.file.display(), r.line)));
+    out.push(("action", (if r.action == Action::Cache { "cache" } else { "bypass" }).into()));
+    out.push(("ttl", humantime::format_duration(r.ttl).to_string()));
+    out.push(("stale_while_revalidate", humantime::format_duration(r.stale_while_revalidate).to_string()));
+    out.push(("stale_if_error", humantime::format_duration(r.stale_if_error).to_string()));
 }

@@ -197,6 +197,7 @@ mod tests {
             stale_if_error: Duration::from_secs(sie),
             share_across_roles: false,
             allow_stable_functions: false,
+            allow_row_security: false,
             matcher: Matcher::default(),
         })
     }

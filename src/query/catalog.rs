@@ -1,8 +1,10 @@
 //! Facts only the database knows, looked up over a tokio-postgres side connection per
-//! database and cached: how volatile a function is, what a relation is (table, view, foreign
-//! table, temporary), which relations a read of it depends on (partitions and inheritance
-//! children and parents, a view's base relations), and what a write to it may also change
-//! (foreign keys with cascading actions) or whether that is unknowable (user triggers, rules).
+//! database and cached: how volatile a function is, how volatile evaluating a type is (its
+//! input, output and cast functions: `'t'::regclass` reads the catalog), what a relation is
+//! (table, view, foreign table, temporary, with row-level security), which relations a read of
+//! it depends on (partitions and inheritance children and parents, a view's base relations),
+//! and what a write to it may also change (foreign keys with cascading actions) or whether that
+//! is unknowable (user triggers, rules).
 //!
 //! A view's definition is classified like any query, so a view over `now()` or a volatile
 //! function is not cacheable. Cached facts expire after a while and are dropped when DDL is
@@ -53,8 +55,12 @@ pub struct RelationInfo {
     pub write_effects_unknown: bool,
     /// Why reading it must never be cached.
     pub never_cache: Option<String>,
-    /// A view over it uses stable functions.
+    /// A view over it uses stable functions, or it has a column whose values are written out
+    /// through the catalog (`regclass` and the like).
     pub stable: bool,
+    /// Row-level security is enabled on it (or on a relation a view over it reads): what a
+    /// read returns depends on the role and on whatever its policies read.
+    pub row_security: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +82,17 @@ struct Cached<T> {
 struct DbCatalog {
     client: tokio::sync::Mutex<Option<Arc<Client>>>,
     functions: Mutex<HashMap<Relation, Cached<FunctionInfo>>>,
+    types: Mutex<HashMap<Relation, Cached<Volatility>>>,
     relations: Mutex<HashMap<Relation, Cached<Arc<RelationInfo>>>>,
+    defaults: Mutex<Option<Cached<Arc<Defaults>>>>,
+}
+
+/// What a session of the catalog's login gets by default in a database (for `EXPLAIN CACHE`,
+/// which decides as a fresh session would).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Defaults {
+    pub user: String,
+    pub search_path: String,
 }
 
 /// Catalog look-ups for every database.
@@ -104,6 +120,7 @@ impl Catalog {
     pub fn invalidate(&self, db: &str) {
         let d = self.db(db);
         d.functions.lock().clear();
+        d.types.lock().clear();
         d.relations.lock().clear();
     }
 
@@ -214,6 +231,66 @@ impl Catalog {
             .collect())
     }
 
+    /// How volatile evaluating each named type is, in order: the worst of its input and
+    /// output functions and of the casts into it, through array elements, domains' base types
+    /// and ranges' subtypes, with [`SETTINGS_ONLY`] functions counted as immutable. A type the
+    /// catalog does not know counts as volatile.
+    pub async fn types(&self, db: &str, names: &[Relation]) -> Result<Vec<Volatility>, CatalogError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let d = self.db(db);
+        let missing: Vec<&Relation> = {
+            let map = d.types.lock();
+            names.iter().filter(|n| map.get(*n).is_none_or(|c| c.at.elapsed() > self.ttl)).collect()
+        };
+        for name in missing {
+            let v = tokio::time::timeout(LOOKUP_TIMEOUT, self.fetch_type(db, name))
+                .await
+                .map_err(|_| CatalogError::Timeout)??;
+            d.types.lock().insert(name.clone(), Cached { value: v, at: Instant::now() });
+        }
+        let map = d.types.lock();
+        Ok(names.iter().map(|n| map.get(n).map_or(Volatility::Volatile, |c| c.value)).collect())
+    }
+
+    async fn fetch_type(&self, db: &str, name: &Relation) -> Result<Volatility, CatalogError> {
+        let client = self.client(db).await?;
+        let rows = client.query(TYPE_FUNCTIONS, &[&name.name, &name.schema]).await?;
+        if rows.is_empty() {
+            return Ok(Volatility::Volatile);
+        }
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let (proname, vol): (String, String) = (row.get(0), row.get(1));
+                match vol.as_str() {
+                    "i" => Volatility::Immutable,
+                    _ if SETTINGS_ONLY.contains(&proname.as_str()) => Volatility::Immutable,
+                    "s" => Volatility::Stable,
+                    _ => Volatility::Volatile,
+                }
+            })
+            .max()
+            .unwrap_or(Volatility::Immutable))
+    }
+
+    /// The login the catalog uses and its default `search_path` in `db`.
+    pub async fn defaults(&self, db: &str) -> Result<Arc<Defaults>, CatalogError> {
+        let d = self.db(db);
+        if let Some(c) = d.defaults.lock().as_ref().filter(|c| c.at.elapsed() <= self.ttl) {
+            return Ok(c.value.clone());
+        }
+        let fetch = async {
+            let client = self.client(db).await?;
+            let row = client.query_one("SELECT current_user::text, current_setting('search_path')", &[]).await?;
+            Ok::<_, CatalogError>(Arc::new(Defaults { user: row.get(0), search_path: row.get(1) }))
+        };
+        let value = tokio::time::timeout(LOOKUP_TIMEOUT, fetch).await.map_err(|_| CatalogError::Timeout)??;
+        *d.defaults.lock() = Some(Cached { value: value.clone(), at: Instant::now() });
+        Ok(value)
+    }
+
     /// Facts about each named relation, in order.
     pub async fn relations(&self, db: &str, names: &[Relation]) -> Result<Vec<Arc<RelationInfo>>, CatalogError> {
         tokio::time::timeout(LOOKUP_TIMEOUT, self.relations_inner(db, names, 0))
@@ -253,10 +330,16 @@ impl Catalog {
             .query(
                 "SELECT c.oid::int8, n.nspname::text, c.relkind::text, c.relpersistence::text, \
                    c.relhasrules OR EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal), \
-                   CASE WHEN c.relkind = 'v' THEN pg_get_viewdef(c.oid) END \
+                   CASE WHEN c.relkind = 'v' THEN pg_get_viewdef(c.oid) END, \
+                   c.relrowsecurity OR c.relforcerowsecurity, \
+                   EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+                     JOIN pg_type e ON e.oid = COALESCE(NULLIF(t.typelem, 0), NULLIF(t.typbasetype, 0), t.oid) \
+                     JOIN pg_proc p ON p.oid = e.typoutput \
+                     WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                       AND p.provolatile <> 'i' AND NOT p.proname::text = ANY($3)) \
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE c.relname = $1 AND ($2::text IS NULL OR n.nspname = $2) AND c.relkind IN ('r','p','v','m','f')",
-                &[&name.name, &name.schema],
+                &[&name.name, &name.schema, &SETTINGS_ONLY],
             )
             .await?;
         let mut info = RelationInfo::default();
@@ -272,6 +355,8 @@ impl Catalog {
             let (oid, schema, kind, persistence, triggers): (i64, String, String, String, bool) =
                 (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
             let viewdef: Option<String> = row.get(5);
+            info.row_security |= row.get::<_, bool>(6);
+            info.stable |= row.get::<_, bool>(7);
             let me = Relation::new(Some(&schema), &name.name);
             info.schemas.push(schema.clone());
             reads.insert(me.clone());
@@ -320,6 +405,13 @@ impl Catalog {
             info.never_cache = Some(format!("view {me}: {why}"));
         }
         info.stable |= c.stable_builtins;
+        for v in self.types(db, &c.types).await? {
+            match v {
+                Volatility::Volatile => info.never_cache = Some(format!("view {me} evaluates a volatile type")),
+                Volatility::Stable => info.stable = true,
+                Volatility::Immutable => {}
+            }
+        }
         for f in self.functions(db, &c.functions).await? {
             match f.volatility {
                 Volatility::Volatile => info.never_cache = Some(format!("view {me} calls a volatile function")),
@@ -333,6 +425,7 @@ impl Catalog {
             writes.extend(base.write_targets.iter().cloned());
             info.write_effects_unknown |= base.write_effects_unknown;
             info.stable |= base.stable;
+            info.row_security |= base.row_security;
             if info.never_cache.is_none() {
                 info.never_cache = base.never_cache.clone();
             }
@@ -340,6 +433,69 @@ impl Catalog {
         Ok(())
     }
 }
+
+/// Type input, output and cast functions that are not IMMUTABLE only because of what the cache
+/// key already holds or what they wrap, so they are counted as immutable: the date/time types
+/// (TimeZone, DateStyle, IntervalStyle), money (lc_monetary) and xml (xmloption) read only
+/// settings; arrays, records, ranges, multiranges and domains read their element, field,
+/// subtype or base type (looked at in turn); enums read their labels, which only DDL changes
+/// (and DDL on types invalidates everything). Everything else that is not IMMUTABLE — `regclass`
+/// and the other `reg*` types, `aclitem`, user types — reads the catalog or worse.
+pub const SETTINGS_ONLY: &[&str] = &[
+    "date_in",
+    "date_out",
+    "timestamp_in",
+    "timestamp_out",
+    "timestamptz_in",
+    "timestamptz_out",
+    "time_in",
+    "time_out",
+    "timetz_in",
+    "timetz_out",
+    "interval_in",
+    "interval_out",
+    "cash_in",
+    "cash_out",
+    "xml_in",
+    "xml_out",
+    "array_in",
+    "array_out",
+    "record_in",
+    "record_out",
+    "range_in",
+    "range_out",
+    "multirange_in",
+    "multirange_out",
+    "domain_in",
+    "enum_in",
+    "enum_out",
+    "anyenum_out",
+    "anyarray_out",
+    // Cast functions between date/time types, money and numbers, text and xml.
+    "timestamptz",
+    "timestamp",
+    "date",
+    "time",
+    "timetz",
+    "money",
+    "numeric",
+    "xml",
+];
+
+/// The input, output and cast functions evaluated for type `$1` (in schema `$2` if given),
+/// following array elements, domain base types, range subtypes and multiranges' ranges.
+const TYPE_FUNCTIONS: &str = "WITH RECURSIVE ty(oid, depth) AS ( \
+        SELECT t.oid, 0 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
+        WHERE t.typname = $1 AND ($2::text IS NULL OR n.nspname = $2) \
+        UNION SELECT x.oid, ty.depth + 1 FROM ty JOIN pg_type t ON t.oid = ty.oid \
+        CROSS JOIN LATERAL (VALUES (t.typelem), (t.typbasetype), \
+            ((SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = t.oid)), \
+            ((SELECT r.rngtypid FROM pg_range r WHERE r.rngmultitypid = t.oid))) AS x(oid) \
+        WHERE x.oid IS NOT NULL AND x.oid <> 0 AND ty.depth < 4) \
+    SELECT p.proname::text, p.provolatile::text FROM ty JOIN pg_type t ON t.oid = ty.oid \
+        JOIN pg_proc p ON p.oid IN (t.typinput, t.typoutput) \
+    UNION ALL SELECT p.proname::text, p.provolatile::text FROM ty \
+        JOIN pg_cast c ON c.casttarget = ty.oid JOIN pg_proc p ON p.oid = c.castfunc";
 
 /// A function the catalog does not know: assume the worst.
 const UNKNOWN_FUNCTION: FunctionInfo = FunctionInfo { volatility: Volatility::Volatile, may_write: true };

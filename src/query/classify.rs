@@ -2,10 +2,8 @@
 //!
 //! `pg_query::summary()` gives the relations by context (read, DML, DDL), the functions called
 //! and every statement type, including those inside CTEs. What it does not say is found by an
-//! exhaustive walk of the parse tree (through its serde form, so no node type can be missed):
-//! `FOR UPDATE/SHARE`, `SELECT INTO`, SQL-value functions such as `CURRENT_TIMESTAMP` and
-//! `current_user`, literals such as `'now'` whose meaning changes with time, `TABLESAMPLE`, and
-//! the options of transaction and `SET` statements.
+//! exhaustive walk of the parse tree ([`super::tree`]): locks, `SELECT INTO`, SQL-value
+//! functions, time words, `TABLESAMPLE`, the types it evaluates, and the settings it changes.
 //!
 //! Cacheability is an allow-list: only a single plain SELECT can be [`Kind::Select`]; anything
 //! whose effect is not understood is [`Kind::Opaque`] and is treated as a write to unknown
@@ -16,6 +14,8 @@ use std::sync::Arc;
 
 use pg_query::protobuf::summary_result::Context;
 use serde_json::Value;
+
+use super::tree::{Facts, custom_setting};
 
 /// A relation as written in SQL: its schema when qualified, and its name as Postgres folds it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -97,6 +97,20 @@ pub enum Kind {
     Unparseable,
 }
 
+/// What a statement does to session settings, which the cache key is built from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SettingsChange {
+    /// It may change settings: `SET`, `RESET`, `DISCARD`, `set_config()`.
+    pub changes: bool,
+    /// Custom (placeholder) settings it names, lower case (`app.tenant`): Postgres does not
+    /// list those in `pg_settings`, so the session keeps track of them.
+    pub custom: Vec<String>,
+    /// It calls `set_config` with a name that is not a literal.
+    pub unnamed: bool,
+    /// `RESET ALL` or `DISCARD ALL`: every setting returns to its start-up value.
+    pub resets_all: bool,
+}
+
 /// The classification of one statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Classified {
@@ -108,6 +122,11 @@ pub struct Classified {
     /// Calls SQL-value functions (`CURRENT_TIMESTAMP`, `current_user`, ...) or uses literals
     /// such as `'now'`: stable, not immutable.
     pub stable_builtins: bool,
+    /// Types named in casts and typed literals, with their schema when qualified: their
+    /// input and cast functions run, and some read the catalog (`'t'::regclass`).
+    pub types: Vec<Relation>,
+    /// What it does to session settings.
+    pub settings: SettingsChange,
     /// Why this SELECT may never be cached whatever the rules say.
     pub never_cache: Option<&'static str>,
     /// Session state this statement creates that lives only in its backend connection and
@@ -127,6 +146,8 @@ impl Classified {
             writes: Vec::new(),
             functions: Vec::new(),
             stable_builtins: false,
+            types: Vec::new(),
+            settings: SettingsChange::default(),
             never_cache: Some("not a plain SELECT"),
             pins: None,
             fingerprint: 0,
@@ -249,6 +270,7 @@ fn classify_one(sql: &str) -> Classified {
         }
         _ => Kind::Opaque,
     };
+    let settings = settings_change(top, node, &facts);
     let never_cache = if kind != Kind::Select {
         Some("not a plain SELECT")
     } else if facts.locks {
@@ -282,6 +304,8 @@ fn classify_one(sql: &str) -> Classified {
         writes: writes.into_iter().collect(),
         functions,
         stable_builtins: facts.stable_builtins,
+        types: facts.types.into_iter().collect(),
+        settings,
         never_cache,
         fingerprint: pg_query::fingerprint(sql, 0, fingerprint_options()).map(|f| f.value).unwrap_or(0),
         normalized: Arc::from(
@@ -334,47 +358,31 @@ fn tx_control(node: &Value) -> TxControl {
     }
 }
 
-/// What the tree walk finds.
-#[derive(Debug, Default)]
-struct Facts {
-    locks: bool,
-    into: bool,
-    stable_builtins: bool,
-    tablesample: bool,
-    temp: bool,
-}
-
-/// Literals whose value depends on when they are evaluated (Postgres docs, "Special Date/Time
-/// Inputs").
-pub(super) const TIME_WORDS: [&str; 4] = ["now", "today", "tomorrow", "yesterday"];
-
-impl Facts {
-    fn walk(&mut self, v: &Value) {
-        match v {
-            Value::Object(map) => {
-                for (key, child) in map {
-                    match key.as_str() {
-                        "SqlvalueFunction" => self.stable_builtins = true,
-                        "RangeTableSample" => self.tablesample = true,
-                        "locking_clause" if child.as_array().is_some_and(|a| !a.is_empty()) => self.locks = true,
-                        "into_clause" if !child.is_null() => self.into = true,
-                        "relpersistence" if child.as_str() == Some("t") => self.temp = true,
-                        "sval" if child.as_str().is_some_and(is_time_word) => self.stable_builtins = true,
-                        _ => {}
-                    }
-                    self.walk(child);
-                }
+/// What `top` (a statement node) does to session settings.
+fn settings_change(top: &str, node: &Value, facts: &Facts) -> SettingsChange {
+    let mut change = SettingsChange {
+        changes: facts.calls_set_config,
+        custom: facts.custom_settings.iter().cloned().collect(),
+        unnamed: facts.unnamed_setting,
+        resets_all: false,
+    };
+    match top {
+        "VariableSetStmt" => {
+            change.changes = true;
+            // VariableSetKind 6 is RESET ALL (pg_query's enum numbering).
+            change.resets_all = node["kind"].as_i64() == Some(6);
+            if let Some(custom) = node["name"].as_str().and_then(custom_setting) {
+                change.custom.push(custom);
             }
-            Value::Array(items) => items.iter().for_each(|i| self.walk(i)),
-            _ => {}
         }
+        "DiscardStmt" => {
+            change.changes = true;
+            // DiscardMode 1 is DISCARD ALL.
+            change.resets_all = node["target"].as_i64() == Some(1);
+        }
+        _ => {}
     }
-}
-
-/// Whether a text value is one of the special date/time inputs that mean "now".
-pub fn is_time_word(s: &str) -> bool {
-    let t = s.trim();
-    TIME_WORDS.iter().any(|w| t.eq_ignore_ascii_case(w))
+    change
 }
 
 #[cfg(test)]

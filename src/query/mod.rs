@@ -7,6 +7,7 @@
 pub mod catalog;
 pub mod classifier;
 pub mod classify;
+pub mod tree;
 
 pub use classifier::Classifier;
-pub use classify::{Classified, Kind, Relation, SessionChange, TxControl};
+pub use classify::{Classified, Kind, Relation, SessionChange, SettingsChange, TxControl};

@@ -170,7 +170,8 @@ fn validate(raw: RawRule, path: &Path, line: usize) -> Result<Rule, FieldError> 
             || raw.stale_while_revalidate.is_some()
             || raw.stale_if_error.is_some()
             || raw.share_across_roles.is_some()
-            || raw.allow_stable_functions.is_some())
+            || raw.allow_stable_functions.is_some()
+            || raw.allow_row_security.is_some())
     {
         return Err(("action", "cache settings have no effect with action = \"bypass\"".into()));
     }
@@ -188,6 +189,7 @@ fn validate(raw: RawRule, path: &Path, line: usize) -> Result<Rule, FieldError> 
         stale_if_error: raw.stale_if_error.map_or(Duration::ZERO, |d| d.0),
         share_across_roles: raw.share_across_roles.unwrap_or(false),
         allow_stable_functions: raw.allow_stable_functions.unwrap_or(false),
+        allow_row_security: raw.allow_row_security.unwrap_or(false),
         matcher: Matcher { tables, query, pattern, database: m.database, user: m.user },
     })
 }

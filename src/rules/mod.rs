@@ -24,11 +24,6 @@ pub enum Action {
     Bypass,
 }
 
-/// Why a statement is forwarded when no rules are loaded, and when none matches. These are
-/// the reasons that say only "no rule": the advisor looks for them.
-pub const NO_RULES: &str = "no rules loaded";
-pub const NO_MATCH: &str = "no rule matches";
-
 /// One validated rule.
 #[derive(Debug)]
 pub struct Rule {
@@ -42,6 +37,9 @@ pub struct Rule {
     pub stale_if_error: Duration,
     pub share_across_roles: bool,
     pub allow_stable_functions: bool,
+    /// Cache reads of tables with row-level security. Their entries are always keyed by role
+    /// (whatever `share_across_roles` says) and by every setting, custom ones included.
+    pub allow_row_security: bool,
     pub matcher: Matcher,
 }
 
@@ -160,6 +158,9 @@ pub fn describe(r: &Rule) -> String {
             }
             if r.allow_stable_functions {
                 a += " allow_stable_functions";
+            }
+            if r.allow_row_security {
+                a += " allow_row_security";
             }
             a
         }

@@ -10,7 +10,7 @@
 //!   as if nothing happened; on failure the request gets `ERROR 08006` and the session stays
 //!   open, so the client can retry.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,7 +51,6 @@ struct Detached<'a> {
     key: &'a PoolKey,
     startup: &'a StartupParams,
     flow: &'a mut Flow,
-    reported: &'a BTreeMap<String, String>,
 }
 
 pub async fn run(
@@ -60,9 +59,8 @@ pub async fn run(
     startup: &StartupParams,
     client: &mut Client,
     flow: &mut Flow,
-    reported: &BTreeMap<String, String>,
 ) -> Result<Outcome, SessionError> {
-    let mut d = Detached { shared, key, startup, flow, reported };
+    let mut d = Detached { shared, key, startup, flow };
     let max = shared.config().client.max_message_bytes;
     loop {
         let mut frames = Vec::new();
@@ -136,8 +134,8 @@ impl Detached<'_> {
         let settings = if self.flow.settings.known() {
             self.flow
                 .settings
-                .replay(self.reported, &self.key.user)
-                .ok_or("the session authorization cannot be replayed")?
+                .replay(&self.key.user)
+                .ok_or("the session authorization or custom settings cannot be replayed")?
         } else {
             Vec::new()
         };
@@ -155,13 +153,18 @@ impl Detached<'_> {
     /// An entry for this request, if one may be served now, with its key's hash and whether
     /// it is past its TTL.
     fn lookup(&self, sql: &str, c: &Classified, req: Request<'_>, fallback: bool) -> Option<(Arc<Entry>, u64, bool)> {
-        if c.kind != Kind::Select || c.never_cache.is_some() || !self.flow.settings.known() || self.flow.taint.is_some()
+        let settings = &self.flow.settings;
+        if c.kind != Kind::Select
+            || c.never_cache.is_some()
+            || !settings.known()
+            || settings.unknowable()
+            || self.flow.taint.is_some()
         {
             return None;
         }
         let rules = self.shared.rules.current();
         [false, true].into_iter().find_map(|share| {
-            let key = cache_key(&self.key.database, &self.flow.settings, self.reported, share, sql, &req);
+            let key = cache_key(&self.key.database, &self.flow.settings, !share, sql, &req);
             let (entry, freshness) = self.shared.store.get(&key)?;
             let stale = freshness != Freshness::Fresh;
             let usable = match freshness {

@@ -74,6 +74,20 @@ pub fn apply(shared: &Shared, effects: &[Effect], count: bool) {
     }
 }
 
+/// Whether `c` may change session settings (so statements after it in the same batch cannot
+/// be keyed before it has run): `SET`, `RESET`, `DISCARD`, `set_config`, transaction control
+/// other than a plain `BEGIN` (which may end a transaction's `SET LOCAL`s), and anything whose
+/// effects are unknown.
+pub fn may_change_settings(c: &Classified) -> bool {
+    c.settings.changes
+        || match c.kind {
+            Kind::Session(_) | Kind::Opaque | Kind::Unparseable => true,
+            Kind::Transaction(TxControl::Begin { plain: true }) => false,
+            Kind::Transaction(_) => true,
+            _ => false,
+        }
+}
+
 /// The invalidations `c` causes in `database`. Looks up the catalog (cached, bounded wait).
 pub async fn of(shared: &Shared, database: &str, c: &Classified) -> Vec<Effect> {
     match c.kind {
@@ -155,13 +169,23 @@ impl Relay<'_> {
         if c.pins.is_some() {
             self.flow.pinned = c.pins;
         }
+        self.flow.settings.track(&c.settings);
+        if c.settings.changes {
+            self.flow.settings_may_change();
+        }
         match &c.kind {
             Kind::Transaction(TxControl::Begin { plain: false } | TxControl::SetTransaction) => {
                 self.flow.settings_may_change();
             }
             // What the transaction wrote is undone: its invalidations are not needed (the
             // entries filled before it stay valid). Statements after the ROLLBACK start anew.
-            Kind::Transaction(TxControl::Rollback) => self.flow.tx_effects.clear(),
+            // Settings it changed are undone too, and SET LOCAL ends with any transaction:
+            // forget them now, so a statement pipelined behind this one is not keyed on them.
+            Kind::Transaction(TxControl::Rollback) => {
+                self.flow.tx_effects.clear();
+                self.flow.forget_if_changed_in_tx();
+            }
+            Kind::Transaction(TxControl::Commit | TxControl::Savepoint) => self.flow.forget_if_changed_in_tx(),
             Kind::Session(SessionChange::Setting) => self.flow.settings_may_change(),
             Kind::Session(SessionChange::Discard) => {
                 self.flow.settings_may_change();
@@ -173,13 +197,21 @@ impl Relay<'_> {
             Kind::Session(SessionChange::CreatesTemp) => {
                 self.flow.taint = Some("the session created temporary objects")
             }
-            Kind::Opaque | Kind::Unparseable => self.flow.settings_may_change(),
+            Kind::Opaque | Kind::Unparseable => {
+                self.flow.settings_may_change();
+                self.flow.settings.mark_unknowable();
+            }
             _ => {}
         }
-        // While nothing is cached there is nothing to invalidate: skip the catalog.
+        // While nothing is cached there is nothing to invalidate: skip the catalog. (Which
+        // functions a statement calls is then not looked up either: any of them may have set
+        // custom settings, should caching start later in this session.)
         let effects = if self.caching() {
             of(self.shared, &self.key.database, c).await
         } else {
+            if !c.functions.is_empty() {
+                self.flow.settings.mark_unknowable();
+            }
             match c.kind {
                 Kind::Write | Kind::Ddl => by_name(&c.writes),
                 Kind::Opaque | Kind::Unparseable => vec![Effect::Unknown("statement with unknown effects")],
@@ -189,8 +221,10 @@ impl Relay<'_> {
         if !effects.is_empty() || matches!(c.kind, Kind::Write | Kind::Ddl) {
             self.flow.wrote = true;
             if effects.iter().any(|e| matches!(e, Effect::Unknown(_))) {
-                // Whatever ran may also have changed settings (set_config, SET in a function).
+                // Whatever ran may also have changed settings (set_config, SET in a function),
+                // under names pgcache cannot know.
                 self.flow.settings_may_change();
+                self.flow.settings.mark_unknowable();
             }
         }
         self.flow.tx_effects.extend(effects.iter().cloned());

@@ -12,7 +12,6 @@
 //! 3. emit: forwarded messages become pipeline items, cached answers local items; a batch
 //!    answered entirely from the cache gets its ReadyForQuery without touching the backend.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -20,6 +19,7 @@ use bytes::{Bytes, BytesMut};
 use postgres_protocol::message::frontend;
 
 use crate::metrics::Outcome;
+use crate::policy::Reason;
 use crate::protocol::Frame;
 use crate::protocol::backend as be;
 use crate::protocol::frontend::{self as fe, Bind, Execute, Named, Parse, Target};
@@ -28,8 +28,9 @@ use crate::stats::Observation;
 
 use super::SessionError;
 use super::decide::{Plan, Request};
-use super::effects::Effect;
-use super::flow::Statement;
+use super::effects::{Effect, may_change_settings};
+use super::flow::{Parked, Statement};
+use super::pipeline::Fill;
 use super::pipeline::{Expect, Forwarded, Item};
 use super::relay::Relay;
 
@@ -60,7 +61,9 @@ fn decode(f: &Frame) -> Option<Msg<'_>> {
 /// What one Execute was planned to be.
 enum Exec {
     Hit(Arc<crate::cache::Entry>),
-    Fill(usize),
+    /// A fill not yet in the pipeline (while planning), then its id there.
+    Fill(Box<Fill>),
+    Filling(usize),
     Forward,
 }
 
@@ -107,9 +110,19 @@ impl Relay<'_> {
             return self.forward_raw(frames);
         };
         let cacheable = frames.last().is_some_and(|f| f.tag() == fe::SYNC);
-        let plan = self.plan(&frames, &msgs, cacheable).await?;
-        self.emit(&frames, &msgs, plan);
-        self.flush_locals();
+        match self.plan(&frames, &msgs, cacheable).await? {
+            Some(plan) => {
+                self.emit(&frames, &msgs, plan);
+                self.flush_locals();
+            }
+            None => {
+                // The settings must be read first: the batch waits for the probe's answer.
+                drop(msgs);
+                self.flow.batch = frames;
+                self.start_probe()?;
+                self.flow.parked = Some(Parked::Batch);
+            }
+        }
         Ok(())
     }
 
@@ -120,8 +133,15 @@ impl Relay<'_> {
         }
     }
 
-    /// Phase 1 and 2: simulate, decide, and find what need not reach the backend.
-    async fn plan(&mut self, frames: &[Frame], msgs: &[Msg<'_>], cacheable: bool) -> Result<BatchPlan, SessionError> {
+    /// Phase 1 and 2: simulate, decide, and find what need not reach the backend. `None` when
+    /// a decision needs the session's settings read first (nothing was sent or changed that
+    /// planning again would not redo the same way).
+    async fn plan(
+        &mut self,
+        frames: &[Frame],
+        msgs: &[Msg<'_>],
+        cacheable: bool,
+    ) -> Result<Option<BatchPlan>, SessionError> {
         let mut plan = BatchPlan {
             virtual_parse: vec![false; msgs.len()],
             virtual_bind: vec![false; msgs.len()],
@@ -133,6 +153,8 @@ impl Relay<'_> {
         let mut unnamed_bind: Option<usize> = None;
         let mut unnamed_executed = false;
         let mut write_seen = false;
+        // Settings changed earlier in the batch are not known until it has run.
+        let mut settings_seen = false;
         for (i, m) in msgs.iter().enumerate() {
             match m {
                 Msg::Parse(p) => {
@@ -187,28 +209,27 @@ impl Relay<'_> {
                     let mut exec = Exec::Forward;
                     let mut observe = st.as_ref().map(|st| {
                         let mut o = Observation::new(st.classified.clone(), Outcome::Passthrough);
-                        o.reason = Some(Cow::Borrowed(match st.select() {
-                            Some(c) => c.never_cache.unwrap_or("may write (calls a volatile user function)"),
-                            None => "not a plain SELECT",
-                        }));
+                        o.reason = Some(match st.select() {
+                            Some(_) if settings_seen => Reason::SettingsUnknown,
+                            Some(c) => c.never_cache.map_or(Reason::MayWrite, Reason::Statement),
+                            None => Reason::Statement("not a plain SELECT"),
+                        });
                         o
                     });
                     if e.max_rows != 0
                         && let Some(o) = observe.as_mut()
                     {
-                        o.reason = Some(Cow::Borrowed("executed with a row limit"));
+                        o.reason = Some(Reason::RowLimit);
                     }
                     if e.portal.is_empty()
                         && let Some(bi) = unnamed_bind
                     {
                         plan.bound_by.insert(i, bi);
                         let select = st.as_ref().and_then(|s| s.select().cloned());
-                        if let (true, Some(c), Some(st), Msg::Bind(b)) = (
-                            cacheable && e.max_rows == 0 && !unnamed_executed && !write_seen && effects.is_empty(),
-                            select,
-                            &st,
-                            &msgs[bi],
-                        ) {
+                        let plain = !unnamed_executed && !write_seen && !settings_seen && effects.is_empty();
+                        if let (true, Some(c), Some(st), Msg::Bind(b)) =
+                            (cacheable && e.max_rows == 0 && plain, select, &st, &msgs[bi])
+                        {
                             let req = Request::Extended { param_types: &st.param_types, bind: b };
                             let plan = self.decide(&st.sql, &c, req).await?;
                             if let Some(o) = observe.as_mut() {
@@ -216,13 +237,15 @@ impl Relay<'_> {
                             }
                             exec = match plan {
                                 Plan::Hit { entry, .. } => Exec::Hit(entry),
-                                Plan::Fill(fill) => Exec::Fill(self.flow.pipeline.add_fill(*fill)),
+                                Plan::Fill(fill) => Exec::Fill(fill),
                                 Plan::Forward(_) => Exec::Forward,
+                                Plan::Probe => return Ok(None),
                             };
                         }
                         unnamed_executed = true;
                     }
                     write_seen |= !effects.is_empty() || st.as_ref().is_none_or(|s| s.select().is_none());
+                    settings_seen |= st.as_ref().is_none_or(|s| s.classified.iter().any(may_change_settings));
                     plan.exec.insert(i, (exec, effects));
                     if let Some(o) = observe {
                         plan.observe.insert(i, o);
@@ -245,7 +268,7 @@ impl Relay<'_> {
                 None => self.flow.portals.remove(name.as_slice()),
             };
         }
-        Ok(plan)
+        Ok(Some(plan))
     }
 
     /// A Bind is virtual when its portal is used only by cache hits (and Describes answered
@@ -277,7 +300,7 @@ impl Relay<'_> {
             }
             if let Some(o) = plan.observe.get_mut(&i) {
                 o.outcome = Outcome::Passthrough;
-                o.reason = Some(Cow::Borrowed("its portal is used again in the same batch"));
+                o.reason = Some(Reason::PortalReused);
             }
         }
         for (pi, m) in msgs.iter().enumerate() {
@@ -308,6 +331,13 @@ impl Relay<'_> {
 
     /// Phase 3: sends what must reach the backend and queues every answer in order.
     fn emit(&mut self, frames: &[Frame], msgs: &[Msg<'_>], mut plan: BatchPlan) {
+        for (exec, _) in plan.exec.values_mut() {
+            if let Exec::Fill(_) = exec
+                && let Exec::Fill(fill) = std::mem::replace(exec, Exec::Forward)
+            {
+                *exec = Exec::Filling(self.flow.pipeline.add_fill(*fill));
+            }
+        }
         let mut forwarded = false;
         let mut current_unnamed = plan.unnamed_at_start.take();
         let mut described = false;
@@ -378,7 +408,7 @@ impl Relay<'_> {
                             }
                             self.answer_locally(entry.body.clone());
                         }
-                        Exec::Fill(id) => {
+                        Exec::Filling(id) => {
                             if !described {
                                 // The entry needs the RowDescription for clients that will ask.
                                 let mut d = BytesMut::new();
@@ -394,7 +424,7 @@ impl Relay<'_> {
                             );
                             forwarded = true;
                         }
-                        Exec::Forward => {
+                        Exec::Forward | Exec::Fill(_) => {
                             if e.portal.is_empty() {
                                 self.materialize_portal(current_unnamed.as_ref());
                             }
@@ -420,9 +450,13 @@ impl Relay<'_> {
                     self.forward_request(frame, Expect::Close);
                     forwarded = true;
                 }
-                Msg::Sync if forwarded => self.forward_request(frame, Expect::Sync),
+                // Postgres needs the Sync (and the Flush) whenever it has messages not yet
+                // synced, from this batch or an earlier one ended by a Flush: after an error it
+                // skips everything until a Sync. Only a batch answered entirely by pgcache, on a
+                // synced backend, gets its ReadyForQuery locally.
+                Msg::Sync if forwarded || self.track.unsynced => self.forward_request(frame, Expect::Sync),
                 Msg::Sync => self.flow.pipeline.items.push_back(Item::LocalReady),
-                Msg::Flush if forwarded => self.send(frame.into_raw()),
+                Msg::Flush if forwarded || self.track.unsynced => self.send(frame.into_raw()),
                 Msg::Flush => {}
             }
         }
@@ -433,7 +467,7 @@ impl Relay<'_> {
         let bi = plan.bound_by.get(&describe)?;
         msgs.iter().enumerate().skip(describe + 1).find_map(|(j, m)| match m {
             Msg::Execute(_) if plan.bound_by.get(&j) == Some(bi) => match plan.exec.get(&j) {
-                Some((Exec::Fill(id), _)) => Some(*id),
+                Some((Exec::Filling(id), _)) => Some(*id),
                 _ => None,
             },
             _ => None,

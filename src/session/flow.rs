@@ -41,14 +41,26 @@ pub enum Probe {
     Failed,
 }
 
+/// A request whose decision waits for the settings probe.
+#[derive(Debug)]
+pub enum Parked {
+    /// A simple Query, already classified and noted.
+    Query { frame: Frame, classified: Arc<Vec<Classified>>, effects: Vec<Effect> },
+    /// The extended-protocol batch in [`Flow::batch`], up to its Sync.
+    Batch,
+}
+
 /// Session state the cache depends on.
 #[derive(Debug, Default)]
 pub struct Flow {
     pub pipeline: Pipeline,
     pub settings: Settings,
     pub probe: Option<Probe>,
-    /// The probe's row, until its ReadyForQuery.
-    pub probe_row: Option<Vec<Option<String>>>,
+    /// The probe's rows, until its ReadyForQuery.
+    pub probe_rows: Vec<Vec<Option<String>>>,
+    /// A request waiting for the probe's answer before it is decided; client messages after
+    /// it wait in the read buffer meanwhile.
+    pub parked: Option<Parked>,
     /// A write was sent in the current (explicit or implicit) transaction.
     pub wrote: bool,
     /// Settings may have changed in the current transaction (a rollback would undo that).
@@ -82,8 +94,19 @@ impl Flow {
     /// Notes a statement that changes session settings (key parts or isolation).
     pub fn settings_may_change(&mut self) {
         self.settings.forget();
+        if self.probe == Some(Probe::Failed) {
+            // These are new settings: the probe may succeed on them.
+            self.probe = None;
+        }
         self.settings_changed_in_tx = true;
         self.settings_touched = true;
+    }
+
+    /// The transaction is ending: settings it changed revert.
+    pub fn forget_if_changed_in_tx(&mut self) {
+        if self.settings_changed_in_tx {
+            self.settings.forget();
+        }
     }
 
     /// No answer is owed to the client and no message waits for its Sync.

@@ -171,7 +171,7 @@ async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: Startup) -> R
     tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, "client connected");
 
     let mut track = Tracker::default();
-    let mut flow = flow::Flow::default();
+    let mut flow = flow::Flow { settings: settings::Settings::at_startup(&params), ..flow::Flow::default() };
     let mut reported = lease.conn_ref().params.clone();
     let mut lease = Some(lease);
     let result = loop {
@@ -179,7 +179,7 @@ async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: Startup) -> R
             handle.set_backend(None);
             registered.backend_pid.store(0, std::sync::atomic::Ordering::Relaxed);
             shared.stats.detached(1.0);
-            let outcome = detached::run(shared, &key, &params, client, &mut flow, &reported).await;
+            let outcome = detached::run(shared, &key, &params, client, &mut flow).await;
             shared.stats.detached(-1.0);
             match outcome {
                 Ok(detached::Outcome::Reattached(new)) => {

@@ -281,6 +281,9 @@ impl Flow {
             be::PARAMETER_STATUS => {
                 let (name, value) = be::parameter_status(body)?;
                 params.insert(name, value);
+                // A reported setting changed (a SET, or the server's configuration reloaded):
+                // the settings the key is built from must be read again.
+                self.settings.forget();
                 return Ok(pass);
             }
             be::NOTIFICATION_RESPONSE => return Ok(pass),
@@ -317,7 +320,7 @@ impl Flow {
                     self.pipeline.take_fill(id);
                 }
                 if probe {
-                    self.probe_row = None;
+                    self.probe_rows.clear();
                 }
                 if matches!(expect, Expect::Query | Expect::Sync) {
                     if let Some(Item::Backend(head)) = self.pipeline.items.front_mut() {
@@ -355,7 +358,7 @@ impl Flow {
                     o.rows += 1;
                 }
                 if probe {
-                    self.probe_row = be::data_row_text(body).ok();
+                    self.probe_rows.push(be::data_row_text(body)?);
                 } else if let Some(f) = fill.and_then(|id| self.pipeline.fill_mut(id)) {
                     f.add_row(raw);
                 }
@@ -436,13 +439,11 @@ impl Flow {
     }
 
     fn finish_probe(&mut self) {
-        match self.probe_row.take() {
-            Some(row) => {
-                self.settings.learn(row);
-                self.probe = Some(if self.settings.known() { Probe::Done } else { Probe::Failed });
-            }
-            None => self.probe = Some(Probe::Failed),
+        let rows = std::mem::take(&mut self.probe_rows);
+        if !rows.is_empty() {
+            self.settings.learn(rows);
         }
+        self.probe = Some(if self.settings.known() { Probe::Done } else { Probe::Failed });
     }
 
     /// The transaction (explicit or implicit) ended: its writes are invalidated, now that they

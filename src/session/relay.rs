@@ -9,7 +9,9 @@
 //!
 //! Queries and extended-protocol messages go through the cache logic ([`super::simple`],
 //! [`super::extended`]); answers from the backend are routed through the
-//! [`super::pipeline`] ([`Relay::on_backend_data`] here).
+//! [`super::pipeline`] ([`Relay::on_backend_data`] here). A request that needs the session's
+//! settings read first is parked until the probe's answer arrives; the client is still read
+//! meanwhile, so a client that leaves is noticed whatever Postgres is doing.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,7 +30,7 @@ use crate::server::Shared;
 
 use super::SessionError;
 use super::client::Client;
-use super::flow::Flow;
+use super::flow::{Flow, Parked, Probe};
 use super::pipeline::{Expect, Forwarded, Item};
 use super::queue::OutQueue;
 use super::state::Tracker;
@@ -133,7 +135,7 @@ impl Relay<'_> {
                 r = self.backend_wr.write_buf(&mut self.to_backend), if !self.to_backend.is_empty() => {
                     r.map_err(ReadError::Io)?;
                 }
-                r = self.client_rd.read_buf(self.client_buf), if self.to_backend.len() < HIGH_WATER => {
+                r = self.client_rd.read_buf(self.client_buf), if self.reading_client() => {
                     if r? == 0 {
                         return Ok(Ending::ClientLeft);
                     }
@@ -143,7 +145,12 @@ impl Relay<'_> {
                 }
                 r = self.backend_rd.read_buf(self.backend_buf), if self.to_client.len() < HIGH_WATER => {
                     match r {
-                        Ok(n) if n > 0 => self.on_backend_data()?,
+                        Ok(n) if n > 0 => {
+                            self.on_backend_data()?;
+                            if let Some(end) = self.resume_parked().await? {
+                                return Ok(end);
+                            }
+                        }
                         _ if self.track.at_rest() && self.flow.movable().is_ok() => return Ok(Ending::BackendLost),
                         Ok(_) => return Err(ReadError::Closed.into()),
                         Err(e) => return Err(ReadError::Io(e).into()),
@@ -155,28 +162,25 @@ impl Relay<'_> {
         }
     }
 
-    /// Moves data until `done` holds, without reading the client: used while a client request
-    /// waits for an answer pgcache needs first (the settings probe).
-    pub(super) async fn pump_until(&mut self, done: impl Fn(&Flow) -> bool) -> Result<(), SessionError> {
-        while !done(self.flow) {
-            reserve(self.backend_buf);
-            tokio::select! {
-                r = self.client_wr.write_buf(&mut self.to_client), if !self.to_client.is_empty() => {
-                    r?;
-                }
-                r = self.backend_wr.write_buf(&mut self.to_backend), if !self.to_backend.is_empty() => {
-                    r.map_err(ReadError::Io)?;
-                }
-                r = self.backend_rd.read_buf(self.backend_buf), if self.to_client.len() < HIGH_WATER => {
-                    if r.map_err(ReadError::Io)? == 0 {
-                        return Err(ReadError::Closed.into());
-                    }
-                    self.on_backend_data()?;
-                }
-                _ = self.shared.force_close.cancelled() => return Err(SessionError::Shutdown),
-            }
+    /// Whether to read the client now: not while too much waits for the backend, and while a
+    /// request waits for the probe only until the read buffer holds a fair amount (it is still
+    /// read, so a client that leaves meanwhile is noticed).
+    fn reading_client(&self) -> bool {
+        self.to_backend.len() < HIGH_WATER && (self.flow.parked.is_none() || self.client_buf.len() < HIGH_WATER)
+    }
+
+    /// After backend data: if a parked request's probe has been answered, decide it now and
+    /// carry on with what the client sent meanwhile.
+    async fn resume_parked(&mut self) -> Result<Option<Ending>, SessionError> {
+        if self.flow.probe == Some(Probe::Running) {
+            return Ok(None);
         }
-        Ok(())
+        match self.flow.parked.take() {
+            Some(Parked::Query { frame, classified, effects }) => self.query(frame, classified, effects).await?,
+            Some(Parked::Batch) => self.run_batch().await?,
+            None => return Ok(None),
+        }
+        self.on_client_data().await
     }
 
     /// Tells the client why it is being closed, after whatever was already on its way.
@@ -215,6 +219,10 @@ impl Relay<'_> {
     /// logic. Returns an ending if the client sent Terminate.
     async fn on_client_data(&mut self) -> Result<Option<Ending>, SessionError> {
         loop {
+            if self.flow.parked.is_some() {
+                // The rest waits, in order, until the parked request is decided.
+                return Ok(None);
+            }
             let run = self.plain_run()?;
             if run > 0 {
                 if !self.flow.batch.is_empty() {

@@ -1,65 +1,116 @@
-//! The session settings that change query results or their encoding, which every cache key
-//! includes (so two sessions that could see different rows or bytes never share an entry).
+//! The session settings every cache key includes, so two sessions that could see different rows
+//! or bytes never share an entry.
 //!
-//! Settings Postgres reports through ParameterStatus (`TimeZone`, `DateStyle`,
-//! `IntervalStyle`, `client_encoding`, `standard_conforming_strings`,
-//! `session_authorization`, `integer_datetimes`) are always current. The others
-//! (`search_path`, `extra_float_digits`, `bytea_output`, the role, ...) are not reported, so the
-//! session reads them with one probe query when it first needs a key and again after anything
-//! that may have changed them (SET, RESET, DISCARD, a volatile function, the end of a
-//! transaction that changed them).
+//! Not a fixed list: the key holds every setting Postgres reports as changed from its built-in
+//! default for this session (`pg_settings.source` other than `default` and `override`: the
+//! configuration file, `ALTER DATABASE/ROLE ... SET`, the startup packet and its `options`,
+//! `SET`, `SET LOCAL`, `set_config()`), plus the role (`current_user`, `session_user`), the
+//! `search_path`, and the custom settings the session may have set (`app.tenant`,
+//! `request.jwt.claims`). Postgres keeps custom (placeholder) settings out of `pg_settings`, so
+//! the session tracks their names — from its startup packet, `SET`/`RESET` statements and
+//! `set_config` calls — and the probe reads each with `current_setting(name, true)`.
+//!
+//! The probe is one query, run when a key is first needed and again after anything that may
+//! have changed a setting (see [`super::flow::Flow::settings_may_change`]). A statement
+//! pgcache cannot see into (`DO`, `CALL`, a volatile user function, `set_config` with a
+//! computed name) may set custom settings it cannot name: until `RESET ALL` or `DISCARD ALL`,
+//! reads whose results can depend on custom settings (row-level security, stable functions)
+//! are then not cached.
+//!
+//! Settings that never change a result's rows or bytes ([`IGNORED`]) are left out of the key so
+//! they do not split the cache.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
 
 use crate::cache::key::KeyBuilder;
+use crate::query::SettingsChange;
+use crate::query::tree::custom_setting;
 
-/// Settings reported by ParameterStatus that affect results or their encoding.
-const REPORTED: [&str; 7] = [
-    "TimeZone",
-    "DateStyle",
-    "IntervalStyle",
-    "client_encoding",
-    "standard_conforming_strings",
-    "session_authorization",
-    "integer_datetimes",
+/// Settings that cannot change what a query returns (only when or whether it runs, or what the
+/// server logs). Leaving one out of this list only splits the cache; it never shares an entry
+/// wrongly.
+pub const IGNORED: [&str; 5] = [
+    "application_name",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "idle_session_timeout",
 ];
 
-/// What the probe reads, in order.
-const PROBED: [&str; 14] = [
-    "current_user",
-    "search_path",
-    "extra_float_digits",
-    "bytea_output",
-    "lc_monetary",
-    "lc_numeric",
-    "lc_time",
-    "row_security",
-    "array_nulls",
-    "transform_null_equals",
-    "xmlbinary",
-    "xmloption",
-    "default_transaction_isolation",
-    "transaction_isolation",
-];
+/// Rows of the probe that are not `pg_settings` rows.
+const CURRENT_USER: &str = ".current_user";
+const SESSION_USER: &str = ".session_user";
+const SEARCH_PATH: &str = ".search_path";
+const ISOLATION: &str = ".transaction_isolation";
+const DEFAULT_ISOLATION: &str = ".default_transaction_isolation";
+/// The source reported for a custom setting's row.
+const CUSTOM: &str = "custom";
 
-/// The probe query (simple protocol, one row of text values).
-pub fn probe_sql() -> String {
-    let cols: Vec<String> = PROBED
-        .iter()
-        .map(|name| {
-            if *name == "current_user" { "current_user::text".to_owned() } else { format!("current_setting('{name}')") }
-        })
-        .collect();
-    format!("SELECT {}", cols.join(", "))
+/// What one probe read: every row as (name, source, value), and the key parts built from it.
+#[derive(Debug)]
+pub struct Snapshot {
+    rows: Vec<(String, String, Option<String>)>,
+    /// The key part with the role, and without it (for rules shared across roles).
+    with_role: Bytes,
+    without_role: Bytes,
 }
 
-/// The unreported settings, once known.
+impl Snapshot {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.rows.iter().find(|(n, _, _)| n == name).and_then(|(_, _, v)| v.as_deref())
+    }
+
+    fn build(rows: Vec<(String, String, Option<String>)>) -> Snapshot {
+        let encode = |with_role: bool| {
+            let mut kb = KeyBuilder::new(b's');
+            for (name, _, value) in &rows {
+                let role_part = matches!(
+                    name.as_str(),
+                    CURRENT_USER | SESSION_USER | "role" | "session_authorization" | "is_superuser"
+                );
+                if IGNORED.contains(&name.as_str())
+                    || name.starts_with("transaction_")
+                    || matches!(name.as_str(), ISOLATION | DEFAULT_ISOLATION)
+                    || (role_part && !with_role)
+                {
+                    continue;
+                }
+                kb.str(name).part(value.as_deref().map(str::as_bytes));
+            }
+            kb.finish().0
+        };
+        Snapshot { with_role: encode(true), without_role: encode(false), rows }
+    }
+}
+
+/// The session's settings as far as the cache key is concerned.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
-    probed: Option<Vec<String>>,
+    probed: Option<Arc<Snapshot>>,
+    /// Custom settings the session may have set (lower case).
+    custom: BTreeSet<String>,
+    /// Custom settings may have been set under names pgcache does not know.
+    unknowable: bool,
 }
 
 impl Settings {
+    /// The settings of a session that starts with these startup parameters: custom settings
+    /// given directly or in `options` (`-c app.tenant=1`, `--app.tenant=1`) are tracked.
+    pub fn at_startup(params: &[(String, String)]) -> Settings {
+        let mut s = Settings::default();
+        for (name, value) in params {
+            if name == "options" {
+                s.custom.extend(option_names(value).filter_map(|n| custom_setting(&n)));
+            } else if !name.starts_with("_pq_.") {
+                s.custom.extend(custom_setting(name));
+            }
+        }
+        s
+    }
+
     pub fn known(&self) -> bool {
         self.probed.is_some()
     }
@@ -69,71 +120,117 @@ impl Settings {
         self.probed = None;
     }
 
-    /// Records the probe's row; a row of the wrong shape leaves them unknown.
-    pub fn learn(&mut self, row: Vec<Option<String>>) {
-        if row.len() == PROBED.len() && row.iter().all(Option::is_some) {
-            self.probed = Some(row.into_iter().flatten().collect());
+    /// Notes what a statement about to run does to settings (the caller forgets them).
+    pub fn track(&mut self, change: &SettingsChange) {
+        self.custom.extend(change.custom.iter().cloned());
+        self.unknowable |= change.unnamed;
+        if change.resets_all {
+            // Every custom setting is back at its start-up value, which is tracked.
+            self.unknowable = false;
+        }
+    }
+
+    /// A statement pgcache cannot see into ran: it may have set custom settings.
+    pub fn mark_unknowable(&mut self) {
+        self.unknowable = true;
+    }
+
+    /// Whether custom settings may have been set under names the probe cannot read.
+    pub fn unknowable(&self) -> bool {
+        self.unknowable
+    }
+
+    /// The probe query (simple protocol; rows of name, source, value as text). Custom names
+    /// are validated to letters, digits, `_`, `$` and `.`, so quoting them is safe whatever
+    /// `standard_conforming_strings` says; a session that set any other name is marked
+    /// unknowable instead.
+    pub fn probe_sql(&mut self) -> String {
+        let mut sql = String::from(
+            "SELECT name, source, setting FROM pg_catalog.pg_settings WHERE source NOT IN ('default', 'override') \
+             UNION ALL SELECT '.current_user', '', current_user::text \
+             UNION ALL SELECT '.session_user', '', session_user::text \
+             UNION ALL SELECT '.search_path', '', pg_catalog.current_setting('search_path') \
+             UNION ALL SELECT '.transaction_isolation', '', pg_catalog.current_setting('transaction_isolation') \
+             UNION ALL SELECT '.default_transaction_isolation', '', \
+               pg_catalog.current_setting('default_transaction_isolation')",
+        );
+        let plain = |n: &str| n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_$.".contains(&b));
+        self.unknowable |= !self.custom.iter().all(|n| plain(n));
+        for name in self.custom.iter().filter(|n| plain(n)) {
+            sql.push_str(&format!(
+                " UNION ALL SELECT '{name}', '{CUSTOM}', pg_catalog.current_setting('{name}', true)"
+            ));
+        }
+        sql
+    }
+
+    /// Records the probe's rows; rows of the wrong shape leave the settings unknown.
+    pub fn learn(&mut self, rows: Vec<Vec<Option<String>>>) {
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let Ok([Some(name), Some(source), value]) = <[Option<String>; 3]>::try_from(row) else {
+                return;
+            };
+            out.push((name, source, value));
+        }
+        let snapshot = Snapshot::build(out);
+        if snapshot.get(CURRENT_USER).is_some() && snapshot.get(SEARCH_PATH).is_some() {
+            self.probed = Some(Arc::new(snapshot));
         }
     }
 
     fn get(&self, name: &str) -> Option<&str> {
-        let i = PROBED.iter().position(|p| *p == name)?;
-        self.probed.as_ref().map(|v| v[i].as_str())
+        self.probed.as_ref().and_then(|s| s.get(name))
     }
 
     pub fn role(&self) -> Option<&str> {
-        self.get("current_user")
+        self.get(CURRENT_USER)
     }
 
     pub fn search_path(&self) -> Option<&str> {
-        self.get("search_path")
+        self.get(SEARCH_PATH)
     }
 
     /// Whether a transaction started now (and the current one, if any) reads with a fresh
     /// snapshot per statement, which is when cached results are valid inside it.
     pub fn read_committed(&self) -> bool {
-        self.get("transaction_isolation") == Some("read committed")
-            && self.get("default_transaction_isolation") == Some("read committed")
+        self.get(ISOLATION) == Some("read committed") && self.get(DEFAULT_ISOLATION) == Some("read committed")
     }
 
-    /// Appends every setting to a key; the role only when entries are not shared across
-    /// roles.
-    pub fn key(&self, reported: &BTreeMap<String, String>, share_across_roles: bool, kb: &mut KeyBuilder) {
-        for name in REPORTED {
-            if share_across_roles && name == "session_authorization" {
-                continue;
-            }
-            kb.part(reported.get(name).map(|v| v.as_bytes()));
+    /// The key part for these settings: with the role, or without it (rules that share entries
+    /// across roles). Empty until probed.
+    pub fn key_part(&self, with_role: bool) -> Bytes {
+        match &self.probed {
+            Some(s) if with_role => s.with_role.clone(),
+            Some(s) => s.without_role.clone(),
+            None => Bytes::new(),
         }
-        for (name, value) in PROBED.iter().zip(self.probed.iter().flatten()) {
-            if matches!(*name, "transaction_isolation" | "default_transaction_isolation")
-                || (share_across_roles && *name == "current_user")
-            {
-                continue;
-            }
-            kb.str(value);
-        }
+    }
+
+    /// Appends the settings to a key.
+    pub fn key(&self, with_role: bool, kb: &mut KeyBuilder) {
+        kb.part(Some(&self.key_part(with_role)));
     }
 
     /// The settings to apply on another connection (started like this session's, as
     /// `login_user`) so it computes the same results: `(name, value)` pairs for `set_config`.
-    /// `None` when that cannot be reproduced (a different session authorization).
-    pub fn replay(&self, reported: &BTreeMap<String, String>, login_user: &str) -> Option<Vec<(String, String)>> {
+    /// Settings from the startup packet, the database, the role and the configuration file
+    /// are the same there already. `None` when that cannot be reproduced (another session
+    /// authorization, or custom settings pgcache cannot name).
+    pub fn replay(&self, login_user: &str) -> Option<Vec<(String, String)>> {
         let probed = self.probed.as_ref()?;
-        if reported.get("session_authorization").is_some_and(|a| a != login_user) {
+        if self.unknowable || probed.get(SESSION_USER).is_some_and(|u| u != login_user) {
             return None;
         }
         let mut out = Vec::new();
-        for name in ["TimeZone", "DateStyle", "IntervalStyle", "client_encoding", "standard_conforming_strings"] {
-            if let Some(v) = reported.get(name) {
-                out.push((name.to_owned(), v.clone()));
-            }
-        }
-        for (name, value) in PROBED.iter().zip(probed) {
-            match *name {
-                "current_user" if value != login_user => out.push(("role".to_owned(), value.clone())),
-                "current_user" | "transaction_isolation" | "default_transaction_isolation" => {}
-                _ => out.push(((*name).to_owned(), value.clone())),
+        for (name, source, value) in &probed.rows {
+            let Some(value) = value else { continue };
+            match (name.as_str(), source.as_str()) {
+                (CURRENT_USER, _) if value != login_user => out.push(("role".to_owned(), value.clone())),
+                ("role" | "session_authorization" | "is_superuser", _) => {}
+                (n, _) if n.starts_with("transaction_") => {}
+                (_, "session" | CUSTOM) => out.push((name.clone(), value.clone())),
+                _ => {}
             }
         }
         Some(out)
@@ -142,48 +239,71 @@ impl Settings {
     /// Resolves an unqualified relation to the first schema of the search path holding it
     /// (`pg_temp` and `pg_catalog` first unless listed, as Postgres does).
     pub fn resolve<'a>(&self, candidates: &'a [String]) -> Option<&'a str> {
-        let role = self.role().unwrap_or("");
-        let path = self.search_path()?;
-        let mut order: Vec<String> = Vec::new();
-        let listed: Vec<String> = path
-            .split(',')
-            .map(|s| s.trim().trim_matches('"').to_owned())
-            .map(|s| if s == "$user" { role.to_owned() } else { s })
-            .collect();
-        if !listed.iter().any(|s| s == "pg_temp") {
-            order.push("pg_temp".into());
-        }
-        if !listed.iter().any(|s| s == "pg_catalog") {
-            order.push("pg_catalog".into());
-        }
-        order.extend(listed);
-        order.iter().find_map(|schema| {
-            candidates
-                .iter()
-                .find(|c| *c == schema || (schema == "pg_temp" && c.starts_with("pg_temp_")))
-                .map(String::as_str)
-        })
+        crate::policy::resolve(self.role().unwrap_or(""), self.search_path()?, candidates)
     }
+}
+
+/// The setting names in a startup `options` string: `-c name=value`, `-cname=value` and
+/// `--name=value`, words separated by spaces (a backslash escapes the next character).
+fn option_names(options: &str) -> impl Iterator<Item = String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut names = Vec::new();
+    let mut iter = words.into_iter();
+    while let Some(w) = iter.next() {
+        let assignment = match w.as_str() {
+            "-c" => iter.next(),
+            w if w.starts_with("-c") => Some(w[2..].to_owned()),
+            w if w.starts_with("--") => Some(w[2..].to_owned()),
+            _ => None,
+        };
+        if let Some(name) = assignment.and_then(|a| a.split_once('=').map(|(n, _)| n.replace('-', "_"))) {
+            names.push(name);
+        }
+    }
+    names.into_iter()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn probed(search_path: &str) -> Settings {
+    fn row(name: &str, source: &str, value: Option<&str>) -> Vec<Option<String>> {
+        vec![Some(name.into()), Some(source.into()), value.map(str::to_owned)]
+    }
+
+    fn probed(user: &str, search_path: &str, extra: Vec<Vec<Option<String>>>) -> Settings {
         let mut s = Settings::default();
-        let mut row: Vec<Option<String>> = PROBED.iter().map(|_| Some("x".to_owned())).collect();
-        row[0] = Some("alice".into());
-        row[1] = Some(search_path.into());
-        row[12] = Some("read committed".into());
-        row[13] = Some("read committed".into());
-        s.learn(row);
+        let mut rows = vec![
+            row(CURRENT_USER, "", Some(user)),
+            row(SESSION_USER, "", Some(user)),
+            row(SEARCH_PATH, "", Some(search_path)),
+            row(ISOLATION, "", Some("read committed")),
+            row(DEFAULT_ISOLATION, "", Some("read committed")),
+        ];
+        rows.extend(extra);
+        s.learn(rows);
         s
     }
 
     #[test]
     fn resolution_follows_the_search_path() {
-        let s = probed("\"$user\", public");
+        let s = probed("alice", "\"$user\", public", vec![]);
         let c = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(s.resolve(&c(&["public", "alice"])), Some("alice"));
         assert_eq!(s.resolve(&c(&["public", "other"])), Some("public"));
@@ -193,27 +313,79 @@ mod tests {
     }
 
     #[test]
-    fn keys_differ_by_role_unless_shared() {
-        let a = probed("public");
-        let mut b = probed("public");
-        let mut row: Vec<Option<String>> = b.probed.take().into_iter().flatten().map(Some).collect();
-        row[0] = Some("bob".into());
-        b.learn(row);
-        let reported = BTreeMap::new();
-        let key = |s: &Settings, share| {
-            let mut kb = KeyBuilder::new(b'Q');
-            s.key(&reported, share, &mut kb);
-            kb.finish()
-        };
-        assert_ne!(key(&a, false), key(&b, false));
-        assert_eq!(key(&a, true), key(&b, true));
+    fn keys_differ_by_role_unless_shared_and_by_any_changed_setting() {
+        let (a, b) = (probed("alice", "public", vec![]), probed("bob", "public", vec![]));
+        assert_ne!(a.key_part(true), b.key_part(true));
+        assert_eq!(a.key_part(false), b.key_part(false));
+        let hashagg = probed("alice", "public", vec![row("enable_hashagg", "session", Some("off"))]);
+        assert_ne!(a.key_part(false), hashagg.key_part(false), "any setting the session changed");
+        let tenant = |t: Option<&str>| probed("alice", "public", vec![row("app.tenant", CUSTOM, t)]);
+        assert_ne!(tenant(Some("1")).key_part(true), tenant(Some("2")).key_part(true));
+        assert_ne!(tenant(Some("")).key_part(true), tenant(None).key_part(true), "unset differs from empty");
+        let named = probed("alice", "public", vec![row("application_name", "client", Some("x"))]);
+        assert_eq!(a.key_part(true), named.key_part(true), "application_name never changes results");
     }
 
     #[test]
     fn wrong_shaped_probe_leaves_settings_unknown() {
         let mut s = Settings::default();
-        s.learn(vec![Some("a".into())]);
+        s.learn(vec![vec![Some("a".into())]]);
         assert!(!s.known());
-        assert!(probe_sql().starts_with("SELECT current_user::text, current_setting('search_path')"));
+        s.learn(vec![row("enable_hashagg", "session", Some("off"))]);
+        assert!(!s.known(), "the role and search_path rows are required");
+    }
+
+    #[test]
+    fn custom_settings_come_from_startup_statements_and_set_config() {
+        let mut s = Settings::at_startup(&[
+            ("user".into(), "u".into()),
+            ("options".into(), "-c app.tenant=2 -cApp.Other=x --request.jwt-claims=y -c search_path=s".into()),
+            ("my.flag".into(), "1".into()),
+        ]);
+        let sql = s.probe_sql();
+        for name in ["app.tenant", "app.other", "request.jwt_claims", "my.flag"] {
+            assert!(sql.contains(&format!("current_setting('{name}', true)")), "{name}: {sql}");
+        }
+        assert!(!s.unknowable());
+        s.track(&SettingsChange { changes: true, custom: vec!["x.y".into()], unnamed: true, resets_all: false });
+        assert!(s.probe_sql().contains("'x.y'") && s.unknowable());
+        s.track(&SettingsChange { changes: true, resets_all: true, ..Default::default() });
+        assert!(!s.unknowable());
+        s.track(&SettingsChange { custom: vec!["a.b'; DROP".into()], ..Default::default() });
+        let sql = s.probe_sql();
+        assert!(!sql.contains("DROP") && s.unknowable(), "a name pgcache cannot quote is not probed");
+    }
+
+    #[test]
+    fn replay_reproduces_session_and_custom_settings_only() {
+        // Logged in as alice, SET ROLE bob.
+        let mut rows = vec![row(SESSION_USER, "", Some("alice"))];
+        let s = probed(
+            "bob",
+            "s1",
+            vec![
+                row("search_path", "session", Some("s1")),
+                row("DateStyle", "configuration file", Some("ISO, MDY")),
+                row("app.tenant", CUSTOM, Some("7")),
+                row("app.unset", CUSTOM, None),
+            ],
+        );
+        assert_eq!(s.replay("alice"), None, "the probe said bob is the session user too");
+        let mut replayable = Settings::default();
+        rows.extend(
+            s.probed
+                .as_ref()
+                .map(|p| p.rows.iter().filter(|r| r.0 != SESSION_USER))
+                .into_iter()
+                .flatten()
+                .map(|(n, src, v)| vec![Some(n.clone()), Some(src.clone()), v.clone()]),
+        );
+        replayable.learn(rows);
+        let s = replayable;
+        let replay = s.replay("alice").expect("replayable");
+        assert_eq!(
+            replay,
+            vec![("role".into(), "bob".into()), ("search_path".into(), "s1".into()), ("app.tenant".into(), "7".into())]
+        );
     }
 }

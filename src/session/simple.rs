@@ -1,12 +1,13 @@
 //! The simple query protocol: a Query message answered from the cache, filled into it, or
-//! forwarded — with its writes noted for invalidation either way.
+//! forwarded — with its writes noted for invalidation either way. A Query that needs the
+//! session's settings read first waits, parked, for the probe's answer.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
 use crate::metrics::Outcome;
+use crate::policy::Reason;
 use crate::protocol::Frame;
 use crate::protocol::frontend;
 use crate::query::{Classified, Kind};
@@ -14,14 +15,29 @@ use crate::stats::Observation;
 
 use super::SessionError;
 use super::decide::{Plan, Request};
+use super::effects::Effect;
+use super::flow::Parked;
 use super::pipeline::{Expect, Forwarded, Item};
 use super::relay::Relay;
+
+/// The SQL of a Query frame, if it is readable text.
+fn sql_of(frame: &Frame) -> Option<&str> {
+    frontend::query(frame.body()).ok().and_then(|q| std::str::from_utf8(q.sql).ok())
+}
+
+/// Why a request that is not a lone SELECT is forwarded.
+pub(super) fn not_cacheable(classified: &[Classified]) -> Reason {
+    match classified {
+        [c] => c.never_cache.map_or(Reason::MayWrite, Reason::Statement),
+        _ => Reason::SeveralStatements,
+    }
+}
 
 impl Relay<'_> {
     pub(super) async fn on_query(&mut self, frame: Frame) -> Result<(), SessionError> {
         // Non-UTF-8 SQL (e.g. a LATIN1 client) cannot be classified: it passes through as a
         // statement with unknown effects.
-        let classified = match frontend::query(frame.body()).ok().and_then(|q| std::str::from_utf8(q.sql).ok()) {
+        let classified = match sql_of(&frame) {
             Some(sql) => self.shared.classifier.classify(sql),
             None => Arc::new(vec![Classified::unparseable()]),
         };
@@ -29,20 +45,31 @@ impl Relay<'_> {
         for c in classified.iter() {
             effects.extend(self.note(c).await);
         }
+        self.query(frame, classified, effects).await
+    }
+
+    /// Decides and sends a Query whose statements have been noted.
+    pub(super) async fn query(
+        &mut self,
+        frame: Frame,
+        classified: Arc<Vec<Classified>>,
+        effects: Vec<Effect>,
+    ) -> Result<(), SessionError> {
         let mut observe = Observation::new(classified.clone(), Outcome::Passthrough);
-        observe.reason = Some(Cow::Borrowed(match classified.as_slice() {
-            [c] => c.never_cache.unwrap_or("may write (calls a volatile user function)"),
-            _ => "several statements in one query",
-        }));
+        observe.reason = Some(not_cacheable(&classified));
         if let [c] = classified.as_slice()
             && c.kind == Kind::Select
             && effects.is_empty()
-            && let Ok(q) = frontend::query(frame.body())
-            && let Ok(sql) = std::str::from_utf8(q.sql)
+            && let Some(sql) = sql_of(&frame)
         {
             let plan = self.decide(sql, c, Request::Simple).await?;
             plan.observe(&mut observe);
             match plan {
+                Plan::Probe => {
+                    self.start_probe()?;
+                    self.flow.parked = Some(Parked::Query { frame, classified, effects });
+                    return Ok(());
+                }
                 Plan::Hit { entry, .. } => {
                     entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let mut answer = BytesMut::with_capacity(entry.row_description.len() + entry.body.len());

@@ -1,0 +1,103 @@
+//! The exhaustive walk of a statement's parse tree, for what `pg_query::summary()` does not
+//! say. The tree is walked in its serde form, so no node type can be missed: `FOR UPDATE/SHARE`,
+//! `SELECT INTO`, SQL-value functions (`CURRENT_TIMESTAMP`, `current_user`), literals whose
+//! meaning changes with time (`'now'`), `TABLESAMPLE`, temporary objects, every type the
+//! statement names (casts and typed literals run the type's input and cast functions, and some
+//! of those read the catalog), and what it does to session settings (`set_config` calls).
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+use super::classify::Relation;
+
+/// Literals whose value depends on when they are evaluated (Postgres docs, "Special Date/Time
+/// Inputs").
+pub(super) const TIME_WORDS: [&str; 4] = ["now", "today", "tomorrow", "yesterday"];
+
+/// What the walk finds.
+#[derive(Debug, Default)]
+pub(super) struct Facts {
+    pub locks: bool,
+    pub into: bool,
+    pub stable_builtins: bool,
+    pub tablesample: bool,
+    pub temp: bool,
+    /// Types named in casts, typed literals and column definition lists.
+    pub types: BTreeSet<Relation>,
+    /// `set_config` is called.
+    pub calls_set_config: bool,
+    /// Custom settings named by `set_config` calls (lower case).
+    pub custom_settings: BTreeSet<String>,
+    /// A `set_config` call whose setting name is not a literal.
+    pub unnamed_setting: bool,
+}
+
+impl Facts {
+    pub fn walk(&mut self, v: &Value) {
+        match v {
+            Value::Object(map) => {
+                for (key, child) in map {
+                    match key.as_str() {
+                        "SqlvalueFunction" => self.stable_builtins = true,
+                        "RangeTableSample" => self.tablesample = true,
+                        "locking_clause" if child.as_array().is_some_and(|a| !a.is_empty()) => self.locks = true,
+                        "into_clause" if !child.is_null() => self.into = true,
+                        "relpersistence" if child.as_str() == Some("t") => self.temp = true,
+                        "sval" if child.as_str().is_some_and(is_time_word) => self.stable_builtins = true,
+                        "type_name" => self.type_name(child),
+                        "FuncCall" => self.func_call(child),
+                        _ => {}
+                    }
+                    self.walk(child);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|i| self.walk(i)),
+            _ => {}
+        }
+    }
+
+    /// A TypeName: `[schema.]name`, array bounds ignored (an array's elements are read with
+    /// the element type's input function).
+    fn type_name(&mut self, v: &Value) {
+        let names = strings(&v["names"]);
+        match names.as_slice() {
+            [name] => self.types.insert(Relation::new(None, name)),
+            [.., schema, name] => self.types.insert(Relation::new(Some(schema), name)),
+            [] => false,
+        };
+    }
+
+    fn func_call(&mut self, v: &Value) {
+        if strings(&v["funcname"]).last().map(String::as_str) != Some("set_config") {
+            return;
+        }
+        self.calls_set_config = true;
+        match v["args"][0]["node"]["AConst"]["val"]["Sval"]["sval"].as_str() {
+            Some(name) => {
+                if let Some(custom) = custom_setting(name) {
+                    self.custom_settings.insert(custom);
+                }
+            }
+            None => self.unnamed_setting = true,
+        }
+    }
+}
+
+/// The `String` values of a list of name nodes.
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array().into_iter().flatten().filter_map(|n| n["node"]["String"]["sval"].as_str().map(str::to_owned)).collect()
+}
+
+/// A setting name as Postgres compares it (case-insensitively), if it is a custom one
+/// (`prefix.name`, e.g. `app.tenant` or `request.jwt.claims`).
+pub fn custom_setting(name: &str) -> Option<String> {
+    let lower = name.trim().to_ascii_lowercase();
+    lower.contains('.').then_some(lower)
+}
+
+/// Whether a text value is one of the special date/time inputs that mean "now".
+pub fn is_time_word(s: &str) -> bool {
+    let t = s.trim();
+    TIME_WORDS.iter().any(|w| t.eq_ignore_ascii_case(w))
+}
