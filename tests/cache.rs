@@ -205,3 +205,48 @@ async fn a_failing_recreated_statement_reports_its_error() {
     assert!(String::from_utf8_lossy(&got[0].body).contains("42P01"), "{got:?}");
     admin.batch_execute("ALTER TABLE items_gone RENAME TO items").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_limited_executes_are_cached_and_answered_as_postgres_would() {
+    let (cluster, proxy, db, _dir, admin) = setup(RULES).await;
+    let user = cluster.superuser();
+    let direct_addr = format!("{}:{}", cluster.host, cluster.port).parse().unwrap();
+    let mut direct = RawConn::connect(direct_addr, &user, &db, &[]).await;
+    let mut proxied = RawConn::connect(proxy.addr, &user, &db, &[]).await;
+    // asyncpg's fetchrow/fetchval execute with a limit of 1; results of 0, 1 and 3 rows meet
+    // it differently (CommandComplete, or PortalSuspended once the limit is reached).
+    let limited = |sql: &str, limit: i32| {
+        batch(&[parse("", sql, &[]), bind("", "", &[], &[]), describe(b'P', ""), execute("", limit), sync()])
+    };
+    let cases = [
+        ("SELECT name FROM items WHERE id = 1000", 1, "12TCZ"),
+        ("SELECT name FROM items WHERE id = 5", 1, "12TDsZ"),
+        ("SELECT name FROM items WHERE id BETWEEN 1 AND 3 ORDER BY id", 1, "12TDsZ"),
+        ("SELECT name FROM items WHERE id BETWEEN 1 AND 3 ORDER BY id", 3, "12TDDDsZ"),
+        ("SELECT name FROM items WHERE id BETWEEN 1 AND 3 ORDER BY id", 5, "12TDDDCZ"),
+    ];
+    for round in 0..3 {
+        for (sql, limit, expected) in cases {
+            let frames = limited(sql, limit);
+            let d = direct.exchange(&frames, 1).await;
+            let p = proxied.exchange(&frames, 1).await;
+            assert_eq!(d, p, "{sql} with limit {limit}, round {round}");
+            assert_eq!(tags(&d), expected);
+        }
+    }
+    // Direct Postgres ran each case every round; through pgcache each statement ran once, and
+    // every limit was served from its one entry.
+    assert_eq!(executions(&admin, "WHERE id BETWEEN $1 AND $2").await, 3 * 3 + 1);
+    assert_eq!(executions(&admin, "FROM items WHERE id = $1").await, 2 * 3 + 2);
+    // Inside a transaction the portal could be resumed: that goes to Postgres every time.
+    let before = executions(&admin, "FROM items WHERE id = $1").await;
+    for conn in [&mut direct, &mut proxied] {
+        conn.exchange(&query("BEGIN"), 1).await;
+        let got = conn.exchange(&limited("SELECT name FROM items WHERE id = 5", 1), 1).await;
+        assert_eq!(tags(&got), "12TDsZ");
+        let rest = conn.exchange(&batch(&[execute("", 1), sync()]), 1).await;
+        assert_eq!(tags(&rest), "CZ");
+        conn.exchange(&query("COMMIT"), 1).await;
+    }
+    assert_eq!(executions(&admin, "FROM items WHERE id = $1").await - before, 2);
+}

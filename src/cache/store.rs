@@ -57,6 +57,29 @@ impl Entry {
         self.created.elapsed()
     }
 
+    /// The DataRows of the body up to the `n`th (all of them if it has fewer), without the
+    /// CommandComplete.
+    pub fn first_rows(&self, n: u64) -> Bytes {
+        let mut at = 0;
+        for _ in 0..n.min(self.rows) {
+            let Some(header) = self.body.get(at + 1..at + 5) else { break };
+            at += u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize + 1;
+        }
+        self.body.slice(..at.min(self.body.len()))
+    }
+
+    /// What Postgres sends for an Execute of this result with row limit `max_rows` (0: none):
+    /// the whole body when the result has fewer rows; otherwise exactly `max_rows` DataRows and
+    /// PortalSuspended (Postgres suspends when the limit is reached, even on the last row).
+    pub fn answer(&self, max_rows: i32) -> Bytes {
+        if max_rows <= 0 || self.rows < max_rows as u64 {
+            return self.body.clone();
+        }
+        let mut out = bytes::BytesMut::from(&self.first_rows(max_rows as u64)[..]);
+        crate::protocol::backend::portal_suspended(&mut out);
+        out.freeze()
+    }
+
     pub fn invalidated(&self) -> bool {
         self.deps.iter().any(Dependency::moved)
     }
@@ -233,6 +256,22 @@ mod tests {
         tokio::time::advance(Duration::from_secs(60)).await;
         assert!(store.get(&key("a")).is_none());
         assert!(store.is_empty(), "dead entries are removed on sight");
+    }
+
+    #[test]
+    fn a_row_limit_cuts_the_answer_as_postgres_would() {
+        let mut body = bytes::BytesMut::new();
+        for v in [b"a", b"b", b"c"] {
+            crate::protocol::frame::put_frame(&mut body, b'D', &[0, 1, 0, 0, 0, 1, v[0]]);
+        }
+        let rows_end = body.len();
+        crate::protocol::frame::put_frame(&mut body, b'C', b"SELECT 3\0");
+        let e = Entry { body: body.freeze(), rows: 3, ..entry(rule(60, 0, 0), vec![], 0) };
+        assert_eq!(e.answer(0), e.body);
+        assert_eq!(e.answer(4), e.body, "fewer rows than the limit: the whole result");
+        let three = e.answer(3);
+        assert_eq!((&three[..rows_end], &three[rows_end..]), (&e.body[..rows_end], &b"s\0\0\0\x04"[..]));
+        assert_eq!(e.answer(1).len(), 12 + 5, "one DataRow and PortalSuspended");
     }
 
     #[tokio::test]

@@ -274,6 +274,10 @@ pub fn bind_complete(out: &mut BytesMut) {
     put(out, &pgwire::messages::extendedquery::BindComplete::new());
 }
 
+pub fn portal_suspended(out: &mut BytesMut) {
+    put(out, &pgwire::messages::extendedquery::PortalSuspended::new());
+}
+
 pub fn empty_query_response(out: &mut BytesMut) {
     put(out, &pgwire::messages::response::EmptyQueryResponse::new());
 }

@@ -238,10 +238,12 @@ impl Detached<'_> {
                 },
                 fe::EXECUTE => {
                     let e = fe::execute(f.body()).ok()?;
-                    if !e.portal.is_empty() || e.max_rows != 0 {
+                    let entry = current.take()?;
+                    if !e.portal.is_empty() {
                         return None;
                     }
-                    out.extend_from_slice(&current.take()?.body);
+                    // A detached session is outside any transaction: the portal ends at Sync.
+                    out.extend_from_slice(&entry.answer(e.max_rows));
                 }
                 fe::SYNC => ready(&mut out),
                 _ => return None,

@@ -21,7 +21,7 @@ use postgres_protocol::message::frontend;
 use crate::metrics::Outcome;
 use crate::policy::Reason;
 use crate::protocol::Frame;
-use crate::protocol::backend as be;
+use crate::protocol::backend::{self as be, TransactionStatus};
 use crate::protocol::frontend::{self as fe, Bind, Execute, Named, Parse, Target};
 use crate::query::Classified;
 use crate::stats::Observation;
@@ -31,7 +31,7 @@ use super::decide::{Plan, Request};
 use super::effects::{Effect, may_change_settings};
 use super::flow::{Parked, Statement};
 use super::pipeline::Fill;
-use super::pipeline::{Expect, Forwarded, Item};
+use super::pipeline::{Expect, Forwarded, Item, RowLimit};
 use super::relay::Relay;
 
 enum Msg<'f> {
@@ -82,6 +82,25 @@ struct BatchPlan {
     virtual_bind: Vec<bool>,
     /// The client's unnamed statement when the batch began.
     unnamed_at_start: Option<Arc<Statement>>,
+}
+
+/// Rows asked for beyond a client's row limit when filling, so that results a little longer
+/// than the limit can still be stored whole.
+const ROW_LIMIT_SLACK: i32 = 1000;
+
+/// Whether the unnamed portal Executed at `i` is used again later in the batch (before it is
+/// bound anew or closed).
+fn used_later(msgs: &[Msg<'_>], i: usize) -> bool {
+    for m in &msgs[i + 1..] {
+        match m {
+            Msg::Bind(b) if b.portal.is_empty() => return false,
+            Msg::Close(Named { target: Target::Portal, name: b"" }) => return false,
+            Msg::Execute(e) if e.portal.is_empty() => return true,
+            Msg::Describe(Named { target: Target::Portal, name: b"" }) => return true,
+            _ => {}
+        }
+    }
+    false
 }
 
 /// One message pgcache answers with itself (ParseComplete, BindComplete).
@@ -155,6 +174,8 @@ impl Relay<'_> {
         let mut write_seen = false;
         // Settings changed earlier in the batch are not known until it has run.
         let mut settings_seen = false;
+        // A transaction statement earlier in the batch (portals may outlive the Sync).
+        let mut tx_seen = false;
         for (i, m) in msgs.iter().enumerate() {
             match m {
                 Msg::Parse(p) => {
@@ -216,20 +237,23 @@ impl Relay<'_> {
                         });
                         o
                     });
-                    if e.max_rows != 0
-                        && let Some(o) = observe.as_mut()
-                    {
-                        o.reason = Some(Reason::RowLimit);
-                    }
+
                     if e.portal.is_empty()
                         && let Some(bi) = unnamed_bind
                     {
                         plan.bound_by.insert(i, bi);
                         let select = st.as_ref().and_then(|s| s.select().cloned());
+                        // A row-limited Execute is answered exactly only if its portal cannot
+                        // be resumed: the implicit transaction ends at the Sync, and nothing in
+                        // the batch uses the portal again.
+                        let resumable = e.max_rows > 0
+                            && (self.track.status != TransactionStatus::Idle || tx_seen || used_later(msgs, i));
                         let plain = !unnamed_executed && !write_seen && !settings_seen && effects.is_empty();
-                        if let (true, Some(c), Some(st), Msg::Bind(b)) =
-                            (cacheable && e.max_rows == 0 && plain, select, &st, &msgs[bi])
-                        {
+                        if resumable && let Some(o) = observe.as_mut() {
+                            o.reason = Some(Reason::RowLimit);
+                        }
+                        let plain = plain && !resumable;
+                        if let (true, Some(c), Some(st), Msg::Bind(b)) = (cacheable && plain, select, &st, &msgs[bi]) {
                             let req = Request::Extended { param_types: &st.param_types, bind: b };
                             let plan = self.decide(&st.sql, &c, req).await?;
                             if let Some(o) = observe.as_mut() {
@@ -246,6 +270,9 @@ impl Relay<'_> {
                     }
                     write_seen |= !effects.is_empty() || st.as_ref().is_none_or(|s| s.select().is_none());
                     settings_seen |= st.as_ref().is_none_or(|s| s.classified.iter().any(may_change_settings));
+                    tx_seen |= st.as_ref().is_none_or(|s| {
+                        s.classified.iter().any(|c| matches!(c.kind, crate::query::Kind::Transaction(_)))
+                    });
                     plan.exec.insert(i, (exec, effects));
                     if let Some(o) = observe {
                         plan.observe.insert(i, o);
@@ -403,10 +430,11 @@ impl Relay<'_> {
                     match exec {
                         Exec::Hit(entry) => {
                             entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let answer = entry.answer(e.max_rows);
                             if let Some(o) = &observe {
-                                self.shared.stats.record(o, entry.body.len() as u64, false);
+                                self.shared.stats.record(o, answer.len() as u64, false);
                             }
-                            self.answer_locally(entry.body.clone());
+                            self.answer_locally(answer);
                         }
                         Exec::Filling(id) => {
                             if !described {
@@ -418,9 +446,26 @@ impl Relay<'_> {
                                     Forwarded { fill: Some(id), ..Forwarded::hidden(Expect::DescribePortal) },
                                 );
                             }
+                            // A row limit is raised so that results a little longer than it
+                            // are still complete (and storable); the client sees its own limit.
+                            let (raw, row_limit) = match e.max_rows {
+                                0 => (frame.into_raw(), None),
+                                n => {
+                                    let mut x = BytesMut::new();
+                                    frontend::execute("", n.saturating_add(ROW_LIMIT_SLACK), &mut x)
+                                        .expect("the unnamed portal's name encodes");
+                                    (x.freeze(), Some(RowLimit { client: n as u64, seen: 0 }))
+                                }
+                            };
                             self.request(
-                                frame.into_raw(),
-                                Forwarded { fill: Some(id), effects, observe, ..Forwarded::new(Expect::Execute) },
+                                raw,
+                                Forwarded {
+                                    fill: Some(id),
+                                    effects,
+                                    observe,
+                                    row_limit,
+                                    ..Forwarded::new(Expect::Execute)
+                                },
                             );
                             forwarded = true;
                         }

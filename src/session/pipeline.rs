@@ -65,11 +65,30 @@ pub struct Forwarded {
     pub observe: Option<Box<Observation>>,
     /// The backend reported an error for it.
     pub failed: bool,
+    /// An Execute with a row limit that pgcache raised to fill the cache: the client sees
+    /// only as many rows as it asked for, then the PortalSuspended Postgres would have sent.
+    pub row_limit: Option<RowLimit>,
+}
+
+/// The client's row limit on an Execute sent with a higher one, and the rows seen so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowLimit {
+    pub client: u64,
+    pub seen: u64,
 }
 
 impl Forwarded {
     pub fn new(expect: Expect) -> Self {
-        Forwarded { expect, hidden: false, fill: None, probe: false, effects: Vec::new(), observe: None, failed: false }
+        Forwarded {
+            expect,
+            hidden: false,
+            fill: None,
+            probe: false,
+            effects: Vec::new(),
+            observe: None,
+            failed: false,
+            row_limit: None,
+        }
     }
 
     pub fn hidden(expect: Expect) -> Self {
@@ -352,17 +371,22 @@ impl Flow {
                 done(false)
             }
             be::DATA_ROW => {
-                if let Some(Item::Backend(head)) = self.pipeline.items.front_mut()
-                    && let Some(o) = head.observe.as_mut()
-                {
-                    o.rows += 1;
+                let mut visible = visible;
+                if let Some(Item::Backend(head)) = self.pipeline.items.front_mut() {
+                    if let Some(o) = head.observe.as_mut() {
+                        o.rows += 1;
+                    }
+                    if let Some(limit) = head.row_limit.as_mut() {
+                        limit.seen += 1;
+                        visible &= limit.seen <= limit.client;
+                    }
                 }
                 if probe {
                     self.probe_rows.push(be::data_row_text(body)?);
                 } else if let Some(f) = fill.and_then(|id| self.pipeline.fill_mut(id)) {
                     f.add_row(raw);
                 }
-                done(false)
+                Ok(Routed { visible, completed: false })
             }
             be::COMMAND_COMPLETE => {
                 // Outside a transaction block the statement has committed now. Inside one, its
@@ -380,7 +404,16 @@ impl Flow {
                 }
                 if expect == Expect::Execute {
                     self.observed(shared, false);
-                    self.pipeline.items.pop_front();
+                    let head = self.pipeline.items.pop_front();
+                    if let Some(Item::Backend(Forwarded { row_limit: Some(l), .. })) = head
+                        && l.seen >= l.client
+                    {
+                        // The client's limit was reached: Postgres would have suspended here.
+                        let mut s = BytesMut::new();
+                        be::portal_suspended(&mut s);
+                        self.pipeline.items.push_front(Item::Local(s.freeze()));
+                        return Ok(Routed { visible: false, completed: true });
+                    }
                     return done(true);
                 }
                 done(false)

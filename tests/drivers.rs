@@ -1,0 +1,134 @@
+//! The drivers applications use, through pgcache: asyncpg, psycopg 3, node-postgres and pgjdbc
+//! each run their suite (`tests/drivers/`): connect, typed parameters, prepared statements
+//! (each driver's own naming and statement cache), an error in a transaction and rollback,
+//! SQLSTATE and error fields, COPY both ways, LISTEN/NOTIFY, cancel, `SET` persistence, a large
+//! streamed result, pipelining where the driver has it, temporary tables. Each runs with no
+//! rules and with a rule that caches every SELECT; with the rule, the suite proves through
+//! `pg_stat_statements` that repeats were answered from the cache.
+//!
+//! The drivers come from `tests/drivers/install.sh` (which `.ci/run` calls).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{PgCluster, Proxy, rules_dir};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Plain,
+    Cached,
+}
+
+/// Where the suites live.
+fn suites() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
+}
+
+/// `postgres://user[:pw]@host:port/db?...` as a JDBC URL.
+fn jdbc(url: &str) -> String {
+    let rest = url.strip_prefix("postgres://").expect("a postgres:// URL");
+    let (auth, rest) = rest.split_once('@').expect("user@host");
+    let (host, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (user, password) = auth.split_once(':').map_or((auth, None), |(u, p)| (u, Some(p)));
+    let mut out = format!("jdbc:postgresql://{host}?user={user}");
+    if let Some(p) = password {
+        out += &format!("&password={p}");
+    }
+    if !query.is_empty() {
+        out += &format!("&{query}");
+    }
+    out
+}
+
+async fn run(driver: &str, mode: Mode) {
+    let cluster = PgCluster::shared();
+    let user = cluster.superuser();
+    let db = cluster.create_db(&format!("drv_{driver}")).await;
+    cluster.admin(&db).await.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await.unwrap();
+    let dir = rules_dir(&[("all.toml", "[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"10m\"\n")]);
+    let mut config = Proxy::config(cluster);
+    if mode == Mode::Cached {
+        config.rules = dir.path().to_owned();
+        config.rules_explicit = true;
+    }
+    let proxy = Proxy::start(config).await;
+    let (url, direct) = (proxy.url(&db, &user), cluster.url(&db, &user));
+    let (program, args, url, direct) = match driver {
+        "asyncpg" | "psycopg" => {
+            ("python3", vec![suites().join(format!("{driver}_suite.py")).display().to_string()], url, direct)
+        }
+        "node" => ("node", vec![suites().join("node/suite.js").display().to_string()], url, direct),
+        "jdbc" => (
+            "java",
+            vec![
+                "-cp".into(),
+                "/usr/share/java/postgresql.jar".into(),
+                suites().join("JdbcSuite.java").display().to_string(),
+            ],
+            jdbc(&url),
+            jdbc(&direct),
+        ),
+        other => panic!("unknown driver {other}"),
+    };
+    let env = vec![
+        ("PGCACHE_URL".to_owned(), url),
+        ("PGCACHE_DIRECT_URL".to_owned(), direct),
+        ("PGCACHE_MODE".to_owned(), format!("{mode:?}").to_lowercase()),
+        ("NODE_PATH".to_owned(), suites().join("node/node_modules").display().to_string()),
+    ];
+    let out = tokio::time::timeout(Duration::from_secs(240), common::run_tool(program, args, env, None))
+        .await
+        .unwrap_or_else(|_| panic!("{driver} ({mode:?}) did not finish within 4 minutes"));
+    let (stdout, stderr) = (common::stdout(&out), common::stderr(&out));
+    assert!(
+        out.status.success(),
+        "{driver} ({mode:?}) failed; install the drivers with tests/drivers/install.sh if they are missing\n\
+         --- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    assert!(stdout.contains("ok temporary table is never served stale"), "{driver} ran to its end:\n{stdout}");
+    if mode == Mode::Cached {
+        let t = proxy.shared.stats.totals();
+        assert!(t.hits > 0 && t.misses > 0, "{driver}: the cache was used ({} hits, {} misses)", t.hits, t.misses);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_without_rules() {
+    run("asyncpg", Mode::Plain).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_with_everything_cached() {
+    run("asyncpg", Mode::Cached).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_without_rules() {
+    run("psycopg", Mode::Plain).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_with_everything_cached() {
+    run("psycopg", Mode::Cached).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_without_rules() {
+    run("node", Mode::Plain).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_with_everything_cached() {
+    run("node", Mode::Cached).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_without_rules() {
+    run("jdbc", Mode::Plain).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_with_everything_cached() {
+    run("jdbc", Mode::Cached).await;
+}
