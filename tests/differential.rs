@@ -80,16 +80,16 @@ async fn extended(c: &Client, sql: &str) -> Outcome {
     }
 }
 
-/// One side: sessions by name.
+/// One side: a URL with `USER` where the role goes, and sessions by name.
 struct Side {
-    url_for: Box<dyn Fn(&str, &str) -> String>,
+    url: String,
     sessions: HashMap<String, Client>,
 }
 
 impl Side {
     async fn session(&mut self, name: &str, user: &str, options: Option<&str>) -> &Client {
         if !self.sessions.contains_key(name) {
-            let mut url = (self.url_for)(user, name);
+            let mut url = self.url.replace("USER", user);
             if let Some(o) = options {
                 url += &format!("&options={}", o.replace(' ', "%20").replace('=', "%3D"));
             }
@@ -161,9 +161,8 @@ async fn a_sql_corpus_gives_the_same_results_through_pgcache() {
     config.rules = dir.path().to_owned();
     config.rules_explicit = true;
     let proxy = Proxy::start(config).await;
-    let (pg, pc) = (cluster.url(&direct_db, "USER"), proxy.url(&cached_db, "USER"));
-    let mut direct = Side { url_for: Box::new(move |u, _| pg.replace("USER", u)), sessions: HashMap::new() };
-    let mut cached = Side { url_for: Box::new(move |u, _| pc.replace("USER", u)), sessions: HashMap::new() };
+    let mut direct = Side { url: cluster.url(&direct_db, "USER"), sessions: HashMap::new() };
+    let mut cached = Side { url: proxy.url(&cached_db, "USER"), sessions: HashMap::new() };
 
     let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
     let mut files: Vec<_> = std::fs::read_dir(&corpus).unwrap().map(|e| e.unwrap().path()).collect();

@@ -96,7 +96,7 @@ fn message(rng: &mut StdRng) -> Vec<u8> {
         }
         8 | 9 => {
             cstr(&mut body, pick(rng, NAMES));
-            body.extend_from_slice(&(rng.random_range(0..3) as i32).to_be_bytes());
+            body.extend_from_slice(&rng.random_range(0..3i32).to_be_bytes());
             b'E'
         }
         10 | 11 => b'S',
