@@ -10,6 +10,7 @@
 //!        ├─ query      SQL classification (libpg_query) and catalog facts
 //!        ├─ rules      rule files: which SELECTs are cached, for how long
 //!        ├─ cache      the byte-bounded store, keys, table generations, single-flight
+//!        ├─ peers      invalidations shared with other instances over LISTEN/NOTIFY
 //!        └─ backend    raw Postgres connections (TLS, SCRAM/md5), the pool, cancel
 //! admin      /metrics, /healthz, /readyz, and the psql console with the query advisor
 //! metrics    every metric name; stats: what is observed, for both
@@ -32,6 +33,7 @@ pub mod config;
 pub mod demo;
 pub mod metrics;
 pub mod net;
+pub mod peers;
 pub mod policy;
 pub mod protocol;
 pub mod query;

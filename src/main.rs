@@ -18,6 +18,12 @@ fn main() -> anyhow::Result<()> {
     }
     let config = Config::load(&cli)?;
     init_logging(config.log_format);
+    if let Some(Command::Triggers { action, database }) = &cli.command {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(triggers(config, action, database));
+    }
     if let Some(Command::Demo) = &cli.command {
         return Ok(tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -108,4 +114,19 @@ fn healthcheck(config: &Config) -> anyhow::Result<()> {
         Some("200") => Ok(()),
         other => anyhow::bail!("unhealthy: status {other:?}"),
     }
+}
+
+/// `pgcache triggers install|uninstall|sql [--database DB]...`.
+async fn triggers(config: Config, action: &str, databases: &[String]) -> anyhow::Result<()> {
+    let rules = pgcache::rules::load_dir(&config.rules, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let endpoint = std::sync::Arc::new(pgcache::backend::Endpoint::new(&config.upstream, config.pool.connect_timeout)?);
+    let credentials = std::sync::Arc::new(pgcache::backend::Credentials::new(config.auth.verify_interval));
+    let catalog =
+        pgcache::query::catalog::Catalog::new(endpoint, config.upstream.clone(), credentials, config.cache.catalog_ttl);
+    let defaults = [config.upstream.dbname.clone()];
+    for db in if databases.is_empty() { &defaults[..] } else { databases } {
+        let done = pgcache::peers::triggers::run(&catalog, db, &rules, &config.peers.channel, action).await?;
+        println!("{done}");
+    }
+    Ok(())
 }

@@ -41,6 +41,12 @@ pub const POOL_WAIT: &str = "pgcache_pool_wait_seconds";
 pub const BACKEND_ERRORS: &str = "pgcache_backend_errors_total";
 pub const RULES_RELOAD: &str = "pgcache_rules_reload_total";
 pub const RULES_LOADED: &str = "pgcache_rules_loaded";
+pub const PEER_LISTENING: &str = "pgcache_peer_listening";
+pub const PEER_SENT: &str = "pgcache_peer_notifications_sent_total";
+pub const PEER_RECEIVED: &str = "pgcache_peer_notifications_received_total";
+pub const PEER_COALESCED: &str = "pgcache_peer_invalidations_coalesced_total";
+pub const PEER_RESYNCS: &str = "pgcache_peer_resyncs_total";
+pub const PEER_DELAY: &str = "pgcache_peer_invalidation_delay_seconds";
 
 /// Every metric: name, kind, help text.
 pub const ALL: &[(&str, Kind, &str)] = &[
@@ -83,6 +89,28 @@ pub const ALL: &[(&str, Kind, &str)] = &[
     (BACKEND_ERRORS, Kind::Counter, "Failures to connect to Postgres and backend connections lost mid-session."),
     (RULES_RELOAD, Kind::Counter, "Rule reloads, by result (success, failure)."),
     (RULES_LOADED, Kind::Gauge, "Rules in force."),
+    (
+        PEER_LISTENING,
+        Kind::Gauge,
+        "1 while this instance listens for other instances' invalidations of a database (caching for it is off otherwise), by database.",
+    ),
+    (PEER_SENT, Kind::Counter, "Invalidation notifications published to the other instances."),
+    (PEER_RECEIVED, Kind::Counter, "Invalidation notifications received from other instances and bypass triggers."),
+    (
+        PEER_COALESCED,
+        Kind::Counter,
+        "Committed writes whose invalidations were merged into a notification carrying others.",
+    ),
+    (
+        PEER_RESYNCS,
+        Kind::Counter,
+        "Times everything cached for a database was dropped because a message may have been missed (reconnect, a silent instance).",
+    ),
+    (
+        PEER_DELAY,
+        Kind::Histogram,
+        "Delay from another instance's publication (or a bypass trigger's commit) to this instance's invalidation.",
+    ),
 ];
 
 /// Histogram buckets, 50 µs to 10 s.

@@ -59,6 +59,9 @@ pub enum Reason {
     PortalReused,
     /// A portal pgcache did not see bound, or an extended-protocol batch it could not read.
     Unreadable,
+    /// This instance is not listening for the other instances' invalidations of the database
+    /// (starting, reconnecting): it could miss one, so it does not use the cache.
+    PeersNotListening,
 }
 
 impl Reason {
@@ -102,6 +105,9 @@ impl std::fmt::Display for Reason {
             Reason::RowLimit => f.write_str("executed with a row limit"),
             Reason::PortalReused => f.write_str("its portal is used again in the same batch"),
             Reason::Unreadable => f.write_str("part of a request pgcache could not follow"),
+            Reason::PeersNotListening => {
+                f.write_str("not listening for other instances' invalidations of this database (reconnecting)")
+            }
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::backend::{Endpoint, Pools};
 use crate::cache::{Flights, Generations, Store};
 use crate::config::Config;
 use crate::net::tls::{self, TlsError};
+use crate::peers::Peers;
 use crate::query::Classifier;
 use crate::query::catalog::Catalog;
 use crate::rules::{LoadError, Rules};
@@ -36,10 +37,11 @@ pub struct Shared {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub rules: Arc<Rules>,
     pub store: Store,
-    pub generations: Generations,
+    pub generations: Arc<Generations>,
     pub flights: Arc<Flights>,
     pub classifier: Classifier,
-    pub catalog: Catalog,
+    pub catalog: Arc<Catalog>,
+    pub peers: Arc<Peers>,
     pub stats: Arc<Stats>,
     /// New backend work waits while this is true (admin `PAUSE`).
     pub paused: tokio::sync::watch::Sender<bool>,
@@ -68,6 +70,12 @@ impl Shared {
             _ = rx.wait_for(|paused| !*paused) => {}
             _ = self.force_close.cancelled() => {}
         }
+    }
+
+    /// Whether the cache is in use at all: rules are loaded, or entries remain from when they
+    /// were. (While neither holds there is nothing to serve or invalidate.)
+    pub fn caching(&self) -> bool {
+        !self.store.is_empty() || !self.rules.current().rules.is_empty()
     }
 
     /// The configuration in force.
@@ -109,15 +117,22 @@ impl Shared {
             Rules::empty(&config.rules, Some(stats.clone()))
         };
         let pools = Pools::new(config.pool.clone(), endpoint.clone(), config.auth.verify_interval, stats.clone());
-        let catalog =
-            Catalog::new(endpoint, config.upstream.clone(), pools.credentials.clone(), config.cache.catalog_ttl);
+        let catalog = Arc::new(Catalog::new(
+            endpoint,
+            config.upstream.clone(),
+            pools.credentials.clone(),
+            config.cache.catalog_ttl,
+        ));
+        let generations = Arc::new(Generations::default());
+        let peers = Arc::new(Peers::new(config.peers.clone(), catalog.clone(), generations.clone(), stats.clone()));
         Ok(Arc::new(Shared {
             pools,
             store: Store::new(config.cache.max_bytes),
-            generations: Generations::default(),
+            generations,
             flights: Arc::new(Flights::default()),
             classifier: Classifier::default(),
             catalog,
+            peers,
             rules: Arc::new(rules),
             stats,
             paused: tokio::sync::watch::channel(false).0,
@@ -172,6 +187,9 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
     }
     upkeep.abort();
     watch.abort();
+    // After the sessions: what they wrote last is published, then the other instances are
+    // told this one is leaving (so its silence is not taken for a crash).
+    shared.peers.close().await;
     shared.pools.close().await;
     tracing::info!("shutdown complete");
 }

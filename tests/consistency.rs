@@ -1,14 +1,18 @@
 //! A randomized consistency checker: clients read and write version counters through pgcache
 //! concurrently; every read that starts after a write was acknowledged must see that write (or
 //! a later one). It must find no violation — and it must find violations when invalidation is
-//! switched off, which proves it can fail.
+//! switched off, which proves it can fail. Spread over several instances (writes through one,
+//! reads through all), a read must see every write acknowledged more than the peer window
+//! before it started — and without peer invalidation it does not.
 
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use common::{PgCluster, Proxy, rules_dir};
+use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 
 const KEYS: usize = 4;
@@ -21,7 +25,15 @@ struct Outcome {
     writes: u64,
 }
 
-async fn run_checker(invalidate: bool) -> Outcome {
+/// Per key, the versions acknowledged to clients and when.
+type Acked = Arc<Vec<Mutex<Vec<(i64, Instant)>>>>;
+
+/// The highest version of `key` acknowledged at least `window` before `at`.
+fn floor(acked: &Acked, key: usize, at: Instant, window: Duration) -> i64 {
+    acked[key].lock().iter().filter(|(_, t)| *t + window <= at).map(|(v, _)| *v).max().unwrap_or(0)
+}
+
+async fn run_checker(instances: usize, window: Duration, tweak: impl Fn(&mut pgcache::config::Config)) -> Outcome {
     let cluster = PgCluster::shared();
     let db = cluster.create_db("consistency").await;
     let admin = cluster.admin(&db).await;
@@ -37,28 +49,34 @@ async fn run_checker(invalidate: bool) -> Outcome {
         "rules.toml",
         "[[rule]]\nname = \"counters\"\nmatch = { tables = [\"counters\"] }\nttl = \"1h\"\n",
     )]);
-    let mut config = Proxy::config(cluster);
-    config.rules = dir.path().to_owned();
-    config.rules_explicit = true;
-    config.cache.invalidate_on_writes = invalidate;
-    config.pool.max_size = CLIENTS as usize + 2;
-    let proxy = Proxy::start(config).await;
+    let mut proxies = Vec::new();
+    for _ in 0..instances {
+        let mut config = Proxy::config(cluster);
+        config.rules = dir.path().to_owned();
+        config.rules_explicit = true;
+        config.pool.max_size = CLIENTS as usize + 2;
+        tweak(&mut config);
+        proxies.push(Proxy::start(config).await);
+    }
 
-    // The highest version acknowledged to any client, per key.
-    let acked: Arc<Vec<AtomicI64>> = Arc::new((0..KEYS).map(|_| AtomicI64::new(0)).collect());
+    let acked: Acked = Arc::new((0..KEYS).map(|_| Mutex::new(Vec::new())).collect());
     let violations = Arc::new(AtomicU64::new(0));
     let reads = Arc::new(AtomicU64::new(0));
     let writes = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for seed in 0..CLIENTS {
-        let c = proxy.connect(&db, &cluster.superuser()).await;
+        let c = proxies[seed as usize % instances].connect(&db, &cluster.superuser()).await;
         let (acked, violations, reads, writes) = (acked.clone(), violations.clone(), reads.clone(), writes.clone());
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let read = c.prepare("SELECT version FROM counters WHERE id = $1").await.unwrap();
             for _ in 0..OPS {
                 let key = rng.random_range(0..KEYS);
-                if rng.random_bool(0.25) {
+                // Across instances the writes go through the first instance only, the reads
+                // through all: only its invalidations keep the others fresh. (Invalidation is
+                // per table, so an instance's own writes to any key would refresh them all.)
+                let writer = (seed as usize).is_multiple_of(instances);
+                if writer && rng.random_bool(0.25) {
                     let row = c
                         .query_one(
                             "UPDATE counters SET version = version + 1 WHERE id = $1 RETURNING version",
@@ -66,10 +84,11 @@ async fn run_checker(invalidate: bool) -> Outcome {
                         )
                         .await
                         .unwrap();
-                    acked[key].fetch_max(row.get::<_, i32>(0) as i64, Ordering::SeqCst);
+                    acked[key].lock().push((row.get::<_, i32>(0) as i64, Instant::now()));
                     writes.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    let floor = acked[key].load(Ordering::SeqCst);
+                    let started = Instant::now();
+                    let floor = floor(&acked, key, started, window);
                     // Both protocols: a prepared statement, and a simple query.
                     let seen: i64 = if rng.random_bool(0.5) {
                         c.query_one(&read, &[&(key as i32)]).await.unwrap().get::<_, i32>(0) as i64
@@ -103,7 +122,7 @@ async fn run_checker(invalidate: bool) -> Outcome {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_read_after_an_acknowledged_write_sees_old_rows() {
-    let o = run_checker(true).await;
+    let o = run_checker(1, Duration::ZERO, |_| {}).await;
     assert!(o.reads > 1000 && o.writes > 300, "{} reads, {} writes", o.reads, o.writes);
     assert_eq!(
         o.violations, 0,
@@ -114,6 +133,28 @@ async fn no_read_after_an_acknowledged_write_sees_old_rows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_checker_catches_stale_reads_when_invalidation_is_off() {
-    let o = run_checker(false).await;
+    let o = run_checker(1, Duration::ZERO, |c| c.cache.invalidate_on_writes = false).await;
     assert!(o.violations > 0, "with invalidation off the checker must see stale reads ({} reads)", o.reads);
+}
+
+/// The peer window the checker allows across instances. (Measured p99 is a few milliseconds,
+/// see bench/peers.sh; this leaves room for a loaded CI machine.)
+const PEER_WINDOW: Duration = Duration::from_millis(250);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_spread_over_three_instances_see_every_acknowledged_write() {
+    let o = run_checker(3, PEER_WINDOW, |_| {}).await;
+    assert!(o.reads > 1000 && o.writes > 50, "{} reads, {} writes", o.reads, o.writes);
+    assert_eq!(
+        o.violations, 0,
+        "{} of {} reads through one instance saw a version older than one acknowledged through another more than {PEER_WINDOW:?} earlier",
+        o.violations, o.reads
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn across_instances_the_checker_catches_stale_reads_without_peers() {
+    // Same fleet, peer invalidation off: each instance invalidates for its own clients only.
+    let o = run_checker(3, PEER_WINDOW, |c| c.peers.enabled = false).await;
+    assert!(o.violations > 0, "without peer invalidation the checker must see stale reads ({} reads)", o.reads);
 }

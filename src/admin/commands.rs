@@ -39,7 +39,7 @@ impl ResultSet {
     }
 }
 
-pub const COMMANDS: &str = "SHOW STATS | POOLS | CLIENTS | SERVERS | CACHE | RULES | CONFIG | QUERIES | ADVICE, \
+pub const COMMANDS: &str = "SHOW STATS | POOLS | CLIENTS | SERVERS | CACHE | RULES | CONFIG | QUERIES | ADVICE | PEERS, \
     EXPLAIN CACHE [ON <database>] <select>, INVALIDATE TABLE <name> | RULE <name> | ALL, RELOAD, PAUSE, RESUME";
 
 fn unknown(cmd: &str) -> PgError {
@@ -62,6 +62,7 @@ pub async fn run(shared: &Arc<Shared>, text: &str) -> Result<ResultSet, PgError>
         ["SHOW", "CONFIG"] => Ok(config(shared)),
         ["SHOW", "QUERIES"] => Ok(advice::queries(shared)),
         ["SHOW", "ADVICE"] => Ok(advice::advice(shared)),
+        ["SHOW", "PEERS"] => Ok(peers(shared)),
         ["EXPLAIN", "CACHE", ..] => {
             // EXPLAIN CACHE [ON database] <select>
             let rest = text.trim_start()[7..].trim_start()[5..].trim_start();
@@ -82,6 +83,7 @@ pub async fn run(shared: &Arc<Shared>, text: &str) -> Result<ResultSet, PgError>
         ["INVALIDATE", "RULE", _] => invalidate_rule(shared, words[2]),
         ["INVALIDATE", "ALL"] => {
             shared.generations.bump_all();
+            shared.peers.publish_everywhere(&[], true);
             shared.stats.all_invalidated();
             let n = shared.store.remove_where(|_| true);
             Ok(ResultSet::pairs("INVALIDATE", vec![("entries_removed", n.to_string())]))
@@ -310,10 +312,63 @@ fn config(shared: &Shared) -> ResultSet {
             ("console.database", c.console.database.clone()),
             ("console.users", c.console.users.join(",")),
             ("metrics.max_table_labels", c.max_table_labels.to_string()),
+            ("peers.enabled", c.peers.enabled.to_string()),
+            ("peers.channel", c.peers.channel.clone()),
+            ("peers.instance", shared.peers.instance().to_owned()),
+            ("peers.heartbeat", humantime::format_duration(c.peers.heartbeat).to_string()),
+            ("peers.dead_after", humantime::format_duration(c.peers.dead_after).to_string()),
+            ("peers.coalesce", humantime::format_duration(c.peers.coalesce).to_string()),
             ("slow_statement", humantime::format_duration(c.slow_statement).to_string()),
             ("shutdown.drain_timeout", humantime::format_duration(c.drain_timeout).to_string()),
         ],
     )
+}
+
+/// Per database: the invalidation link's state, since when it listens, the last message, and
+/// the other instances heard from.
+fn peers(shared: &Shared) -> ResultSet {
+    let mut r = ResultSet::new(
+        &[
+            "database",
+            "channel",
+            "state",
+            "listening_since",
+            "last_message",
+            "instances",
+            "sent",
+            "received",
+            "resyncs",
+            "last_error",
+        ],
+        "SHOW",
+    );
+    let time = |t: Option<std::time::SystemTime>| t.map(|t| humantime::format_rfc3339_millis(t).to_string());
+    for p in shared.peers.status() {
+        let mut instances: Vec<String> = p
+            .seen
+            .instances
+            .iter()
+            .map(|(id, heard)| format!("{id} ({:.1}s ago)", heard.elapsed().as_secs_f64()))
+            .collect();
+        instances.sort();
+        r.rows.push(vec![
+            Some(p.database),
+            Some(shared.peers.channel().to_owned()),
+            Some(format!("{:?}", p.state).to_lowercase()),
+            time(p.seen.listening_since),
+            time(p.seen.last_message),
+            Some(instances.join(", ")),
+            Some(p.seen.sent.to_string()),
+            Some(p.seen.received.to_string()),
+            Some(p.seen.resyncs.to_string()),
+            p.seen.last_error,
+        ]);
+    }
+    if !shared.peers.enabled() {
+        r.rows.push(vec![None, Some(shared.peers.channel().to_owned()), Some("off (peers.enabled = false)".into())]);
+        r.rows.last_mut().expect("just pushed").resize(10, None);
+    }
+    r
 }
 
 fn invalidate_table(shared: &Shared, name: &str) -> Result<ResultSet, PgError> {
@@ -323,6 +378,7 @@ fn invalidate_table(shared: &Shared, name: &str) -> Result<ResultSet, PgError> {
         Some(_) => shared.generations.bump_relations(std::slice::from_ref(&rel)),
         None => shared.generations.bump_name(&rel.name),
     }
+    shared.peers.publish_everywhere(std::slice::from_ref(&rel.name), false);
     shared.stats.table_written(&rel.name);
     let n = shared.store.remove_where(|e| e.invalidated() || e.tables.iter().any(|t| covers(&rel, t)));
     Ok(ResultSet::pairs("INVALIDATE", vec![("table", rel.to_string()), ("entries_removed", n.to_string())]))

@@ -60,17 +60,24 @@ async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
     }
 }
 
-/// Why pgcache should not get traffic now, if it should not. (Rules are always loaded while
-/// the server runs: it does not start with invalid rules, and a failed reload keeps the old
-/// ones.) The upstream check is a bare TCP connection, which Postgres does not log, unlike a
-/// TLS handshake or a partial start-up on every probe.
+/// Why pgcache should not get traffic now, if it should not: Postgres unreachable, or a
+/// database's link to the other instances not listening (it could miss their invalidations).
+/// (Rules are always loaded while the server runs: it does not start with invalid rules, and a
+/// failed reload keeps the old ones.) The upstream check is a bare TCP connection, which
+/// Postgres does not log, unlike a TLS handshake or a partial start-up on every probe.
 pub async fn readiness(shared: &Shared) -> Result<(), String> {
     if shared.shutdown.is_cancelled() {
         return Err("shutting down".into());
     }
     let endpoint = shared.pools.endpoint();
     match tokio::time::timeout(Duration::from_secs(1), endpoint.open()).await {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(_)) => match shared.peers.not_listening().as_slice() {
+            [] => Ok(()),
+            dbs => Err(format!(
+                "not listening for other instances' invalidations of {} (caching for them is off until it is)",
+                dbs.join(", ")
+            )),
+        },
         Ok(Err(e)) => Err(format!("upstream {} unreachable: {e}", endpoint.describe())),
         Err(_) => Err(format!("upstream {} did not answer within 1s", endpoint.describe())),
     }

@@ -1,7 +1,9 @@
 //! Generation counters. Relations are identified as Postgres would resolve them when known
 //! (`schema.name`), with a second counter per bare name for writes pgcache could not resolve
-//! and for DDL, and a global counter for writes whose targets are unknown. Counters are
-//! interned `Arc<AtomicU64>`s, so checking an entry is a few atomic loads, without locks.
+//! and for DDL, one per database (its epoch: moved when this instance may have missed another
+//! instance's invalidations for it), and a global counter for writes whose targets are
+//! unknown. Counters are interned `Arc<AtomicU64>`s, so checking an entry is a few atomic
+//! loads, without locks.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,6 +32,7 @@ pub struct Generations {
     global: Arc<AtomicU64>,
     relations: Mutex<HashMap<Relation, Arc<AtomicU64>>>,
     names: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    databases: Mutex<HashMap<String, Arc<AtomicU64>>>,
 }
 
 fn intern<K: std::hash::Hash + Eq + Clone>(map: &Mutex<HashMap<K, Arc<AtomicU64>>>, k: &K) -> Arc<AtomicU64> {
@@ -42,11 +45,13 @@ fn snap(counter: Arc<AtomicU64>) -> Dependency {
 }
 
 impl Generations {
-    /// The counters a read of `relations` depends on, as they are now. `relations` are the
-    /// qualified relations the read resolved to (views expanded, partitions included).
-    pub fn snapshot(&self, relations: &[Relation]) -> Vec<Dependency> {
-        let mut deps = Vec::with_capacity(relations.len() * 2 + 1);
+    /// The counters a read of `relations` in `database` depends on, as they are now.
+    /// `relations` are the qualified relations the read resolved to (views expanded,
+    /// partitions included).
+    pub fn snapshot(&self, database: &str, relations: &[Relation]) -> Vec<Dependency> {
+        let mut deps = Vec::with_capacity(relations.len() * 2 + 2);
         deps.push(snap(self.global.clone()));
+        deps.push(snap(intern(&self.databases, &database.to_owned())));
         for r in relations {
             deps.push(snap(intern(&self.relations, r)));
             deps.push(snap(intern(&self.names, &r.name)));
@@ -64,6 +69,12 @@ impl Generations {
     /// A write to every relation called `name`, in any schema (unresolved writes and DDL).
     pub fn bump_name(&self, name: &str) {
         intern(&self.names, &name.to_owned()).fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Everything read in `database` may have changed (another instance's invalidations may
+    /// have been missed).
+    pub fn bump_database(&self, database: &str) {
+        intern(&self.databases, &database.to_owned()).fetch_add(1, Ordering::AcqRel);
     }
 
     /// A write whose targets are unknown: every entry dies.
@@ -87,9 +98,10 @@ mod tests {
     #[test]
     fn writes_kill_exactly_the_dependent_reads() {
         let g = Generations::default();
-        let a = g.snapshot(&[rel("public", "t")]);
-        let b = g.snapshot(&[rel("other", "t")]);
-        let c = g.snapshot(&[rel("public", "u")]);
+        let a = g.snapshot("db", &[rel("public", "t")]);
+        let b = g.snapshot("db", &[rel("other", "t")]);
+        let c = g.snapshot("db", &[rel("public", "u")]);
+        let elsewhere = g.snapshot("other_db", &[rel("public", "u")]);
         g.bump_relations(&[rel("public", "t")]);
         assert!(!alive(&a));
         assert!(alive(&b), "same name in another schema is unaffected by a resolved write");
@@ -97,8 +109,11 @@ mod tests {
         g.bump_name("t");
         assert!(!alive(&b), "an unresolved write to t reaches every schema");
         assert!(alive(&c));
-        let d = g.snapshot(&[]);
+        g.bump_database("db");
+        assert!(!alive(&c), "everything read in a database");
+        assert!(alive(&elsewhere), "but only in that database");
+        let d = g.snapshot("db", &[]);
         g.bump_all();
-        assert!(!alive(&c) && !alive(&d));
+        assert!(!alive(&elsewhere) && !alive(&d));
     }
 }

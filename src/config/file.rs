@@ -50,6 +50,31 @@ pub struct FileConfig {
     pub console: ConsoleFile,
     #[serde(default)]
     pub metrics: MetricsFile,
+    #[serde(default)]
+    pub peers: PeersFile,
+}
+
+/// `[peers]`: invalidation shared with the other pgcache instances in front of the same
+/// Postgres, over `LISTEN`/`NOTIFY`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeersFile {
+    /// Publish this instance's invalidations and apply the others' (default `true`; it acts
+    /// while the cache is in use: rules loaded, or entries left). `false` makes every
+    /// instance's cache its own.
+    pub enabled: Option<bool>,
+    /// The channel (default `pgcache_invalidation`); every instance of a fleet and the bypass
+    /// triggers must use the same one.
+    pub channel: Option<String>,
+    /// How often an instance says it is alive when it has nothing to publish (default
+    /// `250ms`).
+    pub heartbeat: Option<HumanDuration>,
+    /// An instance not heard from for this long may have died with invalidations unsent:
+    /// everything cached for the database is dropped (default `1s`).
+    pub dead_after: Option<HumanDuration>,
+    /// Invalidations are gathered for at least this long into one notification (default
+    /// `5ms`): fewer `NOTIFY` commits under write load, at most this much later.
+    pub coalesce: Option<HumanDuration>,
 }
 
 /// `[console]`: the psql admin console.

@@ -43,6 +43,9 @@ pub struct Cli {
     /// Log format: text or json [default: text]
     #[arg(long, global = true, env = "PGCACHE_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Invalidation shared with other pgcache instances: on or off [default: on]
+    #[arg(long, global = true, env = "PGCACHE_PEERS")]
+    pub peers: Option<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -61,6 +64,17 @@ pub enum Command {
     CheckRules {
         /// Rule directory
         dir: PathBuf,
+    },
+    /// Statement-level triggers that announce writes bypassing pgcache (cron jobs, psql) to
+    /// every instance: install them on the tables the rules cache, remove them, or print the
+    /// install SQL for review.
+    Triggers {
+        /// install, uninstall or sql
+        #[arg(value_parser = ["install", "uninstall", "sql"])]
+        action: String,
+        /// Database(s) to act on [default: the upstream URL's]
+        #[arg(long)]
+        database: Vec<String>,
     },
 }
 
@@ -132,6 +146,15 @@ pub struct CacheConfig {
 }
 
 #[derive(Debug, Clone)]
+pub struct PeersConfig {
+    pub enabled: bool,
+    pub channel: String,
+    pub heartbeat: Duration,
+    pub dead_after: Duration,
+    pub coalesce: Duration,
+}
+
+#[derive(Debug, Clone)]
 pub struct ConsoleConfig {
     pub database: String,
     pub users: Vec<String>,
@@ -154,6 +177,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub cache: CacheConfig,
     pub console: ConsoleConfig,
+    pub peers: PeersConfig,
     pub max_table_labels: usize,
     pub slow_statement: Duration,
 }
@@ -230,6 +254,12 @@ impl Config {
                 ));
             }
         };
+        let peers_enabled = match cli.peers.as_deref() {
+            None => f.peers.enabled.unwrap_or(true),
+            Some("on" | "true") => true,
+            Some("off" | "false") => false,
+            Some(other) => return Err(invalid("peers.enabled", format!("{other:?} (expected \"on\" or \"off\")"))),
+        };
         let rules_given = cli.rules.clone().or(f.rules);
         let config = Config {
             listen: resolve("listen", &listen_s)?,
@@ -277,6 +307,13 @@ impl Config {
                 database: f.console.database.unwrap_or_else(|| "pgcache".into()),
                 users: f.console.users.unwrap_or_else(|| vec![upstream.user.clone()]),
             },
+            peers: PeersConfig {
+                enabled: peers_enabled,
+                channel: f.peers.channel.unwrap_or_else(|| "pgcache_invalidation".into()),
+                heartbeat: f.peers.heartbeat.map_or(Duration::from_millis(250), |h| h.0),
+                dead_after: dur(f.peers.dead_after, 1),
+                coalesce: f.peers.coalesce.map_or(Duration::from_millis(5), |h| h.0),
+            },
             max_table_labels: f.metrics.max_table_labels.unwrap_or(100),
             slow_statement: dur(f.slow_statement, 1),
             upstream,
@@ -306,6 +343,16 @@ impl Config {
         }
         if self.console.database.is_empty() {
             return Err(invalid("console.database", "must not be empty"));
+        }
+        let channel = &self.peers.channel;
+        if channel.is_empty()
+            || channel.len() > 63
+            || !channel.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(invalid("peers.channel", "lower-case letters, digits and _, at most 63 characters"));
+        }
+        if self.peers.dead_after <= self.peers.heartbeat * 2 {
+            return Err(invalid("peers.dead_after", "must be more than twice peers.heartbeat"));
         }
         if self.client.max_connections == 0 {
             return Err(invalid("client.max_connections", "must be at least 1"));
@@ -380,6 +427,7 @@ impl Config {
         );
         differs("cache.catalog_ttl", format!("{:?}", self.cache.catalog_ttl), format!("{:?}", fresh.cache.catalog_ttl));
         differs("metrics.max_table_labels", self.max_table_labels.to_string(), fresh.max_table_labels.to_string());
+        differs("peers", format!("{:?}", self.peers), format!("{:?}", fresh.peers));
         (next, restart)
     }
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
+use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{Client, NoTls};
 
 use crate::backend::credentials::Known;
@@ -24,6 +25,9 @@ use crate::backend::{Credentials, Endpoint};
 use crate::config::{Password, Upstream};
 
 use super::classify::{Relation, classify};
+
+/// The connection half of a side connection (driven by whoever reads its notifications).
+pub type SideConnection = tokio_postgres::Connection<crate::net::Stream, NoTlsStream>;
 
 /// How a function's result may vary (`pg_proc.provolatile`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -51,7 +55,8 @@ pub struct RelationInfo {
     pub read_deps: Vec<Relation>,
     /// Qualified relations a write to this name changes.
     pub write_targets: Vec<Relation>,
-    /// Writes to it run user triggers or rules: their effects are unknown.
+    /// Writes to it run user triggers or rules: their effects are unknown. (pgcache's own
+    /// invalidation triggers, `pgcache triggers install`, only notify and are not counted.)
     pub write_effects_unknown: bool,
     /// Why reading it must never be cached.
     pub never_cache: Option<String>,
@@ -85,6 +90,9 @@ struct DbCatalog {
     types: Mutex<HashMap<Relation, Cached<Volatility>>>,
     relations: Mutex<HashMap<Relation, Cached<Arc<RelationInfo>>>>,
     defaults: Mutex<Option<Cached<Arc<Defaults>>>>,
+    /// Qualified relations and their OIDs, both ways (learned from look-ups; forgotten on DDL).
+    oids: Mutex<HashMap<Relation, u32>>,
+    by_oid: Mutex<HashMap<u32, Relation>>,
 }
 
 /// What a session of the catalog's login gets by default in a database (for `EXPLAIN CACHE`,
@@ -122,6 +130,8 @@ impl Catalog {
         d.functions.lock().clear();
         d.types.lock().clear();
         d.relations.lock().clear();
+        d.oids.lock().clear();
+        d.by_oid.lock().clear();
     }
 
     async fn client(&self, db: &str) -> Result<Arc<Client>, CatalogError> {
@@ -131,11 +141,7 @@ impl Catalog {
             return Ok(c.clone());
         }
         // The upstream URL's login first; else any login clients have proven for this database.
-        let mut logins = vec![(self.upstream.user.clone(), self.upstream.password.clone())];
-        logins.extend(self.credentials.known_for_database(db).into_iter().map(|(user, known)| match known {
-            Known::Password(p) => (user, Some(p)),
-            Known::NoPassword => (user, None),
-        }));
+        let logins = self.logins(db);
         let mut last = String::from("no login known for this database");
         for (user, password) in logins {
             match self.connect(db, &user, password.as_ref()).await {
@@ -151,24 +157,104 @@ impl Catalog {
     }
 
     async fn connect(&self, db: &str, user: &str, password: Option<&Password>) -> Result<Client, CatalogError> {
-        let stream = self.endpoint.connect().await.map_err(|e| CatalogError::Connect(e.to_string()))?;
-        let mut config = tokio_postgres::Config::new();
-        config
-            .user(user)
-            .dbname(db)
-            .application_name("pgcache catalog")
-            .ssl_mode(tokio_postgres::config::SslMode::Disable);
-        if let Some(p) = password {
-            config.password(p.expose());
-        }
-        let (client, connection) =
-            config.connect_raw(stream, NoTls).await.map_err(|e| CatalogError::Connect(e.to_string()))?;
+        let (client, connection) = self.open_as(db, user, password, "pgcache catalog").await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "catalog connection ended");
             }
         });
         Ok(client)
+    }
+
+    async fn open_as(
+        &self,
+        db: &str,
+        user: &str,
+        password: Option<&Password>,
+        application_name: &str,
+    ) -> Result<(Client, SideConnection), CatalogError> {
+        let stream = self.endpoint.connect().await.map_err(|e| CatalogError::Connect(e.to_string()))?;
+        let mut config = tokio_postgres::Config::new();
+        config
+            .user(user)
+            .dbname(db)
+            .application_name(application_name)
+            .ssl_mode(tokio_postgres::config::SslMode::Disable);
+        if let Some(p) = password {
+            config.password(p.expose());
+        }
+        config.connect_raw(stream, NoTls).await.map_err(|e| CatalogError::Connect(e.to_string()))
+    }
+
+    /// A connection of its own to `db`, with the same logins the catalog tries, whose
+    /// connection half the caller drives (to read notifications).
+    pub async fn open(&self, db: &str, application_name: &str) -> Result<(Client, SideConnection), CatalogError> {
+        let mut last = String::from("no login known for this database");
+        for (user, password) in self.logins(db) {
+            match self.open_as(db, &user, password.as_ref(), application_name).await {
+                Ok(pair) => return Ok(pair),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(CatalogError::Connect(last))
+    }
+
+    /// [`Catalog::open`], with the connection driven in the background.
+    pub async fn open_client(&self, db: &str) -> Result<Client, CatalogError> {
+        let (client, connection) = self.open(db, "pgcache").await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// The logins to try for `db`: the upstream URL's, then any clients have proven.
+    fn logins(&self, db: &str) -> Vec<(String, Option<Password>)> {
+        let mut logins = vec![(self.upstream.user.clone(), self.upstream.password.clone())];
+        logins.extend(self.credentials.known_for_database(db).into_iter().map(|(user, known)| match known {
+            Known::Password(p) => (user, Some(p)),
+            Known::NoPassword => (user, None),
+        }));
+        logins
+    }
+
+    /// The OID of a qualified relation, if a look-up has seen it.
+    pub fn oid_of(&self, db: &str, relation: &Relation) -> Option<u32> {
+        self.db(db).oids.lock().get(relation).copied()
+    }
+
+    /// The qualified relations with these OIDs, in order (`None`: no such relation now).
+    pub async fn relations_by_oid(&self, db: &str, oids: &[u32]) -> Result<Vec<Option<Relation>>, CatalogError> {
+        let d = self.db(db);
+        let missing: Vec<i64> = {
+            let map = d.by_oid.lock();
+            oids.iter().filter(|o| !map.contains_key(o)).map(|o| i64::from(*o)).collect()
+        };
+        if !missing.is_empty() {
+            let fetch = async {
+                let client = self.client(db).await?;
+                let rows = client
+                    .query(
+                        "SELECT c.oid::int8, n.nspname::text, c.relname::text FROM pg_class c \
+                         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = ANY($1::int8[]::oid[])",
+                        &[&missing],
+                    )
+                    .await?;
+                Ok::<_, CatalogError>(rows)
+            };
+            let rows = tokio::time::timeout(LOOKUP_TIMEOUT, fetch).await.map_err(|_| CatalogError::Timeout)??;
+            for row in rows {
+                let rel = Relation::new(Some(row.get::<_, &str>(1)), row.get::<_, &str>(2));
+                self.learn_oid(&d, rel, row.get::<_, i64>(0) as u32);
+            }
+        }
+        let map = d.by_oid.lock();
+        Ok(oids.iter().map(|o| map.get(o).cloned()).collect())
+    }
+
+    fn learn_oid(&self, d: &DbCatalog, relation: Relation, oid: u32) {
+        d.oids.lock().insert(relation.clone(), oid);
+        d.by_oid.lock().insert(oid, relation);
     }
 
     /// Volatility of each named function, in order.
@@ -329,7 +415,8 @@ impl Catalog {
         let rows = client
             .query(
                 "SELECT c.oid::int8, n.nspname::text, c.relkind::text, c.relpersistence::text, \
-                   c.relhasrules OR EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal), \
+                   c.relhasrules OR EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal \
+                     AND t.tgname NOT IN ('pgcache_invalidate', 'pgcache_invalidate_truncate')), \
                    CASE WHEN c.relkind = 'v' THEN pg_get_viewdef(c.oid) END, \
                    c.relrowsecurity OR c.relforcerowsecurity, \
                    EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
@@ -358,6 +445,7 @@ impl Catalog {
             info.row_security |= row.get::<_, bool>(6);
             info.stable |= row.get::<_, bool>(7);
             let me = Relation::new(Some(&schema), &name.name);
+            self.learn_oid(&self.db(db), me.clone(), oid as u32);
             info.schemas.push(schema.clone());
             reads.insert(me.clone());
             writes.insert(me.clone());
@@ -368,11 +456,13 @@ impl Catalog {
             if kind == "f" {
                 info.never_cache = Some(format!("{me} is a foreign table"));
             }
-            for r in related(&client, oid, INHERITANCE).await? {
+            for (r, oid) in related(&client, oid, INHERITANCE).await? {
+                self.learn_oid(&self.db(db), r.clone(), oid);
                 reads.insert(r.clone());
                 writes.insert(r);
             }
-            for r in related(&client, oid, CASCADES).await? {
+            for (r, oid) in related(&client, oid, CASCADES).await? {
+                self.learn_oid(&self.db(db), r.clone(), oid);
                 writes.insert(r);
             }
             if let Some(def) = viewdef {
@@ -507,7 +597,7 @@ const INHERITANCE: &str = "WITH RECURSIVE up(oid) AS ( \
     down(oid) AS ( \
         SELECT inhrelid FROM pg_inherits WHERE inhparent = $1::int8::oid \
         UNION SELECT i.inhrelid FROM pg_inherits i JOIN down ON i.inhparent = down.oid) \
-    SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+    SELECT n.nspname::text, c.relname::text, c.oid::int8 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
     WHERE c.oid IN (SELECT oid FROM up UNION SELECT oid FROM down)";
 
 /// Relations whose rows change when rows of `$1` do, through foreign keys with ON DELETE or
@@ -517,10 +607,13 @@ const CASCADES: &str = "WITH RECURSIVE fk(oid) AS ( \
           AND (confdeltype IN ('c','n','d') OR confupdtype IN ('c','n','d')) \
         UNION SELECT c.conrelid FROM pg_constraint c JOIN fk ON c.confrelid = fk.oid WHERE c.contype = 'f' \
           AND (c.confdeltype IN ('c','n','d') OR c.confupdtype IN ('c','n','d'))) \
-    SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+    SELECT n.nspname::text, c.relname::text, c.oid::int8 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
     WHERE c.oid IN (SELECT oid FROM fk)";
 
-async fn related(client: &Client, oid: i64, sql: &str) -> Result<Vec<Relation>, CatalogError> {
+async fn related(client: &Client, oid: i64, sql: &str) -> Result<Vec<(Relation, u32)>, CatalogError> {
     let rows = client.query(sql, &[&oid]).await?;
-    Ok(rows.iter().map(|r| Relation::new(Some(r.get::<_, &str>(0)), r.get::<_, &str>(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| (Relation::new(Some(r.get::<_, &str>(0)), r.get::<_, &str>(1)), r.get::<_, i64>(2) as u32))
+        .collect())
 }

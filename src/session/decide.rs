@@ -112,6 +112,10 @@ impl Relay<'_> {
         {
             return Ok(Plan::Forward(Reason::TimeWordParameter));
         }
+        // Another instance's invalidation could be missed while this one is not listening.
+        if !shared.peers.coherent(&self.key.database).await {
+            return Ok(Plan::Forward(Reason::PeersNotListening));
+        }
         // Row-level security makes what a role sees its own, whatever the rule says.
         let with_role = !a.rule.share_across_roles || a.row_security;
         let key = cache_key(&self.key.database, &self.flow.settings, with_role, sql, &req);
@@ -134,7 +138,7 @@ impl Relay<'_> {
                 None
             }
         };
-        let deps = shared.generations.snapshot(&a.deps);
+        let deps = shared.generations.snapshot(&self.key.database, &a.deps);
         let limit = shared.config().cache.max_entry_bytes;
         Ok(Plan::Fill(Box::new(Fill::new(key, a.rule, deps, a.resolved, Arc::from(sql), flight, limit))))
     }

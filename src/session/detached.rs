@@ -167,8 +167,11 @@ impl Detached<'_> {
             let key = cache_key(&self.key.database, &self.flow.settings, !share, sql, &req);
             let (entry, freshness) = self.shared.store.get(&key)?;
             let stale = freshness != Freshness::Fresh;
+            // Without the peers' invalidations only rules that accept stale answers during an
+            // outage (stale_if_error) may answer.
+            let coherent = self.shared.peers.listening(&self.key.database) || !entry.rule.stale_if_error.is_zero();
             let usable = match freshness {
-                Freshness::Fresh | Freshness::Stale => true,
+                Freshness::Fresh | Freshness::Stale => coherent,
                 Freshness::Fallback => fallback,
                 Freshness::Dead => false,
             };

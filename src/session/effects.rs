@@ -7,6 +7,8 @@
 //! pgcache invalidates wider: by name in every schema, or everything, as `cache.unknown_writes`
 //! says. DDL invalidates by name and clears the catalog facts.
 
+use std::sync::Arc;
+
 use crate::config::UnknownWrites;
 use crate::query::catalog::CatalogError;
 use crate::query::{Classified, Kind, Relation, SessionChange, TxControl};
@@ -29,10 +31,14 @@ pub enum Effect {
 
 /// Applies effects to the generations (before the completion reaches the client). A write's
 /// effects are applied when it completes and again when its transaction ends; `count` is set
-/// only for the latter, so the statistics count each committed write once.
-pub fn apply(shared: &Shared, effects: &[Effect], count: bool) {
+/// only for the latter, so the statistics count each committed write once, and the other
+/// instances hear of it once (see [`crate::peers`]).
+pub fn apply(shared: &Arc<Shared>, database: &str, effects: &[Effect], count: bool) {
     if !shared.config().cache.invalidate_on_writes {
         return;
+    }
+    if count {
+        publish(shared, database, effects);
     }
     for e in effects {
         match e {
@@ -72,6 +78,24 @@ pub fn apply(shared: &Shared, effects: &[Effect], count: bool) {
             }
         }
     }
+}
+
+/// Tells the other instances what a committed transaction wrote in `database` (while the
+/// cache is in use: an instance with no rules and nothing cached is a plain pooler).
+fn publish(shared: &Arc<Shared>, database: &str, effects: &[Effect]) {
+    if !shared.caching() {
+        return;
+    }
+    let (mut relations, mut names, mut all) = (Vec::new(), Vec::new(), false);
+    for e in effects {
+        match e {
+            Effect::Relations(r) => relations.extend(r.iter().cloned()),
+            Effect::Name(n) => names.push(n.clone()),
+            Effect::All => all = true,
+            Effect::Unknown(_) => all |= shared.config().cache.unknown_writes == UnknownWrites::InvalidateAll,
+        }
+    }
+    shared.peers.publish(database, &relations, &names, all);
 }
 
 /// Whether `c` may change session settings (so statements after it in the same batch cannot
@@ -160,7 +184,7 @@ impl Relay<'_> {
     /// Whether the cache is in use at all: rules are loaded, or entries remain from when they
     /// were. (While neither holds there is nothing to serve or invalidate.)
     pub(super) fn caching(&self) -> bool {
-        !self.shared.store.is_empty() || !self.shared.rules.current().rules.is_empty()
+        self.shared.caching()
     }
 
     /// Records what a statement about to be sent does to the session (transaction, settings,

@@ -53,6 +53,8 @@ pub enum Parked {
 /// Session state the cache depends on.
 #[derive(Debug, Default)]
 pub struct Flow {
+    /// The session's database.
+    pub database: Arc<str>,
     pub pipeline: Pipeline,
     pub settings: Settings,
     pub probe: Option<Probe>,

@@ -171,7 +171,11 @@ async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: Startup) -> R
     tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, "client connected");
 
     let mut track = Tracker::default();
-    let mut flow = flow::Flow { settings: settings::Settings::at_startup(&params), ..flow::Flow::default() };
+    let mut flow = flow::Flow {
+        database: Arc::from(key.database.as_str()),
+        settings: settings::Settings::at_startup(&params),
+        ..flow::Flow::default()
+    };
     let mut reported = lease.conn_ref().params.clone();
     let mut lease = Some(lease);
     let result = loop {

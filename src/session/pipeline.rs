@@ -288,7 +288,7 @@ impl Flow {
     /// `status` is the transaction status after this frame.
     pub(super) fn route(
         &mut self,
-        shared: &Shared,
+        shared: &Arc<Shared>,
         params: &mut BTreeMap<String, String>,
         status: TransactionStatus,
         raw: &[u8],
@@ -394,7 +394,7 @@ impl Flow {
                 if status == TransactionStatus::Idle
                     && let Some(Item::Backend(head)) = self.pipeline.items.front()
                 {
-                    effects::apply(shared, &head.effects, false);
+                    effects::apply(shared, &self.database, &head.effects, false);
                 }
                 if let Some(id) = fill
                     && let Some(mut f) = self.pipeline.take_fill(id)
@@ -447,7 +447,7 @@ impl Flow {
                         shared.stats.record(o, 0, head.failed);
                     }
                     if status == TransactionStatus::Idle {
-                        effects::apply(shared, &head.effects, false);
+                        effects::apply(shared, &self.database, &head.effects, false);
                     }
                 }
                 if probe {
@@ -482,9 +482,9 @@ impl Flow {
     /// The transaction (explicit or implicit) ended: its writes are invalidated, now that they
     /// are committed (a ROLLBACK cleared them when it was sent), and settings it changed may
     /// have reverted.
-    fn end_transaction(&mut self, shared: &Shared) {
+    fn end_transaction(&mut self, shared: &Arc<Shared>) {
         let effects = std::mem::take(&mut self.tx_effects);
-        effects::apply(shared, &effects, true);
+        effects::apply(shared, &self.database, &effects, true);
         self.wrote = false;
         self.portals.clear();
         if std::mem::take(&mut self.settings_changed_in_tx) {

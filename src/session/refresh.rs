@@ -81,7 +81,7 @@ async fn run(shared: &Shared, r: &Refresh) -> Result<(), String> {
     let result = async {
         let conn = lease.conn();
         apply_settings(conn, &r.settings).await?;
-        let deps = shared.generations.snapshot(&r.deps);
+        let deps = shared.generations.snapshot(&r.pool.database, &r.deps);
         let request = encode(&r.request).map_err(|e| e.to_string())?;
         let answer = conn.exchange(&request).await.map_err(|e| e.to_string())?;
         let stale = &r.stale;
