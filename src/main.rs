@@ -50,16 +50,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(config.admin)
         .await
         .with_context(|| format!("cannot listen on {}", config.admin))?;
-    let shared = server::Shared::new(config, shutdown.clone()).context("cannot start")?;
-    *shared.config_source.lock() = Some(std::env::args_os().collect());
-    tokio::spawn(pgcache::admin::http::serve(admin, shared.clone()));
-    tokio::spawn(wait_for_signal(shutdown, shared.clone()));
-    server::run(listener, shared).await;
+    let ctx = pgcache::context::Context::new(config, shutdown.clone()).context("cannot start")?;
+    *ctx.config_source.lock() = Some(std::env::args_os().collect());
+    tokio::spawn(pgcache::admin::http::serve(admin, ctx.clone()));
+    tokio::spawn(wait_for_signal(shutdown, ctx.clone()));
+    server::run(listener, ctx).await;
     Ok(())
 }
 
 /// SIGTERM/SIGINT start a graceful shutdown; SIGHUP reloads the rules.
-async fn wait_for_signal(shutdown: CancellationToken, shared: std::sync::Arc<server::Shared>) {
+async fn wait_for_signal(shutdown: CancellationToken, ctx: std::sync::Arc<pgcache::context::Context>) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
         (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
@@ -73,7 +73,7 @@ async fn wait_for_signal(shutdown: CancellationToken, shared: std::sync::Arc<ser
             _ = int.recv() => tracing::info!("SIGINT received"),
             _ = hup.recv() => {
                 tracing::info!("SIGHUP received: reloading rules and configuration");
-                if let Err(e) = shared.reload() {
+                if let Err(e) = ctx.reload() {
                     tracing::error!(error = %e, "reload failed");
                 }
                 continue;

@@ -183,6 +183,21 @@ impl Metrics {
         self.recorder.register_histogram(&Self::key(name, labels), &METADATA)
     }
 
+    /// Opening a connection to Postgres failed, or a backend was lost mid-session.
+    pub fn backend_error(&self) {
+        self.counter(BACKEND_ERRORS, &[]).increment(1);
+    }
+
+    /// A client waited this long for a backend connection.
+    pub fn pool_wait(&self, waited: std::time::Duration) {
+        self.histogram(POOL_WAIT, &[]).record(waited.as_secs_f64());
+    }
+
+    /// A rule reload succeeded or failed.
+    pub fn rules_reloaded(&self, ok: bool) {
+        self.counter(RULES_RELOAD, &[("result", if ok { "success" } else { "failure" })]).increment(1);
+    }
+
     /// The label for a table: itself while fewer than the cap have been seen, else `other`.
     pub fn table_label(&self, table: &str) -> String {
         let mut seen = self.tables.lock();

@@ -144,7 +144,7 @@ pub struct TotalsSnapshot {
 }
 
 pub struct Stats {
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     started: Instant,
     totals: Totals,
     queries: Mutex<HashMap<u64, QueryStat>>,
@@ -178,7 +178,7 @@ impl Drop for ClientGuard {
 impl Stats {
     pub fn new(max_table_labels: usize, slow: Duration) -> Self {
         Stats {
-            metrics: Metrics::new(max_table_labels),
+            metrics: Arc::new(Metrics::new(max_table_labels)),
             started: Instant::now(),
             totals: Totals::default(),
             queries: Mutex::new(HashMap::new()),
@@ -282,15 +282,7 @@ impl Stats {
     }
 
     pub fn backend_error(&self) {
-        self.metrics.counter(m::BACKEND_ERRORS, &[]).increment(1);
-    }
-
-    pub fn pool_wait(&self, waited: Duration) {
-        self.metrics.histogram(m::POOL_WAIT, &[]).record(waited.as_secs_f64());
-    }
-
-    pub fn rules_reloaded(&self, ok: bool) {
-        self.metrics.counter(m::RULES_RELOAD, &[("result", if ok { "success" } else { "failure" })]).increment(1);
+        self.metrics.backend_error();
     }
 
     pub fn detached(&self, delta: f64) {

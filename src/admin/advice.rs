@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cache::Freshness;
+use crate::context::Context;
 use crate::policy::{self, Assessed, Reason, SearchPath, Target};
 use crate::query::Relation;
 use crate::rules::Action;
-use crate::server::Shared;
 use crate::stats::{QueryStat, estimated_hit_ratio};
 
-use super::commands::ResultSet;
+use super::table::ResultSet;
 
 /// The TTL the advisor proposes when no rule gives one.
 pub const CANDIDATE_TTL: Duration = Duration::from_secs(60);
@@ -40,12 +40,12 @@ struct Estimate<'a> {
     estimate: Option<f64>,
 }
 
-fn assess<'a>(shared: &Shared, q: &'a QueryStat, writes: &std::collections::HashMap<String, u64>) -> Estimate<'a> {
-    let rules = shared.rules.current();
+fn assess<'a>(ctx: &Context, q: &'a QueryStat, writes: &std::collections::HashMap<String, u64>) -> Estimate<'a> {
+    let rules = ctx.rules.current();
     let rule_ttl = q.rule.as_deref().and_then(|r| rules.get(r)).filter(|r| r.action == Action::Cache).map(|r| r.ttl);
     let ttl = rule_ttl.unwrap_or(CANDIDATE_TTL);
     let total_writes = writes_for(q, writes);
-    let uptime = shared.stats.uptime().max(Duration::from_secs(1));
+    let uptime = ctx.stats.uptime().max(Duration::from_secs(1));
     let period = q.first_seen.elapsed().max(Duration::from_secs(1));
     // Writes were counted since start; the query has been seen for `period`.
     let scaled = (total_writes as f64 * period.as_secs_f64() / uptime.as_secs_f64()).round() as u64;
@@ -54,8 +54,8 @@ fn assess<'a>(shared: &Shared, q: &'a QueryStat, writes: &std::collections::Hash
     Estimate { q, writes: total_writes, ttl, estimate }
 }
 
-pub fn queries(shared: &Shared) -> ResultSet {
-    let writes = shared.stats.table_writes();
+pub fn queries(ctx: &Context) -> ResultSet {
+    let writes = ctx.stats.table_writes();
     let mut r = ResultSet::new(
         &[
             "query",
@@ -77,8 +77,8 @@ pub fn queries(shared: &Shared) -> ResultSet {
         ],
         "SHOW",
     );
-    for q in shared.stats.queries() {
-        let a = assess(shared, &q, &writes);
+    for q in ctx.stats.queries() {
+        let a = assess(ctx, &q, &writes);
         let total_ms = q.total.as_secs_f64() * 1000.0;
         r.rows.push(vec![
             Some(q.normalized.to_string()),
@@ -107,13 +107,13 @@ pub fn queries(shared: &Shared) -> ResultSet {
 }
 
 /// Draft rules for the uncached queries that would gain most, as TOML lines.
-pub fn advice(shared: &Shared) -> ResultSet {
-    let writes = shared.stats.table_writes();
-    let all = shared.stats.queries();
+pub fn advice(ctx: &Context) -> ResultSet {
+    let writes = ctx.stats.table_writes();
+    let all = ctx.stats.queries();
     let mut candidates: Vec<Estimate<'_>> = all
         .iter()
         .filter(|q| only_lacks_a_rule(q) && q.calls >= 2)
-        .map(|q| assess(shared, q, &writes))
+        .map(|q| assess(ctx, q, &writes))
         .filter(|a| a.estimate.is_some_and(|e| e >= 0.3))
         .collect();
     candidates.sort_by(|a, b| {
@@ -151,10 +151,10 @@ pub fn advice(shared: &Shared) -> ResultSet {
 /// How one statement would be handled by a fresh session in `database` (default: the upstream
 /// URL's), logged in as the catalog's user, with that user's default `search_path`: the same
 /// [`policy::assess`] the data path runs.
-pub async fn explain(shared: &Arc<Shared>, database: Option<&str>, sql: &str) -> ResultSet {
-    let config = shared.config();
+pub async fn explain(ctx: &Arc<Context>, database: Option<&str>, sql: &str) -> ResultSet {
+    let config = ctx.config();
     let database = database.map_or_else(|| config.upstream.dbname.clone(), str::to_owned);
-    let classified = shared.classifier.classify(sql);
+    let classified = ctx.classifier.classify(sql);
     let mut out: Vec<(&str, String)> = Vec::new();
     let [c] = classified.as_slice() else {
         out.push(("cacheable", format!("no: {}", Reason::SeveralStatements)));
@@ -165,16 +165,16 @@ pub async fn explain(shared: &Arc<Shared>, database: Option<&str>, sql: &str) ->
     out.push(("reads", c.reads.iter().map(Relation::to_string).collect::<Vec<_>>().join(", ")));
     out.push(("functions", c.functions.iter().map(Relation::to_string).collect::<Vec<_>>().join(", ")));
     out.push(("types", c.types.iter().map(Relation::to_string).collect::<Vec<_>>().join(", ")));
-    let defaults = shared.catalog.defaults(&database).await;
+    let defaults = ctx.catalog.defaults(&database).await;
     let (user, search_path) = match &defaults {
         Ok(d) => (d.user.clone(), d.search_path.clone()),
         Err(_) => (config.upstream.user.clone(), "\"$user\", public".to_owned()),
     };
     out.push(("evaluated_for", format!("database {database}, user {user}, search_path {search_path}")));
-    let rules = shared.rules.current();
+    let rules = ctx.rules.current();
     let target = Target { sql, statement: c, database: &database, user: &user };
     let path = SearchPath { role: &user, search_path: &search_path };
-    let verdict = match policy::assess(&shared.catalog, &rules, &target, Some(path)).await {
+    let verdict = match policy::assess(&ctx.catalog, &rules, &target, Some(path)).await {
         Assessed::Cacheable(a) => {
             describe_rule(&mut out, &a.rule);
             out.push(("tables_watched", a.deps.iter().map(Relation::to_string).collect::<Vec<_>>().join(", ")));
@@ -185,7 +185,7 @@ pub async fn explain(shared: &Arc<Shared>, database: Option<&str>, sql: &str) ->
         }
         Assessed::Forward(why) => {
             // The rule that matched, if the reason came after matching.
-            let resolved = shared.catalog.relations(&database, &c.reads).await.ok().map(|infos| {
+            let resolved = ctx.catalog.relations(&database, &c.reads).await.ok().map(|infos| {
                 c.reads
                     .iter()
                     .zip(&infos)
@@ -213,12 +213,12 @@ pub async fn explain(shared: &Arc<Shared>, database: Option<&str>, sql: &str) ->
     out.push(("cacheable", verdict));
     out.push((
         "key_parts",
-        "protocol, database, role (unless shared across roles and no row-level security), every setting the session \
+        "protocol, database, role (unless ctx across roles and no row-level security), every setting the session \
          changed from its default (SET, SET LOCAL, set_config, startup options, custom settings such as app.tenant), \
          search_path, SQL text, parameter types/values/formats, result formats"
             .into(),
     ));
-    let entries: Vec<_> = shared.store.entries().into_iter().filter(|(_, e)| &*e.sql == sql.trim()).collect();
+    let entries: Vec<_> = ctx.store.entries().into_iter().filter(|(_, e)| &*e.sql == sql.trim()).collect();
     out.push(("entries", entries.len().to_string()));
     for (_, e) in entries.iter().take(10) {
         let state = match e.freshness() {

@@ -4,40 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::context::Context;
 use crate::protocol::backend::PgError;
 use crate::protocol::sqlstate::SqlState;
 use crate::query::Relation;
 use crate::rules::Action;
-use crate::server::Shared;
 
 use super::advice;
-
-/// Rows of text values under named columns, with the command tag Postgres would use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResultSet {
-    pub columns: Vec<&'static str>,
-    pub rows: Vec<Vec<Option<String>>>,
-    pub tag: String,
-}
-
-impl ResultSet {
-    pub fn new(columns: &[&'static str], tag: &str) -> Self {
-        ResultSet { columns: columns.to_vec(), rows: Vec::new(), tag: tag.to_owned() }
-    }
-
-    pub fn row<I: IntoIterator<Item = String>>(&mut self, values: I) {
-        self.rows.push(values.into_iter().map(Some).collect());
-    }
-
-    /// Two columns of names and values.
-    pub fn pairs(tag: &str, pairs: Vec<(&str, String)>) -> Self {
-        let mut r = ResultSet::new(&["item", "value"], tag);
-        for (k, v) in pairs {
-            r.row([k.to_owned(), v]);
-        }
-        r
-    }
-}
+pub use super::table::ResultSet;
 
 pub const COMMANDS: &str = "SHOW STATS | POOLS | CLIENTS | SERVERS | CACHE | RULES | CONFIG | QUERIES | ADVICE | PEERS, \
     EXPLAIN CACHE [ON <database>] <select>, INVALIDATE TABLE <name> | RULE <name> | ALL, RELOAD, PAUSE, RESUME";
@@ -48,21 +22,21 @@ fn unknown(cmd: &str) -> PgError {
 }
 
 /// Runs one command (a statement without its trailing semicolon).
-pub async fn run(shared: &Arc<Shared>, text: &str) -> Result<ResultSet, PgError> {
+pub async fn run(ctx: &Arc<Context>, text: &str) -> Result<ResultSet, PgError> {
     let words: Vec<&str> = text.split_whitespace().collect();
     let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
     let up: Vec<&str> = upper.iter().map(String::as_str).collect();
     match up.as_slice() {
-        ["SHOW", "STATS"] => Ok(stats(shared)),
-        ["SHOW", "POOLS"] => Ok(pools(shared)),
-        ["SHOW", "CLIENTS"] => Ok(clients(shared)),
-        ["SHOW", "SERVERS"] => Ok(servers(shared)),
-        ["SHOW", "CACHE"] => Ok(cache(shared)),
-        ["SHOW", "RULES"] => Ok(rules(shared)),
-        ["SHOW", "CONFIG"] => Ok(config(shared)),
-        ["SHOW", "QUERIES"] => Ok(advice::queries(shared)),
-        ["SHOW", "ADVICE"] => Ok(advice::advice(shared)),
-        ["SHOW", "PEERS"] => Ok(peers(shared)),
+        ["SHOW", "STATS"] => Ok(stats(ctx)),
+        ["SHOW", "POOLS"] => Ok(pools(ctx)),
+        ["SHOW", "CLIENTS"] => Ok(clients(ctx)),
+        ["SHOW", "SERVERS"] => Ok(servers(ctx)),
+        ["SHOW", "CACHE"] => Ok(cache(ctx)),
+        ["SHOW", "RULES"] => Ok(rules(ctx)),
+        ["SHOW", "CONFIG"] => Ok(config(ctx)),
+        ["SHOW", "QUERIES"] => Ok(advice::queries(ctx)),
+        ["SHOW", "ADVICE"] => Ok(advice::advice(ctx)),
+        ["SHOW", "PEERS"] => Ok(peers(ctx)),
         ["EXPLAIN", "CACHE", ..] => {
             // EXPLAIN CACHE [ON database] <select>
             let rest = text.trim_start()[7..].trim_start()[5..].trim_start();
@@ -77,24 +51,24 @@ pub async fn run(shared: &Arc<Shared>, text: &str) -> Result<ResultSet, PgError>
             if sql.is_empty() {
                 return Err(PgError::error(SqlState::SYNTAX_ERROR, "EXPLAIN CACHE needs a SELECT"));
             }
-            Ok(advice::explain(shared, database, sql).await)
+            Ok(advice::explain(ctx, database, sql).await)
         }
-        ["INVALIDATE", "TABLE", _] => invalidate_table(shared, words[2]),
-        ["INVALIDATE", "RULE", _] => invalidate_rule(shared, words[2]),
+        ["INVALIDATE", "TABLE", _] => invalidate_table(ctx, words[2]),
+        ["INVALIDATE", "RULE", _] => invalidate_rule(ctx, words[2]),
         ["INVALIDATE", "ALL"] => {
-            shared.generations.bump_all();
-            shared.peers.publish_everywhere(&[], true);
-            shared.stats.all_invalidated();
-            let n = shared.store.remove_where(|_| true);
+            ctx.generations.bump_all();
+            ctx.peers.publish_everywhere(&[], true);
+            ctx.stats.all_invalidated();
+            let n = ctx.store.remove_where(|_| true);
             Ok(ResultSet::pairs("INVALIDATE", vec![("entries_removed", n.to_string())]))
         }
-        ["RELOAD"] => reload(shared),
+        ["RELOAD"] => reload(ctx),
         ["PAUSE"] => {
-            shared.paused.send_replace(true);
+            ctx.paused.send_replace(true);
             Ok(ResultSet::pairs("PAUSE", vec![("paused", "new backend work waits until RESUME".into())]))
         }
         ["RESUME"] => {
-            shared.paused.send_replace(false);
+            ctx.paused.send_replace(false);
             Ok(ResultSet::pairs("RESUME", vec![("paused", "no".into())]))
         }
         _ => Err(unknown(text.trim())),
@@ -105,8 +79,8 @@ fn secs(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64())
 }
 
-fn stats(shared: &Shared) -> ResultSet {
-    let t = shared.stats.totals();
+fn stats(ctx: &Context) -> ResultSet {
+    let t = ctx.stats.totals();
     let up = t.uptime.as_secs_f64().max(1e-3);
     let mut r = ResultSet::new(&["stat", "total", "per_second"], "SHOW");
     let mut add =
@@ -125,17 +99,17 @@ fn stats(shared: &Shared) -> ResultSet {
         "".into(),
     ]);
     r.row(["uptime_seconds".into(), format!("{:.0}", up), "".into()]);
-    r.row(["clients".into(), shared.stats.clients().len().to_string(), "".into()]);
-    r.row(["cache_entries".into(), shared.store.len().to_string(), "".into()]);
-    r.row(["cache_bytes".into(), shared.store.bytes().to_string(), "".into()]);
-    r.row(["cache_evictions".into(), shared.store.evictions().to_string(), "".into()]);
-    r.row(["paused".into(), (if *shared.paused.borrow() { "yes" } else { "no" }).into(), "".into()]);
+    r.row(["clients".into(), ctx.stats.clients().len().to_string(), "".into()]);
+    r.row(["cache_entries".into(), ctx.store.len().to_string(), "".into()]);
+    r.row(["cache_bytes".into(), ctx.store.bytes().to_string(), "".into()]);
+    r.row(["cache_evictions".into(), ctx.store.evictions().to_string(), "".into()]);
+    r.row(["paused".into(), (if *ctx.paused.borrow() { "yes" } else { "no" }).into(), "".into()]);
     r
 }
 
-fn pools(shared: &Shared) -> ResultSet {
+fn pools(ctx: &Context) -> ResultSet {
     let mut r = ResultSet::new(&["database", "user", "active", "idle", "max"], "SHOW");
-    for p in shared.pools.all() {
+    for p in ctx.pools.all() {
         let s = p.stats();
         r.row([
             p.key.database.clone(),
@@ -148,9 +122,9 @@ fn pools(shared: &Shared) -> ResultSet {
     r
 }
 
-fn clients(shared: &Shared) -> ResultSet {
+fn clients(ctx: &Context) -> ResultSet {
     let mut r = ResultSet::new(&["peer", "user", "database", "connected_since", "backend_pid"], "SHOW");
-    for c in shared.stats.clients() {
+    for c in ctx.stats.clients() {
         let pid = c.backend_pid.load(std::sync::atomic::Ordering::Relaxed);
         r.row([
             c.peer.to_string(),
@@ -163,9 +137,9 @@ fn clients(shared: &Shared) -> ResultSet {
     r
 }
 
-fn servers(shared: &Shared) -> ResultSet {
+fn servers(ctx: &Context) -> ResultSet {
     let mut r = ResultSet::new(&["database", "user", "pid", "state", "age_seconds"], "SHOW");
-    for p in shared.pools.all() {
+    for p in ctx.pools.all() {
         for s in p.servers() {
             r.row([
                 p.key.database.clone(),
@@ -179,9 +153,9 @@ fn servers(shared: &Shared) -> ResultSet {
     r
 }
 
-fn cache(shared: &Shared) -> ResultSet {
+fn cache(ctx: &Context) -> ResultSet {
     let mut per_rule: std::collections::BTreeMap<String, (u64, u64, u64, Duration)> = Default::default();
-    for (_, e) in shared.store.entries() {
+    for (_, e) in ctx.store.entries() {
         let slot = per_rule.entry(e.rule.name.clone()).or_default();
         slot.0 += 1;
         slot.1 += e.weight();
@@ -194,18 +168,18 @@ fn cache(shared: &Shared) -> ResultSet {
     }
     r.row([
         "(total)".into(),
-        shared.store.len().to_string(),
-        shared.store.bytes().to_string(),
-        format!("capacity {}", shared.store.capacity()),
-        format!("evictions {}", shared.store.evictions()),
+        ctx.store.len().to_string(),
+        ctx.store.bytes().to_string(),
+        format!("capacity {}", ctx.store.capacity()),
+        format!("evictions {}", ctx.store.evictions()),
     ]);
     r
 }
 
-fn rules(shared: &Shared) -> ResultSet {
-    let set = shared.rules.current();
-    let status = shared.rules.status();
-    let queries = shared.stats.queries();
+fn rules(ctx: &Context) -> ResultSet {
+    let set = ctx.rules.current();
+    let status = ctx.rules.status();
+    let queries = ctx.stats.queries();
     let mut r = ResultSet::new(
         &[
             "name",
@@ -246,7 +220,7 @@ fn rules(shared: &Shared) -> ResultSet {
     if set.rules.is_empty() {
         r.rows.push(vec![
             Some("(no rules)".into()),
-            Some(shared.rules.dir().display().to_string()),
+            Some(ctx.rules.dir().display().to_string()),
             None,
             None,
             None,
@@ -262,8 +236,8 @@ fn rules(shared: &Shared) -> ResultSet {
     r
 }
 
-fn config(shared: &Shared) -> ResultSet {
-    let c = shared.config();
+fn config(ctx: &Context) -> ResultSet {
+    let c = ctx.config();
     let up = &c.upstream;
     ResultSet::pairs(
         "SHOW",
@@ -314,7 +288,7 @@ fn config(shared: &Shared) -> ResultSet {
             ("metrics.max_table_labels", c.max_table_labels.to_string()),
             ("peers.enabled", c.peers.enabled.to_string()),
             ("peers.channel", c.peers.channel.clone()),
-            ("peers.instance", shared.peers.instance().to_owned()),
+            ("peers.instance", ctx.peers.instance().to_owned()),
             ("peers.heartbeat", humantime::format_duration(c.peers.heartbeat).to_string()),
             ("peers.dead_after", humantime::format_duration(c.peers.dead_after).to_string()),
             ("peers.coalesce", humantime::format_duration(c.peers.coalesce).to_string()),
@@ -326,7 +300,7 @@ fn config(shared: &Shared) -> ResultSet {
 
 /// Per database: the invalidation link's state, since when it listens, the last message, and
 /// the other instances heard from.
-fn peers(shared: &Shared) -> ResultSet {
+fn peers(ctx: &Context) -> ResultSet {
     let mut r = ResultSet::new(
         &[
             "database",
@@ -343,7 +317,7 @@ fn peers(shared: &Shared) -> ResultSet {
         "SHOW",
     );
     let time = |t: Option<std::time::SystemTime>| t.map(|t| humantime::format_rfc3339_millis(t).to_string());
-    for p in shared.peers.status() {
+    for p in ctx.peers.status() {
         let mut instances: Vec<String> = p
             .seen
             .instances
@@ -353,7 +327,7 @@ fn peers(shared: &Shared) -> ResultSet {
         instances.sort();
         r.rows.push(vec![
             Some(p.database),
-            Some(shared.peers.channel().to_owned()),
+            Some(ctx.peers.channel().to_owned()),
             Some(format!("{:?}", p.state).to_lowercase()),
             time(p.seen.listening_since),
             time(p.seen.last_message),
@@ -364,23 +338,23 @@ fn peers(shared: &Shared) -> ResultSet {
             p.seen.last_error,
         ]);
     }
-    if !shared.peers.enabled() {
-        r.rows.push(vec![None, Some(shared.peers.channel().to_owned()), Some("off (peers.enabled = false)".into())]);
+    if !ctx.peers.enabled() {
+        r.rows.push(vec![None, Some(ctx.peers.channel().to_owned()), Some("off (peers.enabled = false)".into())]);
         r.rows.last_mut().expect("just pushed").resize(10, None);
     }
     r
 }
 
-fn invalidate_table(shared: &Shared, name: &str) -> Result<ResultSet, PgError> {
+fn invalidate_table(ctx: &Context, name: &str) -> Result<ResultSet, PgError> {
     let rel = crate::rules::load::parse_table(name)
         .map_err(|(_, m)| PgError::error(SqlState::SYNTAX_ERROR, format!("INVALIDATE TABLE: {m}")))?;
     match &rel.schema {
-        Some(_) => shared.generations.bump_relations(std::slice::from_ref(&rel)),
-        None => shared.generations.bump_name(&rel.name),
+        Some(_) => ctx.generations.bump_relations(std::slice::from_ref(&rel)),
+        None => ctx.generations.bump_name(&rel.name),
     }
-    shared.peers.publish_everywhere(std::slice::from_ref(&rel.name), false);
-    shared.stats.table_written(&rel.name);
-    let n = shared.store.remove_where(|e| e.invalidated() || e.tables.iter().any(|t| covers(&rel, t)));
+    ctx.peers.publish_everywhere(std::slice::from_ref(&rel.name), false);
+    ctx.stats.table_written(&rel.name);
+    let n = ctx.store.remove_where(|e| e.invalidated() || e.tables.iter().any(|t| covers(&rel, t)));
     Ok(ResultSet::pairs("INVALIDATE", vec![("table", rel.to_string()), ("entries_removed", n.to_string())]))
 }
 
@@ -389,19 +363,19 @@ fn covers(wanted: &Relation, read: &Relation) -> bool {
     wanted.name == read.name && (wanted.schema.is_none() || read.schema.is_none() || wanted.schema == read.schema)
 }
 
-fn invalidate_rule(shared: &Shared, name: &str) -> Result<ResultSet, PgError> {
+fn invalidate_rule(ctx: &Context, name: &str) -> Result<ResultSet, PgError> {
     let name = name.trim_matches('"');
-    let n = shared.store.remove_where(|e| e.rule.name == name);
-    if n == 0 && shared.rules.current().get(name).is_none() {
+    let n = ctx.store.remove_where(|e| e.rule.name == name);
+    if n == 0 && ctx.rules.current().get(name).is_none() {
         return Err(PgError::error(SqlState::UNDEFINED_OBJECT, format!("no rule named {name:?}")));
     }
     Ok(ResultSet::pairs("INVALIDATE", vec![("rule", name.to_owned()), ("entries_removed", n.to_string())]))
 }
 
-fn reload(shared: &Shared) -> Result<ResultSet, PgError> {
-    match shared.reload() {
+fn reload(ctx: &Context) -> Result<ResultSet, PgError> {
+    match ctx.reload() {
         Ok(restart) => {
-            let mut pairs = vec![("rules", shared.rules.current().rules.len().to_string())];
+            let mut pairs = vec![("rules", ctx.rules.current().rules.len().to_string())];
             pairs.push(("needs_restart", if restart.is_empty() { "none".into() } else { restart.join(", ") }));
             Ok(ResultSet::pairs("RELOAD", pairs))
         }

@@ -15,21 +15,18 @@ use bytes::BytesMut;
 use crate::backend::connection::Connection;
 use crate::backend::{ConnectError, PoolError};
 use crate::config::AuthMode;
+use crate::context::Context;
+use crate::frontend::{Client, SessionError, ask_password, welcome};
 use crate::protocol::backend::{self as be, PgError, TransactionStatus};
 use crate::protocol::frontend as fe;
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::startup::{MAX_STARTUP_PACKET, Startup};
-use crate::server::Shared;
-use crate::session::SessionError;
-use crate::session::auth::ask_password;
-use crate::session::client::Client;
-use crate::session::relay::welcome;
 
 use super::commands::{self, ResultSet};
 
 /// Serves an admin session from its StartupMessage to its end.
-pub async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: &Startup) -> Result<(), SessionError> {
-    let config = shared.config();
+pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: &Startup) -> Result<(), SessionError> {
+    let config = ctx.config();
     let user = startup.param("user").unwrap_or(&config.upstream.user).to_owned();
     if !config.console.users.contains(&user) {
         return Err(SessionError::Refused(PgError::fatal(
@@ -37,8 +34,8 @@ pub async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: &Startup)
             format!("pgcache: user {user:?} may not use the admin console (console.users)"),
         )));
     }
-    let server_version = authenticate(shared, client, &user).await?;
-    let handle = shared.cancels.register();
+    let server_version = authenticate(ctx, client, &user).await?;
+    let handle = ctx.cancels.register();
     let params: BTreeMap<String, String> = [
         ("server_version", server_version.as_str()),
         ("server_encoding", "UTF8"),
@@ -56,19 +53,19 @@ pub async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: &Startup)
     .collect();
     client.send(&welcome(&params, handle.pid, handle.secret)).await?;
     tracing::info!(peer = %client.peer, %user, "admin console session started");
-    run(shared, client).await
+    run(ctx, client).await
 }
 
 /// Verifies the login like any other (Postgres judges the password), returning the server
 /// version to report.
-async fn authenticate(shared: &Arc<Shared>, client: &mut Client, user: &str) -> Result<String, SessionError> {
-    let config = shared.config();
+async fn authenticate(ctx: &Arc<Context>, client: &mut Client, user: &str) -> Result<String, SessionError> {
+    let config = ctx.config();
     if config.auth.mode == AuthMode::Trust {
         return Ok("15.0 (pgcache console)".into());
     }
     let params =
         Arc::new(vec![("user".to_owned(), user.to_owned()), ("database".to_owned(), config.upstream.dbname.clone())]);
-    let endpoint = shared.pools.endpoint();
+    let endpoint = ctx.pools.endpoint();
     let mut password = None;
     loop {
         match Connection::connect(endpoint, params.clone(), password.as_ref()).await {
@@ -78,7 +75,7 @@ async fn authenticate(shared: &Arc<Shared>, client: &mut Client, user: &str) -> 
                 return Ok(format!("{version} (pgcache console)"));
             }
             Err(ConnectError::PasswordRequired) if password.is_none() => {
-                password = Some(ask_password(client, shared).await?)
+                password = Some(ask_password(client, config.auth.allow_plaintext_over_network).await?)
             }
             Err(e) => return Err(SessionError::Pool(PoolError::Connect(e))),
         }
@@ -86,12 +83,12 @@ async fn authenticate(shared: &Arc<Shared>, client: &mut Client, user: &str) -> 
 }
 
 /// The command loop.
-async fn run(shared: &Arc<Shared>, client: &mut Client) -> Result<(), SessionError> {
+async fn run(ctx: &Arc<Context>, client: &mut Client) -> Result<(), SessionError> {
     let mut skipping = false;
     loop {
         let frame = tokio::select! {
             f = client.read_frame(MAX_STARTUP_PACKET.max(1 << 20)) => f,
-            _ = shared.shutdown.cancelled() => return Err(SessionError::Shutdown),
+            _ = ctx.shutdown.cancelled() => return Err(SessionError::Shutdown),
         };
         let frame = match frame {
             Ok(f) => f,
@@ -103,7 +100,7 @@ async fn run(shared: &Arc<Shared>, client: &mut Client) -> Result<(), SessionErr
             fe::TERMINATE => return Ok(()),
             fe::QUERY => {
                 let sql = fe::query(frame.body()).ok().and_then(|q| std::str::from_utf8(q.sql).ok()).unwrap_or("");
-                answer(shared, sql, &mut out).await;
+                answer(ctx, sql, &mut out).await;
                 be::ready_for_query(TransactionStatus::Idle, &mut out);
             }
             fe::SYNC => {
@@ -129,14 +126,14 @@ async fn run(shared: &Arc<Shared>, client: &mut Client) -> Result<(), SessionErr
 }
 
 /// Runs every command in `sql` (semicolon-separated), stopping at the first error.
-async fn answer(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) {
+async fn answer(ctx: &Arc<Context>, sql: &str, out: &mut BytesMut) {
     let parts: Vec<&str> = split(sql).into_iter().map(str::trim).filter(|p| !p.is_empty()).collect();
     if parts.is_empty() {
         be::empty_query_response(out);
         return;
     }
     for part in parts {
-        match commands::run(shared, part).await {
+        match commands::run(ctx, part).await {
             Ok(result) => encode(&result, out),
             Err(e) => {
                 e.encode(out);

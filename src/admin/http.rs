@@ -13,38 +13,38 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
+use crate::context::Context;
 use crate::metrics as m;
-use crate::server::Shared;
 
 /// Serves until the server shuts down.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let shutdown = shared.shutdown.clone();
+pub async fn serve(listener: TcpListener, ctx: Arc<Context>) {
+    let shutdown = ctx.shutdown.clone();
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(shared);
+        .with_state(ctx);
     let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
     if let Err(e) = served {
         tracing::error!(error = %e, "admin HTTP server failed");
     }
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    refresh_gauges(&shared);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.stats.metrics.render())
+async fn metrics(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
+    refresh_gauges(&ctx);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ctx.stats.metrics.render())
 }
 
 /// Gauges are read off their sources at scrape time.
-fn refresh_gauges(shared: &Shared) {
-    let metrics = &shared.stats.metrics;
-    metrics.gauge(m::CACHE_ENTRIES, &[]).set(shared.store.len() as f64);
-    metrics.gauge(m::CACHE_BYTES, &[]).set(shared.store.bytes() as f64);
-    metrics.gauge(m::CACHE_CAPACITY_BYTES, &[]).set(shared.store.capacity() as f64);
-    metrics.counter(m::CACHE_EVICTIONS, &[]).absolute(shared.store.evictions());
-    metrics.gauge(m::RULES_LOADED, &[]).set(shared.rules.current().rules.len() as f64);
+fn refresh_gauges(ctx: &Context) {
+    let metrics = &ctx.stats.metrics;
+    metrics.gauge(m::CACHE_ENTRIES, &[]).set(ctx.store.len() as f64);
+    metrics.gauge(m::CACHE_BYTES, &[]).set(ctx.store.bytes() as f64);
+    metrics.gauge(m::CACHE_CAPACITY_BYTES, &[]).set(ctx.store.capacity() as f64);
+    metrics.counter(m::CACHE_EVICTIONS, &[]).absolute(ctx.store.evictions());
+    metrics.gauge(m::RULES_LOADED, &[]).set(ctx.rules.current().rules.len() as f64);
     let (mut active, mut idle) = (0, 0);
-    for pool in shared.pools.all() {
+    for pool in ctx.pools.all() {
         let s = pool.stats();
         active += s.active;
         idle += s.idle;
@@ -53,8 +53,8 @@ fn refresh_gauges(shared: &Shared) {
     metrics.gauge(m::BACKEND_CONNECTIONS, &[("state", "idle")]).set(idle as f64);
 }
 
-async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
-    match readiness(&shared).await {
+async fn ready(State(ctx): State<Arc<Context>>) -> (StatusCode, String) {
+    match readiness(&ctx).await {
         Ok(()) => (StatusCode::OK, "ready\n".into()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
     }
@@ -65,13 +65,13 @@ async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
 /// (Rules are always loaded while the server runs: it does not start with invalid rules, and a
 /// failed reload keeps the old ones.) The upstream check is a bare TCP connection, which
 /// Postgres does not log, unlike a TLS handshake or a partial start-up on every probe.
-pub async fn readiness(shared: &Shared) -> Result<(), String> {
-    if shared.shutdown.is_cancelled() {
+pub async fn readiness(ctx: &Context) -> Result<(), String> {
+    if ctx.shutdown.is_cancelled() {
         return Err("shutting down".into());
     }
-    let endpoint = shared.pools.endpoint();
+    let endpoint = ctx.pools.endpoint();
     match tokio::time::timeout(Duration::from_secs(1), endpoint.open()).await {
-        Ok(Ok(_)) => match shared.peers.not_listening().as_slice() {
+        Ok(Ok(_)) => match ctx.peers.not_listening().as_slice() {
             [] => Ok(()),
             dbs => Err(format!(
                 "not listening for other instances' invalidations of {} (caching for them is off until it is)",

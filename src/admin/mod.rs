@@ -6,3 +6,4 @@ pub mod advice;
 pub mod commands;
 pub mod console;
 pub mod http;
+pub mod table;

@@ -26,7 +26,7 @@ use crate::protocol::backend::TransactionStatus;
 use super::connection::StartupParams;
 use super::credentials::Known;
 use super::{ConnectError, Connection, Credentials, Endpoint};
-use crate::stats::Stats;
+use crate::metrics::Metrics;
 
 /// A pool's identity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -76,7 +76,7 @@ pub struct Pool {
     /// Connections lent out, by backend pid: when they were opened.
     lent: Mutex<HashMap<i32, Instant>>,
     closed: AtomicBool,
-    stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
 }
 
 /// One backend connection, for `SHOW SERVERS`.
@@ -96,7 +96,7 @@ pub struct PoolStats {
 }
 
 impl Pool {
-    fn new(key: PoolKey, settings: PoolConfig, endpoint: Arc<Endpoint>, stats: Arc<Stats>) -> Self {
+    fn new(key: PoolKey, settings: PoolConfig, endpoint: Arc<Endpoint>, metrics: Arc<Metrics>) -> Self {
         Pool {
             slots: Arc::new(Semaphore::new(settings.max_size)),
             key,
@@ -107,7 +107,7 @@ impl Pool {
             last_failure: Mutex::new(None),
             lent: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
-            stats,
+            metrics,
         }
     }
 
@@ -170,7 +170,7 @@ impl Pool {
                 });
             }
         };
-        self.stats.pool_wait(asked.elapsed());
+        self.metrics.pool_wait(asked.elapsed());
         *self.last_startup.lock() = Some(startup.clone());
         while let Some(mut conn) = self.take_idle(startup).filter(|_| !fresh) {
             if conn.is_alive() && !self.expired(&conn) {
@@ -183,7 +183,7 @@ impl Pool {
             Ok(conn) => Ok(Lease::new(conn, permit, self.clone())),
             Err(e) => {
                 if !matches!(e, ConnectError::Server { .. } | ConnectError::PasswordRequired) {
-                    self.stats.backend_error();
+                    self.metrics.backend_error();
                     *self.last_failure.lock() = Some(Instant::now());
                 }
                 Err(e.into())
@@ -346,17 +346,22 @@ pub struct Pools {
     endpoint: Arc<Endpoint>,
     pub credentials: Arc<Credentials>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
-    stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
 }
 
 impl Pools {
-    pub fn new(settings: PoolConfig, endpoint: Arc<Endpoint>, verify_interval: Duration, stats: Arc<Stats>) -> Self {
+    pub fn new(
+        settings: PoolConfig,
+        endpoint: Arc<Endpoint>,
+        verify_interval: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Pools {
             settings,
             endpoint,
             credentials: Arc::new(Credentials::new(verify_interval)),
             pools: Mutex::new(HashMap::new()),
-            stats,
+            metrics,
         }
     }
 
@@ -369,7 +374,7 @@ impl Pools {
             .lock()
             .entry(key.clone())
             .or_insert_with(|| {
-                Arc::new(Pool::new(key.clone(), self.settings.clone(), self.endpoint.clone(), self.stats.clone()))
+                Arc::new(Pool::new(key.clone(), self.settings.clone(), self.endpoint.clone(), self.metrics.clone()))
             })
             .clone()
     }

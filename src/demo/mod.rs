@@ -38,7 +38,9 @@ pub enum DemoError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]
-    Server(#[from] server::ServerError),
+    Bind(#[from] server::BindError),
+    #[error(transparent)]
+    Setup(#[from] crate::context::ContextError),
     #[error("invalid upstream URL: {0}")]
     Upstream(#[from] crate::config::upstream::UpstreamError),
 }
@@ -61,9 +63,9 @@ pub async fn run(mut config: Config) -> Result<(), DemoError> {
     let listener = server::bind(&config).await?;
     let admin = tokio::net::TcpListener::bind(config.admin).await?;
     let shutdown = CancellationToken::new();
-    let shared = server::Shared::new(config.clone(), shutdown.clone())?;
-    tokio::spawn(crate::admin::http::serve(admin, shared.clone()));
-    let server = tokio::spawn(server::run(listener, shared));
+    let ctx = crate::context::Context::new(config.clone(), shutdown.clone())?;
+    tokio::spawn(crate::admin::http::serve(admin, ctx.clone()));
+    let server = tokio::spawn(server::run(listener, ctx));
     print_welcome(&config);
     wait_for_stop().await;
     println!("\npgcache demo: stopping and removing the throwaway database...");

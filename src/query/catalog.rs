@@ -24,7 +24,8 @@ use crate::backend::credentials::Known;
 use crate::backend::{Credentials, Endpoint};
 use crate::config::{Password, Upstream};
 
-use super::classify::{Relation, classify};
+use super::classify::classify;
+use super::relation::Relation;
 
 /// The connection half of a side connection (driven by whoever reads its notifications).
 pub type SideConnection = tokio_postgres::Connection<crate::net::Stream, NoTlsStream>;

@@ -15,38 +15,8 @@ use std::sync::Arc;
 use pg_query::protobuf::summary_result::Context;
 use serde_json::Value;
 
+use super::relation::Relation;
 use super::tree::{Facts, custom_setting};
-
-/// A relation as written in SQL: its schema when qualified, and its name as Postgres folds it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Relation {
-    pub schema: Option<String>,
-    pub name: String,
-}
-
-impl Relation {
-    pub fn new(schema: Option<&str>, name: &str) -> Self {
-        Relation { schema: schema.filter(|s| !s.is_empty()).map(str::to_owned), name: name.to_owned() }
-    }
-
-    fn is_system(&self) -> bool {
-        matches!(self.schema.as_deref(), Some("pg_catalog" | "information_schema" | "pg_toast"))
-            || self.name.starts_with("pg_")
-    }
-
-    fn is_temp(&self) -> bool {
-        self.schema.as_deref().is_some_and(|s| s == "pg_temp" || s.starts_with("pg_temp_"))
-    }
-}
-
-impl std::fmt::Display for Relation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.schema {
-            Some(s) => write!(f, "{s}.{}", self.name),
-            None => f.write_str(&self.name),
-        }
-    }
-}
 
 /// Transaction control statements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,9 @@
 pub mod catalog;
 pub mod classifier;
 pub mod classify;
+pub mod relation;
 pub mod tree;
 
 pub use classifier::Classifier;
-pub use classify::{Classified, Kind, Relation, SessionChange, SettingsChange, TxControl};
+pub use classify::{Classified, Kind, SessionChange, SettingsChange, TxControl};
+pub use relation::Relation;

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-use super::classify::Relation;
+use super::relation::Relation;
 
 /// Literals whose value depends on when they are evaluated (Postgres docs, "Special Date/Time
 /// Inputs").

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use super::{LoadError, RuleSet, load_dir};
-use crate::stats::Stats;
+use crate::metrics::Metrics;
 
 /// The outcome of the last load attempt.
 #[derive(Debug, Clone)]
@@ -29,12 +29,12 @@ pub struct Rules {
     versions: AtomicU64,
     status: Mutex<ReloadStatus>,
     stamp: Mutex<Vec<(PathBuf, u64, Option<SystemTime>)>>,
-    stats: Option<Arc<Stats>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Rules {
     /// Loads `dir`; an error here is fatal (the caller should refuse to start).
-    pub fn load(dir: &Path, stats: Option<Arc<Stats>>) -> Result<Rules, LoadError> {
+    pub fn load(dir: &Path, metrics: Option<Arc<Metrics>>) -> Result<Rules, LoadError> {
         let set = load_dir(dir, 1)?;
         tracing::info!(dir = %dir.display(), rules = set.rules.len(), "rules loaded");
         Ok(Rules {
@@ -43,19 +43,19 @@ impl Rules {
             versions: AtomicU64::new(1),
             status: Mutex::new(ReloadStatus { at: SystemTime::now(), error: None }),
             stamp: Mutex::new(stamp(dir)),
-            stats,
+            metrics,
         })
     }
 
     /// No rules: everything is forwarded (used when the default directory does not exist).
-    pub fn empty(dir: &Path, stats: Option<Arc<Stats>>) -> Rules {
+    pub fn empty(dir: &Path, metrics: Option<Arc<Metrics>>) -> Rules {
         Rules {
             dir: dir.to_owned(),
             current: ArcSwap::from_pointee(RuleSet::default()),
             versions: AtomicU64::new(0),
             status: Mutex::new(ReloadStatus { at: SystemTime::now(), error: None }),
             stamp: Mutex::new(stamp(dir)),
-            stats,
+            metrics,
         }
     }
 
@@ -77,8 +77,8 @@ impl Rules {
         *self.stamp.lock() = stamp(&self.dir);
         let version = self.versions.fetch_add(1, Ordering::AcqRel) + 1;
         let result = load_dir(&self.dir, version);
-        if let Some(stats) = &self.stats {
-            stats.rules_reloaded(result.is_ok());
+        if let Some(metrics) = &self.metrics {
+            metrics.rules_reloaded(result.is_ok());
         }
         let mut status = self.status.lock();
         status.at = SystemTime::now();

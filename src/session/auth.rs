@@ -14,40 +14,35 @@
 //! In `trust` mode every client is admitted and backend logins use the upstream URL's password
 //! for its user.
 
-use bytes::BytesMut;
-
 use crate::backend::connection::StartupParams;
 use crate::backend::credentials::Known;
 use crate::backend::{ConnectError, Lease, PoolError, PoolKey};
 use crate::config::{AuthMode, Password};
-use crate::protocol::backend::{PgError, authentication_cleartext};
-use crate::protocol::sqlstate::SqlState;
-use crate::server::Shared;
+use crate::context::Context;
 
-use super::SessionError;
-use super::client::Client;
+use crate::frontend::{self, Client, SessionError};
 
 /// Authenticates the client and returns its backend connection.
 pub async fn login(
     client: &mut Client,
-    shared: &Shared,
+    ctx: &Context,
     key: &PoolKey,
     startup: &StartupParams,
 ) -> Result<Lease, SessionError> {
-    let pool = shared.pools.get(key);
-    if shared.config().auth.mode == AuthMode::Trust {
-        let upstream = &shared.config().upstream;
+    let pool = ctx.pools.get(key);
+    if ctx.config().auth.mode == AuthMode::Trust {
+        let upstream = &ctx.config().upstream;
         let password = (key.user == upstream.user).then_some(upstream.password.as_ref()).flatten();
         return Ok(pool.acquire(startup, password, false).await?);
     }
-    let credentials = &shared.pools.credentials;
+    let credentials = &ctx.pools.credentials;
     match credentials.get(key) {
         Some(Known::NoPassword) => match pool.acquire(startup, None, false).await {
             Err(PoolError::Connect(ConnectError::PasswordRequired)) => credentials.forget(key),
             other => return Ok(other?),
         },
         Some(Known::Password(known)) => {
-            let given = ask_password(client, shared).await?;
+            let given = frontend::ask_password(client, ctx.config().auth.allow_plaintext_over_network).await?;
             if given == known {
                 return match pool.acquire(startup, Some(&known), false).await {
                     Err(PoolError::Connect(e)) if e.is_bad_password() => {
@@ -57,49 +52,33 @@ pub async fn login(
                     other => Ok(other?),
                 };
             }
-            return fresh_login(client, shared, key, startup, Some(given)).await;
+            return fresh_login(client, ctx, key, startup, Some(given)).await;
         }
         None => {}
     }
-    fresh_login(client, shared, key, startup, None).await
+    fresh_login(client, ctx, key, startup, None).await
 }
 
 /// Logs in on a new backend connection, asking the client for a password if Postgres wants
 /// one, and remembers what worked.
 async fn fresh_login(
     client: &mut Client,
-    shared: &Shared,
+    ctx: &Context,
     key: &PoolKey,
     startup: &StartupParams,
     mut password: Option<Password>,
 ) -> Result<Lease, SessionError> {
-    let pool = shared.pools.get(key);
+    let pool = ctx.pools.get(key);
     loop {
         match pool.acquire(startup, password.as_ref(), true).await {
             Ok(lease) => {
-                shared.pools.credentials.remember(key, password.as_ref());
+                ctx.pools.credentials.remember(key, password.as_ref());
                 return Ok(lease);
             }
             Err(PoolError::Connect(ConnectError::PasswordRequired)) if password.is_none() => {
-                password = Some(ask_password(client, shared).await?);
+                password = Some(frontend::ask_password(client, ctx.config().auth.allow_plaintext_over_network).await?);
             }
             Err(e) => return Err(e.into()),
         }
     }
-}
-
-pub(crate) async fn ask_password(client: &mut Client, shared: &Shared) -> Result<Password, SessionError> {
-    if !client.is_private() && !shared.config().auth.allow_plaintext_over_network {
-        return Err(SessionError::Refused(
-            PgError::fatal(
-                SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
-                "pgcache: password authentication needs TLS or a loopback connection",
-            )
-            .with_hint("connect with sslmode=require, or set auth.allow_plaintext_over_network"),
-        ));
-    }
-    let mut out = BytesMut::new();
-    authentication_cleartext(&mut out);
-    client.send(&out).await?;
-    Ok(Password::new(client.read_password().await?))
 }

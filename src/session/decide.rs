@@ -23,11 +23,11 @@ use crate::query::Classified;
 use crate::query::tree::is_time_word;
 use crate::stats::{Observation, key_hash};
 
-use super::SessionError;
 use super::flow::Probe;
 use super::pipeline::{Expect, Fill, Forwarded};
 use super::refresh;
 use super::relay::Relay;
+use crate::frontend::SessionError;
 
 /// What to do with one SELECT.
 pub(super) enum Plan {
@@ -86,14 +86,14 @@ impl Relay<'_> {
         if let Some(why) = self.session_refuses() {
             return Ok(Plan::Forward(why));
         }
-        let shared = self.shared;
-        let rules = shared.rules.current();
+        let ctx = self.ctx;
+        let rules = ctx.rules.current();
         let target = Target { sql, statement: c, database: &self.key.database, user: &self.key.user };
         let path = match (self.flow.settings.role(), self.flow.settings.search_path()) {
             (Some(role), Some(search_path)) => Some(SearchPath { role, search_path }),
             _ => None,
         };
-        let a = match policy::assess(&shared.catalog, &rules, &target, path).await {
+        let a = match policy::assess(&ctx.catalog, &rules, &target, path).await {
             Assessed::Cacheable(a) => a,
             Assessed::Forward(why) => return Ok(Plan::Forward(why)),
             Assessed::NeedsSearchPath => return Ok(self.probe_or(Reason::SettingsUnknown)),
@@ -113,14 +113,14 @@ impl Relay<'_> {
             return Ok(Plan::Forward(Reason::TimeWordParameter));
         }
         // Another instance's invalidation could be missed while this one is not listening.
-        if !shared.peers.coherent(&self.key.database).await {
+        if !ctx.peers.coherent(&self.key.database).await {
             return Ok(Plan::Forward(Reason::PeersNotListening));
         }
         // Row-level security makes what a role sees its own, whatever the rule says.
         let with_role = !a.rule.share_across_roles || a.row_security;
         let key = cache_key(&self.key.database, &self.flow.settings, with_role, sql, &req);
         let hash = key_hash(&key.0);
-        match shared.store.get(&key) {
+        match ctx.store.get(&key) {
             Some((entry, Freshness::Fresh)) => return Ok(Plan::Hit { entry, key: hash, stale: false }),
             Some((entry, Freshness::Stale)) => {
                 self.refresh_in_background(&key, &entry, sql, &req, a.deps.clone());
@@ -128,18 +128,18 @@ impl Relay<'_> {
             }
             _ => {}
         }
-        let flight = match shared.flights.join(&key, shared.config().cache.single_flight_wait).await {
+        let flight = match ctx.flights.join(&key, ctx.config().cache.single_flight_wait).await {
             Turn::Lead(f) => Some(f),
             Turn::Waited { .. } => {
-                shared.stats.coalesced(&a.rule.name);
-                if let Some((entry, f @ (Freshness::Fresh | Freshness::Stale))) = shared.store.get(&key) {
+                ctx.stats.coalesced(&a.rule.name);
+                if let Some((entry, f @ (Freshness::Fresh | Freshness::Stale))) = ctx.store.get(&key) {
                     return Ok(Plan::Hit { entry, key: hash, stale: f == Freshness::Stale });
                 }
                 None
             }
         };
-        let deps = shared.generations.snapshot(&self.key.database, &a.deps);
-        let limit = shared.config().cache.max_entry_bytes;
+        let deps = ctx.generations.snapshot(&self.key.database, &a.deps);
+        let limit = ctx.config().cache.max_entry_bytes;
         Ok(Plan::Fill(Box::new(Fill::new(key, a.rule, deps, a.resolved, Arc::from(sql), flight, limit))))
     }
 
@@ -184,7 +184,7 @@ impl Relay<'_> {
             },
         };
         refresh::spawn(
-            self.shared.clone(),
+            self.ctx.clone(),
             refresh::Refresh {
                 key: key.clone(),
                 stale: entry.clone(),

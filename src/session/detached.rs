@@ -19,6 +19,7 @@ use bytes::{Bytes, BytesMut};
 use crate::backend::connection::StartupParams;
 use crate::backend::{Lease, PoolKey, Reset};
 use crate::cache::{Entry, Freshness};
+use crate::context::Context;
 use crate::metrics;
 use crate::protocol::Frame;
 use crate::protocol::backend::{self as be, PgError, TransactionStatus};
@@ -26,14 +27,13 @@ use crate::protocol::frontend::{self as fe, Named, Target};
 use crate::protocol::sqlstate::SqlState;
 use crate::query::{Classified, Kind};
 use crate::rules::Action;
-use crate::server::Shared;
 use crate::stats::{Observation, key_hash};
 
-use super::SessionError;
-use super::client::Client;
 use super::decide::{Request, cache_key};
 use super::flow::{Flow, Statement};
 use super::refresh;
+use crate::frontend::Client;
+use crate::frontend::SessionError;
 
 /// How often a detached session tries to reach Postgres again, at most.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
@@ -47,27 +47,27 @@ pub enum Outcome {
 }
 
 struct Detached<'a> {
-    shared: &'a Arc<Shared>,
+    ctx: &'a Arc<Context>,
     key: &'a PoolKey,
     startup: &'a StartupParams,
     flow: &'a mut Flow,
 }
 
 pub async fn run(
-    shared: &Arc<Shared>,
+    ctx: &Arc<Context>,
     key: &PoolKey,
     startup: &StartupParams,
     client: &mut Client,
     flow: &mut Flow,
 ) -> Result<Outcome, SessionError> {
-    let mut d = Detached { shared, key, startup, flow };
-    let max = shared.config().client.max_message_bytes;
+    let mut d = Detached { ctx, key, startup, flow };
+    let max = ctx.config().client.max_message_bytes;
     loop {
         let mut frames = Vec::new();
         loop {
             let frame = tokio::select! {
                 f = client.read_frame(max) => f,
-                _ = shared.shutdown.cancelled() => return Err(SessionError::Shutdown),
+                _ = ctx.shutdown.cancelled() => return Err(SessionError::Shutdown),
             };
             let frame = match frame {
                 Ok(f) => f,
@@ -125,11 +125,11 @@ impl Detached<'_> {
     /// Takes a new backend and replays the session's settings on it.
     async fn reattach(&mut self) -> Result<Lease, String> {
         self.flow.movable().map_err(str::to_owned)?;
-        let pool = self.shared.pools.get(self.key);
+        let pool = self.ctx.pools.get(self.key);
         if pool.failed_within(RETRY_EVERY) {
             return Err("connecting failed less than a second ago".into());
         }
-        let password = refresh::pooled_password(self.shared, self.key);
+        let password = refresh::pooled_password(self.ctx, self.key);
         let mut lease = pool.acquire(self.startup, password.as_ref(), false).await.map_err(|e| e.to_string())?;
         let settings = if self.flow.settings.known() {
             self.flow
@@ -162,14 +162,14 @@ impl Detached<'_> {
         {
             return None;
         }
-        let rules = self.shared.rules.current();
+        let rules = self.ctx.rules.current();
         [false, true].into_iter().find_map(|share| {
             let key = cache_key(&self.key.database, &self.flow.settings, !share, sql, &req);
-            let (entry, freshness) = self.shared.store.get(&key)?;
+            let (entry, freshness) = self.ctx.store.get(&key)?;
             let stale = freshness != Freshness::Fresh;
             // Without the peers' invalidations only rules that accept stale answers during an
             // outage (stale_if_error) may answer.
-            let coherent = self.shared.peers.listening(&self.key.database) || !entry.rule.stale_if_error.is_zero();
+            let coherent = self.ctx.peers.listening(&self.key.database) || !entry.rule.stale_if_error.is_zero();
             let usable = match freshness {
                 Freshness::Fresh | Freshness::Stale => coherent,
                 Freshness::Fallback => fallback,
@@ -190,7 +190,7 @@ impl Detached<'_> {
             && q.tag() == fe::QUERY
         {
             let sql = std::str::from_utf8(fe::query(q.body()).ok()?.sql).ok()?;
-            let classified = self.shared.classifier.classify(sql);
+            let classified = self.ctx.classifier.classify(sql);
             let [c] = classified.as_slice() else { return None };
             let (entry, key, stale) = self.lookup(sql, c, Request::Simple, fallback)?;
             out.extend_from_slice(&entry.row_description);
@@ -214,7 +214,7 @@ impl Detached<'_> {
                         sql: Arc::from(sql),
                         param_types: p.param_types.clone(),
                         parse: f.clone(),
-                        classified: self.shared.classifier.classify(sql),
+                        classified: self.ctx.classifier.classify(sql),
                     };
                     parsed.insert(p.name.to_vec(), Arc::new(st));
                     be::parse_complete(&mut out);
@@ -268,6 +268,6 @@ impl Detached<'_> {
         entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut o = Observation::new(classified, metrics::Outcome::Hit);
         o.hit(&entry.rule.name, key, stale, entry.rows);
-        self.shared.stats.record(&o, served as u64, false);
+        self.ctx.stats.record(&o, served as u64, false);
     }
 }

@@ -10,9 +10,9 @@
 use std::sync::Arc;
 
 use crate::config::UnknownWrites;
+use crate::context::Context;
 use crate::query::catalog::CatalogError;
 use crate::query::{Classified, Kind, Relation, SessionChange, TxControl};
-use crate::server::Shared;
 
 use super::relay::Relay;
 
@@ -33,42 +33,42 @@ pub enum Effect {
 /// effects are applied when it completes and again when its transaction ends; `count` is set
 /// only for the latter, so the statistics count each committed write once, and the other
 /// instances hear of it once (see [`crate::peers`]).
-pub fn apply(shared: &Arc<Shared>, database: &str, effects: &[Effect], count: bool) {
-    if !shared.config().cache.invalidate_on_writes {
+pub fn apply(ctx: &Arc<Context>, database: &str, effects: &[Effect], count: bool) {
+    if !ctx.config().cache.invalidate_on_writes {
         return;
     }
     if count {
-        publish(shared, database, effects);
+        publish(ctx, database, effects);
     }
     for e in effects {
         match e {
             Effect::Relations(r) => {
-                shared.generations.bump_relations(r);
+                ctx.generations.bump_relations(r);
                 if count {
-                    r.iter().for_each(|r| shared.stats.table_written(&r.name));
+                    r.iter().for_each(|r| ctx.stats.table_written(&r.name));
                 }
             }
             Effect::Name(n) => {
-                shared.generations.bump_name(n);
+                ctx.generations.bump_name(n);
                 if count {
-                    shared.stats.table_written(n);
+                    ctx.stats.table_written(n);
                 }
             }
             Effect::All => {
-                shared.generations.bump_all();
+                ctx.generations.bump_all();
                 if count {
-                    shared.stats.all_invalidated();
+                    ctx.stats.all_invalidated();
                 }
             }
             Effect::Unknown(why) => {
                 if count {
-                    shared.stats.unknown_write();
+                    ctx.stats.unknown_write();
                 }
-                match shared.config().cache.unknown_writes {
+                match ctx.config().cache.unknown_writes {
                     UnknownWrites::InvalidateAll => {
-                        shared.generations.bump_all();
+                        ctx.generations.bump_all();
                         if count {
-                            shared.stats.all_invalidated();
+                            ctx.stats.all_invalidated();
                         }
                     }
                     UnknownWrites::Ignore => {
@@ -82,8 +82,8 @@ pub fn apply(shared: &Arc<Shared>, database: &str, effects: &[Effect], count: bo
 
 /// Tells the other instances what a committed transaction wrote in `database` (while the
 /// cache is in use: an instance with no rules and nothing cached is a plain pooler).
-fn publish(shared: &Arc<Shared>, database: &str, effects: &[Effect]) {
-    if !shared.caching() {
+fn publish(ctx: &Arc<Context>, database: &str, effects: &[Effect]) {
+    if !ctx.caching() {
         return;
     }
     let (mut relations, mut names, mut all) = (Vec::new(), Vec::new(), false);
@@ -92,10 +92,10 @@ fn publish(shared: &Arc<Shared>, database: &str, effects: &[Effect]) {
             Effect::Relations(r) => relations.extend(r.iter().cloned()),
             Effect::Name(n) => names.push(n.clone()),
             Effect::All => all = true,
-            Effect::Unknown(_) => all |= shared.config().cache.unknown_writes == UnknownWrites::InvalidateAll,
+            Effect::Unknown(_) => all |= ctx.config().cache.unknown_writes == UnknownWrites::InvalidateAll,
         }
     }
-    shared.peers.publish(database, &relations, &names, all);
+    ctx.peers.publish(database, &relations, &names, all);
 }
 
 /// Whether `c` may change session settings (so statements after it in the same batch cannot
@@ -113,15 +113,15 @@ pub fn may_change_settings(c: &Classified) -> bool {
 }
 
 /// The invalidations `c` causes in `database`. Looks up the catalog (cached, bounded wait).
-pub async fn of(shared: &Shared, database: &str, c: &Classified) -> Vec<Effect> {
+pub async fn of(ctx: &Context, database: &str, c: &Classified) -> Vec<Effect> {
     match c.kind {
         Kind::Write => {
-            let mut out = writes(shared, database, &c.writes).await;
-            out.extend(function_effects(shared, database, c).await);
+            let mut out = writes(ctx, database, &c.writes).await;
+            out.extend(function_effects(ctx, database, c).await);
             out
         }
         Kind::Ddl => {
-            shared.catalog.invalidate(database);
+            ctx.catalog.invalidate(database);
             let mut out = by_name(&c.writes);
             if c.writes.is_empty() {
                 // Functions, types, roles, privileges: anything cached may depend on them.
@@ -133,13 +133,13 @@ pub async fn of(shared: &Shared, database: &str, c: &Classified) -> Vec<Effect> 
         // COMMIT PREPARED makes visible writes pgcache may never have seen.
         Kind::Transaction(TxControl::TwoPhase) => vec![Effect::Unknown("two-phase commit")],
         Kind::Unparseable => vec![Effect::Unknown("statement pgcache cannot parse")],
-        Kind::Select | Kind::Neutral => function_effects(shared, database, c).await,
+        Kind::Select | Kind::Neutral => function_effects(ctx, database, c).await,
         Kind::Transaction(_) | Kind::Session(_) => Vec::new(),
     }
 }
 
-async fn writes(shared: &Shared, database: &str, targets: &[Relation]) -> Vec<Effect> {
-    match shared.catalog.relations(database, targets).await {
+async fn writes(ctx: &Context, database: &str, targets: &[Relation]) -> Vec<Effect> {
+    match ctx.catalog.relations(database, targets).await {
         Ok(infos) => {
             let mut out = Vec::new();
             for (target, info) in targets.iter().zip(infos) {
@@ -169,11 +169,11 @@ fn unknown_after(e: CatalogError, targets: &[Relation]) -> Vec<Effect> {
 }
 
 /// A volatile function outside pg_catalog may write anything.
-async fn function_effects(shared: &Shared, database: &str, c: &Classified) -> Vec<Effect> {
+async fn function_effects(ctx: &Context, database: &str, c: &Classified) -> Vec<Effect> {
     if c.functions.is_empty() {
         return Vec::new();
     }
-    match shared.catalog.functions(database, &c.functions).await {
+    match ctx.catalog.functions(database, &c.functions).await {
         Ok(infos) if infos.iter().any(|f| f.may_write) => vec![Effect::Unknown("volatile user function")],
         Ok(_) => Vec::new(),
         Err(_) => vec![Effect::Unknown("catalog unavailable for a function call")],
@@ -184,7 +184,7 @@ impl Relay<'_> {
     /// Whether the cache is in use at all: rules are loaded, or entries remain from when they
     /// were. (While neither holds there is nothing to serve or invalidate.)
     pub(super) fn caching(&self) -> bool {
-        self.shared.caching()
+        self.ctx.caching()
     }
 
     /// Records what a statement about to be sent does to the session (transaction, settings,
@@ -231,7 +231,7 @@ impl Relay<'_> {
         // functions a statement calls is then not looked up either: any of them may have set
         // custom settings, should caching start later in this session.)
         let effects = if self.caching() {
-            of(self.shared, &self.key.database, c).await
+            of(self.ctx, &self.key.database, c).await
         } else {
             if !c.functions.is_empty() {
                 self.flow.settings.mark_unknowable();

@@ -26,13 +26,13 @@ use crate::protocol::frontend::{self as fe, Bind, Execute, Named, Parse, Target}
 use crate::query::Classified;
 use crate::stats::Observation;
 
-use super::SessionError;
 use super::decide::{Plan, Request};
 use super::effects::{Effect, may_change_settings};
 use super::flow::{Parked, Statement};
 use super::pipeline::Fill;
 use super::pipeline::{Expect, Forwarded, Item, RowLimit};
 use super::relay::Relay;
+use crate::frontend::SessionError;
 
 enum Msg<'f> {
     Parse(Parse<'f>),
@@ -115,7 +115,7 @@ impl Relay<'_> {
         let tag = frame.tag();
         self.flow.batch.push(frame);
         if tag == fe::SYNC || tag == fe::FLUSH {
-            self.shared.wait_while_paused().await;
+            self.ctx.wait_while_paused().await;
             self.run_batch().await?;
         }
         Ok(())
@@ -180,7 +180,7 @@ impl Relay<'_> {
             match m {
                 Msg::Parse(p) => {
                     let classified = match std::str::from_utf8(p.sql) {
-                        Ok(sql) => self.shared.classifier.classify(sql),
+                        Ok(sql) => self.ctx.classifier.classify(sql),
                         Err(_) => Arc::new(vec![Classified::unparseable()]),
                     };
                     let st = Arc::new(Statement {
@@ -432,7 +432,7 @@ impl Relay<'_> {
                             entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let answer = entry.answer(e.max_rows);
                             if let Some(o) = &observe {
-                                self.shared.stats.record(o, answer.len() as u64, false);
+                                self.ctx.stats.record(o, answer.len() as u64, false);
                             }
                             self.answer_locally(answer);
                         }

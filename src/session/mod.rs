@@ -14,12 +14,9 @@
 //! closed.
 
 pub mod auth;
-pub mod cancel;
-pub mod client;
 mod decide;
 mod detached;
 pub mod effects;
-pub mod error;
 mod extended;
 pub mod flow;
 pub mod pipeline;
@@ -30,103 +27,32 @@ pub mod settings;
 mod simple;
 pub mod state;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::backend::connection::StartupParams;
 use crate::backend::{Lease, PoolKey, Reset};
+use crate::context::Context;
 use crate::protocol::backend::{PgError, negotiate_protocol_version};
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::startup::Startup;
-use crate::server::Shared;
 
-pub use error::SessionError;
-
-use client::{Client, Failure, Opening};
+use crate::frontend::{self, Client, SessionError};
 use state::Tracker;
-
-/// Serves one accepted connection. `permit` is `None` when the client limit is reached.
-pub async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, permit: Option<OwnedSemaphorePermit>) {
-    let open = Client::new(tcp, peer).open(shared.tls.as_ref());
-    let opened = tokio::select! {
-        r = tokio::time::timeout(shared.config().client.startup_timeout, open) => {
-            r.unwrap_or(Err(Failure { client: None, error: SessionError::StartupTimeout }))
-        }
-        _ = shared.shutdown.cancelled() => Err(Failure { client: None, error: SessionError::Shutdown }),
-    };
-    let (mut client, startup) = match opened {
-        Ok((_, Opening::Cancel { pid, secret })) => return cancel(&shared, pid, &secret).await,
-        Ok((client, Opening::Session(startup))) => (client, startup),
-        Err(Failure { client: Some(mut client), error }) => return report(&mut client, &error).await,
-        Err(Failure { client: None, error }) => {
-            if error.is_noteworthy() {
-                tracing::warn!(%peer, %error, "connection failed during start-up");
-            }
-            return;
-        }
-    };
-    let result = if permit.is_none() {
-        Err(SessionError::Refused(PgError::fatal(
-            SqlState::TOO_MANY_CONNECTIONS,
-            format!(
-                "sorry, too many clients already (pgcache client.max_connections = {})",
-                shared.config().client.max_connections
-            ),
-        )))
-    } else if shared.config().client.tls_required && !client.stream.is_tls() {
-        Err(SessionError::Refused(PgError::fatal(
-            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
-            "pgcache requires TLS: connect with sslmode=require or stronger",
-        )))
-    } else if startup.param("database") == Some(shared.config().console.database.as_str()) {
-        crate::admin::console::serve(&shared, &mut client, &startup).await
-    } else {
-        serve(&shared, &mut client, startup).await
-    };
-    if let Err(e) = result {
-        report(&mut client, &e).await;
-    }
-}
-
-async fn report(client: &mut Client, e: &SessionError) {
-    if e.is_noteworthy() {
-        tracing::warn!(peer = %client.peer, error = %e, "session failed");
-    }
-    let mut out = BytesMut::new();
-    e.encode(&mut out);
-    if !out.is_empty() {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.send(&out)).await;
-    }
-}
-
-/// Turns a client's CancelRequest into one for the backend it is using.
-async fn cancel(shared: &Shared, pid: i32, secret: &[u8]) {
-    match shared.cancels.lookup(pid, secret) {
-        Some(key) => {
-            if let Err(e) = shared.pools.endpoint().cancel(key).await {
-                tracing::warn!(error = %e, "could not forward cancel request");
-            }
-        }
-        None => tracing::debug!(pid, "cancel request for an unknown key ignored"),
-    }
-}
 
 /// Derives the pool key and the backend startup parameters from the client's StartupMessage.
 /// The client's parameters pass unchanged and in order; a missing user or database is taken
 /// from the upstream URL.
-fn backend_startup(shared: &Shared, startup: &Startup) -> Result<(PoolKey, StartupParams, Vec<String>), SessionError> {
+fn backend_startup(ctx: &Context, startup: &Startup) -> Result<(PoolKey, StartupParams, Vec<String>), SessionError> {
     if startup.param("replication").is_some_and(|v| v != "false" && v != "off" && v != "0") {
         return Err(SessionError::Refused(PgError::fatal(
             SqlState::FEATURE_NOT_SUPPORTED,
             "pgcache does not proxy replication connections; connect to Postgres directly",
         )));
     }
-    let upstream = &shared.config().upstream;
+    let upstream = &ctx.config().upstream;
     let mut params: Vec<(String, String)> = Vec::with_capacity(startup.params.len() + 2);
     let mut unsupported = Vec::new();
     for (k, v) in &startup.params {
@@ -149,25 +75,26 @@ fn backend_startup(shared: &Shared, startup: &Startup) -> Result<(PoolKey, Start
     Ok((PoolKey { database, user }, Arc::new(params), unsupported))
 }
 
-async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: Startup) -> Result<(), SessionError> {
+/// Serves a client session from its StartupMessage to its end: logs in (leasing a backend),
+/// welcomes the client, and relays until one side ends.
+pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) -> Result<(), SessionError> {
     let started = Instant::now();
-    let (key, params, unsupported) = backend_startup(shared, &startup)?;
+    let (key, params, unsupported) = backend_startup(ctx, &startup)?;
     if startup.minor > 0 || !unsupported.is_empty() {
         let mut out = BytesMut::new();
         negotiate_protocol_version(unsupported, &mut out);
         client.send(&out).await?;
     }
-    shared.wait_while_paused().await;
-    let login =
-        tokio::time::timeout(shared.config().client.startup_timeout, auth::login(client, shared, &key, &params));
+    ctx.wait_while_paused().await;
+    let login = tokio::time::timeout(ctx.config().client.startup_timeout, auth::login(client, ctx, &key, &params));
     let lease = tokio::select! {
         r = login => r.unwrap_or(Err(SessionError::StartupTimeout))?,
-        _ = shared.shutdown.cancelled() => return Err(SessionError::Shutdown),
+        _ = ctx.shutdown.cancelled() => return Err(SessionError::Shutdown),
     };
-    let handle = shared.cancels.register();
+    let handle = ctx.cancels.register();
     handle.set_backend(Some(lease.conn_ref().key));
-    let registered = shared.stats.client(client.peer, &key.user, &key.database);
-    client.send(&relay::welcome(&lease.conn_ref().params, handle.pid, handle.secret)).await?;
+    let registered = ctx.stats.client(client.peer, &key.user, &key.database);
+    client.send(&frontend::welcome(&lease.conn_ref().params, handle.pid, handle.secret)).await?;
     tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, "client connected");
 
     let mut track = Tracker::default();
@@ -182,9 +109,9 @@ async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: Startup) -> R
         let Some(mut attached) = lease.take() else {
             handle.set_backend(None);
             registered.backend_pid.store(0, std::sync::atomic::Ordering::Relaxed);
-            shared.stats.detached(1.0);
-            let outcome = detached::run(shared, &key, &params, client, &mut flow).await;
-            shared.stats.detached(-1.0);
+            ctx.stats.detached(1.0);
+            let outcome = detached::run(ctx, &key, &params, client, &mut flow).await;
+            ctx.stats.detached(-1.0);
             match outcome {
                 Ok(detached::Outcome::Reattached(new)) => {
                     tracing::info!(peer = %client.peer, user = %key.user, "session moved to a new backend connection");
@@ -196,23 +123,23 @@ async fn serve(shared: &Arc<Shared>, client: &mut Client, startup: Startup) -> R
                 Ok(detached::Outcome::ClientLeft) => break Ok(relay::Ending::ClientLeft),
                 Err(e) => {
                     // No relay to tell the client: say it here (e.g. 57P01 at shutdown).
-                    report(client, &e).await;
+                    frontend::report(client, &e).await;
                     break Ok(relay::Ending::ClientLeft);
                 }
             }
         };
         handle.set_backend(Some(attached.conn_ref().key));
         registered.backend_pid.store(attached.conn_ref().key.pid as i64, std::sync::atomic::Ordering::Relaxed);
-        let result = relay::run(shared, &key, &params, client, attached.conn(), &mut track, &mut flow).await;
+        let result = relay::run(ctx, &key, &params, client, attached.conn(), &mut track, &mut flow).await;
         attached.conn().status = track.status;
         if let Ok(relay::Ending::BackendLost) = result {
-            shared.stats.backend_error();
+            ctx.stats.backend_error();
             tracing::warn!(peer = %client.peer, user = %key.user, "backend connection lost; the session continues without one");
             reported = attached.conn_ref().params.clone();
             attached.release(Reset::Close);
             continue;
         }
-        give_back(shared, attached, &track, &flow);
+        give_back(ctx, attached, &track, &flow);
         break result;
     };
     let duration_ms = started.elapsed().as_millis() as u64;
@@ -245,13 +172,13 @@ fn changed_parameters(
 
 /// Returns the backend to the pool if it is at rest; otherwise cancels what it runs and
 /// closes it.
-fn give_back(shared: &Shared, lease: Lease, track: &Tracker, flow: &flow::Flow) {
+fn give_back(ctx: &Context, lease: Lease, track: &Tracker, flow: &flow::Flow) {
     if track.at_rest() && flow.owes_nothing() {
         lease.release(if track.used { Reset::Discard } else { Reset::None });
         return;
     }
     if !track.between_requests() {
-        let endpoint = shared.pools.endpoint().clone();
+        let endpoint = ctx.pools.endpoint().clone();
         let key = lease.conn_ref().key;
         tokio::spawn(async move {
             let _ = endpoint.cancel(key).await;

@@ -22,11 +22,11 @@ use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
 use crate::cache::{Dependency, Entry, Flight, Key};
+use crate::context::Context;
 use crate::protocol::Truncated;
 use crate::protocol::backend::{self as be, TransactionStatus};
 use crate::query::Relation;
 use crate::rules::Rule;
-use crate::server::Shared;
 use crate::stats::Observation;
 
 use super::effects::{self, Effect};
@@ -288,7 +288,7 @@ impl Flow {
     /// `status` is the transaction status after this frame.
     pub(super) fn route(
         &mut self,
-        shared: &Arc<Shared>,
+        ctx: &Arc<Context>,
         params: &mut BTreeMap<String, String>,
         status: TransactionStatus,
         raw: &[u8],
@@ -348,7 +348,7 @@ impl Flow {
                     return done(false);
                 }
                 // The backend now skips to Sync, and so do pgcache's own answers.
-                self.observed(shared, true);
+                self.observed(ctx, true);
                 self.pipeline.items.pop_front();
                 for id in self.pipeline.skip_to_sync() {
                     self.pipeline.take_fill(id);
@@ -394,16 +394,16 @@ impl Flow {
                 if status == TransactionStatus::Idle
                     && let Some(Item::Backend(head)) = self.pipeline.items.front()
                 {
-                    effects::apply(shared, &self.database, &head.effects, false);
+                    effects::apply(ctx, &self.database, &head.effects, false);
                 }
                 if let Some(id) = fill
                     && let Some(mut f) = self.pipeline.take_fill(id)
                 {
                     f.add_body(raw);
-                    f.finish(&shared.store);
+                    f.finish(&ctx.store);
                 }
                 if expect == Expect::Execute {
-                    self.observed(shared, false);
+                    self.observed(ctx, false);
                     let head = self.pipeline.items.pop_front();
                     if let Some(Item::Backend(Forwarded { row_limit: Some(l), .. })) = head
                         && l.seen >= l.client
@@ -423,7 +423,7 @@ impl Flow {
                     self.pipeline.take_fill(id);
                 }
                 if expect == Expect::Execute {
-                    self.observed(shared, false);
+                    self.observed(ctx, false);
                     self.pipeline.items.pop_front();
                     return done(true);
                 }
@@ -444,17 +444,17 @@ impl Flow {
             be::READY_FOR_QUERY => {
                 if let Some(Item::Backend(head)) = self.pipeline.items.pop_front() {
                     if let Some(o) = &head.observe {
-                        shared.stats.record(o, 0, head.failed);
+                        ctx.stats.record(o, 0, head.failed);
                     }
                     if status == TransactionStatus::Idle {
-                        effects::apply(shared, &self.database, &head.effects, false);
+                        effects::apply(ctx, &self.database, &head.effects, false);
                     }
                 }
                 if probe {
                     self.finish_probe();
                 }
                 if status == TransactionStatus::Idle {
-                    self.end_transaction(shared);
+                    self.end_transaction(ctx);
                 }
                 done(true)
             }
@@ -463,11 +463,11 @@ impl Flow {
     }
 
     /// Records the observation of the item at the head, if it has one.
-    fn observed(&mut self, shared: &Shared, error: bool) {
+    fn observed(&mut self, ctx: &Context, error: bool) {
         if let Some(Item::Backend(head)) = self.pipeline.items.front_mut()
             && let Some(o) = head.observe.take()
         {
-            shared.stats.record(&o, 0, error);
+            ctx.stats.record(&o, 0, error);
         }
     }
 
@@ -482,9 +482,9 @@ impl Flow {
     /// The transaction (explicit or implicit) ended: its writes are invalidated, now that they
     /// are committed (a ROLLBACK cleared them when it was sent), and settings it changed may
     /// have reverted.
-    fn end_transaction(&mut self, shared: &Arc<Shared>) {
+    fn end_transaction(&mut self, ctx: &Arc<Context>) {
         let effects = std::mem::take(&mut self.tx_effects);
-        effects::apply(shared, &self.database, &effects, true);
+        effects::apply(ctx, &self.database, &effects, true);
         self.wrote = false;
         self.portals.clear();
         if std::mem::take(&mut self.settings_changed_in_tx) {

@@ -19,9 +19,9 @@ use crate::backend::credentials::Known;
 use crate::backend::{PoolKey, Reset};
 use crate::cache::{Entry, Key};
 use crate::config::{AuthMode, Password};
+use crate::context::Context;
 use crate::protocol::backend as be;
 use crate::query::Relation;
-use crate::server::Shared;
 
 use super::pipeline::Fill;
 
@@ -53,39 +53,39 @@ pub struct Refresh {
 }
 
 /// The password pgcache uses to open pooled connections for `key`.
-pub fn pooled_password(shared: &Shared, key: &PoolKey) -> Option<Password> {
-    if shared.config().auth.mode == AuthMode::Trust {
-        let up = &shared.config().upstream;
+pub fn pooled_password(ctx: &Context, key: &PoolKey) -> Option<Password> {
+    if ctx.config().auth.mode == AuthMode::Trust {
+        let up = &ctx.config().upstream;
         return if key.user == up.user { up.password.clone() } else { None };
     }
-    match shared.pools.credentials.last(key) {
+    match ctx.pools.credentials.last(key) {
         Some(Known::Password(p)) => Some(p),
         _ => None,
     }
 }
 
 /// Starts the refresh; the entry's `refreshing` flag (already set) is cleared when it ends.
-pub fn spawn(shared: Arc<Shared>, r: Refresh) {
+pub fn spawn(ctx: Arc<Context>, r: Refresh) {
     tokio::spawn(async move {
-        if let Err(e) = run(&shared, &r).await {
+        if let Err(e) = run(&ctx, &r).await {
             tracing::debug!(error = %e, "background refresh failed; the entry will expire");
         }
         r.stale.refreshing.store(false, Ordering::Release);
     });
 }
 
-async fn run(shared: &Shared, r: &Refresh) -> Result<(), String> {
-    let pool = shared.pools.get(&r.pool);
-    let password = pooled_password(shared, &r.pool);
+async fn run(ctx: &Context, r: &Refresh) -> Result<(), String> {
+    let pool = ctx.pools.get(&r.pool);
+    let password = pooled_password(ctx, &r.pool);
     let mut lease = pool.acquire(&r.startup, password.as_ref(), false).await.map_err(|e| e.to_string())?;
     let result = async {
         let conn = lease.conn();
         apply_settings(conn, &r.settings).await?;
-        let deps = shared.generations.snapshot(&r.pool.database, &r.deps);
+        let deps = ctx.generations.snapshot(&r.pool.database, &r.deps);
         let request = encode(&r.request).map_err(|e| e.to_string())?;
         let answer = conn.exchange(&request).await.map_err(|e| e.to_string())?;
         let stale = &r.stale;
-        let limit = shared.config().cache.max_entry_bytes;
+        let limit = ctx.config().cache.max_entry_bytes;
         let mut fill =
             Fill::new(r.key.clone(), stale.rule.clone(), deps, stale.tables.clone(), stale.sql.clone(), None, limit);
         for f in &answer {
@@ -98,7 +98,7 @@ async fn run(shared: &Shared, r: &Refresh) -> Result<(), String> {
             }
         }
         // Like any fill: not stored if too large for the rule, or if a write raced it.
-        fill.finish(&shared.store);
+        fill.finish(&ctx.store);
         Ok(())
     }
     .await;

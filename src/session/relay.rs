@@ -21,19 +21,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::backend::connection::{BACKEND_MAX_FRAME, ReadError, StartupParams};
 use crate::backend::{Connection, PoolKey};
+use crate::context::Context;
 use crate::net::Stream;
 use crate::protocol::backend::{self as be, PgError};
 use crate::protocol::frame::{Frame, frame_len, take_frame};
 use crate::protocol::frontend as fe;
 use crate::protocol::sqlstate::SqlState;
-use crate::server::Shared;
 
-use super::SessionError;
-use super::client::Client;
 use super::flow::{Flow, Parked, Probe};
 use super::pipeline::{Expect, Forwarded, Item};
 use super::queue::OutQueue;
 use super::state::Tracker;
+use crate::frontend::Client;
+use crate::frontend::SessionError;
 
 /// Stop reading a side while this much is queued for the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -53,7 +53,7 @@ pub enum Ending {
 
 /// Everything the relay works on, for the life of the session.
 pub struct Relay<'a> {
-    pub(super) shared: &'a Arc<Shared>,
+    pub(super) ctx: &'a Arc<Context>,
     pub(super) key: &'a PoolKey,
     pub(super) startup: &'a StartupParams,
     client_rd: ReadHalf<&'a mut Stream>,
@@ -74,7 +74,7 @@ pub struct Relay<'a> {
 /// Relays between `client` and `conn` until one side ends. `track` holds the backend's
 /// protocol state afterwards, which decides whether the connection can be reused.
 pub async fn run(
-    shared: &Arc<Shared>,
+    ctx: &Arc<Context>,
     key: &PoolKey,
     startup: &StartupParams,
     client: &mut Client,
@@ -85,7 +85,7 @@ pub async fn run(
     let (client_rd, client_wr) = tokio::io::split(&mut client.stream);
     let (backend_rd, backend_wr) = tokio::io::split(&mut conn.stream);
     let mut relay = Relay {
-        shared,
+        ctx,
         key,
         startup,
         client_rd,
@@ -100,7 +100,7 @@ pub async fn run(
         track,
         flow,
         upstream_said_fatal: false,
-        max_message: shared.config().client.max_message_bytes,
+        max_message: ctx.config().client.max_message_bytes,
     };
     let result = relay.main_loop().await;
     relay.finish(&result).await;
@@ -156,8 +156,8 @@ impl Relay<'_> {
                         Err(e) => return Err(ReadError::Io(e).into()),
                     }
                 }
-                _ = self.shared.shutdown.cancelled(), if !draining => draining = true,
-                _ = self.shared.force_close.cancelled() => return Err(SessionError::Shutdown),
+                _ = self.ctx.shutdown.cancelled(), if !draining => draining = true,
+                _ = self.ctx.force_close.cancelled() => return Err(SessionError::Shutdown),
             }
         }
     }
@@ -236,7 +236,7 @@ impl Relay<'_> {
                 // Terminate ends the client's session, not the pooled backend's.
                 fe::TERMINATE => return Ok(Some(Ending::ClientLeft)),
                 fe::QUERY | fe::FUNCTION_CALL => {
-                    self.shared.wait_while_paused().await;
+                    self.ctx.wait_while_paused().await;
                     if !self.flow.batch.is_empty() {
                         self.run_batch().await?;
                     }
@@ -312,7 +312,7 @@ impl Relay<'_> {
                 self.upstream_said_fatal |= fields.severity == "FATAL" || fields.severity == "PANIC";
             }
             let routed =
-                self.flow.route(self.shared, self.params, self.track.status, raw).map_err(|_| ReadError::Malformed)?;
+                self.flow.route(self.ctx, self.params, self.track.status, raw).map_err(|_| ReadError::Malformed)?;
             if !routed.visible {
                 out.push(Out::Range(run_start, at));
                 run_start = at + len;
@@ -374,18 +374,4 @@ fn reserve(buf: &mut BytesMut) {
     let mut fresh = BytesMut::with_capacity(buf.len() + want.max(READ_CHUNK));
     fresh.extend_from_slice(buf);
     *buf = fresh;
-}
-
-/// Encodes the messages a client expects after authentication on a pooled connection:
-/// AuthenticationOk, the backend's ParameterStatus values, pgcache's own cancel key, and
-/// ReadyForQuery.
-pub fn welcome(params: &BTreeMap<String, String>, pid: i32, secret: i32) -> Bytes {
-    let mut out = BytesMut::with_capacity(512);
-    be::authentication_ok(&mut out);
-    for (name, value) in params {
-        be::parameter_status_msg(name, value, &mut out);
-    }
-    be::backend_key_data(pid, secret, &mut out);
-    be::ready_for_query(be::TransactionStatus::Idle, &mut out);
-    out.freeze()
 }

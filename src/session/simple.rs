@@ -13,12 +13,12 @@ use crate::protocol::frontend;
 use crate::query::{Classified, Kind};
 use crate::stats::Observation;
 
-use super::SessionError;
 use super::decide::{Plan, Request};
 use super::effects::Effect;
 use super::flow::Parked;
 use super::pipeline::{Expect, Forwarded, Item};
 use super::relay::Relay;
+use crate::frontend::SessionError;
 
 /// The SQL of a Query frame, if it is readable text.
 fn sql_of(frame: &Frame) -> Option<&str> {
@@ -38,7 +38,7 @@ impl Relay<'_> {
         // Non-UTF-8 SQL (e.g. a LATIN1 client) cannot be classified: it passes through as a
         // statement with unknown effects.
         let classified = match sql_of(&frame) {
-            Some(sql) => self.shared.classifier.classify(sql),
+            Some(sql) => self.ctx.classifier.classify(sql),
             None => Arc::new(vec![Classified::unparseable()]),
         };
         let mut effects = Vec::new();
@@ -75,7 +75,7 @@ impl Relay<'_> {
                     let mut answer = BytesMut::with_capacity(entry.row_description.len() + entry.body.len());
                     answer.extend_from_slice(&entry.row_description);
                     answer.extend_from_slice(&entry.body);
-                    self.shared.stats.record(&observe, answer.len() as u64, false);
+                    self.ctx.stats.record(&observe, answer.len() as u64, false);
                     self.answer_locally(answer.freeze());
                     self.flow.pipeline.items.push_back(Item::LocalReady);
                     self.flush_locals();

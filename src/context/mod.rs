@@ -1,0 +1,148 @@
+//! What every connection shares: the configuration in force, the rules, the cache and its
+//! generations, the catalog, the pools, the cancel keys, the statistics, the peers. Built
+//! once per server from the [`Config`]; nothing here is a process-wide global, so tests run
+//! many servers in one process.
+//!
+//! It sits between the subsystems below it (which know nothing of each other's owner) and the
+//! connection handlers above it (front end, sessions, console, server); it must not import
+//! any of those.
+
+pub mod cancel;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Endpoint, Pools};
+use crate::cache::{Flights, Generations, Store};
+use crate::config::Config;
+use crate::net::tls::{self, TlsError};
+use crate::peers::Peers;
+use crate::query::Classifier;
+use crate::query::catalog::Catalog;
+use crate::rules::{LoadError, Rules};
+use crate::stats::Stats;
+
+use cancel::CancelRegistry;
+
+/// Why a server could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("invalid rules:\n{0}")]
+    Rules(#[from] LoadError),
+}
+
+/// What every session shares. Built once per server; nothing here is a process-wide global,
+/// so tests run many servers in one process.
+pub struct Context {
+    /// The configuration in force; `RELOAD` and SIGHUP swap in changes that are safe live.
+    config: arc_swap::ArcSwap<Config>,
+    /// The command line the server was started with, to re-read on reload (`None` when built
+    /// from a `Config` directly, as in tests).
+    pub config_source: parking_lot::Mutex<Option<Vec<std::ffi::OsString>>>,
+    pub pools: Pools,
+    pub cancels: Arc<CancelRegistry>,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub rules: Arc<Rules>,
+    pub store: Store,
+    pub generations: Arc<Generations>,
+    pub flights: Arc<Flights>,
+    pub classifier: Classifier,
+    pub catalog: Arc<Catalog>,
+    pub peers: Arc<Peers>,
+    pub stats: Arc<Stats>,
+    /// New backend work waits while this is true (admin `PAUSE`).
+    pub paused: tokio::sync::watch::Sender<bool>,
+    /// Stop accepting and drain.
+    pub shutdown: CancellationToken,
+    /// The drain timeout passed: close what is left.
+    pub force_close: CancellationToken,
+}
+
+impl Context {
+    /// Waits while new backend work is paused (admin `PAUSE`), or until shutdown forces
+    /// sessions closed.
+    pub async fn wait_while_paused(&self) {
+        let mut rx = self.paused.subscribe();
+        tokio::select! {
+            _ = rx.wait_for(|paused| !*paused) => {}
+            _ = self.force_close.cancelled() => {}
+        }
+    }
+
+    /// Whether the cache is in use at all: rules are loaded, or entries remain from when they
+    /// were. (While neither holds there is nothing to serve or invalidate.)
+    pub fn caching(&self) -> bool {
+        !self.store.is_empty() || !self.rules.current().rules.is_empty()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    /// Reloads the rules, and the configuration if the server was started from a command line:
+    /// settings that are safe to change live take effect; the names of changed settings that
+    /// need a restart are returned.
+    pub fn reload(&self) -> Result<Vec<&'static str>, String> {
+        let rules = self.rules.reload().map_err(|e| e.to_string());
+        let args = self.config_source.lock().clone();
+        let mut restart = Vec::new();
+        if let Some(args) = args {
+            let cli = <crate::config::Cli as clap::Parser>::try_parse_from(args).map_err(|e| e.to_string())?;
+            let fresh = Config::load(&cli).map_err(|e| e.to_string())?;
+            let (applied, needs) = self.config().reloaded(fresh);
+            self.config.store(Arc::new(applied));
+            restart = needs;
+            if !restart.is_empty() {
+                tracing::warn!(settings = ?restart, "configuration changes that need a restart were not applied");
+            }
+        }
+        rules.map(|_| restart)
+    }
+
+    pub fn new(config: Config, shutdown: CancellationToken) -> Result<Arc<Context>, ContextError> {
+        let endpoint = Arc::new(Endpoint::new(&config.upstream, config.pool.connect_timeout)?);
+        let tls = match (&config.client.tls_cert, &config.client.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+            _ => None,
+        };
+        let stats = Arc::new(Stats::new(config.max_table_labels, config.slow_statement));
+        let rules = if config.rules_explicit || config.rules.exists() {
+            Rules::load(&config.rules, Some(stats.metrics.clone()))?
+        } else {
+            tracing::warn!(dir = %config.rules.display(), "no rule directory: nothing will be cached");
+            Rules::empty(&config.rules, Some(stats.metrics.clone()))
+        };
+        let pools =
+            Pools::new(config.pool.clone(), endpoint.clone(), config.auth.verify_interval, stats.metrics.clone());
+        let catalog = Arc::new(Catalog::new(
+            endpoint,
+            config.upstream.clone(),
+            pools.credentials.clone(),
+            config.cache.catalog_ttl,
+        ));
+        let generations = Arc::new(Generations::default());
+        let peers = Arc::new(Peers::new(config.peers.clone(), catalog.clone(), generations.clone(), stats.clone()));
+        Ok(Arc::new(Context {
+            pools,
+            store: Store::new(config.cache.max_bytes),
+            generations,
+            flights: Arc::new(Flights::default()),
+            classifier: Classifier::default(),
+            catalog,
+            peers,
+            rules: Arc::new(rules),
+            stats,
+            paused: tokio::sync::watch::channel(false).0,
+            config: arc_swap::ArcSwap::from_pointee(config),
+            config_source: parking_lot::Mutex::new(None),
+            cancels: Arc::new(CancelRegistry::default()),
+            tls,
+            shutdown,
+            force_close: CancellationToken::new(),
+        }))
+    }
+}
