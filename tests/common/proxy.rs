@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use pgcache::config::Config;
-use pgcache::server::{self, Shared};
+use pgcache::context::Context;
+use pgcache::server;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -14,7 +15,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     /// The admin HTTP address (/metrics, /healthz, /readyz).
     pub admin: SocketAddr,
-    pub shared: Arc<Shared>,
+    pub shared: Arc<Context>,
     shutdown: CancellationToken,
     handle: Option<JoinHandle<()>>,
 }
@@ -37,7 +38,7 @@ impl Proxy {
         let shutdown = CancellationToken::new();
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = admin_listener.local_addr().unwrap();
-        let shared = Shared::new(config, shutdown.clone()).unwrap();
+        let shared = Context::new(config, shutdown.clone()).unwrap();
         tokio::spawn(pgcache::admin::http::serve(admin_listener, shared.clone()));
         let handle = tokio::spawn(server::run(listener, shared.clone()));
         Proxy { addr, admin, shared, shutdown, handle: Some(handle) }
