@@ -3,6 +3,8 @@
 //!
 //! Everything else a client sends is forwarded as an opaque [`Frame`](super::Frame).
 
+use bytes::Bytes;
+
 use super::{Reader, Truncated};
 
 pub const QUERY: u8 = b'Q';
@@ -103,6 +105,41 @@ pub fn bind(body: &[u8]) -> Result<Bind<'_>, Truncated> {
     }
     let result_formats = formats(&mut r)?;
     finish(&r, Bind { portal, statement, param_formats, params, result_formats })
+}
+
+/// A Bind whose parts are slices of its frame (no copies), for code that keeps it past the
+/// frame's decoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindParts {
+    pub portal: Bytes,
+    pub statement: Bytes,
+    pub param_formats: Vec<i16>,
+    pub params: Vec<Option<Bytes>>,
+    pub result_formats: Vec<i16>,
+}
+
+impl BindParts {
+    /// Decodes the Bind in `raw` (a whole frame, header included).
+    pub fn decode(raw: &Bytes) -> Result<BindParts, Truncated> {
+        let b = bind(raw.get(5..).ok_or(Truncated)?)?;
+        Ok(BindParts {
+            portal: raw.slice_ref(b.portal),
+            statement: raw.slice_ref(b.statement),
+            param_formats: b.param_formats,
+            params: b.params.iter().map(|p| p.map(|v| raw.slice_ref(v))).collect(),
+            result_formats: b.result_formats,
+        })
+    }
+
+    /// The format of parameter `i` (Postgres docs, "Bind": none given means text, one given
+    /// applies to all).
+    pub fn param_format(&self, i: usize) -> i16 {
+        match self.param_formats.as_slice() {
+            [] => 0,
+            [one] => *one,
+            many => many.get(i).copied().unwrap_or(0),
+        }
+    }
 }
 
 fn formats(r: &mut Reader<'_>) -> Result<Vec<i16>, Truncated> {

@@ -11,85 +11,38 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::{Bytes, BytesMut};
-
 use crate::cache::flight::Turn;
 use crate::cache::key::KeyBuilder;
 use crate::cache::{Entry, Freshness, Key};
+use crate::frontend::SessionError;
 use crate::policy::{self, Assessed, Reason, SearchPath, Target};
 use crate::protocol::backend::TransactionStatus;
-use crate::protocol::frontend::Bind;
+use crate::protocol::frontend::BindParts;
 use crate::query::Classified;
 use crate::query::tree::is_time_word;
-use crate::stats::{Observation, key_hash};
+use crate::stats::key_hash;
 
-use super::flow::Probe;
-use super::pipeline::{Expect, Fill, Forwarded};
+use super::core::flow::Probe;
+use super::core::pipeline::Fill;
+use super::core::plan::Plan;
 use super::refresh;
 use super::relay::Relay;
-use crate::frontend::SessionError;
-
-/// What to do with one SELECT.
-pub(super) enum Plan {
-    /// Answer from this entry (`key`: a hash of its key; `stale`: past its TTL).
-    Hit { entry: Arc<Entry>, key: u64, stale: bool },
-    /// Forward, and keep the answer.
-    Fill(Box<Fill>),
-    /// Forward only, for this reason.
-    Forward(Reason),
-    /// The session's settings must be read first: send the probe, decide again on its answer.
-    Probe,
-}
 
 /// The protocol-specific parts of a request.
 pub(super) enum Request<'a> {
     Simple,
-    Extended { param_types: &'a [u32], bind: &'a Bind<'a> },
-}
-
-impl Plan {
-    /// Records in `o` what was decided.
-    pub(super) fn observe(&self, o: &mut Observation) {
-        match self {
-            Plan::Hit { entry, key, stale } => o.hit(&entry.rule.name, *key, *stale, entry.rows),
-            Plan::Fill(fill) => o.miss(&fill.rule.name, key_hash(&fill.key.0)),
-            Plan::Forward(why) => {
-                tracing::debug!(reason = %why, "forwarded, not cached");
-                o.reason = Some(why.clone());
-            }
-            Plan::Probe => {}
-        }
-    }
+    Extended { param_types: &'a [u32], bind: &'a BindParts },
 }
 
 impl Relay<'_> {
-    /// Why this session cannot use the cache right now, if it cannot (no look-up needed).
-    fn session_refuses(&self) -> Option<Reason> {
-        if let Some(why) = self.flow.taint {
-            return Some(Reason::Session(why));
-        }
-        if self.flow.wrote {
-            return Some(Reason::TransactionWrote);
-        }
-        if self.track.status == TransactionStatus::Failed {
-            return Some(Reason::TransactionFailed);
-        }
-        // Postgres may be skipping to the Sync of messages already sent (after an error): a
-        // request of pgcache's own would be skipped too, and never answered.
-        if self.track.unsynced {
-            return Some(Reason::Unsynced);
-        }
-        None
-    }
-
     pub(super) async fn decide(&mut self, sql: &str, c: &Classified, req: Request<'_>) -> Result<Plan, SessionError> {
-        if let Some(why) = self.session_refuses() {
+        if let Some(why) = self.core.refuses() {
             return Ok(Plan::Forward(why));
         }
         let ctx = self.ctx;
         let rules = ctx.rules.current();
         let target = Target { sql, statement: c, database: &self.key.database, user: &self.key.user };
-        let path = match (self.flow.settings.role(), self.flow.settings.search_path()) {
+        let path = match (self.core.flow.settings.role(), self.core.flow.settings.search_path()) {
             (Some(role), Some(search_path)) => Some(SearchPath { role, search_path }),
             _ => None,
         };
@@ -98,13 +51,13 @@ impl Relay<'_> {
             Assessed::Forward(why) => return Ok(Plan::Forward(why)),
             Assessed::NeedsSearchPath => return Ok(self.probe_or(Reason::SettingsUnknown)),
         };
-        if !self.flow.settings.known() {
+        if !self.core.flow.settings.known() {
             return Ok(self.probe_or(Reason::SettingsUnknown));
         }
-        if self.track.status == TransactionStatus::InBlock && !self.flow.settings.read_committed() {
+        if self.core.tracker.status == TransactionStatus::InBlock && !self.core.flow.settings.read_committed() {
             return Ok(Plan::Forward(Reason::Isolation));
         }
-        if a.reads_custom_settings && self.flow.settings.unknowable() {
+        if a.reads_custom_settings && self.core.flow.settings.unknowable() {
             return Ok(Plan::Forward(Reason::CustomSettingsUnknown));
         }
         if let Request::Extended { bind, .. } = &req
@@ -118,7 +71,7 @@ impl Relay<'_> {
         }
         // Row-level security makes what a role sees its own, whatever the rule says.
         let with_role = !a.rule.share_across_roles || a.row_security;
-        let key = cache_key(&self.key.database, &self.flow.settings, with_role, sql, &req);
+        let key = cache_key(&self.key.database, &self.core.flow.settings, with_role, sql, &req);
         let hash = key_hash(&key.0);
         match ctx.store.get(&key) {
             Some((entry, Freshness::Fresh)) => return Ok(Plan::Hit { entry, key: hash, stale: false }),
@@ -145,18 +98,7 @@ impl Relay<'_> {
 
     /// [`Plan::Probe`], unless the probe already failed for these settings.
     fn probe_or(&self, why: Reason) -> Plan {
-        if self.flow.probe == Some(Probe::Failed) { Plan::Forward(why) } else { Plan::Probe }
-    }
-
-    /// Sends the probe that reads the session's settings; its answer is hidden from the client.
-    pub(super) fn start_probe(&mut self) -> Result<(), SessionError> {
-        self.flow.probe = Some(Probe::Running);
-        self.flow.probe_rows.clear();
-        let mut q = BytesMut::new();
-        postgres_protocol::message::frontend::query(&self.flow.settings.probe_sql(), &mut q)
-            .map_err(SessionError::ClientIo)?;
-        self.request(q.freeze(), Forwarded { probe: true, ..Forwarded::hidden(Expect::Query) });
-        Ok(())
+        if self.core.flow.probe == Some(Probe::Failed) { Plan::Forward(why) } else { Plan::Probe }
     }
 
     /// Stale-while-revalidate: the entry is served, and refreshed once in the background
@@ -169,7 +111,7 @@ impl Relay<'_> {
         req: &Request<'_>,
         deps: Vec<crate::query::Relation>,
     ) {
-        let Some(settings) = self.flow.settings.replay(&self.key.user) else { return };
+        let Some(settings) = self.core.flow.settings.replay(&self.key.user) else { return };
         if entry.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -179,7 +121,7 @@ impl Relay<'_> {
                 sql: sql.to_owned(),
                 param_types: param_types.to_vec(),
                 param_formats: bind.param_formats.clone(),
-                params: bind.params.iter().map(|p| p.map(Bytes::copy_from_slice)).collect(),
+                params: bind.params.clone(),
                 result_formats: bind.result_formats.clone(),
             },
         };
@@ -203,7 +145,7 @@ impl Relay<'_> {
 /// formats and values and the result formats.
 pub(super) fn cache_key(
     database: &str,
-    settings: &super::settings::Settings,
+    settings: &super::core::settings::Settings,
     with_role: bool,
     sql: &str,
     req: &Request<'_>,
@@ -218,7 +160,7 @@ pub(super) fn cache_key(
     if let Request::Extended { param_types, bind } = req {
         kb.u32s(param_types).i16s(&bind.param_formats);
         for p in &bind.params {
-            kb.part(*p);
+            kb.part(p.as_deref());
         }
         kb.i16s(&bind.result_formats);
     }
@@ -226,13 +168,8 @@ pub(super) fn cache_key(
 }
 
 /// Text-format parameters such as `'now'` make a result depend on the time.
-fn has_time_word(bind: &Bind<'_>) -> bool {
+fn has_time_word(bind: &BindParts) -> bool {
     bind.params.iter().enumerate().any(|(i, p)| {
-        let format = match bind.param_formats.as_slice() {
-            [] => 0,
-            [one] => *one,
-            many => many.get(i).copied().unwrap_or(0),
-        };
-        format == 0 && p.and_then(|v| std::str::from_utf8(v).ok()).is_some_and(is_time_word)
+        bind.param_format(i) == 0 && p.as_deref().and_then(|v| std::str::from_utf8(v).ok()).is_some_and(is_time_word)
     })
 }

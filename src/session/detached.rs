@@ -29,8 +29,8 @@ use crate::query::{Classified, Kind};
 use crate::rules::Action;
 use crate::stats::{Observation, key_hash};
 
+use super::core::flow::{Flow, Statement};
 use super::decide::{Request, cache_key};
-use super::flow::{Flow, Statement};
 use super::refresh;
 use crate::frontend::Client;
 use crate::frontend::SessionError;
@@ -220,12 +220,14 @@ impl Detached<'_> {
                     be::parse_complete(&mut out);
                 }
                 fe::BIND => {
-                    let b = fe::bind(f.body()).ok()?;
+                    let b = fe::BindParts::decode(f.raw()).ok()?;
                     if !b.portal.is_empty() {
                         return None;
                     }
-                    let st =
-                        parsed.get(b.statement).cloned().or_else(|| self.flow.statements.get(b.statement).cloned())?;
+                    let st = parsed
+                        .get(&b.statement[..])
+                        .cloned()
+                        .or_else(|| self.flow.statements.get(&b.statement[..]).cloned())?;
                     let [c] = st.classified.as_slice() else { return None };
                     let req = Request::Extended { param_types: &st.param_types, bind: &b };
                     let (entry, key, stale) = self.lookup(&st.sql, c, req, fallback)?;

@@ -5,29 +5,17 @@
 //! keys). When that cannot be known — the catalog is unreachable, the table has user triggers
 //! or rules, the statement is `DO`/`CALL`/unparseable, or it calls a volatile user function —
 //! pgcache invalidates wider: by name in every schema, or everything, as `cache.unknown_writes`
-//! says. DDL invalidates by name and clears the catalog facts.
+//! says. DDL invalidates by name and clears the catalog facts. Committed invalidations are
+//! also published to the other instances ([`crate::peers`]).
 
 use std::sync::Arc;
 
 use crate::config::UnknownWrites;
 use crate::context::Context;
 use crate::query::catalog::CatalogError;
-use crate::query::{Classified, Kind, Relation, SessionChange, TxControl};
+use crate::query::{Classified, Kind, Relation, TxControl};
 
-use super::relay::Relay;
-
-/// One invalidation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Effect {
-    /// These resolved relations changed.
-    Relations(Vec<Relation>),
-    /// Every relation with this name, in any schema, changed.
-    Name(String),
-    /// Something unknown changed (subject to `cache.unknown_writes`).
-    Unknown(&'static str),
-    /// Anything cached may be wrong now (DDL on functions, types, roles, privileges).
-    All,
-}
+pub use super::core::effect::Effect;
 
 /// Applies effects to the generations (before the completion reaches the client). A write's
 /// effects are applied when it completes and again when its transaction ends; `count` is set
@@ -98,20 +86,6 @@ fn publish(ctx: &Arc<Context>, database: &str, effects: &[Effect]) {
     ctx.peers.publish(database, &relations, &names, all);
 }
 
-/// Whether `c` may change session settings (so statements after it in the same batch cannot
-/// be keyed before it has run): `SET`, `RESET`, `DISCARD`, `set_config`, transaction control
-/// other than a plain `BEGIN` (which may end a transaction's `SET LOCAL`s), and anything whose
-/// effects are unknown.
-pub fn may_change_settings(c: &Classified) -> bool {
-    c.settings.changes
-        || match c.kind {
-            Kind::Session(_) | Kind::Opaque | Kind::Unparseable => true,
-            Kind::Transaction(TxControl::Begin { plain: true }) => false,
-            Kind::Transaction(_) => true,
-            _ => false,
-        }
-}
-
 /// The invalidations `c` causes in `database`. Looks up the catalog (cached, bounded wait).
 pub async fn of(ctx: &Context, database: &str, c: &Classified) -> Vec<Effect> {
     match c.kind {
@@ -180,78 +154,15 @@ async fn function_effects(ctx: &Context, database: &str, c: &Classified) -> Vec<
     }
 }
 
-impl Relay<'_> {
-    /// Whether the cache is in use at all: rules are loaded, or entries remain from when they
-    /// were. (While neither holds there is nothing to serve or invalidate.)
-    pub(super) fn caching(&self) -> bool {
-        self.ctx.caching()
+/// The invalidations `c` causes in `database`, as far as the cache needs them: while it is
+/// not in use there is nothing to invalidate, so the catalog is not asked.
+pub async fn of_statement(ctx: &Context, database: &str, c: &Classified) -> Vec<Effect> {
+    if ctx.caching() {
+        return of(ctx, database, c).await;
     }
-
-    /// Records what a statement about to be sent does to the session (transaction, settings,
-    /// temporary objects) and returns the invalidations it causes.
-    pub(super) async fn note(&mut self, c: &Classified) -> Vec<Effect> {
-        if c.pins.is_some() {
-            self.flow.pinned = c.pins;
-        }
-        self.flow.settings.track(&c.settings);
-        if c.settings.changes {
-            self.flow.settings_may_change();
-        }
-        match &c.kind {
-            Kind::Transaction(TxControl::Begin { plain: false } | TxControl::SetTransaction) => {
-                self.flow.settings_may_change();
-            }
-            // What the transaction wrote is undone: its invalidations are not needed (the
-            // entries filled before it stay valid). Statements after the ROLLBACK start anew.
-            // Settings it changed are undone too, and SET LOCAL ends with any transaction:
-            // forget them now, so a statement pipelined behind this one is not keyed on them.
-            Kind::Transaction(TxControl::Rollback) => {
-                self.flow.tx_effects.clear();
-                self.flow.forget_if_changed_in_tx();
-            }
-            Kind::Transaction(TxControl::Commit | TxControl::Savepoint) => self.flow.forget_if_changed_in_tx(),
-            Kind::Session(SessionChange::Setting) => self.flow.settings_may_change(),
-            Kind::Session(SessionChange::Discard) => {
-                self.flow.settings_may_change();
-                // DISCARD ALL deallocates every prepared statement, in the client's view too.
-                self.flow.statements.clear();
-                self.flow.unprepared.clear();
-                self.flow.virtual_portal = None;
-            }
-            Kind::Session(SessionChange::CreatesTemp) => {
-                self.flow.taint = Some("the session created temporary objects")
-            }
-            Kind::Opaque | Kind::Unparseable => {
-                self.flow.settings_may_change();
-                self.flow.settings.mark_unknowable();
-            }
-            _ => {}
-        }
-        // While nothing is cached there is nothing to invalidate: skip the catalog. (Which
-        // functions a statement calls is then not looked up either: any of them may have set
-        // custom settings, should caching start later in this session.)
-        let effects = if self.caching() {
-            of(self.ctx, &self.key.database, c).await
-        } else {
-            if !c.functions.is_empty() {
-                self.flow.settings.mark_unknowable();
-            }
-            match c.kind {
-                Kind::Write | Kind::Ddl => by_name(&c.writes),
-                Kind::Opaque | Kind::Unparseable => vec![Effect::Unknown("statement with unknown effects")],
-                _ => Vec::new(),
-            }
-        };
-        if !effects.is_empty() || matches!(c.kind, Kind::Write | Kind::Ddl) {
-            self.flow.wrote = true;
-            if effects.iter().any(|e| matches!(e, Effect::Unknown(_))) {
-                // Whatever ran may also have changed settings (set_config, SET in a function),
-                // under names pgcache cannot know.
-                self.flow.settings_may_change();
-                self.flow.settings.mark_unknowable();
-            }
-        }
-        self.flow.tx_effects.extend(effects.iter().cloned());
-        effects
+    match c.kind {
+        Kind::Write | Kind::Ddl => by_name(&c.writes),
+        Kind::Opaque | Kind::Unparseable => vec![Effect::Unknown("statement with unknown effects")],
+        _ => Vec::new(),
     }
 }

@@ -1,31 +1,28 @@
-//! One client connection, from its first byte to its close.
+//! One client session, from its StartupMessage to its close.
 //!
 //! ```text
-//! Opening ──SSLRequest/GSSENCRequest──▶ Opening (TLS or not)
-//!    │ CancelRequest ──▶ forward to the backend serving that key, close
-//!    ▼ StartupMessage
-//! Authenticating ──(login; backend leased)──▶ Relaying ──Terminate/EOF──▶ Closed
+//! StartupMessage ──(login; backend leased)──▶ Relaying ──Terminate/EOF──▶ Closed
 //!                                               │ shutdown: at rest ──▶ 57P01, Closed
 //!                                               │ error ──▶ ErrorResponse, Closed
+//!                                               │ backend lost while idle ──▶ Detached
+//!                      Relaying ◀──(new backend, settings replayed)── Detached
 //! ```
 //!
-//! Errors become ErrorResponses in one place ([`error`]). When the session ends its backend
-//! goes back to the pool only if it is at rest; a backend left mid-query is cancelled and
-//! closed.
+//! The protocol state is the [`core`]'s (pure, unit-tested); the [`relay`] does the I/O and
+//! feeds it ([`drive`]) with the facts only the shared state has: write effects
+//! ([`effects`]) and cache decisions ([`decide`]). When the session ends its backend goes back
+//! to the pool only if it is at rest; a backend left mid-query is cancelled and closed. It uses
+//! the front end ([`crate::frontend`]) and what every connection shares
+//! ([`crate::context`]); it knows nothing of the admin console.
 
 pub mod auth;
+pub mod core;
 mod decide;
 mod detached;
+mod drive;
 pub mod effects;
-mod extended;
-pub mod flow;
-pub mod pipeline;
-pub mod queue;
 pub mod refresh;
 pub mod relay;
-pub mod settings;
-mod simple;
-pub mod state;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,8 +36,11 @@ use crate::protocol::backend::{PgError, negotiate_protocol_version};
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::startup::Startup;
 
+use self::core::Core;
+use self::core::flow::Flow;
+use self::core::settings::Settings;
+use self::core::tracker::Tracker;
 use crate::frontend::{self, Client, SessionError};
-use state::Tracker;
 
 /// Derives the pool key and the backend startup parameters from the client's StartupMessage.
 /// The client's parameters pass unchanged and in order; a missing user or database is taken
@@ -97,12 +97,11 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
     client.send(&frontend::welcome(&lease.conn_ref().params, handle.pid, handle.secret)).await?;
     tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, "client connected");
 
-    let mut track = Tracker::default();
-    let mut flow = flow::Flow {
+    let mut core = Core::new(Flow {
         database: Arc::from(key.database.as_str()),
-        settings: settings::Settings::at_startup(&params),
-        ..flow::Flow::default()
-    };
+        settings: Settings::at_startup(&params),
+        ..Flow::default()
+    });
     let mut reported = lease.conn_ref().params.clone();
     let mut lease = Some(lease);
     let result = loop {
@@ -110,13 +109,13 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
             handle.set_backend(None);
             registered.backend_pid.store(0, std::sync::atomic::Ordering::Relaxed);
             ctx.stats.detached(1.0);
-            let outcome = detached::run(ctx, &key, &params, client, &mut flow).await;
+            let outcome = detached::run(ctx, &key, &params, client, &mut core.flow).await;
             ctx.stats.detached(-1.0);
             match outcome {
                 Ok(detached::Outcome::Reattached(new)) => {
                     tracing::info!(peer = %client.peer, user = %key.user, "session moved to a new backend connection");
                     client.send(&changed_parameters(&reported, &new.conn_ref().params)).await?;
-                    track = Tracker { used: true, ..Tracker::default() };
+                    core.tracker = Tracker { used: true, ..Tracker::default() };
                     lease = Some(new);
                     continue;
                 }
@@ -130,8 +129,8 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
         };
         handle.set_backend(Some(attached.conn_ref().key));
         registered.backend_pid.store(attached.conn_ref().key.pid as i64, std::sync::atomic::Ordering::Relaxed);
-        let result = relay::run(ctx, &key, &params, client, attached.conn(), &mut track, &mut flow).await;
-        attached.conn().status = track.status;
+        let result = relay::run(ctx, &key, &params, client, attached.conn(), &mut core).await;
+        attached.conn().status = core.tracker.status;
         if let Ok(relay::Ending::BackendLost) = result {
             ctx.stats.backend_error();
             tracing::warn!(peer = %client.peer, user = %key.user, "backend connection lost; the session continues without one");
@@ -139,7 +138,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
             attached.release(Reset::Close);
             continue;
         }
-        give_back(ctx, attached, &track, &flow);
+        give_back(ctx, attached, &core);
         break result;
     };
     let duration_ms = started.elapsed().as_millis() as u64;
@@ -172,8 +171,9 @@ fn changed_parameters(
 
 /// Returns the backend to the pool if it is at rest; otherwise cancels what it runs and
 /// closes it.
-fn give_back(ctx: &Context, lease: Lease, track: &Tracker, flow: &flow::Flow) {
-    if track.at_rest() && flow.owes_nothing() {
+fn give_back(ctx: &Context, lease: Lease, core: &Core) {
+    let track = &core.tracker;
+    if core.at_rest() {
         lease.release(if track.used { Reset::Discard } else { Reset::None });
         return;
     }

@@ -23,7 +23,7 @@ use crate::context::Context;
 use crate::protocol::backend as be;
 use crate::query::Relation;
 
-use super::pipeline::Fill;
+use super::core::pipeline::Fill;
 
 /// The request to replay.
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use crate::protocol::Frame;
 use crate::query::Classified;
 
-use super::effects::Effect;
+use super::effect::Effect;
 use super::pipeline::Pipeline;
 use super::settings::Settings;
 
@@ -102,6 +102,15 @@ impl Flow {
         }
         self.settings_changed_in_tx = true;
         self.settings_touched = true;
+    }
+
+    /// The probe's ReadyForQuery: learn what it read.
+    pub(super) fn finish_probe(&mut self) {
+        let rows = std::mem::take(&mut self.probe_rows);
+        if !rows.is_empty() {
+            self.settings.learn(rows);
+        }
+        self.probe = Some(if self.settings.known() { Probe::Done } else { Probe::Failed });
     }
 
     /// The transaction is ending: settings it changed revert.

@@ -75,6 +75,13 @@ impl Tracker {
         Ok(())
     }
 
+    /// A COPY started by the extended protocol swallowed the Sync sent with it: that Sync
+    /// gets no ReadyForQuery, and Postgres waits for another after CopyDone.
+    pub fn copy_ate_sync(&mut self) {
+        self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
+        self.unsynced = true;
+    }
+
     /// No request is waiting for its answer (the transaction may still be open).
     pub fn between_requests(&self) -> bool {
         self.awaiting_ready == 0 && !self.unsynced && self.copy == Copy::None

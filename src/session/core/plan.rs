@@ -1,0 +1,38 @@
+//! What was decided for one SELECT (by the relay, from the cache and the policy): the core
+//! carries it out.
+
+use std::sync::Arc;
+
+use crate::cache::Entry;
+use crate::policy::Reason;
+use crate::stats::{Observation, key_hash};
+
+use super::pipeline::Fill;
+
+/// What to do with one SELECT.
+#[derive(Debug)]
+pub enum Plan {
+    /// Answer from this entry (`key`: a hash of its key; `stale`: past its TTL).
+    Hit { entry: Arc<Entry>, key: u64, stale: bool },
+    /// Forward, and keep the answer.
+    Fill(Box<Fill>),
+    /// Forward only, for this reason.
+    Forward(Reason),
+    /// The session's settings must be read first: send the probe, decide again on its answer.
+    Probe,
+}
+
+impl Plan {
+    /// Records in `o` what was decided.
+    pub fn observe(&self, o: &mut Observation) {
+        match self {
+            Plan::Hit { entry, key, stale } => o.hit(&entry.rule.name, *key, *stale, entry.rows),
+            Plan::Fill(fill) => o.miss(&fill.rule.name, key_hash(&fill.key.0)),
+            Plan::Forward(why) => {
+                tracing::debug!(reason = %why, "forwarded, not cached");
+                o.reason = Some(why.clone());
+            }
+            Plan::Probe => {}
+        }
+    }
+}

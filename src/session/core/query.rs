@@ -1,0 +1,128 @@
+//! The simple query protocol: a Query message answered from the cache, filled into it, or
+//! forwarded — with its writes noted for invalidation either way. A Query that needs the
+//! session's settings read first waits, parked, for the probe's answer.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use crate::metrics::Outcome;
+use crate::policy::Reason;
+use crate::protocol::Frame;
+use crate::protocol::backend::TransactionStatus;
+use crate::protocol::frontend;
+use crate::query::{Classified, Kind};
+use crate::stats::Observation;
+
+use super::effect::Effect;
+use super::flow::{Parked, Probe};
+use super::pipeline::{Expect, Forwarded, Item};
+use super::plan::Plan;
+use super::{Action, Core};
+
+/// The SQL of a Query frame, if it is readable text.
+pub fn sql_of(frame: &Frame) -> Option<&str> {
+    frontend::query(frame.body()).ok().and_then(|q| std::str::from_utf8(q.sql).ok())
+}
+
+/// Why a request that is not a lone SELECT is forwarded.
+pub fn not_cacheable(classified: &[Classified]) -> Reason {
+    match classified {
+        [c] => c.never_cache.map_or(Reason::MayWrite, Reason::Statement),
+        _ => Reason::SeveralStatements,
+    }
+}
+
+/// The statement of a Query the cache may answer (a lone SELECT writing nothing), which the
+/// relay then decides on.
+pub fn candidate<'a>(
+    frame: &'a Frame,
+    classified: &'a [Classified],
+    effects: &[Effect],
+) -> Option<(&'a str, &'a Classified)> {
+    match classified {
+        [c] if c.kind == Kind::Select && effects.is_empty() => Some((sql_of(frame)?, c)),
+        _ => None,
+    }
+}
+
+impl Core {
+    /// A Query whose statements have been noted, with the decision for its candidate (see
+    /// [`candidate`]), if it had one.
+    pub fn query(&mut self, frame: Frame, classified: Arc<Vec<Classified>>, effects: Vec<Effect>, plan: Option<Plan>) {
+        let mut observe = Observation::new(classified.clone(), Outcome::Passthrough);
+        observe.reason = Some(not_cacheable(&classified));
+        if let Some(plan) = plan {
+            plan.observe(&mut observe);
+            match plan {
+                Plan::Probe => {
+                    self.start_probe();
+                    self.flow.parked = Some(Parked::Query { frame, classified, effects });
+                    return;
+                }
+                Plan::Hit { entry, .. } => {
+                    entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let mut answer = BytesMut::with_capacity(entry.row_description.len() + entry.body.len());
+                    answer.extend_from_slice(&entry.row_description);
+                    answer.extend_from_slice(&entry.body);
+                    let served = answer.len() as u64;
+                    self.act(Action::Record { observation: Box::new(observe), served, error: false });
+                    self.answer_locally(answer.freeze());
+                    self.flow.pipeline.items.push_back(Item::LocalReady);
+                    self.flush_locals();
+                    return;
+                }
+                Plan::Fill(fill) => {
+                    let id = self.flow.pipeline.add_fill(*fill);
+                    let answer =
+                        Forwarded { fill: Some(id), observe: Some(Box::new(observe)), ..Forwarded::new(Expect::Query) };
+                    self.request(frame.into_raw(), answer);
+                    return;
+                }
+                Plan::Forward(_) => {}
+            }
+        }
+        self.request(
+            frame.into_raw(),
+            Forwarded { effects, observe: Some(Box::new(observe)), ..Forwarded::new(Expect::Query) },
+        );
+    }
+
+    /// Why this session cannot use the cache right now, if it cannot (no look-up needed).
+    pub fn refuses(&self) -> Option<Reason> {
+        let f = &self.flow;
+        if let Some(why) = f.taint {
+            return Some(Reason::Session(why));
+        }
+        if f.wrote {
+            return Some(Reason::TransactionWrote);
+        }
+        if self.tracker.status == TransactionStatus::Failed {
+            return Some(Reason::TransactionFailed);
+        }
+        // Postgres may be skipping to the Sync of messages already sent (after an error): a
+        // request of pgcache's own would be skipped too, and never answered.
+        if self.tracker.unsynced {
+            return Some(Reason::Unsynced);
+        }
+        None
+    }
+
+    /// Sends the probe that reads the session's settings; its answer is hidden from the client.
+    pub fn start_probe(&mut self) {
+        self.flow.probe = Some(Probe::Running);
+        self.flow.probe_rows.clear();
+        let mut q = BytesMut::new();
+        // The probe's text has no NUL (names in it are validated), so it always encodes.
+        let _ = postgres_protocol::message::frontend::query(&self.flow.settings.probe_sql(), &mut q);
+        self.request(q.freeze(), Forwarded { probe: true, ..Forwarded::hidden(Expect::Query) });
+    }
+
+    /// The parked request, once the probe has answered (the relay decides it again).
+    pub fn unpark(&mut self) -> Option<Parked> {
+        if self.flow.probe == Some(Probe::Running) {
+            return None;
+        }
+        self.flow.parked.take()
+    }
+}

@@ -1,0 +1,239 @@
+//! Routing Postgres's answers against the head of the pipeline: each frame is passed to the
+//! client, hidden (an answer to pgcache's own request), or completes what was owed — letting
+//! pgcache's own answers behind it out in order.
+//!
+//! This is also where the cache learns: a fill's RowDescription, DataRows and CommandComplete
+//! are teed into it, and a write's invalidations come out when its CommandComplete arrives
+//! outside a transaction and again when its transaction ends — as actions that the relay
+//! carries out before the message reaches the client, so no client can see a write
+//! acknowledged while its old rows are still served. After an error in the extended protocol
+//! Postgres skips everything up to the next Sync, and so do pgcache's own answers (Postgres
+//! docs, "Extended Query").
+
+use std::collections::BTreeMap;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::protocol::Truncated;
+use crate::protocol::backend::{self as be, TransactionStatus};
+
+use super::pipeline::{Expect, Forwarded, Item, Routed};
+use super::{Action, Core};
+
+impl Core {
+    /// Routes one backend frame (`raw`, header included) against the head of the pipeline; the
+    /// tracker has already seen it.
+    pub(super) fn route(&mut self, params: &mut BTreeMap<String, String>, raw: &[u8]) -> Result<Routed, Truncated> {
+        let (tag, body) = (raw[0], &raw[5..]);
+        let pass = Routed { visible: true, completed: false };
+        // Messages that may arrive at any time, whatever is pending.
+        match tag {
+            be::PARAMETER_STATUS => {
+                let (name, value) = be::parameter_status(body)?;
+                params.insert(name, value);
+                // A reported setting changed (a SET, or the server's configuration reloaded):
+                // the settings the key is built from must be read again.
+                self.flow.settings.forget();
+                return Ok(pass);
+            }
+            be::NOTIFICATION_RESPONSE => return Ok(pass),
+            be::NOTICE_RESPONSE => {
+                // A result that raised a notice cannot be replayed faithfully from the cache.
+                if let Some(Item::Backend(head)) = self.flow.pipeline.items.front()
+                    && let Some(id) = head.fill
+                {
+                    self.flow.pipeline.take_fill(id);
+                }
+                return Ok(pass);
+            }
+            _ => {}
+        }
+        let Some(Item::Backend(head)) = self.flow.pipeline.items.front() else {
+            // Nothing expected: a FATAL because the server is shutting down, or something new.
+            // If the session can move to another backend when this one closes, the client need
+            // not hear about it.
+            if tag == be::ERROR_RESPONSE && self.flow.movable().is_ok() {
+                return Ok(Routed { visible: false, completed: false });
+            }
+            return Ok(pass);
+        };
+        let (visible, expect, fill, probe) = (!head.hidden, head.expect, head.fill, head.probe);
+        let done = |completed| Ok(Routed { visible, completed });
+        match tag {
+            be::ERROR_RESPONSE => Ok(self.on_error(visible, expect, fill, probe)),
+            be::PARSE_COMPLETE | be::BIND_COMPLETE | be::CLOSE_COMPLETE => {
+                self.flow.pipeline.items.pop_front();
+                done(true)
+            }
+            be::PARAMETER_DESCRIPTION => done(false),
+            be::ROW_DESCRIPTION | be::NO_DATA => {
+                if let Some(f) = fill.and_then(|id| self.flow.pipeline.fill_mut(id)) {
+                    f.row_description = Some(Bytes::copy_from_slice(raw));
+                }
+                if matches!(expect, Expect::DescribePortal | Expect::DescribeStatement) {
+                    self.flow.pipeline.items.pop_front();
+                    return done(true);
+                }
+                done(false)
+            }
+            be::DATA_ROW => self.on_data_row(visible, fill, probe, raw),
+            be::COMMAND_COMPLETE => Ok(self.on_command_complete(visible, expect, fill, raw)),
+            be::EMPTY_QUERY_RESPONSE | be::PORTAL_SUSPENDED => {
+                if let Some(id) = fill {
+                    self.flow.pipeline.take_fill(id);
+                }
+                if expect == Expect::Execute {
+                    self.observed(false);
+                    self.flow.pipeline.items.pop_front();
+                    return done(true);
+                }
+                done(false)
+            }
+            be::COPY_IN_RESPONSE if expect == Expect::Execute => {
+                // In copy-in mode the backend ignores Sync and Flush (Postgres docs, "COPY
+                // Operations"): a Sync the client sent with this Execute gets no answer; the
+                // client sends another after CopyDone, which Postgres needs — it is unsynced
+                // again.
+                if let Some(Item::Backend(next)) = self.flow.pipeline.items.get(1)
+                    && next.expect == Expect::Sync
+                    && !next.hidden
+                {
+                    self.flow.pipeline.items.remove(1);
+                    self.tracker.copy_ate_sync();
+                }
+                done(false)
+            }
+            be::READY_FOR_QUERY => {
+                self.on_ready(probe);
+                done(true)
+            }
+            _ => done(false),
+        }
+    }
+
+    fn on_error(&mut self, visible: bool, expect: Expect, fill: Option<usize>, probe: bool) -> Routed {
+        // An injected request that fails makes the backend skip the client's own messages up
+        // to Sync: the client must see why. Only the settings probe (a request of pgcache's
+        // own between the client's) stays silent.
+        let visible = visible || !probe;
+        if let Some(id) = fill {
+            self.flow.pipeline.take_fill(id);
+        }
+        if probe {
+            self.flow.probe_rows.clear();
+        }
+        if matches!(expect, Expect::Query | Expect::Sync) {
+            if let Some(Item::Backend(head)) = self.flow.pipeline.items.front_mut() {
+                head.failed = true;
+            }
+            return Routed { visible, completed: false };
+        }
+        // The backend now skips to Sync, and so do pgcache's own answers.
+        self.observed(true);
+        self.flow.pipeline.items.pop_front();
+        for id in self.flow.pipeline.skip_to_sync() {
+            self.flow.pipeline.take_fill(id);
+        }
+        Routed { visible, completed: true }
+    }
+
+    fn on_data_row(
+        &mut self,
+        visible: bool,
+        fill: Option<usize>,
+        probe: bool,
+        raw: &[u8],
+    ) -> Result<Routed, Truncated> {
+        let mut visible = visible;
+        if let Some(Item::Backend(head)) = self.flow.pipeline.items.front_mut() {
+            if let Some(o) = head.observe.as_mut() {
+                o.rows += 1;
+            }
+            if let Some(limit) = head.row_limit.as_mut() {
+                limit.seen += 1;
+                visible &= limit.seen <= limit.client;
+            }
+        }
+        if probe {
+            self.flow.probe_rows.push(be::data_row_text(&raw[5..])?);
+        } else if let Some(f) = fill.and_then(|id| self.flow.pipeline.fill_mut(id)) {
+            f.add_row(raw);
+        }
+        Ok(Routed { visible, completed: false })
+    }
+
+    fn on_command_complete(&mut self, visible: bool, expect: Expect, fill: Option<usize>, raw: &[u8]) -> Routed {
+        // Outside a transaction block the statement has committed now. Inside one, its
+        // invalidations wait for the transaction to end (a rollback discards them).
+        if self.tracker.status == TransactionStatus::Idle
+            && let Some(Item::Backend(head)) = self.flow.pipeline.items.front()
+            && !head.effects.is_empty()
+        {
+            let effects = head.effects.clone();
+            self.act(Action::Invalidate { effects, committed: false });
+        }
+        if let Some(id) = fill
+            && let Some(mut f) = self.flow.pipeline.take_fill(id)
+        {
+            f.add_body(raw);
+            self.act(Action::Store(Box::new(f)));
+        }
+        if expect != Expect::Execute {
+            return Routed { visible, completed: false };
+        }
+        self.observed(false);
+        if let Some(Item::Backend(Forwarded { row_limit: Some(l), .. })) = self.flow.pipeline.items.pop_front()
+            && l.seen >= l.client
+        {
+            // The client's limit was reached: Postgres would have suspended here.
+            let mut s = BytesMut::new();
+            be::portal_suspended(&mut s);
+            self.flow.pipeline.items.push_front(Item::Local(s.freeze()));
+            return Routed { visible: false, completed: true };
+        }
+        Routed { visible, completed: true }
+    }
+
+    fn on_ready(&mut self, probe: bool) {
+        let status = self.tracker.status;
+        if let Some(Item::Backend(head)) = self.flow.pipeline.items.pop_front() {
+            if let Some(observation) = head.observe {
+                self.act(Action::Record { observation, served: 0, error: head.failed });
+            }
+            if status == TransactionStatus::Idle && !head.effects.is_empty() {
+                self.act(Action::Invalidate { effects: head.effects, committed: false });
+            }
+        }
+        if probe {
+            self.flow.finish_probe();
+        }
+        if status == TransactionStatus::Idle {
+            self.end_transaction();
+        }
+    }
+
+    /// Records the observation of the item at the head, if it has one.
+    fn observed(&mut self, error: bool) {
+        if let Some(Item::Backend(head)) = self.flow.pipeline.items.front_mut()
+            && let Some(observation) = head.observe.take()
+        {
+            self.act(Action::Record { observation, served: 0, error });
+        }
+    }
+
+    /// The transaction (explicit or implicit) ended: its writes are invalidated, now that they
+    /// are committed (a ROLLBACK cleared them when it was sent), and settings it changed may
+    /// have reverted.
+    fn end_transaction(&mut self) {
+        let effects = std::mem::take(&mut self.flow.tx_effects);
+        if !effects.is_empty() {
+            self.act(Action::Invalidate { effects, committed: true });
+        }
+        let f = &mut self.flow;
+        f.wrote = false;
+        f.portals.clear();
+        if std::mem::take(&mut f.settings_changed_in_tx) {
+            f.settings.forget();
+        }
+    }
+}

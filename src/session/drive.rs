@@ -1,0 +1,102 @@
+//! Feeding the core: the facts it asks for that need the shared state — a statement's
+//! classification (cached by text and shape), its write effects (from the catalog), and the
+//! cache decision for a SELECT ([`super::decide`]) — are looked up here, and handed in. For
+//! an extended-protocol batch this drives the core's planner through its needs, in message
+//! order.
+
+use std::sync::Arc;
+
+use crate::frontend::SessionError;
+use crate::protocol::Frame;
+use crate::query::Classified;
+
+use super::core::batch::{Decided, Need};
+use super::core::effect::Effect;
+use super::core::flow::Parked;
+use super::core::query;
+use super::decide::Request;
+use super::effects;
+use super::relay::Relay;
+
+impl Relay<'_> {
+    /// Looks up the effects of `c`, notes it in the core, and returns the effects.
+    async fn noted(&mut self, c: &Classified) -> Vec<Effect> {
+        let effects = effects::of_statement(self.ctx, &self.key.database, c).await;
+        self.core.note(c, &effects, self.ctx.caching());
+        effects
+    }
+
+    /// A simple Query: classified, its statements noted, decided, handed to the core.
+    pub(super) async fn on_query(&mut self, frame: Frame) -> Result<(), SessionError> {
+        // Non-UTF-8 SQL (e.g. a LATIN1 client) cannot be classified: it passes through as a
+        // statement with unknown effects.
+        let classified = match query::sql_of(&frame) {
+            Some(sql) => self.ctx.classifier.classify(sql),
+            None => Arc::new(vec![Classified::unparseable()]),
+        };
+        let mut effects = Vec::new();
+        for c in classified.iter() {
+            effects.extend(self.noted(c).await);
+        }
+        self.query(frame, classified, effects).await
+    }
+
+    /// Decides a noted Query (again, after a probe) and hands it to the core.
+    async fn query(
+        &mut self,
+        frame: Frame,
+        classified: Arc<Vec<Classified>>,
+        effects: Vec<Effect>,
+    ) -> Result<(), SessionError> {
+        let plan = match query::candidate(&frame, &classified, &effects) {
+            Some((sql, c)) => Some(self.decide(sql, c, Request::Simple).await?),
+            None => None,
+        };
+        self.core.query(frame, classified, effects, plan);
+        Ok(())
+    }
+
+    /// Plans and sends the collected extended-protocol batch.
+    pub(super) async fn run_batch(&mut self) -> Result<(), SessionError> {
+        let ctx = self.ctx;
+        let Some(mut planner) = self.core.begin_batch(&|sql| ctx.classifier.classify(sql)) else {
+            return Ok(());
+        };
+        let mut need = planner.next(self.core);
+        while let Some(n) = need {
+            need = match n {
+                Need::Effects(statement) => {
+                    let mut all = Vec::new();
+                    for c in statement.classified.iter() {
+                        all.extend(self.noted(c).await);
+                    }
+                    match planner.effects(self.core, all) {
+                        Some(decision) => Some(decision),
+                        None => planner.next(self.core),
+                    }
+                }
+                Need::Decision { statement, bind, .. } => {
+                    let req = Request::Extended { param_types: &statement.param_types, bind: &bind };
+                    let select = statement.select().expect("a decision is asked only for a single SELECT");
+                    let plan = self.decide(&statement.sql, select, req).await?;
+                    if planner.decision(self.core, plan) == Decided::Parked {
+                        return Ok(());
+                    }
+                    planner.next(self.core)
+                }
+            };
+        }
+        planner.finish(self.core);
+        Ok(())
+    }
+
+    /// A request parked for the probe, decided now that the settings are known.
+    pub(super) async fn resume(&mut self, parked: Parked) -> Result<(), SessionError> {
+        match parked {
+            Parked::Query { frame, classified, effects } => self.query(frame, classified, effects).await?,
+            Parked::Batch => self.run_batch().await?,
+        }
+        self.carry_out();
+        Ok(())
+    }
+}
