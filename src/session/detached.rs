@@ -184,24 +184,28 @@ impl Detached<'_> {
     /// The whole answer to a Query, or to an extended batch of Parse/Bind/Describe/Execute on
     /// the unnamed portal ending in Sync, if the cache holds every result.
     fn answer(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
+        match frames {
+            [q] if q.tag() == fe::QUERY => self.answer_query(q, fallback),
+            [.., last] if last.tag() == fe::SYNC => self.answer_batch(frames, fallback),
+            _ => None,
+        }
+    }
+
+    fn answer_query(&mut self, q: &Frame, fallback: bool) -> Option<Bytes> {
+        let sql = std::str::from_utf8(fe::query(q.body()).ok()?.sql).ok()?;
+        let classified = self.ctx.classifier.classify(sql);
+        let [c] = classified.as_slice() else { return None };
+        let (entry, key, stale) = self.lookup(sql, c, Request::Simple, fallback)?;
         let mut out = BytesMut::new();
-        let ready = |out: &mut BytesMut| be::ready_for_query(TransactionStatus::Idle, out);
-        if let [q] = frames
-            && q.tag() == fe::QUERY
-        {
-            let sql = std::str::from_utf8(fe::query(q.body()).ok()?.sql).ok()?;
-            let classified = self.ctx.classifier.classify(sql);
-            let [c] = classified.as_slice() else { return None };
-            let (entry, key, stale) = self.lookup(sql, c, Request::Simple, fallback)?;
-            out.extend_from_slice(&entry.row_description);
-            out.extend_from_slice(&entry.body);
-            ready(&mut out);
-            self.record(classified.clone(), &entry, key, stale, out.len());
-            return Some(out.freeze());
-        }
-        if frames.last()?.tag() != fe::SYNC {
-            return None;
-        }
+        out.extend_from_slice(&entry.row_description);
+        out.extend_from_slice(&entry.body);
+        be::ready_for_query(TransactionStatus::Idle, &mut out);
+        self.record(classified.clone(), &entry, key, stale, out.len());
+        Some(out.freeze())
+    }
+
+    fn answer_batch(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
+        let mut out = BytesMut::new();
         let mut parsed: HashMap<Vec<u8>, Arc<Statement>> = HashMap::new();
         let mut current: Option<Arc<Entry>> = None;
         let mut hits = Vec::new();
@@ -210,12 +214,8 @@ impl Detached<'_> {
                 fe::PARSE => {
                     let p = fe::parse(f.body()).ok()?;
                     let sql = std::str::from_utf8(p.sql).ok()?;
-                    let st = Statement {
-                        sql: Arc::from(sql),
-                        param_types: p.param_types.clone(),
-                        parse: f.clone(),
-                        classified: self.ctx.classifier.classify(sql),
-                    };
+                    let classified = self.ctx.classifier.classify(sql);
+                    let st = Statement { sql: Arc::from(sql), param_types: p.param_types.clone(), parse: f.clone(), classified };
                     parsed.insert(p.name.to_vec(), Arc::new(st));
                     be::parse_complete(&mut out);
                 }
@@ -224,10 +224,8 @@ impl Detached<'_> {
                     if !b.portal.is_empty() {
                         return None;
                     }
-                    let st = parsed
-                        .get(&b.statement[..])
-                        .cloned()
-                        .or_else(|| self.flow.statements.get(&b.statement[..]).cloned())?;
+                    let known = |name: &[u8]| parsed.get(name).or_else(|| self.flow.statements.get(name)).cloned();
+                    let st = known(&b.statement[..])?;
                     let [c] = st.classified.as_slice() else { return None };
                     let req = Request::Extended { param_types: &st.param_types, bind: &b };
                     let (entry, key, stale) = self.lookup(&st.sql, c, req, fallback)?;
@@ -236,9 +234,7 @@ impl Detached<'_> {
                     be::bind_complete(&mut out);
                 }
                 fe::DESCRIBE => match fe::named(f.body()).ok()? {
-                    Named { target: Target::Portal, name: b"" } => {
-                        out.extend_from_slice(&current.as_ref()?.row_description);
-                    }
+                    Named { target: Target::Portal, name: b"" } => out.extend_from_slice(&current.as_ref()?.row_description),
                     _ => return None,
                 },
                 fe::EXECUTE => {
@@ -250,7 +246,7 @@ impl Detached<'_> {
                     // A detached session is outside any transaction: the portal ends at Sync.
                     out.extend_from_slice(&entry.answer(e.max_rows));
                 }
-                fe::SYNC => ready(&mut out),
+                fe::SYNC => be::ready_for_query(TransactionStatus::Idle, &mut out),
                 _ => return None,
             }
         }

@@ -24,38 +24,16 @@ impl Core {
     /// Routes one backend frame (`raw`, header included) against the head of the pipeline; the
     /// tracker has already seen it.
     pub(super) fn route(&mut self, params: &mut BTreeMap<String, String>, raw: &[u8]) -> Result<Routed, Truncated> {
-        let (tag, body) = (raw[0], &raw[5..]);
-        let pass = Routed { visible: true, completed: false };
-        // Messages that may arrive at any time, whatever is pending.
-        match tag {
-            be::PARAMETER_STATUS => {
-                let (name, value) = be::parameter_status(body)?;
-                params.insert(name, value);
-                // A reported setting changed (a SET, or the server's configuration reloaded):
-                // the settings the key is built from must be read again.
-                self.flow.settings.forget();
-                return Ok(pass);
-            }
-            be::NOTIFICATION_RESPONSE => return Ok(pass),
-            be::NOTICE_RESPONSE => {
-                // A result that raised a notice cannot be replayed faithfully from the cache.
-                if let Some(Item::Backend(head)) = self.flow.pipeline.items.front()
-                    && let Some(id) = head.fill
-                {
-                    self.flow.pipeline.take_fill(id);
-                }
-                return Ok(pass);
-            }
-            _ => {}
+        let tag = raw[0];
+        if let Some(routed) = self.route_unsolicited(params, raw)? {
+            return Ok(routed);
         }
         let Some(Item::Backend(head)) = self.flow.pipeline.items.front() else {
             // Nothing expected: a FATAL because the server is shutting down, or something new.
             // If the session can move to another backend when this one closes, the client need
             // not hear about it.
-            if tag == be::ERROR_RESPONSE && self.flow.movable().is_ok() {
-                return Ok(Routed { visible: false, completed: false });
-            }
-            return Ok(pass);
+            let visible = !(tag == be::ERROR_RESPONSE && self.flow.movable().is_ok());
+            return Ok(Routed { visible, completed: false });
         };
         let (visible, expect, fill, probe) = (!head.hidden, head.expect, head.fill, head.probe);
         let done = |completed| Ok(Routed { visible, completed });
@@ -70,11 +48,11 @@ impl Core {
                 if let Some(f) = fill.and_then(|id| self.flow.pipeline.fill_mut(id)) {
                     f.row_description = Some(Bytes::copy_from_slice(raw));
                 }
-                if matches!(expect, Expect::DescribePortal | Expect::DescribeStatement) {
+                let completes = matches!(expect, Expect::DescribePortal | Expect::DescribeStatement);
+                if completes {
                     self.flow.pipeline.items.pop_front();
-                    return done(true);
                 }
-                done(false)
+                done(completes)
             }
             be::DATA_ROW => self.on_data_row(visible, fill, probe, raw),
             be::COMMAND_COMPLETE => Ok(self.on_command_complete(visible, expect, fill, raw)),
@@ -82,25 +60,15 @@ impl Core {
                 if let Some(id) = fill {
                     self.flow.pipeline.take_fill(id);
                 }
-                if expect == Expect::Execute {
+                let completes = expect == Expect::Execute;
+                if completes {
                     self.observed(false);
                     self.flow.pipeline.items.pop_front();
-                    return done(true);
                 }
-                done(false)
+                done(completes)
             }
             be::COPY_IN_RESPONSE if expect == Expect::Execute => {
-                // In copy-in mode the backend ignores Sync and Flush (Postgres docs, "COPY
-                // Operations"): a Sync the client sent with this Execute gets no answer; the
-                // client sends another after CopyDone, which Postgres needs — it is unsynced
-                // again.
-                if let Some(Item::Backend(next)) = self.flow.pipeline.items.get(1)
-                    && next.expect == Expect::Sync
-                    && !next.hidden
-                {
-                    self.flow.pipeline.items.remove(1);
-                    self.tracker.copy_ate_sync();
-                }
+                self.on_copy_in();
                 done(false)
             }
             be::READY_FOR_QUERY => {
@@ -108,6 +76,45 @@ impl Core {
                 done(true)
             }
             _ => done(false),
+        }
+    }
+
+    /// Messages that may arrive at any time, whatever is pending.
+    fn route_unsolicited(&mut self, params: &mut BTreeMap<String, String>, raw: &[u8]) -> Result<Option<Routed>, Truncated> {
+        let pass = Some(Routed { visible: true, completed: false });
+        match raw[0] {
+            be::PARAMETER_STATUS => {
+                let (name, value) = be::parameter_status(&raw[5..])?;
+                params.insert(name, value);
+                // A reported setting changed (a SET, or the server's configuration reloaded):
+                // the settings the key is built from must be read again.
+                self.flow.settings.forget();
+                Ok(pass)
+            }
+            be::NOTIFICATION_RESPONSE => Ok(pass),
+            be::NOTICE_RESPONSE => {
+                // A result that raised a notice cannot be replayed faithfully from the cache.
+                if let Some(Item::Backend(head)) = self.flow.pipeline.items.front()
+                    && let Some(id) = head.fill
+                {
+                    self.flow.pipeline.take_fill(id);
+                }
+                Ok(pass)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// In copy-in mode the backend ignores Sync and Flush (Postgres docs, "COPY Operations"): a
+    /// Sync the client sent with this Execute gets no answer; the client sends another after
+    /// CopyDone, which Postgres needs — it is unsynced again.
+    fn on_copy_in(&mut self) {
+        if let Some(Item::Backend(next)) = self.flow.pipeline.items.get(1)
+            && next.expect == Expect::Sync
+            && !next.hidden
+        {
+            self.flow.pipeline.items.remove(1);
+            self.tracker.copy_ate_sync();
         }
     }
 

@@ -37,105 +37,129 @@ pub(super) fn emit(core: &mut Core, frames: &[Frame], msgs: &[Msg], mut plan: Ba
             *exec = Exec::Filling(core.flow.pipeline.add_fill(*fill));
         }
     }
-    let mut forwarded = false;
-    let mut current_unnamed = plan.unnamed_at_start.take();
-    let mut described = false;
+    let current_unnamed = plan.unnamed_at_start.take();
+    let mut e = Emitter { core, msgs, plan, forwarded: false, current_unnamed, described: false };
     for (i, m) in msgs.iter().enumerate() {
         let frame = frames[i].clone();
         match m {
-            Msg::Parse { name, .. } => {
-                if name.is_empty() {
-                    current_unnamed = plan.parsed.get(&i).cloned();
-                }
-                if plan.virtual_parse[i] {
-                    core.answer_locally(encoded(be::parse_complete));
-                    core.flow.unprepared.insert(Bytes::new());
-                } else {
-                    core.forward_request(frame.into_raw(), Expect::Parse);
-                    forwarded = true;
-                    core.flow.unprepared.remove(name);
-                }
-            }
-            Msg::Bind(b) => {
-                described = false;
-                if plan.virtual_bind[i] {
-                    core.answer_locally(encoded(be::bind_complete));
-                    core.flow.virtual_portal = Some(frame);
-                } else {
-                    materialize(core, &b.statement, current_unnamed.as_ref());
-                    core.forward_request(frame.into_raw(), Expect::Bind);
-                    forwarded = true;
-                    if b.portal.is_empty() {
-                        core.flow.virtual_portal = None;
-                    }
-                }
-            }
+            Msg::Parse { name, .. } => e.parse(i, name, frame),
+            Msg::Bind(b) => e.bind(i, &b.statement, b.portal.is_empty(), frame),
             Msg::Describe(Target::Statement, name) => {
-                materialize(core, name, current_unnamed.as_ref());
-                core.forward_request(frame.into_raw(), Expect::DescribeStatement);
-                forwarded = true;
+                materialize(e.core, name, e.current_unnamed.as_ref());
+                e.forward(frame, Expect::DescribeStatement);
             }
-            Msg::Describe(Target::Portal, name) => {
-                described = true;
-                if describe_locally(core, &plan, i) {
-                    continue;
-                }
-                if name.is_empty() {
-                    materialize_portal(core, current_unnamed.as_ref());
-                }
-                let fill = fill_of_next_execute(msgs, &plan, i);
-                core.request(frame.into_raw(), Forwarded { fill, ..Forwarded::new(Expect::DescribePortal) });
-                forwarded = true;
-            }
-            Msg::Execute { portal, max_rows } => {
-                let (exec, effects) = plan.exec.remove(&i).unwrap_or((Exec::Forward, Vec::new()));
-                let observe = plan.observe.remove(&i).map(Box::new);
-                match exec {
-                    Exec::Hit(entry) => {
-                        entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let answer = entry.answer(*max_rows);
-                        if let Some(observation) = observe {
-                            core.act(Action::Record { observation, served: answer.len() as u64, error: false });
-                        }
-                        core.answer_locally(answer);
-                    }
-                    Exec::Filling(id) => {
-                        execute_fill(core, frame, id, *max_rows, described, effects, observe);
-                        forwarded = true;
-                    }
-                    Exec::Forward | Exec::Fill(_) => {
-                        if portal.is_empty() {
-                            materialize_portal(core, current_unnamed.as_ref());
-                        }
-                        let answer = Forwarded { effects, observe, ..Forwarded::new(Expect::Execute) };
-                        core.request(frame.into_raw(), answer);
-                        forwarded = true;
-                    }
-                }
-            }
-            Msg::Close(target, name) => {
-                match target {
-                    Target::Statement => {
-                        core.flow.unprepared.remove(name);
-                        if name.is_empty() {
-                            current_unnamed = None;
-                        }
-                    }
-                    Target::Portal if name.is_empty() => core.flow.virtual_portal = None,
-                    Target::Portal => {}
-                }
-                core.forward_request(frame.into_raw(), Expect::Close);
-                forwarded = true;
-            }
+            Msg::Describe(Target::Portal, name) => e.describe_portal(i, name.is_empty(), frame),
+            Msg::Execute { portal, max_rows } => e.execute(i, portal.is_empty(), *max_rows, frame),
+            Msg::Close(target, name) => e.close(*target, name, frame),
             // Postgres needs the Sync (and the Flush) whenever it has messages not yet synced,
             // from this batch or an earlier one ended by a Flush: after an error it skips
             // everything until a Sync. Only a batch answered entirely by pgcache, on a synced
             // backend, gets its ReadyForQuery locally.
-            Msg::Sync if forwarded || core.tracker.unsynced => core.forward_request(frame.into_raw(), Expect::Sync),
-            Msg::Sync => core.flow.pipeline.items.push_back(Item::LocalReady),
-            Msg::Flush if forwarded || core.tracker.unsynced => core.send(frame.into_raw()),
+            Msg::Sync if e.forwarded || e.core.tracker.unsynced => e.forward(frame, Expect::Sync),
+            Msg::Sync => e.core.flow.pipeline.items.push_back(Item::LocalReady),
+            Msg::Flush if e.forwarded || e.core.tracker.unsynced => e.core.send(frame.into_raw()),
             Msg::Flush => {}
         }
+    }
+}
+
+/// The state of sending one batch.
+struct Emitter<'a> {
+    core: &'a mut Core,
+    msgs: &'a [Msg],
+    plan: BatchPlan,
+    /// Something of this batch went to Postgres.
+    forwarded: bool,
+    /// The client's unnamed statement at this point of the batch.
+    current_unnamed: Option<Arc<Statement>>,
+    /// The unnamed portal bound last was described.
+    described: bool,
+}
+
+impl Emitter<'_> {
+    fn forward(&mut self, frame: Frame, expect: Expect) {
+        self.core.forward_request(frame.into_raw(), expect);
+        self.forwarded = true;
+    }
+
+    fn parse(&mut self, i: usize, name: &Bytes, frame: Frame) {
+        if name.is_empty() {
+            self.current_unnamed = self.plan.parsed.get(&i).cloned();
+        }
+        if self.plan.virtual_parse[i] {
+            self.core.answer_locally(encoded(be::parse_complete));
+            self.core.flow.unprepared.insert(Bytes::new());
+        } else {
+            self.forward(frame, Expect::Parse);
+            self.core.flow.unprepared.remove(name);
+        }
+    }
+
+    fn bind(&mut self, i: usize, statement: &Bytes, unnamed_portal: bool, frame: Frame) {
+        self.described = false;
+        if self.plan.virtual_bind[i] {
+            self.core.answer_locally(encoded(be::bind_complete));
+            self.core.flow.virtual_portal = Some(frame);
+        } else {
+            materialize(self.core, statement, self.current_unnamed.as_ref());
+            self.forward(frame, Expect::Bind);
+            if unnamed_portal {
+                self.core.flow.virtual_portal = None;
+            }
+        }
+    }
+
+    fn describe_portal(&mut self, i: usize, unnamed: bool, frame: Frame) {
+        self.described = true;
+        if describe_locally(self.core, &self.plan, i) {
+            return;
+        }
+        if unnamed {
+            materialize_portal(self.core, self.current_unnamed.as_ref());
+        }
+        let fill = fill_of_next_execute(self.msgs, &self.plan, i);
+        self.core.request(frame.into_raw(), Forwarded { fill, ..Forwarded::new(Expect::DescribePortal) });
+        self.forwarded = true;
+    }
+
+    fn execute(&mut self, i: usize, unnamed: bool, max_rows: i32, frame: Frame) {
+        let (exec, effects) = self.plan.exec.remove(&i).unwrap_or((Exec::Forward, Vec::new()));
+        let observe = self.plan.observe.remove(&i).map(Box::new);
+        match exec {
+            Exec::Hit(entry) => {
+                entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let answer = entry.answer(max_rows);
+                if let Some(observation) = observe {
+                    self.core.act(Action::Record { observation, served: answer.len() as u64, error: false });
+                }
+                self.core.answer_locally(answer);
+            }
+            Exec::Filling(id) => {
+                execute_fill(self.core, frame, id, max_rows, self.described, effects, observe);
+                self.forwarded = true;
+            }
+            Exec::Forward | Exec::Fill(_) => {
+                if unnamed {
+                    materialize_portal(self.core, self.current_unnamed.as_ref());
+                }
+                self.core.request(frame.into_raw(), Forwarded { effects, observe, ..Forwarded::new(Expect::Execute) });
+                self.forwarded = true;
+            }
+        }
+    }
+
+    fn close(&mut self, target: Target, name: &Bytes, frame: Frame) {
+        match target {
+            Target::Statement => {
+                self.core.flow.unprepared.remove(name);
+                if name.is_empty() {
+                    self.current_unnamed = None;
+                }
+            }
+            Target::Portal if name.is_empty() => self.core.flow.virtual_portal = None,
+            Target::Portal => {}
+        }
+        self.forward(frame, Expect::Close);
     }
 }
 
