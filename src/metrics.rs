@@ -7,6 +7,8 @@
 //! servers can then run in one process (as the tests do) with separate counts. Histograms use
 //! explicit buckets, rendered as real Prometheus histograms (summaries cannot be aggregated
 //! across the replicas of a sidecar).
+//!
+//! A leaf: it imports nothing from the crate; every module above records through it.
 
 use std::collections::HashSet;
 

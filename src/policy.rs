@@ -9,6 +9,9 @@
 //! tables match after unqualified names are resolved through a `search_path`: the session's,
 //! or a fresh session's for `EXPLAIN CACHE`. The session adds its own conditions (transaction
 //! state, settings, parameters) in `session::decide`. Every "no" is a typed [`Reason`].
+//!
+//! Pure: it reads rules and catalog facts handed to it and returns a decision; it does no I/O
+//! and holds no state.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

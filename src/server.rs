@@ -101,10 +101,10 @@ async fn connection(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, permit:
         )))
     } else if startup.param("database") == Some(config.console.database.as_str()) {
         drop(config);
-        admin::console::serve(&ctx, &mut client, &startup).await
+        frontend::guard(admin::console::serve(&ctx, &mut client, &startup)).await
     } else {
         drop(config);
-        session::serve(&ctx, &mut client, startup).await
+        frontend::guard(session::serve(&ctx, &mut client, startup)).await
     };
     if let Err(e) = result {
         frontend::report(&mut client, &e).await;

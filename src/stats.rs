@@ -2,6 +2,9 @@
 //! normalized query (calls, time, rows, outcomes, the rule that matched or why none could, the
 //! tables read, how many distinct keys it used), writes per table, and the connected clients.
 //! Each event is recorded once here and fed to [`Metrics`] too.
+//!
+//! Owns the observations; may use `cache`, `policy`, `rules`, `query` and below. Nothing here
+//! changes what a client receives.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};

@@ -137,10 +137,12 @@ async fn fuzz_client(addr: std::net::SocketAddr, db: String, seed: u64, until: I
     while Instant::now() < until {
         let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { continue };
         let mut startup = BytesMut::new();
-        pgcache::protocol::startup::encode_startup(
-            &[("user".into(), PgCluster::shared_or_superuser()), ("database".into(), db.clone())],
+        let user = PgCluster::shared_or_superuser();
+        postgres_protocol::message::frontend::startup_message(
+            [("user", user.as_str()), ("database", db.as_str())],
             &mut startup,
-        );
+        )
+        .expect("no NUL in the names");
         if s.write_all(&startup).await.is_err() {
             continue;
         }

@@ -379,9 +379,6 @@ fn reload(ctx: &Context) -> Result<ResultSet, PgError> {
             pairs.push(("needs_restart", if restart.is_empty() { "none".into() } else { restart.join(", ") }));
             Ok(ResultSet::pairs("RELOAD", pairs))
         }
-        Err(e) => Err(PgError::error(
-            SqlState::INTERNAL_ERROR,
-            format!("reload failed, the previous rules stay in force: {e}"),
-        )),
+        Err(e) => Err(PgError::error(SqlState::CONFIG_FILE_ERROR, format!("reload failed: {e}"))),
     }
 }

@@ -60,25 +60,35 @@ async fn ready(State(ctx): State<Arc<Context>>) -> (StatusCode, String) {
     }
 }
 
-/// Why pgcache should not get traffic now, if it should not: Postgres unreachable, or a
-/// database's link to the other instances not listening (it could miss their invalidations).
-/// (Rules are always loaded while the server runs: it does not start with invalid rules, and a
-/// failed reload keeps the old ones.) The upstream check is a bare TCP connection, which
-/// Postgres does not log, unlike a TLS handshake or a partial start-up on every probe.
-pub async fn readiness(ctx: &Context) -> Result<(), String> {
+/// Why pgcache should not get traffic now.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    #[error("shutting down")]
+    ShuttingDown,
+    #[error("upstream {upstream} unreachable: {source}")]
+    Unreachable { upstream: String, source: std::io::Error },
+    #[error("upstream {0} did not answer within 1s")]
+    NoAnswer(String),
+    #[error("not listening for other instances' invalidations of {} (caching for them is off until it is)", .0.join(", "))]
+    NotListening(Vec<String>),
+}
+
+/// Whether pgcache should get traffic now: not if Postgres is unreachable, or a database's link
+/// to the other instances is not listening (it could miss their invalidations). (Rules are
+/// always loaded while the server runs: it does not start with invalid rules, and a failed
+/// reload keeps the old ones.) The upstream check is a bare TCP connection, which Postgres
+/// does not log, unlike a TLS handshake or a partial start-up on every probe.
+pub async fn readiness(ctx: &Context) -> Result<(), NotReady> {
     if ctx.shutdown.is_cancelled() {
-        return Err("shutting down".into());
+        return Err(NotReady::ShuttingDown);
     }
     let endpoint = ctx.pools.endpoint();
     match tokio::time::timeout(Duration::from_secs(1), endpoint.open()).await {
-        Ok(Ok(_)) => match ctx.peers.not_listening().as_slice() {
-            [] => Ok(()),
-            dbs => Err(format!(
-                "not listening for other instances' invalidations of {} (caching for them is off until it is)",
-                dbs.join(", ")
-            )),
+        Ok(Ok(_)) => match ctx.peers.not_listening() {
+            dbs if dbs.is_empty() => Ok(()),
+            dbs => Err(NotReady::NotListening(dbs)),
         },
-        Ok(Err(e)) => Err(format!("upstream {} unreachable: {e}", endpoint.describe())),
-        Err(_) => Err(format!("upstream {} did not answer within 1s", endpoint.describe())),
+        Ok(Err(source)) => Err(NotReady::Unreachable { upstream: endpoint.describe(), source }),
+        Err(_) => Err(NotReady::NoAnswer(endpoint.describe())),
     }
 }

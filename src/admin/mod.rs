@@ -1,6 +1,9 @@
 //! Operating pgcache: the HTTP endpoints Prometheus and Kubernetes use ([`http`]: `/metrics`,
 //! `/healthz`, `/readyz`) and the psql admin console on the virtual database ([`console`],
 //! running the [`commands`], with the query advisor in [`advice`]).
+//!
+//! Owns the operator's interfaces. May use `frontend`, `context` and everything below; never
+//! the session's internals (it reads the same [`crate::policy`] decision instead).
 
 pub mod advice;
 pub mod commands;

@@ -22,7 +22,6 @@ use crate::config::Password;
 use crate::net::Stream;
 use crate::protocol::backend::{self as be, ErrorFields, TransactionStatus};
 use crate::protocol::frame::{self, Frame, FrameError};
-use crate::protocol::startup::encode_startup;
 
 use super::Endpoint;
 
@@ -50,7 +49,7 @@ pub enum ConnectError {
     #[error("connecting to upstream {0} timed out")]
     Timeout(String),
     #[error("TLS with upstream failed: {0}")]
-    Tls(String),
+    Tls(#[source] std::io::Error),
     #[error("upstream {0} refused TLS but sslmode requires it")]
     TlsRefused(String),
     #[error("upstream asked for a password")]
@@ -61,7 +60,26 @@ pub enum ConnectError {
     #[error("upstream asked for an unsupported authentication method: {0}")]
     UnsupportedAuth(String),
     #[error("protocol error from upstream during start-up: {0}")]
-    Protocol(String),
+    Protocol(#[from] StartupViolation),
+}
+
+/// What went wrong in a start-up exchange that Postgres itself would never cause.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupViolation {
+    #[error("{0}")]
+    Read(#[from] ReadError),
+    #[error("malformed message: {0}")]
+    Malformed(#[source] std::io::Error),
+    #[error("message type {0:?} is not expected during authentication")]
+    DuringAuthentication(char),
+    #[error("message type {0:?} is not expected after authentication")]
+    AfterAuthentication(char),
+    #[error("SASL {0} before SASL start")]
+    SaslOutOfOrder(&'static str),
+    #[error("SCRAM exchange failed: {0}")]
+    Scram(#[source] std::io::Error),
+    #[error("SSLRequest answered with {0:#x}")]
+    SslAnswer(u8),
 }
 
 impl ConnectError {
@@ -117,7 +135,9 @@ impl Connection {
             created: Instant::now(),
         };
         let mut out = BytesMut::new();
-        encode_startup(&conn.startup, &mut out);
+        // The parameters came NUL-terminated from the client, so they hold no NUL.
+        frontend::startup_message(conn.startup.iter().map(|(k, v)| (k.as_str(), v.as_str())), &mut out)
+            .map_err(StartupViolation::Malformed)?;
         conn.stream.write_all(&out).await.map_err(io_err)?;
         conn.authenticate(password).await?;
         conn.finish_startup().await?;
@@ -131,18 +151,19 @@ impl Connection {
     async fn authenticate(&mut self, password: Option<&Password>) -> Result<(), ConnectError> {
         let mut scram: Option<sasl::ScramSha256> = None;
         loop {
-            let msg = self.read_startup_message().await?;
+            let (tag, msg) = self.read_startup_message().await?;
             let mut out = BytesMut::new();
             let need = || password.ok_or(ConnectError::PasswordRequired);
-            let proto = |e: std::io::Error| ConnectError::Protocol(e.to_string());
+            let malformed = |e| ConnectError::Protocol(StartupViolation::Malformed(e));
+            let scram_failed = |e| ConnectError::Protocol(StartupViolation::Scram(e));
             match msg {
                 Message::AuthenticationOk => return Ok(()),
                 Message::AuthenticationCleartextPassword => {
-                    frontend::password_message(need()?.expose().as_bytes(), &mut out).map_err(proto)?;
+                    frontend::password_message(need()?.expose().as_bytes(), &mut out).map_err(malformed)?;
                 }
                 Message::AuthenticationMd5Password(body) => {
                     let hash = md5_hash(self.user().as_bytes(), need()?.expose().as_bytes(), body.salt());
-                    frontend::password_message(hash.as_bytes(), &mut out).map_err(proto)?;
+                    frontend::password_message(hash.as_bytes(), &mut out).map_err(malformed)?;
                 }
                 Message::AuthenticationSasl(body) => {
                     let mut mechanisms = body.mechanisms();
@@ -156,20 +177,19 @@ impl Connection {
                     // Channel binding is not offered ('n'): the TLS session pgcache holds with
                     // Postgres is not the client's, so binding could not be end to end anyway.
                     let s = sasl::ScramSha256::new(need()?.expose().as_bytes(), sasl::ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out).map_err(proto)?;
+                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out).map_err(malformed)?;
                     scram = Some(s);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let s =
-                        scram.as_mut().ok_or_else(|| ConnectError::Protocol("SASL continue before start".into()))?;
-                    s.update(body.data()).map_err(proto)?;
-                    frontend::sasl_response(s.message(), &mut out).map_err(proto)?;
+                    let s = scram.as_mut().ok_or(StartupViolation::SaslOutOfOrder("continue"))?;
+                    s.update(body.data()).map_err(scram_failed)?;
+                    frontend::sasl_response(s.message(), &mut out).map_err(malformed)?;
                 }
                 Message::AuthenticationSaslFinal(body) => {
                     // Verifies the server's signature: a server that does not know the
                     // password cannot complete this.
-                    let s = scram.as_mut().ok_or_else(|| ConnectError::Protocol("SASL final before start".into()))?;
-                    s.finish(body.data()).map_err(proto)?;
+                    let s = scram.as_mut().ok_or(StartupViolation::SaslOutOfOrder("final"))?;
+                    s.finish(body.data()).map_err(scram_failed)?;
                     continue;
                 }
                 Message::NoticeResponse(_) => continue,
@@ -180,9 +200,7 @@ impl Connection {
                 | Message::AuthenticationGssContinue(_) => {
                     return Err(ConnectError::UnsupportedAuth("GSSAPI/SSPI/Kerberos".into()));
                 }
-                _ => {
-                    return Err(ConnectError::Protocol("unexpected message during authentication".into()));
-                }
+                _ => return Err(StartupViolation::DuringAuthentication(tag as char).into()),
             }
             self.stream.write_all(&out).await.map_err(|source| ConnectError::Io { addr: "upstream".into(), source })?;
         }
@@ -191,10 +209,11 @@ impl Connection {
     /// After AuthenticationOk: ParameterStatus and BackendKeyData until ReadyForQuery.
     async fn finish_startup(&mut self) -> Result<(), ConnectError> {
         loop {
-            match self.read_startup_message().await? {
+            let (tag, msg) = self.read_startup_message().await?;
+            match msg {
                 Message::ParameterStatus(p) => {
-                    let name = p.name().map_err(|e| ConnectError::Protocol(e.to_string()))?;
-                    let value = p.value().map_err(|e| ConnectError::Protocol(e.to_string()))?;
+                    let name = p.name().map_err(StartupViolation::Malformed)?;
+                    let value = p.value().map_err(StartupViolation::Malformed)?;
                     self.params.insert(name.to_owned(), value.to_owned());
                 }
                 Message::BackendKeyData(k) => {
@@ -205,26 +224,25 @@ impl Connection {
                     return Ok(());
                 }
                 Message::NoticeResponse(_) => {}
-                _ => {
-                    return Err(ConnectError::Protocol("unexpected message after authentication".into()));
-                }
+                _ => return Err(StartupViolation::AfterAuthentication(tag as char).into()),
             }
         }
     }
 
     /// Reads one frame and decodes it with postgres-protocol (which never panics); an
     /// ErrorResponse becomes [`ConnectError::Server`] with its raw bytes.
-    async fn read_startup_message(&mut self) -> Result<Message, ConnectError> {
-        let frame = self.read_frame().await.map_err(|e| ConnectError::Protocol(e.to_string()))?;
+    async fn read_startup_message(&mut self) -> Result<(u8, Message), ConnectError> {
+        let frame = self.read_frame().await.map_err(StartupViolation::Read)?;
+        let tag = frame.tag();
         if frame.tag() == be::ERROR_RESPONSE {
             let fields = be::error_fields(frame.body()).unwrap_or_default();
             return Err(ConnectError::Server { raw: frame.into_raw(), fields });
         }
         let mut buf = BytesMut::from(&frame.raw()[..]);
         match Message::parse(&mut buf) {
-            Ok(Some(m)) => Ok(m),
-            Ok(None) => Err(ConnectError::Protocol("incomplete message".into())),
-            Err(e) => Err(ConnectError::Protocol(e.to_string())),
+            Ok(Some(m)) => Ok((tag, m)),
+            Ok(None) => Err(StartupViolation::Read(ReadError::Malformed).into()),
+            Err(e) => Err(StartupViolation::Malformed(e).into()),
         }
     }
 
@@ -315,7 +333,7 @@ impl Connection {
 fn fallible_next<I: fallible_iterator::FallibleIterator<Error = std::io::Error>>(
     it: &mut I,
 ) -> Result<Option<I::Item>, ConnectError> {
-    it.next().map_err(|e| ConnectError::Protocol(e.to_string()))
+    it.next().map_err(|e| StartupViolation::Malformed(e).into())
 }
 
 /// Failure while reading from an established backend connection.

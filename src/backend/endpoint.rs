@@ -10,8 +10,8 @@ use tokio::net::{TcpStream, UnixStream};
 use crate::config::{Host, Upstream};
 use crate::net::Stream;
 use crate::net::tls::{self, TlsError, UpstreamTls};
-use crate::protocol::startup::encode_cancel;
 
+use super::connection::StartupViolation;
 use super::{BackendKey, ConnectError};
 
 /// The upstream server, resolved from the config once.
@@ -65,16 +65,13 @@ impl Endpoint {
         let answer = stream.read_u8().await.map_err(io_err)?;
         match (answer, stream) {
             (b'S', Stream::Tcp(tcp)) => {
-                let tls_stream = tls
-                    .connector
-                    .connect(tls.server_name.clone(), tcp)
-                    .await
-                    .map_err(|e| ConnectError::Tls(e.to_string()))?;
+                let tls_stream =
+                    tls.connector.connect(tls.server_name.clone(), tcp).await.map_err(ConnectError::Tls)?;
                 Ok(Stream::TlsClient(Box::new(tls_stream)))
             }
             (b'N', s) if tls.optional => Ok(s),
             (b'N', _) => Err(ConnectError::TlsRefused(addr)),
-            (other, _) => Err(ConnectError::Protocol(format!("unexpected SSLRequest answer {other:#x}"))),
+            (other, _) => Err(StartupViolation::SslAnswer(other).into()),
         }
     }
 
@@ -84,7 +81,7 @@ impl Endpoint {
         let work = async {
             let mut s = self.open().await?;
             let mut buf = BytesMut::new();
-            encode_cancel(key.pid, &key.secret.to_be_bytes(), &mut buf);
+            postgres_protocol::message::frontend::cancel_request(key.pid, key.secret, &mut buf);
             s.write_all(&buf).await?;
             s.flush().await?;
             // Wait for the server to close, so the cancel is processed before we report back.

@@ -2,6 +2,9 @@
 //! reached and how its queries are cancelled ([`endpoint`]), and the pool that lends them to
 //! client sessions ([`pool`]), keyed by (database, user) and by the client's startup
 //! parameters, with what pgcache knows about logging in as each user ([`credentials`]).
+//!
+//! Owns backend connections and their lifetimes. May use `protocol`, `config`, `net`,
+//! `metrics`; knows no client, session, cache or rule.
 
 pub mod connection;
 pub mod credentials;

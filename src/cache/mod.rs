@@ -14,6 +14,9 @@
 //!   used: a fill here streams through the session's relay loop over many iterations (a guard
 //!   would borrow the cache across all of them), and while a stale entry is being refreshed
 //!   readers must keep getting the stale value, which a placeholder would block.
+//!
+//! Owns stored results and generations. May use `rules` (an entry keeps its rule) and below;
+//! never talks to Postgres or a client.
 
 pub mod flight;
 pub mod generation;

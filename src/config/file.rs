@@ -1,24 +1,12 @@
 //! The TOML config file. Every key is optional; a key given on the command line or in the
 //! environment wins over the file. Unknown keys are errors (`deny_unknown_fields`), reported
-//! by `toml` with the key, line and column.
+//! by `toml` with the key, line and column. Durations are written as `"500ms"`, `"5s"`,
+//! `"10m"` (humantime).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
-
-/// A duration written as `"500ms"`, `"5s"`, `"10m"`, `"1h"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map(HumanDuration).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration {s:?}: {e} (write e.g. \"5s\", \"250ms\", \"10m\")"))
-        })
-    }
-}
+use serde::Deserialize;
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
@@ -35,7 +23,8 @@ pub struct FileConfig {
     /// Log format, `text` (default) or `json`.
     pub log_format: Option<String>,
     /// Log statements slower than this, with their normalized text (default `1s`).
-    pub slow_statement: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde")]
+    pub slow_statement: Option<Duration>,
     #[serde(default)]
     pub auth: AuthFile,
     #[serde(default)]
@@ -68,13 +57,16 @@ pub struct PeersFile {
     pub channel: Option<String>,
     /// How often an instance says it is alive when it has nothing to publish (default
     /// `250ms`).
-    pub heartbeat: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde")]
+    pub heartbeat: Option<Duration>,
     /// An instance not heard from for this long may have died with invalidations unsent:
     /// everything cached for the database is dropped (default `1s`).
-    pub dead_after: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde")]
+    pub dead_after: Option<Duration>,
     /// Invalidations are gathered for at least this long into one notification (default
     /// `5ms`): fewer `NOTIFY` commits under write load, at most this much later.
-    pub coalesce: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde")]
+    pub coalesce: Option<Duration>,
 }
 
 /// `[console]`: the psql admin console.
@@ -107,13 +99,15 @@ pub struct CacheFile {
     pub max_entry_bytes: Option<u64>,
     /// How long a miss waits for an identical miss in flight before querying itself
     /// (default `5s`).
-    pub single_flight_wait: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde")]
+    pub single_flight_wait: Option<Duration>,
     /// Writes whose targets cannot be known (DO, CALL, volatile user functions, unparseable
     /// SQL): `invalidate_all` (default) or `ignore` (counted and logged only).
     pub unknown_writes: Option<String>,
     /// How long catalog facts (function volatility, views, partitions, foreign keys) are
     /// trusted before being looked up again (default `60s`; DDL seen by pgcache clears them).
-    pub catalog_ttl: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde")]
+    pub catalog_ttl: Option<Duration>,
     /// Invalidate cached results when pgcache sees writes to the tables they read (default
     /// `true`). `false` makes the cache TTL-only: results may be stale for up to their TTL.
     pub invalidate_on_writes: Option<bool>,
@@ -131,7 +125,8 @@ pub struct AuthFile {
     pub allow_plaintext_over_network: Option<bool>,
     /// How long a password Postgres accepted is trusted before the next client login is
     /// verified by Postgres again (default `60s`; `0s` verifies every login).
-    pub verify_interval: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde")]
+    pub verify_interval: Option<Duration>,
 }
 
 /// `[pool]`
@@ -145,14 +140,18 @@ pub struct PoolFile {
     /// Idle connections kept open per pool once its credentials are known (default 0).
     pub min_idle: Option<usize>,
     /// How long a client waits for a backend before SQLSTATE 53300 (default `5s`).
-    pub acquire_timeout: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde")]
+    pub acquire_timeout: Option<Duration>,
     /// Close idle backend connections after this long (default `10m`).
-    pub idle_timeout: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
     /// Close backend connections older than this when they are next idle (default `1h`).
-    pub max_lifetime: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_lifetime: Option<Duration>,
     /// Give up connecting to Postgres after this long (default `5s`, or the URL's
     /// `connect_timeout`).
-    pub connect_timeout: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
 }
 
 /// `[client]`
@@ -164,7 +163,8 @@ pub struct ClientFile {
     /// Largest message a client may send, in bytes (default 1 GiB, as Postgres).
     pub max_message_bytes: Option<usize>,
     /// Time allowed for the startup handshake and authentication (default `60s`).
-    pub startup_timeout: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde")]
+    pub startup_timeout: Option<Duration>,
     /// PEM certificate chain for client TLS; with `tls_key`, SSLRequest is answered `S`.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for client TLS.
@@ -178,7 +178,8 @@ pub struct ClientFile {
 #[serde(deny_unknown_fields)]
 pub struct ShutdownFile {
     /// On SIGTERM/SIGINT, how long running statements may take to finish (default `30s`).
-    pub drain_timeout: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde")]
+    pub drain_timeout: Option<Duration>,
 }
 
 impl FileConfig {

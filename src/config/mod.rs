@@ -1,6 +1,9 @@
 //! Configuration: command-line flags, `PGCACHE_*` environment variables and a TOML file, merged
 //! in that order of precedence (flag over env over file over default), then validated into one
 //! immutable [`Config`] that the server shares with every session.
+//!
+//! Owns parsing and validation of settings; opens nothing (no sockets, no files besides the
+//! config file itself). A leaf: it imports nothing from the rest of the crate.
 
 mod file;
 pub mod upstream;
@@ -243,7 +246,7 @@ impl Config {
                 return Err(invalid("pool.mode", format!("{other:?} (expected \"session\")")));
             }
         };
-        let dur = |v: Option<file::HumanDuration>, d: u64| v.map_or(Duration::from_secs(d), |h| h.0);
+        let dur = |v: Option<Duration>, d: u64| v.unwrap_or(Duration::from_secs(d));
         let unknown_writes = match f.cache.unknown_writes.as_deref() {
             None | Some("invalidate_all") => UnknownWrites::InvalidateAll,
             Some("ignore") => UnknownWrites::Ignore,
@@ -279,12 +282,7 @@ impl Config {
                 acquire_timeout: dur(f.pool.acquire_timeout, 5),
                 idle_timeout: dur(f.pool.idle_timeout, 600),
                 max_lifetime: dur(f.pool.max_lifetime, 3600),
-                connect_timeout: f
-                    .pool
-                    .connect_timeout
-                    .map(|h| h.0)
-                    .or(upstream.connect_timeout)
-                    .unwrap_or(Duration::from_secs(5)),
+                connect_timeout: f.pool.connect_timeout.or(upstream.connect_timeout).unwrap_or(Duration::from_secs(5)),
             },
             client: ClientConfig {
                 max_connections: f.client.max_connections.unwrap_or(5000),
@@ -310,9 +308,9 @@ impl Config {
             peers: PeersConfig {
                 enabled: peers_enabled,
                 channel: f.peers.channel.unwrap_or_else(|| "pgcache_invalidation".into()),
-                heartbeat: f.peers.heartbeat.map_or(Duration::from_millis(250), |h| h.0),
+                heartbeat: f.peers.heartbeat.unwrap_or(Duration::from_millis(250)),
                 dead_after: dur(f.peers.dead_after, 1),
-                coalesce: f.peers.coalesce.map_or(Duration::from_millis(5), |h| h.0),
+                coalesce: f.peers.coalesce.unwrap_or(Duration::from_millis(5)),
             },
             max_table_labels: f.metrics.max_table_labels.unwrap_or(100),
             slow_statement: dur(f.slow_statement, 1),

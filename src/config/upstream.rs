@@ -1,13 +1,17 @@
 //! The upstream Postgres address, parsed from the forms users paste from `DATABASE_URL`:
 //! `postgres[ql]://user:pass@host:port/db?sslmode=...` (libpq "Connection URIs") and the
-//! `host=... port=... dbname=...` keyword/value form. Percent-encoding is decoded in the URI
-//! form; single quotes and backslash escapes in the keyword form.
+//! `host=... port=... dbname=...` keyword/value form. `tokio_postgres::Config` does the parsing
+//! (percent-decoding, quoting, IPv6 brackets, Unix socket paths); this module takes out first
+//! the two TLS settings it does not know (`sslmode=verify-ca|verify-full`, `sslrootcert`) and
+//! refuses afterwards what pgcache would not honour (several hosts, `options`, keepalive
+//! tuning, ...), so no setting is accepted and then ignored.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
+use subtle::ConstantTimeEq;
 
 /// How pgcache uses TLS towards Postgres (libpq `sslmode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -20,19 +24,6 @@ pub enum SslMode {
     Require,
     VerifyCa,
     VerifyFull,
-}
-
-impl SslMode {
-    fn parse(s: &str) -> Result<Self, UpstreamError> {
-        Ok(match s {
-            "disable" => SslMode::Disable,
-            "allow" | "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            _ => return Err(UpstreamError::Invalid("sslmode", s.to_owned())),
-        })
-    }
 }
 
 /// Where a backend connection goes.
@@ -49,8 +40,7 @@ pub struct Password(String);
 
 impl PartialEq for Password {
     fn eq(&self, other: &Self) -> bool {
-        let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
     }
 }
 
@@ -82,19 +72,20 @@ pub struct Upstream {
     pub sslmode: SslMode,
     pub sslrootcert: Option<PathBuf>,
     pub connect_timeout: Option<Duration>,
-    pub application_name: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("invalid upstream URL: {0}")]
-    Syntax(String),
+    /// tokio-postgres's own message says only "invalid connection string"; its source names
+    /// the option.
+    #[error("invalid upstream URL: {}", std::error::Error::source(.0).map_or_else(|| .0.to_string(), |s| s.to_string()))]
+    Parse(#[source] tokio_postgres::Error),
     #[error("invalid value for upstream parameter {0}: {1:?}")]
     Invalid(&'static str, String),
-    #[error("unsupported upstream parameter {0:?}")]
-    Unknown(String),
-    #[error("several upstream hosts are not supported: {0:?}")]
-    MultipleHosts(String),
+    #[error("unsupported upstream parameter {0:?}: {1}")]
+    Unsupported(&'static str, &'static str),
+    #[error("several upstream hosts are not supported (give one host and one port)")]
+    MultipleHosts,
 }
 
 impl Upstream {
@@ -125,177 +116,192 @@ impl std::str::FromStr for Upstream {
     type Err = UpstreamError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let mut b = Builder::default();
-        if let Some(rest) = s.strip_prefix("postgresql://").or_else(|| s.strip_prefix("postgres://")) {
-            parse_uri(rest, &mut b)?;
-        } else if s.contains('=') {
-            for (k, v) in keyword_pairs(s)? {
-                b.set(&k, v)?;
-            }
-        } else {
-            return Err(UpstreamError::Syntax("expected postgres://... or postgresql://... or key=value pairs".into()));
-        }
-        b.finish()
-    }
-}
-
-#[derive(Default)]
-struct Builder {
-    host: Option<String>,
-    port: Option<String>,
-    user: Option<String>,
-    password: Option<String>,
-    dbname: Option<String>,
-    sslmode: Option<String>,
-    sslrootcert: Option<String>,
-    connect_timeout: Option<String>,
-    application_name: Option<String>,
-}
-
-impl Builder {
-    fn set(&mut self, key: &str, value: String) -> Result<(), UpstreamError> {
-        let slot = match key {
-            "host" | "hostaddr" => &mut self.host,
-            "port" => &mut self.port,
-            "user" => &mut self.user,
-            "password" => &mut self.password,
-            "dbname" => &mut self.dbname,
-            "sslmode" => &mut self.sslmode,
-            "sslrootcert" => &mut self.sslrootcert,
-            "connect_timeout" => &mut self.connect_timeout,
-            "application_name" => &mut self.application_name,
-            _ => return Err(UpstreamError::Unknown(key.to_owned())),
+        let tls = TlsParams::take(s.trim())?;
+        let config: tokio_postgres::Config = tls.rest.parse().map_err(UpstreamError::Parse)?;
+        refuse_unhonoured(&config)?;
+        let host = match (config.get_hostaddrs(), config.get_hosts()) {
+            ([], []) => Host::Tcp("localhost".into()),
+            ([addr], _) => Host::Tcp(addr.to_string()),
+            ([], [tokio_postgres::config::Host::Tcp(h)]) => Host::Tcp(h.clone()),
+            ([], [tokio_postgres::config::Host::Unix(dir)]) => Host::Unix(dir.clone()),
+            _ => return Err(UpstreamError::MultipleHosts),
         };
-        *slot = Some(value);
-        Ok(())
-    }
-
-    fn finish(self) -> Result<Upstream, UpstreamError> {
-        let host_s = self.host.filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into());
-        if host_s.contains(',') {
-            return Err(UpstreamError::MultipleHosts(host_s));
-        }
-        let host = if host_s.starts_with('/') { Host::Unix(host_s.into()) } else { Host::Tcp(host_s) };
-        let port = match self.port.filter(|p| !p.is_empty()) {
-            Some(p) => p.parse().map_err(|_| UpstreamError::Invalid("port", p))?,
-            None => 5432,
+        let port = match config.get_ports() {
+            [] => 5432,
+            [p] => *p,
+            _ => return Err(UpstreamError::MultipleHosts),
         };
-        let user = self.user.filter(|u| !u.is_empty()).unwrap_or_else(|| "postgres".into());
-        let dbname = self.dbname.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
-        let sslmode = match &self.sslmode {
-            Some(m) => SslMode::parse(m)?,
-            None => SslMode::default(),
-        };
-        let connect_timeout = match self.connect_timeout {
-            Some(t) => {
-                let secs: u64 = t.parse().map_err(|_| UpstreamError::Invalid("connect_timeout", t))?;
-                (secs > 0).then(|| Duration::from_secs(secs))
-            }
+        let user = config.get_user().filter(|u| !u.is_empty()).unwrap_or("postgres").to_owned();
+        let password = match config.get_password() {
+            Some(p) => Some(Password(
+                String::from_utf8(p.to_vec()).map_err(|_| UpstreamError::Invalid("password", "(not UTF-8)".into()))?,
+            )),
             None => None,
+        };
+        let dbname = config.get_dbname().filter(|d| !d.is_empty()).unwrap_or(&user).to_owned();
+        let sslmode = match (tls.verify, config.get_ssl_mode()) {
+            (Some(verify), _) => verify,
+            (None, tokio_postgres::config::SslMode::Disable) => SslMode::Disable,
+            (None, tokio_postgres::config::SslMode::Require) => SslMode::Require,
+            (None, _) => SslMode::Prefer,
         };
         Ok(Upstream {
             host,
             port,
             user,
-            password: self.password.map(Password),
+            password,
             dbname,
             sslmode,
-            sslrootcert: self.sslrootcert.map(PathBuf::from),
-            connect_timeout,
-            application_name: self.application_name,
+            sslrootcert: tls.rootcert.map(PathBuf::from),
+            connect_timeout: config.get_connect_timeout().copied(),
         })
     }
 }
 
-fn decode(s: &str, what: &'static str) -> Result<String, UpstreamError> {
-    percent_decode_str(s).decode_utf8().map(|c| c.into_owned()).map_err(|_| UpstreamError::Invalid(what, s.to_owned()))
-}
-
-/// `[user[:password]@][host][:port][/dbname][?k=v&...]` (the part after the scheme).
-fn parse_uri(rest: &str, b: &mut Builder) -> Result<(), UpstreamError> {
-    let (main, query) = match rest.split_once('?') {
-        Some((m, q)) => (m, Some(q)),
-        None => (rest, None),
-    };
-    let (authority, path) = match main.split_once('/') {
-        Some((a, p)) => (a, Some(p)),
-        None => (main, None),
-    };
-    // The password may contain '@' when not percent-encoded; the last '@' ends the userinfo.
-    let (userinfo, hostport) = match authority.rsplit_once('@') {
-        Some((u, h)) => (Some(u), h),
-        None => (None, authority),
-    };
-    if let Some(u) = userinfo {
-        let (user, pass) = match u.split_once(':') {
-            Some((user, pass)) => (user, Some(pass)),
-            None => (u, None),
-        };
-        b.user = Some(decode(user, "user")?);
-        b.password = pass.map(|p| decode(p, "password")).transpose()?;
+/// Parameters `tokio_postgres::Config` accepts but pgcache would not act on: an error names
+/// them rather than letting them look as if they worked.
+fn refuse_unhonoured(c: &tokio_postgres::Config) -> Result<(), UpstreamError> {
+    let default = tokio_postgres::Config::new();
+    let unsupported = |name, why| Err(UpstreamError::Unsupported(name, why));
+    if c.get_options().is_some() {
+        return unsupported("options", "set server options in each client's own connection instead");
     }
-    if hostport.contains(',') {
-        return Err(UpstreamError::MultipleHosts(hostport.to_owned()));
+    if c.get_application_name().is_some() {
+        return unsupported("application_name", "each client's own application_name is forwarded");
     }
-    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or_else(|| UpstreamError::Syntax("unterminated [ in host".into()))?;
-        (h.to_owned(), after.strip_prefix(':').map(str::to_owned))
-    } else {
-        match hostport.rsplit_once(':') {
-            Some((h, p)) => (decode(h, "host")?, Some(p.to_owned())),
-            None => (decode(hostport, "host")?, None),
-        }
-    };
-    if !host.is_empty() {
-        b.host = Some(host);
+    let keepalives = c.get_keepalives() != default.get_keepalives()
+        || c.get_keepalives_idle() != default.get_keepalives_idle()
+        || c.get_keepalives_interval().is_some()
+        || c.get_keepalives_retries().is_some()
+        || c.get_tcp_user_timeout().is_some();
+    if keepalives {
+        return unsupported("keepalives", "TCP keepalive tuning towards Postgres is not configurable");
     }
-    b.port = port.filter(|p| !p.is_empty()).or(b.port.take());
-    if let Some(p) = path.filter(|p| !p.is_empty()) {
-        b.dbname = Some(decode(p, "dbname")?);
+    if format!("{:?}", c.get_target_session_attrs()) != format!("{:?}", default.get_target_session_attrs()) {
+        return unsupported("target_session_attrs", "pgcache connects to one server");
     }
-    for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').ok_or_else(|| UpstreamError::Syntax(format!("missing = in {pair:?}")))?;
-        b.set(&decode(k, "parameter")?, decode(v, "parameter")?)?;
+    if format!("{:?}", c.get_load_balance_hosts()) != format!("{:?}", default.get_load_balance_hosts()) {
+        return unsupported("load_balance_hosts", "pgcache connects to one server");
+    }
+    if format!("{:?}", c.get_channel_binding()) != format!("{:?}", default.get_channel_binding()) {
+        return unsupported("channel_binding", "pgcache does not offer SCRAM channel binding");
+    }
+    if format!("{:?}", c.get_ssl_negotiation()) != format!("{:?}", default.get_ssl_negotiation()) {
+        return unsupported("sslnegotiation", "pgcache always sends SSLRequest first");
     }
     Ok(())
 }
 
-/// libpq keyword/value form: `k=v k='quoted \' value'`.
-fn keyword_pairs(s: &str) -> Result<Vec<(String, String)>, UpstreamError> {
+/// The TLS settings libpq has and `tokio_postgres::Config` lacks, taken out of the string
+/// before it is parsed: `sslmode=verify-ca|verify-full` (replaced by `require`, so the
+/// parser still sees that TLS is wanted) and `sslrootcert`.
+struct TlsParams {
+    rest: String,
+    verify: Option<SslMode>,
+    rootcert: Option<String>,
+}
+
+impl TlsParams {
+    fn take(s: &str) -> Result<TlsParams, UpstreamError> {
+        let mut tls = TlsParams { rest: String::new(), verify: None, rootcert: None };
+        // What to put in place of a pair: itself, nothing, or a value the parser knows.
+        let mut rewrite = |key: &str, value: &str| -> Option<Option<&'static str>> {
+            match (key, value) {
+                ("sslmode", "verify-ca" | "verify-full") => {
+                    tls.verify = Some(if value == "verify-ca" { SslMode::VerifyCa } else { SslMode::VerifyFull });
+                    Some(Some("sslmode=require"))
+                }
+                // libpq's `allow` tries plain first; pgcache tries TLS first, as `prefer`.
+                ("sslmode", "allow") => {
+                    tls.verify = None;
+                    Some(Some("sslmode=prefer"))
+                }
+                ("sslmode", _) => {
+                    tls.verify = None;
+                    Some(None)
+                }
+                ("sslrootcert", v) => {
+                    tls.rootcert = Some(v.to_owned());
+                    None
+                }
+                _ => Some(None),
+            }
+        };
+        let rest = if let Some(uri) = s.strip_prefix("postgresql://").or_else(|| s.strip_prefix("postgres://")) {
+            let (main, query) = uri.split_once('?').map_or((uri, None), |(m, q)| (m, Some(q)));
+            let mut out = format!("postgres://{}", encode_extra_at(main));
+            let mut sep = '?';
+            for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                let decoded = |x: &str| percent_decode_str(x).decode_utf8_lossy().into_owned();
+                if let Some(replacement) = rewrite(&decoded(k), &decoded(v)) {
+                    out.push(sep);
+                    out.push_str(replacement.unwrap_or(pair));
+                    sep = '&';
+                }
+            }
+            out
+        } else {
+            let mut out = String::new();
+            for (span, key, value) in keyword_spans(s)? {
+                if let Some(replacement) = rewrite(&key, &value) {
+                    out.push_str(replacement.unwrap_or(&s[span]));
+                    out.push(' ');
+                }
+            }
+            out
+        };
+        Ok(TlsParams { rest, ..tls })
+    }
+}
+
+/// libpq ends the user information at the first `@`; passwords pasted with a raw `@` are
+/// common enough that the last `@` before the host is taken instead, as pgcache always has.
+fn encode_extra_at(main: &str) -> String {
+    let authority_end = main.find('/').unwrap_or(main.len());
+    let (authority, path) = main.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains('@') => format!("{}@{host}{path}", userinfo.replace('@', "%40")),
+        _ => main.to_owned(),
+    }
+}
+
+/// The `key=value` pairs of the keyword form with where each lies in `s`, values unquoted
+/// (only to find the TLS settings; `tokio_postgres` parses the rest from the original text).
+fn keyword_spans(s: &str) -> Result<Vec<(std::ops::Range<usize>, String, String)>, UpstreamError> {
+    let bad = |why: &str| UpstreamError::Invalid("connection string", why.to_owned());
     let mut out = Vec::new();
-    let mut chars = s.chars().peekable();
+    let mut chars = s.char_indices().peekable();
+    let skip_space = |chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>| {
+        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+    };
     loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.peek().is_none() {
-            return Ok(out);
+        skip_space(&mut chars);
+        let Some(&(start, _)) = chars.peek() else { return Ok(out) };
+        let key: String =
+            std::iter::from_fn(|| chars.next_if(|(_, c)| *c != '=' && !c.is_whitespace())).map(|(_, c)| c).collect();
+        skip_space(&mut chars);
+        if chars.next().map(|(_, c)| c) != Some('=') {
+            return Err(bad("expected key=value pairs or a postgres:// URL"));
         }
-        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=' && !c.is_whitespace())).collect();
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.next() != Some('=') {
-            return Err(UpstreamError::Syntax(format!("missing = after {key:?}")));
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        skip_space(&mut chars);
         let mut value = String::new();
-        if chars.next_if_eq(&'\'').is_some() {
+        if chars.next_if(|(_, c)| *c == '\'').is_some() {
             loop {
-                match chars.next() {
-                    Some('\\') => value.extend(chars.next()),
+                match chars.next().map(|(_, c)| c) {
+                    Some('\\') => value.extend(chars.next().map(|(_, c)| c)),
                     Some('\'') => break,
                     Some(c) => value.push(c),
-                    None => return Err(UpstreamError::Syntax("unterminated quoted value".into())),
+                    None => return Err(bad("unterminated quoted value")),
                 }
             }
         } else {
-            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
-                if c == '\\' {
-                    value.extend(chars.next());
-                } else {
-                    value.push(c);
-                }
+            while let Some((_, c)) = chars.next_if(|(_, c)| !c.is_whitespace()) {
+                value.extend(if c == '\\' { chars.next().map(|(_, c)| c) } else { Some(c) });
             }
         }
-        out.push((key, value));
+        let end = chars.peek().map_or(s.len(), |&(i, _)| i);
+        out.push((start..end, key, value));
     }
 }
 
@@ -358,6 +364,40 @@ mod tests {
         assert!(e.to_string().contains("port"), "{e}");
         assert!("mysql://x".parse::<Upstream>().is_err());
         assert!("postgres://a,b/d".parse::<Upstream>().is_err());
+    }
+
+    #[test]
+    fn tls_settings_tokio_postgres_lacks_are_taken_out_first() {
+        let u = up("host=h sslrootcert='/etc/ca dir/ca.pem' password='x sslmode=verify-full' sslmode=verify-ca");
+        assert_eq!(u.sslmode, SslMode::VerifyCa);
+        assert_eq!(u.sslrootcert, Some(PathBuf::from("/etc/ca dir/ca.pem")));
+        assert_eq!(u.password.unwrap().expose(), "x sslmode=verify-full");
+        assert_eq!(up("postgres://h/d?sslmode=allow").sslmode, SslMode::Prefer);
+        assert_eq!(up("postgres://h/d?sslmode=verify-full&sslmode=disable").sslmode, SslMode::Disable);
+        assert_eq!(up("postgres://h/d?sslmode=require").sslmode, SslMode::Require);
+        assert_eq!(up("host=h connect_timeout=7").connect_timeout, Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn settings_pgcache_would_ignore_are_refused() {
+        for (url, name) in [
+            ("postgres://h/d?options=-c%20x%3D1", "options"),
+            ("postgres://h/d?application_name=app", "application_name"),
+            ("postgres://h/d?keepalives_idle=30", "keepalives"),
+            ("postgres://h/d?target_session_attrs=read-write", "target_session_attrs"),
+            ("host=h,i port=5432", "several"),
+            ("host=h port=5432,5433", "several"),
+        ] {
+            let e = url.parse::<Upstream>().unwrap_err();
+            assert!(e.to_string().contains(name), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn password_equality_is_by_value() {
+        assert_eq!(Password::new("a"), Password::new("a"));
+        assert_ne!(Password::new("a"), Password::new("ab"));
+        assert_ne!(Password::new("a"), Password::new("b"));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Endpoint, Pools};
 use crate::cache::{Flights, Generations, Store};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::net::tls::{self, TlsError};
 use crate::peers::Peers;
 use crate::query::Classifier;
@@ -32,6 +32,17 @@ pub enum ContextError {
     Tls(#[from] TlsError),
     #[error("invalid rules:\n{0}")]
     Rules(#[from] LoadError),
+}
+
+/// Why a reload changed nothing (or only the rules): what was in force stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("invalid rules, the previous ones stay in force:\n{0}")]
+    Rules(#[from] LoadError),
+    #[error("configuration not reloaded: the command line no longer parses: {0}")]
+    CommandLine(#[from] clap::Error),
+    #[error("configuration not reloaded: {0}")]
+    Config(#[from] ConfigError),
 }
 
 /// What every session shares. Built once per server; nothing here is a process-wide global,
@@ -86,13 +97,13 @@ impl Context {
     /// Reloads the rules, and the configuration if the server was started from a command line:
     /// settings that are safe to change live take effect; the names of changed settings that
     /// need a restart are returned.
-    pub fn reload(&self) -> Result<Vec<&'static str>, String> {
-        let rules = self.rules.reload().map_err(|e| e.to_string());
+    pub fn reload(&self) -> Result<Vec<&'static str>, ReloadError> {
+        let rules = self.rules.reload();
         let args = self.config_source.lock().clone();
         let mut restart = Vec::new();
         if let Some(args) = args {
-            let cli = <crate::config::Cli as clap::Parser>::try_parse_from(args).map_err(|e| e.to_string())?;
-            let fresh = Config::load(&cli).map_err(|e| e.to_string())?;
+            let cli = <crate::config::Cli as clap::Parser>::try_parse_from(args)?;
+            let fresh = Config::load(&cli)?;
             let (applied, needs) = self.config().reloaded(fresh);
             self.config.store(Arc::new(applied));
             restart = needs;
@@ -100,7 +111,7 @@ impl Context {
                 tracing::warn!(settings = ?restart, "configuration changes that need a restart were not applied");
             }
         }
-        rules.map(|_| restart)
+        rules.map(|_| restart).map_err(ReloadError::Rules)
     }
 
     pub fn new(config: Config, shutdown: CancellationToken) -> Result<Arc<Context>, ContextError> {

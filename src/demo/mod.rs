@@ -1,6 +1,9 @@
 //! `pgcache demo`: the first run for a newcomer without a database. Starts a throwaway
 //! Postgres ([`cluster`]), loads a small shop schema, starts pgcache in front of it with the
 //! example rules, prints what to try, and cleans everything up on Ctrl-C.
+//!
+//! The top of the tree: it may use everything (it starts a server), and nothing uses it but
+//! `main` and the tests' cluster.
 
 pub mod cluster;
 

@@ -13,6 +13,7 @@ use crate::protocol::frame::{self, Frame};
 use crate::protocol::startup::{self, MAX_STARTUP_PACKET, Startup, StartupPacket};
 
 use super::SessionError;
+use super::error::Violation;
 
 /// A client connection.
 #[derive(Debug)]
@@ -67,9 +68,9 @@ impl Client {
     }
 
     async fn negotiate_tls(mut self, tls: Option<&tokio_rustls::TlsAcceptor>) -> Result<Client, Failure> {
-        let protocol = |client, m: &str| Failure { client: Some(client), error: SessionError::Protocol(m.into()) };
+        let protocol = |client, v| Failure { client: Some(client), error: SessionError::Protocol(v) };
         if self.stream.is_tls() {
-            return Err(protocol(self, "SSLRequest on an encrypted connection"));
+            return Err(protocol(self, Violation::SslRequestOverTls));
         }
         let Some(acceptor) = tls else {
             return match self.stream.write_all(b"N").await {
@@ -77,10 +78,8 @@ impl Client {
                 Err(e) => Err(Failure { client: None, error: e.into() }),
             };
         };
-        // Bytes sent after SSLRequest but before the handshake would be processed as if they
-        // had come over TLS (CVE-2021-23222); refuse them.
         if !self.rbuf.is_empty() {
-            return Err(protocol(self, "received unencrypted data after SSL request"));
+            return Err(protocol(self, Violation::DataBeforeHandshake));
         }
         if let Err(e) = self.stream.write_all(b"S").await {
             return Err(Failure { client: None, error: e.into() });
@@ -124,13 +123,10 @@ impl Client {
     pub async fn read_password(&mut self) -> Result<String, SessionError> {
         let f = self.read_frame(MAX_STARTUP_PACKET).await?;
         if f.tag() != crate::protocol::frontend::PASSWORD {
-            return Err(SessionError::Protocol(format!(
-                "expected password response, got message type {:?}",
-                f.tag() as char
-            )));
+            return Err(Violation::ExpectedPassword(f.tag() as char).into());
         }
         let pw = crate::protocol::frontend::password(f.body())?;
-        String::from_utf8(pw.to_vec()).map_err(|_| SessionError::Protocol("password is not valid UTF-8".into()))
+        String::from_utf8(pw.to_vec()).map_err(|_| Violation::PasswordNotUtf8.into())
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {

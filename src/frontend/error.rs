@@ -29,7 +29,7 @@ pub enum SessionError {
     #[error("invalid message from client: {0}")]
     Frame(#[from] FrameError),
     #[error("protocol violation: {0}")]
-    Protocol(String),
+    Protocol(#[from] Violation),
     #[error("{0}")]
     Refused(PgError),
     #[error(transparent)]
@@ -38,11 +38,55 @@ pub enum SessionError {
     Upstream(#[from] ReadError),
     #[error("pgcache is shutting down")]
     Shutdown,
+    /// A bug in pgcache (a panic) ended the session; the backend it held was closed, not
+    /// returned to the pool. Other sessions are unaffected.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Runs a session (or console) future and turns a panic inside it into
+/// [`SessionError::Internal`], so the client hears XX000 instead of a dropped connection and
+/// the log says what happened. What the future held is dropped during unwinding: a leased
+/// backend is closed, never reused.
+pub async fn guard<F>(work: F) -> Result<(), SessionError>
+where
+    F: std::future::Future<Output = Result<(), SessionError>>,
+{
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into());
+            Err(SessionError::Internal(what))
+        }
+    }
+}
+
+/// A client message that breaks the protocol's rules (as opposed to one that cannot be
+/// framed at all, which is a [`FrameError`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    #[error("message body is truncated or malformed")]
+    Truncated,
+    #[error("SSLRequest on an encrypted connection")]
+    SslRequestOverTls,
+    /// Bytes sent after SSLRequest but before the handshake would be processed as if they had
+    /// come over TLS (CVE-2021-23222).
+    #[error("received unencrypted data after SSL request")]
+    DataBeforeHandshake,
+    #[error("expected password response, got message type {0:?}")]
+    ExpectedPassword(char),
+    #[error("password is not valid UTF-8")]
+    PasswordNotUtf8,
 }
 
 impl From<Truncated> for SessionError {
     fn from(_: Truncated) -> Self {
-        SessionError::Protocol("message body is truncated or malformed".into())
+        SessionError::Protocol(Violation::Truncated)
     }
 }
 
@@ -67,7 +111,7 @@ impl SessionError {
             }
             SessionError::Startup(e) => fatal(S::PROTOCOL_VIOLATION, e.to_string()),
             SessionError::Frame(e) => fatal(S::PROTOCOL_VIOLATION, e.to_string()),
-            SessionError::Protocol(m) => fatal(S::PROTOCOL_VIOLATION, m.clone()),
+            SessionError::Protocol(v) => fatal(S::PROTOCOL_VIOLATION, v.to_string()),
             SessionError::Refused(e) => Reply::Error(e.clone()),
             SessionError::Pool(PoolError::Timeout { .. }) => fatal(S::TOO_MANY_CONNECTIONS, format!("pgcache: {self}")),
             SessionError::Pool(PoolError::Closed) | SessionError::Shutdown => {
@@ -77,6 +121,7 @@ impl SessionError {
             SessionError::Upstream(e) => {
                 fatal(S::CONNECTION_FAILURE, format!("pgcache: lost connection to upstream: {e}"))
             }
+            SessionError::Internal(_) => fatal(S::INTERNAL_ERROR, format!("pgcache: {self}; the session is closed")),
         }
     }
 
@@ -109,5 +154,27 @@ fn connect_reply(e: &ConnectError) -> Reply {
         ConnectError::Io { .. } | ConnectError::Timeout(_) | ConnectError::Tls(_) | ConnectError::TlsRefused(_) => {
             Reply::Error(PgError::fatal(S::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION, format!("pgcache: {e}")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_becomes_a_fatal_internal_error() {
+        let e = guard(async { panic!("index out of bounds") }).await.expect_err("the panic is caught");
+        assert!(matches!(&e, SessionError::Internal(m) if m == "index out of bounds"), "{e:?}");
+        assert!(e.is_noteworthy());
+        let Reply::Error(pg) = e.reply() else { panic!("an ErrorResponse") };
+        assert_eq!(pg.code, SqlState::INTERNAL_ERROR);
+        assert_eq!(pg.severity, crate::protocol::backend::Severity::Fatal);
+        assert!(pg.message.contains("index out of bounds"), "{}", pg.message);
+    }
+
+    #[tokio::test]
+    async fn a_session_that_ends_normally_is_untouched() {
+        assert!(guard(async { Ok(()) }).await.is_ok());
+        assert!(matches!(guard(async { Err(SessionError::ClientClosed) }).await, Err(SessionError::ClientClosed)));
     }
 }

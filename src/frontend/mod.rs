@@ -22,7 +22,7 @@ use crate::protocol::sqlstate::SqlState;
 use crate::protocol::startup::Startup;
 
 pub use client::{Client, Failure, Opening};
-pub use error::SessionError;
+pub use error::{SessionError, Violation, guard};
 
 /// Opens a new connection: TLS and cancel requests are dealt with here; a client that sent a
 /// StartupMessage is returned with it. `None` when there is nothing more to do (a cancel
@@ -69,7 +69,9 @@ async fn cancel(ctx: &Context, pid: i32, secret: &[u8]) {
 /// Tells the client why its connection ends (if it can still be told), and logs what is
 /// worth a warning.
 pub async fn report(client: &mut Client, e: &SessionError) {
-    if e.is_noteworthy() {
+    if let SessionError::Internal(_) = e {
+        tracing::error!(peer = %client.peer, error = %e, "session ended by a bug in pgcache");
+    } else if e.is_noteworthy() {
         tracing::warn!(peer = %client.peer, error = %e, "session failed");
     }
     let mut out = BytesMut::new();

@@ -23,6 +23,9 @@
 //!
 //! [`triggers`] adds the writes that bypass every instance (cron jobs, migrations, `psql`):
 //! statement-level triggers that `pg_notify` the same channel in the writer's transaction.
+//!
+//! Owns the links to other instances. May use `stats`, `cache`, `query`, `backend` and below;
+//! knows no session or client.
 
 pub mod link;
 pub mod message;

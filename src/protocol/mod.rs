@@ -10,6 +10,9 @@
 //! panic on truncated bodies and re-encode non-UTF-8 SQL lossily (see the crate research notes),
 //! and the proxy must never alter what it forwards. pgwire's message types are used to *encode*
 //! the messages pgcache generates.
+//!
+//! Owns the byte layout of messages. Touches nothing else in the crate: everything above may
+//! use it.
 
 pub mod backend;
 pub mod frame;

@@ -20,6 +20,7 @@ impl SqlState {
     pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");
     pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState("42501");
     pub const INVALID_CATALOG_NAME: SqlState = SqlState("3D000");
+    pub const CONFIG_FILE_ERROR: SqlState = SqlState("F0000");
 
     pub fn code(self) -> &'static str {
         self.0

@@ -111,29 +111,6 @@ fn utf8(b: &[u8]) -> Result<String, StartupError> {
     String::from_utf8(b.to_vec()).map_err(|_| StartupError::NotUtf8)
 }
 
-/// Encodes a 3.0 StartupMessage with `params` in order.
-pub fn encode_startup(params: &[(String, String)], out: &mut bytes::BytesMut) {
-    let mut body = Vec::with_capacity(64);
-    body.extend_from_slice(&PROTOCOL_3_0.to_be_bytes());
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    out.extend_from_slice(&body);
-}
-
-/// Encodes a CancelRequest for a backend's key.
-pub fn encode_cancel(pid: i32, secret: &[u8], out: &mut bytes::BytesMut) {
-    out.extend_from_slice(&((12 + secret.len()) as i32).to_be_bytes());
-    out.extend_from_slice(&CANCEL_REQUEST.to_be_bytes());
-    out.extend_from_slice(&pid.to_be_bytes());
-    out.extend_from_slice(secret);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,7 +129,11 @@ mod tests {
         assert_eq!(s.param("user"), Some("bob"));
         assert_eq!(s.params[2], ("options".into(), "-c x=1".into()));
         let mut out = bytes::BytesMut::new();
-        encode_startup(&s.params, &mut out);
+        postgres_protocol::message::frontend::startup_message(
+            s.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(&out[..], &p[..]);
     }
 

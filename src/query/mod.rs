@@ -3,6 +3,9 @@
 //! it controls the transaction or session. Built on the Postgres grammar itself (pg_query);
 //! see [`classify`]. Results are cached by SQL text and shape ([`classifier`]), and function volatility,
 //! views and other facts only the database knows come from [`catalog`].
+//!
+//! Owns the reading of SQL and catalog facts. May use `backend` (its catalog connections) and
+//! below; knows no rule, cache entry or session.
 
 pub mod catalog;
 pub mod classifier;

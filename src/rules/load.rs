@@ -1,6 +1,6 @@
-//! Loading and validating rule files. Every problem is reported with the file, the line, the
-//! rule's name and the field, e.g. `rules/10-app.toml:12: rule "profile": ttl: invalid
-//! duration "5 seconds"`.
+//! Loading and validating rule files. Every problem is a [`Problem`] naming the file, the line,
+//! the rule and the field as far as known, e.g. `rules/10-app.toml:12: rule "profile": ttl:
+//! must be greater than zero`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,29 +14,51 @@ use crate::query::classify::{Kind, classify, fingerprint};
 
 use super::{Action, Matcher, Rule, RuleSet};
 
-/// A problem with the rule directory or a rule in it.
+/// Everything wrong with a rule directory, one problem per line when displayed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}", self.0.join("\n"))]
-pub struct LoadError(pub Vec<String>);
+#[error("{}", self.problems.iter().map(Problem::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct LoadError {
+    pub problems: Vec<Problem>,
+}
+
+/// One problem: where it is (file, line, rule, field, as far as known) and what it is.
+/// Displayed as `file:line: rule "name": field: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub rule: Option<String>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl Problem {
+    fn in_file(file: &Path, message: String) -> Problem {
+        Problem { file: file.to_path_buf(), line: None, rule: None, field: None, message }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(rule) = &self.rule {
+            write!(f, ": rule {rule:?}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
     #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
-}
-
-/// Durations as strings like "5s", parsed with humantime.
-#[derive(Debug, Clone, Copy)]
-struct Dur(Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map(Dur)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e} (write e.g. \"5s\", \"10m\")")))
-    }
 }
 
 #[derive(Deserialize)]
@@ -46,10 +68,13 @@ struct RawRule {
     #[serde(rename = "match")]
     matcher: RawMatch,
     action: Option<String>,
-    ttl: Option<Dur>,
+    #[serde(default, with = "humantime_serde")]
+    ttl: Option<Duration>,
     max_entry_bytes: Option<u64>,
-    stale_while_revalidate: Option<Dur>,
-    stale_if_error: Option<Dur>,
+    #[serde(default, with = "humantime_serde")]
+    stale_while_revalidate: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    stale_if_error: Option<Duration>,
     share_across_roles: Option<bool>,
     allow_stable_functions: Option<bool>,
     allow_row_security: Option<bool>,
@@ -68,7 +93,7 @@ struct RawMatch {
 /// Loads every `*.toml` file in `dir`, in file-name order.
 pub fn load_dir(dir: &Path, version: u64) -> Result<RuleSet, LoadError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| LoadError(vec![format!("{}: cannot read rule directory: {e}", dir.display())]))?
+        .map_err(|e| LoadError { problems: vec![Problem::in_file(dir, format!("cannot read rule directory: {e}"))] })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
         .collect();
@@ -78,42 +103,48 @@ pub fn load_dir(dir: &Path, version: u64) -> Result<RuleSet, LoadError> {
     for path in files {
         match std::fs::read_to_string(&path) {
             Ok(text) => load_file(&path, &text, &mut rules, &mut errors),
-            Err(e) => errors.push(format!("{}: cannot read: {e}", path.display())),
+            Err(e) => errors.push(Problem::in_file(&path, format!("cannot read: {e}"))),
         }
     }
-    if errors.is_empty() { Ok(RuleSet { rules, version }) } else { Err(LoadError(errors)) }
+    if errors.is_empty() { Ok(RuleSet { rules, version }) } else { Err(LoadError { problems: errors }) }
 }
 
-fn load_file(path: &Path, text: &str, rules: &mut Vec<Arc<Rule>>, errors: &mut Vec<String>) {
+fn load_file(path: &Path, text: &str, rules: &mut Vec<Arc<Rule>>, errors: &mut Vec<Problem>) {
     let file: File = match toml::from_str(text) {
         Ok(f) => f,
         Err(e) => {
             let line = e.span().map_or(0, |s| line_of(text, s.start));
             // Name the key on the offending line, as validation errors do.
             let key = text.lines().nth(line.saturating_sub(1)).and_then(|l| l.split_once('=')).map(|(k, _)| k.trim());
-            let message = e.message().trim();
-            match key {
-                Some(k) if !k.is_empty() && !k.starts_with('[') => {
-                    errors.push(format!("{}:{line}: {k}: {message}", path.display()))
-                }
-                _ => errors.push(format!("{}:{line}: {message}", path.display())),
+            let field = key.filter(|k| !k.is_empty() && !k.starts_with('[')).map(str::to_owned);
+            let mut message = e.message().trim().to_owned();
+            if message.ends_with("expected a duration") {
+                message += " (write e.g. \"5s\", \"250ms\", \"10m\")";
             }
+            errors.push(Problem { file: path.to_path_buf(), line: Some(line), rule: None, field, message });
             return;
         }
     };
     for spanned in file.rule {
         let line = line_of(text, spanned.span().start);
         let raw = spanned.into_inner();
-        let at = format!("{}:{line}: rule {:?}", path.display(), raw.name);
+        let name = raw.name.clone();
+        let problem = |field: &str, message| Problem {
+            file: path.to_path_buf(),
+            line: Some(line),
+            rule: Some(name.clone()),
+            field: Some(field.to_owned()),
+            message,
+        };
         match validate(raw, path, line) {
             Ok(rule) => {
                 if let Some(other) = rules.iter().find(|r| r.name == rule.name) {
-                    errors.push(format!("{at}: name: also used at {}:{}", other.file.display(), other.line));
+                    errors.push(problem("name", format!("also used at {}:{}", other.file.display(), other.line)));
                 } else {
                     rules.push(Arc::new(rule));
                 }
             }
-            Err((field, message)) => errors.push(format!("{at}: {field}: {message}")),
+            Err((field, message)) => errors.push(problem(field, message)),
         }
     }
 }
@@ -159,8 +190,8 @@ fn validate(raw: RawRule, path: &Path, line: usize) -> Result<Rule, FieldError> 
         None => None,
     };
     let ttl = match (action, raw.ttl) {
-        (Action::Cache, Some(t)) if t.0.is_zero() => return Err(("ttl", "must be greater than zero".into())),
-        (Action::Cache, Some(t)) => t.0,
+        (Action::Cache, Some(t)) if t.is_zero() => return Err(("ttl", "must be greater than zero".into())),
+        (Action::Cache, Some(t)) => t,
         (Action::Cache, None) => return Err(("ttl", "required for action = \"cache\"".into())),
         (Action::Bypass, None) => Duration::ZERO,
         (Action::Bypass, Some(_)) => return Err(("ttl", "has no effect with action = \"bypass\"".into())),
@@ -185,8 +216,8 @@ fn validate(raw: RawRule, path: &Path, line: usize) -> Result<Rule, FieldError> 
         action,
         ttl,
         max_entry_bytes: raw.max_entry_bytes,
-        stale_while_revalidate: raw.stale_while_revalidate.map_or(Duration::ZERO, |d| d.0),
-        stale_if_error: raw.stale_if_error.map_or(Duration::ZERO, |d| d.0),
+        stale_while_revalidate: raw.stale_while_revalidate.unwrap_or_default(),
+        stale_if_error: raw.stale_if_error.unwrap_or_default(),
         share_across_roles: raw.share_across_roles.unwrap_or(false),
         allow_stable_functions: raw.allow_stable_functions.unwrap_or(false),
         allow_row_security: raw.allow_row_security.unwrap_or(false),

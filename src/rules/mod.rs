@@ -4,6 +4,9 @@
 //! matches a statement decides ([`RuleSet::decide`]). Loading validates everything and reports
 //! errors with file, line, rule and field ([`load`]). The loaded set is swapped atomically on
 //! reload; a statement keeps the rule set it started with ([`reload`]).
+//!
+//! Owns the rule files and the rule set in force. May use `query` (fingerprints, relations) and
+//! below; does not decide cacheability alone — [`crate::policy`] does.
 
 pub mod load;
 pub mod reload;

@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 
 use crate::backend::connection::StartupParams;
-use crate::backend::{Lease, PoolKey, Reset};
+use crate::backend::{Lease, PoolError, PoolKey, Reset};
 use crate::cache::{Entry, Freshness};
 use crate::context::Context;
 use crate::metrics;
@@ -31,7 +31,7 @@ use crate::stats::{Observation, key_hash};
 
 use super::core::flow::{Flow, Statement};
 use super::decide::{Request, cache_key};
-use super::refresh;
+use super::refresh::{self, ReplayError};
 use crate::frontend::Client;
 use crate::frontend::SessionError;
 
@@ -100,7 +100,7 @@ pub async fn run(
             Err(why) => {
                 let answer = match d.answer(&frames, true) {
                     Some(stale) => stale,
-                    None => refusal(&frames, &why),
+                    None => refusal(&frames, &why.to_string()),
                 };
                 client.send(&answer).await?;
             }
@@ -121,27 +121,40 @@ fn refusal(frames: &[Frame], why: &str) -> Bytes {
     out.freeze()
 }
 
+/// Why a detached session could not take a backend again.
+#[derive(Debug, thiserror::Error)]
+enum ReattachError {
+    /// The session holds state a new backend would not have (see `Flow::movable`).
+    #[error("{0}")]
+    Pinned(&'static str),
+    #[error("connecting failed less than a second ago")]
+    RecentlyFailed,
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("the session authorization or custom settings cannot be replayed")]
+    NotReplayable,
+    #[error("replaying the session's settings failed: {0}")]
+    Settings(#[from] ReplayError),
+}
+
 impl Detached<'_> {
     /// Takes a new backend and replays the session's settings on it.
-    async fn reattach(&mut self) -> Result<Lease, String> {
-        self.flow.movable().map_err(str::to_owned)?;
+    async fn reattach(&mut self) -> Result<Lease, ReattachError> {
+        self.flow.movable().map_err(ReattachError::Pinned)?;
         let pool = self.ctx.pools.get(self.key);
         if pool.failed_within(RETRY_EVERY) {
-            return Err("connecting failed less than a second ago".into());
+            return Err(ReattachError::RecentlyFailed);
         }
         let password = refresh::pooled_password(self.ctx, self.key);
-        let mut lease = pool.acquire(self.startup, password.as_ref(), false).await.map_err(|e| e.to_string())?;
+        let mut lease = pool.acquire(self.startup, password.as_ref(), false).await?;
         let settings = if self.flow.settings.known() {
-            self.flow
-                .settings
-                .replay(&self.key.user)
-                .ok_or("the session authorization or custom settings cannot be replayed")?
+            self.flow.settings.replay(&self.key.user).ok_or(ReattachError::NotReplayable)?
         } else {
             Vec::new()
         };
         if let Err(e) = refresh::apply_settings(lease.conn(), &settings).await {
             lease.release(Reset::Close);
-            return Err(e);
+            return Err(e.into());
         }
         // The new backend knows none of the client's statements; re-send each when needed.
         self.flow.unprepared = self.flow.statements.keys().cloned().collect();
@@ -215,7 +228,12 @@ impl Detached<'_> {
                     let p = fe::parse(f.body()).ok()?;
                     let sql = std::str::from_utf8(p.sql).ok()?;
                     let classified = self.ctx.classifier.classify(sql);
-                    let st = Statement { sql: Arc::from(sql), param_types: p.param_types.clone(), parse: f.clone(), classified };
+                    let st = Statement {
+                        sql: Arc::from(sql),
+                        param_types: p.param_types.clone(),
+                        parse: f.clone(),
+                        classified,
+                    };
                     parsed.insert(p.name.to_vec(), Arc::new(st));
                     be::parse_complete(&mut out);
                 }
@@ -234,7 +252,9 @@ impl Detached<'_> {
                     be::bind_complete(&mut out);
                 }
                 fe::DESCRIBE => match fe::named(f.body()).ok()? {
-                    Named { target: Target::Portal, name: b"" } => out.extend_from_slice(&current.as_ref()?.row_description),
+                    Named { target: Target::Portal, name: b"" } => {
+                        out.extend_from_slice(&current.as_ref()?.row_description)
+                    }
                     _ => return None,
                 },
                 fe::EXECUTE => {

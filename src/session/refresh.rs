@@ -14,16 +14,33 @@ use bytes::{Bytes, BytesMut};
 use postgres_protocol::IsNull;
 use postgres_protocol::message::frontend::{self, BindError};
 
+use crate::backend::connection::ReadError;
 use crate::backend::connection::StartupParams;
 use crate::backend::credentials::Known;
-use crate::backend::{PoolKey, Reset};
+use crate::backend::{PoolError, PoolKey, Reset};
 use crate::cache::{Entry, Key};
 use crate::config::{AuthMode, Password};
 use crate::context::Context;
-use crate::protocol::backend as be;
+use crate::protocol::backend::{self as be, ErrorFields};
 use crate::query::Relation;
 
 use super::core::pipeline::Fill;
+
+/// Why replaying a request (or a session's settings) on a pooled connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// Only for what no client could have sent (a NUL in the SQL, over 65535 parameters).
+    #[error("cannot encode the request: {0}")]
+    Encode(#[from] io::Error),
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("Postgres refused the settings: {0}")]
+    Refused(ErrorFields),
+    #[error("the query no longer runs cleanly")]
+    NotClean,
+}
 
 /// The request to replay.
 #[derive(Debug, Clone)]
@@ -74,16 +91,16 @@ pub fn spawn(ctx: Arc<Context>, r: Refresh) {
     });
 }
 
-async fn run(ctx: &Context, r: &Refresh) -> Result<(), String> {
+async fn run(ctx: &Context, r: &Refresh) -> Result<(), ReplayError> {
     let pool = ctx.pools.get(&r.pool);
     let password = pooled_password(ctx, &r.pool);
-    let mut lease = pool.acquire(&r.startup, password.as_ref(), false).await.map_err(|e| e.to_string())?;
+    let mut lease = pool.acquire(&r.startup, password.as_ref(), false).await?;
     let result = async {
         let conn = lease.conn();
         apply_settings(conn, &r.settings).await?;
         let deps = ctx.generations.snapshot(&r.pool.database, &r.deps);
-        let request = encode(&r.request).map_err(|e| e.to_string())?;
-        let answer = conn.exchange(&request).await.map_err(|e| e.to_string())?;
+        let request = encode(&r.request)?;
+        let answer = conn.exchange(&request).await?;
         let stale = &r.stale;
         let limit = ctx.config().cache.max_entry_bytes;
         let mut fill =
@@ -93,7 +110,7 @@ async fn run(ctx: &Context, r: &Refresh) -> Result<(), String> {
                 be::ROW_DESCRIPTION | be::NO_DATA => fill.row_description = Some(f.raw().clone()),
                 be::DATA_ROW => fill.add_row(f.raw()),
                 be::COMMAND_COMPLETE => fill.add_body(f.raw()),
-                be::ERROR_RESPONSE | be::NOTICE_RESPONSE => return Err("the query no longer runs cleanly".into()),
+                be::ERROR_RESPONSE | be::NOTICE_RESPONSE => return Err(ReplayError::NotClean),
                 _ => {}
             }
         }
@@ -110,14 +127,14 @@ async fn run(ctx: &Context, r: &Refresh) -> Result<(), String> {
 pub async fn apply_settings(
     conn: &mut crate::backend::Connection,
     settings: &[(String, String)],
-) -> Result<(), String> {
+) -> Result<(), ReplayError> {
     if settings.is_empty() {
         return Ok(());
     }
-    let request = set_config(settings).map_err(|e| e.to_string())?;
-    let answer = conn.exchange(&request).await.map_err(|e| e.to_string())?;
+    let request = set_config(settings)?;
+    let answer = conn.exchange(&request).await?;
     match answer.iter().find(|f| f.tag() == be::ERROR_RESPONSE) {
-        Some(e) => Err(be::error_fields(e.body()).map(|f| f.to_string()).unwrap_or_default()),
+        Some(e) => Err(ReplayError::Refused(be::error_fields(e.body()).unwrap_or_default())),
         None => Ok(()),
     }
 }

@@ -38,7 +38,11 @@ impl RawConn {
         let mut params = vec![("user".to_string(), user.to_string()), ("database".into(), db.into())];
         params.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let mut out = BytesMut::new();
-        pgcache::protocol::startup::encode_startup(&params, &mut out);
+        postgres_protocol::message::frontend::startup_message(
+            params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            &mut out,
+        )
+        .expect("no NUL in the parameters");
         c.send(&out).await;
         loop {
             let m = c.recv().await;

@@ -80,7 +80,11 @@ impl Core {
     }
 
     /// Messages that may arrive at any time, whatever is pending.
-    fn route_unsolicited(&mut self, params: &mut BTreeMap<String, String>, raw: &[u8]) -> Result<Option<Routed>, Truncated> {
+    fn route_unsolicited(
+        &mut self,
+        params: &mut BTreeMap<String, String>,
+        raw: &[u8],
+    ) -> Result<Option<Routed>, Truncated> {
         let pass = Some(Routed { visible: true, completed: false });
         match raw[0] {
             be::PARAMETER_STATUS => {
