@@ -13,8 +13,10 @@ pgport=$(free_port)
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # What runuser started (PgBouncer) outlives killing runuser.
+  pkill -f "$work/" 2>/dev/null || true
   as_pg "$pgbin/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$work"
+  [[ -n ${KEEP_WORK:-} ]] && echo "kept $work" >&2 || rm -rf "$work"
 }
 trap cleanup EXIT
 
@@ -40,7 +42,7 @@ start_pgcache() {
   local port=$1
   shift
   PGCACHE_LOG=warn "$root/target/release/pgcache" --listen "127.0.0.1:$port" --admin "127.0.0.1:$(free_port)" \
-    --upstream "postgres://postgres@127.0.0.1:$pgport/postgres?sslmode=disable" --pool-size 32 "$@" 2>>"$work/pgcache.log" &
+    --upstream "postgres://postgres@127.0.0.1:$pgport/postgres?sslmode=disable" --pool-size "${POOL_SIZE:-32}" "$@" 2>>"$work/pgcache.log" &
   pids+=($!)
   for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" && return; sleep 0.1; done
 }

@@ -13,6 +13,8 @@ fn bench(c: &mut Criterion) {
     c.bench_function("classify point select (uncached)", |b| b.iter(|| classify(std::hint::black_box(POINT))));
     c.bench_function("classify 2-table join (uncached)", |b| b.iter(|| classify(std::hint::black_box(JOIN))));
     c.bench_function("fingerprint point select", |b| b.iter(|| fingerprint(std::hint::black_box(POINT))));
+    c.bench_function("normalize point select", |b| b.iter(|| pg_query::normalize(std::hint::black_box(POINT))));
+    c.bench_function("scan point select", |b| b.iter(|| pg_query::scan(std::hint::black_box(POINT))));
     let cached = Classifier::default();
     cached.classify(JOIN);
     c.bench_function("classify 2-table join (cached)", |b| b.iter(|| cached.classify(std::hint::black_box(JOIN))));

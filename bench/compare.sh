@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# The performance table in one command, every cell measured side by side in one run against one
+# throwaway cluster: direct Postgres, PgBouncer (session mode, when installed), pgcache with no
+# rules (pass-through) and pgcache with rules (hits). For each run: TPS, the ratio to direct,
+# p99 latency (from pgbench's per-transaction log, 10 % sampled), and pgcache's own CPU per
+# statement (utime+stime from /proc/PID/stat over the run, divided by the statements pgbench
+# completed; every transaction here is one statement).
+#
+# Usage: bench/compare.sh [seconds-per-run] [clients] [results-file]
+#   defaults: 10 s, 16 clients, bench/results/compare-<date>.md
+# Workloads (scale 10):
+#   select-simple / select-prepared   pgbench -S, no rules: the proxy hop and the pool
+#   hot-simple / hot-prepared         point select over 1000 accounts, all hits once warm
+#   hot-1client                       the same, prepared, one client
+#   aggregate                         GROUP BY over all accounts, cached
+#   mixed                             90 % hot point selects / 10 % updates of the same rows
+source "$(dirname "$0")/lib.sh"
+secs=${1:-10}
+clients=${2:-16}
+results=${3:-$root/bench/results/compare-$(date -u +%F).md}
+scale=10
+export POOL_SIZE=20
+mkdir -p "$(dirname "$results")"
+start_cluster "$scale"
+
+mkdir -p "$work/no-rules" "$work/rules"
+cat >"$work/rules/bench.toml" <<'RULES'
+[[rule]]
+name = "accounts"
+match = { tables = ["pgbench_accounts"] }
+ttl = "10m"
+RULES
+passport=$(free_port)
+start_pgcache "$passport" --rules "$work/no-rules"
+passpid=${pids[-1]}
+cacheport=$(free_port)
+start_pgcache "$cacheport" --rules "$work/rules"
+cachepid=${pids[-1]}
+
+bouncer=""
+if command -v pgbouncer >/dev/null 2>&1; then
+  bport=$(free_port)
+  cat >"$work/pgbouncer.ini" <<INI
+[databases]
+postgres = host=127.0.0.1 port=$pgport
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $bport
+unix_socket_dir =
+auth_type = trust
+auth_file = $work/users.txt
+pool_mode = session
+max_client_conn = 200
+default_pool_size = 20
+ignore_startup_parameters = extra_float_digits,options
+logfile = $work/pgbouncer.log
+INI
+  echo '"postgres" ""' >"$work/users.txt"
+  [[ $(id -u) -eq 0 ]] && chown postgres "$work"/pgbouncer.ini "$work"/users.txt
+  as_pg pgbouncer "$work/pgbouncer.ini" >/dev/null 2>&1 &
+  pids+=($!)
+  bouncer="pgbouncer:$bport"
+  sleep 1
+fi
+
+cat >"$work/hot.sql" <<'SQL'
+\set aid random(1, 1000)
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+SQL
+cat >"$work/aggregate.sql" <<'SQL'
+SELECT bid, count(*), sum(abalance), avg(abalance) FROM pgbench_accounts GROUP BY bid ORDER BY bid;
+SQL
+cat >"$work/mixed.sql" <<'SQL'
+\set aid random(1, 1000)
+\set r random(1, 100)
+\if :r <= 90
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+\else
+UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;
+\endif
+SQL
+
+# cpu_ticks PID: utime + stime of a process, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+tick_us=$(python3 -c "import os; print(1e6 / os.sysconf('SC_CLK_TCK'))")
+
+# measure NAME PORT PID CLIENTS ARGS... -> prints one table row; PID is "" for non-pgcache.
+measure() {
+  local name=$1 port=$2 pid=$3 n=$4
+  shift 4
+  local logdir="$work/log-$RANDOM"
+  mkdir -p "$logdir"
+  local before=0 after=0
+  [[ -n $pid ]] && before=$(cpu_ticks "$pid")
+  local out
+  out=$(cd "$logdir" && pgbench -h 127.0.0.1 -p "$port" -U postgres -n -c "$n" -j "$(( n < 2 ? n : 2 ))" -T "$secs" \
+    --log --sampling-rate=0.1 "$@" postgres 2>&1)
+  [[ -n $pid ]] && after=$(cpu_ticks "$pid")
+  local tps txns p99 cpu="-"
+  tps=$(grep -oP 'tps = \K[0-9.]+' <<<"$out" | head -1)
+  txns=$(grep -oP 'number of transactions actually processed: \K[0-9]+' <<<"$out")
+  # Column 3 of pgbench's log is the transaction's latency in microseconds.
+  p99=$(cat "$logdir"/pgbench_log.* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {i=int(NR*0.99); if (i<1) i=1; printf "%.3f", a[i]/1000}')
+  [[ -n $pid && $txns -gt 0 ]] && cpu=$(python3 -c "print(f'{($after - $before) * $tick_us / $txns:.1f}')")
+  rm -rf "$logdir"
+  echo "$name|$tps|$p99|$cpu"
+}
+
+warm() { pgbench -h 127.0.0.1 -p "$cacheport" -U postgres -n -c 4 -j 2 -T 3 "$@" postgres >/dev/null 2>&1; }
+
+{
+  echo "# pgcache vs direct Postgres ($(date -u '+%F %H:%M') UTC)"
+  echo
+  echo "$(nproc) cores; pgbench scale $scale; ${secs}s per run; $clients clients unless said; every target in"
+  echo "one run against one cluster. pgcache: release build, --pool-size 20. CPU is pgcache's own per statement."
+  echo
+  echo "| workload | target | TPS | vs direct | p99 (ms) | pgcache CPU/stmt (µs) |"
+  echo "|---|---|---|---|---|---|"
+} >"$results"
+
+row() {
+  local workload=$1 base=$2 name tps p99 cpu
+  IFS="|" read -r name tps p99 cpu
+  printf '| %s | %s | %.0f | %s | %s | %s |\n' "$workload" "$name" "$tps" "$(ratio "$tps" "${base:-$tps}")" "$p99" "$cpu" >>"$results"
+  echo "$tps"
+}
+
+run_workload() {
+  local workload=$1 n=$2 port_for_cache=$3
+  shift 3
+  local base
+  base=$(measure direct "$pgport" "" "$n" "$@" | row "$workload" "")
+  if [[ -n $bouncer ]]; then
+    measure pgbouncer "${bouncer##*:}" "" "$n" "$@" | row "$workload" "$base" >/dev/null
+  fi
+  if [[ $port_for_cache == pass ]]; then
+    measure "pgcache (no rules)" "$passport" "$passpid" "$n" "$@" | row "$workload" "$base" >/dev/null
+  else
+    measure "pgcache (rule)" "$cacheport" "$cachepid" "$n" "$@" | row "$workload" "$base" >/dev/null
+  fi
+}
+
+run_workload "select, simple" "$clients" pass -S -M simple
+run_workload "select, prepared" "$clients" pass -S -M prepared
+warm -M simple -f "$work/hot.sql"
+run_workload "hot select, simple" "$clients" cache -M simple -f "$work/hot.sql"
+warm -M prepared -f "$work/hot.sql"
+run_workload "hot select, prepared" "$clients" cache -M prepared -f "$work/hot.sql"
+run_workload "hot select, prepared, 1 client" 1 cache -M prepared -f "$work/hot.sql"
+warm -M prepared -f "$work/aggregate.sql"
+run_workload "aggregate" "$clients" cache -M prepared -f "$work/aggregate.sql"
+run_workload "mixed 90/10" "$clients" cache -M prepared -f "$work/mixed.sql"
+
+cat "$results"
+echo
+echo "written to $results"
