@@ -144,6 +144,24 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     tables: Mutex<HashSet<String>>,
     max_table_labels: usize,
+    /// `pgcache_query_duration_seconds` per outcome, registered once (recorded per statement).
+    durations: [Histogram; 3],
+}
+
+/// One rule's counters, registered once per rule (see `Rule::counters`) rather than looked up
+/// by name for every statement.
+#[derive(Clone)]
+pub struct RuleCounters {
+    pub hits: Counter,
+    pub served_bytes: Counter,
+    pub stale_served: Counter,
+    pub misses: Counter,
+}
+
+impl std::fmt::Debug for RuleCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RuleCounters")
+    }
 }
 
 impl Metrics {
@@ -166,7 +184,25 @@ impl Metrics {
                 Kind::Histogram => recorder.describe_histogram(key, Some(Unit::Seconds), help),
             }
         }
-        Metrics { recorder, tables: Mutex::new(HashSet::new()), max_table_labels }
+        let duration =
+            |o: Outcome| recorder.register_histogram(&Self::key(QUERY_DURATION, &[("outcome", o.as_str())]), &METADATA);
+        let durations = [duration(Outcome::Hit), duration(Outcome::Miss), duration(Outcome::Passthrough)];
+        Metrics { recorder, tables: Mutex::new(HashSet::new()), max_table_labels, durations }
+    }
+
+    /// The duration histogram for statements with this outcome.
+    pub fn query_duration(&self, outcome: Outcome) -> &Histogram {
+        &self.durations[outcome as usize]
+    }
+
+    /// Registers the counters of the rule named `rule`.
+    pub fn rule_counters(&self, rule: &str) -> RuleCounters {
+        RuleCounters {
+            hits: self.counter(CACHE_HITS, &[("rule", rule)]),
+            served_bytes: self.counter(CACHE_SERVED_BYTES, &[("rule", rule)]),
+            stale_served: self.counter(CACHE_STALE_SERVED, &[("rule", rule)]),
+            misses: self.counter(CACHE_MISSES, &[("rule", rule)]),
+        }
     }
 
     fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {

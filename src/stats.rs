@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 
 use crate::metrics::{self as m, Metrics, Outcome};
 use crate::policy::Reason;
+use crate::rules::Rule;
 
 /// Queries tracked at most; past that, new shapes are counted in the totals only.
 const MAX_QUERIES: usize = 5000;
@@ -28,7 +29,7 @@ const MAX_KEYS: usize = 1024;
 pub struct Observation {
     /// The classified statements of the request (one, or all of a multi-statement Query).
     pub statements: Arc<Vec<crate::query::Classified>>,
-    pub rule: Option<Arc<str>>,
+    pub rule: Option<Arc<Rule>>,
     pub outcome: Outcome,
     /// Why it was not answered from the cache.
     pub reason: Option<Reason>,
@@ -54,9 +55,9 @@ impl Observation {
     }
 
     /// Answered from an entry admitted by `rule`.
-    pub fn hit(&mut self, rule: &str, key: u64, stale: bool, rows: u64) {
+    pub fn hit(&mut self, rule: &Arc<Rule>, key: u64, stale: bool, rows: u64) {
         self.outcome = Outcome::Hit;
-        self.rule = Some(Arc::from(rule));
+        self.rule = Some(rule.clone());
         self.reason = None;
         self.key = Some(key);
         self.stale = stale;
@@ -64,9 +65,9 @@ impl Observation {
     }
 
     /// Sent to Postgres to fill an entry for `rule`.
-    pub fn miss(&mut self, rule: &str, key: u64) {
+    pub fn miss(&mut self, rule: &Arc<Rule>, key: u64) {
         self.outcome = Outcome::Miss;
-        self.rule = Some(Arc::from(rule));
+        self.rule = Some(rule.clone());
         self.reason = None;
         self.key = Some(key);
     }
@@ -102,7 +103,7 @@ pub struct QueryStat {
     pub misses: u64,
     pub passthrough: u64,
     pub errors: u64,
-    pub rule: Option<Arc<str>>,
+    pub rule: Option<Arc<Rule>>,
     pub reason: Option<Reason>,
     pub tables: Vec<String>,
     pub keys: HashSet<u64>,
@@ -198,21 +199,23 @@ impl Stats {
         let t = &self.totals;
         t.statements.fetch_add(1, Ordering::Relaxed);
         t.busy_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
-        let rule = o.rule.as_deref().unwrap_or("");
+        let counters = o.rule.as_ref().map(|r| r.counters.get_or_init(|| self.metrics.rule_counters(&r.name)));
         match o.outcome {
             Outcome::Hit => {
                 t.hits.fetch_add(1, Ordering::Relaxed);
                 t.bytes_served.fetch_add(served, Ordering::Relaxed);
-                self.metrics.counter(m::CACHE_HITS, &[("rule", rule)]).increment(1);
-                self.metrics.counter(m::CACHE_SERVED_BYTES, &[("rule", rule)]).increment(served);
+                if let Some(c) = counters {
+                    c.hits.increment(1);
+                    c.served_bytes.increment(served);
+                }
                 if o.stale {
                     t.stale.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.counter(m::CACHE_STALE_SERVED, &[("rule", rule)]).increment(1);
+                    counters.inspect(|c| c.stale_served.increment(1));
                 }
             }
             Outcome::Miss => {
                 t.misses.fetch_add(1, Ordering::Relaxed);
-                self.metrics.counter(m::CACHE_MISSES, &[("rule", rule)]).increment(1);
+                counters.inspect(|c| c.misses.increment(1));
             }
             Outcome::Passthrough => {
                 t.passthrough.fetch_add(1, Ordering::Relaxed);
@@ -221,7 +224,7 @@ impl Stats {
         if error {
             t.errors.fetch_add(1, Ordering::Relaxed);
         }
-        self.metrics.histogram(m::QUERY_DURATION, &[("outcome", o.outcome.as_str())]).record(elapsed.as_secs_f64());
+        self.metrics.query_duration(o.outcome).record(elapsed.as_secs_f64());
         if elapsed >= self.slow && o.outcome != Outcome::Hit {
             // The normalized text only: never parameter values.
             tracing::warn!(duration_ms = elapsed.as_millis() as u64, query = %o.normalized(), "slow statement");
@@ -378,7 +381,7 @@ mod tests {
     fn records_feed_totals_queries_and_metrics() {
         let s = Stats::new(10, Duration::from_secs(60));
         let o = Observation {
-            rule: Some(Arc::from("r")),
+            rule: Some(Arc::new(Rule::cache("r", Duration::from_secs(1)))),
             key: Some(1),
             stale: true,
             rows: 1,

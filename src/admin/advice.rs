@@ -42,7 +42,8 @@ struct Estimate<'a> {
 
 fn assess<'a>(ctx: &Context, q: &'a QueryStat, writes: &std::collections::HashMap<String, u64>) -> Estimate<'a> {
     let rules = ctx.rules.current();
-    let rule_ttl = q.rule.as_deref().and_then(|r| rules.get(r)).filter(|r| r.action == Action::Cache).map(|r| r.ttl);
+    let rule_ttl =
+        q.rule.as_ref().and_then(|r| rules.get(&r.name)).filter(|r| r.action == Action::Cache).map(|r| r.ttl);
     let ttl = rule_ttl.unwrap_or(CANDIDATE_TTL);
     let total_writes = writes_for(q, writes);
     let uptime = ctx.stats.uptime().max(Duration::from_secs(1));
@@ -90,7 +91,7 @@ pub fn queries(ctx: &Context) -> ResultSet {
             Some(q.misses.to_string()),
             Some(q.passthrough.to_string()),
             Some(q.errors.to_string()),
-            q.rule.as_deref().map(str::to_owned),
+            q.rule.as_ref().map(|r| r.name.clone()),
             Some(if q.hits + q.misses > 0 && q.passthrough == 0 {
                 "yes".to_owned()
             } else {

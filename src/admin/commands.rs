@@ -200,7 +200,7 @@ fn rules(ctx: &Context) -> ResultSet {
     for rule in &set.rules {
         let (hits, misses) = queries
             .iter()
-            .filter(|q| q.rule.as_deref() == Some(rule.name.as_str()))
+            .filter(|q| q.rule.as_ref().is_some_and(|r| r.name == rule.name))
             .fold((0, 0), |(h, m), q| (h + q.hits, m + q.misses));
         r.row([
             rule.name.clone(),

@@ -127,6 +127,9 @@ pub struct Store {
     cache: Cache<Key, Arc<Entry>, ByBytes, DefaultHashBuilder, CountEvictions>,
     evictions: Arc<AtomicU64>,
     max_bytes: u64,
+    /// Set by every insert, cleared by a sweep that leaves nothing: a per-statement question
+    /// ("is anything cached?") without visiting the cache's shards.
+    occupied: AtomicBool,
 }
 
 impl Store {
@@ -138,6 +141,7 @@ impl Store {
             cache: Cache::with(estimated, max_bytes, ByBytes, DefaultHashBuilder::default(), evictions),
             evictions: counter,
             max_bytes,
+            occupied: AtomicBool::new(false),
         }
     }
 
@@ -160,12 +164,24 @@ impl Store {
             return false;
         }
         self.cache.insert(key, Arc::new(entry));
+        self.occupied.store(true, Ordering::SeqCst);
         true
     }
 
     /// Removes entries that can never be served again (dead, or past every window).
     pub fn sweep(&self) {
+        // Cleared first: an insert racing the sweep either sets it again or is seen below.
+        self.occupied.store(false, Ordering::SeqCst);
         self.cache.retain(|_, e| e.freshness() != Freshness::Dead);
+        if !self.cache.is_empty() {
+            self.occupied.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether the store may hold entries (false only after a sweep found it empty, with
+    /// nothing inserted since). Costs one atomic load.
+    pub fn may_hold_entries(&self) -> bool {
+        self.occupied.load(Ordering::SeqCst)
     }
 
     /// Removes entries matching `f`; returns how many.
@@ -222,6 +238,7 @@ mod tests {
             allow_stable_functions: false,
             allow_row_security: false,
             matcher: Matcher::default(),
+            counters: Default::default(),
         })
     }
 

@@ -76,6 +76,9 @@ impl Context {
     /// Waits while new backend work is paused (admin `PAUSE`), or until shutdown forces
     /// sessions closed.
     pub async fn wait_while_paused(&self) {
+        if !*self.paused.borrow() {
+            return;
+        }
         let mut rx = self.paused.subscribe();
         tokio::select! {
             _ = rx.wait_for(|paused| !*paused) => {}
@@ -86,7 +89,7 @@ impl Context {
     /// Whether the cache is in use at all: rules are loaded, or entries remain from when they
     /// were. (While neither holds there is nothing to serve or invalidate.)
     pub fn caching(&self) -> bool {
-        !self.store.is_empty() || !self.rules.current().rules.is_empty()
+        self.store.may_hold_entries() || !self.rules.is_empty()
     }
 
     /// The configuration in force.

@@ -111,6 +111,9 @@ pub struct Catalog {
     credentials: Arc<Credentials>,
     dbs: Mutex<HashMap<String, Arc<DbCatalog>>>,
     ttl: Duration,
+    /// Moves whenever facts are forgotten (DDL, `INVALIDATE`), so what was concluded from
+    /// them elsewhere (a session's memo of its statements' assessments) can tell.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 const SYSTEM_SCHEMAS: [&str; 2] = ["pg_catalog", "information_schema"];
@@ -118,11 +121,25 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Catalog {
     pub fn new(endpoint: Arc<Endpoint>, upstream: Upstream, credentials: Arc<Credentials>, ttl: Duration) -> Self {
-        Catalog { endpoint, upstream, credentials, dbs: Mutex::new(HashMap::new()), ttl }
+        Catalog { endpoint, upstream, credentials, dbs: Mutex::new(HashMap::new()), ttl, epoch: Default::default() }
     }
 
     fn db(&self, db: &str) -> Arc<DbCatalog> {
-        self.dbs.lock().entry(db.to_owned()).or_default().clone()
+        let mut dbs = self.dbs.lock();
+        match dbs.get(db) {
+            Some(d) => d.clone(),
+            None => dbs.entry(db.to_owned()).or_default().clone(),
+        }
+    }
+
+    /// How long a fact is trusted before it is looked up again (`cache.catalog_ttl`).
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// A counter that moves whenever facts about any database are forgotten.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Forgets everything known about `db` (after DDL).
@@ -133,6 +150,8 @@ impl Catalog {
         d.relations.lock().clear();
         d.oids.lock().clear();
         d.by_oid.lock().clear();
+        // After the facts are gone: a conclusion stamped with the new epoch used fresh ones.
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     async fn client(&self, db: &str) -> Result<Arc<Client>, CatalogError> {

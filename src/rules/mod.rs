@@ -44,6 +44,30 @@ pub struct Rule {
     /// (whatever `share_across_roles` says) and by every setting, custom ones included.
     pub allow_row_security: bool,
     pub matcher: Matcher,
+    /// Its metrics, registered on first use with the server's recorder.
+    pub counters: std::sync::OnceLock<crate::metrics::RuleCounters>,
+}
+
+impl Rule {
+    /// A `cache` rule with this TTL that matches nothing by itself and keeps every default
+    /// (for building rule sets in code, as the tests do).
+    pub fn cache(name: &str, ttl: Duration) -> Rule {
+        Rule {
+            name: name.to_owned(),
+            file: PathBuf::new(),
+            line: 0,
+            action: Action::Cache,
+            ttl,
+            max_entry_bytes: None,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            share_across_roles: false,
+            allow_stable_functions: false,
+            allow_row_security: false,
+            matcher: Matcher::default(),
+            counters: Default::default(),
+        }
+    }
 }
 
 /// The conditions of a rule; all that are given must hold.

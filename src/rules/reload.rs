@@ -68,6 +68,16 @@ impl Rules {
         self.current.load_full()
     }
 
+    /// The version of the rule set in force.
+    pub fn version(&self) -> u64 {
+        self.current.load().version
+    }
+
+    /// Whether no rule is loaded (without taking a reference to the set).
+    pub fn is_empty(&self) -> bool {
+        self.current.load().rules.is_empty()
+    }
+
     pub fn status(&self) -> ReloadStatus {
         self.status.lock().clone()
     }

@@ -10,12 +10,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use crate::cache::flight::Turn;
 use crate::cache::key::KeyBuilder;
 use crate::cache::{Entry, Freshness, Key};
 use crate::frontend::SessionError;
-use crate::policy::{self, Assessed, Reason, SearchPath, Target};
+use crate::policy::{self, Reason, SearchPath, Target};
 use crate::protocol::backend::TransactionStatus;
 use crate::protocol::frontend::BindParts;
 use crate::query::Classified;
@@ -25,6 +26,7 @@ use crate::stats::key_hash;
 use super::core::flow::Probe;
 use super::core::pipeline::Fill;
 use super::core::plan::Plan;
+use super::memo::{Conditions, Stamp, Verdict};
 use super::refresh;
 use super::relay::Relay;
 
@@ -35,21 +37,22 @@ pub(super) enum Request<'a> {
 }
 
 impl Relay<'_> {
-    pub(super) async fn decide(&mut self, sql: &str, c: &Classified, req: Request<'_>) -> Result<Plan, SessionError> {
+    /// Decides `c`, one of `statements` (kept by the memo of assessments).
+    pub(super) async fn decide(
+        &mut self,
+        statements: &Arc<Vec<Classified>>,
+        sql: &str,
+        c: &Classified,
+        req: Request<'_>,
+    ) -> Result<Plan, SessionError> {
         if let Some(why) = self.core.refuses() {
             return Ok(Plan::Forward(why));
         }
         let ctx = self.ctx;
-        let rules = ctx.rules.current();
-        let target = Target { sql, statement: c, database: &self.key.database, user: &self.key.user };
-        let path = match (self.core.flow.settings.role(), self.core.flow.settings.search_path()) {
-            (Some(role), Some(search_path)) => Some(SearchPath { role, search_path }),
-            _ => None,
-        };
-        let a = match policy::assess(&ctx.catalog, &rules, &target, path).await {
-            Assessed::Cacheable(a) => a,
-            Assessed::Forward(why) => return Ok(Plan::Forward(why)),
-            Assessed::NeedsSearchPath => return Ok(self.probe_or(Reason::SettingsUnknown)),
+        let a = match self.assess(statements, sql, c).await {
+            Verdict::Cacheable(a) => a,
+            Verdict::Forward(why) => return Ok(Plan::Forward(why)),
+            Verdict::NeedsSearchPath => return Ok(self.probe_or(Reason::SettingsUnknown)),
         };
         if !self.core.flow.settings.known() {
             return Ok(self.probe_or(Reason::SettingsUnknown));
@@ -93,7 +96,38 @@ impl Relay<'_> {
         };
         let deps = ctx.generations.snapshot(&self.key.database, &a.deps);
         let limit = ctx.config().cache.max_entry_bytes;
-        Ok(Plan::Fill(Box::new(Fill::new(key, a.rule, deps, a.resolved, Arc::from(sql), flight, limit))))
+        let rule = a.rule.clone();
+        Ok(Plan::Fill(Box::new(Fill::new(key, rule, deps, a.resolved.clone(), Arc::from(sql), flight, limit))))
+    }
+
+    /// The session-free half of the decision ([`policy::assess`]), from the session's memo
+    /// when it still holds ([`Assessments`]).
+    async fn assess(&mut self, statements: &Arc<Vec<Classified>>, sql: &str, c: &Classified) -> Verdict {
+        let ctx = self.ctx;
+        let settings = &self.core.flow.settings;
+        let (role, search_path) = (settings.role(), settings.search_path());
+        // Read before the facts are: an invalidation meanwhile leaves the memo stale, not wrong.
+        let epoch = ctx.catalog.epoch();
+        let now = Conditions { rules: ctx.rules.version(), catalog: epoch, role, search_path, sql };
+        if let Some(v) = self.memo.get(c, &now) {
+            return v.clone();
+        }
+        let rules = ctx.rules.current();
+        let target = Target { sql, statement: c, database: &self.key.database, user: &self.key.user };
+        let path = match (role, search_path) {
+            (Some(role), Some(search_path)) => Some(SearchPath { role, search_path }),
+            _ => None,
+        };
+        let verdict = Verdict::from(policy::assess(&ctx.catalog, &rules, &target, path).await);
+        let stamp = Stamp {
+            rules: rules.version,
+            catalog: epoch,
+            role: role.map(Into::into),
+            search_path: search_path.map(Into::into),
+            sql: rules.rules.iter().any(|r| r.matcher.pattern.is_some()).then(|| sql.into()),
+        };
+        self.memo.keep(statements, c, stamp, Instant::now() + ctx.catalog.ttl(), &verdict);
+        verdict
     }
 
     /// [`Plan::Probe`], unless the probe already failed for these settings.

@@ -21,6 +21,7 @@ mod decide;
 mod detached;
 mod drive;
 pub mod effects;
+mod memo;
 pub mod refresh;
 pub mod relay;
 
@@ -102,6 +103,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
         settings: Settings::at_startup(&params),
         ..Flow::default()
     });
+    let mut memo = memo::Assessments::default();
     let mut reported = lease.conn_ref().params.clone();
     let mut lease = Some(lease);
     let result = loop {
@@ -129,7 +131,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
         };
         handle.set_backend(Some(attached.conn_ref().key));
         registered.backend_pid.store(attached.conn_ref().key.pid as i64, std::sync::atomic::Ordering::Relaxed);
-        let result = relay::run(ctx, &key, &params, client, attached.conn(), &mut core).await;
+        let result = relay::run(ctx, &key, &params, client, attached.conn(), &mut core, &mut memo).await;
         attached.conn().status = core.tracker.status;
         if let Ok(relay::Ending::BackendLost) = result {
             ctx.stats.backend_error();

@@ -12,10 +12,13 @@
 //! leaves is always noticed, whatever Postgres is doing.
 
 use std::collections::BTreeMap;
+use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll, ready};
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::backend::connection::{ReadError, StartupParams};
 use crate::backend::{Connection, PoolKey};
@@ -28,8 +31,10 @@ use crate::protocol::frontend as fe;
 use crate::protocol::sqlstate::SqlState;
 
 use super::core::pipeline::Expect;
+use super::core::queue::OutQueue;
 use super::core::{Action, BackendError, Core};
 use super::effects;
+use super::memo::Assessments;
 
 /// Stop reading a side while this much is queued for the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -53,10 +58,9 @@ pub struct Relay<'a> {
     pub(super) key: &'a PoolKey,
     pub(super) startup: &'a StartupParams,
     pub(super) core: &'a mut Core,
-    client_rd: ReadHalf<&'a mut Stream>,
-    client_wr: WriteHalf<&'a mut Stream>,
-    backend_rd: ReadHalf<&'a mut Stream>,
-    backend_wr: WriteHalf<&'a mut Stream>,
+    pub(super) memo: &'a mut Assessments,
+    client: &'a mut Stream,
+    backend: &'a mut Stream,
     client_buf: &'a mut BytesMut,
     backend_buf: &'a mut BytesMut,
     params: &'a mut BTreeMap<String, String>,
@@ -81,18 +85,16 @@ pub async fn run(
     client: &mut Client,
     conn: &mut Connection,
     core: &mut Core,
+    memo: &mut Assessments,
 ) -> Result<Ending, SessionError> {
-    let (client_rd, client_wr) = tokio::io::split(&mut client.stream);
-    let (backend_rd, backend_wr) = tokio::io::split(&mut conn.stream);
     let mut relay = Relay {
         ctx,
         key,
         startup,
         core,
-        client_rd,
-        client_wr,
-        backend_rd,
-        backend_wr,
+        memo,
+        client: &mut client.stream,
+        backend: &mut conn.stream,
         client_buf: &mut client.rbuf,
         backend_buf: &mut conn.rbuf,
         params: &mut conn.params,
@@ -103,8 +105,27 @@ pub async fn run(
     result
 }
 
+/// What woke the relay.
+enum Event {
+    /// This many bytes were read from the client (0: it closed).
+    Client(usize),
+    /// The backend was read: this many bytes, or the error.
+    Backend(std::io::Result<usize>),
+    Shutdown,
+    ForceClose,
+}
+
 impl Relay<'_> {
+    /// The loop. Each turn polls, in one future and without splitting the streams: writing
+    /// what is queued for either side, reading either side (each only below its high-water
+    /// mark), and the shutdown signals, created once rather than per turn. The first read or
+    /// signal is handled, which may take awaits (the catalog, the single flight), then the
+    /// next turn begins.
     async fn main_loop(&mut self) -> Result<Ending, SessionError> {
+        let ctx = self.ctx;
+        let shutdown = ctx.shutdown.cancelled();
+        let force_close = ctx.force_close.cancelled();
+        tokio::pin!(shutdown, force_close);
         let mut draining = false;
         // The client may have pipelined messages behind its startup packet.
         if let Some(end) = self.on_client_data().await? {
@@ -116,43 +137,66 @@ impl Relay<'_> {
             }
             reserve(self.client_buf);
             reserve(self.backend_buf);
-            tokio::select! {
-                r = self.client_wr.write_buf(&mut self.core.to_client), if !self.core.to_client.is_empty() => {
-                    r?;
-                    if self.core.to_client.is_empty() {
-                        self.client_wr.flush().await?;
-                    }
+            let event = std::future::poll_fn(|cx| {
+                if force_close.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(Event::ForceClose));
                 }
-                r = self.backend_wr.write_buf(&mut self.core.to_backend), if !self.core.to_backend.is_empty() => {
-                    r.map_err(ReadError::Io)?;
+                if !draining && shutdown.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(Event::Shutdown));
                 }
-                r = self.client_rd.read_buf(self.client_buf), if self.reading_client() => {
-                    if r? == 0 {
-                        return Ok(Ending::ClientLeft);
-                    }
+                self.poll_event(cx)
+            })
+            .await?;
+            match event {
+                Event::Client(0) => return Ok(Ending::ClientLeft),
+                Event::Client(_) => {
                     if let Some(end) = self.on_client_data().await? {
                         return Ok(end);
                     }
                 }
-                r = self.backend_rd.read_buf(self.backend_buf), if self.core.to_client.len() < HIGH_WATER => {
-                    match r {
-                        Ok(n) if n > 0 => {
-                            self.on_backend_data()?;
-                            if let Some(end) = self.resume_parked().await? {
-                                return Ok(end);
-                            }
-                        }
-                        _ if self.core.tracker.at_rest() && self.core.flow.movable().is_ok() => {
-                            return Ok(Ending::BackendLost);
-                        }
-                        Ok(_) => return Err(ReadError::Closed.into()),
-                        Err(e) => return Err(ReadError::Io(e).into()),
+                Event::Backend(Ok(n)) if n > 0 => {
+                    self.on_backend_data()?;
+                    if let Some(end) = self.resume_parked().await? {
+                        return Ok(end);
                     }
                 }
-                _ = self.ctx.shutdown.cancelled(), if !draining => draining = true,
-                _ = self.ctx.force_close.cancelled() => return Err(SessionError::Shutdown),
+                Event::Backend(_) if self.core.tracker.at_rest() && self.core.flow.movable().is_ok() => {
+                    return Ok(Ending::BackendLost);
+                }
+                Event::Backend(Ok(_)) => return Err(ReadError::Closed.into()),
+                Event::Backend(Err(e)) => return Err(ReadError::Io(e).into()),
+                Event::Shutdown => draining = true,
+                Event::ForceClose => return Err(SessionError::Shutdown),
             }
         }
+    }
+
+    /// Writes what it can to both sides, then reads the first side that has data.
+    fn poll_event(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<Event, SessionError>> {
+        if !self.core.to_client.is_empty() {
+            // Pending is fine: the socket's waker is registered, and reading goes on.
+            if let Poll::Ready(r) = poll_write_queue(self.client, &mut self.core.to_client, cx) {
+                r?;
+            }
+        }
+        if !self.core.to_backend.is_empty()
+            && let Poll::Ready(r) = poll_write_queue(self.backend, &mut self.core.to_backend, cx)
+        {
+            r.map_err(ReadError::Io)?;
+        }
+        if self.reading_client()
+            && let Poll::Ready(r) =
+                tokio_util::io::poll_read_buf(Pin::new(&mut *self.client), cx, &mut *self.client_buf)
+        {
+            return Poll::Ready(Ok(Event::Client(r?)));
+        }
+        if self.core.to_client.len() < HIGH_WATER
+            && let Poll::Ready(r) =
+                tokio_util::io::poll_read_buf(Pin::new(&mut *self.backend), cx, &mut *self.backend_buf)
+        {
+            return Poll::Ready(Ok(Event::Backend(r)));
+        }
+        Poll::Pending
     }
 
     /// Whether to read the client now: not while too much waits for the backend, and while a
@@ -191,8 +235,8 @@ impl Relay<'_> {
         if !matches!(result, Err(SessionError::ClientIo(_)) | Ok(Ending::ClientLeft)) {
             // Also flushes what was owed before a lost backend, so nothing is dropped.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-                self.client_wr.write_all_buf(&mut self.core.to_client).await?;
-                self.client_wr.flush().await
+                self.client.write_all_buf(&mut self.core.to_client).await?;
+                self.client.flush().await
             })
             .await;
         }
@@ -295,6 +339,21 @@ impl Relay<'_> {
             }
         }
     }
+}
+
+/// Writes `queue` to `stream` with vectored writes until it is empty (then flushes, which
+/// matters for TLS) or the socket is full.
+fn poll_write_queue(stream: &mut Stream, queue: &mut OutQueue, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+    while !queue.is_empty() {
+        let mut slices = [IoSlice::new(&[]); 64];
+        let n = queue.chunks_vectored(&mut slices);
+        let written = ready!(Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..n]))?;
+        if written == 0 {
+            return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+        }
+        queue.advance(written);
+    }
+    Pin::new(stream).poll_flush(cx)
 }
 
 /// Makes room to read into `buf` without letting it grow unboundedly.

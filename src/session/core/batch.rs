@@ -18,7 +18,6 @@
 mod emit;
 mod virtuals;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -89,17 +88,75 @@ pub(crate) enum Exec {
     Forward,
 }
 
+/// Facts about some messages of a batch, by message index. Batches are short, so this is a
+/// vector rather than a map: planning a batch allocates little and hashes nothing.
+#[derive(Debug)]
+pub(crate) struct Slots<T>(Vec<Option<T>>);
+
+impl<T> Default for Slots<T> {
+    fn default() -> Self {
+        Slots(Vec::new())
+    }
+}
+
+impl<T> Slots<T> {
+    fn insert(&mut self, i: usize, v: T) {
+        if self.0.len() <= i {
+            self.0.resize_with(i + 1, || None);
+        }
+        self.0[i] = Some(v);
+    }
+
+    fn get(&self, i: &usize) -> Option<&T> {
+        self.0.get(*i)?.as_ref()
+    }
+
+    fn get_mut(&mut self, i: &usize) -> Option<&mut T> {
+        self.0.get_mut(*i)?.as_mut()
+    }
+
+    fn remove(&mut self, i: &usize) -> Option<T> {
+        self.0.get_mut(*i)?.take()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (usize, &T)> {
+        self.0.iter().enumerate().filter_map(|(i, v)| Some((i, v.as_ref()?)))
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.0.iter_mut().flatten()
+    }
+}
+
+/// Statements or portals by name as a batch leaves them (`None`: closed). A batch names few,
+/// so a vector searched from the end.
+#[derive(Debug, Default)]
+struct Names(Vec<(Bytes, Option<Arc<Statement>>)>);
+
+impl Names {
+    fn get(&self, name: &[u8]) -> Option<&Option<Arc<Statement>>> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, s)| s)
+    }
+
+    fn insert(&mut self, name: Bytes, st: Option<Arc<Statement>>) {
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = st,
+            None => self.0.push((name, st)),
+        }
+    }
+}
+
 /// The plan for a batch, index-aligned with its messages.
 #[derive(Debug, Default)]
 pub(crate) struct BatchPlan {
     /// Statements created by Parse messages.
-    parsed: HashMap<usize, Arc<Statement>>,
+    parsed: Slots<Arc<Statement>>,
     /// Per Execute: its plan and its writes.
-    exec: HashMap<usize, (Exec, Vec<Effect>)>,
+    exec: Slots<(Exec, Vec<Effect>)>,
     /// Per Execute: what the statistics will record.
-    observe: HashMap<usize, Observation>,
+    observe: Slots<Observation>,
     /// The unnamed-portal Bind each Execute/Describe of the unnamed portal refers to.
-    bound_by: HashMap<usize, usize>,
+    bound_by: Slots<usize>,
     virtual_parse: Vec<bool>,
     virtual_bind: Vec<bool>,
     /// The client's unnamed statement when the batch began.
@@ -135,8 +192,8 @@ pub struct Planner {
     cacheable: bool,
     at: usize,
     waiting: Option<Waiting>,
-    stmts: HashMap<Bytes, Option<Arc<Statement>>>,
-    portals: HashMap<Bytes, Option<Arc<Statement>>>,
+    stmts: Names,
+    portals: Names,
     unnamed_bind: Option<usize>,
     unnamed_executed: bool,
     write_seen: bool,
@@ -194,8 +251,8 @@ impl Core {
             cacheable,
             at: 0,
             waiting: None,
-            stmts: HashMap::new(),
-            portals: HashMap::new(),
+            stmts: Names::default(),
+            portals: Names::default(),
             unnamed_bind: None,
             unnamed_executed: false,
             write_seen: false,
@@ -353,13 +410,13 @@ impl Planner {
     pub fn finish(mut self, core: &mut Core) {
         virtuals::find(&self.msgs, &mut self.plan);
         // The client's view of its statements and portals after this batch.
-        for (name, st) in std::mem::take(&mut self.stmts) {
+        for (name, st) in std::mem::take(&mut self.stmts).0 {
             match st {
                 Some(st) => core.flow.statements.insert(name, st),
                 None => core.flow.statements.remove(&name),
             };
         }
-        for (name, st) in std::mem::take(&mut self.portals) {
+        for (name, st) in std::mem::take(&mut self.portals).0 {
             match st {
                 Some(st) => core.flow.portals.insert(name, st),
                 None => core.flow.portals.remove(&name),

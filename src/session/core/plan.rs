@@ -26,8 +26,8 @@ impl Plan {
     /// Records in `o` what was decided.
     pub fn observe(&self, o: &mut Observation) {
         match self {
-            Plan::Hit { entry, key, stale } => o.hit(&entry.rule.name, *key, *stale, entry.rows),
-            Plan::Fill(fill) => o.miss(&fill.rule.name, key_hash(&fill.key.0)),
+            Plan::Hit { entry, key, stale } => o.hit(&entry.rule, *key, *stale, entry.rows),
+            Plan::Fill(fill) => o.miss(&fill.rule, key_hash(&fill.key.0)),
             Plan::Forward(why) => {
                 tracing::debug!(reason = %why, "forwarded, not cached");
                 o.reason = Some(why.clone());

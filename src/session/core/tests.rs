@@ -272,6 +272,7 @@ fn entry(rows: usize) -> Arc<Entry> {
             allow_stable_functions: false,
             allow_row_security: false,
             matcher: Matcher::default(),
+            counters: Default::default(),
         }),
         row_description: row_description().freeze(),
         body: body.freeze(),

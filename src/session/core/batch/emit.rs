@@ -170,7 +170,7 @@ fn describe_locally(core: &mut Core, plan: &BatchPlan, i: usize) -> bool {
         return false;
     }
     let entry = plan.exec.iter().find_map(|(e, (exec, _))| match exec {
-        Exec::Hit(entry) if plan.bound_by.get(e) == plan.bound_by.get(&i) => Some(entry.clone()),
+        Exec::Hit(entry) if plan.bound_by.get(&e) == plan.bound_by.get(&i) => Some(entry.clone()),
         _ => None,
     });
     match entry {

@@ -13,7 +13,7 @@ use super::{BatchPlan, Exec, Msg};
 
 pub(super) fn find(msgs: &[Msg], plan: &mut BatchPlan) {
     let mut uses: HashMap<usize, Vec<usize>> = HashMap::new();
-    for (&i, &bi) in &plan.bound_by {
+    for (i, &bi) in plan.bound_by.iter() {
         uses.entry(bi).or_default().push(i);
     }
     for (bi, used) in uses {
@@ -27,7 +27,7 @@ pub(super) fn find(msgs: &[Msg], plan: &mut BatchPlan) {
     }
     // A hit whose Bind must reach the backend anyway is not served from the cache.
     let mut demote = Vec::new();
-    for (&i, (exec, _)) in &plan.exec {
+    for (i, (exec, _)) in plan.exec.iter() {
         if matches!(exec, Exec::Hit(_)) && plan.bound_by.get(&i).is_none_or(|bi| !plan.virtual_bind[*bi]) {
             demote.push(i);
         }
