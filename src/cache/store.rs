@@ -130,6 +130,8 @@ pub struct Store {
     /// Set by every insert, cleared by a sweep that leaves nothing: a per-statement question
     /// ("is anything cached?") without visiting the cache's shards.
     occupied: AtomicBool,
+    /// Ids for the settings parts of keys.
+    pub interner: super::key::Interner,
 }
 
 impl Store {
@@ -142,6 +144,7 @@ impl Store {
             evictions: counter,
             max_bytes,
             occupied: AtomicBool::new(false),
+            interner: Default::default(),
         }
     }
 

@@ -160,6 +160,11 @@ impl Peers {
             return true;
         }
         let link = self.link(database);
+        match *link.state.borrow() {
+            LinkState::Listening => return true,
+            LinkState::Starting => {}
+            _ => return false,
+        }
         let mut state = link.state.subscribe();
         if *state.borrow() == LinkState::Starting {
             let _ = tokio::time::timeout(FIRST_LISTEN_WAIT, state.wait_for(|s| *s != LinkState::Starting)).await;

@@ -74,7 +74,8 @@ impl Relay<'_> {
         }
         // Row-level security makes what a role sees its own, whatever the rule says.
         let with_role = !a.rule.share_across_roles || a.row_security;
-        let key = cache_key(&self.key.database, &self.core.flow.settings, with_role, sql, &req);
+        let settings = self.memo.settings_id(self.core.flow.settings.key_part(with_role), &ctx.store.interner);
+        let key = cache_key(&self.key.database, settings, sql, &req);
         let hash = key_hash(&key.0);
         match ctx.store.get(&key) {
             Some((entry, Freshness::Fresh)) => return Ok(Plan::Hit { entry, key: hash, stale: false }),
@@ -174,22 +175,16 @@ impl Relay<'_> {
     }
 }
 
-/// The key of a request: protocol, database, the session's settings (with the role unless
-/// shared across roles), the SQL text, and for the extended protocol the parameter types,
-/// formats and values and the result formats.
-pub(super) fn cache_key(
-    database: &str,
-    settings: &super::core::settings::Settings,
-    with_role: bool,
-    sql: &str,
-    req: &Request<'_>,
-) -> Key {
+/// The key of a request: protocol, database, the session's settings (the interned id of their
+/// key part, with the role unless shared across roles), the SQL text, and for the extended
+/// protocol the parameter types, formats and values and the result formats.
+pub(super) fn cache_key(database: &str, settings: u64, sql: &str, req: &Request<'_>) -> Key {
     let mut kb = KeyBuilder::new(match req {
         Request::Simple => b'Q',
         Request::Extended { .. } => b'E',
     });
     kb.str(database);
-    settings.key(with_role, &mut kb);
+    kb.u64(settings);
     kb.str(sql);
     if let Request::Extended { param_types, bind } = req {
         kb.u32s(param_types).i16s(&bind.param_formats);

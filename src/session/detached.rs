@@ -177,7 +177,8 @@ impl Detached<'_> {
         }
         let rules = self.ctx.rules.current();
         [false, true].into_iter().find_map(|share| {
-            let key = cache_key(&self.key.database, &self.flow.settings, !share, sql, &req);
+            let settings = self.ctx.store.interner.id(&self.flow.settings.key_part(!share));
+            let key = cache_key(&self.key.database, settings, sql, &req);
             let (entry, freshness) = self.ctx.store.get(&key)?;
             let stale = freshness != Freshness::Fresh;
             // Without the peers' invalidations only rules that accept stale answers during an

@@ -10,12 +10,17 @@
 //! `pattern`, which reads literal values — the same SQL text. Verdicts that depend on a passing
 //! condition (the catalog unreachable, the search path not yet known) are not kept.
 //!
+//! It also remembers the interned id of the session's settings key part (see [`Interner`]).
+//!
 //! [`policy::assess`]: crate::policy::assess
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
+
+use crate::cache::key::Interner;
 use crate::policy::{Assessed, Assessment, Reason};
 use crate::query::Classified;
 
@@ -85,9 +90,27 @@ struct Memo {
 #[derive(Default)]
 pub struct Assessments {
     entries: HashMap<usize, Memo>,
+    /// The interned ids of the session's current settings key parts (with and without the
+    /// role); the `Bytes` kept alive so their address identifies them.
+    settings: Vec<(Bytes, u64)>,
 }
 
 impl Assessments {
+    /// The interned id of a settings key part, asking the interner only when the settings
+    /// changed since the last call.
+    pub fn settings_id(&mut self, part: Bytes, interner: &Interner) -> u64 {
+        let same = |b: &Bytes| b.as_ptr() == part.as_ptr() && b.len() == part.len();
+        if let Some((_, id)) = self.settings.iter().find(|(b, _)| same(b)) {
+            return *id;
+        }
+        let id = interner.id(&part);
+        if self.settings.len() >= 2 {
+            self.settings.remove(0);
+        }
+        self.settings.push((part, id));
+        id
+    }
+
     /// The verdict for `c` (one of `statements`), if one was kept under the same conditions.
     pub fn get(&self, c: &Classified, now: &Conditions<'_>) -> Option<&Verdict> {
         let m = self.entries.get(&(c as *const Classified as usize))?;

@@ -278,10 +278,10 @@ impl Planner {
         while self.at < self.msgs.len() {
             let i = self.at;
             self.at += 1;
-            match self.msgs[i].clone() {
+            match &self.msgs[i] {
                 Msg::Parse { name, .. } => {
                     let st = self.plan.parsed.get(&i).cloned();
-                    self.stmts.insert(name, st);
+                    self.stmts.insert(name.clone(), st);
                 }
                 Msg::Bind(b) => {
                     let st = self.statement(core, &b.statement);
@@ -289,16 +289,16 @@ impl Planner {
                         self.unnamed_bind = Some(i);
                         self.unnamed_executed = false;
                     }
-                    self.portals.insert(b.portal, st);
+                    self.portals.insert(b.portal.clone(), st);
                 }
                 Msg::Close(Target::Statement, name) => {
-                    self.stmts.insert(name, None);
+                    self.stmts.insert(name.clone(), None);
                 }
                 Msg::Close(Target::Portal, name) => {
                     if name.is_empty() {
                         self.unnamed_bind = None;
                     }
-                    self.portals.insert(name, None);
+                    self.portals.insert(name.clone(), None);
                 }
                 Msg::Describe(Target::Portal, name) if name.is_empty() => {
                     if let Some(bi) = self.unnamed_bind {
@@ -306,9 +306,9 @@ impl Planner {
                     }
                 }
                 Msg::Execute { portal, .. } => {
-                    let st = match self.portals.get(&portal) {
+                    let st = match self.portals.get(portal) {
                         Some(s) => s.clone(),
-                        None => core.flow.portals.get(&portal).cloned(),
+                        None => core.flow.portals.get(portal).cloned(),
                     };
                     self.waiting = Some(Waiting::Effects { at: i, statement: st.clone() });
                     match st {

@@ -207,11 +207,6 @@ impl Settings {
         }
     }
 
-    /// Appends the settings to a key.
-    pub fn key(&self, with_role: bool, kb: &mut KeyBuilder) {
-        kb.part(Some(&self.key_part(with_role)));
-    }
-
     /// The settings to apply on another connection (started like this session's, as
     /// `login_user`) so it computes the same results: `(name, value)` pairs for `set_config`.
     /// Settings from the startup packet, the database, the role and the configuration file
