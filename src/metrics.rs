@@ -41,6 +41,9 @@ pub const DETACHED_SESSIONS: &str = "pgcache_detached_sessions";
 pub const BACKEND_CONNECTIONS: &str = "pgcache_backend_connections";
 pub const POOL_WAIT: &str = "pgcache_pool_wait_seconds";
 pub const BACKEND_ERRORS: &str = "pgcache_backend_errors_total";
+pub const HANDOFFS: &str = "pgcache_backend_handoffs_total";
+pub const SETTINGS_REPLAYS: &str = "pgcache_settings_replays_total";
+pub const PINS: &str = "pgcache_pins_total";
 pub const RULES_RELOAD: &str = "pgcache_rules_reload_total";
 pub const RULES_LOADED: &str = "pgcache_rules_loaded";
 pub const PEER_LISTENING: &str = "pgcache_peer_listening";
@@ -87,7 +90,22 @@ pub const ALL: &[(&str, Kind, &str)] = &[
         "Client sessions without a backend (Postgres unreachable; serving from the cache).",
     ),
     (BACKEND_CONNECTIONS, Kind::Gauge, "Backend connections, by state (active, idle)."),
-    (POOL_WAIT, Kind::Histogram, "Time clients waited for a backend connection."),
+    (POOL_WAIT, Kind::Histogram, "Time clients waited for a backend connection, by pool (database, user)."),
+    (
+        HANDOFFS,
+        Kind::Counter,
+        "Transaction pooling: backends given back to the pool at the end of a client's transaction.",
+    ),
+    (
+        SETTINGS_REPLAYS,
+        Kind::Counter,
+        "Transaction pooling: backends whose session settings were reset and replayed for the client that took them.",
+    ),
+    (
+        PINS,
+        Kind::Counter,
+        "Transaction pooling: sessions pinned to their backend by state that cannot move (LISTEN, WITH HOLD cursors, SQL PREPARE, advisory locks, temporary objects, LOAD, unreplayable settings), by reason.",
+    ),
     (BACKEND_ERRORS, Kind::Counter, "Failures to connect to Postgres and backend connections lost mid-session."),
     (RULES_RELOAD, Kind::Counter, "Rule reloads, by result (success, failure)."),
     (RULES_LOADED, Kind::Gauge, "Rules in force."),
@@ -226,9 +244,9 @@ impl Metrics {
         self.counter(BACKEND_ERRORS, &[]).increment(1);
     }
 
-    /// A client waited this long for a backend connection.
-    pub fn pool_wait(&self, waited: std::time::Duration) {
-        self.histogram(POOL_WAIT, &[]).record(waited.as_secs_f64());
+    /// A client waited this long for a backend connection of this pool.
+    pub fn pool_wait(&self, database: &str, user: &str, waited: std::time::Duration) {
+        self.histogram(POOL_WAIT, &[("database", database), ("user", user)]).record(waited.as_secs_f64());
     }
 
     /// A rule reload succeeded or failed.

@@ -137,6 +137,28 @@ async fn the_checker_catches_stale_reads_when_invalidation_is_off() {
     assert!(o.violations > 0, "with invalidation off the checker must see stale reads ({} reads)", o.reads);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_transaction_pooling_with_fewer_backends_than_clients_no_read_sees_old_rows() {
+    let o = run_checker(1, Duration::ZERO, |c| {
+        c.pool.mode = pgcache::config::PoolMode::Transaction;
+        c.pool.max_size = 3;
+    })
+    .await;
+    assert!(o.reads > 1000 && o.writes > 300, "{} reads, {} writes", o.reads, o.writes);
+    assert_eq!(o.violations, 0, "{} of {} reads saw an old version", o.violations, o.reads);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_transaction_pooling_the_checker_catches_stale_reads_when_invalidation_is_off() {
+    let o = run_checker(1, Duration::ZERO, |c| {
+        c.pool.mode = pgcache::config::PoolMode::Transaction;
+        c.pool.max_size = 3;
+        c.cache.invalidate_on_writes = false;
+    })
+    .await;
+    assert!(o.violations > 0, "with invalidation off the checker must see stale reads ({} reads)", o.reads);
+}
+
 /// The peer window the checker allows across instances. (Measured p99 is a few milliseconds,
 /// see bench/peers.sh; this leaves room for a loaded CI machine.)
 const PEER_WINDOW: Duration = Duration::from_millis(250);

@@ -6,6 +6,9 @@
 //! rules and with a rule that caches every SELECT; with the rule, the suite proves through
 //! `pg_stat_statements` that repeats were answered from the cache.
 //!
+//! Each runs in session pooling and in transaction pooling (a pool of 3 backends for up to
+//! ten connections at once).
+//!
 //! The drivers come from `tests/drivers/install.sh` (which `.ci/run` calls).
 
 mod common;
@@ -18,6 +21,10 @@ use common::{PgCluster, Proxy, rules_dir};
 enum Mode {
     Plain,
     Cached,
+    /// Transaction pooling with a pool of 3 per (database, user), no rules.
+    Transaction,
+    /// Transaction pooling with everything cached.
+    TransactionCached,
 }
 
 /// Where the suites live.
@@ -48,9 +55,14 @@ async fn run(driver: &str, mode: Mode) {
     cluster.admin(&db).await.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await.unwrap();
     let dir = rules_dir(&[("all.toml", "[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"10m\"\n")]);
     let mut config = Proxy::config(cluster);
-    if mode == Mode::Cached {
+    if matches!(mode, Mode::Cached | Mode::TransactionCached) {
         config.rules = dir.path().to_owned();
         config.rules_explicit = true;
+    }
+    if matches!(mode, Mode::Transaction | Mode::TransactionCached) {
+        // Fewer backends than the suite's connections (up to ten at once).
+        config.pool.mode = pgcache::config::PoolMode::Transaction;
+        config.pool.max_size = 3;
     }
     let proxy = Proxy::start(config).await;
     let (url, direct) = (proxy.url(&db, &user), cluster.url(&db, &user));
@@ -74,7 +86,10 @@ async fn run(driver: &str, mode: Mode) {
     let env = vec![
         ("PGCACHE_URL".to_owned(), url),
         ("PGCACHE_DIRECT_URL".to_owned(), direct),
-        ("PGCACHE_MODE".to_owned(), format!("{mode:?}").to_lowercase()),
+        (
+            "PGCACHE_MODE".to_owned(),
+            if matches!(mode, Mode::Cached | Mode::TransactionCached) { "cached" } else { "plain" }.to_owned(),
+        ),
         ("NODE_PATH".to_owned(), suites().join("node/node_modules").display().to_string()),
     ];
     let out = tokio::time::timeout(Duration::from_secs(240), common::run_tool(program, args, env, None))
@@ -87,7 +102,11 @@ async fn run(driver: &str, mode: Mode) {
          --- stdout\n{stdout}\n--- stderr\n{stderr}"
     );
     assert!(stdout.contains("ok temporary table is never served stale"), "{driver} ran to its end:\n{stdout}");
-    if mode == Mode::Cached {
+    if matches!(mode, Mode::Transaction | Mode::TransactionCached) {
+        let handoffs = proxy.metric("pgcache_backend_handoffs_total").await;
+        assert!(handoffs > 0.0, "{driver}: backends were handed from client to client");
+    }
+    if matches!(mode, Mode::Cached | Mode::TransactionCached) {
         let t = proxy.shared.stats.totals();
         assert!(t.hits > 0 && t.misses > 0, "{driver}: the cache was used ({} hits, {} misses)", t.hits, t.misses);
     }
@@ -131,4 +150,44 @@ async fn pgjdbc_without_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgjdbc_with_everything_cached() {
     run("jdbc", Mode::Cached).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_in_transaction_pooling() {
+    run("asyncpg", Mode::Transaction).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_in_transaction_pooling_with_everything_cached() {
+    run("asyncpg", Mode::TransactionCached).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_in_transaction_pooling() {
+    run("psycopg", Mode::Transaction).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_in_transaction_pooling_with_everything_cached() {
+    run("psycopg", Mode::TransactionCached).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_in_transaction_pooling() {
+    run("node", Mode::Transaction).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_in_transaction_pooling_with_everything_cached() {
+    run("node", Mode::TransactionCached).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_in_transaction_pooling() {
+    run("jdbc", Mode::Transaction).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_in_transaction_pooling_with_everything_cached() {
+    run("jdbc", Mode::TransactionCached).await;
 }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::PoolMode;
 use crate::context::Context;
 use crate::protocol::backend::PgError;
 use crate::protocol::sqlstate::SqlState;
@@ -108,15 +109,48 @@ fn stats(ctx: &Context) -> ResultSet {
 }
 
 fn pools(ctx: &Context) -> ResultSet {
-    let mut r = ResultSet::new(&["database", "user", "active", "idle", "max"], "SHOW");
+    let mode = match ctx.config().pool.mode {
+        PoolMode::Session => "session",
+        PoolMode::Transaction => "transaction",
+    };
+    let mut r = ResultSet::new(
+        &[
+            "database",
+            "user",
+            "mode",
+            "clients_active",
+            "clients_idle",
+            "clients_waiting",
+            "active",
+            "idle",
+            "max",
+            "pinned",
+        ],
+        "SHOW",
+    );
+    let clients = ctx.stats.clients();
     for p in ctx.pools.all() {
         let s = p.stats();
+        let mine = clients.iter().filter(|c| c.user == p.key.user && c.database == p.key.database);
+        let (mut holding, mut without) = (0, 0);
+        for c in mine {
+            match c.backend_pid.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => without += 1,
+                _ => holding += 1,
+            }
+        }
+        let pins: Vec<String> = p.pins().iter().map(|(reason, n)| format!("{reason}: {n}")).collect();
         r.row([
             p.key.database.clone(),
             p.key.user.clone(),
+            mode.to_owned(),
+            holding.to_string(),
+            (without - s.waiting.min(without)).to_string(),
+            s.waiting.to_string(),
             s.active.to_string(),
             s.idle.to_string(),
             s.max.to_string(),
+            pins.join(", "),
         ]);
     }
     r
@@ -131,7 +165,7 @@ fn clients(ctx: &Context) -> ResultSet {
             c.user,
             c.database,
             humantime::format_rfc3339_seconds(c.since).to_string(),
-            if pid == 0 { "none (detached)".into() } else { pid.to_string() },
+            if pid == 0 { "none".into() } else { pid.to_string() },
         ]);
     }
     r

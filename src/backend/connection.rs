@@ -101,6 +101,10 @@ pub struct Connection {
     pub key: BackendKey,
     pub status: TransactionStatus,
     pub created: Instant,
+    /// Transaction pooling: the session settings the last client left on it (`set_config`
+    /// name/value pairs; empty: as it started) and the statements pgcache prepared on it.
+    pub settings: Vec<(String, String)>,
+    pub prepared: Option<super::Prepared>,
 }
 
 impl Connection {
@@ -133,6 +137,8 @@ impl Connection {
             key: BackendKey { pid: 0, secret: 0 },
             status: TransactionStatus::Idle,
             created: Instant::now(),
+            settings: Vec::new(),
+            prepared: None,
         };
         let mut out = BytesMut::new();
         // The parameters came NUL-terminated from the client, so they hold no NUL.

@@ -10,8 +10,10 @@ pub mod connection;
 pub mod credentials;
 pub mod endpoint;
 pub mod pool;
+pub mod prepared;
 
 pub use connection::{BackendKey, ConnectError, Connection};
 pub use credentials::Credentials;
 pub use endpoint::Endpoint;
 pub use pool::{Lease, Pool, PoolError, PoolKey, Pools, Reset};
+pub use prepared::Prepared;

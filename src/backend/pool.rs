@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -57,6 +57,22 @@ pub enum Reset {
     Close,
 }
 
+/// Counts a waiting client for as long as it lives (also when the wait is abandoned).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 struct Idle {
     conn: Connection,
     since: Instant,
@@ -76,6 +92,10 @@ pub struct Pool {
     /// Connections lent out, by backend pid: when they were opened.
     lent: Mutex<HashMap<i32, Instant>>,
     closed: AtomicBool,
+    /// Clients waiting for a slot right now.
+    waiting: AtomicUsize,
+    /// Transaction pooling: clients pinned to their backend right now, by reason.
+    pins: Mutex<std::collections::BTreeMap<&'static str, usize>>,
     metrics: Arc<Metrics>,
 }
 
@@ -90,6 +110,8 @@ pub struct ServerInfo {
 /// Counts for `SHOW POOLS` and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStats {
+    /// Clients waiting for a backend.
+    pub waiting: usize,
     pub active: usize,
     pub idle: usize,
     pub max: usize,
@@ -107,6 +129,8 @@ impl Pool {
             last_failure: Mutex::new(None),
             lent: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
+            pins: Mutex::new(std::collections::BTreeMap::new()),
             metrics,
         }
     }
@@ -137,7 +161,28 @@ impl Pool {
 
     pub fn stats(&self) -> PoolStats {
         let max = self.settings.max_size;
-        PoolStats { active: max - self.slots.available_permits(), idle: self.idle.lock().len(), max }
+        PoolStats {
+            waiting: self.waiting.load(Ordering::Relaxed),
+            active: max - self.slots.available_permits(),
+            idle: self.idle.lock().len(),
+            max,
+        }
+    }
+
+    /// A client of this pool was pinned to its backend (`true`) or released (`false`) for
+    /// `reason`.
+    pub fn pinned(&self, reason: &'static str, pinned: bool) {
+        let mut pins = self.pins.lock();
+        let n = pins.entry(reason).or_default();
+        *n = if pinned { *n + 1 } else { n.saturating_sub(1) };
+        if *n == 0 {
+            pins.remove(reason);
+        }
+    }
+
+    /// Clients pinned right now, by reason.
+    pub fn pins(&self) -> Vec<(&'static str, usize)> {
+        self.pins.lock().iter().map(|(r, n)| (*r, *n)).collect()
     }
 
     fn expired(&self, conn: &Connection) -> bool {
@@ -157,8 +202,10 @@ impl Pool {
             return Err(PoolError::Closed);
         }
         let asked = Instant::now();
-        let permit = match tokio::time::timeout(self.settings.acquire_timeout, self.slots.clone().acquire_owned()).await
-        {
+        let counted = Waiting::new(&self.waiting);
+        let waited = tokio::time::timeout(self.settings.acquire_timeout, self.slots.clone().acquire_owned()).await;
+        drop(counted);
+        let permit = match waited {
             Ok(Ok(p)) => p,
             Ok(Err(_)) => return Err(PoolError::Closed),
             Err(_) => {
@@ -170,7 +217,7 @@ impl Pool {
                 });
             }
         };
-        self.metrics.pool_wait(asked.elapsed());
+        self.metrics.pool_wait(&self.key.database, &self.key.user, asked.elapsed());
         *self.last_startup.lock() = Some(startup.clone());
         while let Some(mut conn) = self.take_idle(startup).filter(|_| !fresh) {
             if conn.is_alive() && !self.expired(&conn) {
@@ -315,7 +362,12 @@ impl Lease {
         }
         tokio::spawn(async move {
             match tokio::time::timeout(Duration::from_secs(5), conn.run_internal("DISCARD ALL")).await {
-                Ok(Ok(())) if conn.status == TransactionStatus::Idle => pool.put_idle(conn),
+                Ok(Ok(())) if conn.status == TransactionStatus::Idle => {
+                    // DISCARD ALL reset the settings and dropped every prepared statement.
+                    conn.settings.clear();
+                    conn.prepared = None;
+                    pool.put_idle(conn)
+                }
                 Ok(Ok(())) => conn.terminate().await,
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "reset failed, closing backend connection");

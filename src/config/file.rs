@@ -133,10 +133,12 @@ pub struct AuthFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolFile {
-    /// `session` (default).
+    /// `session` (default) or `transaction`.
     pub mode: Option<String>,
     /// Maximum backend connections per (database, user) (default 20).
     pub max_size: Option<usize>,
+    /// Transaction pooling: statements kept prepared per backend connection (default 200).
+    pub max_prepared_statements: Option<usize>,
     /// Idle connections kept open per pool once its credentials are known (default 0).
     pub min_idle: Option<usize>,
     /// How long a client waits for a backend before SQLSTATE 53300 (default `5s`).
@@ -158,7 +160,7 @@ pub struct PoolFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientFile {
-    /// Maximum concurrent client connections (default 5000).
+    /// Maximum concurrent client connections (default 10000).
     pub max_connections: Option<usize>,
     /// Largest message a client may send, in bytes (default 1 GiB, as Postgres).
     pub max_message_bytes: Option<usize>,

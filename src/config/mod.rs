@@ -43,6 +43,9 @@ pub struct Cli {
     /// Maximum backend connections per (database, user) [default: 20]
     #[arg(long, global = true, env = "PGCACHE_POOL_SIZE")]
     pub pool_size: Option<usize>,
+    /// When a client gives its backend back: session or transaction [default: session]
+    #[arg(long, global = true, env = "PGCACHE_POOL_MODE")]
+    pub pool_mode: Option<String>,
     /// Log format: text or json [default: text]
     #[arg(long, global = true, env = "PGCACHE_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -95,6 +98,8 @@ pub enum AuthMode {
 pub enum PoolMode {
     /// For the whole client session.
     Session,
+    /// For one transaction (or lone statement) at a time; session state is carried over.
+    Transaction,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +119,8 @@ pub struct AuthConfig {
 pub struct PoolConfig {
     pub mode: PoolMode,
     pub max_size: usize,
+    /// Transaction pooling: statements kept prepared per backend connection.
+    pub max_prepared_statements: usize,
     pub min_idle: usize,
     pub acquire_timeout: Duration,
     pub idle_timeout: Duration,
@@ -240,10 +247,11 @@ impl Config {
                 return Err(invalid("log_format", format!("{other:?} (expected \"text\" or \"json\")")));
             }
         };
-        let pool_mode = match f.pool.mode.as_deref() {
+        let pool_mode = match cli.pool_mode.as_deref().or(f.pool.mode.as_deref()) {
             None | Some("session") => PoolMode::Session,
+            Some("transaction") => PoolMode::Transaction,
             Some(other) => {
-                return Err(invalid("pool.mode", format!("{other:?} (expected \"session\")")));
+                return Err(invalid("pool.mode", format!("{other:?} (expected \"session\" or \"transaction\")")));
             }
         };
         let dur = |v: Option<Duration>, d: u64| v.unwrap_or(Duration::from_secs(d));
@@ -278,6 +286,7 @@ impl Config {
             pool: PoolConfig {
                 mode: pool_mode,
                 max_size: cli.pool_size.or(f.pool.max_size).unwrap_or(20),
+                max_prepared_statements: f.pool.max_prepared_statements.unwrap_or(200),
                 min_idle: f.pool.min_idle.unwrap_or(0),
                 acquire_timeout: dur(f.pool.acquire_timeout, 5),
                 idle_timeout: dur(f.pool.idle_timeout, 600),
@@ -285,7 +294,7 @@ impl Config {
                 connect_timeout: f.pool.connect_timeout.or(upstream.connect_timeout).unwrap_or(Duration::from_secs(5)),
             },
             client: ClientConfig {
-                max_connections: f.client.max_connections.unwrap_or(5000),
+                max_connections: f.client.max_connections.unwrap_or(10_000),
                 max_message_bytes: f.client.max_message_bytes.unwrap_or(1 << 30),
                 startup_timeout: dur(f.client.startup_timeout, 60),
                 tls_cert: f.client.tls_cert,
@@ -329,6 +338,9 @@ impl Config {
         }
         if self.pool.max_size == 0 {
             return Err(invalid("pool.max_size", "must be at least 1"));
+        }
+        if self.pool.max_prepared_statements == 0 {
+            return Err(invalid("pool.max_prepared_statements", "must be at least 1"));
         }
         if self.pool.min_idle > self.pool.max_size {
             return Err(invalid("pool.min_idle", "must not exceed pool.max_size"));

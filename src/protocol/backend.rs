@@ -274,6 +274,10 @@ pub fn bind_complete(out: &mut BytesMut) {
     put(out, &pgwire::messages::extendedquery::BindComplete::new());
 }
 
+pub fn close_complete(out: &mut BytesMut) {
+    put(out, &pgwire::messages::extendedquery::CloseComplete::new());
+}
+
 pub fn portal_suspended(out: &mut BytesMut) {
     put(out, &pgwire::messages::extendedquery::PortalSuspended::new());
 }

@@ -170,6 +170,28 @@ pub fn execute(body: &[u8]) -> Result<Execute<'_>, Truncated> {
 }
 
 /// A PasswordMessage carrying a cleartext password (NUL-terminated).
+/// `raw` (a whole Parse, Bind, Describe or Close frame) with the statement name it carries
+/// replaced by `name`: the first string of a Parse, the second of a Bind, the string after the
+/// target byte of a Describe or Close. `None` if the frame is too short to hold it.
+pub fn rename_statement(raw: &[u8], name: &[u8]) -> Option<Bytes> {
+    let body = raw.get(5..)?;
+    let cstr_end = |from: usize| body.get(from..)?.iter().position(|&b| b == 0).map(|p| from + p);
+    let start = match raw[0] {
+        PARSE => 0,
+        BIND => cstr_end(0)? + 1,
+        DESCRIBE | CLOSE => 1,
+        _ => return None,
+    };
+    let end = cstr_end(start)?;
+    let mut out = Vec::with_capacity(raw.len() - (end - start) + name.len());
+    out.push(raw[0]);
+    out.extend_from_slice(&((body.len() - (end - start) + name.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(&body[..start]);
+    out.extend_from_slice(name);
+    out.extend_from_slice(&body[end..]);
+    Some(Bytes::from(out))
+}
+
 pub fn password(body: &[u8]) -> Result<&[u8], Truncated> {
     let mut r = Reader::new(body);
     let pw = r.cstr()?;
@@ -239,5 +261,30 @@ mod tests {
         assert_eq!(execute(&e).unwrap().max_rows, 10);
         assert_eq!(query(b"select 1\0").unwrap().sql, b"select 1");
         assert!(query(b"select 1").is_err());
+    }
+
+    #[test]
+    fn statement_names_are_replaced_in_place() {
+        let frame = |tag: u8, body: &[u8]| {
+            let mut f = vec![tag];
+            f.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+            f.extend_from_slice(body);
+            f
+        };
+        let mut tail = 1i16.to_be_bytes().to_vec();
+        tail.extend_from_slice(&23i32.to_be_bytes());
+        let parse = frame(PARSE, &[b"s1\0select $1\0".as_slice(), &tail].concat());
+        let renamed = rename_statement(&parse, b"pgcache_x").unwrap();
+        let p = super::parse(&renamed[5..]).unwrap();
+        assert_eq!((p.name, p.sql, p.param_types), (&b"pgcache_x"[..], &b"select $1"[..], vec![23]));
+        let body = bind_body();
+        let renamed = rename_statement(&frame(BIND, &body), b"").unwrap();
+        let b = bind(&renamed[5..]).unwrap();
+        assert_eq!((b.portal, b.statement, b.params.len()), (&b"p1"[..], &b""[..], 2));
+        let renamed = rename_statement(&frame(DESCRIBE, b"Ss1\0"), b"long_name").unwrap();
+        assert_eq!(named(&renamed[5..]).unwrap(), Named { target: Target::Statement, name: b"long_name" });
+        assert_eq!(&renamed[1..5], &((renamed.len() - 1) as i32).to_be_bytes());
+        assert!(rename_statement(&frame(CLOSE, b"Ss1"), b"x").is_none(), "no terminator");
+        assert!(rename_statement(&frame(EXECUTE, b"\0"), b"x").is_none());
     }
 }

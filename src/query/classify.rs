@@ -15,6 +15,7 @@ use std::sync::Arc;
 use pg_query::protobuf::summary_result::Context;
 use serde_json::Value;
 
+use super::hold::Hold;
 use super::relation::Relation;
 use super::tree::{Facts, custom_setting};
 
@@ -77,6 +78,9 @@ pub struct SettingsChange {
     pub custom: Vec<String>,
     /// It calls `set_config` with a name that is not a literal.
     pub unnamed: bool,
+    /// It runs code pgcache cannot see (DO, CALL, a statement it cannot classify), which may
+    /// set settings under any name. (EXECUTE runs a statement whose PREPARE was seen.)
+    pub unseen: bool,
     /// `RESET ALL` or `DISCARD ALL`: every setting returns to its start-up value.
     pub resets_all: bool,
 }
@@ -99,9 +103,10 @@ pub struct Classified {
     pub settings: SettingsChange,
     /// Why this SELECT may never be cached whatever the rules say.
     pub never_cache: Option<&'static str>,
-    /// Session state this statement creates that lives only in its backend connection and
-    /// cannot be rebuilt on another one (LISTEN, cursors, SQL-level PREPARE, advisory locks).
-    pub pins: Option<&'static str>,
+    /// Session state this statement takes or gives back that lives only in its backend
+    /// connection (LISTEN, WITH HOLD cursors, SQL-level PREPARE, advisory locks, temporary
+    /// objects).
+    pub holds: Option<Hold>,
     /// Fingerprint of the statement's shape (literals and parameters ignored), for rules.
     pub fingerprint: u64,
     /// Normalized text (literals replaced by `$n`), for reports and logs.
@@ -110,6 +115,7 @@ pub struct Classified {
 
 impl Classified {
     fn opaque(kind: Kind, sql: &str) -> Self {
+        let unseen = matches!(kind, Kind::Opaque | Kind::Unparseable);
         Classified {
             kind,
             reads: Vec::new(),
@@ -117,9 +123,9 @@ impl Classified {
             functions: Vec::new(),
             stable_builtins: false,
             types: Vec::new(),
-            settings: SettingsChange::default(),
+            settings: SettingsChange { unseen, ..SettingsChange::default() },
             never_cache: Some("not a plain SELECT"),
-            pins: None,
+            holds: None,
             fingerprint: 0,
             normalized: Arc::from(sql),
         }
@@ -240,7 +246,8 @@ fn classify_one(sql: &str) -> Classified {
         }
         _ => Kind::Opaque,
     };
-    let settings = settings_change(top, node, &facts);
+    let mut settings = settings_change(top, node, &facts);
+    settings.unseen = kind == Kind::Opaque && top != "ExecuteStmt";
     let never_cache = if kind != Kind::Select {
         Some("not a plain SELECT")
     } else if facts.locks {
@@ -254,22 +261,10 @@ fn classify_one(sql: &str) -> Classified {
     } else {
         None
     };
-    let pins = match top.as_str() {
-        "ListenStmt" => Some("LISTEN"),
-        "DeclareCursorStmt" => Some("an open cursor"),
-        "PrepareStmt" => Some("a SQL-level prepared statement"),
-        "LoadStmt" => Some("a loaded library"),
-        _ if functions
-            .iter()
-            .any(|f| f.name.starts_with("pg_advisory_lock") || f.name.starts_with("pg_try_advisory_lock")) =>
-        {
-            Some("a session advisory lock")
-        }
-        _ => None,
-    };
+    let holds = super::hold::hold_of(top, node, &functions, kind == Kind::Session(SessionChange::CreatesTemp));
     Classified {
         kind,
-        pins,
+        holds,
         reads: reads.into_iter().collect(),
         writes: writes.into_iter().collect(),
         functions,
@@ -334,6 +329,7 @@ fn settings_change(top: &str, node: &Value, facts: &Facts) -> SettingsChange {
         changes: facts.calls_set_config,
         custom: facts.custom_settings.iter().cloned().collect(),
         unnamed: facts.unnamed_setting,
+        unseen: false,
         resets_all: false,
     };
     match top {
@@ -479,9 +475,30 @@ mod tests {
         for sql in ["DO $$ BEGIN PERFORM 1; END $$", "CALL p()", "EXECUTE q(1)"] {
             assert!(one(sql).writes_unknown(), "{sql}");
         }
-        assert_eq!(one("LISTEN x").pins, Some("LISTEN"));
-        assert_eq!(one("SELECT pg_advisory_lock(1)").pins, Some("a session advisory lock"));
-        assert_eq!(one("SELECT pg_advisory_xact_lock(1)").pins, None);
+        use crate::query::{Held, Hold};
+        let take = |h, n: &str| Some(Hold::Take(h, Arc::from(n)));
+        let release = |h, n: Option<&str>| Some(Hold::Release(h, n.map(Arc::from)));
+        assert_eq!(one("LISTEN x").holds, take(Held::Listen, "x"));
+        assert_eq!(one("UNLISTEN x").holds, release(Held::Listen, Some("x")));
+        assert_eq!(one("UNLISTEN *").holds, release(Held::Listen, None));
+        assert_eq!(one("SELECT pg_advisory_lock(1)").holds, take(Held::AdvisoryLock, ""));
+        assert_eq!(one("SELECT pg_try_advisory_lock_shared(1)").holds, take(Held::AdvisoryLock, ""));
+        assert_eq!(one("SELECT pg_advisory_unlock_all()").holds, release(Held::AdvisoryLock, None));
+        assert_eq!(one("SELECT pg_advisory_xact_lock(1)").holds, None);
+        assert_eq!(one("DECLARE c CURSOR WITH HOLD FOR SELECT 1").holds, take(Held::Cursor, "c"));
+        assert_eq!(one("DECLARE c CURSOR FOR SELECT 1").holds, None, "ends with its transaction");
+        assert_eq!(one("CLOSE c").holds, release(Held::Cursor, Some("c")));
+        assert_eq!(one("CLOSE ALL").holds, release(Held::Cursor, None));
+        assert_eq!(one("PREPARE p AS SELECT 1").holds, take(Held::Prepared, "p"));
+        assert_eq!(one("DEALLOCATE p").holds, release(Held::Prepared, Some("p")));
+        assert_eq!(one("DEALLOCATE ALL").holds, release(Held::Prepared, None));
+        assert_eq!(one("CREATE TEMP TABLE t (a int)").holds, take(Held::Temp, ""));
+        assert_eq!(one("DISCARD TEMP").holds, release(Held::Temp, None));
+        assert_eq!(one("DISCARD ALL").holds, Some(Hold::ReleaseAll));
+        assert_eq!(one("LOAD 'auto_explain'").holds, take(Held::Library, ""));
+        assert!(one("DO $$ BEGIN PERFORM 1; END $$").settings.unseen);
+        assert!(one("CALL p()").settings.unseen);
+        assert!(!one("EXECUTE p(1)").settings.unseen, "its PREPARE was classified");
         let bad = classify("SELEC oops");
         assert_eq!(bad[0].kind, Kind::Unparseable);
         assert!(bad[0].writes_unknown());

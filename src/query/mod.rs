@@ -10,9 +10,11 @@
 pub mod catalog;
 pub mod classifier;
 pub mod classify;
+pub mod hold;
 pub mod relation;
 pub mod tree;
 
 pub use classifier::Classifier;
 pub use classify::{Classified, Kind, SessionChange, SettingsChange, TxControl};
+pub use hold::{Held, Hold, Holds};
 pub use relation::Relation;

@@ -17,8 +17,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 
 use crate::backend::connection::StartupParams;
-use crate::backend::{Lease, PoolError, PoolKey, Reset};
+use crate::backend::{Connection, Lease, PoolError, PoolKey, Reset};
 use crate::cache::{Entry, Freshness};
+use crate::config::PoolMode;
 use crate::context::Context;
 use crate::metrics;
 use crate::protocol::Frame;
@@ -35,6 +36,16 @@ use super::refresh::{self, ReplayError};
 use crate::frontend::Client;
 use crate::frontend::SessionError;
 
+/// Why a session is without a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// Its backend went away while it was idle.
+    Lost,
+    /// Transaction pooling: it gave its backend back at the end of a transaction. Only fresh
+    /// entries are served meanwhile (a stale one goes to a backend, which refreshes it).
+    Pooled,
+}
+
 /// How often a detached session tries to reach Postgres again, at most.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
@@ -42,7 +53,7 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 pub enum Outcome {
     /// A new backend, settings replayed; the request that needed it is back in the client's
     /// read buffer.
-    Reattached(Lease),
+    Reattached(Box<Lease>),
     ClientLeft,
 }
 
@@ -51,6 +62,7 @@ struct Detached<'a> {
     key: &'a PoolKey,
     startup: &'a StartupParams,
     flow: &'a mut Flow,
+    why: Why,
 }
 
 pub async fn run(
@@ -59,8 +71,9 @@ pub async fn run(
     startup: &StartupParams,
     client: &mut Client,
     flow: &mut Flow,
+    why: Why,
 ) -> Result<Outcome, SessionError> {
-    let mut d = Detached { ctx, key, startup, flow };
+    let mut d = Detached { ctx, key, startup, flow, why };
     let max = ctx.config().client.max_message_bytes;
     loop {
         let mut frames = Vec::new();
@@ -95,12 +108,12 @@ pub async fn run(
                 }
                 unread.extend_from_slice(&client.rbuf);
                 client.rbuf = unread;
-                return Ok(Outcome::Reattached(lease));
+                return Ok(Outcome::Reattached(Box::new(lease)));
             }
             Err(why) => {
                 let answer = match d.answer(&frames, true) {
                     Some(stale) => stale,
-                    None => refusal(&frames, &why.to_string()),
+                    None => refusal(&frames, &why),
                 };
                 client.send(&answer).await?;
             }
@@ -110,11 +123,15 @@ pub async fn run(
 
 /// The error for a request that needed Postgres while it could not be reached, shaped as
 /// Postgres would answer a failing request (ReadyForQuery after a Query or Sync).
-fn refusal(frames: &[Frame], why: &str) -> Bytes {
+fn refusal(frames: &[Frame], why: &ReattachError) -> Bytes {
     let mut out = BytesMut::new();
-    PgError::error(SqlState::CONNECTION_FAILURE, format!("pgcache: the upstream is unavailable: {why}"))
-        .with_hint("the session is still open; retry later")
-        .encode(&mut out);
+    let error = match why {
+        ReattachError::Pool(e @ PoolError::Timeout { .. }) => {
+            PgError::error(SqlState::TOO_MANY_CONNECTIONS, format!("pgcache: {e}"))
+        }
+        _ => PgError::error(SqlState::CONNECTION_FAILURE, format!("pgcache: the upstream is unavailable: {why}")),
+    };
+    error.with_hint("the session is still open; retry later").encode(&mut out);
     if frames.last().is_some_and(|f| matches!(f.tag(), fe::QUERY | fe::SYNC | fe::FUNCTION_CALL)) {
         be::ready_for_query(TransactionStatus::Idle, &mut out);
     }
@@ -152,15 +169,39 @@ impl Detached<'_> {
         } else {
             Vec::new()
         };
-        if let Err(e) = refresh::apply_settings(lease.conn(), &settings).await {
+        if let Err(e) = self.give_settings(lease.conn(), settings).await {
             lease.release(Reset::Close);
             return Err(e.into());
         }
-        // The new backend knows none of the client's statements; re-send each when needed.
-        self.flow.unprepared = self.flow.statements.keys().cloned().collect();
+        // The new backend knows none of the client's statements; re-send each when needed. In
+        // transaction pooling named statements go under server names, which the backend
+        // knows or learns when first used; only the unnamed one is the client's own.
+        if self.ctx.config().pool.mode == PoolMode::Transaction {
+            self.flow.unprepared.extend(self.flow.statements.get_key_value(&b""[..]).map(|(k, _)| k.clone()));
+        } else {
+            self.flow.unprepared = self.flow.statements.keys().cloned().collect();
+        }
         self.flow.portals.clear();
         self.flow.virtual_portal = None;
         Ok(lease)
+    }
+
+    /// Makes the backend's session settings the client's: nothing to do if they already are
+    /// (the last client left the same ones), otherwise the ones left there are reset and the
+    /// client's applied.
+    async fn give_settings(&self, conn: &mut Connection, settings: Vec<(String, String)>) -> Result<(), ReplayError> {
+        if conn.settings == settings {
+            return Ok(());
+        }
+        if !conn.settings.is_empty() {
+            // RESET ALL leaves the role alone (Postgres marks it so); RESET ROLE does not.
+            conn.run_internal("RESET ALL; RESET ROLE").await.map_err(ReplayError::from)?;
+            conn.settings.clear();
+        }
+        refresh::apply_settings(conn, &settings).await?;
+        conn.settings = settings;
+        self.ctx.stats.metrics.counter(metrics::SETTINGS_REPLAYS, &[]).increment(1);
+        Ok(())
     }
 
     /// An entry for this request, if one may be served now, with its key's hash and whether
@@ -185,7 +226,8 @@ impl Detached<'_> {
             // outage (stale_if_error) may answer.
             let coherent = self.ctx.peers.listening(&self.key.database) || !entry.rule.stale_if_error.is_zero();
             let usable = match freshness {
-                Freshness::Fresh | Freshness::Stale => coherent,
+                Freshness::Fresh => coherent,
+                Freshness::Stale => coherent && self.why == Why::Lost,
                 Freshness::Fallback => fallback,
                 Freshness::Dead => false,
             };
@@ -229,12 +271,7 @@ impl Detached<'_> {
                     let p = fe::parse(f.body()).ok()?;
                     let sql = std::str::from_utf8(p.sql).ok()?;
                     let classified = self.ctx.classifier.classify(sql);
-                    let st = Statement {
-                        sql: Arc::from(sql),
-                        param_types: p.param_types.clone(),
-                        parse: f.clone(),
-                        classified,
-                    };
+                    let st = Statement::new(Arc::from(sql), p.param_types.clone(), f.clone(), classified);
                     parsed.insert(p.name.to_vec(), Arc::new(st));
                     be::parse_complete(&mut out);
                 }
@@ -271,9 +308,12 @@ impl Detached<'_> {
                 _ => return None,
             }
         }
+        let server_names = self.ctx.config().pool.mode == PoolMode::Transaction;
         for (name, st) in parsed {
             let name = Bytes::from(name);
-            self.flow.unprepared.insert(name.clone());
+            if name.is_empty() || !server_names {
+                self.flow.unprepared.insert(name.clone());
+            }
             self.flow.statements.insert(name, st);
         }
         for (classified, entry, key, stale) in hits {

@@ -29,9 +29,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
 
 use crate::backend::connection::StartupParams;
-use crate::backend::{Lease, PoolKey, Reset};
+use crate::backend::{Lease, PoolKey, Prepared, Reset};
+use crate::config::PoolMode;
 use crate::context::Context;
 use crate::protocol::backend::{PgError, negotiate_protocol_version};
 use crate::protocol::sqlstate::SqlState;
@@ -103,22 +105,36 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
         settings: Settings::at_startup(&params),
         ..Flow::default()
     });
+    let pooling_transactions = ctx.config().pool.mode == PoolMode::Transaction;
     let mut memo = memo::Assessments::default();
     let mut reported = lease.conn_ref().params.clone();
     let mut lease = Some(lease);
+    let mut idle = detached::Why::Lost;
     let result = loop {
         let Some(mut attached) = lease.take() else {
             handle.set_backend(None);
             registered.backend_pid.store(0, std::sync::atomic::Ordering::Relaxed);
-            ctx.stats.detached(1.0);
-            let outcome = detached::run(ctx, &key, &params, client, &mut core.flow).await;
-            ctx.stats.detached(-1.0);
+            let outcome = match idle {
+                detached::Why::Lost => {
+                    ctx.stats.detached(1.0);
+                    let outcome = detached::run(ctx, &key, &params, client, &mut core.flow, idle).await;
+                    ctx.stats.detached(-1.0);
+                    outcome
+                }
+                detached::Why::Pooled => detached::run(ctx, &key, &params, client, &mut core.flow, idle).await,
+            };
             match outcome {
-                Ok(detached::Outcome::Reattached(new)) => {
-                    tracing::info!(peer = %client.peer, user = %key.user, "session moved to a new backend connection");
-                    client.send(&changed_parameters(&reported, &new.conn_ref().params)).await?;
+                Ok(detached::Outcome::Reattached(mut new)) => {
+                    if idle == detached::Why::Lost {
+                        tracing::info!(peer = %client.peer, user = %key.user, "session moved to a new backend connection");
+                    }
+                    client.send(&changed_parameters(&mut reported, &new.conn_ref().params)).await?;
                     core.tracker = Tracker { used: true, ..Tracker::default() };
-                    lease = Some(new);
+                    if pooling_transactions {
+                        let max = ctx.config().pool.max_prepared_statements;
+                        core.server = Some(new.conn().prepared.take().unwrap_or_else(|| Prepared::new(max)));
+                    }
+                    lease = Some(*new);
                     continue;
                 }
                 Ok(detached::Outcome::ClientLeft) => break Ok(relay::Ending::ClientLeft),
@@ -129,20 +145,48 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
                 }
             }
         };
+        if pooling_transactions && core.server.is_none() {
+            let max = ctx.config().pool.max_prepared_statements;
+            core.server = Some(attached.conn().prepared.take().unwrap_or_else(|| Prepared::new(max)));
+        }
         handle.set_backend(Some(attached.conn_ref().key));
         registered.backend_pid.store(attached.conn_ref().key.pid as i64, std::sync::atomic::Ordering::Relaxed);
         let result = relay::run(ctx, &key, &params, client, attached.conn(), &mut core, &mut memo).await;
         attached.conn().status = core.tracker.status;
-        if let Ok(relay::Ending::BackendLost) = result {
-            ctx.stats.backend_error();
-            tracing::warn!(peer = %client.peer, user = %key.user, "backend connection lost; the session continues without one");
-            reported = attached.conn_ref().params.clone();
-            attached.release(Reset::Close);
-            continue;
+        match result {
+            Ok(relay::Ending::BackendLost) => {
+                ctx.stats.backend_error();
+                tracing::warn!(peer = %client.peer, user = %key.user, "backend connection lost; the session continues without one");
+                changed_parameters(&mut reported, &attached.conn_ref().params);
+                core.server = None;
+                attached.release(Reset::Close);
+                idle = detached::Why::Lost;
+                continue;
+            }
+            Ok(relay::Ending::Released) => {
+                changed_parameters(&mut reported, &attached.conn_ref().params);
+                hand_back(ctx, &key, attached, &mut core);
+                // What the client is owed goes out before it waits without a backend.
+                if !core.to_client.is_empty() {
+                    client.stream.write_all_buf(&mut core.to_client).await?;
+                    client.stream.flush().await?;
+                }
+                idle = detached::Why::Pooled;
+                continue;
+            }
+            _ => {}
         }
         give_back(ctx, attached, &core);
         break result;
     };
+    if pooling_transactions {
+        let pool = ctx.pools.get(&key);
+        let held = crate::query::Held::ALL.into_iter().filter(|h| core.flow.holds.holds(*h));
+        held.for_each(|h| pool.pinned(h.label(), false));
+        if core.flow.settings_pinned {
+            pool.pinned("settings", false);
+        }
+    }
     let duration_ms = started.elapsed().as_millis() as u64;
     tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, duration_ms, "client disconnected");
     match result {
@@ -157,18 +201,39 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
     }
 }
 
-/// ParameterStatus messages for values a new backend reports differently from the old one.
+/// ParameterStatus messages for values a backend reports differently from what the client
+/// was last told (`reported`, brought up to date).
 fn changed_parameters(
-    old: &std::collections::BTreeMap<String, String>,
+    reported: &mut std::collections::BTreeMap<String, String>,
     new: &std::collections::BTreeMap<String, String>,
 ) -> BytesMut {
     let mut out = BytesMut::new();
     for (name, value) in new {
-        if old.get(name) != Some(value) {
+        if reported.get(name) != Some(value) {
             crate::protocol::backend::parameter_status_msg(name, value, &mut out);
+            reported.insert(name.clone(), value.clone());
         }
     }
     out
+}
+
+/// Transaction pooling: gives the backend back at the end of a client's transaction, with
+/// what the client left on it — its settings (the next client that takes it compares them
+/// with its own) and the statements pgcache prepared there.
+fn hand_back(ctx: &Context, key: &PoolKey, mut lease: Lease, core: &mut Core) {
+    let flow = &core.flow;
+    let settings = match flow.settings_touched {
+        true => flow.settings.replay(&key.user).unwrap_or_default(),
+        false => Vec::new(),
+    };
+    let conn = lease.conn();
+    conn.settings = settings;
+    conn.prepared = core.server.take();
+    core.flow.unprepared.extend(core.flow.statements.get_key_value(&b""[..]).map(|(k, _)| k.clone()));
+    core.flow.portals.clear();
+    core.flow.virtual_portal = None;
+    ctx.stats.metrics.counter(crate::metrics::HANDOFFS, &[]).increment(1);
+    lease.release(Reset::None);
 }
 
 /// Returns the backend to the pool if it is at rest; otherwise cancels what it runs and

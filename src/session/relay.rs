@@ -22,19 +22,25 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::backend::connection::{ReadError, StartupParams};
 use crate::backend::{Connection, PoolKey};
+use crate::config::PoolMode;
 use crate::context::Context;
 use crate::frontend::{Client, SessionError};
+use crate::metrics;
 use crate::net::Stream;
 use crate::protocol::backend::PgError;
 use crate::protocol::frame::{frame_len, take_frame};
 use crate::protocol::frontend as fe;
 use crate::protocol::sqlstate::SqlState;
 
+use super::core::flow::Probe;
 use super::core::pipeline::Expect;
 use super::core::queue::OutQueue;
 use super::core::{Action, BackendError, Core};
 use super::effects;
 use super::memo::Assessments;
+
+/// Why a session whose settings cannot be replayed stays on its backend.
+pub const SETTINGS_PIN: &str = "settings pgcache cannot read back or replay (SET SESSION AUTHORIZATION, or a statement or function that may set unknown settings)";
 
 /// Stop reading a side while this much is queued for the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -50,6 +56,9 @@ pub enum Ending {
     Drained,
     /// The backend went away while the session was idle and could move to another one.
     BackendLost,
+    /// Transaction pooling: the client's transaction ended and nothing ties it to its
+    /// backend, which can go back to the pool.
+    Released,
 }
 
 /// Everything the relay works on, for the life of its backend connection.
@@ -127,6 +136,7 @@ impl Relay<'_> {
         let force_close = ctx.force_close.cancelled();
         tokio::pin!(shutdown, force_close);
         let mut draining = false;
+        let pooling_transactions = ctx.config().pool.mode == PoolMode::Transaction;
         // The client may have pipelined messages behind its startup packet.
         if let Some(end) = self.on_client_data().await? {
             return Ok(end);
@@ -134,6 +144,9 @@ impl Relay<'_> {
         loop {
             if draining && self.core.at_rest() {
                 return Ok(Ending::Drained);
+            }
+            if pooling_transactions && self.may_release() {
+                return Ok(Ending::Released);
             }
             reserve(self.client_buf);
             reserve(self.backend_buf);
@@ -169,6 +182,41 @@ impl Relay<'_> {
                 Event::ForceClose => return Err(SessionError::Shutdown),
             }
         }
+    }
+
+    /// Transaction pooling: whether the backend can go back to the pool now — every answer
+    /// given, outside a transaction, nothing held that lives only in this backend, and the
+    /// session's settings known so that the next backend can be given them. Settings changed
+    /// and not yet read back are read first (the probe, hidden from the client).
+    fn may_release(&mut self) -> bool {
+        if !self.core.at_rest() || !self.core.to_backend.is_empty() {
+            return false;
+        }
+        let f = &self.core.flow;
+        if !f.holds.is_empty() || f.taint.is_some() {
+            return false;
+        }
+        if f.settings_touched && !f.settings.known() && f.probe != Some(Probe::Failed) {
+            self.core.start_probe();
+            return false;
+        }
+        let replayable = !f.settings_touched || f.settings.replay(&self.key.user).is_some();
+        if replayable == f.settings_pinned {
+            // Pinned by its settings just now, or released from that pin.
+            self.core.flow.settings_pinned = !replayable;
+            tracing::info!(
+                user = %self.key.user,
+                database = %self.key.database,
+                reason = SETTINGS_PIN,
+                "{}",
+                if replayable { "session released from its backend connection" } else { "session pinned to its backend connection" }
+            );
+            if !replayable {
+                self.ctx.stats.metrics.counter(metrics::PINS, &[("reason", "settings")]).increment(1);
+            }
+            self.ctx.pools.get(self.key).pinned("settings", !replayable);
+        }
+        replayable
     }
 
     /// Writes what it can to both sides, then reads the first side that has data.
@@ -229,7 +277,7 @@ impl Relay<'_> {
             }
             Err(SessionError::Upstream(_)) if self.core.upstream_said_fatal => {}
             Err(e) => e.encode(&mut tail),
-            Ok(Ending::ClientLeft | Ending::BackendLost) => {}
+            Ok(Ending::ClientLeft | Ending::BackendLost | Ending::Released) => {}
         }
         self.core.to_client.push(tail.freeze());
         if !matches!(result, Err(SessionError::ClientIo(_)) | Ok(Ending::ClientLeft)) {
@@ -336,6 +384,26 @@ impl Relay<'_> {
                     fill.finish(&ctx.store);
                 }
                 Action::Record { observation, served, error } => ctx.stats.record(&observation, served, error),
+                Action::Pinned(held) if ctx.config().pool.mode == PoolMode::Transaction => {
+                    tracing::info!(
+                        user = %self.key.user,
+                        database = %self.key.database,
+                        reason = held.describe(),
+                        "session pinned to its backend connection"
+                    );
+                    ctx.stats.metrics.counter(metrics::PINS, &[("reason", held.label())]).increment(1);
+                    ctx.pools.get(self.key).pinned(held.label(), true);
+                }
+                Action::Unpinned(held) if ctx.config().pool.mode == PoolMode::Transaction => {
+                    tracing::info!(
+                        user = %self.key.user,
+                        database = %self.key.database,
+                        reason = held.describe(),
+                        "session released from its backend connection"
+                    );
+                    ctx.pools.get(self.key).pinned(held.label(), false);
+                }
+                Action::Pinned(_) | Action::Unpinned(_) => {}
             }
         }
     }

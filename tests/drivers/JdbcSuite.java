@@ -95,6 +95,41 @@ public class JdbcSuite {
             }
         }
 
+        // Eight connections from threads at once, statements server-side from the first run
+        // (prepareThreshold=1), each with its own settings (in transaction pooling they share
+        // a pool much smaller than their number).
+        {
+            var pool = Executors.newFixedThreadPool(8);
+            var futures = new java.util.ArrayList<java.util.concurrent.Future<Boolean>>();
+            for (int w = 0; w < 8; w++) {
+                final int i = w;
+                futures.add(pool.submit(() -> {
+                    var props = new java.util.Properties();
+                    props.setProperty("prepareThreshold", "1");
+                    try (Connection wc = DriverManager.getConnection(URL, props);
+                         Statement ws = wc.createStatement();
+                         PreparedStatement a = wc.prepareStatement("SELECT ?::int + " + i);
+                         PreparedStatement b = wc.prepareStatement("SELECT v FROM drv WHERE id = ?")) {
+                        ws.execute("SET application_name = 'worker" + i + "'");
+                        boolean good = true;
+                        for (int k = 1; k <= 20; k++) {
+                            a.setInt(1, k);
+                            try (ResultSet rs = a.executeQuery()) { good &= rs.next() && rs.getInt(1) == k + i; }
+                            b.setInt(1, k);
+                            try (ResultSet rs = b.executeQuery()) { good &= rs.next() && rs.getString(1).equals("v" + k); }
+                        }
+                        try (ResultSet rs = ws.executeQuery("SHOW application_name")) {
+                            return good && rs.next() && rs.getString(1).equals("worker" + i);
+                        }
+                    }
+                }));
+            }
+            boolean all = true;
+            for (var f : futures) all &= f.get(60, TimeUnit.SECONDS);
+            pool.shutdown();
+            check(all, "eight connections at once keep their statements and settings");
+        }
+
         // A PreparedStatement becomes a named server-side statement after prepareThreshold (5).
         try (PreparedStatement ps = c.prepareStatement("SELECT v FROM drv WHERE id = ?")) {
             boolean ok = true;

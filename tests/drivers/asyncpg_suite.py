@@ -52,6 +52,23 @@ async def main():
     check(row["u"] == u and json.loads(row["j"]) == {"a": [1, 2]} and row["arr"] == [1, 2, None], "uuid, jsonb, arrays")
     check(row["by"] == b"\x00\xff" and row["f"] is False and row["x"] == 0.1, "bytea, bool, float")
 
+    # Eight connections at once, each with asyncpg's own statement cache and settings (in
+    # transaction pooling they share a pool much smaller than their number).
+    conns = [await asyncpg.connect(URL) for _ in range(8)]
+
+    async def work(i, conn):
+        await conn.execute(f"SET application_name = 'worker{i}'")
+        good = True
+        for k in range(1, 21):
+            good &= await conn.fetchval("SELECT v FROM drv WHERE id = $1", k) == f"v{k}"
+            good &= await conn.fetchval("SELECT $1::int + $2::int", i, k) == i + k
+        return good and await conn.fetchval("SHOW application_name") == f"worker{i}"
+
+    check(all(await asyncio.gather(*(work(i, cn) for i, cn in enumerate(conns)))),
+          "eight connections at once keep their statements and settings")
+    for cn in conns:
+        await cn.close()
+
     # Prepared statements (asyncpg names them and keeps a statement cache).
     stmt = await c.prepare("SELECT v FROM drv WHERE id = $1")
     ok = True

@@ -48,6 +48,27 @@ for binary in (False, True):
     check(row[0] == 42 and row[1] == "hi!" and row[2] == decimal.Decimal("2.50") and row[4] == u, f"typed parameters (binary={binary})")
     check(row[5] == {"a": [1, 2]} and row[6] == [1, 2, None] and row[7] == b"\x00\xff" and row[8] is False, f"json, arrays, bytea (binary={binary})")
 
+# Eight connections from threads at once, every query prepared server-side at once
+# (prepare_threshold=0), each with its own settings (in transaction pooling they share a
+# pool much smaller than their number).
+def work(i, results):
+    with psycopg.connect(URL, autocommit=True, prepare_threshold=0) as conn:
+        conn.execute(f"SET application_name = 'worker{i}'")
+        good = True
+        for k in range(1, 21):
+            good &= conn.execute("SELECT v FROM drv WHERE id = %s", (k,)).fetchone()[0] == f"v{k}"
+            good &= conn.execute("SELECT %s::int + %s::int", (i, k)).fetchone()[0] == i + k
+        results[i] = good and conn.execute("SHOW application_name").fetchone()[0] == f"worker{i}"
+
+
+results = [False] * 8
+threads = [threading.Thread(target=work, args=(i, results)) for i in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+check(all(results), "eight connections at once keep their statements and settings")
+
 # Prepared statements: psycopg prepares a query server-side after prepare_threshold (5) runs.
 ok = all(c.execute("SELECT v FROM drv WHERE id = %s", (i % 20 + 1,)).fetchone()[0] == f"v{i % 20 + 1}" for i in range(60))
 check(ok, "a query run 60 times (prepared after 5)")

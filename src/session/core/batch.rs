@@ -161,6 +161,9 @@ pub(crate) struct BatchPlan {
     virtual_bind: Vec<bool>,
     /// The client's unnamed statement when the batch began.
     unnamed_at_start: Option<Arc<Statement>>,
+    /// The statement a Bind or a Describe of a statement names at that point of the batch,
+    /// and the statement a named Parse would replace (Postgres refuses such a Parse).
+    stmt_of: Slots<Arc<Statement>>,
 }
 
 /// A fact the planner needs from the relay.
@@ -236,12 +239,8 @@ impl Core {
                     Ok(sql) => classify(sql),
                     Err(_) => Arc::new(vec![Classified::unparseable()]),
                 };
-                let st = Statement {
-                    sql: Arc::from(String::from_utf8_lossy(sql).as_ref()),
-                    param_types: param_types.clone(),
-                    parse: frames[i].clone(),
-                    classified,
-                };
+                let sql = Arc::from(String::from_utf8_lossy(sql).as_ref());
+                let st = Statement::new(sql, param_types.clone(), frames[i].clone(), classified);
                 plan.parsed.insert(i, Arc::new(st));
             }
         }
@@ -280,11 +279,24 @@ impl Planner {
             self.at += 1;
             match &self.msgs[i] {
                 Msg::Parse { name, .. } => {
+                    if !name.is_empty()
+                        && let Some(existing) = self.statement(core, name)
+                    {
+                        self.plan.stmt_of.insert(i, existing);
+                    }
                     let st = self.plan.parsed.get(&i).cloned();
                     self.stmts.insert(name.clone(), st);
                 }
+                Msg::Describe(Target::Statement, name) => {
+                    if let Some(st) = self.statement(core, name) {
+                        self.plan.stmt_of.insert(i, st);
+                    }
+                }
                 Msg::Bind(b) => {
                     let st = self.statement(core, &b.statement);
+                    if let Some(st) = &st {
+                        self.plan.stmt_of.insert(i, st.clone());
+                    }
                     if b.portal.is_empty() {
                         self.unnamed_bind = Some(i);
                         self.unnamed_executed = false;

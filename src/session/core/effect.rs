@@ -3,9 +3,9 @@
 //! settings the cache key is built from, temporary objects, state that pins the session to its
 //! backend).
 
-use crate::query::{Classified, Kind, Relation, SessionChange, TxControl};
+use crate::query::{Classified, Held, Hold, Kind, Relation, SessionChange, TxControl};
 
-use super::Core;
+use super::{Action, Core};
 
 /// One invalidation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,15 +34,39 @@ pub fn may_change_settings(c: &Classified) -> bool {
         }
 }
 
+/// Why a session with temporary objects does not use the cache (they may shadow tables).
+const TEMP_TAINT: &str = "the session created temporary objects";
+
 impl Core {
+    /// Applies what a statement about to be sent does to backend-bound state.
+    fn hold(&mut self, hold: &Hold) {
+        let before = self.flow.holds.clone();
+        if let Some(held) = self.flow.holds.apply(hold) {
+            self.act(Action::Pinned(held));
+        }
+        for held in Held::ALL {
+            if before.holds(held) && !self.flow.holds.holds(held) {
+                self.act(Action::Unpinned(held));
+            }
+        }
+        if self.flow.taint == Some(TEMP_TAINT) && !self.flow.holds.holds(Held::Temp) {
+            self.flow.taint = None;
+        }
+        let deallocates_all = matches!(hold, Hold::ReleaseAll | Hold::Release(Held::Prepared, None));
+        if deallocates_all && let Some(server) = self.server.as_mut() {
+            // The backend drops every prepared statement, pgcache's too.
+            server.clear();
+        }
+    }
+
     /// Records what a statement about to be sent does to the session; `effects` are its
     /// invalidations, `caching` whether the cache is in use. (While it is not, the functions a
     /// statement calls are not looked up, and any of them may have set custom settings.)
     pub fn note(&mut self, c: &Classified, effects: &[Effect], caching: bool) {
-        let f = &mut self.flow;
-        if c.pins.is_some() {
-            f.pinned = c.pins;
+        if let Some(hold) = &c.holds {
+            self.hold(hold);
         }
+        let f = &mut self.flow;
         f.settings.track(&c.settings);
         if c.settings.changes {
             f.settings_may_change();
@@ -66,10 +90,14 @@ impl Core {
                 f.unprepared.clear();
                 f.virtual_portal = None;
             }
-            Kind::Session(SessionChange::CreatesTemp) => f.taint = Some("the session created temporary objects"),
+            Kind::Session(SessionChange::CreatesTemp) => f.taint = Some(TEMP_TAINT),
             Kind::Opaque | Kind::Unparseable => {
                 f.settings_may_change();
-                f.settings.mark_unknowable();
+                if c.settings.unseen {
+                    f.settings.mark_unreplayable();
+                } else {
+                    f.settings.mark_unknowable();
+                }
             }
             _ => {}
         }

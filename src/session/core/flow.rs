@@ -21,9 +21,20 @@ pub struct Statement {
     /// The Parse message, to re-send when the backend must (re)learn the statement.
     pub parse: Frame,
     pub classified: Arc<Vec<Classified>>,
+    /// Its name on backends in transaction pooling ([`super::names`]), made when first needed.
+    pub server_name: std::sync::OnceLock<Bytes>,
 }
 
 impl Statement {
+    pub fn new(sql: Arc<str>, param_types: Vec<u32>, parse: Frame, classified: Arc<Vec<Classified>>) -> Statement {
+        Statement { sql, param_types, parse, classified, server_name: Default::default() }
+    }
+
+    /// The name this statement has on backends in transaction pooling.
+    pub fn server_name(&self) -> &Bytes {
+        self.server_name.get_or_init(|| super::names::server_name(&self.sql, &self.param_types))
+    }
+
     /// The statement's classification if it is a single SELECT.
     pub fn select(&self) -> Option<&Classified> {
         match self.classified.as_slice() {
@@ -71,11 +82,15 @@ pub struct Flow {
     pub tx_effects: Vec<Effect>,
     /// Why this session may never use the cache (e.g. it created temporary tables).
     pub taint: Option<&'static str>,
-    /// Why this session cannot move to another backend connection (state that lives only in
-    /// its current one). `None`: it can, if its settings are known or were never changed.
-    pub pinned: Option<&'static str>,
+    /// State that lives only in the current backend connection (LISTEN, WITH HOLD cursors,
+    /// SQL PREPARE, advisory locks, temporary objects): while any is held the session cannot
+    /// move to another connection.
+    pub holds: crate::query::Holds,
     /// The session changed settings at some point (so moving it needs them replayed).
     pub settings_touched: bool,
+    /// Transaction pooling: the session was pinned to its backend because its settings cannot
+    /// be replayed (logged and counted once).
+    pub settings_pinned: bool,
     /// Prepared statements by name (the unnamed one under the empty name), as the client
     /// sees them.
     pub statements: HashMap<Bytes, Arc<Statement>>,
@@ -127,7 +142,7 @@ impl Flow {
 
     /// Why the session could not continue on another backend connection, if it could not.
     pub fn movable(&self) -> Result<(), &'static str> {
-        if let Some(why) = self.pinned.or(self.taint) {
+        if let Some(why) = self.holds.first().map(|h| h.describe()).or(self.taint) {
             return Err(why);
         }
         if self.settings_touched && !self.settings.known() {

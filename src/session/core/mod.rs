@@ -22,6 +22,7 @@
 pub mod batch;
 pub mod effect;
 pub mod flow;
+pub mod names;
 pub mod pipeline;
 pub mod plan;
 pub mod query;
@@ -60,6 +61,11 @@ pub enum Action {
     Store(Box<Fill>),
     /// A request completed (or was answered locally): record it.
     Record { observation: Box<Observation>, served: u64, error: bool },
+    /// The session took backend-bound state of this kind: it stays on its backend until the
+    /// state is released.
+    Pinned(crate::query::Held),
+    /// The session no longer holds state of this kind.
+    Unpinned(crate::query::Held),
 }
 
 /// Postgres sent something the core cannot read.
@@ -89,6 +95,10 @@ pub struct Core {
     actions: Vec<Action>,
     /// Postgres itself sent a FATAL (the client has it; nothing more to say).
     pub upstream_said_fatal: bool,
+    /// In transaction pooling, what the current backend has prepared: client statements go
+    /// to it under their server names ([`names`]). `None` in session pooling, where the
+    /// client's names are the backend's.
+    pub server: Option<crate::backend::Prepared>,
 }
 
 /// A piece of output for the client, in order: a range of the backend bytes just read, or

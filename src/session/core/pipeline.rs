@@ -60,6 +60,9 @@ pub struct Forwarded {
     /// An Execute with a row limit that pgcache raised to fill the cache: the client sees
     /// only as many rows as it asked for, then the PortalSuspended Postgres would have sent.
     pub row_limit: Option<RowLimit>,
+    /// A Parse of this server name (transaction pooling): if it fails or is skipped, the
+    /// backend does not have the statement after all.
+    pub prepares: Option<Bytes>,
 }
 
 /// The client's row limit on an Execute sent with a higher one, and the rows seen so far.
@@ -80,6 +83,7 @@ impl Forwarded {
             observe: None,
             failed: false,
             row_limit: None,
+            prepares: None,
         }
     }
 
@@ -229,20 +233,20 @@ impl Pipeline {
 
     /// After an error in the extended protocol: drops every item up to (not including) the
     /// next Sync, as the backend skips those messages. Returns the fills they held, to abort.
-    pub fn skip_to_sync(&mut self) -> Vec<usize> {
-        let mut fills = Vec::new();
+    pub fn skip_to_sync(&mut self) -> Vec<Forwarded> {
+        let mut skipped = Vec::new();
         while let Some(item) = self.items.front() {
             match item {
                 Item::Backend(f) if f.expect == Expect::Sync || f.expect == Expect::Query => break,
                 Item::LocalReady => break,
                 _ => {
                     if let Some(Item::Backend(f)) = self.items.pop_front() {
-                        fills.extend(f.fill);
+                        skipped.push(f);
                     }
                 }
             }
         }
-        fills
+        skipped
     }
 }
 

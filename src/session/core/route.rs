@@ -139,11 +139,25 @@ impl Core {
             }
             return Routed { visible, completed: false };
         }
-        // The backend now skips to Sync, and so do pgcache's own answers.
+        // The backend now skips to Sync, and so do pgcache's own answers. Statements whose
+        // Parse failed or was skipped were not prepared.
         self.observed(true);
-        self.flow.pipeline.items.pop_front();
-        for id in self.flow.pipeline.skip_to_sync() {
-            self.flow.pipeline.take_fill(id);
+        let failed = self.flow.pipeline.items.pop_front();
+        let skipped = self.flow.pipeline.skip_to_sync();
+        for f in failed
+            .into_iter()
+            .filter_map(|i| match i {
+                Item::Backend(f) => Some(f),
+                _ => None,
+            })
+            .chain(skipped)
+        {
+            if let Some(id) = f.fill {
+                self.flow.pipeline.take_fill(id);
+            }
+            if let (Some(name), Some(server)) = (f.prepares, self.server.as_mut()) {
+                server.remove(&name);
+            }
         }
         Routed { visible, completed: true }
     }

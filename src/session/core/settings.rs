@@ -94,6 +94,11 @@ pub struct Settings {
     custom: BTreeSet<String>,
     /// Custom settings may have been set under names pgcache does not know.
     unknowable: bool,
+    /// ... and by the client's own statements (DO, CALL, `set_config` with a computed name),
+    /// so moving the session to another backend could lose them. (A trigger or function
+    /// that sets a custom setting for the session makes it unknowable for the cache key, but
+    /// not unreplayable: see the README on transaction pooling.)
+    unreplayable: bool,
 }
 
 impl Settings {
@@ -124,15 +129,24 @@ impl Settings {
     pub fn track(&mut self, change: &SettingsChange) {
         self.custom.extend(change.custom.iter().cloned());
         self.unknowable |= change.unnamed;
+        self.unreplayable |= change.unnamed;
         if change.resets_all {
             // Every custom setting is back at its start-up value, which is tracked.
             self.unknowable = false;
+            self.unreplayable = false;
         }
     }
 
     /// A statement pgcache cannot see into ran: it may have set custom settings.
     pub fn mark_unknowable(&mut self) {
         self.unknowable = true;
+    }
+
+    /// A statement of the client's that pgcache cannot see into ran (DO, CALL): custom
+    /// settings it set could not be replayed on another backend.
+    pub fn mark_unreplayable(&mut self) {
+        self.unknowable = true;
+        self.unreplayable = true;
     }
 
     /// Whether custom settings may have been set under names the probe cannot read.
@@ -214,7 +228,7 @@ impl Settings {
     /// authorization, or custom settings pgcache cannot name).
     pub fn replay(&self, login_user: &str) -> Option<Vec<(String, String)>> {
         let probed = self.probed.as_ref()?;
-        if self.unknowable || probed.get(SESSION_USER).is_some_and(|u| u != login_user) {
+        if self.unreplayable || probed.get(SESSION_USER).is_some_and(|u| u != login_user) {
             return None;
         }
         let mut out = Vec::new();
@@ -342,7 +356,7 @@ mod tests {
             assert!(sql.contains(&format!("current_setting('{name}', true)")), "{name}: {sql}");
         }
         assert!(!s.unknowable());
-        s.track(&SettingsChange { changes: true, custom: vec!["x.y".into()], unnamed: true, resets_all: false });
+        s.track(&SettingsChange { changes: true, custom: vec!["x.y".into()], unnamed: true, ..Default::default() });
         assert!(s.probe_sql().contains("'x.y'") && s.unknowable());
         s.track(&SettingsChange { changes: true, resets_all: true, ..Default::default() });
         assert!(!s.unknowable());

@@ -64,6 +64,23 @@ async function main () {
   check(JSON.stringify(row.j) === '{"a":[1,2]}' && JSON.stringify(row.arr) === '[1,2,null]', 'jsonb and arrays')
   check(row.by.equals(Buffer.from([0, 255])) && row.f === false, 'bytea and bool')
 
+  // Eight clients at once, each with the same statement name for different text and its own
+  // settings (in transaction pooling they share a pool much smaller than their number).
+  const workers = await Promise.all([...Array(8).keys()].map(() => connect(URL)))
+  const workerResults = await Promise.all(workers.map(async (w, i) => {
+    await w.query(`SET application_name = 'worker${i}'`)
+    let good = true
+    for (let k = 1; k <= 20; k++) {
+      const a = await w.query({ name: 'mine', text: `SELECT $1::int + ${i} AS x`, values: [k] })
+      good = good && a.rows[0].x === k + i
+      const b = await w.query({ name: 'by_id', text: 'SELECT v FROM drv WHERE id = $1', values: [k] })
+      good = good && b.rows[0].v === `v${k}`
+    }
+    return good && (await w.query('SHOW application_name')).rows[0].application_name === `worker${i}`
+  }))
+  check(workerResults.every(Boolean), 'eight clients at once keep their statements and settings')
+  await Promise.all(workers.map((w) => w.end()))
+
   // Named prepared statements.
   let ok = true
   for (let n = 0; n < 60; n++) {

@@ -42,11 +42,17 @@ pub(super) fn emit(core: &mut Core, frames: &[Frame], msgs: &[Msg], mut plan: Ba
     for (i, m) in msgs.iter().enumerate() {
         let frame = frames[i].clone();
         match m {
+            Msg::Parse { name, .. } if !name.is_empty() && e.core.server.is_some() => e.parse_renamed(i, frame),
             Msg::Parse { name, .. } => e.parse(i, name, frame),
             Msg::Bind(b) => e.bind(i, &b.statement, b.portal.is_empty(), frame),
             Msg::Describe(Target::Statement, name) => {
-                materialize(e.core, name, e.current_unnamed.as_ref());
-                e.forward(frame, Expect::DescribeStatement);
+                let raw = e.for_backend(i, name, frame);
+                e.forward_raw(raw, Expect::DescribeStatement);
+            }
+            Msg::Close(Target::Statement, name) if !name.is_empty() && e.core.server.is_some() => {
+                // Server-named statements stay prepared for other clients; the client's name
+                // is gone from its view (the planner dropped it), which is all Close means.
+                e.core.answer_locally(encoded(be::close_complete));
             }
             Msg::Describe(Target::Portal, name) => e.describe_portal(i, name.is_empty(), frame),
             Msg::Execute { portal, max_rows } => e.execute(i, portal.is_empty(), *max_rows, frame),
@@ -78,7 +84,50 @@ struct Emitter<'a> {
 
 impl Emitter<'_> {
     fn forward(&mut self, frame: Frame, expect: Expect) {
-        self.core.forward_request(frame.into_raw(), expect);
+        self.forward_raw(frame.into_raw(), expect);
+    }
+
+    fn forward_raw(&mut self, raw: Bytes, expect: Expect) {
+        self.core.forward_request(raw, expect);
+        self.forwarded = true;
+    }
+
+    /// The message at `i`, which names statement `name`, as the backend must receive it: the
+    /// statement re-sent first if the backend lacks it, and in transaction pooling its name
+    /// replaced by the server name.
+    fn for_backend(&mut self, i: usize, name: &[u8], frame: Frame) -> Bytes {
+        if name.is_empty() || self.core.server.is_none() {
+            materialize(self.core, name, self.current_unnamed.as_ref());
+            return frame.into_raw();
+        }
+        match self.plan.stmt_of.get(&i).cloned() {
+            Some(st) => {
+                let server_name = prepare_on_backend(self.core, &st);
+                fe::rename_statement(frame.raw(), &server_name).unwrap_or_else(|| frame.into_raw())
+            }
+            // A statement the client never prepared: Postgres says so.
+            None => frame.into_raw(),
+        }
+    }
+
+    /// A named Parse in transaction pooling: answered at once if the backend already has the
+    /// statement, otherwise sent under its server name. A Parse of a name the client already
+    /// uses is sent under that statement's server name, so that Postgres refuses it as it
+    /// would have refused the client's (42P05).
+    fn parse_renamed(&mut self, i: usize, frame: Frame) {
+        let Some(st) = self.plan.parsed.get(&i).cloned() else { return self.forward(frame, Expect::Parse) };
+        if let Some(existing) = self.plan.stmt_of.get(&i).cloned() {
+            let name = prepare_on_backend(self.core, &existing);
+            let raw = fe::rename_statement(frame.raw(), &name).unwrap_or_else(|| frame.into_raw());
+            return self.forward_raw(raw, Expect::Parse);
+        }
+        let name = st.server_name().clone();
+        if self.core.server.as_mut().is_some_and(|s| s.has(&name, &st.sql, &st.param_types)) {
+            return self.core.answer_locally(encoded(be::parse_complete));
+        }
+        close_to_make_room(self.core, &st);
+        let raw = fe::rename_statement(frame.raw(), &name).unwrap_or_else(|| frame.into_raw());
+        self.core.request(raw, Forwarded { prepares: Some(name), ..Forwarded::new(Expect::Parse) });
         self.forwarded = true;
     }
 
@@ -101,8 +150,8 @@ impl Emitter<'_> {
             self.core.answer_locally(encoded(be::bind_complete));
             self.core.flow.virtual_portal = Some(frame);
         } else {
-            materialize(self.core, statement, self.current_unnamed.as_ref());
-            self.forward(frame, Expect::Bind);
+            let raw = self.for_backend(i, statement, frame);
+            self.forward_raw(raw, Expect::Bind);
             if unnamed_portal {
                 self.core.flow.virtual_portal = None;
             }
@@ -238,11 +287,49 @@ fn materialize(core: &mut Core, name: &[u8], unnamed: Option<&Arc<Statement>>) {
 /// Re-creates the client's unnamed portal if only pgcache had it.
 fn materialize_portal(core: &mut Core, current: Option<&Arc<Statement>>) {
     let Some(bind) = core.flow.virtual_portal.take() else { return };
-    if let Ok(b) = fe::bind(bind.body()) {
-        let name = b.statement.to_vec();
-        materialize(core, &name, current);
+    let Ok(name) = fe::bind(bind.body()).map(|b| b.statement.to_vec()) else {
+        return core.request(bind.into_raw(), Forwarded::hidden(Expect::Bind));
+    };
+    let st = core.flow.statements.get(&name[..]).cloned();
+    let raw = match st {
+        Some(st) if !name.is_empty() && core.server.is_some() => {
+            let server_name = prepare_on_backend(core, &st);
+            fe::rename_statement(bind.raw(), &server_name).unwrap_or_else(|| bind.into_raw())
+        }
+        _ => {
+            materialize(core, &name, current);
+            bind.into_raw()
+        }
+    };
+    core.request(raw, Forwarded::hidden(Expect::Bind));
+}
+
+/// Transaction pooling: makes sure the backend has `st` under its server name, preparing it
+/// there (hidden) if not. Returns the server name.
+fn prepare_on_backend(core: &mut Core, st: &Statement) -> Bytes {
+    let name = st.server_name().clone();
+    if core.server.as_mut().is_none_or(|s| s.has(&name, &st.sql, &st.param_types)) {
+        return name;
     }
-    core.request(bind.into_raw(), Forwarded::hidden(Expect::Bind));
+    close_to_make_room(core, st);
+    let raw = fe::rename_statement(st.parse.raw(), &name).unwrap_or_else(|| st.parse.raw().clone());
+    core.request(raw, Forwarded { prepares: Some(name.clone()), ..Forwarded::hidden(Expect::Parse) });
+    name
+}
+
+/// Notes `st` as prepared on the backend and closes (hidden) what that evicts: the least
+/// recently used statement beyond `pool.max_prepared_statements`, or a statement that holds
+/// the same server name with other text.
+fn close_to_make_room(core: &mut Core, st: &Statement) {
+    let name = st.server_name().clone();
+    let Some(server) = core.server.as_mut() else { return };
+    let collided = server.exists(&name).then(|| name.clone());
+    let evicted = server.add(name, st.sql.clone(), st.param_types.clone());
+    for old in evicted.into_iter().chain(collided) {
+        let mut close = BytesMut::new();
+        frontend::close(b'S', std::str::from_utf8(&old).unwrap_or_default(), &mut close).expect("server names encode");
+        core.request(close.freeze(), Forwarded::hidden(Expect::Close));
+    }
 }
 
 impl Core {

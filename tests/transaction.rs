@@ -1,0 +1,322 @@
+//! Transaction pooling (`pool.mode = "transaction"`): clients outnumber backends and keep
+//! working — prepared statements under colliding client names, session settings carried from
+//! backend to backend, `SET LOCAL` not leaking, state that cannot move pinning the client
+//! until it is released, cancel reaching only the client's own query, the cache answering
+//! without taking a backend. Each proof is a mechanism: which backend pid answered, what
+//! waited, what Postgres executed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{PgCluster, Proxy, cache_env, text, try_text};
+use pgcache::config::{Config, PoolMode};
+
+/// pgcache in transaction pooling with `backends` connections per pool.
+fn config(cluster: &PgCluster, backends: usize) -> Config {
+    let mut c = Proxy::config(cluster);
+    c.pool.mode = PoolMode::Transaction;
+    c.pool.max_size = backends;
+    c.pool.acquire_timeout = Duration::from_millis(500);
+    c
+}
+
+async fn setup(prefix: &str, backends: usize) -> (Proxy, String, String) {
+    let cluster = PgCluster::shared();
+    let db = cluster.create_db(prefix).await;
+    let proxy = Proxy::start(config(cluster, backends)).await;
+    (proxy, db, cluster.superuser())
+}
+
+fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_owned()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_clients_share_two_backends_with_their_own_prepared_statements() {
+    let (proxy, db, user) = setup("txn_share", 2).await;
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(proxy.connect(&db, &user).await);
+    }
+    // tokio-postgres names every client's first statement "s0": on shared backends each
+    // must still run its own text.
+    let mut tasks = Vec::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let st = c.prepare(&format!("SELECT $1::int + {i}, pg_backend_pid()")).await.unwrap();
+            let mut pids = std::collections::BTreeSet::new();
+            for k in 0..50 {
+                let row = c.query_one(&st, &[&k]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), k + i as i32, "client {i} got another client's statement");
+                pids.insert(row.get::<_, i32>(1));
+                tokio::task::yield_now().await;
+            }
+            (c, pids)
+        }));
+    }
+    let mut pids = std::collections::BTreeSet::new();
+    let mut kept = Vec::new();
+    for t in tasks {
+        let (c, p) = t.await.unwrap();
+        pids.extend(p);
+        kept.push(c);
+    }
+    assert!(pids.len() <= 2, "at most two backends served twenty clients: {pids:?}");
+    let stats = proxy.shared.pools.all().iter().map(|p| p.stats().active + p.stats().idle).sum::<usize>();
+    assert!(stats <= 2, "{stats} backend connections");
+    assert!(
+        proxy.metric("pgcache_backend_handoffs_total").await >= 100.0,
+        "backends were handed from client to client"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_settings_follow_the_client_from_backend_to_backend() {
+    let (proxy, db, user) = setup("txn_set", 1).await;
+    let a = proxy.connect(&db, &user).await;
+    let b = proxy.connect(&db, &user).await;
+    let default_tz = text(&b, "SHOW TimeZone").await;
+    a.batch_execute("SET TimeZone = 'Asia/Tokyo'; SET application_name = 'client-a'").await.unwrap();
+    let pid_a = text(&a, "SELECT pg_backend_pid()").await;
+    // One backend: b now runs on the same connection a left its settings on.
+    assert_eq!(text(&b, "SELECT pg_backend_pid()").await, pid_a, "a single backend is shared");
+    assert_eq!(text(&b, "SHOW TimeZone").await, default_tz, "a's SET did not leak to b");
+    assert_eq!(text(&b, "SHOW application_name").await, "");
+    assert_eq!(text(&a, "SHOW TimeZone").await, "Asia/Tokyo", "a's SET survived b's use of the backend");
+    assert_eq!(text(&a, "SHOW application_name").await, "client-a");
+    assert!(proxy.metric("pgcache_settings_replays_total").await >= 2.0, "settings were reset and replayed");
+    // RESET ALL returns a to the defaults, also on the next backend it gets.
+    a.batch_execute("RESET ALL").await.unwrap();
+    assert_eq!(text(&b, "SELECT 1").await, "1");
+    assert_eq!(text(&a, "SHOW TimeZone").await, default_tz);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_local_ends_with_its_transaction() {
+    let (proxy, db, user) = setup("txn_local", 1).await;
+    let a = proxy.connect(&db, &user).await;
+    let b = proxy.connect(&db, &user).await;
+    let default = text(&b, "SHOW statement_timeout").await;
+    a.batch_execute("BEGIN; SET LOCAL statement_timeout = '1234ms'").await.unwrap();
+    assert_eq!(text(&a, "SHOW statement_timeout").await, "1234ms");
+    // b waits for a's transaction (the only backend), then sees nothing of it.
+    let b_read = tokio::spawn(async move { (text(&b, "SHOW statement_timeout").await, b) });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.batch_execute("COMMIT").await.unwrap();
+    let (seen, _b) = b_read.await.unwrap();
+    assert_eq!(seen, default, "SET LOCAL leaked to the next client");
+    assert_eq!(text(&a, "SHOW statement_timeout").await, default);
+}
+
+/// `take` pins the client to its backend: with one backend another client waits and times out
+/// (53300); after `release` it gets the backend.
+async fn pins_until_released(reason: &str, take: &str, release: &str) {
+    let (proxy, db, user) = setup(&format!("txn_pin_{reason}"), 1).await;
+    let a = proxy.connect(&db, &user).await;
+    let b = proxy.connect(&db, &user).await;
+    a.batch_execute(take).await.unwrap_or_else(|e| panic!("{take}: {e}"));
+    let err = try_text(&b, "SELECT 1").await.expect_err("the only backend is pinned to a");
+    assert_eq!(sqlstate(&err), "53300", "{reason}: {err}");
+    let series = format!("pgcache_pins_total{{reason=\"{reason}\"}}");
+    assert_eq!(proxy.metric(&series).await, 1.0, "{series}");
+    assert_eq!(text(&a, "SELECT 2").await, "2", "the pinned client keeps its backend");
+    a.batch_execute(release).await.unwrap_or_else(|e| panic!("{release}: {e}"));
+    assert_eq!(text(&b, "SELECT 3").await, "3", "{reason}: released by {release}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_pins_until_unlisten() {
+    pins_until_released("listen", "LISTEN pool_chan", "UNLISTEN *").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holdable_cursor_pins_until_closed() {
+    pins_until_released("cursor", "DECLARE c CURSOR WITH HOLD FOR SELECT 1", "CLOSE c").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_prepare_pins_until_deallocated() {
+    pins_until_released("prepare", "PREPARE p (int) AS SELECT $1 + 1; EXECUTE p(1)", "DEALLOCATE p").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_advisory_lock_pins_until_unlocked() {
+    pins_until_released("advisory_lock", "SELECT pg_advisory_lock(42)", "SELECT pg_advisory_unlock_all()").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temporary_tables_pin_until_discarded() {
+    pins_until_released("temp", "CREATE TEMP TABLE t (x int); INSERT INTO t VALUES (1)", "DISCARD TEMP").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_authorization_pins() {
+    let cluster = PgCluster::shared();
+    let db = cluster.create_db("txn_auth").await;
+    cluster.admin(&db).await.batch_execute("DROP ROLE IF EXISTS txn_other; CREATE ROLE txn_other").await.unwrap();
+    let proxy = Proxy::start(config(cluster, 1)).await;
+    let user = cluster.superuser();
+    let a = proxy.connect(&db, &user).await;
+    let b = proxy.connect(&db, &user).await;
+    a.batch_execute("SET SESSION AUTHORIZATION txn_other").await.unwrap();
+    assert_eq!(text(&a, "SELECT session_user").await, "txn_other");
+    let err = try_text(&b, "SELECT 1").await.expect_err("pinned");
+    assert_eq!(sqlstate(&err), "53300");
+    assert_eq!(proxy.metric("pgcache_pins_total{reason=\"settings\"}").await, 1.0);
+    a.batch_execute("RESET SESSION AUTHORIZATION").await.unwrap();
+    assert_eq!(text(&b, "SELECT current_user").await, user, "released once the authorization is back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_between_transactions_holds_no_backend_and_cancel_reaches_only_its_own_query() {
+    let (proxy, db, user) = setup("txn_cancel", 1).await;
+    let a = proxy.connect(&db, &user).await;
+    let b = proxy.connect(&db, &user).await;
+    assert_eq!(text(&a, "SELECT 1").await, "1");
+    // a is idle (no backend); its cancel must not touch b's query on the shared backend.
+    let b_sleep = tokio::spawn(async move { (try_text(&b, "SELECT pg_sleep(0.5), 'slept'").await, b) });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    a.cancel_token().cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let (r, b) = b_sleep.await.unwrap();
+    assert_eq!(r.expect("b's query was not cancelled by a's request"), ",slept");
+    // a's own running query is cancelled.
+    let token = a.cancel_token();
+    let a_sleep = tokio::spawn(async move { try_text(&a, "SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), a_sleep).await.unwrap().unwrap().expect_err("cancelled");
+    assert_eq!(sqlstate(&err), "57014");
+    assert_eq!(text(&b, "SELECT 2").await, "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_queries_and_transactions_keep_their_backend_to_the_end() {
+    let (proxy, db, user) = setup("txn_pipe", 2).await;
+    let a = proxy.connect(&db, &user).await;
+    a.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v int)").await.unwrap();
+    // tokio-postgres pipelines concurrent queries on one connection.
+    let st = a.prepare("SELECT $1::int * 2").await.unwrap();
+    let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 1]> =
+        (0..50i32).map(|i| [Box::leak(Box::new(i)) as &(dyn tokio_postgres::types::ToSql + Sync)]).collect();
+    let futs: Vec<_> = params.iter().map(|p| a.query_one(&st, p)).collect();
+    let rows = futures_util::future::join_all(futs).await;
+    for (i, r) in rows.into_iter().enumerate() {
+        assert_eq!(r.unwrap().get::<_, i32>(0), 2 * i as i32);
+    }
+    // A transaction spans several round trips on one backend.
+    let others: Vec<_> = futures_util::future::join_all((0..4).map(|_| proxy.connect(&db, &user))).await;
+    a.batch_execute("BEGIN; INSERT INTO t VALUES (1, 1)").await.unwrap();
+    let pid = text(&a, "SELECT pg_backend_pid()").await;
+    for o in &others {
+        assert_eq!(text(o, "SELECT count(*) FROM t").await, "0", "the open transaction is invisible");
+    }
+    assert_eq!(text(&a, "SELECT pg_backend_pid()").await, pid, "the transaction kept its backend");
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(text(&others[0], "SELECT count(*) FROM t").await, "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_and_reprepare_and_deallocate_all() {
+    let (proxy, db, user) = setup("txn_close", 1).await;
+    let a = proxy.connect(&db, &user).await;
+    let b = proxy.connect(&db, &user).await;
+    let s1 = a.prepare("SELECT 'one'::text").await.unwrap();
+    assert_eq!(a.query_one(&s1, &[]).await.unwrap().get::<_, String>(0), "one");
+    drop(s1); // tokio-postgres sends Close for it
+    let s2 = a.prepare("SELECT 'two'::text").await.unwrap();
+    assert_eq!(a.query_one(&s2, &[]).await.unwrap().get::<_, String>(0), "two");
+    // DEALLOCATE ALL on the shared backend drops pgcache's statements too: they come back.
+    b.batch_execute("DEALLOCATE ALL").await.unwrap();
+    assert_eq!(a.query_one(&s2, &[]).await.unwrap().get::<_, String>(0), "two");
+    b.batch_execute("DISCARD ALL").await.unwrap();
+    assert_eq!(a.query_one(&s2, &[]).await.unwrap().get::<_, String>(0), "two");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prepared_statement_bound_evicts_the_least_recently_used() {
+    let cluster = PgCluster::shared();
+    let db = cluster.create_db("txn_lru").await;
+    let mut c = config(cluster, 1);
+    c.pool.max_prepared_statements = 3;
+    let proxy = Proxy::start(c).await;
+    let user = cluster.superuser();
+    let a = proxy.connect(&db, &user).await;
+    let mut statements = Vec::new();
+    for i in 0..6 {
+        statements.push(a.prepare(&format!("SELECT {i}::int")).await.unwrap());
+    }
+    for (i, st) in statements.iter().enumerate().chain(statements.iter().enumerate()) {
+        assert_eq!(a.query_one(st, &[]).await.unwrap().get::<_, i32>(0), i as i32);
+    }
+    let prepared = text(&a, "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgcache_%'").await;
+    assert!(prepared.parse::<i32>().unwrap() <= 3, "{prepared} statements prepared on the backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_hits_take_no_backend() {
+    let cluster = PgCluster::shared();
+    let env = cache_env(
+        cluster,
+        "txn_cache",
+        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 10) g;",
+        "[[rule]]\nname = \"items\"\nmatch = { tables = [\"items\"] }\nttl = \"1h\"\n",
+        |c| {
+            c.pool.mode = PoolMode::Transaction;
+            c.pool.max_size = 1;
+            c.pool.acquire_timeout = Duration::from_millis(500);
+        },
+    )
+    .await;
+    let user = cluster.superuser();
+    let a = env.proxy.connect(&env.db, &user).await;
+    let b = env.proxy.connect(&env.db, &user).await;
+    let st = b.prepare("SELECT v FROM items WHERE id = $1").await.unwrap();
+    assert_eq!(b.query_one(&st, &[&3]).await.unwrap().get::<_, String>(0), "v3");
+    assert_eq!(text(&b, "SELECT v FROM items WHERE id = 4").await, "v4");
+    // a holds the only backend in a transaction; b's repeats are answered without one.
+    a.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let before = common::executions(&env.admin, "FROM items WHERE id").await;
+    assert_eq!(b.query_one(&st, &[&3]).await.unwrap().get::<_, String>(0), "v3");
+    assert_eq!(text(&b, "SELECT v FROM items WHERE id = 4").await, "v4");
+    assert_eq!(common::executions(&env.admin, "FROM items WHERE id").await, before, "hits did not reach Postgres");
+    a.batch_execute("UPDATE items SET v = 'new' WHERE id = 3; COMMIT").await.unwrap();
+    assert_eq!(b.query_one(&st, &[&3]).await.unwrap().get::<_, String>(0), "new", "invalidated by a's commit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_with_many_more_clients_than_backends() {
+    let cluster = PgCluster::shared();
+    let db = cluster.create_db("txn_pgbench").await;
+    let init = common::run_tool(
+        "pgbench",
+        ["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", &cluster.superuser(), &db]
+            .map(String::from)
+            .to_vec(),
+        vec![],
+        None,
+    )
+    .await;
+    assert!(init.status.success(), "{}", common::stderr(&init));
+    let mut c = config(cluster, 8);
+    c.pool.acquire_timeout = Duration::from_secs(10);
+    c.client.max_connections = 200;
+    let proxy = Proxy::start(c).await;
+    let out = common::run_tool(
+        "pgbench",
+        ["-n", "-M", "prepared", "-c", "64", "-j", "2", "-t", "30", "-h", "127.0.0.1", "-p", &proxy.port().to_string()]
+            .into_iter()
+            .map(String::from)
+            .chain(["-U".into(), cluster.superuser(), db.clone()])
+            .collect(),
+        vec![],
+        None,
+    )
+    .await;
+    let (stdout, stderr) = (common::stdout(&out), common::stderr(&out));
+    assert!(out.status.success(), "pgbench failed\n{stdout}\n{stderr}");
+    assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
+    assert!(stdout.contains("number of transactions actually processed: 1920/1920"), "{stdout}");
+    let backends: usize = proxy.shared.pools.all().iter().map(|p| p.stats().active + p.stats().idle).sum();
+    assert!(backends <= 8, "{backends} backends for 64 clients");
+}
