@@ -3,11 +3,12 @@
 # having run one statement and now idle (holding no backend), against its RSS before they came.
 #
 # Usage: bench/idle.sh [clients] [pool-size]
+# IDLE_QUERY=0: the clients only log in (no statement) before idling.
 # Prints the RSS before and after, and the difference per client.
 source "$(dirname "$0")/lib.sh"
 clients=${1:-10000}
 POOL_SIZE=${2:-8}
-ulimit -n $((clients * 2 + 1024))
+ulimit -n "$(ulimit -Hn)"  # each process holds one socket per client
 start_cluster 1
 port=$(free_port)
 start_pgcache "$port" --pool-mode transaction --auth trust

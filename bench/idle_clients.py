@@ -6,6 +6,7 @@ here, and 10 000 connections must fit in one small process.
 Usage: python3 bench/idle_clients.py HOST PORT USER DATABASE N
 """
 import asyncio
+import os
 import struct
 import sys
 
@@ -38,8 +39,9 @@ async def one(host, port, user, database):
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(startup(user, database))
     await until_ready(reader)
-    writer.write(query("SELECT 1"))
-    await until_ready(reader)
+    if os.environ.get("IDLE_QUERY", "1") == "1":
+        writer.write(query("SELECT 1"))
+        await until_ready(reader)
     return reader, writer
 
 

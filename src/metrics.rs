@@ -164,6 +164,8 @@ pub struct Metrics {
     max_table_labels: usize,
     /// `pgcache_query_duration_seconds` per outcome, registered once (recorded per statement).
     durations: [Histogram; 3],
+    /// `pgcache_backend_handoffs_total`, registered once (counted per transaction).
+    handoffs: Counter,
 }
 
 /// One rule's counters, registered once per rule (see `Rule::counters`) rather than looked up
@@ -205,7 +207,13 @@ impl Metrics {
         let duration =
             |o: Outcome| recorder.register_histogram(&Self::key(QUERY_DURATION, &[("outcome", o.as_str())]), &METADATA);
         let durations = [duration(Outcome::Hit), duration(Outcome::Miss), duration(Outcome::Passthrough)];
-        Metrics { recorder, tables: Mutex::new(HashSet::new()), max_table_labels, durations }
+        let handoffs = recorder.register_counter(&Self::key(HANDOFFS, &[]), &METADATA);
+        Metrics { recorder, tables: Mutex::new(HashSet::new()), max_table_labels, durations, handoffs }
+    }
+
+    /// Transaction pooling gave a backend back at the end of a transaction.
+    pub fn handoff(&self) {
+        self.handoffs.increment(1);
     }
 
     /// The duration histogram for statements with this outcome.

@@ -84,7 +84,7 @@ pub async fn run(listener: TcpListener, ctx: Arc<Context>) {
 
 /// Serves one accepted connection. `permit` is `None` when the client limit is reached.
 async fn connection(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, permit: Option<OwnedSemaphorePermit>) {
-    let Some((mut client, startup)) = frontend::accept(&ctx, tcp, peer).await else { return };
+    let Some((mut client, startup)) = Box::pin(frontend::accept(&ctx, tcp, peer)).await else { return };
     let config = ctx.config();
     let result = if permit.is_none() {
         Err(SessionError::Refused(PgError::fatal(
@@ -101,10 +101,10 @@ async fn connection(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, permit:
         )))
     } else if startup.param("database") == Some(config.console.database.as_str()) {
         drop(config);
-        frontend::guard(admin::console::serve(&ctx, &mut client, &startup)).await
+        frontend::guard(Box::pin(admin::console::serve(&ctx, &mut client, &startup))).await
     } else {
         drop(config);
-        frontend::guard(session::serve(&ctx, &mut client, startup)).await
+        frontend::guard(Box::pin(session::serve(&ctx, &mut client, startup))).await
     };
     if let Err(e) = result {
         frontend::report(&mut client, &e).await;

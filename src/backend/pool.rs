@@ -247,7 +247,7 @@ impl Pool {
     /// The most recently used idle connection with these startup parameters.
     fn take_idle(&self, startup: &StartupParams) -> Option<Connection> {
         let mut idle = self.idle.lock();
-        let pos = idle.iter().rposition(|i| i.conn.startup == *startup)?;
+        let pos = idle.iter().rposition(|i| Arc::ptr_eq(&i.conn.startup, startup) || i.conn.startup == *startup)?;
         idle.remove(pos).map(|i| i.conn)
     }
 

@@ -89,7 +89,8 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
         client.send(&out).await?;
     }
     ctx.wait_while_paused().await;
-    let login = tokio::time::timeout(ctx.config().client.startup_timeout, auth::login(client, ctx, &key, &params));
+    let login =
+        tokio::time::timeout(ctx.config().client.startup_timeout, Box::pin(auth::login(client, ctx, &key, &params)));
     let lease = tokio::select! {
         r = login => r.unwrap_or(Err(SessionError::StartupTimeout))?,
         _ = ctx.shutdown.cancelled() => return Err(SessionError::Shutdown),
@@ -117,11 +118,13 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
             let outcome = match idle {
                 detached::Why::Lost => {
                     ctx.stats.detached(1.0);
-                    let outcome = detached::run(ctx, &key, &params, client, &mut core.flow, idle).await;
+                    let outcome = Box::pin(detached::run(ctx, &key, &params, client, &mut core.flow, idle)).await;
                     ctx.stats.detached(-1.0);
                     outcome
                 }
-                detached::Why::Pooled => detached::run(ctx, &key, &params, client, &mut core.flow, idle).await,
+                detached::Why::Pooled => {
+                    Box::pin(detached::run(ctx, &key, &params, client, &mut core.flow, idle)).await
+                }
             };
             match outcome {
                 Ok(detached::Outcome::Reattached(mut new)) => {
@@ -151,7 +154,9 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
         }
         handle.set_backend(Some(attached.conn_ref().key));
         registered.backend_pid.store(attached.conn_ref().key.pid as i64, std::sync::atomic::Ordering::Relaxed);
-        let result = relay::run(ctx, &key, &params, client, attached.conn(), &mut core, &mut memo).await;
+        // Boxed, like the other long-lived futures here: a session waiting between
+        // transactions keeps only what it waits with (see bench/idle.sh).
+        let result = Box::pin(relay::run(ctx, &key, &params, client, attached.conn(), &mut core, &mut memo)).await;
         attached.conn().status = core.tracker.status;
         match result {
             Ok(relay::Ending::BackendLost) => {
@@ -171,6 +176,11 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
                     client.stream.write_all_buf(&mut core.to_client).await?;
                     client.stream.flush().await?;
                 }
+                // An idle client keeps little: its buffers grow again when it speaks.
+                if client.rbuf.is_empty() {
+                    client.rbuf = BytesMut::new();
+                }
+                core.shrink();
                 idle = detached::Why::Pooled;
                 continue;
             }
@@ -232,7 +242,7 @@ fn hand_back(ctx: &Context, key: &PoolKey, mut lease: Lease, core: &mut Core) {
     core.flow.unprepared.extend(core.flow.statements.get_key_value(&b""[..]).map(|(k, _)| k.clone()));
     core.flow.portals.clear();
     core.flow.virtual_portal = None;
-    ctx.stats.metrics.counter(crate::metrics::HANDOFFS, &[]).increment(1);
+    ctx.stats.metrics.handoff();
     lease.release(Reset::None);
 }
 

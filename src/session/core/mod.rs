@@ -122,6 +122,23 @@ impl Core {
         self.actions.push(action);
     }
 
+    /// Gives back the memory the session's buffers grew to, when nothing is in them: a client
+    /// waiting between transactions (transaction pooling) keeps little.
+    pub fn shrink(&mut self) {
+        if self.to_client.is_empty() {
+            self.to_client = OutQueue::default();
+        }
+        if self.to_backend.is_empty() {
+            self.to_backend = OutQueue::default();
+        }
+        if self.flow.owes_nothing() {
+            self.flow.pipeline = Default::default();
+            self.flow.batch = Vec::new();
+        }
+        self.flow.probe_rows = Vec::new();
+        self.actions = Vec::new();
+    }
+
     /// Every answer owed has been given and the backend is idle outside a transaction.
     pub fn at_rest(&self) -> bool {
         self.flow.owes_nothing() && self.tracker.at_rest()
