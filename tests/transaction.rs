@@ -320,3 +320,42 @@ async fn pgbench_prepared_with_many_more_clients_than_backends() {
     let backends: usize = proxy.shared.pools.all().iter().map(|p| p.stats().active + p.stats().idle).sum();
     assert!(backends <= 8, "{backends} backends for 64 clients");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_do_block_pins_until_reset_all() {
+    let (proxy, db, user) = setup("txn_do", 1).await;
+    let a = proxy.connect(&db, &user).await;
+    let b = proxy.connect(&db, &user).await;
+    // A DO block may set settings under any name: pgcache cannot replay what it cannot see.
+    a.batch_execute("DO $$ BEGIN PERFORM set_config('app.hidden', '1', false); END $$").await.unwrap();
+    let err = try_text(&b, "SELECT 1").await.expect_err("pinned");
+    assert_eq!(sqlstate(&err), "53300");
+    assert_eq!(text(&a, "SELECT current_setting('app.hidden')").await, "1", "a keeps its backend and its setting");
+    a.batch_execute("RESET ALL").await.unwrap();
+    assert_eq!(text(&b, "SELECT 2").await, "2", "RESET ALL put every setting back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_override_pools_one_database_by_transaction() {
+    let cluster = PgCluster::shared();
+    let pooled = cluster.create_db("txn_override").await;
+    let other = cluster.create_db("txn_not_overridden").await;
+    let mut c = Proxy::config(cluster);
+    c.pool.max_size = 1;
+    c.pool.acquire_timeout = Duration::from_millis(500);
+    c.pool.overrides = vec![pgcache::config::PoolOverride {
+        database: Some(pooled.clone()),
+        user: None,
+        mode: PoolMode::Transaction,
+    }];
+    let proxy = Proxy::start(c).await;
+    let user = cluster.superuser();
+    let (a, b) = (proxy.connect(&pooled, &user).await, proxy.connect(&pooled, &user).await);
+    assert_eq!(text(&a, "SELECT 1").await, "1");
+    assert_eq!(text(&b, "SELECT 2").await, "2", "two clients of the overridden database share one backend");
+    let x = proxy.connect(&other, &user).await;
+    assert_eq!(text(&x, "SELECT 3").await, "3");
+    let connect = tokio_postgres::connect(&proxy.url(&other, &user), tokio_postgres::NoTls).await;
+    let err = connect.err().expect("session pooling: the only backend belongs to x");
+    assert_eq!(sqlstate(&err), "53300", "{err}");
+}

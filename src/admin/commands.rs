@@ -109,10 +109,7 @@ fn stats(ctx: &Context) -> ResultSet {
 }
 
 fn pools(ctx: &Context) -> ResultSet {
-    let mode = match ctx.config().pool.mode {
-        PoolMode::Session => "session",
-        PoolMode::Transaction => "transaction",
-    };
+    let config = ctx.config();
     let mut r = ResultSet::new(
         &[
             "database",
@@ -140,6 +137,10 @@ fn pools(ctx: &Context) -> ResultSet {
             }
         }
         let pins: Vec<String> = p.pins().iter().map(|(reason, n)| format!("{reason}: {n}")).collect();
+        let mode = match config.pool.mode_for(&p.key.database, &p.key.user) {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+        };
         r.row([
             p.key.database.clone(),
             p.key.user.clone(),
@@ -294,7 +295,20 @@ fn config(ctx: &Context) -> ResultSet {
             ("auth.allow_plaintext_over_network", c.auth.allow_plaintext_over_network.to_string()),
             ("auth.verify_interval", humantime::format_duration(c.auth.verify_interval).to_string()),
             ("pool.mode", format!("{:?}", c.pool.mode).to_lowercase()),
+            (
+                "pool.override",
+                c.pool
+                    .overrides
+                    .iter()
+                    .map(|o| {
+                        let who = |v: &Option<String>| v.as_deref().unwrap_or("*").to_owned();
+                        format!("{}@{}: {:?}", who(&o.user), who(&o.database), o.mode).to_lowercase()
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
             ("pool.max_size", c.pool.max_size.to_string()),
+            ("pool.max_prepared_statements", c.pool.max_prepared_statements.to_string()),
             ("pool.min_idle", c.pool.min_idle.to_string()),
             ("pool.acquire_timeout", humantime::format_duration(c.pool.acquire_timeout).to_string()),
             ("pool.idle_timeout", humantime::format_duration(c.pool.idle_timeout).to_string()),

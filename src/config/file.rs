@@ -139,6 +139,9 @@ pub struct PoolFile {
     pub max_size: Option<usize>,
     /// Transaction pooling: statements kept prepared per backend connection (default 200).
     pub max_prepared_statements: Option<usize>,
+    /// `[[pool.override]]`: another mode for some databases or users (first match wins).
+    #[serde(default, rename = "override")]
+    pub overrides: Vec<PoolOverrideFile>,
     /// Idle connections kept open per pool once its credentials are known (default 0).
     pub min_idle: Option<usize>,
     /// How long a client waits for a backend before SQLSTATE 53300 (default `5s`).
@@ -154,6 +157,18 @@ pub struct PoolFile {
     /// `connect_timeout`).
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
+}
+
+/// `[[pool.override]]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolOverrideFile {
+    /// The database it applies to (any if absent).
+    pub database: Option<String>,
+    /// The user it applies to (any if absent).
+    pub user: Option<String>,
+    /// `session` or `transaction`.
+    pub mode: String,
 }
 
 /// `[client]`

@@ -115,9 +115,29 @@ pub struct AuthConfig {
     pub verify_interval: Duration,
 }
 
+/// `[[pool.override]]`: a pool mode for a database, a user, or both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolOverride {
+    pub database: Option<String>,
+    pub user: Option<String>,
+    pub mode: PoolMode,
+}
+
+impl PoolConfig {
+    /// The pool mode for clients of `database` as `user`.
+    pub fn mode_for(&self, database: &str, user: &str) -> PoolMode {
+        let applies = |o: &&PoolOverride| {
+            o.database.as_deref().is_none_or(|d| d == database) && o.user.as_deref().is_none_or(|u| u == user)
+        };
+        self.overrides.iter().find(applies).map_or(self.mode, |o| o.mode)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     pub mode: PoolMode,
+    /// Other modes for some databases or users, first match first.
+    pub overrides: Vec<PoolOverride>,
     pub max_size: usize,
     /// Transaction pooling: statements kept prepared per backend connection.
     pub max_prepared_statements: usize,
@@ -247,13 +267,23 @@ impl Config {
                 return Err(invalid("log_format", format!("{other:?} (expected \"text\" or \"json\")")));
             }
         };
-        let pool_mode = match cli.pool_mode.as_deref().or(f.pool.mode.as_deref()) {
-            None | Some("session") => PoolMode::Session,
-            Some("transaction") => PoolMode::Transaction,
-            Some(other) => {
-                return Err(invalid("pool.mode", format!("{other:?} (expected \"session\" or \"transaction\")")));
-            }
+        let parse_mode = |key: &'static str, v: Option<&str>| match v {
+            None | Some("session") => Ok(PoolMode::Session),
+            Some("transaction") => Ok(PoolMode::Transaction),
+            Some(other) => Err(invalid(key, format!("{other:?} (expected \"session\" or \"transaction\")"))),
         };
+        let pool_mode = parse_mode("pool.mode", cli.pool_mode.as_deref().or(f.pool.mode.as_deref()))?;
+        let mut pool_overrides = Vec::new();
+        for o in &f.pool.overrides {
+            if o.database.is_none() && o.user.is_none() {
+                return Err(invalid("pool.override", "names no database and no user (set pool.mode instead)"));
+            }
+            pool_overrides.push(PoolOverride {
+                database: o.database.clone(),
+                user: o.user.clone(),
+                mode: parse_mode("pool.override.mode", Some(&o.mode))?,
+            });
+        }
         let dur = |v: Option<Duration>, d: u64| v.unwrap_or(Duration::from_secs(d));
         let unknown_writes = match f.cache.unknown_writes.as_deref() {
             None | Some("invalidate_all") => UnknownWrites::InvalidateAll,
@@ -285,6 +315,7 @@ impl Config {
             },
             pool: PoolConfig {
                 mode: pool_mode,
+                overrides: pool_overrides,
                 max_size: cli.pool_size.or(f.pool.max_size).unwrap_or(20),
                 max_prepared_statements: f.pool.max_prepared_statements.unwrap_or(200),
                 min_idle: f.pool.min_idle.unwrap_or(0),
@@ -460,6 +491,26 @@ mod tests {
 
     fn cli(args: &[&str]) -> Cli {
         Cli::try_parse_from(std::iter::once("pgcache").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn pool_overrides_pick_a_mode_by_database_and_user() {
+        let f = FileConfig::parse(
+            "[pool]\nmode = \"session\"\n\
+             [[pool.override]]\ndatabase = \"app\"\nuser = \"batch\"\nmode = \"session\"\n\
+             [[pool.override]]\ndatabase = \"app\"\nmode = \"transaction\"\n",
+        )
+        .unwrap();
+        let c = Config::merge(&Cli::default(), f).unwrap();
+        assert_eq!(c.pool.mode_for("app", "web"), PoolMode::Transaction);
+        assert_eq!(c.pool.mode_for("app", "batch"), PoolMode::Session, "the first match wins");
+        assert_eq!(c.pool.mode_for("other", "web"), PoolMode::Session);
+        let bad = FileConfig::parse("[[pool.override]]\nmode = \"transaction\"\n").unwrap();
+        let e = Config::merge(&Cli::default(), bad).unwrap_err().to_string();
+        assert!(e.contains("pool.override"), "{e}");
+        let bad = FileConfig::parse("[[pool.override]]\nuser = \"x\"\nmode = \"statement\"\n").unwrap();
+        let e = Config::merge(&Cli::default(), bad).unwrap_err().to_string();
+        assert!(e.contains("pool.override.mode"), "{e}");
     }
 
     #[test]

@@ -19,7 +19,6 @@ use bytes::{Bytes, BytesMut};
 use crate::backend::connection::StartupParams;
 use crate::backend::{Connection, Lease, PoolError, PoolKey, Reset};
 use crate::cache::{Entry, Freshness};
-use crate::config::PoolMode;
 use crate::context::Context;
 use crate::metrics;
 use crate::protocol::Frame;
@@ -176,7 +175,7 @@ impl Detached<'_> {
         // The new backend knows none of the client's statements; re-send each when needed. In
         // transaction pooling named statements go under server names, which the backend
         // knows or learns when first used; only the unnamed one is the client's own.
-        if self.ctx.config().pool.mode == PoolMode::Transaction {
+        if self.flow.transaction_pooling {
             self.flow.unprepared.extend(self.flow.statements.get_key_value(&b""[..]).map(|(k, _)| k.clone()));
         } else {
             self.flow.unprepared = self.flow.statements.keys().cloned().collect();
@@ -308,7 +307,7 @@ impl Detached<'_> {
                 _ => return None,
             }
         }
-        let server_names = self.ctx.config().pool.mode == PoolMode::Transaction;
+        let server_names = self.flow.transaction_pooling;
         for (name, st) in parsed {
             let name = Bytes::from(name);
             if name.is_empty() || !server_names {

@@ -101,12 +101,13 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
     client.send(&frontend::welcome(&lease.conn_ref().params, handle.pid, handle.secret)).await?;
     tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, "client connected");
 
+    let pooling_transactions = ctx.config().pool.mode_for(&key.database, &key.user) == PoolMode::Transaction;
     let mut core = Core::new(Flow {
         database: Arc::from(key.database.as_str()),
+        transaction_pooling: pooling_transactions,
         settings: Settings::at_startup(&params),
         ..Flow::default()
     });
-    let pooling_transactions = ctx.config().pool.mode == PoolMode::Transaction;
     let mut memo = memo::Assessments::default();
     let mut reported = lease.conn_ref().params.clone();
     let mut lease = Some(lease);

@@ -22,7 +22,6 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::backend::connection::{ReadError, StartupParams};
 use crate::backend::{Connection, PoolKey};
-use crate::config::PoolMode;
 use crate::context::Context;
 use crate::frontend::{Client, SessionError};
 use crate::metrics;
@@ -136,7 +135,7 @@ impl Relay<'_> {
         let force_close = ctx.force_close.cancelled();
         tokio::pin!(shutdown, force_close);
         let mut draining = false;
-        let pooling_transactions = ctx.config().pool.mode == PoolMode::Transaction;
+        let pooling_transactions = self.core.flow.transaction_pooling;
         // The client may have pipelined messages behind its startup packet.
         if let Some(end) = self.on_client_data().await? {
             return Ok(end);
@@ -375,6 +374,7 @@ impl Relay<'_> {
     /// Carries out the core's actions, in order.
     pub(super) fn carry_out(&mut self) {
         let ctx = self.ctx;
+        let pooling_transactions = self.core.flow.transaction_pooling;
         for action in self.core.take_actions() {
             match action {
                 Action::Invalidate { effects, committed } => {
@@ -384,7 +384,7 @@ impl Relay<'_> {
                     fill.finish(&ctx.store);
                 }
                 Action::Record { observation, served, error } => ctx.stats.record(&observation, served, error),
-                Action::Pinned(held) if ctx.config().pool.mode == PoolMode::Transaction => {
+                Action::Pinned(held) if pooling_transactions => {
                     tracing::info!(
                         user = %self.key.user,
                         database = %self.key.database,
@@ -394,7 +394,7 @@ impl Relay<'_> {
                     ctx.stats.metrics.counter(metrics::PINS, &[("reason", held.label())]).increment(1);
                     ctx.pools.get(self.key).pinned(held.label(), true);
                 }
-                Action::Unpinned(held) if ctx.config().pool.mode == PoolMode::Transaction => {
+                Action::Unpinned(held) if pooling_transactions => {
                     tracing::info!(
                         user = %self.key.user,
                         database = %self.key.database,

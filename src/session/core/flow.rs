@@ -66,6 +66,9 @@ pub enum Parked {
 pub struct Flow {
     /// The session's database.
     pub database: Arc<str>,
+    /// The session is pooled by transaction (`pool.mode` or its override for this database
+    /// and user): it gives its backend back between transactions.
+    pub transaction_pooling: bool,
     pub pipeline: Pipeline,
     pub settings: Settings,
     pub probe: Option<Probe>,
