@@ -343,11 +343,8 @@ async fn an_override_pools_one_database_by_transaction() {
     let mut c = Proxy::config(cluster);
     c.pool.max_size = 1;
     c.pool.acquire_timeout = Duration::from_millis(500);
-    c.pool.overrides = vec![pgcache::config::PoolOverride {
-        database: Some(pooled.clone()),
-        user: None,
-        mode: PoolMode::Transaction,
-    }];
+    c.pool.overrides =
+        vec![pgcache::config::PoolOverride { database: Some(pooled.clone()), user: None, mode: PoolMode::Transaction }];
     let proxy = Proxy::start(c).await;
     let user = cluster.superuser();
     let (a, b) = (proxy.connect(&pooled, &user).await, proxy.connect(&pooled, &user).await);
@@ -358,4 +355,29 @@ async fn an_override_pools_one_database_by_transaction() {
     let connect = tokio_postgres::connect(&proxy.url(&other, &user), tokio_postgres::NoTls).await;
     let err = connect.err().expect("session pooling: the only backend belongs to x");
     assert_eq!(sqlstate(&err), "53300", "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_under_prepared_statements_errors_as_postgres_does_and_a_new_prepare_recovers() {
+    let (proxy, db, user) = setup("txn_ddl", 1).await;
+    let a = proxy.connect(&db, &user).await;
+    let b = proxy.connect(&db, &user).await;
+    a.batch_execute("CREATE TABLE d (x int); INSERT INTO d VALUES (1)").await.unwrap();
+    let st = a.prepare("SELECT * FROM d").await.unwrap();
+    assert_eq!(a.query_one(&st, &[]).await.unwrap().len(), 1);
+    // Shared with b: the same text is the same server statement.
+    let st_b = b.prepare("SELECT * FROM d").await.unwrap();
+    assert_eq!(b.query_one(&st_b, &[]).await.unwrap().get::<_, i32>(0), 1);
+    // A column added: the plan's result type changed. Postgres refuses the old statement
+    // (0A000), and so does pgcache, rather than hand back rows of a shape the client's
+    // description does not have.
+    b.batch_execute("ALTER TABLE d ADD COLUMN y int DEFAULT 2").await.unwrap();
+    let err = a.query_one(&st, &[]).await.expect_err("the result type changed");
+    assert_eq!(sqlstate(&err), "0A000", "{err}");
+    // Preparing again works, for this client and for others sending the same text.
+    let fresh = a.prepare("SELECT * FROM d").await.unwrap();
+    let row = a.query_one(&fresh, &[]).await.unwrap();
+    assert_eq!((row.get::<_, i32>(0), row.get::<_, i32>(1)), (1, 2));
+    let fresh_b = b.prepare("SELECT * FROM d").await.unwrap();
+    assert_eq!(b.query_one(&fresh_b, &[]).await.unwrap().len(), 2);
 }

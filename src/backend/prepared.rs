@@ -12,6 +12,9 @@ use bytes::Bytes;
 struct Source {
     sql: Arc<str>,
     param_types: Vec<u32>,
+    /// Postgres refused to run it since ("cached plan must not change result type" after
+    /// DDL): it exists on the backend but must be closed and prepared again before use.
+    stale: bool,
 }
 
 /// The statements pgcache prepared on one backend connection, by server name, with when each
@@ -33,7 +36,7 @@ impl Prepared {
     pub fn has(&mut self, name: &[u8], sql: &str, param_types: &[u32]) -> bool {
         self.tick += 1;
         match self.by_name.get_mut(name) {
-            Some((src, used)) if *src.sql == *sql && src.param_types == param_types => {
+            Some((src, used)) if !src.stale && *src.sql == *sql && src.param_types == param_types => {
                 *used = self.tick;
                 true
             }
@@ -58,8 +61,16 @@ impl Prepared {
         } else {
             None
         };
-        self.by_name.insert(name, (Source { sql, param_types }, self.tick));
+        self.by_name.insert(name, (Source { sql, param_types, stale: false }, self.tick));
         evict
+    }
+
+    /// Notes that the backend's `name` no longer runs (its result type changed after DDL): the
+    /// next Parse of it closes it and prepares it again.
+    pub fn mark_stale(&mut self, name: &[u8]) {
+        if let Some((src, _)) = self.by_name.get_mut(name) {
+            src.stale = true;
+        }
     }
 
     /// Forgets `name` (its Parse failed or was skipped).
@@ -103,6 +114,9 @@ mod tests {
         assert!(!p.has(b"n", "select 2", &[]));
         assert!(!p.has(b"n", "select 1", &[23]));
         assert!(p.exists(b"n"));
+        assert!(p.has(b"n", "select 1", &[]));
+        p.mark_stale(b"n");
+        assert!(!p.has(b"n", "select 1", &[]) && p.exists(b"n"), "stale: closed and prepared again");
         p.remove(b"n");
         assert!(p.is_empty());
     }

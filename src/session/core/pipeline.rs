@@ -63,6 +63,9 @@ pub struct Forwarded {
     /// A Parse of this server name (transaction pooling): if it fails or is skipped, the
     /// backend does not have the statement after all.
     pub prepares: Option<Bytes>,
+    /// A Bind of this server name (transaction pooling): if Postgres says its cached plan
+    /// changed result type, the backend's statement is stale.
+    pub binds: Option<Bytes>,
 }
 
 /// The client's row limit on an Execute sent with a higher one, and the rows seen so far.
@@ -84,6 +87,7 @@ impl Forwarded {
             failed: false,
             row_limit: None,
             prepares: None,
+            binds: None,
         }
     }
 

@@ -38,7 +38,10 @@ impl Core {
         let (visible, expect, fill, probe) = (!head.hidden, head.expect, head.fill, head.probe);
         let done = |completed| Ok(Routed { visible, completed });
         match tag {
-            be::ERROR_RESPONSE => Ok(self.on_error(visible, expect, fill, probe)),
+            be::ERROR_RESPONSE => {
+                self.note_stale_plan(&raw[5..]);
+                Ok(self.on_error(visible, expect, fill, probe))
+            }
             be::PARSE_COMPLETE | be::BIND_COMPLETE | be::CLOSE_COMPLETE => {
                 self.flow.pipeline.items.pop_front();
                 done(true)
@@ -119,6 +122,20 @@ impl Core {
         {
             self.flow.pipeline.items.remove(1);
             self.tracker.copy_ate_sync();
+        }
+    }
+
+    /// Transaction pooling: a Bind of a server-named statement refused because its result type
+    /// changed (DDL) leaves that statement stale on this backend; the next Parse of it
+    /// prepares it again, as a client's own re-prepare would with Postgres directly.
+    fn note_stale_plan(&mut self, body: &[u8]) {
+        let Some(Item::Backend(Forwarded { binds: Some(name), .. })) = self.flow.pipeline.items.front() else {
+            return;
+        };
+        if be::error_fields(body).is_ok_and(|f| f.code == "0A000")
+            && let Some(server) = self.server.as_mut()
+        {
+            server.mark_stale(name);
         }
     }
 

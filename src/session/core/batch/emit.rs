@@ -151,7 +151,12 @@ impl Emitter<'_> {
             self.core.flow.virtual_portal = Some(frame);
         } else {
             let raw = self.for_backend(i, statement, frame);
-            self.forward_raw(raw, Expect::Bind);
+            let binds = match self.plan.stmt_of.get(&i) {
+                Some(st) if !statement.is_empty() && self.core.server.is_some() => Some(st.server_name().clone()),
+                _ => None,
+            };
+            self.core.request(raw, Forwarded { binds, ..Forwarded::new(Expect::Bind) });
+            self.forwarded = true;
             if unnamed_portal {
                 self.core.flow.virtual_portal = None;
             }
