@@ -163,7 +163,9 @@ impl Pool {
         let max = self.settings.max_size;
         PoolStats {
             waiting: self.waiting.load(Ordering::Relaxed),
-            active: max - self.slots.available_permits(),
+            // Lent connections, not taken slots: a returned connection is idle a moment
+            // before its slot is free, and must not count twice.
+            active: self.lent.lock().len(),
             idle: self.idle.lock().len(),
             max,
         }

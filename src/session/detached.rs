@@ -99,7 +99,8 @@ pub async fn run(
             client.send(&answer).await?;
             continue;
         }
-        match d.reattach().await {
+        // Boxed: a session waiting for its client does not carry the connecting state.
+        match Box::pin(d.reattach()).await {
             Ok(lease) => {
                 let mut unread = BytesMut::new();
                 for f in &frames {

@@ -83,18 +83,10 @@ fn backend_startup(ctx: &Context, startup: &Startup) -> Result<(PoolKey, Startup
 pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) -> Result<(), SessionError> {
     let started = Instant::now();
     let (key, params, unsupported) = backend_startup(ctx, &startup)?;
-    if startup.minor > 0 || !unsupported.is_empty() {
-        let mut out = BytesMut::new();
-        negotiate_protocol_version(unsupported, &mut out);
-        client.send(&out).await?;
-    }
-    ctx.wait_while_paused().await;
-    let login =
-        tokio::time::timeout(ctx.config().client.startup_timeout, Box::pin(auth::login(client, ctx, &key, &params)));
-    let lease = tokio::select! {
-        r = login => r.unwrap_or(Err(SessionError::StartupTimeout))?,
-        _ = ctx.shutdown.cancelled() => return Err(SessionError::Shutdown),
-    };
+    // Boxed: what logging in waits with is not kept for the session's life.
+    let lease =
+        Box::pin(log_in(ctx, client, startup.minor > 0 || !unsupported.is_empty(), unsupported, &key, &params)).await?;
+    drop(startup);
     let handle = ctx.cancels.register();
     handle.set_backend(Some(lease.conn_ref().key));
     let registered = ctx.stats.client(client.peer, &key.user, &key.database);
@@ -209,6 +201,29 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
             }
             Ok(())
         }
+    }
+}
+
+/// Negotiates the protocol version if the client asked for more, waits while pgcache is
+/// paused, and logs the client in (leasing a backend), within `client.startup_timeout`.
+async fn log_in(
+    ctx: &Arc<Context>,
+    client: &mut Client,
+    negotiate: bool,
+    unsupported: Vec<String>,
+    key: &PoolKey,
+    params: &StartupParams,
+) -> Result<Lease, SessionError> {
+    if negotiate {
+        let mut out = BytesMut::new();
+        negotiate_protocol_version(unsupported, &mut out);
+        client.send(&out).await?;
+    }
+    ctx.wait_while_paused().await;
+    let login = tokio::time::timeout(ctx.config().client.startup_timeout, auth::login(client, ctx, key, params));
+    tokio::select! {
+        r = login => r.unwrap_or(Err(SessionError::StartupTimeout)),
+        _ = ctx.shutdown.cancelled() => Err(SessionError::Shutdown),
     }
 }
 
