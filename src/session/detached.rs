@@ -1,13 +1,18 @@
-//! A session whose backend went away while it was idle, and that holds nothing only that
-//! backend had (no transaction, temporary objects, LISTEN, cursors, advisory locks), carries
-//! on without one:
+//! A session without a backend. Two ways to get here ([`Why`]): in transaction pooling every
+//! session gives its backend back at the end of each transaction and waits here for its next
+//! request; and a session whose backend went away while it was idle, and that holds nothing
+//! only that backend had (no transaction, temporary objects, LISTEN, cursors, advisory
+//! locks), carries on here instead of being closed. Either way:
 //!
-//! - requests the cache can answer are answered — fresh and stale entries at once, and
-//!   entries within their rule's `stale_if_error` window when Postgres cannot be reached;
-//! - any other request first tries to take a new backend (at most once a second while
-//!   Postgres is down): on success the session's settings are replayed on it with
-//!   `set_config`, its prepared statements are re-sent when next used, and the request runs
-//!   as if nothing happened; on failure the request gets `ERROR 08006` and the session stays
+//! - requests the cache can answer are answered — fresh entries, and (only when the backend
+//!   was lost) stale ones and entries within their rule's `stale_if_error` window when
+//!   Postgres cannot be reached;
+//! - any other request takes a backend (after a lost one, at most once a second while
+//!   Postgres is down): the session's settings are given to it — nothing to do when the
+//!   backend already has them, otherwise `RESET ALL` and `set_config` — its statements are
+//!   re-sent when next used (under their server names in transaction pooling), and the
+//!   request runs as if nothing happened; on failure the request gets an error (53300 when
+//!   the pool is exhausted, 08006 when Postgres cannot be reached) and the session stays
 //!   open, so the client can retry.
 
 use std::collections::HashMap;

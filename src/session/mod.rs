@@ -6,6 +6,7 @@
 //!                                               │ error ──▶ ErrorResponse, Closed
 //!                                               │ backend lost while idle ──▶ Detached
 //!                      Relaying ◀──(new backend, settings replayed)── Detached
+//!                      Relaying ──transaction over (transaction pooling)──▶ Detached
 //! ```
 //!
 //! The protocol state is the [`core`]'s (pure, unit-tested); the [`relay`] does the I/O and
