@@ -382,3 +382,27 @@ async fn ddl_under_prepared_statements_errors_as_postgres_does_and_a_new_prepare
     let fresh_b = b.prepare("SELECT * FROM d").await.unwrap();
     assert_eq!(b.query_one(&fresh_b, &[]).await.unwrap().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_scripts_share_one_backend() {
+    let (proxy, db, user) = setup("txn_psql", 1).await;
+    let holder = proxy.connect(&db, &user).await;
+    assert_eq!(text(&holder, "SELECT 1").await, "1", "a second client, idle between transactions");
+    let script = "CREATE TABLE p (id int PRIMARY KEY, v text);\n\
+                  SET application_name = 'from_psql';\n\
+                  BEGIN;\nINSERT INTO p VALUES (1, 'one'), (2, 'two');\nCOMMIT;\n\
+                  \\d p\n\
+                  SELECT current_setting('application_name');\n\
+                  PREPARE q (int) AS SELECT v FROM p WHERE id = $1;\nEXECUTE q(2);\nDEALLOCATE q;\n\
+                  SELECT count(*) FROM p;\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("script.sql");
+    std::fs::write(&path, script).unwrap();
+    let out = common::psql(proxy.port(), &db, &user, &["-At", "-f", path.to_str().unwrap()]).await;
+    let (stdout, stderr) = (common::stdout(&out), common::stderr(&out));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("id|integer"), "\\d ran its catalog queries: {stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.contains(&"from_psql") && lines.contains(&"two") && lines.last() == Some(&"2"), "{stdout}");
+    assert_eq!(text(&holder, "SHOW application_name").await, "", "psql's SET stayed with psql");
+}
