@@ -406,3 +406,26 @@ async fn psql_scripts_share_one_backend() {
     assert!(lines.contains(&"from_psql") && lines.contains(&"two") && lines.last() == Some(&"2"), "{stdout}");
     assert_eq!(text(&holder, "SHOW application_name").await, "", "psql's SET stayed with psql");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_role_follows_its_client_and_never_leaks_to_the_next() {
+    let cluster = PgCluster::shared();
+    let db = cluster.create_db("txn_role").await;
+    cluster
+        .admin(&db)
+        .await
+        .batch_execute("DROP ROLE IF EXISTS txn_tenant; CREATE ROLE txn_tenant; GRANT txn_tenant TO CURRENT_USER")
+        .await
+        .unwrap();
+    let proxy = Proxy::start(config(cluster, 1)).await;
+    let user = cluster.superuser();
+    let a = proxy.connect(&db, &user).await;
+    let b = proxy.connect(&db, &user).await;
+    a.batch_execute("SET ROLE txn_tenant").await.unwrap();
+    let pid = text(&a, "SELECT pg_backend_pid()").await;
+    assert_eq!(text(&b, "SELECT current_user || ' ' || pg_backend_pid()").await, format!("{user} {pid}"));
+    assert_eq!(text(&a, "SELECT current_user").await, "txn_tenant", "replayed on the shared backend");
+    assert_eq!(text(&b, "SELECT current_user").await, user, "reset for the next client");
+    a.batch_execute("RESET ROLE").await.unwrap();
+    assert_eq!(text(&a, "SELECT current_user").await, user);
+}
