@@ -178,7 +178,7 @@ async fn fuzz_client(addr: std::net::SocketAddr, db: String, seed: u64, until: I
     }
 }
 
-async fn fuzz(rules: Option<&str>) {
+async fn fuzz(rules: Option<&str>, mode: pgcache::config::PoolMode) {
     // Panics in pgcache's tasks (they run on the runtime's worker threads; a test's own
     // assertions run on its test thread) are counted.
     static PANICS: AtomicU64 = AtomicU64::new(0);
@@ -204,6 +204,7 @@ async fn fuzz(rules: Option<&str>) {
     config.rules = dir.path().to_owned();
     config.rules_explicit = true;
     config.pool.max_size = 8;
+    config.pool.mode = mode;
     config.pool.acquire_timeout = Duration::from_millis(500);
     config.client.max_message_bytes = 1 << 20;
     let proxy = Proxy::start(config).await;
@@ -266,10 +267,23 @@ async fn fuzz(rules: Option<&str>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_message_sequences_without_rules() {
-    fuzz(None).await;
+    fuzz(None, pgcache::config::PoolMode::Session).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_message_sequences_with_everything_cached() {
-    fuzz(Some("[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"60s\"\n")).await;
+    fuzz(
+        Some("[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"60s\"\n"),
+        pgcache::config::PoolMode::Session,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_message_sequences_in_transaction_pooling_with_everything_cached() {
+    fuzz(
+        Some("[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"60s\"\n"),
+        pgcache::config::PoolMode::Transaction,
+    )
+    .await;
 }
