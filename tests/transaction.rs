@@ -429,3 +429,44 @@ async fn set_role_follows_its_client_and_never_leaks_to_the_next() {
     a.batch_execute("RESET ROLE").await.unwrap();
     assert_eq!(text(&a, "SELECT current_user").await, user);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_at_once_gives_back_what_the_backend_has_prepared() {
+    use common::raw::{self, RawConn};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = PgCluster::shared();
+    let db = cluster.create_db("txn_leave").await;
+    let mut c = config(cluster, 1);
+    c.auth.mode = pgcache::config::AuthMode::Trust;
+    let proxy = Proxy::start(c).await;
+    let user = cluster.superuser();
+    // All three clients start alike, so they are given the same backend.
+    let run_41 = raw::batch(&[
+        raw::parse("s1", "SELECT 41", &[]),
+        raw::bind("", "s1", &[], &[]),
+        raw::execute("", 0),
+        raw::sync(),
+    ]);
+    let mut a = RawConn::connect(proxy.addr, &user, &db, &[]).await;
+    let answer = a.exchange(&run_41, 1).await;
+    assert!(answer.iter().all(|m| m.tag != b'E'), "{answer:?}");
+    // A client whose Terminate arrives with its startup packet: its session ends before it
+    // could hand the backend back between transactions.
+    let mut quick = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut out = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", user.as_str()), ("database", db.as_str())],
+        &mut out,
+    )
+    .unwrap();
+    postgres_protocol::message::frontend::terminate(&mut out);
+    quick.write_all(&out).await.unwrap();
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), quick.read_to_end(&mut sink)).await.unwrap().unwrap();
+    // The backend still has the statement prepared, and pgcache still knows it.
+    let mut c = RawConn::connect(proxy.addr, &user, &db, &[]).await;
+    let answer = c.exchange(&run_41, 1).await;
+    assert!(answer.iter().all(|m| m.tag != b'E'), "refused as already existing? {answer:?}");
+    let servers: usize = proxy.shared.pools.all().iter().map(|p| p.servers().len()).sum();
+    assert_eq!(servers, 1, "one backend served all three");
+}

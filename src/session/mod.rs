@@ -180,6 +180,8 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
             }
             _ => {}
         }
+        // What pgcache prepared on the backend stays known with it (a reset clears both).
+        attached.conn().prepared = core.server.take();
         give_back(ctx, attached, &core);
         break result;
     };
