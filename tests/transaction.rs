@@ -470,3 +470,45 @@ async fn a_client_that_leaves_at_once_gives_back_what_the_backend_has_prepared()
     let servers: usize = proxy.shared.pools.all().iter().map(|p| p.servers().len()).sum();
     assert_eq!(servers, 1, "one backend served all three");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_between_transactions_follow_the_rule_this_client_matches_first() {
+    let cluster = PgCluster::shared();
+    let env = cache_env(
+        cluster,
+        "txn_rules",
+        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items VALUES (1, 'one');
+         CREATE TABLE other (id int); INSERT INTO other VALUES (7);
+         DROP ROLE IF EXISTS txn_fresh_reader; CREATE ROLE txn_fresh_reader LOGIN;
+         DROP ROLE IF EXISTS txn_filler; CREATE ROLE txn_filler LOGIN;
+         GRANT SELECT ON items, other TO txn_fresh_reader, txn_filler;",
+        "[[rule]]\nname = \"fresh-reader\"\nmatch = { tables = [\"items\"], user = \"txn_fresh_reader\" }\naction = \"bypass\"\n\n\
+         [[rule]]\nname = \"items\"\nmatch = { tables = [\"items\", \"other\"] }\nttl = \"1h\"\nshare_across_roles = true\n",
+        |c| {
+            c.pool.mode = PoolMode::Transaction;
+            c.pool.max_size = 2;
+        },
+    )
+    .await;
+    let filler = env.proxy.connect(&env.db, "txn_filler").await;
+    let bypassed = env.proxy.connect(&env.db, "txn_fresh_reader").await;
+    let sql = "SELECT v FROM items WHERE id = 1";
+    assert_eq!(text(&filler, sql).await, "one");
+    let e0 = common::executions(&env.admin, "FROM items WHERE id").await;
+    assert_eq!(text(&filler, sql).await, "one");
+    assert_eq!(common::executions(&env.admin, "FROM items WHERE id").await, e0, "the filler's repeat is a hit");
+    // The bypassed user's settings become known through a statement it may cache, so its
+    // requests are looked up between transactions too.
+    assert_eq!(text(&bypassed, "SELECT id FROM other").await, "7");
+    let other_before = common::executions(&env.admin, "FROM other").await;
+    assert_eq!(text(&bypassed, "SELECT id FROM other").await, "7");
+    assert_eq!(common::executions(&env.admin, "FROM other").await, other_before, "looked up between transactions");
+    let before = common::executions(&env.admin, "FROM items WHERE id").await;
+    assert_eq!(text(&bypassed, sql).await, "one");
+    assert_eq!(text(&bypassed, sql).await, "one");
+    assert_eq!(
+        common::executions(&env.admin, "FROM items WHERE id").await,
+        before + 2,
+        "a bypass rule for this user sends every read to Postgres, even with a shared entry cached"
+    );
+}

@@ -31,7 +31,7 @@ use crate::protocol::backend::{self as be, PgError, TransactionStatus};
 use crate::protocol::frontend::{self as fe, Named, Target};
 use crate::protocol::sqlstate::SqlState;
 use crate::query::{Classified, Kind};
-use crate::rules::Action;
+use crate::rules::{Action, Subject};
 use crate::stats::{Observation, key_hash};
 
 use super::core::flow::{Flow, Statement};
@@ -236,8 +236,16 @@ impl Detached<'_> {
                 Freshness::Fallback => fallback,
                 Freshness::Dead => false,
             };
-            // Only while the rule that admitted it still says so.
-            let ruled = rules.get(&entry.rule.name).is_some_and(|r| r.action == Action::Cache);
+            // Only while the rule that admitted it is still the one this session's statement
+            // matches first (a rule narrowed to other users, or a bypass before it, says no).
+            let subject = Subject {
+                sql,
+                statement: c,
+                resolved_reads: &entry.tables,
+                database: &self.key.database,
+                user: &self.key.user,
+            };
+            let ruled = rules.decide(&subject).is_some_and(|r| r.name == entry.rule.name && r.action == Action::Cache);
             (usable && ruled && entry.rule.share_across_roles == share).then(|| (entry, key_hash(&key.0), stale))
         })
     }
