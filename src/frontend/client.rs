@@ -107,11 +107,21 @@ impl Client {
         }
     }
 
-    /// Reads one tagged frame of at most `max` bytes (used during authentication).
+    /// Room made in the read buffer when it has too little (a request's messages in one read).
+    const READ_ROOM: usize = 4096;
+
+    /// Reads one tagged frame of at most `max` bytes (during authentication, and by a
+    /// session waiting without a backend).
     pub async fn read_frame(&mut self, max: usize) -> Result<Frame, SessionError> {
         loop {
             if let Some(f) = frame::take_frame(&mut self.rbuf, max)? {
                 return Ok(f);
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < Self::READ_ROOM / 4 {
+                // An idle client keeps no buffer (see session::serve): make room once it
+                // speaks, enough for a request in one read.
+                self.stream.readable().await?;
+                self.rbuf.reserve(Self::READ_ROOM);
             }
             if self.stream.read_buf(&mut self.rbuf).await? == 0 {
                 return Err(SessionError::ClientClosed);

@@ -22,6 +22,17 @@ impl Stream {
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::TlsClient(_) | Stream::TlsServer(_))
     }
+
+    /// Waits until a read would find data (or the end), without reading, so that a reader
+    /// can allocate its buffer only then. TLS streams may hold decrypted data already: they
+    /// return at once.
+    pub async fn readable(&self) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.readable().await,
+            Stream::Unix(s) => s.readable().await,
+            Stream::TlsClient(_) | Stream::TlsServer(_) => Ok(()),
+        }
+    }
 }
 
 macro_rules! delegate {

@@ -102,6 +102,10 @@ pub async fn run(
         }
         if let Some(answer) = d.answer(&frames, false) {
             client.send(&answer).await?;
+            if client.rbuf.is_empty() {
+                // Waiting again: the buffer is made when the client next speaks.
+                client.rbuf = BytesMut::new();
+            }
             continue;
         }
         // Boxed: a session waiting for its client does not carry the connecting state.
