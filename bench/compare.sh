@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The performance table in one command, every cell measured side by side in one run against one
 # throwaway cluster: direct Postgres, PgBouncer (session mode, when installed), pgcache with no
-# rules (pass-through) and pgcache with rules (hits). For each run: TPS, the ratio to direct,
-# p99 latency (from pgbench's per-transaction log, 10 % sampled), and pgcache's own CPU per
+# rules (pass-through) and pgcache with rules (hits), in session and in transaction pooling. For
+# each run: TPS, the ratio to direct, p99 latency (from pgbench's per-transaction log, 10 % sampled), and pgcache's own CPU per
 # statement (utime+stime from /proc/PID/stat over the run, divided by the statements pgbench
 # completed; every transaction here is one statement).
 #
@@ -36,6 +36,10 @@ passpid=${pids[-1]}
 cacheport=$(free_port)
 start_pgcache "$cacheport" --rules "$work/rules"
 cachepid=${pids[-1]}
+# The same rule in transaction pooling: hits are answered while no backend is held.
+txnport=$(free_port)
+start_pgcache "$txnport" --rules "$work/rules" --pool-mode transaction
+txnpid=${pids[-1]}
 
 bouncer=""
 if command -v pgbouncer >/dev/null 2>&1; then
@@ -106,7 +110,11 @@ measure() {
   echo "$name|$tps|$p99|$cpu"
 }
 
-warm() { pgbench -h 127.0.0.1 -p "$cacheport" -U postgres -n -c 4 -j 2 -T 3 "$@" postgres >/dev/null 2>&1; }
+warm() {
+  for p in "$cacheport" "$txnport"; do
+    pgbench -h 127.0.0.1 -p "$p" -U postgres -n -c 4 -j 2 -T 3 "$@" postgres >/dev/null 2>&1
+  done
+}
 
 {
   echo "# pgcache vs direct Postgres ($(date -u '+%F %H:%M') UTC)"
@@ -137,6 +145,7 @@ run_workload() {
     measure "pgcache (no rules)" "$passport" "$passpid" "$n" "$@" | row "$workload" "$base" >/dev/null
   else
     measure "pgcache (rule)" "$cacheport" "$cachepid" "$n" "$@" | row "$workload" "$base" >/dev/null
+    measure "pgcache (rule, transaction pooling)" "$txnport" "$txnpid" "$n" "$@" | row "$workload" "$base" >/dev/null
   fi
 }
 
