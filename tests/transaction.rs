@@ -512,3 +512,14 @@ async fn hits_between_transactions_follow_the_rule_this_client_matches_first() {
         "a bypass rule for this user sends every read to Postgres, even with a shared entry cached"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_clients_waiting_between_transactions_at_once() {
+    let (proxy, db, user) = setup("txn_shutdown", 1).await;
+    let a = proxy.connect(&db, &user).await;
+    assert_eq!(text(&a, "SELECT 1").await, "1");
+    let drained = tokio::time::timeout(Duration::from_secs(5), proxy.shutdown()).await;
+    assert!(drained.is_ok(), "an idle client between transactions held up the drain");
+    let err = try_text(&a, "SELECT 2").await.expect_err("the session was closed");
+    assert!(err.is_closed() || sqlstate(&err) == "57P01", "{err}");
+}

@@ -117,6 +117,14 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
                     outcome
                 }
                 detached::Why::Pooled => {
+                    // Until the client speaks, wait with nothing but the socket: the waiting
+                    // session's state is made only when there is a request to serve.
+                    if client.rbuf.is_empty() {
+                        tokio::select! {
+                            r = client.stream.readable() => r?,
+                            _ = ctx.shutdown.cancelled() => {}
+                        }
+                    }
                     Box::pin(detached::run(ctx, &key, &params, client, &mut core.flow, idle)).await
                 }
             };
