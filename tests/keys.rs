@@ -244,3 +244,36 @@ async fn literals_read_through_the_catalog_are_not_cached() {
     }
     assert_eq!(executions(&e.admin, "::timestamptz").await - before, 1, "cached after the first");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_shared_across_roles_shares_between_a_superuser_and_other_roles() {
+    let reader = format!("shared_reader_{}", std::process::id());
+    let e = cache_env(
+        PgCluster::shared(),
+        "keys_shared",
+        &format!(
+            "CREATE TABLE catalog_items (id int, name text); INSERT INTO catalog_items VALUES (1, 'lamp');
+             CREATE TABLE private_items (id int, name text); INSERT INTO private_items VALUES (1, 'key');
+             DO $$ BEGIN
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{reader}') THEN CREATE ROLE {reader} LOGIN; END IF;
+             END $$;
+             GRANT SELECT ON catalog_items, private_items TO {reader};"
+        ),
+        "[[rule]]\nname = \"shared\"\nmatch = { tables = [\"catalog_items\"] }\nttl = \"10m\"\nshare_across_roles = true\n\n\
+         [[rule]]\nname = \"per-role\"\nmatch = { tables = [\"private_items\"] }\nttl = \"10m\"\n",
+        |_| {},
+    )
+    .await;
+    let superuser = e.proxy.connect(&e.db, "postgres").await;
+    let other = e.proxy.connect(&e.db, &reader).await;
+    // The superuser sees settings other roles do not (shared_preload_libraries, ...): they
+    // cannot change a result, so they do not split the key.
+    assert_eq!(text(&superuser, "SELECT name FROM catalog_items").await, "lamp");
+    assert_eq!(text(&superuser, "SELECT name FROM private_items").await, "key");
+    let (shared, private) =
+        (executions(&e.admin, "FROM catalog_items").await, executions(&e.admin, "FROM private_items").await);
+    assert_eq!(text(&other, "SELECT name FROM catalog_items").await, "lamp");
+    assert_eq!(text(&other, "SELECT name FROM private_items").await, "key");
+    assert_eq!(executions(&e.admin, "FROM catalog_items").await, shared, "shared across roles: a hit");
+    assert_eq!(executions(&e.admin, "FROM private_items").await, private + 1, "per role: the other role's own fill");
+}

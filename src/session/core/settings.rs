@@ -40,6 +40,30 @@ pub const IGNORED: [&str; 5] = [
     "idle_session_timeout",
 ];
 
+/// Server-file settings that cannot change what a query returns either, and that Postgres
+/// shows only to superusers (`GUC_SUPERUSER_ONLY`): left in the key they would keep a
+/// superuser and every other role from sharing entries of rules that share across roles.
+const SERVER_FILE: [&str; 10] = [
+    "shared_preload_libraries",
+    "data_directory",
+    "config_file",
+    "hba_file",
+    "ident_file",
+    "external_pid_file",
+    "dynamic_library_path",
+    "krb_server_keyfile",
+    "restore_command",
+    "archive_command",
+];
+
+/// Whether a setting is left out of the key (see [`IGNORED`] and [`SERVER_FILE`]): logging,
+/// TLS files and Unix-socket settings never change a result either.
+fn ignored(name: &str) -> bool {
+    IGNORED.contains(&name)
+        || SERVER_FILE.contains(&name)
+        || ["log_", "ssl_", "unix_socket_"].iter().any(|p| name.starts_with(p))
+}
+
 /// Rows of the probe that are not `pg_settings` rows.
 const CURRENT_USER: &str = ".current_user";
 const SESSION_USER: &str = ".session_user";
@@ -71,7 +95,7 @@ impl Snapshot {
                     name.as_str(),
                     CURRENT_USER | SESSION_USER | "role" | "session_authorization" | "is_superuser"
                 );
-                if IGNORED.contains(&name.as_str())
+                if ignored(name)
                     || name.starts_with("transaction_")
                     || matches!(name.as_str(), ISOLATION | DEFAULT_ISOLATION)
                     || (role_part && !with_role)
