@@ -225,23 +225,12 @@ mod tests {
     use super::*;
     use crate::cache::Generations;
     use crate::cache::key::KeyBuilder;
-    use crate::rules::{Action, Matcher};
 
     fn rule(ttl: u64, swr: u64, sie: u64) -> Arc<Rule> {
         Arc::new(Rule {
-            name: "r".into(),
-            file: "r.toml".into(),
-            line: 1,
-            action: Action::Cache,
-            ttl: Duration::from_secs(ttl),
-            max_entry_bytes: None,
             stale_while_revalidate: Duration::from_secs(swr),
             stale_if_error: Duration::from_secs(sie),
-            share_across_roles: false,
-            allow_stable_functions: false,
-            allow_row_security: false,
-            matcher: Matcher::default(),
-            counters: Default::default(),
+            ..Rule::cache("r", Duration::from_secs(ttl))
         })
     }
 

@@ -17,7 +17,7 @@ use crate::policy::Reason;
 use crate::protocol::frame::{put_frame, take_frame};
 use crate::query::classify::classify;
 use crate::query::{Classified, Kind};
-use crate::rules::{Action as RuleAction, Matcher, Rule};
+use crate::rules::Rule;
 
 use super::batch::{Decided, Need};
 use super::effect::Effect;
@@ -259,21 +259,7 @@ fn entry(rows: usize) -> Arc<Entry> {
     }
     body.extend_from_slice(&c(&format!("SELECT {rows}")));
     Arc::new(Entry {
-        rule: Arc::new(Rule {
-            name: "r".into(),
-            file: "r.toml".into(),
-            line: 1,
-            action: RuleAction::Cache,
-            ttl: Duration::from_secs(60),
-            max_entry_bytes: None,
-            stale_while_revalidate: Duration::ZERO,
-            stale_if_error: Duration::ZERO,
-            share_across_roles: false,
-            allow_stable_functions: false,
-            allow_row_security: false,
-            matcher: Matcher::default(),
-            counters: Default::default(),
-        }),
+        rule: Arc::new(Rule::cache("r", Duration::from_secs(60))),
         row_description: row_description().freeze(),
         body: body.freeze(),
         rows: rows as u64,
