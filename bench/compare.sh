@@ -42,29 +42,9 @@ start_pgcache "$txnport" --rules "$work/rules" --pool-mode transaction
 txnpid=${pids[-1]}
 
 bouncer=""
-if command -v pgbouncer >/dev/null 2>&1; then
-  bport=$(free_port)
-  cat >"$work/pgbouncer.ini" <<INI
-[databases]
-postgres = host=127.0.0.1 port=$pgport
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $bport
-unix_socket_dir =
-auth_type = trust
-auth_file = $work/users.txt
-pool_mode = session
-max_client_conn = 200
-default_pool_size = 20
-ignore_startup_parameters = extra_float_digits,options
-logfile = $work/pgbouncer.log
-INI
-  echo '"postgres" ""' >"$work/users.txt"
-  [[ $(id -u) -eq 0 ]] && chown postgres "$work"/pgbouncer.ini "$work"/users.txt
-  as_pg pgbouncer "$work/pgbouncer.ini" >/dev/null 2>&1 &
-  pids+=($!)
+bport=$(free_port)
+if start_pgbouncer "$bport" session 20; then
   bouncer="pgbouncer:$bport"
-  sleep 1
 fi
 
 cat >"$work/hot.sql" <<'SQL'

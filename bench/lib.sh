@@ -47,6 +47,33 @@ start_pgcache() {
   for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" && return; sleep 0.1; done
 }
 
+# start_pgbouncer PORT MODE POOL: PgBouncer (trust auth, pool_mode MODE, POOL connections) in
+# front of the cluster; returns 1 if PgBouncer is not installed.
+start_pgbouncer() {
+  command -v pgbouncer >/dev/null 2>&1 || return 1
+  local port=$1 mode=$2 pool=$3
+  cat >"$work/pgbouncer.ini" <<INI
+[databases]
+postgres = host=127.0.0.1 port=$pgport
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = trust
+auth_file = $work/users.txt
+pool_mode = $mode
+max_client_conn = 1000
+default_pool_size = $pool
+ignore_startup_parameters = extra_float_digits,options
+logfile = $work/pgbouncer.log
+INI
+  echo '"postgres" ""' >"$work/users.txt"
+  [[ $(id -u) -eq 0 ]] && chown postgres "$work"/pgbouncer.ini "$work"/users.txt
+  as_pg pgbouncer "$work/pgbouncer.ini" >/dev/null 2>&1 &
+  pids+=($!)
+  for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" && return 0; sleep 0.1; done
+}
+
 # run_pgbench PORT CLIENTS SECONDS ARGS... -> "tps latency_ms"
 run_pgbench() {
   local port=$1 clients=$2 secs=$3 out

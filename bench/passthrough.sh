@@ -14,29 +14,9 @@ pcport=$(free_port)
 mkdir -p "$work/no-rules"
 start_pgcache "$pcport" --rules "$work/no-rules"
 targets=("direct:$pgport" "pgcache:$pcport")
-if command -v pgbouncer >/dev/null 2>&1; then
-  bport=$(free_port)
-  cat >"$work/pgbouncer.ini" <<INI
-[databases]
-postgres = host=127.0.0.1 port=$pgport
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $bport
-unix_socket_dir =
-auth_type = trust
-auth_file = $work/users.txt
-pool_mode = session
-max_client_conn = 200
-default_pool_size = 32
-ignore_startup_parameters = extra_float_digits,options
-logfile = $work/pgbouncer.log
-INI
-  echo '"postgres" ""' >"$work/users.txt"
-  [[ $(id -u) -eq 0 ]] && chown postgres "$work"/pgbouncer.ini "$work"/users.txt
-  as_pg pgbouncer "$work/pgbouncer.ini" >/dev/null 2>&1 &
-  pids+=($!)
+bport=$(free_port)
+if start_pgbouncer "$bport" session 32; then
   targets+=("pgbouncer:$bport")
-  sleep 1
 fi
 
 echo "pgbench -S, scale $scale, ${secs}s per run, $(nproc) cores, $(date -u +%F)"

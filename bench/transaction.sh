@@ -14,28 +14,8 @@ mkdir -p "$work/no-rules"
 port=$(free_port)
 POOL_SIZE=$pool start_pgcache "$port" --pool-mode transaction --rules "$work/no-rules"
 bouncer=""
-if command -v pgbouncer >/dev/null 2>&1; then
-  bport=$(free_port)
-  cat >"$work/pgbouncer.ini" <<INI
-[databases]
-postgres = host=127.0.0.1 port=$pgport
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $bport
-unix_socket_dir =
-auth_type = trust
-auth_file = $work/users.txt
-pool_mode = transaction
-max_client_conn = 1000
-default_pool_size = $pool
-ignore_startup_parameters = extra_float_digits,options
-logfile = $work/pgbouncer.log
-INI
-  echo '"postgres" ""' >"$work/users.txt"
-  [[ $(id -u) -eq 0 ]] && chown postgres "$work"/pgbouncer.ini "$work"/users.txt
-  as_pg pgbouncer "$work/pgbouncer.ini" >/dev/null 2>&1 &
-  pids+=($!)
-  for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$bport" && break; sleep 0.1; done
+bport=$(free_port)
+if start_pgbouncer "$bport" transaction "$pool"; then
   bouncer=$bport
 fi
 echo "pgbench -S, $clients clients, ${secs}s; pgcache and PgBouncer in transaction mode with $pool backends"
