@@ -129,16 +129,12 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
                 }
             };
             match outcome {
-                Ok(detached::Outcome::Reattached(mut new)) => {
+                Ok(detached::Outcome::Reattached(new)) => {
                     if idle == detached::Why::Lost {
                         tracing::info!(peer = %client.peer, user = %key.user, "session moved to a new backend connection");
                     }
                     client.send(&changed_parameters(&mut reported, &new.conn_ref().params)).await?;
                     core.tracker = Tracker { used: true, ..Tracker::default() };
-                    if pooling_transactions {
-                        let max = ctx.config().pool.max_prepared_statements;
-                        core.server = Some(new.conn().prepared.take().unwrap_or_else(|| Prepared::new(max)));
-                    }
                     lease = Some(*new);
                     continue;
                 }
@@ -150,6 +146,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
                 }
             }
         };
+        // Transaction pooling: statements go to this backend under their server names.
         if pooling_transactions && core.server.is_none() {
             let max = ctx.config().pool.max_prepared_statements;
             core.server = Some(attached.conn().prepared.take().unwrap_or_else(|| Prepared::new(max)));
@@ -266,9 +263,6 @@ fn hand_back(ctx: &Context, key: &PoolKey, mut lease: Lease, core: &mut Core) {
     let conn = lease.conn();
     conn.settings = settings;
     conn.prepared = core.server.take();
-    core.flow.unprepared.extend(core.flow.statements.get_key_value(&b""[..]).map(|(k, _)| k.clone()));
-    core.flow.portals.clear();
-    core.flow.virtual_portal = None;
     ctx.stats.metrics.handoff();
     lease.release(Reset::None);
 }
