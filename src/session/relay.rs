@@ -203,17 +203,7 @@ impl Relay<'_> {
         if replayable == f.settings_pinned {
             // Pinned by its settings just now, or released from that pin.
             self.core.flow.settings_pinned = !replayable;
-            tracing::info!(
-                user = %self.key.user,
-                database = %self.key.database,
-                reason = SETTINGS_PIN,
-                "{}",
-                if replayable { "session released from its backend connection" } else { "session pinned to its backend connection" }
-            );
-            if !replayable {
-                self.ctx.stats.metrics.counter(metrics::PINS, &[("reason", "settings")]).increment(1);
-            }
-            self.ctx.pools.get(self.key).pinned("settings", !replayable);
+            pin(self.ctx, self.key, "settings", SETTINGS_PIN, !replayable);
         }
         replayable
     }
@@ -384,29 +374,29 @@ impl Relay<'_> {
                     fill.finish(&ctx.store);
                 }
                 Action::Record { observation, served, error } => ctx.stats.record(&observation, served, error),
-                Action::Pinned(held) if pooling_transactions => {
-                    tracing::info!(
-                        user = %self.key.user,
-                        database = %self.key.database,
-                        reason = held.describe(),
-                        "session pinned to its backend connection"
-                    );
-                    ctx.stats.metrics.counter(metrics::PINS, &[("reason", held.label())]).increment(1);
-                    ctx.pools.get(self.key).pinned(held.label(), true);
-                }
+                Action::Pinned(held) if pooling_transactions => pin(ctx, self.key, held.label(), held.describe(), true),
                 Action::Unpinned(held) if pooling_transactions => {
-                    tracing::info!(
-                        user = %self.key.user,
-                        database = %self.key.database,
-                        reason = held.describe(),
-                        "session released from its backend connection"
-                    );
-                    ctx.pools.get(self.key).pinned(held.label(), false);
+                    pin(ctx, self.key, held.label(), held.describe(), false)
                 }
                 Action::Pinned(_) | Action::Unpinned(_) => {}
             }
         }
     }
+}
+
+/// Transaction pooling: a session was pinned to its backend (or released) for `reason`:
+/// logged, counted (pins only), and kept per pool for `SHOW POOLS`.
+fn pin(ctx: &Context, key: &PoolKey, label: &'static str, reason: &'static str, pinned: bool) {
+    let what = if pinned {
+        "session pinned to its backend connection"
+    } else {
+        "session released from its backend connection"
+    };
+    tracing::info!(user = %key.user, database = %key.database, reason, "{what}");
+    if pinned {
+        ctx.stats.metrics.counter(metrics::PINS, &[("reason", label)]).increment(1);
+    }
+    ctx.pools.get(key).pinned(label, pinned);
 }
 
 /// Writes `queue` to `stream` with vectored writes until it is empty (then flushes, which
