@@ -121,13 +121,10 @@ impl Emitter<'_> {
             let raw = fe::rename_statement(frame.raw(), &name).unwrap_or_else(|| frame.into_raw());
             return self.forward_raw(raw, Expect::Parse);
         }
-        let name = st.server_name().clone();
-        if self.core.server.as_mut().is_some_and(|s| s.has(&name, &st.sql, &st.param_types)) {
+        if prepared_on_backend(self.core, &st) {
             return self.core.answer_locally(encoded(be::parse_complete));
         }
-        close_to_make_room(self.core, &st);
-        let raw = fe::rename_statement(frame.raw(), &name).unwrap_or_else(|| frame.into_raw());
-        self.core.request(raw, Forwarded { prepares: Some(name), ..Forwarded::new(Expect::Parse) });
+        send_parse(self.core, &st, Forwarded::new(Expect::Parse));
         self.forwarded = true;
     }
 
@@ -312,14 +309,24 @@ fn materialize_portal(core: &mut Core, current: Option<&Arc<Statement>>) {
 /// Transaction pooling: makes sure the backend has `st` under its server name, preparing it
 /// there (hidden) if not. Returns the server name.
 fn prepare_on_backend(core: &mut Core, st: &Statement) -> Bytes {
-    let name = st.server_name().clone();
-    if core.server.as_mut().is_none_or(|s| s.has(&name, &st.sql, &st.param_types)) {
-        return name;
+    if core.server.is_some() && !prepared_on_backend(core, st) {
+        send_parse(core, st, Forwarded::hidden(Expect::Parse));
     }
+    st.server_name().clone()
+}
+
+/// Whether the backend has `st` under its server name (and notes the use).
+fn prepared_on_backend(core: &mut Core, st: &Statement) -> bool {
+    core.server.as_mut().is_some_and(|s| s.has(st.server_name(), &st.sql, &st.param_types))
+}
+
+/// Sends `st`'s Parse under its server name, expecting `answer`, after closing what making
+/// room for it evicts.
+fn send_parse(core: &mut Core, st: &Statement, answer: Forwarded) {
     close_to_make_room(core, st);
+    let name = st.server_name().clone();
     let raw = fe::rename_statement(st.parse.raw(), &name).unwrap_or_else(|| st.parse.raw().clone());
-    core.request(raw, Forwarded { prepares: Some(name.clone()), ..Forwarded::hidden(Expect::Parse) });
-    name
+    core.request(raw, Forwarded { prepares: Some(name), ..answer });
 }
 
 /// Notes `st` as prepared on the backend and closes (hidden) what that evicts: the least
