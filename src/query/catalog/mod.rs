@@ -9,7 +9,10 @@
 //! A view's definition is classified like any query, so a view over `now()` or a volatile
 //! function is not cacheable. Cached facts expire after a while and are dropped when DDL is
 //! seen, so objects created or changed later are picked up. When the catalog cannot be reached
-//! the caller fails open (does not cache) and, for writes, invalidates wider.
+//! the caller fails open (does not cache) and, for writes, invalidates wider. The side
+//! connections it reads through are opened in [`side`].
+
+mod side;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -17,12 +20,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
+use tokio_postgres::Client;
 use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{Client, NoTls};
 
-use crate::backend::credentials::Known;
 use crate::backend::{Credentials, Endpoint};
-use crate::config::{Password, Upstream};
+use crate::config::Upstream;
 
 use super::classify::classify;
 use super::relation::Relation;
@@ -152,90 +154,6 @@ impl Catalog {
         d.by_oid.lock().clear();
         // After the facts are gone: a conclusion stamped with the new epoch used fresh ones.
         self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    }
-
-    async fn client(&self, db: &str) -> Result<Arc<Client>, CatalogError> {
-        let d = self.db(db);
-        let mut slot = d.client.lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
-        }
-        // The upstream URL's login first; else any login clients have proven for this database.
-        let logins = self.logins(db);
-        let mut last = String::from("no login known for this database");
-        for (user, password) in logins {
-            match self.connect(db, &user, password.as_ref()).await {
-                Ok(c) => {
-                    let c = Arc::new(c);
-                    *slot = Some(c.clone());
-                    return Ok(c);
-                }
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(CatalogError::Connect(last))
-    }
-
-    async fn connect(&self, db: &str, user: &str, password: Option<&Password>) -> Result<Client, CatalogError> {
-        let (client, connection) = self.open_as(db, user, password, "pgcache catalog").await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "catalog connection ended");
-            }
-        });
-        Ok(client)
-    }
-
-    async fn open_as(
-        &self,
-        db: &str,
-        user: &str,
-        password: Option<&Password>,
-        application_name: &str,
-    ) -> Result<(Client, SideConnection), CatalogError> {
-        let stream = self.endpoint.connect().await.map_err(|e| CatalogError::Connect(e.to_string()))?;
-        let mut config = tokio_postgres::Config::new();
-        config
-            .user(user)
-            .dbname(db)
-            .application_name(application_name)
-            .ssl_mode(tokio_postgres::config::SslMode::Disable);
-        if let Some(p) = password {
-            config.password(p.expose());
-        }
-        config.connect_raw(stream, NoTls).await.map_err(|e| CatalogError::Connect(e.to_string()))
-    }
-
-    /// A connection of its own to `db`, with the same logins the catalog tries, whose
-    /// connection half the caller drives (to read notifications).
-    pub async fn open(&self, db: &str, application_name: &str) -> Result<(Client, SideConnection), CatalogError> {
-        let mut last = String::from("no login known for this database");
-        for (user, password) in self.logins(db) {
-            match self.open_as(db, &user, password.as_ref(), application_name).await {
-                Ok(pair) => return Ok(pair),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(CatalogError::Connect(last))
-    }
-
-    /// [`Catalog::open`], with the connection driven in the background.
-    pub async fn open_client(&self, db: &str) -> Result<Client, CatalogError> {
-        let (client, connection) = self.open(db, "pgcache").await?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(client)
-    }
-
-    /// The logins to try for `db`: the upstream URL's, then any clients have proven.
-    fn logins(&self, db: &str) -> Vec<(String, Option<Password>)> {
-        let mut logins = vec![(self.upstream.user.clone(), self.upstream.password.clone())];
-        logins.extend(self.credentials.known_for_database(db).into_iter().map(|(user, known)| match known {
-            Known::Password(p) => (user, Some(p)),
-            Known::NoPassword => (user, None),
-        }));
-        logins
     }
 
     /// The OID of a qualified relation, if a look-up has seen it.
