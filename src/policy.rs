@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::query::catalog::{Catalog, RelationInfo, Volatility};
-use crate::query::{Classified, Relation};
+use crate::query::{Classified, Relation, point};
 use crate::rules::{Action, Rule, RuleSet, Subject};
 
 /// Why a statement is not answered from the cache.
@@ -143,6 +143,30 @@ pub struct Assessment {
     pub row_security: bool,
     /// Its result may depend on custom settings (row-level security or stable functions).
     pub reads_custom_settings: bool,
+    /// It reads only the rows of one table whose primary key is one of these values (see
+    /// [`crate::query::point`]): its entry is invalidated by writes to those keys only.
+    pub keyed: Option<KeyedRead>,
+}
+
+/// A read pinned to primary-key values of its one table.
+#[derive(Debug, Clone)]
+pub struct KeyedRead {
+    pub relation: Relation,
+    /// Its primary-key column.
+    pub column: String,
+    pub values: Vec<point::Value>,
+}
+
+/// The key values `c` pins the one table it reads (described by `info`) to.
+fn keyed(c: &Classified, info: &RelationInfo) -> Option<KeyedRead> {
+    let column = info.point_key.as_deref()?;
+    let values = c.point.as_ref()?.values(column)?;
+    match info.read_deps.as_slice() {
+        [relation] => {
+            Some(KeyedRead { relation: relation.clone(), column: column.to_owned(), values: values.to_vec() })
+        }
+        _ => None,
+    }
 }
 
 /// The outcome of [`assess`].
@@ -239,7 +263,12 @@ async fn assess_inner(
     if row_security && !rule.allow_row_security {
         return Err(Reason::RowSecurity);
     }
+    let keyed = match infos.as_slice() {
+        [info] => keyed(c, info),
+        _ => None,
+    };
     Ok(Some(Assessment {
+        keyed,
         deps: read_deps(&infos),
         resolved,
         row_security,

@@ -28,6 +28,12 @@ CREATE TABLE audit (n int);
 CREATE TABLE audited (v text);
 CREATE FUNCTION log_it() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INTO audit VALUES (1); RETURN NEW; END $$;
 CREATE TRIGGER audited_log AFTER INSERT ON audited FOR EACH ROW EXECUTE FUNCTION log_it();
+CREATE TABLE kv (id int8 PRIMARY KEY, v text);
+INSERT INTO kv SELECT g, 'v' || g FROM generate_series(1, 10) g;
+CREATE TABLE moved (id int PRIMARY KEY, v text);
+INSERT INTO moved VALUES (1, 'one');
+CREATE FUNCTION move_it() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.id := NEW.id + 100; RETURN NEW; END $$;
+CREATE TRIGGER moved_move BEFORE UPDATE ON moved FOR EACH ROW EXECUTE FUNCTION move_it();
 CREATE TABLE measurements (day int, v int) PARTITION BY RANGE (day);
 CREATE TABLE measurements_1 PARTITION OF measurements FOR VALUES FROM (0) TO (100);
 INSERT INTO measurements VALUES (1, 1);
@@ -193,4 +199,88 @@ async fn unknown_writes_invalidate_everything() {
         .await
         .unwrap();
     check(&e, read, "SELECT sneaky()", "sneaky").await;
+}
+
+/// Whether reading `sql` through `c` now is answered from the cache (Postgres does not run it).
+async fn is_hit(e: &Env, c: &Client, sql: &str) -> bool {
+    let before = executions(&e.admin, &shape(sql)).await;
+    text(c, sql).await;
+    executions(&e.admin, &shape(sql)).await == before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_pinned_to_primary_keys_invalidate_only_those_keys() {
+    let e = env().await;
+    let c = e.client().await;
+    let key = |id: i64| format!("SELECT v FROM kv WHERE id = {id}");
+    let whole = "SELECT string_agg(v, ',' ORDER BY id) FROM kv";
+    for id in [1, 2, 3, 4, 5, 11, 12] {
+        e.cached(&c, &key(id)).await;
+    }
+    e.cached(&c, whole).await;
+    // An extended-protocol read pinned by a (binary int8) parameter.
+    let by_param = c.prepare("SELECT v FROM kv WHERE id = $1").await.unwrap();
+    let (c, by_param) = (&c, &by_param);
+    let param = |id: i64| async move { c.query_one(by_param, &[&id]).await.unwrap().get::<_, String>(0) };
+    assert_eq!(param(6).await, "v6");
+    let before = executions(&e.admin, "SELECT v FROM kv").await;
+    assert_eq!(param(6).await, "v6");
+    assert_eq!(executions(&e.admin, "SELECT v FROM kv").await, before, "the parameterized read was not a hit");
+
+    // A literal key: that key's read and the whole-table read see the write; other keys stay cached.
+    c.batch_execute("UPDATE kv SET v = 'x1' WHERE id = 1").await.unwrap();
+    assert_eq!(text(c, &key(1)).await, "x1");
+    assert!(is_hit(&e, c, &key(2)).await, "a write to key 1 left key 2 cached");
+    assert!(text(c, whole).await.starts_with("x1,v2"), "the whole-table read saw the write");
+
+    // A key bound as a parameter (extended protocol, binary int8).
+    c.execute("UPDATE kv SET v = $1 WHERE id = $2", &[&"x6", &6i64]).await.unwrap();
+    assert_eq!(param(6).await, "x6");
+    assert!(is_hit(&e, c, &key(2)).await);
+
+    // IN lists, DELETE, INSERT of a key read before it existed.
+    c.batch_execute("DELETE FROM kv WHERE id IN (3, 4)").await.unwrap();
+    assert_eq!(text(c, &key(3)).await, "");
+    assert_eq!(text(c, &key(4)).await, "");
+    assert!(is_hit(&e, c, &key(5)).await);
+    c.execute("INSERT INTO kv (id, v) VALUES ($1, 'eleven')", &[&11i64]).await.unwrap();
+    assert_eq!(text(c, &key(11)).await, "eleven");
+    assert!(is_hit(&e, c, &key(2)).await);
+
+    // A write that moves a row to another key invalidates the whole table.
+    c.batch_execute("UPDATE kv SET id = 12 WHERE id = 5").await.unwrap();
+    assert_eq!(text(c, &key(12)).await, "v5");
+    assert_eq!(text(c, &key(5)).await, "");
+    // A write whose key pgcache cannot read (a cast) too.
+    e.cached(c, &key(2)).await;
+    c.batch_execute("UPDATE kv SET v = 'x2' WHERE id = 2::numeric").await.unwrap();
+    assert_eq!(text(c, &key(2)).await, "x2");
+    // And one in a transaction: seen at once by the writer, by others at commit.
+    let other = e.client().await;
+    e.cached(&other, &key(2)).await;
+    c.batch_execute("BEGIN; UPDATE kv SET v = 'tx' WHERE id = 2").await.unwrap();
+    assert_eq!(text(&other, &key(2)).await, "x2");
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(text(&other, &key(2)).await, "tx");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_whose_writes_may_move_keys_invalidate_whole() {
+    let e = env().await;
+    let c = e.client().await;
+    // A BEFORE trigger moves the row from key 1 to key 101.
+    assert_eq!(e.cached(&c, "SELECT v FROM moved WHERE id = 101").await, "");
+    c.batch_execute("UPDATE moved SET v = 'moved' WHERE id = 1").await.unwrap();
+    assert_eq!(text(&c, "SELECT v FROM moved WHERE id = 101").await, "moved");
+    // A cascading foreign key: deleting one parent key changes the child table.
+    check(&e, "SELECT count(*) FROM child WHERE id = 10", "DELETE FROM parent WHERE id = 1", "0").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidation_by_key_can_be_turned_off() {
+    let e = cache_env(PgCluster::shared(), "inval", SCHEMA, RULES, |c| c.cache.invalidate_by_key = false).await;
+    let c = e.client().await;
+    e.cached(&c, "SELECT v FROM kv WHERE id = 2").await;
+    c.batch_execute("UPDATE kv SET v = 'x1' WHERE id = 1").await.unwrap();
+    assert!(!is_hit(&e, &c, "SELECT v FROM kv WHERE id = 2").await, "by table: a write to key 1 clears key 2");
 }

@@ -179,6 +179,13 @@ pub async fn explain(ctx: &Arc<Context>, database: Option<&str>, sql: &str) -> R
         Assessed::Cacheable(a) => {
             describe_rule(&mut out, &a.rule);
             out.push(("tables_watched", a.deps.iter().map(Relation::to_string).collect::<Vec<_>>().join(", ")));
+            if let Some(k) = a.keyed.as_ref().filter(|_| config.cache.invalidate_by_key) {
+                let how = format!(
+                    "by key: writes to {} pinned to other values of {} leave it (any other write to it clears it)",
+                    k.relation, k.column
+                );
+                out.push(("invalidated", how));
+            }
             if a.row_security {
                 out.push(("row_security", "yes: keyed by role and every setting, custom ones included".into()));
             }

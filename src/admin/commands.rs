@@ -330,6 +330,7 @@ fn config(ctx: &Context) -> ResultSet {
             ("cache.single_flight_wait", humantime::format_duration(c.cache.single_flight_wait).to_string()),
             ("cache.unknown_writes", format!("{:?}", c.cache.unknown_writes)),
             ("cache.invalidate_on_writes", c.cache.invalidate_on_writes.to_string()),
+            ("cache.invalidate_by_key", c.cache.invalidate_by_key.to_string()),
             ("cache.catalog_ttl", humantime::format_duration(c.cache.catalog_ttl).to_string()),
             ("console.database", c.console.database.clone()),
             ("console.users", c.console.users.join(",")),

@@ -4,6 +4,14 @@
 //! instance's invalidations for it), and a global counter for writes whose targets are
 //! unknown. Counters are interned `Arc<AtomicU64>`s, so checking an entry is a few atomic
 //! loads, without locks.
+//!
+//! Invalidation by key: a relation has two counters, one moved by *every* write to it and
+//! one moved only by writes not pinned to key values ("wide"), plus the key slots — a fixed
+//! array of counters indexed by a hash of (relation, key value). A read pinned to key values
+//! ([`Keyed`]) depends on the wide counter and its keys' slots, so a write to other keys
+//! leaves it alone; every other read depends on the every-write counter. A write pinned to
+//! keys moves the every-write counter and those slots. Two keys sharing a slot only cost an
+//! extra miss; the memory is fixed ([`KEY_SLOTS`]) however many keys are written.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,26 +21,68 @@ use parking_lot::Mutex;
 
 use crate::query::Relation;
 
+/// How many key slots there are (8 bytes each).
+pub const KEY_SLOTS: usize = 1 << 16;
+
+#[derive(Debug, Clone)]
+enum Counter {
+    One(Arc<AtomicU64>),
+    Slot(Arc<[AtomicU64]>, usize),
+}
+
+impl Counter {
+    fn get(&self) -> &AtomicU64 {
+        match self {
+            Counter::One(c) => c,
+            Counter::Slot(slots, i) => &slots[*i],
+        }
+    }
+}
+
 /// A counter an entry depends on, with the value it had when the entry's query was sent.
 #[derive(Debug, Clone)]
 pub struct Dependency {
-    counter: Arc<AtomicU64>,
+    counter: Counter,
     seen: u64,
 }
 
 impl Dependency {
     pub fn moved(&self) -> bool {
-        self.counter.load(Ordering::Acquire) != self.seen
+        self.counter.get().load(Ordering::Acquire) != self.seen
     }
 }
 
+/// A read of `relation` that sees only the rows whose key is one of `values`.
+#[derive(Debug, Clone, Copy)]
+pub struct Keyed<'a> {
+    pub relation: &'a Relation,
+    pub values: &'a [i64],
+}
+
 /// Every counter.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Generations {
     global: Arc<AtomicU64>,
+    /// Moved by every write to the relation.
     relations: Mutex<HashMap<Relation, Arc<AtomicU64>>>,
+    /// Moved by writes to the relation not pinned to key values.
+    wide: Mutex<HashMap<Relation, Arc<AtomicU64>>>,
     names: Mutex<HashMap<String, Arc<AtomicU64>>>,
     databases: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    keys: Arc<[AtomicU64]>,
+}
+
+impl Default for Generations {
+    fn default() -> Self {
+        Generations {
+            global: Default::default(),
+            relations: Default::default(),
+            wide: Default::default(),
+            names: Default::default(),
+            databases: Default::default(),
+            keys: (0..KEY_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
 }
 
 fn intern<K: std::hash::Hash + Eq + Clone>(map: &Mutex<HashMap<K, Arc<AtomicU64>>>, k: &K) -> Arc<AtomicU64> {
@@ -40,20 +90,41 @@ fn intern<K: std::hash::Hash + Eq + Clone>(map: &Mutex<HashMap<K, Arc<AtomicU64>
 }
 
 fn snap(counter: Arc<AtomicU64>) -> Dependency {
-    let seen = counter.load(Ordering::Acquire);
+    snap_counter(Counter::One(counter))
+}
+
+fn snap_counter(counter: Counter) -> Dependency {
+    let seen = counter.get().load(Ordering::Acquire);
     Dependency { counter, seen }
+}
+
+/// The slot of a key of a relation.
+fn slot(relation: &Relation, value: i64) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    relation.hash(&mut h);
+    value.hash(&mut h);
+    (h.finish() as usize) % KEY_SLOTS
 }
 
 impl Generations {
     /// The counters a read of `relations` in `database` depends on, as they are now.
     /// `relations` are the qualified relations the read resolved to (views expanded,
-    /// partitions included).
-    pub fn snapshot(&self, database: &str, relations: &[Relation]) -> Vec<Dependency> {
+    /// partitions included); `keyed`, when the read sees only some keys' rows of one of them.
+    pub fn snapshot(&self, database: &str, relations: &[Relation], keyed: Option<Keyed<'_>>) -> Vec<Dependency> {
         let mut deps = Vec::with_capacity(relations.len() * 2 + 2);
         deps.push(snap(self.global.clone()));
         deps.push(snap(intern(&self.databases, &database.to_owned())));
         for r in relations {
-            deps.push(snap(intern(&self.relations, r)));
+            match keyed {
+                Some(k) if k.relation == r => {
+                    deps.push(snap(intern(&self.wide, r)));
+                    for v in k.values {
+                        deps.push(snap_counter(Counter::Slot(self.keys.clone(), slot(r, *v))));
+                    }
+                }
+                _ => deps.push(snap(intern(&self.relations, r))),
+            }
             deps.push(snap(intern(&self.names, &r.name)));
         }
         deps
@@ -63,7 +134,17 @@ impl Generations {
     pub fn bump_relations(&self, relations: &[Relation]) {
         for r in relations {
             intern(&self.relations, r).fetch_add(1, Ordering::AcqRel);
+            intern(&self.wide, r).fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// A write to the rows of `relation` whose key is one of `values` (and no other row, of
+    /// it or of any other relation).
+    pub fn bump_keys(&self, relation: &Relation, values: &[i64]) {
+        for v in values {
+            self.keys[slot(relation, *v)].fetch_add(1, Ordering::AcqRel);
+        }
+        intern(&self.relations, relation).fetch_add(1, Ordering::AcqRel);
     }
 
     /// A write to every relation called `name`, in any schema (unresolved writes and DDL).
@@ -98,10 +179,10 @@ mod tests {
     #[test]
     fn writes_kill_exactly_the_dependent_reads() {
         let g = Generations::default();
-        let a = g.snapshot("db", &[rel("public", "t")]);
-        let b = g.snapshot("db", &[rel("other", "t")]);
-        let c = g.snapshot("db", &[rel("public", "u")]);
-        let elsewhere = g.snapshot("other_db", &[rel("public", "u")]);
+        let a = g.snapshot("db", &[rel("public", "t")], None);
+        let b = g.snapshot("db", &[rel("other", "t")], None);
+        let c = g.snapshot("db", &[rel("public", "u")], None);
+        let elsewhere = g.snapshot("other_db", &[rel("public", "u")], None);
         g.bump_relations(&[rel("public", "t")]);
         assert!(!alive(&a));
         assert!(alive(&b), "same name in another schema is unaffected by a resolved write");
@@ -112,8 +193,30 @@ mod tests {
         g.bump_database("db");
         assert!(!alive(&c), "everything read in a database");
         assert!(alive(&elsewhere), "but only in that database");
-        let d = g.snapshot("db", &[]);
+        let d = g.snapshot("db", &[], None);
         g.bump_all();
         assert!(!alive(&elsewhere) && !alive(&d));
+    }
+
+    #[test]
+    fn key_writes_kill_the_reads_of_their_keys_and_every_unkeyed_read() {
+        let g = Generations::default();
+        let t = rel("public", "t");
+        let keyed = |values: &[i64]| g.snapshot("db", std::slice::from_ref(&t), Some(Keyed { relation: &t, values }));
+        let (five, six, both) = (keyed(&[5]), keyed(&[6]), keyed(&[5, 7]));
+        let whole = g.snapshot("db", std::slice::from_ref(&t), None);
+        g.bump_keys(&t, &[6]);
+        assert!(alive(&five) && alive(&both), "other keys' reads live");
+        assert!(!alive(&six), "the key's read dies");
+        assert!(!alive(&whole), "a read of the whole table dies");
+        g.bump_keys(&rel("public", "u"), &[5]);
+        assert!(alive(&five), "the same key of another table is another key");
+        g.bump_keys(&t, &[7]);
+        assert!(alive(&five) && !alive(&both));
+        g.bump_relations(std::slice::from_ref(&t));
+        assert!(!alive(&five), "a write not pinned to keys reaches every key");
+        let five = keyed(&[5]);
+        g.bump_name("t");
+        assert!(!alive(&five), "so does a write by name");
     }
 }

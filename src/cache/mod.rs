@@ -24,6 +24,6 @@ pub mod key;
 pub mod store;
 
 pub use flight::{Flight, Flights};
-pub use generation::{Dependency, Generations};
+pub use generation::{Dependency, Generations, Keyed};
 pub use key::Key;
 pub use store::{Entry, Freshness, Store};

@@ -288,8 +288,8 @@ mod tests {
         let store = Store::new(1 << 20);
         let g = Generations::default();
         let t = Relation::new(Some("public"), "t");
-        store.insert(key("a"), entry(rule(60, 0, 0), g.snapshot("db", std::slice::from_ref(&t)), 10));
-        let late = g.snapshot("db", std::slice::from_ref(&t));
+        store.insert(key("a"), entry(rule(60, 0, 0), g.snapshot("db", std::slice::from_ref(&t), None), 10));
+        let late = g.snapshot("db", std::slice::from_ref(&t), None);
         g.bump_relations(std::slice::from_ref(&t));
         assert!(store.get(&key("a")).is_none());
         assert!(!store.insert(key("b"), entry(rule(60, 0, 0), late, 10)), "a fill that raced a write is dropped");

@@ -111,6 +111,10 @@ pub struct CacheFile {
     /// Invalidate cached results when pgcache sees writes to the tables they read (default
     /// `true`). `false` makes the cache TTL-only: results may be stale for up to their TTL.
     pub invalidate_on_writes: Option<bool>,
+    /// Invalidate by primary-key value when a read and a write are both pinned to key values
+    /// of one table (`WHERE id = …`), instead of every result read from that table (default
+    /// `true`). `false` invalidates by table only.
+    pub invalidate_by_key: Option<bool>,
 }
 
 /// `[auth]`

@@ -173,6 +173,7 @@ pub struct CacheConfig {
     pub unknown_writes: UnknownWrites,
     pub catalog_ttl: Duration,
     pub invalidate_on_writes: bool,
+    pub invalidate_by_key: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -340,6 +341,7 @@ impl Config {
                 unknown_writes,
                 catalog_ttl: dur(f.cache.catalog_ttl, 60),
                 invalidate_on_writes: f.cache.invalidate_on_writes.unwrap_or(true),
+                invalidate_by_key: f.cache.invalidate_by_key.unwrap_or(true),
             },
             console: ConsoleConfig {
                 database: f.console.database.unwrap_or_else(|| "pgcache".into()),
@@ -416,7 +418,7 @@ impl Config {
     /// (`auth.allow_plaintext_over_network`, `client.startup_timeout`,
     /// `client.max_message_bytes`, `client.tls_required` when TLS is configured,
     /// `cache.single_flight_wait`, `cache.unknown_writes`, `cache.invalidate_on_writes`,
-    /// `console.users`, `console.database`, `shutdown.drain_timeout`), and the names of the
+    /// `cache.invalidate_by_key`, `console.users`, `console.database`, `shutdown.drain_timeout`), and the names of the
     /// other settings that differ and need a restart.
     pub fn reloaded(&self, fresh: Config) -> (Config, Vec<&'static str>) {
         let mut next = self.clone();
@@ -429,6 +431,7 @@ impl Config {
         next.cache.single_flight_wait = fresh.cache.single_flight_wait;
         next.cache.unknown_writes = fresh.cache.unknown_writes;
         next.cache.invalidate_on_writes = fresh.cache.invalidate_on_writes;
+        next.cache.invalidate_by_key = fresh.cache.invalidate_by_key;
         next.console = fresh.console.clone();
         next.drain_timeout = fresh.drain_timeout;
         let mut restart = Vec::new();

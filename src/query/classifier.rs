@@ -14,7 +14,9 @@ use super::tree::TIME_WORDS;
 /// depends on a statement's shape, not on its literal values, so statements that differ only in
 /// literals (the simple protocol with inlined values) share one full parse — except where a
 /// literal matters: time words such as `'now'`, and the setting a `set_config` call names.
-/// Texts that may contain either are always classified in full.
+/// Texts that may contain either are always classified in full. The key values a statement
+/// pins ([`super::point`]) are literals too: the shared classification records where they
+/// are, and each text gets its own copy with its own values read from its literal tokens.
 pub struct Classifier {
     by_text: quick_cache::sync::Cache<Arc<str>, Arc<Vec<Classified>>>,
     by_shape: quick_cache::sync::Cache<Arc<str>, Arc<Vec<Classified>>>,
@@ -42,11 +44,17 @@ fn literals_matter(sql: &str) -> bool {
 /// markers hold a NUL, which no SQL text can, so no statement's text is another's shape.
 /// `None` when the lexer fails (the statement is then classified in full).
 pub fn shape(sql: &str) -> Option<String> {
+    scan(sql).map(|(shape, _)| shape)
+}
+
+/// The shape of `sql` and the text of its literal tokens, in order.
+fn scan(sql: &str) -> Option<(String, Vec<&str>)> {
     use pg_query::protobuf::Token;
     // `scan`, not `scan_tokens`: pg_query 18.1's `scan_tokens` builds a slice from a null
     // pointer when there are no tokens (a blank statement), which is undefined behaviour.
     let tokens = pg_query::scan(sql).ok()?.tokens;
     let mut out = String::with_capacity(sql.len());
+    let mut literals = Vec::new();
     let mut at = 0;
     for t in tokens {
         let marker = match Token::try_from(t.token) {
@@ -60,10 +68,24 @@ pub fn shape(sql: &str) -> Option<String> {
         let (start, end) = (usize::try_from(t.start).ok()?, usize::try_from(t.end).ok()?);
         out.push_str(sql.get(at..start)?);
         out.push_str(marker);
+        literals.push(sql.get(start..end)?);
         at = end;
     }
     out.push_str(sql.get(at..)?);
-    Some(out)
+    Some((out, literals))
+}
+
+/// `c` (the classification of `sql`, possibly shared with other texts of its shape) with the
+/// key values of its point read from `sql`'s own literals (`literals`, scanned if `None`).
+fn with_own_literals(c: Arc<Vec<Classified>>, sql: &str, literals: Option<Vec<&str>>) -> Arc<Vec<Classified>> {
+    // Several statements: their literals are counted per statement; left unresolved (no
+    // invalidation by key for them).
+    let [one] = c.as_slice() else { return c };
+    let Some(point) = one.point.as_ref().filter(|p| p.has_literals()) else { return c };
+    let Some(literals) = literals.or_else(|| scan(sql).map(|(_, l)| l)) else {
+        return Arc::new(vec![Classified { point: None, ..one.clone() }]);
+    };
+    Arc::new(vec![Classified { point: point.resolve(&literals), ..one.clone() }])
 }
 
 impl Classifier {
@@ -71,7 +93,10 @@ impl Classifier {
         if let Some(c) = self.by_text.get(sql) {
             return c;
         }
-        let shape = (!literals_matter(sql)).then(|| shape(sql)).flatten().map(Arc::<str>::from);
+        let (shape, literals) = match (!literals_matter(sql)).then(|| scan(sql)).flatten() {
+            Some((shape, literals)) => (Some(Arc::<str>::from(shape)), Some(literals)),
+            None => (None, None),
+        };
         let c = match shape.as_ref().and_then(|s| self.by_shape.get(s)) {
             Some(c) => c,
             None => {
@@ -82,6 +107,7 @@ impl Classifier {
                 c
             }
         };
+        let c = with_own_literals(c, sql, literals);
         self.by_text.insert(Arc::from(sql), c.clone());
         c
     }
@@ -108,8 +134,8 @@ mod tests {
     #[test]
     fn statements_differing_in_literals_share_a_classification_unless_literals_matter() {
         let c = Classifier::default();
-        let a = c.classify("SELECT v FROM t WHERE id = 1");
-        let b = c.classify("SELECT v FROM t WHERE id = 2");
+        let a = c.classify("SELECT v FROM t WHERE id > 1");
+        let b = c.classify("SELECT v FROM t WHERE id > 2");
         assert!(Arc::ptr_eq(&a, &b));
         let plain = c.classify("SELECT v FROM t WHERE d = '2024-01-01'");
         let now = c.classify("SELECT v FROM t WHERE d = 'now'");
@@ -120,6 +146,13 @@ mod tests {
         let int = c.classify("SELECT 'x'::int");
         let reg = c.classify("SELECT 'x'::regclass");
         assert_ne!(int[0].types, reg[0].types, "casts to other types are other shapes");
+        use crate::query::point::Value::Int;
+        let one = c.classify("SELECT v FROM t WHERE id = 1 AND n = '3'");
+        let two = c.classify("SELECT v FROM t WHERE id = 2 AND n = 'x'");
+        let point = |c: &Arc<Vec<Classified>>| c[0].point.as_ref().map(|p| p.columns.clone());
+        assert_eq!(point(&one), Some(vec![("id".into(), vec![Int(1)]), ("n".into(), vec![Int(3)])]));
+        assert_eq!(point(&two), Some(vec![("id".into(), vec![Int(2)])]), "key values are each text's own");
+        assert_eq!(point(&c.classify("SELECT v FROM t WHERE id = 1 AND n = '3'")), point(&one));
         let a = c.classify("SELECT set_config('app.a', '1', false)");
         let b = c.classify("SELECT set_config('app.b', '1', false)");
         assert_eq!(

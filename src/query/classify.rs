@@ -16,6 +16,7 @@ use pg_query::protobuf::summary_result::Context;
 use serde_json::Value;
 
 use super::hold::Hold;
+use super::point::Point;
 use super::relation::Relation;
 use super::tree::{Facts, custom_setting};
 
@@ -107,6 +108,8 @@ pub struct Classified {
     /// connection (LISTEN, WITH HOLD cursors, SQL-level PREPARE, advisory locks, temporary
     /// objects).
     pub holds: Option<Hold>,
+    /// The columns a SELECT or a write pins to values (for invalidation by key).
+    pub point: Option<Point>,
     /// Fingerprint of the statement's shape (literals and parameters ignored), for rules.
     pub fingerprint: u64,
     /// Normalized text (literals replaced by `$n`), for reports and logs.
@@ -126,6 +129,7 @@ impl Classified {
             settings: SettingsChange { unseen, ..SettingsChange::default() },
             never_cache: Some("not a plain SELECT"),
             holds: None,
+            point: None,
             fingerprint: 0,
             normalized: Arc::from(sql),
         }
@@ -262,7 +266,12 @@ fn classify_one(sql: &str) -> Classified {
         None
     };
     let holds = super::hold::hold_of(top, node, &functions, kind == Kind::Session(SessionChange::CreatesTemp));
+    let point = match kind {
+        Kind::Select | Kind::Write => super::point::of(sql, top, node, !summary.functions.is_empty()),
+        _ => None,
+    };
     Classified {
+        point,
         kind,
         holds,
         reads: reads.into_iter().collect(),

@@ -11,10 +11,12 @@ pub mod catalog;
 pub mod classifier;
 pub mod classify;
 pub mod hold;
+pub mod point;
 pub mod relation;
 pub mod tree;
 
 pub use classifier::Classifier;
 pub use classify::{Classified, Kind, SessionChange, SettingsChange, TxControl};
 pub use hold::{Held, Hold, Holds};
+pub use point::Point;
 pub use relation::Relation;

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use crate::cache::flight::Turn;
 use crate::cache::key::KeyBuilder;
-use crate::cache::{Entry, Freshness, Key};
+use crate::cache::{Entry, Freshness, Key, Keyed};
 use crate::frontend::SessionError;
 use crate::policy::{self, Reason, SearchPath, Target};
 use crate::protocol::backend::TransactionStatus;
@@ -26,6 +26,7 @@ use crate::stats::key_hash;
 use super::core::flow::Probe;
 use super::core::pipeline::Fill;
 use super::core::plan::Plan;
+use super::effects;
 use super::memo::{Conditions, Stamp, Verdict};
 use super::refresh;
 use super::relay::Relay;
@@ -95,7 +96,15 @@ impl Relay<'_> {
                 None
             }
         };
-        let deps = ctx.generations.snapshot(&self.key.database, &a.deps);
+        let keys = a.keyed.as_ref().filter(|_| ctx.config().cache.invalidate_by_key).and_then(|k| {
+            let params = match &req {
+                Request::Extended { param_types, bind } => Some(effects::Params { types: param_types, bind }),
+                Request::Simple => None,
+            };
+            effects::key_values(&k.values, params).map(|values| (&k.relation, values))
+        });
+        let keyed = keys.as_ref().map(|(relation, values)| Keyed { relation, values });
+        let deps = ctx.generations.snapshot(&self.key.database, &a.deps, keyed);
         let limit = ctx.config().cache.max_entry_bytes;
         let rule = a.rule.clone();
         Ok(Plan::Fill(Box::new(Fill::new(key, rule, deps, a.resolved.clone(), Arc::from(sql), flight, limit))))

@@ -19,9 +19,10 @@ use super::effects;
 use super::relay::Relay;
 
 impl Relay<'_> {
-    /// Looks up the effects of `c`, notes it in the core, and returns the effects.
-    async fn noted(&mut self, c: &Classified) -> Vec<Effect> {
-        let effects = effects::of_statement(self.ctx, &self.key.database, c).await;
+    /// Looks up the effects of `c` (with its parameters, in the extended protocol), notes it in
+    /// the core, and returns the effects.
+    async fn noted(&mut self, c: &Classified, params: Option<effects::Params<'_>>) -> Vec<Effect> {
+        let effects = effects::of_statement(self.ctx, &self.key.database, c, params).await;
         self.core.note(c, &effects, self.ctx.caching());
         effects
     }
@@ -36,7 +37,7 @@ impl Relay<'_> {
         };
         let mut effects = Vec::new();
         for c in classified.iter() {
-            effects.extend(self.noted(c).await);
+            effects.extend(self.noted(c, None).await);
         }
         self.query(frame, classified, effects).await
     }
@@ -65,10 +66,11 @@ impl Relay<'_> {
         let mut need = planner.next(self.core);
         while let Some(n) = need {
             need = match n {
-                Need::Effects(statement) => {
+                Need::Effects { statement, bind } => {
+                    let params = bind.as_ref().map(|bind| effects::Params { types: &statement.param_types, bind });
                     let mut all = Vec::new();
                     for c in statement.classified.iter() {
-                        all.extend(self.noted(c).await);
+                        all.extend(self.noted(c, params).await);
                     }
                     match planner.effects(self.core, all) {
                         Some(decision) => Some(decision),

@@ -2,7 +2,9 @@
 //!
 //! A write to known relations bumps the generations of the relations the catalog says it
 //! changes (itself, partitions, a view's base tables, tables reached by cascading foreign
-//! keys). When that cannot be known — the catalog is unreachable, the table has user triggers
+//! keys). A write pinned to primary-key values of a table that changes nothing else
+//! (`UPDATE t SET … WHERE id = $1`, see [`crate::query::point`]) bumps only those keys (and
+//! the table's every-write counter): results read by other keys stay. When that cannot be known — the catalog is unreachable, the table has user triggers
 //! or rules, the statement is `DO`/`CALL`/unparseable, or it calls a volatile user function —
 //! pgcache invalidates wider: by name in every schema, or everything, as `cache.unknown_writes`
 //! says. DDL invalidates by name and clears the catalog facts. Committed invalidations are
@@ -12,7 +14,9 @@ use std::sync::Arc;
 
 use crate::config::UnknownWrites;
 use crate::context::Context;
-use crate::query::catalog::CatalogError;
+use crate::protocol::frontend::BindParts;
+use crate::query::catalog::{CatalogError, RelationInfo};
+use crate::query::point::{self, int_param};
 use crate::query::{Classified, Kind, Relation, TxControl};
 
 pub use super::core::effect::Effect;
@@ -34,6 +38,12 @@ pub fn apply(ctx: &Arc<Context>, database: &str, effects: &[Effect], count: bool
                 ctx.generations.bump_relations(r);
                 if count {
                     r.iter().for_each(|r| ctx.stats.table_written(&r.name));
+                }
+            }
+            Effect::Keys { relation, values } => {
+                ctx.generations.bump_keys(relation, values);
+                if count {
+                    ctx.stats.table_written(&relation.name);
                 }
             }
             Effect::Name(n) => {
@@ -77,7 +87,9 @@ fn publish(ctx: &Arc<Context>, database: &str, effects: &[Effect]) {
     let (mut relations, mut names, mut all) = (Vec::new(), Vec::new(), false);
     for e in effects {
         match e {
+            // Other instances invalidate the whole relation (the messages carry no keys).
             Effect::Relations(r) => relations.extend(r.iter().cloned()),
+            Effect::Keys { relation, .. } => relations.push(relation.clone()),
             Effect::Name(n) => names.push(n.clone()),
             Effect::All => all = true,
             Effect::Unknown(_) => all |= ctx.config().cache.unknown_writes == UnknownWrites::InvalidateAll,
@@ -86,11 +98,48 @@ fn publish(ctx: &Arc<Context>, database: &str, effects: &[Effect]) {
     ctx.peers.publish(database, &relations, &names, all);
 }
 
+/// The parameters of an extended-protocol execution: their declared types (0: left to the
+/// server) and the Bind carrying their values.
+#[derive(Debug, Clone, Copy)]
+pub struct Params<'a> {
+    pub types: &'a [u32],
+    pub bind: &'a BindParts,
+}
+
+/// The integer key values `values` stand for (`$n` read from `params`), or `None` if any of
+/// them is not known to be an integer.
+pub fn key_values(values: &[point::Value], params: Option<Params<'_>>) -> Option<Vec<i64>> {
+    values
+        .iter()
+        .map(|v| match *v {
+            point::Value::Int(i) => Some(i),
+            point::Value::Param(n) => {
+                let (p, i) = (params?, usize::from(n) - 1);
+                let bytes = p.bind.params.get(i)?.as_deref()?;
+                int_param(p.types.get(i).copied().unwrap_or(0), p.bind.param_format(i) == 1, bytes)
+            }
+            // Not read from this text (a statement among several in one Query).
+            point::Value::Literal { .. } => None,
+        })
+        .collect()
+}
+
+/// The key values a statement pins the key of `info`'s table to, when invalidation by key
+/// applies.
+pub fn keys_of(ctx: &Context, c: &Classified, info: &RelationInfo, params: Option<Params<'_>>) -> Option<Vec<i64>> {
+    if !ctx.config().cache.invalidate_by_key {
+        return None;
+    }
+    let values = c.point.as_ref()?.values(info.point_key.as_deref()?)?;
+    key_values(values, params)
+}
+
 /// The invalidations `c` causes in `database`. Looks up the catalog (cached, bounded wait).
-pub async fn of(ctx: &Context, database: &str, c: &Classified) -> Vec<Effect> {
+/// `params` are the execution's parameters (extended protocol), for writes pinned to keys.
+pub async fn of(ctx: &Context, database: &str, c: &Classified, params: Option<Params<'_>>) -> Vec<Effect> {
     match c.kind {
         Kind::Write => {
-            let mut out = writes(ctx, database, &c.writes).await;
+            let mut out = writes(ctx, database, c, params).await;
             out.extend(function_effects(ctx, database, c).await);
             out
         }
@@ -112,14 +161,18 @@ pub async fn of(ctx: &Context, database: &str, c: &Classified) -> Vec<Effect> {
     }
 }
 
-async fn writes(ctx: &Context, database: &str, targets: &[Relation]) -> Vec<Effect> {
+async fn writes(ctx: &Context, database: &str, c: &Classified, params: Option<Params<'_>>) -> Vec<Effect> {
+    let targets = &c.writes;
     match ctx.catalog.relations(database, targets).await {
         Ok(infos) => {
             let mut out = Vec::new();
             for (target, info) in targets.iter().zip(infos) {
+                let keys = if targets.len() == 1 { keys_of(ctx, c, &info, params) } else { None };
                 if info.write_effects_unknown {
                     out.push(Effect::Name(target.name.clone()));
                     out.push(Effect::Unknown("write to a relation with triggers or rules, or unknown to the catalog"));
+                } else if let (Some(values), [relation]) = (keys, info.write_targets.as_slice()) {
+                    out.push(Effect::Keys { relation: relation.clone(), values });
                 } else {
                     out.push(Effect::Relations(info.write_targets.clone()));
                 }
@@ -156,9 +209,9 @@ async fn function_effects(ctx: &Context, database: &str, c: &Classified) -> Vec<
 
 /// The invalidations `c` causes in `database`, as far as the cache needs them: while it is
 /// not in use there is nothing to invalidate, so the catalog is not asked.
-pub async fn of_statement(ctx: &Context, database: &str, c: &Classified) -> Vec<Effect> {
+pub async fn of_statement(ctx: &Context, database: &str, c: &Classified, params: Option<Params<'_>>) -> Vec<Effect> {
     if ctx.caching() {
-        return of(ctx, database, c).await;
+        return of(ctx, database, c, params).await;
     }
     match c.kind {
         Kind::Write | Kind::Ddl => by_name(&c.writes),

@@ -98,7 +98,8 @@ async fn run(ctx: &Context, r: &Refresh) -> Result<(), ReplayError> {
     let result = async {
         let conn = lease.conn();
         apply_settings(conn, &r.settings).await?;
-        let deps = ctx.generations.snapshot(&r.pool.database, &r.deps);
+        // Depends on every write to what it read (a refresh does not carry the read's keys).
+        let deps = ctx.generations.snapshot(&r.pool.database, &r.deps, None);
         let request = encode(&r.request)?;
         let answer = conn.exchange(&request).await?;
         let stale = &r.stale;

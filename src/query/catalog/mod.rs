@@ -69,6 +69,12 @@ pub struct RelationInfo {
     /// Row-level security is enabled on it (or on a relation a view over it reads): what a
     /// read returns depends on the role and on whatever its policies read.
     pub row_security: bool,
+    /// The column its cache entries and writes may be scoped by ([`crate::query::point`]):
+    /// its single-column integer primary key (not generated), when it is one plain table —
+    /// not partitioned, no partitions or inheritance, no user triggers or rules, no cascading
+    /// foreign keys, no row-level security — so a write pinned to key values changes only
+    /// the rows with those values, in it alone.
+    pub point_key: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -361,7 +367,12 @@ impl Catalog {
                      JOIN pg_type e ON e.oid = COALESCE(NULLIF(t.typelem, 0), NULLIF(t.typbasetype, 0), t.oid) \
                      JOIN pg_proc p ON p.oid = e.typoutput \
                      WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-                       AND p.provolatile <> 'i' AND NOT p.proname::text = ANY($3)) \
+                       AND p.provolatile <> 'i' AND NOT p.proname::text = ANY($3)), \
+                   CASE WHEN c.relkind = 'r' AND NOT c.relispartition THEN \
+                     (SELECT a.attname::text FROM pg_index i \
+                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+                       WHERE i.indrelid = c.oid AND i.indisprimary AND i.indnkeyatts = 1 \
+                         AND a.atttypid IN (20, 21, 23) AND a.attgenerated = '') END \
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE c.relname = $1 AND ($2::text IS NULL OR n.nspname = $2) AND c.relkind IN ('r','p','v','m','f')",
                 &[&name.name, &name.schema, &SETTINGS_ONLY],
@@ -376,12 +387,15 @@ impl Catalog {
         }
         let mut reads = BTreeSet::new();
         let mut writes = BTreeSet::new();
+        let single = rows.len() == 1;
+        let mut key: Option<String> = None;
         for row in rows {
             let (oid, schema, kind, persistence, triggers): (i64, String, String, String, bool) =
                 (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
             let viewdef: Option<String> = row.get(5);
             info.row_security |= row.get::<_, bool>(6);
             info.stable |= row.get::<_, bool>(7);
+            key = row.get(8);
             let me = Relation::new(Some(&schema), &name.name);
             self.learn_oid(&self.db(db), me.clone(), oid as u32);
             info.schemas.push(schema.clone());
@@ -406,6 +420,10 @@ impl Catalog {
             if let Some(def) = viewdef {
                 self.add_view(db, &me, &def, depth, &mut info, &mut reads, &mut writes).await?;
             }
+        }
+        let alone = reads.len() == 1 && writes.len() == 1;
+        if single && alone && !info.write_effects_unknown && !info.row_security {
+            info.point_key = key;
         }
         info.read_deps = reads.into_iter().collect();
         info.write_targets = writes.into_iter().collect();

@@ -170,8 +170,10 @@ pub(crate) struct BatchPlan {
 #[derive(Debug)]
 pub enum Need {
     /// The write effects of the statements this Execute runs: the relay looks them up, notes
-    /// each statement ([`Core::note`]) and hands them back ([`Planner::effects`]).
-    Effects(Arc<Statement>),
+    /// each statement ([`Core::note`]) and hands them back ([`Planner::effects`]). `bind` is
+    /// the portal's Bind when it is in this batch and the statement pins key values (a write
+    /// to `WHERE id = $1` invalidates by the value bound).
+    Effects { statement: Arc<Statement>, bind: Option<BindParts> },
     /// Whether this Execute is answered from the cache, filled, or forwarded
     /// ([`Planner::decision`]).
     /// The statement is a single SELECT ([`Statement::select`]).
@@ -324,7 +326,11 @@ impl Planner {
                     };
                     self.waiting = Some(Waiting::Effects { at: i, statement: st.clone() });
                     match st {
-                        Some(st) => return Some(Need::Effects(st)),
+                        Some(st) => {
+                            let pinned = st.classified.iter().any(|c| c.point.is_some());
+                            let bind = if pinned { bind_of(&self.msgs[..i], portal) } else { None };
+                            return Some(Need::Effects { statement: st, bind });
+                        }
                         None => {
                             let effects = vec![Effect::Unknown("execute of a portal pgcache did not see bound")];
                             if let Some(need) = self.effects(core, effects) {
@@ -437,6 +443,18 @@ impl Planner {
         emit::emit(core, &self.frames, &self.msgs, self.plan);
         core.flush_locals();
     }
+}
+
+/// The Bind that made `portal` what it is at the end of `msgs`, if there is one.
+fn bind_of(msgs: &[Msg], portal: &[u8]) -> Option<BindParts> {
+    for m in msgs.iter().rev() {
+        match m {
+            Msg::Bind(b) if b.portal == portal => return Some(b.clone()),
+            Msg::Close(Target::Portal, name) if name == portal => return None,
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Whether the unnamed portal Executed at `i` is used again later in the batch (before it is

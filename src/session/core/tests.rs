@@ -122,7 +122,7 @@ impl T {
         let mut need = planner.next(&mut self.core);
         while let Some(n) = need {
             need = match n {
-                Need::Effects(st) => {
+                Need::Effects { statement: st, .. } => {
                     let mut all = Vec::new();
                     for c in st.classified.iter() {
                         all.extend(self.note(c));

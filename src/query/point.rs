@@ -1,0 +1,392 @@
+//! Which rows of its one table a statement can touch, as far as equality on a column says:
+//! `SELECT … FROM t WHERE id = 5`, `UPDATE t SET … WHERE id = $1`, `DELETE FROM t WHERE id IN
+//! (1, 2)`, `INSERT INTO t (id, …) VALUES (7, …)`. The cache uses it to invalidate by key
+//! instead of by table (see [`crate::cache::generation`]) — but only for a column the catalog
+//! says is the table's single-column integer primary key, so the parse here only collects
+//! *candidates*: every column the statement pins to constants or parameters.
+//!
+//! The parse is deliberately narrow; anything else has no point and is handled table-wide:
+//! - a read qualifies with one plain table in FROM, no sub-queries and no function calls
+//!   (a function or a sub-query could read other rows of the same table);
+//! - a WHERE qualifies through its top-level `AND` conjuncts of `column = constant` or
+//!   `column IN (constants)`; an `OR` or anything else around them contributes nothing;
+//! - an UPDATE's candidates exclude the columns it assigns (moving a row to another key);
+//! - an INSERT qualifies with an explicit column list and `VALUES` rows (a column is a
+//!   candidate when every row gives it a constant), no `ON CONFLICT DO UPDATE` (which updates
+//!   a row found by some other value), and no `WITH`.
+//!
+//! Constants are integers (`5`, `-5`, `'5'`, `5000000000`); anything that does not read as
+//! one (`5.0`, `'five'`, a cast) drops the candidate. Statements that differ only in their
+//! literals share one classification ([`super::classifier`]), so a constant is recorded by
+//! its place among the statement's literal tokens ([`Value::Literal`]) and read from each
+//! text's own literals ([`Point::resolve`]).
+
+use serde_json::Value as Json;
+
+/// A value a candidate column is pinned to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Value {
+    Int(i64),
+    /// The statement's `$n` parameter (1-based), known only at Bind.
+    Param(u16),
+    /// The statement's `index`th literal token (0-based, as Postgres's lexer counts them),
+    /// negated when a minus sign precedes it: the same for every text of one shape, and
+    /// turned into [`Value::Int`] for each text by [`Point::resolve`].
+    Literal {
+        index: u16,
+        negative: bool,
+    },
+}
+
+/// The columns a statement pins to values, each with every value it may take (one for
+/// `= 5`, several for an `IN` list or a multi-row `INSERT`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Point {
+    pub columns: Vec<(String, Vec<Value>)>,
+}
+
+impl Point {
+    /// The values `column` is pinned to, if it is a candidate.
+    pub fn values(&self, column: &str) -> Option<&[Value]> {
+        self.columns.iter().find(|(c, _)| c == column).map(|(_, v)| v.as_slice())
+    }
+
+    /// Whether some value is still a [`Value::Literal`].
+    pub fn has_literals(&self) -> bool {
+        self.columns.iter().flat_map(|(_, v)| v).any(|v| matches!(v, Value::Literal { .. }))
+    }
+
+    /// This point for a text whose literal tokens are `literals` (their text as written):
+    /// literals become integers; a column with a literal that is not one is no candidate.
+    pub fn resolve(&self, literals: &[&str]) -> Option<Point> {
+        let columns: Vec<(String, Vec<Value>)> = self
+            .columns
+            .iter()
+            .filter_map(|(c, values)| {
+                let values = values
+                    .iter()
+                    .map(|v| match *v {
+                        Value::Literal { index, negative } => {
+                            let n = literal_int(literals.get(usize::from(index))?)?;
+                            Some(Value::Int(if negative { n.checked_neg()? } else { n }))
+                        }
+                        other => Some(other),
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                Some((c.clone(), values))
+            })
+            .collect();
+        (!columns.is_empty()).then_some(Point { columns })
+    }
+}
+
+/// A literal token's integer value: a number, or a plain quoted string holding one (`'5'`).
+fn literal_int(token: &str) -> Option<i64> {
+    let text = match token.strip_prefix('\'').and_then(|t| t.strip_suffix('\'')) {
+        Some(inner) if !inner.contains(['\'', '\\']) => inner,
+        Some(_) => return None,
+        None => token,
+    };
+    int_text(text)
+}
+
+/// The point of a statement (`top` is its node type, `node` its body, `sql` its text), or
+/// `None`. `calls_functions` says whether it calls any function (which rules a read out).
+/// Constants are [`Value::Literal`]s.
+pub fn of(sql: &str, top: &str, node: &Json, calls_functions: bool) -> Option<Point> {
+    let mut point = candidates(top, node, calls_functions)?;
+    let consts = point.columns.iter().flat_map(|(_, v)| v).any(|v| matches!(v, Value::Literal { .. }));
+    if consts {
+        // Until here a constant's `index` is its byte offset in `sql`.
+        let starts = literal_starts(sql)?;
+        for (_, values) in &mut point.columns {
+            for v in values.iter_mut() {
+                if let Value::Literal { index, negative } = v {
+                    let at = usize::from(*index);
+                    *negative = sql.as_bytes().get(at) == Some(&b'-');
+                    *index = u16::try_from(starts.iter().position(|s| *s >= at)?).ok()?;
+                }
+            }
+        }
+    }
+    Some(point)
+}
+
+/// The byte offsets of the literal tokens of `sql`.
+fn literal_starts(sql: &str) -> Option<Vec<usize>> {
+    let tokens = pg_query::scan(sql).ok()?.tokens;
+    Some(tokens.iter().filter(|t| is_literal(t.token)).filter_map(|t| usize::try_from(t.start).ok()).collect())
+}
+
+/// Whether a scanned token is a literal (string, number, bit string).
+pub fn is_literal(token: i32) -> bool {
+    use pg_query::protobuf::Token;
+    matches!(
+        Token::try_from(token),
+        Ok(Token::Sconst | Token::Usconst | Token::Iconst | Token::Fconst | Token::Bconst | Token::Xconst)
+    )
+}
+
+fn candidates(top: &str, node: &Json, calls_functions: bool) -> Option<Point> {
+    if !node["with_clause"].is_null() {
+        return None;
+    }
+    let mut columns = match top {
+        "SelectStmt" => {
+            let from = node["from_clause"].as_array()?;
+            let single_table = from.len() == 1 && from[0]["node"].get("RangeVar").is_some();
+            if !single_table || calls_functions || node["op"].as_i64() != Some(1) || mentions(node, "SubLink") {
+                return None;
+            }
+            conjuncts(&node["where_clause"])
+        }
+        "UpdateStmt" => {
+            let assigned: Vec<&str> = node["target_list"]
+                .as_array()?
+                .iter()
+                .filter_map(|t| t["node"]["ResTarget"]["name"].as_str())
+                .collect();
+            let mut c = conjuncts(&node["where_clause"]);
+            c.retain(|(col, _)| !assigned.contains(&col.as_str()));
+            c
+        }
+        "DeleteStmt" => conjuncts(&node["where_clause"]),
+        "InsertStmt" => insert_values(node)?,
+        _ => return None,
+    };
+    columns.retain(|(_, values)| !values.is_empty());
+    (!columns.is_empty()).then_some(Point { columns })
+}
+
+/// `column = constant` and `column IN (constants)` among the top-level AND conjuncts.
+fn conjuncts(clause: &Json) -> Vec<(String, Vec<Value>)> {
+    let node = &clause["node"];
+    if let Some(b) = node.get("BoolExpr") {
+        // BoolExprType: 1 = AND_EXPR.
+        if b["boolop"].as_i64() != Some(1) {
+            return Vec::new();
+        }
+        return b["args"].as_array().into_iter().flatten().flat_map(conjuncts).collect();
+    }
+    let Some(e) = node.get("AExpr") else { return Vec::new() };
+    let op = e["name"].as_array().map(|n| n.iter().map(|p| p["node"]["String"]["sval"].as_str()).collect::<Vec<_>>());
+    if op.as_deref() != Some(&[Some("=")]) {
+        return Vec::new();
+    }
+    // A_Expr_Kind: 1 = AEXPR_OP, 7 = AEXPR_IN.
+    match e["kind"].as_i64() {
+        Some(1) => {
+            let (l, r) = (&e["lexpr"], &e["rexpr"]);
+            let found = match (column(l), column(r)) {
+                (Some(c), None) => value(r).map(|v| (c, v)),
+                (None, Some(c)) => value(l).map(|v| (c, v)),
+                _ => None,
+            };
+            found.map(|(c, v)| vec![(c, vec![v])]).unwrap_or_default()
+        }
+        Some(7) => {
+            let Some(c) = column(&e["lexpr"]) else { return Vec::new() };
+            let Some(items) = e["rexpr"]["node"]["List"]["items"].as_array() else { return Vec::new() };
+            let values: Option<Vec<Value>> = items.iter().map(value).collect();
+            values.map(|v| vec![(c, v)]).unwrap_or_default()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The column an expression names, unqualified (`a.id` → `id`).
+fn column(expr: &Json) -> Option<String> {
+    let fields = expr["node"]["ColumnRef"]["fields"].as_array()?;
+    fields.last()?["node"]["String"]["sval"].as_str().map(str::to_owned)
+}
+
+/// A constant (a [`Value::Literal`] whose `index` is its byte offset, for [`of`] to turn into
+/// its place among the literals) or a parameter.
+fn value(expr: &Json) -> Option<Value> {
+    let node = &expr["node"];
+    if let Some(p) = node.get("ParamRef") {
+        return p["number"].as_u64().and_then(|n| u16::try_from(n).ok()).filter(|n| *n > 0).map(Value::Param);
+    }
+    let c = &node["AConst"];
+    let val = &c["val"];
+    let number_or_string = ["Ival", "Fval", "Sval"].iter().any(|k| val.get(k).is_some());
+    let at = c["location"].as_u64().and_then(|l| u16::try_from(l).ok())?;
+    number_or_string.then_some(Value::Literal { index: at, negative: false })
+}
+
+/// An integer as Postgres's integer input reads it (surrounding blanks allowed), or `None`
+/// for anything else, including forms Postgres reads but this does not (`1_000`).
+pub fn int_text(text: &str) -> Option<i64> {
+    text.trim().parse().ok()
+}
+
+/// An integer parameter value: text, or binary `int2`/`int4`/`int8` when the declared type
+/// (`type_oid`, 0 when left to the server) allows it. `None` for anything else.
+pub fn int_param(type_oid: u32, binary: bool, bytes: &[u8]) -> Option<i64> {
+    const INT8: u32 = 20;
+    const INT2: u32 = 21;
+    const INT4: u32 = 23;
+    const NUMERIC: u32 = 1700;
+    if !binary {
+        // A text value compares exactly as an integer or numeric (not as a float, which
+        // rounds large integers).
+        let numeric = matches!(type_oid, 0 | INT8 | INT2 | INT4 | NUMERIC);
+        return numeric.then(|| std::str::from_utf8(bytes).ok().and_then(int_text)).flatten();
+    }
+    match (type_oid, bytes.len()) {
+        (0 | INT2, 2) => Some(i16::from_be_bytes([bytes[0], bytes[1]]).into()),
+        (0 | INT4, 4) => Some(i32::from_be_bytes(bytes.try_into().ok()?).into()),
+        (0 | INT8, 8) => Some(i64::from_be_bytes(bytes.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+/// The candidate columns of `INSERT … (cols) VALUES …`.
+fn insert_values(node: &Json) -> Option<Vec<(String, Vec<Value>)>> {
+    // OnConflictAction: 2 = ONCONFLICT_NOTHING.
+    let conflict = &node["on_conflict_clause"];
+    if !conflict.is_null() && conflict["action"].as_i64() != Some(2) {
+        return None;
+    }
+    let select = node["select_stmt"]["node"].get("SelectStmt")?;
+    let plain = select["with_clause"].is_null() && select["from_clause"].as_array().is_none_or(Vec::is_empty);
+    let rows = select["values_lists"].as_array().filter(|r| plain && !r.is_empty())?;
+    let rows: Vec<&Vec<Json>> = rows.iter().map(|r| r["node"]["List"]["items"].as_array()).collect::<Option<_>>()?;
+    let mut out = Vec::new();
+    for (i, col) in node["cols"].as_array()?.iter().enumerate() {
+        let target = &col["node"]["ResTarget"];
+        if target["indirection"].as_array().is_some_and(|ind| !ind.is_empty()) {
+            continue;
+        }
+        let Some(name) = target["name"].as_str() else { continue };
+        let values: Option<Vec<Value>> = rows.iter().map(|r| r.get(i).and_then(value)).collect();
+        if let Some(values) = values {
+            out.push((name.to_owned(), values));
+        }
+    }
+    Some(out)
+}
+
+/// Whether a node of this type occurs anywhere in `v`.
+fn mentions(v: &Json, node_type: &str) -> bool {
+    match v {
+        Json::Object(map) => map.iter().any(|(k, child)| k == node_type || mentions(child, node_type)),
+        Json::Array(items) => items.iter().any(|i| mentions(i, node_type)),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The point of `sql` with its literals resolved from its own text.
+    fn point(sql: &str) -> Option<Point> {
+        let tree = serde_json::to_value(pg_query::parse(sql, 0).unwrap().protobuf).unwrap();
+        let (top, node) = tree["stmts"][0]["stmt"]["node"].as_object().unwrap().iter().next().unwrap();
+        let calls = !pg_query::summary(sql, 0, -1).unwrap().functions.is_empty();
+        let p = of(sql, top, node, calls)?;
+        let tokens = pg_query::scan(sql).unwrap().tokens;
+        let literals: Vec<&str> =
+            tokens.iter().filter(|t| is_literal(t.token)).map(|t| &sql[t.start as usize..t.end as usize]).collect();
+        p.resolve(&literals)
+    }
+
+    fn cols(sql: &str) -> Vec<(String, Vec<Value>)> {
+        point(sql).map(|p| p.columns).unwrap_or_default()
+    }
+
+    use Value::{Int, Param};
+
+    #[test]
+    fn reads_pinned_by_equality_have_points() {
+        assert_eq!(cols("SELECT abalance FROM accounts WHERE aid = 5"), [("aid".into(), vec![Int(5)])]);
+        assert_eq!(
+            cols("SELECT * FROM accounts a WHERE a.aid = $1 AND 7 = bid"),
+            [("aid".into(), vec![Param(1)]), ("bid".into(), vec![Int(7)])]
+        );
+        assert_eq!(
+            cols("SELECT * FROM t WHERE id IN (1, -2, '3') ORDER BY id LIMIT 2"),
+            [("id".into(), vec![Int(1), Int(-2), Int(3)])]
+        );
+        assert_eq!(cols("SELECT * FROM t WHERE id = 0"), [("id".into(), vec![Int(0)])]);
+        assert_eq!(cols("SELECT * FROM t WHERE id = 5000000000"), [("id".into(), vec![Int(5_000_000_000)])]);
+        assert_eq!(cols("SELECT * FROM t WHERE id = - 5 AND 'x' = 'x'"), [("id".into(), vec![Int(-5)])]);
+    }
+
+    #[test]
+    fn literals_are_read_from_each_text_of_a_shape() {
+        let sql = "SELECT * FROM t WHERE v = 'a' AND id = 5";
+        let tree = serde_json::to_value(pg_query::parse(sql, 0).unwrap().protobuf).unwrap();
+        let (top, node) = tree["stmts"][0]["stmt"]["node"].as_object().unwrap().iter().next().unwrap();
+        let shared = of(sql, top, node, false).unwrap();
+        assert!(shared.has_literals());
+        // Another text of the same shape: `... v = 'bb' AND id = 77`.
+        let other = shared.resolve(&["'bb'", "77"]).unwrap();
+        assert_eq!(other.columns, [("id".to_owned(), vec![Int(77)])]);
+        assert!(!other.has_literals());
+        assert_eq!(
+            shared.resolve(&["'5'", "'12'"]).unwrap().columns,
+            [("v".to_owned(), vec![Int(5)]), ("id".to_owned(), vec![Int(12)])]
+        );
+        assert_eq!(shared.resolve(&["'a'", "E'1'"]), None, "escape strings are not read");
+    }
+
+    #[test]
+    fn reads_that_may_see_other_rows_have_none() {
+        for sql in [
+            "SELECT * FROM t WHERE id = 5 OR id = 6",
+            "SELECT * FROM t WHERE id = 5.5",
+            "SELECT * FROM t WHERE id = '5a'",
+            "SELECT * FROM t WHERE id = 5::int8",
+            "SELECT * FROM t WHERE id > 5",
+            "SELECT * FROM t WHERE id = (SELECT max(id) FROM t)",
+            "SELECT * FROM t WHERE id = 5 AND EXISTS (SELECT 1 FROM t u WHERE u.v = 1)",
+            "SELECT * FROM t, u WHERE t.id = 5",
+            "SELECT * FROM t JOIN u USING (id) WHERE id = 5",
+            "SELECT f(id) FROM t WHERE id = 5",
+            "SELECT * FROM t WHERE id = 5 UNION SELECT * FROM t WHERE id = 6",
+            "WITH x AS (SELECT * FROM t) SELECT * FROM t WHERE id = 5",
+            "SELECT * FROM t WHERE id = OPERATOR(myschema.=) 5",
+            "SELECT * FROM t WHERE id = other",
+        ] {
+            assert_eq!(point(sql), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn writes_have_the_rows_they_change() {
+        assert_eq!(cols("UPDATE t SET v = v + 1 WHERE id = $2"), [("id".into(), vec![Param(2)])]);
+        assert_eq!(cols("UPDATE t SET id = 9 WHERE id = 5"), []);
+        assert_eq!(cols("UPDATE t SET v = now() WHERE id = 5 AND v > 0"), [("id".into(), vec![Int(5)])]);
+        assert_eq!(cols("DELETE FROM t WHERE id IN ($1, $2)"), [("id".into(), vec![Param(1), Param(2)])]);
+        assert_eq!(
+            cols("INSERT INTO t (id, v) VALUES (1, 'a'), ($1, DEFAULT) ON CONFLICT DO NOTHING"),
+            [("id".into(), vec![Int(1), Param(1)])]
+        );
+        for sql in [
+            "INSERT INTO t VALUES (1, 'a')",
+            "INSERT INTO t (id) SELECT 1",
+            "INSERT INTO t (id) VALUES (DEFAULT)",
+            "INSERT INTO t (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET v = 2",
+            "WITH d AS (DELETE FROM u RETURNING id) UPDATE t SET v = 1 WHERE id = 5",
+            "DELETE FROM t WHERE id = 5 OR v = 1",
+            "UPDATE t SET v = 1 WHERE CURRENT OF c",
+        ] {
+            assert_eq!(point(sql), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn parameters_read_as_integers_only_when_they_are() {
+        assert_eq!(int_param(0, false, b" 42 "), Some(42));
+        assert_eq!(int_param(25, false, b"42"), None);
+        assert_eq!(int_param(701, false, b"42"), None, "a float rounds large integers");
+        assert_eq!(int_param(1700, false, b"42"), Some(42));
+        assert_eq!(int_param(0, true, &7i32.to_be_bytes()), Some(7));
+        assert_eq!(int_param(20, true, &(-7i64).to_be_bytes()), Some(-7));
+        assert_eq!(int_param(21, true, &3i16.to_be_bytes()), Some(3));
+        assert_eq!(int_param(701, true, &5f64.to_be_bytes()), None);
+        assert_eq!(int_param(23, true, &5i64.to_be_bytes()), None);
+    }
+}
