@@ -143,8 +143,9 @@ pub struct Assessment {
     pub row_security: bool,
     /// Its result may depend on custom settings (row-level security or stable functions).
     pub reads_custom_settings: bool,
-    /// It reads only the rows of one table whose primary key is one of these values (see
-    /// [`crate::query::point`]): its entry is invalidated by writes to those keys only.
+    /// It reads only the rows of one table whose primary key is pinned to values (see
+    /// [`crate::query::point`]; the values are each execution's own): its entry is
+    /// invalidated by writes to those keys only.
     pub keyed: Option<KeyedRead>,
 }
 
@@ -152,19 +153,23 @@ pub struct Assessment {
 #[derive(Debug, Clone)]
 pub struct KeyedRead {
     pub relation: Relation,
-    /// Its primary-key column.
+    /// Its primary-key column, which the statement's point pins.
     pub column: String,
-    pub values: Vec<point::Value>,
 }
 
-/// The key values `c` pins the one table it reads (described by `info`) to.
+impl KeyedRead {
+    /// The values `c` (the statement assessed, or another text of its shape) pins the key to.
+    pub fn values<'c>(&self, c: &'c Classified) -> Option<&'c [point::Value]> {
+        c.point.as_ref()?.values(&self.column)
+    }
+}
+
+/// Whether `c` pins the key of the one table it reads (described by `info`).
 fn keyed(c: &Classified, info: &RelationInfo) -> Option<KeyedRead> {
     let column = info.point_key.as_deref()?;
-    let values = c.point.as_ref()?.values(column)?;
+    c.point.as_ref()?.values(column)?;
     match info.read_deps.as_slice() {
-        [relation] => {
-            Some(KeyedRead { relation: relation.clone(), column: column.to_owned(), values: values.to_vec() })
-        }
+        [relation] => Some(KeyedRead { relation: relation.clone(), column: column.to_owned() }),
         _ => None,
     }
 }

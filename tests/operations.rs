@@ -153,6 +153,10 @@ async fn every_console_command_answers_through_psql_and_tokio_postgres() {
         assert!(out.status.success(), "psql {cmd}: {}", stderr(&out));
         assert!(stdout(&out).contains(expect), "psql {cmd}: {}", stdout(&out));
     }
+    let explained = rows(&console, &format!("EXPLAIN CACHE ON {} SELECT v FROM items WHERE id = 2", e.db)).await;
+    assert!(
+        lookup(&explained, "invalidated")[1].starts_with("by key: writes to public.items pinned to other values of id")
+    );
     let rules = rows(&console, "SHOW RULES").await;
     assert_eq!(lookup(&rules, "items")[7], "tables=items");
     assert_eq!(lookup(&rules, "all-selects")[7], r#"pattern="(?i)from\\s+numbers""#);

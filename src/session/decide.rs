@@ -101,7 +101,7 @@ impl Relay<'_> {
                 Request::Extended { param_types, bind } => Some(effects::Params { types: param_types, bind }),
                 Request::Simple => None,
             };
-            effects::key_values(&k.values, params).map(|values| (&k.relation, values))
+            effects::key_values(k.values(c)?, params).map(|values| (&k.relation, values))
         });
         let keyed = keys.as_ref().map(|(relation, values)| Keyed { relation, values });
         let deps = ctx.generations.snapshot(&self.key.database, &a.deps, keyed);

@@ -86,7 +86,8 @@ struct Memo {
 }
 
 /// The memo. Keyed by the address of the classified statement, which lives in an
-/// `Arc<Vec<Classified>>` shared by every use of the same statement text or shape.
+/// `Arc<Vec<Classified>>` shared by every use of the same statement text or shape (a statement
+/// pinning key values with literals has one per text: see [`crate::query::classifier`]).
 #[derive(Default)]
 pub struct Assessments {
     entries: HashMap<usize, Memo>,
