@@ -12,6 +12,12 @@
 //! leaves it alone; every other read depends on the every-write counter. A write pinned to
 //! keys moves the every-write counter and those slots. Two keys sharing a slot only cost an
 //! extra miss; the memory is fixed ([`KEY_SLOTS`]) however many keys are written.
+//!
+//! Reads and writes must agree on which column is the key: a write pinned by another column
+//! says nothing about the rows a read pinned by the first one saw. Each relation's key column
+//! is recorded at its first keyed use; a keyed write by another column (the primary key
+//! changed, and the catalog facts with it) moves the wide counter and becomes the new key
+//! column, and a keyed read by another column depends on every write.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -52,10 +58,11 @@ impl Dependency {
     }
 }
 
-/// A read of `relation` that sees only the rows whose key is one of `values`.
+/// A read of `relation` that sees only the rows whose key (`column`) is one of `values`.
 #[derive(Debug, Clone, Copy)]
 pub struct Keyed<'a> {
     pub relation: &'a Relation,
+    pub column: &'a str,
     pub values: &'a [i64],
 }
 
@@ -70,6 +77,8 @@ pub struct Generations {
     names: Mutex<HashMap<String, Arc<AtomicU64>>>,
     databases: Mutex<HashMap<String, Arc<AtomicU64>>>,
     keys: Arc<[AtomicU64]>,
+    /// The column each relation's keys are values of.
+    key_columns: Mutex<HashMap<Relation, String>>,
 }
 
 impl Default for Generations {
@@ -81,6 +90,7 @@ impl Default for Generations {
             names: Default::default(),
             databases: Default::default(),
             keys: (0..KEY_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            key_columns: Default::default(),
         }
     }
 }
@@ -115,6 +125,7 @@ impl Generations {
         let mut deps = Vec::with_capacity(relations.len() * 2 + 2);
         deps.push(snap(self.global.clone()));
         deps.push(snap(intern(&self.databases, &database.to_owned())));
+        let keyed = keyed.filter(|k| self.key_column_is(k.relation, k.column));
         for r in relations {
             match keyed {
                 Some(k) if k.relation == r => {
@@ -138,9 +149,26 @@ impl Generations {
         }
     }
 
-    /// A write to the rows of `relation` whose key is one of `values` (and no other row, of
-    /// it or of any other relation).
-    pub fn bump_keys(&self, relation: &Relation, values: &[i64]) {
+    /// Whether `column` is the key column of `relation` (it becomes it if it has none yet).
+    fn key_column_is(&self, relation: &Relation, column: &str) -> bool {
+        let mut columns = self.key_columns.lock();
+        match columns.get(relation) {
+            Some(c) => c == column,
+            None => {
+                columns.insert(relation.clone(), column.to_owned());
+                true
+            }
+        }
+    }
+
+    /// A write to the rows of `relation` whose key (`column`) is one of `values` (and no other
+    /// row, of it or of any other relation).
+    pub fn bump_keys(&self, relation: &Relation, column: &str, values: &[i64]) {
+        if !self.key_column_is(relation, column) {
+            self.key_columns.lock().insert(relation.clone(), column.to_owned());
+            self.bump_relations(std::slice::from_ref(relation));
+            return;
+        }
         for v in values {
             self.keys[slot(relation, *v)].fetch_add(1, Ordering::AcqRel);
         }
@@ -202,21 +230,34 @@ mod tests {
     fn key_writes_kill_the_reads_of_their_keys_and_every_unkeyed_read() {
         let g = Generations::default();
         let t = rel("public", "t");
-        let keyed = |values: &[i64]| g.snapshot("db", std::slice::from_ref(&t), Some(Keyed { relation: &t, values }));
+        let keyed = |values: &[i64]| {
+            g.snapshot("db", std::slice::from_ref(&t), Some(Keyed { relation: &t, column: "id", values }))
+        };
         let (five, six, both) = (keyed(&[5]), keyed(&[6]), keyed(&[5, 7]));
         let whole = g.snapshot("db", std::slice::from_ref(&t), None);
-        g.bump_keys(&t, &[6]);
+        g.bump_keys(&t, "id", &[6]);
         assert!(alive(&five) && alive(&both), "other keys' reads live");
         assert!(!alive(&six), "the key's read dies");
         assert!(!alive(&whole), "a read of the whole table dies");
-        g.bump_keys(&rel("public", "u"), &[5]);
+        g.bump_keys(&rel("public", "u"), "id", &[5]);
         assert!(alive(&five), "the same key of another table is another key");
-        g.bump_keys(&t, &[7]);
+        g.bump_keys(&t, "id", &[7]);
         assert!(alive(&five) && !alive(&both));
         g.bump_relations(std::slice::from_ref(&t));
         assert!(!alive(&five), "a write not pinned to keys reaches every key");
         let five = keyed(&[5]);
         g.bump_name("t");
         assert!(!alive(&five), "so does a write by name");
+        // The key column changes (the primary key was redefined): a write by the new column
+        // cannot say which old keys it touched.
+        let five = keyed(&[5]);
+        g.bump_keys(&t, "code", &[7]);
+        assert!(!alive(&five), "a write keyed by another column reaches every key");
+        let by_old = keyed(&[5]);
+        let by_new =
+            g.snapshot("db", std::slice::from_ref(&t), Some(Keyed { relation: &t, column: "code", values: &[8] }));
+        g.bump_keys(&t, "code", &[9]);
+        assert!(!alive(&by_old), "a read keyed by the old column depends on every write");
+        assert!(alive(&by_new));
     }
 }

@@ -101,9 +101,9 @@ impl Relay<'_> {
                 Request::Extended { param_types, bind } => Some(effects::Params { types: param_types, bind }),
                 Request::Simple => None,
             };
-            effects::key_values(k.values(c)?, params).map(|values| (&k.relation, values))
+            effects::key_values(k.values(c)?, params).map(|values| (k, values))
         });
-        let keyed = keys.as_ref().map(|(relation, values)| Keyed { relation, values });
+        let keyed = keys.as_ref().map(|(k, values)| Keyed { relation: &k.relation, column: &k.column, values });
         let deps = ctx.generations.snapshot(&self.key.database, &a.deps, keyed);
         let limit = ctx.config().cache.max_entry_bytes;
         let rule = a.rule.clone();

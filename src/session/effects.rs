@@ -40,8 +40,8 @@ pub fn apply(ctx: &Arc<Context>, database: &str, effects: &[Effect], count: bool
                     r.iter().for_each(|r| ctx.stats.table_written(&r.name));
                 }
             }
-            Effect::Keys { relation, values } => {
-                ctx.generations.bump_keys(relation, values);
+            Effect::Keys { relation, column, values } => {
+                ctx.generations.bump_keys(relation, column, values);
                 if count {
                     ctx.stats.table_written(&relation.name);
                 }
@@ -171,8 +171,10 @@ async fn writes(ctx: &Context, database: &str, c: &Classified, params: Option<Pa
                 if info.write_effects_unknown {
                     out.push(Effect::Name(target.name.clone()));
                     out.push(Effect::Unknown("write to a relation with triggers or rules, or unknown to the catalog"));
-                } else if let (Some(values), [relation]) = (keys, info.write_targets.as_slice()) {
-                    out.push(Effect::Keys { relation: relation.clone(), values });
+                } else if let (Some(values), [relation], Some(column)) =
+                    (keys, info.write_targets.as_slice(), &info.point_key)
+                {
+                    out.push(Effect::Keys { relation: relation.clone(), column: column.clone(), values });
                 } else {
                     out.push(Effect::Relations(info.write_targets.clone()));
                 }

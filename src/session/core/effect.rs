@@ -12,9 +12,9 @@ use super::{Action, Core};
 pub enum Effect {
     /// These resolved relations changed.
     Relations(Vec<Relation>),
-    /// Only the rows of this resolved relation whose key (its primary key, see
+    /// Only the rows of this resolved relation whose key (`column`, its primary key, see
     /// [`crate::query::point`]) is one of `values` changed.
-    Keys { relation: Relation, values: Vec<i64> },
+    Keys { relation: Relation, column: String, values: Vec<i64> },
     /// Every relation with this name, in any schema, changed.
     Name(String),
     /// Something unknown changed (subject to `cache.unknown_writes`).
