@@ -84,6 +84,15 @@ async def main():
     # A write is seen by the next read, through the same prepared statement.
     await c.execute("UPDATE drv SET v = 'changed' WHERE id = 7")
     check(await stmt.fetchval(7) == "changed", "a write is seen by the next read")
+    # A write to another key (a bound parameter) leaves key 7 cached; a write to key 7 does not.
+    await c.execute("UPDATE drv SET v = $1 WHERE id = $2", "other", 8)
+    check(await stmt.fetchval(8) == "other", "a parameterized write is seen by the next read")
+    if MODE == "cached":
+        before = await executions("SELECT v FROM drv WHERE id =")
+        check(await stmt.fetchval(7) == "changed", "key 7 after a write to key 8")
+        check(await executions("SELECT v FROM drv WHERE id =") == before, "a write to key 8 left key 7 cached")
+    await c.execute("UPDATE drv SET v = $1 WHERE id = $2", "again", 7)
+    check(await stmt.fetchval(7) == "again", "a parameterized write to the key is seen")
 
     # An error inside a transaction, then rollback (asyncpg sends Parse/Describe/Flush next).
     tr = c.transaction()

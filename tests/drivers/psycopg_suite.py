@@ -81,6 +81,17 @@ if MODE == "cached":
     check(executions("SELECT v FROM drv WHERE id =") == before, "repeats answered from the cache")
 c.execute("UPDATE drv SET v = 'changed' WHERE id = 7")
 check(c.execute("SELECT v FROM drv WHERE id = %s", (7,)).fetchone()[0] == "changed", "a write is seen by the next read")
+# A write to another key (a bound parameter) leaves key 7 cached; a write to key 7 does not.
+c.execute("UPDATE drv SET v = %s WHERE id = %s", ("other", 8))
+check(c.execute("SELECT v FROM drv WHERE id = %s", (8,)).fetchone()[0] == "other", "a parameterized write is seen")
+if MODE == "cached":
+    before = executions("SELECT v FROM drv WHERE id =")
+    check(c.execute("SELECT v FROM drv WHERE id = %s", (7,)).fetchone()[0] == "changed", "key 7 after a write to key 8")
+    check(executions("SELECT v FROM drv WHERE id =") == before, "a write to key 8 left key 7 cached")
+c.execute("DELETE FROM drv WHERE id = %s", (7,))
+check(c.execute("SELECT v FROM drv WHERE id = %s", (7,)).fetchone() is None, "a parameterized delete is seen")
+c.execute("INSERT INTO drv (id, v) VALUES (%s, %s)", (7, "back"))
+check(c.execute("SELECT v FROM drv WHERE id = %s", (7,)).fetchone()[0] == "back", "a parameterized insert is seen")
 
 # An error in a transaction, then rollback.
 t = psycopg.connect(URL)
