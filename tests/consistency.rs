@@ -73,8 +73,9 @@ async fn run_checker(instances: usize, window: Duration, tweak: impl Fn(&mut pgc
             for _ in 0..OPS {
                 let key = rng.random_range(0..KEYS);
                 // Across instances the writes go through the first instance only, the reads
-                // through all: only its invalidations keep the others fresh. (Invalidation is
-                // per table, so an instance's own writes to any key would refresh them all.)
+                // through all: only its invalidations keep the others fresh. (An instance's own
+                // writes invalidate its own entries of the keys written, so no instance but the
+                // first may write.)
                 let writer = (seed as usize).is_multiple_of(instances);
                 if writer && rng.random_bool(0.25) {
                     let row = c
