@@ -153,8 +153,9 @@ pub struct Assessment {
 #[derive(Debug, Clone)]
 pub struct KeyedRead {
     pub relation: Relation,
-    /// Its primary-key column, which the statement's point pins.
+    /// Its primary-key column, which the statement's point pins, and the column's type.
     pub column: String,
+    pub kind: point::KeyType,
 }
 
 impl KeyedRead {
@@ -166,10 +167,10 @@ impl KeyedRead {
 
 /// Whether `c` pins the key of the one table it reads (described by `info`).
 fn keyed(c: &Classified, info: &RelationInfo) -> Option<KeyedRead> {
-    let column = info.point_key.as_deref()?;
-    c.point.as_ref()?.values(column)?;
+    let key = info.point_key.as_ref()?;
+    c.point.as_ref()?.values(&key.column)?;
     match info.read_deps.as_slice() {
-        [relation] => Some(KeyedRead { relation: relation.clone(), column: column.to_owned() }),
+        [relation] => Some(KeyedRead { relation: relation.clone(), column: key.column.clone(), kind: key.kind }),
         _ => None,
     }
 }

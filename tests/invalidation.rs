@@ -30,6 +30,9 @@ CREATE FUNCTION log_it() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INT
 CREATE TRIGGER audited_log AFTER INSERT ON audited FOR EACH ROW EXECUTE FUNCTION log_it();
 CREATE TABLE kv (id int8 PRIMARY KEY, v text);
 INSERT INTO kv SELECT g, 'v' || g FROM generate_series(1, 10) g;
+CREATE TABLE uk (id uuid PRIMARY KEY, v text);
+INSERT INTO uk VALUES ('00000000-0000-0000-0000-000000000001', 'u1'), ('00000000-0000-0000-0000-000000000002', 'u2'),
+  ('00000000-0000-0000-0000-000000000003', 'u3');
 CREATE TABLE moved (id int PRIMARY KEY, v text);
 INSERT INTO moved VALUES (1, 'one');
 CREATE FUNCTION move_it() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.id := NEW.id + 100; RETURN NEW; END $$;
@@ -283,4 +286,51 @@ async fn invalidation_by_key_can_be_turned_off() {
     e.cached(&c, "SELECT v FROM kv WHERE id = 2").await;
     c.batch_execute("UPDATE kv SET v = 'x1' WHERE id = 1").await.unwrap();
     assert!(!is_hit(&e, &c, "SELECT v FROM kv WHERE id = 2").await, "by table: a write to key 1 clears key 2");
+}
+
+/// A UUID parameter, sent in binary as drivers do.
+#[derive(Debug)]
+struct Uuid(u128);
+
+impl tokio_postgres::types::ToSql for Uuid {
+    fn to_sql(
+        &self,
+        _: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&self.0.to_be_bytes());
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        *ty == tokio_postgres::types::Type::UUID
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uuid_keys_invalidate_by_key_in_any_spelling() {
+    let e = env().await;
+    let c = e.client().await;
+    let one = "SELECT v FROM uk WHERE id = '00000000-0000-0000-0000-000000000001'";
+    let two = "SELECT v FROM uk WHERE id = '00000000-0000-0000-0000-000000000002'";
+    e.cached(&c, one).await;
+    e.cached(&c, two).await;
+    let by_param = c.prepare("SELECT v FROM uk WHERE id = $1").await.unwrap();
+    let param = |n: u128| {
+        let (c, by_param) = (&c, &by_param);
+        async move { c.query_one(by_param, &[&Uuid(n)]).await.unwrap().get::<_, String>(0) }
+    };
+    assert_eq!(param(3).await, "u3");
+    // Another spelling of key 1 (no hyphens, upper case, braces): the same key.
+    c.batch_execute("UPDATE uk SET v = 'x1' WHERE id = '{0000000000000000000000000000000A}'").await.unwrap();
+    assert!(is_hit(&e, &c, one).await, "a write to another key left key 1 cached");
+    c.batch_execute("UPDATE uk SET v = 'x1' WHERE id = '{00000000000000000000000000000001}'").await.unwrap();
+    assert_eq!(text(&c, one).await, "x1");
+    assert!(is_hit(&e, &c, two).await, "a write to key 1 left key 2 cached");
+    // A binary parameter.
+    c.execute("UPDATE uk SET v = 'x3' WHERE id = $1", &[&Uuid(3)]).await.unwrap();
+    assert_eq!(param(3).await, "x3");
+    assert!(is_hit(&e, &c, two).await, "a write to key 3 left key 2 cached");
 }

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 use crate::query::Relation;
+use crate::query::point::KeyValue;
 
 /// How many key slots there are (8 bytes each).
 pub const KEY_SLOTS: usize = 1 << 16;
@@ -63,7 +64,7 @@ impl Dependency {
 pub struct Keyed<'a> {
     pub relation: &'a Relation,
     pub column: &'a str,
-    pub values: &'a [i64],
+    pub values: &'a [KeyValue],
 }
 
 /// Every counter.
@@ -109,7 +110,7 @@ fn snap_counter(counter: Counter) -> Dependency {
 }
 
 /// The slot of a key of a relation.
-fn slot(relation: &Relation, value: i64) -> usize {
+fn slot(relation: &Relation, value: &KeyValue) -> usize {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
     relation.hash(&mut h);
@@ -131,7 +132,7 @@ impl Generations {
                 Some(k) if k.relation == r => {
                     deps.push(snap(intern(&self.wide, r)));
                     for v in k.values {
-                        deps.push(snap_counter(Counter::Slot(self.keys.clone(), slot(r, *v))));
+                        deps.push(snap_counter(Counter::Slot(self.keys.clone(), slot(r, v))));
                     }
                 }
                 _ => deps.push(snap(intern(&self.relations, r))),
@@ -163,14 +164,14 @@ impl Generations {
 
     /// A write to the rows of `relation` whose key (`column`) is one of `values` (and no other
     /// row, of it or of any other relation).
-    pub fn bump_keys(&self, relation: &Relation, column: &str, values: &[i64]) {
+    pub fn bump_keys(&self, relation: &Relation, column: &str, values: &[KeyValue]) {
         if !self.key_column_is(relation, column) {
             self.key_columns.lock().insert(relation.clone(), column.to_owned());
             self.bump_relations(std::slice::from_ref(relation));
             return;
         }
         for v in values {
-            self.keys[slot(relation, *v)].fetch_add(1, Ordering::AcqRel);
+            self.keys[slot(relation, v)].fetch_add(1, Ordering::AcqRel);
         }
         intern(&self.relations, relation).fetch_add(1, Ordering::AcqRel);
     }
@@ -230,33 +231,37 @@ mod tests {
     fn key_writes_kill_the_reads_of_their_keys_and_every_unkeyed_read() {
         let g = Generations::default();
         let t = rel("public", "t");
-        let keyed = |values: &[i64]| {
+        let keyed = |values: &[KeyValue]| {
             g.snapshot("db", std::slice::from_ref(&t), Some(Keyed { relation: &t, column: "id", values }))
         };
-        let (five, six, both) = (keyed(&[5]), keyed(&[6]), keyed(&[5, 7]));
+        let (five, six, both) =
+            (keyed(&[KeyValue::Int(5)]), keyed(&[KeyValue::Int(6)]), keyed(&[KeyValue::Int(5), KeyValue::Int(7)]));
         let whole = g.snapshot("db", std::slice::from_ref(&t), None);
-        g.bump_keys(&t, "id", &[6]);
+        g.bump_keys(&t, "id", &[KeyValue::Int(6)]);
         assert!(alive(&five) && alive(&both), "other keys' reads live");
         assert!(!alive(&six), "the key's read dies");
         assert!(!alive(&whole), "a read of the whole table dies");
-        g.bump_keys(&rel("public", "u"), "id", &[5]);
+        g.bump_keys(&rel("public", "u"), "id", &[KeyValue::Int(5)]);
         assert!(alive(&five), "the same key of another table is another key");
-        g.bump_keys(&t, "id", &[7]);
+        g.bump_keys(&t, "id", &[KeyValue::Int(7)]);
         assert!(alive(&five) && !alive(&both));
         g.bump_relations(std::slice::from_ref(&t));
         assert!(!alive(&five), "a write not pinned to keys reaches every key");
-        let five = keyed(&[5]);
+        let five = keyed(&[KeyValue::Int(5)]);
         g.bump_name("t");
         assert!(!alive(&five), "so does a write by name");
         // The key column changes (the primary key was redefined): a write by the new column
         // cannot say which old keys it touched.
-        let five = keyed(&[5]);
-        g.bump_keys(&t, "code", &[7]);
+        let five = keyed(&[KeyValue::Int(5)]);
+        g.bump_keys(&t, "code", &[KeyValue::Int(7)]);
         assert!(!alive(&five), "a write keyed by another column reaches every key");
-        let by_old = keyed(&[5]);
-        let by_new =
-            g.snapshot("db", std::slice::from_ref(&t), Some(Keyed { relation: &t, column: "code", values: &[8] }));
-        g.bump_keys(&t, "code", &[9]);
+        let by_old = keyed(&[KeyValue::Int(5)]);
+        let by_new = g.snapshot(
+            "db",
+            std::slice::from_ref(&t),
+            Some(Keyed { relation: &t, column: "code", values: &[KeyValue::Int(8)] }),
+        );
+        g.bump_keys(&t, "code", &[KeyValue::Int(9)]);
         assert!(!alive(&by_old), "a read keyed by the old column depends on every write");
         assert!(alive(&by_new));
     }

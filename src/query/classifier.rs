@@ -146,12 +146,16 @@ mod tests {
         let int = c.classify("SELECT 'x'::int");
         let reg = c.classify("SELECT 'x'::regclass");
         assert_ne!(int[0].types, reg[0].types, "casts to other types are other shapes");
-        use crate::query::point::Value::Int;
+        let k = |text: &str| crate::query::point::Value::Const(text.into());
         let one = c.classify("SELECT v FROM t WHERE id = 1 AND n = '3'");
         let two = c.classify("SELECT v FROM t WHERE id = 2 AND n = 'x'");
         let point = |c: &Arc<Vec<Classified>>| c[0].point.as_ref().map(|p| p.columns.clone());
-        assert_eq!(point(&one), Some(vec![("id".into(), vec![Int(1)]), ("n".into(), vec![Int(3)])]));
-        assert_eq!(point(&two), Some(vec![("id".into(), vec![Int(2)])]), "key values are each text's own");
+        assert_eq!(point(&one), Some(vec![("id".into(), vec![k("1")]), ("n".into(), vec![k("3")])]));
+        assert_eq!(
+            point(&two),
+            Some(vec![("id".into(), vec![k("2"),]), ("n".into(), vec![k("x")])]),
+            "key values are each text's own"
+        );
         assert_eq!(point(&c.classify("SELECT v FROM t WHERE id = 1 AND n = '3'")), point(&one));
         let a = c.classify("SELECT set_config('app.a', '1', false)");
         let b = c.classify("SELECT set_config('app.b', '1', false)");

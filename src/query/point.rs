@@ -15,27 +15,101 @@
 //!   candidate when every row gives it a constant), no `ON CONFLICT DO UPDATE` (which updates
 //!   a row found by some other value), and no `WITH`.
 //!
-//! Constants are integers (`5`, `-5`, `'5'`, `5000000000`); anything that does not read as
-//! one (`5.0`, `'five'`, a cast) drops the candidate. Statements that differ only in their
+//! Constants are numbers and plain quoted strings (`5`, `-5`, `'5'`, `'a0eebc99-…'`), read
+//! as the key column's type says ([`KeyType`]: integers and UUIDs); anything else (`5.0` for
+//! an integer, a cast, an escape string) is no key value, and the statement counts as one on
+//! the whole table. Statements that differ only in their
 //! literals share one classification ([`super::classifier`]), so a constant is recorded by
 //! its place among the statement's literal tokens ([`Value::Literal`]) and read from each
 //! text's own literals ([`Point::resolve`]).
 
+use std::sync::Arc;
+
 use serde_json::Value as Json;
 
 /// A value a candidate column is pinned to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value {
-    Int(i64),
+    /// A constant's text: a number (with its sign) or a quoted string's contents.
+    Const(Arc<str>),
     /// The statement's `$n` parameter (1-based), known only at Bind.
     Param(u16),
     /// The statement's `index`th literal token (0-based, as Postgres's lexer counts them),
     /// negated when a minus sign precedes it: the same for every text of one shape, and
-    /// turned into [`Value::Int`] for each text by [`Point::resolve`].
-    Literal {
-        index: u16,
-        negative: bool,
-    },
+    /// turned into [`Value::Const`] for each text by [`Point::resolve`].
+    Literal { index: u16, negative: bool },
+}
+
+/// The types a key column may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyType {
+    /// `int2`, `int4`, `int8`.
+    Int,
+    Uuid,
+}
+
+/// A key value, as its column's type compares it: equal exactly when Postgres finds it equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyValue {
+    Int(i64),
+    Uuid(u128),
+}
+
+const INT8: u32 = 20;
+const INT2: u32 = 21;
+const INT4: u32 = 23;
+const NUMERIC: u32 = 1700;
+const UUID: u32 = 2950;
+
+impl KeyType {
+    /// The key type of a column of type `oid`, if keys of it are supported.
+    pub fn of_oid(oid: u32) -> Option<KeyType> {
+        match oid {
+            INT2 | INT4 | INT8 => Some(KeyType::Int),
+            UUID => Some(KeyType::Uuid),
+            _ => None,
+        }
+    }
+
+    /// A constant's value. Integers as Postgres's integer input reads them (surrounding
+    /// blanks allowed; not `1_000`, which it reads too — no key, then); UUIDs as 32 hex
+    /// digits, hyphens and braces aside (every form Postgres reads has its digits in order).
+    pub fn text(self, text: &str) -> Option<KeyValue> {
+        match self {
+            KeyType::Int => text.trim().parse().ok().map(KeyValue::Int),
+            KeyType::Uuid => {
+                let t = text.strip_prefix('{').and_then(|t| t.strip_suffix('}')).unwrap_or(text);
+                let hex: String = t.chars().filter(|c| *c != '-').collect();
+                let digits = hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+                digits.then(|| u128::from_str_radix(&hex, 16).ok()).flatten().map(KeyValue::Uuid)
+            }
+        }
+    }
+
+    /// A parameter's value: text, or binary when the declared type (`type_oid`, 0 when left
+    /// to the server, which then takes the column's) is the column's own.
+    pub fn param(self, type_oid: u32, binary: bool, bytes: &[u8]) -> Option<KeyValue> {
+        let declared = match self {
+            // A text value compares exactly as an integer or numeric (not as a float, which
+            // rounds large integers).
+            KeyType::Int => matches!(type_oid, 0 | INT8 | INT2 | INT4 | NUMERIC),
+            KeyType::Uuid => matches!(type_oid, 0 | UUID),
+        };
+        if !declared {
+            return None;
+        }
+        if !binary {
+            return self.text(std::str::from_utf8(bytes).ok()?);
+        }
+        let value = match (self, type_oid, bytes.len()) {
+            (KeyType::Int, 0 | INT2, 2) => KeyValue::Int(i16::from_be_bytes(bytes.try_into().ok()?).into()),
+            (KeyType::Int, 0 | INT4, 4) => KeyValue::Int(i32::from_be_bytes(bytes.try_into().ok()?).into()),
+            (KeyType::Int, 0 | INT8, 8) => KeyValue::Int(i64::from_be_bytes(bytes.try_into().ok()?)),
+            (KeyType::Uuid, _, 16) => KeyValue::Uuid(u128::from_be_bytes(bytes.try_into().ok()?)),
+            _ => return None,
+        };
+        Some(value)
+    }
 }
 
 /// The columns a statement pins to values, each with every value it may take (one for
@@ -57,7 +131,8 @@ impl Point {
     }
 
     /// This point for a text whose literal tokens are `literals` (their text as written):
-    /// literals become integers; a column with a literal that is not one is no candidate.
+    /// literals become constants; a column with a literal that cannot be read plainly (an
+    /// escape or dollar-quoted string) is no candidate.
     pub fn resolve(&self, literals: &[&str]) -> Option<Point> {
         let columns: Vec<(String, Vec<Value>)> = self
             .columns
@@ -67,10 +142,10 @@ impl Point {
                     .iter()
                     .map(|v| match *v {
                         Value::Literal { index, negative } => {
-                            let n = literal_int(literals.get(usize::from(index))?)?;
-                            Some(Value::Int(if negative { n.checked_neg()? } else { n }))
+                            let text = literal_text(literals.get(usize::from(index))?)?;
+                            Some(Value::Const(if negative { format!("-{text}").into() } else { text.into() }))
                         }
-                        other => Some(other),
+                        ref other => Some(other.clone()),
                     })
                     .collect::<Option<Vec<_>>>()?;
                 Some((c.clone(), values))
@@ -80,14 +155,14 @@ impl Point {
     }
 }
 
-/// A literal token's integer value: a number, or a plain quoted string holding one (`'5'`).
-fn literal_int(token: &str) -> Option<i64> {
-    let text = match token.strip_prefix('\'').and_then(|t| t.strip_suffix('\'')) {
-        Some(inner) if !inner.contains(['\'', '\\']) => inner,
-        Some(_) => return None,
-        None => token,
-    };
-    int_text(text)
+/// A literal token's value as text: a number as written, or a plain quoted string's contents.
+fn literal_text(token: &str) -> Option<&str> {
+    match token.strip_prefix('\'').and_then(|t| t.strip_suffix('\'')) {
+        Some(inner) if !inner.contains(['\'', '\\']) => Some(inner),
+        Some(_) => None,
+        None if token.starts_with(|c: char| c.is_ascii_digit() || c == '.') => Some(token),
+        None => None,
+    }
 }
 
 /// The point of a statement (`top` is its node type, `node` its body, `sql` its text), or
@@ -214,33 +289,6 @@ fn value(expr: &Json) -> Option<Value> {
     number_or_string.then_some(Value::Literal { index: at, negative: false })
 }
 
-/// An integer as Postgres's integer input reads it (surrounding blanks allowed), or `None`
-/// for anything else, including forms Postgres reads but this does not (`1_000`).
-pub fn int_text(text: &str) -> Option<i64> {
-    text.trim().parse().ok()
-}
-
-/// An integer parameter value: text, or binary `int2`/`int4`/`int8` when the declared type
-/// (`type_oid`, 0 when left to the server) allows it. `None` for anything else.
-pub fn int_param(type_oid: u32, binary: bool, bytes: &[u8]) -> Option<i64> {
-    const INT8: u32 = 20;
-    const INT2: u32 = 21;
-    const INT4: u32 = 23;
-    const NUMERIC: u32 = 1700;
-    if !binary {
-        // A text value compares exactly as an integer or numeric (not as a float, which
-        // rounds large integers).
-        let numeric = matches!(type_oid, 0 | INT8 | INT2 | INT4 | NUMERIC);
-        return numeric.then(|| std::str::from_utf8(bytes).ok().and_then(int_text)).flatten();
-    }
-    match (type_oid, bytes.len()) {
-        (0 | INT2, 2) => Some(i16::from_be_bytes([bytes[0], bytes[1]]).into()),
-        (0 | INT4, 4) => Some(i32::from_be_bytes(bytes.try_into().ok()?).into()),
-        (0 | INT8, 8) => Some(i64::from_be_bytes(bytes.try_into().ok()?)),
-        _ => None,
-    }
-}
-
 /// The candidate columns of `INSERT … (cols) VALUES …`.
 fn insert_values(node: &Json) -> Option<Vec<(String, Vec<Value>)>> {
     // OnConflictAction: 2 = ONCONFLICT_NOTHING.
@@ -296,22 +344,27 @@ mod tests {
         point(sql).map(|p| p.columns).unwrap_or_default()
     }
 
-    use Value::{Int, Param};
+    use Value::Param;
+
+    /// A constant.
+    fn k(text: &str) -> Value {
+        Value::Const(text.into())
+    }
 
     #[test]
     fn reads_pinned_by_equality_have_points() {
-        assert_eq!(cols("SELECT abalance FROM accounts WHERE aid = 5"), [("aid".into(), vec![Int(5)])]);
+        assert_eq!(cols("SELECT abalance FROM accounts WHERE aid = 5"), [("aid".into(), vec![k("5")])]);
         assert_eq!(
             cols("SELECT * FROM accounts a WHERE a.aid = $1 AND 7 = bid"),
-            [("aid".into(), vec![Param(1)]), ("bid".into(), vec![Int(7)])]
+            [("aid".into(), vec![Param(1)]), ("bid".into(), vec![k("7")])]
         );
         assert_eq!(
             cols("SELECT * FROM t WHERE id IN (1, -2, '3') ORDER BY id LIMIT 2"),
-            [("id".into(), vec![Int(1), Int(-2), Int(3)])]
+            [("id".into(), vec![k("1"), k("-2"), k("3")])]
         );
-        assert_eq!(cols("SELECT * FROM t WHERE id = 0"), [("id".into(), vec![Int(0)])]);
-        assert_eq!(cols("SELECT * FROM t WHERE id = 5000000000"), [("id".into(), vec![Int(5_000_000_000)])]);
-        assert_eq!(cols("SELECT * FROM t WHERE id = - 5 AND 'x' = 'x'"), [("id".into(), vec![Int(-5)])]);
+        assert_eq!(cols("SELECT * FROM t WHERE id = 0"), [("id".into(), vec![k("0")])]);
+        assert_eq!(cols("SELECT * FROM t WHERE id = 5000000000"), [("id".into(), vec![k("5000000000")])]);
+        assert_eq!(cols("SELECT * FROM t WHERE id = - 5 AND 'x' = 'x'"), [("id".into(), vec![k("-5")])]);
     }
 
     #[test]
@@ -323,21 +376,21 @@ mod tests {
         assert!(shared.has_literals());
         // Another text of the same shape: `... v = 'bb' AND id = 77`.
         let other = shared.resolve(&["'bb'", "77"]).unwrap();
-        assert_eq!(other.columns, [("id".to_owned(), vec![Int(77)])]);
+        assert_eq!(other.columns, [("v".to_owned(), vec![k("bb")]), ("id".to_owned(), vec![k("77")])]);
         assert!(!other.has_literals());
         assert_eq!(
             shared.resolve(&["'5'", "'12'"]).unwrap().columns,
-            [("v".to_owned(), vec![Int(5)]), ("id".to_owned(), vec![Int(12)])]
+            [("v".to_owned(), vec![k("5")]), ("id".to_owned(), vec![k("12")])]
         );
-        assert_eq!(shared.resolve(&["'a'", "E'1'"]), None, "escape strings are not read");
+        let id_of = |literals: &[&str]| shared.resolve(literals).and_then(|p| p.values("id").map(<[Value]>::to_vec));
+        assert_eq!(id_of(&["'a'", "E'1'"]), None, "escape strings are not read");
+        assert_eq!(id_of(&["'a'", "$$1$$"]), None, "dollar-quoted strings are not read");
     }
 
     #[test]
     fn reads_that_may_see_other_rows_have_none() {
         for sql in [
             "SELECT * FROM t WHERE id = 5 OR id = 6",
-            "SELECT * FROM t WHERE id = 5.5",
-            "SELECT * FROM t WHERE id = '5a'",
             "SELECT * FROM t WHERE id = 5::int8",
             "SELECT * FROM t WHERE id > 5",
             "SELECT * FROM t WHERE id = (SELECT max(id) FROM t)",
@@ -358,11 +411,11 @@ mod tests {
     fn writes_have_the_rows_they_change() {
         assert_eq!(cols("UPDATE t SET v = v + 1 WHERE id = $2"), [("id".into(), vec![Param(2)])]);
         assert_eq!(cols("UPDATE t SET id = 9 WHERE id = 5"), []);
-        assert_eq!(cols("UPDATE t SET v = now() WHERE id = 5 AND v > 0"), [("id".into(), vec![Int(5)])]);
+        assert_eq!(cols("UPDATE t SET v = now() WHERE id = 5 AND v > 0"), [("id".into(), vec![k("5")])]);
         assert_eq!(cols("DELETE FROM t WHERE id IN ($1, $2)"), [("id".into(), vec![Param(1), Param(2)])]);
         assert_eq!(
             cols("INSERT INTO t (id, v) VALUES (1, 'a'), ($1, DEFAULT) ON CONFLICT DO NOTHING"),
-            [("id".into(), vec![Int(1), Param(1)])]
+            [("id".into(), vec![k("1"), Param(1)])]
         );
         for sql in [
             "INSERT INTO t VALUES (1, 'a')",
@@ -378,15 +431,46 @@ mod tests {
     }
 
     #[test]
-    fn parameters_read_as_integers_only_when_they_are() {
-        assert_eq!(int_param(0, false, b" 42 "), Some(42));
-        assert_eq!(int_param(25, false, b"42"), None);
-        assert_eq!(int_param(701, false, b"42"), None, "a float rounds large integers");
-        assert_eq!(int_param(1700, false, b"42"), Some(42));
-        assert_eq!(int_param(0, true, &7i32.to_be_bytes()), Some(7));
-        assert_eq!(int_param(20, true, &(-7i64).to_be_bytes()), Some(-7));
-        assert_eq!(int_param(21, true, &3i16.to_be_bytes()), Some(3));
-        assert_eq!(int_param(701, true, &5f64.to_be_bytes()), None);
-        assert_eq!(int_param(23, true, &5i64.to_be_bytes()), None);
+    fn values_are_read_as_the_key_column_type_says() {
+        use KeyValue::{Int, Uuid};
+        let int = KeyType::Int;
+        assert_eq!(int.text(" 42 "), Some(Int(42)));
+        assert_eq!(int.text("-5000000000"), Some(Int(-5_000_000_000)));
+        for not in ["5.5", "5a", "1e3", "0x1F", "1_000", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"] {
+            assert_eq!(int.text(not), None, "{not}");
+        }
+        let uuid = KeyType::Uuid;
+        let id = Some(Uuid(0xa0eebc999c0b4ef8bb6d6bb9bd380a11));
+        for form in [
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+            "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}",
+            "a0eebc999c0b4ef8bb6d6bb9bd380a11",
+            "a0ee-bc99-9c0b-4ef8-bb6d-6bb9-bd38-0a11",
+        ] {
+            assert_eq!(uuid.text(form), id, "{form}");
+        }
+        assert_eq!(uuid.text("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1"), None, "31 digits");
+        assert_eq!(uuid.text("5"), None);
+    }
+
+    #[test]
+    fn parameters_are_read_only_when_their_type_compares_like_the_key() {
+        use KeyValue::{Int, Uuid};
+        let int = KeyType::Int;
+        assert_eq!(int.param(0, false, b" 42 "), Some(Int(42)));
+        assert_eq!(int.param(25, false, b"42"), None);
+        assert_eq!(int.param(701, false, b"42"), None, "a float rounds large integers");
+        assert_eq!(int.param(1700, false, b"42"), Some(Int(42)));
+        assert_eq!(int.param(0, true, &7i32.to_be_bytes()), Some(Int(7)));
+        assert_eq!(int.param(20, true, &(-7i64).to_be_bytes()), Some(Int(-7)));
+        assert_eq!(int.param(21, true, &3i16.to_be_bytes()), Some(Int(3)));
+        assert_eq!(int.param(701, true, &5f64.to_be_bytes()), None);
+        assert_eq!(int.param(23, true, &5i64.to_be_bytes()), None);
+        let uuid = KeyType::Uuid;
+        assert_eq!(uuid.param(0, true, &7u128.to_be_bytes()), Some(Uuid(7)));
+        assert_eq!(uuid.param(2950, false, b"00000000-0000-0000-0000-000000000007"), Some(Uuid(7)));
+        assert_eq!(uuid.param(25, false, b"00000000-0000-0000-0000-000000000007"), None);
+        assert_eq!(uuid.param(0, true, &7u64.to_be_bytes()), None);
     }
 }

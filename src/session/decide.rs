@@ -101,7 +101,7 @@ impl Relay<'_> {
                 Request::Extended { param_types, bind } => Some(effects::Params { types: param_types, bind }),
                 Request::Simple => None,
             };
-            effects::key_values(k.values(c)?, params).map(|values| (k, values))
+            effects::key_values(k.values(c)?, k.kind, params).map(|values| (k, values))
         });
         let keyed = keys.as_ref().map(|(k, values)| Keyed { relation: &k.relation, column: &k.column, values });
         let deps = ctx.generations.snapshot(&self.key.database, &a.deps, keyed);

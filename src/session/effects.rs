@@ -16,7 +16,7 @@ use crate::config::UnknownWrites;
 use crate::context::Context;
 use crate::protocol::frontend::BindParts;
 use crate::query::catalog::{CatalogError, RelationInfo};
-use crate::query::point::{self, int_param};
+use crate::query::point::{self, KeyType, KeyValue};
 use crate::query::{Classified, Kind, Relation, TxControl};
 
 pub use super::core::effect::Effect;
@@ -106,17 +106,17 @@ pub struct Params<'a> {
     pub bind: &'a BindParts,
 }
 
-/// The integer key values `values` stand for (`$n` read from `params`), or `None` if any of
-/// them is not known to be an integer.
-pub fn key_values(values: &[point::Value], params: Option<Params<'_>>) -> Option<Vec<i64>> {
+/// The values of a key of type `kind` that `values` stand for (`$n` read from `params`), or
+/// `None` if any of them cannot be read as one.
+pub fn key_values(values: &[point::Value], kind: KeyType, params: Option<Params<'_>>) -> Option<Vec<KeyValue>> {
     values
         .iter()
-        .map(|v| match *v {
-            point::Value::Int(i) => Some(i),
+        .map(|v| match v {
+            point::Value::Const(text) => kind.text(text),
             point::Value::Param(n) => {
-                let (p, i) = (params?, usize::from(n) - 1);
+                let (p, i) = (params?, usize::from(*n) - 1);
                 let bytes = p.bind.params.get(i)?.as_deref()?;
-                int_param(p.types.get(i).copied().unwrap_or(0), p.bind.param_format(i) == 1, bytes)
+                kind.param(p.types.get(i).copied().unwrap_or(0), p.bind.param_format(i) == 1, bytes)
             }
             // Not read from this text (a statement among several in one Query).
             point::Value::Literal { .. } => None,
@@ -126,12 +126,17 @@ pub fn key_values(values: &[point::Value], params: Option<Params<'_>>) -> Option
 
 /// The key values a statement pins the key of `info`'s table to, when invalidation by key
 /// applies.
-pub fn keys_of(ctx: &Context, c: &Classified, info: &RelationInfo, params: Option<Params<'_>>) -> Option<Vec<i64>> {
+pub fn keys_of(
+    ctx: &Context,
+    c: &Classified,
+    info: &RelationInfo,
+    params: Option<Params<'_>>,
+) -> Option<Vec<KeyValue>> {
     if !ctx.config().cache.invalidate_by_key {
         return None;
     }
-    let values = c.point.as_ref()?.values(info.point_key.as_deref()?)?;
-    key_values(values, params)
+    let key = info.point_key.as_ref()?;
+    key_values(c.point.as_ref()?.values(&key.column)?, key.kind, params)
 }
 
 /// The invalidations `c` causes in `database`. Looks up the catalog (cached, bounded wait).
@@ -174,7 +179,7 @@ async fn writes(ctx: &Context, database: &str, c: &Classified, params: Option<Pa
                 } else if let (Some(values), [relation], Some(column)) =
                     (keys, info.write_targets.as_slice(), &info.point_key)
                 {
-                    out.push(Effect::Keys { relation: relation.clone(), column: column.clone(), values });
+                    out.push(Effect::Keys { relation: relation.clone(), column: column.column.clone(), values });
                 } else {
                     out.push(Effect::Relations(info.write_targets.clone()));
                 }

@@ -27,6 +27,7 @@ use crate::backend::{Credentials, Endpoint};
 use crate::config::Upstream;
 
 use super::classify::classify;
+use super::point::KeyType;
 use super::relation::Relation;
 
 /// The connection half of a side connection (driven by whoever reads its notifications).
@@ -70,11 +71,18 @@ pub struct RelationInfo {
     /// read returns depends on the role and on whatever its policies read.
     pub row_security: bool,
     /// The column its cache entries and writes may be scoped by ([`crate::query::point`]):
-    /// its single-column integer primary key (not generated), when it is one plain table —
+    /// its single-column integer or UUID primary key (not generated), when it is one plain table —
     /// not partitioned, no partitions or inheritance, no user triggers or rules, no cascading
     /// foreign keys, no row-level security — so a write pinned to key values changes only
     /// the rows with those values, in it alone.
-    pub point_key: Option<String>,
+    pub point_key: Option<PointKey>,
+}
+
+/// A table's key column, for invalidation by key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointKey {
+    pub column: String,
+    pub kind: KeyType,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -369,10 +377,10 @@ impl Catalog {
                      WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
                        AND p.provolatile <> 'i' AND NOT p.proname::text = ANY($3)), \
                    CASE WHEN c.relkind = 'r' AND NOT c.relispartition THEN \
-                     (SELECT a.attname::text FROM pg_index i \
+                     (SELECT a.attname::text || ':' || a.atttypid::oid::int8 FROM pg_index i \
                        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
                        WHERE i.indrelid = c.oid AND i.indisprimary AND i.indnkeyatts = 1 \
-                         AND a.atttypid IN (20, 21, 23) AND a.attgenerated = '') END \
+                         AND a.attgenerated = '') END \
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE c.relname = $1 AND ($2::text IS NULL OR n.nspname = $2) AND c.relkind IN ('r','p','v','m','f')",
                 &[&name.name, &name.schema, &SETTINGS_ONLY],
@@ -388,14 +396,14 @@ impl Catalog {
         let mut reads = BTreeSet::new();
         let mut writes = BTreeSet::new();
         let single = rows.len() == 1;
-        let mut key: Option<String> = None;
+        let mut key: Option<PointKey> = None;
         for row in rows {
             let (oid, schema, kind, persistence, triggers): (i64, String, String, String, bool) =
                 (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
             let viewdef: Option<String> = row.get(5);
             info.row_security |= row.get::<_, bool>(6);
             info.stable |= row.get::<_, bool>(7);
-            key = row.get(8);
+            key = row.get::<_, Option<String>>(8).as_deref().and_then(point_key);
             let me = Relation::new(Some(&schema), &name.name);
             self.learn_oid(&self.db(db), me.clone(), oid as u32);
             info.schemas.push(schema.clone());
@@ -545,6 +553,13 @@ const TYPE_FUNCTIONS: &str = "WITH RECURSIVE ty(oid, depth) AS ( \
 
 /// A function the catalog does not know: assume the worst.
 const UNKNOWN_FUNCTION: FunctionInfo = FunctionInfo { volatility: Volatility::Volatile, may_write: true };
+
+/// A key column from `name:type-oid`, if its type is one keys are read for.
+fn point_key(column_and_type: &str) -> Option<PointKey> {
+    let (column, oid) = column_and_type.rsplit_once(':')?;
+    let kind = KeyType::of_oid(oid.parse().ok()?)?;
+    Some(PointKey { column: column.to_owned(), kind })
+}
 
 /// Inheritance/partition ancestors and descendants of relation `$1`.
 const INHERITANCE: &str = "WITH RECURSIVE up(oid) AS ( \

@@ -14,7 +14,7 @@ pub enum Effect {
     Relations(Vec<Relation>),
     /// Only the rows of this resolved relation whose key (`column`, its primary key, see
     /// [`crate::query::point`]) is one of `values` changed.
-    Keys { relation: Relation, column: String, values: Vec<i64> },
+    Keys { relation: Relation, column: String, values: Vec<crate::query::point::KeyValue> },
     /// Every relation with this name, in any schema, changed.
     Name(String),
     /// Something unknown changed (subject to `cache.unknown_writes`).
