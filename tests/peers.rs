@@ -81,6 +81,27 @@ async fn a_write_through_one_instance_reaches_every_other() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_pinned_to_a_key_invalidates_only_that_key_on_the_others() {
+    let cluster = PgCluster::shared();
+    let user = cluster.superuser();
+    let db = cluster.create_db("peers").await;
+    let admin = cluster.admin(&db).await;
+    admin.batch_execute(SCHEMA).await.unwrap();
+    let (fleet, _dir) = fleet(cluster, 2, |_| {}).await;
+    let (a, b) = (fleet[0].connect(&db, &user).await, fleet[1].connect(&db, &user).await);
+    let other = "SELECT v FROM items WHERE id = 2";
+    for read in [READ, other] {
+        text(&b, read).await;
+    }
+    a.batch_execute("UPDATE items SET v = 'keyed' WHERE id = 1").await.unwrap();
+    assert!(until(&b, "keyed", Duration::from_secs(2)).await.is_some(), "B still served key 1's old row");
+    let before = executions(&admin, "FROM items WHERE id =").await;
+    assert_eq!(text(&b, other).await, "v2");
+    assert_eq!(executions(&admin, "FROM items WHERE id =").await, before, "B still answers key 2 from its cache");
+    assert!(fleet[1].metric("pgcache_peer_notifications_received_total").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_peers_another_instance_stays_stale() {
     // The control: with peer invalidation off, the same test sees the stale row (so the test
     // above can fail).

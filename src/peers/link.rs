@@ -174,9 +174,7 @@ async fn flush(peers: &Peers, link: &Link, client: &Client) -> Result<bool, Link
     let payloads = message::payloads(&peers.instance, &link.database, &pending);
     if let Err(e) = send(peers, link, client, &payloads).await {
         let mut kept = link.pending.lock();
-        kept.0.oids.extend(pending.oids);
-        kept.0.names.extend(pending.names);
-        kept.0.all |= pending.all;
+        kept.0.merge(pending);
         kept.1 += calls;
         return Err(e);
     }
@@ -249,10 +247,18 @@ async fn apply(peers: &Peers, database: &str, msg: &Message) {
     }
     match peers.catalog.relations_by_oid(database, &msg.r).await {
         Ok(relations) => {
-            for r in &relations {
+            for (oid, r) in msg.r.iter().zip(&relations) {
                 match r {
                     Some(r) => {
-                        g.bump_relations(std::slice::from_ref(r));
+                        // Written only at keys (`k`), when every key reads; else everywhere.
+                        let keyed = msg.k.iter().find(|(k, _, _)| k == oid).and_then(|(_, column, values)| {
+                            let values: Option<Vec<_>> = values.iter().map(|v| message::key_value(v)).collect();
+                            values.map(|v| (column, v))
+                        });
+                        match keyed {
+                            Some((column, values)) => g.bump_keys(r, column, &values),
+                            None => g.bump_relations(std::slice::from_ref(r)),
+                        }
                         peers.stats.table_written(&r.name);
                     }
                     // A relation this instance cannot find (dropped, or not visible to its

@@ -9,10 +9,17 @@
 //! sender's clock in microseconds since the epoch (for the delay histogram), `r` relation OIDs
 //! written, `n` relation names written in any schema, `a` "everything in this database". A
 //! message with `h` is a heartbeat (nothing written), one with `bye` a clean shutdown.
+//!
+//! `k` narrows writes in `r` to key values (see [`crate::query::point`]):
+//! `"k":[[16384,"id",["i5","i7"]]]` says relation 16384 was written only at keys 5 and 7 of
+//! its column `id` (`i` integers, `u` UUIDs as 32 hex digits). A relation in `k` is always in
+//! `r` too, so an instance that does not read `k` invalidates the whole relation — never less.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+
+use crate::query::point::KeyValue;
 
 /// Largest payload sent; Postgres refuses 8000 bytes and more.
 pub const MAX_PAYLOAD: usize = 7900;
@@ -36,24 +43,87 @@ pub struct Message {
     pub h: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bye: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub k: Vec<(u32, String, Vec<String>)>,
+}
+
+/// A relation's writes, as far as they were pinned to keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    pub column: String,
+    pub values: BTreeSet<KeyValue>,
+}
+
+/// Above this many keys of one relation in one publication, the whole relation is announced.
+pub const MAX_KEYS: usize = 256;
+
+/// A key value on the wire.
+pub fn key_text(v: &KeyValue) -> String {
+    match v {
+        KeyValue::Int(i) => format!("i{i}"),
+        KeyValue::Uuid(u) => format!("u{u:032x}"),
+    }
+}
+
+/// A key value from the wire.
+pub fn key_value(text: &str) -> Option<KeyValue> {
+    match text.split_at_checked(1)? {
+        ("i", i) => i.parse().ok().map(KeyValue::Int),
+        ("u", u) if u.len() == 32 => u128::from_str_radix(u, 16).ok().map(KeyValue::Uuid),
+        _ => None,
+    }
 }
 
 /// Invalidations waiting to be published, deduplicated.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pending {
+    /// Relations written (not only at keys).
     pub oids: BTreeSet<u32>,
+    /// Relations written only at keys (none of them in `oids`).
+    pub keys: BTreeMap<u32, Keys>,
     pub names: BTreeSet<String>,
     pub all: bool,
 }
 
 impl Pending {
     pub fn is_empty(&self) -> bool {
-        self.oids.is_empty() && self.names.is_empty() && !self.all
+        self.oids.is_empty() && self.keys.is_empty() && self.names.is_empty() && !self.all
     }
 
     /// How many invalidations this holds (for the coalescing count).
     pub fn len(&self) -> usize {
-        self.oids.len() + self.names.len() + self.all as usize
+        self.oids.len() + self.keys.len() + self.names.len() + self.all as usize
+    }
+
+    /// A write to relation `oid`, everywhere in it.
+    pub fn relation(&mut self, oid: u32) {
+        self.keys.remove(&oid);
+        self.oids.insert(oid);
+    }
+
+    /// A write to relation `oid` at these values of its key `column`. Many keys, or keys of
+    /// another column, make it a write to the whole relation.
+    pub fn keyed(&mut self, oid: u32, column: &str, values: impl IntoIterator<Item = KeyValue>) {
+        if self.oids.contains(&oid) {
+            return;
+        }
+        let keys = self.keys.entry(oid).or_insert_with(|| Keys { column: column.to_owned(), values: BTreeSet::new() });
+        keys.values.extend(values);
+        if keys.column != column || keys.values.len() > MAX_KEYS {
+            self.relation(oid);
+        }
+    }
+
+    /// Everything `other` holds, too.
+    pub fn merge(&mut self, other: Pending) {
+        for oid in other.oids {
+            self.relation(oid);
+        }
+        for (oid, k) in other.keys {
+            self.keyed(oid, &k.column, k.values);
+        }
+        self.names.extend(other.names);
+        self.all |= other.all;
     }
 }
 
@@ -103,7 +173,48 @@ pub fn payloads(instance: &str, database: &str, pending: &Pending) -> Vec<String
         current.n.push(name.clone());
     }
     flush(&mut current, &mut size, &mut out);
+    keyed_payloads(&base, pending, &mut out);
     out
+}
+
+/// The payloads announcing the relations written only at keys: each relation with its keys
+/// (split over several messages when they do not fit one), also listed in `r`.
+fn keyed_payloads(base: &Message, pending: &Pending, out: &mut Vec<String>) {
+    let mut current = base.clone();
+    for (oid, keys) in &pending.keys {
+        let mut values: Vec<String> = keys.values.iter().map(key_text).collect();
+        while !values.is_empty() {
+            current.r.push(*oid);
+            current.k.push((*oid, keys.column.clone(), Vec::new()));
+            let mut fitted = 0;
+            for v in &values {
+                current.k.last_mut().expect("just pushed").2.push(v.clone());
+                if encode(&current).len() > MAX_PAYLOAD {
+                    current.k.last_mut().expect("just pushed").2.pop();
+                    break;
+                }
+                fitted += 1;
+            }
+            if fitted == 0 {
+                current.r.pop();
+                current.k.pop();
+                if current.r.is_empty() {
+                    // Not even one key fits beside the column's name: the whole relation.
+                    out.push(encode(&Message { r: vec![*oid], ..base.clone() }));
+                    values.clear();
+                    continue;
+                }
+            }
+            values.drain(..fitted);
+            if !values.is_empty() || fitted == 0 {
+                out.push(encode(&current));
+                current = base.clone();
+            }
+        }
+    }
+    if !current.r.is_empty() {
+        out.push(encode(&current));
+    }
 }
 
 pub fn encode(m: &Message) -> String {
@@ -141,6 +252,40 @@ mod tests {
         assert!(decode(&out[0]).expect("decodes").a, "too long for any message: everything");
         assert_eq!(decode("not json"), None);
         assert_eq!(decode(r#"{"v":2,"i":"x","d":"y","t":0}"#), None, "another version is ignored");
+    }
+
+    #[test]
+    fn keyed_writes_round_trip_and_list_their_relations_in_r() {
+        let mut p = Pending::default();
+        p.keyed(1, "id", [KeyValue::Int(5), KeyValue::Int(-7)]);
+        p.keyed(2, "id", [KeyValue::Uuid(0xa0eebc999c0b4ef8bb6d6bb9bd380a11)]);
+        p.keyed(3, "id", (0..100).map(KeyValue::Int));
+        p.relation(3);
+        p.keyed(3, "id", [KeyValue::Int(1)]);
+        p.keyed(4, "id", (0..=MAX_KEYS as i64).map(KeyValue::Int));
+        p.keyed(5, "id", [KeyValue::Int(1)]);
+        p.keyed(5, "code", [KeyValue::Int(2)]);
+        p.keyed(6, "a_rather_long_column_name", (0..200).map(|i| KeyValue::Uuid(i * 0x1234_5678_9abc_def0)));
+        assert_eq!(p.oids, [3, 4, 5].into(), "a wide write, too many keys, another column: the whole relation");
+        let out = payloads("abc", "app", &p);
+        let mut seen = Pending::default();
+        for s in &out {
+            assert!(s.len() <= MAX_PAYLOAD, "{} bytes", s.len());
+            let m = decode(s).expect("decodes");
+            let keyed: BTreeSet<u32> = m.k.iter().map(|(oid, _, _)| *oid).collect();
+            assert!(keyed.iter().all(|oid| m.r.contains(oid)), "a keyed relation is in r too: {s}");
+            for oid in m.r.iter().filter(|oid| !keyed.contains(oid)) {
+                seen.relation(*oid);
+            }
+            for (oid, column, values) in m.k {
+                seen.keyed(oid, &column, values.iter().map(|v| key_value(v).expect("a key value")));
+            }
+        }
+        assert_eq!(seen, p);
+        assert!(out.iter().any(|s| s.contains(r#"["i-7","i5"]"#)), "{out:?}");
+        assert!(out.iter().any(|s| s.contains("ua0eebc999c0b4ef8bb6d6bb9bd380a11")), "{out:?}");
+        assert_eq!(key_value("x5"), None);
+        assert_eq!(key_value("u12"), None);
     }
 
     #[test]

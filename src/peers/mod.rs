@@ -43,6 +43,7 @@ use crate::cache::Generations;
 use crate::config::PeersConfig;
 use crate::query::Relation;
 use crate::query::catalog::Catalog;
+use crate::query::point::KeyValue;
 use crate::stats::Stats;
 
 use message::Pending;
@@ -179,8 +180,15 @@ impl Peers {
     }
 
     /// Queues what a committed transaction wrote in `database` for the other instances.
-    pub fn publish(self: &Arc<Self>, database: &str, relations: &[Relation], names: &[String], all: bool) {
-        if !self.config.enabled || (relations.is_empty() && names.is_empty() && !all) {
+    pub fn publish(
+        self: &Arc<Self>,
+        database: &str,
+        relations: &[Relation],
+        keyed: &[(&Relation, &str, &[KeyValue])],
+        names: &[String],
+        all: bool,
+    ) {
+        if !self.config.enabled || (relations.is_empty() && keyed.is_empty() && names.is_empty() && !all) {
             return;
         }
         let link = self.link(database);
@@ -192,8 +200,14 @@ impl Peers {
             p.names.extend(names.iter().cloned());
             for r in relations {
                 match self.catalog.oid_of(database, r) {
-                    Some(oid) => p.oids.insert(oid),
-                    None => p.names.insert(r.name.clone()),
+                    Some(oid) => p.relation(oid),
+                    None => drop(p.names.insert(r.name.clone())),
+                };
+            }
+            for (r, column, values) in keyed {
+                match self.catalog.oid_of(database, r) {
+                    Some(oid) => p.keyed(oid, column, values.iter().copied()),
+                    None => drop(p.names.insert(r.name.clone())),
                 };
             }
         }
@@ -204,7 +218,7 @@ impl Peers {
     pub fn publish_everywhere(self: &Arc<Self>, names: &[String], all: bool) {
         let databases: Vec<String> = self.links.lock().keys().cloned().collect();
         for db in databases {
-            self.publish(&db, &[], names, all);
+            self.publish(&db, &[], &[], names, all);
         }
     }
 

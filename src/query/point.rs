@@ -49,7 +49,7 @@ pub enum KeyType {
 }
 
 /// A key value, as its column's type compares it: equal exactly when Postgres finds it equal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum KeyValue {
     Int(i64),
     Uuid(u128),

@@ -84,18 +84,17 @@ fn publish(ctx: &Arc<Context>, database: &str, effects: &[Effect]) {
     if !ctx.caching() {
         return;
     }
-    let (mut relations, mut names, mut all) = (Vec::new(), Vec::new(), false);
+    let (mut relations, mut keyed, mut names, mut all) = (Vec::new(), Vec::new(), Vec::new(), false);
     for e in effects {
         match e {
-            // Other instances invalidate the whole relation (the messages carry no keys).
             Effect::Relations(r) => relations.extend(r.iter().cloned()),
-            Effect::Keys { relation, .. } => relations.push(relation.clone()),
+            Effect::Keys { relation, column, values } => keyed.push((relation, column.as_str(), values.as_slice())),
             Effect::Name(n) => names.push(n.clone()),
             Effect::All => all = true,
             Effect::Unknown(_) => all |= ctx.config().cache.unknown_writes == UnknownWrites::InvalidateAll,
         }
     }
-    ctx.peers.publish(database, &relations, &names, all);
+    ctx.peers.publish(database, &relations, &keyed, &names, all);
 }
 
 /// The parameters of an extended-protocol execution: their declared types (0: left to the
