@@ -240,6 +240,10 @@ async fn writes_pinned_to_primary_keys_invalidate_only_those_keys() {
     c.execute("UPDATE kv SET v = $1 WHERE id = $2", &[&"x6", &6i64]).await.unwrap();
     assert_eq!(param(6).await, "x6");
     assert!(is_hit(&e, c, &key(2)).await);
+    // A parameter cast to the key's type, as SQLAlchemy writes them.
+    c.execute("UPDATE kv SET v = $1 WHERE id = $2::BIGINT", &[&"y6", &6i64]).await.unwrap();
+    assert_eq!(param(6).await, "y6");
+    assert!(is_hit(&e, c, &key(2)).await);
 
     // IN lists, DELETE, INSERT of a key read before it existed.
     c.batch_execute("DELETE FROM kv WHERE id IN (3, 4)").await.unwrap();

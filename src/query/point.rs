@@ -279,6 +279,12 @@ fn column(expr: &Json) -> Option<String> {
 /// its place among the literals) or a parameter.
 fn value(expr: &Json) -> Option<Value> {
     let node = &expr["node"];
+    if let Some(cast) = node.get("TypeCast") {
+        // A cast to a key type (`$1::INTEGER`, as SQLAlchemy writes parameters; `'…'::uuid`)
+        // keeps the value; its text is still read as the column's type, so a cast that would
+        // round (`5.7::int`) reads as nothing.
+        return key_type_name(&cast["type_name"]).then(|| value(&cast["arg"])).flatten();
+    }
     if let Some(p) = node.get("ParamRef") {
         return p["number"].as_u64().and_then(|n| u16::try_from(n).ok()).filter(|n| *n > 0).map(Value::Param);
     }
@@ -313,6 +319,22 @@ fn insert_values(node: &Json) -> Option<Vec<(String, Vec<Value>)>> {
         }
     }
     Some(out)
+}
+
+/// Whether a TypeName is `int2`, `int4`, `int8` or `uuid` (the built-in ones), not an array.
+fn key_type_name(type_name: &Json) -> bool {
+    let names: Vec<&str> = type_name["names"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["node"]["String"]["sval"].as_str())
+        .collect();
+    let builtin = match names.as_slice() {
+        [name] | ["pg_catalog", name] => Some(*name),
+        _ => None,
+    };
+    let scalar = type_name["array_bounds"].as_array().is_none_or(Vec::is_empty);
+    scalar && builtin.is_some_and(|n| matches!(n, "int2" | "int4" | "int8" | "uuid"))
 }
 
 /// Whether a node of this type occurs anywhere in `v`.
@@ -365,6 +387,11 @@ mod tests {
         assert_eq!(cols("SELECT * FROM t WHERE id = 0"), [("id".into(), vec![k("0")])]);
         assert_eq!(cols("SELECT * FROM t WHERE id = 5000000000"), [("id".into(), vec![k("5000000000")])]);
         assert_eq!(cols("SELECT * FROM t WHERE id = - 5 AND 'x' = 'x'"), [("id".into(), vec![k("-5")])]);
+        // Casts to key types, as SQLAlchemy renders parameters.
+        assert_eq!(cols("SELECT * FROM t WHERE t.id = $1::INTEGER"), [("id".into(), vec![Param(1)])]);
+        assert_eq!(cols("SELECT * FROM t WHERE id = 5::int8"), [("id".into(), vec![k("5")])]);
+        assert_eq!(cols("SELECT * FROM t WHERE id = 5.7::int"), [("id".into(), vec![k("5.7")])], "read as nothing");
+        assert_eq!(cols("SELECT * FROM t WHERE id = '00000000-0000-0000-0000-000000000001'::uuid").len(), 1);
     }
 
     #[test]
@@ -391,7 +418,9 @@ mod tests {
     fn reads_that_may_see_other_rows_have_none() {
         for sql in [
             "SELECT * FROM t WHERE id = 5 OR id = 6",
-            "SELECT * FROM t WHERE id = 5::int8",
+            "SELECT * FROM t WHERE id = 5::numeric",
+            "SELECT * FROM t WHERE id = $1::int8[]",
+            "SELECT * FROM t WHERE id = $1::myschema.int8",
             "SELECT * FROM t WHERE id > 5",
             "SELECT * FROM t WHERE id = (SELECT max(id) FROM t)",
             "SELECT * FROM t WHERE id = 5 AND EXISTS (SELECT 1 FROM t u WHERE u.v = 1)",
