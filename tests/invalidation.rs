@@ -269,6 +269,13 @@ async fn writes_pinned_to_primary_keys_invalidate_only_those_keys() {
     assert_eq!(text(&other, &key(2)).await, "x2");
     c.batch_execute("COMMIT").await.unwrap();
     assert_eq!(text(&other, &key(2)).await, "tx");
+    // An upsert arbitrated on the key changes that key's row only.
+    e.cached(c, &key(9)).await;
+    c.execute("INSERT INTO kv (id, v) VALUES ($1, 'up') ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v", &[&2i64])
+        .await
+        .unwrap();
+    assert_eq!(text(&other, &key(2)).await, "up");
+    assert!(is_hit(&e, c, &key(9)).await, "an upsert of key 2 left key 9 cached");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

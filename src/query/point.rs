@@ -295,13 +295,18 @@ fn value(expr: &Json) -> Option<Value> {
     number_or_string.then_some(Value::Literal { index: at, negative: false })
 }
 
-/// The candidate columns of `INSERT … (cols) VALUES …`.
+/// The candidate columns of `INSERT … (cols) VALUES …`. With `ON CONFLICT (col) DO UPDATE`
+/// the row updated is the one holding the inserted value of `col`, so `col` is the only
+/// candidate (unless the update assigns it).
 fn insert_values(node: &Json) -> Option<Vec<(String, Vec<Value>)>> {
-    // OnConflictAction: 2 = ONCONFLICT_NOTHING.
+    // OnConflictAction: 2 = ONCONFLICT_NOTHING, 3 = ONCONFLICT_UPDATE.
     let conflict = &node["on_conflict_clause"];
-    if !conflict.is_null() && conflict["action"].as_i64() != Some(2) {
-        return None;
-    }
+    let only = match conflict["action"].as_i64() {
+        _ if conflict.is_null() => None,
+        Some(2) => None,
+        Some(3) => Some(upsert_column(conflict)?),
+        _ => return None,
+    };
     let select = node["select_stmt"]["node"].get("SelectStmt")?;
     let plain = select["with_clause"].is_null() && select["from_clause"].as_array().is_none_or(Vec::is_empty);
     let rows = select["values_lists"].as_array().filter(|r| plain && !r.is_empty())?;
@@ -314,11 +319,24 @@ fn insert_values(node: &Json) -> Option<Vec<(String, Vec<Value>)>> {
         }
         let Some(name) = target["name"].as_str() else { continue };
         let values: Option<Vec<Value>> = rows.iter().map(|r| r.get(i).and_then(value)).collect();
-        if let Some(values) = values {
+        if let Some(values) = values
+            && only.as_ref().is_none_or(|o| o == name)
+        {
             out.push((name.to_owned(), values));
         }
     }
     Some(out)
+}
+
+/// The one column an `ON CONFLICT (col) DO UPDATE` arbitrates on, if its update leaves it
+/// alone.
+fn upsert_column(conflict: &Json) -> Option<String> {
+    let infer = &conflict["infer"];
+    let [elem] = infer["index_elems"].as_array()?.as_slice() else { return None };
+    let column = elem["node"]["IndexElem"]["name"].as_str().filter(|c| !c.is_empty())?;
+    let assigns =
+        conflict["target_list"].as_array()?.iter().any(|t| t["node"]["ResTarget"]["name"].as_str() == Some(column));
+    (!assigns).then(|| column.to_owned())
 }
 
 /// Whether a TypeName is `int2`, `int4`, `int8` or `uuid` (the built-in ones), not an array.
@@ -446,11 +464,24 @@ mod tests {
             cols("INSERT INTO t (id, v) VALUES (1, 'a'), ($1, DEFAULT) ON CONFLICT DO NOTHING"),
             [("id".into(), vec![k("1"), Param(1)])]
         );
+        assert_eq!(
+            cols("INSERT INTO t (id, v) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v"),
+            [("id".into(), vec![Param(1)])],
+            "an upsert changes the row of the key it inserts"
+        );
+        assert_eq!(
+            cols("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (v) DO UPDATE SET w = 3"),
+            [("v".into(), vec![k("2")])],
+            "arbitrated on another column: only that one (not the key) is a candidate"
+        );
         for sql in [
             "INSERT INTO t VALUES (1, 'a')",
             "INSERT INTO t (id) SELECT 1",
             "INSERT INTO t (id) VALUES (DEFAULT)",
-            "INSERT INTO t (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET v = 2",
+            "INSERT INTO t (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET id = 2",
+            "INSERT INTO t (id) VALUES (1) ON CONFLICT ON CONSTRAINT t_pkey DO UPDATE SET v = 2",
+            "INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id, v) DO UPDATE SET w = 2",
+            "INSERT INTO t (id) VALUES (1) ON CONFLICT ((id + 1)) DO UPDATE SET v = 2",
             "WITH d AS (DELETE FROM u RETURNING id) UPDATE t SET v = 1 WHERE id = 5",
             "DELETE FROM t WHERE id = 5 OR v = 1",
             "UPDATE t SET v = 1 WHERE CURRENT OF c",
