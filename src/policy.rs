@@ -245,8 +245,9 @@ async fn assess_inner(
         None => choose(rules, &subject(&resolved))?,
     };
     let functions = catalog.functions(t.database, &c.functions).await.map_err(unavailable)?;
+    let operators = catalog.operators(t.database, &c.operators).await.map_err(unavailable)?;
     let mut stable = false;
-    match functions.iter().map(|f| f.volatility).max() {
+    match functions.iter().chain(&operators).map(|f| f.volatility).max() {
         Some(Volatility::Volatile) => return Err(Reason::VolatileFunction),
         Some(Volatility::Stable) if !rule.allow_stable_functions => return Err(Reason::StableFunction),
         Some(Volatility::Stable) => stable = true,

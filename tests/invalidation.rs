@@ -202,6 +202,16 @@ async fn unknown_writes_invalidate_everything() {
         .await
         .unwrap();
     check(&e, read, "SELECT sneaky()", "sneaky").await;
+    // An operator whose function writes.
+    e.admin
+        .batch_execute(
+            "CREATE FUNCTION sneaky_eq(int, int) RETURNS bool LANGUAGE plpgsql VOLATILE AS \
+             $$ BEGIN UPDATE t SET v = 'by operator' WHERE id = 1; RETURN $1 = $2; END $$; \
+             CREATE OPERATOR ~=~ (LEFTARG = int, RIGHTARG = int, FUNCTION = sneaky_eq)",
+        )
+        .await
+        .unwrap();
+    check(&e, read, "INSERT INTO audit SELECT 1 WHERE 0 ~=~ 0", "by operator").await;
 }
 
 /// Whether reading `sql` through `c` now is answered from the cache (Postgres does not run it).

@@ -83,7 +83,9 @@ async fn search_path_time_zone_and_formats_are_in_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn time_dependent_and_volatile_results_are_never_cached() {
     let e = env("CREATE TABLE n (x int); INSERT INTO n VALUES (1);
-         CREATE FUNCTION bump() RETURNS int LANGUAGE sql VOLATILE AS 'SELECT 1';")
+         CREATE FUNCTION bump() RETURNS int LANGUAGE sql VOLATILE AS 'SELECT 1';
+         CREATE FUNCTION lucky(int, int) RETURNS bool LANGUAGE sql VOLATILE AS 'SELECT $1 = $2 AND random() >= 0';
+         CREATE OPERATOR ~=~ (LEFTARG = int, RIGHTARG = int, FUNCTION = lucky);")
     .await;
     let c = e.proxy.connect(&e.db, "postgres").await;
     for (sql, shape) in [
@@ -93,6 +95,8 @@ async fn time_dependent_and_volatile_results_are_never_cached() {
         ("SELECT x, current_timestamp FROM n", "current_timestamp FROM"),
         ("SELECT x FROM n WHERE now() > '2000-01-01'", "WHERE now() >"),
         ("SELECT 'now'::timestamptz > '2000-01-01', x FROM n", "::timestamptz >"),
+        // A user-defined operator runs its (volatile) function.
+        ("SELECT x FROM n WHERE x ~=~ 1", "WHERE x ~=~"),
     ] {
         let before = executions(&e.admin, shape).await;
         for _ in 0..3 {

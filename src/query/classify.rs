@@ -94,6 +94,9 @@ pub struct Classified {
     pub writes: Vec<Relation>,
     /// Functions called, with their schema when qualified.
     pub functions: Vec<Relation>,
+    /// Operators used, with their schema when written `OPERATOR(schema.op)`: a user-defined
+    /// one runs its function.
+    pub operators: Vec<Relation>,
     /// Calls SQL-value functions (`CURRENT_TIMESTAMP`, `current_user`, ...) or uses literals
     /// such as `'now'`: stable, not immutable.
     pub stable_builtins: bool,
@@ -124,6 +127,7 @@ impl Classified {
             reads: Vec::new(),
             writes: Vec::new(),
             functions: Vec::new(),
+            operators: Vec::new(),
             stable_builtins: false,
             types: Vec::new(),
             settings: SettingsChange { unseen, ..SettingsChange::default() },
@@ -277,6 +281,7 @@ fn classify_one(sql: &str) -> Classified {
         reads: reads.into_iter().collect(),
         writes: writes.into_iter().collect(),
         functions,
+        operators: facts.operators.iter().cloned().collect(),
         stable_builtins: facts.stable_builtins,
         types: facts.types.into_iter().collect(),
         settings,

@@ -3,7 +3,8 @@
 //! `SELECT INTO`, SQL-value functions (`CURRENT_TIMESTAMP`, `current_user`), literals whose
 //! meaning changes with time (`'now'`), `TABLESAMPLE`, temporary objects, every type the
 //! statement names (casts and typed literals run the type's input and cast functions, and some
-//! of those read the catalog), and what it does to session settings (`set_config` calls).
+//! of those read the catalog), the operators it uses (a user-defined one runs its function),
+//! and what it does to session settings (`set_config` calls).
 
 use std::collections::BTreeSet;
 
@@ -31,6 +32,8 @@ pub(super) struct Facts {
     pub custom_settings: BTreeSet<String>,
     /// A `set_config` call whose setting name is not a literal.
     pub unnamed_setting: bool,
+    /// Operators used, with their schema when written `OPERATOR(schema.op)`.
+    pub operators: BTreeSet<Relation>,
 }
 
 impl Facts {
@@ -47,6 +50,9 @@ impl Facts {
                         "sval" if child.as_str().is_some_and(is_time_word) => self.stable_builtins = true,
                         "type_name" => self.type_name(child),
                         "FuncCall" => self.func_call(child),
+                        "AExpr" => self.operator(&child["name"]),
+                        "SortBy" => self.operator(&child["use_op"]),
+                        "SubLink" => self.operator(&child["oper_name"]),
                         _ => {}
                     }
                     self.walk(child);
@@ -66,6 +72,21 @@ impl Facts {
             [.., schema, name] => self.types.insert(Relation::new(Some(schema), name)),
             [] => false,
         };
+    }
+
+    /// An operator's name list (`[schema.]op`). `BETWEEN` and its variants stand for `>=`
+    /// and `<=`.
+    fn operator(&mut self, v: &Value) {
+        let names = strings(v);
+        match names.as_slice() {
+            [name] if name.starts_with("BETWEEN") || name.starts_with("NOT BETWEEN") => {
+                self.operators.insert(Relation::new(None, ">="));
+                self.operators.insert(Relation::new(None, "<="));
+            }
+            [name] => drop(self.operators.insert(Relation::new(None, name))),
+            [.., schema, name] => drop(self.operators.insert(Relation::new(Some(schema), name))),
+            [] => {}
+        }
     }
 
     fn func_call(&mut self, v: &Value) {

@@ -201,15 +201,23 @@ fn unknown_after(e: CatalogError, targets: &[Relation]) -> Vec<Effect> {
     out
 }
 
-/// A volatile function outside pg_catalog may write anything.
+/// A volatile function outside pg_catalog, or an operator running one, may write anything.
+/// Operators are looked up for writes and for statements calling functions anyway; a plain
+/// SELECT's operators only decide whether it may be cached (in [`crate::policy`], once per
+/// statement), so reads do not pay a look-up per execution.
 async fn function_effects(ctx: &Context, database: &str, c: &Classified) -> Vec<Effect> {
-    if c.functions.is_empty() {
+    let operators: &[Relation] = if c.kind == Kind::Write || !c.functions.is_empty() { &c.operators } else { &[] };
+    if c.functions.is_empty() && operators.is_empty() {
         return Vec::new();
     }
-    match ctx.catalog.functions(database, &c.functions).await {
-        Ok(infos) if infos.iter().any(|f| f.may_write) => vec![Effect::Unknown("volatile user function")],
-        Ok(_) => Vec::new(),
-        Err(_) => vec![Effect::Unknown("catalog unavailable for a function call")],
+    let functions = ctx.catalog.functions(database, &c.functions).await;
+    let operators = ctx.catalog.operators(database, operators).await;
+    match (functions, operators) {
+        (Ok(f), Ok(o)) if f.iter().chain(&o).any(|f| f.may_write) => {
+            vec![Effect::Unknown("volatile user function or operator")]
+        }
+        (Ok(_), Ok(_)) => Vec::new(),
+        _ => vec![Effect::Unknown("catalog unavailable for a function call")],
     }
 }
 

@@ -1,7 +1,8 @@
 //! Facts only the database knows, looked up over a tokio-postgres side connection per
 //! database and cached: how volatile a function is, how volatile evaluating a type is (its
 //! input, output and cast functions: `'t'::regclass` reads the catalog), what a relation is
-//! (table, view, foreign table, temporary, with row-level security), which relations a read of
+//! (table, view, foreign table, temporary, with row-level security), how volatile the
+//! user-defined operators of a name are ([`operators`]), which relations a read of
 //! it depends on (partitions and inheritance children and parents, a view's base relations),
 //! and what a write to it may also change (foreign keys with cascading actions) or whether that
 //! is unknowable (user triggers, rules).
@@ -12,6 +13,7 @@
 //! the caller fails open (does not cache) and, for writes, invalidates wider. The side
 //! connections it reads through are opened in [`side`].
 
+mod operators;
 mod side;
 
 use std::collections::{BTreeSet, HashMap};
@@ -104,6 +106,8 @@ struct Cached<T> {
 struct DbCatalog {
     client: tokio::sync::Mutex<Option<Arc<Client>>>,
     functions: Mutex<HashMap<Relation, Cached<FunctionInfo>>>,
+    /// User-defined operators by name (see [`operators`]).
+    operators: Mutex<HashMap<Relation, Cached<FunctionInfo>>>,
     types: Mutex<HashMap<Relation, Cached<Volatility>>>,
     relations: Mutex<HashMap<Relation, Cached<Arc<RelationInfo>>>>,
     defaults: Mutex<Option<Cached<Arc<Defaults>>>>,
@@ -162,6 +166,7 @@ impl Catalog {
     pub fn invalidate(&self, db: &str) {
         let d = self.db(db);
         d.functions.lock().clear();
+        d.operators.lock().clear();
         d.types.lock().clear();
         d.relations.lock().clear();
         d.oids.lock().clear();
