@@ -7,27 +7,32 @@
 //! probe if they are not known ([`Plan::Probe`]: the request waits for the probe's answer and is
 //! decided again); then the key is built and looked up. A miss joins the single flight for its
 //! key and takes a snapshot of the generations it depends on before its query is sent.
+//!
+//! The lookup itself ([`Asker::look`]) needs no backend: a session waiting between
+//! transactions, or after losing its backend, answers from the cache with the same one.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use crate::backend::PoolKey;
 use crate::cache::flight::Turn;
 use crate::cache::key::KeyBuilder;
 use crate::cache::{Entry, Freshness, Key, Keyed};
+use crate::context::Context;
 use crate::frontend::SessionError;
-use crate::policy::{self, Reason, SearchPath, Target};
+use crate::policy::{self, Assessment, Reason, SearchPath, Target};
 use crate::protocol::backend::TransactionStatus;
 use crate::protocol::frontend::BindParts;
 use crate::query::Classified;
 use crate::query::tree::is_time_word;
 use crate::stats::key_hash;
 
-use super::core::flow::Probe;
+use super::core::flow::{Flow, Probe};
 use super::core::pipeline::Fill;
 use super::core::plan::Plan;
 use super::effects;
-use super::memo::{Conditions, Stamp, Verdict};
+use super::memo::{Assessments, Conditions, Stamp, Verdict};
 use super::refresh;
 use super::relay::Relay;
 
@@ -35,6 +40,110 @@ use super::relay::Relay;
 pub(super) enum Request<'a> {
     Simple,
     Extended { param_types: &'a [u32], bind: &'a BindParts },
+}
+
+/// What the cache holds for a request, as far as a session — with a backend or without one
+/// ([`super::detached`]) — may use it: the one lookup both make.
+pub(super) enum Looked {
+    /// Not from the cache, for this reason.
+    Forward(Reason),
+    /// The settings must be read first.
+    SettingsUnknown,
+    /// An entry of the rule this statement matches now, as fresh as it is.
+    Found { entry: Arc<Entry>, freshness: Freshness, key: Key, a: Arc<Assessment> },
+    /// Cacheable, and not in the cache (or only an entry of another rule).
+    Missing { key: Key, a: Arc<Assessment> },
+}
+
+/// The session state a lookup reads.
+pub(super) struct Asker<'a> {
+    pub ctx: &'a Arc<Context>,
+    pub key: &'a PoolKey,
+    pub flow: &'a Flow,
+    pub memo: &'a mut Assessments,
+    /// Postgres may be unreachable (a session whose backend was lost): decide only from what
+    /// the memo holds, of any age, instead of waiting on the catalog.
+    pub offline: bool,
+}
+
+impl Asker<'_> {
+    /// Looks `c` (one of `statements`, kept by the memo of assessments) up: the rule and the
+    /// catalog ([`policy::assess`], memoized), the session's settings, the parameters, then the
+    /// key and the store. `isolated`: the session is inside a transaction, which sees its own
+    /// snapshot unless it is READ COMMITTED.
+    pub async fn look(
+        &mut self,
+        statements: &Arc<Vec<Classified>>,
+        sql: &str,
+        c: &Classified,
+        req: &Request<'_>,
+        isolated: bool,
+    ) -> Looked {
+        let ctx = self.ctx;
+        let a = match self.assess(statements, sql, c).await {
+            Verdict::Cacheable(a) => a,
+            Verdict::Forward(why) => return Looked::Forward(why),
+            Verdict::NeedsSearchPath => return Looked::SettingsUnknown,
+        };
+        let settings = &self.flow.settings;
+        if !settings.known() {
+            return Looked::SettingsUnknown;
+        }
+        if isolated && !settings.read_committed() {
+            return Looked::Forward(Reason::Isolation);
+        }
+        if a.reads_custom_settings && settings.unknowable() {
+            return Looked::Forward(Reason::CustomSettingsUnknown);
+        }
+        if let Request::Extended { bind, .. } = req
+            && has_time_word(bind)
+        {
+            return Looked::Forward(Reason::TimeWordParameter);
+        }
+        // Row-level security makes what a role sees its own, whatever the rule says.
+        let with_role = !a.rule.share_across_roles || a.row_security;
+        let id = self.memo.settings_id(settings.key_part(with_role), &ctx.store.interner);
+        let key = cache_key(&self.key.database, id, sql, req);
+        match ctx.store.get(&key) {
+            // An entry stays its rule's: served only while that rule is still the one this
+            // statement matches first (not after a reload narrowed it or put a bypass first).
+            Some((entry, freshness)) if entry.rule.name == a.rule.name => Looked::Found { entry, freshness, key, a },
+            _ => Looked::Missing { key, a },
+        }
+    }
+
+    /// The session-free half of the decision ([`policy::assess`]), from the session's memo
+    /// when it still holds.
+    async fn assess(&mut self, statements: &Arc<Vec<Classified>>, sql: &str, c: &Classified) -> Verdict {
+        let ctx = self.ctx;
+        let settings = &self.flow.settings;
+        let (role, search_path) = (settings.role(), settings.search_path());
+        // Read before the facts are: an invalidation meanwhile leaves the memo stale, not wrong.
+        let epoch = ctx.catalog.epoch();
+        let now = Conditions { rules: ctx.rules.version(), catalog: epoch, role, search_path, sql };
+        if let Some(v) = self.memo.get(c, &now, self.offline) {
+            return v.clone();
+        }
+        if self.offline {
+            return Verdict::Forward(Reason::CatalogUnavailable("the session's backend was lost".into()));
+        }
+        let rules = ctx.rules.current();
+        let target = Target { sql, statement: c, database: &self.key.database, user: &self.key.user };
+        let path = match (role, search_path) {
+            (Some(role), Some(search_path)) => Some(SearchPath { role, search_path }),
+            _ => None,
+        };
+        let verdict = Verdict::from(policy::assess(&ctx.catalog, &rules, &target, path).await);
+        let stamp = Stamp {
+            rules: rules.version,
+            catalog: epoch,
+            role: role.map(Into::into),
+            search_path: search_path.map(Into::into),
+            sql: rules.rules.iter().any(|r| r.matcher.pattern.is_some()).then(|| sql.into()),
+        };
+        self.memo.keep(statements, c, stamp, Instant::now() + ctx.catalog.ttl(), &verdict);
+        verdict
+    }
 }
 
 impl Relay<'_> {
@@ -50,35 +159,20 @@ impl Relay<'_> {
             return Ok(Plan::Forward(why));
         }
         let ctx = self.ctx;
-        let a = match self.assess(statements, sql, c).await {
-            Verdict::Cacheable(a) => a,
-            Verdict::Forward(why) => return Ok(Plan::Forward(why)),
-            Verdict::NeedsSearchPath => return Ok(self.probe_or(Reason::SettingsUnknown)),
+        let isolated = self.core.tracker.status == TransactionStatus::InBlock;
+        let mut asker = Asker { ctx, key: self.key, flow: &self.core.flow, memo: self.memo, offline: false };
+        let (entry, key, a) = match asker.look(statements, sql, c, &req, isolated).await {
+            Looked::Forward(why) => return Ok(Plan::Forward(why)),
+            Looked::SettingsUnknown => return Ok(self.probe_or(Reason::SettingsUnknown)),
+            Looked::Found { entry, freshness, key, a } => (Some((entry, freshness)), key, a),
+            Looked::Missing { key, a } => (None, key, a),
         };
-        if !self.core.flow.settings.known() {
-            return Ok(self.probe_or(Reason::SettingsUnknown));
-        }
-        if self.core.tracker.status == TransactionStatus::InBlock && !self.core.flow.settings.read_committed() {
-            return Ok(Plan::Forward(Reason::Isolation));
-        }
-        if a.reads_custom_settings && self.core.flow.settings.unknowable() {
-            return Ok(Plan::Forward(Reason::CustomSettingsUnknown));
-        }
-        if let Request::Extended { bind, .. } = &req
-            && has_time_word(bind)
-        {
-            return Ok(Plan::Forward(Reason::TimeWordParameter));
-        }
         // Another instance's invalidation could be missed while this one is not listening.
         if !ctx.peers.coherent(&self.key.database).await {
             return Ok(Plan::Forward(Reason::PeersNotListening));
         }
-        // Row-level security makes what a role sees its own, whatever the rule says.
-        let with_role = !a.rule.share_across_roles || a.row_security;
-        let settings = self.memo.settings_id(self.core.flow.settings.key_part(with_role), &ctx.store.interner);
-        let key = cache_key(&self.key.database, settings, sql, &req);
         let hash = key_hash(&key.0);
-        match ctx.store.get(&key) {
+        match entry {
             Some((entry, Freshness::Fresh)) => return Ok(Plan::Hit { entry, key: hash, stale: false }),
             Some((entry, Freshness::Stale)) => {
                 self.refresh_in_background(&key, &entry, sql, &req, a.deps.clone());
@@ -108,36 +202,6 @@ impl Relay<'_> {
         let limit = ctx.config().cache.max_entry_bytes;
         let rule = a.rule.clone();
         Ok(Plan::Fill(Box::new(Fill::new(key, rule, deps, a.resolved.clone(), Arc::from(sql), flight, limit))))
-    }
-
-    /// The session-free half of the decision ([`policy::assess`]), from the session's memo
-    /// when it still holds ([`Assessments`]).
-    async fn assess(&mut self, statements: &Arc<Vec<Classified>>, sql: &str, c: &Classified) -> Verdict {
-        let ctx = self.ctx;
-        let settings = &self.core.flow.settings;
-        let (role, search_path) = (settings.role(), settings.search_path());
-        // Read before the facts are: an invalidation meanwhile leaves the memo stale, not wrong.
-        let epoch = ctx.catalog.epoch();
-        let now = Conditions { rules: ctx.rules.version(), catalog: epoch, role, search_path, sql };
-        if let Some(v) = self.memo.get(c, &now) {
-            return v.clone();
-        }
-        let rules = ctx.rules.current();
-        let target = Target { sql, statement: c, database: &self.key.database, user: &self.key.user };
-        let path = match (role, search_path) {
-            (Some(role), Some(search_path)) => Some(SearchPath { role, search_path }),
-            _ => None,
-        };
-        let verdict = Verdict::from(policy::assess(&ctx.catalog, &rules, &target, path).await);
-        let stamp = Stamp {
-            rules: rules.version,
-            catalog: epoch,
-            role: role.map(Into::into),
-            search_path: search_path.map(Into::into),
-            sql: rules.rules.iter().any(|r| r.matcher.pattern.is_some()).then(|| sql.into()),
-        };
-        self.memo.keep(statements, c, stamp, Instant::now() + ctx.catalog.ttl(), &verdict);
-        verdict
     }
 
     /// [`Plan::Probe`], unless the probe already failed for these settings.

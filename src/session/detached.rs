@@ -4,9 +4,11 @@
 //! only that backend had (no transaction, temporary objects, LISTEN, cursors, advisory
 //! locks), carries on here instead of being closed. Either way:
 //!
-//! - requests the cache can answer are answered — fresh entries, and (only when the backend
-//!   was lost) stale ones and entries within their rule's `stale_if_error` window when
-//!   Postgres cannot be reached;
+//! - requests the cache can answer are answered, found by the relay's own lookup
+//!   ([`super::decide::Asker`]: rule, catalog facts, settings, key) — fresh entries, and (only
+//!   when the backend was lost) stale ones and entries within their rule's `stale_if_error`
+//!   window when Postgres cannot be reached. After a lost backend only verdicts the session's
+//!   memo already holds are used (Postgres, and so the catalog, may be down);
 //! - any other request takes a backend (after a lost one, at most once a second while
 //!   Postgres is down): the session's settings are given to it — nothing to do when the
 //!   backend already has them, otherwise `RESET ALL` and `set_config` — its statements are
@@ -30,12 +32,12 @@ use crate::protocol::Frame;
 use crate::protocol::backend::{self as be, PgError, TransactionStatus};
 use crate::protocol::frontend::{self as fe, Named, Target};
 use crate::protocol::sqlstate::SqlState;
-use crate::query::{Classified, Kind};
-use crate::rules::{Action, Subject};
+use crate::query::Classified;
 use crate::stats::{Observation, key_hash};
 
 use super::core::flow::{Flow, Statement};
-use super::decide::{Request, cache_key};
+use super::decide::{Asker, Looked, Request};
+use super::memo::Assessments;
 use super::refresh::{self, ReplayError};
 use crate::frontend::Client;
 use crate::frontend::SessionError;
@@ -66,6 +68,7 @@ struct Detached<'a> {
     key: &'a PoolKey,
     startup: &'a StartupParams,
     flow: &'a mut Flow,
+    memo: &'a mut Assessments,
     why: Why,
 }
 
@@ -75,9 +78,10 @@ pub async fn run(
     startup: &StartupParams,
     client: &mut Client,
     flow: &mut Flow,
+    memo: &mut Assessments,
     why: Why,
 ) -> Result<Outcome, SessionError> {
-    let mut d = Detached { ctx, key, startup, flow, why };
+    let mut d = Detached { ctx, key, startup, flow, memo, why };
     let max = ctx.config().client.max_message_bytes;
     loop {
         let mut frames = Vec::new();
@@ -100,7 +104,7 @@ pub async fn run(
                 break;
             }
         }
-        if let Some(answer) = d.answer(&frames, false) {
+        if let Some(answer) = d.answer(&frames, false).await {
             client.send(&answer).await?;
             if client.rbuf.is_empty() {
                 // Waiting again: the buffer is made when the client next speaks.
@@ -120,7 +124,7 @@ pub async fn run(
                 return Ok(Outcome::Reattached(Box::new(lease)));
             }
             Err(why) => {
-                let answer = match d.answer(&frames, true) {
+                let answer = match d.answer(&frames, true).await {
                     Some(stale) => stale,
                     None => refusal(&frames, &why),
                 };
@@ -214,61 +218,51 @@ impl Detached<'_> {
     }
 
     /// An entry for this request, if one may be served now, with its key's hash and whether
-    /// it is past its TTL.
-    fn lookup(&self, sql: &str, c: &Classified, req: Request<'_>, fallback: bool) -> Option<(Arc<Entry>, u64, bool)> {
-        let settings = &self.flow.settings;
-        if c.kind != Kind::Select
-            || c.never_cache.is_some()
-            || !settings.known()
-            || settings.unknowable()
-            || self.flow.taint.is_some()
-        {
+    /// it is past its TTL: the relay's own lookup ([`Asker::look`]), then what a session
+    /// without a backend may serve — fresh entries while the peers' invalidations are heard
+    /// (or the rule accepts stale answers during an outage), stale ones only after a lost
+    /// backend, and `stale_if_error` entries when Postgres cannot answer (`fallback`).
+    async fn lookup(
+        &mut self,
+        statements: &Arc<Vec<Classified>>,
+        sql: &str,
+        c: &Classified,
+        req: Request<'_>,
+        fallback: bool,
+    ) -> Option<(Arc<Entry>, u64, bool)> {
+        if self.flow.taint.is_some() {
             return None;
         }
-        let rules = self.ctx.rules.current();
-        [false, true].into_iter().find_map(|share| {
-            let settings = self.ctx.store.interner.id(&self.flow.settings.key_part(!share));
-            let key = cache_key(&self.key.database, settings, sql, &req);
-            let (entry, freshness) = self.ctx.store.get(&key)?;
-            let stale = freshness != Freshness::Fresh;
-            // Without the peers' invalidations only rules that accept stale answers during an
-            // outage (stale_if_error) may answer.
-            let coherent = self.ctx.peers.listening(&self.key.database) || !entry.rule.stale_if_error.is_zero();
-            let usable = match freshness {
-                Freshness::Fresh => coherent,
-                Freshness::Stale => coherent && self.why == Why::Lost,
-                Freshness::Fallback => fallback,
-                Freshness::Dead => false,
-            };
-            // Only while the rule that admitted it is still the one this session's statement
-            // matches first (a rule narrowed to other users, or a bypass before it, says no).
-            let subject = Subject {
-                sql,
-                statement: c,
-                resolved_reads: &entry.tables,
-                database: &self.key.database,
-                user: &self.key.user,
-            };
-            let ruled = rules.decide(&subject).is_some_and(|r| r.name == entry.rule.name && r.action == Action::Cache);
-            (usable && ruled && entry.rule.share_across_roles == share).then(|| (entry, key_hash(&key.0), stale))
-        })
+        let offline = self.why == Why::Lost;
+        let mut asker = Asker { ctx: self.ctx, key: self.key, flow: self.flow, memo: self.memo, offline };
+        let Looked::Found { entry, freshness, key, .. } = asker.look(statements, sql, c, &req, false).await else {
+            return None;
+        };
+        let coherent = self.ctx.peers.listening(&self.key.database) || !entry.rule.stale_if_error.is_zero();
+        let usable = match freshness {
+            Freshness::Fresh => coherent,
+            Freshness::Stale => coherent && self.why == Why::Lost,
+            Freshness::Fallback => fallback,
+            Freshness::Dead => false,
+        };
+        usable.then(|| (entry, key_hash(&key.0), freshness != Freshness::Fresh))
     }
 
     /// The whole answer to a Query, or to an extended batch of Parse/Bind/Describe/Execute on
     /// the unnamed portal ending in Sync, if the cache holds every result.
-    fn answer(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
+    async fn answer(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
         match frames {
-            [q] if q.tag() == fe::QUERY => self.answer_query(q, fallback),
-            [.., last] if last.tag() == fe::SYNC => self.answer_batch(frames, fallback),
+            [q] if q.tag() == fe::QUERY => self.answer_query(q, fallback).await,
+            [.., last] if last.tag() == fe::SYNC => self.answer_batch(frames, fallback).await,
             _ => None,
         }
     }
 
-    fn answer_query(&mut self, q: &Frame, fallback: bool) -> Option<Bytes> {
+    async fn answer_query(&mut self, q: &Frame, fallback: bool) -> Option<Bytes> {
         let sql = std::str::from_utf8(fe::query(q.body()).ok()?.sql).ok()?;
         let classified = self.ctx.classifier.classify(sql);
         let [c] = classified.as_slice() else { return None };
-        let (entry, key, stale) = self.lookup(sql, c, Request::Simple, fallback)?;
+        let (entry, key, stale) = self.lookup(&classified, sql, c, Request::Simple, fallback).await?;
         let mut out = BytesMut::new();
         out.extend_from_slice(&entry.row_description);
         out.extend_from_slice(&entry.body);
@@ -277,7 +271,7 @@ impl Detached<'_> {
         Some(out.freeze())
     }
 
-    fn answer_batch(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
+    async fn answer_batch(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
         let mut out = BytesMut::new();
         let mut parsed: HashMap<Vec<u8>, Arc<Statement>> = HashMap::new();
         let mut current: Option<Arc<Entry>> = None;
@@ -301,7 +295,7 @@ impl Detached<'_> {
                     let st = known(&b.statement[..])?;
                     let [c] = st.classified.as_slice() else { return None };
                     let req = Request::Extended { param_types: &st.param_types, bind: &b };
-                    let (entry, key, stale) = self.lookup(&st.sql, c, req, fallback)?;
+                    let (entry, key, stale) = self.lookup(&st.classified, &st.sql, c, req, fallback).await?;
                     hits.push((st.classified.clone(), entry.clone(), key, stale));
                     current = Some(entry);
                     be::bind_complete(&mut out);

@@ -112,10 +112,12 @@ impl Assessments {
         id
     }
 
-    /// The verdict for `c` (one of `statements`), if one was kept under the same conditions.
-    pub fn get(&self, c: &Classified, now: &Conditions<'_>) -> Option<&Verdict> {
+    /// The verdict for `c` (one of `statements`), if one was kept under the same conditions
+    /// and is still within the catalog's TTL — or of any age with `any_age` (while Postgres
+    /// cannot be reached, the facts cannot be looked up again, nor changed).
+    pub fn get(&self, c: &Classified, now: &Conditions<'_>, any_age: bool) -> Option<&Verdict> {
         let m = self.entries.get(&(c as *const Classified as usize))?;
-        (m.stamp.matches(now) && Instant::now() < m.until).then_some(&m.verdict)
+        (m.stamp.matches(now) && (any_age || Instant::now() < m.until)).then_some(&m.verdict)
     }
 
     /// Keeps `verdict` for `c` until `until`, unless it depends on a passing condition.
@@ -160,16 +162,17 @@ mod tests {
         let mut m = Assessments::default();
         let later = Instant::now() + Duration::from_secs(60);
         m.keep(&statements, c, stamp(1, "public"), later, &Verdict::Forward(Reason::NoMatch));
-        assert!(m.get(c, &now(1, 7, "app", "public")).is_some());
-        assert!(m.get(c, &now(2, 7, "app", "public")).is_none(), "another rule set");
-        assert!(m.get(c, &now(1, 8, "app", "public")).is_none(), "catalog facts forgotten");
-        assert!(m.get(c, &now(1, 7, "other", "public")).is_none(), "another role");
-        assert!(m.get(c, &now(1, 7, "app", "app, public")).is_none(), "another search_path");
+        assert!(m.get(c, &now(1, 7, "app", "public"), false).is_some());
+        assert!(m.get(c, &now(2, 7, "app", "public"), false).is_none(), "another rule set");
+        assert!(m.get(c, &now(1, 8, "app", "public"), false).is_none(), "catalog facts forgotten");
+        assert!(m.get(c, &now(1, 7, "other", "public"), false).is_none(), "another role");
+        assert!(m.get(c, &now(1, 7, "app", "app, public"), false).is_none(), "another search_path");
         let patterned = Stamp { sql: Some("SELECT 1 -- a".into()), ..stamp(1, "public") };
         m.keep(&statements, c, patterned, later, &Verdict::Forward(Reason::NoMatch));
-        assert!(m.get(c, &now(1, 7, "app", "public")).is_none(), "rules match patterns on other text");
+        assert!(m.get(c, &now(1, 7, "app", "public"), false).is_none(), "rules match patterns on other text");
         m.keep(&statements, c, stamp(1, "public"), Instant::now(), &Verdict::Forward(Reason::NoMatch));
-        assert!(m.get(c, &now(1, 7, "app", "public")).is_none(), "past the catalog's TTL");
+        assert!(m.get(c, &now(1, 7, "app", "public"), false).is_none(), "past the catalog's TTL");
+        assert!(m.get(c, &now(1, 7, "app", "public"), true).is_some(), "of any age while offline");
     }
 
     #[test]
@@ -180,6 +183,6 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(60);
         m.keep(&statements, c, stamp(1, "p"), later, &Verdict::NeedsSearchPath);
         m.keep(&statements, c, stamp(1, "p"), later, &Verdict::Forward(Reason::CatalogUnavailable("down".into())));
-        assert!(m.get(c, &now(1, 7, "app", "p")).is_none());
+        assert!(m.get(c, &now(1, 7, "app", "p"), false).is_none());
     }
 }

@@ -112,7 +112,8 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
             let outcome = match idle {
                 detached::Why::Lost => {
                     ctx.stats.detached(1.0);
-                    let outcome = Box::pin(detached::run(ctx, &key, &params, client, &mut core.flow, idle)).await;
+                    let outcome =
+                        Box::pin(detached::run(ctx, &key, &params, client, &mut core.flow, &mut memo, idle)).await;
                     ctx.stats.detached(-1.0);
                     outcome
                 }
@@ -125,7 +126,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
                             _ = ctx.shutdown.cancelled() => {}
                         }
                     }
-                    Box::pin(detached::run(ctx, &key, &params, client, &mut core.flow, idle)).await
+                    Box::pin(detached::run(ctx, &key, &params, client, &mut core.flow, &mut memo, idle)).await
                 }
             };
             match outcome {
