@@ -296,6 +296,13 @@ async fn tables_whose_writes_may_move_keys_invalidate_whole() {
     assert_eq!(e.cached(&c, "SELECT v FROM moved WHERE id = 101").await, "");
     c.batch_execute("UPDATE moved SET v = 'moved' WHERE id = 1").await.unwrap();
     assert_eq!(text(&c, "SELECT v FROM moved WHERE id = 101").await, "moved");
+    // Joined writes: `moved.id = 101` pins the other table's key, not kv's (and kv has no key 101).
+    assert_eq!(e.cached(&c, "SELECT v FROM kv WHERE id = 7").await, "v7");
+    c.batch_execute("UPDATE kv SET v = 'joined' FROM moved WHERE moved.id = 101 AND kv.id = 7").await.unwrap();
+    assert_eq!(text(&c, "SELECT v FROM kv WHERE id = 7").await, "joined");
+    assert_eq!(e.cached(&c, "SELECT v FROM kv WHERE id = 8").await, "v8");
+    c.batch_execute("DELETE FROM kv USING moved WHERE moved.id = 101 AND kv.id = 8").await.unwrap();
+    assert_eq!(text(&c, "SELECT v FROM kv WHERE id = 8").await, "");
     // A cascading foreign key: deleting one parent key changes the child table.
     check(&e, "SELECT count(*) FROM child WHERE id = 10", "DELETE FROM parent WHERE id = 1", "0").await;
 }

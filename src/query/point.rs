@@ -10,7 +10,8 @@
 //!   (a function or a sub-query could read other rows of the same table);
 //! - a WHERE qualifies through its top-level `AND` conjuncts of `column = constant` or
 //!   `column IN (constants)`; an `OR` or anything else around them contributes nothing;
-//! - an UPDATE's candidates exclude the columns it assigns (moving a row to another key);
+//! - an UPDATE's candidates exclude the columns it assigns (moving a row to another key); an
+//!   UPDATE with `FROM` or a DELETE with `USING` has none (`other.id = 5` is another table's);
 //! - an INSERT qualifies with an explicit column list and `VALUES` rows (a column is a
 //!   candidate when every row gives it a constant), no `ON CONFLICT DO UPDATE` (which updates
 //!   a row found by some other value), and no `WITH`.
@@ -215,6 +216,10 @@ fn candidates(top: &str, node: &Json, calls_functions: bool) -> Option<Point> {
             }
             conjuncts(&node["where_clause"])
         }
+        // With other relations joined in (`UPDATE … FROM`, `DELETE … USING`), `other.id = 5`
+        // pins the other relation's column, not the target's: no point.
+        "UpdateStmt" if node["from_clause"].as_array().is_some_and(|f| !f.is_empty()) => return None,
+        "DeleteStmt" if node["using_clause"].as_array().is_some_and(|u| !u.is_empty()) => return None,
         "UpdateStmt" => {
             let assigned: Vec<&str> = node["target_list"]
                 .as_array()?
@@ -485,6 +490,9 @@ mod tests {
             "WITH d AS (DELETE FROM u RETURNING id) UPDATE t SET v = 1 WHERE id = 5",
             "DELETE FROM t WHERE id = 5 OR v = 1",
             "UPDATE t SET v = 1 WHERE CURRENT OF c",
+            "UPDATE t SET v = 1 FROM other WHERE other.id = 5",
+            "UPDATE t SET v = 1 FROM other o WHERE t.id = o.ref AND o.id = 5",
+            "DELETE FROM t USING other WHERE other.id = 5 AND t.ref = other.ref",
         ] {
             assert_eq!(point(sql), None, "{sql}");
         }
