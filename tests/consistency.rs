@@ -210,13 +210,15 @@ async fn run_key_checker(tweak: impl Fn(&mut pgcache::config::Config)) -> (u64, 
     let proxy = Proxy::start(config).await;
     let c = proxy.connect(&db, &cluster.superuser()).await;
     let by_key = c.prepare("SELECT v FROM kt WHERE id = $1").await.unwrap();
+    let any_sql = "SELECT string_agg(v::text, ',' ORDER BY id) FROM kt WHERE id = ANY($1)";
+    let by_keys = c.prepare(any_sql).await.unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut mismatches = 0;
     let read = |k: i64| format!("SELECT v FROM kt WHERE id = {k}");
     for _ in 0..250 {
         let (a, b) = (rng.random_range(0..N), rng.random_range(0..N));
         let g = rng.random_range(0..3);
-        let write = match rng.random_range(0..12) {
+        let write = match rng.random_range(0..13) {
             0 => format!("UPDATE kt SET v = v + 1 WHERE id = {a}"),
             1 => format!("UPDATE kt SET v = v + 1 WHERE id IN ({a}, {b})"),
             2 => format!("UPDATE kt SET v = v + 1 WHERE grp = {g}"),
@@ -231,11 +233,13 @@ async fn run_key_checker(tweak: impl Fn(&mut pgcache::config::Config)) -> (u64, 
                 format!("BEGIN; UPDATE kt SET v = v + 1 WHERE id = {a}; UPDATE kt SET v = v + 2 WHERE id = {b}; COMMIT")
             }
             9 => format!("UPDATE kt SET v = v + 1 WHERE id = {a} AND v < 1000000 RETURNING v"),
-            10 => String::new(), // parameterized, below
+            10 | 12 => String::new(), // parameterized, below
             _ => format!("WITH m AS (UPDATE kt SET v = v + 1 WHERE id = {a} RETURNING id) SELECT count(*) FROM m"),
         };
-        if write.is_empty() {
+        if write.is_empty() && rng.random_bool(0.5) {
             c.execute("UPDATE kt SET v = v + 1 WHERE id = $1::BIGINT", &[&a]).await.unwrap();
+        } else if write.is_empty() {
+            c.execute("UPDATE kt SET v = v + 1 WHERE id = ANY($1)", &[&vec![a, b]]).await.unwrap();
         } else {
             c.batch_execute(&write).await.unwrap_or_else(|e| panic!("{write}: {e}"));
         }
@@ -248,6 +252,12 @@ async fn run_key_checker(tweak: impl Fn(&mut pgcache::config::Config)) -> (u64, 
             if simple != want || prepared.unwrap_or_default() != want {
                 mismatches += 1;
             }
+        }
+        let pair = vec![a, rng.random_range(0..N)];
+        let got: Option<String> = c.query_one(&by_keys, &[&pair]).await.unwrap().get(0);
+        let want: Option<String> = admin.query_one(any_sql, &[&pair]).await.unwrap().get(0);
+        if got != want {
+            mismatches += 1;
         }
         let group = format!("SELECT string_agg(v::text, ',' ORDER BY id) FROM kt WHERE grp = {g}");
         if common::text(&c, &group).await != common::text(&admin, &group).await {

@@ -35,6 +35,8 @@ pub enum Value {
     Const(Arc<str>),
     /// The statement's `$n` parameter (1-based), known only at Bind.
     Param(u16),
+    /// Every element of the array bound to `$n` (`id = ANY($1)`).
+    ArrayParam(u16),
     /// The statement's `index`th literal token (0-based, as Postgres's lexer counts them),
     /// negated when a minus sign precedes it: the same for every text of one shape, and
     /// turned into [`Value::Const`] for each text by [`Point::resolve`].
@@ -111,7 +113,60 @@ impl KeyType {
         };
         Some(value)
     }
+
+    /// The elements of an array parameter (`= ANY($1)`), NULLs left out (they equal nothing):
+    /// text (`{1,2,3}`) or binary, one-dimensional, of the column's own type. At most
+    /// [`MAX_ARRAY`] elements, else `None` (the write counts as one on the whole table).
+    pub fn array_param(self, type_oid: u32, binary: bool, bytes: &[u8]) -> Option<Vec<KeyValue>> {
+        let (element, array) = match self {
+            KeyType::Int => (&[INT2, INT4, INT8][..], &[1005, 1007, 1016][..]),
+            KeyType::Uuid => (&[UUID][..], &[2951][..]),
+        };
+        if type_oid != 0 && !array.contains(&type_oid) {
+            return None;
+        }
+        let values: Vec<KeyValue> = if binary {
+            let int = |at: usize| Some(i32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
+            let (ndim, elem) = (int(0)?, u32::try_from(int(8)?).ok()?);
+            if ndim == 0 {
+                return Some(Vec::new());
+            }
+            let len = usize::try_from(int(12)?).ok()?;
+            if ndim != 1 || !element.contains(&elem) || len > MAX_ARRAY {
+                return None;
+            }
+            let mut at = 20;
+            let mut out = Vec::with_capacity(len);
+            for _ in 0..len {
+                let n = int(at)?;
+                at += 4;
+                if n < 0 {
+                    continue;
+                }
+                let n = n as usize;
+                out.push(self.param(elem, true, bytes.get(at..at + n)?)?);
+                at += n;
+            }
+            out
+        } else {
+            let text = std::str::from_utf8(bytes).ok()?.trim();
+            let inner = text.strip_prefix('{')?.strip_suffix('}')?;
+            if inner.contains(['{', '}', '\\']) {
+                return None;
+            }
+            let items: Vec<&str> =
+                inner.split(',').map(|i| i.trim().trim_matches('"')).filter(|i| !i.is_empty()).collect();
+            if items.len() > MAX_ARRAY {
+                return None;
+            }
+            items.iter().filter(|i| !i.eq_ignore_ascii_case("null")).map(|i| self.text(i)).collect::<Option<_>>()?
+        };
+        Some(values)
+    }
 }
+
+/// The most elements of an array parameter read as keys.
+pub const MAX_ARRAY: usize = 256;
 
 /// The columns a statement pins to values, each with every value it may take (one for
 /// `= 5`, several for an `IN` list or a multi-row `INSERT`).
@@ -253,8 +308,18 @@ fn conjuncts(clause: &Json) -> Vec<(String, Vec<Value>)> {
     if op.as_deref() != Some(&[Some("=")]) {
         return Vec::new();
     }
-    // A_Expr_Kind: 1 = AEXPR_OP, 7 = AEXPR_IN.
+    // A_Expr_Kind: 1 = AEXPR_OP, 2 = AEXPR_OP_ANY, 7 = AEXPR_IN.
     match e["kind"].as_i64() {
+        Some(2) => {
+            let Some(c) = column(&e["lexpr"]) else { return Vec::new() };
+            let r = &e["rexpr"]["node"];
+            let values = if let Some(items) = r["AArrayExpr"]["elements"].as_array() {
+                items.iter().map(value).collect::<Option<Vec<Value>>>()
+            } else {
+                array_param(r).map(|n| vec![Value::ArrayParam(n)])
+            };
+            values.map(|v| vec![(c, v)]).unwrap_or_default()
+        }
         Some(1) => {
             let (l, r) = (&e["lexpr"], &e["rexpr"]);
             let found = match (column(l), column(r)) {
@@ -344,6 +409,22 @@ fn upsert_column(conflict: &Json) -> Option<String> {
     (!assigns).then(|| column.to_owned())
 }
 
+/// `$n`, or `$n` cast to an array of a key type (`$1::int8[]`).
+fn array_param(node: &Json) -> Option<u16> {
+    let (param, cast) = match node.get("TypeCast") {
+        Some(cast) => (&cast["arg"]["node"]["ParamRef"], Some(&cast["type_name"])),
+        None => (&node["ParamRef"], None),
+    };
+    if let Some(t) = cast {
+        let array = t["array_bounds"].as_array().is_some_and(|b| b.len() == 1);
+        let scalar = serde_json::json!({ "names": t["names"].clone() });
+        if !array || !key_type_name(&scalar) {
+            return None;
+        }
+    }
+    param["number"].as_u64().and_then(|n| u16::try_from(n).ok()).filter(|n| *n > 0)
+}
+
 /// Whether a TypeName is `int2`, `int4`, `int8` or `uuid` (the built-in ones), not an array.
 fn key_type_name(type_name: &Json) -> bool {
     let names: Vec<&str> = type_name["names"]
@@ -415,6 +496,10 @@ mod tests {
         assert_eq!(cols("SELECT * FROM t WHERE id = 5::int8"), [("id".into(), vec![k("5")])]);
         assert_eq!(cols("SELECT * FROM t WHERE id = 5.7::int"), [("id".into(), vec![k("5.7")])], "read as nothing");
         assert_eq!(cols("SELECT * FROM t WHERE id = '00000000-0000-0000-0000-000000000001'::uuid").len(), 1);
+        // = ANY of an array parameter or an ARRAY[...] of constants.
+        assert_eq!(cols("SELECT * FROM t WHERE id = ANY($1)"), [("id".into(), vec![Value::ArrayParam(1)])]);
+        assert_eq!(cols("SELECT * FROM t WHERE id = ANY($2::int8[])"), [("id".into(), vec![Value::ArrayParam(2)])]);
+        assert_eq!(cols("SELECT * FROM t WHERE id = ANY(ARRAY[1, $1])"), [("id".into(), vec![k("1"), Param(1)])]);
     }
 
     #[test]
@@ -444,6 +529,10 @@ mod tests {
             "SELECT * FROM t WHERE id = 5::numeric",
             "SELECT * FROM t WHERE id = $1::int8[]",
             "SELECT * FROM t WHERE id = $1::myschema.int8",
+            "SELECT * FROM t WHERE id = ANY($1::text[])",
+            "SELECT * FROM t WHERE id = ANY('{1,2}')",
+            "SELECT * FROM t WHERE id <> ANY($1)",
+            "SELECT * FROM t WHERE id = ALL($1)",
             "SELECT * FROM t WHERE id > 5",
             "SELECT * FROM t WHERE id = (SELECT max(id) FROM t)",
             "SELECT * FROM t WHERE id = 5 AND EXISTS (SELECT 1 FROM t u WHERE u.v = 1)",
@@ -520,6 +609,32 @@ mod tests {
         }
         assert_eq!(uuid.text("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1"), None, "31 digits");
         assert_eq!(uuid.text("5"), None);
+    }
+
+    #[test]
+    fn array_parameters_are_read_element_by_element() {
+        use KeyValue::Int;
+        let int = KeyType::Int;
+        assert_eq!(int.array_param(0, false, b"{1, 2,NULL,\"3\"}"), Some(vec![Int(1), Int(2), Int(3)]));
+        assert_eq!(int.array_param(1016, false, b"{}"), Some(vec![]));
+        assert_eq!(int.array_param(1016, false, b"{{1},{2}}"), None, "two dimensions");
+        assert_eq!(int.array_param(1009, false, b"{1}"), None, "text[]");
+        assert_eq!(int.array_param(0, false, b"{1.5}"), None);
+        // Binary int8[] {7, NULL, -1}: ndim, has-null, element type, size, lower bound, elements.
+        let mut b = Vec::new();
+        for x in [1i32, 1, 20, 3, 1] {
+            b.extend(x.to_be_bytes());
+        }
+        b.extend(8i32.to_be_bytes());
+        b.extend(7i64.to_be_bytes());
+        b.extend((-1i32).to_be_bytes());
+        b.extend(8i32.to_be_bytes());
+        b.extend((-1i64).to_be_bytes());
+        assert_eq!(int.array_param(0, true, &b), Some(vec![Int(7), Int(-1)]));
+        assert_eq!(int.array_param(1016, true, &b[..30]), None, "truncated");
+        assert_eq!(KeyType::Uuid.array_param(0, true, &b), None, "int8 elements for a uuid key");
+        let many = format!("{{{}}}", (0..=MAX_ARRAY).map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+        assert_eq!(int.array_param(0, false, many.as_bytes()), None, "too many");
     }
 
     #[test]

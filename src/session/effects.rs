@@ -108,19 +108,28 @@ pub struct Params<'a> {
 /// The values of a key of type `kind` that `values` stand for (`$n` read from `params`), or
 /// `None` if any of them cannot be read as one.
 pub fn key_values(values: &[point::Value], kind: KeyType, params: Option<Params<'_>>) -> Option<Vec<KeyValue>> {
-    values
-        .iter()
-        .map(|v| match v {
-            point::Value::Const(text) => kind.text(text),
+    let param = |n: u16| {
+        let (p, i) = (params?, usize::from(n) - 1);
+        let bytes = p.bind.params.get(i)?.as_deref()?;
+        Some((p.types.get(i).copied().unwrap_or(0), p.bind.param_format(i) == 1, bytes))
+    };
+    let mut out = Vec::with_capacity(values.len());
+    for v in values {
+        match v {
+            point::Value::Const(text) => out.push(kind.text(text)?),
             point::Value::Param(n) => {
-                let (p, i) = (params?, usize::from(*n) - 1);
-                let bytes = p.bind.params.get(i)?.as_deref()?;
-                kind.param(p.types.get(i).copied().unwrap_or(0), p.bind.param_format(i) == 1, bytes)
+                let (oid, binary, bytes) = param(*n)?;
+                out.push(kind.param(oid, binary, bytes)?);
+            }
+            point::Value::ArrayParam(n) => {
+                let (oid, binary, bytes) = param(*n)?;
+                out.extend(kind.array_param(oid, binary, bytes)?);
             }
             // Not read from this text (a statement among several in one Query).
-            point::Value::Literal { .. } => None,
-        })
-        .collect()
+            point::Value::Literal { .. } => return None,
+        }
+    }
+    Some(out)
 }
 
 /// The key values a statement pins the key of `info`'s table to, when invalidation by key
