@@ -34,6 +34,7 @@ pub const CACHE_BYTES: &str = "pgcache_cache_bytes";
 pub const CACHE_CAPACITY_BYTES: &str = "pgcache_cache_capacity_bytes";
 pub const CACHE_EVICTIONS: &str = "pgcache_cache_evictions_total";
 pub const INVALIDATIONS: &str = "pgcache_invalidations_total";
+pub const KEY_INVALIDATIONS: &str = "pgcache_key_invalidations_total";
 pub const UNKNOWN_WRITES: &str = "pgcache_unknown_writes_total";
 pub const QUERY_DURATION: &str = "pgcache_query_duration_seconds";
 pub const CLIENT_CONNECTIONS: &str = "pgcache_client_connections";
@@ -76,6 +77,11 @@ pub const ALL: &[(&str, Kind, &str)] = &[
         INVALIDATIONS,
         Kind::Counter,
         "Invalidations caused by writes, by table (\"*all*\" for everything, \"other\" past the label cap).",
+    ),
+    (
+        KEY_INVALIDATIONS,
+        Kind::Counter,
+        "Of those, writes that invalidated only the primary keys they wrote (the rest of the table stayed cached), by table.",
     ),
     (
         UNKNOWN_WRITES,

@@ -274,6 +274,13 @@ impl Stats {
         self.metrics.counter(m::INVALIDATIONS, &[("table", &label)]).increment(1);
     }
 
+    /// A write to `table` that invalidated only the keys it wrote (also counted by
+    /// [`Stats::table_written`]).
+    pub fn keys_written(&self, table: &str) {
+        let label = self.metrics.table_label(table);
+        self.metrics.counter(m::KEY_INVALIDATIONS, &[("table", &label)]).increment(1);
+    }
+
     /// Everything was invalidated (a write with unknown targets, or an operator's command).
     pub fn all_invalidated(&self) {
         self.metrics.counter(m::INVALIDATIONS, &[("table", "*all*")]).increment(1);

@@ -286,6 +286,10 @@ async fn writes_pinned_to_primary_keys_invalidate_only_those_keys() {
         .unwrap();
     assert_eq!(text(&other, &key(2)).await, "up");
     assert!(is_hit(&e, c, &key(9)).await, "an upsert of key 2 left key 9 cached");
+    // Counted apart from the table-wide ones.
+    let keyed = e.proxy.metric("pgcache_key_invalidations_total{table=\"kv\"}").await;
+    let all = e.proxy.metric("pgcache_invalidations_total{table=\"kv\"}").await;
+    assert!(keyed >= 7.0 && all > keyed, "{keyed} keyed of {all} invalidations of kv");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

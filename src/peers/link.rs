@@ -256,7 +256,10 @@ async fn apply(peers: &Peers, database: &str, msg: &Message) {
                             values.map(|v| (column, v))
                         });
                         match keyed {
-                            Some((column, values)) => g.bump_keys(r, column, &values),
+                            Some((column, values)) => {
+                                g.bump_keys(r, column, &values);
+                                peers.stats.keys_written(&r.name);
+                            }
                             None => g.bump_relations(std::slice::from_ref(r)),
                         }
                         peers.stats.table_written(&r.name);

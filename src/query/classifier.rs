@@ -78,14 +78,27 @@ fn scan(sql: &str) -> Option<(String, Vec<&str>)> {
 /// `c` (the classification of `sql`, possibly shared with other texts of its shape) with the
 /// key values of its point read from `sql`'s own literals (`literals`, scanned if `None`).
 fn with_own_literals(c: Arc<Vec<Classified>>, sql: &str, literals: Option<Vec<&str>>) -> Arc<Vec<Classified>> {
-    // Several statements: their literals are counted per statement; left unresolved (no
-    // invalidation by key for them).
-    let [one] = c.as_slice() else { return c };
-    let Some(point) = one.point.as_ref().filter(|p| p.has_literals()) else { return c };
-    let Some(literals) = literals.or_else(|| scan(sql).map(|(_, l)| l)) else {
-        return Arc::new(vec![Classified { point: None, ..one.clone() }]);
+    let pinned = |one: &Classified| one.point.as_ref().is_some_and(|p| p.has_literals());
+    if !c.iter().any(pinned) {
+        return c;
+    }
+    let resolve = |one: &Classified, literals: Option<Vec<&str>>| {
+        let point = one.point.as_ref().zip(literals).and_then(|(p, l)| p.resolve(&l));
+        Classified { point, ..one.clone() }
     };
-    Arc::new(vec![Classified { point: point.resolve(&literals), ..one.clone() }])
+    if let [one] = c.as_slice() {
+        return Arc::new(vec![resolve(one, literals.or_else(|| scan(sql).map(|(_, l)| l)))]);
+    }
+    // Several statements: each counts its literals in its own text.
+    let Ok(texts) = pg_query::split_with_parser(sql) else { return c };
+    if texts.len() != c.len() {
+        return c;
+    }
+    let each = c.iter().zip(texts).map(|(one, text)| match pinned(one) {
+        true => resolve(one, scan(text).map(|(_, l)| l)),
+        false => one.clone(),
+    });
+    Arc::new(each.collect())
 }
 
 impl Classifier {
@@ -157,6 +170,13 @@ mod tests {
             "key values are each text's own"
         );
         assert_eq!(point(&c.classify("SELECT v FROM t WHERE id = 1 AND n = '3'")), point(&one));
+        let several = c.classify("BEGIN; UPDATE t SET v = 'x' WHERE id = 7; UPDATE t SET v = 'y' WHERE id = 8");
+        let points: Vec<_> = several.iter().map(|s| s.point.as_ref().map(|p| p.columns.clone())).collect();
+        assert_eq!(
+            points,
+            [None, Some(vec![("id".into(), vec![k("7")])]), Some(vec![("id".into(), vec![k("8")])])],
+            "statements of one query read their own literals"
+        );
         let a = c.classify("SELECT set_config('app.a', '1', false)");
         let b = c.classify("SELECT set_config('app.b', '1', false)");
         assert_eq!(
