@@ -30,6 +30,27 @@ async fn fleet(cluster: &PgCluster, n: usize, tweak: impl Fn(&mut Config)) -> (V
     (out, dir)
 }
 
+/// Two instances (tweaked by `tweak`) in front of a fresh database holding [`SCHEMA`], and a
+/// client on each.
+struct Pair {
+    fleet: Vec<Proxy>,
+    a: tokio_postgres::Client,
+    b: tokio_postgres::Client,
+    admin: tokio_postgres::Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn pair(tweak: impl Fn(&mut Config)) -> Pair {
+    let cluster = PgCluster::shared();
+    let user = cluster.superuser();
+    let db = cluster.create_db("peers").await;
+    let admin = cluster.admin(&db).await;
+    admin.batch_execute(SCHEMA).await.unwrap();
+    let (fleet, _dir) = fleet(cluster, 2, tweak).await;
+    let (a, b) = (fleet[0].connect(&db, &user).await, fleet[1].connect(&db, &user).await);
+    Pair { fleet, a, b, admin, _dir }
+}
+
 /// Reads through `c` until the answer is `want` or `limit` passes; how long it took.
 async fn until(c: &tokio_postgres::Client, want: &str, limit: Duration) -> Option<Duration> {
     let started = Instant::now();
@@ -82,13 +103,7 @@ async fn a_write_through_one_instance_reaches_every_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_pinned_to_a_key_invalidates_only_that_key_on_the_others() {
-    let cluster = PgCluster::shared();
-    let user = cluster.superuser();
-    let db = cluster.create_db("peers").await;
-    let admin = cluster.admin(&db).await;
-    admin.batch_execute(SCHEMA).await.unwrap();
-    let (fleet, _dir) = fleet(cluster, 2, |_| {}).await;
-    let (a, b) = (fleet[0].connect(&db, &user).await, fleet[1].connect(&db, &user).await);
+    let Pair { fleet, a, b, admin, _dir } = pair(|_| {}).await;
     let other = "SELECT v FROM items WHERE id = 2";
     for read in [READ, other] {
         text(&b, read).await;
@@ -105,12 +120,7 @@ async fn a_write_pinned_to_a_key_invalidates_only_that_key_on_the_others() {
 async fn without_peers_another_instance_stays_stale() {
     // The control: with peer invalidation off, the same test sees the stale row (so the test
     // above can fail).
-    let cluster = PgCluster::shared();
-    let user = cluster.superuser();
-    let db = cluster.create_db("peers").await;
-    cluster.admin(&db).await.batch_execute(SCHEMA).await.unwrap();
-    let (fleet, _dir) = fleet(cluster, 2, |c| c.peers.enabled = false).await;
-    let (a, b) = (fleet[0].connect(&db, &user).await, fleet[1].connect(&db, &user).await);
+    let Pair { fleet: _fleet, a, b, _dir, .. } = pair(|c| c.peers.enabled = false).await;
     text(&b, READ).await;
     a.batch_execute("UPDATE items SET v = 'new' WHERE id = 1").await.unwrap();
     assert_eq!(until(&b, "new", Duration::from_millis(500)).await, None, "TTL-only: B keeps the old row");
@@ -118,13 +128,7 @@ async fn without_peers_another_instance_stays_stale() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_link_fails_closed_and_resyncs() {
-    let cluster = PgCluster::shared();
-    let user = cluster.superuser();
-    let db = cluster.create_db("peers").await;
-    let admin = cluster.admin(&db).await;
-    admin.batch_execute(SCHEMA).await.unwrap();
-    let (fleet, _dir) = fleet(cluster, 2, |_| {}).await;
-    let (a, b) = (fleet[0].connect(&db, &user).await, fleet[1].connect(&db, &user).await);
+    let Pair { fleet, a, b, admin, _dir } = pair(|_| {}).await;
     text(&b, READ).await;
     // Cut B's link; while it is down A writes, and B cannot hear it.
     let b_link = format!("pgcache peers {}", fleet[1].shared.peers.instance());

@@ -217,37 +217,52 @@ impl Catalog {
     /// Volatility of each named function, in order.
     pub async fn functions(&self, db: &str, names: &[Relation]) -> Result<Vec<FunctionInfo>, CatalogError> {
         let d = self.db(db);
+        const SQL: &str = "SELECT n.nspname::text, p.proname::text, p.provolatile::text \
+                           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE p.proname = ANY($1)";
+        let fetch = async |missing: &[&Relation]| self.fetch_by_name(db, missing, SQL, UNKNOWN_FUNCTION).await;
+        self.cached(&d.functions, names, UNKNOWN_FUNCTION, fetch).await
+    }
+
+    /// `names` looked up in `map` (one of a database's caches of facts by name), those missing
+    /// or older than the TTL fetched first by `fetch` (a bounded wait); `default` for a name
+    /// `fetch` did not answer for.
+    async fn cached<V: Copy>(
+        &self,
+        map: &Mutex<HashMap<Relation, Cached<V>>>,
+        names: &[Relation],
+        default: V,
+        fetch: impl AsyncFnOnce(&[&Relation]) -> Result<Vec<(Relation, V)>, CatalogError>,
+    ) -> Result<Vec<V>, CatalogError> {
         let missing: Vec<&Relation> = {
-            let map = d.functions.lock();
+            let map = map.lock();
             names.iter().filter(|n| map.get(*n).is_none_or(|c| c.at.elapsed() > self.ttl)).collect()
         };
         if !missing.is_empty() {
-            let fetched = tokio::time::timeout(LOOKUP_TIMEOUT, self.fetch_functions(db, &missing))
-                .await
-                .map_err(|_| CatalogError::Timeout)??;
-            let mut map = d.functions.lock();
-            for (name, info) in fetched {
-                map.insert(name, Cached { value: info, at: Instant::now() });
+            let fetched =
+                tokio::time::timeout(LOOKUP_TIMEOUT, fetch(&missing)).await.map_err(|_| CatalogError::Timeout)??;
+            let mut map = map.lock();
+            for (name, value) in fetched {
+                map.insert(name, Cached { value, at: Instant::now() });
             }
         }
-        let map = d.functions.lock();
-        Ok(names.iter().map(|n| map.get(n).map_or(UNKNOWN_FUNCTION, |c| c.value)).collect())
+        let map = map.lock();
+        Ok(names.iter().map(|n| map.get(n).map_or(default, |c| c.value)).collect())
     }
 
-    async fn fetch_functions(
+    /// What each of `names` may do, from `sql` — which, given the bare names as `$1`, lists
+    /// `(schema, name, provolatile)` of every candidate: the worst of a name's candidates in
+    /// its schema (any, when unqualified) counts; a volatile one outside the system schemas
+    /// may write; a name with none is `unknown`.
+    async fn fetch_by_name(
         &self,
         db: &str,
         names: &[&Relation],
+        sql: &str,
+        unknown: FunctionInfo,
     ) -> Result<Vec<(Relation, FunctionInfo)>, CatalogError> {
         let client = self.client(db).await?;
         let plain: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
-        let rows = client
-            .query(
-                "SELECT n.nspname::text, p.proname::text, p.provolatile::text \
-                 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE p.proname = ANY($1)",
-                &[&plain],
-            )
-            .await?;
+        let rows = client.query(sql, &[&plain]).await?;
         Ok(names
             .iter()
             .map(|want| {
@@ -269,7 +284,7 @@ impl Catalog {
                         may_write: prev.may_write || may_write,
                     });
                 }
-                ((*want).clone(), info.unwrap_or(UNKNOWN_FUNCTION))
+                ((*want).clone(), info.unwrap_or(unknown))
             })
             .collect())
     }
