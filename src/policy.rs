@@ -158,13 +158,6 @@ pub struct KeyedRead {
     pub kind: point::KeyType,
 }
 
-impl KeyedRead {
-    /// The values `c` (the statement assessed, or another text of its shape) pins the key to.
-    pub fn values<'c>(&self, c: &'c Classified) -> Option<&'c [point::Value]> {
-        c.point.as_ref()?.values(&self.column)
-    }
-}
-
 /// Whether `c` pins the key of the one table it reads (described by `info`).
 fn keyed(c: &Classified, info: &RelationInfo) -> Option<KeyedRead> {
     let key = info.point_key.as_ref()?;

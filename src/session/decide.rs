@@ -42,6 +42,16 @@ pub(super) enum Request<'a> {
     Extended { param_types: &'a [u32], bind: &'a BindParts },
 }
 
+impl Request<'_> {
+    /// The parameters, in the extended protocol.
+    fn params(&self) -> Option<effects::Params<'_>> {
+        match self {
+            Request::Extended { param_types, bind } => Some(effects::Params { types: param_types, bind }),
+            Request::Simple => None,
+        }
+    }
+}
+
 /// What the cache holds for a request, as far as a session — with a backend or without one
 /// ([`super::detached`]) — may use it: the one lookup both make.
 pub(super) enum Looked {
@@ -190,13 +200,10 @@ impl Relay<'_> {
                 None
             }
         };
-        let keys = a.keyed.as_ref().filter(|_| ctx.config().cache.invalidate_by_key).and_then(|k| {
-            let params = match &req {
-                Request::Extended { param_types, bind } => Some(effects::Params { types: param_types, bind }),
-                Request::Simple => None,
-            };
-            effects::key_values(k.values(c)?, k.kind, params).map(|values| (k, values))
-        });
+        let keys = a
+            .keyed
+            .as_ref()
+            .and_then(|k| effects::pinned_keys(ctx, c, &k.column, k.kind, req.params()).map(|values| (k, values)));
         let keyed = keys.as_ref().map(|(k, values)| Keyed { relation: &k.relation, column: &k.column, values });
         let deps = ctx.generations.snapshot(&self.key.database, &a.deps, keyed);
         let limit = ctx.config().cache.max_entry_bytes;

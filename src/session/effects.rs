@@ -4,11 +4,12 @@
 //! changes (itself, partitions, a view's base tables, tables reached by cascading foreign
 //! keys). A write pinned to primary-key values of a table that changes nothing else
 //! (`UPDATE t SET … WHERE id = $1`, see [`crate::query::point`]) bumps only those keys (and
-//! the table's every-write counter): results read by other keys stay. When that cannot be known — the catalog is unreachable, the table has user triggers
-//! or rules, the statement is `DO`/`CALL`/unparseable, or it calls a volatile user function —
-//! pgcache invalidates wider: by name in every schema, or everything, as `cache.unknown_writes`
-//! says. DDL invalidates by name and clears the catalog facts. Committed invalidations are
-//! also published to the other instances ([`crate::peers`]).
+//! the table's every-write counter): results read by other keys stay. When that cannot be
+//! known — the catalog is unreachable, the table has user triggers or rules, the statement
+//! is `DO`/`CALL`/unparseable, or it calls a volatile user function — pgcache invalidates
+//! wider: by name in every schema, or everything, as `cache.unknown_writes` says. DDL
+//! invalidates by name and clears the catalog facts. Committed invalidations are also
+//! published to the other instances ([`crate::peers`]).
 
 use std::sync::Arc;
 
@@ -108,7 +109,7 @@ pub struct Params<'a> {
 
 /// The values of a key of type `kind` that `values` stand for (`$n` read from `params`), or
 /// `None` if any of them cannot be read as one.
-pub fn key_values(values: &[point::Value], kind: KeyType, params: Option<Params<'_>>) -> Option<Vec<KeyValue>> {
+fn key_values(values: &[point::Value], kind: KeyType, params: Option<Params<'_>>) -> Option<Vec<KeyValue>> {
     let param = |n: u16| {
         let (p, i) = (params?, usize::from(n) - 1);
         let bytes = p.bind.params.get(i)?.as_deref()?;
@@ -133,19 +134,25 @@ pub fn key_values(values: &[point::Value], kind: KeyType, params: Option<Params<
     Some(out)
 }
 
-/// The key values a statement pins the key of `info`'s table to, when invalidation by key
-/// applies.
-pub fn keys_of(
+/// The values `c` pins the key `column` (of type `kind`) to, with its parameters read from
+/// `params`, when invalidation by key applies — for reads and writes alike.
+pub fn pinned_keys(
     ctx: &Context,
     c: &Classified,
-    info: &RelationInfo,
+    column: &str,
+    kind: KeyType,
     params: Option<Params<'_>>,
 ) -> Option<Vec<KeyValue>> {
     if !ctx.config().cache.invalidate_by_key {
         return None;
     }
+    key_values(c.point.as_ref()?.values(column)?, kind, params)
+}
+
+/// The key values a write `c` pins the key of `info`'s table to.
+fn keys_of(ctx: &Context, c: &Classified, info: &RelationInfo, params: Option<Params<'_>>) -> Option<Vec<KeyValue>> {
     let key = info.point_key.as_ref()?;
-    key_values(c.point.as_ref()?.values(&key.column)?, key.kind, params)
+    pinned_keys(ctx, c, &key.column, key.kind, params)
 }
 
 /// The invalidations `c` causes in `database`. Looks up the catalog (cached, bounded wait).

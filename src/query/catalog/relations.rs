@@ -11,9 +11,9 @@ use std::time::Instant;
 use futures_util::future::BoxFuture;
 use tokio_postgres::Client;
 
-use super::super::classify::classify;
-use super::super::point::KeyType;
 use super::{Cached, Catalog, CatalogError, LOOKUP_TIMEOUT, Relation, SETTINGS_ONLY, Volatility};
+use crate::query::classify::classify;
+use crate::query::point::KeyType;
 
 /// What pgcache knows of a relation name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
