@@ -182,31 +182,28 @@ pub fn payloads(instance: &str, database: &str, pending: &Pending) -> Vec<String
 fn keyed_payloads(base: &Message, pending: &Pending, out: &mut Vec<String>) {
     let mut current = base.clone();
     for (oid, keys) in &pending.keys {
-        let mut values: Vec<String> = keys.values.iter().map(key_text).collect();
-        while !values.is_empty() {
+        let mut values = keys.values.iter().map(key_text).peekable();
+        while values.peek().is_some() {
             current.r.push(*oid);
             current.k.push((*oid, keys.column.clone(), Vec::new()));
-            let mut fitted = 0;
-            for v in &values {
-                current.k.last_mut().expect("just pushed").2.push(v.clone());
-                if encode(&current).len() > MAX_PAYLOAD {
-                    current.k.last_mut().expect("just pushed").2.pop();
-                    break;
-                }
-                fitted += 1;
+            // A key adds its quoted text, and a comma after the first.
+            let mut size = encode(&current).len();
+            let entry = &mut current.k.last_mut().expect("just pushed").2;
+            let cost = |v: &String, entry: &Vec<String>| v.len() + 2 + usize::from(!entry.is_empty());
+            while let Some(v) = values.next_if(|v| size + cost(v, entry) <= MAX_PAYLOAD) {
+                size += cost(&v, entry);
+                entry.push(v);
             }
-            if fitted == 0 {
+            if entry.is_empty() {
                 current.r.pop();
                 current.k.pop();
                 if current.r.is_empty() {
                     // Not even one key fits beside the column's name: the whole relation.
                     out.push(encode(&Message { r: vec![*oid], ..base.clone() }));
-                    values.clear();
-                    continue;
+                    break;
                 }
             }
-            values.drain(..fitted);
-            if !values.is_empty() || fitted == 0 {
+            if values.peek().is_some() {
                 out.push(encode(&current));
                 current = base.clone();
             }
@@ -266,8 +263,11 @@ mod tests {
         p.keyed(5, "id", [KeyValue::Int(1)]);
         p.keyed(5, "code", [KeyValue::Int(2)]);
         p.keyed(6, "a_rather_long_column_name", (0..200).map(|i| KeyValue::Uuid(i * 0x1234_5678_9abc_def0)));
+        // 256 UUID keys need more than one payload.
+        p.keyed(7, "id", (0..MAX_KEYS as u128).map(|i| KeyValue::Uuid(u128::MAX - i)));
         assert_eq!(p.oids, [3, 4, 5].into(), "a wide write, too many keys, another column: the whole relation");
         let out = payloads("abc", "app", &p);
+        assert!(out.iter().filter(|s| s.contains("[7,")).count() >= 2, "relation 7's keys are split");
         let mut seen = Pending::default();
         for s in &out {
             assert!(s.len() <= MAX_PAYLOAD, "{} bytes", s.len());
