@@ -198,6 +198,9 @@ impl Catalog {
         default: V,
         fetch: impl AsyncFnOnce(&[&Relation]) -> Result<Vec<(Relation, V)>, CatalogError>,
     ) -> Result<Vec<V>, CatalogError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
         let missing: Vec<&Relation> = {
             let map = map.lock();
             names.iter().filter(|n| map.get(*n).is_none_or(|c| c.at.elapsed() > self.ttl)).collect()
