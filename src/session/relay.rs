@@ -399,13 +399,16 @@ fn pin(ctx: &Context, key: &PoolKey, label: &'static str, reason: &'static str, 
     ctx.pools.get(key).pinned(label, pinned);
 }
 
-/// Writes `queue` to `stream` with vectored writes until it is empty (then flushes, which
-/// matters for TLS) or the socket is full.
+/// Writes `queue` to `stream` (one slice: a plain write; more: a vectored write) until it is
+/// empty (then flushes, which matters for TLS) or the socket is full.
 fn poll_write_queue(stream: &mut Stream, queue: &mut OutQueue, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
     while !queue.is_empty() {
         let mut slices = [IoSlice::new(&[]); 64];
-        let n = queue.chunks_vectored(&mut slices);
-        let written = ready!(Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..n]))?;
+        let written = match queue.chunks_vectored(&mut slices) {
+            // The common case (small chunks coalesce): a plain send, no iovec to import.
+            1 => ready!(Pin::new(&mut *stream).poll_write(cx, &slices[0]))?,
+            n => ready!(Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..n]))?,
+        };
         if written == 0 {
             return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
         }
