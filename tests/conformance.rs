@@ -530,3 +530,67 @@ async fn extended_protocol_error_paths_match_postgres_with_everything_cached() {
     let hits = proxy.shared.stats.totals().hits;
     assert!(hits >= 2, "the second round was answered from the cache ({hits} hits)");
 }
+
+/// Requests answered whole from the cache — the short way taken while the backend is idle (or,
+/// in transaction pooling, while the session has none) — match Postgres too: a named statement
+/// parsed by such a batch is there when a later request needs the backend, a second Parse of
+/// its name is refused, and a simple Query hit ends as Postgres ends it.
+async fn answered_whole(p: &mut Pair) {
+    const SQL: &str = "SELECT h FROM series WHERE n = $1";
+    let read = |name: &str, n: &str| {
+        batch(&[parse(name, SQL, &[23]), bind("", name, &[Some(n)], &[]), describe(b'P', ""), execute("", 0), sync()])
+    };
+    p.same("fill", &read("", "3"), 1).await;
+    let got = p.same("a named statement parsed by a cached batch", &read("w1", "3"), 1).await;
+    assert_eq!(tags(&got), "12TDCZ");
+    let got = p.same("its name parsed again", &read("w1", "3"), 1).await;
+    assert_eq!(tags(&got), "EZ", "42P05 from Postgres");
+    // Refused, so the name keeps its statement (not this one's text, nor its cached results).
+    let other = batch(&[parse("w1", "SELECT n FROM series WHERE n = $1", &[23]), sync()]);
+    let got = p.same("its name parsed again with other text", &other, 1).await;
+    assert_eq!(tags(&got), "EZ");
+    let fill_other = batch(&[
+        parse("", "SELECT n FROM series WHERE n = $1", &[23]),
+        bind("", "", &[Some("3")], &[]),
+        execute("", 0),
+        sync(),
+    ]);
+    p.same("the other text, cached", &fill_other, 1).await;
+    p.same("the other text, from the cache", &fill_other, 1).await;
+    let bound = batch(&[bind("", "w1", &[Some("3")], &[]), execute("", 0), sync()]);
+    p.same("the name still runs its own statement", &bound, 1).await;
+    let later = batch(&[describe(b'S', "w1"), bind("", "w1", &[Some("4")], &[]), execute("", 0), sync()]);
+    let got = p.same("the statement, when the backend needs it", &later, 1).await;
+    assert_eq!(tags(&got), "tT2DCZ");
+    for round in 0..3 {
+        p.same(
+            &format!("reused, round {round}"),
+            &batch(&[bind("", "w1", &[Some("3")], &[]), execute("", 0), sync()]),
+            1,
+        )
+        .await;
+        p.same(&format!("simple query, round {round}"), &query("SELECT h FROM series WHERE n = 5"), 1).await;
+    }
+    let got = p.same("a transaction after them", &query("BEGIN; SELECT h FROM series WHERE n = 5; COMMIT"), 1).await;
+    assert_eq!(tags(&got), "CTDCCZ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_answered_whole_from_the_cache_match_postgres() {
+    for mode in [pgcache::config::PoolMode::Session, pgcache::config::PoolMode::Transaction] {
+        let cluster = PgCluster::shared();
+        let db = cluster.create_db("conf").await;
+        cluster.admin(&db).await.batch_execute(SETUP).await.unwrap();
+        let rule = "[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"60s\"\n";
+        let dir = common::rules_dir(&[("all.toml", rule)]);
+        let mut config = Proxy::config(cluster);
+        config.rules = dir.path().to_owned();
+        config.rules_explicit = true;
+        config.pool.mode = mode;
+        let proxy = Proxy::start(config).await;
+        let mut p = Pair::open(cluster, &proxy, &db, &[]).await;
+        answered_whole(&mut p).await;
+        let hits = proxy.shared.stats.totals().hits;
+        assert!(hits >= 7, "{mode:?}: the repeated reads were answered from the cache ({hits} hits)");
+    }
+}

@@ -4,11 +4,11 @@
 //! only that backend had (no transaction, temporary objects, LISTEN, cursors, advisory
 //! locks), carries on here instead of being closed. Either way:
 //!
-//! - requests the cache can answer are answered, found by the relay's own lookup
-//!   ([`super::decide::Asker`]: rule, catalog facts, settings, key) — fresh entries, and (only
-//!   when the backend was lost) stale ones and entries within their rule's `stale_if_error`
-//!   window when Postgres cannot be reached. After a lost backend only verdicts the session's
-//!   memo already holds are used (Postgres, and so the catalog, may be down);
+//! - requests the cache can answer whole are answered ([`super::answer`], with the relay's own
+//!   lookup) — fresh entries, and (only when the backend was lost) stale ones and entries
+//!   within their rule's `stale_if_error` window when Postgres cannot be reached. After a lost
+//!   backend only verdicts the session's memo already holds are used (Postgres, and so the
+//!   catalog, may be down);
 //! - any other request takes a backend (after a lost one, at most once a second while
 //!   Postgres is down): the session's settings are given to it — nothing to do when the
 //!   backend already has them, otherwise `RESET ALL` and `set_config` — its statements are
@@ -17,7 +17,6 @@
 //!   the pool is exhausted, 08006 when Postgres cannot be reached) and the session stays
 //!   open, so the client can retry.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,18 +24,15 @@ use bytes::{Bytes, BytesMut};
 
 use crate::backend::connection::StartupParams;
 use crate::backend::{Connection, Lease, PoolError, PoolKey, Reset};
-use crate::cache::{Entry, Freshness};
 use crate::context::Context;
 use crate::metrics;
 use crate::protocol::Frame;
 use crate::protocol::backend::{self as be, PgError, TransactionStatus};
-use crate::protocol::frontend::{self as fe, Named, Target};
+use crate::protocol::frontend as fe;
 use crate::protocol::sqlstate::SqlState;
-use crate::query::Classified;
-use crate::stats::{Observation, key_hash};
 
-use super::core::flow::{Flow, Statement};
-use super::decide::{Asker, Looked, Request};
+use super::answer::{Answerer, Serve};
+use super::core::flow::Flow;
 use super::memo::Assessments;
 use super::refresh::{self, ReplayError};
 use crate::frontend::Client;
@@ -217,127 +213,14 @@ impl Detached<'_> {
         Ok(())
     }
 
-    /// An entry for this request, if one may be served now, with its key's hash and whether
-    /// it is past its TTL: the relay's own lookup ([`Asker::look`]), then what a session
-    /// without a backend may serve — fresh entries while the peers' invalidations are heard
-    /// (or the rule accepts stale answers during an outage), stale ones only after a lost
-    /// backend, and `stale_if_error` entries when Postgres cannot answer (`fallback`).
-    async fn lookup(
-        &mut self,
-        statements: &Arc<Vec<Classified>>,
-        sql: &str,
-        c: &Classified,
-        req: Request<'_>,
-        fallback: bool,
-    ) -> Option<(Arc<Entry>, u64, bool)> {
-        if self.flow.taint.is_some() {
-            return None;
-        }
-        let offline = self.why == Why::Lost;
-        let mut asker = Asker { ctx: self.ctx, key: self.key, flow: self.flow, memo: self.memo, offline };
-        let Looked::Found { entry, freshness, key, .. } = asker.look(statements, sql, c, &req, false).await else {
-            return None;
-        };
-        let coherent = self.ctx.peers.listening(&self.key.database) || !entry.rule.stale_if_error.is_zero();
-        let usable = match freshness {
-            Freshness::Fresh => coherent,
-            Freshness::Stale => coherent && self.why == Why::Lost,
-            Freshness::Fallback => fallback,
-            Freshness::Dead => false,
-        };
-        usable.then(|| (entry, key_hash(&key.0), freshness != Freshness::Fresh))
-    }
-
-    /// The whole answer to a Query, or to an extended batch of Parse/Bind/Describe/Execute on
-    /// the unnamed portal ending in Sync, if the cache holds every result.
+    /// The whole answer to a Query or a batch, if the cache holds every result
+    /// ([`Answerer`]); `fallback` also serves `stale_if_error` entries.
     async fn answer(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
-        match frames {
-            [q] if q.tag() == fe::QUERY => self.answer_query(q, fallback).await,
-            [.., last] if last.tag() == fe::SYNC => self.answer_batch(frames, fallback).await,
-            _ => None,
-        }
-    }
-
-    async fn answer_query(&mut self, q: &Frame, fallback: bool) -> Option<Bytes> {
-        let sql = std::str::from_utf8(fe::query(q.body()).ok()?.sql).ok()?;
-        let classified = self.ctx.classifier.classify(sql);
-        let [c] = classified.as_slice() else { return None };
-        let (entry, key, stale) = self.lookup(&classified, sql, c, Request::Simple, fallback).await?;
-        let mut out = BytesMut::new();
-        out.extend_from_slice(&entry.row_description);
-        out.extend_from_slice(&entry.body);
-        be::ready_for_query(TransactionStatus::Idle, &mut out);
-        self.record(classified.clone(), &entry, key, stale, out.len());
-        Some(out.freeze())
-    }
-
-    async fn answer_batch(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
-        let mut out = BytesMut::new();
-        let mut parsed: HashMap<Vec<u8>, Arc<Statement>> = HashMap::new();
-        let mut current: Option<Arc<Entry>> = None;
-        let mut hits = Vec::new();
-        for f in frames {
-            match f.tag() {
-                fe::PARSE => {
-                    let p = fe::parse(f.body()).ok()?;
-                    let sql = std::str::from_utf8(p.sql).ok()?;
-                    let classified = self.ctx.classifier.classify(sql);
-                    let st = Statement::new(Arc::from(sql), p.param_types.clone(), f.clone(), classified);
-                    parsed.insert(p.name.to_vec(), Arc::new(st));
-                    be::parse_complete(&mut out);
-                }
-                fe::BIND => {
-                    let b = fe::BindParts::decode(f.raw()).ok()?;
-                    if !b.portal.is_empty() {
-                        return None;
-                    }
-                    let known = |name: &[u8]| parsed.get(name).or_else(|| self.flow.statements.get(name)).cloned();
-                    let st = known(&b.statement[..])?;
-                    let [c] = st.classified.as_slice() else { return None };
-                    let req = Request::Extended { param_types: &st.param_types, bind: &b };
-                    let (entry, key, stale) = self.lookup(&st.classified, &st.sql, c, req, fallback).await?;
-                    hits.push((st.classified.clone(), entry.clone(), key, stale));
-                    current = Some(entry);
-                    be::bind_complete(&mut out);
-                }
-                fe::DESCRIBE => match fe::named(f.body()).ok()? {
-                    Named { target: Target::Portal, name: b"" } => {
-                        out.extend_from_slice(&current.as_ref()?.row_description)
-                    }
-                    _ => return None,
-                },
-                fe::EXECUTE => {
-                    let e = fe::execute(f.body()).ok()?;
-                    let entry = current.take()?;
-                    if !e.portal.is_empty() {
-                        return None;
-                    }
-                    // A detached session is outside any transaction: the portal ends at Sync.
-                    out.extend_from_slice(&entry.answer(e.max_rows));
-                }
-                fe::SYNC => be::ready_for_query(TransactionStatus::Idle, &mut out),
-                _ => return None,
-            }
-        }
-        let server_names = self.flow.transaction_pooling;
-        for (name, st) in parsed {
-            let name = Bytes::from(name);
-            if name.is_empty() || !server_names {
-                self.flow.unprepared.insert(name.clone());
-            }
-            self.flow.statements.insert(name, st);
-        }
-        for (classified, entry, key, stale) in hits {
-            let served = entry.body.len();
-            self.record(classified, &entry, key, stale, served);
-        }
-        Some(out.freeze())
-    }
-
-    fn record(&self, classified: Arc<Vec<Classified>>, entry: &Entry, key: u64, stale: bool, served: usize) {
-        entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut o = Observation::new(classified, metrics::Outcome::Hit);
-        o.hit(&entry.rule, key, stale, entry.rows);
-        self.ctx.stats.record(&o, served as u64, false);
+        let serve = match self.why {
+            Why::Lost => Serve::Lost,
+            Why::Pooled => Serve::Pooled,
+        };
+        let mut a = Answerer { ctx: self.ctx, key: self.key, flow: self.flow, memo: self.memo, serve };
+        a.answer(frames, fallback).await
     }
 }

@@ -8,11 +8,13 @@ use std::sync::Arc;
 
 use crate::frontend::SessionError;
 use crate::protocol::Frame;
+use crate::protocol::backend::TransactionStatus;
 use crate::query::Classified;
 
+use super::answer::{Answerer, Serve};
 use super::core::batch::{Decided, Need};
 use super::core::effect::Effect;
-use super::core::flow::Parked;
+use super::core::flow::{Parked, Probe};
 use super::core::query;
 use super::decide::Request;
 use super::effects;
@@ -90,6 +92,26 @@ impl Relay<'_> {
         }
         planner.finish(self.core);
         Ok(())
+    }
+
+    /// The short way for a request the cache answers whole while the backend is idle (no
+    /// transaction, nothing owed, nothing unsynced, the session not refused the cache): the
+    /// same answer, statistics and statement bookkeeping as the planner's, without planning
+    /// ([`Answerer`]). Returns whether it answered; if not, nothing changed.
+    pub(super) async fn answered_whole(&mut self, request: &[Frame]) -> bool {
+        let core = &mut *self.core;
+        let idle = core.tracker.status == TransactionStatus::Idle
+            && core.flow.pipeline.is_empty()
+            && core.flow.probe != Some(Probe::Running)
+            && core.refuses().is_none();
+        if !idle || !self.ctx.caching() {
+            return false;
+        }
+        let (ctx, key) = (self.ctx, self.key);
+        let mut a = Answerer { ctx, key, flow: &mut core.flow, memo: self.memo, serve: Serve::Attached };
+        let Some(answer) = a.answer(request, false).await else { return false };
+        core.to_client.push(answer);
+        true
     }
 
     /// A request parked for the probe, decided now that the settings are known.

@@ -16,6 +16,7 @@
 //! the front end ([`crate::frontend`]) and what every connection shares
 //! ([`crate::context`]); it knows nothing of the admin console.
 
+mod answer;
 pub mod auth;
 pub mod core;
 mod decide;

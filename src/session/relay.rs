@@ -306,7 +306,9 @@ impl Relay<'_> {
                         self.run_batch().await?;
                     }
                     if frame.tag() == fe::QUERY {
-                        self.on_query(frame).await?;
+                        if !self.answered_whole(std::slice::from_ref(&frame)).await {
+                            self.on_query(frame).await?;
+                        }
                     } else {
                         self.core.forward_request(frame.into_raw(), Expect::Query);
                     }
@@ -315,7 +317,11 @@ impl Relay<'_> {
                     self.core.flow.batch.push(frame);
                     if tag == fe::SYNC || tag == fe::FLUSH {
                         self.ctx.wait_while_paused().await;
-                        self.run_batch().await?;
+                        let batch = std::mem::take(&mut self.core.flow.batch);
+                        if !(tag == fe::SYNC && self.answered_whole(&batch).await) {
+                            self.core.flow.batch = batch;
+                            self.run_batch().await?;
+                        }
                     }
                 }
             }

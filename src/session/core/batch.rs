@@ -284,7 +284,9 @@ impl Planner {
                     if !name.is_empty()
                         && let Some(existing) = self.statement(core, name)
                     {
+                        // Postgres refuses it (42P05): the name keeps its statement.
                         self.plan.stmt_of.insert(i, existing);
+                        continue;
                     }
                     let st = self.plan.parsed.get(&i).cloned();
                     self.stmts.insert(name.clone(), st);

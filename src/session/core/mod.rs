@@ -209,9 +209,12 @@ impl Core {
                 self.upstream_said_fatal |= fields.severity == "FATAL" || fields.severity == "PANIC";
             }
             let routed = self.route(params, raw)?;
-            if !routed.visible {
+            if !routed.visible || routed.rewritten.is_some() {
                 out.push(Out::Range(run_start, at));
                 run_start = at + len;
+            }
+            if let Some(b) = routed.rewritten.filter(|_| routed.visible) {
+                out.push(Out::Bytes(b));
             }
             at += len;
             if routed.completed {

@@ -66,6 +66,9 @@ pub struct Forwarded {
     /// A Bind of this server name (transaction pooling): if Postgres says its cached plan
     /// changed result type, the backend's statement is stale.
     pub binds: Option<Bytes>,
+    /// The request names a statement by its server name where the client used its own
+    /// (server name, client name): an error about it names the client's, as Postgres would.
+    pub renamed: Option<(Bytes, Bytes)>,
 }
 
 /// The client's row limit on an Execute sent with a higher one, and the rows seen so far.
@@ -88,6 +91,7 @@ impl Forwarded {
             row_limit: None,
             prepares: None,
             binds: None,
+            renamed: None,
         }
     }
 
@@ -255,10 +259,12 @@ impl Pipeline {
 }
 
 /// What happened to one backend frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routed {
     /// Pass it to the client.
     pub visible: bool,
     /// It completed the item at the head of the pipeline (local answers may follow now).
     pub completed: bool,
+    /// Pass this instead of the frame (an error naming a server name, renamed).
+    pub rewritten: Option<Bytes>,
 }

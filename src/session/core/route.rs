@@ -33,14 +33,16 @@ impl Core {
             // If the session can move to another backend when this one closes, the client need
             // not hear about it.
             let visible = !(tag == be::ERROR_RESPONSE && self.flow.movable().is_ok());
-            return Ok(Routed { visible, completed: false });
+            return Ok(Routed { visible, completed: false, rewritten: None });
         };
         let (visible, expect, fill, probe) = (!head.hidden, head.expect, head.fill, head.probe);
-        let done = |completed| Ok(Routed { visible, completed });
+        let renamed_as = head.renamed.clone();
+        let done = |completed| Ok(Routed { visible, completed, rewritten: None });
         match tag {
             be::ERROR_RESPONSE => {
                 self.note_stale_plan(&raw[5..]);
-                Ok(self.on_error(visible, expect, fill, probe))
+                let rewritten = renamed_as.as_ref().map(|(server, client)| renamed(raw, server, client));
+                Ok(Routed { rewritten, ..self.on_error(visible, expect, fill, probe) })
             }
             be::PARSE_COMPLETE | be::BIND_COMPLETE | be::CLOSE_COMPLETE => {
                 self.flow.pipeline.items.pop_front();
@@ -88,7 +90,7 @@ impl Core {
         params: &mut BTreeMap<String, String>,
         raw: &[u8],
     ) -> Result<Option<Routed>, Truncated> {
-        let pass = Some(Routed { visible: true, completed: false });
+        let pass = Some(Routed { visible: true, completed: false, rewritten: None });
         match raw[0] {
             be::PARAMETER_STATUS => {
                 let (name, value) = be::parameter_status(&raw[5..])?;
@@ -154,7 +156,7 @@ impl Core {
             if let Some(Item::Backend(head)) = self.flow.pipeline.items.front_mut() {
                 head.failed = true;
             }
-            return Routed { visible, completed: false };
+            return Routed { visible, completed: false, rewritten: None };
         }
         // The backend now skips to Sync, and so do pgcache's own answers. Statements whose
         // Parse failed or was skipped were not prepared.
@@ -176,7 +178,7 @@ impl Core {
                 server.remove(&name);
             }
         }
-        Routed { visible, completed: true }
+        Routed { visible, completed: true, rewritten: None }
     }
 
     fn on_data_row(
@@ -201,7 +203,7 @@ impl Core {
         } else if let Some(f) = fill.and_then(|id| self.flow.pipeline.fill_mut(id)) {
             f.add_row(raw);
         }
-        Ok(Routed { visible, completed: false })
+        Ok(Routed { visible, completed: false, rewritten: None })
     }
 
     fn on_command_complete(&mut self, visible: bool, expect: Expect, fill: Option<usize>, raw: &[u8]) -> Routed {
@@ -221,7 +223,7 @@ impl Core {
             self.act(Action::Store(Box::new(f)));
         }
         if expect != Expect::Execute {
-            return Routed { visible, completed: false };
+            return Routed { visible, completed: false, rewritten: None };
         }
         self.observed(false);
         if let Some(Item::Backend(Forwarded { row_limit: Some(l), .. })) = self.flow.pipeline.items.pop_front()
@@ -231,9 +233,9 @@ impl Core {
             let mut s = BytesMut::new();
             be::portal_suspended(&mut s);
             self.flow.pipeline.items.push_front(Item::Local(s.freeze()));
-            return Routed { visible: false, completed: true };
+            return Routed { visible: false, completed: true, rewritten: None };
         }
-        Routed { visible, completed: true }
+        Routed { visible, completed: true, rewritten: None }
     }
 
     fn on_ready(&mut self, probe: bool) {
@@ -278,4 +280,22 @@ impl Core {
             f.settings.forget();
         }
     }
+}
+
+/// The frame `raw` with every occurrence of `from` replaced by `to` (server names are long and
+/// random enough to occur only where they are meant).
+fn renamed(raw: &[u8], from: &[u8], to: &[u8]) -> Bytes {
+    let mut body = Vec::with_capacity(raw.len());
+    let mut rest = &raw[5..];
+    while let Some(at) = rest.windows(from.len().max(1)).position(|w| w == from) {
+        body.extend_from_slice(&rest[..at]);
+        body.extend_from_slice(to);
+        rest = &rest[at + from.len()..];
+    }
+    body.extend_from_slice(rest);
+    let mut out = BytesMut::with_capacity(body.len() + 5);
+    out.extend_from_slice(&[raw[0]]);
+    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    out.extend_from_slice(&body);
+    out.freeze()
 }

@@ -119,7 +119,14 @@ impl Emitter<'_> {
         if let Some(existing) = self.plan.stmt_of.get(&i).cloned() {
             let name = prepare_on_backend(self.core, &existing);
             let raw = fe::rename_statement(frame.raw(), &name).unwrap_or_else(|| frame.into_raw());
-            return self.forward_raw(raw, Expect::Parse);
+            let client = match &self.msgs[i] {
+                Msg::Parse { name, .. } => name.clone(),
+                _ => Bytes::new(),
+            };
+            let renamed = Some((name, client));
+            self.core.request(raw, Forwarded { renamed, ..Forwarded::new(Expect::Parse) });
+            self.forwarded = true;
+            return;
         }
         if prepared_on_backend(self.core, &st) {
             return self.core.answer_locally(encoded(be::parse_complete));
@@ -136,6 +143,13 @@ impl Emitter<'_> {
             self.core.answer_locally(encoded(be::parse_complete));
             self.core.flow.unprepared.insert(Bytes::new());
         } else {
+            // A Parse of a name the client already uses must meet that statement on the
+            // backend, so that Postgres refuses it (42P05) as it would have.
+            if let Some(existing) = self.plan.stmt_of.get(&i).cloned()
+                && self.core.flow.unprepared.remove(name)
+            {
+                self.core.request(existing.parse.raw().clone(), Forwarded::hidden(Expect::Parse));
+            }
             self.forward(frame, Expect::Parse);
             self.core.flow.unprepared.remove(name);
         }

@@ -1,0 +1,196 @@
+//! Answering a whole request from the cache in one step, without the batch planner: a simple
+//! Query, or an extended batch of Parse/Bind/Describe/Execute on the unnamed portal ending in
+//! Sync, when the cache holds every result. Three kinds of session do this ([`Serve`]): one
+//! waiting between transactions in transaction pooling, one that lost its backend, and one
+//! whose backend is idle (session pooling, outside a transaction, nothing in flight) — for
+//! which this is the short way to the same answer the relay's planner would give.
+//!
+//! Anything it cannot answer whole — a miss, a stale entry where only fresh ones may be
+//! served, a Parse of a name already in use (Postgres refuses it), a Describe of a statement,
+//! a named portal — is left to the caller, untouched: `None`, and the session's state is as
+//! before.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::backend::PoolKey;
+use crate::cache::{Entry, Freshness};
+use crate::context::Context;
+use crate::metrics;
+use crate::protocol::Frame;
+use crate::protocol::backend::{self as be, TransactionStatus};
+use crate::protocol::frontend::{self as fe, Named, Target};
+use crate::query::{Classified, Kind};
+use crate::stats::{Observation, key_hash};
+
+use super::core::flow::{Flow, Statement};
+use super::decide::{Asker, Looked, Request};
+use super::memo::Assessments;
+
+/// Which entries a session may serve, by where it stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serve {
+    /// It has an idle backend: fresh entries, while the peers' invalidations are heard — what
+    /// the relay's own decision serves.
+    Attached,
+    /// Transaction pooling, between transactions: fresh entries while the peers' invalidations
+    /// are heard (or the rule accepts stale answers during an outage). A stale one goes to a
+    /// backend, which refreshes it.
+    Pooled,
+    /// Its backend went away: stale entries too, and only verdicts the session's memo already
+    /// holds (Postgres, and so the catalog, may be down).
+    Lost,
+}
+
+/// The session state an answer reads and, when it answers, updates.
+pub struct Answerer<'a> {
+    pub ctx: &'a Arc<Context>,
+    pub key: &'a PoolKey,
+    pub flow: &'a mut Flow,
+    pub memo: &'a mut Assessments,
+    pub serve: Serve,
+}
+
+impl Answerer<'_> {
+    /// The whole answer to `frames` (one Query, or a batch ending in Sync) if the cache holds
+    /// every result; `fallback` also serves `stale_if_error` entries (Postgres cannot answer).
+    pub async fn answer(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
+        if self.flow.taint.is_some() {
+            return None;
+        }
+        match frames {
+            [q] if q.tag() == fe::QUERY => self.answer_query(q, fallback).await,
+            [.., last] if last.tag() == fe::SYNC => self.answer_batch(frames, fallback).await,
+            _ => None,
+        }
+    }
+
+    /// An entry for this request, if one may be served now, with its key's hash and whether
+    /// it is past its TTL: the relay's own lookup ([`Asker::look`]), then what this session
+    /// may serve ([`Serve`]) — and `stale_if_error` entries when Postgres cannot answer
+    /// (`fallback`).
+    async fn lookup(
+        &mut self,
+        statements: &Arc<Vec<Classified>>,
+        sql: &str,
+        c: &Classified,
+        req: Request<'_>,
+        fallback: bool,
+    ) -> Option<(Arc<Entry>, u64, bool)> {
+        let offline = self.serve == Serve::Lost;
+        let mut asker = Asker { ctx: self.ctx, key: self.key, flow: self.flow, memo: self.memo, offline };
+        let Looked::Found { entry, freshness, key, .. } = asker.look(statements, sql, c, &req, false).await else {
+            return None;
+        };
+        let listening = self.ctx.peers.listening(&self.key.database);
+        let coherent = match self.serve {
+            Serve::Attached => listening,
+            Serve::Pooled | Serve::Lost => listening || !entry.rule.stale_if_error.is_zero(),
+        };
+        let usable = match freshness {
+            Freshness::Fresh => coherent,
+            Freshness::Stale => coherent && self.serve == Serve::Lost,
+            Freshness::Fallback => fallback,
+            Freshness::Dead => false,
+        };
+        usable.then(|| (entry, key_hash(&key.0), freshness != Freshness::Fresh))
+    }
+
+    async fn answer_query(&mut self, q: &Frame, fallback: bool) -> Option<Bytes> {
+        let sql = std::str::from_utf8(fe::query(q.body()).ok()?.sql).ok()?;
+        let classified = self.ctx.classifier.classify(sql);
+        let [c] = classified.as_slice() else { return None };
+        if c.kind != Kind::Select {
+            return None;
+        }
+        let (entry, key, stale) = self.lookup(&classified, sql, c, Request::Simple, fallback).await?;
+        let mut out = BytesMut::with_capacity(entry.row_description.len() + entry.body.len() + 6);
+        out.extend_from_slice(&entry.row_description);
+        out.extend_from_slice(&entry.body);
+        be::ready_for_query(TransactionStatus::Idle, &mut out);
+        self.record(classified.clone(), &entry, key, stale, out.len());
+        Some(out.freeze())
+    }
+
+    async fn answer_batch(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
+        let mut out = BytesMut::new();
+        let mut parsed: HashMap<Vec<u8>, Arc<Statement>> = HashMap::new();
+        let mut current: Option<Arc<Entry>> = None;
+        let mut hits = Vec::new();
+        for f in frames {
+            match f.tag() {
+                fe::PARSE => {
+                    let p = fe::parse(f.body()).ok()?;
+                    // Postgres refuses a Parse of a name in use: let it say so.
+                    let taken = |name: &[u8]| parsed.contains_key(name) || self.flow.statements.contains_key(name);
+                    if !p.name.is_empty() && taken(p.name) {
+                        return None;
+                    }
+                    let sql = std::str::from_utf8(p.sql).ok()?;
+                    let classified = self.ctx.classifier.classify(sql);
+                    let st = Statement::new(Arc::from(sql), p.param_types.clone(), f.clone(), classified);
+                    parsed.insert(p.name.to_vec(), Arc::new(st));
+                    be::parse_complete(&mut out);
+                }
+                fe::BIND => {
+                    let b = fe::BindParts::decode(f.raw()).ok()?;
+                    if !b.portal.is_empty() {
+                        return None;
+                    }
+                    let known = |name: &[u8]| parsed.get(name).or_else(|| self.flow.statements.get(name)).cloned();
+                    let st = known(&b.statement[..])?;
+                    let c = st.select()?;
+                    let req = Request::Extended { param_types: &st.param_types, bind: &b };
+                    let (entry, key, stale) = self.lookup(&st.classified, &st.sql, c, req, fallback).await?;
+                    hits.push((st.classified.clone(), entry.clone(), key, stale));
+                    current = Some(entry);
+                    be::bind_complete(&mut out);
+                }
+                fe::DESCRIBE => match fe::named(f.body()).ok()? {
+                    Named { target: Target::Portal, name: b"" } => {
+                        out.extend_from_slice(&current.as_ref()?.row_description)
+                    }
+                    _ => return None,
+                },
+                fe::EXECUTE => {
+                    let e = fe::execute(f.body()).ok()?;
+                    let entry = current.take()?;
+                    if !e.portal.is_empty() {
+                        return None;
+                    }
+                    // Outside any transaction: the portal ends at Sync.
+                    out.extend_from_slice(&entry.answer(e.max_rows));
+                }
+                fe::SYNC => be::ready_for_query(TransactionStatus::Idle, &mut out),
+                _ => return None,
+            }
+        }
+        // The backend has none of the statements parsed here; each is sent to it before it is
+        // first needed (in transaction pooling named ones go under server names, which backends
+        // learn when first used).
+        let server_names = self.flow.transaction_pooling;
+        for (name, st) in parsed {
+            let name = Bytes::from(name);
+            if name.is_empty() || !server_names {
+                self.flow.unprepared.insert(name.clone());
+            }
+            self.flow.statements.insert(name, st);
+        }
+        // The unnamed portal bound here ended at the Sync, in the client's view too.
+        self.flow.virtual_portal = None;
+        for (classified, entry, key, stale) in hits {
+            let served = entry.body.len();
+            self.record(classified, &entry, key, stale, served);
+        }
+        Some(out.freeze())
+    }
+
+    fn record(&self, classified: Arc<Vec<Classified>>, entry: &Entry, key: u64, stale: bool, served: usize) {
+        entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut o = Observation::new(classified, metrics::Outcome::Hit);
+        o.hit(&entry.rule, key, stale, entry.rows);
+        self.ctx.stats.record(&o, served as u64, false);
+    }
+}
