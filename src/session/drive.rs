@@ -2,7 +2,8 @@
 //! classification (cached by text and shape), its write effects (from the catalog), and the
 //! cache decision for a SELECT ([`super::decide`]) — are looked up here, and handed in. For
 //! an extended-protocol batch this drives the core's planner through its needs, in message
-//! order.
+//! order. A request the cache answers whole while the backend is idle skips all that
+//! ([`super::answer`]).
 
 use std::sync::Arc;
 
