@@ -46,7 +46,8 @@ fn init_logging(format: LogFormat) {
 async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let listener = server::bind(&config).await?;
-    tracing::info!(listen = %config.listen, admin = %config.admin, upstream = %config.upstream.describe(), "pgcache listening");
+    let unix = listener.unix_socket().map(|p| p.display().to_string());
+    tracing::info!(listen = %config.listen, unix, admin = %config.admin, upstream = %config.upstream.describe(), "pgcache listening");
     let admin = tokio::net::TcpListener::bind(config.admin)
         .await
         .with_context(|| format!("cannot listen on {}", config.admin))?;

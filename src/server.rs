@@ -9,20 +9,19 @@
 //! both.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
-
-use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::admin;
 use crate::config::Config;
 use crate::context::Context;
 use crate::frontend::{self, SessionError};
+use crate::net::{Peer, Stream};
 use crate::protocol::backend::PgError;
 use crate::protocol::sqlstate::SqlState;
 use crate::session;
@@ -30,17 +29,79 @@ use crate::session;
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr}: {source}")]
 pub struct BindError {
-    addr: SocketAddr,
+    addr: String,
     source: std::io::Error,
 }
 
-/// Binds the configured listen address.
-pub async fn bind(config: &Config) -> Result<TcpListener, BindError> {
-    TcpListener::bind(config.listen).await.map_err(|source| BindError { addr: config.listen, source })
+/// Where clients connect: the TCP address, and the Unix socket when one is configured.
+pub struct Listeners {
+    tcp: TcpListener,
+    unix: Option<(UnixListener, PathBuf)>,
 }
 
-/// Accepts clients on `listener` until `shared.shutdown` is cancelled, then drains.
-pub async fn run(listener: TcpListener, ctx: Arc<Context>) {
+impl Listeners {
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// The Unix socket's path, if there is one.
+    pub fn unix_socket(&self) -> Option<&Path> {
+        self.unix.as_ref().map(|(_, path)| path.as_path())
+    }
+
+    async fn accept(&self) -> std::io::Result<(Stream, Peer)> {
+        let unix = async {
+            match &self.unix {
+                Some((listener, _)) => listener.accept().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = self.tcp.accept() => r.map(|(tcp, peer)| (Stream::Tcp(tcp), Peer::Tcp(peer))),
+            r = unix => r.map(|(unix, _)| (Stream::Unix(unix), Peer::Unix)),
+        }
+    }
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        if let Some((_, path)) = &self.unix {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Binds the configured listen address, and the Unix socket (named after the port bound)
+/// when a directory is configured for it.
+pub async fn bind(config: &Config) -> Result<Listeners, BindError> {
+    let failed = |addr: String| move |source| BindError { addr, source };
+    let tcp = TcpListener::bind(config.listen).await.map_err(failed(config.listen.to_string()))?;
+    let port = tcp.local_addr().map_err(failed(config.listen.to_string()))?.port();
+    let unix = match config.unix_socket(port) {
+        Some(path) => Some((bind_unix(&path).await.map_err(failed(path.display().to_string()))?, path)),
+        None => None,
+    };
+    Ok(Listeners { tcp, unix })
+}
+
+/// Binds a Unix socket at `path`, replacing a socket file left by a process that is gone (as
+/// Postgres does; one that still answers is another server's, and is left alone), open to
+/// every local user as Postgres's is by default: Postgres authenticates the login.
+async fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another server listens there"));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+    Ok(listener)
+}
+
+/// Accepts clients on `listeners` until `shared.shutdown` is cancelled, then drains.
+pub async fn run(listeners: Listeners, ctx: Arc<Context>) {
     let sessions = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(ctx.config().client.max_connections));
     let upkeep = tokio::spawn(maintain(ctx.clone()));
@@ -48,14 +109,14 @@ pub async fn run(listener: TcpListener, ctx: Arc<Context>) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
-            r = listener.accept() => r,
+            r = listeners.accept() => r,
             _ = ctx.shutdown.cancelled() => break,
         };
         match accepted {
-            Ok((tcp, peer)) => {
+            Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 let permit = limit.clone().try_acquire_owned().ok();
-                sessions.spawn(connection(ctx.clone(), tcp, peer, permit));
+                sessions.spawn(connection(ctx.clone(), stream, peer, permit));
             }
             Err(e) => {
                 // Usually EMFILE: wait for connections to close rather than spin.
@@ -65,7 +126,7 @@ pub async fn run(listener: TcpListener, ctx: Arc<Context>) {
             }
         }
     }
-    drop(listener);
+    drop(listeners);
     sessions.close();
     tracing::info!(sessions = sessions.len(), "shutting down: draining sessions");
     if tokio::time::timeout(ctx.config().drain_timeout, sessions.wait()).await.is_err() {
@@ -83,8 +144,8 @@ pub async fn run(listener: TcpListener, ctx: Arc<Context>) {
 }
 
 /// Serves one accepted connection. `permit` is `None` when the client limit is reached.
-async fn connection(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, permit: Option<OwnedSemaphorePermit>) {
-    let Some((mut client, startup)) = Box::pin(frontend::accept(&ctx, tcp, peer)).await else { return };
+async fn connection(ctx: Arc<Context>, stream: Stream, peer: Peer, permit: Option<OwnedSemaphorePermit>) {
+    let Some((mut client, startup)) = Box::pin(frontend::accept(&ctx, stream, peer)).await else { return };
     let config = ctx.config();
     let result = if permit.is_none() {
         Err(SessionError::Refused(PgError::fatal(
@@ -94,7 +155,7 @@ async fn connection(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, permit:
                 config.client.max_connections
             ),
         )))
-    } else if config.client.tls_required && !client.stream.is_tls() {
+    } else if config.client.tls_required && !client.stream.is_tls() && client.peer != Peer::Unix {
         Err(SessionError::Refused(PgError::fatal(
             SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
             "pgcache requires TLS: connect with sslmode=require or stronger",
@@ -122,5 +183,25 @@ async fn maintain(ctx: Arc<Context>) {
         ctx.pools.maintain().await;
         ctx.store.sweep();
         ctx.stats.metrics.upkeep();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_unix_socket_in_use_is_refused_and_a_dead_one_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".s.PGSQL.1");
+        let first = bind_unix(&path).await.unwrap();
+        let e = bind_unix(&path).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+        drop(first);
+        assert!(path.exists(), "the file outlives its listener");
+        let second = bind_unix(&path).await.expect("a socket nobody listens on is replaced");
+        let mode = std::fs::metadata(&path).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o777);
+        drop(second);
     }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::net::SocketAddr;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use parking_lot::Mutex;
 
 use crate::metrics::{self as m, Metrics, Outcome};
+use crate::net::Peer;
 use crate::policy::Reason;
 use crate::rules::Rule;
 
@@ -113,7 +114,7 @@ pub struct QueryStat {
 /// A connected client, for `SHOW CLIENTS`.
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
-    pub peer: SocketAddr,
+    pub peer: Peer,
     pub user: String,
     pub database: String,
     pub since: SystemTime,
@@ -303,7 +304,7 @@ impl Stats {
     }
 
     /// Registers a connected client until the guard is dropped.
-    pub fn client(self: &Arc<Self>, peer: SocketAddr, user: &str, database: &str) -> ClientGuard {
+    pub fn client(self: &Arc<Self>, peer: Peer, user: &str, database: &str) -> ClientGuard {
         let id = self.next_client.fetch_add(1, Ordering::Relaxed);
         let backend_pid = Arc::new(AtomicI64::new(0));
         let info = ClientInfo {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{PgCluster, Proxy, ProxyProcess, psql, stderr, stdout};
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
+use tokio_postgres::NoTls;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_commands_describe_and_copy() {
@@ -172,4 +173,73 @@ async fn large_result_streams_with_bounded_memory() {
     let growth = peak.saturating_sub(before);
     eprintln!("pgcache RSS: {} kB before, peak growth {} kB", before >> 10, growth >> 10);
     assert!(growth < 8 << 20, "pgcache RSS grew by {} MB streaming 200 MB", growth >> 20);
+}
+
+/// The Unix socket (`unix_socket_dir`): psql and tokio-postgres connect with `host=<dir>`,
+/// share the cache with TCP clients, and show as `[local]`; a socket file left by a process
+/// that is gone is replaced, and the file goes at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_connect_through_the_unix_socket() {
+    let cluster = PgCluster::shared();
+    let db = cluster.create_db("unix").await;
+    let user = cluster.superuser();
+    cluster
+        .admin(&db)
+        .await
+        .batch_execute("CREATE TABLE u (id int PRIMARY KEY, v text); INSERT INTO u VALUES (1, 'one')")
+        .await
+        .unwrap();
+    let rules =
+        common::rules_dir(&[("u.toml", "[[rule]]\nname = \"u\"\nmatch = { tables = [\"u\"] }\nttl = \"60s\"\n")]);
+    let sockets = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let path = sockets.path().join(format!(".s.PGSQL.{port}"));
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists(), "a socket file nobody listens on");
+
+    let mut config = Proxy::config(cluster);
+    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    config.unix_socket_dir = Some(sockets.path().to_owned());
+    config.rules = rules.path().to_owned();
+    config.rules_explicit = true;
+    let proxy = Proxy::start(config).await;
+
+    let dir = sockets.path().to_str().unwrap();
+    let args = |sql: &str| {
+        ["-X", "-At", "-h", dir, "-p", &port.to_string(), "-U", &user, "-d", &db, "-c", sql].map(str::to_owned).to_vec()
+    };
+    let read = "SELECT v FROM u WHERE id = 1";
+    for _ in 0..2 {
+        let out = common::run_tool("psql", args(read), vec![], None).await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out).trim(), "one");
+    }
+    let (client, conn) = tokio_postgres::connect(&format!("host={dir} port={port} user={user} dbname={db}"), NoTls)
+        .await
+        .expect("tokio-postgres through the Unix socket");
+    tokio::spawn(conn);
+    let hits = proxy.shared.stats.totals().hits;
+    let row = client.query_one("SELECT v FROM u WHERE id = $1", &[&1i32]).await.unwrap();
+    let again = client.query_one("SELECT v FROM u WHERE id = $1", &[&1i32]).await.unwrap();
+    assert_eq!((row.get::<_, String>(0), again.get::<_, String>(0)), ("one".into(), "one".into()));
+    assert!(proxy.shared.stats.totals().hits > hits, "the second read was a hit");
+    let tcp = proxy.connect(&db, &user).await;
+    tcp.execute("UPDATE u SET v = 'uno' WHERE id = 1", &[]).await.unwrap();
+    let after = client.query_one("SELECT v FROM u WHERE id = $1", &[&1i32]).await.unwrap();
+    assert_eq!(after.get::<_, String>(0), "uno", "a write through TCP invalidates what the socket's clients read");
+
+    let console = proxy.shared.config().console.database.clone();
+    let out = common::run_tool(
+        "psql",
+        args("SHOW CLIENTS").into_iter().map(|a| if a == db { console.clone() } else { a }).collect(),
+        vec![],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("[local]"), "{}", stdout(&out));
+
+    drop((client, tcp));
+    proxy.shutdown().await;
+    assert!(!path.exists(), "the socket file is removed at shutdown");
 }

@@ -278,6 +278,10 @@ fn config(ctx: &Context) -> ResultSet {
         "SHOW",
         vec![
             ("listen", c.listen.to_string()),
+            (
+                "unix_socket_dir",
+                c.unix_socket_dir.as_ref().map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
+            ),
             ("admin", c.admin.to_string()),
             (
                 "upstream",

@@ -14,6 +14,8 @@ use serde::Deserialize;
 pub struct FileConfig {
     /// Client listen address (default `127.0.0.1:6432`).
     pub listen: Option<String>,
+    /// A directory to listen in on a Unix socket too (`.s.PGSQL.<listen port>`).
+    pub unix_socket_dir: Option<PathBuf>,
     /// Upstream Postgres URL (default `postgres://postgres@127.0.0.1:5432/postgres`).
     pub upstream: Option<String>,
     /// Rule directory (default `./rules`).

@@ -24,6 +24,10 @@ pub struct Cli {
     /// Address clients connect to [default: 127.0.0.1:6432]
     #[arg(long, global = true, env = "PGCACHE_LISTEN")]
     pub listen: Option<String>,
+    /// Also listen on a Unix socket in this directory (`.s.PGSQL.<listen port>`, as Postgres
+    /// names it: clients connect with `host=<dir>`)
+    #[arg(long, global = true, env = "PGCACHE_UNIX_SOCKET_DIR")]
+    pub unix_socket_dir: Option<PathBuf>,
     /// Upstream Postgres URL (libpq URI or key=value form)
     /// [default: postgres://postgres@127.0.0.1:5432/postgres]
     #[arg(long, global = true, env = "PGCACHE_UPSTREAM", hide_env_values = true)]
@@ -195,6 +199,8 @@ pub struct ConsoleConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// A directory to listen in on a Unix socket too (`.s.PGSQL.<listen port>`).
+    pub unix_socket_dir: Option<PathBuf>,
     pub upstream: Upstream,
     pub rules: PathBuf,
     /// Whether the rule directory was named explicitly (a missing default directory only
@@ -305,6 +311,7 @@ impl Config {
         let rules_given = cli.rules.clone().or(f.rules);
         let config = Config {
             listen: resolve("listen", &listen_s)?,
+            unix_socket_dir: cli.unix_socket_dir.clone().or(f.unix_socket_dir),
             admin: resolve("admin", &admin_s)?,
             rules_explicit: rules_given.is_some(),
             rules: rules_given.unwrap_or_else(|| PathBuf::from("./rules")),
@@ -360,6 +367,12 @@ impl Config {
         };
         config.validate()?;
         Ok(config)
+    }
+
+    /// The Unix socket clients may connect to when the TCP listener has `port`, if one is
+    /// configured: named as Postgres names its own, so `host=<dir> port=<port>` finds it.
+    pub fn unix_socket(&self, port: u16) -> Option<PathBuf> {
+        Some(self.unix_socket_dir.as_ref()?.join(format!(".s.PGSQL.{port}")))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -441,6 +454,7 @@ impl Config {
             }
         };
         differs("listen", self.listen.to_string(), fresh.listen.to_string());
+        differs("unix_socket_dir", format!("{:?}", self.unix_socket_dir), format!("{:?}", fresh.unix_socket_dir));
         differs("admin", self.admin.to_string(), fresh.admin.to_string());
         differs("upstream", format!("{:?}", self.upstream), format!("{:?}", fresh.upstream));
         differs("rules", format!("{:?}", self.rules), format!("{:?}", fresh.rules));

@@ -2,13 +2,10 @@
 //! GSSENCRequest answered, TLS accepted, CancelRequest recognised, StartupMessage read), and
 //! the helpers for writing pgcache's own messages and reading the password message.
 
-use std::net::SocketAddr;
-
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-use crate::net::Stream;
+use crate::net::{Peer, Stream};
 use crate::protocol::frame::{self, Frame};
 use crate::protocol::startup::{self, MAX_STARTUP_PACKET, Startup, StartupPacket};
 
@@ -21,7 +18,7 @@ pub struct Client {
     pub stream: Stream,
     /// Bytes read from the client but not yet consumed.
     pub rbuf: BytesMut,
-    pub peer: SocketAddr,
+    pub peer: Peer,
 }
 
 /// What a new connection turned out to be.
@@ -37,9 +34,12 @@ pub struct Failure {
 }
 
 impl Client {
-    pub fn new(tcp: TcpStream, peer: SocketAddr) -> Client {
-        let _ = tcp.set_nodelay(true);
-        Client { stream: Stream::Tcp(tcp), rbuf: BytesMut::with_capacity(1024), peer }
+    /// A client on `stream` (TCP or the Unix socket).
+    pub fn new(stream: Stream, peer: Peer) -> Client {
+        if let Stream::Tcp(tcp) = &stream {
+            let _ = tcp.set_nodelay(true);
+        }
+        Client { stream, rbuf: BytesMut::with_capacity(1024), peer }
     }
 
     /// Runs the startup phase up to the StartupMessage (Postgres docs, "Start-up" and
@@ -72,7 +72,8 @@ impl Client {
         if self.stream.is_tls() {
             return Err(protocol(self, Violation::SslRequestOverTls));
         }
-        let Some(acceptor) = tls else {
+        // No TLS on the Unix socket (Postgres offers none there either).
+        let Some(acceptor) = tls.filter(|_| matches!(self.stream, Stream::Tcp(_))) else {
             return match self.stream.write_all(b"N").await {
                 Ok(()) => Ok(self),
                 Err(e) => Err(Failure { client: None, error: e.into() }),
@@ -85,7 +86,7 @@ impl Client {
             return Err(Failure { client: None, error: e.into() });
         }
         let (Stream::Tcp(tcp), rbuf, peer) = (self.stream, self.rbuf, self.peer) else {
-            unreachable!("a stream that is not TLS is TCP: Unix sockets are only used towards Postgres")
+            unreachable!("TLS is offered on TCP only")
         };
         match acceptor.accept(tcp).await {
             Ok(tls_stream) => Ok(Client { stream: Stream::TlsServer(Box::new(tls_stream)), rbuf, peer }),
@@ -147,6 +148,6 @@ impl Client {
 
     /// Whether a password may be asked for in cleartext on this connection.
     pub fn is_private(&self) -> bool {
-        self.stream.is_tls() || self.peer.ip().is_loopback()
+        self.stream.is_tls() || self.peer.is_local()
     }
 }

@@ -9,14 +9,13 @@
 pub mod client;
 pub mod error;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::net::TcpStream;
 
 use crate::config::Password;
 use crate::context::Context;
+use crate::net::{Peer, Stream};
 use crate::protocol::backend::{self as be, PgError};
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::startup::Startup;
@@ -27,8 +26,8 @@ pub use error::{SessionError, Violation, guard};
 /// Opens a new connection: TLS and cancel requests are dealt with here; a client that sent a
 /// StartupMessage is returned with it. `None` when there is nothing more to do (a cancel
 /// request, or a start-up that failed — reported to the client where possible).
-pub async fn accept(ctx: &Arc<Context>, tcp: TcpStream, peer: SocketAddr) -> Option<(Client, Startup)> {
-    let open = Client::new(tcp, peer).open(ctx.tls.as_ref());
+pub async fn accept(ctx: &Arc<Context>, stream: Stream, peer: Peer) -> Option<(Client, Startup)> {
+    let open = Client::new(stream, peer).open(ctx.tls.as_ref());
     let opened = tokio::select! {
         r = tokio::time::timeout(ctx.config().client.startup_timeout, open) => {
             r.unwrap_or(Err(Failure { client: None, error: SessionError::StartupTimeout }))
