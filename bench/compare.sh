@@ -14,10 +14,11 @@
 #   hot-1client                       the same, prepared, one client
 #   aggregate                         GROUP BY over all accounts, cached
 #   mixed                             90 % hot point selects / 10 % updates of the same rows
+# TRANSPORT=unix bench/compare.sh ...: everything through Unix sockets (direct too).
 source "$(dirname "$0")/lib.sh"
 secs=${1:-10}
 clients=${2:-16}
-results=${3:-$root/bench/results/compare-$(date -u +%F).md}
+results=${3:-$root/bench/results/compare-$(date -u +%F)$([[ $transport == unix ]] && echo -unix).md}
 scale=10
 export POOL_SIZE=20
 mkdir -p "$(dirname "$results")"
@@ -77,7 +78,7 @@ measure() {
   local before=0 after=0
   [[ -n $pid ]] && before=$(cpu_ticks "$pid")
   local out
-  out=$(cd "$logdir" && pgbench -h 127.0.0.1 -p "$port" -U postgres -n -c "$n" -j "$(( n < 2 ? n : 2 ))" -T "$secs" \
+  out=$(cd "$logdir" && pgbench -h "$host" -p "$port" -U postgres -n -c "$n" -j "$(( n < 2 ? n : 2 ))" -T "$secs" \
     --log --sampling-rate=0.1 "$@" postgres 2>&1)
   [[ -n $pid ]] && after=$(cpu_ticks "$pid")
   local tps txns p99 cpu="-"
@@ -92,7 +93,7 @@ measure() {
 
 warm() {
   for p in "$cacheport" "$txnport"; do
-    pgbench -h 127.0.0.1 -p "$p" -U postgres -n -c 4 -j 2 -T 3 "$@" postgres >/dev/null 2>&1
+    pgbench -h "$host" -p "$p" -U postgres -n -c 4 -j 2 -T 3 "$@" postgres >/dev/null 2>&1
   done
 }
 
@@ -100,7 +101,7 @@ warm() {
   echo "# pgcache vs direct Postgres ($(date -u '+%F %H:%M') UTC)"
   echo
   echo "$(nproc) cores; pgbench scale $scale; ${secs}s per run; $clients clients unless said; every target in"
-  echo "one run against one cluster. pgcache: release build, --pool-size 20. CPU is pgcache's own per statement."
+  echo "one run against one cluster, over $transport sockets. pgcache: release build, --pool-size 20. CPU is pgcache's own per statement."
   echo
   echo "| workload | target | TPS | vs direct | p99 (ms) | pgcache CPU/stmt (µs) |"
   echo "|---|---|---|---|---|---|"

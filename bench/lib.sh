@@ -1,5 +1,7 @@
 # Shared by the benchmark scripts: a throwaway cluster and a release build of pgcache.
-# Source it; it defines $pgport, $work, start_cluster, start_pgcache, run_pgbench, cleanup.
+# Source it; it defines $pgport, $work, $host, start_cluster, start_pgcache, run_pgbench, cleanup.
+# TRANSPORT=unix: clients, PgBouncer and pgcache's upstream connect through Unix sockets in
+# $work (what a sidecar on the same host can use) instead of loopback TCP; $host is then $work.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 pgbin=$(dirname "$(command -v pg_ctl 2>/dev/null || ls -d /usr/lib/postgresql/*/bin/pg_ctl | sort -V | tail -n 1)")
@@ -10,6 +12,12 @@ work=$(mktemp -d /tmp/pgcache-bench.XXXXXX)
 chmod 755 "$work"
 [[ $(id -u) -eq 0 ]] && chown postgres "$work"
 pgport=$(free_port)
+transport=${TRANSPORT:-tcp}
+case $transport in
+  tcp) host=127.0.0.1 ;;
+  unix) host=$work ;;
+  *) echo "TRANSPORT must be tcp or unix, not $transport" >&2; exit 2 ;;
+esac
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -41,10 +49,12 @@ CONF
 start_pgcache() {
   local port=$1
   shift
-  PGCACHE_LOG=warn "$root/target/release/pgcache" --listen "127.0.0.1:$port" --admin "127.0.0.1:$(free_port)" \
-    --upstream "postgres://postgres@127.0.0.1:$pgport/postgres?sslmode=disable" --pool-size "${POOL_SIZE:-32}" "$@" 2>>"$work/pgcache.log" &
+  local unix=()
+  [[ $transport == unix ]] && unix=(--unix-socket-dir "$work")
+  PGCACHE_LOG=warn "$root/target/release/pgcache" --listen "127.0.0.1:$port" --admin "127.0.0.1:$(free_port)" "${unix[@]}" \
+    --upstream "host=$host port=$pgport user=postgres dbname=postgres sslmode=disable" --pool-size "${POOL_SIZE:-32}" "$@" 2>>"$work/pgcache.log" &
   pids+=($!)
-  for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" && return; sleep 0.1; done
+  for _ in $(seq 50); do pg_isready -q -h "$host" -p "$port" && return; sleep 0.1; done
 }
 
 # start_pgbouncer PORT MODE POOL: PgBouncer (trust auth, pool_mode MODE, POOL connections) in
@@ -54,11 +64,11 @@ start_pgbouncer() {
   local port=$1 mode=$2 pool=$3
   cat >"$work/pgbouncer.ini" <<INI
 [databases]
-postgres = host=127.0.0.1 port=$pgport
+postgres = host=$host port=$pgport
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $port
-unix_socket_dir =
+unix_socket_dir = $([[ $transport == unix ]] && echo "$work")
 auth_type = trust
 auth_file = $work/users.txt
 pool_mode = $mode
@@ -71,14 +81,14 @@ INI
   [[ $(id -u) -eq 0 ]] && chown postgres "$work"/pgbouncer.ini "$work"/users.txt
   as_pg pgbouncer "$work/pgbouncer.ini" >/dev/null 2>&1 &
   pids+=($!)
-  for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" && return 0; sleep 0.1; done
+  for _ in $(seq 50); do pg_isready -q -h "$host" -p "$port" && return 0; sleep 0.1; done
 }
 
 # run_pgbench PORT CLIENTS SECONDS ARGS... -> "tps latency_ms"
 run_pgbench() {
   local port=$1 clients=$2 secs=$3 out
   shift 3
-  out=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -n -c "$clients" -j "$(( clients < 2 ? clients : 2 ))" -T "$secs" "$@" postgres 2>&1)
+  out=$(pgbench -h "$host" -p "$port" -U postgres -n -c "$clients" -j "$(( clients < 2 ? clients : 2 ))" -T "$secs" "$@" postgres 2>&1)
   echo "$(grep -oP 'tps = \K[0-9.]+' <<<"$out") $(grep -oP 'latency average = \K[0-9.]+' <<<"$out")"
 }
 

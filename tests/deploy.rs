@@ -76,6 +76,20 @@ fn the_sidecar_pod_is_wired_to_the_endpoints() {
     assert!(sidecar["resources"]["limits"]["memory"].as_str().is_some());
     assert_eq!(sidecar["env"][0]["valueFrom"]["secretKeyRef"]["name"].as_str(), Some("pgcache-upstream"));
     assert_eq!(pod["spec"]["volumes"][0]["configMap"]["name"].as_str(), Some("pgcache-rules"));
+    // The sidecar's flags parse, and its Unix socket directory is a volume both containers mount.
+    let args: Vec<&str> = sidecar["args"].as_vec().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let cli =
+        <pgcache::config::Cli as clap::Parser>::try_parse_from(std::iter::once("pgcache").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("the sidecar's args: {e}"));
+    let socket_dir = cli.unix_socket_dir.expect("the sidecar listens on a Unix socket");
+    let mounted = |c: &yaml_rust2::Yaml| {
+        c["volumeMounts"].as_vec().into_iter().flatten().find_map(|m| {
+            (m["mountPath"].as_str() == socket_dir.to_str()).then(|| m["name"].as_str().unwrap().to_owned())
+        })
+    };
+    let app = containers.iter().find(|c| c["name"].as_str() == Some("app")).unwrap();
+    let volume = mounted(sidecar).expect("pgcache mounts its socket directory");
+    assert_eq!(mounted(app).as_ref(), Some(&volume), "the app mounts the same volume there");
     // The rules shipped in the ConfigMap are valid.
     let dir = tempfile::tempdir().unwrap();
     for (name, text) in docs[0]["data"].as_hash().unwrap() {
