@@ -109,15 +109,16 @@ impl Answerer<'_> {
         let mut out = BytesMut::with_capacity(entry.row_description.len() + entry.body.len() + 6);
         out.extend_from_slice(&entry.row_description);
         out.extend_from_slice(&entry.body);
-        be::ready_for_query(TransactionStatus::Idle, &mut out);
         self.record(classified.clone(), &entry, key, stale, out.len());
+        be::ready_for_query(TransactionStatus::Idle, &mut out);
         Some(out.freeze())
     }
 
     async fn answer_batch(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
         let mut out = BytesMut::new();
         let mut parsed: HashMap<Vec<u8>, Arc<Statement>> = HashMap::new();
-        let mut current: Option<Arc<Entry>> = None;
+        // The unnamed portal's hit: its statement, entry, key hash and whether it is stale.
+        let mut current: Option<(Arc<Vec<Classified>>, Arc<Entry>, u64, bool)> = None;
         let mut hits = Vec::new();
         for f in frames {
             match f.tag() {
@@ -144,24 +145,25 @@ impl Answerer<'_> {
                     let c = st.select()?;
                     let req = Request::Extended { param_types: &st.param_types, bind: &b };
                     let (entry, key, stale) = self.lookup(&st.classified, &st.sql, c, req, fallback).await?;
-                    hits.push((st.classified.clone(), entry.clone(), key, stale));
-                    current = Some(entry);
+                    current = Some((st.classified.clone(), entry, key, stale));
                     be::bind_complete(&mut out);
                 }
                 fe::DESCRIBE => match fe::named(f.body()).ok()? {
                     Named { target: Target::Portal, name: b"" } => {
-                        out.extend_from_slice(&current.as_ref()?.row_description)
+                        out.extend_from_slice(&current.as_ref()?.1.row_description)
                     }
                     _ => return None,
                 },
                 fe::EXECUTE => {
                     let e = fe::execute(f.body()).ok()?;
-                    let entry = current.take()?;
+                    let (classified, entry, key, stale) = current.take()?;
                     if !e.portal.is_empty() {
                         return None;
                     }
                     // Outside any transaction: the portal ends at Sync.
-                    out.extend_from_slice(&entry.answer(e.max_rows));
+                    let answer = entry.answer(e.max_rows);
+                    out.extend_from_slice(&answer);
+                    hits.push((classified, entry, key, stale, answer.len()));
                 }
                 fe::SYNC => be::ready_for_query(TransactionStatus::Idle, &mut out),
                 _ => return None,
@@ -180,13 +182,14 @@ impl Answerer<'_> {
         }
         // The unnamed portal bound here ended at the Sync, in the client's view too.
         self.flow.virtual_portal = None;
-        for (classified, entry, key, stale) in hits {
-            let served = entry.body.len();
+        for (classified, entry, key, stale, served) in hits {
             self.record(classified, &entry, key, stale, served);
         }
         Some(out.freeze())
     }
 
+    /// Records a hit as the planner does: `served` is what its Execute (or Query) sent of the
+    /// result, without ReadyForQuery.
     fn record(&self, classified: Arc<Vec<Classified>>, entry: &Entry, key: u64, stale: bool, served: usize) {
         entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut o = Observation::new(classified, metrics::Outcome::Hit);
