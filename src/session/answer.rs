@@ -44,6 +44,14 @@ pub enum Serve {
     Lost,
 }
 
+/// The unnamed portal's hit in a batch: its statement, entry, key hash and whether it is stale.
+struct Hit {
+    classified: Arc<Vec<Classified>>,
+    entry: Arc<Entry>,
+    key: u64,
+    stale: bool,
+}
+
 /// The session state an answer reads and, when it answers, updates.
 pub struct Answerer<'a> {
     pub ctx: &'a Arc<Context>,
@@ -117,8 +125,7 @@ impl Answerer<'_> {
     async fn answer_batch(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
         let mut out = BytesMut::new();
         let mut parsed: HashMap<Vec<u8>, Arc<Statement>> = HashMap::new();
-        // The unnamed portal's hit: its statement, entry, key hash and whether it is stale.
-        let mut current: Option<(Arc<Vec<Classified>>, Arc<Entry>, u64, bool)> = None;
+        let mut current: Option<Hit> = None;
         let mut hits = Vec::new();
         for f in frames {
             match f.tag() {
@@ -145,25 +152,25 @@ impl Answerer<'_> {
                     let c = st.select()?;
                     let req = Request::Extended { param_types: &st.param_types, bind: &b };
                     let (entry, key, stale) = self.lookup(&st.classified, &st.sql, c, req, fallback).await?;
-                    current = Some((st.classified.clone(), entry, key, stale));
+                    current = Some(Hit { classified: st.classified.clone(), entry, key, stale });
                     be::bind_complete(&mut out);
                 }
                 fe::DESCRIBE => match fe::named(f.body()).ok()? {
                     Named { target: Target::Portal, name: b"" } => {
-                        out.extend_from_slice(&current.as_ref()?.1.row_description)
+                        out.extend_from_slice(&current.as_ref()?.entry.row_description)
                     }
                     _ => return None,
                 },
                 fe::EXECUTE => {
                     let e = fe::execute(f.body()).ok()?;
-                    let (classified, entry, key, stale) = current.take()?;
+                    let hit = current.take()?;
                     if !e.portal.is_empty() {
                         return None;
                     }
                     // Outside any transaction: the portal ends at Sync.
-                    let answer = entry.answer(e.max_rows);
+                    let answer = hit.entry.answer(e.max_rows);
                     out.extend_from_slice(&answer);
-                    hits.push((classified, entry, key, stale, answer.len()));
+                    hits.push((hit, answer.len()));
                 }
                 fe::SYNC => be::ready_for_query(TransactionStatus::Idle, &mut out),
                 _ => return None,
@@ -182,7 +189,7 @@ impl Answerer<'_> {
         }
         // The unnamed portal bound here ended at the Sync, in the client's view too.
         self.flow.virtual_portal = None;
-        for (classified, entry, key, stale, served) in hits {
+        for (Hit { classified, entry, key, stale }, served) in hits {
             self.record(classified, &entry, key, stale, served);
         }
         Some(out.freeze())
