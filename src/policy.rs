@@ -159,7 +159,7 @@ pub struct KeyedRead {
 }
 
 /// Whether `c` pins the key of the one table it reads (described by `info`).
-fn keyed(c: &Classified, info: &RelationInfo) -> Option<KeyedRead> {
+pub fn keyed(c: &Classified, info: &RelationInfo) -> Option<KeyedRead> {
     let key = info.point_key.as_ref()?;
     c.point.as_ref()?.values(&key.column)?;
     match info.read_deps.as_slice() {

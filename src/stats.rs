@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use crate::metrics::{self as m, Metrics, Outcome};
 use crate::net::Peer;
 use crate::policy::Reason;
+use crate::query::point::KeyValue;
 use crate::rules::Rule;
 
 /// Queries tracked at most; past that, new shapes are counted in the totals only.
@@ -28,6 +29,8 @@ const MAX_KEYS: usize = 1024;
 /// One request's outcome, built when it is planned and recorded when it completes.
 #[derive(Debug, Clone)]
 pub struct Observation {
+    /// The session's database.
+    pub database: Arc<str>,
     /// The classified statements of the request (one, or all of a multi-statement Query).
     pub statements: Arc<Vec<crate::query::Classified>>,
     pub rule: Option<Arc<Rule>>,
@@ -42,8 +45,9 @@ pub struct Observation {
 }
 
 impl Observation {
-    pub fn new(statements: Arc<Vec<crate::query::Classified>>, outcome: Outcome) -> Self {
+    pub fn new(database: Arc<str>, statements: Arc<Vec<crate::query::Classified>>, outcome: Outcome) -> Self {
         Observation {
+            database,
             statements,
             rule: None,
             outcome,
@@ -109,6 +113,19 @@ pub struct QueryStat {
     pub tables: Vec<String>,
     pub keys: HashSet<u64>,
     pub first_seen: Instant,
+    /// The database it last ran in (the advisor reads that catalog).
+    pub database: Arc<str>,
+}
+
+/// The writes seen to one table (any schema), for the advisor.
+#[derive(Debug, Clone, Default)]
+pub struct TableWrites {
+    /// Every write.
+    pub all: u64,
+    /// Those that invalidated only the keys they wrote.
+    pub keyed: u64,
+    /// The distinct keys those wrote (up to a bound).
+    pub keys: HashSet<KeyValue>,
 }
 
 /// A connected client, for `SHOW CLIENTS`.
@@ -153,7 +170,7 @@ pub struct Stats {
     started: Instant,
     totals: Totals,
     queries: Mutex<HashMap<u64, QueryStat>>,
-    table_writes: Mutex<HashMap<String, u64>>,
+    table_writes: Mutex<HashMap<String, TableWrites>>,
     clients: Mutex<HashMap<u64, ClientInfo>>,
     next_client: AtomicU64,
     slow: Duration,
@@ -249,7 +266,11 @@ impl Stats {
             tables: o.tables(),
             keys: HashSet::new(),
             first_seen: o.started,
+            database: o.database.clone(),
         });
+        if q.database != o.database {
+            q.database = o.database.clone();
+        }
         q.calls += 1;
         q.total += elapsed;
         q.rows += o.rows;
@@ -270,14 +291,22 @@ impl Stats {
 
     /// A write changed `table` (any schema).
     pub fn table_written(&self, table: &str) {
-        *self.table_writes.lock().entry(table.to_owned()).or_default() += 1;
+        self.table_writes.lock().entry(table.to_owned()).or_default().all += 1;
         let label = self.metrics.table_label(table);
         self.metrics.counter(m::INVALIDATIONS, &[("table", &label)]).increment(1);
     }
 
     /// A write to `table` that invalidated only the keys it wrote (also counted by
     /// [`Stats::table_written`]).
-    pub fn keys_written(&self, table: &str) {
+    pub fn keys_written(&self, table: &str, values: &[KeyValue]) {
+        {
+            let mut writes = self.table_writes.lock();
+            let w = writes.entry(table.to_owned()).or_default();
+            w.keyed += 1;
+            for v in values.iter().take(MAX_KEYS.saturating_sub(w.keys.len())) {
+                w.keys.insert(*v);
+            }
+        }
         let label = self.metrics.table_label(table);
         self.metrics.counter(m::KEY_INVALIDATIONS, &[("table", &label)]).increment(1);
     }
@@ -341,7 +370,7 @@ impl Stats {
         v
     }
 
-    pub fn table_writes(&self) -> HashMap<String, u64> {
+    pub fn table_writes(&self) -> HashMap<String, TableWrites> {
         self.table_writes.lock().clone()
     }
 
@@ -393,7 +422,7 @@ mod tests {
             key: Some(1),
             stale: true,
             rows: 1,
-            ..Observation::new(Arc::new(crate::query::classify::classify("SELECT 1")), Outcome::Hit)
+            ..Observation::new("db".into(), Arc::new(crate::query::classify::classify("SELECT 1")), Outcome::Hit)
         };
         s.record(&o, 40, false);
         s.record(&Observation { outcome: Outcome::Miss, key: Some(2), ..o.clone() }, 0, false);

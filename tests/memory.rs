@@ -23,7 +23,7 @@ async fn statement_timings_are_drained_without_a_scraper() {
     // What every statement records: its outcome and duration (a histogram sample).
     let record = move |n: usize| {
         for _ in 0..n {
-            stats.record(&Observation::new(statement.clone(), Outcome::Passthrough), 0, false);
+            stats.record(&Observation::new("db".into(), statement.clone(), Outcome::Passthrough), 0, false);
         }
     };
     const PHASE: usize = 400_000;

@@ -278,6 +278,34 @@ async fn show_advice_drafts_rules_that_load() {
     assert_eq!(executions(&e.admin, "FROM uncached WHERE k").await, n);
 }
 
+/// A point read on a table whose writes are pinned to other keys: the advisor counts each such
+/// write for the share of keys it touched, not against every entry, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_advice_counts_writes_to_other_keys_by_their_share() {
+    let e = env().await;
+    e.admin.batch_execute("INSERT INTO uncached SELECT g, 'u' || g FROM generate_series(6, 400) g").await.unwrap();
+    let app = e.app().await;
+    for i in 0..20 {
+        text(&app, &format!("SELECT v FROM uncached WHERE k = {}", i % 2 + 1)).await;
+    }
+    for k in 3..=202 {
+        text(&app, &format!("UPDATE uncached SET v = v WHERE k = {k}")).await;
+    }
+    // The control: counted in full, 200 writes against 20 reads of two keys leave no candidate
+    // (at the shortest period the estimate uses; longer ones scale reads and writes alike).
+    let naive = pgcache::stats::estimated_hit_ratio(20, 2, 200, Duration::from_secs(1), Duration::from_secs(60));
+    assert!(naive < 0.3, "{naive}");
+    let console = e.console().await;
+    let advice: Vec<String> = rows(&console, "SHOW ADVICE").await.into_iter().map(|r| r[0].clone()).collect();
+    let toml = advice.join("\n");
+    assert!(toml.contains("SELECT v FROM uncached WHERE k = $1"), "{toml}");
+    assert!(toml.contains("200 writes seen (invalidated by key"), "{toml}");
+    let q = rows(&console, "SHOW QUERIES").await;
+    let read = q.iter().find(|r| r[0] == "SELECT v FROM uncached WHERE k = $1").unwrap_or_else(|| panic!("{q:?}"));
+    assert_eq!(read[12], "200", "table_writes shows every write");
+    assert!(read[15].parse::<f64>().unwrap() >= 0.3, "{read:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_holds_new_backend_work_until_resume() {
     let e = env().await;

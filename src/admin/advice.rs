@@ -4,10 +4,12 @@
 //! rule that matched or why it cannot be cached, the tables it reads and how often they were
 //! written, and an estimated hit ratio for a candidate TTL (the matching rule's, else 60 s),
 //! from its call rate, its number of distinct keys and its tables' write rate
-//! ([`estimated_hit_ratio`]). `SHOW ADVICE` turns the best uncached candidates into rule TOML
+//! ([`estimated_hit_ratio`]) — for a read by primary key, the rate of the writes that would
+//! reach its entries ([`effective_writes`]). `SHOW ADVICE` turns the best uncached candidates into rule TOML
 //! to paste into a rule file. `EXPLAIN CACHE <select>` shows how one statement would be
 //! handled and what the cache holds for it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +18,7 @@ use crate::context::Context;
 use crate::policy::{self, Assessed, Reason, SearchPath, Target};
 use crate::query::Relation;
 use crate::rules::Action;
-use crate::stats::{QueryStat, estimated_hit_ratio};
+use crate::stats::{QueryStat, TableWrites, estimated_hit_ratio};
 
 use super::table::ResultSet;
 
@@ -28,34 +30,65 @@ fn only_lacks_a_rule(q: &QueryStat) -> bool {
     q.reason.as_ref().is_some_and(Reason::only_lacks_a_rule)
 }
 
-/// Writes to the query's tables, scaled to the query's observation period.
-fn writes_for(q: &QueryStat, writes: &std::collections::HashMap<String, u64>) -> u64 {
-    q.tables.iter().map(|t| writes.get(t.rsplit('.').next().unwrap_or(t)).copied().unwrap_or(0)).sum()
+/// The table `q` reads by its primary key, if it is such a point read (one plain table with a
+/// single-column key that its `WHERE` pins; [`policy::keyed`]): writes pinned to other keys
+/// leave its entries alone. Judged in the database it last ran in.
+async fn keyed_table(ctx: &Context, q: &QueryStat) -> Option<String> {
+    if !ctx.config().cache.invalidate_by_key || q.tables.len() != 1 {
+        return None;
+    }
+    let classified = ctx.classifier.classify(&q.normalized);
+    let [c] = classified.as_slice() else { return None };
+    let infos = ctx.catalog.relations(&q.database, &c.reads).await.ok()?;
+    let [info] = infos.as_slice() else { return None };
+    policy::keyed(c, info).map(|k| k.relation.name)
+}
+
+/// The writes that invalidate one of `q`'s entries: every write to its tables, except that on
+/// the table it reads by key (`keyed`) a write pinned to keys counts for the share of keys it
+/// touched — keys taken as spread evenly over those read and written.
+fn effective_writes(q: &QueryStat, writes: &HashMap<String, TableWrites>, keyed: Option<&str>) -> f64 {
+    let per_table = |t: &String| {
+        let name = t.rsplit('.').next().unwrap_or(t);
+        let Some(w) = writes.get(name) else { return 0.0 };
+        if keyed != Some(name) {
+            return w.all as f64;
+        }
+        let spread = w.keys.len().max(q.keys.len()).max(1) as f64;
+        w.all.saturating_sub(w.keyed) as f64 + w.keyed as f64 / spread
+    };
+    q.tables.iter().map(per_table).sum()
 }
 
 struct Estimate<'a> {
     q: &'a QueryStat,
+    /// Every write seen to its tables.
     writes: u64,
+    /// It reads one table by key: writes to other keys do not count against it.
+    by_key: bool,
     ttl: Duration,
     estimate: Option<f64>,
 }
 
-fn assess<'a>(ctx: &Context, q: &'a QueryStat, writes: &std::collections::HashMap<String, u64>) -> Estimate<'a> {
+async fn assess<'a>(ctx: &Context, q: &'a QueryStat, writes: &HashMap<String, TableWrites>) -> Estimate<'a> {
     let rules = ctx.rules.current();
     let rule_ttl =
         q.rule.as_ref().and_then(|r| rules.get(&r.name)).filter(|r| r.action == Action::Cache).map(|r| r.ttl);
     let ttl = rule_ttl.unwrap_or(CANDIDATE_TTL);
-    let total_writes = writes_for(q, writes);
+    let total_writes =
+        q.tables.iter().filter_map(|t| writes.get(t.rsplit('.').next().unwrap_or(t))).map(|w| w.all).sum();
+    let cacheable = q.hits + q.misses > 0 || only_lacks_a_rule(q);
+    let keyed = if cacheable { keyed_table(ctx, q).await } else { None };
+    let effective = effective_writes(q, writes, keyed.as_deref());
     let uptime = ctx.stats.uptime().max(Duration::from_secs(1));
     let period = q.first_seen.elapsed().max(Duration::from_secs(1));
     // Writes were counted since start; the query has been seen for `period`.
-    let scaled = (total_writes as f64 * period.as_secs_f64() / uptime.as_secs_f64()).round() as u64;
-    let cacheable = q.hits + q.misses > 0 || only_lacks_a_rule(q);
+    let scaled = (effective * period.as_secs_f64() / uptime.as_secs_f64()).round() as u64;
     let estimate = cacheable.then(|| estimated_hit_ratio(q.calls, q.keys.len(), scaled, period, ttl));
-    Estimate { q, writes: total_writes, ttl, estimate }
+    Estimate { q, writes: total_writes, by_key: keyed.is_some(), ttl, estimate }
 }
 
-pub fn queries(ctx: &Context) -> ResultSet {
+pub async fn queries(ctx: &Context) -> ResultSet {
     let writes = ctx.stats.table_writes();
     let mut r = ResultSet::new(
         &[
@@ -79,7 +112,7 @@ pub fn queries(ctx: &Context) -> ResultSet {
         "SHOW",
     );
     for q in ctx.stats.queries() {
-        let a = assess(ctx, &q, &writes);
+        let a = assess(ctx, &q, &writes).await;
         let total_ms = q.total.as_secs_f64() * 1000.0;
         r.rows.push(vec![
             Some(q.normalized.to_string()),
@@ -108,15 +141,16 @@ pub fn queries(ctx: &Context) -> ResultSet {
 }
 
 /// Draft rules for the uncached queries that would gain most, as TOML lines.
-pub fn advice(ctx: &Context) -> ResultSet {
+pub async fn advice(ctx: &Context) -> ResultSet {
     let writes = ctx.stats.table_writes();
     let all = ctx.stats.queries();
-    let mut candidates: Vec<Estimate<'_>> = all
-        .iter()
-        .filter(|q| only_lacks_a_rule(q) && q.calls >= 2)
-        .map(|q| assess(ctx, q, &writes))
-        .filter(|a| a.estimate.is_some_and(|e| e >= 0.3))
-        .collect();
+    let mut candidates: Vec<Estimate<'_>> = Vec::new();
+    for q in all.iter().filter(|q| only_lacks_a_rule(q) && q.calls >= 2) {
+        let a = assess(ctx, q, &writes).await;
+        if a.estimate.is_some_and(|e| e >= 0.3) {
+            candidates.push(a);
+        }
+    }
     candidates.sort_by(|a, b| {
         let gain = |x: &Estimate<'_>| x.estimate.unwrap_or(0.0) * x.q.total.as_secs_f64();
         gain(b).total_cmp(&gain(a))
@@ -132,13 +166,14 @@ pub fn advice(ctx: &Context) -> ResultSet {
         let mean_ms = q.total.as_secs_f64() * 1000.0 / q.calls.max(1) as f64;
         r.row([String::new()]);
         r.row([format!(
-            "# {} calls, {mean_ms:.2} ms mean, {} distinct keys, est. hit ratio {:.2} with ttl {}; reads {}; {} writes seen",
+            "# {} calls, {mean_ms:.2} ms mean, {} distinct keys, est. hit ratio {:.2} with ttl {}; reads {}; {} writes seen{}",
             q.calls,
             q.keys.len().max(1),
             a.estimate.unwrap_or(0.0),
             humantime::format_duration(a.ttl),
             if q.tables.is_empty() { "no tables".to_owned() } else { q.tables.join(", ") },
-            a.writes
+            a.writes,
+            if a.by_key { " (invalidated by key: writes to other keys leave it)" } else { "" }
         )]);
         r.row(["[[rule]]".to_owned()]);
         let base = q.tables.first().map(|t| t.replace('.', "-")).unwrap_or_else(|| "query".into());

@@ -35,8 +35,8 @@ pub async fn run(ctx: &Arc<Context>, text: &str) -> Result<ResultSet, PgError> {
         ["SHOW", "CACHE"] => Ok(cache(ctx)),
         ["SHOW", "RULES"] => Ok(rules(ctx)),
         ["SHOW", "CONFIG"] => Ok(config(ctx)),
-        ["SHOW", "QUERIES"] => Ok(advice::queries(ctx)),
-        ["SHOW", "ADVICE"] => Ok(advice::advice(ctx)),
+        ["SHOW", "QUERIES"] => Ok(advice::queries(ctx).await),
+        ["SHOW", "ADVICE"] => Ok(advice::advice(ctx).await),
         ["SHOW", "PEERS"] => Ok(peers(ctx)),
         ["EXPLAIN", "CACHE", ..] => {
             // EXPLAIN CACHE [ON database] <select>

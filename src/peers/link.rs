@@ -258,7 +258,7 @@ async fn apply(peers: &Peers, database: &str, msg: &Message) {
                         match keyed {
                             Some((column, values)) => {
                                 g.bump_keys(r, column, &values);
-                                peers.stats.keys_written(&r.name);
+                                peers.stats.keys_written(&r.name, &values);
                             }
                             None => g.bump_relations(std::slice::from_ref(r)),
                         }

@@ -199,7 +199,7 @@ impl Answerer<'_> {
     /// result, without ReadyForQuery.
     fn record(&self, classified: Arc<Vec<Classified>>, entry: &Entry, key: u64, stale: bool, served: usize) {
         entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut o = Observation::new(classified, metrics::Outcome::Hit);
+        let mut o = Observation::new(self.flow.database.clone(), classified, metrics::Outcome::Hit);
         o.hit(&entry.rule, key, stale, entry.rows);
         self.ctx.stats.record(&o, served as u64, false);
     }

@@ -45,7 +45,7 @@ pub fn apply(ctx: &Arc<Context>, database: &str, effects: &[Effect], count: bool
                 ctx.generations.bump_keys(relation, column, values);
                 if count {
                     ctx.stats.table_written(&relation.name);
-                    ctx.stats.keys_written(&relation.name);
+                    ctx.stats.keys_written(&relation.name, values);
                 }
             }
             Effect::Name(n) => {

@@ -353,7 +353,7 @@ impl Planner {
         let Some(Waiting::Effects { at: i, statement: st }) = self.waiting.take() else { return None };
         let Msg::Execute { ref portal, max_rows } = self.msgs[i] else { return None };
         let mut observe = st.as_ref().map(|st| {
-            let mut o = Observation::new(st.classified.clone(), Outcome::Passthrough);
+            let mut o = Observation::new(core.flow.database.clone(), st.classified.clone(), Outcome::Passthrough);
             o.reason = Some(match st.select() {
                 Some(_) if self.settings_seen => Reason::SettingsUnknown,
                 Some(c) => c.never_cache.map_or(Reason::MayWrite, Reason::Statement),

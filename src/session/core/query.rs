@@ -50,7 +50,7 @@ impl Core {
     /// A Query whose statements have been noted, with the decision for its candidate (see
     /// [`candidate`]), if it had one.
     pub fn query(&mut self, frame: Frame, classified: Arc<Vec<Classified>>, effects: Vec<Effect>, plan: Option<Plan>) {
-        let mut observe = Observation::new(classified.clone(), Outcome::Passthrough);
+        let mut observe = Observation::new(self.flow.database.clone(), classified.clone(), Outcome::Passthrough);
         observe.reason = Some(not_cacheable(&classified));
         if let Some(plan) = plan {
             plan.observe(&mut observe);
