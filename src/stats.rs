@@ -268,7 +268,7 @@ impl Stats {
             first_seen: o.started,
             database: o.database.clone(),
         });
-        if q.database != o.database {
+        if !Arc::ptr_eq(&q.database, &o.database) && q.database != o.database {
             q.database = o.database.clone();
         }
         q.calls += 1;
