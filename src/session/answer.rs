@@ -109,11 +109,24 @@ impl Answerer<'_> {
     async fn answer_query(&mut self, q: &Frame, fallback: bool) -> Option<Bytes> {
         let sql = std::str::from_utf8(fe::query(q.body()).ok()?.sql).ok()?;
         let classified = self.ctx.classifier.classify(sql);
+        self.answer_simple(sql, &classified, fallback).await
+    }
+
+    /// The whole answer to a Query of `sql`, already classified, if the cache holds it.
+    pub async fn answer_simple(
+        &mut self,
+        sql: &str,
+        classified: &Arc<Vec<Classified>>,
+        fallback: bool,
+    ) -> Option<Bytes> {
+        if self.flow.taint.is_some() {
+            return None;
+        }
         let [c] = classified.as_slice() else { return None };
         if c.kind != Kind::Select {
             return None;
         }
-        let (entry, key, stale) = self.lookup(&classified, sql, c, Request::Simple, fallback).await?;
+        let (entry, key, stale) = self.lookup(classified, sql, c, Request::Simple, fallback).await?;
         let mut out = BytesMut::with_capacity(entry.row_description.len() + entry.body.len() + 6);
         out.extend_from_slice(&entry.row_description);
         out.extend_from_slice(&entry.body);

@@ -21,6 +21,14 @@ use super::decide::Request;
 use super::effects;
 use super::relay::Relay;
 
+/// A request that may be answered whole from the cache ([`Relay::answered_whole`]).
+enum Whole<'a> {
+    /// An extended-protocol batch up to its Sync.
+    Batch(&'a [Frame]),
+    /// A simple Query, already classified.
+    Query { sql: &'a str, classified: &'a Arc<Vec<Classified>> },
+}
+
 impl Relay<'_> {
     /// Looks up the effects of `c` (with its parameters, in the extended protocol), notes it in
     /// the core, and returns the effects.
@@ -41,6 +49,13 @@ impl Relay<'_> {
         let mut effects = Vec::new();
         for c in classified.iter() {
             effects.extend(self.noted(c, None).await);
+        }
+        // Noted as the planner notes it, then, if it writes nothing, the short way.
+        if let Some(sql) = query::sql_of(&frame)
+            && effects.is_empty()
+            && self.answered_whole(Whole::Query { sql, classified: &classified }).await
+        {
+            return Ok(());
         }
         self.query(frame, classified, effects).await
     }
@@ -99,7 +114,7 @@ impl Relay<'_> {
     /// transaction, nothing owed, nothing unsynced, the session not refused the cache): the
     /// same answer, statistics and statement bookkeeping as the planner's, without planning
     /// ([`Answerer`]). Returns whether it answered; if not, nothing changed.
-    pub(super) async fn answered_whole(&mut self, request: &[Frame]) -> bool {
+    async fn answered_whole(&mut self, request: Whole<'_>) -> bool {
         let core = &mut *self.core;
         let idle = core.tracker.status == TransactionStatus::Idle
             && core.flow.pipeline.is_empty()
@@ -110,9 +125,19 @@ impl Relay<'_> {
         }
         let (ctx, key) = (self.ctx, self.key);
         let mut a = Answerer { ctx, key, flow: &mut core.flow, memo: self.memo, serve: Serve::Attached };
-        let Some(answer) = a.answer(request, false).await else { return false };
+        let answer = match request {
+            Whole::Batch(frames) => a.answer(frames, false).await,
+            Whole::Query { sql, classified } => a.answer_simple(sql, classified, false).await,
+        };
+        let Some(answer) = answer else { return false };
         core.to_client.push(answer);
         true
+    }
+
+    /// An extended-protocol batch up to its Sync, answered whole if it can be
+    /// ([`Relay::answered_whole`]).
+    pub(super) async fn answered_batch(&mut self, frames: &[Frame]) -> bool {
+        self.answered_whole(Whole::Batch(frames)).await
     }
 
     /// A request parked for the probe, decided now that the settings are known.

@@ -306,9 +306,7 @@ impl Relay<'_> {
                         self.run_batch().await?;
                     }
                     if frame.tag() == fe::QUERY {
-                        if !self.answered_whole(std::slice::from_ref(&frame)).await {
-                            self.on_query(frame).await?;
-                        }
+                        self.on_query(frame).await?;
                     } else {
                         self.core.forward_request(frame.into_raw(), Expect::Query);
                     }
@@ -318,7 +316,7 @@ impl Relay<'_> {
                     if tag == fe::SYNC || tag == fe::FLUSH {
                         self.ctx.wait_while_paused().await;
                         let batch = std::mem::take(&mut self.core.flow.batch);
-                        if !(tag == fe::SYNC && self.answered_whole(&batch).await) {
+                        if !(tag == fe::SYNC && self.answered_batch(&batch).await) {
                             self.core.flow.batch = batch;
                             self.run_batch().await?;
                         }
