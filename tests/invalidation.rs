@@ -212,6 +212,9 @@ async fn unknown_writes_invalidate_everything() {
         .await
         .unwrap();
     check(&e, read, "INSERT INTO audit SELECT 1 WHERE 0 ~=~ 0", "by operator").await;
+    // A plain SELECT using it writes too.
+    e.client().await.batch_execute("UPDATE t SET v = 'before' WHERE id = 1").await.unwrap();
+    check(&e, read, "SELECT 1 WHERE 0 ~=~ 0", "by operator").await;
 }
 
 /// Whether reading `sql` through `c` now is answered from the cache (Postgres does not run it).

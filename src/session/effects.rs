@@ -218,17 +218,15 @@ fn unknown_after(e: CatalogError, targets: &[Relation]) -> Vec<Effect> {
     out
 }
 
-/// A volatile function outside pg_catalog, or an operator running one, may write anything.
-/// Operators are looked up for writes and for statements calling functions anyway; a plain
-/// SELECT's operators only decide whether it may be cached (in [`crate::policy`], once per
-/// statement), so reads do not pay a look-up per execution.
+/// A volatile function outside pg_catalog, or an operator running one, may write anything —
+/// in any statement, a plain SELECT too (`SELECT 1 WHERE 0 ~=~ 0`). Both are looked up in the
+/// catalog's cache of names (one map look-up per name while it is fresh).
 async fn function_effects(ctx: &Context, database: &str, c: &Classified) -> Vec<Effect> {
-    let operators: &[Relation] = if c.kind == Kind::Write || !c.functions.is_empty() { &c.operators } else { &[] };
-    if c.functions.is_empty() && operators.is_empty() {
+    if c.functions.is_empty() && c.operators.is_empty() {
         return Vec::new();
     }
     let functions = ctx.catalog.functions(database, &c.functions).await;
-    let operators = ctx.catalog.operators(database, operators).await;
+    let operators = ctx.catalog.operators(database, &c.operators).await;
     match (functions, operators) {
         (Ok(f), Ok(o)) if f.iter().chain(&o).any(|f| f.may_write) => {
             vec![Effect::Unknown("volatile user function or operator")]
