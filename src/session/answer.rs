@@ -65,9 +65,6 @@ impl Answerer<'_> {
     /// The whole answer to `frames` (one Query, or a batch ending in Sync) if the cache holds
     /// every result; `fallback` also serves `stale_if_error` entries (Postgres cannot answer).
     pub async fn answer(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
-        if self.flow.taint.is_some() {
-            return None;
-        }
         match frames {
             [q] if q.tag() == fe::QUERY => self.answer_query(q, fallback).await,
             [.., last] if last.tag() == fe::SYNC => self.answer_batch(frames, fallback).await,
@@ -87,6 +84,9 @@ impl Answerer<'_> {
         req: Request<'_>,
         fallback: bool,
     ) -> Option<(Arc<Entry>, u64, bool)> {
+        if self.flow.taint.is_some() {
+            return None;
+        }
         let offline = self.serve == Serve::Lost;
         let mut asker = Asker { ctx: self.ctx, key: self.key, flow: self.flow, memo: self.memo, offline };
         let Looked::Found { entry, freshness, key, .. } = asker.look(statements, sql, c, &req, false).await else {
@@ -119,9 +119,6 @@ impl Answerer<'_> {
         classified: &Arc<Vec<Classified>>,
         fallback: bool,
     ) -> Option<Bytes> {
-        if self.flow.taint.is_some() {
-            return None;
-        }
         let [c] = classified.as_slice() else { return None };
         if c.kind != Kind::Select {
             return None;

@@ -15,7 +15,7 @@ use crate::query::Classified;
 use super::answer::{Answerer, Serve};
 use super::core::batch::{Decided, Need};
 use super::core::effect::Effect;
-use super::core::flow::{Parked, Probe};
+use super::core::flow::Parked;
 use super::core::query;
 use super::decide::Request;
 use super::effects;
@@ -116,10 +116,9 @@ impl Relay<'_> {
     /// ([`Answerer`]). Returns whether it answered; if not, nothing changed.
     async fn answered_whole(&mut self, request: Whole<'_>) -> bool {
         let core = &mut *self.core;
-        let idle = core.tracker.status == TransactionStatus::Idle
-            && core.flow.pipeline.is_empty()
-            && core.flow.probe != Some(Probe::Running)
-            && core.refuses().is_none();
+        // Nothing owed covers the settings probe too (it is a pipeline item while it runs).
+        let idle =
+            core.tracker.status == TransactionStatus::Idle && core.flow.pipeline.is_empty() && core.refuses().is_none();
         if !idle || !self.ctx.caching() {
             return false;
         }

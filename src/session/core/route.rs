@@ -36,12 +36,11 @@ impl Core {
             return Ok(Routed { visible, completed: false, rewritten: None });
         };
         let (visible, expect, fill, probe) = (!head.hidden, head.expect, head.fill, head.probe);
-        let renamed_as = head.renamed.clone();
         let done = |completed| Ok(Routed { visible, completed, rewritten: None });
         match tag {
             be::ERROR_RESPONSE => {
+                let rewritten = head.renamed.as_ref().map(|(server, client)| renamed(raw, server, client));
                 self.note_stale_plan(&raw[5..]);
-                let rewritten = renamed_as.as_ref().map(|(server, client)| renamed(raw, server, client));
                 Ok(Routed { rewritten, ..self.on_error(visible, expect, fill, probe) })
             }
             be::PARSE_COMPLETE | be::BIND_COMPLETE | be::CLOSE_COMPLETE => {

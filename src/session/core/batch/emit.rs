@@ -144,11 +144,9 @@ impl Emitter<'_> {
             self.core.flow.unprepared.insert(Bytes::new());
         } else {
             // A Parse of a name the client already uses must meet that statement on the
-            // backend, so that Postgres refuses it (42P05) as it would have.
-            if let Some(existing) = self.plan.stmt_of.get(&i).cloned()
-                && self.core.flow.unprepared.remove(name)
-            {
-                self.core.request(existing.parse.raw().clone(), Forwarded::hidden(Expect::Parse));
+            // backend (the name keeps it), so that Postgres refuses it (42P05) as it would have.
+            if self.plan.stmt_of.get(&i).is_some() {
+                materialize(self.core, name, self.current_unnamed.as_ref());
             }
             self.forward(frame, Expect::Parse);
             self.core.flow.unprepared.remove(name);
