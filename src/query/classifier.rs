@@ -3,12 +3,13 @@
 use std::sync::Arc;
 
 use super::classify::{Classified, classify};
+use super::literals::literals;
 use super::tree::TIME_WORDS;
 
 /// A cache of classifications.
 ///
 /// Keyed by SQL text, and also by shape: the text with each literal replaced by a marker of its
-/// kind ([`shape`]: Postgres's own lexer, `pg_query::scan`, a few percent of the cost of
+/// kind ([`shape`]: Postgres's own lexer ([`super::literals`]), a few percent of the cost of
 /// a classification; exact — unlike a fingerprint, which would also merge `'t'::regclass` with
 /// `'t'::int` — and no coarser than `pg_query::normalize`, which costs a parse). A classification
 /// depends on a statement's shape, not on its literal values, so statements that differ only in
@@ -49,30 +50,25 @@ pub fn shape(sql: &str) -> Option<String> {
 
 /// The shape of `sql` and the text of its literal tokens, in order.
 fn scan(sql: &str) -> Option<(String, Vec<&str>)> {
-    use pg_query::protobuf::Token;
-    // `scan`, not `scan_tokens`: pg_query 18.1's `scan_tokens` builds a slice from a null
-    // pointer when there are no tokens (a blank statement), which is undefined behaviour.
-    let tokens = pg_query::scan(sql).ok()?.tokens;
+    use super::literals::Kind;
     let mut out = String::with_capacity(sql.len());
-    let mut literals = Vec::new();
+    let mut texts = Vec::new();
     let mut at = 0;
-    for t in tokens {
-        let marker = match Token::try_from(t.token) {
-            Ok(Token::Sconst | Token::Usconst) => "\0s",
-            Ok(Token::Iconst) => "\0i",
-            Ok(Token::Fconst) => "\0f",
-            Ok(Token::Bconst) => "\0b",
-            Ok(Token::Xconst) => "\0x",
-            _ => continue,
+    for l in literals(sql)? {
+        let marker = match l.kind {
+            Kind::String => "\0s",
+            Kind::Integer => "\0i",
+            Kind::Numeric => "\0f",
+            Kind::Bits => "\0b",
+            Kind::Hex => "\0x",
         };
-        let (start, end) = (usize::try_from(t.start).ok()?, usize::try_from(t.end).ok()?);
-        out.push_str(sql.get(at..start)?);
+        out.push_str(sql.get(at..l.start)?);
         out.push_str(marker);
-        literals.push(sql.get(start..end)?);
-        at = end;
+        texts.push(sql.get(l.start..l.end)?);
+        at = l.end;
     }
     out.push_str(sql.get(at..)?);
-    Some((out, literals))
+    Some((out, texts))
 }
 
 /// `c` (the classification of `sql`, possibly shared with other texts of its shape) with the
@@ -84,7 +80,7 @@ fn with_own_literals(c: Arc<Vec<Classified>>, sql: &str, literals: Option<Vec<&s
     }
     let resolve = |one: &Classified, literals: Option<Vec<&str>>| {
         let point = one.point.as_ref().zip(literals).and_then(|(p, l)| p.resolve(&l));
-        Classified { point, ..one.clone() }
+        one.with_point(point)
     };
     if let [one] = c.as_slice() {
         return Arc::new(vec![resolve(one, literals.or_else(|| scan(sql).map(|(_, l)| l)))]);

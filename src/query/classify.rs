@@ -86,9 +86,22 @@ pub struct SettingsChange {
     pub resets_all: bool,
 }
 
-/// The classification of one statement.
+/// The classification of one statement: what every text of its shape shares, and the key
+/// values this text pins.
+///
+/// Statements that differ only in literals share one [`Shape`] behind an `Arc` (see
+/// [`super::classifier`]): a text of a known shape costs a reference count and its own
+/// [`Point`], not a copy of the relation lists. The shape's fields are read through `Deref`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Classified {
+    shape: Arc<Shape>,
+    /// The columns a SELECT or a write pins to values (for invalidation by key).
+    pub point: Option<Point>,
+}
+
+/// What a statement does, as far as its shape tells: the same for every text of the shape.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Shape {
     pub kind: Kind,
     pub reads: Vec<Relation>,
     pub writes: Vec<Relation>,
@@ -111,18 +124,54 @@ pub struct Classified {
     /// connection (LISTEN, WITH HOLD cursors, SQL-level PREPARE, advisory locks, temporary
     /// objects).
     pub holds: Option<Hold>,
-    /// The columns a SELECT or a write pins to values (for invalidation by key).
-    pub point: Option<Point>,
     /// Fingerprint of the statement's shape (literals and parameters ignored), for rules.
     pub fingerprint: u64,
     /// Normalized text (literals replaced by `$n`), for reports and logs.
     pub normalized: Arc<str>,
 }
 
+impl std::ops::Deref for Classified {
+    type Target = Shape;
+
+    fn deref(&self) -> &Shape {
+        &self.shape
+    }
+}
+
 impl Classified {
     fn opaque(kind: Kind, sql: &str) -> Self {
+        Classified::new(Shape::opaque(kind, sql), None)
+    }
+
+    /// A statement that could not be read (e.g. not valid UTF-8): effects unknown.
+    pub fn unparseable() -> Self {
+        Classified::opaque(Kind::Unparseable, "")
+    }
+
+    fn new(shape: Shape, point: Option<Point>) -> Self {
+        Classified { shape: Arc::new(shape), point }
+    }
+
+    /// This statement's classification for another text of its shape, which pins `point`.
+    pub fn with_point(&self, point: Option<Point>) -> Self {
+        Classified { shape: self.shape.clone(), point }
+    }
+
+    /// What identifies the shape this statement shares with others, while `self` lives.
+    pub fn shape_id(&self) -> usize {
+        Arc::as_ptr(&self.shape) as usize
+    }
+
+    /// The shared part, to keep `shape_id` from being reused while a memo holds it.
+    pub fn shape(&self) -> &Arc<Shape> {
+        &self.shape
+    }
+}
+
+impl Shape {
+    fn opaque(kind: Kind, sql: &str) -> Self {
         let unseen = matches!(kind, Kind::Opaque | Kind::Unparseable);
-        Classified {
+        Shape {
             kind,
             reads: Vec::new(),
             writes: Vec::new(),
@@ -133,15 +182,9 @@ impl Classified {
             settings: SettingsChange { unseen, ..SettingsChange::default() },
             never_cache: Some("not a plain SELECT"),
             holds: None,
-            point: None,
             fingerprint: 0,
             normalized: Arc::from(sql),
         }
-    }
-
-    /// A statement that could not be read (e.g. not valid UTF-8): effects unknown.
-    pub fn unparseable() -> Self {
-        Classified::opaque(Kind::Unparseable, "")
     }
 
     /// Whether the statement may change data in ways pgcache cannot attribute to relations.
@@ -185,7 +228,7 @@ fn classify_one(sql: &str) -> Classified {
         tree["stmts"].get(0).and_then(|s| s["stmt"]["node"].as_object()).and_then(|o| o.iter().next())
     else {
         // Only comments or semicolons: the empty query.
-        return Classified { never_cache: Some("empty query"), ..Classified::opaque(Kind::Neutral, sql) };
+        return Classified::new(Shape { never_cache: Some("empty query"), ..Shape::opaque(Kind::Neutral, sql) }, None);
     };
     let mut facts = Facts::default();
     facts.walk(&tree);
@@ -274,8 +317,7 @@ fn classify_one(sql: &str) -> Classified {
         Kind::Select | Kind::Write => super::point::of(sql, top, node, !summary.functions.is_empty()),
         _ => None,
     };
-    Classified {
-        point,
+    let shape = Shape {
         kind,
         holds,
         reads: reads.into_iter().collect(),
@@ -290,7 +332,8 @@ fn classify_one(sql: &str) -> Classified {
         normalized: Arc::from(
             pg_query::normalize(sql).unwrap_or_else(|_| sql.to_owned()).trim().trim_end_matches(';').trim_end(),
         ),
-    }
+    };
+    Classified::new(shape, point)
 }
 
 /// Statement node types that define or alter objects.

@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod classifier;
 pub mod classify;
 pub mod hold;
+pub mod literals;
 pub mod point;
 pub mod relation;
 pub mod tree;

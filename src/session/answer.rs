@@ -78,7 +78,6 @@ impl Answerer<'_> {
     /// (`fallback`).
     async fn lookup(
         &mut self,
-        statements: &Arc<Vec<Classified>>,
         sql: &str,
         c: &Classified,
         req: Request<'_>,
@@ -89,7 +88,7 @@ impl Answerer<'_> {
         }
         let offline = self.serve == Serve::Lost;
         let mut asker = Asker { ctx: self.ctx, key: self.key, flow: self.flow, memo: self.memo, offline };
-        let Looked::Found { entry, freshness, key, .. } = asker.look(statements, sql, c, &req, false).await else {
+        let Looked::Found { entry, freshness, key, .. } = asker.look(sql, c, &req, false).await else {
             return None;
         };
         let listening = self.ctx.peers.listening(&self.key.database);
@@ -123,7 +122,7 @@ impl Answerer<'_> {
         if c.kind != Kind::Select {
             return None;
         }
-        let (entry, key, stale) = self.lookup(classified, sql, c, Request::Simple, fallback).await?;
+        let (entry, key, stale) = self.lookup(sql, c, Request::Simple, fallback).await?;
         let mut out = BytesMut::with_capacity(entry.row_description.len() + entry.body.len() + 6);
         out.extend_from_slice(&entry.row_description);
         out.extend_from_slice(&entry.body);
@@ -161,7 +160,7 @@ impl Answerer<'_> {
                     let st = known(&b.statement[..])?;
                     let c = st.select()?;
                     let req = Request::Extended { param_types: &st.param_types, bind: &b };
-                    let (entry, key, stale) = self.lookup(&st.classified, &st.sql, c, req, fallback).await?;
+                    let (entry, key, stale) = self.lookup(&st.sql, c, req, fallback).await?;
                     current = Some(Hit { classified: st.classified.clone(), entry, key, stale });
                     be::bind_complete(&mut out);
                 }

@@ -77,20 +77,13 @@ pub(super) struct Asker<'a> {
 }
 
 impl Asker<'_> {
-    /// Looks `c` (one of `statements`, kept by the memo of assessments) up: the rule and the
+    /// Looks `c` up: the rule and the
     /// catalog ([`policy::assess`], memoized), the session's settings, the parameters, then the
     /// key and the store. `isolated`: the session is inside a transaction, which sees its own
     /// snapshot unless it is READ COMMITTED.
-    pub async fn look(
-        &mut self,
-        statements: &Arc<Vec<Classified>>,
-        sql: &str,
-        c: &Classified,
-        req: &Request<'_>,
-        isolated: bool,
-    ) -> Looked {
+    pub async fn look(&mut self, sql: &str, c: &Classified, req: &Request<'_>, isolated: bool) -> Looked {
         let ctx = self.ctx;
-        let a = match self.assess(statements, sql, c).await {
+        let a = match self.assess(sql, c).await {
             Verdict::Cacheable(a) => a,
             Verdict::Forward(why) => return Looked::Forward(why),
             Verdict::NeedsSearchPath => return Looked::SettingsUnknown,
@@ -124,7 +117,7 @@ impl Asker<'_> {
 
     /// The session-free half of the decision ([`policy::assess`]), from the session's memo
     /// when it still holds.
-    async fn assess(&mut self, statements: &Arc<Vec<Classified>>, sql: &str, c: &Classified) -> Verdict {
+    async fn assess(&mut self, sql: &str, c: &Classified) -> Verdict {
         let ctx = self.ctx;
         let settings = &self.flow.settings;
         let (role, search_path) = (settings.role(), settings.search_path());
@@ -151,27 +144,21 @@ impl Asker<'_> {
             search_path: search_path.map(Into::into),
             sql: rules.rules.iter().any(|r| r.matcher.pattern.is_some()).then(|| sql.into()),
         };
-        self.memo.keep(statements, c, stamp, Instant::now() + ctx.catalog.ttl(), &verdict);
+        self.memo.keep(c, stamp, Instant::now() + ctx.catalog.ttl(), &verdict);
         verdict
     }
 }
 
 impl Relay<'_> {
-    /// Decides `c`, one of `statements` (kept by the memo of assessments).
-    pub(super) async fn decide(
-        &mut self,
-        statements: &Arc<Vec<Classified>>,
-        sql: &str,
-        c: &Classified,
-        req: Request<'_>,
-    ) -> Result<Plan, SessionError> {
+    /// Decides `c`, a statement of `sql`.
+    pub(super) async fn decide(&mut self, sql: &str, c: &Classified, req: Request<'_>) -> Result<Plan, SessionError> {
         if let Some(why) = self.core.refuses() {
             return Ok(Plan::Forward(why));
         }
         let ctx = self.ctx;
         let isolated = self.core.tracker.status == TransactionStatus::InBlock;
         let mut asker = Asker { ctx, key: self.key, flow: &self.core.flow, memo: self.memo, offline: false };
-        let (entry, key, a) = match asker.look(statements, sql, c, &req, isolated).await {
+        let (entry, key, a) = match asker.look(sql, c, &req, isolated).await {
             Looked::Forward(why) => return Ok(Plan::Forward(why)),
             Looked::SettingsUnknown => return Ok(self.probe_or(Reason::SettingsUnknown)),
             Looked::Found { entry, freshness, key, a } => (Some((entry, freshness)), key, a),

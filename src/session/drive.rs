@@ -68,7 +68,7 @@ impl Relay<'_> {
         effects: Vec<Effect>,
     ) -> Result<(), SessionError> {
         let plan = match query::candidate(&frame, &classified, &effects) {
-            Some((sql, c)) => Some(self.decide(&classified, sql, c, Request::Simple).await?),
+            Some((sql, c)) => Some(self.decide(sql, c, Request::Simple).await?),
             None => None,
         };
         self.core.query(frame, classified, effects, plan);
@@ -98,7 +98,7 @@ impl Relay<'_> {
                 Need::Decision { statement, bind, .. } => {
                     let req = Request::Extended { param_types: &statement.param_types, bind: &bind };
                     let select = statement.select().expect("a decision is asked only for a single SELECT");
-                    let plan = self.decide(&statement.classified, &statement.sql, select, req).await?;
+                    let plan = self.decide(&statement.sql, select, req).await?;
                     if planner.decision(self.core, plan) == Decided::Parked {
                         return Ok(());
                     }

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use crate::cache::key::Interner;
 use crate::policy::{Assessed, Assessment, Reason};
 use crate::query::Classified;
+use crate::query::classify::Shape;
 
 /// Above this many statements the memo starts over (sessions that generate SQL endlessly).
 const MAX_ENTRIES: usize = 1024;
@@ -78,16 +79,19 @@ impl Stamp {
 }
 
 struct Memo {
-    /// Keeps the classification alive, so its address (the key) is not reused.
-    _statements: Arc<Vec<Classified>>,
+    /// Keeps the shape alive, so its address (the key) is not reused.
+    _shape: Arc<Shape>,
     stamp: Stamp,
     until: Instant,
     verdict: Verdict,
 }
 
-/// The memo. Keyed by the address of the classified statement, which lives in an
-/// `Arc<Vec<Classified>>` shared by every use of the same statement text or shape (a statement
-/// pinning key values with literals has one per text: see [`crate::query::classifier`]).
+/// The memo. Keyed by the statement's shape ([`Classified::shape_id`]), which every text of
+/// the shape shares: the simple protocol's texts that differ only in literals are decided once
+/// (a rule matching by `pattern` reads the literals: its stamp holds the text). What a text
+/// pins itself, its key values, is not part of the verdict: where the verdict says the read is
+/// keyed, each execution's values are read from its own text or parameters, and a text whose
+/// values cannot be read is invalidated with its whole table ([`super::effects::pinned_keys`]).
 #[derive(Default)]
 pub struct Assessments {
     entries: HashMap<usize, Memo>,
@@ -116,29 +120,21 @@ impl Assessments {
     /// and is still within the catalog's TTL — or of any age with `any_age` (while Postgres
     /// cannot be reached, the facts cannot be looked up again, nor changed).
     pub fn get(&self, c: &Classified, now: &Conditions<'_>, any_age: bool) -> Option<&Verdict> {
-        let m = self.entries.get(&(c as *const Classified as usize))?;
+        let m = self.entries.get(&c.shape_id())?;
         (m.stamp.matches(now) && (any_age || Instant::now() < m.until)).then_some(&m.verdict)
     }
 
     /// Keeps `verdict` for `c` until `until`, unless it depends on a passing condition.
-    pub fn keep(
-        &mut self,
-        statements: &Arc<Vec<Classified>>,
-        c: &Classified,
-        stamp: Stamp,
-        until: Instant,
-        verdict: &Verdict,
-    ) {
+    pub fn keep(&mut self, c: &Classified, stamp: Stamp, until: Instant, verdict: &Verdict) {
         let passing = matches!(verdict, Verdict::NeedsSearchPath | Verdict::Forward(Reason::CatalogUnavailable(_)));
-        debug_assert!(statements.iter().any(|s| std::ptr::eq(s, c)), "c is one of statements");
         if passing {
             return;
         }
         if self.entries.len() >= MAX_ENTRIES {
             self.entries.clear();
         }
-        let memo = Memo { _statements: statements.clone(), stamp, until, verdict: verdict.clone() };
-        self.entries.insert(c as *const Classified as usize, memo);
+        let memo = Memo { _shape: c.shape().clone(), stamp, until, verdict: verdict.clone() };
+        self.entries.insert(c.shape_id(), memo);
     }
 }
 
@@ -161,18 +157,32 @@ mod tests {
         let c = &statements[0];
         let mut m = Assessments::default();
         let later = Instant::now() + Duration::from_secs(60);
-        m.keep(&statements, c, stamp(1, "public"), later, &Verdict::Forward(Reason::NoMatch));
+        m.keep(c, stamp(1, "public"), later, &Verdict::Forward(Reason::NoMatch));
         assert!(m.get(c, &now(1, 7, "app", "public"), false).is_some());
         assert!(m.get(c, &now(2, 7, "app", "public"), false).is_none(), "another rule set");
         assert!(m.get(c, &now(1, 8, "app", "public"), false).is_none(), "catalog facts forgotten");
         assert!(m.get(c, &now(1, 7, "other", "public"), false).is_none(), "another role");
         assert!(m.get(c, &now(1, 7, "app", "app, public"), false).is_none(), "another search_path");
         let patterned = Stamp { sql: Some("SELECT 1 -- a".into()), ..stamp(1, "public") };
-        m.keep(&statements, c, patterned, later, &Verdict::Forward(Reason::NoMatch));
+        m.keep(c, patterned, later, &Verdict::Forward(Reason::NoMatch));
         assert!(m.get(c, &now(1, 7, "app", "public"), false).is_none(), "rules match patterns on other text");
-        m.keep(&statements, c, stamp(1, "public"), Instant::now(), &Verdict::Forward(Reason::NoMatch));
+        m.keep(c, stamp(1, "public"), Instant::now(), &Verdict::Forward(Reason::NoMatch));
         assert!(m.get(c, &now(1, 7, "app", "public"), false).is_none(), "past the catalog's TTL");
         assert!(m.get(c, &now(1, 7, "app", "public"), true).is_some(), "of any age while offline");
+    }
+
+    #[test]
+    fn texts_of_one_shape_share_a_verdict_but_not_their_keys() {
+        let classifier = crate::query::Classifier::default();
+        let one = classifier.classify("SELECT v FROM t WHERE id = 1");
+        let two = classifier.classify("SELECT v FROM t WHERE id = 2");
+        let other = classifier.classify("SELECT v FROM u WHERE id = 1");
+        assert_ne!(one[0].point, two[0].point, "each text pins its own key");
+        let mut m = Assessments::default();
+        let later = Instant::now() + Duration::from_secs(60);
+        m.keep(&one[0], stamp(1, "public"), later, &Verdict::Forward(Reason::NoMatch));
+        assert!(m.get(&two[0], &now(1, 7, "app", "public"), false).is_some(), "same shape");
+        assert!(m.get(&other[0], &now(1, 7, "app", "public"), false).is_none(), "another shape");
     }
 
     #[test]
@@ -181,8 +191,8 @@ mod tests {
         let c = &statements[0];
         let mut m = Assessments::default();
         let later = Instant::now() + Duration::from_secs(60);
-        m.keep(&statements, c, stamp(1, "p"), later, &Verdict::NeedsSearchPath);
-        m.keep(&statements, c, stamp(1, "p"), later, &Verdict::Forward(Reason::CatalogUnavailable("down".into())));
+        m.keep(c, stamp(1, "p"), later, &Verdict::NeedsSearchPath);
+        m.keep(c, stamp(1, "p"), later, &Verdict::Forward(Reason::CatalogUnavailable("down".into())));
         assert!(m.get(c, &now(1, 7, "app", "p"), false).is_none());
     }
 }

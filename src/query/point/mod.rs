@@ -124,17 +124,7 @@ pub fn of(sql: &str, top: &str, node: &Json, calls_functions: bool) -> Option<Po
 
 /// The byte offsets of the literal tokens of `sql`.
 fn literal_starts(sql: &str) -> Option<Vec<usize>> {
-    let tokens = pg_query::scan(sql).ok()?.tokens;
-    Some(tokens.iter().filter(|t| is_literal(t.token)).filter_map(|t| usize::try_from(t.start).ok()).collect())
-}
-
-/// Whether a scanned token is a literal (string, number, bit string).
-pub fn is_literal(token: i32) -> bool {
-    use pg_query::protobuf::Token;
-    matches!(
-        Token::try_from(token),
-        Ok(Token::Sconst | Token::Usconst | Token::Iconst | Token::Fconst | Token::Bconst | Token::Xconst)
-    )
+    Some(super::literals::literals(sql)?.iter().map(|l| l.start).collect())
 }
 
 fn candidates(top: &str, node: &Json, calls_functions: bool) -> Option<Point> {
@@ -339,9 +329,8 @@ mod tests {
         let (top, node) = tree["stmts"][0]["stmt"]["node"].as_object().unwrap().iter().next().unwrap();
         let calls = !pg_query::summary(sql, 0, -1).unwrap().functions.is_empty();
         let p = of(sql, top, node, calls)?;
-        let tokens = pg_query::scan(sql).unwrap().tokens;
         let literals: Vec<&str> =
-            tokens.iter().filter(|t| is_literal(t.token)).map(|t| &sql[t.start as usize..t.end as usize]).collect();
+            crate::query::literals::literals(sql).unwrap().iter().map(|l| &sql[l.start..l.end]).collect();
         p.resolve(&literals)
     }
 
