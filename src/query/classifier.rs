@@ -21,11 +21,16 @@ use super::tree::TIME_WORDS;
 pub struct Classifier {
     by_text: quick_cache::sync::Cache<Arc<str>, Arc<Vec<Classified>>>,
     by_shape: quick_cache::sync::Cache<Arc<str>, Arc<Vec<Classified>>>,
+    seen: Seen,
 }
 
 impl Default for Classifier {
     fn default() -> Self {
-        Classifier { by_text: quick_cache::sync::Cache::new(10_000), by_shape: quick_cache::sync::Cache::new(10_000) }
+        Classifier {
+            by_text: quick_cache::sync::Cache::new(10_000),
+            by_shape: quick_cache::sync::Cache::new(10_000),
+            seen: Seen::default(),
+        }
     }
 }
 
@@ -102,23 +107,49 @@ impl Classifier {
         if let Some(c) = self.by_text.get(sql) {
             return c;
         }
-        let (shape, literals) = match (!literals_matter(sql)).then(|| scan(sql)).flatten() {
-            Some((shape, literals)) => (Some(Arc::<str>::from(shape)), Some(literals)),
-            None => (None, None),
-        };
-        let c = match shape.as_ref().and_then(|s| self.by_shape.get(s)) {
-            Some(c) => c,
-            None => {
-                let c = Arc::new(classify(sql));
-                if let Some(s) = shape {
-                    self.by_shape.insert(s, c.clone());
+        let scanned = (!literals_matter(sql)).then(|| scan(sql)).flatten();
+        let c = match &scanned {
+            Some((shape, _)) => match self.by_shape.get(shape.as_str()) {
+                Some(c) => c,
+                None => {
+                    let c = Arc::new(classify(sql));
+                    self.by_shape.insert(Arc::from(shape.as_str()), c.clone());
+                    c
                 }
-                c
-            }
+            },
+            None => Arc::new(classify(sql)),
         };
-        let c = with_own_literals(c, sql, literals);
-        self.by_text.insert(Arc::from(sql), c.clone());
+        let shaped = scanned.is_some();
+        let c = with_own_literals(c, sql, scanned.map(|(_, literals)| literals));
+        if !shaped || self.seen.again(sql) {
+            self.by_text.insert(Arc::from(sql), c.clone());
+        }
         c
+    }
+}
+
+/// Which texts of a known shape were seen before: such a text is kept by text only the second
+/// time it comes. The simple protocol with inlined values sends most texts once (a key drawn
+/// from millions); keeping each would cost an insert, an eviction and a copy of the text per
+/// statement, for nothing, while a text that repeats (a hot key) is kept from its second use.
+/// A direct-mapped table of text hashes: a collision only delays keeping a text.
+struct Seen(Box<[std::sync::atomic::AtomicU64]>);
+
+impl Default for Seen {
+    fn default() -> Self {
+        Seen((0..4096).map(|_| std::sync::atomic::AtomicU64::new(0)).collect())
+    }
+}
+
+impl Seen {
+    /// Whether `sql` was seen last time its slot was asked about (and notes it now).
+    fn again(&self, sql: &str) -> bool {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        sql.hash(&mut h);
+        let h = h.finish() | 1;
+        let slot = &self.0[(h >> 32) as usize % self.0.len()];
+        slot.swap(h, std::sync::atomic::Ordering::Relaxed) == h
     }
 }
 
@@ -126,6 +157,21 @@ impl Classifier {
 mod tests {
     use super::*;
     use crate::query::Kind;
+
+    #[test]
+    fn a_text_of_a_known_shape_is_kept_from_its_second_use() {
+        let c = Classifier::default();
+        c.classify("SELECT v FROM t WHERE id = 1");
+        let first = c.classify("SELECT v FROM t WHERE id = 2");
+        let second = c.classify("SELECT v FROM t WHERE id = 2");
+        let third = c.classify("SELECT v FROM t WHERE id = 2");
+        assert!(!Arc::ptr_eq(&first, &second), "not kept the first time");
+        assert!(Arc::ptr_eq(&second, &third), "kept the second time");
+        assert_eq!(first, third);
+        // Without a shape (a time word) a text is kept at once: classifying it again is a parse.
+        let now = c.classify("SELECT now() > '2024-01-01'::timestamptz - 'now'::interval");
+        assert!(Arc::ptr_eq(&now, &c.classify("SELECT now() > '2024-01-01'::timestamptz - 'now'::interval")));
+    }
 
     #[test]
     fn shapes_replace_literals_only() {
