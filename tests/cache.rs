@@ -250,3 +250,21 @@ async fn row_limited_executes_are_cached_and_answered_as_postgres_would() {
     }
     assert_eq!(executions(&admin, "FROM items WHERE id = $1").await - before, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_on_literals_decides_each_text_of_a_shape_by_its_own() {
+    // Texts that differ only in literals share one classification and one memoized decision,
+    // except when a rule's pattern reads the text: then each text is decided by its own.
+    let rules = "[[rule]]\nname = \"seven\"\nmatch = { pattern = \"id = 7\\\\b\" }\nttl = \"60s\"\n";
+    let (cluster, proxy, db, _dir, admin) = setup(rules).await;
+    let c = proxy.connect(&db, &cluster.superuser()).await;
+    let seven = c.simple_query("SELECT name FROM items WHERE id = 7").await.unwrap();
+    let before = executions(&admin, "FROM items WHERE id =").await;
+    for _ in 0..10 {
+        let again = c.simple_query("SELECT name FROM items WHERE id = 7").await.unwrap();
+        assert_eq!(format!("{again:?}"), format!("{seven:?}"));
+        c.simple_query("SELECT name FROM items WHERE id = 8").await.unwrap();
+    }
+    // pg_stat_statements counts both texts under one normalized query: only id = 8 ran.
+    assert_eq!(executions(&admin, "FROM items WHERE id =").await - before, 10);
+}
