@@ -78,17 +78,21 @@ impl Stamp {
     }
 }
 
+/// Above this many verdicts for one shape, the oldest goes (texts of one shape under a rule that
+/// matches by `pattern`, or a session switching roles).
+const MAX_PER_SHAPE: usize = 8;
+
 struct Memo {
     /// Keeps the shape alive, so its address (the key) is not reused.
     _shape: Arc<Shape>,
-    stamp: Stamp,
-    until: Instant,
-    verdict: Verdict,
+    /// Each verdict with what it was drawn from and how long it holds, oldest first.
+    kept: Vec<(Stamp, Instant, Verdict)>,
 }
 
 /// The memo. Keyed by the statement's shape ([`Classified::shape_id`]), which every text of
 /// the shape shares: the simple protocol's texts that differ only in literals are decided once
-/// (a rule matching by `pattern` reads the literals: its stamp holds the text). What a text
+/// (a rule matching by `pattern` reads the literals: its stamp holds the text, and a shape
+/// keeps a verdict for each of its last few texts). What a text
 /// pins itself, its key values, is not part of the verdict: where the verdict says the read is
 /// keyed, each execution's values are read from its own text or parameters, and a text whose
 /// values cannot be read is invalidated with its whole table ([`super::effects::pinned_keys`]).
@@ -116,12 +120,13 @@ impl Assessments {
         id
     }
 
-    /// The verdict for `c` (one of `statements`), if one was kept under the same conditions
-    /// and is still within the catalog's TTL — or of any age with `any_age` (while Postgres
-    /// cannot be reached, the facts cannot be looked up again, nor changed).
+    /// The verdict for `c`, if one was kept under the same conditions and is still within the
+    /// catalog's TTL — or of any age with `any_age` (while Postgres cannot be reached, the facts
+    /// cannot be looked up again, nor changed).
     pub fn get(&self, c: &Classified, now: &Conditions<'_>, any_age: bool) -> Option<&Verdict> {
         let m = self.entries.get(&c.shape_id())?;
-        (m.stamp.matches(now) && (any_age || Instant::now() < m.until)).then_some(&m.verdict)
+        let (_, until, verdict) = m.kept.iter().find(|(stamp, ..)| stamp.matches(now))?;
+        (any_age || Instant::now() < *until).then_some(verdict)
     }
 
     /// Keeps `verdict` for `c` until `until`, unless it depends on a passing condition.
@@ -130,11 +135,17 @@ impl Assessments {
         if passing {
             return;
         }
-        if self.entries.len() >= MAX_ENTRIES {
+        if self.entries.len() >= MAX_ENTRIES && !self.entries.contains_key(&c.shape_id()) {
             self.entries.clear();
         }
-        let memo = Memo { _shape: c.shape().clone(), stamp, until, verdict: verdict.clone() };
-        self.entries.insert(c.shape_id(), memo);
+        let m =
+            self.entries.entry(c.shape_id()).or_insert_with(|| Memo { _shape: c.shape().clone(), kept: Vec::new() });
+        // A verdict drawn under conditions that no longer hold is never matched again.
+        m.kept.retain(|(s, ..)| s != &stamp && s.rules == stamp.rules && s.catalog == stamp.catalog);
+        if m.kept.len() >= MAX_PER_SHAPE {
+            m.kept.remove(0);
+        }
+        m.kept.push((stamp, until, verdict.clone()));
     }
 }
 
@@ -163,9 +174,14 @@ mod tests {
         assert!(m.get(c, &now(1, 8, "app", "public"), false).is_none(), "catalog facts forgotten");
         assert!(m.get(c, &now(1, 7, "other", "public"), false).is_none(), "another role");
         assert!(m.get(c, &now(1, 7, "app", "app, public"), false).is_none(), "another search_path");
-        let patterned = Stamp { sql: Some("SELECT 1 -- a".into()), ..stamp(1, "public") };
-        m.keep(c, patterned, later, &Verdict::Forward(Reason::NoMatch));
-        assert!(m.get(c, &now(1, 7, "app", "public"), false).is_none(), "rules match patterns on other text");
+        // Rules (version 2) that match patterns: a verdict per text, the last few kept.
+        let patterned = |sql: &str| Stamp { sql: Some(sql.into()), ..stamp(2, "public") };
+        m.keep(c, patterned("SELECT 1 -- a"), later, &Verdict::Forward(Reason::NoMatch));
+        assert!(m.get(c, &now(2, 7, "app", "public"), false).is_none(), "rules match patterns on other text");
+        m.keep(c, patterned("SELECT 1"), later, &Verdict::Forward(Reason::NoMatch));
+        assert!(m.get(c, &now(2, 7, "app", "public"), false).is_some(), "this text's own");
+        let other = Conditions { sql: "SELECT 1 -- a", ..now(2, 7, "app", "public") };
+        assert!(m.get(c, &other, false).is_some(), "the other text's, still kept");
         m.keep(c, stamp(1, "public"), Instant::now(), &Verdict::Forward(Reason::NoMatch));
         assert!(m.get(c, &now(1, 7, "app", "public"), false).is_none(), "past the catalog's TTL");
         assert!(m.get(c, &now(1, 7, "app", "public"), true).is_some(), "of any age while offline");
