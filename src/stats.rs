@@ -170,10 +170,18 @@ pub struct Stats {
     started: Instant,
     totals: Totals,
     queries: Mutex<HashMap<u64, QueryStat>>,
-    table_writes: Mutex<HashMap<String, TableWrites>>,
+    table_writes: Mutex<HashMap<String, Written>>,
     clients: Mutex<HashMap<u64, ClientInfo>>,
     next_client: AtomicU64,
     slow: Duration,
+}
+
+/// One table's writes and the handles of its invalidation counters, registered when the table
+/// is first written (a write then costs one lock and no allocation).
+struct Written {
+    writes: TableWrites,
+    invalidations: ::metrics::Counter,
+    key_invalidations: ::metrics::Counter,
 }
 
 /// A hash of a cache key.
@@ -291,24 +299,37 @@ impl Stats {
 
     /// A write changed `table` (any schema).
     pub fn table_written(&self, table: &str) {
-        self.table_writes.lock().entry(table.to_owned()).or_default().all += 1;
-        let label = self.metrics.table_label(table);
-        self.metrics.counter(m::INVALIDATIONS, &[("table", &label)]).increment(1);
+        self.written(table, |w| {
+            w.writes.all += 1;
+            w.invalidations.increment(1);
+        });
     }
 
     /// A write to `table` that invalidated only the keys it wrote (also counted by
     /// [`Stats::table_written`]).
     pub fn keys_written(&self, table: &str, values: &[KeyValue]) {
-        {
-            let mut writes = self.table_writes.lock();
-            let w = writes.entry(table.to_owned()).or_default();
-            w.keyed += 1;
-            for v in values.iter().take(MAX_KEYS.saturating_sub(w.keys.len())) {
-                w.keys.insert(*v);
+        self.written(table, |w| {
+            w.writes.keyed += 1;
+            for v in values.iter().take(MAX_KEYS.saturating_sub(w.writes.keys.len())) {
+                w.writes.keys.insert(*v);
             }
+            w.key_invalidations.increment(1);
+        });
+    }
+
+    /// Updates `table`'s record of writes, creating it (and its counters) the first time.
+    fn written(&self, table: &str, update: impl FnOnce(&mut Written)) {
+        let mut writes = self.table_writes.lock();
+        if let Some(w) = writes.get_mut(table) {
+            return update(w);
         }
         let label = self.metrics.table_label(table);
-        self.metrics.counter(m::KEY_INVALIDATIONS, &[("table", &label)]).increment(1);
+        let w = writes.entry(table.to_owned()).or_insert_with(|| Written {
+            writes: TableWrites::default(),
+            invalidations: self.metrics.counter(m::INVALIDATIONS, &[("table", &label)]),
+            key_invalidations: self.metrics.counter(m::KEY_INVALIDATIONS, &[("table", &label)]),
+        });
+        update(w);
     }
 
     /// Everything was invalidated (a write with unknown targets, or an operator's command).
@@ -371,7 +392,7 @@ impl Stats {
     }
 
     pub fn table_writes(&self) -> HashMap<String, TableWrites> {
-        self.table_writes.lock().clone()
+        self.table_writes.lock().iter().map(|(t, w)| (t.clone(), w.writes.clone())).collect()
     }
 
     pub fn clients(&self) -> Vec<ClientInfo> {
