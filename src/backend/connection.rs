@@ -96,8 +96,9 @@ pub struct Connection {
     /// Bytes read from the server but not yet consumed.
     pub rbuf: BytesMut,
     pub startup: StartupParams,
-    /// ParameterStatus values as the server last reported them.
-    pub params: BTreeMap<String, String>,
+    /// ParameterStatus values as the server last reported them. Shared with the sessions that
+    /// last told their clients these values (copied only when the server reports a change).
+    pub params: Arc<BTreeMap<String, String>>,
     pub key: BackendKey,
     pub status: TransactionStatus,
     pub created: Instant,
@@ -133,7 +134,7 @@ impl Connection {
             stream,
             rbuf: BytesMut::with_capacity(8192),
             startup,
-            params: BTreeMap::new(),
+            params: Arc::default(),
             key: BackendKey { pid: 0, secret: 0 },
             status: TransactionStatus::Idle,
             created: Instant::now(),
@@ -220,7 +221,7 @@ impl Connection {
                 Message::ParameterStatus(p) => {
                     let name = p.name().map_err(StartupViolation::Malformed)?;
                     let value = p.value().map_err(StartupViolation::Malformed)?;
-                    self.params.insert(name.to_owned(), value.to_owned());
+                    Arc::make_mut(&mut self.params).insert(name.to_owned(), value.to_owned());
                 }
                 Message::BackendKeyData(k) => {
                     self.key = BackendKey { pid: k.process_id(), secret: k.secret_key() };
@@ -311,7 +312,7 @@ impl Connection {
     /// Records a ParameterStatus body.
     pub fn note_parameter(&mut self, body: &[u8]) {
         if let Ok((name, value)) = be::parameter_status(body) {
-            self.params.insert(name, value);
+            Arc::make_mut(&mut self.params).insert(name, value);
         }
     }
 

@@ -138,8 +138,10 @@ impl Assessments {
         if self.entries.len() >= MAX_ENTRIES && !self.entries.contains_key(&c.shape_id()) {
             self.entries.clear();
         }
-        let m =
-            self.entries.entry(c.shape_id()).or_insert_with(|| Memo { _shape: c.shape().clone(), kept: Vec::new() });
+        let m = self
+            .entries
+            .entry(c.shape_id())
+            .or_insert_with(|| Memo { _shape: c.shape().clone(), kept: Vec::with_capacity(1) });
         // A verdict drawn under conditions that no longer hold is never matched again.
         m.kept.retain(|(s, ..)| s != &stamp && s.rules == stamp.rules && s.catalog == stamp.catalog);
         if m.kept.len() >= MAX_PER_SHAPE {

@@ -27,6 +27,7 @@ mod memo;
 pub mod refresh;
 pub mod relay;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -238,18 +239,20 @@ async fn log_in(
 }
 
 /// ParameterStatus messages for values a backend reports differently from what the client
-/// was last told (`reported`, brought up to date).
-fn changed_parameters(
-    reported: &mut std::collections::BTreeMap<String, String>,
-    new: &std::collections::BTreeMap<String, String>,
-) -> BytesMut {
+/// was last told (`reported`, brought up to date). `reported` shares the map of the backend
+/// it was last brought up to date with (an idle client holds a pointer, not a copy); a name
+/// only an earlier backend reported is then forgotten, and told again if it comes back.
+fn changed_parameters(reported: &mut Arc<BTreeMap<String, String>>, new: &Arc<BTreeMap<String, String>>) -> BytesMut {
     let mut out = BytesMut::new();
-    for (name, value) in new {
+    if Arc::ptr_eq(reported, new) {
+        return out;
+    }
+    for (name, value) in new.iter() {
         if reported.get(name) != Some(value) {
             crate::protocol::backend::parameter_status_msg(name, value, &mut out);
-            reported.insert(name.clone(), value.clone());
         }
     }
+    *reported = new.clone();
     out
 }
 
@@ -285,4 +288,32 @@ fn give_back(ctx: &Context, lease: Lease, core: &Core) {
         });
     }
     lease.release(Reset::Close);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> Arc<BTreeMap<String, String>> {
+        Arc::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    #[test]
+    fn a_client_is_told_only_what_its_new_backend_reports_differently() {
+        let first = map(&[("DateStyle", "ISO, MDY"), ("TimeZone", "UTC")]);
+        let mut reported = first.clone();
+        assert!(changed_parameters(&mut reported, &first).is_empty(), "the same backend");
+        let equal = map(&[("DateStyle", "ISO, MDY"), ("TimeZone", "UTC")]);
+        assert!(changed_parameters(&mut reported, &equal).is_empty(), "another backend, same values");
+        let other = map(&[("DateStyle", "ISO, MDY"), ("TimeZone", "Europe/Paris")]);
+        let mut told = changed_parameters(&mut reported, &other);
+        assert!(Arc::ptr_eq(&reported, &other), "shares the backend's map");
+        let f = crate::protocol::frame::take_frame(&mut told, 1 << 20).unwrap().unwrap();
+        assert_eq!(f.tag(), b'S');
+        assert_eq!(
+            crate::protocol::backend::parameter_status(f.body()).unwrap(),
+            ("TimeZone".into(), "Europe/Paris".into())
+        );
+        assert!(told.is_empty(), "one message: the value that changed");
+    }
 }

@@ -71,7 +71,7 @@ pub struct Relay<'a> {
     backend: &'a mut Stream,
     client_buf: &'a mut BytesMut,
     backend_buf: &'a mut BytesMut,
-    params: &'a mut BTreeMap<String, String>,
+    params: &'a mut Arc<BTreeMap<String, String>>,
     max_message: usize,
 }
 

@@ -35,6 +35,7 @@ pub mod tracker;
 mod tests;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
@@ -192,7 +193,7 @@ impl Core {
     pub fn on_backend(
         &mut self,
         buf: &mut BytesMut,
-        params: &mut BTreeMap<String, String>,
+        params: &mut Arc<BTreeMap<String, String>>,
     ) -> Result<(), BackendError> {
         let mut out: Vec<Out> = Vec::new();
         self.emit_locals(&mut out);

@@ -11,6 +11,7 @@
 //! docs, "Extended Query").
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
@@ -23,7 +24,11 @@ use super::{Action, Core};
 impl Core {
     /// Routes one backend frame (`raw`, header included) against the head of the pipeline; the
     /// tracker has already seen it.
-    pub(super) fn route(&mut self, params: &mut BTreeMap<String, String>, raw: &[u8]) -> Result<Routed, Truncated> {
+    pub(super) fn route(
+        &mut self,
+        params: &mut Arc<BTreeMap<String, String>>,
+        raw: &[u8],
+    ) -> Result<Routed, Truncated> {
         let tag = raw[0];
         if let Some(routed) = self.route_unsolicited(params, raw)? {
             return Ok(routed);
@@ -86,14 +91,14 @@ impl Core {
     /// Messages that may arrive at any time, whatever is pending.
     fn route_unsolicited(
         &mut self,
-        params: &mut BTreeMap<String, String>,
+        params: &mut Arc<BTreeMap<String, String>>,
         raw: &[u8],
     ) -> Result<Option<Routed>, Truncated> {
         let pass = Some(Routed { visible: true, completed: false, rewritten: None });
         match raw[0] {
             be::PARAMETER_STATUS => {
                 let (name, value) = be::parameter_status(&raw[5..])?;
-                params.insert(name, value);
+                Arc::make_mut(params).insert(name, value);
                 // A reported setting changed (a SET, or the server's configuration reloaded):
                 // the settings the key is built from must be read again.
                 self.flow.settings.forget();

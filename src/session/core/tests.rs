@@ -31,7 +31,7 @@ type Decider = Box<dyn FnMut(&Core, &str) -> Plan>;
 /// The core with fake facts, driven as the relay drives it.
 struct T {
     core: Core,
-    params: BTreeMap<String, String>,
+    params: Arc<BTreeMap<String, String>>,
     decide: Decider,
     /// Client bytes not yet processed (behind a parked request).
     unread: BytesMut,
@@ -50,7 +50,7 @@ impl T {
     fn new(decide: impl FnMut(&Core, &str) -> Plan + 'static) -> T {
         T {
             core: Core::new(Flow { database: Arc::from("db"), ..Flow::default() }),
-            params: BTreeMap::new(),
+            params: Arc::default(),
             decide: Box::new(decide),
             unread: BytesMut::new(),
             actions: Vec::new(),
