@@ -101,32 +101,42 @@ mod tests {
         assert_eq!(texts("SELECT 2 -- trailing comment"), vec![(Kind::Integer, "2")]);
     }
 
+    /// The literals `pg_query::scan` (the protobuf copy of the same lexer) finds in `sql`.
+    fn scanned(sql: &str) -> Option<Vec<(usize, usize)>> {
+        let tokens = pg_query::scan(sql).ok()?.tokens;
+        let literal = |t: &&pg_query::protobuf::ScanToken| {
+            matches!(
+                Token::try_from(t.token),
+                Ok(Token::Sconst | Token::Usconst | Token::Iconst | Token::Fconst | Token::Bconst | Token::Xconst)
+            )
+        };
+        Some(tokens.iter().filter(literal).map(|t| (t.start as usize, t.end as usize)).collect())
+    }
+
     #[test]
     fn agrees_with_the_protobuf_scanner() {
-        for sql in [
-            "SELECT abalance FROM pgbench_accounts WHERE aid = 42;",
-            "UPDATE t SET v = v + -3.5e2 WHERE k IN ('a', U&'\\0041') RETURNING *",
-            "SELECT 'x'\n'y', 1::int8, $tag$ q $tag$",
-        ] {
-            let mine: Vec<(usize, usize)> = literals(sql).unwrap().iter().map(|l| (l.start, l.end)).collect();
-            let theirs: Vec<(usize, usize)> = pg_query::scan(sql)
-                .unwrap()
-                .tokens
-                .iter()
-                .filter(|t| {
-                    matches!(
-                        Token::try_from(t.token),
-                        Ok(Token::Sconst
-                            | Token::Usconst
-                            | Token::Iconst
-                            | Token::Fconst
-                            | Token::Bconst
-                            | Token::Xconst)
-                    )
-                })
-                .map(|t| (t.start as usize, t.end as usize))
-                .collect();
-            assert_eq!(mine, theirs, "{sql}");
+        let corpus = [
+            include_str!("../../tests/corpus/10-types.sql"),
+            include_str!("../../tests/corpus/20-writes.sql"),
+            include_str!("../../tests/corpus/30-sessions.sql"),
+            include_str!("../../tests/corpus/40-functions.sql"),
+        ];
+        let mut texts: Vec<String> = vec![
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 42;".into(),
+            "UPDATE t SET v = v + -3.5e2 WHERE k IN ('a', U&'\\0041') RETURNING *".into(),
+            "SELECT 'x'\n'y', 1::int8, $tag$ q $tag$".into(),
+        ];
+        for file in corpus {
+            texts.push(file.into());
+            for statement in pg_query::split_with_scanner(file).unwrap() {
+                texts.push(statement.into());
+                texts.push(format!("{statement} -- trailing"));
+                texts.push(format!("/* leading */ {statement}"));
+            }
+        }
+        for sql in &texts {
+            let mine = literals(sql).map(|l| l.iter().map(|l| (l.start, l.end)).collect::<Vec<_>>());
+            assert_eq!(mine, scanned(sql), "{sql}");
         }
     }
 }
