@@ -26,6 +26,7 @@ use crate::query::{Classified, Kind};
 use crate::stats::{Observation, key_hash};
 
 use super::core::flow::{Flow, Statement};
+use super::core::query::sql_of;
 use super::decide::{Asker, Looked, Request};
 use super::memo::Assessments;
 
@@ -106,7 +107,7 @@ impl Answerer<'_> {
     }
 
     async fn answer_query(&mut self, q: &Frame, fallback: bool) -> Option<Bytes> {
-        let sql = std::str::from_utf8(fe::query(q.body()).ok()?.sql).ok()?;
+        let sql = sql_of(q)?;
         let classified = self.ctx.classifier.classify(sql);
         self.answer_simple(sql, &classified, fallback).await
     }

@@ -42,7 +42,8 @@ impl Relay<'_> {
     pub(super) async fn on_query(&mut self, frame: Frame) -> Result<(), SessionError> {
         // Non-UTF-8 SQL (e.g. a LATIN1 client) cannot be classified: it passes through as a
         // statement with unknown effects.
-        let classified = match query::sql_of(&frame) {
+        let sql = query::sql_of(&frame);
+        let classified = match sql {
             Some(sql) => self.ctx.classifier.classify(sql),
             None => Arc::new(vec![Classified::unparseable()]),
         };
@@ -51,7 +52,7 @@ impl Relay<'_> {
             effects.extend(self.noted(c, None).await);
         }
         // Noted as the planner notes it, then, if it writes nothing, the short way.
-        if let Some(sql) = query::sql_of(&frame)
+        if let Some(sql) = sql
             && effects.is_empty()
             && self.answered_whole(Whole::Query { sql, classified: &classified }).await
         {

@@ -297,9 +297,7 @@ fn renamed(raw: &[u8], from: &[u8], to: &[u8]) -> Bytes {
         rest = &rest[at + from.len()..];
     }
     body.extend_from_slice(rest);
-    let mut out = BytesMut::with_capacity(body.len() + 5);
-    out.extend_from_slice(&[raw[0]]);
-    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-    out.extend_from_slice(&body);
+    let mut out = BytesMut::new();
+    crate::protocol::frame::put_frame(&mut out, raw[0], &body);
     out.freeze()
 }
