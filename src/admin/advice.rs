@@ -5,8 +5,8 @@
 //! written, and an estimated hit ratio for a candidate TTL (the matching rule's, else 60 s),
 //! from its call rate, its number of distinct keys and its tables' write rate
 //! ([`estimated_hit_ratio`]) — for a read by primary key, the rate of the writes that would
-//! reach its entries ([`effective_writes`]). `SHOW ADVICE` turns the best uncached candidates into rule TOML
-//! to paste into a rule file. `EXPLAIN CACHE <select>` shows how one statement would be
+//! reach its entries ([`effective_writes`]). `SHOW ADVICE` turns the best uncached candidates
+//! into rule TOML to paste into a rule file. `EXPLAIN CACHE <select>` shows how one statement would be
 //! handled and what the cache holds for it.
 
 use std::collections::HashMap;
@@ -44,12 +44,17 @@ async fn keyed_table(ctx: &Context, q: &QueryStat) -> Option<String> {
     policy::keyed(c, info).map(|k| k.relation.name)
 }
 
+/// A table's name without its schema: writes are counted by name, in any schema.
+fn table_name(qualified: &str) -> &str {
+    qualified.rsplit('.').next().unwrap_or(qualified)
+}
+
 /// The writes that invalidate one of `q`'s entries: every write to its tables, except that on
 /// the table it reads by key (`keyed`) a write pinned to keys counts for the share of keys it
 /// touched — keys taken as spread evenly over those read and written.
 fn effective_writes(q: &QueryStat, writes: &HashMap<String, TableWrites>, keyed: Option<&str>) -> f64 {
     let per_table = |t: &String| {
-        let name = t.rsplit('.').next().unwrap_or(t);
+        let name = table_name(t);
         let Some(w) = writes.get(name) else { return 0.0 };
         if keyed != Some(name) {
             return w.all as f64;
@@ -75,8 +80,7 @@ async fn assess<'a>(ctx: &Context, q: &'a QueryStat, writes: &HashMap<String, Ta
     let rule_ttl =
         q.rule.as_ref().and_then(|r| rules.get(&r.name)).filter(|r| r.action == Action::Cache).map(|r| r.ttl);
     let ttl = rule_ttl.unwrap_or(CANDIDATE_TTL);
-    let total_writes =
-        q.tables.iter().filter_map(|t| writes.get(t.rsplit('.').next().unwrap_or(t))).map(|w| w.all).sum();
+    let total_writes = q.tables.iter().filter_map(|t| writes.get(table_name(t))).map(|w| w.all).sum();
     let cacheable = q.hits + q.misses > 0 || only_lacks_a_rule(q);
     let keyed = if cacheable { keyed_table(ctx, q).await } else { None };
     let effective = effective_writes(q, writes, keyed.as_deref());

@@ -78,8 +78,8 @@ pub(super) struct Asker<'a> {
 
 impl Asker<'_> {
     /// Looks `c` up: the rule and the catalog ([`policy::assess`], memoized), the session's
-    /// settings, the parameters, then the key and the store. `isolated`: the session is inside a transaction, which sees its own
-    /// snapshot unless it is READ COMMITTED.
+    /// settings, the parameters, then the key and the store. `isolated`: the session is inside
+    /// a transaction, which sees its own snapshot unless it is READ COMMITTED.
     pub async fn look(&mut self, sql: &str, c: &Classified, req: &Request<'_>, isolated: bool) -> Looked {
         let ctx = self.ctx;
         let a = match self.assess(sql, c).await {

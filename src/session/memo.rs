@@ -92,10 +92,10 @@ struct Memo {
 /// The memo. Keyed by the statement's shape ([`Classified::shape_id`]), which every text of
 /// the shape shares: the simple protocol's texts that differ only in literals are decided once
 /// (a rule matching by `pattern` reads the literals: its stamp holds the text, and a shape
-/// keeps a verdict for each of its last few texts). What a text
-/// pins itself, its key values, is not part of the verdict: where the verdict says the read is
-/// keyed, each execution's values are read from its own text or parameters, and a text whose
-/// values cannot be read is invalidated with its whole table ([`super::effects::pinned_keys`]).
+/// keeps a verdict for each of its last few texts). What a text pins itself, its key values,
+/// is not part of the verdict: where the verdict says the read is keyed, each execution's
+/// values are read from its own text or parameters, and a text whose values cannot be read is
+/// invalidated with its whole table ([`super::effects::pinned_keys`]).
 #[derive(Default)]
 pub struct Assessments {
     entries: HashMap<usize, Memo>,
