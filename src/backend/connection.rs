@@ -102,10 +102,38 @@ pub struct Connection {
     pub key: BackendKey,
     pub status: TransactionStatus,
     pub created: Instant,
-    /// Transaction pooling: the session settings the last client left on it (`set_config`
-    /// name/value pairs; empty: as it started) and the statements pgcache prepared on it.
-    pub settings: Vec<(String, String)>,
+    /// The session state the last client left on it, as far as pgcache knows it.
+    pub state: SessionState,
+    /// The key part of the settings a probe read *on this connection* (with the role), while
+    /// nothing may have changed them since: what a cache fill on it may be keyed with.
+    pub verified: Option<bytes::Bytes>,
+    /// Custom settings (`app.tenant`) sessions may have defined on it. Postgres cannot
+    /// undefine one (`RESET` and `DISCARD ALL` make it ''), so a session to which one of these
+    /// is undefined is given another connection.
+    pub defined: std::collections::BTreeSet<String>,
+    /// Transaction pooling: the statements pgcache prepared on it.
     pub prepared: Option<super::Prepared>,
+}
+
+/// What pgcache knows of a connection's session state beyond its startup packet. A session
+/// given the connection gets exactly its own state: nothing to do when this equals it,
+/// otherwise the connection is reset and the session's settings applied (`session::adopt`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SessionState {
+    /// As its startup packet made it, plus these settings applied with `set_config` (none:
+    /// as it started, or as `DISCARD ALL` left it).
+    Known(Vec<(String, String)>),
+    /// A client may have changed something pgcache could not read back (custom settings set
+    /// by a function, a settings probe that failed): reset before anyone else uses it.
+    #[default]
+    Unknown,
+}
+
+impl SessionState {
+    /// As the startup packet made it.
+    pub fn startup() -> SessionState {
+        SessionState::Known(Vec::new())
+    }
 }
 
 impl Connection {
@@ -138,7 +166,9 @@ impl Connection {
             key: BackendKey { pid: 0, secret: 0 },
             status: TransactionStatus::Idle,
             created: Instant::now(),
-            settings: Vec::new(),
+            state: SessionState::startup(),
+            verified: None,
+            defined: Default::default(),
             prepared: None,
         };
         let mut out = BytesMut::new();
@@ -292,16 +322,26 @@ impl Connection {
     /// Sends pgcache's own request (ending in Sync or a Query) and returns every frame of the
     /// answer up to and including ReadyForQuery.
     pub async fn exchange(&mut self, request: &[u8]) -> Result<Vec<Frame>, ReadError> {
+        self.exchange_many(request, 1).await
+    }
+
+    /// [`Connection::exchange`] for `requests` requests sent at once (one round trip): every
+    /// frame up to and including the `requests`-th ReadyForQuery.
+    pub async fn exchange_many(&mut self, request: &[u8], requests: usize) -> Result<Vec<Frame>, ReadError> {
         self.stream.write_all(request).await?;
         let mut frames = Vec::new();
+        let mut ready = 0;
         loop {
             let f = self.read_frame().await?;
             match f.tag() {
                 be::PARAMETER_STATUS => self.note_parameter(f.body()),
                 be::READY_FOR_QUERY => {
                     self.status = be::ready_status(f.body()).map_err(|_| ReadError::Malformed)?;
-                    frames.push(f);
-                    return Ok(frames);
+                    ready += 1;
+                    if ready == requests {
+                        frames.push(f);
+                        return Ok(frames);
+                    }
                 }
                 _ => {}
             }

@@ -366,7 +366,8 @@ impl Lease {
             match tokio::time::timeout(Duration::from_secs(5), conn.run_internal("DISCARD ALL")).await {
                 Ok(Ok(())) if conn.status == TransactionStatus::Idle => {
                     // DISCARD ALL reset the settings and dropped every prepared statement.
-                    conn.settings.clear();
+                    conn.state = super::connection::SessionState::startup();
+                    conn.verified = None;
                     conn.prepared = None;
                     pool.put_idle(conn)
                 }

@@ -150,6 +150,11 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     pub max_lifetime: Duration,
     pub connect_timeout: Duration,
+    /// A backend given to a session is made to show that session's state (reset, its
+    /// settings applied). Not a setting: only the tests turn it off, to show that their
+    /// isolation oracle sees the leaks this prevents.
+    #[doc(hidden)]
+    pub isolate_sessions: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -326,6 +331,7 @@ impl Config {
                 overrides: pool_overrides,
                 max_size: cli.pool_size.or(f.pool.max_size).unwrap_or(20),
                 max_prepared_statements: f.pool.max_prepared_statements.unwrap_or(200),
+                isolate_sessions: true,
                 min_idle: f.pool.min_idle.unwrap_or(0),
                 acquire_timeout: dur(f.pool.acquire_timeout, 5),
                 idle_timeout: dur(f.pool.idle_timeout, 600),

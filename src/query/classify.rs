@@ -309,6 +309,8 @@ fn classify_one(sql: &str) -> Classified {
         Some("reads a temporary table")
     } else if reads.iter().any(Relation::is_system) {
         Some("reads a system catalog or statistics view")
+    } else if facts.reads_unnamed_setting {
+        Some("reads a setting named by an expression (current_setting of a non-literal)")
     } else {
         None
     };

@@ -32,6 +32,9 @@ pub(super) struct Facts {
     pub custom_settings: BTreeSet<String>,
     /// A `set_config` call whose setting name is not a literal.
     pub unnamed_setting: bool,
+    /// A `current_setting` call whose setting name is not a literal: what it reads cannot be
+    /// part of a cache key.
+    pub reads_unnamed_setting: bool,
     /// Operators used, with their schema when written `OPERATOR(schema.op)`.
     pub operators: BTreeSet<Relation>,
 }
@@ -89,18 +92,25 @@ impl Facts {
         }
     }
 
+    /// `set_config` and `current_setting` calls. A custom setting either names is tracked by
+    /// the session (probed, keyed, replayed): a read of one is keyed on whether and how it is
+    /// set, which another session's definition of it on the same backend could change.
     fn func_call(&mut self, v: &Value) {
-        if strings(&v["funcname"]).last().map(String::as_str) != Some("set_config") {
-            return;
-        }
-        self.calls_set_config = true;
+        let function = strings(&v["funcname"]).last().cloned();
+        let sets = match function.as_deref() {
+            Some("set_config") => true,
+            Some("current_setting") => false,
+            _ => return,
+        };
+        self.calls_set_config |= sets;
         match v["args"][0]["node"]["AConst"]["val"]["Sval"]["sval"].as_str() {
             Some(name) => {
                 if let Some(custom) = custom_setting(name) {
                     self.custom_settings.insert(custom);
                 }
             }
-            None => self.unnamed_setting = true,
+            None if sets => self.unnamed_setting = true,
+            None => self.reads_unnamed_setting = true,
         }
     }
 }

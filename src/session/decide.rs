@@ -191,10 +191,16 @@ impl Relay<'_> {
             .as_ref()
             .and_then(|k| effects::pinned_keys(ctx, c, &k.column, k.kind, req.params()).map(|values| (k, values)));
         let keyed = keys.as_ref().map(|(k, values)| Keyed { relation: &k.relation, column: &k.column, values });
+        // A fill is stored under the state the backend computes it in: the settings a probe
+        // read on this backend. Until it has been read here, read it first.
+        let Some(state) = self.core.flow.settings.verified().cloned() else {
+            return Ok(self.probe_or(Reason::SettingsUnknown));
+        };
         let deps = ctx.generations.snapshot(&self.key.database, &a.deps, keyed);
         let limit = ctx.config().cache.max_entry_bytes;
         let rule = a.rule.clone();
-        Ok(Plan::Fill(Box::new(Fill::new(key, rule, deps, a.resolved.clone(), Arc::from(sql), flight, limit))))
+        let fill = Fill::new(key, rule, deps, a.resolved.clone(), Arc::from(sql), flight, limit);
+        Ok(Plan::Fill(Box::new(fill.computed_in(state))))
     }
 
     /// [`Plan::Probe`], unless the probe already failed for these settings.
@@ -234,6 +240,7 @@ impl Relay<'_> {
                 pool: self.key.clone(),
                 startup: self.startup.clone(),
                 settings,
+                session: self.core.flow.settings.clone(),
                 request,
                 deps,
             },

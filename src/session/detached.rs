@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 
 use crate::backend::connection::StartupParams;
-use crate::backend::{Connection, Lease, PoolError, PoolKey, Reset};
+use crate::backend::{Lease, PoolError, PoolKey, Reset};
 use crate::context::Context;
 use crate::metrics;
 use crate::protocol::Frame;
@@ -31,6 +31,7 @@ use crate::protocol::backend::{self as be, PgError, TransactionStatus};
 use crate::protocol::frontend as fe;
 use crate::protocol::sqlstate::SqlState;
 
+use super::adopt::{Wanted, adopt};
 use super::answer::{Answerer, Serve};
 use super::core::flow::Flow;
 use super::memo::Assessments;
@@ -119,6 +120,16 @@ pub async fn run(
                 client.rbuf = unread;
                 return Ok(Outcome::Reattached(Box::new(lease)));
             }
+            Err(ReattachError::Settings(ReplayError::Mismatch)) => {
+                // The session's state cannot be given to another backend: going on would run
+                // its statements in a state it does not have. It ends, as if its connection
+                // had been lost; reconnecting starts a session pgcache can carry.
+                tracing::error!(user = %key.user, database = %key.database, "session settings could not be restored on another backend connection; closing the session");
+                return Err(SessionError::Refused(PgError::fatal(
+                    SqlState::CONNECTION_FAILURE,
+                    "pgcache could not restore this session's settings on another backend connection; reconnect",
+                )));
+            }
             Err(why) => {
                 let answer = match d.answer(&frames, true).await {
                     Some(stale) => stale,
@@ -172,16 +183,35 @@ impl Detached<'_> {
             return Err(ReattachError::RecentlyFailed);
         }
         let password = refresh::pooled_password(self.ctx, self.key);
-        let mut lease = pool.acquire(self.startup, password.as_ref(), false).await?;
         let settings = if self.flow.settings.known() {
             self.flow.settings.replay(&self.key.user).ok_or(ReattachError::NotReplayable)?
         } else {
             Vec::new()
         };
-        if let Err(e) = self.give_settings(lease.conn(), settings).await {
-            lease.release(Reset::Close);
-            return Err(e.into());
-        }
+        // A pooled connection, or, if it cannot show the session's state (another session
+        // defined a custom setting there that this one has not), a new one: a session's
+        // state that a new connection cannot be given either is not reproducible.
+        let mut fresh = false;
+        let lease = loop {
+            let mut lease = pool.acquire(self.startup, password.as_ref(), fresh).await?;
+            let wanted = Wanted::session(self.ctx, settings.clone(), &mut self.flow.settings);
+            match adopt(lease.conn(), wanted).await {
+                Ok(replayed) => {
+                    if replayed {
+                        self.ctx.stats.metrics.counter(metrics::SETTINGS_REPLAYS, &[]).increment(1);
+                    }
+                    break lease;
+                }
+                Err(ReplayError::Unsuitable | ReplayError::Mismatch) if !fresh => {
+                    lease.release(Reset::Close);
+                    fresh = true;
+                }
+                Err(e) => {
+                    lease.release(Reset::Close);
+                    return Err(e.into());
+                }
+            }
+        };
         // The new backend knows none of the client's statements; re-send each when needed. In
         // transaction pooling named statements go under server names, which the backend
         // knows or learns when first used; only the unnamed one is the client's own.
@@ -193,24 +223,6 @@ impl Detached<'_> {
         self.flow.portals.clear();
         self.flow.virtual_portal = None;
         Ok(lease)
-    }
-
-    /// Makes the backend's session settings the client's: nothing to do if they already are
-    /// (the last client left the same ones), otherwise the ones left there are reset and the
-    /// client's applied.
-    async fn give_settings(&self, conn: &mut Connection, settings: Vec<(String, String)>) -> Result<(), ReplayError> {
-        if conn.settings == settings {
-            return Ok(());
-        }
-        if !conn.settings.is_empty() {
-            // RESET ALL leaves the role alone (Postgres marks it so); RESET ROLE does not.
-            conn.run_internal("RESET ALL; RESET ROLE").await.map_err(ReplayError::from)?;
-            conn.settings.clear();
-        }
-        refresh::apply_settings(conn, &settings).await?;
-        conn.settings = settings;
-        self.ctx.stats.metrics.counter(metrics::SETTINGS_REPLAYS, &[]).increment(1);
-        Ok(())
     }
 
     /// The whole answer to a Query or a batch, if the cache holds every result

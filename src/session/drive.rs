@@ -33,8 +33,15 @@ impl Relay<'_> {
     /// Looks up the effects of `c` (with its parameters, in the extended protocol), notes it in
     /// the core, and returns the effects.
     async fn noted(&mut self, c: &Classified, params: Option<effects::Params<'_>>) -> Vec<Effect> {
-        let effects = effects::of_statement(self.ctx, &self.key.database, c, params).await;
-        self.core.note(c, &effects, self.ctx.caching());
+        let (ctx, database) = (self.ctx, &self.key.database);
+        let effects = effects::of_statement(ctx, database, c, params).await;
+        let caching = ctx.caching();
+        // A backend handed on must not carry settings a function or trigger set unseen: while
+        // the cache is in use the effects say so; otherwise the catalog is asked here.
+        let unseen = !caching
+            && self.core.flow.transaction_pooling
+            && effects::may_change_settings_unseen(ctx, database, c).await;
+        self.core.note(c, &effects, caching, unseen);
         effects
     }
 

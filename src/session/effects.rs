@@ -236,6 +236,24 @@ async fn function_effects(ctx: &Context, database: &str, c: &Classified) -> Vec<
     }
 }
 
+/// Whether running `c` may change session settings out of pgcache's sight: it calls a
+/// volatile user function or operator, or writes a relation with triggers or rules (whose
+/// functions may `SET` or `set_config`), or the catalog cannot say. For sessions whose
+/// backend is handed on (transaction pooling) while the cache is not in use — otherwise
+/// [`of`] finds these as unknown effects.
+pub async fn may_change_settings_unseen(ctx: &Context, database: &str, c: &Classified) -> bool {
+    if !function_effects(ctx, database, c).await.is_empty() {
+        return true;
+    }
+    if !matches!(c.kind, Kind::Write) || c.writes.is_empty() {
+        return false;
+    }
+    match ctx.catalog.relations(database, &c.writes).await {
+        Ok(infos) => infos.iter().any(|i| i.write_effects_unknown),
+        Err(_) => true,
+    }
+}
+
 /// The invalidations `c` causes in `database`, as far as the cache needs them: while it is
 /// not in use there is nothing to invalidate, so the catalog is not asked.
 pub async fn of_statement(ctx: &Context, database: &str, c: &Classified, params: Option<Params<'_>>) -> Vec<Effect> {

@@ -16,6 +16,7 @@
 //! the front end ([`crate::frontend`]) and what every connection shares
 //! ([`crate::context`]); it knows nothing of the admin console.
 
+mod adopt;
 mod answer;
 pub mod auth;
 pub mod core;
@@ -34,7 +35,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use crate::backend::connection::StartupParams;
+use crate::backend::connection::{SessionState, StartupParams};
 use crate::backend::{Lease, PoolKey, Prepared, Reset};
 use crate::config::PoolMode;
 use crate::context::Context;
@@ -87,15 +88,9 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
     let started = Instant::now();
     let (key, params, unsupported) = backend_startup(ctx, &startup)?;
     // Boxed: what logging in waits with is not kept for the session's life.
-    let lease =
+    let mut lease =
         Box::pin(log_in(ctx, client, startup.minor > 0 || !unsupported.is_empty(), unsupported, &key, &params)).await?;
     drop(startup);
-    let handle = ctx.cancels.register();
-    handle.set_backend(Some(lease.conn_ref().key));
-    let registered = ctx.stats.client(client.peer, &key.user, &key.database);
-    client.send(&frontend::welcome(&lease.conn_ref().params, handle.pid, handle.secret)).await?;
-    tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, "client connected");
-
     let pooling_transactions = ctx.config().pool.mode_for(&key.database, &key.user) == PoolMode::Transaction;
     let mut core = Core::new(Flow {
         database: Arc::from(key.database.as_str()),
@@ -103,6 +98,21 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
         settings: Settings::at_startup(&params),
         ..Flow::default()
     });
+    // A new session starts as its startup packet says, whoever used the backend before.
+    let wanted = adopt::Wanted::session(ctx, Vec::new(), &mut core.flow.settings);
+    if let Err(e) = adopt::adopt(lease.conn(), wanted).await {
+        lease.release(Reset::Close);
+        return Err(SessionError::Refused(PgError::fatal(
+            SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            format!("pgcache: could not reset a backend connection for the session: {e}"),
+        )));
+    }
+    let handle = ctx.cancels.register();
+    handle.set_backend(Some(lease.conn_ref().key));
+    let registered = ctx.stats.client(client.peer, &key.user, &key.database);
+    client.send(&frontend::welcome(&lease.conn_ref().params, handle.pid, handle.secret)).await?;
+    tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, "client connected");
+
     let mut memo = memo::Assessments::default();
     let mut reported = lease.conn_ref().params.clone();
     let mut lease = Some(lease);
@@ -260,13 +270,21 @@ fn changed_parameters(reported: &mut Arc<BTreeMap<String, String>>, new: &Arc<BT
 /// what the client left on it — its settings (the next client that takes it compares them
 /// with its own) and the statements pgcache prepared there.
 fn hand_back(ctx: &Context, key: &PoolKey, mut lease: Lease, core: &mut Core) {
-    let flow = &core.flow;
-    let settings = match flow.settings_touched {
-        true => flow.settings.replay(&key.user).unwrap_or_default(),
-        false => Vec::new(),
-    };
+    let settings = &core.flow.settings;
     let conn = lease.conn();
-    conn.settings = settings;
+    // What the session leaves on the backend, as far as it is known. A session that changed
+    // nothing since it was given the backend leaves it as it was given; one whose settings
+    // were read back leaves exactly those; anything else (a probe that failed, custom
+    // settings set under names pgcache cannot know) leaves it unknown, to be reset before
+    // anyone else uses it.
+    conn.state = match settings.replay(&key.user) {
+        _ if settings.unknowable() => SessionState::Unknown,
+        Some(replay) => SessionState::Known(replay),
+        None if !core.flow.settings_touched && !settings.known() => std::mem::take(&mut conn.state),
+        None => SessionState::Unknown,
+    };
+    conn.verified = settings.verified().cloned();
+    conn.defined.extend(settings.customs().iter().cloned());
     conn.prepared = core.server.take();
     ctx.stats.metrics.handoff();
     lease.release(Reset::None);
@@ -274,7 +292,8 @@ fn hand_back(ctx: &Context, key: &PoolKey, mut lease: Lease, core: &mut Core) {
 
 /// Returns the backend to the pool if it is at rest; otherwise cancels what it runs and
 /// closes it.
-fn give_back(ctx: &Context, lease: Lease, core: &Core) {
+fn give_back(ctx: &Context, mut lease: Lease, core: &Core) {
+    lease.conn().defined.extend(core.flow.settings.customs().iter().cloned());
     let track = &core.tracker;
     if core.at_rest() {
         lease.release(if track.used { Reset::Discard } else { Reset::None });

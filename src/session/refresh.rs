@@ -24,7 +24,9 @@ use crate::context::Context;
 use crate::protocol::backend::{self as be, ErrorFields};
 use crate::query::Relation;
 
+use super::adopt::{ReadBack, Wanted, adopt};
 use super::core::pipeline::Fill;
+use super::core::settings::Settings;
 
 /// Why replaying a request (or a session's settings) on a pooled connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,14 @@ pub enum ReplayError {
     Refused(ErrorFields),
     #[error("the query no longer runs cleanly")]
     NotClean,
+    /// The settings read back on a connection given the session's differ from the
+    /// session's: something about its state cannot be reproduced there.
+    #[error("the session's settings read back differently on another backend connection")]
+    Mismatch,
+    /// Another session defined a custom setting on the connection that this session has not
+    /// (Postgres cannot undefine it): another connection is needed.
+    #[error("the backend connection has custom settings defined that the session has not")]
+    Unsuitable,
 }
 
 /// The request to replay.
@@ -64,7 +74,10 @@ pub struct Refresh {
     pub stale: Arc<Entry>,
     pub pool: PoolKey,
     pub startup: StartupParams,
+    /// The session's settings to apply ([`Settings::replay`]), and the session's settings
+    /// themselves, which the connection must read back exactly.
     pub settings: Vec<(String, String)>,
+    pub session: Settings,
     pub request: Request,
     pub deps: Vec<Relation>,
 }
@@ -97,15 +110,23 @@ async fn run(ctx: &Context, r: &Refresh) -> Result<(), ReplayError> {
     let mut lease = pool.acquire(&r.startup, password.as_ref(), false).await?;
     let result = async {
         let conn = lease.conn();
-        apply_settings(conn, &r.settings).await?;
+        // Whatever the connection had, it gets the session's settings, read back and checked:
+        // the refreshed result is computed in the state its key names.
+        let mut session = r.session.clone();
+        let wanted = Wanted { read_back: ReadBack::Always, ..Wanted::session(ctx, r.settings.clone(), &mut session) };
+        adopt(conn, wanted).await?;
         // Depends on every write to what it read (a refresh does not carry the read's keys).
         let deps = ctx.generations.snapshot(&r.pool.database, &r.deps, None);
         let request = encode(&r.request)?;
         let answer = conn.exchange(&request).await?;
         let stale = &r.stale;
         let limit = ctx.config().cache.max_entry_bytes;
-        let mut fill =
+        let fill =
             Fill::new(r.key.clone(), stale.rule.clone(), deps, stale.tables.clone(), stale.sql.clone(), None, limit);
+        let mut fill = match session.verified() {
+            Some(state) => fill.computed_in(state.clone()),
+            None => fill,
+        };
         for f in &answer {
             match f.tag() {
                 be::ROW_DESCRIPTION | be::NO_DATA => fill.row_description = Some(f.raw().clone()),
@@ -116,7 +137,7 @@ async fn run(ctx: &Context, r: &Refresh) -> Result<(), ReplayError> {
             }
         }
         // Like any fill: not stored if too large for the rule, or if a write raced it.
-        fill.finish(&ctx.store);
+        fill.finish(&ctx.store, conn.verified.as_ref());
         Ok(())
     }
     .await;
@@ -124,42 +145,10 @@ async fn run(ctx: &Context, r: &Refresh) -> Result<(), ReplayError> {
     result
 }
 
-/// Applies session settings to a connection with `set_config` (nothing to do for none).
-pub async fn apply_settings(
-    conn: &mut crate::backend::Connection,
-    settings: &[(String, String)],
-) -> Result<(), ReplayError> {
-    if settings.is_empty() {
-        return Ok(());
-    }
-    let request = set_config(settings)?;
-    let answer = conn.exchange(&request).await?;
-    match answer.iter().find(|f| f.tag() == be::ERROR_RESPONSE) {
-        Some(e) => Err(ReplayError::Refused(be::error_fields(e.body()).unwrap_or_default())),
-        None => Ok(()),
-    }
-}
-
-/// `SELECT set_config($1, $2, false), ...` with the values as parameters (no quoting).
-fn set_config(settings: &[(String, String)]) -> io::Result<BytesMut> {
-    let calls: Vec<String> =
-        (0..settings.len()).map(|i| format!("set_config(${}, ${}, false)", 2 * i + 1, 2 * i + 2)).collect();
-    let sql = format!("SELECT {}", calls.join(", "));
-    let params: Vec<Option<Bytes>> =
-        settings.iter().flat_map(|(k, v)| [Some(Bytes::from(k.clone())), Some(Bytes::from(v.clone()))]).collect();
-    encode(&Request::Extended {
-        sql,
-        param_types: Vec::new(),
-        param_formats: Vec::new(),
-        params,
-        result_formats: Vec::new(),
-    })
-}
-
 /// The request as the client sent it: a Query, or Parse/Bind/Describe/Execute/Sync on the
 /// unnamed statement and portal. Fails only for what no client could have sent (a NUL in
 /// the SQL, more than 65535 parameters).
-fn encode(request: &Request) -> io::Result<BytesMut> {
+pub(super) fn encode(request: &Request) -> io::Result<BytesMut> {
     let mut out = BytesMut::new();
     match request {
         Request::Simple { sql } => frontend::query(sql, &mut out)?,

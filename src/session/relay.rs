@@ -369,13 +369,15 @@ impl Relay<'_> {
     pub(super) fn carry_out(&mut self) {
         let ctx = self.ctx;
         let pooling_transactions = self.core.flow.transaction_pooling;
+        // What the backend's settings are, as read on it: a fill keyed otherwise is not stored.
+        let backend_state = self.core.flow.settings.verified().cloned();
         for action in self.core.take_actions() {
             match action {
                 Action::Invalidate { effects, committed } => {
                     effects::apply(ctx, &self.key.database, &effects, committed)
                 }
                 Action::Store(fill) => {
-                    fill.finish(&ctx.store);
+                    fill.finish(&ctx.store, backend_state.as_ref());
                 }
                 Action::Record { observation, served, error } => ctx.stats.record(&observation, served, error),
                 Action::Pinned(held) if pooling_transactions => pin(ctx, self.key, held.label(), held.describe(), true),

@@ -65,7 +65,9 @@ impl Core {
     /// Records what a statement about to be sent does to the session; `effects` are its
     /// invalidations, `caching` whether the cache is in use. (While it is not, the functions a
     /// statement calls are not looked up, and any of them may have set custom settings.)
-    pub fn note(&mut self, c: &Classified, effects: &[Effect], caching: bool) {
+    /// `unseen`: it may change settings out of sight (a volatile user function, a trigger),
+    /// found without the cache's effects.
+    pub fn note(&mut self, c: &Classified, effects: &[Effect], caching: bool, unseen: bool) {
         if let Some(hold) = &c.holds {
             self.hold(hold);
         }
@@ -104,7 +106,12 @@ impl Core {
             }
             _ => {}
         }
-        if !caching && !c.functions.is_empty() {
+        // (In transaction pooling the functions are looked up instead: `unseen`.)
+        if !caching && !f.transaction_pooling && !c.functions.is_empty() {
+            f.settings.mark_unknowable();
+        }
+        if unseen {
+            f.settings_may_change();
             f.settings.mark_unknowable();
         }
         if !effects.is_empty() || matches!(c.kind, Kind::Write | Kind::Ddl) {

@@ -125,6 +125,10 @@ pub struct Fill {
     pub body: BytesMut,
     pub rows: u64,
     pub aborted: bool,
+    /// The settings (key part with the role) the backend computing the result had, as a
+    /// probe on it read them: the result is stored only if the key was built from exactly
+    /// these ([`Fill::finish`]).
+    pub computed_in: Option<Bytes>,
 }
 
 impl Fill {
@@ -150,7 +154,14 @@ impl Fill {
             body: BytesMut::new(),
             rows: 0,
             aborted: false,
+            computed_in: None,
         }
+    }
+
+    /// The settings the backend computing it has (see [`Fill::computed_in`]).
+    pub fn computed_in(mut self, settings: Bytes) -> Self {
+        self.computed_in = Some(settings);
+        self
     }
 
     /// A DataRow.
@@ -174,10 +185,17 @@ impl Fill {
     }
 
     /// Stores the result (unless aborted, too large, or raced by a write); only then are the
-    /// sessions waiting on this key's flight woken, so they find the entry.
-    pub fn finish(mut self, store: &crate::cache::Store) -> bool {
+    /// sessions waiting on this key's flight woken, so they find the entry. `backend` is the
+    /// state the backend that computed it has now, as read there: unless it is the one the
+    /// key was built from, nothing is stored — whatever session tracking concluded, a result
+    /// is cached only under the state it was computed in.
+    pub fn finish(mut self, store: &crate::cache::Store, backend: Option<&Bytes>) -> bool {
         let flight = self.flight.take();
-        let stored = match self.into_entry() {
+        let computed_here = self.computed_in.is_some() && self.computed_in.as_ref() == backend;
+        if !computed_here {
+            tracing::debug!(sql = %self.sql, "fill not stored: the backend's settings are not the key's");
+        }
+        let stored = match self.into_entry().filter(|_| computed_here) {
             Some((key, entry)) => store.insert(key, entry),
             None => false,
         };

@@ -99,9 +99,10 @@ impl Core {
             be::PARAMETER_STATUS => {
                 let (name, value) = be::parameter_status(&raw[5..])?;
                 Arc::make_mut(params).insert(name, value);
-                // A reported setting changed (a SET, or the server's configuration reloaded):
-                // the settings the key is built from must be read again.
-                self.flow.settings.forget();
+                // A reported setting changed (a SET, a function that ran one, the server's
+                // configuration reloaded): the settings the key is built from must be read
+                // again, and before the backend is handed on.
+                self.flow.settings_may_change();
                 Ok(pass)
             }
             be::NOTIFICATION_RESPONSE => Ok(pass),

@@ -123,6 +123,10 @@ pub struct Settings {
     /// that sets a custom setting for the session makes it unknowable for the cache key, but
     /// not unreplayable: see the README on transaction pooling.)
     unreplayable: bool,
+    /// The snapshot was read on the backend the session holds now (or that backend was
+    /// verified to have exactly these settings), and nothing that may change them ran since:
+    /// a result computed there is computed in this state, so it may be stored under it.
+    on_backend: bool,
 }
 
 impl Settings {
@@ -147,11 +151,33 @@ impl Settings {
     /// Something may have changed them: probe again before the next key.
     pub fn forget(&mut self) {
         self.probed = None;
+        self.on_backend = false;
+    }
+
+    /// The session now holds a backend on which a probe last read `verified` (the key part
+    /// with the role; `None`: unknown there). The snapshot describes that backend only if it
+    /// is the same; otherwise it still keys lookups (it is the session's state) but a fill
+    /// waits for a probe of this backend ([`Settings::verified`]).
+    pub fn attach(&mut self, verified: Option<&Bytes>) {
+        self.on_backend = self.probed.as_ref().is_some_and(|p| Some(&p.with_role) == verified);
+    }
+
+    /// The key part (with the role) of the settings the session's current backend has, as a
+    /// probe on it read them: what a result computed there may be stored under. `None` when
+    /// that backend has not been read since it was given to the session or since something
+    /// may have changed its settings.
+    pub fn verified(&self) -> Option<&Bytes> {
+        self.probed.as_ref().filter(|_| self.on_backend).map(|p| &p.with_role)
     }
 
     /// Notes what a statement about to run does to settings (the caller forgets them).
     pub fn track(&mut self, change: &SettingsChange) {
+        let before = self.custom.len();
         self.custom.extend(change.custom.iter().cloned());
+        if self.custom.len() > before {
+            // A custom setting the probe did not read: read it before the next key.
+            self.forget();
+        }
         self.unknowable |= change.unnamed;
         self.unreplayable |= change.unnamed;
         if change.resets_all {
@@ -159,6 +185,20 @@ impl Settings {
             self.unknowable = false;
             self.unreplayable = false;
         }
+    }
+
+    /// The custom settings the session tracks (it set, reset or read them by name, or its
+    /// startup packet gave them).
+    pub fn customs(&self) -> &BTreeSet<String> {
+        &self.custom
+    }
+
+    /// Tracked custom settings the last probe found undefined in the session (never set
+    /// there): a connection on which another session defined one of them cannot show this
+    /// session's state, as Postgres cannot undefine a custom setting (`RESET` makes it '').
+    pub fn undefined(&self) -> impl Iterator<Item = &str> {
+        let rows = self.probed.as_ref().map(|p| p.rows.as_slice()).unwrap_or_default();
+        rows.iter().filter(|(_, source, value)| source == CUSTOM && value.is_none()).map(|(name, _, _)| name.as_str())
     }
 
     /// A statement pgcache cannot see into ran: it may have set custom settings.
@@ -214,6 +254,8 @@ impl Settings {
         let snapshot = Snapshot::build(out);
         if snapshot.get(CURRENT_USER).is_some() && snapshot.get(SEARCH_PATH).is_some() {
             self.probed = Some(Arc::new(snapshot));
+            // The probe ran on the session's backend: this is that backend's state.
+            self.on_backend = true;
         }
     }
 

@@ -71,7 +71,7 @@ impl T {
 
     fn note(&mut self, c: &Classified) -> Vec<Effect> {
         let effects = effects_of(c);
-        self.core.note(c, &effects, true);
+        self.core.note(c, &effects, true, false);
         effects
     }
 
