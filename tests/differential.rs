@@ -222,3 +222,67 @@ async fn a_sql_corpus_gives_the_same_results_through_pgcache() {
     );
     assert!(statements > 150 && t.hits > 100, "{statements} statements, {} hits", t.hits);
 }
+
+/// Extended-protocol exchanges as real clients send them, byte for byte through a
+/// cache-everything rule: every answer, an error included, comes where Postgres sends it (psql's
+/// `\gdesc` prepares, then describes: a syntax error belongs to the Parse, with its position).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_exchanges_answer_each_message_where_postgres_does() {
+    use common::raw::{RawConn, batch, bind, describe, execute, parse, sync};
+    let cluster = PgCluster::shared();
+    let db = cluster.create_db("diff_raw").await;
+    cluster
+        .admin(&db)
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a')")
+        .await
+        .unwrap();
+    let dir = rules_dir(&[("all.toml", "[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"10m\"\n")]);
+    let mut config = Proxy::config(cluster);
+    config.rules = dir.path().to_owned();
+    config.rules_explicit = true;
+    let proxy = Proxy::start(config).await;
+    let user = cluster.superuser();
+    let mut direct =
+        RawConn::connect(format!("{}:{}", cluster.host, cluster.port).parse().unwrap(), &user, &db, &[]).await;
+    let mut proxied = RawConn::connect(proxy.addr, &user, &db, &[]).await;
+    let select = "SELECT v FROM t WHERE id = $1";
+    let exchanges: Vec<(&str, Vec<u8>)> = vec![
+        // Fill the cache first, so the later exchanges could be answered from it.
+        (
+            "a cached read",
+            batch(&[
+                parse("", select, &[]),
+                bind("", "", &[Some("1")], &[]),
+                describe(b'P', ""),
+                execute("", 0),
+                sync(),
+            ])
+            .to_vec(),
+        ),
+        (
+            "the same, a hit",
+            batch(&[
+                parse("", select, &[]),
+                bind("", "", &[Some("1")], &[]),
+                describe(b'P', ""),
+                execute("", 0),
+                sync(),
+            ])
+            .to_vec(),
+        ),
+        ("\\gdesc of invalid SQL: Parse", batch(&[parse("", "SELECT 1 + ", &[]), sync()]).to_vec()),
+        ("\\gdesc of invalid SQL: Describe", batch(&[describe(b'S', ""), sync()]).to_vec()),
+        ("\\gdesc of a cached read: Parse", batch(&[parse("", select, &[]), sync()]).to_vec()),
+        ("\\gdesc of a cached read: Describe", batch(&[describe(b'S', ""), sync()]).to_vec()),
+        ("a Parse of an unknown table", batch(&[parse("", "SELECT * FROM nowhere", &[]), sync()]).to_vec()),
+        ("a named Parse, alone", batch(&[parse("s1", select, &[]), sync()]).to_vec()),
+        ("the named statement, a hit", batch(&[bind("", "s1", &[Some("1")], &[]), execute("", 0), sync()]).to_vec()),
+    ];
+    for (what, frames) in exchanges {
+        let d = direct.exchange(&frames, 1).await;
+        let p = proxied.exchange(&frames, 1).await;
+        assert_eq!(d, p, "{what}: transcripts differ");
+    }
+    assert!(proxy.shared.stats.totals().hits >= 2, "the reads were served from the cache");
+}

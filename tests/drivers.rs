@@ -1,8 +1,10 @@
 //! The drivers applications use, through pgcache: asyncpg, psycopg 3, node-postgres and pgjdbc
 //! each run their suite (`tests/drivers/`): connect, typed parameters, prepared statements
 //! (each driver's own naming and statement cache), an error in a transaction and rollback,
-//! SQLSTATE and error fields, COPY both ways, LISTEN/NOTIFY, cancel, `SET` persistence, a large
-//! streamed result, pipelining where the driver has it, temporary tables. Each runs with no
+//! SQLSTATE and error fields, COPY both ways, LISTEN/NOTIFY, cancel, `SET` persistence, a second
+//! connection seeing nothing of the first's settings, role or custom settings (while it is
+//! connected and after it left), a large streamed result, pipelining where the driver has it,
+//! temporary tables. Each runs with no
 //! rules and with a rule that caches every SELECT; with the rule, the suite proves through
 //! `pg_stat_statements` that repeats were answered from the cache.
 //!
@@ -52,7 +54,16 @@ async fn run(driver: &str, mode: Mode) {
     let cluster = PgCluster::shared();
     let user = cluster.superuser();
     let db = cluster.create_db(&format!("drv_{driver}")).await;
-    cluster.admin(&db).await.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await.unwrap();
+    cluster
+        .admin(&db)
+        .await
+        .batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+             DO $$ BEGIN CREATE ROLE drv_other;
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;",
+        )
+        .await
+        .unwrap();
     let dir = rules_dir(&[("all.toml", "[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"10m\"\n")]);
     let mut config = Proxy::config(cluster);
     if matches!(mode, Mode::Cached | Mode::TransactionCached) {
@@ -102,6 +113,10 @@ async fn run(driver: &str, mode: Mode) {
          --- stdout\n{stdout}\n--- stderr\n{stderr}"
     );
     assert!(stdout.contains("ok temporary table is never served stale"), "{driver} ran to its end:\n{stdout}");
+    assert!(
+        stdout.contains("ok isolation: a second connection sees its own session after the first left"),
+        "{driver}: the isolation step ran:\n{stdout}"
+    );
     if matches!(mode, Mode::Transaction | Mode::TransactionCached) {
         let handoffs = proxy.metric("pgcache_backend_handoffs_total").await;
         assert!(handoffs > 0.0, "{driver}: backends were handed from client to client");

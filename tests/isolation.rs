@@ -272,10 +272,8 @@ fn config(cluster: &PgCluster, backends: usize, isolate: bool) -> Config {
 
 /// Roles, a schema and a function that sets any setting for the session.
 const SCHEMA: &str = "
-    DO $$ BEGIN
-      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'iso_r1') THEN CREATE ROLE iso_r1; END IF;
-      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'iso_r2') THEN CREATE ROLE iso_r2; END IF;
-    END $$;
+    DO $$ BEGIN CREATE ROLE iso_r1; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+    DO $$ BEGIN CREATE ROLE iso_r2; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
     CREATE SCHEMA IF NOT EXISTS s1;
     CREATE FUNCTION iso_set(name text, value text) RETURNS text LANGUAGE plpgsql VOLATILE AS
       $$ BEGIN RETURN set_config(name, value, false); END $$;";

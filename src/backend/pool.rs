@@ -57,6 +57,9 @@ pub enum Reset {
     Close,
 }
 
+/// The most statements a pool remembers as prepared by Postgres ([`Pool::accept`]).
+const ACCEPTED_MAX: usize = 10_000;
+
 /// Counts a waiting client for as long as it lives (also when the wait is abandoned).
 struct Waiting<'a>(&'a AtomicUsize);
 
@@ -96,6 +99,9 @@ pub struct Pool {
     waiting: AtomicUsize,
     /// Transaction pooling: clients pinned to their backend right now, by reason.
     pins: Mutex<std::collections::BTreeMap<&'static str, usize>>,
+    /// Transaction pooling: server names of statements Postgres prepared on a connection of
+    /// this pool, since the catalog epoch given (DDL may make one fail now).
+    accepted: Mutex<(u64, std::collections::HashSet<bytes::Bytes>)>,
     metrics: Arc<Metrics>,
 }
 
@@ -131,6 +137,7 @@ impl Pool {
             closed: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             pins: Mutex::new(std::collections::BTreeMap::new()),
+            accepted: Mutex::new((0, Default::default())),
             metrics,
         }
     }
@@ -180,6 +187,33 @@ impl Pool {
         if *n == 0 {
             pins.remove(reason);
         }
+    }
+
+    /// Notes statements Postgres prepared on a connection of this pool (`names`: their server
+    /// names), at catalog `epoch`. At most [`ACCEPTED_MAX`] are kept.
+    pub fn accept<'a>(&self, names: impl Iterator<Item = &'a bytes::Bytes>, epoch: u64) {
+        let mut accepted = self.accepted.lock();
+        let (at, set) = &mut *accepted;
+        if *at != epoch {
+            *at = epoch;
+            set.clear();
+        }
+        for name in names {
+            if set.len() >= ACCEPTED_MAX {
+                set.clear();
+            }
+            if !set.contains(name) {
+                set.insert(name.clone());
+            }
+        }
+    }
+
+    /// Whether Postgres prepared this statement (by server name) on a connection of this pool
+    /// since catalog `epoch`: a Parse of it would succeed again, so it may be answered without
+    /// a backend and sent when one needs it.
+    pub fn accepted(&self, name: &[u8], epoch: u64) -> bool {
+        let accepted = self.accepted.lock();
+        accepted.0 == epoch && accepted.1.contains(name)
     }
 
     /// Clients pinned right now, by reason.

@@ -89,6 +89,11 @@ impl Prepared {
     pub fn clear(&mut self) {
         self.by_name.clear();
     }
+
+    /// The names of the statements prepared here (and not marked stale).
+    pub fn names(&self) -> impl Iterator<Item = &Bytes> {
+        self.by_name.iter().filter(|(_, (src, _))| !src.stale).map(|(n, _)| n)
+    }
 }
 
 #[cfg(test)]

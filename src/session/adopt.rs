@@ -20,7 +20,7 @@ use crate::context::Context;
 use crate::protocol::backend as be;
 
 use super::core::settings::Settings;
-use super::refresh::{self, ReplayError};
+use super::replay::{self, ReplayError};
 
 /// Resets a connection to its startup state: the session authorization and role (which
 /// `RESET ALL` leaves alone), then every setting.
@@ -124,7 +124,7 @@ fn set_config(settings: &[(String, String)]) -> Result<BytesMut, ReplayError> {
     let sql = format!("SELECT {}", calls.join(", "));
     let params: Vec<Option<Bytes>> =
         settings.iter().flat_map(|(k, v)| [Some(Bytes::from(k.clone())), Some(Bytes::from(v.clone()))]).collect();
-    Ok(refresh::encode(&refresh::Request::Extended {
+    Ok(replay::encode(&replay::Request::Extended {
         sql,
         param_types: Vec::new(),
         param_formats: Vec::new(),

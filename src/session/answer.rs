@@ -16,7 +16,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use crate::backend::PoolKey;
-use crate::cache::{Entry, Freshness};
+use crate::cache::Entry;
 use crate::context::Context;
 use crate::metrics;
 use crate::protocol::Frame;
@@ -27,23 +27,8 @@ use crate::stats::{Observation, key_hash};
 
 use super::core::flow::{Flow, Statement};
 use super::core::query::sql_of;
-use super::decide::{Asker, Looked, Request};
+use super::decide::{Asker, Looked, Request, Serve, usable};
 use super::memo::Assessments;
-
-/// Which entries a session may serve, by where it stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Serve {
-    /// It has an idle backend: fresh entries, while the peers' invalidations are heard — what
-    /// the relay's own decision serves.
-    Attached,
-    /// Transaction pooling, between transactions: fresh entries while the peers' invalidations
-    /// are heard (or the rule accepts stale answers during an outage). A stale one goes to a
-    /// backend, which refreshes it.
-    Pooled,
-    /// Its backend went away: stale entries too, and only verdicts the session's memo already
-    /// holds (Postgres, and so the catalog, may be down).
-    Lost,
-}
 
 /// The unnamed portal's hit in a batch: its statement, entry, key hash and whether it is stale.
 struct Hit {
@@ -84,7 +69,8 @@ impl Answerer<'_> {
         req: Request<'_>,
         fallback: bool,
     ) -> Option<(Arc<Entry>, u64, bool)> {
-        if self.flow.taint.is_some() {
+        // Whole answers are given only by an idle session, or one without a backend.
+        if self.flow.refuses(TransactionStatus::Idle, false).is_some() {
             return None;
         }
         let offline = self.serve == Serve::Lost;
@@ -93,17 +79,9 @@ impl Answerer<'_> {
             return None;
         };
         let listening = self.ctx.peers.listening(&self.key.database);
-        let coherent = match self.serve {
-            Serve::Attached => listening,
-            Serve::Pooled | Serve::Lost => listening || !entry.rule.stale_if_error.is_zero(),
-        };
-        let usable = match freshness {
-            Freshness::Fresh => coherent,
-            Freshness::Stale => coherent && self.serve == Serve::Lost,
-            Freshness::Fallback => fallback,
-            Freshness::Dead => false,
-        };
-        usable.then(|| (entry, key_hash(&key.0), freshness != Freshness::Fresh))
+        // An entry that needs refreshing is left to the planner, which refreshes it.
+        let served = usable(freshness, &entry.rule, self.serve, listening, fallback).filter(|s| !s.refresh)?;
+        Some((entry, key_hash(&key.0), served.stale))
     }
 
     async fn answer_query(&mut self, q: &Frame, fallback: bool) -> Option<Bytes> {
@@ -137,6 +115,10 @@ impl Answerer<'_> {
         let mut parsed: HashMap<Vec<u8>, Arc<Statement>> = HashMap::new();
         let mut current: Option<Hit> = None;
         let mut hits = Vec::new();
+        // Statements parsed here that a Bind served from the cache used (so Postgres parsed
+        // their text before, for the entry): any other Parse goes to Postgres, which may
+        // refuse it and must say so in answer to the Parse itself.
+        let mut used = std::collections::HashSet::new();
         for f in frames {
             match f.tag() {
                 fe::PARSE => {
@@ -159,6 +141,7 @@ impl Answerer<'_> {
                     }
                     let known = |name: &[u8]| parsed.get(name).or_else(|| self.flow.statements.get(name)).cloned();
                     let st = known(&b.statement[..])?;
+                    used.insert(b.statement.to_vec());
                     let c = st.select()?;
                     let req = Request::Extended { param_types: &st.param_types, bind: &b };
                     let (entry, key, stale) = self.lookup(&st.sql, c, req, fallback).await?;
@@ -185,6 +168,16 @@ impl Answerer<'_> {
                 fe::SYNC => be::ready_for_query(TransactionStatus::Idle, &mut out),
                 _ => return None,
             }
+        }
+        // ... unless Postgres prepared that very statement on a connection of the pool since
+        // the last DDL (transaction pooling, where a Parse alone would otherwise take a
+        // backend just to be answered).
+        let accepted = |st: &Statement| {
+            let pool = self.ctx.pools.get(self.key);
+            self.flow.transaction_pooling && pool.accepted(st.server_name(), self.ctx.catalog.epoch())
+        };
+        if parsed.iter().any(|(name, st)| !used.contains(name) && !accepted(st)) {
+            return None;
         }
         // The backend has none of the statements parsed here; each is sent to it before it is
         // first needed (in transaction pooling named ones go under server names, which backends

@@ -26,6 +26,7 @@ use crate::protocol::backend::TransactionStatus;
 use crate::protocol::frontend::BindParts;
 use crate::query::Classified;
 use crate::query::tree::is_time_word;
+use crate::rules::Rule;
 use crate::stats::key_hash;
 
 use super::core::flow::{Flow, Probe};
@@ -35,6 +36,7 @@ use super::effects;
 use super::memo::{Assessments, Conditions, Stamp, Verdict};
 use super::refresh;
 use super::relay::Relay;
+use super::replay;
 
 /// The protocol-specific parts of a request.
 pub(super) enum Request<'a> {
@@ -63,6 +65,46 @@ pub(super) enum Looked {
     Found { entry: Arc<Entry>, freshness: Freshness, key: Key, a: Arc<Assessment> },
     /// Cacheable, and not in the cache (or only an entry of another rule).
     Missing { key: Key, a: Arc<Assessment> },
+}
+
+/// Which entries a session may serve, by where it stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serve {
+    /// It has an idle backend: fresh entries, while the peers' invalidations are heard; stale
+    /// ones (within `stale_while_revalidate`) too, refreshed in the background.
+    Attached,
+    /// Transaction pooling, between transactions: fresh entries while the peers' invalidations
+    /// are heard (or the rule accepts stale answers during an outage). A stale one goes to a
+    /// backend, which refreshes it.
+    Pooled,
+    /// Its backend went away: stale entries too, and only verdicts the session's memo already
+    /// holds (Postgres, and so the catalog, may be down).
+    Lost,
+}
+
+/// How an entry is served: past its TTL or not, and whether it must be refreshed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    pub stale: bool,
+    pub refresh: bool,
+}
+
+/// Whether an entry the lookup found may be served, and how: the one rule for every session,
+/// with its backend or without ([`super::answer`]). `listening`: the peers' invalidations of
+/// its database are heard; `fallback`: Postgres cannot answer (`stale_if_error`).
+pub fn usable(freshness: Freshness, rule: &Rule, serve: Serve, listening: bool, fallback: bool) -> Option<Served> {
+    let coherent = match serve {
+        Serve::Attached => listening,
+        Serve::Pooled | Serve::Lost => listening || !rule.stale_if_error.is_zero(),
+    };
+    let (stale, refresh) = match freshness {
+        Freshness::Fresh if coherent => (false, false),
+        Freshness::Stale if coherent && serve == Serve::Attached => (true, true),
+        Freshness::Stale if coherent && serve == Serve::Lost => (true, false),
+        Freshness::Fallback if fallback => (true, false),
+        _ => return None,
+    };
+    Some(Served { stale, refresh })
 }
 
 /// The session state a lookup reads.
@@ -168,20 +210,23 @@ impl Relay<'_> {
             return Ok(Plan::Forward(Reason::PeersNotListening));
         }
         let hash = key_hash(&key.0);
-        match entry {
-            Some((entry, Freshness::Fresh)) => return Ok(Plan::Hit { entry, key: hash, stale: false }),
-            Some((entry, Freshness::Stale)) => {
+        if let Some((entry, freshness)) = entry
+            && let Some(served) = usable(freshness, &entry.rule, Serve::Attached, true, false)
+        {
+            if served.refresh {
                 self.refresh_in_background(&key, &entry, sql, &req, a.deps.clone());
-                return Ok(Plan::Hit { entry, key: hash, stale: true });
             }
-            _ => {}
+            return Ok(Plan::Hit { entry, key: hash, stale: served.stale });
         }
         let flight = match ctx.flights.join(&key, ctx.config().cache.single_flight_wait).await {
             Turn::Lead(f) => Some(f),
             Turn::Waited { .. } => {
                 ctx.stats.coalesced(&a.rule.name);
-                if let Some((entry, f @ (Freshness::Fresh | Freshness::Stale))) = ctx.store.get(&key) {
-                    return Ok(Plan::Hit { entry, key: hash, stale: f == Freshness::Stale });
+                // What the flight stored (just now: no refresh is due).
+                if let Some((entry, freshness)) = ctx.store.get(&key)
+                    && let Some(served) = usable(freshness, &entry.rule, Serve::Attached, true, false)
+                {
+                    return Ok(Plan::Hit { entry, key: hash, stale: served.stale });
                 }
                 None
             }
@@ -223,8 +268,8 @@ impl Relay<'_> {
             return;
         }
         let request = match req {
-            Request::Simple => refresh::Request::Simple { sql: sql.to_owned() },
-            Request::Extended { param_types, bind } => refresh::Request::Extended {
+            Request::Simple => replay::Request::Simple { sql: sql.to_owned() },
+            Request::Extended { param_types, bind } => replay::Request::Extended {
                 sql: sql.to_owned(),
                 param_types: param_types.to_vec(),
                 param_formats: bind.param_formats.clone(),

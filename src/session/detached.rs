@@ -32,10 +32,12 @@ use crate::protocol::frontend as fe;
 use crate::protocol::sqlstate::SqlState;
 
 use super::adopt::{Wanted, adopt};
-use super::answer::{Answerer, Serve};
+use super::answer::Answerer;
 use super::core::flow::Flow;
+use super::decide::Serve;
 use super::memo::Assessments;
-use super::refresh::{self, ReplayError};
+use super::refresh;
+use super::replay::ReplayError;
 use crate::frontend::Client;
 use crate::frontend::SessionError;
 

@@ -12,12 +12,13 @@ use crate::protocol::Frame;
 use crate::protocol::backend::TransactionStatus;
 use crate::query::Classified;
 
-use super::answer::{Answerer, Serve};
+use super::answer::Answerer;
 use super::core::batch::{Decided, Need};
 use super::core::effect::Effect;
 use super::core::flow::Parked;
 use super::core::query;
 use super::decide::Request;
+use super::decide::Serve;
 use super::effects;
 use super::relay::Relay;
 

@@ -27,6 +27,7 @@ pub mod effects;
 mod memo;
 pub mod refresh;
 pub mod relay;
+mod replay;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -286,6 +287,9 @@ fn hand_back(ctx: &Context, key: &PoolKey, mut lease: Lease, core: &mut Core) {
     conn.verified = settings.verified().cloned();
     conn.defined.extend(settings.customs().iter().cloned());
     conn.prepared = core.server.take();
+    if let Some(prepared) = &conn.prepared {
+        ctx.pools.get(key).accept(prepared.names(), ctx.catalog.epoch());
+    }
     ctx.stats.metrics.handoff();
     lease.release(Reset::None);
 }

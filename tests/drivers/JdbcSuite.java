@@ -205,6 +205,33 @@ public class JdbcSuite {
         check(one(c, "SHOW TimeZone").equals("Asia/Tokyo"), "SET persists");
         check(one(c, "SELECT to_char(at, 'HH24') FROM drv WHERE id = 1").equals("09"), "SET TimeZone applies to results");
 
+        // Isolation: a second connection sees nothing of the first's settings or role, while
+        // the first is connected and after it has gone (in transaction pooling they share
+        // backends).
+        String defaultTz, login;
+        try (Connection d = DriverManager.getConnection(DIRECT)) {
+            defaultTz = one(d, "SHOW TimeZone");
+            login = one(d, "SELECT current_user");
+        }
+        Connection first = DriverManager.getConnection(URL);
+        try (Statement fs = first.createStatement()) {
+            fs.execute("SET TimeZone = 'Asia/Kathmandu'");
+            fs.execute("SET ROLE drv_other");
+            fs.execute("SET app.tenant = 'first'");
+        }
+        for (String when : new String[] {"while the first is connected", "after the first left"}) {
+            String seen;
+            try (Connection second = DriverManager.getConnection(URL)) {
+                seen = one(second, "SHOW TimeZone") + "|" + one(second, "SELECT current_user") + "|"
+                    + one(second, "SELECT coalesce(current_setting('app.tenant', true), '')");
+            }
+            check(seen.equals(defaultTz + "|" + login + "|"), "isolation: a second connection sees its own session " + when + " (" + seen + ")");
+            if (when.startsWith("while")) {
+                check(one(first, "SHOW TimeZone").equals("Asia/Kathmandu"), "isolation: the first keeps its settings");
+                first.close();
+            }
+        }
+
         // A large result read in chunks (fetch size in a transaction: a portal with a row limit).
         c.setAutoCommit(false);
         long total = 0;

@@ -155,6 +155,23 @@ async def main():
     check(await c.fetchval("SHOW TimeZone") == "Asia/Tokyo", "SET persists")
     check(await c.fetchval("SELECT to_char(at, 'HH24') FROM drv WHERE id = 1") == "09", "SET TimeZone applies to results")
 
+    # Isolation: a second connection sees nothing of the first's settings or role, while the
+    # first is connected and after it has gone (in transaction pooling they share backends).
+    d = await asyncpg.connect(DIRECT)
+    default_tz, login = await d.fetchval("SHOW TimeZone"), await d.fetchval("SELECT current_user")
+    await d.close()
+    first = await asyncpg.connect(URL)
+    await first.execute("SET TimeZone = 'Asia/Kathmandu'; SET ROLE drv_other; SET app.tenant = 'first'")
+    for when in ("while the first is connected", "after the first left"):
+        second = await asyncpg.connect(URL)
+        seen = [await second.fetchval(q) for q in (
+            "SHOW TimeZone", "SELECT current_user", "SELECT coalesce(current_setting('app.tenant', true), '')")]
+        check(seen == [default_tz, login, ""], f"isolation: a second connection sees its own session {when} ({seen})")
+        await second.close()
+        if when.startswith("while"):
+            check(await first.fetchval("SHOW TimeZone") == "Asia/Kathmandu", "isolation: the first keeps its settings")
+            await first.close()
+
     # A large result streamed with a cursor.
     async with c.transaction():
         total = 0

@@ -86,7 +86,20 @@ impl Core {
                 f.tx_effects.clear();
                 f.forget_if_changed_in_tx();
             }
-            Kind::Transaction(TxControl::Commit | TxControl::Savepoint) => f.forget_if_changed_in_tx(),
+            // What a COMMIT ends is invalidated even if a later statement of the same request
+            // fails or rolls back another transaction.
+            // (A COMMIT of a transaction that already failed rolls it back.)
+            Kind::Transaction(TxControl::Commit) => {
+                if !f.rolled_back() {
+                    let committed = std::mem::take(&mut f.tx_effects);
+                    f.committed_effects.extend(committed);
+                }
+                f.forget_if_changed_in_tx();
+            }
+            Kind::Transaction(TxControl::Savepoint) => {
+                f.tx_savepoints = true;
+                f.forget_if_changed_in_tx();
+            }
             Kind::Session(SessionChange::Setting) => f.settings_may_change(),
             Kind::Session(SessionChange::Discard) => {
                 f.settings_may_change();

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::policy::Reason;
 use crate::protocol::Frame;
+use crate::protocol::backend::TransactionStatus;
 use crate::query::Classified;
 
 use super::effect::Effect;
@@ -81,8 +83,16 @@ pub struct Flow {
     pub wrote: bool,
     /// Settings may have changed in the current transaction (a rollback would undo that).
     pub settings_changed_in_tx: bool,
-    /// Invalidations of the current transaction, applied again when it ends.
+    /// Invalidations of the current transaction, applied again when it ends — unless it
+    /// failed and nothing of it can have committed ([`Flow::rolled_back`]).
     pub tx_effects: Vec<Effect>,
+    /// Invalidations of transactions a `COMMIT` sent in the current request ends (a
+    /// multi-statement Query), applied at its ReadyForQuery whatever follows the `COMMIT`.
+    pub committed_effects: Vec<Effect>,
+    /// Postgres reported an error in the current transaction: it rolls back...
+    pub tx_failed: bool,
+    /// ... unless a savepoint was taken, to which it may have rolled back and carried on.
+    pub tx_savepoints: bool,
     /// Why this session may never use the cache (e.g. it created temporary tables).
     pub taint: Option<&'static str>,
     /// State that lives only in the current backend connection (LISTEN, WITH HOLD cursors,
@@ -136,6 +146,35 @@ impl Flow {
         if self.settings_changed_in_tx {
             self.settings.forget();
         }
+    }
+
+    /// Why this session cannot use the cache right now, if it cannot, where its backend is at
+    /// `status` with messages sent that still await their Sync (`unsynced`). A session
+    /// without a backend is idle, with nothing unsynced: the one rule for both
+    /// ([`crate::session`]'s planner and its whole answers).
+    pub fn refuses(&self, status: TransactionStatus, unsynced: bool) -> Option<Reason> {
+        if let Some(why) = self.taint {
+            return Some(Reason::Session(why));
+        }
+        if self.wrote {
+            return Some(Reason::TransactionWrote);
+        }
+        if status == TransactionStatus::Failed {
+            return Some(Reason::TransactionFailed);
+        }
+        // Postgres may be skipping to the Sync of messages already sent (after an error): a
+        // request of pgcache's own would be skipped too, and never answered.
+        if unsynced {
+            return Some(Reason::Unsynced);
+        }
+        None
+    }
+
+    /// Whether the transaction that just ended changed nothing: it failed (an error rolls back
+    /// the whole transaction, implicit or explicit) with no savepoint it could have carried on
+    /// from. What its statements would have invalidated then did not happen.
+    pub fn rolled_back(&self) -> bool {
+        self.tx_failed && !self.tx_savepoints
     }
 
     /// No answer is owed to the client and no message waits for its Sync.

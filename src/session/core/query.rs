@@ -9,7 +9,6 @@ use bytes::BytesMut;
 use crate::metrics::Outcome;
 use crate::policy::Reason;
 use crate::protocol::Frame;
-use crate::protocol::backend::TransactionStatus;
 use crate::protocol::frontend;
 use crate::query::{Classified, Kind};
 use crate::stats::Observation;
@@ -90,22 +89,7 @@ impl Core {
 
     /// Why this session cannot use the cache right now, if it cannot (no look-up needed).
     pub fn refuses(&self) -> Option<Reason> {
-        let f = &self.flow;
-        if let Some(why) = f.taint {
-            return Some(Reason::Session(why));
-        }
-        if f.wrote {
-            return Some(Reason::TransactionWrote);
-        }
-        if self.tracker.status == TransactionStatus::Failed {
-            return Some(Reason::TransactionFailed);
-        }
-        // Postgres may be skipping to the Sync of messages already sent (after an error): a
-        // request of pgcache's own would be skipped too, and never answered.
-        if self.tracker.unsynced {
-            return Some(Reason::Unsynced);
-        }
-        None
+        self.flow.refuses(self.tracker.status, self.tracker.unsynced)
     }
 
     /// Sends the probe that reads the session's settings; its answer is hidden from the client.

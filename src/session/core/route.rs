@@ -151,6 +151,8 @@ impl Core {
         // to Sync: the client must see why. Only the settings probe (a request of pgcache's
         // own between the client's) stays silent.
         let visible = visible || !probe;
+        // The transaction fails with it (whatever it wrote is rolled back).
+        self.flow.tx_failed = true;
         if let Some(id) = fill {
             self.flow.pipeline.take_fill(id);
         }
@@ -249,7 +251,7 @@ impl Core {
             if let Some(observation) = head.observe {
                 self.act(Action::Record { observation, served: 0, error: head.failed });
             }
-            if status == TransactionStatus::Idle && !head.effects.is_empty() {
+            if status == TransactionStatus::Idle && !head.effects.is_empty() && !self.flow.rolled_back() {
                 self.act(Action::Invalidate { effects: head.effects, committed: false });
             }
         }
@@ -274,11 +276,18 @@ impl Core {
     /// are committed (a ROLLBACK cleared them when it was sent), and settings it changed may
     /// have reverted.
     fn end_transaction(&mut self) {
-        let effects = std::mem::take(&mut self.flow.tx_effects);
+        let mut effects = std::mem::take(&mut self.flow.committed_effects);
+        let rolled_back = self.flow.rolled_back();
+        let current = std::mem::take(&mut self.flow.tx_effects);
+        if !rolled_back {
+            effects.extend(current);
+        }
         if !effects.is_empty() {
             self.act(Action::Invalidate { effects, committed: true });
         }
         let f = &mut self.flow;
+        f.tx_failed = false;
+        f.tx_savepoints = false;
         f.wrote = false;
         f.portals.clear();
         if std::mem::take(&mut f.settings_changed_in_tx) {

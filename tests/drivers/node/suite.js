@@ -163,6 +163,30 @@ async function main () {
   const hour = await c.query("SELECT to_char(at, 'HH24') AS h FROM drv WHERE id = 1")
   check(hour.rows[0].h === '09', 'SET TimeZone applies to results')
 
+  // Isolation: a second connection sees nothing of the first's settings or role, while the
+  // first is connected and after it has gone (in transaction pooling they share backends).
+  const d = await connect(DIRECT)
+  const defaultTz = (await d.query('SHOW TimeZone')).rows[0].TimeZone
+  const login = (await d.query('SELECT current_user AS u')).rows[0].u
+  await d.end()
+  const first = await connect(URL)
+  await first.query("SET TimeZone = 'Asia/Kathmandu'; SET ROLE drv_other; SET app.tenant = 'first'")
+  for (const when of ['while the first is connected', 'after the first left']) {
+    const second = await connect(URL)
+    const seen = [
+      (await second.query('SHOW TimeZone')).rows[0].TimeZone,
+      (await second.query('SELECT current_user AS u')).rows[0].u,
+      (await second.query("SELECT coalesce(current_setting('app.tenant', true), '') AS t")).rows[0].t
+    ]
+    await second.end()
+    check(JSON.stringify(seen) === JSON.stringify([defaultTz, login, '']),
+      `isolation: a second connection sees its own session ${when} (${seen})`)
+    if (when.startsWith('while')) {
+      check((await first.query('SHOW TimeZone')).rows[0].TimeZone === 'Asia/Kathmandu', 'isolation: the first keeps its settings')
+      await first.end()
+    }
+  }
+
   // A large result through a cursor (a portal read 1000 rows at a time, in a transaction).
   await c.query('BEGIN')
   const cursor = c.query(new Cursor("SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 100000) g"))
