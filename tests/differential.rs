@@ -228,7 +228,7 @@ async fn a_sql_corpus_gives_the_same_results_through_pgcache() {
 /// `\gdesc` prepares, then describes: a syntax error belongs to the Parse, with its position).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_exchanges_answer_each_message_where_postgres_does() {
-    use common::raw::{RawConn, batch, bind, describe, execute, parse, sync};
+    use common::raw::{RawConn, batch, bind, describe, execute, parse, query, sync};
     let cluster = PgCluster::shared();
     let db = cluster.create_db("diff_raw").await;
     cluster
@@ -284,5 +284,16 @@ async fn extended_exchanges_answer_each_message_where_postgres_does() {
         let p = proxied.exchange(&frames, 1).await;
         assert_eq!(d, p, "{what}: transcripts differ");
     }
+    // Pipelined simple queries (tokio-postgres sends the next one once it has read an error):
+    // a cached read behind a statement that fails its transaction gets 25P02, as from Postgres.
+    let read = query("SELECT v FROM t WHERE id = 1");
+    for _ in 0..2 {
+        let (d, p) = (direct.exchange(&read, 1).await, proxied.exchange(&read, 1).await);
+        assert_eq!(d, p, "a simple read, then a hit");
+    }
+    let pipelined = batch(&[query("BEGIN"), query("SELECT 1/0"), read.clone(), query("ROLLBACK")]).to_vec();
+    let d = direct.exchange(&pipelined, 4).await;
+    let p = proxied.exchange(&pipelined, 4).await;
+    assert_eq!(d, p, "a cached read pipelined behind a failing statement of its transaction");
     assert!(proxy.shared.stats.totals().hits >= 2, "the reads were served from the cache");
 }

@@ -70,7 +70,7 @@ impl Answerer<'_> {
         fallback: bool,
     ) -> Option<(Arc<Entry>, u64, bool)> {
         // Whole answers are given only by an idle session, or one without a backend.
-        if self.flow.refuses(TransactionStatus::Idle, false).is_some() {
+        if self.flow.refuses(TransactionStatus::Idle, false, false).is_some() {
             return None;
         }
         let offline = self.serve == Serve::Lost;

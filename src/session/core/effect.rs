@@ -77,7 +77,13 @@ impl Core {
             f.settings_may_change();
         }
         match &c.kind {
-            Kind::Transaction(TxControl::Begin { plain: false } | TxControl::SetTransaction) => f.settings_may_change(),
+            Kind::Transaction(TxControl::Begin { plain }) => {
+                f.begins_in_flight = true;
+                if !plain {
+                    f.settings_may_change();
+                }
+            }
+            Kind::Transaction(TxControl::SetTransaction) => f.settings_may_change(),
             // What the transaction wrote is undone: its invalidations are not needed (the
             // entries filled before it stay valid). Statements after the ROLLBACK start anew.
             // Settings it changed are undone too, and SET LOCAL ends with any transaction:

@@ -89,6 +89,8 @@ pub struct Flow {
     /// Invalidations of transactions a `COMMIT` sent in the current request ends (a
     /// multi-statement Query), applied at its ReadyForQuery whatever follows the `COMMIT`.
     pub committed_effects: Vec<Effect>,
+    /// A statement that begins a transaction block was sent and its answer is still awaited.
+    pub begins_in_flight: bool,
     /// Postgres reported an error in the current transaction: it rolls back...
     pub tx_failed: bool,
     /// ... unless a savepoint was taken, to which it may have rolled back and carried on.
@@ -152,7 +154,7 @@ impl Flow {
     /// `status` with messages sent that still await their Sync (`unsynced`). A session
     /// without a backend is idle, with nothing unsynced: the one rule for both
     /// ([`crate::session`]'s planner and its whole answers).
-    pub fn refuses(&self, status: TransactionStatus, unsynced: bool) -> Option<Reason> {
+    pub fn refuses(&self, status: TransactionStatus, unsynced: bool, in_flight: bool) -> Option<Reason> {
         if let Some(why) = self.taint {
             return Some(Reason::Session(why));
         }
@@ -166,6 +168,12 @@ impl Flow {
         // request of pgcache's own would be skipped too, and never answered.
         if unsynced {
             return Some(Reason::Unsynced);
+        }
+        // Clients pipeline (tokio-postgres sends the next query once it has read an error,
+        // before its ReadyForQuery): while an earlier request of a transaction block runs, the
+        // block may fail, and Postgres would then refuse this one (25P02).
+        if in_flight && (status != TransactionStatus::Idle || self.begins_in_flight) {
+            return Some(Reason::InFlight);
         }
         None
     }

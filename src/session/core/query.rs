@@ -89,7 +89,7 @@ impl Core {
 
     /// Why this session cannot use the cache right now, if it cannot (no look-up needed).
     pub fn refuses(&self) -> Option<Reason> {
-        self.flow.refuses(self.tracker.status, self.tracker.unsynced)
+        self.flow.refuses(self.tracker.status, self.tracker.unsynced, self.tracker.awaiting_ready > 0)
     }
 
     /// Sends the probe that reads the session's settings; its answer is hidden from the client.

@@ -247,6 +247,9 @@ impl Core {
 
     fn on_ready(&mut self, probe: bool) {
         let status = self.tracker.status;
+        if self.tracker.awaiting_ready == 0 {
+            self.flow.begins_in_flight = false;
+        }
         if let Some(Item::Backend(head)) = self.flow.pipeline.items.pop_front() {
             if let Some(observation) = head.observe {
                 self.act(Action::Record { observation, served: 0, error: head.failed });

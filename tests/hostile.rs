@@ -1,0 +1,104 @@
+//! Careless and hostile clients: what they send must not empty the cache, flush the fleet,
+//! exhaust pgcache or reach Postgres unbounded. Each test proves the mechanism (what Postgres
+//! executed, what the metrics counted), not only the outcome.
+
+mod common;
+
+use common::{CacheEnv, PgCluster, cache_env, executions, text, try_text};
+use tokio_postgres::Client;
+
+const RULES: &str = r#"
+[[rule]]
+name = "all"
+match = { pattern = "(?i)\\bfrom\\b" }
+ttl = "10m"
+"#;
+
+const SCHEMA: &str = "
+CREATE TABLE t (id int PRIMARY KEY, v text);
+INSERT INTO t VALUES (1, 'one'), (2, 'two');
+CREATE TABLE u (id int PRIMARY KEY, v text);
+INSERT INTO u VALUES (1, 'uno');
+";
+
+async fn env(prefix: &str) -> CacheEnv {
+    cache_env(PgCluster::shared(), prefix, SCHEMA, RULES, |_| {}).await
+}
+
+async fn client(env: &CacheEnv) -> Client {
+    env.proxy.connect(&env.db, &PgCluster::shared_or_superuser()).await
+}
+
+/// Whether `sql` is answered from the cache now: read through `c`, Postgres's executions of
+/// it unchanged.
+async fn served_from_cache(env: &CacheEnv, c: &Client, sql: &str) -> bool {
+    let fragment = sql.split(" WHERE ").next().unwrap_or(sql);
+    let before = executions(&env.admin, fragment).await;
+    text(c, sql).await;
+    executions(&env.admin, fragment).await == before
+}
+
+const READ_T: &str = "SELECT v FROM t WHERE id = 1";
+const READ_U: &str = "SELECT v FROM u WHERE id = 1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_postgres_rejected_invalidates_nothing() {
+    let env = env("rejected").await;
+    let c = client(&env).await;
+    text(&c, READ_T).await;
+    text(&c, READ_U).await;
+    assert!(served_from_cache(&env, &c, READ_T).await, "cached to begin with");
+    let sent = env.proxy.metric("pgcache_peer_notifications_sent_total").await;
+    let rejected = [
+        "selekt 1",
+        "UPDATE nowhere SET x = 1",
+        "INSERT INTO t VALUES (1, 'duplicate key')",
+        "UPDATE t SET v = 'rolled back' WHERE id = 2; selekt",
+        "DO $$ BEGIN UPDATE t SET v = 'x' WHERE id = 2; RAISE EXCEPTION 'no'; END $$",
+    ];
+    for sql in rejected {
+        assert!(try_text(&c, sql).await.is_err(), "{sql} fails");
+        assert!(served_from_cache(&env, &c, READ_T).await, "after {sql:?} t is still served from the cache");
+        assert!(served_from_cache(&env, &c, READ_U).await, "after {sql:?} u is still served from the cache");
+    }
+    // An explicit transaction that failed and was committed (Postgres rolls it back).
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("UPDATE t SET v = 'in a failed transaction' WHERE id = 1").await.unwrap();
+    assert!(try_text(&c, "SELECT 1/0").await.is_err());
+    c.batch_execute("COMMIT").await.unwrap();
+    assert!(served_from_cache(&env, &c, READ_T).await, "a failed transaction invalidates nothing");
+    assert_eq!(text(&c, READ_T).await, "one");
+    assert_eq!(env.proxy.metric("pgcache_peer_notifications_sent_total").await, sent, "nothing was published");
+    // The control: a write that succeeds invalidates, and is published.
+    c.batch_execute("UPDATE t SET v = 'changed' WHERE id = 1").await.unwrap();
+    assert!(!served_from_cache(&env, &c, READ_T).await, "a successful write invalidates");
+    assert_eq!(text(&c, READ_T).await, "changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_commit_ended_is_invalidated_whatever_follows_it() {
+    let env = env("committed").await;
+    let c = client(&env).await;
+    text(&c, READ_T).await;
+    text(&c, READ_U).await;
+    // One Query: a committed transaction, then one rolled back.
+    c.batch_execute(
+        "BEGIN; UPDATE t SET v = 'committed' WHERE id = 1; COMMIT; BEGIN; UPDATE u SET v = 'undone' WHERE id = 1; ROLLBACK",
+    )
+    .await
+    .unwrap();
+    assert_eq!(text(&c, READ_T).await, "committed", "the committed write invalidated t");
+    // (u may be invalidated too: a Query's statements share one completion, and invalidating
+    // wider is always allowed; its rows must be the old ones.)
+    assert_eq!(text(&c, READ_U).await, "uno");
+    // A committed write, then a statement that fails in the same Query.
+    let err = try_text(&c, "UPDATE t SET v = 'again' WHERE id = 1; COMMIT; SELECT 1/0").await;
+    assert!(err.is_err());
+    assert_eq!(text(&c, READ_T).await, "again", "committed before the error: invalidated");
+    // A savepoint the transaction rolled back to and carried on from.
+    text(&c, READ_T).await;
+    c.batch_execute("BEGIN; UPDATE t SET v = 'kept' WHERE id = 1; SAVEPOINT s").await.unwrap();
+    assert!(try_text(&c, "selekt").await.is_err());
+    c.batch_execute("ROLLBACK TO SAVEPOINT s; COMMIT").await.unwrap();
+    assert_eq!(text(&c, READ_T).await, "kept", "work before the savepoint committed: invalidated");
+}
