@@ -102,3 +102,53 @@ async fn what_a_commit_ended_is_invalidated_whatever_follows_it() {
     c.batch_execute("ROLLBACK TO SAVEPOINT s; COMMIT").await.unwrap();
     assert_eq!(text(&c, READ_T).await, "kept", "work before the savepoint committed: invalidated");
 }
+
+/// A client that pipelines cache hits and never reads its socket: pgcache stops reading it
+/// once `client.max_output_bytes` wait for it, so it holds a bounded share of memory, and
+/// other sessions carry on. (pgcache runs as its own process, so its RSS is its own.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_holds_bounded_memory() {
+    use common::ProxyProcess;
+    use common::raw::{RawConn, query};
+    use tokio::io::AsyncWriteExt;
+    let cluster = PgCluster::shared();
+    let db = cluster.create_db("never_reads").await;
+    let dir =
+        common::rules_dir(&[("all.toml", "[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"10m\"\n")]);
+    let upstream = cluster.url(&db, &cluster.superuser());
+    let rules = dir.path().display().to_string();
+    let proxy = ProxyProcess::start(&upstream, &["--rules", &rules]).await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", proxy.port).parse().unwrap();
+    let big = "SELECT repeat('x', 100000) AS big";
+    let mut warm = RawConn::connect(addr, &cluster.superuser(), &db, &[]).await;
+    warm.exchange(&query(big), 1).await;
+    warm.exchange(&query(big), 1).await;
+    let before = proxy.rss();
+    // 20 000 pipelined hits of 100 kB: 2 GB owed, never read.
+    let mut hog = RawConn::connect(addr, &cluster.superuser(), &db, &[]).await;
+    let one = query(big);
+    let mut all = bytes::BytesMut::new();
+    for _ in 0..20_000 {
+        all.extend_from_slice(&one);
+    }
+    // (Whatever pgcache does not read waits in the kernel's socket buffers.)
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), hog.stream.write_all(&all)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let during = proxy.rss();
+    // Others are served meanwhile.
+    let mut other = RawConn::connect(addr, &cluster.superuser(), &db, &[]).await;
+    let answer = other.exchange(&query("SELECT 41 + 1"), 1).await;
+    assert!(answer.iter().any(|m| m.tag == b'D'), "another session is served: {answer:?}");
+    drop(hog);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let after = proxy.rss();
+    let mb = |b: u64| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "RSS before {:.1} MB, with the client {:.1} MB, after it left {:.1} MB",
+        mb(before),
+        mb(during),
+        mb(after)
+    );
+    assert!(during < before + (64 << 20), "the client that never reads added {:.1} MB", mb(during - before));
+    assert!(after < before + (32 << 20), "{:.1} MB stayed after it left", mb(after.saturating_sub(before)));
+}

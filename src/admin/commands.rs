@@ -320,6 +320,7 @@ fn config(ctx: &Context) -> ResultSet {
             ("pool.connect_timeout", humantime::format_duration(c.pool.connect_timeout).to_string()),
             ("client.max_connections", c.client.max_connections.to_string()),
             ("client.max_message_bytes", c.client.max_message_bytes.to_string()),
+            ("client.max_output_bytes", c.client.max_output_bytes.to_string()),
             (
                 "client.tls",
                 (if c.client.tls_cert.is_some() {

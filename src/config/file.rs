@@ -185,6 +185,9 @@ pub struct ClientFile {
     pub max_connections: Option<usize>,
     /// Largest message a client may send, in bytes (default 1 GiB, as Postgres).
     pub max_message_bytes: Option<usize>,
+    /// Bytes waiting to be sent to one client (answers, cache hits) above which pgcache
+    /// stops reading it until it reads (default 1 MiB).
+    pub max_output_bytes: Option<usize>,
     /// Time allowed for the startup handshake and authentication (default `60s`).
     #[serde(default, with = "humantime_serde")]
     pub startup_timeout: Option<Duration>,

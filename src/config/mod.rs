@@ -161,6 +161,7 @@ pub struct PoolConfig {
 pub struct ClientConfig {
     pub max_connections: usize,
     pub max_message_bytes: usize,
+    pub max_output_bytes: usize,
     pub startup_timeout: Duration,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -341,6 +342,7 @@ impl Config {
             client: ClientConfig {
                 max_connections: f.client.max_connections.unwrap_or(10_000),
                 max_message_bytes: f.client.max_message_bytes.unwrap_or(1 << 30),
+                max_output_bytes: f.client.max_output_bytes.unwrap_or(1 << 20),
                 startup_timeout: dur(f.client.startup_timeout, 60),
                 tls_cert: f.client.tls_cert,
                 tls_key: f.client.tls_key,
@@ -422,6 +424,9 @@ impl Config {
         if self.client.max_message_bytes < 1024 {
             return Err(invalid("client.max_message_bytes", "must be at least 1024"));
         }
+        if self.client.max_output_bytes < 8192 {
+            return Err(invalid("client.max_output_bytes", "must be at least 8192"));
+        }
         if self.client.tls_cert.is_some() != self.client.tls_key.is_some() {
             return Err(invalid("client.tls_cert", "tls_cert and tls_key must be set together"));
         }
@@ -435,7 +440,8 @@ impl Config {
 impl Config {
     /// This configuration with the settings of `fresh` that can change while running
     /// (`auth.allow_plaintext_over_network`, `client.startup_timeout`,
-    /// `client.max_message_bytes`, `client.tls_required` when TLS is configured,
+    /// `client.max_message_bytes`, `client.max_output_bytes`, `client.tls_required` when TLS
+    /// is configured,
     /// `cache.single_flight_wait`, `cache.unknown_writes`, `cache.invalidate_on_writes`,
     /// `cache.invalidate_by_key`, `console.users`, `console.database`, `shutdown.drain_timeout`), and the names of the
     /// other settings that differ and need a restart.
@@ -444,6 +450,7 @@ impl Config {
         next.auth.allow_plaintext_over_network = fresh.auth.allow_plaintext_over_network;
         next.client.startup_timeout = fresh.client.startup_timeout;
         next.client.max_message_bytes = fresh.client.max_message_bytes;
+        next.client.max_output_bytes = fresh.client.max_output_bytes;
         if self.client.tls_cert.is_some() {
             next.client.tls_required = fresh.client.tls_required;
         }

@@ -84,6 +84,7 @@ pub async fn run(
     let max = ctx.config().client.max_message_bytes;
     loop {
         let mut frames = Vec::new();
+        let mut held = 0;
         loop {
             let frame = tokio::select! {
                 f = client.read_frame(max) => f,
@@ -100,6 +101,12 @@ pub async fn run(
             }
             frames.push(frame);
             if !matches!(tag, fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE) {
+                break;
+            }
+            // A long batch without its Sync is not held here: it takes a backend, whose relay
+            // sends it on.
+            held += frames.last().map_or(0, |f| f.raw().len());
+            if held >= ctx.config().client.max_output_bytes {
                 break;
             }
         }

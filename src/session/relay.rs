@@ -41,8 +41,11 @@ use super::memo::Assessments;
 /// Why a session whose settings cannot be replayed stays on its backend.
 pub const SETTINGS_PIN: &str = "settings pgcache cannot read back or replay (SET SESSION AUTHORIZATION, or a statement or function that may set unknown settings)";
 
-/// Stop reading a side while this much is queued for the other.
+/// Stop reading the client while this much is queued for the backend.
 const HIGH_WATER: usize = 256 * 1024;
+/// Stop reading the client while this many answers are owed to it (each may be a cache hit
+/// waiting behind a forwarded request).
+const MAX_OWED: usize = 4096;
 /// Room made in a read buffer before each read.
 const READ_CHUNK: usize = 32 * 1024;
 
@@ -73,6 +76,14 @@ pub struct Relay<'a> {
     backend_buf: &'a mut BytesMut,
     params: &'a mut Arc<BTreeMap<String, String>>,
     max_message: usize,
+    /// `client.max_output_bytes`: stop reading the client, and the backend, while this much
+    /// waits to be sent to the client.
+    max_output: usize,
+    /// Complete client messages wait in the read buffer until the client has read enough
+    /// of what it is owed.
+    held_back: bool,
+    /// The bytes of the extended-protocol messages waiting for their Sync.
+    batch_held: usize,
 }
 
 impl From<BackendError> for SessionError {
@@ -107,6 +118,9 @@ pub async fn run(
         backend_buf: &mut conn.rbuf,
         params: &mut conn.params,
         max_message: ctx.config().client.max_message_bytes,
+        max_output: ctx.config().client.max_output_bytes,
+        held_back: false,
+        batch_held: 0,
     };
     let result = relay.main_loop().await;
     relay.finish(&result).await;
@@ -121,6 +135,8 @@ enum Event {
     Backend(std::io::Result<usize>),
     Shutdown,
     ForceClose,
+    /// The client read enough of what it was owed: its held-back messages can be handled.
+    Drained,
 }
 
 impl Relay<'_> {
@@ -177,6 +193,11 @@ impl Relay<'_> {
                 }
                 Event::Backend(Ok(_)) => return Err(ReadError::Closed.into()),
                 Event::Backend(Err(e)) => return Err(ReadError::Io(e).into()),
+                Event::Drained => {
+                    if let Some(end) = self.on_client_data().await? {
+                        return Ok(end);
+                    }
+                }
                 Event::Shutdown => draining = true,
                 Event::ForceClose => return Err(SessionError::Shutdown),
             }
@@ -221,13 +242,17 @@ impl Relay<'_> {
         {
             r.map_err(ReadError::Io)?;
         }
+        if self.held_back && !self.owing_too_much() {
+            self.held_back = false;
+            return Poll::Ready(Ok(Event::Drained));
+        }
         if self.reading_client()
             && let Poll::Ready(r) =
                 tokio_util::io::poll_read_buf(Pin::new(&mut *self.client), cx, &mut *self.client_buf)
         {
             return Poll::Ready(Ok(Event::Client(r?)));
         }
-        if self.core.to_client.len() < HIGH_WATER
+        if self.core.to_client.len() < self.max_output
             && let Poll::Ready(r) =
                 tokio_util::io::poll_read_buf(Pin::new(&mut *self.backend), cx, &mut *self.backend_buf)
         {
@@ -241,7 +266,15 @@ impl Relay<'_> {
     /// read, so a client that leaves meanwhile is noticed).
     fn reading_client(&self) -> bool {
         self.core.to_backend.len() < HIGH_WATER
+            && !self.owing_too_much()
             && (self.core.flow.parked.is_none() || self.client_buf.len() < HIGH_WATER)
+    }
+
+    /// Whether the client is owed so much (bytes queued for it, or answers still to come)
+    /// that it must read before it is read again: a client that pipelines cache hits and
+    /// never reads its socket holds at most this much of pgcache's memory.
+    fn owing_too_much(&self) -> bool {
+        self.core.to_client.len() >= self.max_output || self.core.flow.pipeline.items.len() >= MAX_OWED
     }
 
     /// After backend data: if a parked request's probe has been answered, decide it now and
@@ -288,6 +321,11 @@ impl Relay<'_> {
                 // The rest waits, in order, until the parked request is decided.
                 return Ok(None);
             }
+            if self.owing_too_much() {
+                // The rest waits until the client has read (see `Event::Drained`).
+                self.held_back = true;
+                return Ok(None);
+            }
             let (run, tags) = self.plain_run()?;
             if run > 0 {
                 if !self.core.flow.batch.is_empty() {
@@ -312,8 +350,17 @@ impl Relay<'_> {
                     }
                 }
                 tag => {
+                    let size = frame.raw().len();
                     self.core.flow.batch.push(frame);
-                    if tag == fe::SYNC || tag == fe::FLUSH {
+                    // (The first message of a batch starts the count again.)
+                    self.batch_held = if self.core.flow.batch.len() == 1 { size } else { self.batch_held + size };
+                    let ends = tag == fe::SYNC || tag == fe::FLUSH;
+                    if !ends && self.batch_held >= self.max_output {
+                        // A long batch without its Sync is sent on as it is (Postgres takes
+                        // it message by message anyway) rather than held in memory.
+                        self.run_batch().await?;
+                    }
+                    if ends {
                         self.ctx.wait_while_paused().await;
                         let batch = std::mem::take(&mut self.core.flow.batch);
                         if !(tag == fe::SYNC && self.answered_batch(&batch).await) {
