@@ -152,3 +152,45 @@ async fn a_client_that_never_reads_holds_bounded_memory() {
     assert!(during < before + (64 << 20), "the client that never reads added {:.1} MB", mb(during - before));
     assert!(after < before + (32 << 20), "{:.1} MB stayed after it left", mb(after.saturating_sub(before)));
 }
+
+/// `cache.max_bytes` bounds what the cache costs: filled far past its bound with small
+/// results, and again with large ones, pgcache's RSS grows by at most 1.25 times the bound
+/// (keys, bookkeeping and allocations are weighed with the results).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_cache_costs_about_its_bound() {
+    use common::ProxyProcess;
+    use common::raw::{RawConn, batch, query};
+    const BOUND: u64 = 32 << 20;
+    let cluster = PgCluster::shared();
+    let db = cluster.create_db("full_cache").await;
+    let dir =
+        common::rules_dir(&[("all.toml", "[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"10m\"\n")]);
+    let settings = tempfile::tempdir().unwrap();
+    let config = settings.path().join("pgcache.toml");
+    std::fs::write(&config, format!("[cache]\nmax_bytes = {BOUND}\n")).unwrap();
+    let upstream = cluster.url(&db, &cluster.superuser());
+    let (rules, config) = (dir.path().display().to_string(), config.display().to_string());
+    for (width, results) in [(1usize, 70_000usize), (100_000, 700)] {
+        let proxy = ProxyProcess::start(&upstream, &["--rules", &rules, "--config", &config]).await;
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", proxy.port).parse().unwrap();
+        let mut c = RawConn::connect(addr, &cluster.superuser(), &db, &[]).await;
+        c.exchange(&query("SELECT 1"), 1).await;
+        let before = proxy.rss();
+        for start in (0..results).step_by(500) {
+            let n = (results - start).min(500);
+            let queries: Vec<_> =
+                (start..start + n).map(|i| query(&format!("SELECT {i} AS n, repeat('y', {width}) AS pad"))).collect();
+            c.exchange(&batch(&queries), n).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let grown = proxy.rss().saturating_sub(before);
+        let mb = |b: u64| b as f64 / (1 << 20) as f64;
+        eprintln!("{results} results of {width} bytes: RSS +{:.1} MB for a {:.0} MB bound", mb(grown), mb(BOUND));
+        assert!(
+            grown * 4 <= BOUND * 5,
+            "results of {width} bytes: RSS grew {:.1} MB over a {:.0} MB bound",
+            mb(grown),
+            mb(BOUND)
+        );
+    }
+}

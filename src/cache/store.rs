@@ -49,8 +49,27 @@ pub enum Freshness {
 }
 
 impl Entry {
+    /// What holding the entry costs in memory, in bytes: its results, its SQL text, what it
+    /// depends on and reads, its own structure and each allocation's overhead (the store
+    /// counts its key too: [`Store`]'s weigher). Measured against RSS: a full cache of small
+    /// entries grows the process by about its `max_bytes` (see the README).
     pub fn weight(&self) -> u64 {
-        (self.row_description.len() + self.body.len() + 256 + self.deps.len() * 24) as u64
+        let tables: usize = self
+            .tables
+            .iter()
+            .map(|t| {
+                size_of::<Relation>()
+                    + t.name.len()
+                    + t.schema.as_ref().map_or(0, |s| s.len() + ALLOCATION)
+                    + ALLOCATION
+            })
+            .sum();
+        let parts = self.row_description.len()
+            + self.body.len()
+            + self.sql.len()
+            + self.deps.len() * size_of::<super::generation::Dependency>()
+            + tables;
+        (size_of::<Self>() + parts + 6 * ALLOCATION + SLOT) as u64
     }
 
     pub fn age(&self) -> Duration {
@@ -102,12 +121,18 @@ impl Entry {
     }
 }
 
+/// What one heap allocation costs beyond its bytes (the allocator's header and rounding).
+const ALLOCATION: usize = 32;
+/// What the store's table spends per entry beyond the key and the entry (its slot, the
+/// hash, the eviction bookkeeping).
+const SLOT: usize = 64;
+
 #[derive(Clone)]
 struct ByBytes;
 
 impl Weighter<Key, Arc<Entry>> for ByBytes {
     fn weight(&self, key: &Key, entry: &Arc<Entry>) -> u64 {
-        key.0.len() as u64 + entry.weight()
+        (key.0.len() + size_of::<Key>() + ALLOCATION) as u64 + entry.weight()
     }
 }
 

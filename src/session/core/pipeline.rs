@@ -207,10 +207,18 @@ impl Fill {
         if self.aborted {
             return None;
         }
+        // Stored in allocations of their own, sized exactly: the RowDescription is a slice of
+        // the backend's read buffer (which it would keep alive), and the body grew by doubling.
+        // What the cache holds is then what it weighs (see `Entry::weight`).
+        let exact = |b: &[u8]| Bytes::copy_from_slice(b);
         let entry = Entry {
             rule: self.rule,
-            row_description: self.row_description.unwrap_or_default(),
-            body: self.body.freeze(),
+            row_description: self.row_description.as_deref().map(exact).unwrap_or_default(),
+            body: if self.body.capacity() > self.body.len() + self.body.len() / 16 {
+                exact(&self.body)
+            } else {
+                self.body.freeze()
+            },
             rows: self.rows,
             created: Instant::now(),
             deps: self.deps,
@@ -219,7 +227,7 @@ impl Fill {
             refreshing: AtomicBool::new(false),
             hits: AtomicU64::new(0),
         };
-        Some((self.key, entry))
+        Some((Key(exact(&self.key.0)), entry))
     }
 }
 
