@@ -49,10 +49,12 @@ CONF
 start_pgcache() {
   local port=$1
   shift
-  local unix=()
+  local unix=() auth=(--auth trust)
   [[ $transport == unix ]] && unix=(--unix-socket-dir "$work")
+  # The throwaway cluster trusts postgres: so does pgcache here (loopback only), unless told.
+  [[ " $* " == *" --auth "* ]] && auth=()
   PGCACHE_LOG=warn "$root/target/release/pgcache" --listen "127.0.0.1:$port" --admin "127.0.0.1:$(free_port)" "${unix[@]}" \
-    --upstream "host=$host port=$pgport user=postgres dbname=postgres sslmode=disable" --pool-size "${POOL_SIZE:-32}" "$@" 2>>"$work/pgcache.log" &
+    --upstream "host=$host port=$pgport user=postgres dbname=postgres sslmode=disable" --pool-size "${POOL_SIZE:-32}" "${auth[@]}" "$@" 2>>"$work/pgcache.log" &
   pids+=($!)
   for _ in $(seq 50); do pg_isready -q -h "$host" -p "$port" && return; sleep 0.1; done
 }

@@ -108,7 +108,7 @@ async fn proxy(upstream: &str, rules: Option<&std::path::Path>) -> (SocketAddr, 
     let mut config = Config::for_upstream(upstream).unwrap();
     config.listen = "127.0.0.1:0".parse().unwrap();
     // The raw client speaks no authentication; the throwaway cluster trusts loopback anyway.
-    config.auth.mode = pgcache::config::AuthMode::Trust;
+    config.auth.method = pgcache::config::AuthMethod::Trust;
     match rules {
         Some(dir) => {
             config.rules = dir.to_owned();

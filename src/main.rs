@@ -126,7 +126,9 @@ async fn triggers(config: Config, action: &str, databases: &[String]) -> anyhow:
         pgcache::query::catalog::Catalog::new(endpoint, config.upstream.clone(), credentials, config.cache.catalog_ttl);
     let defaults = [config.upstream.dbname.clone()];
     for db in if databases.is_empty() { &defaults[..] } else { databases } {
-        let done = pgcache::peers::triggers::run(&catalog, db, &rules, &config.peers.channel, action).await?;
+        let key = config.peers.secret.as_ref().map(|s| *pgcache::peers::message::Seal::new(s.bytes()).key());
+        let done =
+            pgcache::peers::triggers::run(&catalog, db, &rules, &config.peers.channel, key.as_ref(), action).await?;
         println!("{done}");
     }
     Ok(())

@@ -44,6 +44,8 @@ pub const POOL_WAIT: &str = "pgcache_pool_wait_seconds";
 pub const BACKEND_ERRORS: &str = "pgcache_backend_errors_total";
 pub const HANDOFFS: &str = "pgcache_backend_handoffs_total";
 pub const SETTINGS_REPLAYS: &str = "pgcache_settings_replays_total";
+pub const LOGIN_FAILURES: &str = "pgcache_login_failures_total";
+pub const PEER_REJECTED: &str = "pgcache_peer_messages_rejected_total";
 pub const PINS: &str = "pgcache_pins_total";
 pub const RULES_RELOAD: &str = "pgcache_rules_reload_total";
 pub const RULES_LOADED: &str = "pgcache_rules_loaded";
@@ -113,6 +115,11 @@ pub const ALL: &[(&str, Kind, &str)] = &[
         "Transaction pooling: sessions pinned to their backend by state that cannot move (LISTEN, WITH HOLD cursors, SQL PREPARE, advisory locks, temporary objects, LOAD, unreplayable settings), by reason.",
     ),
     (BACKEND_ERRORS, Kind::Counter, "Failures to connect to Postgres and backend connections lost mid-session."),
+    (
+        LOGIN_FAILURES,
+        Kind::Counter,
+        "Client log-ins refused: a wrong password or proof, an unknown role, a role without a usable verifier.",
+    ),
     (RULES_RELOAD, Kind::Counter, "Rule reloads, by result (success, failure)."),
     (RULES_LOADED, Kind::Gauge, "Rules in force."),
     (
@@ -122,6 +129,11 @@ pub const ALL: &[(&str, Kind, &str)] = &[
     ),
     (PEER_SENT, Kind::Counter, "Invalidation notifications published to the other instances."),
     (PEER_RECEIVED, Kind::Counter, "Invalidation notifications received from other instances and bypass triggers."),
+    (
+        PEER_REJECTED,
+        Kind::Counter,
+        "Messages on the invalidation channel dropped: not sealed with the fleet's secret, or not a pgcache message.",
+    ),
     (
         PEER_COALESCED,
         Kind::Counter,

@@ -6,9 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ClusterOptions, PgCluster, Proxy, psql, stderr, stdout};
-use pgcache::config::AuthMode;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use common::{ClusterOptions, PgCluster, Proxy, psql, stderr, stdout, test_pki};
+use pgcache::config::AuthMethod;
 
 const HBA: &str = "
 local all all trust
@@ -131,30 +130,12 @@ async fn trust_mode_uses_the_upstream_password() {
     config.upstream = format!("postgres://md5_user:md5%20secret@127.0.0.1:{}/postgres?sslmode=disable", cluster.port)
         .parse()
         .unwrap();
-    config.auth.mode = AuthMode::Trust;
+    config.auth.method = AuthMethod::Trust;
     let proxy = Proxy::start(config).await;
     let c =
         try_connect(&format!("postgres://md5_user@127.0.0.1:{}/postgres?sslmode=disable", proxy.port())).await.unwrap();
     let who: String = c.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
     assert_eq!(who, "md5_user");
-}
-
-/// A CA and a server certificate for `names`, as PEM (ca, cert, key).
-fn test_pki(names: &[&str]) -> (String, String, String) {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages =
-        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "pgcache test CA");
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-    let mut params = CertificateParams::new(names).unwrap();
-    params.distinguished_name.push(rcgen::DnType::CommonName, "pgcache test server");
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    (ca_cert.pem(), cert.pem(), key.serialize_pem())
 }
 
 async fn tls_cluster(names: &[&str]) -> (PgCluster, tempfile::TempDir) {

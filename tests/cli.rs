@@ -76,7 +76,7 @@ fn bad_configuration_names_the_key() {
     let e = refused(&["--upstream", "postgres://u@h/d?sslmode=maybe"], None);
     assert!(e.contains("upstream") && e.contains("sslmode"), "{e}");
     let e = refused(&["--listen", "0.0.0.0:6432", "--auth", "trust"], None);
-    assert!(e.contains("auth.mode") && e.contains("loopback"), "{e}");
+    assert!(e.contains("auth.method") && e.contains("loopback"), "{e}");
     let e = refused(&["--config", "/nonexistent/pgcache.toml"], None);
     assert!(e.contains("/nonexistent/pgcache.toml"), "{e}");
 }
@@ -154,6 +154,8 @@ fn json_logs_parse_and_never_show_parameter_values() {
             &format!("127.0.0.1:{port}"),
             "--upstream",
             &cluster.url("postgres"),
+            "--auth",
+            "cleartext",
         ])
         .env("PGCACHE_ADMIN", format!("127.0.0.1:{}", free_port()))
         .stdout(Stdio::null())

@@ -64,8 +64,8 @@ fn alerts_and_dashboard_use_only_real_metric_names() {
 fn the_sidecar_pod_is_wired_to_the_endpoints() {
     let docs = yaml("kubernetes/sidecar.yaml");
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
-    assert_eq!(kinds, vec!["ConfigMap", "Secret", "Deployment"]);
-    let pod = &docs[2]["spec"]["template"];
+    assert_eq!(kinds, vec!["ConfigMap", "Secret", "Secret", "Deployment"]);
+    let pod = &docs[3]["spec"]["template"];
     assert_eq!(pod["metadata"]["annotations"]["prometheus.io/port"].as_str(), Some("9930"));
     let containers = pod["spec"]["containers"].as_vec().unwrap();
     assert_eq!(containers.len(), 2, "the app and its pgcache sidecar");
@@ -75,6 +75,12 @@ fn the_sidecar_pod_is_wired_to_the_endpoints() {
     assert!(!sidecar["lifecycle"]["preStop"].is_badvalue());
     assert!(sidecar["resources"]["limits"]["memory"].as_str().is_some());
     assert_eq!(sidecar["env"][0]["valueFrom"]["secretKeyRef"]["name"].as_str(), Some("pgcache-upstream"));
+    // /metrics on the pod's address wants a token, from a Secret; Prometheus sends it.
+    let env = sidecar["env"].as_vec().unwrap();
+    let token = env.iter().find(|e| e["name"].as_str() == Some("PGCACHE_METRICS_TOKEN")).expect("a metrics token");
+    assert_eq!(token["valueFrom"]["secretKeyRef"]["name"].as_str(), Some("pgcache-metrics"));
+    let scrape = &yaml("prometheus/scrape.yaml")[0]["scrape_configs"][0];
+    assert_eq!(scrape["authorization"]["type"].as_str(), Some("Bearer"));
     assert_eq!(pod["spec"]["volumes"][0]["configMap"]["name"].as_str(), Some("pgcache-rules"));
     // The sidecar's flags parse, and its Unix socket directory is a volume both containers mount.
     let args: Vec<&str> = sidecar["args"].as_vec().unwrap().iter().map(|a| a.as_str().unwrap()).collect();

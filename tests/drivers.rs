@@ -9,7 +9,7 @@
 //! `pg_stat_statements` that repeats were answered from the cache.
 //!
 //! Each runs in session pooling and in transaction pooling (a pool of 3 backends for up to
-//! ten connections at once).
+//! ten connections at once), and logging in with SCRAM-SHA-256 as a role with a password.
 //!
 //! The drivers come from `tests/drivers/install.sh` (which `.ci/run` calls).
 
@@ -27,6 +27,9 @@ enum Mode {
     Transaction,
     /// Transaction pooling with everything cached.
     TransactionCached,
+    /// Clients log in with SCRAM-SHA-256 (pgcache checks the proof against the role's
+    /// verifier and logs into Postgres with the keys), everything cached.
+    Scram,
 }
 
 /// Where the suites live.
@@ -60,15 +63,21 @@ async fn run(driver: &str, mode: Mode) {
         .batch_execute(
             "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
              DO $$ BEGIN CREATE ROLE drv_other;
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+             SET password_encryption = 'scram-sha-256';
+             DO $$ BEGIN CREATE ROLE drv_scram SUPERUSER LOGIN PASSWORD 'drv scram pw';
              EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;",
         )
         .await
         .unwrap();
     let dir = rules_dir(&[("all.toml", "[[rule]]\nname = \"all\"\nmatch = { pattern = \".\" }\nttl = \"10m\"\n")]);
     let mut config = Proxy::config(cluster);
-    if matches!(mode, Mode::Cached | Mode::TransactionCached) {
+    if matches!(mode, Mode::Cached | Mode::TransactionCached | Mode::Scram) {
         config.rules = dir.path().to_owned();
         config.rules_explicit = true;
+    }
+    if mode == Mode::Scram {
+        config.auth.method = pgcache::config::AuthMethod::ScramSha256;
     }
     if matches!(mode, Mode::Transaction | Mode::TransactionCached) {
         // Fewer backends than the suite's connections (up to ten at once).
@@ -76,7 +85,11 @@ async fn run(driver: &str, mode: Mode) {
         config.pool.max_size = 3;
     }
     let proxy = Proxy::start(config).await;
-    let (url, direct) = (proxy.url(&db, &user), cluster.url(&db, &user));
+    let url = match mode {
+        Mode::Scram => format!("postgres://drv_scram:drv%20scram%20pw@127.0.0.1:{}/{db}?sslmode=disable", proxy.port()),
+        _ => proxy.url(&db, &user),
+    };
+    let direct = cluster.url(&db, &user);
     let (program, args, url, direct) = match driver {
         "asyncpg" | "psycopg" => {
             ("python3", vec![suites().join(format!("{driver}_suite.py")).display().to_string()], url, direct)
@@ -99,7 +112,8 @@ async fn run(driver: &str, mode: Mode) {
         ("PGCACHE_DIRECT_URL".to_owned(), direct),
         (
             "PGCACHE_MODE".to_owned(),
-            if matches!(mode, Mode::Cached | Mode::TransactionCached) { "cached" } else { "plain" }.to_owned(),
+            if matches!(mode, Mode::Cached | Mode::TransactionCached | Mode::Scram) { "cached" } else { "plain" }
+                .to_owned(),
         ),
         ("NODE_PATH".to_owned(), suites().join("node/node_modules").display().to_string()),
     ];
@@ -121,7 +135,12 @@ async fn run(driver: &str, mode: Mode) {
         let handoffs = proxy.metric("pgcache_backend_handoffs_total").await;
         assert!(handoffs > 0.0, "{driver}: backends were handed from client to client");
     }
-    if matches!(mode, Mode::Cached | Mode::TransactionCached) {
+    if mode == Mode::Scram {
+        let failures = proxy.metric("pgcache_login_failures_total").await;
+        assert_eq!(failures, 0.0, "{driver}: every SCRAM log-in succeeded");
+        assert!(proxy.shared.pools.all().iter().any(|p| p.key.user == "drv_scram"), "{driver} logged in as drv_scram");
+    }
+    if matches!(mode, Mode::Cached | Mode::TransactionCached | Mode::Scram) {
         let t = proxy.shared.stats.totals();
         assert!(t.hits > 0 && t.misses > 0, "{driver}: the cache was used ({} hits, {} misses)", t.hits, t.misses);
     }
@@ -205,4 +224,24 @@ async fn pgjdbc_in_transaction_pooling() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgjdbc_in_transaction_pooling_with_everything_cached() {
     run("jdbc", Mode::TransactionCached).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_logs_in_with_scram() {
+    run("asyncpg", Mode::Scram).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_logs_in_with_scram() {
+    run("psycopg", Mode::Scram).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_logs_in_with_scram() {
+    run("node", Mode::Scram).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_logs_in_with_scram() {
+    run("jdbc", Mode::Scram).await;
 }

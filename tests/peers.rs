@@ -302,3 +302,57 @@ async fn bypass_triggers_announce_writes_made_straight_to_postgres() {
         .get(0);
     assert_eq!(left, 0, "uninstall leaves no trace");
 }
+
+/// With the fleet's secret, a notification anyone can send is not heard: a role with no
+/// privileges cannot flush the fleet. What the instances and the bypass triggers seal is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_messages_sealed_with_the_fleet_secret_are_heard() {
+    const SECRET: &str = "a fleet secret for the test";
+    let p =
+        pair(|c| c.peers.secret = Some(pgcache::config::PeersSecret::Given(pgcache::config::Password::new(SECRET))))
+            .await;
+    let db: String = p.admin.query_one("SELECT current_database()", &[]).await.unwrap().get(0);
+    assert_eq!(text(&p.a, READ).await, "v1");
+    let before = executions(&p.admin, "FROM items WHERE id").await;
+    assert_eq!(text(&p.a, READ).await, "v1");
+    assert_eq!(executions(&p.admin, "FROM items WHERE id").await, before, "cached");
+    // A role with no privileges forges "everything in this database changed".
+    p.admin.batch_execute("DROP ROLE IF EXISTS peers_nobody; CREATE ROLE peers_nobody LOGIN").await.unwrap();
+    let cluster = PgCluster::shared();
+    let forged = format!(
+        "SELECT pg_notify('pgcache_invalidation', '{{\"v\":1,\"i\":\"x\",\"d\":\"{db}\",\"t\":0,\"a\":true}}')"
+    );
+    let out = common::psql(cluster.port, &db, "peers_nobody", &["-c", &forged]).await;
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let rejected = "pgcache_peer_messages_rejected_total";
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while p.fleet[0].metric(rejected).await < 1.0 {
+        assert!(Instant::now() < deadline, "the forged message was seen and dropped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(text(&p.a, READ).await, "v1");
+    assert_eq!(executions(&p.admin, "FROM items WHERE id").await, before, "still served from the cache");
+    // A write through the other instance is sealed, so it is heard.
+    p.b.batch_execute("UPDATE items SET v = 'through b' WHERE id = 1").await.unwrap();
+    assert!(until(&p.a, "through b", Duration::from_secs(2)).await.is_some(), "a sealed message is heard");
+    // The bypass triggers seal with the same secret.
+    let user = cluster.superuser();
+    let upstream = cluster.url(&db, &user);
+    let dir = rules_dir(&[("r.toml", RULES)]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgcache"))
+        .args(["triggers", "install", "--upstream", &upstream, "--rules", dir.path().to_str().unwrap()])
+        .env("PGCACHE_PEERS_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key_readable: bool = p
+        .admin
+        .query_one("SELECT has_table_privilege('peers_nobody', 'pgcache.peer_key', 'SELECT')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!key_readable, "only the triggers' owner can read their key");
+    let out = common::psql(cluster.port, &db, &user, &["-c", "UPDATE items SET v = 'from psql' WHERE id = 1"]).await;
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(until(&p.a, "from psql", Duration::from_secs(2)).await.is_some(), "the triggers' sealed message is heard");
+}

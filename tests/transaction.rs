@@ -437,7 +437,7 @@ async fn a_client_that_leaves_at_once_gives_back_what_the_backend_has_prepared()
     let cluster = PgCluster::shared();
     let db = cluster.create_db("txn_leave").await;
     let mut c = config(cluster, 1);
-    c.auth.mode = pgcache::config::AuthMode::Trust;
+    c.auth.method = pgcache::config::AuthMethod::Trust;
     let proxy = Proxy::start(c).await;
     let user = cluster.superuser();
     // All three clients start alike, so they are given the same backend.

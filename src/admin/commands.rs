@@ -295,7 +295,16 @@ fn config(ctx: &Context) -> ResultSet {
                 ),
             ),
             ("rules", c.rules.display().to_string()),
-            ("auth.mode", format!("{:?}", c.auth.mode).to_lowercase()),
+            ("auth.method", c.auth.method.name().to_owned()),
+            (
+                "auth.verifiers",
+                match &c.auth.verifiers {
+                    crate::config::VerifierSource::Query { user, database, .. } => {
+                        format!("auth query as {user} in {database}")
+                    }
+                    crate::config::VerifierSource::Userlist(p) => format!("userlist {}", p.display()),
+                },
+            ),
             ("auth.allow_plaintext_over_network", c.auth.allow_plaintext_over_network.to_string()),
             ("auth.verify_interval", humantime::format_duration(c.auth.verify_interval).to_string()),
             ("pool.mode", format!("{:?}", c.pool.mode).to_lowercase()),

@@ -12,9 +12,10 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
+use crate::backend::Secret;
 use crate::backend::connection::Connection;
 use crate::backend::{ConnectError, PoolError};
-use crate::config::AuthMode;
+use crate::config::AuthMethod;
 use crate::context::Context;
 use crate::frontend::{Client, SessionError, ask_password, welcome};
 use crate::protocol::backend::{self as be, PgError, TransactionStatus};
@@ -56,26 +57,32 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: &Startup) -
     run(ctx, client).await
 }
 
-/// Verifies the login like any other (Postgres judges the password), returning the server
-/// version to report.
+/// Verifies the login like any other (`auth.method`: SCRAM against the role's verifier, or
+/// Postgres judging a cleartext password), returning the server version to report.
 async fn authenticate(ctx: &Arc<Context>, client: &mut Client, user: &str) -> Result<String, SessionError> {
+    const VERSION: &str = "15.0 (pgcache console)";
     let config = ctx.config();
-    if config.auth.mode == AuthMode::Trust {
-        return Ok("15.0 (pgcache console)".into());
+    match config.auth.method {
+        AuthMethod::Trust => return Ok(VERSION.into()),
+        AuthMethod::ScramSha256 => {
+            crate::frontend::scram::authenticate(client, ctx, user).await?;
+            return Ok(VERSION.into());
+        }
+        AuthMethod::Cleartext => {}
     }
     let params =
         Arc::new(vec![("user".to_owned(), user.to_owned()), ("database".to_owned(), config.upstream.dbname.clone())]);
     let endpoint = ctx.pools.endpoint();
-    let mut password = None;
+    let mut secret = None;
     loop {
-        match Connection::connect(endpoint, params.clone(), password.as_ref()).await {
+        match Connection::connect(endpoint, params.clone(), secret.as_ref()).await {
             Ok(conn) => {
                 let version = conn.params.get("server_version").cloned().unwrap_or_else(|| "15.0".into());
                 conn.terminate().await;
                 return Ok(format!("{version} (pgcache console)"));
             }
-            Err(ConnectError::PasswordRequired) if password.is_none() => {
-                password = Some(ask_password(client, config.auth.allow_plaintext_over_network).await?)
+            Err(ConnectError::PasswordRequired) if secret.is_none() => {
+                secret = Some(Secret::Password(ask_password(client, config.auth.allow_plaintext_over_network).await?))
             }
             Err(e) => return Err(SessionError::Pool(PoolError::Connect(e))),
         }

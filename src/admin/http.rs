@@ -1,4 +1,5 @@
-//! The admin HTTP server on `--admin`: `/metrics` (Prometheus text), `/healthz` (the process
+//! The admin HTTP server on `--admin` (apart from the client listener): `/metrics`
+//! (Prometheus text; with `metrics.token`, only for `Authorization: Bearer <token>`), `/healthz` (the process
 //! is up) and `/readyz` (rules loaded and Postgres reachable; 503 with the reason otherwise,
 //! and during shutdown so traffic moves elsewhere). One small axum router, because the
 //! exporter's own listener answers every path with the metrics.
@@ -8,9 +9,10 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::context::Context;
@@ -30,9 +32,18 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>) {
     }
 }
 
-async fn metrics(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
+async fn metrics(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> axum::response::Response {
+    if let Some(token) = &ctx.config().metrics_token {
+        let given =
+            headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let expected = token.expose().as_bytes();
+        if given.is_none_or(|g| g.as_bytes().ct_eq(expected).unwrap_u8() != 1) {
+            return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], "a bearer token is required\n")
+                .into_response();
+        }
+    }
     refresh_gauges(&ctx);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ctx.stats.metrics.render())
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ctx.stats.metrics.render()).into_response()
 }
 
 /// Gauges are read off their sources at scrape time.

@@ -18,12 +18,12 @@ use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::Password;
 use crate::net::Stream;
 use crate::protocol::backend::{self as be, ErrorFields, TransactionStatus};
 use crate::protocol::frame::{self, Frame, FrameError};
+use crate::protocol::scram;
 
-use super::Endpoint;
+use super::{Endpoint, Secret};
 
 /// Frames from Postgres are trusted to be well formed but still bounded by the protocol's own
 /// i32 length.
@@ -89,6 +89,13 @@ impl ConnectError {
     }
 }
 
+/// A SCRAM exchange with the server: with the password (postgres-protocol's client), or with
+/// the keys a client proved (pass-through, [`scram::KeysClient`]).
+enum Scram {
+    Password(sasl::ScramSha256),
+    Keys(scram::KeysClient),
+}
+
 /// An authenticated backend connection at ReadyForQuery.
 #[derive(Debug)]
 pub struct Connection {
@@ -137,14 +144,14 @@ impl SessionState {
 }
 
 impl Connection {
-    /// Opens and authenticates a connection. `password` is used only if the server asks.
+    /// Opens and authenticates a connection. `secret` is used only if the server asks.
     pub async fn connect(
         endpoint: &Endpoint,
         startup: StartupParams,
-        password: Option<&Password>,
+        secret: Option<&Secret>,
     ) -> Result<Connection, ConnectError> {
         let addr = endpoint.describe();
-        match tokio::time::timeout(endpoint.connect_timeout, Self::connect_inner(endpoint, startup, password)).await {
+        match tokio::time::timeout(endpoint.connect_timeout, Self::connect_inner(endpoint, startup, secret)).await {
             Ok(r) => r,
             Err(_) => Err(ConnectError::Timeout(addr)),
         }
@@ -153,7 +160,7 @@ impl Connection {
     async fn connect_inner(
         endpoint: &Endpoint,
         startup: StartupParams,
-        password: Option<&Password>,
+        secret: Option<&Secret>,
     ) -> Result<Connection, ConnectError> {
         let addr = endpoint.describe();
         let io_err = |source| ConnectError::Io { addr: addr.clone(), source };
@@ -176,7 +183,7 @@ impl Connection {
         frontend::startup_message(conn.startup.iter().map(|(k, v)| (k.as_str(), v.as_str())), &mut out)
             .map_err(StartupViolation::Malformed)?;
         conn.stream.write_all(&out).await.map_err(io_err)?;
-        conn.authenticate(password).await?;
+        conn.authenticate(secret).await?;
         conn.finish_startup().await?;
         Ok(conn)
     }
@@ -185,21 +192,31 @@ impl Connection {
         self.startup.iter().find(|(k, _)| k == "user").map_or("", |(_, v)| v.as_str())
     }
 
-    async fn authenticate(&mut self, password: Option<&Password>) -> Result<(), ConnectError> {
-        let mut scram: Option<sasl::ScramSha256> = None;
+    async fn authenticate(&mut self, secret: Option<&Secret>) -> Result<(), ConnectError> {
+        let mut scram: Option<Scram> = None;
         loop {
             let (tag, msg) = self.read_startup_message().await?;
             let mut out = BytesMut::new();
-            let need = || password.ok_or(ConnectError::PasswordRequired);
+            // A password is needed; SCRAM keys log in with SCRAM only.
+            let password = || match secret {
+                Some(Secret::Password(p)) => Ok(p),
+                Some(Secret::Keys(_)) => Err(ConnectError::UnsupportedAuth(
+                    "the server asks for a password, and only SCRAM keys are known for this role \
+                     (SCRAM pass-through needs scram-sha-256 in pg_hba.conf)"
+                        .into(),
+                )),
+                None => Err(ConnectError::PasswordRequired),
+            };
             let malformed = |e| ConnectError::Protocol(StartupViolation::Malformed(e));
             let scram_failed = |e| ConnectError::Protocol(StartupViolation::Scram(e));
+            let keys_failed = |e: scram::ScramError| scram_failed(std::io::Error::other(e.to_string()));
             match msg {
                 Message::AuthenticationOk => return Ok(()),
                 Message::AuthenticationCleartextPassword => {
-                    frontend::password_message(need()?.expose().as_bytes(), &mut out).map_err(malformed)?;
+                    frontend::password_message(password()?.expose().as_bytes(), &mut out).map_err(malformed)?;
                 }
                 Message::AuthenticationMd5Password(body) => {
-                    let hash = md5_hash(self.user().as_bytes(), need()?.expose().as_bytes(), body.salt());
+                    let hash = md5_hash(self.user().as_bytes(), password()?.expose().as_bytes(), body.salt());
                     frontend::password_message(hash.as_bytes(), &mut out).map_err(malformed)?;
                 }
                 Message::AuthenticationSasl(body) => {
@@ -213,20 +230,39 @@ impl Connection {
                     }
                     // Channel binding is not offered ('n'): the TLS session pgcache holds with
                     // Postgres is not the client's, so binding could not be end to end anyway.
-                    let s = sasl::ScramSha256::new(need()?.expose().as_bytes(), sasl::ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out).map_err(malformed)?;
+                    let s = match secret {
+                        Some(Secret::Keys(keys)) => {
+                            Scram::Keys(scram::KeysClient::new((**keys).clone(), &scram::nonce()))
+                        }
+                        _ => Scram::Password(sasl::ScramSha256::new(
+                            password()?.expose().as_bytes(),
+                            sasl::ChannelBinding::unsupported(),
+                        )),
+                    };
+                    let first = match &s {
+                        Scram::Password(p) => p.message().to_vec(),
+                        Scram::Keys(k) => k.first().into_bytes(),
+                    };
+                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, &first, &mut out).map_err(malformed)?;
                     scram = Some(s);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let s = scram.as_mut().ok_or(StartupViolation::SaslOutOfOrder("continue"))?;
-                    s.update(body.data()).map_err(scram_failed)?;
-                    frontend::sasl_response(s.message(), &mut out).map_err(malformed)?;
+                    let response = match scram.as_mut().ok_or(StartupViolation::SaslOutOfOrder("continue"))? {
+                        Scram::Password(s) => {
+                            s.update(body.data()).map_err(scram_failed)?;
+                            s.message().to_vec()
+                        }
+                        Scram::Keys(k) => k.respond(body.data()).map_err(keys_failed)?.into_bytes(),
+                    };
+                    frontend::sasl_response(&response, &mut out).map_err(malformed)?;
                 }
                 Message::AuthenticationSaslFinal(body) => {
                     // Verifies the server's signature: a server that does not know the
-                    // password cannot complete this.
-                    let s = scram.as_mut().ok_or(StartupViolation::SaslOutOfOrder("final"))?;
-                    s.finish(body.data()).map_err(scram_failed)?;
+                    // password (the verifier) cannot complete this.
+                    match scram.as_mut().ok_or(StartupViolation::SaslOutOfOrder("final"))? {
+                        Scram::Password(s) => s.finish(body.data()).map_err(scram_failed)?,
+                        Scram::Keys(k) => k.verify(body.data()).map_err(keys_failed)?,
+                    }
                     continue;
                 }
                 Message::NoticeResponse(_) => continue,

@@ -1,5 +1,6 @@
 //! What pgcache has learned about logging in to the upstream as a (database, user): that no
-//! password is needed, or a password the upstream accepted. Kept in memory only, never logged;
+//! password is needed, a password the upstream accepted, or the SCRAM keys a client's proof
+//! gave up (SCRAM pass-through: enough to log in as that role, without its password). Kept in memory only, never logged;
 //! forgotten when the upstream rejects it, and trusted only for `auth.verify_interval` after
 //! Postgres last confirmed it, so a password changed or a role locked in Postgres stops
 //! working through pgcache within that interval.
@@ -10,16 +11,35 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::config::Password;
+use crate::protocol::scram::Keys;
 
 use super::PoolKey;
+
+/// What a backend login presents if Postgres asks: a password, or SCRAM keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Secret {
+    Password(Password),
+    /// The keys a client proved in its SCRAM exchange with pgcache: they log in with SCRAM
+    /// only, to a server holding the same verifier.
+    Keys(Box<Keys>),
+}
 
 /// A verified way to log in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Known {
     /// The upstream admitted this user without asking for a password.
     NoPassword,
-    /// The upstream accepted this password.
-    Password(Password),
+    /// The upstream accepted this secret (or, for keys, a client proved them).
+    Secret(Secret),
+}
+
+impl Known {
+    pub fn secret(&self) -> Option<&Secret> {
+        match self {
+            Known::NoPassword => None,
+            Known::Secret(s) => Some(s),
+        }
+    }
 }
 
 /// Verified logins by pool key, with when Postgres confirmed them.
@@ -44,9 +64,9 @@ impl Credentials {
         self.map.lock().get(key).map(|(k, _)| k.clone())
     }
 
-    pub fn remember(&self, key: &PoolKey, password: Option<&Password>) {
-        let known = match password {
-            Some(p) => Known::Password(p.clone()),
+    pub fn remember(&self, key: &PoolKey, secret: Option<&Secret>) {
+        let known = match secret {
+            Some(s) => Known::Secret(s.clone()),
             None => Known::NoPassword,
         };
         self.map.lock().insert(key.clone(), (known, Instant::now()));

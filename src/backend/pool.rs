@@ -20,12 +20,11 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{Password, PoolConfig};
+use crate::config::PoolConfig;
 use crate::protocol::backend::TransactionStatus;
 
 use super::connection::StartupParams;
-use super::credentials::Known;
-use super::{ConnectError, Connection, Credentials, Endpoint};
+use super::{ConnectError, Connection, Credentials, Endpoint, Secret};
 use crate::metrics::Metrics;
 
 /// A pool's identity.
@@ -225,13 +224,13 @@ impl Pool {
         conn.created.elapsed() >= self.settings.max_lifetime
     }
 
-    /// Lends a connection started with `startup`, opening one with `password` if none is idle
+    /// Lends a connection started with `startup`, opening one with `secret` if none is idle
     /// (or always, with `fresh`: a login that must be verified by Postgres itself). Waits up
     /// to the acquire timeout for a free slot.
     pub async fn acquire(
         self: &Arc<Self>,
         startup: &StartupParams,
-        password: Option<&Password>,
+        secret: Option<&Secret>,
         fresh: bool,
     ) -> Result<Lease, PoolError> {
         if self.closed.load(Ordering::Acquire) {
@@ -244,14 +243,7 @@ impl Pool {
         let permit = match waited {
             Ok(Ok(p)) => p,
             Ok(Err(_)) => return Err(PoolError::Closed),
-            Err(_) => {
-                return Err(PoolError::Timeout {
-                    database: self.key.database.clone(),
-                    user: self.key.user.clone(),
-                    timeout: self.settings.acquire_timeout,
-                    max: self.settings.max_size,
-                });
-            }
+            Err(_) => return Err(self.timeout()),
         };
         self.metrics.pool_wait(&self.key.database, &self.key.user, asked.elapsed());
         *self.last_startup.lock() = Some(startup.clone());
@@ -262,7 +254,7 @@ impl Pool {
             tokio::spawn(conn.terminate());
         }
         self.make_room(&permit);
-        match Connection::connect(&self.endpoint, startup.clone(), password).await {
+        match Connection::connect(&self.endpoint, startup.clone(), secret).await {
             Ok(conn) => Ok(Lease::new(conn, permit, self.clone())),
             Err(e) => {
                 if !matches!(e, ConnectError::Server { .. } | ConnectError::PasswordRequired) {
@@ -271,6 +263,39 @@ impl Pool {
                 }
                 Err(e.into())
             }
+        }
+    }
+
+    /// Takes into the pool a connection opened outside it (a log-in Postgres just accepted),
+    /// lent to its session: waits up to the acquire timeout for a slot, as [`Pool::acquire`].
+    pub async fn adopt(self: &Arc<Self>, conn: Connection) -> Result<Lease, PoolError> {
+        let asked = Instant::now();
+        let counted = Waiting::new(&self.waiting);
+        let waited = tokio::time::timeout(self.settings.acquire_timeout, self.slots.clone().acquire_owned()).await;
+        drop(counted);
+        let permit = match waited {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => {
+                tokio::spawn(conn.terminate());
+                return Err(PoolError::Closed);
+            }
+            Err(_) => {
+                tokio::spawn(conn.terminate());
+                return Err(self.timeout());
+            }
+        };
+        self.metrics.pool_wait(&self.key.database, &self.key.user, asked.elapsed());
+        *self.last_startup.lock() = Some(conn.startup.clone());
+        self.make_room(&permit);
+        Ok(Lease::new(conn, permit, self.clone()))
+    }
+
+    fn timeout(&self) -> PoolError {
+        PoolError::Timeout {
+            database: self.key.database.clone(),
+            user: self.key.user.clone(),
+            timeout: self.settings.acquire_timeout,
+            max: self.settings.max_size,
         }
     }
 
@@ -324,16 +349,13 @@ impl Pool {
         let (Some(startup), Some(known)) = (startup, credentials.last(&self.key)) else {
             return;
         };
-        let password = match &known {
-            Known::Password(p) => Some(p),
-            Known::NoPassword => None,
-        };
+        let secret = known.secret();
         while self.idle.lock().len() < self.settings.min_idle && !self.closed.load(Ordering::Acquire) {
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                 return;
             };
             self.make_room(&permit);
-            match Connection::connect(&self.endpoint, startup.clone(), password).await {
+            match Connection::connect(&self.endpoint, startup.clone(), secret).await {
                 Ok(conn) => self.put_idle(conn),
                 Err(e) => {
                     if e.is_bad_password() {

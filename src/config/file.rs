@@ -65,6 +65,10 @@ pub struct PeersFile {
     /// everything cached for the database is dropped (default `1s`).
     #[serde(default, with = "humantime_serde")]
     pub dead_after: Option<Duration>,
+    /// The fleet's secret: every message on the channel is signed with it (HMAC-SHA-256), and
+    /// unsigned or wrongly signed ones are dropped (default: derived from the upstream URL's
+    /// password, which a fleet shares; better given as `PGCACHE_PEERS_SECRET`).
+    pub secret: Option<String>,
     /// Invalidations are gathered for at least this long into one notification (default
     /// `5ms`): fewer `NOTIFY` commits under write load, at most this much later.
     #[serde(default, with = "humantime_serde")]
@@ -89,6 +93,9 @@ pub struct MetricsFile {
     /// Distinct `table` label values on `pgcache_invalidations_total` before further tables
     /// are counted as `other` (default 100).
     pub max_table_labels: Option<usize>,
+    /// A bearer token `/metrics` requires (`Authorization: Bearer <token>`); none by default.
+    /// (`/healthz` and `/readyz` stay open for probes.)
+    pub token: Option<String>,
 }
 
 /// `[cache]`
@@ -123,9 +130,28 @@ pub struct CacheFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthFile {
-    /// `passthrough` (default: clients log in with their Postgres credentials, verified by
-    /// the upstream) or `trust` (no client authentication; loopback listen addresses only).
+    /// `scram-sha-256` (default: SCRAM against the role's verifier, then SCRAM pass-through to
+    /// Postgres), `cleartext` (the client's password, judged by Postgres) or `trust` (no
+    /// client authentication; loopback listen addresses only).
+    pub method: Option<String>,
+    /// The former name of `method` (`passthrough` meant `cleartext`).
     pub mode: Option<String>,
+    /// The query that returns a role's verifier, given its name as `$1` (default: from
+    /// `pg_authid`, for a superuser auth user).
+    pub query: Option<String>,
+    /// Who runs the auth query (default: the upstream URL's user, with its password).
+    pub user: Option<String>,
+    /// Where the auth query runs (default: the upstream URL's database).
+    pub database: Option<String>,
+    /// A file of `"role" "SCRAM-SHA-256$..."` lines instead of the auth query.
+    pub userlist: Option<PathBuf>,
+    /// How long a verifier is used before it is read again (default `1s`; a failed log-in
+    /// reads it again at once).
+    #[serde(default, with = "humantime_serde")]
+    pub verifier_ttl: Option<Duration>,
+    /// How long a failed log-in waits before it is answered (default `500ms`).
+    #[serde(default, with = "humantime_serde")]
+    pub failure_delay: Option<Duration>,
     /// Allow cleartext password exchange with clients on non-loopback, non-TLS connections
     /// (default `false`).
     pub allow_plaintext_over_network: Option<bool>,

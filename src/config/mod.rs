@@ -41,9 +41,15 @@ pub struct Cli {
     /// Admin HTTP address (/metrics, /healthz, /readyz) [default: 127.0.0.1:9930]
     #[arg(long, global = true, env = "PGCACHE_ADMIN")]
     pub admin: Option<String>,
-    /// Client authentication: passthrough or trust [default: passthrough]
+    /// Client authentication: scram-sha-256, cleartext or trust [default: scram-sha-256]
     #[arg(long, global = true, env = "PGCACHE_AUTH")]
     pub auth: Option<String>,
+    /// The fleet's secret that signs invalidation messages (better given in the environment)
+    #[arg(long, global = true, env = "PGCACHE_PEERS_SECRET", hide_env_values = true)]
+    pub peers_secret: Option<String>,
+    /// A bearer token /metrics requires (better given in the environment)
+    #[arg(long, global = true, env = "PGCACHE_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
     /// Maximum backend connections per (database, user) [default: 20]
     #[arg(long, global = true, env = "PGCACHE_POOL_SIZE")]
     pub pool_size: Option<usize>,
@@ -90,12 +96,40 @@ pub enum Command {
 
 /// How clients prove who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthMode {
-    /// Clients present their Postgres password; the upstream verifies it.
-    Passthrough,
+pub enum AuthMethod {
+    /// SCRAM-SHA-256 (with -PLUS over TLS) against the role's verifier as Postgres stores it;
+    /// pgcache then logs into Postgres with the keys the client proved (pass-through).
+    ScramSha256,
+    /// Clients send their password in cleartext and Postgres judges it (for upstreams that
+    /// authenticate with LDAP, PAM or `password`; over TLS or loopback only).
+    Cleartext,
     /// No client authentication (loopback listeners only).
     Trust,
 }
+
+impl AuthMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::Cleartext => "cleartext",
+            AuthMethod::Trust => "trust",
+        }
+    }
+}
+
+/// Where pgcache finds the SCRAM verifiers it checks clients against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifierSource {
+    /// The auth query, run as `auth.user` in `auth.database`.
+    Query { query: String, user: String, database: String },
+    /// A file of `"role" "SCRAM-SHA-256$..."` lines (PgBouncer's auth_file format).
+    Userlist(PathBuf),
+}
+
+/// The default auth query: the role's verifier unless it cannot log in or has expired (a
+/// superuser's view; for other auth users point `auth.query` at a SECURITY DEFINER function).
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1 \
+     AND rolcanlogin AND (rolvaliduntil IS NULL OR rolvaliduntil > pg_catalog.now())";
 
 /// How long a client keeps a backend connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,9 +148,16 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
-    pub mode: AuthMode,
+    pub method: AuthMethod,
     pub allow_plaintext_over_network: bool,
+    /// Cleartext: how long a password Postgres accepted is trusted without asking Postgres.
     pub verify_interval: Duration,
+    pub verifiers: VerifierSource,
+    /// How long a verifier read from Postgres is used before it is read again (a failed
+    /// log-in reads it again at once).
+    pub verifier_ttl: Duration,
+    /// How long a failed log-in waits before it is answered (as Postgres's `auth_delay`).
+    pub failure_delay: Duration,
 }
 
 /// `[[pool.override]]`: a pool mode for a database, a user, or both.
@@ -188,11 +229,31 @@ pub struct CacheConfig {
 
 #[derive(Debug, Clone)]
 pub struct PeersConfig {
+    /// What signs the messages on the channel (`None`: nothing; they cannot be authenticated).
+    pub secret: Option<PeersSecret>,
     pub enabled: bool,
     pub channel: String,
     pub heartbeat: Duration,
     pub dead_after: Duration,
     pub coalesce: Duration,
+}
+
+/// Where the fleet's secret comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeersSecret {
+    /// `peers.secret` / `PGCACHE_PEERS_SECRET`.
+    Given(Password),
+    /// The upstream URL's password, which the instances of a fleet share.
+    FromUpstream(Password),
+}
+
+impl PeersSecret {
+    /// The key material.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            PeersSecret::Given(p) | PeersSecret::FromUpstream(p) => p.expose().as_bytes(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -222,6 +283,8 @@ pub struct Config {
     pub console: ConsoleConfig,
     pub peers: PeersConfig,
     pub max_table_labels: usize,
+    /// The bearer token `/metrics` requires, if any.
+    pub metrics_token: Option<Password>,
     pub slow_statement: Duration,
 }
 
@@ -266,12 +329,30 @@ impl Config {
         let admin_s = cli.admin.clone().or(f.admin).unwrap_or_else(|| DEFAULT_ADMIN.into());
         let upstream: Upstream =
             upstream_s.parse().map_err(|e: upstream::UpstreamError| invalid("upstream", e.to_string()))?;
-        let auth_mode = match cli.auth.clone().or(f.auth.mode).as_deref() {
-            None | Some("passthrough") => AuthMode::Passthrough,
-            Some("trust") => AuthMode::Trust,
+        if f.auth.method.is_some() && f.auth.mode.is_some() {
+            return Err(invalid("auth.mode", "give auth.method only (auth.mode is its former name)"));
+        }
+        let auth_method = match cli.auth.clone().or(f.auth.method).or(f.auth.mode).as_deref() {
+            None | Some("scram-sha-256") => AuthMethod::ScramSha256,
+            Some("cleartext" | "passthrough") => AuthMethod::Cleartext,
+            Some("trust") => AuthMethod::Trust,
             Some(other) => {
-                return Err(invalid("auth.mode", format!("{other:?} (expected \"passthrough\" or \"trust\")")));
+                return Err(invalid(
+                    "auth.method",
+                    format!("{other:?} (expected \"scram-sha-256\", \"cleartext\" or \"trust\")"),
+                ));
             }
+        };
+        let verifiers = match (f.auth.userlist.clone(), f.auth.query.is_some() || f.auth.user.is_some()) {
+            (Some(_), true) => {
+                return Err(invalid("auth.userlist", "give either auth.userlist or auth.query/auth.user, not both"));
+            }
+            (Some(path), false) => VerifierSource::Userlist(path),
+            (None, _) => VerifierSource::Query {
+                query: f.auth.query.clone().unwrap_or_else(|| DEFAULT_AUTH_QUERY.into()),
+                user: f.auth.user.clone().unwrap_or_else(|| upstream.user.clone()),
+                database: f.auth.database.clone().unwrap_or_else(|| upstream.dbname.clone()),
+            },
         };
         let log_format = match cli.log_format.clone().or(f.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,
@@ -323,9 +404,12 @@ impl Config {
             rules: rules_given.unwrap_or_else(|| PathBuf::from("./rules")),
             log_format,
             auth: AuthConfig {
-                mode: auth_mode,
+                method: auth_method,
                 allow_plaintext_over_network: f.auth.allow_plaintext_over_network.unwrap_or(false),
                 verify_interval: dur(f.auth.verify_interval, 60),
+                verifiers,
+                verifier_ttl: f.auth.verifier_ttl.unwrap_or(Duration::from_secs(1)),
+                failure_delay: f.auth.failure_delay.unwrap_or(Duration::from_millis(500)),
             },
             pool: PoolConfig {
                 mode: pool_mode,
@@ -368,8 +452,16 @@ impl Config {
                 heartbeat: f.peers.heartbeat.unwrap_or(Duration::from_millis(250)),
                 dead_after: dur(f.peers.dead_after, 1),
                 coalesce: f.peers.coalesce.unwrap_or(Duration::from_millis(5)),
+                secret: cli
+                    .peers_secret
+                    .clone()
+                    .or(f.peers.secret)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| PeersSecret::Given(Password::new(s)))
+                    .or_else(|| upstream.password.clone().map(PeersSecret::FromUpstream)),
             },
             max_table_labels: f.metrics.max_table_labels.unwrap_or(100),
+            metrics_token: cli.metrics_token.clone().or(f.metrics.token).filter(|t| !t.is_empty()).map(Password::new),
             slow_statement: dur(f.slow_statement, 1),
             upstream,
         };
@@ -384,9 +476,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.auth.mode == AuthMode::Trust && !self.listen.ip().is_loopback() {
+        if self.auth.method == AuthMethod::Trust && !self.listen.ip().is_loopback() {
             return Err(invalid(
-                "auth.mode",
+                "auth.method",
                 format!("\"trust\" needs a loopback listen address, not {}", self.listen),
             ));
         }
@@ -440,8 +532,8 @@ impl Config {
 impl Config {
     /// This configuration with the settings of `fresh` that can change while running
     /// (`auth.allow_plaintext_over_network`, `client.startup_timeout`,
-    /// `client.max_message_bytes`, `client.max_output_bytes`, `client.tls_required` when TLS
-    /// is configured,
+    /// `client.max_message_bytes`, `client.max_output_bytes`, `metrics.token`,
+    /// `auth.failure_delay`, `client.tls_required` when TLS is configured,
     /// `cache.single_flight_wait`, `cache.unknown_writes`, `cache.invalidate_on_writes`,
     /// `cache.invalidate_by_key`, `console.users`, `console.database`, `shutdown.drain_timeout`), and the names of the
     /// other settings that differ and need a restart.
@@ -451,6 +543,8 @@ impl Config {
         next.client.startup_timeout = fresh.client.startup_timeout;
         next.client.max_message_bytes = fresh.client.max_message_bytes;
         next.client.max_output_bytes = fresh.client.max_output_bytes;
+        next.metrics_token = fresh.metrics_token.clone();
+        next.auth.failure_delay = fresh.auth.failure_delay;
         if self.client.tls_cert.is_some() {
             next.client.tls_required = fresh.client.tls_required;
         }
@@ -473,7 +567,9 @@ impl Config {
         differs("rules", format!("{:?}", self.rules), format!("{:?}", fresh.rules));
         differs("log_format", format!("{:?}", self.log_format), format!("{:?}", fresh.log_format));
         differs("slow_statement", format!("{:?}", self.slow_statement), format!("{:?}", fresh.slow_statement));
-        differs("auth.mode", format!("{:?}", self.auth.mode), format!("{:?}", fresh.auth.mode));
+        differs("auth.method", format!("{:?}", self.auth.method), format!("{:?}", fresh.auth.method));
+        differs("auth.verifiers", format!("{:?}", self.auth.verifiers), format!("{:?}", fresh.auth.verifiers));
+        differs("auth.verifier_ttl", format!("{:?}", self.auth.verifier_ttl), format!("{:?}", fresh.auth.verifier_ttl));
         differs(
             "auth.verify_interval",
             format!("{:?}", self.auth.verify_interval),
@@ -498,6 +594,7 @@ impl Config {
         );
         differs("cache.catalog_ttl", format!("{:?}", self.cache.catalog_ttl), format!("{:?}", fresh.cache.catalog_ttl));
         differs("metrics.max_table_labels", self.max_table_labels.to_string(), fresh.max_table_labels.to_string());
+
         differs("peers", format!("{:?}", self.peers), format!("{:?}", fresh.peers));
         (next, restart)
     }
@@ -550,7 +647,7 @@ mod tests {
         assert_eq!(c.admin.to_string(), DEFAULT_ADMIN);
         assert_eq!(c.upstream.user, "postgres");
         assert_eq!(c.rules, PathBuf::from("./rules"));
-        assert_eq!(c.auth.mode, AuthMode::Passthrough);
+        assert_eq!(c.auth.method, AuthMethod::ScramSha256);
         assert_eq!(c.pool.max_size, 20);
     }
 
@@ -583,7 +680,7 @@ mod tests {
         let e = Config::merge(&cli(&["--auth", "trust", "--listen", "0.0.0.0:6432"]), FileConfig::default())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("auth.mode") && e.contains("loopback"), "{e}");
+        assert!(e.contains("auth.method") && e.contains("loopback"), "{e}");
         let f = FileConfig::parse("[pool]\nmin_idle = 50\n").unwrap();
         let e = Config::merge(&Cli::default(), f).unwrap_err().to_string();
         assert!(e.contains("pool.min_idle"), "{e}");

@@ -13,8 +13,10 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::verifiers::{VerifierError, Verifiers};
 use crate::backend::{Endpoint, Pools};
 use crate::cache::{Flights, Generations, Store};
+use crate::config::VerifierSource;
 use crate::config::{Config, ConfigError};
 use crate::net::tls::{self, TlsError};
 use crate::peers::Peers;
@@ -32,6 +34,8 @@ pub enum ContextError {
     Tls(#[from] TlsError),
     #[error("invalid rules:\n{0}")]
     Rules(#[from] LoadError),
+    #[error(transparent)]
+    Verifiers(#[from] VerifierError),
 }
 
 /// Why a reload changed nothing (or only the rules): what was in force stays in force.
@@ -56,6 +60,13 @@ pub struct Context {
     pub pools: Pools,
     pub cancels: Arc<CancelRegistry>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Channel-binding data of the client certificate (SCRAM-SHA-256-PLUS is offered over TLS
+    /// only when this is known).
+    pub tls_end_point: Option<Vec<u8>>,
+    /// The SCRAM verifiers clients are checked against.
+    pub verifiers: Verifiers,
+    /// A secret of this process's (mock SCRAM exchanges for roles without a verifier).
+    pub process_secret: [u8; 32],
     pub rules: Arc<Rules>,
     pub store: Store,
     pub generations: Arc<Generations>,
@@ -119,10 +130,19 @@ impl Context {
 
     pub fn new(config: Config, shutdown: CancellationToken) -> Result<Arc<Context>, ContextError> {
         let endpoint = Arc::new(Endpoint::new(&config.upstream, config.pool.connect_timeout)?);
-        let tls = match (&config.client.tls_cert, &config.client.tls_key) {
-            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        let (tls, tls_end_point) = match (&config.client.tls_cert, &config.client.tls_key) {
+            (Some(cert), Some(key)) => (Some(tls::acceptor(cert, key)?), tls::end_point(cert)?),
+            _ => (None, None),
+        };
+        let auth_password = match &config.auth.verifiers {
+            VerifierSource::Query { user, .. } if *user == config.upstream.user => config.upstream.password.clone(),
             _ => None,
         };
+        let verifiers =
+            Verifiers::new(config.auth.verifiers.clone(), endpoint.clone(), auth_password, config.auth.verifier_ttl)?;
+        let mut process_secret = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut process_secret)
+            .expect("the system's random source");
         let stats = Arc::new(Stats::new(config.max_table_labels, config.slow_statement));
         let rules = if config.rules_explicit || config.rules.exists() {
             Rules::load(&config.rules, Some(stats.metrics.clone()))?
@@ -155,6 +175,9 @@ impl Context {
             config_source: parking_lot::Mutex::new(None),
             cancels: Arc::new(CancelRegistry::default()),
             tls,
+            tls_end_point,
+            verifiers,
+            process_secret,
             shutdown,
             force_close: CancellationToken::new(),
         }))

@@ -61,6 +61,9 @@ pub async fn run(mut config: Config) -> Result<(), DemoError> {
         std::fs::write(rules.join(name), text)?;
     }
     config.upstream = cluster.url("demo").parse()?;
+    // The throwaway cluster trusts its superuser: clients log in as to it, with no password
+    // (SCRAM needs a role with a password; see the README on authentication).
+    config.auth.method = crate::config::AuthMethod::Cleartext;
     config.rules = rules.clone();
     config.rules_explicit = true;
     let listener = server::bind(&config).await?;

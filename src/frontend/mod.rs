@@ -1,6 +1,7 @@
 //! The client side of every connection, before and around what it is for: opening
 //! (SSLRequest and GSSENCRequest answered, TLS accepted, CancelRequest recognised and
-//! forwarded, the StartupMessage read), the cleartext password exchange, the welcome a client
+//! forwarded, the StartupMessage read), the SCRAM ([`scram`]) and cleartext password
+//! exchanges, the welcome a client
 //! gets after authentication, and the one place where an error becomes what the client sees
 //! ([`error`]). (The cancel keys handed out live in [`crate::context::cancel`].)
 //!
@@ -8,6 +9,7 @@
 
 pub mod client;
 pub mod error;
+pub mod scram;
 
 use std::sync::Arc;
 

@@ -44,6 +44,12 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// `tls-server-end-point` channel-binding data of the certificate clients see (the first of
+/// the chain): `None` when its signature's hash is not one SCRAM-SHA-256-PLUS can use.
+pub fn end_point(cert: &Path) -> Result<Option<Vec<u8>>, TlsError> {
+    Ok(certs(cert)?.first().and_then(|c| crate::protocol::scram::server_end_point(c.as_ref())))
+}
+
 /// The TLS acceptor for client connections, from PEM files.
 pub fn acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
     let chain = certs(cert)?;

@@ -188,6 +188,10 @@ async fn flush(peers: &Peers, link: &Link, client: &Client) -> Result<bool, Link
 async fn send(peers: &Peers, link: &Link, client: &Client, payloads: &[String]) -> Result<(), LinkError> {
     let mut sql = String::new();
     for p in payloads {
+        let p = match &peers.seal {
+            Some(seal) => seal.seal(p),
+            None => p.clone(),
+        };
         // The channel is a validated identifier; the payload a literal with quotes doubled
         // (the connection keeps standard_conforming_strings on, its default).
         sql += &format!("SELECT pg_catalog.pg_notify('{}', '{}');", peers.config.channel, p.replace('\'', "''"));
@@ -199,8 +203,18 @@ async fn send(peers: &Peers, link: &Link, client: &Client, payloads: &[String]) 
 
 /// Applies one notification. Returns whether it was this instance's own.
 async fn receive(peers: &Peers, link: &Link, payload: &str) -> bool {
-    let Some(msg) = message::decode(payload) else {
-        tracing::debug!(payload, "not a pgcache message on the invalidation channel");
+    // With the fleet's secret, only what it sealed is read: a role that can NOTIFY the channel
+    // cannot invalidate, flush or play an instance.
+    let opened = match &peers.seal {
+        Some(seal) => seal.open(payload),
+        None => Some(payload),
+    };
+    let Some(msg) = opened.and_then(message::decode) else {
+        peers.stats.metrics.counter(m::PEER_REJECTED, &[]).increment(1);
+        tracing::debug!(
+            len = payload.len(),
+            "a message on the invalidation channel was not sealed by the fleet; dropped"
+        );
         return false;
     };
     if msg.d != link.database {

@@ -21,8 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::query::point::KeyValue;
 
-/// Largest payload sent; Postgres refuses 8000 bytes and more.
-pub const MAX_PAYLOAD: usize = 7900;
+/// Largest message sent, before its seal (about 45 bytes); Postgres refuses payloads of 8000
+/// bytes and more.
+pub const MAX_PAYLOAD: usize = 7850;
 
 /// Who sends the bypass triggers' messages.
 pub const TRIGGER: &str = "trigger";
@@ -223,9 +224,64 @@ pub fn decode(payload: &str) -> Option<Message> {
     serde_json::from_str::<Message>(payload).ok().filter(|m| m.v == 1)
 }
 
+/// Signs and checks messages with the fleet's secret. A sealed payload is
+/// `<base64 HMAC-SHA-256 of the message>.<message>`; the key is derived from the secret (so a
+/// secret of any length gives a 32-byte key, which the bypass triggers hold too).
+pub struct Seal {
+    key: ring::hmac::Key,
+    bytes: [u8; 32],
+}
+
+impl std::fmt::Debug for Seal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Seal(hidden)")
+    }
+}
+
+impl Seal {
+    pub fn new(secret: &[u8]) -> Seal {
+        let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"pgcache peers v1");
+        let mut bytes = [0u8; 32];
+        bytes.copy_from_slice(ring::hmac::sign(&derive, secret).as_ref());
+        Seal { key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes), bytes }
+    }
+
+    /// The derived key (for the bypass triggers, which sign in SQL).
+    pub fn key(&self) -> &[u8; 32] {
+        &self.bytes
+    }
+
+    pub fn seal(&self, message: &str) -> String {
+        use base64::Engine;
+        let tag = ring::hmac::sign(&self.key, message.as_bytes());
+        format!("{}.{message}", base64::engine::general_purpose::STANDARD.encode(tag.as_ref()))
+    }
+
+    /// The message inside a sealed payload, if its seal is right (checked in constant time).
+    pub fn open<'a>(&self, payload: &'a str) -> Option<&'a str> {
+        use base64::Engine;
+        let (tag, message) = payload.split_once('.')?;
+        let tag = base64::engine::general_purpose::STANDARD.decode(tag).ok()?;
+        ring::hmac::verify(&self.key, message.as_bytes(), &tag).ok()?;
+        Some(message)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seals_open_only_with_the_same_secret() {
+        let seal = Seal::new(b"fleet secret");
+        let sealed = seal.seal(r#"{"v":1,"i":"x","d":"db","t":0,"a":true}"#);
+        assert!(sealed.len() <= 8000 - MAX_PAYLOAD + 45, "a seal costs {} bytes", sealed.len() - 40);
+        assert_eq!(seal.open(&sealed), Some(r#"{"v":1,"i":"x","d":"db","t":0,"a":true}"#));
+        assert_eq!(Seal::new(b"another").open(&sealed), None, "another secret");
+        assert_eq!(seal.open(r#"{"v":1,"i":"x","d":"db","t":0,"a":true}"#), None, "unsigned");
+        let forged = sealed.replacen("\"a\":true", "\"a\":false", 1);
+        assert_eq!(seal.open(&forged), None, "changed after signing");
+    }
 
     #[test]
     fn payloads_round_trip_and_stay_under_the_limit() {

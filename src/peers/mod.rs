@@ -54,6 +54,8 @@ const FIRST_LISTEN_WAIT: std::time::Duration = std::time::Duration::from_secs(2)
 /// Invalidation shared with the other instances.
 pub struct Peers {
     config: PeersConfig,
+    /// Signs what this instance publishes and checks what it hears (the fleet's secret).
+    seal: Option<message::Seal>,
     /// This instance's id in messages.
     instance: String,
     catalog: Arc<Catalog>,
@@ -110,7 +112,14 @@ pub struct Status {
 impl Peers {
     pub fn new(config: PeersConfig, catalog: Arc<Catalog>, generations: Arc<Generations>, stats: Arc<Stats>) -> Self {
         let instance = format!("{:016x}", rand::random::<u64>());
+        let seal = config.secret.as_ref().map(|s| message::Seal::new(s.bytes()));
+        if seal.is_none() && config.enabled {
+            tracing::warn!(
+                "peers.secret is not set and the upstream URL has no password: messages on the invalidation channel cannot be authenticated, so any role that can NOTIFY it can invalidate this instance's cache"
+            );
+        }
         Peers {
+            seal,
             config,
             instance,
             catalog,
@@ -132,6 +141,11 @@ impl Peers {
 
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// The key the bypass triggers sign with, if the fleet has a secret.
+    pub fn trigger_key(&self) -> Option<[u8; 32]> {
+        self.seal.as_ref().map(|s| *s.key())
     }
 
     /// The link for `database`, started on first use.

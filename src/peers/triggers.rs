@@ -46,19 +46,56 @@ fn qualified(r: &Relation) -> String {
 }
 
 /// What to install on `tables` for `channel`: the schema, the function, the two triggers per
-/// table, and the removal of pgcache triggers from any other table.
-pub fn install_sql(channel: &str, tables: &[Relation]) -> String {
+/// table, and the removal of pgcache triggers from any other table. With the fleet's `key`
+/// ([`crate::peers::message::Seal`]) the function seals its messages as the instances do:
+/// HMAC-SHA-256 computed in SQL from the key's inner and outer pads, kept in
+/// `pgcache.peer_key`, which no role but its owner may read; the function runs as its owner
+/// (SECURITY DEFINER) to read it.
+pub fn install_sql(channel: &str, tables: &[Relation], key: Option<&[u8; 32]>) -> String {
+    let payload = "json_build_object('v', 1, 'i', 'trigger', 'd', current_database(),\n    \
+         't', (extract(epoch FROM clock_timestamp()) * 1000000)::int8, 'r', json_build_array(TG_RELID::int8))::text";
+    let (key_sql, notify, definer) = match key {
+        Some(key) => {
+            let pad = |byte: u8| {
+                let mut p = [byte; 64];
+                p.iter_mut().zip(key).for_each(|(p, k)| *p ^= k);
+                p.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            };
+            (
+                format!(
+                    "CREATE TABLE IF NOT EXISTS pgcache.peer_key (inner_pad bytea NOT NULL, outer_pad bytea NOT NULL);\n\
+                     REVOKE ALL ON pgcache.peer_key FROM PUBLIC;\n\
+                     DELETE FROM pgcache.peer_key;\n\
+                     INSERT INTO pgcache.peer_key VALUES ('\\x{}'::bytea, '\\x{}'::bytea);\n",
+                    pad(0x36),
+                    pad(0x5c)
+                ),
+                format!(
+                    "DECLARE m text := {payload}; k record;\n\
+                     BEGIN\n  \
+                       SELECT * INTO k FROM pgcache.peer_key;\n  \
+                       PERFORM pg_notify('{channel}', encode(sha256(k.outer_pad || sha256(k.inner_pad || convert_to(m, 'UTF8'))), 'base64') || '.' || m);\n"
+                ),
+                " SECURITY DEFINER",
+            )
+        }
+        None => (
+            "DROP TABLE IF EXISTS pgcache.peer_key;\n".to_owned(),
+            format!("BEGIN\n  PERFORM pg_notify('{channel}', {payload});\n"),
+            "",
+        ),
+    };
     let mut sql = format!(
         "BEGIN;\n\
          CREATE SCHEMA IF NOT EXISTS pgcache;\n\
-         CREATE OR REPLACE FUNCTION pgcache.notify_write() RETURNS trigger LANGUAGE plpgsql\n  \
+         {key_sql}\
+         CREATE OR REPLACE FUNCTION pgcache.notify_write() RETURNS trigger LANGUAGE plpgsql{definer}\n  \
            SET search_path = pg_catalog AS $fn$\n\
-         BEGIN\n  \
-           PERFORM pg_notify('{channel}', json_build_object('v', 1, 'i', 'trigger', 'd', current_database(),\n    \
-             't', (extract(epoch FROM clock_timestamp()) * 1000000)::int8, 'r', json_build_array(TG_RELID::int8))::text);\n  \
+         {notify}  \
            RETURN NULL;\n\
          END\n\
-         $fn$;\n"
+         $fn$;\n\
+         REVOKE ALL ON FUNCTION pgcache.notify_write() FROM PUBLIC;\n"
     );
     let targets: Vec<String> =
         tables.iter().map(|t| format!("'{}'::regclass", qualified(t).replace('\'', "''"))).collect();
@@ -93,6 +130,7 @@ pub fn uninstall_sql() -> String {
            END LOOP;\n\
          END $drop$;\n\
          DROP FUNCTION IF EXISTS pgcache.notify_write();\n\
+         DROP TABLE IF EXISTS pgcache.peer_key;\n\
          DROP SCHEMA IF EXISTS pgcache;\n\
          COMMIT;\n"
     )
@@ -154,6 +192,7 @@ pub async fn run(
     db: &str,
     rules: &RuleSet,
     channel: &str,
+    key: Option<&[u8; 32]>,
     action: &str,
 ) -> Result<String, TriggerError> {
     match action {
@@ -163,7 +202,7 @@ pub async fn run(
         }
         _ => {
             let tables = target_tables(catalog, db, rules).await?;
-            let sql = install_sql(channel, &tables);
+            let sql = install_sql(channel, &tables, key);
             if action == "sql" {
                 return Ok(format!("-- database {db}: {} table(s)\n{sql}", tables.len()));
             }
@@ -180,12 +219,16 @@ mod tests {
 
     #[test]
     fn identifiers_are_quoted_and_the_scripts_are_whole_transactions() {
-        let sql = install_sql("chan", &[Relation::new(Some("public"), "t"), Relation::new(Some("s"), "odd\"name")]);
+        let sql =
+            install_sql("chan", &[Relation::new(Some("public"), "t"), Relation::new(Some("s"), "odd\"name")], None);
         assert!(sql.starts_with("BEGIN;") && sql.ends_with("COMMIT;\n"));
         assert!(sql.contains("ON \"s\".\"odd\"\"name\""), "{sql}");
         assert!(sql.contains("pg_notify('chan'"));
         assert_eq!(sql.matches("CREATE OR REPLACE TRIGGER").count(), 4);
         let un = uninstall_sql();
         assert!(un.contains("DROP SCHEMA IF EXISTS pgcache;") && !un.contains("CASCADE"));
+        let signed = install_sql("chan", &[Relation::new(Some("public"), "t")], Some(&[7; 32]));
+        assert!(signed.contains("SECURITY DEFINER") && signed.contains("REVOKE ALL ON pgcache.peer_key FROM PUBLIC"));
+        assert!(!signed.contains(&"07".repeat(32)), "the key itself is not in the script, only its pads");
     }
 }

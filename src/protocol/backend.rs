@@ -5,7 +5,7 @@
 //! Generated messages are encoded with pgwire's message types; reads use our own checked
 //! [`Reader`] so a malformed backend message is an error, never a panic.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use pgwire::messages::Message;
 use pgwire::messages::response::{ErrorResponse, NoticeResponse, ReadyForQuery};
 use pgwire::messages::startup::{Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey};
@@ -228,6 +228,19 @@ pub fn authentication_ok(out: &mut BytesMut) {
 
 pub fn authentication_cleartext(out: &mut BytesMut) {
     put(out, &Authentication::CleartextPassword);
+}
+
+/// AuthenticationSASL with these mechanisms, in order of preference.
+pub fn authentication_sasl(mechanisms: &[&str], out: &mut BytesMut) {
+    put(out, &Authentication::SASL(mechanisms.iter().map(|m| (*m).to_owned()).collect()));
+}
+
+pub fn authentication_sasl_continue(data: &[u8], out: &mut BytesMut) {
+    put(out, &Authentication::SASLContinue(Bytes::copy_from_slice(data)));
+}
+
+pub fn authentication_sasl_final(data: &[u8], out: &mut BytesMut) {
+    put(out, &Authentication::SASLFinal(Bytes::copy_from_slice(data)));
 }
 
 pub fn parameter_status_msg(name: &str, value: &str, out: &mut BytesMut) {

@@ -198,6 +198,16 @@ pub fn password(body: &[u8]) -> Result<&[u8], Truncated> {
     finish(&r, pw)
 }
 
+/// A SASLInitialResponse body: the mechanism and the client's first message (empty when
+/// absent, length -1).
+pub fn sasl_initial_response(body: &[u8]) -> Result<(&[u8], &[u8]), Truncated> {
+    let mut r = Reader::new(body);
+    let mechanism = r.cstr()?;
+    let len = r.i32()?;
+    let data = if len < 0 { &[][..] } else { r.bytes(len as usize)? };
+    finish(&r, (mechanism, data))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

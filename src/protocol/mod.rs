@@ -17,6 +17,7 @@
 pub mod backend;
 pub mod frame;
 pub mod frontend;
+pub mod scram;
 pub mod sqlstate;
 pub mod startup;
 

@@ -1,26 +1,33 @@
-//! Client authentication and the first backend lease.
+//! Client authentication and the first backend lease, by `auth.method`:
 //!
-//! In `passthrough` mode (the default) pgcache demands exactly what the upstream demands, and
-//! lets the upstream judge: a client's first login as (database, user) opens a fresh backend
-//! connection without a password; if Postgres asks for one, pgcache asks the client for its
-//! password in cleartext (only over TLS or loopback, unless configured otherwise) and logs in
-//! with it (cleartext, md5 or SCRAM, whatever the upstream wants). What worked is remembered
-//! in memory, so later clients are checked against it and can be given pooled connections.
-//! A client whose password differs from the remembered one gets a fresh login of its own, so
-//! a password changed in Postgres is picked up, and a wrong one is refused by Postgres itself
-//! (SQLSTATE 28P01, forwarded verbatim). An idle pooled connection is never handed to a client
-//! that has not been verified.
+//! - `scram-sha-256` (the default): pgcache runs the SCRAM exchange with the client itself,
+//!   against the role's verifier as Postgres stores it ([`crate::backend::verifiers`]), and
+//!   keeps the keys the client's proof gives up to log into Postgres as that role with SCRAM
+//!   (pass-through): no password is ever held or configured. Backends opened later for the
+//!   role — pool growth, `min_idle` — use the same keys. A wrong proof gets Postgres's own
+//!   28P01 after `auth.failure_delay`, as does a role without a usable verifier (after a mock
+//!   exchange), and the role's verifier is read again for its next attempt.
+//! - `cleartext`: pgcache asks the client for its password in cleartext (only over TLS or
+//!   loopback, unless configured otherwise) and Postgres judges it; what Postgres accepted is
+//!   remembered in memory for `auth.verify_interval`, so later clients are checked against it
+//!   and can be given pooled connections. For upstreams that authenticate with LDAP, PAM or
+//!   `password`.
+//! - `trust`: every client is admitted (loopback listeners only); backend logins use the
+//!   upstream URL's password for its user.
 //!
-//! In `trust` mode every client is admitted and backend logins use the upstream URL's password
-//! for its user.
+//! Nothing is created for a client that has not logged in: its pool (and the pool's metric
+//! series) is made only once the client has proved who it is — for `cleartext`, once Postgres
+//! has accepted its password on a connection opened for that purpose, which then joins the
+//! pool. Failed log-ins are counted (`pgcache_login_failures_total`).
 
 use crate::backend::connection::StartupParams;
 use crate::backend::credentials::Known;
-use crate::backend::{ConnectError, Lease, PoolError, PoolKey};
-use crate::config::{AuthMode, Password};
+use crate::backend::{ConnectError, Connection, Lease, PoolError, PoolKey, Secret};
+use crate::config::{AuthMethod, Password};
 use crate::context::Context;
-
+use crate::frontend::scram;
 use crate::frontend::{self, Client, SessionError};
+use crate::metrics;
 
 /// Authenticates the client and returns its backend connection.
 pub async fn login(
@@ -29,56 +36,85 @@ pub async fn login(
     key: &PoolKey,
     startup: &StartupParams,
 ) -> Result<Lease, SessionError> {
-    let pool = ctx.pools.get(key);
-    if ctx.config().auth.mode == AuthMode::Trust {
-        let upstream = &ctx.config().upstream;
-        let password = (key.user == upstream.user).then_some(upstream.password.as_ref()).flatten();
-        return Ok(pool.acquire(startup, password, false).await?);
+    match ctx.config().auth.method {
+        AuthMethod::Trust => {
+            let upstream = &ctx.config().upstream;
+            let password = (key.user == upstream.user).then(|| upstream.password.clone()).flatten();
+            let secret = password.map(Secret::Password);
+            Ok(ctx.pools.get(key).acquire(startup, secret.as_ref(), false).await?)
+        }
+        AuthMethod::ScramSha256 => {
+            let keys = scram::authenticate(client, ctx, &key.user).await?;
+            let secret = Secret::Keys(Box::new(keys));
+            ctx.pools.credentials.remember(key, Some(&secret));
+            Ok(ctx.pools.get(key).acquire(startup, Some(&secret), false).await?)
+        }
+        AuthMethod::Cleartext => cleartext(client, ctx, key, startup).await,
     }
+}
+
+/// `cleartext`: Postgres judges the password the client gives.
+async fn cleartext(
+    client: &mut Client,
+    ctx: &Context,
+    key: &PoolKey,
+    startup: &StartupParams,
+) -> Result<Lease, SessionError> {
     let credentials = &ctx.pools.credentials;
+    let allow = ctx.config().auth.allow_plaintext_over_network;
     match credentials.get(key) {
-        Some(Known::NoPassword) => match pool.acquire(startup, None, false).await {
+        Some(Known::NoPassword) => match ctx.pools.get(key).acquire(startup, None, false).await {
             Err(PoolError::Connect(ConnectError::PasswordRequired)) => credentials.forget(key),
             other => return Ok(other?),
         },
-        Some(Known::Password(known)) => {
-            let given = frontend::ask_password(client, ctx.config().auth.allow_plaintext_over_network).await?;
+        Some(Known::Secret(Secret::Password(known))) => {
+            let given = frontend::ask_password(client, allow).await?;
             if given == known {
-                return match pool.acquire(startup, Some(&known), false).await {
+                let secret = Secret::Password(known);
+                return match ctx.pools.get(key).acquire(startup, Some(&secret), false).await {
                     Err(PoolError::Connect(e)) if e.is_bad_password() => {
                         credentials.forget(key);
+                        ctx.stats.metrics.counter(metrics::LOGIN_FAILURES, &[]).increment(1);
                         Err(PoolError::Connect(e).into())
                     }
                     other => Ok(other?),
                 };
             }
-            return fresh_login(client, ctx, key, startup, Some(given)).await;
+            return fresh(client, ctx, key, startup, Some(given)).await;
         }
-        None => {}
+        Some(Known::Secret(Secret::Keys(_))) | None => {}
     }
-    fresh_login(client, ctx, key, startup, None).await
+    fresh(client, ctx, key, startup, None).await
 }
 
-/// Logs in on a new backend connection, asking the client for a password if Postgres wants
-/// one, and remembers what worked.
-async fn fresh_login(
+/// Logs in on a connection of its own, asking the client for a password if Postgres wants
+/// one; once Postgres has accepted, the login is remembered and the connection joins the pool.
+async fn fresh(
     client: &mut Client,
     ctx: &Context,
     key: &PoolKey,
     startup: &StartupParams,
     mut password: Option<Password>,
 ) -> Result<Lease, SessionError> {
-    let pool = ctx.pools.get(key);
+    let allow = ctx.config().auth.allow_plaintext_over_network;
     loop {
-        match pool.acquire(startup, password.as_ref(), true).await {
-            Ok(lease) => {
-                ctx.pools.credentials.remember(key, password.as_ref());
-                return Ok(lease);
+        let secret = password.clone().map(Secret::Password);
+        match Connection::connect(ctx.pools.endpoint(), startup.clone(), secret.as_ref()).await {
+            Ok(conn) => {
+                ctx.pools.credentials.remember(key, secret.as_ref());
+                return Ok(ctx.pools.get(key).adopt(conn).await?);
             }
-            Err(PoolError::Connect(ConnectError::PasswordRequired)) if password.is_none() => {
-                password = Some(frontend::ask_password(client, ctx.config().auth.allow_plaintext_over_network).await?);
+            Err(ConnectError::PasswordRequired) if password.is_none() => {
+                password = Some(frontend::ask_password(client, allow).await?);
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                if e.is_bad_password() {
+                    ctx.stats.metrics.counter(metrics::LOGIN_FAILURES, &[]).increment(1);
+                } else if !matches!(e, ConnectError::Server { .. }) {
+                    ctx.stats.metrics.backend_error();
+                }
+                return Err(PoolError::Connect(e).into());
+            }
         }
     }
 }

@@ -191,7 +191,7 @@ impl Detached<'_> {
         if pool.failed_within(RETRY_EVERY) {
             return Err(ReattachError::RecentlyFailed);
         }
-        let password = refresh::pooled_password(self.ctx, self.key);
+        let secret = refresh::pooled_secret(self.ctx, self.key);
         let settings = if self.flow.settings.known() {
             self.flow.settings.replay(&self.key.user).ok_or(ReattachError::NotReplayable)?
         } else {
@@ -202,7 +202,7 @@ impl Detached<'_> {
         // state that a new connection cannot be given either is not reproducible.
         let mut fresh = false;
         let lease = loop {
-            let mut lease = pool.acquire(self.startup, password.as_ref(), fresh).await?;
+            let mut lease = pool.acquire(self.startup, secret.as_ref(), fresh).await?;
             let wanted = Wanted::session(self.ctx, settings.clone(), &mut self.flow.settings);
             match adopt(lease.conn(), wanted).await {
                 Ok(replayed) => {

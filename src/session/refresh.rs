@@ -9,11 +9,11 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crate::backend::Secret;
 use crate::backend::connection::StartupParams;
-use crate::backend::credentials::Known;
 use crate::backend::{PoolKey, Reset};
 use crate::cache::{Entry, Key};
-use crate::config::{AuthMode, Password};
+use crate::config::AuthMethod;
 use crate::context::Context;
 use crate::protocol::backend as be;
 use crate::query::Relation;
@@ -38,16 +38,15 @@ pub struct Refresh {
     pub deps: Vec<Relation>,
 }
 
-/// The password pgcache uses to open pooled connections for `key`.
-pub fn pooled_password(ctx: &Context, key: &PoolKey) -> Option<Password> {
-    if ctx.config().auth.mode == AuthMode::Trust {
+/// What pgcache presents to open pooled connections for `key`: in trust mode the upstream
+/// URL's password for its user; otherwise what the last verified login proved (a password,
+/// or SCRAM keys).
+pub fn pooled_secret(ctx: &Context, key: &PoolKey) -> Option<Secret> {
+    if ctx.config().auth.method == AuthMethod::Trust {
         let up = &ctx.config().upstream;
-        return if key.user == up.user { up.password.clone() } else { None };
+        return if key.user == up.user { up.password.clone().map(Secret::Password) } else { None };
     }
-    match ctx.pools.credentials.last(key) {
-        Some(Known::Password(p)) => Some(p),
-        _ => None,
-    }
+    ctx.pools.credentials.last(key).and_then(|k| k.secret().cloned())
 }
 
 /// Starts the refresh; the entry's `refreshing` flag (already set) is cleared when it ends.
@@ -62,8 +61,8 @@ pub fn spawn(ctx: Arc<Context>, r: Refresh) {
 
 async fn run(ctx: &Context, r: &Refresh) -> Result<(), ReplayError> {
     let pool = ctx.pools.get(&r.pool);
-    let password = pooled_password(ctx, &r.pool);
-    let mut lease = pool.acquire(&r.startup, password.as_ref(), false).await?;
+    let secret = pooled_secret(ctx, &r.pool);
+    let mut lease = pool.acquire(&r.startup, secret.as_ref(), false).await?;
     let result = async {
         let conn = lease.conn();
         // Whatever the connection had, it gets the session's settings, read back and checked:

@@ -94,6 +94,7 @@ impl ProxyProcess {
                 &format!("127.0.0.1:{admin}"),
             ])
             .args(args)
+            .args(if args.contains(&"--auth") { &[][..] } else { &["--auth", "cleartext"][..] })
             .env("PGCACHE_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -222,4 +223,25 @@ pub async fn cache_env(
     config.rules_explicit = true;
     tweak(&mut config);
     CacheEnv { proxy: Proxy::start(config).await, db, admin, dir }
+}
+
+/// A CA and a server certificate for `names`, as PEM (ca, cert, key).
+pub fn test_pki(names: &[&str]) -> (String, String, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "pgcache test CA");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let mut params = rcgen::CertificateParams::new(names).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "pgcache test server");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
 }

@@ -28,6 +28,9 @@ impl Proxy {
         c.listen = "127.0.0.1:0".parse().unwrap();
         c.rules = "/nonexistent/pgcache-test-rules".into();
         c.rules_explicit = false;
+        // The test clusters trust their superuser: clients log in as to Postgres, with no
+        // password to give (tests/auth.rs and tests/scram.rs test each method).
+        c.auth.method = pgcache::config::AuthMethod::Cleartext;
         c
     }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio_postgres::{Client, NoTls};
 
+use crate::backend::Secret;
 use crate::backend::credentials::Known;
 use crate::config::Password;
 
@@ -72,12 +73,15 @@ impl Catalog {
         Ok(client)
     }
 
-    /// The logins to try for `db`: the upstream URL's, then any clients have proven.
+    /// The logins to try for `db`: the upstream URL's, then any clients have proven with a
+    /// password (tokio-postgres logs in with a password; SCRAM keys a client proved log in
+    /// only pgcache's own backend connections).
     fn logins(&self, db: &str) -> Vec<(String, Option<Password>)> {
         let mut logins = vec![(self.upstream.user.clone(), self.upstream.password.clone())];
-        logins.extend(self.credentials.known_for_database(db).into_iter().map(|(user, known)| match known {
-            Known::Password(p) => (user, Some(p)),
-            Known::NoPassword => (user, None),
+        logins.extend(self.credentials.known_for_database(db).into_iter().filter_map(|(user, known)| match known {
+            Known::Secret(Secret::Password(p)) => Some((user, Some(p))),
+            Known::Secret(Secret::Keys(_)) => None,
+            Known::NoPassword => Some((user, None)),
         }));
         logins
     }
