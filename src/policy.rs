@@ -57,6 +57,9 @@ pub enum Reason {
     /// Extended-protocol messages sent before it still await their Sync: Postgres may be
     /// skipping to it, so pgcache sends nothing of its own.
     Unsynced,
+    /// The rule shares entries across roles, and this role may not read every relation the
+    /// statement reads (or that could not be checked): Postgres must answer it.
+    NoPrivilege,
     /// An earlier request of a transaction block (or one that begins one) is still running: it
     /// may fail the transaction, after which Postgres would refuse this one.
     InFlight,
@@ -108,6 +111,7 @@ impl std::fmt::Display for Reason {
             Reason::Session(why) => f.write_str(why),
             Reason::Unsynced => f.write_str("earlier extended-protocol messages still await their Sync"),
             Reason::InFlight => f.write_str("an earlier request of its transaction is still running"),
+            Reason::NoPrivilege => f.write_str("shared across roles, and this role may not read what it reads"),
             Reason::TimeWordParameter => f.write_str("a parameter value depends on the time ('now', 'today', ...)"),
             Reason::RowLimit => f.write_str("executed with a row limit"),
             Reason::PortalReused => f.write_str("its portal is used again in the same batch"),

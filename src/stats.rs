@@ -164,6 +164,11 @@ pub struct TotalsSnapshot {
     pub busy: Duration,
 }
 
+/// Tables whose writes are recorded one by one; later ones share the record of
+/// [`OTHER_TABLES`].
+pub const MAX_TABLES: usize = 10_000;
+const OTHER_TABLES: &str = "*other*";
+
 pub struct Stats {
     pub metrics: Arc<Metrics>,
     started: Instant,
@@ -316,9 +321,15 @@ impl Stats {
         });
     }
 
-    /// Updates `table`'s record of writes, creating it (and its counters) the first time.
+    /// Updates `table`'s record of writes, creating it (and its counters) the first time (at
+    /// most [`MAX_TABLES`] records).
     fn written(&self, table: &str, update: impl FnOnce(&mut Written)) {
         let mut writes = self.table_writes.lock();
+        if let Some(w) = writes.get_mut(table) {
+            return update(w);
+        }
+        // Table names come from clients' SQL: past this many, further tables share one record.
+        let table = if writes.len() >= MAX_TABLES { OTHER_TABLES } else { table };
         if let Some(w) = writes.get_mut(table) {
             return update(w);
         }

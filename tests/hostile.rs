@@ -194,3 +194,84 @@ async fn a_full_cache_costs_about_its_bound() {
         );
     }
 }
+
+/// A rule that shares entries across roles serves one to a role only once Postgres has said
+/// the role may read what it reads: another role gets Postgres's own 42501, not the rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_entry_is_served_only_to_roles_that_may_read_it() {
+    let cluster = PgCluster::shared();
+    let rules =
+        "[[rule]]\nname = \"shared\"\nmatch = { tables = [\"secrets\"] }\nttl = \"10m\"\nshare_across_roles = true\n";
+    let schema = "CREATE TABLE secrets (id int PRIMARY KEY, v text); INSERT INTO secrets VALUES (1, 'classified');
+        DO $$ BEGIN CREATE ROLE share_yes LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+        DO $$ BEGIN CREATE ROLE share_no LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+        GRANT SELECT ON secrets TO share_yes;";
+    let env = cache_env(cluster, "shared_roles", schema, rules, |_| {}).await;
+    let read = "SELECT v FROM secrets WHERE id = 1";
+    let owner = client(&env).await;
+    assert_eq!(text(&owner, read).await, "classified");
+    let yes = env.proxy.connect(&env.db, "share_yes").await;
+    assert!(served_from_cache(&env, &yes, read).await, "a role with SELECT shares the entry");
+    let no = env.proxy.connect(&env.db, "share_no").await;
+    // (Postgres's own refusal: pgcache never answers 42501 itself.)
+    let err = try_text(&no, read).await.expect_err("a role without SELECT is refused");
+    assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err}");
+    assert!(err.as_db_error().is_some_and(|e| e.message().contains("permission denied for table secrets")));
+    // A REVOKE (DDL) is seen: the role's answer is asked again.
+    yes.batch_execute("SELECT 1").await.unwrap();
+    owner.batch_execute("REVOKE SELECT ON secrets FROM share_yes").await.unwrap();
+    let err = try_text(&yes, read).await.expect_err("after the REVOKE");
+    assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err}");
+}
+
+/// While Postgres refuses connections, clients that need one are told at once (57P03) instead
+/// of each waiting for its connect timeout; and a pool's wait queue is bounded (53300).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_refusing_connections_is_answered_at_once_and_waits_are_bounded() {
+    let cluster = PgCluster::start(common::ClusterOptions::default());
+    let mut c = common::Proxy::config(&cluster);
+    c.pool.retry_delay = std::time::Duration::from_secs(30);
+    c.pool.connect_timeout = std::time::Duration::from_secs(2);
+    let proxy = common::Proxy::start(c).await;
+    let user = cluster.superuser();
+    assert_eq!(text(&proxy.connect("postgres", &user).await, "SELECT 1").await, "1");
+    cluster.stop_server();
+    let url = proxy.url("postgres", &user);
+    let first = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.err().expect("Postgres is down");
+    let started = std::time::Instant::now();
+    let second = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.err().expect("still down");
+    assert!(started.elapsed() < std::time::Duration::from_millis(500), "told at once: {:?}", started.elapsed());
+    assert_eq!(second.code().map(|c| c.code()), Some("57P03"), "{second} (first: {first})");
+    cluster.start_server();
+
+    // One backend, one client holding it: with max_waiting = 1, a second waits, a third is
+    // refused at once.
+    let mut c = common::Proxy::config(&cluster);
+    c.pool.max_size = 1;
+    c.pool.max_waiting = 1;
+    c.pool.acquire_timeout = std::time::Duration::from_secs(5);
+    c.pool.mode = pgcache::config::PoolMode::Transaction;
+    let proxy = common::Proxy::start(c).await;
+    let holder = proxy.connect("postgres", &user).await;
+    let (a, b) = (proxy.connect("postgres", &user).await, proxy.connect("postgres", &user).await);
+    holder.batch_execute("BEGIN").await.unwrap();
+    let waiting = tokio::spawn(async move { try_text(&a, "SELECT 'waited'").await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let refused = try_text(&b, "SELECT 1").await.expect_err("the queue is full");
+    assert_eq!(refused.code().map(|c| c.code()), Some("53300"), "{refused}");
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap(), "waited");
+}
+
+/// A statement of megabytes is classified away from the runtime's workers, not kept by any
+/// cache of texts, and still invalidates what it writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_statement_is_classified_and_invalidates() {
+    let env = env("huge").await;
+    let c = client(&env).await;
+    assert_eq!(text(&c, READ_T).await, "one");
+    let big = "x".repeat(2 << 20);
+    c.batch_execute(&format!("UPDATE t SET v = '{big}' WHERE id = 1")).await.unwrap();
+    assert_eq!(text(&c, "SELECT length(v) FROM t WHERE id = 1").await, (2 << 20).to_string());
+    assert_eq!(text(&c, READ_T).await.len(), 2 << 20, "the cached read was invalidated");
+}

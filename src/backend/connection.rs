@@ -83,6 +83,17 @@ pub enum StartupViolation {
 }
 
 impl ConnectError {
+    /// Whether Postgres is unreachable or refusing connections (not a login it judged): the
+    /// pool's breaker opens for `pool.retry_delay`. "Too many connections" and "starting up"
+    /// are refusals too.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            ConnectError::Server { fields, .. } => matches!(fields.code.as_str(), "53300" | "57P03"),
+            ConnectError::PasswordRequired | ConnectError::UnsupportedAuth(_) => false,
+            _ => true,
+        }
+    }
+
     /// Whether Postgres rejected the password (so a remembered one must be forgotten).
     pub fn is_bad_password(&self) -> bool {
         matches!(self, ConnectError::Server { fields, .. } if fields.code == "28P01")

@@ -40,6 +40,14 @@ pub enum PoolError {
     Timeout { database: String, user: String, timeout: Duration, max: usize },
     #[error("pgcache is shutting down")]
     Closed,
+    /// `pool.max_waiting` clients already wait for a backend of this pool.
+    #[error("too many clients already waiting for a backend connection for {user}@{database} ({waiting})")]
+    TooManyWaiting { database: String, user: String, waiting: usize },
+    /// Opening a connection failed moments ago: rather than every client trying again (and
+    /// waiting for the connect timeout), they are told at once until `pool.retry_delay` has
+    /// passed.
+    #[error("Postgres is not accepting connections (the last attempt failed {ago_ms} ms ago): {error}")]
+    Unavailable { ago_ms: u128, error: String },
     #[error(transparent)]
     Connect(#[from] ConnectError),
 }
@@ -89,8 +97,8 @@ pub struct Pool {
     idle: Mutex<VecDeque<Idle>>,
     /// Startup parameters most recently asked for: used to open `min_idle` connections.
     last_startup: Mutex<Option<StartupParams>>,
-    /// When opening a connection last failed (Postgres unreachable or refusing).
-    last_failure: Mutex<Option<Instant>>,
+    /// When opening a connection last failed (Postgres unreachable or refusing), and why.
+    last_failure: Mutex<Option<(Instant, String)>>,
     /// Connections lent out, by backend pid: when they were opened.
     lent: Mutex<HashMap<i32, Instant>>,
     closed: AtomicBool,
@@ -236,6 +244,14 @@ impl Pool {
         if self.closed.load(Ordering::Acquire) {
             return Err(PoolError::Closed);
         }
+        let waiting = self.waiting.load(Ordering::Relaxed);
+        if self.settings.max_waiting > 0 && waiting >= self.settings.max_waiting {
+            return Err(PoolError::TooManyWaiting {
+                database: self.key.database.clone(),
+                user: self.key.user.clone(),
+                waiting,
+            });
+        }
         let asked = Instant::now();
         let counted = Waiting::new(&self.waiting);
         let waited = tokio::time::timeout(self.settings.acquire_timeout, self.slots.clone().acquire_owned()).await;
@@ -253,13 +269,21 @@ impl Pool {
             }
             tokio::spawn(conn.terminate());
         }
+        if let Some((at, error)) = self.last_failure.lock().clone()
+            && at.elapsed() < self.settings.retry_delay
+        {
+            return Err(PoolError::Unavailable { ago_ms: at.elapsed().as_millis(), error });
+        }
         self.make_room(&permit);
         match Connection::connect(&self.endpoint, startup.clone(), secret).await {
-            Ok(conn) => Ok(Lease::new(conn, permit, self.clone())),
+            Ok(conn) => {
+                *self.last_failure.lock() = None;
+                Ok(Lease::new(conn, permit, self.clone()))
+            }
             Err(e) => {
-                if !matches!(e, ConnectError::Server { .. } | ConnectError::PasswordRequired) {
+                if e.is_refusal() {
                     self.metrics.backend_error();
-                    *self.last_failure.lock() = Some(Instant::now());
+                    *self.last_failure.lock() = Some((Instant::now(), e.to_string()));
                 }
                 Err(e.into())
             }
@@ -302,7 +326,7 @@ impl Pool {
     /// Whether opening a connection failed within `within` (to avoid hammering a server that
     /// is down).
     pub fn failed_within(&self, within: Duration) -> bool {
-        self.last_failure.lock().is_some_and(|t| t.elapsed() < within)
+        self.last_failure.lock().as_ref().is_some_and(|(t, _)| t.elapsed() < within)
     }
 
     /// The most recently used idle connection with these startup parameters.

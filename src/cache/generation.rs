@@ -96,8 +96,27 @@ impl Default for Generations {
     }
 }
 
-fn intern<K: std::hash::Hash + Eq + Clone>(map: &Mutex<HashMap<K, Arc<AtomicU64>>>, k: &K) -> Arc<AtomicU64> {
-    map.lock().entry(k.clone()).or_default().clone()
+/// Counters kept per kind (relations, names, databases) before they are all let go. Their
+/// keys come from clients' SQL: bounded, a flood of names costs a cache flush, not memory.
+pub const MAX_COUNTERS: usize = 100_000;
+
+/// The counter for `k`. Past [`MAX_COUNTERS`] the map is emptied and `global` moved, so every
+/// entry that depended on a counter let go dies (a new counter for the same key would not
+/// move for it).
+fn intern<K: std::hash::Hash + Eq + Clone>(
+    map: &Mutex<HashMap<K, Arc<AtomicU64>>>,
+    global: &AtomicU64,
+    k: &K,
+) -> Arc<AtomicU64> {
+    let mut map = map.lock();
+    if let Some(c) = map.get(k) {
+        return c.clone();
+    }
+    if map.len() >= MAX_COUNTERS {
+        map.clear();
+        global.fetch_add(1, Ordering::AcqRel);
+    }
+    map.entry(k.clone()).or_default().clone()
 }
 
 fn snap(counter: Arc<AtomicU64>) -> Dependency {
@@ -125,19 +144,19 @@ impl Generations {
     pub fn snapshot(&self, database: &str, relations: &[Relation], keyed: Option<Keyed<'_>>) -> Vec<Dependency> {
         let mut deps = Vec::with_capacity(relations.len() * 2 + 2);
         deps.push(snap(self.global.clone()));
-        deps.push(snap(intern(&self.databases, &database.to_owned())));
+        deps.push(snap(intern(&self.databases, &self.global, &database.to_owned())));
         let keyed = keyed.filter(|k| self.key_column_is(k.relation, k.column));
         for r in relations {
             match keyed {
                 Some(k) if k.relation == r => {
-                    deps.push(snap(intern(&self.wide, r)));
+                    deps.push(snap(intern(&self.wide, &self.global, r)));
                     for v in k.values {
                         deps.push(snap_counter(Counter::Slot(self.keys.clone(), slot(r, v))));
                     }
                 }
-                _ => deps.push(snap(intern(&self.relations, r))),
+                _ => deps.push(snap(intern(&self.relations, &self.global, r))),
             }
-            deps.push(snap(intern(&self.names, &r.name)));
+            deps.push(snap(intern(&self.names, &self.global, &r.name)));
         }
         deps
     }
@@ -145,8 +164,8 @@ impl Generations {
     /// A write to these resolved relations.
     pub fn bump_relations(&self, relations: &[Relation]) {
         for r in relations {
-            intern(&self.relations, r).fetch_add(1, Ordering::AcqRel);
-            intern(&self.wide, r).fetch_add(1, Ordering::AcqRel);
+            intern(&self.relations, &self.global, r).fetch_add(1, Ordering::AcqRel);
+            intern(&self.wide, &self.global, r).fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -156,6 +175,11 @@ impl Generations {
         match columns.get(relation) {
             Some(c) => c == column,
             None => {
+                if columns.len() >= MAX_COUNTERS {
+                    // (Forgetting which column was a relation's key moves every counter.)
+                    columns.clear();
+                    self.global.fetch_add(1, Ordering::AcqRel);
+                }
                 columns.insert(relation.clone(), column.to_owned());
                 true
             }
@@ -173,18 +197,18 @@ impl Generations {
         for v in values {
             self.keys[slot(relation, v)].fetch_add(1, Ordering::AcqRel);
         }
-        intern(&self.relations, relation).fetch_add(1, Ordering::AcqRel);
+        intern(&self.relations, &self.global, relation).fetch_add(1, Ordering::AcqRel);
     }
 
     /// A write to every relation called `name`, in any schema (unresolved writes and DDL).
     pub fn bump_name(&self, name: &str) {
-        intern(&self.names, &name.to_owned()).fetch_add(1, Ordering::AcqRel);
+        intern(&self.names, &self.global, &name.to_owned()).fetch_add(1, Ordering::AcqRel);
     }
 
     /// Everything read in `database` may have changed (another instance's invalidations may
     /// have been missed).
     pub fn bump_database(&self, database: &str) {
-        intern(&self.databases, &database.to_owned()).fetch_add(1, Ordering::AcqRel);
+        intern(&self.databases, &self.global, &database.to_owned()).fetch_add(1, Ordering::AcqRel);
     }
 
     /// A write whose targets are unknown: every entry dies.

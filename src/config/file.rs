@@ -171,6 +171,13 @@ pub struct PoolFile {
     pub max_size: Option<usize>,
     /// Transaction pooling: statements kept prepared per backend connection (default 200).
     pub max_prepared_statements: Option<usize>,
+    /// Clients that may wait for a backend of one pool at once; more get 53300 at once
+    /// (default 1000; 0: no limit).
+    pub max_waiting: Option<usize>,
+    /// After opening a connection to Postgres failed, clients that need a new one are told so
+    /// at once (57P03) until this has passed, instead of each trying (default `1s`).
+    #[serde(default, with = "humantime_serde")]
+    pub retry_delay: Option<Duration>,
     /// `[[pool.override]]`: another mode for some databases or users (first match wins).
     #[serde(default, rename = "override")]
     pub overrides: Vec<PoolOverrideFile>,

@@ -191,6 +191,11 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     pub max_lifetime: Duration,
     pub connect_timeout: Duration,
+    /// Clients that may wait for a backend of one pool at once (0: no limit); beyond, 53300.
+    pub max_waiting: usize,
+    /// After opening a connection failed, clients are told at once (57P03) instead of trying
+    /// again, until this has passed.
+    pub retry_delay: Duration,
     /// A backend given to a session is made to show that session's state (reset, its
     /// settings applied). Not a setting: only the tests turn it off, to show that their
     /// isolation oracle sees the leaks this prevents.
@@ -417,6 +422,8 @@ impl Config {
                 max_size: cli.pool_size.or(f.pool.max_size).unwrap_or(20),
                 max_prepared_statements: f.pool.max_prepared_statements.unwrap_or(200),
                 isolate_sessions: true,
+                max_waiting: f.pool.max_waiting.unwrap_or(1000),
+                retry_delay: f.pool.retry_delay.unwrap_or(Duration::from_secs(1)),
                 min_idle: f.pool.min_idle.unwrap_or(0),
                 acquire_timeout: dur(f.pool.acquire_timeout, 5),
                 idle_timeout: dur(f.pool.idle_timeout, 600),

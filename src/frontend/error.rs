@@ -113,7 +113,12 @@ impl SessionError {
             SessionError::Frame(e) => fatal(S::PROTOCOL_VIOLATION, e.to_string()),
             SessionError::Protocol(v) => fatal(S::PROTOCOL_VIOLATION, v.to_string()),
             SessionError::Refused(e) => Reply::Error(e.clone()),
-            SessionError::Pool(PoolError::Timeout { .. }) => fatal(S::TOO_MANY_CONNECTIONS, format!("pgcache: {self}")),
+            SessionError::Pool(PoolError::Timeout { .. } | PoolError::TooManyWaiting { .. }) => {
+                fatal(S::TOO_MANY_CONNECTIONS, format!("pgcache: {self}"))
+            }
+            SessionError::Pool(PoolError::Unavailable { .. }) => {
+                fatal(S::CANNOT_CONNECT_NOW, format!("pgcache: {self}"))
+            }
             SessionError::Pool(PoolError::Closed) | SessionError::Shutdown => {
                 fatal(S::ADMIN_SHUTDOWN, "terminating connection due to administrator command".into())
             }

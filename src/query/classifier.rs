@@ -102,8 +102,29 @@ fn with_own_literals(c: Arc<Vec<Classified>>, sql: &str, literals: Option<Vec<&s
     Arc::new(each.collect())
 }
 
+/// Texts longer than this are classified away from the runtime's workers
+/// ([`Classifier::classify_off_worker`]) and never kept by text or shape: a bulk INSERT of
+/// megabytes costs its parse once, and no cache holds it.
+pub const LARGE: usize = 64 * 1024;
+
 impl Classifier {
+    /// [`Classifier::classify`] on a blocking thread for a [`LARGE`] text (its parse may take
+    /// milliseconds, which must not stall the sessions sharing a worker).
+    pub async fn classify_off_worker(self: &Arc<Self>, sql: &str) -> Arc<Vec<Classified>> {
+        if sql.len() <= LARGE {
+            return self.classify(sql);
+        }
+        let (me, text) = (self.clone(), sql.to_owned());
+        match tokio::task::spawn_blocking(move || me.classify(&text)).await {
+            Ok(c) => c,
+            Err(_) => Arc::new(vec![Classified::unparseable()]),
+        }
+    }
+
     pub fn classify(&self, sql: &str) -> Arc<Vec<Classified>> {
+        if sql.len() > LARGE {
+            return Arc::new(classify(sql));
+        }
         if let Some(c) = self.by_text.get(sql) {
             return c;
         }

@@ -86,7 +86,7 @@ impl Answerer<'_> {
 
     async fn answer_query(&mut self, q: &Frame, fallback: bool) -> Option<Bytes> {
         let sql = sql_of(q)?;
-        let classified = self.ctx.classifier.classify(sql);
+        let classified = self.ctx.classifier.classify_off_worker(sql).await;
         self.answer_simple(sql, &classified, fallback).await
     }
 
@@ -129,7 +129,7 @@ impl Answerer<'_> {
                         return None;
                     }
                     let sql = std::str::from_utf8(p.sql).ok()?;
-                    let classified = self.ctx.classifier.classify(sql);
+                    let classified = self.ctx.classifier.classify_off_worker(sql).await;
                     let st = Statement::new(Arc::from(sql), p.param_types.clone(), f.clone(), classified);
                     parsed.insert(p.name.to_vec(), Arc::new(st));
                     be::parse_complete(&mut out);

@@ -146,6 +146,10 @@ impl Asker<'_> {
         }
         // Row-level security makes what a role sees its own, whatever the rule says.
         let with_role = !a.rule.share_across_roles || a.row_security;
+        // An entry shared across roles is served to a role only if it could read it itself.
+        if !with_role && !self.may_read(&a).await {
+            return Looked::Forward(Reason::NoPrivilege);
+        }
         let id = self.memo.settings_id(settings.key_part(with_role), &ctx.store.interner);
         let key = cache_key(&self.key.database, id, sql, req);
         match ctx.store.get(&key) {
@@ -153,6 +157,22 @@ impl Asker<'_> {
             // statement matches first (not after a reload narrowed it or put a bypass first).
             Some((entry, freshness)) if entry.rule.name == a.rule.name => Looked::Found { entry, freshness, key, a },
             _ => Looked::Missing { key, a },
+        }
+    }
+
+    /// Whether the session's role may read everything `a` reads, as Postgres would judge it
+    /// (asked of the catalog, kept for its TTL; offline: not known, so no).
+    async fn may_read(&self, a: &Assessment) -> bool {
+        let Some(role) = self.flow.settings.role() else { return false };
+        if self.offline {
+            return false;
+        }
+        match self.ctx.catalog.may_select(&self.key.database, role, &a.resolved).await {
+            Ok(allowed) => allowed,
+            Err(e) => {
+                tracing::debug!(error = %e, "privileges unknown; a shared entry is not served");
+                false
+            }
         }
     }
 

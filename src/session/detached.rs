@@ -155,8 +155,11 @@ pub async fn run(
 fn refusal(frames: &[Frame], why: &ReattachError) -> Bytes {
     let mut out = BytesMut::new();
     let error = match why {
-        ReattachError::Pool(e @ PoolError::Timeout { .. }) => {
+        ReattachError::Pool(e @ (PoolError::Timeout { .. } | PoolError::TooManyWaiting { .. })) => {
             PgError::error(SqlState::TOO_MANY_CONNECTIONS, format!("pgcache: {e}"))
+        }
+        ReattachError::Pool(e @ PoolError::Unavailable { .. }) => {
+            PgError::error(SqlState::CANNOT_CONNECT_NOW, format!("pgcache: {e}"))
         }
         _ => PgError::error(SqlState::CONNECTION_FAILURE, format!("pgcache: the upstream is unavailable: {why}")),
     };

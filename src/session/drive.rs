@@ -10,7 +10,9 @@ use std::sync::Arc;
 use crate::frontend::SessionError;
 use crate::protocol::Frame;
 use crate::protocol::backend::TransactionStatus;
+use crate::protocol::frontend as fe;
 use crate::query::Classified;
+use crate::query::classifier::LARGE;
 
 use super::answer::Answerer;
 use super::core::batch::{Decided, Need};
@@ -52,7 +54,7 @@ impl Relay<'_> {
         // statement with unknown effects.
         let sql = query::sql_of(&frame);
         let classified = match sql {
-            Some(sql) => self.ctx.classifier.classify(sql),
+            Some(sql) => self.ctx.classifier.classify_off_worker(sql).await,
             None => Arc::new(vec![Classified::unparseable()]),
         };
         let mut effects = Vec::new();
@@ -87,7 +89,15 @@ impl Relay<'_> {
     /// Plans and sends the collected extended-protocol batch.
     pub(super) async fn run_batch(&mut self) -> Result<(), SessionError> {
         let ctx = self.ctx;
-        let Some(mut planner) = self.core.begin_batch(&|sql| ctx.classifier.classify(sql)) else {
+        // Large statements are classified off the runtime's workers first.
+        let mut large = std::collections::HashMap::new();
+        for f in self.core.flow.batch.iter().filter(|f| f.tag() == fe::PARSE && f.raw().len() > LARGE) {
+            if let Some(sql) = fe::parse(f.body()).ok().and_then(|p| std::str::from_utf8(p.sql).ok()) {
+                large.insert(sql.to_owned(), ctx.classifier.classify_off_worker(sql).await);
+            }
+        }
+        let classify = |sql: &str| large.get(sql).cloned().unwrap_or_else(|| ctx.classifier.classify(sql));
+        let Some(mut planner) = self.core.begin_batch(&classify) else {
             return Ok(());
         };
         let mut need = planner.next(self.core);

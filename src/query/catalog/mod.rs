@@ -14,6 +14,7 @@
 //! connections it reads through are opened in [`side`].
 
 mod operators;
+mod privileges;
 mod relations;
 mod side;
 
@@ -67,6 +68,18 @@ struct Cached<T> {
     at: Instant,
 }
 
+/// Facts kept per kind and database; names come from clients' SQL (relations that do not
+/// exist included), so past this many the kind is forgotten and looked up again.
+const MAX_FACTS: usize = 10_000;
+
+/// Keeps a fact, forgetting the others of its kind first if there are [`MAX_FACTS`].
+fn keep<T>(map: &mut HashMap<Relation, Cached<T>>, name: Relation, value: T) {
+    if map.len() >= MAX_FACTS && !map.contains_key(&name) {
+        map.clear();
+    }
+    map.insert(name, Cached { value, at: Instant::now() });
+}
+
 #[derive(Default)]
 struct DbCatalog {
     client: tokio::sync::Mutex<Option<Arc<Client>>>,
@@ -79,6 +92,8 @@ struct DbCatalog {
     /// Qualified relations and their OIDs, both ways (learned from look-ups; forgotten on DDL).
     oids: Mutex<HashMap<Relation, u32>>,
     by_oid: Mutex<HashMap<u32, Relation>>,
+    /// Whether a role may read a relation ([`privileges`]).
+    privileges: Mutex<HashMap<(String, Relation), Cached<bool>>>,
 }
 
 /// What a session of the catalog's login gets by default in a database (for `EXPLAIN CACHE`,
@@ -136,6 +151,7 @@ impl Catalog {
         d.relations.lock().clear();
         d.oids.lock().clear();
         d.by_oid.lock().clear();
+        d.privileges.lock().clear();
         // After the facts are gone: a conclusion stamped with the new epoch used fresh ones.
         self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
@@ -210,7 +226,7 @@ impl Catalog {
                 tokio::time::timeout(LOOKUP_TIMEOUT, fetch(&missing)).await.map_err(|_| CatalogError::Timeout)??;
             let mut map = map.lock();
             for (name, value) in fetched {
-                map.insert(name, Cached { value, at: Instant::now() });
+                keep(&mut map, name, value);
             }
         }
         let map = map.lock();
@@ -274,7 +290,7 @@ impl Catalog {
             let v = tokio::time::timeout(LOOKUP_TIMEOUT, self.fetch_type(db, name))
                 .await
                 .map_err(|_| CatalogError::Timeout)??;
-            d.types.lock().insert(name.clone(), Cached { value: v, at: Instant::now() });
+            keep(&mut d.types.lock(), name.clone(), v);
         }
         let map = d.types.lock();
         Ok(names.iter().map(|n| map.get(n).map_or(Volatility::Volatile, |c| c.value)).collect())

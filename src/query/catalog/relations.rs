@@ -6,12 +6,11 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures_util::future::BoxFuture;
 use tokio_postgres::Client;
 
-use super::{Cached, Catalog, CatalogError, LOOKUP_TIMEOUT, Relation, SETTINGS_ONLY, Volatility};
+use super::{Catalog, CatalogError, LOOKUP_TIMEOUT, Relation, SETTINGS_ONLY, Volatility};
 use crate::query::classify::classify;
 use crate::query::point::KeyType;
 
@@ -85,7 +84,7 @@ impl Catalog {
                     Some(i) => i,
                     None => {
                         let i = Arc::new(self.fetch_relation(db, name, depth).await?);
-                        d.relations.lock().insert(name.clone(), Cached { value: i.clone(), at: Instant::now() });
+                        super::keep(&mut d.relations.lock(), name.clone(), i.clone());
                         i
                     }
                 };
