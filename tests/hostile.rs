@@ -275,3 +275,35 @@ async fn a_huge_statement_is_classified_and_invalidates() {
     assert_eq!(text(&c, "SELECT length(v) FROM t WHERE id = 1").await, (2 << 20).to_string());
     assert_eq!(text(&c, READ_T).await.len(), 2 << 20, "the cached read was invalidated");
 }
+
+/// A write to a table with user triggers invalidates what the triggers' functions write (read
+/// from their bodies), not everything; a trigger running dynamic SQL still invalidates wide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triggers_invalidate_what_their_functions_write() {
+    let env = env("triggers").await;
+    env.admin
+        .batch_execute(
+            "CREATE TABLE audit (n int); INSERT INTO audit VALUES (0);
+             CREATE TABLE audited (v text);
+             CREATE FUNCTION log_it() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO audit VALUES (1); RETURN NEW; END $$;
+             CREATE TRIGGER audited_log AFTER INSERT ON audited FOR EACH ROW EXECUTE FUNCTION log_it();
+             CREATE TABLE dyn (v text);
+             CREATE FUNCTION dyn_it() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN EXECUTE 'UPDATE t SET v = ''dynamic'' WHERE id = 2'; RETURN NEW; END $$;
+             CREATE TRIGGER dyn_log AFTER INSERT ON dyn FOR EACH ROW EXECUTE FUNCTION dyn_it();",
+        )
+        .await
+        .unwrap();
+    let c = client(&env).await;
+    let audit = "SELECT count(*) FROM audit WHERE n >= 0";
+    text(&c, READ_T).await;
+    assert_eq!(text(&c, audit).await, "1");
+    c.batch_execute("INSERT INTO audited VALUES ('x')").await.unwrap();
+    assert_eq!(text(&c, audit).await, "2", "what the trigger wrote was invalidated");
+    assert_eq!(env.proxy.metric("pgcache_unknown_writes_total").await, 0.0, "the trigger's effects are known");
+    assert!(served_from_cache(&env, &c, READ_T).await, "an unrelated table stays cached");
+    c.batch_execute("INSERT INTO dyn VALUES ('y')").await.unwrap();
+    assert!(!served_from_cache(&env, &c, READ_T).await, "dynamic SQL in a trigger invalidates everything");
+    assert_eq!(env.proxy.metric("pgcache_unknown_writes_total").await, 1.0);
+}

@@ -191,7 +191,13 @@ async fn writes(ctx: &Context, database: &str, c: &Classified, params: Option<Pa
                 let keys = if targets.len() == 1 { keys_of(ctx, c, &info, params) } else { None };
                 if info.write_effects_unknown {
                     out.push(Effect::Name(target.name.clone()));
-                    out.push(Effect::Unknown("write to a relation with triggers or rules, or unknown to the catalog"));
+                    out.push(Effect::Unknown(
+                        "write to a relation with rules or triggers that do what cannot be known, or unknown to the catalog",
+                    ));
+                } else if info.has_triggers {
+                    // Its triggers write what their bodies say, by name in every schema.
+                    out.push(Effect::Relations(info.write_targets.clone()));
+                    out.extend(info.trigger_writes.iter().map(|r| Effect::Name(r.name.clone())));
                 } else if let (Some(values), [relation], Some(column)) =
                     (keys, info.write_targets.as_slice(), &info.point_key)
                 {

@@ -17,6 +17,7 @@ mod operators;
 mod privileges;
 mod relations;
 mod side;
+mod triggers;
 
 pub use relations::{PointKey, RelationInfo};
 

@@ -23,9 +23,15 @@ pub struct RelationInfo {
     pub read_deps: Vec<Relation>,
     /// Qualified relations a write to this name changes.
     pub write_targets: Vec<Relation>,
-    /// Writes to it run user triggers or rules: their effects are unknown. (pgcache's own
-    /// invalidation triggers, `pgcache triggers install`, only notify and are not counted.)
+    /// Writes to it run rules, or user triggers that may do what cannot be known: their
+    /// effects are unknown. (pgcache's own invalidation triggers, `pgcache triggers install`,
+    /// only notify and are not counted.)
     pub write_effects_unknown: bool,
+    /// Writes to it run user triggers (so they are never scoped to keys: a trigger may change
+    /// the key or other rows) ...
+    pub has_triggers: bool,
+    /// ... which write these relations (by name when their body does not qualify them).
+    pub trigger_writes: Vec<Relation>,
     /// Why reading it must never be cached.
     pub never_cache: Option<String>,
     /// A view over it uses stable functions, or it has a column whose values are written out
@@ -99,8 +105,7 @@ impl Catalog {
         let rows = client
             .query(
                 "SELECT c.oid::int8, n.nspname::text, c.relkind::text, c.relpersistence::text, \
-                   c.relhasrules OR EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal \
-                     AND t.tgname NOT IN ('pgcache_invalidate', 'pgcache_invalidate_truncate')), \
+                   c.relhasrules, \
                    CASE WHEN c.relkind = 'v' THEN pg_get_viewdef(c.oid) END, \
                    c.relrowsecurity OR c.relforcerowsecurity, \
                    EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
@@ -112,7 +117,9 @@ impl Catalog {
                      (SELECT a.attname::text || ':' || a.atttypid::oid::int8 FROM pg_index i \
                        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
                        WHERE i.indrelid = c.oid AND i.indisprimary AND i.indnkeyatts = 1 \
-                         AND a.attgenerated = '') END \
+                         AND a.attgenerated = '') END, \
+                   EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal \
+                     AND t.tgname NOT IN ('pgcache_invalidate', 'pgcache_invalidate_truncate')) \
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE c.relname = $1 AND ($2::text IS NULL OR n.nspname = $2) AND c.relkind IN ('r','p','v','m','f')",
                 &[&name.name, &name.schema, &SETTINGS_ONLY],
@@ -130,8 +137,9 @@ impl Catalog {
         let single = rows.len() == 1;
         let mut key: Option<PointKey> = None;
         for row in rows {
-            let (oid, schema, kind, persistence, triggers): (i64, String, String, String, bool) =
+            let (oid, schema, kind, persistence, rules): (i64, String, String, String, bool) =
                 (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+            let triggers: bool = row.get(9);
             let viewdef: Option<String> = row.get(5);
             info.row_security |= row.get::<_, bool>(6);
             info.stable |= row.get::<_, bool>(7);
@@ -141,7 +149,14 @@ impl Catalog {
             info.schemas.push(schema.clone());
             reads.insert(me.clone());
             writes.insert(me.clone());
-            info.write_effects_unknown |= triggers;
+            // Rules rewrite a write into anything; triggers write what their functions do.
+            info.write_effects_unknown |= rules;
+            if triggers {
+                info.has_triggers = true;
+                let t = self.trigger_effects(&client, db, oid).await?;
+                info.write_effects_unknown |= t.unknown;
+                info.trigger_writes.extend(t.writes);
+            }
             if persistence == "t" {
                 info.never_cache = Some(format!("{me} is a temporary table"));
             }
@@ -162,7 +177,7 @@ impl Catalog {
             }
         }
         let alone = reads.len() == 1 && writes.len() == 1;
-        if single && alone && !info.write_effects_unknown && !info.row_security {
+        if single && alone && !info.write_effects_unknown && !info.has_triggers && !info.row_security {
             info.point_key = key;
         }
         info.read_deps = reads.into_iter().collect();
@@ -210,6 +225,8 @@ impl Catalog {
             // An automatically updatable view writes its base relations.
             writes.extend(base.write_targets.iter().cloned());
             info.write_effects_unknown |= base.write_effects_unknown;
+            info.has_triggers |= base.has_triggers;
+            info.trigger_writes.extend(base.trigger_writes.iter().cloned());
             info.stable |= base.stable;
             info.row_security |= base.row_security;
             if info.never_cache.is_none() {
