@@ -10,6 +10,7 @@
 //!        ├─ query      SQL classification (libpg_query) and catalog facts
 //!        ├─ rules      rule files: which SELECTs are cached, for how long
 //!        ├─ cache      the byte-bounded store, keys, table generations, single-flight
+//!        ├─ l2         the shared second level on Redis/Valkey, coherent by versions
 //!        ├─ peers      invalidations shared with other instances over LISTEN/NOTIFY
 //!        └─ backend    raw Postgres connections (TLS, SCRAM/md5), the pool, cancel
 //! admin      /metrics, /healthz, /readyz, and the psql console with the query advisor
@@ -33,6 +34,7 @@ pub mod config;
 pub mod context;
 pub mod demo;
 pub mod frontend;
+pub mod l2;
 pub mod metrics;
 pub mod net;
 pub mod peers;

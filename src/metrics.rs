@@ -46,6 +46,14 @@ pub const HANDOFFS: &str = "pgcache_backend_handoffs_total";
 pub const SETTINGS_REPLAYS: &str = "pgcache_settings_replays_total";
 pub const LOGIN_FAILURES: &str = "pgcache_login_failures_total";
 pub const PEER_REJECTED: &str = "pgcache_peer_messages_rejected_total";
+pub const L2_HITS: &str = "pgcache_l2_hits_total";
+pub const L2_MISSES: &str = "pgcache_l2_misses_total";
+pub const L2_ERRORS: &str = "pgcache_l2_errors_total";
+pub const L2_SKIPPED: &str = "pgcache_l2_skipped_total";
+pub const L2_STORES: &str = "pgcache_l2_stores_total";
+pub const L2_BUMPS: &str = "pgcache_l2_version_bumps_total";
+pub const L2_DURATION: &str = "pgcache_l2_duration_seconds";
+pub const L2_BREAKER_OPEN: &str = "pgcache_l2_breaker_open";
 pub const PINS: &str = "pgcache_pins_total";
 pub const RULES_RELOAD: &str = "pgcache_rules_reload_total";
 pub const RULES_LOADED: &str = "pgcache_rules_loaded";
@@ -129,6 +137,18 @@ pub const ALL: &[(&str, Kind, &str)] = &[
     ),
     (PEER_SENT, Kind::Counter, "Invalidation notifications published to the other instances."),
     (PEER_RECEIVED, Kind::Counter, "Invalidation notifications received from other instances and bypass triggers."),
+    (L2_HITS, Kind::Counter, "L1 misses answered from the shared L2 (Redis/Valkey)."),
+    (L2_MISSES, Kind::Counter, "L1 misses the L2 did not hold either."),
+    (
+        L2_ERRORS,
+        Kind::Counter,
+        "L2 calls that failed or took longer than l2.timeout (the L2 is skipped, nothing fails).",
+    ),
+    (L2_SKIPPED, Kind::Counter, "L2 look-ups and stores skipped while its breaker was open."),
+    (L2_STORES, Kind::Counter, "Fills stored in the L2."),
+    (L2_BUMPS, Kind::Counter, "L2 versions moved by writes (this instance's, other instances', bypass triggers')."),
+    (L2_DURATION, Kind::Histogram, "L2 call latency, by op (lookup, store, bump)."),
+    (L2_BREAKER_OPEN, Kind::Gauge, "1 while the L2's breaker is open (the L2 is not used)."),
     (
         PEER_REJECTED,
         Kind::Counter,

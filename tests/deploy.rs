@@ -17,7 +17,7 @@ fn yaml(path: &str) -> Vec<yaml_rust2::Yaml> {
 
 /// Every `pgcache_*` name in a text.
 fn metric_names(text: &str) -> BTreeSet<String> {
-    let re = regex::Regex::new(r"pgcache_[a-z_]+").unwrap();
+    let re = regex::Regex::new(r"pgcache_[a-z0-9_]+").unwrap();
     re.find_iter(text).map(|m| m.as_str().to_owned()).collect()
 }
 

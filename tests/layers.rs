@@ -15,6 +15,7 @@ const LAYERS: &[&[&str]] = &[
     &["rules"],
     &["cache", "policy"],
     &["stats"],
+    &["l2"],
     &["peers"],
     &["context"],
     &["frontend"],

@@ -14,7 +14,7 @@ use crate::rules::Action;
 use super::advice;
 pub use super::table::ResultSet;
 
-pub const COMMANDS: &str = "SHOW STATS | POOLS | CLIENTS | SERVERS | CACHE | RULES | CONFIG | QUERIES | ADVICE | PEERS, \
+pub const COMMANDS: &str = "SHOW STATS | POOLS | CLIENTS | SERVERS | CACHE | RULES | CONFIG | QUERIES | ADVICE | PEERS | L2, \
     EXPLAIN CACHE [ON <database>] <select>, INVALIDATE TABLE <name> | RULE <name> | ALL, RELOAD, PAUSE, RESUME";
 
 fn unknown(cmd: &str) -> PgError {
@@ -38,6 +38,7 @@ pub async fn run(ctx: &Arc<Context>, text: &str) -> Result<ResultSet, PgError> {
         ["SHOW", "QUERIES"] => Ok(advice::queries(ctx).await),
         ["SHOW", "ADVICE"] => Ok(advice::advice(ctx).await),
         ["SHOW", "PEERS"] => Ok(peers(ctx)),
+        ["SHOW", "L2"] => Ok(l2(ctx)),
         ["EXPLAIN", "CACHE", ..] => {
             // EXPLAIN CACHE [ON database] <select>
             let rest = text.trim_start()[7..].trim_start()[5..].trim_start();
@@ -54,10 +55,19 @@ pub async fn run(ctx: &Arc<Context>, text: &str) -> Result<ResultSet, PgError> {
             }
             Ok(advice::explain(ctx, database, sql).await)
         }
-        ["INVALIDATE", "TABLE", _] => invalidate_table(ctx, words[2]),
+        ["INVALIDATE", "TABLE", _] => {
+            // (In the L2, by name in every database is not one version: everything moves.)
+            if let Some(l2) = &ctx.l2 {
+                l2.bump(&[crate::l2::Version::All]).await;
+            }
+            invalidate_table(ctx, words[2])
+        }
         ["INVALIDATE", "RULE", _] => invalidate_rule(ctx, words[2]),
         ["INVALIDATE", "ALL"] => {
             ctx.generations.bump_all();
+            if let Some(l2) = &ctx.l2 {
+                l2.bump(&[crate::l2::Version::All]).await;
+            }
             ctx.peers.publish_everywhere(&[], true);
             ctx.stats.all_invalidated();
             let n = ctx.store.remove_where(|_| true);
@@ -74,6 +84,28 @@ pub async fn run(ctx: &Arc<Context>, text: &str) -> Result<ResultSet, PgError> {
         }
         _ => Err(unknown(text.trim())),
     }
+}
+
+/// `SHOW L2`: the shared L2's server, connection, breaker and calls.
+fn l2(ctx: &Context) -> ResultSet {
+    let Some(l2) = &ctx.l2 else {
+        return ResultSet::pairs("SHOW", vec![("l2", "none (no --l2 configured)".into())]);
+    };
+    let s = l2.state();
+    ResultSet::pairs(
+        "SHOW",
+        vec![
+            ("server", s.server),
+            ("connected", (if s.connected { "yes" } else { "no" }).into()),
+            ("breaker", (if s.breaker_open { "open (not used)" } else { "closed" }).into()),
+            ("consecutive_failures", s.consecutive_failures.to_string()),
+            ("hits", s.hits.to_string()),
+            ("misses", s.misses.to_string()),
+            ("errors", s.errors.to_string()),
+            ("stores", s.stores.to_string()),
+            ("version_bumps", s.version_bumps.to_string()),
+        ],
+    )
 }
 
 fn secs(d: Duration) -> String {

@@ -128,8 +128,8 @@ fn snap_counter(counter: Counter) -> Dependency {
     Dependency { counter, seen }
 }
 
-/// The slot of a key of a relation.
-fn slot(relation: &Relation, value: &KeyValue) -> usize {
+/// The slot of a key of a relation (the L2's key versions use the same slots).
+pub fn key_slot(relation: &Relation, value: &KeyValue) -> usize {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
     relation.hash(&mut h);
@@ -151,7 +151,7 @@ impl Generations {
                 Some(k) if k.relation == r => {
                     deps.push(snap(intern(&self.wide, &self.global, r)));
                     for v in k.values {
-                        deps.push(snap_counter(Counter::Slot(self.keys.clone(), slot(r, v))));
+                        deps.push(snap_counter(Counter::Slot(self.keys.clone(), key_slot(r, v))));
                     }
                 }
                 _ => deps.push(snap(intern(&self.relations, &self.global, r))),
@@ -195,7 +195,7 @@ impl Generations {
             return;
         }
         for v in values {
-            self.keys[slot(relation, v)].fetch_add(1, Ordering::AcqRel);
+            self.keys[key_slot(relation, v)].fetch_add(1, Ordering::AcqRel);
         }
         intern(&self.relations, &self.global, relation).fetch_add(1, Ordering::AcqRel);
     }

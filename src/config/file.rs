@@ -43,6 +43,8 @@ pub struct FileConfig {
     pub metrics: MetricsFile,
     #[serde(default)]
     pub peers: PeersFile,
+    #[serde(default)]
+    pub l2: L2File,
 }
 
 /// `[peers]`: invalidation shared with the other pgcache instances in front of the same
@@ -208,6 +210,26 @@ pub struct PoolOverrideFile {
     pub user: Option<String>,
     /// `session` or `transaction`.
     pub mode: String,
+}
+
+/// `[l2]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L2File {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` (TLS); none by default.
+    pub url: Option<String>,
+    /// Longest an L2 call may take before it counts as failed (default `50ms`).
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Every key pgcache writes starts with this (default `pgcache:`).
+    pub prefix: Option<String>,
+    /// Larger results are not stored in the L2 (default 1 MiB).
+    pub max_value_bytes: Option<u64>,
+    /// Consecutive failures that open the breaker (default 3) ...
+    pub failures: Option<u32>,
+    /// ... for this long (default `5s`).
+    #[serde(default, with = "humantime_serde")]
+    pub cooldown: Option<Duration>,
 }
 
 /// `[client]`

@@ -47,6 +47,9 @@ pub struct Cli {
     /// The fleet's secret that signs invalidation messages (better given in the environment)
     #[arg(long, global = true, env = "PGCACHE_PEERS_SECRET", hide_env_values = true)]
     pub peers_secret: Option<String>,
+    /// A shared second-level cache: redis://host:port[/db] or rediss://...
+    #[arg(long, global = true, env = "PGCACHE_L2", hide_env_values = true)]
+    pub l2: Option<String>,
     /// A bearer token /metrics requires (better given in the environment)
     #[arg(long, global = true, env = "PGCACHE_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
@@ -243,6 +246,38 @@ pub struct PeersConfig {
     pub coalesce: Duration,
 }
 
+/// `--l2` / `[l2]`: the shared second-level cache on Redis or Valkey.
+#[derive(Debug, Clone)]
+pub struct L2Config {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` (TLS).
+    pub url: Password,
+    /// Longest an L2 call may take before it counts as failed (the L2 is then skipped).
+    pub timeout: Duration,
+    /// Every key pgcache writes starts with this.
+    pub prefix: String,
+    /// Larger values are not stored in the L2.
+    pub max_value_bytes: u64,
+    /// Consecutive failures that open the breaker ...
+    pub failures: u32,
+    /// ... for this long.
+    pub cooldown: Duration,
+    /// Entries are found only under the current versions of what they read. Not a setting:
+    /// only the tests turn it off, to show their checker sees the stale reads this prevents.
+    #[doc(hidden)]
+    pub check_versions: bool,
+}
+
+impl L2Config {
+    /// The server, without credentials.
+    pub fn describe(&self) -> String {
+        let url = self.url.expose();
+        match (url.split_once("://"), url.rsplit_once('@')) {
+            (Some((scheme, _)), Some((_, host))) => format!("{scheme}://{host}"),
+            _ => url.to_owned(),
+        }
+    }
+}
+
 /// Where the fleet's secret comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeersSecret {
@@ -290,6 +325,8 @@ pub struct Config {
     pub max_table_labels: usize,
     /// The bearer token `/metrics` requires, if any.
     pub metrics_token: Option<Password>,
+    /// The shared L2, if any.
+    pub l2: Option<L2Config>,
     pub slow_statement: Duration,
 }
 
@@ -469,6 +506,23 @@ impl Config {
             },
             max_table_labels: f.metrics.max_table_labels.unwrap_or(100),
             metrics_token: cli.metrics_token.clone().or(f.metrics.token).filter(|t| !t.is_empty()).map(Password::new),
+            l2: match cli.l2.clone().or(f.l2.url.clone()).filter(|u| !u.is_empty()) {
+                Some(url) => {
+                    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                        return Err(invalid("l2.url", "must start with redis:// or rediss://"));
+                    }
+                    Some(L2Config {
+                        url: Password::new(url),
+                        timeout: f.l2.timeout.unwrap_or(Duration::from_millis(50)),
+                        prefix: f.l2.prefix.clone().unwrap_or_else(|| "pgcache:".into()),
+                        max_value_bytes: f.l2.max_value_bytes.unwrap_or(1 << 20),
+                        failures: f.l2.failures.unwrap_or(3).max(1),
+                        cooldown: f.l2.cooldown.unwrap_or(Duration::from_secs(5)),
+                        check_versions: true,
+                    })
+                }
+                None => None,
+            },
             slow_statement: dur(f.slow_statement, 1),
             upstream,
         };

@@ -18,6 +18,7 @@ use crate::backend::{Endpoint, Pools};
 use crate::cache::{Flights, Generations, Store};
 use crate::config::VerifierSource;
 use crate::config::{Config, ConfigError};
+use crate::l2::L2;
 use crate::net::tls::{self, TlsError};
 use crate::peers::Peers;
 use crate::query::Classifier;
@@ -65,6 +66,8 @@ pub struct Context {
     pub tls_end_point: Option<Vec<u8>>,
     /// The SCRAM verifiers clients are checked against.
     pub verifiers: Verifiers,
+    /// The shared second-level cache, if configured (`--l2`).
+    pub l2: Option<Arc<L2>>,
     /// A secret of this process's (mock SCRAM exchanges for roles without a verifier).
     pub process_secret: [u8; 32],
     pub rules: Arc<Rules>,
@@ -140,10 +143,13 @@ impl Context {
         };
         let verifiers =
             Verifiers::new(config.auth.verifiers.clone(), endpoint.clone(), auth_password, config.auth.verifier_ttl)?;
+        // rustls with `ring` is the process's crypto (the L2's rediss:// connections use it).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut process_secret = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut process_secret)
             .expect("the system's random source");
         let stats = Arc::new(Stats::new(config.max_table_labels, config.slow_statement));
+        let l2 = config.l2.clone().map(|c| L2::start(c, stats.metrics.clone(), shutdown.clone()));
         let rules = if config.rules_explicit || config.rules.exists() {
             Rules::load(&config.rules, Some(stats.metrics.clone()))?
         } else {
@@ -159,7 +165,8 @@ impl Context {
             config.cache.catalog_ttl,
         ));
         let generations = Arc::new(Generations::default());
-        let peers = Arc::new(Peers::new(config.peers.clone(), catalog.clone(), generations.clone(), stats.clone()));
+        let peers =
+            Arc::new(Peers::new(config.peers.clone(), catalog.clone(), generations.clone(), stats.clone(), l2.clone()));
         Ok(Arc::new(Context {
             pools,
             store: Store::new(config.cache.max_bytes),
@@ -177,6 +184,7 @@ impl Context {
             tls,
             tls_end_point,
             verifiers,
+            l2,
             process_secret,
             shutdown,
             force_close: CancellationToken::new(),

@@ -21,6 +21,8 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, Notification};
 
 use crate::metrics as m;
+use crate::query::Relation;
+use crate::query::point::KeyValue;
 
 use super::message::{self, Message};
 use super::{Link, LinkState, Peers};
@@ -244,20 +246,48 @@ async fn receive(peers: &Peers, link: &Link, payload: &str) -> bool {
     false
 }
 
-/// Bumps the generations another instance's message names.
+/// Bumps the generations another instance's message names — and the shared L2's versions of
+/// the same, so a write the L2 did not hear of from its writer (a bypass trigger's, or an
+/// instance's that could not reach Redis) reaches it too.
 async fn apply(peers: &Peers, database: &str, msg: &Message) {
+    let mut relations = Vec::new();
+    let mut keyed = Vec::new();
+    let whole = apply_local(peers, database, msg, &mut relations, &mut keyed).await;
+    if let Some(l2) = &peers.l2 {
+        use crate::l2::Moved;
+        let moved = if whole {
+            vec![Moved::Database]
+        } else {
+            let mut moved: Vec<Moved> = msg.n.iter().map(|n| Moved::Name(n)).collect();
+            moved.push(Moved::Relations(&relations));
+            moved.extend(keyed.iter().map(|(r, v): &(Relation, Vec<KeyValue>)| Moved::Keys { relation: r, values: v }));
+            moved
+        };
+        l2.bump(&crate::l2::versions_of_effects(database, moved)).await;
+    }
+}
+
+/// [`apply`] to this instance's generations; the relations (written everywhere, and at keys)
+/// it resolved go to `written` and `keyed_out`. Returns whether the whole database was dropped.
+async fn apply_local(
+    peers: &Peers,
+    database: &str,
+    msg: &Message,
+    written: &mut Vec<Relation>,
+    keyed_out: &mut Vec<(Relation, Vec<KeyValue>)>,
+) -> bool {
     let g = &peers.generations;
     if msg.a {
         g.bump_database(database);
         peers.stats.all_invalidated();
-        return;
+        return true;
     }
     for name in &msg.n {
         g.bump_name(name);
         peers.stats.table_written(name);
     }
     if msg.r.is_empty() {
-        return;
+        return false;
     }
     match peers.catalog.relations_by_oid(database, &msg.r).await {
         Ok(relations) => {
@@ -273,20 +303,29 @@ async fn apply(peers: &Peers, database: &str, msg: &Message) {
                             Some((column, values)) => {
                                 g.bump_keys(r, column, &values);
                                 peers.stats.keys_written(&r.name, &values);
+                                keyed_out.push((r.clone(), values));
                             }
-                            None => g.bump_relations(std::slice::from_ref(r)),
+                            None => {
+                                g.bump_relations(std::slice::from_ref(r));
+                                written.push(r.clone());
+                            }
                         }
                         peers.stats.table_written(&r.name);
                     }
                     // A relation this instance cannot find (dropped, or not visible to its
                     // login): whatever it was, fail closed.
-                    None => g.bump_database(database),
+                    None => {
+                        g.bump_database(database);
+                        return true;
+                    }
                 }
             }
+            false
         }
         Err(e) => {
             tracing::warn!(database, error = %e, "cannot resolve relations another instance wrote; dropping the database's entries");
             g.bump_database(database);
+            true
         }
     }
 }

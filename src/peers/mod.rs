@@ -56,6 +56,8 @@ pub struct Peers {
     config: PeersConfig,
     /// Signs what this instance publishes and checks what it hears (the fleet's secret).
     seal: Option<message::Seal>,
+    /// The shared L2, whose versions what this instance hears moves too.
+    l2: Option<Arc<crate::l2::L2>>,
     /// This instance's id in messages.
     instance: String,
     catalog: Arc<Catalog>,
@@ -110,7 +112,13 @@ pub struct Status {
 }
 
 impl Peers {
-    pub fn new(config: PeersConfig, catalog: Arc<Catalog>, generations: Arc<Generations>, stats: Arc<Stats>) -> Self {
+    pub fn new(
+        config: PeersConfig,
+        catalog: Arc<Catalog>,
+        generations: Arc<Generations>,
+        stats: Arc<Stats>,
+        l2: Option<Arc<crate::l2::L2>>,
+    ) -> Self {
         let instance = format!("{:016x}", rand::random::<u64>());
         let seal = config.secret.as_ref().map(|s| message::Seal::new(s.bytes()));
         if seal.is_none() && config.enabled {
@@ -120,6 +128,7 @@ impl Peers {
         }
         Peers {
             seal,
+            l2,
             config,
             instance,
             catalog,

@@ -49,6 +49,14 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// How long an entry of this rule may be kept at all: its TTL and the longer of its stale
+    /// windows (the shared L2 keeps entries this long).
+    pub fn l2_ttl(&self) -> std::time::Duration {
+        self.ttl + self.stale_while_revalidate.max(self.stale_if_error)
+    }
+}
+
+impl Rule {
     /// A `cache` rule with this TTL that matches nothing by itself and keeps every default
     /// (for building rule sets in code, as the tests do).
     pub fn cache(name: &str, ttl: Duration) -> Rule {

@@ -18,6 +18,8 @@ use std::time::Instant;
 use crate::backend::PoolKey;
 use crate::cache::flight::Turn;
 use crate::cache::key::KeyBuilder;
+use bytes::Bytes;
+
 use crate::cache::{Entry, Freshness, Key, Keyed};
 use crate::context::Context;
 use crate::frontend::SessionError;
@@ -63,8 +65,9 @@ pub(super) enum Looked {
     SettingsUnknown,
     /// An entry of the rule this statement matches now, as fresh as it is.
     Found { entry: Arc<Entry>, freshness: Freshness, key: Key, a: Arc<Assessment> },
-    /// Cacheable, and not in the cache (or only an entry of another rule).
-    Missing { key: Key, a: Arc<Assessment> },
+    /// Cacheable, and not in the cache (or only an entry of another rule); `l2`: the key a
+    /// fill may be stored under in the shared L2.
+    Missing { key: Key, a: Arc<Assessment>, l2: Option<String> },
 }
 
 /// Which entries a session may serve, by where it stands.
@@ -150,13 +153,71 @@ impl Asker<'_> {
         if !with_role && !self.may_read(&a).await {
             return Looked::Forward(Reason::NoPrivilege);
         }
-        let id = self.memo.settings_id(settings.key_part(with_role), &ctx.store.interner);
+        let part = settings.key_part(with_role);
+        let id = self.memo.settings_id(part.clone(), &ctx.store.interner);
         let key = cache_key(&self.key.database, id, sql, req);
         match ctx.store.get(&key) {
             // An entry stays its rule's: served only while that rule is still the one this
             // statement matches first (not after a reload narrowed it or put a bypass first).
             Some((entry, freshness)) if entry.rule.name == a.rule.name => Looked::Found { entry, freshness, key, a },
-            _ => Looked::Missing { key, a },
+            _ => match self.look_in_l2(&key, &a, &part, sql, c, req).await {
+                FromL2::Found(entry, freshness) => Looked::Found { entry, freshness, key, a },
+                FromL2::Missing(l2) => Looked::Missing { key, a, l2 },
+            },
+        }
+    }
+
+    /// An L1 miss looked up in the shared L2 (when there is one and this instance hears the
+    /// other instances' invalidations): a hit is put in L1 — under L1's counters as they were
+    /// before the L2 was asked, so a write meanwhile keeps it out — and served from there.
+    async fn look_in_l2(
+        &mut self,
+        key: &Key,
+        a: &Assessment,
+        part: &Bytes,
+        sql: &str,
+        c: &Classified,
+        req: &Request<'_>,
+    ) -> FromL2 {
+        let ctx = self.ctx;
+        let database = &self.key.database;
+        let Some(l2) = ctx.l2.as_ref().filter(|_| !self.offline && ctx.peers.listening(database)) else {
+            return FromL2::Missing(None);
+        };
+        let keys = a
+            .keyed
+            .as_ref()
+            .and_then(|k| effects::pinned_keys(ctx, c, &k.column, k.kind, req.params()).map(|values| (k, values)));
+        let keyed = keys.as_ref().map(|(k, values)| Keyed { relation: &k.relation, column: &k.column, values });
+        let deps = ctx.generations.snapshot(database, &a.deps, keyed);
+        let versions =
+            crate::l2::versions_of_read(database, &a.deps, keys.as_ref().map(|(k, v)| (&k.relation, v.as_slice())));
+        let base = l2_base(database, part, &a.rule.name, sql, req);
+        match l2.lookup(&base, &versions).await {
+            crate::l2::Lookup::Hit { value, .. } => {
+                let entry = crate::cache::Entry {
+                    rule: a.rule.clone(),
+                    row_description: value.row_description,
+                    body: value.body,
+                    rows: value.rows,
+                    created: tokio::time::Instant::now()
+                        .checked_sub(value.age)
+                        .unwrap_or_else(tokio::time::Instant::now),
+                    deps,
+                    tables: a.resolved.clone(),
+                    sql: Arc::from(sql),
+                    refreshing: Default::default(),
+                    hits: Default::default(),
+                };
+                if ctx.store.insert(key.clone(), entry)
+                    && let Some((entry, freshness)) = ctx.store.get(key)
+                {
+                    return FromL2::Found(entry, freshness);
+                }
+                FromL2::Missing(None)
+            }
+            crate::l2::Lookup::Miss { key } => FromL2::Missing(Some(key)),
+            crate::l2::Lookup::Unavailable => FromL2::Missing(None),
         }
     }
 
@@ -219,11 +280,15 @@ impl Relay<'_> {
         let ctx = self.ctx;
         let isolated = self.core.tracker.status == TransactionStatus::InBlock;
         let mut asker = Asker { ctx, key: self.key, flow: &self.core.flow, memo: self.memo, offline: false };
+        let mut l2_key = None;
         let (entry, key, a) = match asker.look(sql, c, &req, isolated).await {
             Looked::Forward(why) => return Ok(Plan::Forward(why)),
             Looked::SettingsUnknown => return Ok(self.probe_or(Reason::SettingsUnknown)),
             Looked::Found { entry, freshness, key, a } => (Some((entry, freshness)), key, a),
-            Looked::Missing { key, a } => (None, key, a),
+            Looked::Missing { key, a, l2 } => {
+                l2_key = l2;
+                (None, key, a)
+            }
         };
         // Another instance's invalidation could be missed while this one is not listening.
         if !ctx.peers.coherent(&self.key.database).await {
@@ -264,8 +329,9 @@ impl Relay<'_> {
         let deps = ctx.generations.snapshot(&self.key.database, &a.deps, keyed);
         let limit = ctx.config().cache.max_entry_bytes;
         let rule = a.rule.clone();
-        let fill = Fill::new(key, rule, deps, a.resolved.clone(), Arc::from(sql), flight, limit);
-        Ok(Plan::Fill(Box::new(fill.computed_in(state))))
+        let mut fill = Fill::new(key, rule, deps, a.resolved.clone(), Arc::from(sql), flight, limit).computed_in(state);
+        fill.l2 = l2_key;
+        Ok(Plan::Fill(Box::new(fill)))
     }
 
     /// [`Plan::Probe`], unless the probe already failed for these settings.
@@ -311,6 +377,31 @@ impl Relay<'_> {
             },
         );
     }
+}
+
+/// What the L2 gave for an L1 miss.
+enum FromL2 {
+    Found(Arc<Entry>, Freshness),
+    /// Not there; the L2 key a fill may be stored under (`None`: no L2 for it).
+    Missing(Option<String>),
+}
+
+/// A request's identity across the fleet (the L2 key's base): as [`cache_key`], with the
+/// settings' key part itself (not this process's id for it) and the rule's name.
+fn l2_base(database: &str, settings: &Bytes, rule: &str, sql: &str, req: &Request<'_>) -> Vec<u8> {
+    let mut kb = KeyBuilder::new(match req {
+        Request::Simple => b'Q',
+        Request::Extended { .. } => b'E',
+    });
+    kb.str(database).part(Some(settings)).str(rule).str(sql);
+    if let Request::Extended { param_types, bind } = req {
+        kb.u32s(param_types).i16s(&bind.param_formats);
+        for p in &bind.params {
+            kb.part(p.as_deref());
+        }
+        kb.i16s(&bind.result_formats);
+    }
+    kb.finish().0.to_vec()
 }
 
 /// The key of a request: protocol, database, the session's settings (the interned id of their

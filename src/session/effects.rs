@@ -80,6 +80,35 @@ pub fn apply(ctx: &Arc<Context>, database: &str, effects: &[Effect], count: bool
     }
 }
 
+/// The shared L2's versions `effects` in `database` move (nothing while invalidation is off;
+/// an unknown write moves everything unless `cache.unknown_writes` says to ignore it).
+pub fn l2_versions(ctx: &Context, database: &str, effects: &[Effect]) -> Vec<crate::l2::Version> {
+    use crate::l2::Moved;
+    let config = ctx.config();
+    if !config.cache.invalidate_on_writes {
+        return Vec::new();
+    }
+    let all = config.cache.unknown_writes == UnknownWrites::InvalidateAll;
+    let moved = effects.iter().filter_map(|e| match e {
+        Effect::Relations(r) => Some(Moved::Relations(r)),
+        Effect::Keys { relation, values, .. } => Some(Moved::Keys { relation, values }),
+        Effect::Name(n) => Some(Moved::Name(n)),
+        Effect::All => Some(Moved::All),
+        Effect::Unknown(_) => all.then_some(Moved::All),
+    });
+    crate::l2::versions_of_effects(database, moved)
+}
+
+/// An L1 entry as the L2 stores it.
+pub fn l2_value(entry: &crate::cache::Entry) -> crate::l2::Stored {
+    crate::l2::Stored {
+        age: entry.age(),
+        rows: entry.rows,
+        row_description: entry.row_description.clone(),
+        body: entry.body.clone(),
+    }
+}
+
 /// Tells the other instances what a committed transaction wrote in `database` (while the
 /// cache is in use: an instance with no rules and nothing cached is a plain pooler).
 fn publish(ctx: &Arc<Context>, database: &str, effects: &[Effect]) {

@@ -84,6 +84,9 @@ pub struct Relay<'a> {
     held_back: bool,
     /// The bytes of the extended-protocol messages waiting for their Sync.
     batch_held: usize,
+    /// L2 versions that writes completed in the backend data just read moved (see
+    /// [`Relay::move_l2_versions`]).
+    l2_moves: Vec<crate::l2::Version>,
 }
 
 impl From<BackendError> for SessionError {
@@ -121,6 +124,7 @@ pub async fn run(
         max_output: ctx.config().client.max_output_bytes,
         held_back: false,
         batch_held: 0,
+        l2_moves: Vec::new(),
     };
     let result = relay.main_loop().await;
     relay.finish(&result).await;
@@ -184,6 +188,7 @@ impl Relay<'_> {
                 }
                 Event::Backend(Ok(n)) if n > 0 => {
                     self.on_backend_data()?;
+                    self.move_l2_versions().await;
                     if let Some(end) = self.resume_parked().await? {
                         return Ok(end);
                     }
@@ -412,6 +417,20 @@ impl Relay<'_> {
         Ok(())
     }
 
+    /// Moves the shared L2's versions of what the writes just completed changed, before their
+    /// completions reach the client (they are written on the loop's next turn): no read that
+    /// starts after a client saw its write complete finds an entry the write made old, on any
+    /// instance.
+    async fn move_l2_versions(&mut self) {
+        if self.l2_moves.is_empty() {
+            return;
+        }
+        let moves = std::mem::take(&mut self.l2_moves);
+        if let Some(l2) = &self.ctx.l2 {
+            l2.bump(&moves).await;
+        }
+    }
+
     /// Carries out the core's actions, in order.
     pub(super) fn carry_out(&mut self) {
         let ctx = self.ctx;
@@ -421,10 +440,17 @@ impl Relay<'_> {
         for action in self.core.take_actions() {
             match action {
                 Action::Invalidate { effects, committed } => {
-                    effects::apply(ctx, &self.key.database, &effects, committed)
+                    effects::apply(ctx, &self.key.database, &effects, committed);
+                    if ctx.l2.is_some() {
+                        self.l2_moves.extend(effects::l2_versions(ctx, &self.key.database, &effects));
+                    }
                 }
                 Action::Store(fill) => {
-                    fill.finish(&ctx.store, backend_state.as_ref());
+                    if let (Some((entry, Some(key))), Some(l2)) =
+                        (fill.finish(&ctx.store, backend_state.as_ref()), &ctx.l2)
+                    {
+                        l2.store(key, effects::l2_value(&entry), entry.rule.l2_ttl());
+                    }
                 }
                 Action::Record { observation, served, error } => ctx.stats.record(&observation, served, error),
                 Action::Pinned(held) if pooling_transactions => pin(ctx, self.key, held.label(), held.describe(), true),

@@ -3,9 +3,11 @@
 //! to run `psql` and `pgbench`.
 #![allow(dead_code)]
 
+pub mod checker;
 pub mod pg;
 pub mod proxy;
 pub mod raw;
+pub mod redis;
 
 use std::process::Output;
 use std::time::Duration;

@@ -129,6 +129,9 @@ pub struct Fill {
     /// probe on it read them: the result is stored only if the key was built from exactly
     /// these ([`Fill::finish`]).
     pub computed_in: Option<Bytes>,
+    /// The shared L2's key for it (the versions it depends on, read before its query was
+    /// sent): stored there too once stored in L1.
+    pub l2: Option<String>,
 }
 
 impl Fill {
@@ -155,6 +158,7 @@ impl Fill {
             rows: 0,
             aborted: false,
             computed_in: None,
+            l2: None,
         }
     }
 
@@ -189,18 +193,23 @@ impl Fill {
     /// state the backend that computed it has now, as read there: unless it is the one the
     /// key was built from, nothing is stored — whatever session tracking concluded, a result
     /// is cached only under the state it was computed in.
-    pub fn finish(mut self, store: &crate::cache::Store, backend: Option<&Bytes>) -> bool {
+    pub fn finish(
+        mut self,
+        store: &crate::cache::Store,
+        backend: Option<&Bytes>,
+    ) -> Option<(Arc<Entry>, Option<String>)> {
         let flight = self.flight.take();
         let computed_here = self.computed_in.is_some() && self.computed_in.as_ref() == backend;
         if !computed_here {
             tracing::debug!(sql = %self.sql, "fill not stored: the backend's settings are not the key's");
         }
+        let l2 = self.l2.take();
         let stored = match self.into_entry().filter(|_| computed_here) {
-            Some((key, entry)) => store.insert(key, entry),
-            None => false,
+            Some((key, entry)) => store.insert(key.clone(), entry).then(|| store.get(&key)).flatten(),
+            None => None,
         };
         drop(flight);
-        stored
+        stored.map(|(entry, _)| (entry, l2))
     }
 
     fn into_entry(self) -> Option<(Key, Entry)> {
