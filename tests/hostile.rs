@@ -154,8 +154,11 @@ async fn a_client_that_never_reads_holds_bounded_memory() {
 }
 
 /// `cache.max_bytes` bounds what the cache costs: filled far past its bound with small
-/// results, and again with large ones, pgcache's RSS grows by at most 1.25 times the bound
-/// (keys, bookkeeping and allocations are weighed with the results).
+/// results, and again with large ones, pgcache's RSS grows by at most 1.5 times the bound
+/// (keys, bookkeeping and allocations are weighed with the results). On a quiet machine it
+/// grows by about the bound; on a busy one the allocator keeps more freed memory per thread
+/// (up to 1.3 times the bound seen), hence the margin. Weighing only the results, as before,
+/// cost 2.25 times the bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_cache_costs_about_its_bound() {
     use common::ProxyProcess;
@@ -187,7 +190,7 @@ async fn a_full_cache_costs_about_its_bound() {
         let mb = |b: u64| b as f64 / (1 << 20) as f64;
         eprintln!("{results} results of {width} bytes: RSS +{:.1} MB for a {:.0} MB bound", mb(grown), mb(BOUND));
         assert!(
-            grown * 4 <= BOUND * 5,
+            grown * 2 <= BOUND * 3,
             "results of {width} bytes: RSS grew {:.1} MB over a {:.0} MB bound",
             mb(grown),
             mb(BOUND)

@@ -143,6 +143,46 @@ async fn transactions_invalidate_on_commit_and_rollback_keeps_entries() {
     assert_eq!(text(&other, read).await, "committed");
 }
 
+/// A client that pipelines (libpq's pipeline mode, tokio-postgres's concurrent queries) sends
+/// the next transaction before the last one's answers arrive: what it writes is invalidated
+/// when Postgres commits it, not when an earlier request ends or fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_transactions_are_invalidated_when_they_commit() {
+    let e = env().await;
+    let read = "SELECT v FROM t WHERE id = 1";
+    let (c, other) = (e.client().await, e.client().await);
+    for (n, first) in ["SELECT 1", "SELECT 1/0"].into_iter().enumerate() {
+        let value = format!("pipelined {n}");
+        let update = format!("UPDATE t SET v = '{value}' WHERE id = 1");
+        let (a, b, u) = tokio::join!(c.simple_query(first), c.simple_query("BEGIN"), c.simple_query(&update));
+        assert_eq!(a.is_ok(), n == 0, "{first}");
+        b.unwrap();
+        u.unwrap();
+        // The other session fills the entry while the write is uncommitted (the old row) ...
+        let old = e.cached(&other, read).await;
+        assert_ne!(old, value);
+        // ... and the COMMIT must invalidate it.
+        c.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(text(&other, read).await, value, "after a pipelined transaction behind {first:?} committed");
+    }
+}
+
+/// A COMMIT inside a request that goes on in a new transaction invalidates as it commits:
+/// others read the new row while the writer's next transaction is still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_mid_request_invalidates_before_the_request_ends() {
+    let e = env().await;
+    let read = "SELECT v FROM t WHERE id = 1";
+    let (c, other) = (e.client().await, e.client().await);
+    let old = e.cached(&other, read).await;
+    c.batch_execute("BEGIN; UPDATE t SET v = 'chained' WHERE id = 1; COMMIT; BEGIN; SELECT 1").await.unwrap();
+    assert_ne!(old, "chained");
+    assert_eq!(text(&other, read).await, "chained", "committed while the writer's next transaction is open");
+    c.batch_execute("UPDATE t SET v = 'chain 2' WHERE id = 1; COMMIT AND CHAIN").await.unwrap();
+    assert_eq!(text(&other, read).await, "chain 2", "COMMIT AND CHAIN");
+    c.batch_execute("ROLLBACK").await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ddl_views_and_new_tables_invalidate() {
     let e = env().await;

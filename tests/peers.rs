@@ -303,6 +303,23 @@ async fn bypass_triggers_announce_writes_made_straight_to_postgres() {
     assert_eq!(left, 0, "uninstall leaves no trace");
 }
 
+/// The payloads of the notifications on `channel`, as a listening connection hears them.
+async fn listen(url: &str, channel: &str) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use futures_util::StreamExt;
+    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {channel}")).await.unwrap();
+    (client, rx)
+}
+
 /// With the fleet's secret, a notification anyone can send is not heard: a role with no
 /// privileges cannot flush the fleet. What the instances and the bypass triggers seal is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,9 +349,32 @@ async fn only_messages_sealed_with_the_fleet_secret_are_heard() {
     }
     assert_eq!(text(&p.a, READ).await, "v1");
     assert_eq!(executions(&p.admin, "FROM items WHERE id").await, before, "still served from the cache");
-    // A write through the other instance is sealed, so it is heard.
+    // A write through the other instance is sealed, so it is heard ...
+    let cluster_url = cluster.url(&db, &cluster.superuser());
+    let (_listening, mut heard) = listen(&cluster_url, "pgcache_invalidation").await;
     p.b.batch_execute("UPDATE items SET v = 'through b' WHERE id = 1").await.unwrap();
     assert!(until(&p.a, "through b", Duration::from_secs(2)).await.is_some(), "a sealed message is heard");
+    // ... once: captured and sent again by a role that may NOTIFY, it is dropped.
+    let captured = loop {
+        let payload = tokio::time::timeout(Duration::from_secs(5), heard.recv()).await.unwrap().unwrap();
+        if !payload.contains("\"h\":true") {
+            break payload;
+        }
+    };
+    assert_eq!(text(&p.a, READ).await, "through b");
+    let before = executions(&p.admin, "FROM items WHERE id").await;
+    let rejected_before = p.fleet[0].metric(rejected).await;
+    let (nobody, connection) =
+        tokio_postgres::connect(&cluster.url(&db, "peers_nobody"), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    nobody.execute("SELECT pg_notify('pgcache_invalidation', $1)", &[&captured]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while p.fleet[0].metric(rejected).await <= rejected_before {
+        assert!(Instant::now() < deadline, "the replayed message was seen and dropped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(text(&p.a, READ).await, "through b");
+    assert_eq!(executions(&p.admin, "FROM items WHERE id").await, before, "a replay invalidates nothing");
     // The bypass triggers seal with the same secret.
     let user = cluster.superuser();
     let upstream = cluster.url(&db, &user);

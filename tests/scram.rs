@@ -127,6 +127,37 @@ async fn a_password_changed_in_postgres_takes_over() {
     assert_eq!(out, "new");
 }
 
+/// Within `auth.verifier_ttl` pgcache may accept a password Postgres no longer does; Postgres
+/// then refuses the keys. That is a failed log-in (28P01, the verifier read again for the next
+/// attempt), not an unreachable server: the pool's breaker stays closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_postgres_no_longer_accepts_fail_the_log_in_not_the_pool() {
+    let cluster = scram_cluster().await;
+    let mut c = config(&cluster);
+    c.auth.verifier_ttl = Duration::from_secs(600);
+    let proxy = Proxy::start(c).await;
+    let (ok, _, err) = psql(conninfo(&proxy, "changing", "before", ""), "SELECT 1").await;
+    assert!(ok, "{err}");
+    cluster.admin("postgres").await.batch_execute("ALTER ROLE changing PASSWORD 'after'").await.unwrap();
+    // Another database: a new pool, which must log into Postgres with the keys.
+    let (ok, _, err) = psql(conninfo(&proxy, "changing", "before", "dbname=template1"), "SELECT 1").await;
+    assert!(!ok && err.contains("password authentication failed for user \"changing\""), "{err}");
+    let (ok, out, err) = psql(conninfo(&proxy, "changing", "after", "dbname=template1"), "SELECT 'new'").await;
+    assert!(ok && out == "new", "the new password at once, no breaker: {err}");
+}
+
+/// The iteration count is the role's business: keys derived from a costly verifier log in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_with_many_iterations_logs_in() {
+    let cluster = scram_cluster().await;
+    let verifier = pgcache::protocol::scram::Verifier::from_password("slow secret", b"0123456789abcdef", 200_000);
+    let sql = format!("CREATE ROLE slow LOGIN PASSWORD '{}'", verifier.encode());
+    cluster.admin("postgres").await.batch_execute(&sql).await.unwrap();
+    let proxy = Proxy::start(config(&cluster)).await;
+    let (ok, out, err) = psql(conninfo(&proxy, "slow", "slow secret", ""), "SELECT current_user").await;
+    assert!(ok && out == "slow", "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_auth_user_without_rights_logs_nobody_in_and_says_why_in_the_log() {
     let cluster = scram_cluster().await;
@@ -137,10 +168,44 @@ async fn an_auth_user_without_rights_logs_nobody_in_and_says_why_in_the_log() {
         database: "postgres".into(),
     };
     let proxy = Proxy::start(c).await;
+    // An outage is not a wrong password: the client is told to come back.
     let (ok, _, err) = psql(conninfo(&proxy, "app", "app secret", ""), "SELECT 1").await;
-    assert!(!ok && err.contains("password authentication failed for user \"app\""), "{err}");
-    let e = proxy.shared.verifiers.get("app", true).await.unwrap_err().to_string();
+    assert!(!ok && err.contains("could not read the credentials of the role"), "{err}");
+    let e = proxy.shared.verifiers.get("app").await.unwrap_err().to_string();
     assert!(e.contains("permission denied"), "{e}");
+}
+
+/// Made-up names flooding the auth query must not lock real users out: a role whose verifier
+/// was read keeps logging in with it while the auth query fails, and a wrong password is still
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_role_logs_in_while_the_auth_query_fails() {
+    let cluster = scram_cluster().await;
+    cluster
+        .admin("postgres")
+        .await
+        .batch_execute("CREATE TABLE creds AS SELECT rolname, rolpassword FROM pg_authid")
+        .await
+        .unwrap();
+    let mut c = config(&cluster);
+    c.auth.verifier_ttl = Duration::ZERO;
+    c.auth.verifiers = VerifierSource::Query {
+        query: "SELECT rolname, rolpassword FROM creds WHERE rolname = $1".into(),
+        user: "postgres".into(),
+        database: "postgres".into(),
+    };
+    let proxy = Proxy::start(c).await;
+    let (ok, out, err) = psql(conninfo(&proxy, "app", "app secret", ""), "SELECT current_user").await;
+    assert!(ok && out == "app", "{err}");
+    cluster.admin("postgres").await.batch_execute("DROP TABLE creds").await.unwrap();
+    let (ok, out, err) = psql(conninfo(&proxy, "app", "app secret", ""), "SELECT current_user").await;
+    assert!(ok && out == "app", "the verifier last read serves: {err}");
+    let (ok, _, err) = psql(conninfo(&proxy, "app", "wrong", ""), "SELECT 1").await;
+    assert!(!ok && err.contains("password authentication failed for user \"app\""), "{err}");
+    let (ok, _, err) = psql(conninfo(&proxy, "app", "app secret", ""), "SELECT 1").await;
+    assert!(ok, "still, after a failed attempt: {err}");
+    let (ok, _, err) = psql(conninfo(&proxy, "changing", "before", ""), "SELECT 1").await;
+    assert!(!ok && err.contains("could not read the credentials of the role"), "never read: {err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

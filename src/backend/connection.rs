@@ -90,8 +90,14 @@ impl ConnectError {
         match self {
             ConnectError::Server { fields, .. } => matches!(fields.code.as_str(), "53300" | "57P03"),
             ConnectError::PasswordRequired | ConnectError::UnsupportedAuth(_) => false,
-            _ => true,
+            _ => !self.is_scram_mismatch(),
         }
+    }
+
+    /// Whether the SCRAM exchange failed on this login's credentials (keys proved against a
+    /// verifier Postgres no longer holds: the password changed), not on Postgres's health.
+    pub fn is_scram_mismatch(&self) -> bool {
+        matches!(self, ConnectError::Protocol(StartupViolation::Scram(_)))
     }
 
     /// Whether Postgres rejected the password (so a remembered one must be forgotten).

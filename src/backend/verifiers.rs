@@ -1,12 +1,18 @@
 //! The SCRAM verifiers clients are checked against, as Postgres stores them: read with the
 //! auth query (run as the auth user, by default the upstream URL's, on a connection of its
-//! own) or from a userlist file, and kept for `auth.verifier_ttl` — a failed log-in reads the
-//! role's again at once, so a password changed in Postgres works through pgcache at its next
-//! attempt. Role names come from clients that have not logged in yet, so what is kept is
-//! bounded (at most [`MAX_ROLES`] roles, least recently used first out).
+//! own) or from a userlist file, and kept for `auth.verifier_ttl` — a failed log-in marks the
+//! role's as due, so a password changed in Postgres works through pgcache at its next attempt.
+//!
+//! Role names come from clients that have not logged in yet, so a flood of made-up names must
+//! not lock real users out: roles with a verifier and names without one are kept apart (at most
+//! [`MAX_ROLES`] of each, least recently used first out), so made-up names only evict each
+//! other; a role whose verifier cannot be read again (the auth query fails or times out) keeps
+//! the one last read; and a log-in whose verifier cannot be read at all is told so (08006),
+//! not that its password is wrong.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
@@ -19,6 +25,8 @@ use super::Endpoint;
 /// At most this many roles' verifiers (or their absence) are kept.
 pub const MAX_ROLES: usize = 10_000;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Postgres's `scram_iterations` default.
+const DEFAULT_ITERATIONS: u32 = 4096;
 
 /// Why a verifier could not be read (the log-in fails as for a wrong password; this is
 /// logged for the operator).
@@ -34,12 +42,12 @@ pub enum VerifierError {
     Userlist { path: String, line: usize, why: String },
 }
 
-/// A role's verifier as last read: `None` when it has none pgcache can use (no such role,
-/// cannot log in, expired, an md5 hash or no password).
+/// A role's verifier as last read, and whether it is due to be read again.
 #[derive(Clone)]
 struct Read {
-    verifier: Option<Verifier>,
+    verifier: Verifier,
     at: Instant,
+    due: bool,
 }
 
 /// Verifiers by role.
@@ -50,9 +58,15 @@ pub struct Verifiers {
     password: Option<Password>,
     ttl: Duration,
     read: quick_cache::sync::Cache<String, Read>,
+    /// Names with no verifier pgcache can use (no such role, cannot log in, expired, an md5
+    /// hash or no password), and when that was read.
+    absent: quick_cache::sync::Cache<String, Instant>,
     client: tokio::sync::Mutex<Option<Client>>,
     /// The roles of a userlist file.
     userlist: std::collections::HashMap<String, Verifier>,
+    /// The iteration count of the verifier last read: the mock verifier of a role that has
+    /// none offers it, so that what pgcache answers does not tell roles apart.
+    iterations: AtomicU32,
 }
 
 impl Verifiers {
@@ -72,25 +86,64 @@ impl Verifiers {
             password,
             ttl,
             read: quick_cache::sync::Cache::new(MAX_ROLES),
+            absent: quick_cache::sync::Cache::new(MAX_ROLES),
             client: tokio::sync::Mutex::new(None),
+            iterations: AtomicU32::new(
+                userlist.values().next().map_or(DEFAULT_ITERATIONS, |v: &Verifier| v.iterations),
+            ),
             userlist,
         })
     }
 
-    /// The verifier of `role`, from what was read within the TTL unless `fresh`.
-    pub async fn get(&self, role: &str, fresh: bool) -> Result<Option<Verifier>, VerifierError> {
+    /// The iteration count real verifiers have (Postgres's default until one is read).
+    pub fn iterations(&self) -> u32 {
+        self.iterations.load(Ordering::Relaxed)
+    }
+
+    /// The verifier of `role` (`None`: it has none pgcache can use), from what was read within
+    /// the TTL. If it cannot be read again, the one last read is used.
+    pub async fn get(&self, role: &str) -> Result<Option<Verifier>, VerifierError> {
         let query = match &self.source {
             VerifierSource::Userlist(_) => return Ok(self.userlist.get(role).cloned()),
             VerifierSource::Query { query, .. } => query,
         };
-        if !fresh && let Some(r) = self.read.get(role).filter(|r| r.at.elapsed() < self.ttl) {
-            return Ok(r.verifier);
+        let known = self.read.get(role);
+        match &known {
+            Some(r) if !r.due && r.at.elapsed() < self.ttl => return Ok(Some(r.verifier.clone())),
+            None if self.absent.get(role).is_some_and(|at| at.elapsed() < self.ttl) => return Ok(None),
+            _ => {}
         }
-        let verifier = tokio::time::timeout(QUERY_TIMEOUT, self.query(query, role))
+        let read = tokio::time::timeout(QUERY_TIMEOUT, self.query(query, role))
             .await
-            .map_err(|_| VerifierError::Timeout)??;
-        self.read.insert(role.to_owned(), Read { verifier: verifier.clone(), at: Instant::now() });
-        Ok(verifier)
+            .map_err(|_| VerifierError::Timeout)
+            .and_then(|r| r);
+        match (read, known) {
+            (Ok(Some(verifier)), _) => {
+                self.iterations.store(verifier.iterations, Ordering::Relaxed);
+                self.absent.remove(role);
+                self.read.insert(role.to_owned(), Read { verifier: verifier.clone(), at: Instant::now(), due: false });
+                Ok(Some(verifier))
+            }
+            (Ok(None), _) => {
+                self.read.remove(role);
+                self.absent.insert(role.to_owned(), Instant::now());
+                Ok(None)
+            }
+            (Err(e), Some(last)) => {
+                tracing::warn!(role, error = %e, "could not read the role's SCRAM verifier again; using the last one read");
+                Ok(Some(last.verifier))
+            }
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    /// A log-in as `role` failed: its verifier is read again at the next attempt (the password
+    /// may have changed in Postgres).
+    pub fn due(&self, role: &str) {
+        if let Some(mut r) = self.read.get(role) {
+            r.due = true;
+            self.read.insert(role.to_owned(), r);
+        }
     }
 
     async fn query(&self, query: &str, role: &str) -> Result<Option<Verifier>, VerifierError> {

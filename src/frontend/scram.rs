@@ -117,23 +117,25 @@ pub async fn exchange(
 /// Postgres's own refusal after `auth.failure_delay` (counted in
 /// `pgcache_login_failures_total`). Used by sessions and the admin console alike.
 pub async fn authenticate(client: &mut Client, ctx: &Context, user: &str) -> Result<Keys, SessionError> {
-    let verifier = match ctx.verifiers.get(user, false).await {
+    let verifier = match ctx.verifiers.get(user).await {
         Ok(v) => v,
         Err(e) => {
+            // An outage is not a wrong password: the client is told to try again later.
             tracing::warn!(user, error = %e, "could not read the role's SCRAM verifier; the log-in fails");
-            None
+            return Err(SessionError::Refused(PgError::fatal(
+                SqlState::CONNECTION_FAILURE,
+                "could not read the credentials of the role; try again later",
+            )));
         }
     };
-    let mock = Verifier::mock(user, &ctx.process_secret);
+    let mock = Verifier::mock(user, &ctx.process_secret, ctx.verifiers.iterations());
     let end_point = if client.stream.is_tls() { ctx.tls_end_point.as_deref() } else { None };
     match exchange(client, verifier, mock, end_point).await? {
         Outcome::Proved(keys) => Ok(keys),
         Outcome::Failed(why) => {
             tracing::info!(peer = %client.peer, user, reason = why, "log-in failed");
             // A password changed in Postgres: its next attempt is checked against the new one.
-            if let Err(e) = ctx.verifiers.get(user, true).await {
-                tracing::debug!(user, error = %e, "could not read the role's verifier again");
-            }
+            ctx.verifiers.due(user);
             Err(refused(ctx, user).await)
         }
     }

@@ -222,6 +222,14 @@ async fn receive(peers: &Peers, link: &Link, payload: &str) -> bool {
     if msg.d != link.database {
         return false;
     }
+    if peers.seal.is_some()
+        && msg.i != message::TRIGGER
+        && !peers.replays.lock().first(payload, msg.t, message::now_micros())
+    {
+        peers.stats.metrics.counter(m::PEER_REJECTED, &[]).increment(1);
+        tracing::debug!(from = %msg.i, "a sealed message heard before, or too old or new to tell; dropped");
+        return false;
+    }
     link.seen.lock().last_message = Some(SystemTime::now());
     if msg.i == peers.instance {
         return true;

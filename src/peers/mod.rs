@@ -29,6 +29,7 @@
 
 pub mod link;
 pub mod message;
+pub mod replay;
 pub mod triggers;
 
 use std::collections::HashMap;
@@ -56,6 +57,8 @@ pub struct Peers {
     config: PeersConfig,
     /// Signs what this instance publishes and checks what it hears (the fleet's secret).
     seal: Option<message::Seal>,
+    /// Sealed messages already heard ([`replay`]).
+    replays: Mutex<replay::Replays>,
     /// The shared L2, whose versions what this instance hears moves too.
     l2: Option<Arc<crate::l2::L2>>,
     /// This instance's id in messages.
@@ -128,6 +131,7 @@ impl Peers {
         }
         Peers {
             seal,
+            replays: Mutex::default(),
             l2,
             config,
             instance,

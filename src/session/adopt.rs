@@ -6,7 +6,7 @@
 //! ([`SessionState`]): as started, started plus settings pgcache applied, or unknown. When
 //! that is exactly the session's, nothing is sent. Otherwise, in one round trip, the
 //! connection is reset to its startup state (`SET SESSION AUTHORIZATION DEFAULT` — which
-//! also resets the role — and `RESET ALL`), the session's settings are applied with
+//! also resets the role — `RESET ALL` and `DISCARD SEQUENCES`), the session's settings are applied with
 //! `set_config`, and, while the cache is in use, the settings probe reads back what the
 //! connection now has: that reading becomes the session's key (so a result filled on this
 //! connection is stored under the state it was computed in), and it must equal what the
@@ -23,8 +23,9 @@ use super::core::settings::Settings;
 use super::replay::{self, ReplayError};
 
 /// Resets a connection to its startup state: the session authorization and role (which
-/// `RESET ALL` leaves alone), then every setting.
-const RESET: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL";
+/// `RESET ALL` leaves alone), every setting, and the sequence values `currval`/`lastval`
+/// would show.
+const RESET: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DISCARD SEQUENCES";
 
 /// When to read the settings back with the probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -47,7 +47,17 @@ pub async fn login(
             let keys = scram::authenticate(client, ctx, &key.user).await?;
             let secret = Secret::Keys(Box::new(keys));
             ctx.pools.credentials.remember(key, Some(&secret));
-            Ok(ctx.pools.get(key).acquire(startup, Some(&secret), false).await?)
+            match ctx.pools.get(key).acquire(startup, Some(&secret), false).await {
+                // The password changed in Postgres after pgcache read the verifier: the client
+                // proved the old one. Its next attempt is checked against the new verifier.
+                Err(PoolError::Connect(e)) if e.is_scram_mismatch() || e.is_bad_password() => {
+                    tracing::info!(user = %key.user, error = %e, "Postgres refused the keys of a SCRAM log-in");
+                    ctx.verifiers.due(&key.user);
+                    ctx.pools.credentials.forget(key);
+                    Err(scram::refused(ctx, &key.user).await)
+                }
+                other => Ok(other?),
+            }
         }
         AuthMethod::Cleartext => cleartext(client, ctx, key, startup).await,
     }

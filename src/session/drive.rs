@@ -16,7 +16,7 @@ use crate::query::classifier::LARGE;
 
 use super::answer::Answerer;
 use super::core::batch::{Decided, Need};
-use super::core::effect::Effect;
+use super::core::effect::{Step, invalidates_nothing};
 use super::core::flow::Parked;
 use super::core::query;
 use super::decide::Request;
@@ -34,8 +34,8 @@ enum Whole<'a> {
 
 impl Relay<'_> {
     /// Looks up the effects of `c` (with its parameters, in the extended protocol), notes it in
-    /// the core, and returns the effects.
-    async fn noted(&mut self, c: &Classified, params: Option<effects::Params<'_>>) -> Vec<Effect> {
+    /// the core, and returns the step to apply when it completes.
+    async fn noted(&mut self, c: &Classified, params: Option<effects::Params<'_>>) -> Step {
         let (ctx, database) = (self.ctx, &self.key.database);
         let effects = effects::of_statement(ctx, database, c, params).await;
         let caching = ctx.caching();
@@ -44,8 +44,7 @@ impl Relay<'_> {
         let unseen = !caching
             && self.core.flow.transaction_pooling
             && effects::may_change_settings_unseen(ctx, database, c).await;
-        self.core.note(c, &effects, caching, unseen);
-        effects
+        self.core.note(c, effects, caching, unseen)
     }
 
     /// A simple Query: classified, its statements noted, decided, handed to the core.
@@ -57,18 +56,18 @@ impl Relay<'_> {
             Some(sql) => self.ctx.classifier.classify_off_worker(sql).await,
             None => Arc::new(vec![Classified::unparseable()]),
         };
-        let mut effects = Vec::new();
+        let mut steps = Vec::new();
         for c in classified.iter() {
-            effects.extend(self.noted(c, None).await);
+            steps.push(self.noted(c, None).await);
         }
         // Noted as the planner notes it, then, if it writes nothing, the short way.
         if let Some(sql) = sql
-            && effects.is_empty()
+            && invalidates_nothing(&steps)
             && self.answered_whole(Whole::Query { sql, classified: &classified }).await
         {
             return Ok(());
         }
-        self.query(frame, classified, effects).await
+        self.query(frame, classified, steps).await
     }
 
     /// Decides a noted Query (again, after a probe) and hands it to the core.
@@ -76,13 +75,13 @@ impl Relay<'_> {
         &mut self,
         frame: Frame,
         classified: Arc<Vec<Classified>>,
-        effects: Vec<Effect>,
+        steps: Vec<Step>,
     ) -> Result<(), SessionError> {
-        let plan = match query::candidate(&frame, &classified, &effects) {
+        let plan = match query::candidate(&frame, &classified, &steps) {
             Some((sql, c)) => Some(self.decide(sql, c, Request::Simple).await?),
             None => None,
         };
-        self.core.query(frame, classified, effects, plan);
+        self.core.query(frame, classified, steps, plan);
         Ok(())
     }
 
@@ -107,7 +106,7 @@ impl Relay<'_> {
                     let params = bind.as_ref().map(|bind| effects::Params { types: &statement.param_types, bind });
                     let mut all = Vec::new();
                     for c in statement.classified.iter() {
-                        all.extend(self.noted(c, params).await);
+                        all.push(self.noted(c, params).await);
                     }
                     match planner.effects(self.core, all) {
                         Some(decision) => Some(decision),
@@ -161,7 +160,7 @@ impl Relay<'_> {
     /// A request parked for the probe, decided now that the settings are known.
     pub(super) async fn resume(&mut self, parked: Parked) -> Result<(), SessionError> {
         match parked {
-            Parked::Query { frame, classified, effects } => self.query(frame, classified, effects).await?,
+            Parked::Query { frame, classified, steps } => self.query(frame, classified, steps).await?,
             Parked::Batch => self.run_batch().await?,
         }
         self.carry_out();

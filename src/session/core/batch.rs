@@ -32,7 +32,7 @@ use crate::query::{Classified, Kind};
 use crate::stats::Observation;
 
 use super::Core;
-use super::effect::{Effect, may_change_settings};
+use super::effect::{Step, invalidates_nothing, may_change_settings};
 use super::flow::{Parked, Statement};
 use super::pipeline::Fill;
 use super::plan::Plan;
@@ -152,7 +152,7 @@ pub(crate) struct BatchPlan {
     /// Statements created by Parse messages.
     parsed: Slots<Arc<Statement>>,
     /// Per Execute: its plan and its writes.
-    exec: Slots<(Exec, Vec<Effect>)>,
+    exec: Slots<(Exec, Vec<Step>)>,
     /// Per Execute: what the statistics will record.
     observe: Slots<Observation>,
     /// The unnamed-portal Bind each Execute/Describe of the unnamed portal refers to.
@@ -184,7 +184,7 @@ pub enum Need {
 #[derive(Debug)]
 enum Waiting {
     Effects { at: usize, statement: Option<Arc<Statement>> },
-    Decision { at: usize, effects: Vec<Effect> },
+    Decision { at: usize, steps: Vec<Step> },
 }
 
 /// A batch being planned. The relay drives it: [`Planner::next`] until it is done, answering
@@ -334,8 +334,8 @@ impl Planner {
                             return Some(Need::Effects { statement: st, bind });
                         }
                         None => {
-                            let effects = vec![Effect::Unknown("execute of a portal pgcache did not see bound")];
-                            if let Some(need) = self.effects(core, effects) {
+                            let steps = vec![Step::unknown("execute of a portal pgcache did not see bound")];
+                            if let Some(need) = self.effects(core, steps) {
                                 return Some(need);
                             }
                         }
@@ -349,7 +349,7 @@ impl Planner {
 
     /// The effects of the Execute waiting for them (its statements already noted); may ask
     /// for a decision next.
-    pub fn effects(&mut self, core: &mut Core, effects: Vec<Effect>) -> Option<Need> {
+    pub fn effects(&mut self, core: &mut Core, steps: Vec<Step>) -> Option<Need> {
         let Some(Waiting::Effects { at: i, statement: st }) = self.waiting.take() else { return None };
         let Msg::Execute { ref portal, max_rows } = self.msgs[i] else { return None };
         let mut observe = st.as_ref().map(|st| {
@@ -371,7 +371,8 @@ impl Planner {
             // portal again.
             let resumable = max_rows > 0
                 && (core.tracker.status != TransactionStatus::Idle || self.tx_seen || used_later(&self.msgs, i));
-            let plain = !self.unnamed_executed && !self.write_seen && !self.settings_seen && effects.is_empty();
+            let plain =
+                !self.unnamed_executed && !self.write_seen && !self.settings_seen && invalidates_nothing(&steps);
             if resumable && let Some(o) = observe.as_mut() {
                 o.reason = Some(Reason::RowLimit);
             }
@@ -382,7 +383,7 @@ impl Planner {
             }
             self.unnamed_executed = true;
         }
-        self.write_seen |= !effects.is_empty() || st.as_ref().is_none_or(|s| s.select().is_none());
+        self.write_seen |= !invalidates_nothing(&steps) || st.as_ref().is_none_or(|s| s.select().is_none());
         self.settings_seen |= st.as_ref().is_none_or(|s| s.classified.iter().any(may_change_settings));
         self.tx_seen |= st.as_ref().is_none_or(|s| s.classified.iter().any(|c| matches!(c.kind, Kind::Transaction(_))));
         if let Some(o) = observe {
@@ -390,11 +391,11 @@ impl Planner {
         }
         match need {
             Some(n) => {
-                self.waiting = Some(Waiting::Decision { at: i, effects });
+                self.waiting = Some(Waiting::Decision { at: i, steps });
                 Some(n)
             }
             None => {
-                self.plan.exec.insert(i, (Exec::Forward, effects));
+                self.plan.exec.insert(i, (Exec::Forward, steps));
                 None
             }
         }
@@ -403,7 +404,7 @@ impl Planner {
     /// The decision for the Execute waiting for one. [`Plan::Probe`] parks the batch (it is
     /// planned again once the probe has answered).
     pub fn decision(&mut self, core: &mut Core, plan: Plan) -> Decided {
-        let Some(Waiting::Decision { at: i, effects }) = self.waiting.take() else { return Decided::Planned };
+        let Some(Waiting::Decision { at: i, steps }) = self.waiting.take() else { return Decided::Planned };
         if let Some(o) = self.plan.observe.get_mut(&i) {
             plan.observe(o);
         }
@@ -421,7 +422,7 @@ impl Planner {
                 return Decided::Parked;
             }
         };
-        self.plan.exec.insert(i, (exec, effects));
+        self.plan.exec.insert(i, (exec, steps));
         Decided::Planned
     }
 

@@ -1,8 +1,11 @@
 //! What a statement does: the invalidations it causes ([`Effect`], looked up by the relay in
-//! the catalog) and what it does to the session ([`Core::note`]: the transaction, the
-//! settings the cache key is built from, temporary objects, state that pins the session to its
-//! backend).
+//! the catalog) and what it does to the session ([`Core::note`]: the settings the cache key is
+//! built from, temporary objects, state that pins the session to its backend). What it does
+//! to its transaction ([`Step`]) is applied when its answer arrives, in the backend's order
+//! ([`Core::completed`]): a client may pipeline several transactions, and what one of them
+//! wrote is committed or rolled back only when Postgres says so.
 
+use crate::protocol::backend::TransactionStatus;
 use crate::query::{Classified, Held, Hold, Kind, Relation, SessionChange, TxControl};
 
 use super::{Action, Core};
@@ -21,6 +24,38 @@ pub enum Effect {
     Unknown(&'static str),
     /// Anything cached may be wrong now (DDL on functions, types, roles, privileges).
     All,
+}
+
+/// How a statement ends or marks its transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// COMMIT (a COMMIT of a failed transaction rolls it back: its tag says `ROLLBACK`).
+    Commit,
+    Rollback,
+    /// SAVEPOINT, RELEASE, ROLLBACK TO: an error after it may not end the transaction.
+    Savepoint,
+}
+
+/// One statement of a request, applied when its CommandComplete arrives: what it does to its
+/// transaction and what it invalidates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Step {
+    pub control: Option<Control>,
+    pub effects: Vec<Effect>,
+    /// It writes (a write or DDL, even one whose invalidations are empty).
+    pub writes: bool,
+}
+
+impl Step {
+    /// A statement pgcache could not see, which may write anything.
+    pub fn unknown(why: &'static str) -> Step {
+        Step { control: None, effects: vec![Effect::Unknown(why)], writes: true }
+    }
+}
+
+/// Whether none of `steps` invalidates anything.
+pub fn invalidates_nothing(steps: &[Step]) -> bool {
+    steps.iter().all(|s| s.effects.is_empty())
 }
 
 /// Whether `c` may change session settings (so statements after it in the same batch cannot
@@ -63,11 +98,12 @@ impl Core {
     }
 
     /// Records what a statement about to be sent does to the session; `effects` are its
-    /// invalidations, `caching` whether the cache is in use. (While it is not, the functions a
+    /// invalidations, `caching` whether the cache is in use. Returns the step to apply when
+    /// its answer arrives. (While it is not, the functions a
     /// statement calls are not looked up, and any of them may have set custom settings.)
     /// `unseen`: it may change settings out of sight (a volatile user function, a trigger),
     /// found without the cache's effects.
-    pub fn note(&mut self, c: &Classified, effects: &[Effect], caching: bool, unseen: bool) {
+    pub fn note(&mut self, c: &Classified, effects: Vec<Effect>, caching: bool, unseen: bool) -> Step {
         if let Some(hold) = &c.holds {
             self.hold(hold);
         }
@@ -84,26 +120,10 @@ impl Core {
                 }
             }
             Kind::Transaction(TxControl::SetTransaction) => f.settings_may_change(),
-            // What the transaction wrote is undone: its invalidations are not needed (the
-            // entries filled before it stay valid). Statements after the ROLLBACK start anew.
-            // Settings it changed are undone too, and SET LOCAL ends with any transaction:
-            // forget them now, so a statement pipelined behind this one is not keyed on them.
-            Kind::Transaction(TxControl::Rollback) => {
-                f.tx_effects.clear();
-                f.forget_if_changed_in_tx();
-            }
-            // What a COMMIT ends is invalidated even if a later statement of the same request
-            // fails or rolls back another transaction.
-            // (A COMMIT of a transaction that already failed rolls it back.)
-            Kind::Transaction(TxControl::Commit) => {
-                if !f.rolled_back() {
-                    let committed = std::mem::take(&mut f.tx_effects);
-                    f.committed_effects.extend(committed);
-                }
-                f.forget_if_changed_in_tx();
-            }
-            Kind::Transaction(TxControl::Savepoint) => {
-                f.tx_savepoints = true;
+            // Settings a transaction changed are undone by its rollback, and SET LOCAL ends
+            // with any transaction: forget them now, so a statement pipelined behind this one
+            // is not keyed on them.
+            Kind::Transaction(TxControl::Rollback | TxControl::Commit | TxControl::Savepoint) => {
                 f.forget_if_changed_in_tx();
             }
             Kind::Session(SessionChange::Setting) => f.settings_may_change(),
@@ -133,7 +153,8 @@ impl Core {
             f.settings_may_change();
             f.settings.mark_unknowable();
         }
-        if !effects.is_empty() || matches!(c.kind, Kind::Write | Kind::Ddl) {
+        let writes = !effects.is_empty() || matches!(c.kind, Kind::Write | Kind::Ddl);
+        if writes {
             f.wrote = true;
             if effects.iter().any(|e| matches!(e, Effect::Unknown(_))) {
                 // Whatever ran may also have changed settings (set_config, SET in a function),
@@ -142,6 +163,44 @@ impl Core {
                 f.settings.mark_unknowable();
             }
         }
-        f.tx_effects.extend(effects.iter().cloned());
+        let control = match c.kind {
+            Kind::Transaction(TxControl::Commit) => Some(Control::Commit),
+            Kind::Transaction(TxControl::Rollback) => Some(Control::Rollback),
+            Kind::Transaction(TxControl::Savepoint) => Some(Control::Savepoint),
+            _ => None,
+        };
+        Step { control, effects, writes }
+    }
+
+    /// A statement's CommandComplete (with its `tag`) arrived: it ran, and did this to its
+    /// transaction. Outside a transaction block its write has committed (it is invalidated
+    /// here, and again when the implicit transaction ends); inside one, its invalidations wait
+    /// for the transaction's end. A COMMIT invalidates what its transaction wrote now, before
+    /// its CommandComplete reaches the client, whatever follows it in the same request; a
+    /// rollback discards it (the entries filled before it stay valid).
+    pub(super) fn completed(&mut self, step: Step, tag: &[u8]) {
+        self.flow.wrote |= step.writes;
+        if !step.effects.is_empty() && self.tracker.status == TransactionStatus::Idle {
+            self.act(Action::Invalidate { effects: step.effects.clone(), committed: false });
+        }
+        let f = &mut self.flow;
+        f.tx_effects.extend(step.effects);
+        let committed = match step.control {
+            Some(Control::Commit) if tag != b"ROLLBACK" && !f.rolled_back() => std::mem::take(&mut f.tx_effects),
+            Some(Control::Commit | Control::Rollback) => {
+                f.tx_effects.clear();
+                Vec::new()
+            }
+            Some(Control::Savepoint) => {
+                f.tx_savepoints = true;
+                return;
+            }
+            None => return,
+        };
+        f.tx_failed = false;
+        f.tx_savepoints = false;
+        if !committed.is_empty() {
+            self.act(Action::Invalidate { effects: committed, committed: true });
+        }
     }
 }

@@ -11,7 +11,7 @@ use crate::protocol::Frame;
 use crate::protocol::backend::TransactionStatus;
 use crate::query::Classified;
 
-use super::effect::Effect;
+use super::effect::{Effect, Step};
 use super::pipeline::Pipeline;
 use super::settings::Settings;
 
@@ -58,7 +58,7 @@ pub enum Probe {
 #[derive(Debug)]
 pub enum Parked {
     /// A simple Query, already classified and noted.
-    Query { frame: Frame, classified: Arc<Vec<Classified>>, effects: Vec<Effect> },
+    Query { frame: Frame, classified: Arc<Vec<Classified>>, steps: Vec<Step> },
     /// The extended-protocol batch in [`Flow::batch`], up to its Sync.
     Batch,
 }
@@ -76,6 +76,8 @@ pub struct Flow {
     pub probe: Option<Probe>,
     /// The probe's rows, until its ReadyForQuery.
     pub probe_rows: Vec<Vec<Option<String>>>,
+    /// The settings' [`Settings::epoch`] when the running probe was sent.
+    pub probe_epoch: u64,
     /// A request waiting for the probe's answer before it is decided; client messages after
     /// it wait in the read buffer meanwhile.
     pub parked: Option<Parked>,
@@ -83,12 +85,10 @@ pub struct Flow {
     pub wrote: bool,
     /// Settings may have changed in the current transaction (a rollback would undo that).
     pub settings_changed_in_tx: bool,
-    /// Invalidations of the current transaction, applied again when it ends — unless it
-    /// failed and nothing of it can have committed ([`Flow::rolled_back`]).
+    /// Invalidations of the statements of the current transaction that have completed,
+    /// applied again when it commits — unless it failed and nothing of it can have committed
+    /// ([`Flow::rolled_back`]).
     pub tx_effects: Vec<Effect>,
-    /// Invalidations of transactions a `COMMIT` sent in the current request ends (a
-    /// multi-statement Query), applied at its ReadyForQuery whatever follows the `COMMIT`.
-    pub committed_effects: Vec<Effect>,
     /// A statement that begins a transaction block was sent and its answer is still awaited.
     pub begins_in_flight: bool,
     /// Postgres reported an error in the current transaction: it rolls back...
@@ -134,9 +134,14 @@ impl Flow {
         self.settings_touched = true;
     }
 
-    /// The probe's ReadyForQuery: learn what it read.
+    /// The probe's ReadyForQuery: learn what it read — unless something may have changed the
+    /// settings since it was sent (then the next request that needs them probes again).
     pub(super) fn finish_probe(&mut self) {
         let rows = std::mem::take(&mut self.probe_rows);
+        if self.settings.epoch() != self.probe_epoch {
+            self.probe = None;
+            return;
+        }
         if !rows.is_empty() {
             self.settings.learn(rows);
         }

@@ -23,7 +23,7 @@ use crate::query::Relation;
 use crate::rules::Rule;
 use crate::stats::Observation;
 
-use super::effect::Effect;
+use super::effect::Step;
 
 /// Which answer a forwarded request gets (Postgres docs, "Message Flow").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,8 +51,8 @@ pub struct Forwarded {
     pub fill: Option<usize>,
     /// The request is the settings probe.
     pub probe: bool,
-    /// Invalidations to apply when the request completes.
-    pub effects: Vec<Effect>,
+    /// Its statements, applied one per CommandComplete ([`super::Core::completed`]).
+    pub steps: VecDeque<Step>,
     /// Recorded in the statistics when the request completes.
     pub observe: Option<Box<Observation>>,
     /// The backend reported an error for it.
@@ -85,7 +85,7 @@ impl Forwarded {
             hidden: false,
             fill: None,
             probe: false,
-            effects: Vec::new(),
+            steps: VecDeque::new(),
             observe: None,
             failed: false,
             row_limit: None,

@@ -13,7 +13,7 @@ use crate::protocol::frontend;
 use crate::query::{Classified, Kind};
 use crate::stats::Observation;
 
-use super::effect::Effect;
+use super::effect::{Step, invalidates_nothing};
 use super::flow::{Parked, Probe};
 use super::pipeline::{Expect, Forwarded, Item};
 use super::plan::Plan;
@@ -37,10 +37,10 @@ pub fn not_cacheable(classified: &[Classified]) -> Reason {
 pub fn candidate<'a>(
     frame: &'a Frame,
     classified: &'a [Classified],
-    effects: &[Effect],
+    steps: &[Step],
 ) -> Option<(&'a str, &'a Classified)> {
     match classified {
-        [c] if c.kind == Kind::Select && effects.is_empty() => Some((sql_of(frame)?, c)),
+        [c] if c.kind == Kind::Select && invalidates_nothing(steps) => Some((sql_of(frame)?, c)),
         _ => None,
     }
 }
@@ -48,7 +48,7 @@ pub fn candidate<'a>(
 impl Core {
     /// A Query whose statements have been noted, with the decision for its candidate (see
     /// [`candidate`]), if it had one.
-    pub fn query(&mut self, frame: Frame, classified: Arc<Vec<Classified>>, effects: Vec<Effect>, plan: Option<Plan>) {
+    pub fn query(&mut self, frame: Frame, classified: Arc<Vec<Classified>>, steps: Vec<Step>, plan: Option<Plan>) {
         let mut observe = Observation::new(self.flow.database.clone(), classified.clone(), Outcome::Passthrough);
         observe.reason = Some(not_cacheable(&classified));
         if let Some(plan) = plan {
@@ -56,7 +56,7 @@ impl Core {
             match plan {
                 Plan::Probe => {
                     self.start_probe();
-                    self.flow.parked = Some(Parked::Query { frame, classified, effects });
+                    self.flow.parked = Some(Parked::Query { frame, classified, steps });
                     return;
                 }
                 Plan::Hit { entry, .. } => {
@@ -83,7 +83,7 @@ impl Core {
         }
         self.request(
             frame.into_raw(),
-            Forwarded { effects, observe: Some(Box::new(observe)), ..Forwarded::new(Expect::Query) },
+            Forwarded { steps: steps.into(), observe: Some(Box::new(observe)), ..Forwarded::new(Expect::Query) },
         );
     }
 
@@ -93,8 +93,14 @@ impl Core {
     }
 
     /// Sends the probe that reads the session's settings; its answer is hidden from the client.
+    /// One runs at a time: while one is running, a request that needs the settings waits for
+    /// its answer (and probes again if the settings were forgotten since it was sent).
     pub fn start_probe(&mut self) {
+        if self.flow.probe == Some(Probe::Running) {
+            return;
+        }
         self.flow.probe = Some(Probe::Running);
+        self.flow.probe_epoch = self.flow.settings.epoch();
         self.flow.probe_rows.clear();
         let mut q = BytesMut::new();
         // The probe's text has no NUL (names in it are validated), so it always encodes.

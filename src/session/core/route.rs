@@ -69,6 +69,13 @@ impl Core {
                 if let Some(id) = fill {
                     self.flow.pipeline.take_fill(id);
                 }
+                // A suspended portal's write has run whole (Postgres runs a write to its end
+                // and keeps the rows it returns).
+                if let Some(Item::Backend(head)) = self.flow.pipeline.items.front_mut()
+                    && let Some(step) = head.steps.pop_front()
+                {
+                    self.completed(step, b"");
+                }
                 let completes = expect == Expect::Execute;
                 if completes {
                     self.observed(false);
@@ -214,14 +221,11 @@ impl Core {
     }
 
     fn on_command_complete(&mut self, visible: bool, expect: Expect, fill: Option<usize>, raw: &[u8]) -> Routed {
-        // Outside a transaction block the statement has committed now. Inside one, its
-        // invalidations wait for the transaction to end (a rollback discards them).
-        if self.tracker.status == TransactionStatus::Idle
-            && let Some(Item::Backend(head)) = self.flow.pipeline.items.front()
-            && !head.effects.is_empty()
+        // The statement ran: what it does to its transaction happens now.
+        if let Some(Item::Backend(head)) = self.flow.pipeline.items.front_mut()
+            && let Some(step) = head.steps.pop_front()
         {
-            let effects = head.effects.clone();
-            self.act(Action::Invalidate { effects, committed: false });
+            self.completed(step, be::command_tag(&raw[5..]).unwrap_or_default());
         }
         if let Some(id) = fill
             && let Some(mut f) = self.flow.pipeline.take_fill(id)
@@ -254,8 +258,13 @@ impl Core {
             if let Some(observation) = head.observe {
                 self.act(Action::Record { observation, served: 0, error: head.failed });
             }
-            if status == TransactionStatus::Idle && !head.effects.is_empty() && !self.flow.rolled_back() {
-                self.act(Action::Invalidate { effects: head.effects, committed: false });
+            // Statements left without a CommandComplete of their own ran, unless the request
+            // failed (then the rest of it was skipped): pgcache may have split the text into
+            // fewer statements than Postgres did.
+            if !head.failed {
+                for step in head.steps {
+                    self.completed(step, b"");
+                }
             }
         }
         if probe {
@@ -276,16 +285,11 @@ impl Core {
     }
 
     /// The transaction (explicit or implicit) ended: its writes are invalidated, now that they
-    /// are committed (a ROLLBACK cleared them when it was sent), and settings it changed may
-    /// have reverted.
+    /// are committed (a COMMIT or ROLLBACK already took what it ended), and settings it changed
+    /// may have reverted.
     fn end_transaction(&mut self) {
-        let mut effects = std::mem::take(&mut self.flow.committed_effects);
-        let rolled_back = self.flow.rolled_back();
-        let current = std::mem::take(&mut self.flow.tx_effects);
-        if !rolled_back {
-            effects.extend(current);
-        }
-        if !effects.is_empty() {
+        let effects = std::mem::take(&mut self.flow.tx_effects);
+        if !effects.is_empty() && !self.flow.rolled_back() {
             self.act(Action::Invalidate { effects, committed: true });
         }
         let f = &mut self.flow;

@@ -127,6 +127,9 @@ pub struct Settings {
     /// verified to have exactly these settings), and nothing that may change them ran since:
     /// a result computed there is computed in this state, so it may be stored under it.
     on_backend: bool,
+    /// Counts [`Settings::forget`]s: a probe sent before the latest may have read settings
+    /// half-changed, and its answer is not learned ([`Settings::epoch`]).
+    forgotten: u64,
 }
 
 impl Settings {
@@ -152,6 +155,13 @@ impl Settings {
     pub fn forget(&mut self) {
         self.probed = None;
         self.on_backend = false;
+        self.forgotten += 1;
+    }
+
+    /// Which snapshot of the settings a probe sent now reads: if the settings are forgotten
+    /// again before its answer arrives, that answer may predate what changed them.
+    pub fn epoch(&self) -> u64 {
+        self.forgotten
     }
 
     /// The session now holds a backend on which a probe last read `verified` (the key part

@@ -20,7 +20,7 @@ use crate::query::{Classified, Kind};
 use crate::rules::Rule;
 
 use super::batch::{Decided, Need};
-use super::effect::Effect;
+use super::effect::{Effect, Step};
 use super::flow::{Flow, Parked};
 use super::plan::Plan;
 use super::query;
@@ -69,10 +69,8 @@ impl T {
         }
     }
 
-    fn note(&mut self, c: &Classified) -> Vec<Effect> {
-        let effects = effects_of(c);
-        self.core.note(c, &effects, true, false);
-        effects
+    fn note(&mut self, c: &Classified) -> Step {
+        self.core.note(c, effects_of(c), true, false)
     }
 
     /// The client sends these frames.
@@ -92,11 +90,8 @@ impl T {
             match frame.tag() {
                 b'Q' => {
                     let classified = Arc::new(classify(query::sql_of(&frame).unwrap_or("")));
-                    let mut effects = Vec::new();
-                    for c in classified.iter() {
-                        effects.extend(self.note(c));
-                    }
-                    self.query(frame, classified, effects);
+                    let steps = classified.iter().map(|c| self.note(c)).collect();
+                    self.query(frame, classified, steps);
                 }
                 b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' => {
                     let tag = frame.tag();
@@ -111,10 +106,10 @@ impl T {
         self.actions.extend(self.core.take_actions());
     }
 
-    fn query(&mut self, frame: crate::protocol::Frame, classified: Arc<Vec<Classified>>, effects: Vec<Effect>) {
+    fn query(&mut self, frame: crate::protocol::Frame, classified: Arc<Vec<Classified>>, steps: Vec<Step>) {
         let plan =
-            query::candidate(&frame, &classified, &effects).map(|(sql, _)| sql.to_owned()).map(|sql| self.decide(&sql));
-        self.core.query(frame, classified, effects, plan);
+            query::candidate(&frame, &classified, &steps).map(|(sql, _)| sql.to_owned()).map(|sql| self.decide(&sql));
+        self.core.query(frame, classified, steps, plan);
     }
 
     fn batch(&mut self) {
@@ -123,10 +118,7 @@ impl T {
         while let Some(n) = need {
             need = match n {
                 Need::Effects { statement: st, .. } => {
-                    let mut all = Vec::new();
-                    for c in st.classified.iter() {
-                        all.extend(self.note(c));
-                    }
+                    let all = st.classified.iter().map(|c| self.note(c)).collect();
                     planner.effects(&mut self.core, all).or_else(|| planner.next(&mut self.core))
                 }
                 Need::Decision { statement, .. } => {
@@ -152,7 +144,7 @@ impl T {
         self.actions.extend(self.core.take_actions());
         if let Some(parked) = self.core.unpark() {
             match parked {
-                Parked::Query { frame, classified, effects } => self.query(frame, classified, effects),
+                Parked::Query { frame, classified, steps } => self.query(frame, classified, steps),
                 Parked::Batch => self.batch(),
             }
             self.process();
@@ -448,20 +440,23 @@ fn a_fill_is_stored_unless_a_notice_or_an_error_comes_with_it() {
     assert!(!t.actions.iter().any(|a| matches!(a, Action::Store(_))), "an error is never stored");
 }
 
+/// The invalidations carried out since the last look: whether each was of a committed
+/// transaction.
+fn invalidations(t: &mut T) -> Vec<bool> {
+    t.actions
+        .drain(..)
+        .filter_map(|a| match a {
+            Action::Invalidate { effects, committed } if !effects.is_empty() => Some(committed),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn writes_invalidate_on_completion_and_transactions_on_commit_only() {
     let mut t = T::plain();
-    let invalidations = |t: &mut T| -> Vec<bool> {
-        t.actions
-            .drain(..)
-            .filter_map(|a| match a {
-                Action::Invalidate { effects, committed } if !effects.is_empty() => Some(committed),
-                _ => None,
-            })
-            .collect()
-    };
     t.client(&[q("UPDATE items SET v = 1")]).backend(&[c("UPDATE 1"), z(b'I')]);
-    assert_eq!(invalidations(&mut t), vec![false, false, true], "at CommandComplete, at ReadyForQuery, committed");
+    assert_eq!(invalidations(&mut t), vec![false, true], "at CommandComplete, committed at ReadyForQuery");
     t.client(&[q("BEGIN")]).backend(&[c("BEGIN"), z(b'T')]);
     t.client(&[q("UPDATE items SET v = 2")]).backend(&[c("UPDATE 1"), z(b'T')]);
     assert_eq!(invalidations(&mut t), Vec::<bool>::new(), "nothing until the transaction ends");
@@ -492,4 +487,102 @@ fn a_statement_only_pgcache_had_is_sent_before_postgres_needs_it() {
     t.decide = Box::new(|_, _| Plan::Forward(Reason::NoMatch));
     t.client(&[b("", ""), e("", 0), s()]).expect("PBES", "");
     t.backend(&[one(), two(), row("0"), c("SELECT 1"), z(b'I')]).expect("", "2DCZ");
+}
+
+#[test]
+fn a_pipelined_transaction_is_invalidated_when_postgres_commits_it_not_when_an_earlier_one_ends() {
+    for first in ["SELECT 1", "SELECT 1/0"] {
+        let mut t = T::plain();
+        t.client(&[q(first), q("BEGIN"), q("UPDATE items SET v = 1")]);
+        if first == "SELECT 1" {
+            t.backend(&[row_description(), row("1"), c("SELECT 1"), z(b'I')]);
+        } else {
+            t.backend(&[err("22012"), z(b'I')]);
+        }
+        assert_eq!(invalidations(&mut t), Vec::<bool>::new(), "the UPDATE has not run yet");
+        t.backend(&[c("BEGIN"), z(b'T'), c("UPDATE 1"), z(b'T')]);
+        assert_eq!(invalidations(&mut t), Vec::<bool>::new(), "not committed yet");
+        t.client(&[q("COMMIT")]).backend(&[c("COMMIT")]);
+        assert_eq!(invalidations(&mut t), vec![true], "at the COMMIT's CommandComplete ({first})");
+        t.backend(&[z(b'I')]);
+        assert_eq!(invalidations(&mut t), Vec::<bool>::new(), "once");
+    }
+}
+
+#[test]
+fn a_rollback_pipelined_behind_an_autocommit_write_does_not_undo_it() {
+    let mut t = T::plain();
+    t.client(&[q("UPDATE items SET v = 1"), q("ROLLBACK")]);
+    t.backend(&[c("UPDATE 1"), z(b'I'), c("ROLLBACK"), z(b'I')]);
+    assert_eq!(invalidations(&mut t), vec![false, true], "the write committed: everyone hears of it");
+}
+
+#[test]
+fn a_commit_inside_a_request_invalidates_before_the_rest_of_it_runs() {
+    let mut t = T::plain();
+    t.client(&[q("BEGIN; UPDATE items SET v = 1; COMMIT; BEGIN; SELECT 1")]);
+    t.backend(&[c("BEGIN"), c("UPDATE 1")]);
+    // (The request began outside a transaction block: its write is invalidated here at once,
+    // wider than needed, and again when it commits.)
+    assert_eq!(invalidations(&mut t), vec![false]);
+    t.backend(&[c("COMMIT")]);
+    assert_eq!(invalidations(&mut t), vec![true], "committed, though the request goes on in a new transaction");
+    t.backend(&[c("BEGIN"), row_description(), row("1"), c("SELECT 1"), z(b'T')]);
+    assert_eq!(invalidations(&mut t), Vec::<bool>::new());
+    // A COMMIT of a failed transaction rolls it back: nothing to invalidate.
+    t.client(&[q("COMMIT")]).backend(&[c("COMMIT"), z(b'I')]);
+    t.client(&[q("BEGIN")]).backend(&[c("BEGIN"), z(b'T')]);
+    t.client(&[q("UPDATE items SET v = 2")]).backend(&[c("UPDATE 1"), z(b'T')]);
+    t.client(&[q("SELECT 1/0")]).backend(&[err("22012"), z(b'E')]);
+    t.client(&[q("COMMIT")]).backend(&[c("ROLLBACK"), z(b'I')]);
+    assert_eq!(invalidations(&mut t), Vec::<bool>::new(), "rolled back");
+    // ... and the next transaction starts clean.
+    t.client(&[q("UPDATE items SET v = 3")]).backend(&[c("UPDATE 1"), z(b'I')]);
+    assert_eq!(invalidations(&mut t), vec![false, true]);
+}
+
+fn probe_answer() -> Vec<BytesMut> {
+    let probe_row = |name: &str, value: &str| {
+        let mut body = vec![0, 3];
+        for v in [name, "", value] {
+            body.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            body.extend_from_slice(v.as_bytes());
+        }
+        be(b'D', &body)
+    };
+    vec![
+        t_probe(),
+        probe_row(".current_user", "alice"),
+        probe_row(".session_user", "alice"),
+        probe_row(".search_path", "public"),
+        probe_row(".transaction_isolation", "read committed"),
+        probe_row(".default_transaction_isolation", "read committed"),
+        c("SELECT 5"),
+        z(b'I'),
+    ]
+}
+
+#[test]
+fn one_probe_runs_at_a_time_and_an_answer_older_than_a_change_is_not_learned() {
+    let mut t = T::new(|core: &Core, sql: &str| match (sql.contains("cached"), core.flow.settings.known()) {
+        (false, _) => Plan::Forward(Reason::NoMatch),
+        (true, false) => Plan::Probe,
+        (true, true) => Plan::Hit { entry: entry(1), key: 1, stale: false },
+    });
+    // A probe is running (as before a backend is handed back) when the client changes a
+    // setting and asks for a cached result: the running probe is not cut short by another...
+    t.core.start_probe();
+    t.client(&[q("SET TimeZone = 'UTC'"), q("SELECT cached")]);
+    assert!(t.core.flow.parked.is_some());
+    t.expect("QQ", "");
+    // ... but what it read predates the SET: it is not learned, and the request probes again.
+    let answer = probe_answer();
+    t.backend(&answer[..3]);
+    t.backend(&answer[3..]);
+    assert!(!t.core.flow.settings.known(), "an answer from before the SET");
+    t.expect("Q", "");
+    t.backend(&[c("SET"), z(b'I')]).expect("", "CZ");
+    t.backend(&probe_answer());
+    assert!(t.core.flow.settings.known());
+    t.expect("", "TDCZ");
 }

@@ -11,7 +11,7 @@ use crate::protocol::Frame;
 use crate::protocol::backend as be;
 use crate::protocol::frontend::{self as fe, Target};
 
-use super::super::effect::Effect;
+use super::super::effect::Step;
 use super::super::flow::Statement;
 use super::super::pipeline::{Expect, Forwarded, Item, RowLimit};
 use super::super::{Action, Core};
@@ -186,7 +186,7 @@ impl Emitter<'_> {
     }
 
     fn execute(&mut self, i: usize, unnamed: bool, max_rows: i32, frame: Frame) {
-        let (exec, effects) = self.plan.exec.remove(&i).unwrap_or((Exec::Forward, Vec::new()));
+        let (exec, steps) = self.plan.exec.remove(&i).unwrap_or((Exec::Forward, Vec::new()));
         let observe = self.plan.observe.remove(&i).map(Box::new);
         match exec {
             Exec::Hit(entry) => {
@@ -198,14 +198,17 @@ impl Emitter<'_> {
                 self.core.answer_locally(answer);
             }
             Exec::Filling(id) => {
-                execute_fill(self.core, frame, id, max_rows, self.described, effects, observe);
+                execute_fill(self.core, frame, id, max_rows, self.described, steps, observe);
                 self.forwarded = true;
             }
             Exec::Forward | Exec::Fill(_) => {
                 if unnamed {
                     materialize_portal(self.core, self.current_unnamed.as_ref());
                 }
-                self.core.request(frame.into_raw(), Forwarded { effects, observe, ..Forwarded::new(Expect::Execute) });
+                self.core.request(
+                    frame.into_raw(),
+                    Forwarded { steps: steps.into(), observe, ..Forwarded::new(Expect::Execute) },
+                );
                 self.forwarded = true;
             }
         }
@@ -254,7 +257,7 @@ fn execute_fill(
     id: usize,
     max_rows: i32,
     described: bool,
-    effects: Vec<Effect>,
+    steps: Vec<Step>,
     observe: Option<Box<crate::stats::Observation>>,
 ) {
     if !described {
@@ -271,7 +274,10 @@ fn execute_fill(
             (x.freeze(), Some(RowLimit { client: n as u64, seen: 0 }))
         }
     };
-    core.request(raw, Forwarded { fill: Some(id), effects, observe, row_limit, ..Forwarded::new(Expect::Execute) });
+    core.request(
+        raw,
+        Forwarded { fill: Some(id), steps: steps.into(), observe, row_limit, ..Forwarded::new(Expect::Execute) },
+    );
 }
 
 /// The fill of the Execute that a Describe of the unnamed portal precedes, if any.
@@ -383,7 +389,7 @@ impl Core {
             };
             let mut answer = Forwarded::new(expect);
             if expect == Expect::Execute {
-                answer.effects.push(Effect::Unknown("execute in a batch pgcache could not read"));
+                answer.steps.push_back(Step::unknown("execute in a batch pgcache could not read"));
                 self.flow.wrote = true;
             }
             self.request(frame.into_raw(), answer);
