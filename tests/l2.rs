@@ -19,6 +19,7 @@ fn l2(redis: &Redis) -> L2Config {
         timeout: Duration::from_millis(200),
         prefix: format!("t{}:", rand::random::<u32>()),
         max_value_bytes: 1 << 20,
+        compress_above: 0,
         failures: 3,
         cooldown: Duration::from_millis(500),
         check_versions: true,
@@ -110,6 +111,43 @@ async fn a_fleet_asks_postgres_once_per_key_and_a_new_instance_starts_warm() {
     assert_eq!(executions(&admin, "SELECT v FROM items WHERE id").await, ran, "warm from its first query");
 }
 
+/// Results over `l2.compress_above` are stored compressed and served whole by another
+/// instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_results_are_stored_compressed() {
+    let redis = Redis::start();
+    let mut l2 = l2(&redis);
+    l2.compress_above = 1024;
+    let (fleet, db, admin, _dir) = fleet(2, &l2).await;
+    connected(&fleet).await;
+    let user = PgCluster::shared().superuser();
+    for p in &fleet {
+        // The L2 is used once the instance hears its peers (its link starts on first use).
+        text(&p.connect(&db, &user).await, "SELECT 1 FROM items WHERE id = 0").await;
+        let db = db.clone();
+        assert!(common::eventually(Duration::from_secs(10), || p.shared.peers.listening(&db)).await);
+    }
+    let read = "SELECT v, repeat(v, 20000) FROM items WHERE id = 3";
+    let first = text(&fleet[0].connect(&db, &user).await, read).await;
+    assert_eq!(first.len(), "v3,".len() + 2 * 20000);
+    // The fill is written to the L2 in the background.
+    let stored =
+        common::eventually(Duration::from_secs(5), || fleet[0].shared.l2.as_ref().unwrap().state().stores >= 1).await;
+    assert!(stored);
+    assert_eq!(text(&fleet[1].connect(&db, &user).await, read).await, first);
+    assert_eq!(executions(&admin, "repeat(v").await, 1, "the second instance's read was an L2 hit");
+    let keys = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "--scan", "--pattern", &format!("{}e:*", l2.prefix)])
+        .output()
+        .unwrap();
+    let keys = String::from_utf8(keys.stdout).unwrap();
+    let key = keys.lines().next().expect("an entry in the L2");
+    let len =
+        std::process::Command::new("redis-cli").args(["-p", &redis.port.to_string(), "STRLEN", key]).output().unwrap();
+    let len: usize = String::from_utf8(len.stdout).unwrap().trim().parse().unwrap();
+    assert!(len < 2_000, "{len} bytes stored for a 40 kB result");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_through_one_instance_is_never_read_old_through_another() {
     let redis = Redis::start();
@@ -142,6 +180,35 @@ async fn three_instances_sharing_the_l2_see_every_acknowledged_write() {
     let o = run_checker(3, WINDOW, |c| c.l2 = Some(shared.clone())).await;
     assert!(o.reads > 1000 && o.writes > 50, "{} reads, {} writes", o.reads, o.writes);
     assert_eq!(o.violations, 0, "{} of {} reads saw an old version", o.violations, o.reads);
+}
+
+/// With the peers off the L2's versions are the only channel: every L1 hit is confirmed by
+/// them (one round trip), so no instance serves what another instance's write made old.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_peers_the_l2_versions_alone_keep_three_instances_coherent() {
+    let redis = Redis::start();
+    let shared = l2(&redis);
+    let o = run_checker(3, Duration::ZERO, |c| {
+        c.l2 = Some(shared.clone());
+        c.peers.enabled = false;
+    })
+    .await;
+    assert!(o.reads > 1000 && o.writes > 50, "{} reads, {} writes", o.reads, o.writes);
+    assert_eq!(o.violations, 0, "{} of {} reads saw an old version", o.violations, o.reads);
+}
+
+/// ... and the negative control: the versions not checked, L1 hits go unconfirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_peers_and_unchecked_versions_the_checker_sees_stale_reads() {
+    let redis = Redis::start();
+    let mut unchecked = l2(&redis);
+    unchecked.check_versions = false;
+    let o = run_checker(3, Duration::ZERO, |c| {
+        c.l2 = Some(unchecked.clone());
+        c.peers.enabled = false;
+    })
+    .await;
+    assert!(o.violations >= 2 * KEYS as u64, "{} of {} reads were stale", o.violations, o.reads);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

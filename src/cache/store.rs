@@ -33,6 +33,8 @@ pub struct Entry {
     /// A background refresh is running (stale-while-revalidate).
     pub refreshing: AtomicBool,
     pub hits: AtomicU64,
+    /// Its key in the shared L2, which names the versions it was computed under.
+    pub l2_key: Option<Box<str>>,
 }
 
 /// How an entry may be used now.
@@ -68,6 +70,7 @@ impl Entry {
             + self.body.len()
             + self.sql.len()
             + self.deps.len() * size_of::<super::generation::Dependency>()
+            + self.l2_key.as_ref().map_or(0, |k| k.len() + ALLOCATION)
             + tables;
         (size_of::<Self>() + parts + 6 * ALLOCATION + SLOT) as u64
     }
@@ -271,6 +274,7 @@ mod tests {
             sql: Arc::from("SELECT 1"),
             refreshing: AtomicBool::new(false),
             hits: AtomicU64::new(0),
+            l2_key: None,
         }
     }
 

@@ -225,6 +225,8 @@ pub struct L2File {
     pub prefix: Option<String>,
     /// Larger results are not stored in the L2 (default 1 MiB).
     pub max_value_bytes: Option<u64>,
+    /// Larger results are stored compressed with LZ4 (default 0: never).
+    pub compress_above: Option<u64>,
     /// Consecutive failures that open the breaker (default 3) ...
     pub failures: Option<u32>,
     /// ... for this long (default `5s`).

@@ -255,8 +255,10 @@ pub struct L2Config {
     pub timeout: Duration,
     /// Every key pgcache writes starts with this.
     pub prefix: String,
-    /// Larger values are not stored in the L2.
+    /// Larger results are not stored in the L2.
     pub max_value_bytes: u64,
+    /// Larger results are stored compressed (LZ4); 0: never.
+    pub compress_above: u64,
     /// Consecutive failures that open the breaker ...
     pub failures: u32,
     /// ... for this long.
@@ -516,6 +518,7 @@ impl Config {
                         timeout: f.l2.timeout.unwrap_or(Duration::from_millis(50)),
                         prefix: f.l2.prefix.clone().unwrap_or_else(|| "pgcache:".into()),
                         max_value_bytes: f.l2.max_value_bytes.unwrap_or(1 << 20),
+                        compress_above: f.l2.compress_above.unwrap_or(0),
                         failures: f.l2.failures.unwrap_or(3).max(1),
                         cooldown: f.l2.cooldown.unwrap_or(Duration::from_secs(5)),
                         check_versions: true,

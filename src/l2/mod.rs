@@ -46,8 +46,12 @@ use crate::metrics::{self as m, Metrics};
 
 pub use keys::{Moved, Version, versions_of_effects, versions_of_read};
 
+/// At most this many versions wait for a retried move; past it, everything is moved.
+const MAX_PENDING: usize = 10_000;
+
 /// The lookup, in one round trip: each version (created with the given fresh value if it is
-/// missing), then the entry stored under all of them.
+/// missing), then the entry stored under all of them — unless that is the key the caller
+/// already holds an entry for (the last argument), which needs no value.
 const LOOKUP: &str = r#"
 local parts = {ARGV[1]}
 for i, k in ipairs(KEYS) do
@@ -58,7 +62,10 @@ for i, k in ipairs(KEYS) do
   end
   parts[#parts + 1] = v
 end
-local key = ARGV[#ARGV] .. redis.sha1hex(table.concat(parts, '|'))
+local key = ARGV[#ARGV - 1] .. redis.sha1hex(table.concat(parts, '|'))
+if key == ARGV[#ARGV] then
+  return {key, false}
+end
 return {key, redis.call('GET', key)}
 "#;
 
@@ -69,6 +76,9 @@ pub enum Lookup {
     Hit { value: Stored, key: String },
     /// Nothing: a fill may be stored under this key (the versions as they are now).
     Miss { key: String },
+    /// The key the caller holds an entry for is still the current one: nothing it depends on
+    /// moved since that entry was computed.
+    Current,
     /// The L2 is not in use (breaker open, not connected, an error).
     Unavailable,
 }
@@ -82,31 +92,57 @@ pub struct Stored {
     pub body: Bytes,
 }
 
+/// A stored value as is ...
 const MAGIC: &[u8; 4] = b"PGC1";
+/// ... and with its RowDescription and body compressed (LZ4, the raw size in front).
+const MAGIC_LZ4: &[u8; 4] = b"PGZ1";
+const HEADER: usize = 24;
 
 impl Stored {
     /// The stored form: magic, when it was computed (ms since the epoch), rows, the
-    /// RowDescription's length, the RowDescription, the body.
-    pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(24 + self.row_description.len() + self.body.len());
+    /// RowDescription's length, then the RowDescription and the body — compressed when they
+    /// are larger than `compress_above` bytes (0: never) and compression saves something.
+    pub fn encode(&self, compress_above: u64) -> Bytes {
+        let raw = self.row_description.len() + self.body.len();
+        let mut out = BytesMut::with_capacity(HEADER + raw);
         out.put_slice(MAGIC);
         let computed = now_ms().saturating_sub(self.age.as_millis() as u64);
         out.put_u64(computed);
         out.put_u64(self.rows);
         out.put_u32(self.row_description.len() as u32);
+        if compress_above > 0 && raw as u64 > compress_above {
+            let mut both = Vec::with_capacity(raw);
+            both.extend_from_slice(&self.row_description);
+            both.extend_from_slice(&self.body);
+            let packed = lz4_flex::compress_prepend_size(&both);
+            if packed.len() < raw {
+                out[..4].copy_from_slice(MAGIC_LZ4);
+                out.put_slice(&packed);
+                return out.freeze();
+            }
+        }
         out.put_slice(&self.row_description);
         out.put_slice(&self.body);
         out.freeze()
     }
 
-    pub fn decode(mut raw: Bytes) -> Option<Stored> {
-        if raw.len() < 24 || &raw[..4] != MAGIC {
+    /// The value `raw` holds, if it is one (a compressed one only up to `max_bytes` unpacked).
+    pub fn decode(mut raw: Bytes, max_bytes: u64) -> Option<Stored> {
+        if raw.len() < HEADER || !(&raw[..4] == MAGIC || &raw[..4] == MAGIC_LZ4) {
             return None;
         }
+        let compressed = &raw[..4] == MAGIC_LZ4;
         raw.advance(4);
         let computed = raw.get_u64();
         let rows = raw.get_u64();
         let rd = raw.get_u32() as usize;
+        if compressed {
+            let unpacked = u32::from_le_bytes(raw.get(..4)?.try_into().ok()?) as u64;
+            if unpacked > max_bytes {
+                return None;
+            }
+            raw = Bytes::from(lz4_flex::decompress_size_prepended(&raw).ok()?);
+        }
         if raw.len() < rd {
             return None;
         }
@@ -147,6 +183,9 @@ pub struct L2 {
     breaker: Breaker,
     started: Instant,
     metrics: Arc<Metrics>,
+    /// Versions whose move failed, retried until it lands ([`L2::bump`]).
+    pending: parking_lot::Mutex<std::collections::BTreeSet<Version>>,
+    retrying: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for L2 {
@@ -181,6 +220,8 @@ impl L2 {
             breaker: Breaker::default(),
             started: Instant::now(),
             metrics,
+            pending: Default::default(),
+            retrying: Default::default(),
         });
         let me = l2.clone();
         tokio::spawn(async move {
@@ -265,8 +306,9 @@ impl L2 {
         }
     }
 
-    /// Looks `base` up under the current values of `versions`.
-    pub async fn lookup(&self, base: &[u8], versions: &[Version]) -> Lookup {
+    /// Looks `base` up under the current values of `versions`. `held`: the key of an entry the
+    /// caller holds already (L1's), answered [`Lookup::Current`] if it still is the key.
+    pub async fn lookup(&self, base: &[u8], versions: &[Version], held: Option<&str>) -> Lookup {
         let Some(mut conn) = self.usable() else { return Lookup::Unavailable };
         let prefix = &self.config.prefix;
         let versions = if self.config.check_versions { versions } else { &[] };
@@ -279,6 +321,7 @@ impl L2 {
             invocation.arg(fresh());
         }
         invocation.arg(format!("{prefix}e:"));
+        invocation.arg(held.unwrap_or(""));
         let started = Instant::now();
         let call = invocation.invoke_async::<(String, Option<Vec<u8>>)>(&mut conn);
         let result = tokio::time::timeout(self.config.timeout, call).await;
@@ -286,7 +329,7 @@ impl L2 {
         match result {
             Ok(Ok((key, Some(raw)))) => {
                 self.succeeded();
-                match Stored::decode(Bytes::from(raw)) {
+                match Stored::decode(Bytes::from(raw), self.config.max_value_bytes) {
                     Some(value) => {
                         self.metrics.counter(m::L2_HITS, &[]).increment(1);
                         self.counts.hits.fetch_add(1, Ordering::Relaxed);
@@ -298,6 +341,10 @@ impl L2 {
                         Lookup::Miss { key }
                     }
                 }
+            }
+            Ok(Ok((key, None))) if Some(key.as_str()) == held => {
+                self.succeeded();
+                Lookup::Current
             }
             Ok(Ok((key, None))) => {
                 self.succeeded();
@@ -318,12 +365,14 @@ impl L2 {
     }
 
     /// Stores an entry under `key` (from [`Lookup::Miss`]) for `ttl`, in the background;
-    /// values over `l2.max_value_bytes` are not stored.
+    /// results over `l2.max_value_bytes` are not stored, those over `l2.compress_above` are
+    /// compressed.
     pub fn store(self: &Arc<Self>, key: String, value: Stored, ttl: Duration) {
-        let encoded = value.encode();
-        if encoded.len() as u64 > self.config.max_value_bytes || ttl.is_zero() {
+        let raw = (value.row_description.len() + value.body.len()) as u64;
+        if raw > self.config.max_value_bytes || ttl.is_zero() {
             return;
         }
+        let encoded = value.encode(self.config.compress_above);
         let me = self.clone();
         tokio::spawn(async move {
             let Some(mut conn) = me.usable() else { return };
@@ -346,11 +395,60 @@ impl L2 {
 
     /// Moves `versions` to fresh values (a write changed what they guard). Returns whether it
     /// took effect; if not, the breaker opens at once, so this instance does not read what the
-    /// write made old (the other instances move the versions too when they hear of the write).
-    pub async fn bump(&self, versions: &[Version]) -> bool {
+    /// write made old, and the move is retried in the background until it lands (the other
+    /// instances also move the versions when they hear of the write from the peers).
+    pub async fn bump(self: &Arc<Self>, versions: &[Version]) -> bool {
         if versions.is_empty() {
             return true;
         }
+        if self.set_fresh(versions).await {
+            return true;
+        }
+        self.failed("a write's versions could not be moved", true);
+        self.retry_later(versions);
+        false
+    }
+
+    /// Queues versions whose move failed, and starts the task that retries them.
+    fn retry_later(self: &Arc<Self>, versions: &[Version]) {
+        {
+            let mut pending = self.pending.lock();
+            pending.extend(versions.iter().cloned());
+            if pending.len() > MAX_PENDING {
+                // Too much to remember: move everything instead.
+                *pending = std::collections::BTreeSet::from([Version::All]);
+            }
+        }
+        if self.retrying.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(50);
+            loop {
+                tokio::time::sleep(delay).await;
+                let versions: Vec<Version> = std::mem::take(&mut *me.pending.lock()).into_iter().collect();
+                if versions.is_empty() {
+                    me.retrying.store(false, Ordering::Release);
+                    // A failure queued just now, after the take, would find the task running.
+                    if me.pending.lock().is_empty() || me.retrying.swap(true, Ordering::AcqRel) {
+                        return;
+                    }
+                    continue;
+                }
+                if me.set_fresh(&versions).await {
+                    tracing::info!(versions = versions.len(), "L2 versions moved after an earlier failure");
+                    delay = Duration::from_millis(50);
+                } else {
+                    me.pending.lock().extend(versions);
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        });
+    }
+
+    /// `MSET`s `versions` to fresh values; whether it took effect.
+    async fn set_fresh(&self, versions: &[Version]) -> bool {
         let Some(mut conn) = self.conn.load_full().map(|c| (*c).clone()) else {
             return false;
         };
@@ -361,17 +459,12 @@ impl L2 {
         let started = Instant::now();
         let result = tokio::time::timeout(self.config.timeout, cmd.query_async::<()>(&mut conn)).await;
         self.metrics.histogram(m::L2_DURATION, &[("op", "bump")]).record(started.elapsed().as_secs_f64());
-        match result {
-            Ok(Ok(())) => {
-                self.metrics.counter(m::L2_BUMPS, &[]).increment(versions.len() as u64);
-                self.counts.bumps.fetch_add(versions.len() as u64, Ordering::Relaxed);
-                true
-            }
-            _ => {
-                self.failed("a write's versions could not be moved", true);
-                false
-            }
+        let moved = matches!(result, Ok(Ok(())));
+        if moved {
+            self.metrics.counter(m::L2_BUMPS, &[]).increment(versions.len() as u64);
+            self.counts.bumps.fetch_add(versions.len() as u64, Ordering::Relaxed);
         }
+        moved
     }
 }
 
@@ -396,9 +489,29 @@ mod tests {
             row_description: Bytes::from_static(b"T\0\0\0\x04"),
             body: Bytes::from_static(b"D...C..."),
         };
-        let back = Stored::decode(v.encode()).unwrap();
+        let back = Stored::decode(v.encode(0), 1 << 20).unwrap();
         assert_eq!((back.rows, &back.row_description, &back.body), (3, &v.row_description, &v.body));
         assert!(back.age >= Duration::from_millis(1500) && back.age < Duration::from_secs(3));
-        assert!(Stored::decode(Bytes::from_static(b"nope")).is_none());
+        assert!(Stored::decode(Bytes::from_static(b"nope"), 1 << 20).is_none());
+    }
+
+    #[test]
+    fn large_values_are_compressed_and_bounded_when_unpacked() {
+        let v = Stored {
+            age: Duration::ZERO,
+            rows: 1000,
+            row_description: Bytes::from_static(b"T\0\0\0\x04"),
+            body: Bytes::from("D\0\0\0\x10 the same row ".repeat(1000)),
+        };
+        let raw = v.row_description.len() + v.body.len();
+        let packed = v.encode(1024);
+        assert_eq!(&packed[..4], MAGIC_LZ4);
+        assert!(packed.len() < raw / 4, "{} bytes for {raw}", packed.len());
+        let back = Stored::decode(packed.clone(), 1 << 20).unwrap();
+        assert_eq!((&back.row_description, &back.body), (&v.row_description, &v.body));
+        assert!(Stored::decode(packed.clone(), raw as u64 - 1).is_none(), "larger than allowed unpacked");
+        assert!(Stored::decode(packed.slice(..packed.len() - 10), 1 << 20).is_none(), "truncated");
+        assert_eq!(&v.encode(0)[..4], MAGIC, "not compressed when off");
+        assert_eq!(&v.encode(raw as u64)[..4], MAGIC, "nor at or below the threshold");
     }
 }

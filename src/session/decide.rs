@@ -156,11 +156,12 @@ impl Asker<'_> {
         let part = settings.key_part(with_role);
         let id = self.memo.settings_id(part.clone(), &ctx.store.interner);
         let key = cache_key(&self.key.database, id, sql, req);
-        match ctx.store.get(&key) {
-            // An entry stays its rule's: served only while that rule is still the one this
-            // statement matches first (not after a reload narrowed it or put a bypass first).
-            Some((entry, freshness)) if entry.rule.name == a.rule.name => Looked::Found { entry, freshness, key, a },
-            _ => match self.look_in_l2(&key, &a, &part, sql, c, req).await {
+        // An entry stays its rule's: served only while that rule is still the one this
+        // statement matches first (not after a reload narrowed it or put a bypass first).
+        let held = ctx.store.get(&key).filter(|(entry, _)| entry.rule.name == a.rule.name);
+        match held {
+            Some((entry, freshness)) if !l2_guards_l1(ctx) => Looked::Found { entry, freshness, key, a },
+            held => match self.look_in_l2(&key, &a, &part, sql, c, req, held).await {
                 FromL2::Found(entry, freshness) => Looked::Found { entry, freshness, key, a },
                 FromL2::Missing(l2) => Looked::Missing { key, a, l2 },
             },
@@ -170,6 +171,11 @@ impl Asker<'_> {
     /// An L1 miss looked up in the shared L2 (when there is one and this instance hears the
     /// other instances' invalidations): a hit is put in L1 — under L1's counters as they were
     /// before the L2 was asked, so a write meanwhile keeps it out — and served from there.
+    ///
+    /// `held`: the L1 entry, when the L2 must confirm it ([`l2_guards_l1`]): it is served if
+    /// the L2's versions are still those it was computed under, else it is replaced by the L2's
+    /// entry or, if the L2 has none, treated as a miss; while the L2 cannot answer, as a miss.
+    #[allow(clippy::too_many_arguments)]
     async fn look_in_l2(
         &mut self,
         key: &Key,
@@ -178,6 +184,7 @@ impl Asker<'_> {
         sql: &str,
         c: &Classified,
         req: &Request<'_>,
+        held: Option<(Arc<Entry>, Freshness)>,
     ) -> FromL2 {
         let ctx = self.ctx;
         let database = &self.key.database;
@@ -193,8 +200,13 @@ impl Asker<'_> {
         let versions =
             crate::l2::versions_of_read(database, &a.deps, keys.as_ref().map(|(k, v)| (&k.relation, v.as_slice())));
         let base = l2_base(database, part, &a.rule.name, sql, req);
-        match l2.lookup(&base, &versions).await {
-            crate::l2::Lookup::Hit { value, .. } => {
+        let held_key = held.as_ref().and_then(|(entry, _)| entry.l2_key.as_deref());
+        match l2.lookup(&base, &versions, held_key).await {
+            crate::l2::Lookup::Current => match held {
+                Some((entry, freshness)) => FromL2::Found(entry, freshness),
+                None => FromL2::Missing(None),
+            },
+            crate::l2::Lookup::Hit { value, key: l2_key } => {
                 let entry = crate::cache::Entry {
                     rule: a.rule.clone(),
                     row_description: value.row_description,
@@ -208,6 +220,7 @@ impl Asker<'_> {
                     sql: Arc::from(sql),
                     refreshing: Default::default(),
                     hits: Default::default(),
+                    l2_key: Some(l2_key.into()),
                 };
                 if ctx.store.insert(key.clone(), entry)
                     && let Some((entry, freshness)) = ctx.store.get(key)
@@ -377,6 +390,12 @@ impl Relay<'_> {
             },
         );
     }
+}
+
+/// Whether every L1 hit must be confirmed by the shared L2: there is one, and the peers are
+/// off, so the L2's versions are the only way this instance learns of other instances' writes.
+fn l2_guards_l1(ctx: &Context) -> bool {
+    ctx.l2.is_some() && !ctx.peers.enabled()
 }
 
 /// What the L2 gave for an L1 miss.

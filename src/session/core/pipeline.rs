@@ -203,7 +203,7 @@ impl Fill {
         if !computed_here {
             tracing::debug!(sql = %self.sql, "fill not stored: the backend's settings are not the key's");
         }
-        let l2 = self.l2.take();
+        let l2 = self.l2.clone();
         let stored = match self.into_entry().filter(|_| computed_here) {
             Some((key, entry)) => store.insert(key.clone(), entry).then(|| store.get(&key)).flatten(),
             None => None,
@@ -235,6 +235,7 @@ impl Fill {
             sql: self.sql,
             refreshing: AtomicBool::new(false),
             hits: AtomicU64::new(0),
+            l2_key: self.l2.map(Into::into),
         };
         Some((Key(exact(&self.key.0)), entry))
     }

@@ -261,6 +261,7 @@ fn entry(rows: usize) -> Arc<Entry> {
         sql: Arc::from("SELECT"),
         refreshing: AtomicBool::new(false),
         hits: AtomicU64::new(0),
+        l2_key: None,
     })
 }
 
