@@ -57,6 +57,8 @@ pub const L2_BREAKER_OPEN: &str = "pgcache_l2_breaker_open";
 pub const PINS: &str = "pgcache_pins_total";
 pub const RULES_RELOAD: &str = "pgcache_rules_reload_total";
 pub const RULES_LOADED: &str = "pgcache_rules_loaded";
+pub const WARM_STATEMENTS: &str = "pgcache_warm_statements_total";
+pub const WARM_PENDING: &str = "pgcache_warm_pending";
 pub const PEER_LISTENING: &str = "pgcache_peer_listening";
 pub const PEER_SENT: &str = "pgcache_peer_notifications_sent_total";
 pub const PEER_RECEIVED: &str = "pgcache_peer_notifications_received_total";
@@ -127,6 +129,16 @@ pub const ALL: &[(&str, Kind, &str)] = &[
         LOGIN_FAILURES,
         Kind::Counter,
         "Client log-ins refused: a wrong password or proof, an unknown role, a role without a usable verifier.",
+    ),
+    (
+        WARM_STATEMENTS,
+        Kind::Counter,
+        "Warm-file statements re-run at start, by outcome (filled, present: already cached or found in the L2, skipped: no longer cacheable, failed).",
+    ),
+    (
+        WARM_PENDING,
+        Kind::Gauge,
+        "Warm-file statements waiting for their role to log in (its credentials) before they re-run.",
     ),
     (RULES_RELOAD, Kind::Counter, "Rule reloads, by result (success, failure)."),
     (RULES_LOADED, Kind::Gauge, "Rules in force."),

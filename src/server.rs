@@ -106,6 +106,7 @@ pub async fn run(listeners: Listeners, ctx: Arc<Context>) {
     let limit = Arc::new(Semaphore::new(ctx.config().client.max_connections));
     let upkeep = tokio::spawn(maintain(ctx.clone()));
     let watch = tokio::spawn(ctx.rules.clone().watch(Duration::from_secs(1)));
+    let warming = session::warm::start(&ctx);
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -136,6 +137,11 @@ pub async fn run(listeners: Listeners, ctx: Arc<Context>) {
     }
     upkeep.abort();
     watch.abort();
+    if let Some(w) = warming {
+        w.abort();
+    }
+    // What the sessions filled is written down for the next start (cache.warm_file).
+    session::warm::save(&ctx);
     // After the sessions: what they wrote last is published, then the other instances are
     // told this one is leaving (so its silence is not taken for a crash).
     ctx.peers.close().await;

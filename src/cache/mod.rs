@@ -10,6 +10,7 @@
 //!   also closes the fill race: a miss that started before the write finds a moved counter and
 //!   does not insert.
 //! - [`key`]: the collision-safe, length-delimited key.
+//! - [`warm`]: recipes of the fills (not their rows), written on shutdown for a warm start.
 //! - [`flight`]: single-flight for concurrent misses. quick_cache's placeholder guard is not
 //!   used: a fill here streams through the session's relay loop over many iterations (a guard
 //!   would borrow the cache across all of them), and while a stale entry is being refreshed
@@ -22,6 +23,7 @@ pub mod flight;
 pub mod generation;
 pub mod key;
 pub mod store;
+pub mod warm;
 
 pub use flight::{Flight, Flights};
 pub use generation::{Dependency, Generations, Keyed};

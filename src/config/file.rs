@@ -126,6 +126,13 @@ pub struct CacheFile {
     /// of one table (`WHERE id = …`), instead of every result read from that table (default
     /// `true`). `false` invalidates by table only.
     pub invalidate_by_key: Option<bool>,
+    /// Where the hottest statements are written on shutdown and re-run from at start (no
+    /// default: off).
+    pub warm_file: Option<std::path::PathBuf>,
+    /// How many statements the warm file keeps (default 1000).
+    pub warm_statements: Option<usize>,
+    /// How many statements per second re-run at start (default 20).
+    pub warm_rate: Option<u32>,
 }
 
 /// `[auth]`

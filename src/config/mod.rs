@@ -233,6 +233,12 @@ pub struct CacheConfig {
     pub catalog_ttl: Duration,
     pub invalidate_on_writes: bool,
     pub invalidate_by_key: bool,
+    /// Warm start without an L2: the hottest statements (shape, parameters and the session
+    /// state they ran in; not rows) are written here on shutdown and re-run at start.
+    pub warm_file: Option<std::path::PathBuf>,
+    pub warm_statements: usize,
+    /// Statements re-run per second at start.
+    pub warm_rate: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -487,6 +493,9 @@ impl Config {
                 catalog_ttl: dur(f.cache.catalog_ttl, 60),
                 invalidate_on_writes: f.cache.invalidate_on_writes.unwrap_or(true),
                 invalidate_by_key: f.cache.invalidate_by_key.unwrap_or(true),
+                warm_file: f.cache.warm_file,
+                warm_statements: f.cache.warm_statements.unwrap_or(1000),
+                warm_rate: f.cache.warm_rate.unwrap_or(20),
             },
             console: ConsoleConfig {
                 database: f.console.database.unwrap_or_else(|| "pgcache".into()),
@@ -561,6 +570,9 @@ impl Config {
         if self.cache.max_entry_bytes == 0 || self.cache.max_entry_bytes > self.cache.max_bytes / 2 {
             return Err(invalid("cache.max_entry_bytes", "must be between 1 and half of cache.max_bytes"));
         }
+        if self.cache.warm_rate == 0 {
+            return Err(invalid("cache.warm_rate", "must be at least 1 statement per second"));
+        }
         if self.console.database.is_empty() {
             return Err(invalid("console.database", "must not be empty"));
         }
@@ -599,7 +611,7 @@ impl Config {
     /// `client.max_message_bytes`, `client.max_output_bytes`, `metrics.token`,
     /// `auth.failure_delay`, `client.tls_required` when TLS is configured,
     /// `cache.single_flight_wait`, `cache.unknown_writes`, `cache.invalidate_on_writes`,
-    /// `cache.invalidate_by_key`, `console.users`, `console.database`, `shutdown.drain_timeout`), and the names of the
+    /// `cache.invalidate_by_key`, `cache.warm_statements`, `cache.warm_rate`, `console.users`, `console.database`, `shutdown.drain_timeout`), and the names of the
     /// other settings that differ and need a restart.
     pub fn reloaded(&self, fresh: Config) -> (Config, Vec<&'static str>) {
         let mut next = self.clone();
@@ -616,6 +628,8 @@ impl Config {
         next.cache.unknown_writes = fresh.cache.unknown_writes;
         next.cache.invalidate_on_writes = fresh.cache.invalidate_on_writes;
         next.cache.invalidate_by_key = fresh.cache.invalidate_by_key;
+        next.cache.warm_statements = fresh.cache.warm_statements;
+        next.cache.warm_rate = fresh.cache.warm_rate;
         next.console = fresh.console.clone();
         next.drain_timeout = fresh.drain_timeout;
         let mut restart = Vec::new();
@@ -656,6 +670,7 @@ impl Config {
             self.cache.max_entry_bytes.to_string(),
             fresh.cache.max_entry_bytes.to_string(),
         );
+        differs("cache.warm_file", format!("{:?}", self.cache.warm_file), format!("{:?}", fresh.cache.warm_file));
         differs("cache.catalog_ttl", format!("{:?}", self.cache.catalog_ttl), format!("{:?}", fresh.cache.catalog_ttl));
         differs("metrics.max_table_labels", self.max_table_labels.to_string(), fresh.max_table_labels.to_string());
 

@@ -72,6 +72,8 @@ pub struct Context {
     pub process_secret: [u8; 32],
     pub rules: Arc<Rules>,
     pub store: Store,
+    /// How the fills were computed, for a warm start (`cache.warm_file`; `None`: off).
+    pub recipes: Option<crate::cache::warm::Recipes>,
     pub generations: Arc<Generations>,
     pub flights: Arc<Flights>,
     pub classifier: Arc<Classifier>,
@@ -170,6 +172,11 @@ impl Context {
         Ok(Arc::new(Context {
             pools,
             store: Store::new(config.cache.max_bytes),
+            recipes: config
+                .cache
+                .warm_file
+                .as_ref()
+                .map(|_| crate::cache::warm::Recipes::new(config.cache.warm_statements)),
             generations,
             flights: Arc::new(Flights::default()),
             classifier: Arc::new(Classifier::default()),

@@ -48,7 +48,7 @@ pub(super) enum Request<'a> {
 
 impl Request<'_> {
     /// The parameters, in the extended protocol.
-    fn params(&self) -> Option<effects::Params<'_>> {
+    pub(super) fn params(&self) -> Option<effects::Params<'_>> {
         match self {
             Request::Extended { param_types, bind } => Some(effects::Params { types: param_types, bind }),
             Request::Simple => None,
@@ -342,6 +342,9 @@ impl Relay<'_> {
         let deps = ctx.generations.snapshot(&self.key.database, &a.deps, keyed);
         let limit = ctx.config().cache.max_entry_bytes;
         let rule = a.rule.clone();
+        if let Some(recipes) = &ctx.recipes {
+            self.record_recipe(recipes, &key, sql, &req);
+        }
         let mut fill = Fill::new(key, rule, deps, a.resolved.clone(), Arc::from(sql), flight, limit).computed_in(state);
         fill.l2 = l2_key;
         Ok(Plan::Fill(Box::new(fill)))
@@ -350,6 +353,29 @@ impl Relay<'_> {
     /// [`Plan::Probe`], unless the probe already failed for these settings.
     fn probe_or(&self, why: Reason) -> Plan {
         if self.core.flow.probe == Some(Probe::Failed) { Plan::Forward(why) } else { Plan::Probe }
+    }
+
+    /// Notes how the entry under `key` is computed, for a warm start (unless the session's
+    /// settings cannot be reproduced on another connection).
+    fn record_recipe(&self, recipes: &crate::cache::warm::Recipes, key: &Key, sql: &str, req: &Request<'_>) {
+        use crate::cache::warm::{Extended, Recipe};
+        let Some(settings) = self.core.flow.settings.replay(&self.key.user) else { return };
+        recipes.record(key, || Recipe {
+            database: self.key.database.clone(),
+            user: self.key.user.clone(),
+            startup: self.startup.to_vec(),
+            settings,
+            sql: sql.to_owned(),
+            extended: match req {
+                Request::Simple => None,
+                Request::Extended { param_types, bind } => Some(Extended {
+                    param_types: param_types.to_vec(),
+                    param_formats: bind.param_formats.clone(),
+                    params: bind.params.iter().map(|p| p.as_ref().map(|b| Bytes::copy_from_slice(b))).collect(),
+                    result_formats: bind.result_formats.clone(),
+                }),
+            },
+        });
     }
 
     /// Stale-while-revalidate: the entry is served, and refreshed once in the background

@@ -28,6 +28,7 @@ mod memo;
 pub mod refresh;
 pub mod relay;
 mod replay;
+pub mod warm;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -147,6 +147,15 @@ impl Settings {
         s
     }
 
+    /// The settings of a session started with `startup` that then applied `replayed` (what
+    /// [`Settings::replay`] gave): its custom settings are tracked too. Not known until a
+    /// probe reads them.
+    pub fn replayed(startup: &[(String, String)], replayed: &[(String, String)]) -> Settings {
+        let mut s = Settings::at_startup(startup);
+        s.custom.extend(replayed.iter().filter_map(|(name, _)| custom_setting(name)));
+        s
+    }
+
     pub fn known(&self) -> bool {
         self.probed.is_some()
     }
