@@ -35,6 +35,8 @@ pub struct Entry {
     pub hits: AtomicU64,
     /// Its key in the shared L2, which names the versions it was computed under.
     pub l2_key: Option<Box<str>>,
+    /// How to compute it again at the next start (`cache.warm_file`; else `None`).
+    pub recipe: Option<Arc<super::warm::Recipe>>,
 }
 
 /// How an entry may be used now.
@@ -71,6 +73,7 @@ impl Entry {
             + self.sql.len()
             + self.deps.len() * size_of::<super::generation::Dependency>()
             + self.l2_key.as_ref().map_or(0, |k| k.len() + ALLOCATION)
+            + self.recipe.as_ref().map_or(0, |r| recipe_weight(r))
             + tables;
         (size_of::<Self>() + parts + 6 * ALLOCATION + SLOT) as u64
     }
@@ -126,6 +129,13 @@ impl Entry {
 
 /// What one heap allocation costs beyond its bytes (the allocator's header and rounding).
 const ALLOCATION: usize = 32;
+
+/// What a warm-start recipe costs: its bytes, its structure and an allocation per string.
+fn recipe_weight(r: &super::warm::Recipe) -> usize {
+    let strings = 3 + 2 * (r.startup.len() + r.settings.len()) + r.customs.len();
+    let params = r.extended.as_ref().map_or(0, |e| e.params.len() * (size_of::<Option<Bytes>>() + ALLOCATION));
+    size_of::<super::warm::Recipe>() + ALLOCATION + r.size() + strings * ALLOCATION + params
+}
 /// What the store's table spends per entry beyond the key and the entry (its slot, the
 /// hash, the eviction bookkeeping).
 const SLOT: usize = 64;
@@ -275,6 +285,7 @@ mod tests {
             refreshing: AtomicBool::new(false),
             hits: AtomicU64::new(0),
             l2_key: None,
+            recipe: None,
         }
     }
 

@@ -1,30 +1,38 @@
 //! What a warm start re-runs (`[cache] warm_file`): for each statement that filled the cache,
-//! its recipe — database and user, the startup parameters and settings its session ran it
-//! under, the SQL text and, for the extended protocol, the parameters — but never its rows.
-//! Recipes are kept in a bounded table keyed like the entries they filled; on shutdown those
-//! whose entries were hit most are written to the file, and at start they are re-run
-//! ([`crate::session::warm`]), rate-limited, each filled as a client's would be.
+//! its recipe — database and user, the startup parameters, settings and tracked custom
+//! setting names its session ran it under, the SQL text and, for the extended protocol, the
+//! parameters — but never its rows. A recipe lives on the entry it filled (weighed with it
+//! within `cache.max_bytes`, evicted with it); on shutdown the recipes of the most-hit entries,
+//! with the file's statements not yet re-run, are written to the file, and at start they are
+//! re-run ([`crate::session::warm`]), rate-limited, each filled as a client's would be.
 //!
-//! The file holds parameter values and setting values (a tenant id, say): it is written
-//! readable by pgcache's user only, replaced atomically, and a file that cannot be read is
-//! reported and ignored.
+//! The file holds parameter values and setting values (a tenant id, say), and says what
+//! pgcache runs as which role: it is written readable by pgcache's user only (a fresh
+//! temporary file renamed over it), and a file that others may write, that is too large or
+//! not pgcache's, is reported and ignored, as is a recipe that is not self-consistent.
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::{Key, Store};
+use super::Store;
 
 /// The file format's version: a file of another version is ignored.
 const VERSION: u32 = 1;
 
+/// Larger recipes (a huge IN list, a large parameter) are not worth a warm start.
+pub const MAX_RECIPE_BYTES: usize = 64 << 10;
+
+/// A larger file is not read.
+const MAX_FILE_BYTES: u64 = 256 << 20;
+
 /// How to compute one entry again, away from the session that filled it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Recipe {
     pub database: String,
     pub user: String,
@@ -32,6 +40,10 @@ pub struct Recipe {
     pub startup: Vec<(String, String)>,
     /// The session's settings to apply with `set_config` (its role among them).
     pub settings: Vec<(String, String)>,
+    /// The custom settings the session tracked (set, reset or read by name): the key reads
+    /// them, set or not.
+    #[serde(default)]
+    pub customs: Vec<String>,
     pub sql: String,
     /// `None`: the simple protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -39,7 +51,7 @@ pub struct Recipe {
 }
 
 /// The parts of an extended-protocol request (parameters base64-encoded in the file).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Extended {
     pub param_types: Vec<u32>,
     pub param_formats: Vec<i16>,
@@ -49,16 +61,30 @@ pub struct Extended {
 }
 
 impl Recipe {
-    /// Roughly what it costs to keep: recipes larger than [`MAX_RECIPE_BYTES`] are not kept.
-    fn size(&self) -> usize {
+    /// The bytes of its text, names and values.
+    pub fn size(&self) -> usize {
         let pairs = |v: &[(String, String)]| v.iter().map(|(a, b)| a.len() + b.len()).sum::<usize>();
         let params = self.extended.as_ref().map_or(0, |e| e.params.iter().flatten().map(Bytes::len).sum());
-        self.sql.len() + pairs(&self.startup) + pairs(&self.settings) + params
+        self.sql.len()
+            + pairs(&self.startup)
+            + pairs(&self.settings)
+            + self.customs.iter().map(String::len).sum::<usize>()
+            + params
+    }
+
+    /// Whether it can be re-run as it says: small enough, and its startup parameters name its
+    /// own user and database (if any) and no replication connection.
+    fn consistent(&self) -> bool {
+        self.size() <= MAX_RECIPE_BYTES
+            && !self.sql.contains('\0')
+            && self.startup.iter().all(|(name, value)| match name.as_str() {
+                "user" => *value == self.user,
+                "database" => *value == self.database,
+                "replication" => false,
+                _ => true,
+            })
     }
 }
-
-/// Larger recipes (a huge IN list, a large parameter) are not worth a warm start.
-const MAX_RECIPE_BYTES: usize = 64 << 10;
 
 #[derive(Serialize, Deserialize)]
 struct File {
@@ -66,90 +92,103 @@ struct File {
     statements: Vec<Recipe>,
 }
 
-/// The recipes of recent fills, bounded: four times the statements the file keeps, so the
-/// hottest can be chosen on shutdown. The table evicts as the cache does (by recency and
-/// frequency of insertion), and each recipe is bounded in size.
-pub struct Recipes {
-    table: quick_cache::sync::Cache<Key, Arc<Recipe>>,
-}
+/// The file's statements not yet re-run (waiting for their role's log-in, or for Postgres):
+/// written back on shutdown, so a restart before they ran does not lose them.
+#[derive(Debug, Default)]
+pub struct Unrun(Mutex<Vec<Recipe>>);
 
-impl std::fmt::Debug for Recipes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Recipes").field("len", &self.table.len()).finish()
-    }
-}
-
-impl Recipes {
-    pub fn new(statements: usize) -> Recipes {
-        Recipes { table: quick_cache::sync::Cache::new((statements.max(1)).saturating_mul(4)) }
+impl Unrun {
+    pub fn set(&self, recipes: Vec<Recipe>) {
+        *self.0.lock() = recipes;
     }
 
-    /// Notes how the entry under `key` is computed (called when a fill is decided).
-    pub fn record(&self, key: &Key, recipe: impl FnOnce() -> Recipe) {
-        if self.table.get(key).is_some() {
-            return;
-        }
-        let recipe = recipe();
-        if recipe.size() <= MAX_RECIPE_BYTES {
-            self.table.insert(key.clone(), Arc::new(recipe));
-        }
+    pub fn get(&self) -> Vec<Recipe> {
+        self.0.lock().clone()
+    }
+
+    pub fn remove(&self, recipe: &Recipe) {
+        self.0.lock().retain(|r| r != recipe);
     }
 
     pub fn len(&self) -> usize {
-        self.table.len()
+        self.0.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
-    }
-
-    /// The recipes whose entries the cache still holds, most hit first, at most `n`.
-    pub fn hottest(&self, store: &Store, n: usize) -> Vec<Recipe> {
-        let mut held: Vec<(u64, Arc<Recipe>)> = self
-            .table
-            .iter()
-            .filter_map(|(key, recipe)| {
-                let (entry, _) = store.get(&key)?;
-                Some((entry.hits.load(std::sync::atomic::Ordering::Relaxed), recipe))
-            })
-            .collect();
-        held.sort_by_key(|h| std::cmp::Reverse(h.0));
-        held.into_iter().take(n).map(|(_, r)| Recipe::clone(&r)).collect()
+        self.0.lock().is_empty()
     }
 }
 
-/// Writes `statements` to `path`: to a temporary file beside it, readable by this user only,
-/// then renamed over it.
+/// The recipes of the entries the cache holds (and a write has not made old), most hit first, then those not yet re-run;
+/// each once, at most `n`.
+pub fn hottest(store: &Store, unrun: &Unrun, n: usize) -> Vec<Recipe> {
+    let mut held: Vec<_> = store
+        .entries()
+        .into_iter()
+        .filter(|(_, e)| !e.invalidated())
+        .filter_map(|(_, e)| Some((e.hits.load(std::sync::atomic::Ordering::Relaxed), e.recipe.clone()?)))
+        .collect();
+    held.sort_by_key(|h| std::cmp::Reverse(h.0));
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for recipe in held.into_iter().map(|(_, r)| Recipe::clone(&r)).chain(unrun.get()) {
+        if out.len() >= n {
+            break;
+        }
+        if seen.insert(recipe.clone()) {
+            out.push(recipe);
+        }
+    }
+    out
+}
+
+/// Writes `statements` to `path`: to a new temporary file beside it (created readable by
+/// this user only, never through a link), then renamed over it.
 pub fn save(path: &Path, statements: Vec<Recipe>) -> std::io::Result<()> {
     let text = serde_json::to_vec(&File { version: VERSION, statements })?;
-    let tmp = path.with_extension("tmp");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        f.write_all(&text)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(&text)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
-/// Reads the statements written by [`save`]: none when there is no file.
-pub fn load(path: &Path) -> Result<Vec<Recipe>, LoadError> {
-    let text = match std::fs::read(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+/// Reads the statements written by [`save`] (none when there is no file), at most `n`;
+/// recipes that are not self-consistent are left out and counted.
+pub fn load(path: &Path, n: usize) -> Result<(Vec<Recipe>, usize), LoadError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
         Err(e) => return Err(LoadError::Read(e)),
     };
+    if meta.permissions().mode() & 0o022 != 0 {
+        return Err(LoadError::Writable);
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(LoadError::TooLarge(meta.len()));
+    }
+    let text = std::fs::read(path).map_err(LoadError::Read)?;
     let file: File = serde_json::from_slice(&text)?;
     if file.version != VERSION {
         return Err(LoadError::Version(file.version));
     }
-    Ok(file.statements)
+    let total = file.statements.len();
+    let mut kept: Vec<Recipe> = file.statements.into_iter().filter(Recipe::consistent).collect();
+    let dropped = total - kept.len();
+    kept.truncate(n);
+    Ok((kept, dropped))
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read the warm file: {0}")]
     Read(std::io::Error),
+    #[error("the warm file may be written by other users (it says what pgcache runs as whom): chmod go-w")]
+    Writable,
+    #[error("the warm file is {0} bytes, more than pgcache writes")]
+    TooLarge(u64),
     #[error("the warm file is not pgcache's: {0}")]
     Parse(#[from] serde_json::Error),
     #[error("the warm file has format version {0}; this pgcache writes {VERSION}")]
@@ -186,8 +225,9 @@ mod tests {
         Recipe {
             database: "app".into(),
             user: "u".into(),
-            startup: vec![("application_name".into(), "x".into())],
+            startup: vec![("user".into(), "u".into()), ("application_name".into(), "x".into())],
             settings: vec![("TimeZone".into(), "Asia/Kathmandu".into())],
+            customs: vec!["app.tenant".into()],
             sql: sql.into(),
             extended: Some(Extended {
                 param_types: vec![23],
@@ -202,23 +242,29 @@ mod tests {
     fn the_file_round_trips_binary_parameters_and_nulls_and_is_private() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("warm.json");
-        assert_eq!(load(&path).unwrap(), Vec::new(), "no file: nothing to warm");
+        assert_eq!(load(&path, 10).unwrap(), (Vec::new(), 0), "no file: nothing to warm");
         let written = vec![recipe("SELECT $1"), Recipe { extended: None, ..recipe("SELECT 1") }];
         save(&path, written.clone()).unwrap();
-        assert_eq!(load(&path).unwrap(), written);
+        assert_eq!(load(&path, 10).unwrap(), (written.clone(), 0));
+        assert_eq!(load(&path, 1).unwrap(), (written[..1].to_vec(), 0), "at most warm_statements");
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o600);
         std::fs::write(&path, b"{\"version\": 9, \"statements\": []}").unwrap();
-        assert!(matches!(load(&path), Err(LoadError::Version(9))));
+        assert!(matches!(load(&path, 10), Err(LoadError::Version(9))));
         std::fs::write(&path, b"not json").unwrap();
-        assert!(matches!(load(&path), Err(LoadError::Parse(_))));
+        assert!(matches!(load(&path, 10), Err(LoadError::Parse(_))));
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+        assert!(matches!(load(&path, 10), Err(LoadError::Writable)));
     }
 
     #[test]
-    fn oversized_recipes_are_not_kept() {
-        let recipes = Recipes::new(10);
-        recipes.record(&Key(Bytes::from_static(b"a")), || recipe("SELECT 1"));
-        recipes.record(&Key(Bytes::from_static(b"b")), || recipe(&"x".repeat(MAX_RECIPE_BYTES + 1)));
-        assert_eq!(recipes.len(), 1);
+    fn recipes_that_do_not_say_what_they_run_as_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("warm.json");
+        let other_user = Recipe { startup: vec![("user".into(), "postgres".into())], ..recipe("SELECT 1") };
+        let replication = Recipe { startup: vec![("replication".into(), "database".into())], ..recipe("SELECT 2") };
+        let huge = recipe(&"x".repeat(MAX_RECIPE_BYTES + 1));
+        save(&path, vec![other_user, recipe("SELECT 3"), replication, huge]).unwrap();
+        assert_eq!(load(&path, 10).unwrap(), (vec![recipe("SELECT 3")], 3));
     }
 }

@@ -573,6 +573,12 @@ impl Config {
         if self.cache.warm_rate == 0 {
             return Err(invalid("cache.warm_rate", "must be at least 1 statement per second"));
         }
+        if self.cache.warm_statements == 0 {
+            return Err(invalid(
+                "cache.warm_statements",
+                "must be at least 1 (leave warm_file out to turn warm starts off)",
+            ));
+        }
         if self.console.database.is_empty() {
             return Err(invalid("console.database", "must not be empty"));
         }
@@ -611,7 +617,7 @@ impl Config {
     /// `client.max_message_bytes`, `client.max_output_bytes`, `metrics.token`,
     /// `auth.failure_delay`, `client.tls_required` when TLS is configured,
     /// `cache.single_flight_wait`, `cache.unknown_writes`, `cache.invalidate_on_writes`,
-    /// `cache.invalidate_by_key`, `cache.warm_statements`, `cache.warm_rate`, `console.users`, `console.database`, `shutdown.drain_timeout`), and the names of the
+    /// `cache.invalidate_by_key`, `console.users`, `console.database`, `shutdown.drain_timeout`), and the names of the
     /// other settings that differ and need a restart.
     pub fn reloaded(&self, fresh: Config) -> (Config, Vec<&'static str>) {
         let mut next = self.clone();
@@ -628,8 +634,6 @@ impl Config {
         next.cache.unknown_writes = fresh.cache.unknown_writes;
         next.cache.invalidate_on_writes = fresh.cache.invalidate_on_writes;
         next.cache.invalidate_by_key = fresh.cache.invalidate_by_key;
-        next.cache.warm_statements = fresh.cache.warm_statements;
-        next.cache.warm_rate = fresh.cache.warm_rate;
         next.console = fresh.console.clone();
         next.drain_timeout = fresh.drain_timeout;
         let mut restart = Vec::new();
@@ -670,7 +674,11 @@ impl Config {
             self.cache.max_entry_bytes.to_string(),
             fresh.cache.max_entry_bytes.to_string(),
         );
-        differs("cache.warm_file", format!("{:?}", self.cache.warm_file), format!("{:?}", fresh.cache.warm_file));
+        differs(
+            "cache.warm_*",
+            format!("{:?} {} {}", self.cache.warm_file, self.cache.warm_statements, self.cache.warm_rate),
+            format!("{:?} {} {}", fresh.cache.warm_file, fresh.cache.warm_statements, fresh.cache.warm_rate),
+        );
         differs("cache.catalog_ttl", format!("{:?}", self.cache.catalog_ttl), format!("{:?}", fresh.cache.catalog_ttl));
         differs("metrics.max_table_labels", self.max_table_labels.to_string(), fresh.max_table_labels.to_string());
 

@@ -72,8 +72,8 @@ pub struct Context {
     pub process_secret: [u8; 32],
     pub rules: Arc<Rules>,
     pub store: Store,
-    /// How the fills were computed, for a warm start (`cache.warm_file`; `None`: off).
-    pub recipes: Option<crate::cache::warm::Recipes>,
+    /// Warm start (`cache.warm_file`; `None`: off): the file's statements not yet re-run.
+    pub warm: Option<crate::cache::warm::Unrun>,
     pub generations: Arc<Generations>,
     pub flights: Arc<Flights>,
     pub classifier: Arc<Classifier>,
@@ -172,11 +172,7 @@ impl Context {
         Ok(Arc::new(Context {
             pools,
             store: Store::new(config.cache.max_bytes),
-            recipes: config
-                .cache
-                .warm_file
-                .as_ref()
-                .map(|_| crate::cache::warm::Recipes::new(config.cache.warm_statements)),
+            warm: config.cache.warm_file.as_ref().map(|_| Default::default()),
             generations,
             flights: Arc::new(Flights::default()),
             classifier: Arc::new(Classifier::default()),

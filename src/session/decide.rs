@@ -221,6 +221,7 @@ impl Asker<'_> {
                     refreshing: Default::default(),
                     hits: Default::default(),
                     l2_key: Some(l2_key.into()),
+                    recipe: None,
                 };
                 if ctx.store.insert(key.clone(), entry)
                     && let Some((entry, freshness)) = ctx.store.get(key)
@@ -342,11 +343,11 @@ impl Relay<'_> {
         let deps = ctx.generations.snapshot(&self.key.database, &a.deps, keyed);
         let limit = ctx.config().cache.max_entry_bytes;
         let rule = a.rule.clone();
-        if let Some(recipes) = &ctx.recipes {
-            self.record_recipe(recipes, &key, sql, &req);
-        }
         let mut fill = Fill::new(key, rule, deps, a.resolved.clone(), Arc::from(sql), flight, limit).computed_in(state);
         fill.l2 = l2_key;
+        if ctx.warm.is_some() {
+            fill.recipe = self.recipe(sql, &req).map(Arc::new);
+        }
         Ok(Plan::Fill(Box::new(fill)))
     }
 
@@ -355,16 +356,17 @@ impl Relay<'_> {
         if self.core.flow.probe == Some(Probe::Failed) { Plan::Forward(why) } else { Plan::Probe }
     }
 
-    /// Notes how the entry under `key` is computed, for a warm start (unless the session's
-    /// settings cannot be reproduced on another connection).
-    fn record_recipe(&self, recipes: &crate::cache::warm::Recipes, key: &Key, sql: &str, req: &Request<'_>) {
-        use crate::cache::warm::{Extended, Recipe};
-        let Some(settings) = self.core.flow.settings.replay(&self.key.user) else { return };
-        recipes.record(key, || Recipe {
+    /// How to compute this request's entry again at the next start (none when the session's
+    /// settings cannot be reproduced on another connection, or it is too large to keep).
+    fn recipe(&self, sql: &str, req: &Request<'_>) -> Option<crate::cache::warm::Recipe> {
+        use crate::cache::warm::{Extended, MAX_RECIPE_BYTES, Recipe};
+        let settings = &self.core.flow.settings;
+        let recipe = Recipe {
             database: self.key.database.clone(),
             user: self.key.user.clone(),
             startup: self.startup.to_vec(),
-            settings,
+            settings: settings.replay(&self.key.user)?,
+            customs: settings.customs().iter().cloned().collect(),
             sql: sql.to_owned(),
             extended: match req {
                 Request::Simple => None,
@@ -375,7 +377,8 @@ impl Relay<'_> {
                     result_formats: bind.result_formats.clone(),
                 }),
             },
-        });
+        };
+        (recipe.size() <= MAX_RECIPE_BYTES).then_some(recipe)
     }
 
     /// Stale-while-revalidate: the entry is served, and refreshed once in the background

@@ -82,6 +82,7 @@ async fn run(ctx: &Context, r: &Refresh) -> Result<(), ReplayError> {
             Some(state) => fill.computed_in(state.clone()),
             None => fill,
         };
+        fill.recipe = stale.recipe.clone();
         for f in &answer {
             match f.tag() {
                 be::ROW_DESCRIPTION | be::NO_DATA => fill.row_description = Some(f.raw().clone()),

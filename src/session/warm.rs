@@ -1,6 +1,6 @@
 //! Warm start without an L2 (`[cache] warm_file`): on shutdown the recipes of the most-hit
-//! entries ([`crate::cache::warm`]) are written to the file; at start they are re-run,
-//! `cache.warm_rate` a second, hottest first.
+//! entries ([`crate::cache::warm`]), and the file's statements not yet re-run, are written to
+//! the file; at start they are re-run, `cache.warm_rate` a second, hottest first.
 //!
 //! Each is re-run as its session would have run it, through the same decision a client's
 //! statement takes ([`Asker::look`]): a pooled connection started with the session's startup
@@ -11,9 +11,10 @@
 //! whatever the file says. The fill takes its generation snapshot before its query is sent,
 //! like any other: a write meanwhile keeps it out.
 //!
-//! A role's statements wait until pgcache can log in as it: at once for the upstream URL's
-//! user (and in `trust` mode), otherwise after that role's first client log-in since the
-//! start (pgcache holds no passwords; SCRAM log-ins leave the keys a pooled connection needs).
+//! A role's statements wait until pgcache can log in as it — after that role's first client
+//! log-in since the start (pgcache holds no passwords; a SCRAM log-in leaves the keys a pooled
+//! connection needs), or at once in `trust` mode — as a background refresh's connections do.
+//! Statements that could not reach Postgres are tried again a second later.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,9 +38,9 @@ use super::core::flow::Flow;
 use super::core::pipeline::Fill;
 use super::core::settings::Settings;
 use super::decide::{Asker, Looked, Request};
-use super::effects;
 use super::memo::Assessments;
 use super::replay::{self, ReplayError};
+use super::{effects, refresh};
 
 /// What re-running one statement came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +51,8 @@ enum Outcome {
     /// No longer cacheable (no rule, a write raced it, too large, settings not reproducible).
     Skipped,
     Failed,
+    /// Postgres could not be reached: tried again later.
+    Unreachable,
 }
 
 impl Outcome {
@@ -58,7 +61,7 @@ impl Outcome {
             Outcome::Filled => "filled",
             Outcome::Present => "present",
             Outcome::Skipped => "skipped",
-            Outcome::Failed => "failed",
+            Outcome::Failed | Outcome::Unreachable => "failed",
         }
     }
 }
@@ -66,24 +69,33 @@ impl Outcome {
 /// Reads the warm file and re-runs its statements in the background (until they are done or
 /// the server shuts down). A file that cannot be read is reported and ignored.
 pub fn start(ctx: &Arc<Context>) -> Option<tokio::task::JoinHandle<()>> {
-    let path = ctx.config().cache.warm_file.clone()?;
-    let recipes = match warm::load(&path) {
-        Ok(r) if r.is_empty() => return None,
-        Ok(r) => r,
+    let config = ctx.config();
+    let (path, unrun) = (config.cache.warm_file.clone()?, ctx.warm.as_ref()?);
+    let recipes = match warm::load(&path, config.cache.warm_statements) {
+        Ok((r, dropped)) => {
+            if dropped > 0 {
+                tracing::warn!(file = %path.display(), dropped, "warm file statements that do not say consistently what they run as were left out");
+            }
+            r
+        }
         Err(e) => {
             tracing::warn!(file = %path.display(), error = %e, "warm file ignored");
             return None;
         }
     };
+    if recipes.is_empty() {
+        return None;
+    }
     tracing::info!(file = %path.display(), statements = recipes.len(), "warming the cache");
-    Some(tokio::spawn(run(ctx.clone(), recipes)))
+    unrun.set(recipes);
+    Some(tokio::spawn(run(ctx.clone())))
 }
 
-/// Writes the hottest statements to the warm file (on shutdown).
+/// Writes the hottest statements to the warm file (on shutdown), with those not yet re-run.
 pub fn save(ctx: &Context) {
     let config = ctx.config();
-    let (Some(path), Some(recipes)) = (&config.cache.warm_file, &ctx.recipes) else { return };
-    let hottest = recipes.hottest(&ctx.store, config.cache.warm_statements);
+    let (Some(path), Some(unrun)) = (&config.cache.warm_file, &ctx.warm) else { return };
+    let hottest = warm::hottest(&ctx.store, unrun, config.cache.warm_statements);
     let n = hottest.len();
     match warm::save(path, hottest) {
         Ok(()) => tracing::info!(file = %path.display(), statements = n, "warm file written"),
@@ -91,31 +103,41 @@ pub fn save(ctx: &Context) {
     }
 }
 
-async fn run(ctx: Arc<Context>, mut pending: Vec<Recipe>) {
+/// Longest one statement's re-run may take (connecting, settings, the query).
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn run(ctx: Arc<Context>) {
+    let Some(unrun) = ctx.warm.as_ref() else { return };
     let metrics = &ctx.stats.metrics;
-    let gauge = metrics.gauge(WARM_PENDING, &[]);
+    let waiting = metrics.gauge(WARM_PENDING, &[]);
     let rate = ctx.config().cache.warm_rate.max(1);
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // In the file's order (hottest first), those whose role pgcache can log in as now.
-        let (ready, waiting): (Vec<Recipe>, Vec<Recipe>) =
-            std::mem::take(&mut pending).into_iter().partition(|r| secret(&ctx, &pool_key(r)).is_some());
-        pending = waiting;
-        gauge.set((pending.len() + ready.len()) as f64);
-        for (i, r) in ready.iter().enumerate() {
+        let (ready, blocked): (Vec<Recipe>, Vec<Recipe>) =
+            unrun.get().into_iter().partition(|r| secret(&ctx, &pool_key(r)).is_some());
+        waiting.set(blocked.len() as f64);
+        for r in &ready {
             tick.tick().await;
-            let outcome = match warm_one(&ctx, r).await {
-                Ok(o) => o,
-                Err(e) => {
+            let outcome = match tokio::time::timeout(STATEMENT_TIMEOUT, warm_one(&ctx, r)).await {
+                Ok(Ok(o)) => o,
+                Ok(Err(ReplayError::Pool(e))) => {
+                    tracing::debug!(error = %e, sql = %r.sql, "warm statement could not reach Postgres");
+                    Outcome::Unreachable
+                }
+                Ok(Err(e)) => {
                     tracing::debug!(error = %e, sql = %r.sql, "warm statement failed");
                     Outcome::Failed
                 }
+                Err(_) => Outcome::Failed,
             };
             metrics.counter(WARM_STATEMENTS, &[("outcome", outcome.label())]).increment(1);
-            gauge.set((pending.len() + ready.len() - i - 1) as f64);
+            if outcome != Outcome::Unreachable {
+                unrun.remove(r);
+            }
         }
-        if pending.is_empty() {
+        if unrun.is_empty() {
             tracing::info!("cache warmed");
             return;
         }
@@ -127,16 +149,13 @@ fn pool_key(r: &Recipe) -> PoolKey {
     PoolKey { database: r.database.clone(), user: r.user.clone() }
 }
 
-/// What pgcache logs in as `key`'s role with, if it can now: the upstream URL's password for
-/// its user (`Some(None)`: it has none), in `trust` mode nothing, otherwise what the role's
-/// last log-in proved (`Some(None)`: Postgres asked it for no password).
+/// What pgcache logs in as `key`'s role with, if it can now — as a background refresh does
+/// ([`refresh::pooled_secret`]): in `trust` mode the upstream URL's password for its user
+/// and nothing for others, otherwise what the role's last log-in proved (`Some(None)`:
+/// Postgres asked it for no password).
 fn secret(ctx: &Context, key: &PoolKey) -> Option<Option<Secret>> {
-    let config = ctx.config();
-    if key.user == config.upstream.user {
-        return Some(config.upstream.password.clone().map(Secret::Password));
-    }
-    if config.auth.method == AuthMethod::Trust {
-        return Some(None);
+    if ctx.config().auth.method == AuthMethod::Trust {
+        return Some(refresh::pooled_secret(ctx, key));
     }
     ctx.pools.credentials.last(key).map(|known| known.secret().cloned())
 }
@@ -169,7 +188,7 @@ async fn fill(
     pool: &PoolKey,
 ) -> Result<Outcome, ReplayError> {
     let conn = lease.conn();
-    let mut settings = Settings::replayed(&r.startup, &r.settings);
+    let mut settings = Settings::replayed(&r.startup, &r.settings, &r.customs);
     let wanted = Wanted { read_back: ReadBack::Always, ..Wanted::session(ctx, r.settings.clone(), &mut settings) };
     adopt(conn, wanted).await?;
     let Some(state) = settings.verified().cloned() else { return Ok(Outcome::Skipped) };
@@ -196,10 +215,6 @@ async fn fill(
         Turn::Lead(f) => f,
         Turn::Waited { .. } => return Ok(Outcome::Present),
     };
-    if let Some(recipes) = &ctx.recipes {
-        // Kept for the next shutdown's file, like a client's fill.
-        recipes.record(&key, || r.clone());
-    }
     let keys = a
         .keyed
         .as_ref()
@@ -211,6 +226,8 @@ async fn fill(
         Fill::new(key, a.rule.clone(), deps, a.resolved.clone(), Arc::from(r.sql.as_str()), Some(flight), limit)
             .computed_in(state);
     fill.l2 = l2;
+    // Kept with the entry for the next shutdown's file, like a client's fill.
+    fill.recipe = Some(Arc::new(r.clone()));
     let request = match &r.extended {
         None => replay::Request::Simple { sql: r.sql.clone() },
         Some(e) => replay::Request::Extended {

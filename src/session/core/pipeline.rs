@@ -132,6 +132,8 @@ pub struct Fill {
     /// The shared L2's key for it (the versions it depends on, read before its query was
     /// sent): stored there too once stored in L1.
     pub l2: Option<String>,
+    /// How to compute it again at the next start (`cache.warm_file`).
+    pub recipe: Option<Arc<crate::cache::warm::Recipe>>,
 }
 
 impl Fill {
@@ -159,6 +161,7 @@ impl Fill {
             aborted: false,
             computed_in: None,
             l2: None,
+            recipe: None,
         }
     }
 
@@ -236,6 +239,7 @@ impl Fill {
             refreshing: AtomicBool::new(false),
             hits: AtomicU64::new(0),
             l2_key: self.l2.map(Into::into),
+            recipe: self.recipe,
         };
         Some((Key(exact(&self.key.0)), entry))
     }

@@ -148,11 +148,12 @@ impl Settings {
     }
 
     /// The settings of a session started with `startup` that then applied `replayed` (what
-    /// [`Settings::replay`] gave): its custom settings are tracked too. Not known until a
-    /// probe reads them.
-    pub fn replayed(startup: &[(String, String)], replayed: &[(String, String)]) -> Settings {
+    /// [`Settings::replay`] gave) and tracked the custom settings `customs`, set or not. Not
+    /// known until a probe reads them.
+    pub fn replayed(startup: &[(String, String)], replayed: &[(String, String)], customs: &[String]) -> Settings {
         let mut s = Settings::at_startup(startup);
         s.custom.extend(replayed.iter().filter_map(|(name, _)| custom_setting(name)));
+        s.custom.extend(customs.iter().filter_map(|name| custom_setting(name)));
         s
     }
 

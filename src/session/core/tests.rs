@@ -262,6 +262,7 @@ fn entry(rows: usize) -> Arc<Entry> {
         refreshing: AtomicBool::new(false),
         hits: AtomicU64::new(0),
         l2_key: None,
+        recipe: None,
     })
 }
 
