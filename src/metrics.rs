@@ -41,6 +41,7 @@ pub const CLIENT_CONNECTIONS: &str = "pgcache_client_connections";
 pub const DETACHED_SESSIONS: &str = "pgcache_detached_sessions";
 pub const BACKEND_CONNECTIONS: &str = "pgcache_backend_connections";
 pub const POOL_WAIT: &str = "pgcache_pool_wait_seconds";
+pub const THROTTLED: &str = "pgcache_throttled_statements_total";
 pub const BACKEND_ERRORS: &str = "pgcache_backend_errors_total";
 pub const HANDOFFS: &str = "pgcache_backend_handoffs_total";
 pub const SETTINGS_REPLAYS: &str = "pgcache_settings_replays_total";
@@ -109,6 +110,11 @@ pub const ALL: &[(&str, Kind, &str)] = &[
     ),
     (BACKEND_CONNECTIONS, Kind::Gauge, "Backend connections, by state (active, idle)."),
     (POOL_WAIT, Kind::Histogram, "Time clients waited for a backend connection, by pool (database, user)."),
+    (
+        THROTTLED,
+        Kind::Counter,
+        "Statements that waited their turn under pool.max_statements_per_second, by pool (database, user).",
+    ),
     (
         HANDOFFS,
         Kind::Counter,

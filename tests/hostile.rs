@@ -310,3 +310,32 @@ async fn triggers_invalidate_what_their_functions_write() {
     assert!(!served_from_cache(&env, &c, READ_T).await, "dynamic SQL in a trigger invalidates everything");
     assert_eq!(env.proxy.metric("pgcache_unknown_writes_total").await, 1.0);
 }
+
+/// `pool.max_statements_per_second` protects Postgres: past a second's worth, a pool's
+/// statements wait their turn (the rate holds: 30 statements at 10 a second take at least
+/// two seconds), counted per pool; cache hits take no turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_over_its_statement_rate_waits_its_turn_and_hits_do_not() {
+    let env =
+        cache_env(PgCluster::shared(), "throttle", SCHEMA, RULES, |c| c.pool.max_statements_per_second = 10).await;
+    let c = client(&env).await;
+    let user = PgCluster::shared_or_superuser();
+    let series = format!("pgcache_throttled_statements_total{{database=\"{}\",user=\"{user}\"}}", env.db);
+    let started = std::time::Instant::now();
+    for i in 0..30 {
+        assert_eq!(text(&c, &format!("SELECT {i}")).await, i.to_string());
+    }
+    // The bucket held ten; the other twenty came at ten a second.
+    assert!(started.elapsed() >= std::time::Duration::from_millis(1900), "{:?}", started.elapsed());
+    let throttled = env.proxy.metric(&series).await;
+    assert!(throttled >= 1.0, "statements waited their turn: {throttled}");
+    // A hit is not a statement for Postgres.
+    text(&c, "SELECT v FROM t WHERE id = 1").await;
+    let before = env.proxy.metric(&series).await;
+    for _ in 0..50 {
+        assert!(served_from_cache(&env, &c, "SELECT v FROM t WHERE id = 1").await);
+    }
+    assert_eq!(env.proxy.metric(&series).await, before, "hits took no turn");
+    let pools = text(&env.proxy.connect("pgcache", &user).await, "SHOW POOLS").await;
+    assert!(pools.split(';').any(|row| row.starts_with(&format!("{},", env.db)) && !row.ends_with(",0")), "{pools}");
+}

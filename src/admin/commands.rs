@@ -154,6 +154,7 @@ fn pools(ctx: &Context) -> ResultSet {
             "idle",
             "max",
             "pinned",
+            "throttled",
         ],
         "SHOW",
     );
@@ -184,6 +185,7 @@ fn pools(ctx: &Context) -> ResultSet {
             s.idle.to_string(),
             s.max.to_string(),
             pins.join(", "),
+            p.throttled().to_string(),
         ]);
     }
     r

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -109,6 +109,10 @@ pub struct Pool {
     /// Transaction pooling: server names of statements Postgres prepared on a connection of
     /// this pool, since the catalog epoch given (DDL may make one fail now).
     accepted: Mutex<(u64, std::collections::HashSet<bytes::Bytes>)>,
+    /// `pool.max_statements_per_second`, if set.
+    throttle: Option<super::throttle::Throttle>,
+    /// Statements that waited for the throttle.
+    throttled: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -132,6 +136,8 @@ pub struct PoolStats {
 
 impl Pool {
     fn new(key: PoolKey, settings: PoolConfig, endpoint: Arc<Endpoint>, metrics: Arc<Metrics>) -> Self {
+        let throttle = (settings.max_statements_per_second > 0)
+            .then(|| super::throttle::Throttle::new(settings.max_statements_per_second));
         Pool {
             slots: Arc::new(Semaphore::new(settings.max_size)),
             key,
@@ -145,6 +151,8 @@ impl Pool {
             waiting: AtomicUsize::new(0),
             pins: Mutex::new(std::collections::BTreeMap::new()),
             accepted: Mutex::new((0, Default::default())),
+            throttle,
+            throttled: AtomicU64::new(0),
             metrics,
         }
     }
@@ -167,6 +175,25 @@ impl Pool {
 
     fn lend(&self, conn: &Connection) {
         self.lent.lock().insert(conn.key.pid, conn.created);
+    }
+
+    /// Waits for this pool's turn to send `n` statements to Postgres
+    /// (`pool.max_statements_per_second`; at once when there is no limit).
+    pub async fn throttle(&self, n: u32) {
+        let Some(throttle) = &self.throttle else { return };
+        let wait = throttle.reserve(n);
+        if wait.is_zero() {
+            return;
+        }
+        self.throttled.fetch_add(u64::from(n), Ordering::Relaxed);
+        let labels = [("database", self.key.database.as_str()), ("user", self.key.user.as_str())];
+        self.metrics.counter(crate::metrics::THROTTLED, &labels).increment(u64::from(n));
+        tokio::time::sleep(wait).await;
+    }
+
+    /// Statements that waited for `pool.max_statements_per_second`.
+    pub fn throttled(&self) -> u64 {
+        self.throttled.load(Ordering::Relaxed)
     }
 
     fn returned(&self, conn: &Connection) {

@@ -196,6 +196,8 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     /// Clients that may wait for a backend of one pool at once (0: no limit); beyond, 53300.
     pub max_waiting: usize,
+    /// Statements one pool may send to Postgres per second (0: no limit).
+    pub max_statements_per_second: u32,
     /// After opening a connection failed, clients are told at once (57P03) instead of trying
     /// again, until this has passed.
     pub retry_delay: Duration,
@@ -468,6 +470,7 @@ impl Config {
                 max_prepared_statements: f.pool.max_prepared_statements.unwrap_or(200),
                 isolate_sessions: true,
                 max_waiting: f.pool.max_waiting.unwrap_or(1000),
+                max_statements_per_second: f.pool.max_statements_per_second.unwrap_or(0),
                 retry_delay: f.pool.retry_delay.unwrap_or(Duration::from_secs(1)),
                 min_idle: f.pool.min_idle.unwrap_or(0),
                 acquire_timeout: dur(f.pool.acquire_timeout, 5),

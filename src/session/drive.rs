@@ -18,6 +18,7 @@ use super::answer::Answerer;
 use super::core::batch::{Decided, Need};
 use super::core::effect::{Step, invalidates_nothing};
 use super::core::flow::Parked;
+use super::core::plan::Plan;
 use super::core::query;
 use super::decide::Request;
 use super::decide::Serve;
@@ -81,8 +82,33 @@ impl Relay<'_> {
             Some((sql, c)) => Some(self.decide(sql, c, Request::Simple).await?),
             None => None,
         };
+        if !matches!(plan, Some(Plan::Hit { .. } | Plan::Probe)) {
+            self.throttle(classified.len()).await;
+        }
         self.core.query(frame, classified, steps, plan);
         Ok(())
+    }
+
+    /// Waits for the pool's turn to send `n` statements to Postgres
+    /// (`pool.max_statements_per_second`), or until the session is forced closed.
+    pub(super) async fn throttle(&self, n: usize) {
+        let ctx = self.ctx;
+        if n == 0 || ctx.config().pool.max_statements_per_second == 0 {
+            return;
+        }
+        let pool = ctx.pools.get(self.key);
+        tokio::select! {
+            _ = pool.throttle(u32::try_from(n).unwrap_or(u32::MAX)) => {}
+            _ = ctx.force_close.cancelled() => {}
+        }
+    }
+
+    /// [`Relay::run_batch`] once the pool may send its Executes (an extended-protocol batch
+    /// counts one statement per Execute, hits it holds included).
+    pub(super) async fn send_batch(&mut self) -> Result<(), SessionError> {
+        let executes = self.core.flow.batch.iter().filter(|f| f.tag() == fe::EXECUTE).count();
+        self.throttle(executes).await;
+        self.run_batch().await
     }
 
     /// Plans and sends the collected extended-protocol batch.

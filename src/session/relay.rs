@@ -334,7 +334,7 @@ impl Relay<'_> {
             let (run, tags) = self.plain_run()?;
             if run > 0 {
                 if !self.core.flow.batch.is_empty() {
-                    self.run_batch().await?;
+                    self.send_batch().await?;
                 }
                 let chunk = self.client_buf.split_to(run).freeze();
                 self.core.send_plain(chunk, tags);
@@ -346,11 +346,12 @@ impl Relay<'_> {
                 fe::QUERY | fe::FUNCTION_CALL => {
                     self.ctx.wait_while_paused().await;
                     if !self.core.flow.batch.is_empty() {
-                        self.run_batch().await?;
+                        self.send_batch().await?;
                     }
                     if frame.tag() == fe::QUERY {
                         self.on_query(frame).await?;
                     } else {
+                        self.throttle(1).await;
                         self.core.forward_request(frame.into_raw(), Expect::Query);
                     }
                 }
@@ -363,14 +364,14 @@ impl Relay<'_> {
                     if !ends && self.batch_held >= self.max_output {
                         // A long batch without its Sync is sent on as it is (Postgres takes
                         // it message by message anyway) rather than held in memory.
-                        self.run_batch().await?;
+                        self.send_batch().await?;
                     }
                     if ends {
                         self.ctx.wait_while_paused().await;
                         let batch = std::mem::take(&mut self.core.flow.batch);
                         if !(tag == fe::SYNC && self.answered_batch(&batch).await) {
                             self.core.flow.batch = batch;
-                            self.run_batch().await?;
+                            self.send_batch().await?;
                         }
                     }
                 }
