@@ -106,7 +106,7 @@ pub fn load_dir(dir: &Path, version: u64) -> Result<RuleSet, LoadError> {
             Err(e) => errors.push(Problem::in_file(&path, format!("cannot read: {e}"))),
         }
     }
-    if errors.is_empty() { Ok(RuleSet { rules, version }) } else { Err(LoadError { problems: errors }) }
+    if errors.is_empty() { Ok(RuleSet::new(rules, version)) } else { Err(LoadError { problems: errors }) }
 }
 
 fn load_file(path: &Path, text: &str, rules: &mut Vec<Arc<Rule>>, errors: &mut Vec<Problem>) {

@@ -103,16 +103,15 @@ pub struct Subject<'a> {
 }
 
 impl Matcher {
-    fn matches(&self, s: &Subject<'_>) -> bool {
+    /// Whether every condition holds; `pattern`: whether the rule's pattern matches the text
+    /// (asked last, only when the rule has one and its other conditions hold).
+    fn matches(&self, s: &Subject<'_>, pattern: impl FnOnce() -> bool) -> bool {
         if self.database.as_deref().is_some_and(|d| d != s.database)
             || self.user.as_deref().is_some_and(|u| u != s.user)
         {
             return false;
         }
         if self.query.as_ref().is_some_and(|(_, fp)| *fp != s.statement.fingerprint) {
-            return false;
-        }
-        if self.pattern.as_ref().is_some_and(|p| !p.is_match(s.sql)) {
             return false;
         }
         if let Some(tables) = &self.tables {
@@ -123,7 +122,7 @@ impl Matcher {
                 return false;
             }
         }
-        true
+        self.pattern.is_none() || pattern()
     }
 
     /// What it matches, as `key=value` words.
@@ -154,12 +153,85 @@ pub struct RuleSet {
     pub rules: Vec<Arc<Rule>>,
     /// Incremented on every successful load: decisions cached under another version are stale.
     pub version: u64,
+    /// Every rule's `pattern` in one automaton, matched in one pass over a text.
+    patterns: Option<Patterns>,
+    /// Some rule matches by `pattern`.
+    has_patterns: bool,
 }
 
+/// The rules' patterns as one `RegexSet`: however many rules match by pattern, a text is read
+/// once, and which of them match is known at once.
+#[derive(Debug)]
+struct Patterns {
+    set: regex::RegexSet,
+    /// For each rule, its pattern's index in the set.
+    of_rule: Vec<Option<usize>>,
+}
+
+/// Which of a rule set's patterns a text matches (indexes into its pattern set): all that
+/// depends on the text in a rule decision, for one statement shape.
+pub type PatternMatches = Box<[u32]>;
+
 impl RuleSet {
-    /// The first rule matching the statement, if any.
+    pub fn new(rules: Vec<Arc<Rule>>, version: u64) -> RuleSet {
+        let sources: Vec<&str> = rules.iter().filter_map(|r| r.matcher.pattern.as_ref().map(|p| p.as_str())).collect();
+        let patterns = if sources.is_empty() {
+            None
+        } else {
+            // Each pattern compiled alone already; together they may pass the size limit, and
+            // then each is matched on its own.
+            regex::RegexSet::new(&sources).ok().map(|set| {
+                let mut next = 0;
+                let of_rule = rules
+                    .iter()
+                    .map(|r| {
+                        r.matcher.pattern.as_ref().map(|_| {
+                            next += 1;
+                            next - 1
+                        })
+                    })
+                    .collect();
+                Patterns { set, of_rule }
+            })
+        };
+        let has_patterns = !sources.is_empty();
+        RuleSet { rules, version, patterns, has_patterns }
+    }
+
+    /// Whether some rule matches by `pattern` (decisions then depend on the text).
+    pub fn has_patterns(&self) -> bool {
+        self.has_patterns
+    }
+
+    /// Which patterns `sql` matches, when some rule has one: two texts of one shape with the
+    /// same matches are decided alike.
+    pub fn pattern_matches(&self, sql: &str) -> Option<PatternMatches> {
+        if let Some(p) = &self.patterns {
+            return Some(p.set.matches(sql).iter().map(|i| i as u32).collect());
+        }
+        self.has_patterns().then(|| {
+            let patterns = self.rules.iter().filter_map(|r| r.matcher.pattern.as_ref());
+            patterns.enumerate().filter(|(_, p)| p.is_match(sql)).map(|(i, _)| i as u32).collect()
+        })
+    }
+
+    /// The first rule matching the statement, if any. The patterns are matched in one pass,
+    /// and only if a rule with one matches otherwise.
     pub fn decide(&self, s: &Subject<'_>) -> Option<Arc<Rule>> {
-        self.rules.iter().find(|r| r.matcher.matches(s)).cloned()
+        let mut matched: Option<regex::SetMatches> = None;
+        self.rules
+            .iter()
+            .enumerate()
+            .find(|(i, r)| {
+                r.matcher.matches(s, || match &self.patterns {
+                    Some(p) => {
+                        let at = p.of_rule[*i].expect("a rule with a pattern has its place in the set");
+                        matched.get_or_insert_with(|| p.set.matches(s.sql)).matched(at)
+                    }
+                    None => r.matcher.pattern.as_ref().is_some_and(|p| p.is_match(s.sql)),
+                })
+            })
+            .map(|(_, r)| r.clone())
     }
 
     /// Whether matching needs relations resolved to their schemas (some rule lists a
@@ -201,4 +273,42 @@ pub fn describe(r: &Rule) -> String {
         }
     };
     format!("{} ({}:{}): {} -> {}", r.name, r.file.display(), r.line, r.matcher.describe(), action)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(name: &str, pattern: Option<&str>, tables: Option<&[&str]>) -> Arc<Rule> {
+        let mut r = Rule::cache(name, Duration::from_secs(60));
+        r.matcher.pattern = pattern.map(|p| regex::Regex::new(p).unwrap());
+        r.matcher.tables = tables.map(|t| t.iter().map(|n| Relation { schema: None, name: (*n).into() }).collect());
+        Arc::new(r)
+    }
+
+    /// The rule `set` decides for `sql` (reading table `t`).
+    fn decided(set: &RuleSet, sql: &str) -> Option<String> {
+        let statements = crate::query::classify::classify(sql);
+        let reads = [Relation { schema: None, name: "t".into() }];
+        let s = Subject { sql, statement: &statements[0], resolved_reads: &reads, database: "d", user: "u" };
+        set.decide(&s).map(|r| r.name.clone())
+    }
+
+    #[test]
+    fn many_patterns_are_matched_in_one_pass_and_the_first_matching_rule_decides() {
+        let mut rules: Vec<Arc<Rule>> =
+            (0..1000).map(|i| rule(&format!("p{i}"), Some(&format!(r"\bid = {i}\b")), None)).collect();
+        rules.insert(500, rule("bypass-t", Some(r"(?i)\bfrom t\b"), Some(&["u"])));
+        rules.push(rule("table", None, Some(&["t"])));
+        let set = RuleSet::new(rules, 1);
+        assert!(set.patterns.is_some(), "one automaton for the thousand patterns");
+        assert_eq!(decided(&set, "SELECT * FROM t WHERE id = 7").as_deref(), Some("p7"));
+        assert_eq!(decided(&set, "SELECT * FROM t WHERE id = 999").as_deref(), Some("p999"));
+        // A pattern that matches, on a rule whose tables do not: not that rule.
+        assert_eq!(decided(&set, "SELECT * FROM t WHERE id = 1000").as_deref(), Some("table"));
+        assert_eq!(set.pattern_matches("SELECT * FROM t WHERE id = 7").as_deref(), Some(&[7, 500][..]));
+        assert_eq!(set.pattern_matches("SELECT 1").as_deref(), Some(&[][..]));
+        let plain = RuleSet::new(vec![rule("table", None, Some(&["t"]))], 1);
+        assert_eq!(plain.pattern_matches("SELECT 1"), None, "no patterns: decisions do not read the text");
+    }
 }

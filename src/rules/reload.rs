@@ -68,6 +68,11 @@ impl Rules {
         self.current.load_full()
     }
 
+    /// The rule set in force, for a moment (no reference count taken).
+    pub fn peek(&self) -> arc_swap::Guard<Arc<RuleSet>> {
+        self.current.load()
+    }
+
     /// The version of the rule set in force.
     pub fn version(&self) -> u64 {
         self.current.load().version

@@ -259,7 +259,12 @@ impl Asker<'_> {
         let (role, search_path) = (settings.role(), settings.search_path());
         // Read before the facts are: an invalidation meanwhile leaves the memo stale, not wrong.
         let epoch = ctx.catalog.epoch();
-        let now = Conditions { rules: ctx.rules.version(), catalog: epoch, role, search_path, sql };
+        // What the rules read of the text: the patterns it matches (one pass over it).
+        let (version, patterns) = {
+            let set = ctx.rules.peek();
+            (set.version, set.pattern_matches(sql))
+        };
+        let now = Conditions { rules: version, catalog: epoch, role, search_path, patterns: patterns.as_deref() };
         if let Some(v) = self.memo.get(c, &now, self.offline) {
             return v.clone();
         }
@@ -278,7 +283,7 @@ impl Asker<'_> {
             catalog: epoch,
             role: role.map(Into::into),
             search_path: search_path.map(Into::into),
-            sql: rules.rules.iter().any(|r| r.matcher.pattern.is_some()).then(|| sql.into()),
+            patterns: if rules.version == version { patterns } else { rules.pattern_matches(sql) },
         };
         self.memo.keep(c, stamp, Instant::now() + ctx.catalog.ttl(), &verdict);
         verdict

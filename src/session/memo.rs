@@ -7,7 +7,8 @@
 //! (its version), the same catalog facts (the catalog's epoch, which moves on DDL and
 //! `INVALIDATE`; and no longer than `cache.catalog_ttl`, the facts' own lifetime), and the same
 //! role and `search_path` (which resolve unqualified names), and — when a rule matches by
-//! `pattern`, which reads literal values — the same SQL text. Verdicts that depend on a passing
+//! `pattern`, which reads literal values — the same patterns matched by the text (all of the
+//! rule set's patterns are matched in one pass, [`crate::rules::RuleSet::pattern_matches`]). Verdicts that depend on a passing
 //! condition (the catalog unreachable, the search path not yet known) are not kept.
 //!
 //! It also remembers the interned id of the session's settings key part (see [`Interner`]).
@@ -53,9 +54,9 @@ pub struct Stamp {
     pub catalog: u64,
     pub role: Option<Box<str>>,
     pub search_path: Option<Box<str>>,
-    /// The SQL text, when the rule set matches patterns on it (statements of one shape may
-    /// then be decided differently).
-    pub sql: Option<Box<str>>,
+    /// Which of the rule set's patterns the text matched, when it has any (statements of one
+    /// shape may then be decided differently; those matching the same are decided alike).
+    pub patterns: Option<crate::rules::PatternMatches>,
 }
 
 /// What a verdict is looked up under, besides the statement.
@@ -65,7 +66,7 @@ pub struct Conditions<'a> {
     pub catalog: u64,
     pub role: Option<&'a str>,
     pub search_path: Option<&'a str>,
-    pub sql: &'a str,
+    pub patterns: Option<&'a [u32]>,
 }
 
 impl Stamp {
@@ -74,12 +75,12 @@ impl Stamp {
             && self.catalog == now.catalog
             && self.role.as_deref() == now.role
             && self.search_path.as_deref() == now.search_path
-            && self.sql.as_deref().is_none_or(|sql| sql == now.sql)
+            && self.patterns.as_deref() == now.patterns
     }
 }
 
-/// Above this many verdicts for one shape, the oldest goes (texts of one shape under a rule that
-/// matches by `pattern`, or a session switching roles).
+/// Above this many verdicts for one shape, the oldest goes (texts of one shape matching
+/// different rules' patterns, or a session switching roles).
 const MAX_PER_SHAPE: usize = 8;
 
 struct Memo {
@@ -91,8 +92,8 @@ struct Memo {
 
 /// The memo. Keyed by the statement's shape ([`Classified::shape_id`]), which every text of
 /// the shape shares: the simple protocol's texts that differ only in literals are decided once
-/// (a rule matching by `pattern` reads the literals: its stamp holds the text, and a shape
-/// keeps a verdict for each of its last few texts). What a text pins itself, its key values,
+/// (a rule matching by `pattern` reads the literals: its stamp holds which patterns the text
+/// matched, and a shape keeps a verdict for each of the last few such sets). What a text pins itself, its key values,
 /// is not part of the verdict: where the verdict says the read is keyed, each execution's
 /// values are read from its own text or parameters, and a text whose values cannot be read is
 /// invalidated with its whole table ([`super::effects::pinned_keys`]).
@@ -157,11 +158,11 @@ mod tests {
     use std::time::Duration;
 
     fn stamp(rules: u64, path: &str) -> Stamp {
-        Stamp { rules, catalog: 7, role: Some("app".into()), search_path: Some(path.into()), sql: None }
+        Stamp { rules, catalog: 7, role: Some("app".into()), search_path: Some(path.into()), patterns: None }
     }
 
     fn now<'a>(rules: u64, catalog: u64, role: &'a str, search_path: &'a str) -> Conditions<'a> {
-        Conditions { rules, catalog, role: Some(role), search_path: Some(search_path), sql: "SELECT 1" }
+        Conditions { rules, catalog, role: Some(role), search_path: Some(search_path), patterns: None }
     }
 
     #[test]
@@ -176,14 +177,15 @@ mod tests {
         assert!(m.get(c, &now(1, 8, "app", "public"), false).is_none(), "catalog facts forgotten");
         assert!(m.get(c, &now(1, 7, "other", "public"), false).is_none(), "another role");
         assert!(m.get(c, &now(1, 7, "app", "app, public"), false).is_none(), "another search_path");
-        // Rules (version 2) that match patterns: a verdict per text, the last few kept.
-        let patterned = |sql: &str| Stamp { sql: Some(sql.into()), ..stamp(2, "public") };
-        m.keep(c, patterned("SELECT 1 -- a"), later, &Verdict::Forward(Reason::NoMatch));
-        assert!(m.get(c, &now(2, 7, "app", "public"), false).is_none(), "rules match patterns on other text");
-        m.keep(c, patterned("SELECT 1"), later, &Verdict::Forward(Reason::NoMatch));
-        assert!(m.get(c, &now(2, 7, "app", "public"), false).is_some(), "this text's own");
-        let other = Conditions { sql: "SELECT 1 -- a", ..now(2, 7, "app", "public") };
-        assert!(m.get(c, &other, false).is_some(), "the other text's, still kept");
+        // Rules (version 2) that match patterns: a verdict per set of patterns matched, the
+        // last few kept.
+        let patterned = |matched: &[u32]| Stamp { patterns: Some(matched.into()), ..stamp(2, "public") };
+        let texts = |matched: &'static [u32]| Conditions { patterns: Some(matched), ..now(2, 7, "app", "public") };
+        m.keep(c, patterned(&[3]), later, &Verdict::Forward(Reason::NoMatch));
+        assert!(m.get(c, &texts(&[]), false).is_none(), "a text matching other patterns");
+        m.keep(c, patterned(&[]), later, &Verdict::Forward(Reason::NoMatch));
+        assert!(m.get(c, &texts(&[]), false).is_some(), "a text matching the same patterns");
+        assert!(m.get(c, &texts(&[3]), false).is_some(), "the other text's, still kept");
         m.keep(c, stamp(1, "public"), Instant::now(), &Verdict::Forward(Reason::NoMatch));
         assert!(m.get(c, &now(1, 7, "app", "public"), false).is_none(), "past the catalog's TTL");
         assert!(m.get(c, &now(1, 7, "app", "public"), true).is_some(), "of any age while offline");
