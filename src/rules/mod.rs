@@ -160,17 +160,28 @@ pub struct RuleSet {
 }
 
 /// The rules' patterns as one `RegexSet`: however many rules match by pattern, a text is read
-/// once, and which of them match is known at once.
-#[derive(Debug)]
+/// once, and which of them match is known at once — and remembered for the text, so a text
+/// that comes again (a hot key in the simple protocol, a prepared statement) is not read again.
 struct Patterns {
     set: regex::RegexSet,
     /// For each rule, its pattern's index in the set.
     of_rule: Vec<Option<usize>>,
+    by_text: quick_cache::sync::Cache<Box<str>, PatternMatches>,
 }
+
+impl std::fmt::Debug for Patterns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Patterns").field("set", &self.set).field("texts", &self.by_text.len()).finish()
+    }
+}
+
+/// Texts whose pattern matches are remembered (per rule set), and the longest remembered.
+const REMEMBERED_TEXTS: usize = 4096;
+const REMEMBERED_TEXT_BYTES: usize = 2048;
 
 /// Which of a rule set's patterns a text matches (indexes into its pattern set): all that
 /// depends on the text in a rule decision, for one statement shape.
-pub type PatternMatches = Box<[u32]>;
+pub type PatternMatches = Arc<[u32]>;
 
 impl RuleSet {
     pub fn new(rules: Vec<Arc<Rule>>, version: u64) -> RuleSet {
@@ -191,7 +202,7 @@ impl RuleSet {
                         })
                     })
                     .collect();
-                Patterns { set, of_rule }
+                Patterns { set, of_rule, by_text: quick_cache::sync::Cache::new(REMEMBERED_TEXTS) }
             })
         };
         let has_patterns = !sources.is_empty();
@@ -207,7 +218,14 @@ impl RuleSet {
     /// same matches are decided alike.
     pub fn pattern_matches(&self, sql: &str) -> Option<PatternMatches> {
         if let Some(p) = &self.patterns {
-            return Some(p.set.matches(sql).iter().map(|i| i as u32).collect());
+            if let Some(m) = p.by_text.get(sql) {
+                return Some(m);
+            }
+            let m: PatternMatches = p.set.matches(sql).iter().map(|i| i as u32).collect();
+            if sql.len() <= REMEMBERED_TEXT_BYTES {
+                p.by_text.insert(sql.into(), m.clone());
+            }
+            return Some(m);
         }
         self.has_patterns().then(|| {
             let patterns = self.rules.iter().filter_map(|r| r.matcher.pattern.as_ref());
@@ -307,6 +325,7 @@ mod tests {
         // A pattern that matches, on a rule whose tables do not: not that rule.
         assert_eq!(decided(&set, "SELECT * FROM t WHERE id = 1000").as_deref(), Some("table"));
         assert_eq!(set.pattern_matches("SELECT * FROM t WHERE id = 7").as_deref(), Some(&[7, 500][..]));
+        assert_eq!(set.pattern_matches("SELECT * FROM t WHERE id = 7").as_deref(), Some(&[7, 500][..]), "remembered");
         assert_eq!(set.pattern_matches("SELECT 1").as_deref(), Some(&[][..]));
         let plain = RuleSet::new(vec![rule("table", None, Some(&["t"]))], 1);
         assert_eq!(plain.pattern_matches("SELECT 1"), None, "no patterns: decisions do not read the text");
