@@ -191,7 +191,10 @@ impl RuleSet {
         } else {
             // Each pattern compiled alone already; together they may pass the size limit, and
             // then each is matched on its own.
-            regex::RegexSet::new(&sources).ok().map(|set| {
+            let set = regex::RegexSet::new(&sources)
+                .inspect_err(|e| tracing::warn!(error = %e, "the rules' patterns do not fit one automaton: each is matched on its own"))
+                .ok();
+            set.map(|set| {
                 let mut next = 0;
                 let of_rule = rules
                     .iter()
