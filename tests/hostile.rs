@@ -313,7 +313,7 @@ async fn triggers_invalidate_what_their_functions_write() {
 
 /// `pool.max_statements_per_second` protects Postgres: past a second's worth, a pool's
 /// statements wait their turn (the rate holds: 30 statements at 10 a second take at least
-/// two seconds), counted per pool; cache hits take no turn.
+/// two seconds), counted per pool; cache hits and statements inside a transaction take none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_over_its_statement_rate_waits_its_turn_and_hits_do_not() {
     let env =
@@ -336,6 +336,13 @@ async fn a_pool_over_its_statement_rate_waits_its_turn_and_hits_do_not() {
         assert!(served_from_cache(&env, &c, "SELECT v FROM t WHERE id = 1").await);
     }
     assert_eq!(env.proxy.metric(&series).await, before, "hits took no turn");
+    // Inside a transaction nothing waits (a wait would hold its locks): at most its BEGIN did.
+    text(&c, "BEGIN").await;
+    for i in 0..30 {
+        text(&c, &format!("SELECT {i}")).await;
+    }
+    text(&c, "COMMIT").await;
+    assert!(env.proxy.metric(&series).await <= before + 1.0, "statements in a transaction took no turn");
     let pools = text(&env.proxy.connect("pgcache", &user).await, "SHOW POOLS").await;
     assert!(pools.split(';').any(|row| row.starts_with(&format!("{},", env.db)) && !row.ends_with(",0")), "{pools}");
 }

@@ -4,6 +4,11 @@
 //! waiting statements go in the order they came and the rate holds however many wait.
 //! Statements answered from the cache take no token — the limit protects Postgres, not
 //! pgcache. Nothing is refused: a client over the limit sees latency, never an error.
+//!
+//! Where it applies ([`crate::session`]): statements a session-pooled client starts outside a
+//! transaction. Inside a transaction a wait would hold its locks; in transaction pooling it
+//! would hold a backend other clients need, and there `pool.max_size` already bounds what
+//! Postgres runs at once.
 
 use std::time::Duration;
 
@@ -24,9 +29,11 @@ impl Throttle {
         Throttle { rate, bucket: Mutex::new((rate, Instant::now())) }
     }
 
-    /// Takes `n` statements' tokens; returns how long to wait before sending them (zero when
-    /// they were there).
+    /// Takes `n` statements' tokens — at most a second's worth, so that one request of
+    /// thousands of statements does not make every other session of the pool wait for hours —
+    /// and returns how long to wait before sending them (zero when they were there).
     pub fn reserve(&self, n: u32) -> Duration {
+        let n = n.min(self.rate as u32);
         let mut bucket = self.bucket.lock();
         let now = Instant::now();
         let (tokens, at) = *bucket;
@@ -62,5 +69,9 @@ mod tests {
         tokio::time::advance(Duration::from_secs(60)).await;
         assert_eq!(t.reserve(10), Duration::ZERO);
         assert!(t.reserve(1) > Duration::ZERO);
+        // One request of a hundred thousand statements reserves a second's worth.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(t.reserve(100_000), Duration::ZERO);
+        assert!(near(t.reserve(1), 100));
     }
 }

@@ -183,8 +183,9 @@ pub struct PoolFile {
     /// Clients that may wait for a backend of one pool at once; more get 53300 at once
     /// (default 1000; 0: no limit).
     pub max_waiting: Option<usize>,
-    /// Statements one pool (database, user) may send to Postgres per second; more wait their
-    /// turn (default 0: no limit). Cache hits do not count.
+    /// Statements the session-pooled clients of one pool (database, user) may start sending to
+    /// Postgres per second, outside a transaction; more wait their turn (default 0: no limit).
+    /// Cache hits do not count.
     pub max_statements_per_second: Option<u32>,
     /// After opening a connection to Postgres failed, clients that need a new one are told so
     /// at once (57P03) until this has passed, instead of each trying (default `1s`).

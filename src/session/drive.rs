@@ -90,15 +90,22 @@ impl Relay<'_> {
     }
 
     /// Waits for the pool's turn to send `n` statements to Postgres
-    /// (`pool.max_statements_per_second`), or until the session is forced closed.
+    /// (`pool.max_statements_per_second`) — in session pooling, outside a transaction (see
+    /// [`crate::backend::throttle`]) — or until the server shuts down. A statement waiting its
+    /// turn has not reached Postgres: a CancelRequest meanwhile finds nothing to cancel.
     pub(super) async fn throttle(&self, n: usize) {
         let ctx = self.ctx;
-        if n == 0 || ctx.config().pool.max_statements_per_second == 0 {
+        if n == 0
+            || ctx.config().pool.max_statements_per_second == 0
+            || self.core.flow.transaction_pooling
+            || self.core.tracker.status != TransactionStatus::Idle
+        {
             return;
         }
         let pool = ctx.pools.get(self.key);
         tokio::select! {
             _ = pool.throttle(u32::try_from(n).unwrap_or(u32::MAX)) => {}
+            _ = ctx.shutdown.cancelled() => {}
             _ = ctx.force_close.cancelled() => {}
         }
     }
