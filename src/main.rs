@@ -41,11 +41,19 @@ fn main() -> anyhow::Result<()> {
 /// what they free stays in the process: a cache of 100 kB results filled past its bound grew
 /// RSS by 1.7 times the bound that way, about 1.05 times with the threshold fixed (README,
 /// "Bounded memory"). Other allocators (jemalloc, mimalloc) return memory on a timer instead.
+/// At most 32 768 such mappings are made at once (half the kernel's default
+/// `vm.max_map_count`, so thread stacks and sockets always find room); past that, large
+/// allocations come from the heap. An operator's own `MALLOC_MMAP_THRESHOLD_` or
+/// `GLIBC_TUNABLES` wins.
 fn tune_allocator() {
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() || std::env::var_os("GLIBC_TUNABLES").is_some() {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 10);
+        libc::mallopt(libc::M_MMAP_MAX, 32 << 10);
     }
 }
 
