@@ -187,7 +187,8 @@ async fn a_silent_instance_makes_the_others_drop_the_database() {
     let db = cluster.create_db("peers").await;
     let admin = cluster.admin(&db).await;
     admin.batch_execute(SCHEMA).await.unwrap();
-    let (fleet, dir) = fleet(cluster, 1, |_| {}).await;
+    // The default: an instance silent for a second may have died.
+    let (fleet, dir) = fleet(cluster, 1, |c| c.peers.dead_after = Duration::from_secs(1)).await;
     let b = fleet[0].connect(&db, &user).await;
     assert_eq!(text(&b, READ).await, "v1");
     // Another instance, in its own process, joins the database's channel.

@@ -31,6 +31,12 @@ impl Proxy {
         // The test clusters trust their superuser: clients log in as to Postgres, with no
         // password to give (tests/auth.rs and tests/scram.rs test each method).
         c.auth.method = pgcache::config::AuthMethod::Cleartext;
+        // An instance that does not hear its own heartbeat within `dead_after` drops its cache
+        // and listens again, failing closed. With the whole suite running on two cores a
+        // heartbeat can take over the default second, and a test that proves a hit would see
+        // that resync instead: the tests allow five (peers.rs tests the default's behaviour
+        // with its own setting).
+        c.peers.dead_after = std::time::Duration::from_secs(5);
         c
     }
 
