@@ -132,7 +132,7 @@ const ALLOCATION: usize = 32;
 
 /// What a warm-start recipe costs: its bytes, its structure and an allocation per string.
 fn recipe_weight(r: &super::warm::Recipe) -> usize {
-    let strings = 3 + 2 * (r.startup.len() + r.settings.len()) + r.customs.len();
+    let strings = 3 + 2 * (r.startup.len() + r.settings.len()) + r.customs.len() + r.undefined.len();
     let params = r.extended.as_ref().map_or(0, |e| e.params.len() * (size_of::<Option<Bytes>>() + ALLOCATION));
     size_of::<super::warm::Recipe>() + ALLOCATION + r.size() + strings * ALLOCATION + params
 }

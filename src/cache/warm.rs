@@ -44,6 +44,10 @@ pub struct Recipe {
     /// them, set or not.
     #[serde(default)]
     pub customs: Vec<String>,
+    /// Those of them never defined in the session (they read as NULL, which a connection
+    /// where another session defined them cannot show: it reads '').
+    #[serde(default)]
+    pub undefined: Vec<String>,
     pub sql: String,
     /// `None`: the simple protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -68,7 +72,7 @@ impl Recipe {
         self.sql.len()
             + pairs(&self.startup)
             + pairs(&self.settings)
-            + self.customs.iter().map(String::len).sum::<usize>()
+            + self.customs.iter().chain(&self.undefined).map(String::len).sum::<usize>()
             + params
     }
 
@@ -228,6 +232,7 @@ mod tests {
             startup: vec![("user".into(), "u".into()), ("application_name".into(), "x".into())],
             settings: vec![("TimeZone".into(), "Asia/Kathmandu".into())],
             customs: vec!["app.tenant".into()],
+            undefined: vec!["app.tenant".into()],
             sql: sql.into(),
             extended: Some(Extended {
                 param_types: vec![23],

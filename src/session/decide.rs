@@ -372,6 +372,7 @@ impl Relay<'_> {
             startup: self.startup.to_vec(),
             settings: settings.replay(&self.key.user)?,
             customs: settings.customs().iter().cloned().collect(),
+            undefined: settings.undefined().map(str::to_owned).collect(),
             sql: sql.to_owned(),
             extended: match req {
                 Request::Simple => None,

@@ -69,7 +69,10 @@ async fn run(ctx: &Context, r: &Refresh) -> Result<(), ReplayError> {
         // the refreshed result is computed in the state its key names.
         let mut session = r.session.clone();
         let wanted = Wanted { read_back: ReadBack::Always, ..Wanted::session(ctx, r.settings.clone(), &mut session) };
-        adopt(conn, wanted).await?;
+        let adopted = adopt(conn, wanted).await;
+        // Whatever it set stays defined on the connection (Postgres cannot undefine it).
+        conn.defined.extend(session.customs().iter().cloned());
+        adopted?;
         // Depends on every write to what it read (a refresh does not carry the read's keys).
         let deps = ctx.generations.snapshot(&r.pool.database, &r.deps, None);
         let request = encode(&r.request)?;

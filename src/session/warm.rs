@@ -174,10 +174,30 @@ async fn warm_one(ctx: &Arc<Context>, r: &Recipe) -> Result<Outcome, ReplayError
     let key = pool_key(r);
     let Some(secret) = secret(ctx, &key) else { return Ok(Outcome::Skipped) };
     let startup: StartupParams = Arc::new(r.startup.clone());
-    let mut lease = ctx.pools.get(&key).acquire(&startup, secret.as_ref(), false).await?;
-    let result = fill(ctx, &mut lease, r, c, &key).await;
-    lease.release(if result.is_ok() { Reset::Discard } else { Reset::Close });
-    result
+    // A pooled connection, or, if it cannot show the session's state (another session
+    // defined there a custom setting this one never did), a new one — as a session does.
+    let mut fresh = false;
+    loop {
+        let mut lease = ctx.pools.get(&key).acquire(&startup, secret.as_ref(), fresh).await?;
+        if !fresh && r.undefined.iter().any(|name| lease.conn().defined.contains(name)) {
+            lease.release(Reset::Close);
+            fresh = true;
+            continue;
+        }
+        let result = fill(ctx, &mut lease, r, c, &key).await;
+        // Whatever it set stays defined on the connection (Postgres cannot undefine it).
+        lease.conn().defined.extend(r.customs.iter().cloned());
+        match result {
+            Err(ReplayError::Unsuitable) if !fresh => {
+                lease.release(Reset::Close);
+                fresh = true;
+            }
+            result => {
+                lease.release(if result.is_ok() { Reset::Discard } else { Reset::Close });
+                return result;
+            }
+        }
+    }
 }
 
 async fn fill(
@@ -191,6 +211,10 @@ async fn fill(
     let mut settings = Settings::replayed(&r.startup, &r.settings, &r.customs);
     let wanted = Wanted { read_back: ReadBack::Always, ..Wanted::session(ctx, r.settings.clone(), &mut settings) };
     adopt(conn, wanted).await?;
+    // The session's undefined custom settings must read as undefined here too.
+    if r.undefined.iter().any(|name| !settings.undefined().any(|u| u == name)) {
+        return Err(ReplayError::Unsuitable);
+    }
     let Some(state) = settings.verified().cloned() else { return Ok(Outcome::Skipped) };
     let flow = Flow { database: Arc::from(r.database.as_str()), settings, ..Default::default() };
     let bind = r.extended.as_ref().map(|e| BindParts {
