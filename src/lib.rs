@@ -12,6 +12,7 @@
 //!        ├─ cache      the byte-bounded store, keys, table generations, single-flight
 //!        ├─ l2         the shared second level on Redis/Valkey, coherent by versions
 //!        ├─ peers      invalidations shared with other instances over LISTEN/NOTIFY
+//!        ├─ replica    streaming replicas: which reads go there, their lag and health
 //!        └─ backend    raw Postgres connections (TLS, SCRAM/md5), the pool, cancel
 //! admin      /metrics, /healthz, /readyz, and the psql console with the query advisor
 //! metrics    every metric name; stats: what is observed, for both
@@ -41,6 +42,7 @@ pub mod peers;
 pub mod policy;
 pub mod protocol;
 pub mod query;
+pub mod replica;
 pub mod rules;
 pub mod server;
 pub mod session;

@@ -60,6 +60,11 @@ pub const RULES_RELOAD: &str = "pgcache_rules_reload_total";
 pub const RULES_LOADED: &str = "pgcache_rules_loaded";
 pub const WARM_STATEMENTS: &str = "pgcache_warm_statements_total";
 pub const WARM_PENDING: &str = "pgcache_warm_pending";
+pub const REPLICA_UP: &str = "pgcache_replica_up";
+pub const REPLICA_LAG: &str = "pgcache_replica_lag_bytes";
+pub const REPLICA_READS: &str = "pgcache_replica_reads_total";
+pub const REPLICA_FALLBACKS: &str = "pgcache_replica_fallbacks_total";
+pub const REPLICA_FILLS_SKIPPED: &str = "pgcache_replica_fills_skipped_total";
 pub const PEER_LISTENING: &str = "pgcache_peer_listening";
 pub const PEER_SENT: &str = "pgcache_peer_notifications_sent_total";
 pub const PEER_RECEIVED: &str = "pgcache_peer_notifications_received_total";
@@ -145,6 +150,23 @@ pub const ALL: &[(&str, Kind, &str)] = &[
         WARM_PENDING,
         Kind::Gauge,
         "Warm-file statements waiting for their role to log in (its credentials) before they re-run.",
+    ),
+    (
+        REPLICA_UP,
+        Kind::Gauge,
+        "1 while a replica gets reads (checked, in recovery, within replica.max_lag_bytes), by replica.",
+    ),
+    (REPLICA_LAG, Kind::Gauge, "Bytes of WAL a replica had not replayed when last checked, by replica."),
+    (REPLICA_READS, Kind::Counter, "Requests sent to a replica, by replica."),
+    (
+        REPLICA_FALLBACKS,
+        Kind::Counter,
+        "Read-only requests sent to the primary instead of a replica, by reason (behind: none had replayed the session's writes; unavailable; fill: a cache fill no replica could store; connect_failed).",
+    ),
+    (
+        REPLICA_FILLS_SKIPPED,
+        Kind::Counter,
+        "Cache misses a replica answered that were not stored (the replica had not replayed the last invalidation).",
     ),
     (RULES_RELOAD, Kind::Counter, "Rule reloads, by result (success, failure)."),
     (RULES_LOADED, Kind::Gauge, "Rules in force."),

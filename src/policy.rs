@@ -71,6 +71,9 @@ pub enum Reason {
     /// This instance is not listening for the other instances' invalidations of the database
     /// (starting, reconnecting): it could miss one, so it does not use the cache.
     PeersNotListening,
+    /// Answered by a replica that had not replayed the last invalidation this instance knows
+    /// of: served, not stored.
+    ReplicaBehind,
 }
 
 impl Reason {
@@ -116,6 +119,9 @@ impl std::fmt::Display for Reason {
             Reason::RowLimit => f.write_str("executed with a row limit"),
             Reason::PortalReused => f.write_str("its portal is used again in the same batch"),
             Reason::Unreadable => f.write_str("part of a request pgcache could not follow"),
+            Reason::ReplicaBehind => {
+                f.write_str("answered by a replica that had not replayed the last invalidation (served, not stored)")
+            }
             Reason::PeersNotListening => {
                 f.write_str("not listening for other instances' invalidations of this database (reconnecting)")
             }

@@ -107,6 +107,15 @@ pub async fn run(listeners: Listeners, ctx: Arc<Context>) {
     let upkeep = tokio::spawn(maintain(ctx.clone()));
     let watch = tokio::spawn(ctx.rules.clone().watch(Duration::from_secs(1)));
     let warming = session::warm::start(&ctx);
+    let monitor = (!ctx.replicas.is_empty()).then(|| {
+        tokio::spawn(crate::replica::monitor::run(
+            ctx.replicas.clone(),
+            ctx.pools.endpoint().clone(),
+            ctx.config().upstream.clone(),
+            ctx.generations.clock.clone(),
+            ctx.shutdown.clone(),
+        ))
+    });
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -140,12 +149,16 @@ pub async fn run(listeners: Listeners, ctx: Arc<Context>) {
     if let Some(w) = warming {
         w.abort();
     }
+    if let Some(m) = monitor {
+        m.abort();
+    }
     // What the sessions filled is written down for the next start (cache.warm_file).
     session::warm::save(&ctx);
     // After the sessions: what they wrote last is published, then the other instances are
     // told this one is leaving (so its silence is not taken for a crash).
     ctx.peers.close().await;
     ctx.pools.close().await;
+    ctx.replicas.close().await;
     tracing::info!("shutdown complete");
 }
 
@@ -187,6 +200,7 @@ async fn maintain(ctx: Arc<Context>) {
     loop {
         tick.tick().await;
         ctx.pools.maintain().await;
+        ctx.replicas.maintain().await;
         ctx.store.sweep();
         ctx.stats.metrics.upkeep();
     }

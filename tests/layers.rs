@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["cache", "policy"],
     &["stats"],
     &["l2"],
-    &["peers"],
+    &["peers", "replica"],
     &["context"],
     &["frontend"],
     &["session", "admin"],

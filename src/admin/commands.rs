@@ -14,7 +14,7 @@ use crate::rules::Action;
 use super::advice;
 pub use super::table::ResultSet;
 
-pub const COMMANDS: &str = "SHOW STATS | POOLS | CLIENTS | SERVERS | CACHE | RULES | CONFIG | QUERIES | ADVICE | PEERS | L2, \
+pub const COMMANDS: &str = "SHOW STATS | POOLS | CLIENTS | SERVERS | CACHE | RULES | CONFIG | QUERIES | ADVICE | PEERS | L2 | REPLICAS, \
     EXPLAIN CACHE [ON <database>] <select>, INVALIDATE TABLE <name> | RULE <name> | ALL, RELOAD, PAUSE, RESUME";
 
 fn unknown(cmd: &str) -> PgError {
@@ -39,6 +39,7 @@ pub async fn run(ctx: &Arc<Context>, text: &str) -> Result<ResultSet, PgError> {
         ["SHOW", "ADVICE"] => Ok(advice::advice(ctx).await),
         ["SHOW", "PEERS"] => Ok(peers(ctx)),
         ["SHOW", "L2"] => Ok(l2(ctx)),
+        ["SHOW", "REPLICAS"] => Ok(replicas(ctx)),
         ["EXPLAIN", "CACHE", ..] => {
             // EXPLAIN CACHE [ON database] <select>
             let rest = text.trim_start()[7..].trim_start()[5..].trim_start();
@@ -106,6 +107,35 @@ fn l2(ctx: &Context) -> ResultSet {
             ("version_bumps", s.version_bumps.to_string()),
         ],
     )
+}
+
+/// One row per replica: what the monitor last found, and the reads sent there.
+fn replicas(ctx: &Context) -> ResultSet {
+    let mut r = ResultSet::new(
+        &["replica", "state", "weight", "replay_lsn", "lag_bytes", "reads", "active", "idle", "last_error"],
+        "SHOW",
+    );
+    for node in &ctx.replicas.nodes {
+        let (mut active, mut idle) = (0, 0);
+        for p in node.pools.all() {
+            let s = p.stats();
+            active += s.active;
+            idle += s.idle;
+        }
+        let replay = node.replay();
+        r.row([
+            node.name.clone(),
+            node.state().as_str().to_owned(),
+            node.weight.to_string(),
+            format!("{:X}/{:X}", replay >> 32, replay & 0xFFFF_FFFF),
+            node.lag().to_string(),
+            node.reads.load(std::sync::atomic::Ordering::Relaxed).to_string(),
+            active.to_string(),
+            idle.to_string(),
+            node.last_error.lock().clone().unwrap_or_default(),
+        ]);
+    }
+    r
 }
 
 fn secs(d: Duration) -> String {

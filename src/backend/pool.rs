@@ -158,6 +158,11 @@ impl Pool {
     }
 
     /// Every connection: lent out (active) or idle.
+    /// Where its connections go.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
     pub fn servers(&self) -> Vec<ServerInfo> {
         let mut v: Vec<ServerInfo> = self
             .lent
@@ -356,6 +361,12 @@ impl Pool {
         self.last_failure.lock().as_ref().is_some_and(|(t, _)| t.elapsed() < within)
     }
 
+    /// The server answers again (a health check got through): connect without waiting out
+    /// `retry_delay`.
+    pub fn forget_failure(&self) {
+        *self.last_failure.lock() = None;
+    }
+
     /// The most recently used idle connection with these startup parameters.
     fn take_idle(&self, startup: &StartupParams) -> Option<Connection> {
         let mut idle = self.idle.lock();
@@ -449,6 +460,11 @@ impl Lease {
 
     pub fn conn_ref(&self) -> &Connection {
         self.conn.as_ref().expect("a lease holds its connection until released")
+    }
+
+    /// The pool it was lent from.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
     }
 
     /// Returns the connection to the pool. It is reused only when it is at rest: idle

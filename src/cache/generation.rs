@@ -80,6 +80,43 @@ pub struct Generations {
     keys: Arc<[AtomicU64]>,
     /// The column each relation's keys are values of.
     key_columns: Mutex<HashMap<Relation, String>>,
+    /// When the last invalidation happened, against the replica monitor's samples of the
+    /// primary's WAL position ([`WalClock`]).
+    pub clock: Arc<WalClock>,
+}
+
+/// Orders invalidations against the samples the replica monitor ([`crate::replica`]) takes
+/// of the primary's WAL insert position. Samples are numbered as they start; an invalidation
+/// (made only once its write committed, or once another instance said so) notes the number
+/// of the first sample that starts after it, whose position is then at or past the write's
+/// commit record. A replica that has replayed that position shows the write.
+#[derive(Debug, Default)]
+pub struct WalClock {
+    started: AtomicU64,
+    last_invalidation: AtomicU64,
+}
+
+impl WalClock {
+    /// Numbers a sample about to be taken.
+    pub fn start_sample(&self) -> u64 {
+        self.started.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The number of the first sample that starts after now.
+    pub fn next_sample(&self) -> u64 {
+        self.started.load(Ordering::SeqCst) + 1
+    }
+
+    /// Something was invalidated: notes it before the counters move (so whoever sees a
+    /// counter moved sees this too).
+    fn invalidated(&self) {
+        self.last_invalidation.fetch_max(self.next_sample(), Ordering::SeqCst);
+    }
+
+    /// The first sample taken after the last invalidation (0: none yet).
+    pub fn last_invalidation(&self) -> u64 {
+        self.last_invalidation.load(Ordering::SeqCst)
+    }
 }
 
 impl Default for Generations {
@@ -92,6 +129,7 @@ impl Default for Generations {
             databases: Default::default(),
             keys: (0..KEY_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             key_columns: Default::default(),
+            clock: Default::default(),
         }
     }
 }
@@ -163,6 +201,7 @@ impl Generations {
 
     /// A write to these resolved relations.
     pub fn bump_relations(&self, relations: &[Relation]) {
+        self.clock.invalidated();
         for r in relations {
             intern(&self.relations, &self.global, r).fetch_add(1, Ordering::AcqRel);
             intern(&self.wide, &self.global, r).fetch_add(1, Ordering::AcqRel);
@@ -189,6 +228,7 @@ impl Generations {
     /// A write to the rows of `relation` whose key (`column`) is one of `values` (and no other
     /// row, of it or of any other relation).
     pub fn bump_keys(&self, relation: &Relation, column: &str, values: &[KeyValue]) {
+        self.clock.invalidated();
         if !self.key_column_is(relation, column) {
             self.key_columns.lock().insert(relation.clone(), column.to_owned());
             self.bump_relations(std::slice::from_ref(relation));
@@ -202,17 +242,20 @@ impl Generations {
 
     /// A write to every relation called `name`, in any schema (unresolved writes and DDL).
     pub fn bump_name(&self, name: &str) {
+        self.clock.invalidated();
         intern(&self.names, &self.global, &name.to_owned()).fetch_add(1, Ordering::AcqRel);
     }
 
     /// Everything read in `database` may have changed (another instance's invalidations may
     /// have been missed).
     pub fn bump_database(&self, database: &str) {
+        self.clock.invalidated();
         intern(&self.databases, &self.global, &database.to_owned()).fetch_add(1, Ordering::AcqRel);
     }
 
     /// A write whose targets are unknown: every entry dies.
     pub fn bump_all(&self) {
+        self.clock.invalidated();
         self.global.fetch_add(1, Ordering::AcqRel);
     }
 }

@@ -45,6 +45,37 @@ pub struct FileConfig {
     pub peers: PeersFile,
     #[serde(default)]
     pub l2: L2File,
+    /// `[[replicas]]`: streaming replicas of the upstream.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaFile>,
+    #[serde(default)]
+    pub replica: ReplicaSettingsFile,
+}
+
+/// `[[replicas]]`: one streaming replica.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaFile {
+    /// A libpq URL: its host, port and TLS settings are used.
+    pub url: String,
+    /// Its share of the reads (default 1; 0: none).
+    pub weight: Option<u32>,
+}
+
+/// `[replica]`: how replicas are used.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaSettingsFile {
+    /// A replica further behind than this many bytes of WAL gets no reads (default 16 MiB).
+    pub max_lag_bytes: Option<u64>,
+    /// How often positions are read (default `100ms`).
+    #[serde(default, with = "humantime_serde")]
+    pub check_interval: Option<Duration>,
+    /// Longest a check may take (default `1s`).
+    #[serde(default, with = "humantime_serde")]
+    pub check_timeout: Option<Duration>,
+    /// `session` (default), `causal` or `off`.
+    pub read_your_writes: Option<String>,
 }
 
 /// `[peers]`: invalidation shared with the other pgcache instances in front of the same

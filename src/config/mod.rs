@@ -50,6 +50,10 @@ pub struct Cli {
     /// A shared second-level cache: redis://host:port[/db] or rediss://...
     #[arg(long, global = true, env = "PGCACHE_L2", hide_env_values = true)]
     pub l2: Option<String>,
+    /// A streaming replica of the upstream to spread reads over (repeatable; host, port and
+    /// TLS are taken from it, user and database are the client's)
+    #[arg(long = "replica", global = true, env = "PGCACHE_REPLICAS", value_delimiter = ',', hide_env_values = true)]
+    pub replicas: Vec<String>,
     /// A bearer token /metrics requires (better given in the environment)
     #[arg(long, global = true, env = "PGCACHE_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
@@ -288,6 +292,46 @@ impl L2Config {
     }
 }
 
+/// `--replica` / `[[replicas]]` and `[replica]`: streaming replicas reads are spread over.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicasConfig {
+    pub nodes: Vec<ReplicaNode>,
+    /// A replica further behind the primary than this (bytes of WAL) gets no reads.
+    pub max_lag_bytes: u64,
+    /// How often the primary's WAL position and each replica's replay position are read.
+    pub check_interval: Duration,
+    /// Longest a check may take before the replica counts as down.
+    pub check_timeout: Duration,
+    pub read_your_writes: ReadYourWrites,
+    /// Fills from a replica are stored only if it replayed the last invalidation. Not a
+    /// setting: only the tests turn it off, to show their checker sees the stale entries this
+    /// prevents.
+    #[doc(hidden)]
+    pub check_fills: bool,
+}
+
+/// One replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaNode {
+    /// Host, port and TLS settings (user, password and database are not used: a session logs
+    /// in as itself, the monitor as the upstream URL's user).
+    pub upstream: Upstream,
+    /// Its share of the reads, against the other replicas' (default 1; 0: none).
+    pub weight: u32,
+}
+
+/// Which writes a read sent to a replica must see.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReadYourWrites {
+    /// The session's own committed writes (default).
+    #[default]
+    Session,
+    /// Every write this instance saw commit or heard of, whoever made it.
+    Causal,
+    /// None: a replica is used however far behind it is (within `max_lag_bytes`).
+    Off,
+}
+
 /// Where the fleet's secret comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeersSecret {
@@ -337,6 +381,8 @@ pub struct Config {
     pub metrics_token: Option<Password>,
     /// The shared L2, if any.
     pub l2: Option<L2Config>,
+    /// Streaming replicas (none: every statement goes to the upstream).
+    pub replicas: ReplicasConfig,
     pub slow_statement: Duration,
 }
 
@@ -349,6 +395,48 @@ pub enum ConfigError {
     Parse { path: PathBuf, source: Box<toml::de::Error> },
     #[error("invalid value for {key}: {message}")]
     Invalid { key: &'static str, message: String },
+}
+
+/// The replicas from `--replica` (which replace the file's `[[replicas]]`) and `[replica]`.
+fn replicas_config(
+    cli: &Cli,
+    listed: &[file::ReplicaFile],
+    f: &file::ReplicaSettingsFile,
+) -> Result<ReplicasConfig, ConfigError> {
+    let given: Vec<(String, u32)> = if cli.replicas.is_empty() {
+        listed.iter().map(|r| (r.url.clone(), r.weight.unwrap_or(1))).collect()
+    } else {
+        cli.replicas.iter().filter(|u| !u.is_empty()).map(|u| (u.clone(), 1)).collect()
+    };
+    let mut nodes = Vec::with_capacity(given.len());
+    for (url, weight) in given {
+        let upstream: Upstream =
+            url.parse().map_err(|e: upstream::UpstreamError| invalid("replicas.url", e.to_string()))?;
+        nodes.push(ReplicaNode { upstream, weight });
+    }
+    let read_your_writes = match f.read_your_writes.as_deref() {
+        None | Some("session") => ReadYourWrites::Session,
+        Some("causal") => ReadYourWrites::Causal,
+        Some("off") => ReadYourWrites::Off,
+        Some(other) => {
+            return Err(invalid(
+                "replica.read_your_writes",
+                format!("{other:?} (expected \"session\", \"causal\" or \"off\")"),
+            ));
+        }
+    };
+    let check_interval = f.check_interval.unwrap_or(Duration::from_millis(100));
+    if check_interval.is_zero() {
+        return Err(invalid("replica.check_interval", "must be above 0"));
+    }
+    Ok(ReplicasConfig {
+        nodes,
+        max_lag_bytes: f.max_lag_bytes.unwrap_or(16 << 20),
+        check_interval,
+        check_timeout: f.check_timeout.unwrap_or(Duration::from_secs(1)),
+        read_your_writes,
+        check_fills: true,
+    })
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -538,6 +626,7 @@ impl Config {
                 }
                 None => None,
             },
+            replicas: replicas_config(cli, &f.replicas, &f.replica)?,
             slow_statement: dur(f.slow_statement, 1),
             upstream,
         };
@@ -661,6 +750,7 @@ impl Config {
             format!("{:?}", fresh.auth.verify_interval),
         );
         differs("pool", format!("{:?}", self.pool), format!("{:?}", fresh.pool));
+        differs("replicas", format!("{:?}", self.replicas), format!("{:?}", fresh.replicas));
         differs(
             "client.max_connections",
             self.client.max_connections.to_string(),

@@ -66,6 +66,8 @@ pub struct Context {
     pub tls_end_point: Option<Vec<u8>>,
     /// The SCRAM verifiers clients are checked against.
     pub verifiers: Verifiers,
+    /// Streaming replicas reads may go to (`--replica`; empty: none).
+    pub replicas: Arc<crate::replica::Replicas>,
     /// The shared second-level cache, if configured (`--l2`).
     pub l2: Option<Arc<L2>>,
     /// A secret of this process's (mock SCRAM exchanges for roles without a verifier).
@@ -160,17 +162,26 @@ impl Context {
         };
         let pools =
             Pools::new(config.pool.clone(), endpoint.clone(), config.auth.verify_interval, stats.metrics.clone());
+        let generations = Arc::new(Generations::default());
+        let replicas = Arc::new(crate::replica::Replicas::new(
+            &config.replicas,
+            &config.pool,
+            &pools.credentials,
+            config.auth.verify_interval,
+            generations.clock.clone(),
+            stats.metrics.clone(),
+        )?);
         let catalog = Arc::new(Catalog::new(
             endpoint,
             config.upstream.clone(),
             pools.credentials.clone(),
             config.cache.catalog_ttl,
         ));
-        let generations = Arc::new(Generations::default());
         let peers =
             Arc::new(Peers::new(config.peers.clone(), catalog.clone(), generations.clone(), stats.clone(), l2.clone()));
         Ok(Arc::new(Context {
             pools,
+            replicas,
             store: Store::new(config.cache.max_bytes),
             warm: config.cache.warm_file.as_ref().map(|_| Default::default()),
             generations,

@@ -138,6 +138,54 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Creates and starts a streaming replica of this cluster (`pg_basebackup -R`, hot
+    /// standby), on its own port and directory.
+    pub fn start_replica(&self, watchdog: bool) -> Result<Cluster, ClusterError> {
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("pgcache-pg-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        if is_root() {
+            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir))?;
+        }
+        let replica = Cluster { port, dir, bin: self.bin.clone() };
+        if watchdog {
+            replica.spawn_watchdog()?;
+        }
+        let data = replica.data();
+        // Next to the real pg_ctl (PATH may hold only links to the server's own tools).
+        let pg_ctl = std::fs::canonicalize(self.bin.join("pg_ctl"))?;
+        let basebackup = pg_ctl.with_file_name("pg_basebackup");
+        replica.pg(
+            &basebackup,
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-h",
+                &self.dir.to_string_lossy(),
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "-R",
+                "--no-sync",
+            ],
+        )?;
+        let conf = [
+            format!("port = {port}"),
+            format!("unix_socket_directories = '{}'", replica.dir.display()),
+            "hot_standby = on".into(),
+        ];
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"))?;
+        writeln!(f, "\n{}", conf.join("\n"))?;
+        replica.start_server()?;
+        Ok(replica)
+    }
+
     pub fn data(&self) -> PathBuf {
         self.dir.join("data")
     }

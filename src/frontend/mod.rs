@@ -58,8 +58,8 @@ pub async fn accept(ctx: &Arc<Context>, stream: Stream, peer: Peer) -> Option<(C
 /// Turns a client's CancelRequest into one for the backend it is using.
 async fn cancel(ctx: &Context, pid: i32, secret: &[u8]) {
     match ctx.cancels.lookup(pid, secret) {
-        Some(key) => {
-            if let Err(e) = ctx.pools.endpoint().cancel(key).await {
+        Some((key, endpoint)) => {
+            if let Err(e) = endpoint.cancel(key).await {
                 tracing::warn!(error = %e, "could not forward cancel request");
             }
         }

@@ -45,6 +45,8 @@ pub struct Answerer<'a> {
     pub flow: &'a mut Flow,
     pub memo: &'a mut Assessments,
     pub serve: Serve,
+    /// A statement it looked up was cacheable and missing (running it would fill the cache).
+    pub missed: bool,
 }
 
 impl Answerer<'_> {
@@ -75,7 +77,9 @@ impl Answerer<'_> {
         }
         let offline = self.serve == Serve::Lost;
         let mut asker = Asker { ctx: self.ctx, key: self.key, flow: self.flow, memo: self.memo, offline };
-        let Looked::Found { entry, freshness, key, .. } = asker.look(sql, c, &req, false).await else {
+        let looked = asker.look(sql, c, &req, false).await;
+        self.missed |= matches!(looked, Looked::Missing { .. });
+        let Looked::Found { entry, freshness, key, .. } = looked else {
             return None;
         };
         let listening = self.ctx.peers.listening(&self.key.database);

@@ -322,6 +322,15 @@ impl Relay<'_> {
             }
             return Ok(Plan::Hit { entry, key: hash, stale: served.stale });
         }
+        // On a replica a fill is stored only if the replica has replayed the last invalidation
+        // (and never into the L2, whose versions other instances move: see crate::replica).
+        let replica = self.core.flow.replica;
+        if let Some(i) = replica
+            && (ctx.l2.is_some() || !ctx.replicas.fills_storable(i))
+        {
+            ctx.replicas.fill_skipped();
+            return Ok(Plan::Forward(Reason::ReplicaBehind));
+        }
         let flight = match ctx.flights.join(&key, ctx.config().cache.single_flight_wait).await {
             Turn::Lead(f) => Some(f),
             Turn::Waited { .. } => {
@@ -346,6 +355,14 @@ impl Relay<'_> {
             return Ok(self.probe_or(Reason::SettingsUnknown));
         };
         let deps = ctx.generations.snapshot(&self.key.database, &a.deps, keyed);
+        // Read again after the snapshot: an invalidation its counters already show is one the
+        // replica must have replayed.
+        if let Some(i) = replica
+            && !ctx.replicas.fills_storable(i)
+        {
+            ctx.replicas.fill_skipped();
+            return Ok(Plan::Forward(Reason::ReplicaBehind));
+        }
         let limit = ctx.config().cache.max_entry_bytes;
         let rule = a.rule.clone();
         let mut fill = Fill::new(key, rule, deps, a.resolved.clone(), Arc::from(sql), flight, limit).computed_in(state);

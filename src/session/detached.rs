@@ -15,7 +15,12 @@
 //!   re-sent when next used (under their server names in transaction pooling), and the
 //!   request runs as if nothing happened; on failure the request gets an error (53300 when
 //!   the pool is exhausted, 08006 when Postgres cannot be reached) and the session stays
-//!   open, so the client can retry.
+//!   open, so the client can retry;
+//! - in transaction pooling with replicas, a request that only reads (see
+//!   [`crate::replica::route`]) takes a backend on a replica that shows the session's writes,
+//!   if one does ([`crate::replica`]), and runs alone there: the client's messages behind it
+//!   wait until it is answered, then are read as usual. If the replica cannot be reached the
+//!   request goes to the primary, as it does when no replica will do.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +64,13 @@ pub enum Outcome {
     /// A new backend, settings replayed; the request that needed it is back in the client's
     /// read buffer.
     Reattached(Box<Lease>),
+    /// A backend on replica `replica` for the read in the client's read buffer;
+    /// `behind`: the client's messages after it.
+    OnReplica {
+        lease: Box<Lease>,
+        replica: usize,
+        behind: BytesMut,
+    },
     ClientLeft,
 }
 
@@ -69,6 +81,8 @@ struct Detached<'a> {
     flow: &'a mut Flow,
     memo: &'a mut Assessments,
     why: Why,
+    /// The last request looked up had a cacheable statement the cache lacked.
+    missed: bool,
 }
 
 pub async fn run(
@@ -80,7 +94,7 @@ pub async fn run(
     memo: &mut Assessments,
     why: Why,
 ) -> Result<Outcome, SessionError> {
-    let mut d = Detached { ctx, key, startup, flow, memo, why };
+    let mut d = Detached { ctx, key, startup, flow, memo, why, missed: false };
     let max = ctx.config().client.max_message_bytes;
     loop {
         let mut frames = Vec::new();
@@ -117,6 +131,14 @@ pub async fn run(
                 client.rbuf = BytesMut::new();
             }
             continue;
+        }
+        if let Some((replica, lease)) = Box::pin(d.onto_replica(&frames)).await {
+            let mut read = BytesMut::new();
+            for f in &frames {
+                read.extend_from_slice(f.raw());
+            }
+            let behind = std::mem::replace(&mut client.rbuf, read);
+            return Ok(Outcome::OnReplica { lease: Box::new(lease), replica, behind });
         }
         // Boxed: a session waiting for its client does not carry the connecting state.
         match Box::pin(d.reattach()).await {
@@ -189,8 +211,82 @@ enum ReattachError {
 impl Detached<'_> {
     /// Takes a new backend and replays the session's settings on it.
     async fn reattach(&mut self) -> Result<Lease, ReattachError> {
-        self.flow.movable().map_err(ReattachError::Pinned)?;
         let pool = self.ctx.pools.get(self.key);
+        self.reattach_to(&pool).await
+    }
+
+    /// A backend on a replica for `frames`, if they only read, the session may move, and a
+    /// replica shows what the session must see; `None`: the primary's turn.
+    async fn onto_replica(&mut self, frames: &[Frame]) -> Option<(usize, Lease)> {
+        let replicas = &self.ctx.replicas;
+        if replicas.is_empty() || self.why != Why::Pooled || self.flow.movable().is_err() {
+            return None;
+        }
+        let statements = self.statements(frames).await?;
+        let each: Vec<&crate::query::Classified> = statements.iter().flat_map(|s| s.iter()).collect();
+        if !crate::replica::route::eligible(&self.ctx.catalog, &self.key.database, &each).await {
+            return None;
+        }
+        if self.missed && self.ctx.l2.is_some() {
+            replicas.fell_back(crate::replica::Fallback::Fill);
+            return None;
+        }
+        let replica = replicas.choose(replicas.needs(self.flow.replica_need), self.missed).ok()?;
+        let pool = replicas.nodes[replica].pools.get(self.key);
+        match self.reattach_to(&pool).await {
+            Ok(lease) => {
+                replicas.routed(replica);
+                Some((replica, lease))
+            }
+            Err(e) => {
+                tracing::debug!(replica = %replicas.nodes[replica].name, error = %e, "replica unavailable; the read goes to the primary");
+                replicas.fell_back(crate::replica::Fallback::ConnectFailed);
+                None
+            }
+        }
+    }
+
+    /// The statements `frames` would run (every Parse's, and every Bind's), if they are a
+    /// Query, or a batch of Parse/Bind/Describe/Execute ending in its one Sync.
+    async fn statements(&self, frames: &[Frame]) -> Option<Vec<Arc<Vec<crate::query::Classified>>>> {
+        let classifier = &self.ctx.classifier;
+        if let [q] = frames
+            && q.tag() == fe::QUERY
+        {
+            return Some(vec![classifier.classify_off_worker(super::core::query::sql_of(q)?).await]);
+        }
+        let (last, batch) = frames.split_last()?;
+        if last.tag() != fe::SYNC {
+            return None;
+        }
+        let mut parsed = std::collections::HashMap::new();
+        let mut out = Vec::new();
+        for f in batch {
+            match f.tag() {
+                fe::PARSE => {
+                    let p = fe::parse(f.body()).ok()?;
+                    let c = classifier.classify_off_worker(std::str::from_utf8(p.sql).ok()?).await;
+                    parsed.insert(p.name.to_vec(), c.clone());
+                    out.push(c);
+                }
+                fe::BIND => {
+                    let b = fe::BindParts::decode(f.raw()).ok()?;
+                    let c = match parsed.get(&b.statement[..]) {
+                        Some(c) => c.clone(),
+                        None => self.flow.statements.get(&b.statement[..])?.classified.clone(),
+                    };
+                    out.push(c);
+                }
+                fe::DESCRIBE | fe::EXECUTE => {}
+                _ => return None,
+            }
+        }
+        Some(out)
+    }
+
+    /// Takes a backend from `pool` and replays the session's settings on it.
+    async fn reattach_to(&mut self, pool: &Arc<crate::backend::Pool>) -> Result<Lease, ReattachError> {
+        self.flow.movable().map_err(ReattachError::Pinned)?;
         if pool.failed_within(RETRY_EVERY) {
             return Err(ReattachError::RecentlyFailed);
         }
@@ -244,7 +340,9 @@ impl Detached<'_> {
             Why::Lost => Serve::Lost,
             Why::Pooled => Serve::Pooled,
         };
-        let mut a = Answerer { ctx: self.ctx, key: self.key, flow: self.flow, memo: self.memo, serve };
-        a.answer(frames, fallback).await
+        let mut a = Answerer { ctx: self.ctx, key: self.key, flow: self.flow, memo: self.memo, serve, missed: false };
+        let answer = a.answer(frames, fallback).await;
+        self.missed = a.missed;
+        answer
     }
 }

@@ -110,7 +110,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
         )));
     }
     let handle = ctx.cancels.register();
-    handle.set_backend(Some(lease.conn_ref().key));
+    handle.set_backend(Some((lease.conn_ref().key, lease.pool().endpoint().clone())));
     let registered = ctx.stats.client(client.peer, &key.user, &key.database);
     client.send(&frontend::welcome(&lease.conn_ref().params, handle.pid, handle.secret)).await?;
     tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, "client connected");
@@ -119,6 +119,8 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
     let mut reported = lease.conn_ref().params.clone();
     let mut lease = Some(lease);
     let mut idle = detached::Why::Lost;
+    // On a replica: the client's messages behind the read sent there, read after it.
+    let mut behind: Option<BytesMut> = None;
     let result = loop {
         let Some(mut attached) = lease.take() else {
             handle.set_backend(None);
@@ -144,6 +146,14 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
                 }
             };
             match outcome {
+                Ok(detached::Outcome::OnReplica { lease: new, replica, behind: rest }) => {
+                    client.send(&changed_parameters(&mut reported, &new.conn_ref().params)).await?;
+                    core.tracker = Tracker { used: true, ..Tracker::default() };
+                    core.flow.replica = Some(replica);
+                    behind = Some(rest);
+                    lease = Some(*new);
+                    continue;
+                }
                 Ok(detached::Outcome::Reattached(new)) => {
                     if idle == detached::Why::Lost {
                         tracing::info!(peer = %client.peer, user = %key.user, "session moved to a new backend connection");
@@ -166,12 +176,17 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
             let max = ctx.config().pool.max_prepared_statements;
             core.server = Some(attached.conn().prepared.take().unwrap_or_else(|| Prepared::new(max)));
         }
-        handle.set_backend(Some(attached.conn_ref().key));
+        handle.set_backend(Some((attached.conn_ref().key, attached.pool().endpoint().clone())));
         registered.backend_pid.store(attached.conn_ref().key.pid as i64, std::sync::atomic::Ordering::Relaxed);
         // Boxed, like the other long-lived futures here: a session waiting between
         // transactions keeps only what it waits with (see bench/idle.sh).
         let result = Box::pin(relay::run(ctx, &key, &params, client, attached.conn(), &mut core, &mut memo)).await;
         attached.conn().status = core.tracker.status;
+        core.flow.replica = None;
+        if let Some(rest) = behind.take() {
+            // The relay read nothing more from the client while on the replica.
+            client.rbuf.extend_from_slice(&rest);
+        }
         match result {
             Ok(relay::Ending::BackendLost) => {
                 ctx.stats.backend_error();
@@ -202,7 +217,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
         }
         // What pgcache prepared on the backend stays known with it (a reset clears both).
         attached.conn().prepared = core.server.take();
-        give_back(ctx, attached, &core);
+        give_back(attached, &core);
         break result;
     };
     if pooling_transactions {
@@ -272,6 +287,7 @@ fn changed_parameters(reported: &mut Arc<BTreeMap<String, String>>, new: &Arc<BT
 /// what the client left on it — its settings (the next client that takes it compares them
 /// with its own) and the statements pgcache prepared there.
 fn hand_back(ctx: &Context, key: &PoolKey, mut lease: Lease, core: &mut Core) {
+    let pool = lease.pool().clone();
     let settings = &core.flow.settings;
     let conn = lease.conn();
     // What the session leaves on the backend, as far as it is known. A session that changed
@@ -289,7 +305,7 @@ fn hand_back(ctx: &Context, key: &PoolKey, mut lease: Lease, core: &mut Core) {
     conn.defined.extend(settings.customs().iter().cloned());
     conn.prepared = core.server.take();
     if let Some(prepared) = &conn.prepared {
-        ctx.pools.get(key).accept(prepared.names(), ctx.catalog.epoch());
+        pool.accept(prepared.names(), ctx.catalog.epoch());
     }
     ctx.stats.metrics.handoff();
     lease.release(Reset::None);
@@ -297,7 +313,7 @@ fn hand_back(ctx: &Context, key: &PoolKey, mut lease: Lease, core: &mut Core) {
 
 /// Returns the backend to the pool if it is at rest; otherwise cancels what it runs and
 /// closes it.
-fn give_back(ctx: &Context, mut lease: Lease, core: &Core) {
+fn give_back(mut lease: Lease, core: &Core) {
     lease.conn().defined.extend(core.flow.settings.customs().iter().cloned());
     let track = &core.tracker;
     if core.at_rest() {
@@ -305,7 +321,7 @@ fn give_back(ctx: &Context, mut lease: Lease, core: &Core) {
         return;
     }
     if !track.between_requests() {
-        let endpoint = ctx.pools.endpoint().clone();
+        let endpoint = lease.pool().endpoint().clone();
         let key = lease.conn_ref().key;
         tokio::spawn(async move {
             let _ = endpoint.cancel(key).await;

@@ -270,7 +270,9 @@ impl Relay<'_> {
     /// request waits for the probe only until the read buffer holds a fair amount (it is still
     /// read, so a client that leaves meanwhile is noticed).
     fn reading_client(&self) -> bool {
-        self.core.to_backend.len() < HIGH_WATER
+        // On a replica the session runs the one read it was sent there for, nothing else.
+        self.core.flow.replica.is_none()
+            && self.core.to_backend.len() < HIGH_WATER
             && !self.owing_too_much()
             && (self.core.flow.parked.is_none() || self.client_buf.len() < HIGH_WATER)
     }
@@ -438,9 +440,11 @@ impl Relay<'_> {
         let pooling_transactions = self.core.flow.transaction_pooling;
         // What the backend's settings are, as read on it: a fill keyed otherwise is not stored.
         let backend_state = self.core.flow.settings.verified().cloned();
+        let mut wrote = false;
         for action in self.core.take_actions() {
             match action {
                 Action::Invalidate { effects, committed } => {
+                    wrote |= committed;
                     effects::apply(ctx, &self.key.database, &effects, committed);
                     if ctx.l2.is_some() {
                         self.l2_moves.extend(effects::l2_versions(ctx, &self.key.database, &effects));
@@ -460,6 +464,10 @@ impl Relay<'_> {
                 }
                 Action::Pinned(_) | Action::Unpinned(_) => {}
             }
+        }
+        if wrote && !ctx.replicas.is_empty() {
+            // The session's later reads wait for a replica that shows this write.
+            self.core.flow.replica_need = ctx.replicas.note_write();
         }
     }
 }

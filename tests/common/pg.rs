@@ -115,3 +115,17 @@ impl PgCluster {
         name
     }
 }
+
+impl PgCluster {
+    /// Starts a streaming replica of this (private) cluster.
+    pub fn start_replica(&self) -> PgCluster {
+        let cluster = self.own().start_replica(true).unwrap_or_else(|e| panic!("{e}"));
+        PgCluster {
+            host: "127.0.0.1".into(),
+            port: cluster.port,
+            socket_dir: Some(cluster.dir.clone()),
+            cluster: Some(cluster),
+            external_url: None,
+        }
+    }
+}

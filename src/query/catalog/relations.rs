@@ -34,6 +34,8 @@ pub struct RelationInfo {
     pub trigger_writes: Vec<Relation>,
     /// Why reading it must never be cached.
     pub never_cache: Option<String>,
+    /// It is an unlogged table (or reads one): a standby cannot read it.
+    pub unlogged: bool,
     /// A view over it uses stable functions, or it has a column whose values are written out
     /// through the catalog (`regclass` and the like).
     pub stable: bool,
@@ -157,6 +159,7 @@ impl Catalog {
                 info.write_effects_unknown |= t.unknown;
                 info.trigger_writes.extend(t.writes);
             }
+            info.unlogged |= persistence == "u";
             if persistence == "t" {
                 info.never_cache = Some(format!("{me} is a temporary table"));
             }

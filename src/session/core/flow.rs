@@ -120,6 +120,11 @@ pub struct Flow {
     pub virtual_portal: Option<Frame>,
     /// Extended-protocol messages waiting for their Sync or Flush.
     pub batch: Vec<Frame>,
+    /// The replica the session's backend is on (`None`: the primary).
+    pub replica: Option<usize>,
+    /// The replica monitor's sample a read of this session must see: the first taken after
+    /// its last committed write (0: none).
+    pub replica_need: u64,
 }
 
 impl Flow {

@@ -1,0 +1,119 @@
+//! The replica monitor: every `replica.check_interval`, the primary's WAL insert position
+//! (numbered on the [`WalClock`](crate::cache::generation::WalClock) before it is asked for)
+//! and then, side by side, each replica's `pg_is_in_recovery()` and
+//! `pg_last_wal_replay_lsn()`. A replica that does not answer within `check_timeout`, is not
+//! in recovery, or is further behind than `max_lag_bytes` is taken out of routing until a
+//! check finds it well again. It logs in as the upstream URL's user, over one connection per
+//! server, opened again after a failure.
+
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use tokio_postgres::types::PgLsn;
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::Endpoint;
+use crate::cache::generation::WalClock;
+use crate::config::Upstream;
+
+use super::{Replicas, State};
+
+/// Runs until `shutdown`.
+pub async fn run(
+    replicas: Arc<Replicas>,
+    primary: Arc<Endpoint>,
+    upstream: Upstream,
+    clock: Arc<WalClock>,
+    shutdown: CancellationToken,
+) {
+    let config = replicas.config().clone();
+    let mut primary_client: Option<Client> = None;
+    let mut clients: Vec<Option<Client>> = replicas.nodes.iter().map(|_| None).collect();
+    let mut tick = tokio::time::interval(config.check_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let sample = clock.start_sample();
+        let asked =
+            tokio::time::timeout(config.check_timeout, primary_position(&mut primary_client, &primary, &upstream));
+        match asked.await {
+            Ok(Ok(position)) => replicas.sampled(sample, position),
+            Ok(Err(e)) => {
+                primary_client = None;
+                tracing::debug!(error = %e, "replica monitor: the primary's WAL position could not be read");
+            }
+            Err(_) => primary_client = None,
+        }
+        let checks = replicas.nodes.iter().zip(clients.iter_mut()).map(|(node, client)| {
+            let check = replay_position(client, node.pools.endpoint(), &upstream);
+            tokio::time::timeout(config.check_timeout, check)
+        });
+        let results = join_all(checks).await;
+        for (i, result) in results.into_iter().enumerate() {
+            let result = result.unwrap_or_else(|_| Err(format!("no answer within {:?}", config.check_timeout)));
+            match result {
+                Ok(replay) => {
+                    let lag = replicas.primary_position().map_or(0, |p| p.saturating_sub(replay));
+                    let state = if lag > config.max_lag_bytes { State::Lagging } else { State::Up };
+                    replicas.set_state(i, state, Some(replay), None);
+                }
+                Err(e) => {
+                    clients[i] = None;
+                    replicas.set_state(i, State::Down, None, Some(e));
+                }
+            }
+        }
+    }
+}
+
+async fn connect(endpoint: &Endpoint, upstream: &Upstream) -> Result<Client, String> {
+    let stream = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let mut config = tokio_postgres::Config::new();
+    config
+        .user(&upstream.user)
+        .dbname(&upstream.dbname)
+        .application_name("pgcache replica monitor")
+        .ssl_mode(tokio_postgres::config::SslMode::Disable);
+    if let Some(p) = &upstream.password {
+        config.password(p.expose());
+    }
+    let (client, connection) = config.connect_raw(stream, NoTls).await.map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "replica monitor connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// The client in `slot`, connecting if there is none (or it closed).
+async fn client<'a>(
+    slot: &'a mut Option<Client>,
+    endpoint: &Endpoint,
+    upstream: &Upstream,
+) -> Result<&'a Client, String> {
+    if slot.as_ref().is_none_or(Client::is_closed) {
+        *slot = Some(connect(endpoint, upstream).await?);
+    }
+    Ok(slot.as_ref().expect("just connected"))
+}
+
+async fn primary_position(slot: &mut Option<Client>, endpoint: &Endpoint, upstream: &Upstream) -> Result<u64, String> {
+    let c = client(slot, endpoint, upstream).await?;
+    let row = c.query_one("SELECT pg_current_wal_insert_lsn()", &[]).await.map_err(|e| e.to_string())?;
+    Ok(u64::from(row.get::<_, PgLsn>(0)))
+}
+
+async fn replay_position(slot: &mut Option<Client>, endpoint: &Endpoint, upstream: &Upstream) -> Result<u64, String> {
+    let c = client(slot, endpoint, upstream).await?;
+    let row =
+        c.query_one("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()", &[]).await.map_err(|e| e.to_string())?;
+    if !row.get::<_, bool>(0) {
+        return Err("not in recovery (promoted, or not a standby)".into());
+    }
+    row.get::<_, Option<PgLsn>>(1).map(u64::from).ok_or_else(|| "no replay position".into())
+}

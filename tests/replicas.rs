@@ -1,0 +1,277 @@
+//! Read replicas: a real primary and a real streaming replica (`pg_basebackup -R`), started
+//! here. Where a statement ran is read from each server's own `pg_stat_statements`; a replica
+//! made to lag has its replay paused (`pg_wal_replay_pause()`), so what it shows is fixed and
+//! no assertion depends on timing. (`pg_stat_statements` merges statements that differ only
+//! in constants or column aliases, so each count here is of a statement of its own shape.)
+
+mod common;
+
+use std::time::Duration;
+
+use common::pg::PgCluster;
+use common::proxy::Proxy;
+use common::{eventually, executions, rules_dir, text};
+use pgcache::config::{PoolMode, ReadYourWrites, ReplicaNode};
+use pgcache::replica::State;
+
+struct Env {
+    _primary: PgCluster,
+    replica: PgCluster,
+    proxy: Proxy,
+    db: String,
+    /// Superuser clients of each server, on `db`.
+    on_primary: tokio_postgres::Client,
+    on_replica: tokio_postgres::Client,
+    _rules: Option<tempfile::TempDir>,
+}
+
+const SCHEMA: &str = "CREATE EXTENSION pg_stat_statements; \
+     CREATE TABLE kv (id int PRIMARY KEY, v int NOT NULL); \
+     INSERT INTO kv SELECT g, 0 FROM generate_series(1, 100) g; \
+     CREATE UNLOGGED TABLE scratch (id int); \
+     CREATE SEQUENCE seq";
+
+const CACHE_KV: &str = "[[rule]]\nname = \"kv\"\nmatch = { tables = [\"kv\"] }\nttl = \"60s\"\n";
+
+async fn setup(rules: Option<&str>, tweak: impl FnOnce(&mut pgcache::config::Config)) -> Env {
+    let primary = PgCluster::start(Default::default());
+    let db = primary.create_db("replicas").await;
+    primary.admin(&db).await.batch_execute(SCHEMA).await.unwrap();
+    let replica = primary.start_replica();
+    let mut config = Proxy::config(&primary);
+    config.pool.mode = PoolMode::Transaction;
+    config.replicas.nodes =
+        vec![ReplicaNode { upstream: replica.url("postgres", "postgres").parse().unwrap(), weight: 1 }];
+    config.replicas.check_interval = Duration::from_millis(20);
+    config.replicas.check_timeout = Duration::from_secs(5);
+    config.replicas.max_lag_bytes = 1 << 30;
+    let dir = rules.map(|r| rules_dir(&[("rules.toml", r)]));
+    if let Some(d) = &dir {
+        config.rules = d.path().to_owned();
+        config.rules_explicit = true;
+    }
+    tweak(&mut config);
+    let proxy = Proxy::start(config).await;
+    let shared = proxy.shared.clone();
+    assert!(
+        eventually(Duration::from_secs(30), || shared.replicas.nodes[0].state() == State::Up).await,
+        "the replica is checked and up"
+    );
+    let on_primary = primary.admin(&db).await;
+    let on_replica = replica.admin(&db).await;
+    // The schema has been replayed (it was there before the base backup).
+    assert_eq!(text(&on_replica, "SELECT count(*) FROM kv").await, "100");
+    Env { _primary: primary, replica, proxy, db, on_primary, on_replica, _rules: dir }
+}
+
+impl Env {
+    async fn client(&self) -> tokio_postgres::Client {
+        self.proxy.connect(&self.db, "postgres").await
+    }
+
+    /// Where statements containing `fragment` ran: (primary, replica).
+    async fn ran(&self, fragment: &str) -> (i64, i64) {
+        (executions(&self.on_primary, fragment).await, executions(&self.on_replica, fragment).await)
+    }
+
+    async fn pause_replay(&self) {
+        self.on_replica.batch_execute("SELECT pg_wal_replay_pause()").await.unwrap();
+    }
+
+    /// Resumes replay and waits until the replica shows everything the primary has written.
+    async fn catch_up(&self) {
+        self.on_replica.batch_execute("SELECT pg_wal_replay_resume()").await.unwrap();
+        let target = text(&self.on_primary, "SELECT pg_current_wal_insert_lsn()").await;
+        let sql = format!("SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn");
+        for _ in 0..300 {
+            if text(&self.on_replica, &sql).await == "t" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the replica did not catch up");
+    }
+}
+
+#[tokio::test]
+async fn reads_run_on_the_replica_and_everything_else_on_the_primary() {
+    let env = setup(None, |_| {}).await;
+    let c = env.client().await;
+    // Simple protocol.
+    for i in 1..=20 {
+        text(&c, &format!("SELECT v FROM kv WHERE id = {i}")).await;
+    }
+    // Extended protocol: an unnamed statement each time, and a named one bound many times.
+    for i in 1..=10 {
+        let row = c.query_one("SELECT v, id FROM kv WHERE id = $1", &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 0);
+    }
+    let st = c.prepare("SELECT v, v + id FROM kv WHERE id = $1").await.unwrap();
+    for i in 1..=10 {
+        assert_eq!(c.query_one(&st, &[&i]).await.unwrap().get::<_, i32>(0), 0);
+    }
+    assert_eq!(env.ran("SELECT v FROM kv").await, (0, 20), "every plain read ran on the replica");
+    assert_eq!(env.ran("SELECT v, id FROM kv").await, (0, 10));
+    assert_eq!(env.ran("SELECT v, v + id FROM kv").await, (0, 10));
+
+    // Writes, and reads a standby cannot or must not run, stay on the primary. (Another
+    // session: after its write this one reads from the primary until the replica has it.)
+    let w = env.client().await;
+    w.batch_execute("INSERT INTO kv VALUES (1000, 1)").await.unwrap();
+    text(&c, "SELECT id FROM kv WHERE id = 1 FOR UPDATE").await;
+    text(&c, "SELECT count(*) FROM scratch").await;
+    text(&c, "SELECT nextval('seq')").await;
+    text(&c, "SELECT count(*) FROM pg_stat_activity").await;
+    c.batch_execute("BEGIN; SELECT v + id FROM kv WHERE id = 2; COMMIT").await.unwrap();
+    for (fragment, what) in [
+        ("INSERT INTO kv VALUES", "a write"),
+        ("FOR UPDATE", "FOR UPDATE"),
+        ("FROM scratch", "an unlogged table"),
+        ("nextval", "a volatile function"),
+        ("FROM pg_stat_activity", "a statistics view"),
+        ("SELECT v + id FROM kv", "a read inside a transaction block"),
+    ] {
+        assert_eq!(env.ran(fragment).await, (1, 0), "{what} runs on the primary");
+    }
+
+    // The console shows the replica and the reads it took.
+    let console = common::proxy::connect(&env.proxy.url("pgcache", "postgres")).await;
+    let rows = console.simple_query("SHOW REPLICAS").await.unwrap();
+    let row = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .expect("one row per replica");
+    assert_eq!(row.get("replica"), Some(format!("127.0.0.1:{}", env.replica.port).as_str()));
+    assert_eq!(row.get("state"), Some("up"));
+    assert!(row.get("reads").unwrap().parse::<u64>().unwrap() >= 40);
+    let label = format!("{{replica=\"127.0.0.1:{}\"}}", env.replica.port);
+    assert!(env.proxy.metric(&format!("pgcache_replica_reads_total{label}")).await >= 40.0);
+    assert_eq!(env.proxy.metric(&format!("pgcache_replica_up{label}")).await, 1.0);
+}
+
+/// Writes `rounds` values through `writer` and reads each back through `reader` at once, with
+/// the replica's replay paused: how many reads missed the write they followed.
+async fn stale_reads(env: &Env, writer: &tokio_postgres::Client, reader: &tokio_postgres::Client) -> usize {
+    env.pause_replay().await;
+    let mut stale = 0;
+    for k in 1..=20 {
+        let id = k % 5 + 1;
+        writer.batch_execute(&format!("UPDATE kv SET v = {k} WHERE id = {id}")).await.unwrap();
+        let v = text(reader, &format!("SELECT v * 1 FROM kv WHERE id = {id}")).await;
+        if v != k.to_string() {
+            stale += 1;
+        }
+    }
+    stale
+}
+
+#[tokio::test]
+async fn a_session_reads_its_own_writes_on_a_lagging_replica() {
+    let env = setup(None, |_| {}).await;
+    let c = env.client().await;
+    assert_eq!(stale_reads(&env, &c, &c).await, 0);
+    assert_eq!(env.ran("SELECT v * $1 FROM kv").await, (20, 0), "each read after a write went to the primary");
+    // Once the replica has replayed the session's writes its reads go there again.
+    env.catch_up().await;
+    let shared = env.proxy.shared.clone();
+    let (primary, _) = env.ran("SELECT v - id FROM kv").await;
+    assert_eq!(primary, 0);
+    let mut on_replica = false;
+    for _ in 0..200 {
+        text(&c, "SELECT v - id FROM kv WHERE id = 1").await;
+        if env.ran("SELECT v - id FROM kv").await.1 > 0 {
+            on_replica = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(on_replica, "reads return to the replica: {:?}", shared.replicas.nodes[0].state());
+}
+
+#[tokio::test]
+async fn negative_control_without_read_your_writes_a_session_misses_its_writes() {
+    let env = setup(None, |c| c.replicas.read_your_writes = ReadYourWrites::Off).await;
+    let c = env.client().await;
+    assert_eq!(stale_reads(&env, &c, &c).await, 20, "every read went to the paused replica");
+    assert_eq!(env.ran("SELECT v * $1 FROM kv").await, (0, 20));
+}
+
+#[tokio::test]
+async fn causal_reads_see_other_sessions_writes_and_session_reads_need_not() {
+    let env = setup(None, |c| c.replicas.read_your_writes = ReadYourWrites::Causal).await;
+    let (writer, reader) = (env.client().await, env.client().await);
+    assert_eq!(stale_reads(&env, &writer, &reader).await, 0);
+    drop(env);
+
+    // In session mode another session's write is not waited for (the negative control).
+    let env = setup(None, |_| {}).await;
+    let (writer, reader) = (env.client().await, env.client().await);
+    assert_eq!(stale_reads(&env, &writer, &reader).await, 20);
+}
+
+/// A cached read, a write that invalidates it while the replica is paused, a read of the
+/// same key from a session that reads replicas without waiting (`off`), then the replica
+/// caught up: what the last read returns.
+async fn cached_after_catch_up(check_fills: bool) -> (String, String) {
+    let env = setup(Some(CACHE_KV), |c| {
+        // One instance: nothing but this test's write invalidates.
+        c.peers.enabled = false;
+        c.replicas.read_your_writes = ReadYourWrites::Off;
+        c.replicas.check_fills = check_fills;
+    })
+    .await;
+    let (writer, reader) = (env.client().await, env.client().await);
+    let read = "SELECT v FROM kv WHERE id = 7";
+    assert_eq!(text(&reader, read).await, "0");
+    assert_eq!(text(&reader, read).await, "0");
+    assert_eq!(env.ran("SELECT v FROM kv").await, (0, 1), "filled from the replica (nothing invalidated), then a hit");
+    env.pause_replay().await;
+    writer.batch_execute("UPDATE kv SET v = 5 WHERE id = 7").await.unwrap();
+    let during = text(&reader, read).await;
+    env.catch_up().await;
+    let after = text(&reader, read).await;
+    (during, after)
+}
+
+#[tokio::test]
+async fn a_replica_behind_an_invalidation_never_fills_the_cache() {
+    let (during, after) = cached_after_catch_up(true).await;
+    assert_eq!(during, "5", "the fill went to the primary: no replica could store it");
+    assert_eq!(after, "5");
+}
+
+#[tokio::test]
+async fn negative_control_fills_from_a_replica_behind_poison_the_cache() {
+    let (during, after) = cached_after_catch_up(false).await;
+    assert_eq!(during, "0", "the paused replica answered");
+    assert_eq!(after, "0", "and its pre-write rows were stored: stale after the replica caught up");
+}
+
+#[tokio::test]
+async fn a_replica_that_stops_and_returns_costs_clients_nothing() {
+    let env = setup(None, |_| {}).await;
+    let c = env.client().await;
+    for i in 1..=10 {
+        text(&c, &format!("SELECT v FROM kv WHERE id = {i}")).await;
+    }
+    assert_eq!(env.ran("SELECT v FROM kv").await, (0, 10));
+    env.replica.stop_server();
+    // No client error: whether or not the monitor has noticed yet, the reads go to the primary.
+    for i in 1..=30 {
+        let v = common::try_text(&c, &format!("SELECT id + v FROM kv WHERE id = {i}")).await;
+        assert_eq!(v.expect("no client error while the replica is down"), i.to_string());
+    }
+    assert_eq!(executions(&env.on_primary, "SELECT id + v FROM kv").await, 30);
+    let shared = env.proxy.shared.clone();
+    assert!(eventually(Duration::from_secs(10), || shared.replicas.nodes[0].state() == State::Down).await);
+    env.replica.start_server();
+    assert!(eventually(Duration::from_secs(30), || shared.replicas.nodes[0].state() == State::Up).await);
+    let on_replica = env.replica.admin(&env.db).await;
+    for i in 1..=10 {
+        text(&c, &format!("SELECT id - v FROM kv WHERE id = {i}")).await;
+    }
+    assert_eq!(executions(&on_replica, "SELECT id - v FROM kv").await, 10, "the replica rejoined");
+}
