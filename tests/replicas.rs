@@ -275,3 +275,110 @@ async fn a_replica_that_stops_and_returns_costs_clients_nothing() {
     }
     assert_eq!(executions(&on_replica, "SELECT id - v FROM kv").await, 10, "the replica rejoined");
 }
+
+/// The randomized read-after-write checker through one pgcache with a replica: eight clients
+/// read and write four version counters (both protocols) while the replica's replay is
+/// paused and resumed at random (`toggle`) or kept paused; a read that starts after a write
+/// was acknowledged to any client must see it. Returns (violations, reads, reads sent to the
+/// replica).
+async fn checker(mode: ReadYourWrites, check_fills: bool, rules: Option<&str>, toggle: bool) -> (u64, u64, f64) {
+    use rand::{Rng, SeedableRng};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Instant;
+
+    let env = setup(rules, |c| {
+        c.replicas.read_your_writes = mode;
+        c.replicas.check_fills = check_fills;
+        c.pool.max_size = 12;
+    })
+    .await;
+    env.on_primary
+        .batch_execute(
+            "CREATE TABLE counters (id int PRIMARY KEY, version int NOT NULL); \
+             INSERT INTO counters SELECT g, 0 FROM generate_series(0, 3) g",
+        )
+        .await
+        .unwrap();
+    env.catch_up().await;
+    type Acked = Arc<Vec<parking_lot::Mutex<Vec<(i64, Instant)>>>>;
+    let acked: Acked = Arc::new((0..4).map(|_| parking_lot::Mutex::new(Vec::new())).collect());
+    let (violations, reads) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let done = Arc::new(AtomicBool::new(false));
+    env.pause_replay().await;
+    let toggler = {
+        let (replica, done) = (env.replica.admin(&env.db).await, done.clone());
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+            let mut paused = true;
+            while toggle && !done.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(5..60))).await;
+                let f = if paused { "pg_wal_replay_resume" } else { "pg_wal_replay_pause" };
+                replica.batch_execute(&format!("SELECT {f}()")).await.unwrap();
+                paused = !paused;
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for seed in 0..8u64 {
+        let c = env.client().await;
+        let (acked, violations, reads) = (acked.clone(), violations.clone(), reads.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let read = c.prepare("SELECT version FROM counters WHERE id = $1").await.unwrap();
+            for _ in 0..150 {
+                let key = rng.random_range(0..4usize);
+                if rng.random_bool(0.25) {
+                    let sql = "UPDATE counters SET version = version + 1 WHERE id = $1 RETURNING version";
+                    let row = c.query_one(sql, &[&(key as i32)]).await.unwrap();
+                    acked[key].lock().push((row.get::<_, i32>(0) as i64, Instant::now()));
+                } else {
+                    let started = Instant::now();
+                    let floor =
+                        acked[key].lock().iter().filter(|(_, t)| *t <= started).map(|(v, _)| *v).max().unwrap_or(0);
+                    let seen: i64 = if rng.random_bool(0.5) {
+                        c.query_one(&read, &[&(key as i32)]).await.unwrap().get::<_, i32>(0) as i64
+                    } else {
+                        text(&c, &format!("SELECT version FROM counters WHERE id = {key}")).await.parse().unwrap()
+                    };
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    if seen < floor {
+                        violations.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    toggler.await.unwrap();
+    let label = format!("{{replica=\"127.0.0.1:{}\"}}", env.replica.port);
+    let on_replica = env.proxy.metric(&format!("pgcache_replica_reads_total{label}")).await;
+    (violations.load(Ordering::Relaxed), reads.load(Ordering::Relaxed), on_replica)
+}
+
+const CACHE_COUNTERS: &str = "[[rule]]\nname = \"counters\"\nmatch = { tables = [\"counters\"] }\nttl = \"1h\"\n";
+
+#[tokio::test]
+async fn the_randomized_checker_finds_nothing_stale_through_a_lagging_replica() {
+    for rules in [None, Some(CACHE_COUNTERS)] {
+        let (violations, reads, on_replica) = checker(ReadYourWrites::Causal, true, rules, true).await;
+        assert_eq!(violations, 0, "rules {rules:?}: {violations} of {reads} reads were stale");
+        assert!(on_replica > 0.0, "rules {rules:?}: some reads ran on the replica");
+    }
+}
+
+#[tokio::test]
+async fn negative_control_the_checker_finds_stale_reads_without_the_checks() {
+    // Without read-your-writes, reads that are not cached go to the paused replica.
+    let (violations, reads, _) = checker(ReadYourWrites::Off, true, None, false).await;
+    assert!(violations > 0, "0 of {reads} reads stale with the replica paused");
+    // Cached reads still go where a fill may be stored: the fill check alone keeps them fresh,
+    let (violations, reads, _) = checker(ReadYourWrites::Off, true, Some(CACHE_COUNTERS), false).await;
+    assert_eq!(violations, 0, "{violations} of {reads} cached reads stale");
+    // and without it they are stale.
+    let (violations, reads, _) = checker(ReadYourWrites::Off, false, Some(CACHE_COUNTERS), false).await;
+    assert!(violations > 0, "0 of {reads} cached reads stale without the fill check");
+}
