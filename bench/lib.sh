@@ -53,7 +53,7 @@ start_pgcache() {
   [[ $transport == unix ]] && unix=(--unix-socket-dir "$work")
   # The throwaway cluster trusts postgres: so does pgcache here (loopback only), unless told.
   [[ " $* " == *" --auth "* ]] && auth=()
-  PGCACHE_LOG=warn "$root/target/release/pgcache" --listen "127.0.0.1:$port" --admin "127.0.0.1:$(free_port)" "${unix[@]}" \
+  PGCACHE_LOG=${BENCH_LOG:-warn} "$root/target/release/pgcache" --listen "127.0.0.1:$port" --admin "127.0.0.1:$(free_port)" "${unix[@]}" \
     --upstream "host=$host port=$pgport user=postgres dbname=postgres sslmode=disable" --pool-size "${POOL_SIZE:-32}" "${auth[@]}" "$@" 2>>"$work/pgcache.log" &
   pids+=($!)
   for _ in $(seq 50); do pg_isready -q -h "$host" -p "$port" && return; sleep 0.1; done

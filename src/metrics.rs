@@ -161,7 +161,7 @@ pub const ALL: &[(&str, Kind, &str)] = &[
     (
         REPLICA_FALLBACKS,
         Kind::Counter,
-        "Read-only requests sent to the primary instead of a replica, by reason (behind: none had replayed the session's writes; unavailable; fill: a cache fill no replica could store; connect_failed).",
+        "Read-only requests sent to the primary instead of a replica, by reason (behind: none had replayed the session's writes; unavailable; fill: a cache fill no replica could store; connect_failed; busy: its pool was full).",
     ),
     (
         REPLICA_FILLS_SKIPPED,

@@ -123,6 +123,7 @@ async fn reads_run_on_the_replica_and_everything_else_on_the_primary() {
     text(&c, "SELECT nextval('seq')").await;
     text(&c, "SELECT count(*) FROM pg_stat_activity").await;
     c.batch_execute("BEGIN; SELECT v + id FROM kv WHERE id = 2; COMMIT").await.unwrap();
+    text(&c, "SELECT txid_current()").await;
     for (fragment, what) in [
         ("INSERT INTO kv VALUES", "a write"),
         ("FOR UPDATE", "FOR UPDATE"),
@@ -130,6 +131,7 @@ async fn reads_run_on_the_replica_and_everything_else_on_the_primary() {
         ("nextval", "a volatile function"),
         ("FROM pg_stat_activity", "a statistics view"),
         ("SELECT v + id FROM kv", "a read inside a transaction block"),
+        ("txid_current", "a function a standby refuses"),
     ] {
         assert_eq!(env.ran(fragment).await, (1, 0), "{what} runs on the primary");
     }
@@ -381,4 +383,68 @@ async fn negative_control_the_checker_finds_stale_reads_without_the_checks() {
     // and without it they are stale.
     let (violations, reads, _) = checker(ReadYourWrites::Off, false, Some(CACHE_COUNTERS), false).await;
     assert!(violations > 0, "0 of {reads} cached reads stale without the fill check");
+}
+
+#[tokio::test]
+async fn what_a_standby_would_refuse_or_miss_goes_to_the_primary() {
+    let env = setup(None, |_| {}).await;
+    env.on_primary
+        .batch_execute(
+            "CREATE FUNCTION bump(k int) RETURNS int LANGUAGE sql AS \
+             'UPDATE kv SET v = v + 1 WHERE id = k RETURNING v'",
+        )
+        .await
+        .unwrap();
+    env.catch_up().await;
+    env.pause_replay().await;
+
+    // A session whose transactions default to SERIALIZABLE (a standby refuses those).
+    let c = env.client().await;
+    c.batch_execute("SET default_transaction_isolation = serializable").await.unwrap();
+    for i in 1..=5 {
+        let v = common::try_text(&c, &format!("SELECT v FROM kv WHERE id = {i} AND v >= 0")).await;
+        assert_eq!(v.expect("no 0A000 from the standby"), "0");
+    }
+    assert_eq!(env.ran("AND v >= $2").await, (5, 0));
+
+    // A write through a function, with no rules loaded (its effects are not looked up): the
+    // session's next read still sees it.
+    let c = env.client().await;
+    assert_eq!(text(&c, "SELECT bump(3)").await, "1");
+    assert_eq!(text(&c, "SELECT v FROM kv WHERE id = 3").await, "1");
+
+    // A table created through pgcache is read by any session at once, though the replica
+    // has not replayed its creation.
+    let (ddl, other) = (env.client().await, env.client().await);
+    ddl.batch_execute("CREATE TABLE fresh (id int); INSERT INTO fresh VALUES (1)").await.unwrap();
+    let n = common::try_text(&other, "SELECT count(*) FROM fresh").await;
+    assert_eq!(n.expect("not 42P01 from the replica"), "1");
+}
+
+#[tokio::test]
+async fn a_write_pipelined_behind_a_read_never_reaches_the_replica() {
+    use common::raw::{self, RawConn};
+    let env = setup(None, |_| {}).await;
+    let mut conn = RawConn::connect(env.proxy.addr, "postgres", &env.db, &[]).await;
+    // Simple protocol: a read and a write in one packet.
+    let mut packet = raw::query("SELECT v FROM kv WHERE id = 10");
+    packet.extend_from_slice(&raw::query("INSERT INTO kv VALUES (2000, 1)"));
+    let msgs = conn.exchange(&packet, 2).await;
+    assert!(msgs.iter().all(|m| m.tag != b'E'), "{msgs:?}");
+    // Extended protocol: two batches in one packet (another session: this one's reads now
+    // wait for the replica to show its write).
+    let mut conn = RawConn::connect(env.proxy.addr, "postgres", &env.db, &[]).await;
+    let mut packet = raw::parse("", "SELECT id, v FROM kv WHERE id = $1", &[]);
+    packet.extend_from_slice(&raw::bind("", "", &[Some("11")], &[]));
+    packet.extend_from_slice(&raw::execute("", 0));
+    packet.extend_from_slice(&raw::sync());
+    packet.extend_from_slice(&raw::parse("", "INSERT INTO kv VALUES ($1, 2)", &[]));
+    packet.extend_from_slice(&raw::bind("", "", &[Some("2001")], &[]));
+    packet.extend_from_slice(&raw::execute("", 0));
+    packet.extend_from_slice(&raw::sync());
+    let msgs = conn.exchange(&packet, 2).await;
+    assert!(msgs.iter().all(|m| m.tag != b'E'), "{msgs:?}");
+    assert_eq!(env.ran("SELECT v FROM kv").await, (0, 1), "the read ran on the replica");
+    assert_eq!(env.ran("SELECT id, v FROM kv").await, (0, 1));
+    assert_eq!(env.ran("INSERT INTO kv VALUES").await, (2, 0), "both writes on the primary");
 }

@@ -429,6 +429,9 @@ fn replicas_config(
     if check_interval.is_zero() {
         return Err(invalid("replica.check_interval", "must be above 0"));
     }
+    if f.check_timeout.is_some_and(|t| t.is_zero()) {
+        return Err(invalid("replica.check_timeout", "must be above 0"));
+    }
     Ok(ReplicasConfig {
         nodes,
         max_lag_bytes: f.max_lag_bytes.unwrap_or(16 << 20),

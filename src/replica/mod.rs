@@ -110,6 +110,8 @@ pub struct Replicas {
     samples: Mutex<VecDeque<(u64, u64)>>,
     /// `causal`: the first sample after the last write this instance saw.
     last_write: AtomicU64,
+    /// The first sample after the last schema change this instance saw.
+    last_ddl: AtomicU64,
     turn: AtomicUsize,
     metrics: Arc<Metrics>,
 }
@@ -125,6 +127,8 @@ pub enum Fallback {
     Fill,
     /// Connecting to the chosen replica failed.
     ConnectFailed,
+    /// The chosen replica's pool had no free connection.
+    Busy,
 }
 
 impl Fallback {
@@ -134,6 +138,7 @@ impl Fallback {
             Fallback::Unavailable => "unavailable",
             Fallback::Fill => "fill",
             Fallback::ConnectFailed => "connect_failed",
+            Fallback::Busy => "busy",
         }
     }
 }
@@ -170,6 +175,7 @@ impl Replicas {
             clock,
             samples: Mutex::new(VecDeque::with_capacity(SAMPLES)),
             last_write: AtomicU64::new(0),
+            last_ddl: AtomicU64::new(0),
             turn: AtomicUsize::new(0),
             metrics,
         })
@@ -205,13 +211,24 @@ impl Replicas {
         sample
     }
 
-    /// What a read of a session whose last write needs `own` must see, by `read_your_writes`.
+    /// A session's schema change committed just now: every read waits for a replica that has
+    /// it (a table or column the replica lacks would be an error, not a stale row).
+    pub fn note_ddl(&self) {
+        self.last_ddl.fetch_max(self.clock.next_sample(), Ordering::SeqCst);
+    }
+
+    /// What a read of a session whose last write needs `own` must see, by `read_your_writes`
+    /// (and, whatever it says, the last schema change this instance saw).
     pub fn needs(&self, own: u64) -> u64 {
         match self.config.read_your_writes {
             ReadYourWrites::Off => 0,
             ReadYourWrites::Session => own,
-            ReadYourWrites::Causal => own.max(self.last_write.load(Ordering::SeqCst)),
+            // Another instance's write is heard of as an invalidation.
+            ReadYourWrites::Causal => {
+                own.max(self.last_write.load(Ordering::SeqCst)).max(self.clock.last_invalidation())
+            }
         }
+        .max(self.last_ddl.load(Ordering::SeqCst))
     }
 
     /// A replica for a read that must see the sample `need` (see [`Replicas::needs`]),

@@ -40,14 +40,22 @@ pub async fn run(
         let sample = clock.start_sample();
         let asked =
             tokio::time::timeout(config.check_timeout, primary_position(&mut primary_client, &primary, &upstream));
-        match asked.await {
-            Ok(Ok(position)) => replicas.sampled(sample, position),
+        // Without the primary's position a replica's lag is not known: none gets reads.
+        let primary_known = match asked.await {
+            Ok(Ok(position)) => {
+                replicas.sampled(sample, position);
+                true
+            }
             Ok(Err(e)) => {
                 primary_client = None;
                 tracing::debug!(error = %e, "replica monitor: the primary's WAL position could not be read");
+                false
             }
-            Err(_) => primary_client = None,
-        }
+            Err(_) => {
+                primary_client = None;
+                false
+            }
+        };
         let checks = replicas.nodes.iter().zip(clients.iter_mut()).map(|(node, client)| {
             let check = replay_position(client, node.pools.endpoint(), &upstream);
             tokio::time::timeout(config.check_timeout, check)
@@ -56,6 +64,12 @@ pub async fn run(
         for (i, result) in results.into_iter().enumerate() {
             let result = result.unwrap_or_else(|_| Err(format!("no answer within {:?}", config.check_timeout)));
             match result {
+                Ok(replay) if !primary_known => replicas.set_state(
+                    i,
+                    State::Lagging,
+                    Some(replay),
+                    Some("the primary's WAL position could not be read: lag unknown".into()),
+                ),
                 Ok(replay) => {
                     let lag = replicas.primary_position().map_or(0, |p| p.saturating_sub(replay));
                     let state = if lag > config.max_lag_bytes { State::Lagging } else { State::Up };

@@ -15,6 +15,22 @@ use crate::query::{Classified, Kind, Relation};
 const HARMLESS_VOLATILE: &[&str] =
     &["random", "random_normal", "gen_random_uuid", "clock_timestamp", "timeofday", "pg_sleep"];
 
+/// Built-ins a standby refuses whatever their volatility (they need a transaction id or the
+/// WAL's insert position), or answers for itself rather than for the primary.
+const PRIMARY_ONLY: &[&str] = &[
+    "txid_current",
+    "txid_current_if_assigned",
+    "pg_current_xact_id",
+    "pg_current_xact_id_if_assigned",
+    "pg_walfile_name",
+    "pg_walfile_name_offset",
+    "pg_export_snapshot",
+    "inet_server_addr",
+    "inet_server_port",
+    "pg_postmaster_start_time",
+    "pg_conf_load_time",
+];
+
 /// Whether `c` is read-only by its text alone (the catalog is asked next).
 pub fn reads_only(c: &Classified) -> bool {
     c.kind == Kind::Select
@@ -39,6 +55,10 @@ pub async fn eligible(catalog: &Catalog, database: &str, statements: &[&Classifi
     };
     let (functions, operators, reads, types) =
         (all(|c| &c.functions), all(|c| &c.operators), all(|c| &c.reads), all(|c| &c.types));
+    let system = |name: &Relation| name.schema.as_deref().is_none_or(|s| s == "pg_catalog");
+    if functions.iter().any(|f| system(f) && PRIMARY_ONLY.contains(&f.name.as_str())) {
+        return false;
+    }
     let harmless = |name: &Relation, v: Volatility| {
         v != Volatility::Volatile
             || (HARMLESS_VOLATILE.contains(&name.name.as_str())

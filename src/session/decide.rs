@@ -328,7 +328,9 @@ impl Relay<'_> {
         if let Some(i) = replica
             && (ctx.l2.is_some() || !ctx.replicas.fills_storable(i))
         {
-            ctx.replicas.fill_skipped();
+            if ctx.l2.is_none() {
+                ctx.replicas.fill_skipped();
+            }
             return Ok(Plan::Forward(Reason::ReplicaBehind));
         }
         let flight = match ctx.flights.join(&key, ctx.config().cache.single_flight_wait).await {

@@ -222,6 +222,11 @@ impl Detached<'_> {
         if replicas.is_empty() || self.why != Why::Pooled || self.flow.movable().is_err() {
             return None;
         }
+        // A standby refuses serializable transactions (0A000).
+        let serializable = |v: &str| v.to_ascii_lowercase().contains("serializable");
+        if self.flow.settings.serializable() || self.startup.iter().any(|(_, v)| serializable(v)) {
+            return None;
+        }
         let statements = self.statements(frames).await?;
         let each: Vec<&crate::query::Classified> = statements.iter().flat_map(|s| s.iter()).collect();
         if !crate::replica::route::eligible(&self.ctx.catalog, &self.key.database, &each).await {
@@ -233,6 +238,12 @@ impl Detached<'_> {
         }
         let replica = replicas.choose(replicas.needs(self.flow.replica_need), self.missed).ok()?;
         let pool = replicas.nodes[replica].pools.get(self.key);
+        let s = pool.stats();
+        if s.active >= s.max && s.idle == 0 {
+            // Its pool is full: waiting for a slot would hold the read up.
+            replicas.fell_back(crate::replica::Fallback::Busy);
+            return None;
+        }
         match self.reattach_to(&pool).await {
             Ok(lease) => {
                 replicas.routed(replica);

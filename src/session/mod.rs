@@ -147,7 +147,9 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
             };
             match outcome {
                 Ok(detached::Outcome::OnReplica { lease: new, replica, behind: rest }) => {
-                    client.send(&changed_parameters(&mut reported, &new.conn_ref().params)).await?;
+                    // The client is not told of the replica's own parameters (`in_hot_standby`
+                    // on, its version): it is connected to the primary, whose settings the
+                    // session carries there.
                     core.tracker = Tracker { used: true, ..Tracker::default() };
                     core.flow.replica = Some(replica);
                     behind = Some(rest);
@@ -182,7 +184,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
         // transactions keeps only what it waits with (see bench/idle.sh).
         let result = Box::pin(relay::run(ctx, &key, &params, client, attached.conn(), &mut core, &mut memo)).await;
         attached.conn().status = core.tracker.status;
-        core.flow.replica = None;
+        let on_replica = core.flow.replica.take().is_some();
         if let Some(rest) = behind.take() {
             // The relay read nothing more from the client while on the replica.
             client.rbuf.extend_from_slice(&rest);
@@ -191,14 +193,18 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
             Ok(relay::Ending::BackendLost) => {
                 ctx.stats.backend_error();
                 tracing::warn!(peer = %client.peer, user = %key.user, "backend connection lost; the session continues without one");
-                changed_parameters(&mut reported, &attached.conn_ref().params);
+                if !on_replica {
+                    changed_parameters(&mut reported, &attached.conn_ref().params);
+                }
                 core.server = None;
                 attached.release(Reset::Close);
                 idle = detached::Why::Lost;
                 continue;
             }
             Ok(relay::Ending::Released) => {
-                changed_parameters(&mut reported, &attached.conn_ref().params);
+                if !on_replica {
+                    changed_parameters(&mut reported, &attached.conn_ref().params);
+                }
                 hand_back(ctx, &key, attached, &mut core);
                 // What the client is owed goes out before it waits without a backend.
                 if !core.to_client.is_empty() {

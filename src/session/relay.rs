@@ -440,11 +440,14 @@ impl Relay<'_> {
         let pooling_transactions = self.core.flow.transaction_pooling;
         // What the backend's settings are, as read on it: a fill keyed otherwise is not stored.
         let backend_state = self.core.flow.settings.verified().cloned();
-        let mut wrote = false;
+        let (mut wrote, mut ddl) = (false, false);
         for action in self.core.take_actions() {
             match action {
+                Action::Committed { ddl: d } => {
+                    wrote = true;
+                    ddl |= d;
+                }
                 Action::Invalidate { effects, committed } => {
-                    wrote |= committed;
                     effects::apply(ctx, &self.key.database, &effects, committed);
                     if ctx.l2.is_some() {
                         self.l2_moves.extend(effects::l2_versions(ctx, &self.key.database, &effects));
@@ -468,6 +471,9 @@ impl Relay<'_> {
         if wrote && !ctx.replicas.is_empty() {
             // The session's later reads wait for a replica that shows this write.
             self.core.flow.replica_need = ctx.replicas.note_write();
+            if ddl {
+                ctx.replicas.note_ddl();
+            }
         }
     }
 }

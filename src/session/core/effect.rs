@@ -154,6 +154,11 @@ impl Core {
             f.settings.mark_unknowable();
         }
         let writes = !effects.is_empty() || matches!(c.kind, Kind::Write | Kind::Ddl);
+        // (Without the cache in use a function's effects are not looked up: any may write.)
+        f.may_have_written |= writes
+            || matches!(c.kind, Kind::Opaque | Kind::Unparseable)
+            || (c.kind == Kind::Select && !c.functions.is_empty() && !caching);
+        f.changed_schema |= c.kind == Kind::Ddl;
         if writes {
             f.wrote = true;
             if effects.iter().any(|e| matches!(e, Effect::Unknown(_))) {

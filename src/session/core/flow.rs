@@ -83,6 +83,11 @@ pub struct Flow {
     pub parked: Option<Parked>,
     /// A write was sent in the current (explicit or implicit) transaction.
     pub wrote: bool,
+    /// ... or something that may write whether or not the cache knows what (a function call
+    /// while the cache is not in use), or a schema change: what a replica must have replayed
+    /// before this session reads there.
+    pub may_have_written: bool,
+    pub changed_schema: bool,
     /// Settings may have changed in the current transaction (a rollback would undo that).
     pub settings_changed_in_tx: bool,
     /// Invalidations of the statements of the current transaction that have completed,

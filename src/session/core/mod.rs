@@ -67,6 +67,10 @@ pub enum Action {
     Pinned(crate::query::Held),
     /// The session no longer holds state of this kind.
     Unpinned(crate::query::Held),
+    /// A transaction that may have written ended (its writes are committed, unless it
+    /// failed); `ddl`: it changed the schema. Reads on replicas wait for a replica that shows
+    /// it (see [`crate::replica`]).
+    Committed { ddl: bool },
 }
 
 /// Postgres sent something the core cannot read.

@@ -292,10 +292,16 @@ impl Core {
         if !effects.is_empty() && !self.flow.rolled_back() {
             self.act(Action::Invalidate { effects, committed: true });
         }
+        let (wrote, ddl) = (self.flow.wrote || self.flow.may_have_written, self.flow.changed_schema);
+        if wrote || ddl {
+            self.act(Action::Committed { ddl });
+        }
         let f = &mut self.flow;
         f.tx_failed = false;
         f.tx_savepoints = false;
         f.wrote = false;
+        f.may_have_written = false;
+        f.changed_schema = false;
         f.portals.clear();
         if std::mem::take(&mut f.settings_changed_in_tx) {
             f.settings.forget();

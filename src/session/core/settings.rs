@@ -287,6 +287,11 @@ impl Settings {
         self.get(CURRENT_USER)
     }
 
+    /// Whether transactions default to SERIALIZABLE, as last read (a standby refuses those).
+    pub fn serializable(&self) -> bool {
+        self.get(DEFAULT_ISOLATION) == Some("serializable")
+    }
+
     pub fn search_path(&self) -> Option<&str> {
         self.get(SEARCH_PATH)
     }

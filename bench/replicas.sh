@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Read replicas, in one run against one throwaway primary and one streaming replica
+# (pg_basebackup -R) on this machine: pgbench through pgcache in transaction pooling with no
+# replica, and with one under each read_your_writes mode, beside direct Postgres:
+#  - point selects on random keys (pgbench -S): every read may go to the replica;
+#  - 90 % point selects / 10 % updates per client: a session's reads after its own update go
+#    to the primary until the replica has replayed it (session), or every read after any
+#    update does (causal) — what tracking WAL positions costs.
+# The share of reads the replica took is read from SHOW REPLICAS. Primary and replica share
+# this machine's cores, so a replica cannot add throughput here: the figures show what routing
+# and tracking cost, not what a replica on its own host would add.
+#
+# Usage: bench/replicas.sh [seconds] [clients]
+source "$(dirname "$0")/lib.sh"
+secs=${1:-10}
+clients=${2:-16}
+start_cluster 10
+rport=$(free_port)
+basebackup=$(dirname "$(readlink -f "$pgbin/pg_ctl")")/pg_basebackup
+as_pg "$basebackup" -D "$work/replica" -h "$work" -p "$pgport" -U postgres -X stream -c fast -R --no-sync
+cat >>"$work/replica/postgresql.conf" <<CONF
+port = $rport
+hot_standby = on
+CONF
+as_pg "$pgbin/pg_ctl" -D "$work/replica" -l "$work/replica.log" -w start >/dev/null
+trap 'as_pg "$pgbin/pg_ctl" -D "$work/replica" -m immediate stop >/dev/null 2>&1 || true; cleanup' EXIT
+
+for mode in session causal off; do
+  printf '[replica]\nread_your_writes = "%s"\ncheck_interval = "20ms"\n' "$mode" >"$work/$mode.toml"
+done
+cat >"$work/mix.sql" <<'SQL'
+\set aid random(1, 1000000)
+\set r random(1, 10)
+\if :r = 1
+UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;
+\else
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+\endif
+SQL
+replica=(--replica "host=127.0.0.1 port=$rport sslmode=disable")
+none=$(free_port); start_pgcache "$none" --pool-mode transaction
+session=$(free_port); start_pgcache "$session" --pool-mode transaction "${replica[@]}" --config "$work/session.toml"
+causal=$(free_port); start_pgcache "$causal" --pool-mode transaction "${replica[@]}" --config "$work/causal.toml"
+off=$(free_port); start_pgcache "$off" --pool-mode transaction "${replica[@]}" --config "$work/off.toml"
+sleep 1
+reads_on_replica() {
+  psql -X -q -At -h 127.0.0.1 -p "$1" -U postgres -c "SHOW REPLICAS" pgcache | cut -d'|' -f6
+}
+
+targets=(direct:$pgport none:$none session:$session causal:$causal off:$off)
+for workload in select mix; do
+  args=(-S)
+  [[ $workload == mix ]] && args=(-f "$work/mix.sql")
+  declare -A tps lat share
+  for t in "${targets[@]}"; do run_pgbench "${t#*:}" "$clients" 2 "${args[@]}" >/dev/null; done
+  for t in "${targets[@]}"; do
+    name=${t%%:*} port=${t#*:}
+    before=0
+    [[ $name != direct && $name != none ]] && before=$(reads_on_replica "$port")
+    read -r tps[$name] lat[$name] < <(run_pgbench "$port" "$clients" "$secs" "${args[@]}")
+    if [[ $name != direct && $name != none ]]; then
+      after=$(reads_on_replica "$port")
+      # Reads are 100 % of -S and about 90 % of the mix.
+      share[$name]=$(python3 -c "r=$after-$before; t=${tps[$name]}*$secs*(1 if '$workload'=='select' else 0.9); print(f'{100*r/t:.0f} %')")
+    else
+      share[$name]="–"
+    fi
+  done
+  echo
+  echo "| $workload, $clients clients, transaction pooling | TPS | ratio to direct | ratio to no replica | latency ms | reads on the replica |"
+  echo "|---|---|---|---|---|---|"
+  for t in "${targets[@]}"; do
+    name=${t%%:*}
+    label=$name
+    case $name in
+      direct) label="direct Postgres" ;;
+      none) label="pgcache, no replica" ;;
+      *) label="pgcache, 1 replica, read_your_writes = $name" ;;
+    esac
+    echo "| $label | ${tps[$name]} | $(ratio "${tps[$name]}" "${tps[direct]}") | $(ratio "${tps[$name]}" "${tps[none]}") | ${lat[$name]} | ${share[$name]} |"
+  done
+  unset tps lat share
+done
