@@ -233,6 +233,12 @@ async fn cached_after_catch_up(check_fills: bool) -> (String, String) {
     env.pause_replay().await;
     writer.batch_execute("UPDATE kv SET v = 5 WHERE id = 7").await.unwrap();
     let during = text(&reader, read).await;
+    // Another key's entry does not depend on that write: the paused replica can fill it.
+    let other = "SELECT v FROM kv WHERE id = 8";
+    assert_eq!(text(&reader, other).await, "0");
+    assert_eq!(text(&reader, other).await, "0");
+    let (_, on_replica) = env.ran("SELECT v FROM kv").await;
+    assert_eq!(on_replica, if check_fills { 2 } else { 3 }, "key 8 filled from the replica, then a hit");
     env.catch_up().await;
     let after = text(&reader, read).await;
     (during, after)

@@ -28,17 +28,39 @@ use parking_lot::Mutex;
 use crate::query::Relation;
 use crate::query::point::KeyValue;
 
-/// How many key slots there are (8 bytes each).
+/// How many key slots there are (16 bytes each: the counter and when it last moved).
 pub const KEY_SLOTS: usize = 1 << 16;
+
+/// One generation counter, and when it last moved for a write: the number of the first
+/// [`WalClock`] sample taken after that write committed.
+#[derive(Debug, Default)]
+pub struct Gen {
+    value: AtomicU64,
+    at: AtomicU64,
+}
+
+impl Gen {
+    /// A write: notes when (before the value moves, so whoever sees it moved sees when), then
+    /// moves it.
+    fn bump(&self, at: u64) {
+        self.at.fetch_max(at, Ordering::SeqCst);
+        self.value.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Moves it for bookkeeping (counters let go), not for a write.
+    fn shift(&self) {
+        self.value.fetch_add(1, Ordering::AcqRel);
+    }
+}
 
 #[derive(Debug, Clone)]
 enum Counter {
-    One(Arc<AtomicU64>),
-    Slot(Arc<[AtomicU64]>, usize),
+    One(Arc<Gen>),
+    Slot(Arc<[Gen]>, usize),
 }
 
 impl Counter {
-    fn get(&self) -> &AtomicU64 {
+    fn get(&self) -> &Gen {
         match self {
             Counter::One(c) => c,
             Counter::Slot(slots, i) => &slots[*i],
@@ -51,12 +73,20 @@ impl Counter {
 pub struct Dependency {
     counter: Counter,
     seen: u64,
+    /// When the counter last moved for a write, as of `seen`.
+    at: u64,
 }
 
 impl Dependency {
     pub fn moved(&self) -> bool {
-        self.counter.get().load(Ordering::Acquire) != self.seen
+        self.counter.get().value.load(Ordering::Acquire) != self.seen
     }
+}
+
+/// The [`WalClock`] sample a replica must have replayed for a result read under `deps` to
+/// show every write that moved them (0: none).
+pub fn written_at(deps: &[Dependency]) -> u64 {
+    deps.iter().map(|d| d.at).max().unwrap_or(0)
 }
 
 /// A read of `relation` that sees only the rows whose key (`column`) is one of `values`.
@@ -70,14 +100,14 @@ pub struct Keyed<'a> {
 /// Every counter.
 #[derive(Debug)]
 pub struct Generations {
-    global: Arc<AtomicU64>,
+    global: Arc<Gen>,
     /// Moved by every write to the relation.
-    relations: Mutex<HashMap<Relation, Arc<AtomicU64>>>,
+    relations: Mutex<HashMap<Relation, Arc<Gen>>>,
     /// Moved by writes to the relation not pinned to key values.
-    wide: Mutex<HashMap<Relation, Arc<AtomicU64>>>,
-    names: Mutex<HashMap<String, Arc<AtomicU64>>>,
-    databases: Mutex<HashMap<String, Arc<AtomicU64>>>,
-    keys: Arc<[AtomicU64]>,
+    wide: Mutex<HashMap<Relation, Arc<Gen>>>,
+    names: Mutex<HashMap<String, Arc<Gen>>>,
+    databases: Mutex<HashMap<String, Arc<Gen>>>,
+    keys: Arc<[Gen]>,
     /// The column each relation's keys are values of.
     key_columns: Mutex<HashMap<Relation, String>>,
     /// When the last invalidation happened, against the replica monitor's samples of the
@@ -108,9 +138,11 @@ impl WalClock {
     }
 
     /// Something was invalidated: notes it before the counters move (so whoever sees a
-    /// counter moved sees this too).
-    fn invalidated(&self) {
-        self.last_invalidation.fetch_max(self.next_sample(), Ordering::SeqCst);
+    /// counter moved sees this too), and returns when, for the counters.
+    fn invalidated(&self) -> u64 {
+        let at = self.next_sample();
+        self.last_invalidation.fetch_max(at, Ordering::SeqCst);
+        at
     }
 
     /// The first sample taken after the last invalidation (0: none yet).
@@ -127,7 +159,7 @@ impl Default for Generations {
             wide: Default::default(),
             names: Default::default(),
             databases: Default::default(),
-            keys: (0..KEY_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            keys: (0..KEY_SLOTS).map(|_| Gen::default()).collect(),
             key_columns: Default::default(),
             clock: Default::default(),
         }
@@ -141,29 +173,27 @@ pub const MAX_COUNTERS: usize = 100_000;
 /// The counter for `k`. Past [`MAX_COUNTERS`] the map is emptied and `global` moved, so every
 /// entry that depended on a counter let go dies (a new counter for the same key would not
 /// move for it).
-fn intern<K: std::hash::Hash + Eq + Clone>(
-    map: &Mutex<HashMap<K, Arc<AtomicU64>>>,
-    global: &AtomicU64,
-    k: &K,
-) -> Arc<AtomicU64> {
+fn intern<K: std::hash::Hash + Eq + Clone>(map: &Mutex<HashMap<K, Arc<Gen>>>, global: &Gen, k: &K) -> Arc<Gen> {
     let mut map = map.lock();
     if let Some(c) = map.get(k) {
         return c.clone();
     }
     if map.len() >= MAX_COUNTERS {
         map.clear();
-        global.fetch_add(1, Ordering::AcqRel);
+        global.shift();
     }
     map.entry(k.clone()).or_default().clone()
 }
 
-fn snap(counter: Arc<AtomicU64>) -> Dependency {
+fn snap(counter: Arc<Gen>) -> Dependency {
     snap_counter(Counter::One(counter))
 }
 
 fn snap_counter(counter: Counter) -> Dependency {
-    let seen = counter.get().load(Ordering::Acquire);
-    Dependency { counter, seen }
+    let seen = counter.get().value.load(Ordering::Acquire);
+    // After the value: a write it shows is one this covers.
+    let at = counter.get().at.load(Ordering::SeqCst);
+    Dependency { counter, seen, at }
 }
 
 /// The slot of a key of a relation (the L2's key versions use the same slots).
@@ -201,10 +231,10 @@ impl Generations {
 
     /// A write to these resolved relations.
     pub fn bump_relations(&self, relations: &[Relation]) {
-        self.clock.invalidated();
+        let at = self.clock.invalidated();
         for r in relations {
-            intern(&self.relations, &self.global, r).fetch_add(1, Ordering::AcqRel);
-            intern(&self.wide, &self.global, r).fetch_add(1, Ordering::AcqRel);
+            intern(&self.relations, &self.global, r).bump(at);
+            intern(&self.wide, &self.global, r).bump(at);
         }
     }
 
@@ -217,7 +247,7 @@ impl Generations {
                 if columns.len() >= MAX_COUNTERS {
                     // (Forgetting which column was a relation's key moves every counter.)
                     columns.clear();
-                    self.global.fetch_add(1, Ordering::AcqRel);
+                    self.global.shift();
                 }
                 columns.insert(relation.clone(), column.to_owned());
                 true
@@ -228,35 +258,35 @@ impl Generations {
     /// A write to the rows of `relation` whose key (`column`) is one of `values` (and no other
     /// row, of it or of any other relation).
     pub fn bump_keys(&self, relation: &Relation, column: &str, values: &[KeyValue]) {
-        self.clock.invalidated();
         if !self.key_column_is(relation, column) {
             self.key_columns.lock().insert(relation.clone(), column.to_owned());
             self.bump_relations(std::slice::from_ref(relation));
             return;
         }
+        let at = self.clock.invalidated();
         for v in values {
-            self.keys[key_slot(relation, v)].fetch_add(1, Ordering::AcqRel);
+            self.keys[key_slot(relation, v)].bump(at);
         }
-        intern(&self.relations, &self.global, relation).fetch_add(1, Ordering::AcqRel);
+        intern(&self.relations, &self.global, relation).bump(at);
     }
 
     /// A write to every relation called `name`, in any schema (unresolved writes and DDL).
     pub fn bump_name(&self, name: &str) {
-        self.clock.invalidated();
-        intern(&self.names, &self.global, &name.to_owned()).fetch_add(1, Ordering::AcqRel);
+        let at = self.clock.invalidated();
+        intern(&self.names, &self.global, &name.to_owned()).bump(at);
     }
 
     /// Everything read in `database` may have changed (another instance's invalidations may
     /// have been missed).
     pub fn bump_database(&self, database: &str) {
-        self.clock.invalidated();
-        intern(&self.databases, &self.global, &database.to_owned()).fetch_add(1, Ordering::AcqRel);
+        let at = self.clock.invalidated();
+        intern(&self.databases, &self.global, &database.to_owned()).bump(at);
     }
 
     /// A write whose targets are unknown: every entry dies.
     pub fn bump_all(&self) {
-        self.clock.invalidated();
-        self.global.fetch_add(1, Ordering::AcqRel);
+        let at = self.clock.invalidated();
+        self.global.bump(at);
     }
 }
 

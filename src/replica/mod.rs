@@ -13,9 +13,11 @@
 //!   write this instance saw (`"causal"`); otherwise to the primary. A replica down, not in
 //!   recovery, or more than `max_lag_bytes` behind gets nothing.
 //! - A cache fill is stored from a replica only if that replica had replayed, before the
-//!   statement was sent, the position that follows the last invalidation this instance made
-//!   or heard of ([`Replicas::fills_storable`]): the invalidation's write is then in what the
-//!   replica read, so the fill cannot bring back rows the invalidation removed.
+//!   statement was sent, the position that follows the last write that moved a generation
+//!   counter the fill depends on ([`Replicas::fill_storable`]; each counter keeps the sample
+//!   number of its last move, [`crate::cache::generation::Gen`]): those writes are then in
+//!   what the replica read, so the fill cannot bring back rows their invalidations removed.
+//!   Writes to other tables, or to other keys of a table read by key, do not hold it back.
 //!
 //! Which statements may go to a replica at all is [`route::eligible`]'s to say.
 
@@ -233,8 +235,9 @@ impl Replicas {
 
     /// A replica for a read that must see the sample `need` (see [`Replicas::needs`]),
     /// weighted round robin over those that are up and have replayed it; `fill`: the read
-    /// may fill the cache, so only a replica that could store it will do. Counts the outcome.
-    pub fn choose(&self, need: u64, fill: bool) -> Result<usize, Fallback> {
+    /// may fill the cache, whose counters last moved for a write at this sample, so only a
+    /// replica that could store it will do. Counts the outcome.
+    pub fn choose(&self, need: u64, fill: Option<u64>) -> Result<usize, Fallback> {
         let up: Vec<usize> =
             (0..self.nodes.len()).filter(|&i| self.nodes[i].weight > 0 && self.nodes[i].state() == State::Up).collect();
         if up.is_empty() {
@@ -247,8 +250,8 @@ impl Replicas {
         if ready.is_empty() {
             return Err(self.fell_back(Fallback::Behind));
         }
-        if fill {
-            ready.retain(|&i| self.fills_storable(i));
+        if let Some(at) = fill {
+            ready.retain(|&i| self.fill_storable(i, at));
             if ready.is_empty() {
                 return Err(self.fell_back(Fallback::Fill));
             }
@@ -286,14 +289,14 @@ impl Replicas {
 
     /// Whether a fill computed on replica `i` now may be stored: the replica had replayed,
     /// when last checked (before the fill's statement is sent), the position that follows the
-    /// last invalidation this instance made or heard of. Read after the fill has taken its
-    /// snapshot of the generation counters (see [`WalClock`]).
-    pub fn fills_storable(&self, i: usize) -> bool {
+    /// last write that moved the counters the fill depends on — `at`, read with the fill's
+    /// snapshot of them ([`crate::cache::generation::written_at`]).
+    pub fn fill_storable(&self, i: usize, at: u64) -> bool {
         if !self.config.check_fills {
             return true;
         }
         let replay = self.nodes[i].replay();
-        match self.position_after(self.clock.last_invalidation()) {
+        match self.position_after(at) {
             Some(required) => replay >= required,
             None => false,
         }
@@ -393,13 +396,13 @@ mod tests {
         let (r, clock) = replicas(1, ReadYourWrites::Session);
         r.sampled(clock.start_sample(), 100);
         r.set_state(0, State::Up, Some(100), None);
-        assert_eq!(r.choose(0, false), Ok(0), "no write: any replica that is up");
+        assert_eq!(r.choose(0, None), Ok(0), "no write: any replica that is up");
         let need = r.note_write();
-        assert_eq!(r.choose(r.needs(need), false), Err(Fallback::Behind), "no sample taken after the write yet");
+        assert_eq!(r.choose(r.needs(need), None), Err(Fallback::Behind), "no sample taken after the write yet");
         r.sampled(clock.start_sample(), 150);
-        assert_eq!(r.choose(r.needs(need), false), Err(Fallback::Behind), "replayed 100 < 150");
+        assert_eq!(r.choose(r.needs(need), None), Err(Fallback::Behind), "replayed 100 < 150");
         r.set_state(0, State::Up, Some(150), None);
-        assert_eq!(r.choose(r.needs(need), false), Ok(0));
+        assert_eq!(r.choose(r.needs(need), None), Ok(0));
         assert_eq!(r.needs(0), 0, "session mode: another session's read waits for nothing");
     }
 
@@ -409,33 +412,39 @@ mod tests {
         r.sampled(clock.start_sample(), 100);
         r.set_state(0, State::Up, Some(100), None);
         let _ = r.note_write();
-        assert_eq!(r.choose(r.needs(0), false), Err(Fallback::Behind), "another session's write counts");
+        assert_eq!(r.choose(r.needs(0), None), Err(Fallback::Behind), "another session's write counts");
         let (off, clock) = replicas(1, ReadYourWrites::Off);
         off.sampled(clock.start_sample(), 100);
         off.set_state(0, State::Up, Some(50), None);
         let need = off.note_write();
-        assert_eq!(off.choose(off.needs(need), false), Ok(0));
+        assert_eq!(off.choose(off.needs(need), None), Ok(0));
     }
 
     #[test]
-    fn fills_are_stored_only_from_a_replica_past_the_last_invalidation() {
+    fn fills_are_stored_only_from_a_replica_past_the_writes_they_depend_on() {
+        use crate::query::Relation;
         let g = crate::cache::Generations::default();
         let (r, clock) = with_clock(2, ReadYourWrites::Session, g.clock.clone());
+        let (t, u) = (Relation::new(Some("public"), "t"), Relation::new(Some("public"), "u"));
+        let at =
+            |rel: &Relation| crate::cache::generation::written_at(&g.snapshot("db", std::slice::from_ref(rel), None));
         r.sampled(clock.start_sample(), 100);
         r.set_state(0, State::Up, Some(100), None);
         r.set_state(1, State::Up, Some(100), None);
-        assert!(r.fills_storable(0), "nothing invalidated yet");
-        g.bump_name("t");
-        assert!(!r.fills_storable(0), "no sample after the invalidation yet");
+        assert_eq!(at(&t), 0, "nothing written yet");
+        assert!(r.fill_storable(0, at(&t)));
+        g.bump_relations(std::slice::from_ref(&t));
+        assert!(!r.fill_storable(0, at(&t)), "no sample after the write yet");
+        assert!(r.fill_storable(0, at(&u)), "a read of another table does not wait for it");
         r.sampled(clock.start_sample(), 200);
         r.set_state(1, State::Up, Some(200), None);
-        assert!(!r.fills_storable(0));
-        assert!(r.fills_storable(1));
-        assert_eq!(r.choose(0, true), Ok(1), "a fill goes where it can be stored");
+        assert!(!r.fill_storable(0, at(&t)));
+        assert!(r.fill_storable(1, at(&t)));
+        assert_eq!(r.choose(0, Some(at(&t))), Ok(1), "a fill goes where it can be stored");
         r.set_state(1, State::Lagging, Some(200), None);
-        assert_eq!(r.choose(0, true), Err(Fallback::Fill));
+        assert_eq!(r.choose(0, Some(at(&t))), Err(Fallback::Fill));
         r.set_state(0, State::Down, None, Some("gone".into()));
-        assert_eq!(r.choose(0, false), Err(Fallback::Unavailable));
+        assert_eq!(r.choose(0, None), Err(Fallback::Unavailable));
     }
 
     #[test]
@@ -445,7 +454,7 @@ mod tests {
         r.sampled(clock.start_sample(), 1);
         r.set_state(0, State::Up, Some(1), None);
         r.set_state(1, State::Up, Some(1), None);
-        let picks: Vec<usize> = (0..8).map(|_| r.choose(0, false).unwrap()).collect();
+        let picks: Vec<usize> = (0..8).map(|_| r.choose(0, None).unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 2);
         assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 6);
     }

@@ -27,7 +27,7 @@ use crate::stats::{Observation, key_hash};
 
 use super::core::flow::{Flow, Statement};
 use super::core::query::sql_of;
-use super::decide::{Asker, Looked, Request, Serve, usable};
+use super::decide::{Asker, Looked, Request, Serve, fill_deps, usable};
 use super::memo::Assessments;
 
 /// The unnamed portal's hit in a batch: its statement, entry, key hash and whether it is stale.
@@ -45,8 +45,10 @@ pub struct Answerer<'a> {
     pub flow: &'a mut Flow,
     pub memo: &'a mut Assessments,
     pub serve: Serve,
-    /// A statement it looked up was cacheable and missing (running it would fill the cache).
-    pub missed: bool,
+    /// A statement it looked up was cacheable and missing (running it would fill the cache):
+    /// the clock sample a replica must have replayed for that fill to be stored (the latest,
+    /// if several).
+    pub fill_at: Option<u64>,
 }
 
 impl Answerer<'_> {
@@ -78,7 +80,12 @@ impl Answerer<'_> {
         let offline = self.serve == Serve::Lost;
         let mut asker = Asker { ctx: self.ctx, key: self.key, flow: self.flow, memo: self.memo, offline };
         let looked = asker.look(sql, c, &req, false).await;
-        self.missed |= matches!(looked, Looked::Missing { .. });
+        if let Looked::Missing { a, .. } = &looked
+            && !self.ctx.replicas.is_empty()
+        {
+            let at = crate::cache::generation::written_at(&fill_deps(self.ctx, &self.key.database, a, c, &req));
+            self.fill_at = Some(self.fill_at.unwrap_or(0).max(at));
+        }
         let Looked::Found { entry, freshness, key, .. } = looked else {
             return None;
         };

@@ -56,6 +56,23 @@ impl Request<'_> {
     }
 }
 
+/// The counters a fill of `c` (assessed `a`) depends on, as they are now: its rule's table by
+/// the keys its text or parameters pin, when it reads that table by key.
+pub(super) fn fill_deps(
+    ctx: &Context,
+    database: &str,
+    a: &Assessment,
+    c: &Classified,
+    req: &Request<'_>,
+) -> Vec<crate::cache::Dependency> {
+    let keys = a
+        .keyed
+        .as_ref()
+        .and_then(|k| effects::pinned_keys(ctx, c, &k.column, k.kind, req.params()).map(|values| (k, values)));
+    let keyed = keys.as_ref().map(|(k, values)| Keyed { relation: &k.relation, column: &k.column, values });
+    ctx.generations.snapshot(database, &a.deps, keyed)
+}
+
 /// What the cache holds for a request, as far as a session — with a backend or without one
 /// ([`super::detached`]) — may use it: the one lookup both make.
 pub(super) enum Looked {
@@ -322,15 +339,10 @@ impl Relay<'_> {
             }
             return Ok(Plan::Hit { entry, key: hash, stale: served.stale });
         }
-        // On a replica a fill is stored only if the replica has replayed the last invalidation
-        // (and never into the L2, whose versions other instances move: see crate::replica).
+        // On a replica a fill is never stored into the L2, whose versions other instances move
+        // (see crate::replica).
         let replica = self.core.flow.replica;
-        if let Some(i) = replica
-            && (ctx.l2.is_some() || !ctx.replicas.fills_storable(i))
-        {
-            if ctx.l2.is_none() {
-                ctx.replicas.fill_skipped();
-            }
+        if replica.is_some() && ctx.l2.is_some() {
             return Ok(Plan::Forward(Reason::ReplicaBehind));
         }
         let flight = match ctx.flights.join(&key, ctx.config().cache.single_flight_wait).await {
@@ -346,21 +358,16 @@ impl Relay<'_> {
                 None
             }
         };
-        let keys = a
-            .keyed
-            .as_ref()
-            .and_then(|k| effects::pinned_keys(ctx, c, &k.column, k.kind, req.params()).map(|values| (k, values)));
-        let keyed = keys.as_ref().map(|(k, values)| Keyed { relation: &k.relation, column: &k.column, values });
         // A fill is stored under the state the backend computes it in: the settings a probe
         // read on this backend. Until it has been read here, read it first.
         let Some(state) = self.core.flow.settings.verified().cloned() else {
             return Ok(self.probe_or(Reason::SettingsUnknown));
         };
-        let deps = ctx.generations.snapshot(&self.key.database, &a.deps, keyed);
-        // Read again after the snapshot: an invalidation its counters already show is one the
-        // replica must have replayed.
+        let deps = fill_deps(ctx, &self.key.database, &a, c, &req);
+        // On a replica, stored only if the replica has replayed every write that moved the
+        // counters as the snapshot shows them (see crate::replica).
         if let Some(i) = replica
-            && !ctx.replicas.fills_storable(i)
+            && !ctx.replicas.fill_storable(i, crate::cache::generation::written_at(&deps))
         {
             ctx.replicas.fill_skipped();
             return Ok(Plan::Forward(Reason::ReplicaBehind));

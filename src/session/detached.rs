@@ -81,8 +81,9 @@ struct Detached<'a> {
     flow: &'a mut Flow,
     memo: &'a mut Assessments,
     why: Why,
-    /// The last request looked up had a cacheable statement the cache lacked.
-    missed: bool,
+    /// The last request looked up had a cacheable statement the cache lacked: the sample a
+    /// replica must have replayed to store its fill.
+    fill_at: Option<u64>,
 }
 
 pub async fn run(
@@ -94,7 +95,7 @@ pub async fn run(
     memo: &mut Assessments,
     why: Why,
 ) -> Result<Outcome, SessionError> {
-    let mut d = Detached { ctx, key, startup, flow, memo, why, missed: false };
+    let mut d = Detached { ctx, key, startup, flow, memo, why, fill_at: None };
     let max = ctx.config().client.max_message_bytes;
     loop {
         let mut frames = Vec::new();
@@ -232,11 +233,11 @@ impl Detached<'_> {
         if !crate::replica::route::eligible(&self.ctx.catalog, &self.key.database, &each).await {
             return None;
         }
-        if self.missed && self.ctx.l2.is_some() {
+        if self.fill_at.is_some() && self.ctx.l2.is_some() {
             replicas.fell_back(crate::replica::Fallback::Fill);
             return None;
         }
-        let replica = replicas.choose(replicas.needs(self.flow.replica_need), self.missed).ok()?;
+        let replica = replicas.choose(replicas.needs(self.flow.replica_need), self.fill_at).ok()?;
         let pool = replicas.nodes[replica].pools.get(self.key);
         let s = pool.stats();
         if s.active >= s.max && s.idle == 0 {
@@ -351,9 +352,9 @@ impl Detached<'_> {
             Why::Lost => Serve::Lost,
             Why::Pooled => Serve::Pooled,
         };
-        let mut a = Answerer { ctx: self.ctx, key: self.key, flow: self.flow, memo: self.memo, serve, missed: false };
+        let mut a = Answerer { ctx: self.ctx, key: self.key, flow: self.flow, memo: self.memo, serve, fill_at: None };
         let answer = a.answer(frames, fallback).await;
-        self.missed = a.missed;
+        self.fill_at = a.fill_at;
         answer
     }
 }

@@ -174,7 +174,7 @@ impl Relay<'_> {
             return false;
         }
         let (ctx, key) = (self.ctx, self.key);
-        let mut a = Answerer { ctx, key, flow: &mut core.flow, memo: self.memo, serve: Serve::Attached, missed: false };
+        let mut a = Answerer { ctx, key, flow: &mut core.flow, memo: self.memo, serve: Serve::Attached, fill_at: None };
         let answer = match request {
             Whole::Batch(frames) => a.answer(frames, false).await,
             Whole::Query { sql, classified } => a.answer_simple(sql, classified, false).await,
