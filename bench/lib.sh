@@ -45,7 +45,7 @@ CONF
   pgbench -h 127.0.0.1 -p "$pgport" -U postgres -i -s "$1" -q postgres >/dev/null 2>&1
 }
 
-# start_pgcache PORT [ARGS...]: pgcache in front of the cluster.
+# start_pgcache PORT [ARGS...]: pgcache in front of the cluster (log filter: BENCH_LOG, default warn).
 start_pgcache() {
   local port=$1
   shift

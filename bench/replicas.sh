@@ -6,7 +6,9 @@
 #  - 90 % point selects / 10 % updates per client: a session's reads after its own update go
 #    to the primary until the replica has replayed it (session), or every read after any
 #    update does (causal) — what tracking WAL positions costs.
-# The share of reads the replica took is read from SHOW REPLICAS. Primary and replica share
+# Without rules (what routing and tracking cost), and the mix again with a cache rule on
+# pgbench_accounts (misses filled from the replica when it has replayed the writes to their
+# keys). The share of reads the replica took is read from SHOW REPLICAS. Primary and replica share
 # this machine's cores, so a replica cannot add throughput here: the figures show what routing
 # and tracking cost, not what a replica on its own host would add.
 #
@@ -37,26 +39,38 @@ UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;
 SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
 \endif
 SQL
+mkdir -p "$work/none" "$work/rule"
+cat >"$work/rule/r.toml" <<'TOML'
+[[rule]]
+name  = "accounts"
+match = { tables = ["pgbench_accounts"] }
+ttl   = "1h"
+TOML
 replica=(--replica "host=127.0.0.1 port=$rport sslmode=disable")
-none=$(free_port); start_pgcache "$none" --pool-mode transaction
-session=$(free_port); start_pgcache "$session" --pool-mode transaction "${replica[@]}" --config "$work/session.toml"
-causal=$(free_port); start_pgcache "$causal" --pool-mode transaction "${replica[@]}" --config "$work/causal.toml"
-off=$(free_port); start_pgcache "$off" --pool-mode transaction "${replica[@]}" --config "$work/off.toml"
+tx=(--pool-mode transaction)
+none=$(free_port); start_pgcache "$none" "${tx[@]}" --rules "$work/none"
+session=$(free_port); start_pgcache "$session" "${tx[@]}" --rules "$work/none" "${replica[@]}" --config "$work/session.toml"
+causal=$(free_port); start_pgcache "$causal" "${tx[@]}" --rules "$work/none" "${replica[@]}" --config "$work/causal.toml"
+off=$(free_port); start_pgcache "$off" "${tx[@]}" --rules "$work/none" "${replica[@]}" --config "$work/off.toml"
+none_rule=$(free_port); start_pgcache "$none_rule" "${tx[@]}" --rules "$work/rule"
+session_rule=$(free_port); start_pgcache "$session_rule" "${tx[@]}" --rules "$work/rule" "${replica[@]}" --config "$work/session.toml"
 sleep 1
 reads_on_replica() {
   psql -X -q -At -h 127.0.0.1 -p "$1" -U postgres -c "SHOW REPLICAS" pgcache | cut -d'|' -f6
 }
 
-targets=(direct:$pgport none:$none session:$session causal:$causal off:$off)
-for workload in select mix; do
+for workload in select mix mix_rule; do
+  targets=(direct:$pgport none:$none session:$session causal:$causal off:$off)
+  [[ $workload == mix_rule ]] && targets=(direct:$pgport none:$none_rule session:$session_rule)
   args=(-S)
-  [[ $workload == mix ]] && args=(-f "$work/mix.sql")
+  [[ $workload == mix* ]] && args=(-f "$work/mix.sql")
   declare -A tps lat share
   for t in "${targets[@]}"; do run_pgbench "${t#*:}" "$clients" 2 "${args[@]}" >/dev/null; done
   for t in "${targets[@]}"; do
     name=${t%%:*} port=${t#*:}
     before=0
     [[ $name != direct && $name != none ]] && before=$(reads_on_replica "$port")
+    [[ $workload == mix_rule && $name != direct ]] && psql -X -q -h 127.0.0.1 -p "$port" -U postgres -c "INVALIDATE ALL" pgcache >/dev/null
     read -r tps[$name] lat[$name] < <(run_pgbench "$port" "$clients" "$secs" "${args[@]}")
     if [[ $name != direct && $name != none ]]; then
       after=$(reads_on_replica "$port")
@@ -67,7 +81,9 @@ for workload in select mix; do
     fi
   done
   echo
-  echo "| $workload, $clients clients, transaction pooling | TPS | ratio to direct | ratio to no replica | latency ms | reads on the replica |"
+  title=$workload
+  [[ $workload == mix_rule ]] && title="mix with a cache rule on pgbench_accounts"
+  echo "| $title, $clients clients, transaction pooling | TPS | ratio to direct | ratio to no replica | latency ms | reads on the replica |"
   echo "|---|---|---|---|---|---|"
   for t in "${targets[@]}"; do
     name=${t%%:*}

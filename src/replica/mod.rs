@@ -116,6 +116,9 @@ pub struct Replicas {
     last_ddl: AtomicU64,
     turn: AtomicUsize,
     metrics: Arc<Metrics>,
+    /// A read went to the primary only because no sample after its session's write had been
+    /// taken, or replayed, yet: the monitor checks again soon rather than at its next tick.
+    pub(super) wanted: tokio::sync::Notify,
 }
 
 /// Why an eligible read went to the primary.
@@ -180,6 +183,7 @@ impl Replicas {
             last_ddl: AtomicU64::new(0),
             turn: AtomicUsize::new(0),
             metrics,
+            wanted: tokio::sync::Notify::new(),
         })
     }
 
@@ -244,10 +248,12 @@ impl Replicas {
             return Err(self.fell_back(Fallback::Unavailable));
         }
         let Some(required) = self.position_after(need) else {
+            self.wanted.notify_one();
             return Err(self.fell_back(Fallback::Behind));
         };
         let mut ready: Vec<usize> = up.into_iter().filter(|&i| self.nodes[i].replay() >= required).collect();
         if ready.is_empty() {
+            self.wanted.notify_one();
             return Err(self.fell_back(Fallback::Behind));
         }
         if let Some(at) = fill {

@@ -1,4 +1,5 @@
-//! The replica monitor: every `replica.check_interval`, the primary's WAL insert position
+//! The replica monitor: every `replica.check_interval` (and at most every 2 ms while reads
+//! wait for a sample after their session's write), the primary's WAL insert position
 //! (numbered on the [`WalClock`](crate::cache::generation::WalClock) before it is asked for)
 //! and then, side by side, each replica's `pg_is_in_recovery()` and
 //! `pg_last_wal_replay_lsn()`. A replica that does not answer within `check_timeout`, is not
@@ -19,6 +20,9 @@ use crate::config::Upstream;
 
 use super::{Replicas, State};
 
+/// The least time between checks asked for by reads waiting on a sample.
+const EAGER_GAP: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Runs until `shutdown`.
 pub async fn run(
     replicas: Arc<Replicas>,
@@ -32,11 +36,18 @@ pub async fn run(
     let mut clients: Vec<Option<Client>> = replicas.nodes.iter().map(|_| None).collect();
     let mut tick = tokio::time::interval(config.check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            // Sooner when a read waits for a sample (a session's own write), at most every
+            // EAGER_GAP.
+            _ = replicas.wanted.notified() => {
+                tokio::time::sleep_until(last + EAGER_GAP).await;
+            }
             _ = shutdown.cancelled() => return,
         }
+        last = tokio::time::Instant::now();
         let sample = clock.start_sample();
         let asked =
             tokio::time::timeout(config.check_timeout, primary_position(&mut primary_client, &primary, &upstream));
