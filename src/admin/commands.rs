@@ -410,6 +410,19 @@ fn config(ctx: &Context) -> ResultSet {
             ("cache.invalidate_on_writes", c.cache.invalidate_on_writes.to_string()),
             ("cache.invalidate_by_key", c.cache.invalidate_by_key.to_string()),
             ("cache.catalog_ttl", humantime::format_duration(c.cache.catalog_ttl).to_string()),
+            (
+                "replicas",
+                c.replicas
+                    .nodes
+                    .iter()
+                    .map(|n| format!("{} (weight {})", n.upstream.describe(), n.weight))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            ("replica.read_your_writes", format!("{:?}", c.replicas.read_your_writes).to_lowercase()),
+            ("replica.max_lag_bytes", c.replicas.max_lag_bytes.to_string()),
+            ("replica.check_interval", humantime::format_duration(c.replicas.check_interval).to_string()),
+            ("replica.check_timeout", humantime::format_duration(c.replicas.check_timeout).to_string()),
             ("console.database", c.console.database.clone()),
             ("console.users", c.console.users.join(",")),
             ("metrics.max_table_labels", c.max_table_labels.to_string()),

@@ -824,6 +824,38 @@ mod tests {
     }
 
     #[test]
+    fn replicas_come_from_the_file_or_the_flags_which_replace_them() {
+        let f = || {
+            FileConfig::parse(
+                "[[replicas]]\nurl = \"postgres://r1:5433\"\nweight = 3\n\
+                 [[replicas]]\nurl = \"host=r2 port=5434\"\n\
+                 [replica]\nread_your_writes = \"causal\"\nmax_lag_bytes = 1024\ncheck_interval = \"50ms\"\n",
+            )
+            .unwrap()
+        };
+        let c = Config::merge(&Cli::default(), f()).unwrap();
+        let nodes: Vec<(String, u32)> = c.replicas.nodes.iter().map(|n| (n.upstream.describe(), n.weight)).collect();
+        assert_eq!(nodes, [("r1:5433".to_owned(), 3), ("r2:5434".to_owned(), 1)]);
+        assert_eq!(c.replicas.read_your_writes, ReadYourWrites::Causal);
+        assert_eq!((c.replicas.max_lag_bytes, c.replicas.check_interval), (1024, Duration::from_millis(50)));
+        assert!(c.replicas.check_fills);
+        let c = Config::merge(&cli(&["--replica", "postgres://r3:6000", "--replica", "postgres://r4"]), f()).unwrap();
+        let nodes: Vec<String> = c.replicas.nodes.iter().map(|n| n.upstream.describe()).collect();
+        assert_eq!(nodes, ["r3:6000", "r4:5432"]);
+        let none = Config::merge(&Cli::default(), FileConfig::default()).unwrap();
+        assert!(none.replicas.nodes.is_empty());
+        assert_eq!(none.replicas.read_your_writes, ReadYourWrites::Session);
+        for (file, key) in [
+            ("[replica]\nread_your_writes = \"eventual\"\n", "replica.read_your_writes"),
+            ("[replica]\ncheck_timeout = \"0s\"\n", "replica.check_timeout"),
+            ("[[replicas]]\nurl = \"postgres://h/d?sslmode=x\"\n", "replicas.url"),
+        ] {
+            let e = Config::merge(&Cli::default(), FileConfig::parse(file).unwrap()).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+    }
+
+    #[test]
     fn defaults() {
         let c = Config::merge(&Cli::default(), FileConfig::default()).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
