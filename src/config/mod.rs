@@ -5,101 +5,20 @@
 //! Owns parsing and validation of settings; opens nothing (no sockets, no files besides the
 //! config file itself). A leaf: it imports nothing from the rest of the crate.
 
+mod cli;
 mod file;
+mod reload;
+mod replicas;
 pub mod upstream;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-
+pub use cli::{Cli, Command};
 pub use file::FileConfig;
+pub use replicas::{ReadYourWrites, ReplicaNode, ReplicasConfig};
 pub use upstream::{Host, Password, SslMode, Upstream};
-
-/// The command line. Every flag can also come from the named environment variable.
-#[derive(Debug, Parser, Default)]
-#[command(name = "pgcache", version, about = "A caching sidecar proxy for PostgreSQL")]
-pub struct Cli {
-    /// Address clients connect to [default: 127.0.0.1:6432]
-    #[arg(long, global = true, env = "PGCACHE_LISTEN")]
-    pub listen: Option<String>,
-    /// Also listen on a Unix socket in this directory (`.s.PGSQL.<listen port>`, as Postgres
-    /// names it: clients connect with `host=<dir>`)
-    #[arg(long, global = true, env = "PGCACHE_UNIX_SOCKET_DIR")]
-    pub unix_socket_dir: Option<PathBuf>,
-    /// Upstream Postgres URL (libpq URI or key=value form)
-    /// [default: postgres://postgres@127.0.0.1:5432/postgres]
-    #[arg(long, global = true, env = "PGCACHE_UPSTREAM", hide_env_values = true)]
-    pub upstream: Option<String>,
-    /// TOML config file
-    #[arg(long, global = true, env = "PGCACHE_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Directory of rule files [default: ./rules]
-    #[arg(long, global = true, env = "PGCACHE_RULES")]
-    pub rules: Option<PathBuf>,
-    /// Admin HTTP address (/metrics, /healthz, /readyz) [default: 127.0.0.1:9930]
-    #[arg(long, global = true, env = "PGCACHE_ADMIN")]
-    pub admin: Option<String>,
-    /// Client authentication: scram-sha-256, cleartext or trust [default: scram-sha-256]
-    #[arg(long, global = true, env = "PGCACHE_AUTH")]
-    pub auth: Option<String>,
-    /// The fleet's secret that signs invalidation messages (better given in the environment)
-    #[arg(long, global = true, env = "PGCACHE_PEERS_SECRET", hide_env_values = true)]
-    pub peers_secret: Option<String>,
-    /// A shared second-level cache: redis://host:port[/db] or rediss://...
-    #[arg(long, global = true, env = "PGCACHE_L2", hide_env_values = true)]
-    pub l2: Option<String>,
-    /// A streaming replica of the upstream to spread reads over (repeatable; host, port and
-    /// TLS are taken from it, user and database are the client's)
-    #[arg(long = "replica", global = true, env = "PGCACHE_REPLICAS", value_delimiter = ',', hide_env_values = true)]
-    pub replicas: Vec<String>,
-    /// A bearer token /metrics requires (better given in the environment)
-    #[arg(long, global = true, env = "PGCACHE_METRICS_TOKEN", hide_env_values = true)]
-    pub metrics_token: Option<String>,
-    /// Maximum backend connections per (database, user) [default: 20]
-    #[arg(long, global = true, env = "PGCACHE_POOL_SIZE")]
-    pub pool_size: Option<usize>,
-    /// When a client gives its backend back: session or transaction [default: session]
-    #[arg(long, global = true, env = "PGCACHE_POOL_MODE")]
-    pub pool_mode: Option<String>,
-    /// Log format: text or json [default: text]
-    #[arg(long, global = true, env = "PGCACHE_LOG_FORMAT")]
-    pub log_format: Option<String>,
-    /// Invalidation shared with other pgcache instances: on or off [default: on]
-    #[arg(long, global = true, env = "PGCACHE_PEERS")]
-    pub peers: Option<String>,
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the proxy (the default).
-    Run,
-    /// Exit 0 if pgcache's /healthz (on --admin) answers 200 (for container health checks).
-    Healthcheck,
-    /// Start a throwaway PostgreSQL with a sample schema and pgcache in front of it, with the
-    /// example rules; print what to try; clean up on Ctrl-C.
-    Demo,
-    /// Validate the rule files in DIR, print the rules in the order they apply, and exit
-    /// non-zero if any is invalid.
-    CheckRules {
-        /// Rule directory
-        dir: PathBuf,
-    },
-    /// Statement-level triggers that announce writes bypassing pgcache (cron jobs, psql) to
-    /// every instance: install them on the tables the rules cache, remove them, or print the
-    /// install SQL for review.
-    Triggers {
-        /// install, uninstall or sql
-        #[arg(value_parser = ["install", "uninstall", "sql"])]
-        action: String,
-        /// Database(s) to act on [default: the upstream URL's]
-        #[arg(long)]
-        database: Vec<String>,
-    },
-}
 
 /// How clients prove who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,46 +211,6 @@ impl L2Config {
     }
 }
 
-/// `--replica` / `[[replicas]]` and `[replica]`: streaming replicas reads are spread over.
-#[derive(Debug, Clone, Default)]
-pub struct ReplicasConfig {
-    pub nodes: Vec<ReplicaNode>,
-    /// A replica further behind the primary than this (bytes of WAL) gets no reads.
-    pub max_lag_bytes: u64,
-    /// How often the primary's WAL position and each replica's replay position are read.
-    pub check_interval: Duration,
-    /// Longest a check may take before the replica counts as down.
-    pub check_timeout: Duration,
-    pub read_your_writes: ReadYourWrites,
-    /// Fills from a replica are stored only if it replayed the last invalidation. Not a
-    /// setting: only the tests turn it off, to show their checker sees the stale entries this
-    /// prevents.
-    #[doc(hidden)]
-    pub check_fills: bool,
-}
-
-/// One replica.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplicaNode {
-    /// Host, port and TLS settings (user, password and database are not used: a session logs
-    /// in as itself, the monitor as the upstream URL's user).
-    pub upstream: Upstream,
-    /// Its share of the reads, against the other replicas' (default 1; 0: none).
-    pub weight: u32,
-}
-
-/// Which writes a read sent to a replica must see.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum ReadYourWrites {
-    /// The session's own committed writes (default).
-    #[default]
-    Session,
-    /// Every write this instance saw commit or heard of, whoever made it.
-    Causal,
-    /// None: a replica is used however far behind it is (within `max_lag_bytes`).
-    Off,
-}
-
 /// Where the fleet's secret comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeersSecret {
@@ -395,51 +274,6 @@ pub enum ConfigError {
     Parse { path: PathBuf, source: Box<toml::de::Error> },
     #[error("invalid value for {key}: {message}")]
     Invalid { key: &'static str, message: String },
-}
-
-/// The replicas from `--replica` (which replace the file's `[[replicas]]`) and `[replica]`.
-fn replicas_config(
-    cli: &Cli,
-    listed: &[file::ReplicaFile],
-    f: &file::ReplicaSettingsFile,
-) -> Result<ReplicasConfig, ConfigError> {
-    let given: Vec<(String, u32)> = if cli.replicas.is_empty() {
-        listed.iter().map(|r| (r.url.clone(), r.weight.unwrap_or(1))).collect()
-    } else {
-        cli.replicas.iter().filter(|u| !u.is_empty()).map(|u| (u.clone(), 1)).collect()
-    };
-    let mut nodes = Vec::with_capacity(given.len());
-    for (url, weight) in given {
-        let upstream: Upstream =
-            url.parse().map_err(|e: upstream::UpstreamError| invalid("replicas.url", e.to_string()))?;
-        nodes.push(ReplicaNode { upstream, weight });
-    }
-    let read_your_writes = match f.read_your_writes.as_deref() {
-        None | Some("session") => ReadYourWrites::Session,
-        Some("causal") => ReadYourWrites::Causal,
-        Some("off") => ReadYourWrites::Off,
-        Some(other) => {
-            return Err(invalid(
-                "replica.read_your_writes",
-                format!("{other:?} (expected \"session\", \"causal\" or \"off\")"),
-            ));
-        }
-    };
-    let check_interval = f.check_interval.unwrap_or(Duration::from_millis(100));
-    if check_interval.is_zero() {
-        return Err(invalid("replica.check_interval", "must be above 0"));
-    }
-    if f.check_timeout.is_some_and(|t| t.is_zero()) {
-        return Err(invalid("replica.check_timeout", "must be above 0"));
-    }
-    Ok(ReplicasConfig {
-        nodes,
-        max_lag_bytes: f.max_lag_bytes.unwrap_or(16 << 20),
-        check_interval,
-        check_timeout: f.check_timeout.unwrap_or(Duration::from_secs(1)),
-        read_your_writes,
-        check_fills: true,
-    })
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -629,7 +463,7 @@ impl Config {
                 }
                 None => None,
             },
-            replicas: replicas_config(cli, &f.replicas, &f.replica)?,
+            replicas: replicas::load(cli, &f.replicas, &f.replica)?,
             slow_statement: dur(f.slow_statement, 1),
             upstream,
         };
@@ -706,83 +540,6 @@ impl Config {
     }
 }
 
-impl Config {
-    /// This configuration with the settings of `fresh` that can change while running
-    /// (`auth.allow_plaintext_over_network`, `client.startup_timeout`,
-    /// `client.max_message_bytes`, `client.max_output_bytes`, `metrics.token`,
-    /// `auth.failure_delay`, `client.tls_required` when TLS is configured,
-    /// `cache.single_flight_wait`, `cache.unknown_writes`, `cache.invalidate_on_writes`,
-    /// `cache.invalidate_by_key`, `console.users`, `console.database`, `shutdown.drain_timeout`), and the names of the
-    /// other settings that differ and need a restart.
-    pub fn reloaded(&self, fresh: Config) -> (Config, Vec<&'static str>) {
-        let mut next = self.clone();
-        next.auth.allow_plaintext_over_network = fresh.auth.allow_plaintext_over_network;
-        next.client.startup_timeout = fresh.client.startup_timeout;
-        next.client.max_message_bytes = fresh.client.max_message_bytes;
-        next.client.max_output_bytes = fresh.client.max_output_bytes;
-        next.metrics_token = fresh.metrics_token.clone();
-        next.auth.failure_delay = fresh.auth.failure_delay;
-        if self.client.tls_cert.is_some() {
-            next.client.tls_required = fresh.client.tls_required;
-        }
-        next.cache.single_flight_wait = fresh.cache.single_flight_wait;
-        next.cache.unknown_writes = fresh.cache.unknown_writes;
-        next.cache.invalidate_on_writes = fresh.cache.invalidate_on_writes;
-        next.cache.invalidate_by_key = fresh.cache.invalidate_by_key;
-        next.console = fresh.console.clone();
-        next.drain_timeout = fresh.drain_timeout;
-        let mut restart = Vec::new();
-        let mut differs = |name: &'static str, a: String, b: String| {
-            if a != b {
-                restart.push(name);
-            }
-        };
-        differs("listen", self.listen.to_string(), fresh.listen.to_string());
-        differs("unix_socket_dir", format!("{:?}", self.unix_socket_dir), format!("{:?}", fresh.unix_socket_dir));
-        differs("admin", self.admin.to_string(), fresh.admin.to_string());
-        differs("upstream", format!("{:?}", self.upstream), format!("{:?}", fresh.upstream));
-        differs("rules", format!("{:?}", self.rules), format!("{:?}", fresh.rules));
-        differs("log_format", format!("{:?}", self.log_format), format!("{:?}", fresh.log_format));
-        differs("slow_statement", format!("{:?}", self.slow_statement), format!("{:?}", fresh.slow_statement));
-        differs("auth.method", format!("{:?}", self.auth.method), format!("{:?}", fresh.auth.method));
-        differs("auth.verifiers", format!("{:?}", self.auth.verifiers), format!("{:?}", fresh.auth.verifiers));
-        differs("auth.verifier_ttl", format!("{:?}", self.auth.verifier_ttl), format!("{:?}", fresh.auth.verifier_ttl));
-        differs(
-            "auth.verify_interval",
-            format!("{:?}", self.auth.verify_interval),
-            format!("{:?}", fresh.auth.verify_interval),
-        );
-        differs("pool", format!("{:?}", self.pool), format!("{:?}", fresh.pool));
-        differs("replicas", format!("{:?}", self.replicas), format!("{:?}", fresh.replicas));
-        differs(
-            "client.max_connections",
-            self.client.max_connections.to_string(),
-            fresh.client.max_connections.to_string(),
-        );
-        differs(
-            "client.tls_cert/tls_key",
-            format!("{:?}{:?}", self.client.tls_cert, self.client.tls_key),
-            format!("{:?}{:?}", fresh.client.tls_cert, fresh.client.tls_key),
-        );
-        differs("cache.max_bytes", self.cache.max_bytes.to_string(), fresh.cache.max_bytes.to_string());
-        differs(
-            "cache.max_entry_bytes",
-            self.cache.max_entry_bytes.to_string(),
-            fresh.cache.max_entry_bytes.to_string(),
-        );
-        differs(
-            "cache.warm_*",
-            format!("{:?} {} {}", self.cache.warm_file, self.cache.warm_statements, self.cache.warm_rate),
-            format!("{:?} {} {}", fresh.cache.warm_file, fresh.cache.warm_statements, fresh.cache.warm_rate),
-        );
-        differs("cache.catalog_ttl", format!("{:?}", self.cache.catalog_ttl), format!("{:?}", fresh.cache.catalog_ttl));
-        differs("metrics.max_table_labels", self.max_table_labels.to_string(), fresh.max_table_labels.to_string());
-
-        differs("peers", format!("{:?}", self.peers), format!("{:?}", fresh.peers));
-        (next, restart)
-    }
-}
-
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
     FileConfig::parse(&text).map_err(|source| ConfigError::Parse { path: path.into(), source: Box::new(source) })
@@ -796,108 +553,4 @@ fn resolve(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cli(args: &[&str]) -> Cli {
-        Cli::try_parse_from(std::iter::once("pgcache").chain(args.iter().copied())).unwrap()
-    }
-
-    #[test]
-    fn pool_overrides_pick_a_mode_by_database_and_user() {
-        let f = FileConfig::parse(
-            "[pool]\nmode = \"session\"\n\
-             [[pool.override]]\ndatabase = \"app\"\nuser = \"batch\"\nmode = \"session\"\n\
-             [[pool.override]]\ndatabase = \"app\"\nmode = \"transaction\"\n",
-        )
-        .unwrap();
-        let c = Config::merge(&Cli::default(), f).unwrap();
-        assert_eq!(c.pool.mode_for("app", "web"), PoolMode::Transaction);
-        assert_eq!(c.pool.mode_for("app", "batch"), PoolMode::Session, "the first match wins");
-        assert_eq!(c.pool.mode_for("other", "web"), PoolMode::Session);
-        let bad = FileConfig::parse("[[pool.override]]\nmode = \"transaction\"\n").unwrap();
-        let e = Config::merge(&Cli::default(), bad).unwrap_err().to_string();
-        assert!(e.contains("pool.override"), "{e}");
-        let bad = FileConfig::parse("[[pool.override]]\nuser = \"x\"\nmode = \"statement\"\n").unwrap();
-        let e = Config::merge(&Cli::default(), bad).unwrap_err().to_string();
-        assert!(e.contains("pool.override.mode"), "{e}");
-    }
-
-    #[test]
-    fn replicas_come_from_the_file_or_the_flags_which_replace_them() {
-        let f = || {
-            FileConfig::parse(
-                "[[replicas]]\nurl = \"postgres://r1:5433\"\nweight = 3\n\
-                 [[replicas]]\nurl = \"host=r2 port=5434\"\n\
-                 [replica]\nread_your_writes = \"causal\"\nmax_lag_bytes = 1024\ncheck_interval = \"50ms\"\n",
-            )
-            .unwrap()
-        };
-        let c = Config::merge(&Cli::default(), f()).unwrap();
-        let nodes: Vec<(String, u32)> = c.replicas.nodes.iter().map(|n| (n.upstream.describe(), n.weight)).collect();
-        assert_eq!(nodes, [("r1:5433".to_owned(), 3), ("r2:5434".to_owned(), 1)]);
-        assert_eq!(c.replicas.read_your_writes, ReadYourWrites::Causal);
-        assert_eq!((c.replicas.max_lag_bytes, c.replicas.check_interval), (1024, Duration::from_millis(50)));
-        assert!(c.replicas.check_fills);
-        let c = Config::merge(&cli(&["--replica", "postgres://r3:6000", "--replica", "postgres://r4"]), f()).unwrap();
-        let nodes: Vec<String> = c.replicas.nodes.iter().map(|n| n.upstream.describe()).collect();
-        assert_eq!(nodes, ["r3:6000", "r4:5432"]);
-        let none = Config::merge(&Cli::default(), FileConfig::default()).unwrap();
-        assert!(none.replicas.nodes.is_empty());
-        assert_eq!(none.replicas.read_your_writes, ReadYourWrites::Session);
-        for (file, key) in [
-            ("[replica]\nread_your_writes = \"eventual\"\n", "replica.read_your_writes"),
-            ("[replica]\ncheck_timeout = \"0s\"\n", "replica.check_timeout"),
-            ("[[replicas]]\nurl = \"postgres://h/d?sslmode=x\"\n", "replicas.url"),
-        ] {
-            let e = Config::merge(&Cli::default(), FileConfig::parse(file).unwrap()).unwrap_err().to_string();
-            assert!(e.contains(key), "{e}");
-        }
-    }
-
-    #[test]
-    fn defaults() {
-        let c = Config::merge(&Cli::default(), FileConfig::default()).unwrap();
-        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
-        assert_eq!(c.admin.to_string(), DEFAULT_ADMIN);
-        assert_eq!(c.upstream.user, "postgres");
-        assert_eq!(c.rules, PathBuf::from("./rules"));
-        assert_eq!(c.auth.method, AuthMethod::ScramSha256);
-        assert_eq!(c.pool.max_size, 20);
-    }
-
-    #[test]
-    fn flag_wins_over_file() {
-        let f = FileConfig::parse("listen = \"127.0.0.1:7000\"\nadmin = \"127.0.0.1:7001\"\n[pool]\nmax_size = 3\n")
-            .unwrap();
-        let c = Config::merge(&cli(&["--listen", "127.0.0.1:7100"]), f).unwrap();
-        assert_eq!(c.listen.port(), 7100);
-        assert_eq!(c.admin.port(), 7001);
-        assert_eq!(c.pool.max_size, 3);
-    }
-
-    #[test]
-    fn unknown_file_key_is_named() {
-        let e = FileConfig::parse("[pool]\nmax_sise = 3\n").unwrap_err().to_string();
-        assert!(e.contains("max_sise"), "{e}");
-        let e = FileConfig::parse("[pool]\nidle_timeout = \"forever\"\n").unwrap_err().to_string();
-        assert!(e.contains("idle_timeout") && e.contains("forever"), "{e}");
-    }
-
-    #[test]
-    fn invalid_values_name_the_key() {
-        let e = Config::merge(&cli(&["--listen", "nowhere"]), FileConfig::default()).unwrap_err().to_string();
-        assert!(e.contains("listen"), "{e}");
-        let e = Config::merge(&cli(&["--upstream", "postgres://h/d?sslmode=x"]), FileConfig::default())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("upstream") && e.contains("sslmode"), "{e}");
-        let e = Config::merge(&cli(&["--auth", "trust", "--listen", "0.0.0.0:6432"]), FileConfig::default())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("auth.method") && e.contains("loopback"), "{e}");
-        let f = FileConfig::parse("[pool]\nmin_idle = 50\n").unwrap();
-        let e = Config::merge(&Cli::default(), f).unwrap_err().to_string();
-        assert!(e.contains("pool.min_idle"), "{e}");
-    }
-}
+mod tests;
