@@ -90,24 +90,15 @@ impl Cluster {
     /// Creates and starts a cluster (trust authentication, superuser `postgres`).
     pub fn start(opts: &Options) -> Result<Cluster, ClusterError> {
         let bin = find_bindir().ok_or(ClusterError::NoBinaries)?;
-        let port = free_port()?;
-        let dir = std::env::temp_dir().join(format!("pgcache-pg-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
+        let cluster = Cluster::place(bin, opts.watchdog)?;
         let root = is_root();
-        if root {
-            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir))?;
-        }
-        let cluster = Cluster { port, dir, bin };
-        if opts.watchdog {
-            cluster.spawn_watchdog()?;
-        }
         let data = cluster.data();
         cluster.pg(
             &cluster.bin.join("initdb"),
             &["-D", &data.to_string_lossy(), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"],
         )?;
         let mut conf = vec![
-            format!("port = {port}"),
+            format!("port = {}", cluster.port),
             "listen_addresses = '127.0.0.1'".into(),
             format!("unix_socket_directories = '{}'", cluster.dir.display()),
             "max_connections = 300".into(),
@@ -120,9 +111,7 @@ impl Cluster {
             "log_min_messages = warning".into(),
         ];
         conf.extend(opts.conf.iter().cloned());
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"))?;
-        writeln!(f, "\n{}", conf.join("\n"))?;
+        cluster.configure(&conf)?;
         if let Some(hba) = &opts.hba {
             std::fs::write(data.join("pg_hba.conf"), hba)?;
         }
@@ -141,16 +130,7 @@ impl Cluster {
     /// Creates and starts a streaming replica of this cluster (`pg_basebackup -R`, hot
     /// standby), on its own port and directory.
     pub fn start_replica(&self, watchdog: bool) -> Result<Cluster, ClusterError> {
-        let port = free_port()?;
-        let dir = std::env::temp_dir().join(format!("pgcache-pg-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        if is_root() {
-            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir))?;
-        }
-        let replica = Cluster { port, dir, bin: self.bin.clone() };
-        if watchdog {
-            replica.spawn_watchdog()?;
-        }
+        let replica = Cluster::place(self.bin.clone(), watchdog)?;
         let data = replica.data();
         // Next to the real pg_ctl (PATH may hold only links to the server's own tools).
         let pg_ctl = std::fs::canonicalize(self.bin.join("pg_ctl"))?;
@@ -174,16 +154,37 @@ impl Cluster {
                 "--no-sync",
             ],
         )?;
-        let conf = [
-            format!("port = {port}"),
+        replica.configure(&[
+            format!("port = {}", replica.port),
             format!("unix_socket_directories = '{}'", replica.dir.display()),
             "hot_standby = on".into(),
-        ];
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"))?;
-        writeln!(f, "\n{}", conf.join("\n"))?;
+        ])?;
         replica.start_server()?;
         Ok(replica)
+    }
+
+    /// A free port and an empty directory of the server user's for a new cluster, removed with
+    /// it (and by the watchdog, if asked for).
+    fn place(bin: PathBuf, watchdog: bool) -> Result<Cluster, ClusterError> {
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("pgcache-pg-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        if is_root() {
+            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir))?;
+        }
+        let cluster = Cluster { port, dir, bin };
+        if watchdog {
+            cluster.spawn_watchdog()?;
+        }
+        Ok(cluster)
+    }
+
+    /// Appends `lines` to postgresql.conf (later lines win).
+    fn configure(&self, lines: &[String]) -> Result<(), ClusterError> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(self.data().join("postgresql.conf"))?;
+        writeln!(f, "\n{}", lines.join("\n"))?;
+        Ok(())
     }
 
     pub fn data(&self) -> PathBuf {

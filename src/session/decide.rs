@@ -56,6 +56,18 @@ impl Request<'_> {
     }
 }
 
+/// When `c` (assessed `a`) reads its table by key: that read and the key values its text or
+/// parameters pin.
+fn pinned<'a>(
+    ctx: &Context,
+    a: &'a Assessment,
+    c: &Classified,
+    req: &Request<'_>,
+) -> Option<(&'a policy::KeyedRead, Vec<crate::query::point::KeyValue>)> {
+    let k = a.keyed.as_ref()?;
+    effects::pinned_keys(ctx, c, &k.column, k.kind, req.params()).map(|values| (k, values))
+}
+
 /// The counters a fill of `c` (assessed `a`) depends on, as they are now: its rule's table by
 /// the keys its text or parameters pin, when it reads that table by key.
 pub(super) fn fill_deps(
@@ -65,10 +77,16 @@ pub(super) fn fill_deps(
     c: &Classified,
     req: &Request<'_>,
 ) -> Vec<crate::cache::Dependency> {
-    let keys = a
-        .keyed
-        .as_ref()
-        .and_then(|k| effects::pinned_keys(ctx, c, &k.column, k.kind, req.params()).map(|values| (k, values)));
+    snapshot(ctx, database, a, &pinned(ctx, a, c, req))
+}
+
+/// The counters a read of what `a` resolved depends on, as they are now, by the keys `keys`.
+fn snapshot(
+    ctx: &Context,
+    database: &str,
+    a: &Assessment,
+    keys: &Option<(&policy::KeyedRead, Vec<crate::query::point::KeyValue>)>,
+) -> Vec<crate::cache::Dependency> {
     let keyed = keys.as_ref().map(|(k, values)| Keyed { relation: &k.relation, column: &k.column, values });
     ctx.generations.snapshot(database, &a.deps, keyed)
 }
@@ -208,12 +226,8 @@ impl Asker<'_> {
         let Some(l2) = ctx.l2.as_ref().filter(|_| !self.offline && ctx.peers.listening(database)) else {
             return FromL2::Missing(None);
         };
-        let keys = a
-            .keyed
-            .as_ref()
-            .and_then(|k| effects::pinned_keys(ctx, c, &k.column, k.kind, req.params()).map(|values| (k, values)));
-        let keyed = keys.as_ref().map(|(k, values)| Keyed { relation: &k.relation, column: &k.column, values });
-        let deps = ctx.generations.snapshot(database, &a.deps, keyed);
+        let keys = pinned(ctx, a, c, req);
+        let deps = snapshot(ctx, database, a, &keys);
         let versions =
             crate::l2::versions_of_read(database, &a.deps, keys.as_ref().map(|(k, v)| (&k.relation, v.as_slice())));
         let base = l2_base(database, part, &a.rule.name, sql, req);

@@ -39,7 +39,11 @@ impl PgCluster {
 
     /// Starts a private cluster (for tests that stop it, or change its authentication).
     pub fn start(opts: ClusterOptions) -> PgCluster {
-        let cluster = Cluster::start(&ClusterOptions { watchdog: true, ..opts }).unwrap_or_else(|e| panic!("{e}"));
+        PgCluster::own_cluster(Cluster::start(&ClusterOptions { watchdog: true, ..opts }))
+    }
+
+    fn own_cluster(cluster: Result<Cluster, pgcache::demo::cluster::ClusterError>) -> PgCluster {
+        let cluster = cluster.unwrap_or_else(|e| panic!("{e}"));
         PgCluster {
             host: "127.0.0.1".into(),
             port: cluster.port,
@@ -119,13 +123,6 @@ impl PgCluster {
 impl PgCluster {
     /// Starts a streaming replica of this (private) cluster.
     pub fn start_replica(&self) -> PgCluster {
-        let cluster = self.own().start_replica(true).unwrap_or_else(|e| panic!("{e}"));
-        PgCluster {
-            host: "127.0.0.1".into(),
-            port: cluster.port,
-            socket_dir: Some(cluster.dir.clone()),
-            cluster: Some(cluster),
-            external_url: None,
-        }
+        PgCluster::own_cluster(self.own().start_replica(true))
     }
 }
