@@ -289,7 +289,13 @@ async fn a_replica_that_stops_and_returns_costs_clients_nothing() {
 /// paused and resumed at random (`toggle`) or kept paused; a read that starts after a write
 /// was acknowledged to any client must see it. Returns (violations, reads, reads sent to the
 /// replica).
-async fn checker(mode: ReadYourWrites, check_fills: bool, rules: Option<&str>, toggle: bool) -> (u64, u64, f64) {
+async fn checker(
+    mode: ReadYourWrites,
+    check_fills: bool,
+    rules: Option<&str>,
+    toggle: bool,
+    pooling: PoolMode,
+) -> (u64, u64, f64) {
     use rand::{Rng, SeedableRng};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -299,6 +305,7 @@ async fn checker(mode: ReadYourWrites, check_fills: bool, rules: Option<&str>, t
         c.replicas.read_your_writes = mode;
         c.replicas.check_fills = check_fills;
         c.pool.max_size = 12;
+        c.pool.mode = pooling;
     })
     .await;
     env.on_primary
@@ -371,23 +378,27 @@ const CACHE_COUNTERS: &str = "[[rule]]\nname = \"counters\"\nmatch = { tables = 
 
 #[tokio::test]
 async fn the_randomized_checker_finds_nothing_stale_through_a_lagging_replica() {
-    for rules in [None, Some(CACHE_COUNTERS)] {
-        let (violations, reads, on_replica) = checker(ReadYourWrites::Causal, true, rules, true).await;
-        assert_eq!(violations, 0, "rules {rules:?}: {violations} of {reads} reads were stale");
-        assert!(on_replica > 0.0, "rules {rules:?}: some reads ran on the replica");
+    for (rules, pooling) in
+        [(None, PoolMode::Transaction), (Some(CACHE_COUNTERS), PoolMode::Transaction), (None, PoolMode::Session)]
+    {
+        let (violations, reads, on_replica) = checker(ReadYourWrites::Causal, true, rules, true, pooling).await;
+        assert_eq!(violations, 0, "rules {rules:?}, {pooling:?}: {violations} of {reads} reads were stale");
+        assert!(on_replica > 0.0, "rules {rules:?}, {pooling:?}: some reads ran on the replica");
     }
 }
 
 #[tokio::test]
 async fn negative_control_the_checker_finds_stale_reads_without_the_checks() {
     // Without read-your-writes, reads that are not cached go to the paused replica.
-    let (violations, reads, _) = checker(ReadYourWrites::Off, true, None, false).await;
+    let (violations, reads, _) = checker(ReadYourWrites::Off, true, None, false, PoolMode::Transaction).await;
     assert!(violations > 0, "0 of {reads} reads stale with the replica paused");
     // Cached reads still go where a fill may be stored: the fill check alone keeps them fresh,
-    let (violations, reads, _) = checker(ReadYourWrites::Off, true, Some(CACHE_COUNTERS), false).await;
+    let (violations, reads, _) =
+        checker(ReadYourWrites::Off, true, Some(CACHE_COUNTERS), false, PoolMode::Transaction).await;
     assert_eq!(violations, 0, "{violations} of {reads} cached reads stale");
     // and without it they are stale.
-    let (violations, reads, _) = checker(ReadYourWrites::Off, false, Some(CACHE_COUNTERS), false).await;
+    let (violations, reads, _) =
+        checker(ReadYourWrites::Off, false, Some(CACHE_COUNTERS), false, PoolMode::Transaction).await;
     assert!(violations > 0, "0 of {reads} cached reads stale without the fill check");
 }
 
@@ -453,4 +464,69 @@ async fn a_write_pipelined_behind_a_read_never_reaches_the_replica() {
     assert_eq!(env.ran("SELECT v FROM kv").await, (0, 1), "the read ran on the replica");
     assert_eq!(env.ran("SELECT id, v FROM kv").await, (0, 1));
     assert_eq!(env.ran("INSERT INTO kv VALUES").await, (2, 0), "both writes on the primary");
+}
+
+#[tokio::test]
+async fn in_session_pooling_reads_go_to_the_replica_and_the_session_keeps_its_backend() {
+    let env = setup(None, |c| c.pool.mode = PoolMode::Session).await;
+    let c = env.client().await;
+    // Its settings go with it to the replica.
+    // (What the client sends while pgcache reads the settings back after the SET runs where
+    // the SET did: the SHOW.)
+    c.batch_execute("SET statement_timeout = '7s'").await.unwrap();
+    assert_eq!(text(&c, "SHOW statement_timeout").await, "7s");
+    assert_eq!(text(&c, "SELECT current_setting('statement_timeout')").await, "7s");
+    assert_eq!(env.ran("SELECT current_setting($1)").await, (0, 1));
+    // Named statements prepared on the primary run on the replica, and back.
+    let write = c.prepare("INSERT INTO kv VALUES ($1, pg_backend_pid())").await.unwrap();
+    let read = c.prepare("SELECT v, id * 2 FROM kv WHERE id = $1").await.unwrap();
+    for i in 1..=10 {
+        assert_eq!(c.query_one(&read, &[&i]).await.unwrap().get::<_, i32>(0), 0);
+        text(&c, &format!("SELECT v + 3 FROM kv WHERE id = {i}")).await;
+    }
+    assert_eq!(env.ran("SELECT v, id * $2 FROM kv").await, (0, 10), "named statement: on the replica");
+    assert_eq!(env.ran("SELECT v + $1 FROM kv").await, (0, 10), "simple protocol: on the replica");
+    // Its writes run on one backend, its own: the session keeps it between transactions,
+    // while its reads go to the replica (once it shows the first write).
+    c.execute(&write, &[&5000]).await.unwrap();
+    env.catch_up().await;
+    let mut on_replica = false;
+    for _ in 0..200 {
+        c.query_one(&read, &[&1]).await.unwrap();
+        if env.ran("SELECT v, id * $2 FROM kv").await.1 > 10 {
+            on_replica = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(on_replica, "reads return to the replica after the write");
+    c.execute(&write, &[&5001]).await.unwrap();
+    let pids = text(&env.on_primary, "SELECT count(DISTINCT v) FROM kv WHERE id >= 5000").await;
+    assert_eq!(pids, "1", "both writes on the session's own backend");
+    // Its own writes are read back (from the primary until the replica shows them).
+    assert_eq!(stale_reads(&env, &c, &c).await, 0);
+    env.catch_up().await;
+    // While it holds what only its backend has, it reads there.
+    c.batch_execute("CREATE TEMP TABLE mine (id int); INSERT INTO mine VALUES (1)").await.unwrap();
+    env.catch_up().await;
+    for i in 1..=3 {
+        text(&c, &format!("SELECT v - 4 FROM kv WHERE id = {i}")).await;
+    }
+    assert_eq!(text(&c, "SELECT count(*) FROM mine").await, "1");
+    assert_eq!(env.ran("SELECT v - $1 FROM kv").await, (3, 0), "a temporary table keeps reads on the primary");
+    drop(c);
+
+    // The session's backend is its own: a pool of one is full while it is connected.
+    let env = setup(None, |c| {
+        c.pool.mode = PoolMode::Session;
+        c.pool.max_size = 1;
+        c.pool.acquire_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let c = env.client().await;
+    text(&c, "SELECT v FROM kv WHERE id = 1").await;
+    assert_eq!(env.ran("SELECT v FROM kv").await, (0, 1));
+    let second = tokio_postgres::connect(&env.proxy.url(&env.db, "postgres"), tokio_postgres::NoTls).await;
+    assert!(second.is_err(), "no second session on a pool of one");
+    drop(c);
 }

@@ -1,6 +1,7 @@
 //! A session without a backend. Two ways to get here ([`Why`]): in transaction pooling every
 //! session gives its backend back at the end of each transaction and waits here for its next
-//! request; and a session whose backend went away while it was idle, and that holds nothing
+//! request (in session pooling with replicas it keeps it as its `home`, taken again rather than
+//! one from the pool, and leaves it only for a read a replica takes); and a session whose backend went away while it was idle, and that holds nothing
 //! only that backend had (no transaction, temporary objects, LISTEN, cursors, advisory
 //! locks), carries on here instead of being closed. Either way:
 //!
@@ -16,7 +17,7 @@
 //!   request runs as if nothing happened; on failure the request gets an error (53300 when
 //!   the pool is exhausted, 08006 when Postgres cannot be reached) and the session stays
 //!   open, so the client can retry;
-//! - in transaction pooling with replicas, a request that only reads (see
+//! - with replicas, between transactions, a request that only reads (see
 //!   [`crate::replica::route`]) takes a backend on a replica that shows the session's writes,
 //!   if one does ([`crate::replica`]), and runs alone there: the client's messages behind it
 //!   wait until it is answered, then are read as usual. If the replica cannot be reached the
@@ -81,11 +82,15 @@ struct Detached<'a> {
     flow: &'a mut Flow,
     memo: &'a mut Assessments,
     why: Why,
+    /// Session pooling with replicas: the session's own backend, taken again rather than one
+    /// from the pool.
+    home: &'a mut Option<Lease>,
     /// The last request looked up had a cacheable statement the cache lacked: the sample a
     /// replica must have replayed to store its fill.
     fill_at: Option<u64>,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     ctx: &Arc<Context>,
     key: &PoolKey,
@@ -94,8 +99,9 @@ pub async fn run(
     flow: &mut Flow,
     memo: &mut Assessments,
     why: Why,
+    home: &mut Option<Lease>,
 ) -> Result<Outcome, SessionError> {
-    let mut d = Detached { ctx, key, startup, flow, memo, why, fill_at: None };
+    let mut d = Detached { ctx, key, startup, flow, memo, why, home, fill_at: None };
     let max = ctx.config().client.max_message_bytes;
     loop {
         let mut frames = Vec::new();
@@ -210,10 +216,37 @@ enum ReattachError {
 }
 
 impl Detached<'_> {
-    /// Takes a new backend and replays the session's settings on it.
+    /// Takes a new backend (or the session's own, if it keeps one) and replays the session's
+    /// settings on it.
     async fn reattach(&mut self) -> Result<Lease, ReattachError> {
+        if let Some(mut lease) = self.home.take() {
+            // Nothing to send when it shows the session's state, as it does unless the
+            // session's settings changed on a replica (which read them back).
+            let settings = self.replayable_settings()?;
+            let wanted = Wanted::session(self.ctx, settings, &mut self.flow.settings);
+            match adopt(lease.conn(), wanted).await {
+                Ok(_) => {
+                    self.forget_backend_state();
+                    return Ok(lease);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "the session's own backend could not be given its settings; taking another");
+                    lease.release(Reset::Close);
+                }
+            }
+        }
         let pool = self.ctx.pools.get(self.key);
         self.reattach_to(&pool).await
+    }
+
+    /// What to replay on a backend to give it the session's settings (see
+    /// [`Settings::replay`](super::core::settings::Settings::replay)).
+    fn replayable_settings(&self) -> Result<Vec<(String, String)>, ReattachError> {
+        if self.flow.settings.known() {
+            self.flow.settings.replay(&self.key.user).ok_or(ReattachError::NotReplayable)
+        } else {
+            Ok(Vec::new())
+        }
     }
 
     /// A backend on a replica for `frames`, if they only read, the session may move, and a
@@ -303,11 +336,7 @@ impl Detached<'_> {
             return Err(ReattachError::RecentlyFailed);
         }
         let secret = refresh::pooled_secret(self.ctx, self.key);
-        let settings = if self.flow.settings.known() {
-            self.flow.settings.replay(&self.key.user).ok_or(ReattachError::NotReplayable)?
-        } else {
-            Vec::new()
-        };
+        let settings = self.replayable_settings()?;
         // A pooled connection, or, if it cannot show the session's state (another session
         // defined a custom setting there that this one has not), a new one: a session's
         // state that a new connection cannot be given either is not reproducible.
@@ -332,6 +361,13 @@ impl Detached<'_> {
                 }
             }
         };
+        self.forget_backend_state();
+        Ok(lease)
+    }
+
+    /// The session is on another backend than before: the one before had its statements and
+    /// portals, this one may not.
+    fn forget_backend_state(&mut self) {
         // The new backend knows none of the client's statements; re-send each when needed. In
         // transaction pooling named statements go under server names, which the backend
         // knows or learns when first used; only the unnamed one is the client's own.
@@ -342,7 +378,6 @@ impl Detached<'_> {
         }
         self.flow.portals.clear();
         self.flow.virtual_portal = None;
-        Ok(lease)
     }
 
     /// The whole answer to a Query or a batch, if the cache holds every result

@@ -7,6 +7,8 @@
 //!                                               │ backend lost while idle ──▶ Detached
 //!                      Relaying ◀──(new backend, settings replayed)── Detached
 //!                      Relaying ──transaction over (transaction pooling)──▶ Detached
+//!                      Relaying ──transaction over (session pooling, replicas)──▶ Detached,
+//!                                                        the backend kept as the session's home
 //! ```
 //!
 //! The protocol state is the [`core`]'s (pure, unit-tested); the [`relay`] does the I/O and
@@ -94,9 +96,13 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
         Box::pin(log_in(ctx, client, startup.minor > 0 || !unsupported.is_empty(), unsupported, &key, &params)).await?;
     drop(startup);
     let pooling_transactions = ctx.config().pool.mode_for(&key.database, &key.user) == PoolMode::Transaction;
+    // Session pooling with replicas: the session leaves its backend between transactions, as
+    // in transaction pooling, so that a read may go to a replica, but keeps it (`home`).
+    let keeps_backend = !pooling_transactions && !ctx.replicas.is_empty();
     let mut core = Core::new(Flow {
         database: Arc::from(key.database.as_str()),
-        transaction_pooling: pooling_transactions,
+        transaction_pooling: pooling_transactions || keeps_backend,
+        keeps_backend,
         settings: Settings::at_startup(&params),
         ..Flow::default()
     });
@@ -118,6 +124,9 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
     let mut memo = memo::Assessments::default();
     let mut reported = lease.conn_ref().params.clone();
     let mut lease = Some(lease);
+    // Session pooling with replicas: the session's own backend on the primary, while the
+    // session is between transactions or on a replica.
+    let mut home: Option<Lease> = None;
     let mut idle = detached::Why::Lost;
     // On a replica: the client's messages behind the read sent there, read after it.
     let mut behind: Option<BytesMut> = None;
@@ -129,7 +138,8 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
                 detached::Why::Lost => {
                     ctx.stats.detached(1.0);
                     let outcome =
-                        Box::pin(detached::run(ctx, &key, &params, client, &mut core.flow, &mut memo, idle)).await;
+                        Box::pin(detached::run(ctx, &key, &params, client, &mut core.flow, &mut memo, idle, &mut home))
+                            .await;
                     ctx.stats.detached(-1.0);
                     outcome
                 }
@@ -142,7 +152,8 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
                             _ = ctx.shutdown.cancelled() => {}
                         }
                     }
-                    Box::pin(detached::run(ctx, &key, &params, client, &mut core.flow, &mut memo, idle)).await
+                    Box::pin(detached::run(ctx, &key, &params, client, &mut core.flow, &mut memo, idle, &mut home))
+                        .await
                 }
             };
             match outcome {
@@ -174,7 +185,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
             }
         };
         // Transaction pooling: statements go to this backend under their server names.
-        if pooling_transactions && core.server.is_none() {
+        if core.flow.transaction_pooling && core.server.is_none() {
             let max = ctx.config().pool.max_prepared_statements;
             core.server = Some(attached.conn().prepared.take().unwrap_or_else(|| Prepared::new(max)));
         }
@@ -205,7 +216,12 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
                 if !on_replica {
                     changed_parameters(&mut reported, &attached.conn_ref().params);
                 }
-                hand_back(ctx, &key, attached, &mut core);
+                if keeps_backend && !on_replica {
+                    leave(ctx, &mut attached, &key, &mut core);
+                    home = Some(attached);
+                } else {
+                    hand_back(ctx, &key, attached, &mut core);
+                }
                 // What the client is owed goes out before it waits without a backend.
                 if !core.to_client.is_empty() {
                     client.stream.write_all_buf(&mut core.to_client).await?;
@@ -226,6 +242,10 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
         give_back(attached, &core);
         break result;
     };
+    if let Some(home) = home {
+        // Left at rest, with what it holds written down (see `leave`).
+        home.release(Reset::None);
+    }
     if pooling_transactions {
         let pool = ctx.pools.get(&key);
         let held = crate::query::Held::ALL.into_iter().filter(|h| core.flow.holds.holds(*h));
@@ -289,10 +309,18 @@ fn changed_parameters(reported: &mut Arc<BTreeMap<String, String>>, new: &Arc<BT
     out
 }
 
-/// Transaction pooling: gives the backend back at the end of a client's transaction, with
-/// what the client left on it — its settings (the next client that takes it compares them
-/// with its own) and the statements pgcache prepared there.
+/// Transaction pooling: gives the backend back at the end of a client's transaction (see
+/// [`leave`]).
 fn hand_back(ctx: &Context, key: &PoolKey, mut lease: Lease, core: &mut Core) {
+    leave(ctx, &mut lease, key, core);
+    ctx.stats.metrics.handoff();
+    lease.release(Reset::None);
+}
+
+/// Writes down on the backend what the client left on it at the end of a transaction — its
+/// settings (whoever takes it next compares them with its own) and the statements pgcache
+/// prepared there.
+fn leave(ctx: &Context, lease: &mut Lease, key: &PoolKey, core: &mut Core) {
     let pool = lease.pool().clone();
     let settings = &core.flow.settings;
     let conn = lease.conn();
@@ -313,8 +341,6 @@ fn hand_back(ctx: &Context, key: &PoolKey, mut lease: Lease, core: &mut Core) {
     if let Some(prepared) = &conn.prepared {
         pool.accept(prepared.names(), ctx.catalog.epoch());
     }
-    ctx.stats.metrics.handoff();
-    lease.release(Reset::None);
 }
 
 /// Returns the backend to the pool if it is at rest; otherwise cancels what it runs and

@@ -226,7 +226,7 @@ impl Relay<'_> {
             return false;
         }
         let replayable = !f.settings_touched || f.settings.replay(&self.key.user).is_some();
-        if replayable == f.settings_pinned {
+        if replayable == f.settings_pinned && !f.keeps_backend {
             // Pinned by its settings just now, or released from that pin.
             self.core.flow.settings_pinned = !replayable;
             pin(self.ctx, self.key, "settings", SETTINGS_PIN, !replayable);
@@ -437,7 +437,8 @@ impl Relay<'_> {
     /// Carries out the core's actions, in order.
     pub(super) fn carry_out(&mut self) {
         let ctx = self.ctx;
-        let pooling_transactions = self.core.flow.transaction_pooling;
+        // (A session that keeps its backend has nothing to pin.)
+        let pooling_transactions = self.core.flow.transaction_pooling && !self.core.flow.keeps_backend;
         // What the backend's settings are, as read on it: a fill keyed otherwise is not stored.
         let backend_state = self.core.flow.settings.verified().cloned();
         let (mut wrote, mut ddl) = (false, false);
@@ -468,7 +469,9 @@ impl Relay<'_> {
                 Action::Pinned(_) | Action::Unpinned(_) => {}
             }
         }
-        if wrote && !ctx.replicas.is_empty() {
+        // (Nothing run on a replica writes: a standby refuses writes, so a read there that
+        // might have written by its text — a function while the cache is not in use — did not.)
+        if wrote && !ctx.replicas.is_empty() && self.core.flow.replica.is_none() {
             // The session's later reads wait for a replica that shows this write.
             self.core.flow.replica_need = ctx.replicas.note_write();
             if ddl {

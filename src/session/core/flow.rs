@@ -68,9 +68,15 @@ pub enum Parked {
 pub struct Flow {
     /// The session's database.
     pub database: Arc<str>,
-    /// The session is pooled by transaction (`pool.mode` or its override for this database
-    /// and user): it gives its backend back between transactions.
+    /// The session leaves its backend between transactions: it is pooled by transaction
+    /// (`pool.mode` or its override for this database and user), or it is pooled by session
+    /// with replicas configured ([`Flow::keeps_backend`]). Either way its statements go to
+    /// backends under server names and its settings are replayed where it goes next.
     pub transaction_pooling: bool,
+    /// Session pooling with replicas: between transactions the session keeps its backend on
+    /// the primary (its home, which no other session gets) and leaves it only for a read a
+    /// replica takes; nothing is pinned, as it never gives its backend back.
+    pub keeps_backend: bool,
     pub pipeline: Pipeline,
     pub settings: Settings,
     pub probe: Option<Probe>,
