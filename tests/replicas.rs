@@ -530,3 +530,14 @@ async fn in_session_pooling_reads_go_to_the_replica_and_the_session_keeps_its_ba
     assert!(second.is_err(), "no second session on a pool of one");
     drop(c);
 }
+
+#[tokio::test]
+async fn the_primary_takes_its_weight_of_the_reads() {
+    let env = setup(None, |c| c.replicas.primary_weight = 1).await;
+    let c = env.client().await;
+    for i in 1..=20 {
+        text(&c, &format!("SELECT v * 2 FROM kv WHERE id = {i}")).await;
+    }
+    assert_eq!(env.ran("SELECT v * $1 FROM kv").await, (10, 10), "one replica of weight 1, the primary of weight 1");
+    assert_eq!(env.proxy.metric("pgcache_replica_fallbacks_total{reason=\"primary_share\"}").await, 10.0);
+}

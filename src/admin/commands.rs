@@ -421,6 +421,7 @@ fn config(ctx: &Context) -> ResultSet {
             ),
             ("replica.read_your_writes", format!("{:?}", c.replicas.read_your_writes).to_lowercase()),
             ("replica.max_lag_bytes", c.replicas.max_lag_bytes.to_string()),
+            ("replica.primary_weight", c.replicas.primary_weight.to_string()),
             ("replica.check_interval", humantime::format_duration(c.replicas.check_interval).to_string()),
             ("replica.check_timeout", humantime::format_duration(c.replicas.check_timeout).to_string()),
             ("console.database", c.console.database.clone()),

@@ -68,6 +68,8 @@ pub struct ReplicaFile {
 pub struct ReplicaSettingsFile {
     /// A replica further behind than this many bytes of WAL gets no reads (default 16 MiB).
     pub max_lag_bytes: Option<u64>,
+    /// The primary's share of the reads replicas could take, against their weights (default 0).
+    pub primary_weight: Option<u32>,
     /// How often positions are read (default `100ms`).
     #[serde(default, with = "humantime_serde")]
     pub check_interval: Option<Duration>,

@@ -18,6 +18,9 @@ pub struct ReplicasConfig {
     /// Longest a check may take before the replica counts as down.
     pub check_timeout: Duration,
     pub read_your_writes: ReadYourWrites,
+    /// The primary's share of the reads a replica could take, against the replicas'
+    /// weights (0: none; reads go to the primary only when no replica will do).
+    pub primary_weight: u32,
     /// Fills from a replica are stored only if it replayed the last invalidation. Not a
     /// setting: only the tests turn it off, to show their checker sees the stale entries this
     /// prevents.
@@ -84,6 +87,7 @@ pub(super) fn load(cli: &Cli, listed: &[ReplicaFile], f: &ReplicaSettingsFile) -
         check_interval,
         check_timeout: f.check_timeout.unwrap_or(Duration::from_secs(1)),
         read_your_writes,
+        primary_weight: f.primary_weight.unwrap_or(0),
         check_fills: true,
     })
 }
@@ -103,7 +107,8 @@ mod tests {
             FileConfig::parse(
                 "[[replicas]]\nurl = \"postgres://r1:5433\"\nweight = 3\n\
                  [[replicas]]\nurl = \"host=r2 port=5434\"\n\
-                 [replica]\nread_your_writes = \"causal\"\nmax_lag_bytes = 1024\ncheck_interval = \"50ms\"\n",
+                 [replica]\nread_your_writes = \"causal\"\nmax_lag_bytes = 1024\ncheck_interval = \"50ms\"\n\
+                 primary_weight = 2\n",
             )
             .unwrap()
         };
@@ -113,6 +118,7 @@ mod tests {
         assert_eq!(c.replicas.read_your_writes, ReadYourWrites::Causal);
         assert_eq!((c.replicas.max_lag_bytes, c.replicas.check_interval), (1024, Duration::from_millis(50)));
         assert!(c.replicas.check_fills);
+        assert_eq!(c.replicas.primary_weight, 2);
         let c = Config::merge(&cli(&["--replica", "postgres://r3:6000", "--replica", "postgres://r4"]), f()).unwrap();
         let nodes: Vec<String> = c.replicas.nodes.iter().map(|n| n.upstream.describe()).collect();
         assert_eq!(nodes, ["r3:6000", "r4:5432"]);

@@ -134,6 +134,8 @@ pub enum Fallback {
     ConnectFailed,
     /// The chosen replica's pool had no free connection.
     Busy,
+    /// The read fell to the primary's share (`replica.primary_weight`).
+    PrimaryShare,
 }
 
 impl Fallback {
@@ -144,6 +146,7 @@ impl Fallback {
             Fallback::Fill => "fill",
             Fallback::ConnectFailed => "connect_failed",
             Fallback::Busy => "busy",
+            Fallback::PrimaryShare => "primary_share",
         }
     }
 }
@@ -263,7 +266,11 @@ impl Replicas {
             }
         }
         let total: u64 = ready.iter().map(|&i| u64::from(self.nodes[i].weight)).sum();
-        let mut pick = (self.turn.fetch_add(1, Ordering::Relaxed) as u64) % total;
+        let primary = u64::from(self.config.primary_weight);
+        let mut pick = (self.turn.fetch_add(1, Ordering::Relaxed) as u64) % (total + primary);
+        if pick >= total {
+            return Err(self.fell_back(Fallback::PrimaryShare));
+        }
         let chosen = ready
             .iter()
             .copied()
@@ -382,6 +389,7 @@ mod tests {
             check_interval: Duration::from_millis(100),
             check_timeout: Duration::from_secs(1),
             read_your_writes: mode,
+            primary_weight: 0,
             check_fills: true,
         };
         let pool = crate::config::Config::load(&Default::default()).unwrap().pool;
@@ -463,5 +471,23 @@ mod tests {
         let picks: Vec<usize> = (0..8).map(|_| r.choose(0, None).unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 2);
         assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 6);
+    }
+
+    #[test]
+    fn the_primary_takes_its_weight_of_the_reads_replicas_could_take() {
+        let (mut r, clock) = replicas(2, ReadYourWrites::Session);
+        r.config.primary_weight = 2;
+        r.nodes[1].weight = 3;
+        r.sampled(clock.start_sample(), 1);
+        r.set_state(0, State::Up, Some(1), None);
+        r.set_state(1, State::Up, Some(1), None);
+        let picks: Vec<Result<usize, Fallback>> = (0..12).map(|_| r.choose(0, None)).collect();
+        assert_eq!(picks.iter().filter(|p| **p == Ok(0)).count(), 2);
+        assert_eq!(picks.iter().filter(|p| **p == Ok(1)).count(), 6);
+        assert_eq!(picks.iter().filter(|p| **p == Err(Fallback::PrimaryShare)).count(), 4);
+        // With no replica ready the primary takes everything, as without a share.
+        r.set_state(0, State::Down, None, Some("gone".into()));
+        r.set_state(1, State::Down, None, Some("gone".into()));
+        assert_eq!(r.choose(0, None), Err(Fallback::Unavailable));
     }
 }
