@@ -541,3 +541,29 @@ async fn the_primary_takes_its_weight_of_the_reads() {
     assert_eq!(env.ran("SELECT v * $1 FROM kv").await, (10, 10), "one replica of weight 1, the primary of weight 1");
     assert_eq!(env.proxy.metric("pgcache_replica_fallbacks_total{reason=\"primary_share\"}").await, 10.0);
 }
+
+#[tokio::test]
+async fn a_rule_or_a_hint_keeps_reads_on_the_primary() {
+    let rules = "[[rule]]\nname = \"kv\"\nmatch = { tables = [\"kv\"] }\nttl = \"60s\"\nroute = \"primary\"\n\
+                 [[rule]]\nname = \"ledger\"\nmatch = { tables = [\"ledger\"] }\naction = \"bypass\"\nroute = \"primary\"\n";
+    let env = setup(Some(rules), |c| c.peers.enabled = false).await;
+    env.on_primary.batch_execute("CREATE TABLE ledger (id int); CREATE TABLE other (id int)").await.unwrap();
+    env.catch_up().await;
+    let c = env.client().await;
+    // A cache rule that routes to the primary: its fill runs there, then hits run nowhere.
+    for _ in 0..3 {
+        assert_eq!(text(&c, "SELECT v FROM kv WHERE id = 4").await, "0");
+    }
+    assert_eq!(env.ran("SELECT v FROM kv").await, (1, 0));
+    // A bypass rule that routes to the primary.
+    for _ in 0..3 {
+        text(&c, "SELECT count(*) FROM ledger").await;
+    }
+    assert_eq!(env.ran("FROM ledger").await, (3, 0));
+    // A table no rule routes goes to the replica, unless the statement says otherwise.
+    text(&c, "SELECT count(*) FROM other").await;
+    text(&c, "/* pgcache:primary */ SELECT count(*) FROM other").await;
+    let hinted = c.prepare("SELECT count(*) FROM other WHERE id > $1 -- pgcache:primary").await.unwrap();
+    c.query_one(&hinted, &[&0]).await.unwrap();
+    assert_eq!(env.ran("SELECT count(*) FROM other").await, (2, 1), "the two hinted reads on the primary");
+}

@@ -6,10 +6,25 @@
 //! the catalog: functions and operators IMMUTABLE or STABLE (Postgres refuses writes in
 //! those), or one of a few volatile built-ins that write nothing; relations that are neither
 //! temporary, unlogged (a standby cannot read those) nor unknown. Anything else — and
-//! anything the catalog cannot answer for right now — stays on the primary.
+//! anything the catalog cannot answer for right now — stays on the primary. So does what the
+//! operator pins there ([`pinned_to_primary`]): a read a `route = "primary"` rule matches, or
+//! whose text carries `pgcache:primary` (as in a comment, `/* pgcache:primary */ SELECT …`).
 
 use crate::query::catalog::{Catalog, Volatility};
 use crate::query::{Classified, Kind, Relation};
+use crate::rules::{RuleSet, Subject};
+
+/// Text that pins a statement to the primary, wherever it appears (a comment, usually).
+pub const PRIMARY_HINT: &str = "pgcache:primary";
+
+/// Whether the operator pinned the statements of `sql` to the primary: by the hint in its text,
+/// or by a `route = "primary"` rule matching any of them (see [`RuleSet::routes_to_primary`]).
+pub fn pinned_to_primary(rules: &RuleSet, sql: &str, statements: &[Classified], database: &str, user: &str) -> bool {
+    sql.contains(PRIMARY_HINT)
+        || statements
+            .iter()
+            .any(|c| rules.routes_to_primary(&Subject { sql, statement: c, resolved_reads: &c.reads, database, user }))
+}
 
 /// Volatile built-ins that read or write nothing a standby refuses.
 const HARMLESS_VOLATILE: &[&str] =

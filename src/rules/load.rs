@@ -78,6 +78,7 @@ struct RawRule {
     share_across_roles: Option<bool>,
     allow_stable_functions: Option<bool>,
     allow_row_security: Option<bool>,
+    route: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -206,6 +207,11 @@ fn validate(raw: RawRule, path: &Path, line: usize) -> Result<Rule, FieldError> 
     {
         return Err(("action", "cache settings have no effect with action = \"bypass\"".into()));
     }
+    let route = match raw.route.as_deref() {
+        None | Some("any") => super::Route::Any,
+        Some("primary") => super::Route::Primary,
+        Some(other) => return Err(("route", format!("{other:?} (expected \"any\" or \"primary\")"))),
+    };
     if raw.max_entry_bytes == Some(0) {
         return Err(("max_entry_bytes", "must be greater than zero".into()));
     }
@@ -221,6 +227,7 @@ fn validate(raw: RawRule, path: &Path, line: usize) -> Result<Rule, FieldError> 
         share_across_roles: raw.share_across_roles.unwrap_or(false),
         allow_stable_functions: raw.allow_stable_functions.unwrap_or(false),
         allow_row_security: raw.allow_row_security.unwrap_or(false),
+        route,
         matcher: Matcher { tables, query, pattern, database: m.database, user: m.user },
         counters: Default::default(),
     })
@@ -309,6 +316,10 @@ mod tests {
                 "also used",
             ),
             ("[[rule]\n", "rules.toml:1"),
+            (
+                "[[rule]]\nname = \"x\"\nmatch = { tables = [\"t\"] }\naction = \"bypass\"\nroute = \"replica\"\n",
+                "route",
+            ),
         ];
         for (text, expect) in cases {
             let err = load(&[("rules.toml", text)]).expect_err(text).to_string();

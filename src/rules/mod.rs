@@ -27,6 +27,16 @@ pub enum Action {
     Bypass,
 }
 
+/// Where the reads a rule matches may run, with replicas configured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Route {
+    /// A replica that shows what the read must see, or the primary (default).
+    #[default]
+    Any,
+    /// Always the primary.
+    Primary,
+}
+
 /// One validated rule.
 #[derive(Debug)]
 pub struct Rule {
@@ -43,6 +53,8 @@ pub struct Rule {
     /// Cache reads of tables with row-level security. Their entries are always keyed by role
     /// (whatever `share_across_roles` says) and by every setting, custom ones included.
     pub allow_row_security: bool,
+    /// Where the reads it matches run (`route`), whatever rule decides their caching.
+    pub route: Route,
     pub matcher: Matcher,
     /// Its metrics, registered on first use with the server's recorder.
     pub counters: std::sync::OnceLock<crate::metrics::RuleCounters>,
@@ -72,6 +84,7 @@ impl Rule {
             share_across_roles: false,
             allow_stable_functions: false,
             allow_row_security: false,
+            route: Route::Any,
             matcher: Matcher::default(),
             counters: Default::default(),
         }
@@ -106,6 +119,12 @@ impl Matcher {
     /// Whether every condition holds; `pattern`: whether the rule's pattern matches the text
     /// (asked last, only when the rule has one and its other conditions hold).
     fn matches(&self, s: &Subject<'_>, pattern: impl FnOnce() -> bool) -> bool {
+        self.matches_as(s, false, pattern)
+    }
+
+    /// [`Matcher::matches`]; `loose`: a read whose schema is not known matches a table of any
+    /// schema (for a decision that must hold whatever the schema turns out to be).
+    fn matches_as(&self, s: &Subject<'_>, loose: bool, pattern: impl FnOnce() -> bool) -> bool {
         if self.database.as_deref().is_some_and(|d| d != s.database)
             || self.user.as_deref().is_some_and(|u| u != s.user)
         {
@@ -116,7 +135,10 @@ impl Matcher {
         }
         if let Some(tables) = &self.tables {
             let covered = |read: &Relation| {
-                tables.iter().any(|t| t.name == read.name && (t.schema.is_none() || t.schema == read.schema))
+                tables.iter().any(|t| {
+                    t.name == read.name
+                        && (t.schema.is_none() || t.schema == read.schema || (loose && read.schema.is_none()))
+                })
             };
             if s.resolved_reads.is_empty() || !s.resolved_reads.iter().all(covered) {
                 return false;
@@ -157,6 +179,8 @@ pub struct RuleSet {
     patterns: Option<Patterns>,
     /// Some rule matches by `pattern`.
     has_patterns: bool,
+    /// Some rule says `route = "primary"`.
+    has_primary_routes: bool,
 }
 
 /// The rules' patterns as one `RegexSet`: however many rules match by pattern, a text is read
@@ -209,7 +233,8 @@ impl RuleSet {
             })
         };
         let has_patterns = !sources.is_empty();
-        RuleSet { rules, version, patterns, has_patterns }
+        let has_primary_routes = rules.iter().any(|r| r.route == Route::Primary);
+        RuleSet { rules, version, patterns, has_patterns, has_primary_routes }
     }
 
     /// Whether some rule matches by `pattern` (decisions then depend on the text).
@@ -255,6 +280,17 @@ impl RuleSet {
             .map(|(_, r)| r.clone())
     }
 
+    /// Whether some `route = "primary"` rule matches the statement, its relations' schemas
+    /// unresolved (an unqualified name matches a table of that name in any schema): such a
+    /// read stays on the primary whichever rule decides its caching.
+    pub fn routes_to_primary(&self, s: &Subject<'_>) -> bool {
+        self.has_primary_routes
+            && self.rules.iter().any(|r| {
+                r.route == Route::Primary
+                    && r.matcher.matches_as(s, true, || r.matcher.pattern.as_ref().is_some_and(|p| p.is_match(s.sql)))
+            })
+    }
+
     /// Whether matching needs relations resolved to their schemas (some rule lists a
     /// schema-qualified table); otherwise names as written are enough.
     pub fn needs_resolution(&self) -> bool {
@@ -293,7 +329,8 @@ pub fn describe(r: &Rule) -> String {
             a
         }
     };
-    format!("{} ({}:{}): {} -> {}", r.name, r.file.display(), r.line, r.matcher.describe(), action)
+    let route = if r.route == Route::Primary { " route=primary" } else { "" };
+    format!("{} ({}:{}): {} -> {action}{route}", r.name, r.file.display(), r.line, r.matcher.describe())
 }
 
 #[cfg(test)]
@@ -332,5 +369,27 @@ mod tests {
         assert_eq!(set.pattern_matches("SELECT 1").as_deref(), Some(&[][..]));
         let plain = RuleSet::new(vec![rule("table", None, Some(&["t"]))], 1);
         assert_eq!(plain.pattern_matches("SELECT 1"), None, "no patterns: decisions do not read the text");
+    }
+
+    #[test]
+    fn a_primary_route_holds_whatever_rule_decides_and_whatever_schema_a_name_resolves_to() {
+        let mut pinned = Rule::cache("pinned", Duration::from_secs(60));
+        pinned.route = Route::Primary;
+        pinned.matcher.tables = Some(vec![Relation::new(Some("app"), "t")]);
+        let set = RuleSet::new(vec![rule("first", None, Some(&["t"])), Arc::new(pinned)], 1);
+        let routed = |sql: &str| {
+            let statements = crate::query::classify::classify(sql);
+            let c = &statements[0];
+            set.routes_to_primary(&Subject { sql, statement: c, resolved_reads: &c.reads, database: "d", user: "u" })
+        };
+        assert_eq!(decided(&set, "SELECT * FROM t").as_deref(), Some("first"), "another rule decides caching");
+        assert!(routed("SELECT * FROM t"), "unqualified: may be app.t");
+        assert!(routed("SELECT * FROM app.t"));
+        assert!(!routed("SELECT * FROM other.t"));
+        assert!(!routed("SELECT * FROM u"));
+        let none = RuleSet::new(vec![rule("first", None, Some(&["t"]))], 1);
+        let c = &crate::query::classify::classify("SELECT * FROM t")[0];
+        let s = Subject { sql: "SELECT * FROM t", statement: c, resolved_reads: &c.reads, database: "d", user: "u" };
+        assert!(!none.routes_to_primary(&s));
     }
 }

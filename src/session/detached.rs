@@ -262,8 +262,13 @@ impl Detached<'_> {
             return None;
         }
         let statements = self.statements(frames).await?;
-        let each: Vec<&crate::query::Classified> = statements.iter().flat_map(|s| s.iter()).collect();
-        if !crate::replica::route::eligible(&self.ctx.catalog, &self.key.database, &each).await {
+        let rules = self.ctx.rules.current();
+        let (database, user) = (&self.key.database, &self.key.user);
+        if statements.iter().any(|(sql, c)| crate::replica::route::pinned_to_primary(&rules, sql, c, database, user)) {
+            return None;
+        }
+        let each: Vec<&crate::query::Classified> = statements.iter().flat_map(|(_, s)| s.iter()).collect();
+        if !crate::replica::route::eligible(&self.ctx.catalog, database, &each).await {
             return None;
         }
         if self.fill_at.is_some() && self.ctx.l2.is_some() {
@@ -291,14 +296,15 @@ impl Detached<'_> {
         }
     }
 
-    /// The statements `frames` would run (every Parse's, and every Bind's), if they are a
-    /// Query, or a batch of Parse/Bind/Describe/Execute ending in its one Sync.
-    async fn statements(&self, frames: &[Frame]) -> Option<Vec<Arc<Vec<crate::query::Classified>>>> {
+    /// The statements `frames` would run (every Parse's, and every Bind's), with their text, if
+    /// they are a Query, or a batch of Parse/Bind/Describe/Execute ending in its one Sync.
+    async fn statements(&self, frames: &[Frame]) -> Option<Vec<(Arc<str>, Arc<Vec<crate::query::Classified>>)>> {
         let classifier = &self.ctx.classifier;
         if let [q] = frames
             && q.tag() == fe::QUERY
         {
-            return Some(vec![classifier.classify_off_worker(super::core::query::sql_of(q)?).await]);
+            let sql = super::core::query::sql_of(q)?;
+            return Some(vec![(Arc::from(sql), classifier.classify_off_worker(sql).await)]);
         }
         let (last, batch) = frames.split_last()?;
         if last.tag() != fe::SYNC {
@@ -310,7 +316,8 @@ impl Detached<'_> {
             match f.tag() {
                 fe::PARSE => {
                     let p = fe::parse(f.body()).ok()?;
-                    let c = classifier.classify_off_worker(std::str::from_utf8(p.sql).ok()?).await;
+                    let sql: Arc<str> = Arc::from(std::str::from_utf8(p.sql).ok()?);
+                    let c = (sql.clone(), classifier.classify_off_worker(&sql).await);
                     parsed.insert(p.name.to_vec(), c.clone());
                     out.push(c);
                 }
@@ -318,7 +325,10 @@ impl Detached<'_> {
                     let b = fe::BindParts::decode(f.raw()).ok()?;
                     let c = match parsed.get(&b.statement[..]) {
                         Some(c) => c.clone(),
-                        None => self.flow.statements.get(&b.statement[..])?.classified.clone(),
+                        None => {
+                            let st = self.flow.statements.get(&b.statement[..])?;
+                            (st.sql.clone(), st.classified.clone())
+                        }
                     };
                     out.push(c);
                 }
