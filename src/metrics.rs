@@ -62,6 +62,7 @@ pub const WARM_STATEMENTS: &str = "pgcache_warm_statements_total";
 pub const WARM_PENDING: &str = "pgcache_warm_pending";
 pub const REPLICA_UP: &str = "pgcache_replica_up";
 pub const REPLICA_LAG: &str = "pgcache_replica_lag_bytes";
+pub const REPLICA_LAG_SECONDS: &str = "pgcache_replica_lag_seconds";
 pub const REPLICA_READS: &str = "pgcache_replica_reads_total";
 pub const REPLICA_FALLBACKS: &str = "pgcache_replica_fallbacks_total";
 pub const REPLICA_FILLS_SKIPPED: &str = "pgcache_replica_fills_skipped_total";
@@ -154,14 +155,19 @@ pub const ALL: &[(&str, Kind, &str)] = &[
     (
         REPLICA_UP,
         Kind::Gauge,
-        "1 while a replica gets reads (checked, in recovery, within replica.max_lag_bytes), by replica.",
+        "1 while a replica gets reads (checked, in recovery, within replica.max_lag_bytes and max_lag_time), by replica.",
     ),
     (REPLICA_LAG, Kind::Gauge, "Bytes of WAL a replica had not replayed when last checked, by replica."),
+    (
+        REPLICA_LAG_SECONDS,
+        Kind::Gauge,
+        "How long a replica has lacked WAL the primary had (0 when it has replayed every sampled position), by replica.",
+    ),
     (REPLICA_READS, Kind::Counter, "Requests sent to a replica, by replica."),
     (
         REPLICA_FALLBACKS,
         Kind::Counter,
-        "Read-only requests sent to the primary instead of a replica, by reason (behind: none had replayed the session's writes; unavailable; fill: a cache fill no replica could store; connect_failed; busy: its pool was full).",
+        "Read-only requests sent to the primary instead of a replica, by reason (behind: none had replayed the session's writes; unavailable; fill: a cache fill no replica could store; connect_failed; busy: its pool was full; primary_share: replica.primary_weight).",
     ),
     (
         REPLICA_FILLS_SKIPPED,

@@ -567,3 +567,23 @@ async fn a_rule_or_a_hint_keeps_reads_on_the_primary() {
     c.query_one(&hinted, &[&0]).await.unwrap();
     assert_eq!(env.ran("SELECT count(*) FROM other").await, (2, 1), "the two hinted reads on the primary");
 }
+
+#[tokio::test]
+async fn a_replica_lacking_wal_longer_than_max_lag_time_gets_no_reads_until_it_catches_up() {
+    let env = setup(None, |c| c.replicas.max_lag_time = Some(Duration::from_millis(200))).await;
+    let shared = env.proxy.shared.clone();
+    env.pause_replay().await;
+    env.on_primary.batch_execute("UPDATE kv SET v = 1 WHERE id = 1").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || shared.replicas.nodes[0].state() == State::Lagging).await,
+        "taken out while it lacks the write"
+    );
+    assert!(shared.replicas.nodes[0].lag_time() > Duration::from_millis(200));
+    let c = env.client().await;
+    text(&c, "SELECT v + 5 FROM kv WHERE id = 1").await;
+    assert_eq!(env.ran("SELECT v + $1 FROM kv").await, (1, 0), "the read went to the primary");
+    env.catch_up().await;
+    assert!(eventually(Duration::from_secs(30), || shared.replicas.nodes[0].state() == State::Up).await);
+    let label = format!("{{replica=\"127.0.0.1:{}\"}}", env.replica.port);
+    assert!(env.proxy.metric(&format!("pgcache_replica_lag_seconds{label}")).await < 0.2);
+}

@@ -112,7 +112,7 @@ fn l2(ctx: &Context) -> ResultSet {
 /// One row per replica: what the monitor last found, and the reads sent there.
 fn replicas(ctx: &Context) -> ResultSet {
     let mut r = ResultSet::new(
-        &["replica", "state", "weight", "replay_lsn", "lag_bytes", "reads", "active", "idle", "last_error"],
+        &["replica", "state", "weight", "replay_lsn", "lag_bytes", "lag_ms", "reads", "active", "idle", "last_error"],
         "SHOW",
     );
     for node in &ctx.replicas.nodes {
@@ -129,6 +129,7 @@ fn replicas(ctx: &Context) -> ResultSet {
             node.weight.to_string(),
             format!("{:X}/{:X}", replay >> 32, replay & 0xFFFF_FFFF),
             node.lag().to_string(),
+            node.lag_time().as_millis().to_string(),
             node.reads.load(std::sync::atomic::Ordering::Relaxed).to_string(),
             active.to_string(),
             idle.to_string(),
@@ -421,6 +422,10 @@ fn config(ctx: &Context) -> ResultSet {
             ),
             ("replica.read_your_writes", format!("{:?}", c.replicas.read_your_writes).to_lowercase()),
             ("replica.max_lag_bytes", c.replicas.max_lag_bytes.to_string()),
+            (
+                "replica.max_lag_time",
+                c.replicas.max_lag_time.map_or("off".into(), |t| humantime::format_duration(t).to_string()),
+            ),
             ("replica.primary_weight", c.replicas.primary_weight.to_string()),
             ("replica.check_interval", humantime::format_duration(c.replicas.check_interval).to_string()),
             ("replica.check_timeout", humantime::format_duration(c.replicas.check_timeout).to_string()),

@@ -68,6 +68,10 @@ pub struct ReplicaFile {
 pub struct ReplicaSettingsFile {
     /// A replica further behind than this many bytes of WAL gets no reads (default 16 MiB).
     pub max_lag_bytes: Option<u64>,
+    /// A replica that has lacked WAL the primary had for longer than this gets no reads
+    /// (default: not used).
+    #[serde(default, with = "humantime_serde")]
+    pub max_lag_time: Option<Duration>,
     /// The primary's share of the reads replicas could take, against their weights (default 0).
     pub primary_weight: Option<u32>,
     /// How often positions are read (default `100ms`).

@@ -13,6 +13,8 @@ pub struct ReplicasConfig {
     pub nodes: Vec<ReplicaNode>,
     /// A replica further behind the primary than this (bytes of WAL) gets no reads.
     pub max_lag_bytes: u64,
+    /// ... or that has lacked WAL the primary had for longer than this (`None`: not used).
+    pub max_lag_time: Option<Duration>,
     /// How often the primary's WAL position and each replica's replay position are read.
     pub check_interval: Duration,
     /// Longest a check may take before the replica counts as down.
@@ -84,6 +86,7 @@ pub(super) fn load(cli: &Cli, listed: &[ReplicaFile], f: &ReplicaSettingsFile) -
     Ok(ReplicasConfig {
         nodes,
         max_lag_bytes: f.max_lag_bytes.unwrap_or(16 << 20),
+        max_lag_time: f.max_lag_time.filter(|t| !t.is_zero()),
         check_interval,
         check_timeout: f.check_timeout.unwrap_or(Duration::from_secs(1)),
         read_your_writes,
@@ -108,7 +111,7 @@ mod tests {
                 "[[replicas]]\nurl = \"postgres://r1:5433\"\nweight = 3\n\
                  [[replicas]]\nurl = \"host=r2 port=5434\"\n\
                  [replica]\nread_your_writes = \"causal\"\nmax_lag_bytes = 1024\ncheck_interval = \"50ms\"\n\
-                 primary_weight = 2\n",
+                 primary_weight = 2\nmax_lag_time = \"3s\"\n",
             )
             .unwrap()
         };
@@ -119,6 +122,7 @@ mod tests {
         assert_eq!((c.replicas.max_lag_bytes, c.replicas.check_interval), (1024, Duration::from_millis(50)));
         assert!(c.replicas.check_fills);
         assert_eq!(c.replicas.primary_weight, 2);
+        assert_eq!(c.replicas.max_lag_time, Some(Duration::from_secs(3)));
         let c = Config::merge(&cli(&["--replica", "postgres://r3:6000", "--replica", "postgres://r4"]), f()).unwrap();
         let nodes: Vec<String> = c.replicas.nodes.iter().map(|n| n.upstream.describe()).collect();
         assert_eq!(nodes, ["r3:6000", "r4:5432"]);

@@ -27,7 +27,7 @@ pub mod route;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -83,6 +83,8 @@ pub struct Node {
     /// The replay position last read (bytes of WAL).
     replay: AtomicU64,
     lag: AtomicU64,
+    /// How long it has lacked WAL the primary had, in microseconds.
+    lag_micros: AtomicU64,
     /// Reads sent to it.
     pub reads: AtomicU64,
     /// Why its last check failed.
@@ -101,6 +103,25 @@ impl Node {
     pub fn lag(&self) -> u64 {
         self.lag.load(Ordering::Relaxed)
     }
+
+    /// How long it has lacked WAL the primary had, when last checked.
+    pub fn lag_time(&self) -> Duration {
+        Duration::from_micros(self.lag_micros.load(Ordering::Relaxed))
+    }
+}
+
+/// One reading of the primary's WAL positions.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    /// Its number on the [`WalClock`], taken before it was asked for.
+    number: u64,
+    /// `pg_current_wal_insert_lsn()`: at or past every commit record before the sample, what
+    /// a read after those writes waits for (a record not yet flushed included: the safe side).
+    insert: u64,
+    /// `pg_current_wal_flush_lsn()`: what a replica could have received, what lag is measured
+    /// against (WAL inserted but not yet flushed is no replica's fault).
+    flush: u64,
+    at: Instant,
 }
 
 /// Every replica, the primary's position samples, and the routing decisions made from them.
@@ -108,8 +129,8 @@ pub struct Replicas {
     pub nodes: Vec<Node>,
     config: ReplicasConfig,
     clock: Arc<WalClock>,
-    /// (sample number, primary's WAL insert position), oldest first.
-    samples: Mutex<VecDeque<(u64, u64)>>,
+    /// The primary's positions, oldest first.
+    samples: Mutex<VecDeque<Sample>>,
     /// `causal`: the first sample after the last write this instance saw.
     last_write: AtomicU64,
     /// The first sample after the last schema change this instance saw.
@@ -173,6 +194,7 @@ impl Replicas {
                 state: AtomicU8::new(State::Unknown as u8),
                 replay: AtomicU64::new(0),
                 lag: AtomicU64::new(0),
+                lag_micros: AtomicU64::new(0),
                 reads: AtomicU64::new(0),
                 last_error: Mutex::new(None),
             });
@@ -205,12 +227,21 @@ impl Replicas {
             return Some(0);
         }
         let samples = self.samples.lock();
-        samples.iter().find(|(n, _)| *n >= sample).map(|(_, lsn)| *lsn)
+        samples.iter().find(|s| s.number >= sample).map(|s| s.insert)
     }
 
-    /// The primary's latest sampled position.
+    /// The primary's latest sampled (flushed) position.
     pub fn primary_position(&self) -> Option<u64> {
-        self.samples.lock().back().map(|(_, lsn)| *lsn)
+        self.samples.lock().back().map(|s| s.flush)
+    }
+
+    /// How long a replica that has replayed up to `replay` has lacked WAL the primary had
+    /// flushed: since the first kept sample past it was read (zero if none is). Measured from samples,
+    /// so an idle primary costs a caught-up replica nothing, unlike the age of its last
+    /// replayed transaction.
+    pub fn lag_time(&self, replay: u64) -> Duration {
+        let samples = self.samples.lock();
+        samples.iter().find(|s| s.flush > replay).map_or(Duration::ZERO, |s| s.at.elapsed())
     }
 
     /// A session's write committed just now: the sample its reads must wait for.
@@ -320,12 +351,12 @@ impl Replicas {
         self.metrics.counter(metrics::REPLICA_FILLS_SKIPPED, &[]).increment(1);
     }
 
-    fn sampled(&self, number: u64, position: u64) {
+    fn sampled(&self, number: u64, insert: u64, flush: u64) {
         let mut samples = self.samples.lock();
         if samples.len() == SAMPLES {
             samples.pop_front();
         }
-        samples.push_back((number, position));
+        samples.push_back(Sample { number, insert, flush, at: Instant::now() });
     }
 
     fn set_state(&self, i: usize, state: State, replay: Option<u64>, error: Option<String>) {
@@ -335,6 +366,10 @@ impl Replicas {
             let lag = self.primary_position().map_or(0, |p| p.saturating_sub(replay));
             node.lag.store(lag, Ordering::Relaxed);
             self.metrics.gauge(metrics::REPLICA_LAG, &[("replica", node.name.as_str())]).set(lag as f64);
+            let lag_time = self.lag_time(replay);
+            node.lag_micros.store(lag_time.as_micros() as u64, Ordering::Relaxed);
+            let seconds = lag_time.as_secs_f64();
+            self.metrics.gauge(metrics::REPLICA_LAG_SECONDS, &[("replica", node.name.as_str())]).set(seconds);
         }
         let before = State::from_u8(node.state.swap(state as u8, Ordering::AcqRel));
         if before == State::Down && state != State::Down {
@@ -386,6 +421,7 @@ mod tests {
                 })
                 .collect(),
             max_lag_bytes: 1000,
+            max_lag_time: None,
             check_interval: Duration::from_millis(100),
             check_timeout: Duration::from_secs(1),
             read_your_writes: mode,
@@ -408,12 +444,12 @@ mod tests {
     #[test]
     fn a_read_after_a_write_waits_for_a_sample_taken_after_it_and_for_its_replay() {
         let (r, clock) = replicas(1, ReadYourWrites::Session);
-        r.sampled(clock.start_sample(), 100);
+        r.sampled(clock.start_sample(), 100, 100);
         r.set_state(0, State::Up, Some(100), None);
         assert_eq!(r.choose(0, None), Ok(0), "no write: any replica that is up");
         let need = r.note_write();
         assert_eq!(r.choose(r.needs(need), None), Err(Fallback::Behind), "no sample taken after the write yet");
-        r.sampled(clock.start_sample(), 150);
+        r.sampled(clock.start_sample(), 150, 150);
         assert_eq!(r.choose(r.needs(need), None), Err(Fallback::Behind), "replayed 100 < 150");
         r.set_state(0, State::Up, Some(150), None);
         assert_eq!(r.choose(r.needs(need), None), Ok(0));
@@ -423,12 +459,12 @@ mod tests {
     #[test]
     fn causal_reads_wait_for_every_write_and_off_for_none() {
         let (r, clock) = replicas(1, ReadYourWrites::Causal);
-        r.sampled(clock.start_sample(), 100);
+        r.sampled(clock.start_sample(), 100, 100);
         r.set_state(0, State::Up, Some(100), None);
         let _ = r.note_write();
         assert_eq!(r.choose(r.needs(0), None), Err(Fallback::Behind), "another session's write counts");
         let (off, clock) = replicas(1, ReadYourWrites::Off);
-        off.sampled(clock.start_sample(), 100);
+        off.sampled(clock.start_sample(), 100, 100);
         off.set_state(0, State::Up, Some(50), None);
         let need = off.note_write();
         assert_eq!(off.choose(off.needs(need), None), Ok(0));
@@ -442,7 +478,7 @@ mod tests {
         let (t, u) = (Relation::new(Some("public"), "t"), Relation::new(Some("public"), "u"));
         let at =
             |rel: &Relation| crate::cache::generation::written_at(&g.snapshot("db", std::slice::from_ref(rel), None));
-        r.sampled(clock.start_sample(), 100);
+        r.sampled(clock.start_sample(), 100, 100);
         r.set_state(0, State::Up, Some(100), None);
         r.set_state(1, State::Up, Some(100), None);
         assert_eq!(at(&t), 0, "nothing written yet");
@@ -450,7 +486,7 @@ mod tests {
         g.bump_relations(std::slice::from_ref(&t));
         assert!(!r.fill_storable(0, at(&t)), "no sample after the write yet");
         assert!(r.fill_storable(0, at(&u)), "a read of another table does not wait for it");
-        r.sampled(clock.start_sample(), 200);
+        r.sampled(clock.start_sample(), 200, 200);
         r.set_state(1, State::Up, Some(200), None);
         assert!(!r.fill_storable(0, at(&t)));
         assert!(r.fill_storable(1, at(&t)));
@@ -465,7 +501,7 @@ mod tests {
     fn reads_are_spread_by_weight() {
         let (mut r, clock) = replicas(2, ReadYourWrites::Session);
         r.nodes[1].weight = 3;
-        r.sampled(clock.start_sample(), 1);
+        r.sampled(clock.start_sample(), 1, 1);
         r.set_state(0, State::Up, Some(1), None);
         r.set_state(1, State::Up, Some(1), None);
         let picks: Vec<usize> = (0..8).map(|_| r.choose(0, None).unwrap()).collect();
@@ -478,7 +514,7 @@ mod tests {
         let (mut r, clock) = replicas(2, ReadYourWrites::Session);
         r.config.primary_weight = 2;
         r.nodes[1].weight = 3;
-        r.sampled(clock.start_sample(), 1);
+        r.sampled(clock.start_sample(), 1, 1);
         r.set_state(0, State::Up, Some(1), None);
         r.set_state(1, State::Up, Some(1), None);
         let picks: Vec<Result<usize, Fallback>> = (0..12).map(|_| r.choose(0, None)).collect();
@@ -489,5 +525,17 @@ mod tests {
         r.set_state(0, State::Down, None, Some("gone".into()));
         r.set_state(1, State::Down, None, Some("gone".into()));
         assert_eq!(r.choose(0, None), Err(Fallback::Unavailable));
+    }
+
+    #[test]
+    fn time_lag_counts_from_the_first_sample_a_replica_lacks() {
+        let (r, clock) = replicas(1, ReadYourWrites::Session);
+        r.sampled(clock.start_sample(), 100, 100);
+        r.sampled(clock.start_sample(), 100, 100);
+        assert_eq!(r.lag_time(100), Duration::ZERO, "an idle primary: no lag however old the samples");
+        r.sampled(clock.start_sample(), 150, 150);
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(r.lag_time(100) >= Duration::from_millis(2), "lacking the 150 sample since it was read");
+        assert_eq!(r.lag_time(150), Duration::ZERO);
     }
 }

@@ -1,9 +1,10 @@
 //! The replica monitor: every `replica.check_interval` (and at most every 2 ms while reads
-//! wait for a sample after their session's write), the primary's WAL insert position
+//! wait for a sample after their session's write), the primary's WAL insert and flush positions
 //! (numbered on the [`WalClock`](crate::cache::generation::WalClock) before it is asked for)
 //! and then, side by side, each replica's `pg_is_in_recovery()` and
 //! `pg_last_wal_replay_lsn()`. A replica that does not answer within `check_timeout`, is not
-//! in recovery, or is further behind than `max_lag_bytes` is taken out of routing until a
+//! in recovery, or is further behind than `max_lag_bytes` (or has lacked WAL the primary had for
+//! longer than `max_lag_time`) is taken out of routing until a
 //! check finds it well again. It logs in as the upstream URL's user, over one connection per
 //! server, opened again after a failure.
 
@@ -53,8 +54,8 @@ pub async fn run(
             tokio::time::timeout(config.check_timeout, primary_position(&mut primary_client, &primary, &upstream));
         // Without the primary's position a replica's lag is not known: none gets reads.
         let primary_known = match asked.await {
-            Ok(Ok(position)) => {
-                replicas.sampled(sample, position);
+            Ok(Ok((insert, flush))) => {
+                replicas.sampled(sample, insert, flush);
                 true
             }
             Ok(Err(e)) => {
@@ -83,7 +84,8 @@ pub async fn run(
                 ),
                 Ok(replay) => {
                     let lag = replicas.primary_position().map_or(0, |p| p.saturating_sub(replay));
-                    let state = if lag > config.max_lag_bytes { State::Lagging } else { State::Up };
+                    let late = config.max_lag_time.is_some_and(|max| replicas.lag_time(replay) > max);
+                    let state = if lag > config.max_lag_bytes || late { State::Lagging } else { State::Up };
                     replicas.set_state(i, state, Some(replay), None);
                 }
                 Err(e) => {
@@ -127,10 +129,16 @@ async fn client<'a>(
     Ok(slot.as_ref().expect("just connected"))
 }
 
-async fn primary_position(slot: &mut Option<Client>, endpoint: &Endpoint, upstream: &Upstream) -> Result<u64, String> {
+/// The primary's WAL insert and flush positions.
+async fn primary_position(
+    slot: &mut Option<Client>,
+    endpoint: &Endpoint,
+    upstream: &Upstream,
+) -> Result<(u64, u64), String> {
     let c = client(slot, endpoint, upstream).await?;
-    let row = c.query_one("SELECT pg_current_wal_insert_lsn()", &[]).await.map_err(|e| e.to_string())?;
-    Ok(u64::from(row.get::<_, PgLsn>(0)))
+    let sql = "SELECT pg_current_wal_insert_lsn(), pg_current_wal_flush_lsn()";
+    let row = c.query_one(sql, &[]).await.map_err(|e| e.to_string())?;
+    Ok((u64::from(row.get::<_, PgLsn>(0)), u64::from(row.get::<_, PgLsn>(1))))
 }
 
 async fn replay_position(slot: &mut Option<Client>, endpoint: &Endpoint, upstream: &Upstream) -> Result<u64, String> {
