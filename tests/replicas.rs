@@ -408,7 +408,9 @@ async fn what_a_standby_would_refuse_or_miss_goes_to_the_primary() {
     env.on_primary
         .batch_execute(
             "CREATE FUNCTION bump(k int) RETURNS int LANGUAGE sql AS \
-             'UPDATE kv SET v = v + 1 WHERE id = k RETURNING v'",
+             'UPDATE kv SET v = v + 1 WHERE id = k RETURNING v'; \
+             CREATE ROLE strict LOGIN; GRANT SELECT ON kv TO strict; \
+             ALTER ROLE strict SET default_transaction_isolation = 'serializable'",
         )
         .await
         .unwrap();
@@ -423,6 +425,13 @@ async fn what_a_standby_would_refuse_or_miss_goes_to_the_primary() {
         assert_eq!(v.expect("no 0A000 from the standby"), "0");
     }
     assert_eq!(env.ran("AND v >= $2").await, (5, 0));
+    // A role whose transactions default to SERIALIZABLE by ALTER ROLE: the session never says so.
+    let strict = env.proxy.connect(&env.db, "strict").await;
+    for i in 1..=5 {
+        let v = common::try_text(&strict, &format!("SELECT v FROM kv WHERE id = {i} AND v <= 0")).await;
+        assert_eq!(v.expect("no 0A000 from the standby for the role's default"), "0");
+    }
+    assert_eq!(env.ran("AND v <= $2").await, (5, 0));
 
     // A write through a function, with no rules loaded (its effects are not looked up): the
     // session's next read still sees it.

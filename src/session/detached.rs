@@ -256,9 +256,19 @@ impl Detached<'_> {
         if replicas.is_empty() || self.why != Why::Pooled || self.flow.movable().is_err() {
             return None;
         }
-        // A standby refuses serializable transactions (0A000).
+        // A standby refuses serializable transactions (0A000): as the session's settings were
+        // read (role and database defaults included), or, if they were not, as its startup
+        // packet, its role and its database say.
         let serializable = |v: &str| v.to_ascii_lowercase().contains("serializable");
-        if self.flow.settings.serializable() || self.startup.iter().any(|(_, v)| serializable(v)) {
+        let serializable = match self.flow.settings.serializable_as_read() {
+            Some(s) => s,
+            None if self.startup.iter().any(|(_, v)| serializable(v)) => true,
+            None => {
+                let catalog = &self.ctx.catalog;
+                catalog.serializable_by_default(&self.key.database, &self.key.user).await.unwrap_or(true)
+            }
+        };
+        if serializable {
             return None;
         }
         let statements = self.statements(frames).await?;

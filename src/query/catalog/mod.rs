@@ -95,6 +95,8 @@ struct DbCatalog {
     by_oid: Mutex<HashMap<u32, Relation>>,
     /// Whether a role may read a relation ([`privileges`]).
     privileges: Mutex<HashMap<(String, Relation), Cached<bool>>>,
+    /// Whether a role's transactions default to SERIALIZABLE here.
+    serializable: Mutex<HashMap<String, Cached<bool>>>,
 }
 
 /// What a session of the catalog's login gets by default in a database (for `EXPLAIN CACHE`,
@@ -316,6 +318,32 @@ impl Catalog {
             })
             .max()
             .unwrap_or(Volatility::Immutable))
+    }
+
+    /// Whether `user`'s sessions in `db` start with `default_transaction_isolation` at
+    /// SERIALIZABLE — by `ALTER ROLE`/`ALTER DATABASE ... SET`, or the server's configuration —
+    /// which a standby refuses. (What a session sets itself it knows.)
+    pub async fn serializable_by_default(&self, db: &str, user: &str) -> Result<bool, CatalogError> {
+        const SQL: &str = "SELECT current_setting('default_transaction_isolation') = 'serializable' OR EXISTS ( \
+               SELECT 1 FROM pg_catalog.pg_db_role_setting s, unnest(s.setconfig) c \
+               WHERE s.setdatabase IN (0, (SELECT oid FROM pg_catalog.pg_database WHERE datname = $1)) \
+                 AND s.setrole IN (0, (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $2)) \
+                 AND lower(c) LIKE 'default_transaction_isolation=%serializable%')";
+        let d = self.db(db);
+        if let Some(c) = d.serializable.lock().get(user).filter(|c| c.at.elapsed() <= self.ttl) {
+            return Ok(c.value);
+        }
+        let fetch = async {
+            let client = self.client(db).await?;
+            Ok::<_, CatalogError>(client.query_one(SQL, &[&db, &user]).await?.get::<_, bool>(0))
+        };
+        let value = tokio::time::timeout(LOOKUP_TIMEOUT, fetch).await.map_err(|_| CatalogError::Timeout)??;
+        let mut map = d.serializable.lock();
+        if map.len() >= MAX_FACTS {
+            map.clear();
+        }
+        map.insert(user.to_owned(), Cached { value, at: Instant::now() });
+        Ok(value)
     }
 
     /// The login the catalog uses and its default `search_path` in `db`.

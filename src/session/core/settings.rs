@@ -292,6 +292,12 @@ impl Settings {
         self.get(DEFAULT_ISOLATION) == Some("serializable")
     }
 
+    /// Whether transactions default to SERIALIZABLE, if the settings were read (role and
+    /// database defaults included): `None` when they were not.
+    pub fn serializable_as_read(&self) -> Option<bool> {
+        self.probed.as_ref().and_then(|s| s.get(DEFAULT_ISOLATION)).map(|v| v == "serializable")
+    }
+
     pub fn search_path(&self) -> Option<&str> {
         self.get(SEARCH_PATH)
     }
