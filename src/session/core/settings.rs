@@ -287,11 +287,6 @@ impl Settings {
         self.get(CURRENT_USER)
     }
 
-    /// Whether transactions default to SERIALIZABLE, as last read (a standby refuses those).
-    pub fn serializable(&self) -> bool {
-        self.get(DEFAULT_ISOLATION) == Some("serializable")
-    }
-
     /// Whether transactions default to SERIALIZABLE, if the settings were read (role and
     /// database defaults included): `None` when they were not.
     pub fn serializable_as_read(&self) -> Option<bool> {
