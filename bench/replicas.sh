@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Read replicas, in one run against one throwaway primary and one streaming replica
 # (pg_basebackup -R) on this machine: pgbench through pgcache in transaction pooling with no
-# replica, and with one under each read_your_writes mode, beside direct Postgres:
+# replica, and with one under each read_your_writes mode, beside direct Postgres (and the
+# select and mix workloads again in session pooling, no replica and one):
 #  - point selects on random keys (pgbench -S): every read may go to the replica;
 #  - 90 % point selects / 10 % updates per client: a session's reads after its own update go
 #    to the primary until the replica has replayed it (session), or every read after any
@@ -54,14 +55,18 @@ causal=$(free_port); start_pgcache "$causal" "${tx[@]}" --rules "$work/none" "${
 off=$(free_port); start_pgcache "$off" "${tx[@]}" --rules "$work/none" "${replica[@]}" --config "$work/off.toml"
 none_rule=$(free_port); start_pgcache "$none_rule" "${tx[@]}" --rules "$work/rule"
 session_rule=$(free_port); start_pgcache "$session_rule" "${tx[@]}" --rules "$work/rule" "${replica[@]}" --config "$work/session.toml"
+sp=(--pool-mode session)
+sp_none=$(free_port); start_pgcache "$sp_none" "${sp[@]}" --rules "$work/none"
+sp_session=$(free_port); start_pgcache "$sp_session" "${sp[@]}" --rules "$work/none" "${replica[@]}" --config "$work/session.toml"
 sleep 1
 reads_on_replica() {
-  psql -X -q -At -h 127.0.0.1 -p "$1" -U postgres -c "SHOW REPLICAS" pgcache | cut -d'|' -f6
+  psql -X -q -At -h 127.0.0.1 -p "$1" -U postgres -c "SHOW REPLICAS" pgcache | cut -d'|' -f7
 }
 
-for workload in select mix mix_rule; do
+for workload in select mix mix_rule select_sp mix_sp; do
   targets=(direct:$pgport none:$none session:$session causal:$causal off:$off)
   [[ $workload == mix_rule ]] && targets=(direct:$pgport none:$none_rule session:$session_rule)
+  [[ $workload == *_sp ]] && targets=(direct:$pgport none:$sp_none session:$sp_session)
   args=(-S)
   [[ $workload == mix* ]] && args=(-f "$work/mix.sql")
   declare -A tps lat share
@@ -75,15 +80,16 @@ for workload in select mix mix_rule; do
     if [[ $name != direct && $name != none ]]; then
       after=$(reads_on_replica "$port")
       # Reads are 100 % of -S and about 90 % of the mix.
-      share[$name]=$(python3 -c "r=$after-$before; t=${tps[$name]}*$secs*(1 if '$workload'=='select' else 0.9); print(f'{100*r/t:.0f} %')")
+      share[$name]=$(python3 -c "r=$after-$before; t=${tps[$name]}*$secs*(1 if '$workload'.startswith('select') else 0.9); print(f'{100*r/t:.0f} %')")
     else
       share[$name]="–"
     fi
   done
   echo
-  title=$workload
+  title="${workload%_sp}" pooling="transaction pooling"
   [[ $workload == mix_rule ]] && title="mix with a cache rule on pgbench_accounts"
-  echo "| $title, $clients clients, transaction pooling | TPS | ratio to direct | ratio to no replica | latency ms | reads on the replica |"
+  [[ $workload == *_sp ]] && pooling="session pooling"
+  echo "| $title, $clients clients, $pooling | TPS | ratio to direct | ratio to no replica | latency ms | reads on the replica |"
   echo "|---|---|---|---|---|---|"
   for t in "${targets[@]}"; do
     name=${t%%:*}
