@@ -60,6 +60,7 @@ pub const RULES_RELOAD: &str = "pgcache_rules_reload_total";
 pub const RULES_LOADED: &str = "pgcache_rules_loaded";
 pub const WARM_STATEMENTS: &str = "pgcache_warm_statements_total";
 pub const WARM_PENDING: &str = "pgcache_warm_pending";
+pub const FILLS_NOT_ADMITTED: &str = "pgcache_cache_fills_not_admitted_total";
 pub const REPLICA_UP: &str = "pgcache_replica_up";
 pub const REPLICA_LAG: &str = "pgcache_replica_lag_bytes";
 pub const REPLICA_LAG_SECONDS: &str = "pgcache_replica_lag_seconds";
@@ -151,6 +152,11 @@ pub const ALL: &[(&str, Kind, &str)] = &[
         WARM_PENDING,
         Kind::Gauge,
         "Warm-file statements waiting for their role to log in (its credentials) before they re-run.",
+    ),
+    (
+        FILLS_NOT_ADMITTED,
+        Kind::Counter,
+        "Misses not stored because their rule's entries are seldom read again and the key was not missed recently (cache.admission).",
     ),
     (
         REPLICA_UP,

@@ -74,6 +74,9 @@ pub enum Reason {
     /// Answered by a replica that had not replayed the last invalidation this instance knows
     /// of: served, not stored.
     ReplicaBehind,
+    /// The rule's entries are seldom read again, and this key was not missed recently
+    /// ([`crate::cache::admission`]): forwarded, stored if missed again soon.
+    NotAdmitted,
 }
 
 impl Reason {
@@ -119,6 +122,9 @@ impl std::fmt::Display for Reason {
             Reason::RowLimit => f.write_str("executed with a row limit"),
             Reason::PortalReused => f.write_str("its portal is used again in the same batch"),
             Reason::Unreadable => f.write_str("part of a request pgcache could not follow"),
+            Reason::NotAdmitted => f.write_str(
+                "not stored: the rule's entries are seldom read again, and this key was not missed recently (admission)",
+            ),
             Reason::ReplicaBehind => {
                 f.write_str("answered by a replica that had not replayed the last invalidation (served, not stored)")
             }

@@ -234,6 +234,10 @@ impl Stats {
             Outcome::Hit => {
                 t.hits.fetch_add(1, Ordering::Relaxed);
                 t.bytes_served.fetch_add(served, Ordering::Relaxed);
+                if let Some(r) = &o.rule {
+                    // What admission decides from (crate::cache::admission).
+                    r.usage.count(true);
+                }
                 if let Some(c) = counters {
                     c.hits.increment(1);
                     c.served_bytes.increment(served);

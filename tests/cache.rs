@@ -268,3 +268,41 @@ async fn a_pattern_on_literals_decides_each_text_of_a_shape_by_its_own() {
     // pg_stat_statements counts both texts under one normalized query: only id = 8 ran.
     assert_eq!(executions(&admin, "FROM items WHERE id =").await - before, 10);
 }
+
+/// Reads 1100 keys once each through a rule on their table (every one a miss), then one more
+/// key three times: how many of those three Postgres ran, and the misses not stored.
+async fn after_a_window_of_misses(admission: &str) -> (i64, f64) {
+    let cluster = PgCluster::shared();
+    let schema = "CREATE TABLE wide (id int PRIMARY KEY, v int);
+                  INSERT INTO wide SELECT g, g FROM generate_series(1, 2000) g;";
+    let rules = "[[rule]]\nname = \"wide\"\nmatch = { tables = [\"wide\"] }\nttl = \"60s\"\n";
+    let admission = admission.to_owned();
+    let e = cache_env(cluster, "admission", schema, rules, move |c| {
+        c.cache.adaptive_admission = admission == "adaptive";
+    })
+    .await;
+    let c = e.proxy.connect(&e.db, &cluster.superuser()).await;
+    let once = c.prepare("SELECT v FROM wide WHERE id = $1").await.unwrap();
+    for id in 1..=1100 {
+        c.query_one(&once, &[&id]).await.unwrap();
+    }
+    for _ in 0..3 {
+        let row = c.query_one("SELECT v, id FROM wide WHERE id = $1", &[&1500]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 1500);
+    }
+    (
+        executions(&e.admin, "SELECT v, id FROM wide").await,
+        e.proxy.metric("pgcache_cache_fills_not_admitted_total").await,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_whose_entries_are_never_read_again_stores_a_key_only_at_its_second_miss() {
+    let (ran, declined) = after_a_window_of_misses("adaptive").await;
+    assert_eq!(ran, 2, "the first miss not stored, the second stored, the third a hit");
+    assert!(declined >= 1.0);
+    // Negative control: every miss stored.
+    let (ran, declined) = after_a_window_of_misses("always").await;
+    assert_eq!(ran, 1, "stored at the first miss");
+    assert_eq!(declined, 0.0);
+}

@@ -410,6 +410,7 @@ fn config(ctx: &Context) -> ResultSet {
             ("cache.unknown_writes", format!("{:?}", c.cache.unknown_writes)),
             ("cache.invalidate_on_writes", c.cache.invalidate_on_writes.to_string()),
             ("cache.invalidate_by_key", c.cache.invalidate_by_key.to_string()),
+            ("cache.admission", if c.cache.adaptive_admission { "adaptive" } else { "always" }.to_owned()),
             ("cache.catalog_ttl", humantime::format_duration(c.cache.catalog_ttl).to_string()),
             (
                 "replicas",

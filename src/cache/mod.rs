@@ -10,6 +10,7 @@
 //!   also closes the fill race: a miss that started before the write finds a moved counter and
 //!   does not insert.
 //! - [`key`]: the collision-safe, length-delimited key.
+//! - [`admission`]: whether a miss is stored, for rules whose entries are seldom read again.
 //! - [`warm`]: recipes of the fills (not their rows), written on shutdown for a warm start.
 //! - [`flight`]: single-flight for concurrent misses. quick_cache's placeholder guard is not
 //!   used: a fill here streams through the session's relay loop over many iterations (a guard
@@ -19,6 +20,7 @@
 //! Owns stored results and generations. May use `rules` (an entry keeps its rule) and below;
 //! never talks to Postgres or a client.
 
+pub mod admission;
 pub mod flight;
 pub mod generation;
 pub mod key;

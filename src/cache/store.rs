@@ -170,6 +170,8 @@ pub struct Store {
     occupied: AtomicBool,
     /// Ids for the settings parts of keys.
     pub interner: super::key::Interner,
+    /// Whether a miss is stored ([`super::admission`]).
+    pub admission: super::admission::Admission,
 }
 
 impl Store {
@@ -183,6 +185,7 @@ impl Store {
             max_bytes,
             occupied: AtomicBool::new(false),
             interner: Default::default(),
+            admission: Default::default(),
         }
     }
 

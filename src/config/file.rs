@@ -170,6 +170,9 @@ pub struct CacheFile {
     pub warm_statements: Option<usize>,
     /// How many statements per second re-run at start (default 20).
     pub warm_rate: Option<u32>,
+    /// `adaptive` (default): a rule whose entries are seldom read again stores a miss only at
+    /// its key's second miss; `always`: every miss is stored.
+    pub admission: Option<String>,
 }
 
 /// `[auth]`

@@ -164,6 +164,8 @@ pub struct CacheConfig {
     pub warm_statements: usize,
     /// Statements re-run per second at start.
     pub warm_rate: u32,
+    /// `cache.admission = "adaptive"`: see [`crate::cache::admission`].
+    pub adaptive_admission: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -424,6 +426,16 @@ impl Config {
                 warm_file: f.cache.warm_file,
                 warm_statements: f.cache.warm_statements.unwrap_or(1000),
                 warm_rate: f.cache.warm_rate.unwrap_or(20),
+                adaptive_admission: match f.cache.admission.as_deref() {
+                    None | Some("adaptive") => true,
+                    Some("always") => false,
+                    Some(other) => {
+                        return Err(invalid(
+                            "cache.admission",
+                            format!("{other:?} (expected \"adaptive\" or \"always\")"),
+                        ));
+                    }
+                },
             },
             console: ConsoleConfig {
                 database: f.console.database.unwrap_or_else(|| "pgcache".into()),

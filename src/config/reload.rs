@@ -9,7 +9,7 @@ impl Config {
     /// `client.max_message_bytes`, `client.max_output_bytes`, `metrics.token`,
     /// `auth.failure_delay`, `client.tls_required` when TLS is configured,
     /// `cache.single_flight_wait`, `cache.unknown_writes`, `cache.invalidate_on_writes`,
-    /// `cache.invalidate_by_key`, `console.users`, `console.database`, `shutdown.drain_timeout`), and the names of the
+    /// `cache.invalidate_by_key`, `cache.admission`, `console.users`, `console.database`, `shutdown.drain_timeout`), and the names of the
     /// other settings that differ and need a restart.
     pub fn reloaded(&self, fresh: Config) -> (Config, Vec<&'static str>) {
         let mut next = self.clone();
@@ -26,6 +26,7 @@ impl Config {
         next.cache.unknown_writes = fresh.cache.unknown_writes;
         next.cache.invalidate_on_writes = fresh.cache.invalidate_on_writes;
         next.cache.invalidate_by_key = fresh.cache.invalidate_by_key;
+        next.cache.adaptive_admission = fresh.cache.adaptive_admission;
         next.console = fresh.console.clone();
         next.drain_timeout = fresh.drain_timeout;
         let mut restart = Vec::new();

@@ -228,6 +228,7 @@ fn validate(raw: RawRule, path: &Path, line: usize) -> Result<Rule, FieldError> 
         allow_stable_functions: raw.allow_stable_functions.unwrap_or(false),
         allow_row_security: raw.allow_row_security.unwrap_or(false),
         route,
+        usage: Default::default(),
         matcher: Matcher { tables, query, pattern, database: m.database, user: m.user },
         counters: Default::default(),
     })

@@ -10,6 +10,7 @@
 
 pub mod load;
 pub mod reload;
+pub mod usage;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -55,6 +56,8 @@ pub struct Rule {
     pub allow_row_security: bool,
     /// Where the reads it matches run (`route`), whatever rule decides their caching.
     pub route: Route,
+    /// Its recent hits and misses (for admission).
+    pub usage: usage::Usage,
     pub matcher: Matcher,
     /// Its metrics, registered on first use with the server's recorder.
     pub counters: std::sync::OnceLock<crate::metrics::RuleCounters>,
@@ -85,6 +88,7 @@ impl Rule {
             allow_stable_functions: false,
             allow_row_security: false,
             route: Route::Any,
+            usage: Default::default(),
             matcher: Matcher::default(),
             counters: Default::default(),
         }

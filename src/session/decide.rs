@@ -23,6 +23,7 @@ use bytes::Bytes;
 use crate::cache::{Entry, Freshness, Key, Keyed};
 use crate::context::Context;
 use crate::frontend::SessionError;
+use crate::metrics;
 use crate::policy::{self, Assessment, Reason, SearchPath, Target};
 use crate::protocol::backend::TransactionStatus;
 use crate::protocol::frontend::BindParts;
@@ -358,6 +359,11 @@ impl Relay<'_> {
         let replica = self.core.flow.replica;
         if replica.is_some() && ctx.l2.is_some() {
             return Ok(Plan::Forward(Reason::ReplicaBehind));
+        }
+        // A rule whose entries are seldom read again stores a key only at its second miss.
+        if !ctx.store.admission.admit(&a.rule, hash, ctx.config().cache.adaptive_admission) {
+            ctx.stats.metrics.counter(metrics::FILLS_NOT_ADMITTED, &[]).increment(1);
+            return Ok(Plan::Forward(Reason::NotAdmitted));
         }
         let flight = match ctx.flights.join(&key, ctx.config().cache.single_flight_wait).await {
             Turn::Lead(f) => Some(f),
