@@ -9,11 +9,17 @@
 # Usage: bench/compare.sh [seconds-per-run] [clients] [results-file]
 #   defaults: 10 s, 16 clients, bench/results/compare-<date>.md
 # Workloads (scale 10):
-#   select-simple / select-prepared   pgbench -S, no rules: the proxy hop and the pool
+#   select-simple / select-prepared   pgbench -S, no rules: the proxy hop and the pool; and
+#                                     through the rule: random keys over 1 M accounts, nearly
+#                                     every read a miss (what a rule costs)
 #   hot-simple / hot-prepared         point select over 1000 accounts, all hits once warm
 #   hot-1client                       the same, prepared, one client
 #   aggregate                         GROUP BY over all accounts, cached
 #   mixed                             90 % hot point selects / 10 % updates of the same rows
+#   mixed-random                      90 % point selects / 10 % updates on random keys, with
+#                                     no rule and with the rule
+# PgBouncer's CPU per statement is read from /proc like pgcache's. A last table gives, for the
+# workloads run with and without the rule, the rule's TPS over no rule's.
 # TRANSPORT=unix bench/compare.sh ...: everything through Unix sockets (direct too).
 source "$(dirname "$0")/lib.sh"
 secs=${1:-10}
@@ -44,8 +50,10 @@ txnpid=${pids[-1]}
 
 bouncer=""
 bport=$(free_port)
+bouncerpid=""
 if start_pgbouncer "$bport" session 20; then
   bouncer="pgbouncer:$bport"
+  bouncerpid=$(pgrep -n -x pgbouncer)
 fi
 
 cat >"$work/hot.sql" <<'SQL'
@@ -57,6 +65,15 @@ SELECT bid, count(*), sum(abalance), avg(abalance) FROM pgbench_accounts GROUP B
 SQL
 cat >"$work/mixed.sql" <<'SQL'
 \set aid random(1, 1000)
+\set r random(1, 100)
+\if :r <= 90
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+\else
+UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;
+\endif
+SQL
+cat >"$work/mixed-random.sql" <<SQL
+\set aid random(1, $((scale * 100000)))
 \set r random(1, 100)
 \if :r <= 90
 SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
@@ -101,9 +118,9 @@ warm() {
   echo "# pgcache vs direct Postgres ($(date -u '+%F %H:%M') UTC)"
   echo
   echo "$(nproc) cores; pgbench scale $scale; ${secs}s per run; $clients clients unless said; every target in"
-  echo "one run against one cluster, over $transport sockets. pgcache: release build, --pool-size 20. CPU is pgcache's own per statement."
+  echo "one run against one cluster, over $transport sockets. pgcache: release build, --pool-size 20. CPU is the proxy's own per statement (pgcache's or PgBouncer's, from /proc)."
   echo
-  echo "| workload | target | TPS | vs direct | p99 (ms) | pgcache CPU/stmt (µs) |"
+  echo "| workload | target | TPS | vs direct | p99 (ms) | proxy CPU/stmt (µs) |"
   echo "|---|---|---|---|---|---|"
 } >"$results"
 
@@ -120,18 +137,24 @@ run_workload() {
   local base
   base=$(measure direct "$pgport" "" "$n" "$@" | row "$workload" "")
   if [[ -n $bouncer ]]; then
-    measure pgbouncer "${bouncer##*:}" "" "$n" "$@" | row "$workload" "$base" >/dev/null
+    measure pgbouncer "${bouncer##*:}" "$bouncerpid" "$n" "$@" | row "$workload" "$base" >/dev/null
   fi
   if [[ $port_for_cache == pass ]]; then
     measure "pgcache (no rules)" "$passport" "$passpid" "$n" "$@" | row "$workload" "$base" >/dev/null
+  elif [[ $port_for_cache == both ]]; then
+    local plain ruled
+    plain=$(measure "pgcache (no rules)" "$passport" "$passpid" "$n" "$@" | row "$workload" "$base")
+    ruled=$(measure "pgcache (rule)" "$cacheport" "$cachepid" "$n" "$@" | row "$workload" "$base")
+    printf '| %s | %.0f | %.0f | %s |\n' "$workload" "$plain" "$ruled" "$(ratio "$ruled" "$plain")" >>"$work/rule-vs-none"
   else
     measure "pgcache (rule)" "$cacheport" "$cachepid" "$n" "$@" | row "$workload" "$base" >/dev/null
     measure "pgcache (rule, transaction pooling)" "$txnport" "$txnpid" "$n" "$@" | row "$workload" "$base" >/dev/null
   fi
 }
 
-run_workload "select, simple" "$clients" pass -S -M simple
-run_workload "select, prepared" "$clients" pass -S -M prepared
+run_workload "select, simple" "$clients" both -S -M simple
+run_workload "select, prepared" "$clients" both -S -M prepared
+run_workload "mixed 90/10, random keys" "$clients" both -M prepared -f "$work/mixed-random.sql"
 warm -M simple -f "$work/hot.sql"
 run_workload "hot select, simple" "$clients" cache -M simple -f "$work/hot.sql"
 warm -M prepared -f "$work/hot.sql"
@@ -141,6 +164,14 @@ warm -M prepared -f "$work/aggregate.sql"
 run_workload "aggregate" "$clients" cache -M prepared -f "$work/aggregate.sql"
 run_workload "mixed 90/10" "$clients" cache -M prepared -f "$work/mixed.sql"
 
+{
+  echo
+  echo "A rule on the table against none, same run (random keys: nearly every read a miss):"
+  echo
+  echo "| workload | no rules TPS | rule TPS | rule / no rules |"
+  echo "|---|---|---|---|"
+  cat "$work/rule-vs-none"
+} >>"$results"
 cat "$results"
 echo
 echo "written to $results"

@@ -124,6 +124,7 @@ async fn reads_run_on_the_replica_and_everything_else_on_the_primary() {
     text(&c, "SELECT count(*) FROM pg_stat_activity").await;
     c.batch_execute("BEGIN; SELECT v + id FROM kv WHERE id = 2; COMMIT").await.unwrap();
     text(&c, "SELECT txid_current()").await;
+    text(&c, "SELECT pg_backend_pid()").await;
     for (fragment, what) in [
         ("INSERT INTO kv VALUES", "a write"),
         ("FOR UPDATE", "FOR UPDATE"),
@@ -132,6 +133,7 @@ async fn reads_run_on_the_replica_and_everything_else_on_the_primary() {
         ("FROM pg_stat_activity", "a statistics view"),
         ("SELECT v + id FROM kv", "a read inside a transaction block"),
         ("txid_current", "a function a standby refuses"),
+        ("pg_backend_pid", "a function a standby answers for itself"),
     ] {
         assert_eq!(env.ran(fragment).await, (1, 0), "{what} runs on the primary");
     }
@@ -569,6 +571,13 @@ async fn a_rule_or_a_hint_keeps_reads_on_the_primary() {
         text(&c, "SELECT count(*) FROM ledger").await;
     }
     assert_eq!(env.ran("FROM ledger").await, (3, 0));
+    // Reading a routed table along with another (a join, a view over it) is enough.
+    env.on_primary.batch_execute("CREATE VIEW ledger_view AS SELECT id FROM ledger").await.unwrap();
+    env.catch_up().await;
+    text(&c, "SELECT count(id) FROM other JOIN ledger USING (id)").await;
+    text(&c, "SELECT count(*) FROM ledger_view").await;
+    assert_eq!(env.ran("JOIN ledger").await, (1, 0));
+    assert_eq!(env.ran("FROM ledger_view").await, (1, 0));
     // A table no rule routes goes to the replica, unless the statement says otherwise.
     text(&c, "SELECT count(*) FROM other").await;
     text(&c, "/* pgcache:primary */ SELECT count(*) FROM other").await;
@@ -595,4 +604,24 @@ async fn a_replica_lacking_wal_longer_than_max_lag_time_gets_no_reads_until_it_c
     assert!(eventually(Duration::from_secs(30), || shared.replicas.nodes[0].state() == State::Up).await);
     let label = format!("{{replica=\"127.0.0.1:{}\"}}", env.replica.port);
     assert!(env.proxy.metric(&format!("pgcache_replica_lag_seconds{label}")).await < 0.2);
+}
+
+#[tokio::test]
+async fn in_session_pooling_a_backend_closed_while_its_session_was_away_is_replaced() {
+    let env = setup(None, |c| c.pool.mode = PoolMode::Session).await;
+    let c = env.client().await;
+    c.batch_execute("INSERT INTO kv VALUES (7000, pg_backend_pid())").await.unwrap();
+    let pid = text(&env.on_primary, "SELECT v FROM kv WHERE id = 7000").await;
+    env.on_primary.batch_execute(&format!("SELECT pg_terminate_backend({pid})")).await.unwrap();
+    let gone = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}");
+    for _ in 0..500 {
+        if text(&env.on_primary, &gone).await == "0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The session's next request takes another backend rather than failing on the closed one.
+    c.batch_execute("INSERT INTO kv VALUES (7001, pg_backend_pid())").await.expect("no client error");
+    let pids = text(&env.on_primary, "SELECT count(DISTINCT v) FROM kv WHERE id >= 7000").await;
+    assert_eq!(pids, "2");
 }

@@ -85,6 +85,8 @@ pub struct Node {
     lag: AtomicU64,
     /// How long it has lacked WAL the primary had, in microseconds.
     lag_micros: AtomicU64,
+    /// Since when it has lacked WAL the primary had flushed (`None`: caught up).
+    lacking_since: Mutex<Option<Instant>>,
     /// Reads sent to it.
     pub reads: AtomicU64,
     /// Why its last check failed.
@@ -195,6 +197,7 @@ impl Replicas {
                 replay: AtomicU64::new(0),
                 lag: AtomicU64::new(0),
                 lag_micros: AtomicU64::new(0),
+                lacking_since: Mutex::new(None),
                 reads: AtomicU64::new(0),
                 last_error: Mutex::new(None),
             });
@@ -235,13 +238,28 @@ impl Replicas {
         self.samples.lock().back().map(|s| s.flush)
     }
 
-    /// How long a replica that has replayed up to `replay` has lacked WAL the primary had
-    /// flushed: since the first kept sample past it was read (zero if none is). Measured from samples,
-    /// so an idle primary costs a caught-up replica nothing, unlike the age of its last
-    /// replayed transaction.
-    pub fn lag_time(&self, replay: u64) -> Duration {
-        let samples = self.samples.lock();
-        samples.iter().find(|s| s.flush > replay).map_or(Duration::ZERO, |s| s.at.elapsed())
+    /// How long replica `i`, which has replayed up to `replay`, has lacked WAL the primary had
+    /// flushed: since the first sample past `replay` was read (zero if none is); recorded on
+    /// the replica, with its metric. Measured from samples, so an idle primary costs a
+    /// caught-up replica nothing, unlike the age of its last replayed transaction. When even
+    /// the oldest sample kept is past `replay`, the replica has lacked WAL since before it: the
+    /// earlier time it was already known to lack it stands.
+    pub fn lag_time(&self, i: usize, replay: u64) -> Duration {
+        let since = {
+            let samples = self.samples.lock();
+            samples.iter().position(|s| s.flush > replay).map(|at| (at, samples[at].at))
+        };
+        let node = &self.nodes[i];
+        let mut lacking = node.lacking_since.lock();
+        *lacking = match since {
+            None => None,
+            Some((0, at)) => Some(lacking.map_or(at, |before| before.min(at))),
+            Some((_, at)) => Some(at),
+        };
+        let lag = lacking.map_or(Duration::ZERO, |t| t.elapsed());
+        node.lag_micros.store(lag.as_micros() as u64, Ordering::Relaxed);
+        self.metrics.gauge(metrics::REPLICA_LAG_SECONDS, &[("replica", node.name.as_str())]).set(lag.as_secs_f64());
+        lag
     }
 
     /// A session's write committed just now: the sample its reads must wait for.
@@ -366,10 +384,6 @@ impl Replicas {
             let lag = self.primary_position().map_or(0, |p| p.saturating_sub(replay));
             node.lag.store(lag, Ordering::Relaxed);
             self.metrics.gauge(metrics::REPLICA_LAG, &[("replica", node.name.as_str())]).set(lag as f64);
-            let lag_time = self.lag_time(replay);
-            node.lag_micros.store(lag_time.as_micros() as u64, Ordering::Relaxed);
-            let seconds = lag_time.as_secs_f64();
-            self.metrics.gauge(metrics::REPLICA_LAG_SECONDS, &[("replica", node.name.as_str())]).set(seconds);
         }
         let before = State::from_u8(node.state.swap(state as u8, Ordering::AcqRel));
         if before == State::Down && state != State::Down {
@@ -532,10 +546,16 @@ mod tests {
         let (r, clock) = replicas(1, ReadYourWrites::Session);
         r.sampled(clock.start_sample(), 100, 100);
         r.sampled(clock.start_sample(), 100, 100);
-        assert_eq!(r.lag_time(100), Duration::ZERO, "an idle primary: no lag however old the samples");
+        assert_eq!(r.lag_time(0, 100), Duration::ZERO, "an idle primary: no lag however old the samples");
         r.sampled(clock.start_sample(), 150, 150);
         std::thread::sleep(Duration::from_millis(2));
-        assert!(r.lag_time(100) >= Duration::from_millis(2), "lacking the 150 sample since it was read");
-        assert_eq!(r.lag_time(150), Duration::ZERO);
+        assert!(r.lag_time(0, 100) >= Duration::from_millis(2), "lacking the 150 sample since it was read");
+        // Stuck longer than the samples kept: the time it was first seen lacking stands.
+        for _ in 0..SAMPLES {
+            r.sampled(clock.start_sample(), 200, 200);
+        }
+        assert!(r.lag_time(0, 100) >= Duration::from_millis(2), "the 150 sample is gone; the lag is not");
+        assert_eq!(r.lag_time(0, 200), Duration::ZERO);
+        assert_eq!(r.nodes[0].lag_time(), Duration::ZERO);
     }
 }

@@ -84,7 +84,8 @@ pub async fn run(
                 ),
                 Ok(replay) => {
                     let lag = replicas.primary_position().map_or(0, |p| p.saturating_sub(replay));
-                    let late = config.max_lag_time.is_some_and(|max| replicas.lag_time(replay) > max);
+                    let lag_time = replicas.lag_time(i, replay);
+                    let late = config.max_lag_time.is_some_and(|max| lag_time > max);
                     let state = if lag > config.max_lag_bytes || late { State::Lagging } else { State::Up };
                     replicas.set_state(i, state, Some(replay), None);
                 }

@@ -18,12 +18,34 @@ use crate::rules::{RuleSet, Subject};
 pub const PRIMARY_HINT: &str = "pgcache:primary";
 
 /// Whether the operator pinned the statements of `sql` to the primary: by the hint in its text,
-/// or by a `route = "primary"` rule matching any of them (see [`RuleSet::routes_to_primary`]).
-pub fn pinned_to_primary(rules: &RuleSet, sql: &str, statements: &[Classified], database: &str, user: &str) -> bool {
-    sql.contains(PRIMARY_HINT)
-        || statements
-            .iter()
-            .any(|c| rules.routes_to_primary(&Subject { sql, statement: c, resolved_reads: &c.reads, database, user }))
+/// or by a `route = "primary"` rule touching any of them — what they read, and what the views
+/// they read read (see [`RuleSet::routes_to_primary`]). If the catalog cannot say what views
+/// read while such a rule exists, they stay on the primary.
+pub async fn pinned_to_primary(
+    catalog: &Catalog,
+    rules: &RuleSet,
+    sql: &str,
+    statements: &[Classified],
+    database: &str,
+    user: &str,
+) -> bool {
+    if sql.contains(PRIMARY_HINT) {
+        return true;
+    }
+    if !rules.has_primary_routes() {
+        return false;
+    }
+    for c in statements {
+        let mut reads = c.reads.clone();
+        if !reads.is_empty() {
+            let Ok(infos) = catalog.relations(database, &c.reads).await else { return true };
+            reads.extend(infos.iter().flat_map(|i| i.read_deps.iter().cloned()));
+        }
+        if rules.routes_to_primary(&Subject { sql, statement: c, resolved_reads: &reads, database, user }) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Volatile built-ins that read or write nothing a standby refuses.
@@ -44,6 +66,11 @@ const PRIMARY_ONLY: &[&str] = &[
     "inet_server_port",
     "pg_postmaster_start_time",
     "pg_conf_load_time",
+    "pg_backend_pid",
+    "pg_is_in_recovery",
+    "pg_current_wal_lsn",
+    "pg_current_wal_insert_lsn",
+    "pg_current_wal_flush_lsn",
 ];
 
 /// Whether `c` is read-only by its text alone (the catalog is asked next).

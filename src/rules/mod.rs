@@ -123,12 +123,6 @@ impl Matcher {
     /// Whether every condition holds; `pattern`: whether the rule's pattern matches the text
     /// (asked last, only when the rule has one and its other conditions hold).
     fn matches(&self, s: &Subject<'_>, pattern: impl FnOnce() -> bool) -> bool {
-        self.matches_as(s, false, pattern)
-    }
-
-    /// [`Matcher::matches`]; `loose`: a read whose schema is not known matches a table of any
-    /// schema (for a decision that must hold whatever the schema turns out to be).
-    fn matches_as(&self, s: &Subject<'_>, loose: bool, pattern: impl FnOnce() -> bool) -> bool {
         if self.database.as_deref().is_some_and(|d| d != s.database)
             || self.user.as_deref().is_some_and(|u| u != s.user)
         {
@@ -139,16 +133,37 @@ impl Matcher {
         }
         if let Some(tables) = &self.tables {
             let covered = |read: &Relation| {
-                tables.iter().any(|t| {
-                    t.name == read.name
-                        && (t.schema.is_none() || t.schema == read.schema || (loose && read.schema.is_none()))
-                })
+                tables.iter().any(|t| t.name == read.name && (t.schema.is_none() || t.schema == read.schema))
             };
             if s.resolved_reads.is_empty() || !s.resolved_reads.iter().all(covered) {
                 return false;
             }
         }
         self.pattern.is_none() || pattern()
+    }
+
+    /// Whether the statement touches what the rule names, for routing: its conditions as in
+    /// [`Matcher::matches`], except that reading *any* listed table is enough (a join or a
+    /// view over it too, when `s.resolved_reads` holds what views read), and a read whose
+    /// schema is not known matches a listed table of any schema.
+    fn touches(&self, s: &Subject<'_>) -> bool {
+        if self.database.as_deref().is_some_and(|d| d != s.database)
+            || self.user.as_deref().is_some_and(|u| u != s.user)
+            || self.query.as_ref().is_some_and(|(_, fp)| *fp != s.statement.fingerprint)
+        {
+            return false;
+        }
+        if let Some(tables) = &self.tables {
+            let listed = |read: &Relation| {
+                tables.iter().any(|t| {
+                    t.name == read.name && (t.schema.is_none() || read.schema.is_none() || t.schema == read.schema)
+                })
+            };
+            if !s.resolved_reads.iter().any(listed) {
+                return false;
+            }
+        }
+        self.pattern.as_ref().is_none_or(|p| p.is_match(s.sql))
     }
 
     /// What it matches, as `key=value` words.
@@ -284,15 +299,15 @@ impl RuleSet {
             .map(|(_, r)| r.clone())
     }
 
-    /// Whether some `route = "primary"` rule matches the statement, its relations' schemas
-    /// unresolved (an unqualified name matches a table of that name in any schema): such a
-    /// read stays on the primary whichever rule decides its caching.
-    pub fn routes_to_primary(&self, s: &Subject<'_>) -> bool {
+    /// Some rule says `route = "primary"`.
+    pub fn has_primary_routes(&self) -> bool {
         self.has_primary_routes
-            && self.rules.iter().any(|r| {
-                r.route == Route::Primary
-                    && r.matcher.matches_as(s, true, || r.matcher.pattern.as_ref().is_some_and(|p| p.is_match(s.sql)))
-            })
+    }
+
+    /// Whether some `route = "primary"` rule touches the statement ([`Matcher::touches`]):
+    /// such a read stays on the primary whichever rule decides its caching.
+    pub fn routes_to_primary(&self, s: &Subject<'_>) -> bool {
+        self.has_primary_routes && self.rules.iter().any(|r| r.route == Route::Primary && r.matcher.touches(s))
     }
 
     /// Whether matching needs relations resolved to their schemas (some rule lists a
@@ -334,7 +349,8 @@ pub fn describe(r: &Rule) -> String {
         }
     };
     let route = if r.route == Route::Primary { " route=primary" } else { "" };
-    format!("{} ({}:{}): {} -> {action}{route}", r.name, r.file.display(), r.line, r.matcher.describe())
+    let gated = if r.usage.gated() { " (admission: gated, entries seldom read again)" } else { "" };
+    format!("{} ({}:{}): {} -> {action}{route}{gated}", r.name, r.file.display(), r.line, r.matcher.describe())
 }
 
 #[cfg(test)]
@@ -391,6 +407,7 @@ mod tests {
         assert!(routed("SELECT * FROM app.t"));
         assert!(!routed("SELECT * FROM other.t"));
         assert!(!routed("SELECT * FROM u"));
+        assert!(routed("SELECT * FROM u JOIN app.t USING (id)"), "any listed table is enough");
         let none = RuleSet::new(vec![rule("first", None, Some(&["t"]))], 1);
         let c = &crate::query::classify::classify("SELECT * FROM t")[0];
         let s = Subject { sql: "SELECT * FROM t", statement: c, resolved_reads: &c.reads, database: "d", user: "u" };

@@ -360,7 +360,13 @@ impl Relay<'_> {
         if replica.is_some() && ctx.l2.is_some() {
             return Ok(Plan::Forward(Reason::ReplicaBehind));
         }
-        // A rule whose entries are seldom read again stores a key only at its second miss.
+        // A fill is stored under the state the backend computes it in: the settings a probe
+        // read on this backend. Until it has been read here, read it first.
+        let Some(state) = self.core.flow.settings.verified().cloned() else {
+            return Ok(self.probe_or(Reason::SettingsUnknown));
+        };
+        // A rule whose entries are seldom read again stores a key only at its second miss
+        // (asked once per miss: after the probe, which decides the miss again).
         if !ctx.store.admission.admit(&a.rule, hash, ctx.config().cache.adaptive_admission) {
             ctx.stats.metrics.counter(metrics::FILLS_NOT_ADMITTED, &[]).increment(1);
             return Ok(Plan::Forward(Reason::NotAdmitted));
@@ -377,11 +383,6 @@ impl Relay<'_> {
                 }
                 None
             }
-        };
-        // A fill is stored under the state the backend computes it in: the settings a probe
-        // read on this backend. Until it has been read here, read it first.
-        let Some(state) = self.core.flow.settings.verified().cloned() else {
-            return Ok(self.probe_or(Reason::SettingsUnknown));
         };
         let deps = fill_deps(ctx, &self.key.database, &a, c, &req);
         // On a replica, stored only if the replica has replayed every write that moved the

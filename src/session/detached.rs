@@ -220,6 +220,14 @@ impl Detached<'_> {
     /// settings on it.
     async fn reattach(&mut self) -> Result<Lease, ReattachError> {
         if let Some(mut lease) = self.home.take() {
+            if !lease.conn().is_alive() {
+                // Postgres ended it while the session was away (a restart, a terminate, an
+                // idle timeout): another one, as for any session whose backend was lost.
+                tracing::info!(user = %self.key.user, "the session's own backend was closed meanwhile; taking another");
+                lease.release(Reset::Close);
+                let pool = self.ctx.pools.get(self.key);
+                return self.reattach_to(&pool).await;
+            }
             // Nothing to send when it shows the session's state, as it does unless the
             // session's settings changed on a replica (which read them back).
             let settings = self.replayable_settings()?;
@@ -274,8 +282,10 @@ impl Detached<'_> {
         let statements = self.statements(frames).await?;
         let rules = self.ctx.rules.current();
         let (database, user) = (&self.key.database, &self.key.user);
-        if statements.iter().any(|(sql, c)| crate::replica::route::pinned_to_primary(&rules, sql, c, database, user)) {
-            return None;
+        for (sql, c) in &statements {
+            if crate::replica::route::pinned_to_primary(&self.ctx.catalog, &rules, sql, c, database, user).await {
+                return None;
+            }
         }
         let each: Vec<&crate::query::Classified> = statements.iter().flat_map(|(_, s)| s.iter()).collect();
         if !crate::replica::route::eligible(&self.ctx.catalog, database, &each).await {

@@ -213,6 +213,9 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
                 continue;
             }
             Ok(relay::Ending::Released) => {
+                // A cancel from now on finds nothing to cancel: this backend may soon run
+                // another session's query.
+                handle.set_backend(None);
                 if !on_replica {
                     changed_parameters(&mut reported, &attached.conn_ref().params);
                 }
@@ -243,8 +246,9 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
         break result;
     };
     if let Some(home) = home {
-        // Left at rest, with what it holds written down (see `leave`).
-        home.release(Reset::None);
+        // At rest, but it may hold what pgcache does not track (a temporary table or an
+        // advisory lock taken in a function, `currval`): reset as a session's backend is.
+        home.release(Reset::Discard);
     }
     if pooling_transactions {
         let pool = ctx.pools.get(&key);

@@ -322,9 +322,13 @@ impl Catalog {
 
     /// Whether `user`'s sessions in `db` start with `default_transaction_isolation` at
     /// SERIALIZABLE — by `ALTER ROLE`/`ALTER DATABASE ... SET`, or the server's configuration —
-    /// which a standby refuses. (What a session sets itself it knows.)
+    /// which a standby refuses. (What a session sets itself it knows.) The server's value is
+    /// read from the catalog's own session, which shows it unless the catalog's login has a
+    /// role or database default of its own: then it is not known, and counts as SERIALIZABLE.
     pub async fn serializable_by_default(&self, db: &str, user: &str) -> Result<bool, CatalogError> {
-        const SQL: &str = "SELECT current_setting('default_transaction_isolation') = 'serializable' OR EXISTS ( \
+        const SQL: &str = "SELECT coalesce((SELECT setting = 'serializable' \
+                 OR source NOT IN ('default', 'environment variable', 'configuration file', 'command line') \
+               FROM pg_catalog.pg_settings WHERE name = 'default_transaction_isolation'), true) OR EXISTS ( \
                SELECT 1 FROM pg_catalog.pg_db_role_setting s, unnest(s.setconfig) c \
                WHERE s.setdatabase IN (0, (SELECT oid FROM pg_catalog.pg_database WHERE datname = $1)) \
                  AND s.setrole IN (0, (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $2)) \
