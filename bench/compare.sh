@@ -82,8 +82,8 @@ UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;
 \endif
 SQL
 
-# cpu_ticks PID: utime + stime of a process, in clock ticks.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# cpu_ticks PID: utime and stime of a process, in clock ticks.
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 tick_us=$(python3 -c "import os; print(1e6 / os.sysconf('SC_CLK_TCK'))")
 
 # measure NAME PORT PID CLIENTS ARGS... -> prints one table row; PID is "" for non-pgcache.
@@ -92,7 +92,7 @@ measure() {
   shift 4
   local logdir="$work/log-$RANDOM"
   mkdir -p "$logdir"
-  local before=0 after=0
+  local before="0 0" after="0 0"
   [[ -n $pid ]] && before=$(cpu_ticks "$pid")
   local out
   out=$(cd "$logdir" && pgbench -h "$host" -p "$port" -U postgres -n -c "$n" -j "$(( n < 2 ? n : 2 ))" -T "$secs" \
@@ -103,7 +103,11 @@ measure() {
   txns=$(grep -oP 'number of transactions actually processed: \K[0-9]+' <<<"$out")
   # Column 3 of pgbench's log is the transaction's latency in microseconds.
   p99=$(cat "$logdir"/pgbench_log.* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {i=int(NR*0.99); if (i<1) i=1; printf "%.3f", a[i]/1000}')
-  [[ -n $pid && $txns -gt 0 ]] && cpu=$(python3 -c "print(f'{($after - $before) * $tick_us / $txns:.1f}')")
+  # Total (user + system) and, in parentheses, userland alone.
+  [[ -n $pid && $txns -gt 0 ]] && cpu=$(python3 -c "
+b, a = [int(x) for x in '$before'.split()], [int(x) for x in '$after'.split()]
+u, s = (a[0] - b[0]) * $tick_us / $txns, (a[1] - b[1]) * $tick_us / $txns
+print(f'{u + s:.1f} ({u:.1f})')")
   rm -rf "$logdir"
   echo "$name|$tps|$p99|$cpu"
 }
@@ -120,7 +124,7 @@ warm() {
   echo "$(nproc) cores; pgbench scale $scale; ${secs}s per run; $clients clients unless said; every target in"
   echo "one run against one cluster, over $transport sockets. pgcache: release build, --pool-size 20. CPU is the proxy's own per statement (pgcache's or PgBouncer's, from /proc)."
   echo
-  echo "| workload | target | TPS | vs direct | p99 (ms) | proxy CPU/stmt (µs) |"
+  echo "| workload | target | TPS | vs direct | p99 (ms) | proxy CPU/stmt, µs (userland) |"
   echo "|---|---|---|---|---|---|"
 } >"$results"
 
