@@ -63,24 +63,20 @@ SQL
 cat >"$work/aggregate.sql" <<'SQL'
 SELECT bid, count(*), sum(abalance), avg(abalance) FROM pgbench_accounts GROUP BY bid ORDER BY bid;
 SQL
-cat >"$work/mixed.sql" <<'SQL'
-\set aid random(1, 1000)
-\set r random(1, 100)
-\if :r <= 90
+# mix_script KEYS: 90 % point selects / 10 % updates over accounts 1..KEYS.
+mix_script() {
+  cat <<SQL
+\\set aid random(1, $1)
+\\set r random(1, 100)
+\\if :r <= 90
 SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
-\else
+\\else
 UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;
-\endif
+\\endif
 SQL
-cat >"$work/mixed-random.sql" <<SQL
-\set aid random(1, $((scale * 100000)))
-\set r random(1, 100)
-\if :r <= 90
-SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
-\else
-UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;
-\endif
-SQL
+}
+mix_script 1000 >"$work/mixed.sql"
+mix_script $((scale * 100000)) >"$work/mixed-random.sql"
 
 # cpu_ticks PID: utime and stime of a process, in clock ticks.
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
