@@ -231,9 +231,8 @@ impl Detached<'_> {
             // Nothing to send when it shows the session's state, as it does unless the
             // session's settings changed on a replica (which read them back).
             let settings = self.replayable_settings()?;
-            let wanted = Wanted::session(self.ctx, settings, &mut self.flow.settings);
-            match adopt(lease.conn(), wanted).await {
-                Ok(_) => {
+            match self.give_settings(&mut lease, settings).await {
+                Ok(()) => {
                     self.forget_backend_state();
                     return Ok(lease);
                 }
@@ -373,14 +372,8 @@ impl Detached<'_> {
         let mut fresh = false;
         let lease = loop {
             let mut lease = pool.acquire(self.startup, secret.as_ref(), fresh).await?;
-            let wanted = Wanted::session(self.ctx, settings.clone(), &mut self.flow.settings);
-            match adopt(lease.conn(), wanted).await {
-                Ok(replayed) => {
-                    if replayed {
-                        self.ctx.stats.metrics.counter(metrics::SETTINGS_REPLAYS, &[]).increment(1);
-                    }
-                    break lease;
-                }
+            match self.give_settings(&mut lease, settings.clone()).await {
+                Ok(()) => break lease,
                 Err(ReplayError::Unsuitable | ReplayError::Mismatch) if !fresh => {
                     lease.release(Reset::Close);
                     fresh = true;
@@ -393,6 +386,16 @@ impl Detached<'_> {
         };
         self.forget_backend_state();
         Ok(lease)
+    }
+
+    /// Makes `lease` show the session's state, `settings` replayed if it does not already
+    /// ([`adopt`]); a replay is counted.
+    async fn give_settings(&mut self, lease: &mut Lease, settings: Vec<(String, String)>) -> Result<(), ReplayError> {
+        let wanted = Wanted::session(self.ctx, settings, &mut self.flow.settings);
+        if adopt(lease.conn(), wanted).await? {
+            self.ctx.stats.metrics.counter(metrics::SETTINGS_REPLAYS, &[]).increment(1);
+        }
+        Ok(())
     }
 
     /// The session is on another backend than before: the one before had its statements and

@@ -97,7 +97,7 @@ impl Relay<'_> {
         let ctx = self.ctx;
         if n == 0
             || ctx.config().pool.max_statements_per_second == 0
-            || (self.core.flow.transaction_pooling && !self.core.flow.keeps_backend)
+            || self.core.flow.gives_backend_back()
             || self.core.tracker.status != TransactionStatus::Idle
         {
             return;

@@ -226,7 +226,7 @@ impl Relay<'_> {
             return false;
         }
         let replayable = !f.settings_touched || f.settings.replay(&self.key.user).is_some();
-        if replayable == f.settings_pinned && !f.keeps_backend {
+        if replayable == f.settings_pinned && f.gives_backend_back() {
             // Pinned by its settings just now, or released from that pin.
             self.core.flow.settings_pinned = !replayable;
             pin(self.ctx, self.key, "settings", SETTINGS_PIN, !replayable);
@@ -438,7 +438,7 @@ impl Relay<'_> {
     pub(super) fn carry_out(&mut self) {
         let ctx = self.ctx;
         // (A session that keeps its backend has nothing to pin.)
-        let pooling_transactions = self.core.flow.transaction_pooling && !self.core.flow.keeps_backend;
+        let pooling_transactions = self.core.flow.gives_backend_back();
         // What the backend's settings are, as read on it: a fill keyed otherwise is not stored.
         let backend_state = self.core.flow.settings.verified().cloned();
         let (mut wrote, mut ddl) = (false, false);

@@ -74,7 +74,7 @@ struct Cached<T> {
 const MAX_FACTS: usize = 10_000;
 
 /// Keeps a fact, forgetting the others of its kind first if there are [`MAX_FACTS`].
-fn keep<T>(map: &mut HashMap<Relation, Cached<T>>, name: Relation, value: T) {
+fn keep<K: Eq + std::hash::Hash, T>(map: &mut HashMap<K, Cached<T>>, name: K, value: T) {
     if map.len() >= MAX_FACTS && !map.contains_key(&name) {
         map.clear();
     }
@@ -342,11 +342,7 @@ impl Catalog {
             Ok::<_, CatalogError>(client.query_one(SQL, &[&db, &user]).await?.get::<_, bool>(0))
         };
         let value = tokio::time::timeout(LOOKUP_TIMEOUT, fetch).await.map_err(|_| CatalogError::Timeout)??;
-        let mut map = d.serializable.lock();
-        if map.len() >= MAX_FACTS {
-            map.clear();
-        }
-        map.insert(user.to_owned(), Cached { value, at: Instant::now() });
+        keep(&mut d.serializable.lock(), user.to_owned(), value);
         Ok(value)
     }
 

@@ -211,6 +211,12 @@ impl Flow {
         self.pipeline.is_empty() && self.batch.is_empty()
     }
 
+    /// Whether the session gives its backend back to the pool between transactions
+    /// (transaction pooling; not a session that keeps its own, [`Flow::keeps_backend`]).
+    pub fn gives_backend_back(&self) -> bool {
+        self.transaction_pooling && !self.keeps_backend
+    }
+
     /// Why the session could not continue on another backend connection, if it could not.
     pub fn movable(&self) -> Result<(), &'static str> {
         if let Some(why) = self.holds.first().map(|h| h.describe()).or(self.taint) {
