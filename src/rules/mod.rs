@@ -123,12 +123,7 @@ impl Matcher {
     /// Whether every condition holds; `pattern`: whether the rule's pattern matches the text
     /// (asked last, only when the rule has one and its other conditions hold).
     fn matches(&self, s: &Subject<'_>, pattern: impl FnOnce() -> bool) -> bool {
-        if self.database.as_deref().is_some_and(|d| d != s.database)
-            || self.user.as_deref().is_some_and(|u| u != s.user)
-        {
-            return false;
-        }
-        if self.query.as_ref().is_some_and(|(_, fp)| *fp != s.statement.fingerprint) {
+        if !self.in_scope(s) {
             return false;
         }
         if let Some(tables) = &self.tables {
@@ -147,10 +142,7 @@ impl Matcher {
     /// view over it too, when `s.resolved_reads` holds what views read), and a read whose
     /// schema is not known matches a listed table of any schema.
     fn touches(&self, s: &Subject<'_>) -> bool {
-        if self.database.as_deref().is_some_and(|d| d != s.database)
-            || self.user.as_deref().is_some_and(|u| u != s.user)
-            || self.query.as_ref().is_some_and(|(_, fp)| *fp != s.statement.fingerprint)
-        {
+        if !self.in_scope(s) {
             return false;
         }
         if let Some(tables) = &self.tables {
@@ -164,6 +156,13 @@ impl Matcher {
             }
         }
         self.pattern.as_ref().is_none_or(|p| p.is_match(s.sql))
+    }
+
+    /// The database, user and query shape conditions, which matching and routing share.
+    fn in_scope(&self, s: &Subject<'_>) -> bool {
+        self.database.as_deref().is_none_or(|d| d == s.database)
+            && self.user.as_deref().is_none_or(|u| u == s.user)
+            && self.query.as_ref().is_none_or(|(_, fp)| *fp == s.statement.fingerprint)
     }
 
     /// What it matches, as `key=value` words.
