@@ -142,12 +142,47 @@ async fn primary_position(
     Ok((u64::from(row.get::<_, PgLsn>(0)), u64::from(row.get::<_, PgLsn>(1))))
 }
 
+/// The replica's replay position, as far as what it shows goes ([`next_record_start`]).
 async fn replay_position(slot: &mut Option<Client>, endpoint: &Endpoint, upstream: &Upstream) -> Result<u64, String> {
     let c = client(slot, endpoint, upstream).await?;
-    let row =
-        c.query_one("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()", &[]).await.map_err(|e| e.to_string())?;
+    let sql = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn(), current_setting('wal_block_size')::int8, \
+               (SELECT setting::int8 FROM pg_catalog.pg_settings WHERE name = 'wal_segment_size')";
+    let row = c.query_one(sql, &[]).await.map_err(|e| e.to_string())?;
     if !row.get::<_, bool>(0) {
         return Err("not in recovery (promoted, or not a standby)".into());
     }
-    row.get::<_, Option<PgLsn>>(1).map(u64::from).ok_or_else(|| "no replay position".into())
+    let replay = row.get::<_, Option<PgLsn>>(1).map(u64::from).ok_or("no replay position")?;
+    let (block, segment) = (row.get::<_, i64>(2) as u64, row.get::<_, i64>(3) as u64);
+    Ok(next_record_start(replay, block, segment))
+}
+
+/// Where the record after the one ending at `end` can start: WAL records start 8-byte
+/// aligned, and after the page header when that is a page's start (a longer one at a
+/// segment's). `pg_last_wal_replay_lsn()` is the end of the last record replayed, while the
+/// primary's positions are where the next record will go; a replica that has replayed
+/// everything shows up to 7 bytes (or a page header) less, and a read waiting for it would wait
+/// for the next write. Nothing can lie between `end` and this position, so a replica past it
+/// has replayed every record before it.
+fn next_record_start(end: u64, block: u64, segment: u64) -> u64 {
+    let aligned = end.next_multiple_of(8);
+    match (block, segment) {
+        (0, _) | (_, 0) => aligned,
+        _ if aligned.is_multiple_of(segment) => aligned + 40,
+        _ if aligned.is_multiple_of(block) => aligned + 24,
+        _ => aligned,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_record_start;
+
+    #[test]
+    fn a_replay_position_counts_up_to_where_the_next_record_can_start() {
+        let (block, segment) = (8192, 16 << 20);
+        assert_eq!(next_record_start(0x1000_0010, block, segment), 0x1000_0010, "aligned");
+        assert_eq!(next_record_start(0x1000_0011, block, segment), 0x1000_0018, "padding");
+        assert_eq!(next_record_start(8192 * 3 - 4, block, segment), 8192 * 3 + 24, "a page header");
+        assert_eq!(next_record_start(segment * 2 - 2, block, segment), segment * 2 + 40, "a segment's");
+    }
 }
