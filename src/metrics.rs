@@ -256,6 +256,9 @@ pub struct Metrics {
     durations: [Histogram; 3],
     /// `pgcache_backend_handoffs_total`, registered once (counted per transaction).
     handoffs: Counter,
+    /// `pgcache_cache_fills_not_admitted_total`, registered once (counted per miss of a gated
+    /// rule).
+    not_admitted: Counter,
 }
 
 /// One rule's counters, registered once per rule (see `Rule::counters`) rather than looked up
@@ -298,7 +301,14 @@ impl Metrics {
             |o: Outcome| recorder.register_histogram(&Self::key(QUERY_DURATION, &[("outcome", o.as_str())]), &METADATA);
         let durations = [duration(Outcome::Hit), duration(Outcome::Miss), duration(Outcome::Passthrough)];
         let handoffs = recorder.register_counter(&Self::key(HANDOFFS, &[]), &METADATA);
-        Metrics { recorder, tables: Mutex::new(HashSet::new()), max_table_labels, durations, handoffs }
+        let not_admitted = recorder.register_counter(&Self::key(FILLS_NOT_ADMITTED, &[]), &METADATA);
+        Metrics { recorder, tables: Mutex::new(HashSet::new()), max_table_labels, durations, handoffs, not_admitted }
+    }
+
+    /// A miss was not stored: its rule's entries are seldom read again and its key was not
+    /// seen recently ([`crate::cache::admission`]).
+    pub fn not_admitted(&self) {
+        self.not_admitted.increment(1);
     }
 
     /// Transaction pooling gave a backend back at the end of a transaction.

@@ -7,7 +7,6 @@
 //! changes what a client receives.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -110,7 +109,8 @@ pub struct QueryStat {
     pub rule: Option<Arc<Rule>>,
     pub reason: Option<Reason>,
     pub tables: Vec<String>,
-    pub keys: HashSet<u64>,
+    /// Hashes already ([`key_hash`]): kept as they are.
+    pub keys: HashSet<u64, BuildNoHash>,
     pub first_seen: Instant,
     /// The database it last ran in (the advisor reads that catalog).
     pub database: Arc<str>,
@@ -173,7 +173,7 @@ pub struct Stats {
     pub metrics: Arc<Metrics>,
     started: Instant,
     totals: Totals,
-    queries: Mutex<HashMap<u64, QueryStat>>,
+    queries: Mutex<HashMap<u64, QueryStat, BuildNoHash>>,
     table_writes: Mutex<HashMap<String, Written>>,
     clients: Mutex<HashMap<u64, ClientInfo>>,
     next_client: AtomicU64,
@@ -188,11 +188,36 @@ struct Written {
     key_invalidations: ::metrics::Counter,
 }
 
-/// A hash of a cache key.
+/// Maps keyed by a hash already taken (a key's, a fingerprint) use it as it is.
+type BuildNoHash = std::hash::BuildHasherDefault<NoHash>;
+
+#[derive(Default)]
+pub struct NoHash(u64);
+
+impl std::hash::Hasher for NoHash {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64s are hashed with it; anything else is folded in, not lost.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A hash of a cache key, for this process only (admission, statistics, an observation's
+/// key): foldhash, a fraction of SipHash's cost on keys of tens to hundreds of bytes, seeded at
+/// random once per process.
 pub fn key_hash(key: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    h.finish()
+    use std::hash::BuildHasher;
+    static STATE: std::sync::LazyLock<foldhash::quality::RandomState> = std::sync::LazyLock::new(Default::default);
+    STATE.hash_one(key)
 }
 
 /// Removes the client from the registry when dropped.
@@ -215,7 +240,7 @@ impl Stats {
             metrics: Arc::new(Metrics::new(max_table_labels)),
             started: Instant::now(),
             totals: Totals::default(),
-            queries: Mutex::new(HashMap::new()),
+            queries: Mutex::new(HashMap::default()),
             table_writes: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             next_client: AtomicU64::new(1),
@@ -280,7 +305,7 @@ impl Stats {
             rule: None,
             reason: None,
             tables: o.tables(),
-            keys: HashSet::new(),
+            keys: HashSet::default(),
             first_seen: o.started,
             database: o.database.clone(),
         });

@@ -111,6 +111,9 @@ pub fn bind(body: &[u8]) -> Result<Bind<'_>, Truncated> {
 /// frame's decoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BindParts {
+    /// The whole frame the parts are slices of (empty when built otherwise): while it is held,
+    /// its address names this one Bind.
+    pub raw: Bytes,
     pub portal: Bytes,
     pub statement: Bytes,
     pub param_formats: Vec<i16>,
@@ -123,6 +126,7 @@ impl BindParts {
     pub fn decode(raw: &Bytes) -> Result<BindParts, Truncated> {
         let b = bind(raw.get(5..).ok_or(Truncated)?)?;
         Ok(BindParts {
+            raw: raw.clone(),
             portal: raw.slice_ref(b.portal),
             statement: raw.slice_ref(b.statement),
             param_formats: b.param_formats,

@@ -28,7 +28,10 @@ use crate::stats::{Observation, key_hash};
 use super::core::flow::{Flow, Statement};
 use super::core::query::sql_of;
 use super::decide::{Asker, Looked, Request, Serve, fill_deps, usable};
-use super::memo::Assessments;
+use super::memo::{Assessments, Missed};
+
+/// A cacheable request's key, assessment and L2 key, as [`Looked::Missing`] has them.
+type Missing = (crate::cache::Key, Arc<crate::policy::Assessment>, Option<String>);
 
 /// The unnamed portal's hit in a batch: its statement, entry, key hash and whether it is stale.
 struct Hit {
@@ -55,6 +58,7 @@ impl Answerer<'_> {
     /// The whole answer to `frames` (one Query, or a batch ending in Sync) if the cache holds
     /// every result; `fallback` also serves `stale_if_error` entries (Postgres cannot answer).
     pub async fn answer(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
+        self.memo.missed = None;
         match frames {
             [q] if q.tag() == fe::QUERY => self.answer_query(q, fallback).await,
             [.., last] if last.tag() == fe::SYNC => self.answer_batch(frames, fallback).await,
@@ -65,17 +69,18 @@ impl Answerer<'_> {
     /// An entry for this request, if one may be served now, with its key's hash and whether
     /// it is past its TTL: the relay's own lookup ([`Asker::look`]), then what this session
     /// may serve ([`Serve`]) — and `stale_if_error` entries when Postgres cannot answer
-    /// (`fallback`).
+    /// (`fallback`). Else, when it is cacheable and missing, what the look-up found
+    /// (for [`Missed`]).
     async fn lookup(
         &mut self,
         sql: &str,
         c: &Classified,
         req: Request<'_>,
         fallback: bool,
-    ) -> Option<(Arc<Entry>, u64, bool)> {
+    ) -> Result<(Arc<Entry>, u64, bool), Option<Missing>> {
         // Whole answers are given only by an idle session, or one without a backend.
         if self.flow.refuses(TransactionStatus::Idle, false, false).is_some() {
-            return None;
+            return Err(None);
         }
         let offline = self.serve == Serve::Lost;
         let mut asker = Asker { ctx: self.ctx, key: self.key, flow: self.flow, memo: self.memo, offline };
@@ -86,13 +91,16 @@ impl Answerer<'_> {
             let at = crate::cache::generation::written_at(&fill_deps(self.ctx, &self.key.database, a, c, &req));
             self.fill_at = Some(self.fill_at.unwrap_or(0).max(at));
         }
-        let Looked::Found { entry, freshness, key, .. } = looked else {
-            return None;
+        let (entry, freshness, key) = match looked {
+            Looked::Found { entry, freshness, key, .. } => (entry, freshness, key),
+            Looked::Missing { key, a, l2 } => return Err(Some((key, a, l2))),
+            _ => return Err(None),
         };
         let listening = self.ctx.peers.listening(&self.key.database);
         // An entry that needs refreshing is left to the planner, which refreshes it.
-        let served = usable(freshness, &entry.rule, self.serve, listening, fallback).filter(|s| !s.refresh)?;
-        Some((entry, key_hash(&key.0), served.stale))
+        let served =
+            usable(freshness, &entry.rule, self.serve, listening, fallback).filter(|s| !s.refresh).ok_or(None)?;
+        Ok((entry, key_hash(&key.0), served.stale))
     }
 
     async fn answer_query(&mut self, q: &Frame, fallback: bool) -> Option<Bytes> {
@@ -112,7 +120,7 @@ impl Answerer<'_> {
         if c.kind != Kind::Select {
             return None;
         }
-        let (entry, key, stale) = self.lookup(sql, c, Request::Simple, fallback).await?;
+        let (entry, key, stale) = self.lookup(sql, c, Request::Simple, fallback).await.ok()?;
         let mut out = BytesMut::with_capacity(entry.row_description.len() + entry.body.len() + 6);
         out.extend_from_slice(&entry.row_description);
         out.extend_from_slice(&entry.body);
@@ -155,7 +163,19 @@ impl Answerer<'_> {
                     used.insert(b.statement.to_vec());
                     let c = st.select()?;
                     let req = Request::Extended { param_types: &st.param_types, bind: &b };
-                    let (entry, key, stale) = self.lookup(&st.sql, c, req, fallback).await?;
+                    let (entry, key, stale) = match self.lookup(&st.sql, c, req, fallback).await {
+                        Ok(found) => found,
+                        Err(missing) => {
+                            // Every Bind before this one was a hit (a look-up that fails
+                            // ends the answer): what the planner does for those changes
+                            // nothing this one's look-up would find.
+                            if let Some((key, assessment, l2)) = missing {
+                                let bind = b.raw.clone();
+                                self.memo.missed = Some(Missed { bind, statement: st, key, assessment, l2 });
+                            }
+                            return None;
+                        }
+                    };
                     current = Some(Hit { classified: st.classified.clone(), entry, key, stale });
                     be::bind_complete(&mut out);
                 }

@@ -23,7 +23,6 @@ use bytes::Bytes;
 use crate::cache::{Entry, Freshness, Key, Keyed};
 use crate::context::Context;
 use crate::frontend::SessionError;
-use crate::metrics;
 use crate::policy::{self, Assessment, Reason, SearchPath, Target};
 use crate::protocol::backend::TransactionStatus;
 use crate::protocol::frontend::BindParts;
@@ -330,9 +329,20 @@ impl Relay<'_> {
         }
         let ctx = self.ctx;
         let isolated = self.core.tracker.status == TransactionStatus::InBlock;
-        let mut asker = Asker { ctx, key: self.key, flow: &self.core.flow, memo: self.memo, offline: false };
+        // What the short way just found missing for this very Bind (see Missed).
+        let missed = self.memo.missed.take().filter(|m| match &req {
+            Request::Extended { param_types, bind } => !isolated && m.is_for(sql, param_types, bind),
+            Request::Simple => false,
+        });
+        let looked = match missed {
+            Some(m) => Looked::Missing { key: m.key, a: m.assessment, l2: m.l2 },
+            None => {
+                let mut asker = Asker { ctx, key: self.key, flow: &self.core.flow, memo: self.memo, offline: false };
+                asker.look(sql, c, &req, isolated).await
+            }
+        };
         let mut l2_key = None;
-        let (entry, key, a) = match asker.look(sql, c, &req, isolated).await {
+        let (entry, key, a) = match looked {
             Looked::Forward(why) => return Ok(Plan::Forward(why)),
             Looked::SettingsUnknown => return Ok(self.probe_or(Reason::SettingsUnknown)),
             Looked::Found { entry, freshness, key, a } => (Some((entry, freshness)), key, a),
@@ -368,7 +378,7 @@ impl Relay<'_> {
         // A rule whose entries are seldom read again stores a key only at its second miss
         // (asked once per miss: after the probe, which decides the miss again).
         if !ctx.store.admission.admit(&a.rule, hash, ctx.config().cache.adaptive_admission) {
-            ctx.stats.metrics.counter(metrics::FILLS_NOT_ADMITTED, &[]).increment(1);
+            ctx.stats.metrics.not_admitted();
             return Ok(Plan::Forward(Reason::NotAdmitted));
         }
         let flight = match ctx.flights.join(&key, ctx.config().cache.single_flight_wait).await {

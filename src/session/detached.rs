@@ -423,6 +423,9 @@ impl Detached<'_> {
         let mut a = Answerer { ctx: self.ctx, key: self.key, flow: self.flow, memo: self.memo, serve, fill_at: None };
         let answer = a.answer(frames, fallback).await;
         self.fill_at = a.fill_at;
+        // A miss is handed on only to a planner deciding next on the same backend state
+        // (Relay::answered_whole), not across taking a backend.
+        self.memo.missed = None;
         answer
     }
 }

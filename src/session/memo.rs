@@ -21,10 +21,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::cache::key::Interner;
+use crate::cache::key::{Interner, Key};
 use crate::policy::{Assessed, Assessment, Reason};
 use crate::query::Classified;
 use crate::query::classify::Shape;
+
+use super::core::flow::Statement;
 
 /// Above this many statements the memo starts over (sessions that generate SQL endlessly).
 const MAX_ENTRIES: usize = 1024;
@@ -103,6 +105,36 @@ pub struct Assessments {
     /// The interned ids of the session's current settings key parts (with and without the
     /// role); the `Bytes` kept alive so their address identifies them.
     settings: Vec<(Bytes, u64)>,
+    /// The short way's miss of the request being served, for the planner's decision of the
+    /// same Bind ([`Missed`]).
+    pub missed: Option<Missed>,
+}
+
+/// A Bind the short way ([`super::answer`]) looked up and found cacheable and missing, handed
+/// to the planner, which decides the same Bind next, so that a miss is looked up once (rule,
+/// settings, key, store) rather than twice. Taken by the next decision whatever it is, and
+/// used only by the decision of this very frame (held, so its address cannot be reused), of
+/// the same statement text and parameter types, outside a transaction (as the short way
+/// looked it up): the look-up would give the same answer again.
+pub struct Missed {
+    pub bind: Bytes,
+    pub statement: Arc<Statement>,
+    pub key: Key,
+    pub assessment: Arc<Assessment>,
+    pub l2: Option<String>,
+}
+
+impl Missed {
+    /// Whether this is the miss of `bind` of `sql` with `param_types`.
+    pub fn is_for(&self, sql: &str, param_types: &[u32], bind: &crate::protocol::frontend::BindParts) -> bool {
+        same_frame(&self.bind, &bind.raw) && *self.statement.sql == *sql && self.statement.param_types == param_types
+    }
+}
+
+/// Whether `raw` is the frame `held` holds (not an equal copy of it: another Bind of the same
+/// bytes is another request, to be looked up on its own).
+fn same_frame(held: &Bytes, raw: &Bytes) -> bool {
+    !held.is_empty() && held.as_ptr() == raw.as_ptr() && held.len() == raw.len()
 }
 
 impl Assessments {
@@ -163,6 +195,17 @@ mod tests {
 
     fn now<'a>(rules: u64, catalog: u64, role: &'a str, search_path: &'a str) -> Conditions<'a> {
         Conditions { rules, catalog, role: Some(role), search_path: Some(search_path), patterns: None }
+    }
+
+    #[test]
+    fn a_miss_is_handed_on_only_to_the_same_frame() {
+        let frame = Bytes::from_static(b"B\0\0\0\x0e\0s1\0\0\0\0\0\0\0");
+        let held = frame.clone();
+        assert!(same_frame(&held, &frame));
+        let copy = Bytes::copy_from_slice(&frame);
+        assert!(!same_frame(&held, &copy), "an equal Bind elsewhere is another request");
+        assert!(!same_frame(&held, &frame.slice(..5)), "a part of it");
+        assert!(!same_frame(&Bytes::new(), &Bytes::new()), "a Bind made otherwise is never the same");
     }
 
     #[test]

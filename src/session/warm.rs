@@ -218,6 +218,7 @@ async fn fill(
     let Some(state) = settings.verified().cloned() else { return Ok(Outcome::Skipped) };
     let flow = Flow { database: Arc::from(r.database.as_str()), settings, ..Default::default() };
     let bind = r.extended.as_ref().map(|e| BindParts {
+        raw: Bytes::new(),
         portal: Bytes::new(),
         statement: Bytes::new(),
         param_formats: e.param_formats.clone(),
