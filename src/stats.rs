@@ -173,7 +173,8 @@ pub struct Stats {
     pub metrics: Arc<Metrics>,
     started: Instant,
     totals: Totals,
-    queries: Mutex<HashMap<u64, QueryStat, BuildNoHash>>,
+    /// By fingerprint, which a client can choose: hashed again, with a per-process seed.
+    queries: Mutex<HashMap<u64, QueryStat, foldhash::fast::RandomState>>,
     table_writes: Mutex<HashMap<String, Written>>,
     clients: Mutex<HashMap<u64, ClientInfo>>,
     next_client: AtomicU64,

@@ -163,6 +163,7 @@ impl Answerer<'_> {
                     used.insert(b.statement.to_vec());
                     let c = st.select()?;
                     let req = Request::Extended { param_types: &st.param_types, bind: &b };
+                    let (rules, catalog) = (self.ctx.rules.version(), self.ctx.catalog.epoch());
                     let (entry, key, stale) = match self.lookup(&st.sql, c, req, fallback).await {
                         Ok(found) => found,
                         Err(missing) => {
@@ -171,7 +172,9 @@ impl Answerer<'_> {
                             // nothing this one's look-up would find.
                             if let Some((key, assessment, l2)) = missing {
                                 let bind = b.raw.clone();
-                                self.memo.missed = Some(Missed { bind, statement: st, key, assessment, l2 });
+                                let statement = st;
+                                self.memo.missed =
+                                    Some(Missed { bind, rules, catalog, statement, key, assessment, l2 });
                             }
                             return None;
                         }

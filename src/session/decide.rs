@@ -324,16 +324,21 @@ impl Asker<'_> {
 impl Relay<'_> {
     /// Decides `c`, a statement of `sql`.
     pub(super) async fn decide(&mut self, sql: &str, c: &Classified, req: Request<'_>) -> Result<Plan, SessionError> {
-        if let Some(why) = self.core.refuses() {
-            return Ok(Plan::Forward(why));
-        }
         let ctx = self.ctx;
         let isolated = self.core.tracker.status == TransactionStatus::InBlock;
         // What the short way just found missing for this very Bind (see Missed).
         let missed = self.memo.missed.take().filter(|m| match &req {
-            Request::Extended { param_types, bind } => !isolated && m.is_for(sql, param_types, bind),
+            Request::Extended { param_types, bind } => {
+                !isolated
+                    && m.is_for(sql, param_types, bind)
+                    && m.rules == ctx.rules.version()
+                    && m.catalog == ctx.catalog.epoch()
+            }
             Request::Simple => false,
         });
+        if let Some(why) = self.core.refuses() {
+            return Ok(Plan::Forward(why));
+        }
         let looked = match missed {
             Some(m) => Looked::Missing { key: m.key, a: m.assessment, l2: m.l2 },
             None => {

@@ -115,9 +115,14 @@ pub struct Assessments {
 /// settings, key, store) rather than twice. Taken by the next decision whatever it is, and
 /// used only by the decision of this very frame (held, so its address cannot be reused), of
 /// the same statement text and parameter types, outside a transaction (as the short way
-/// looked it up): the look-up would give the same answer again.
+/// looked it up), under the same rule set and catalog facts (a DDL or a reload meanwhile —
+/// the planner may wait on the catalog or a throttle first — and it is looked up again): the
+/// look-up would give the same answer again.
 pub struct Missed {
     pub bind: Bytes,
+    /// The rule set's version and the catalog's epoch, read before the look-up.
+    pub rules: u64,
+    pub catalog: u64,
     pub statement: Arc<Statement>,
     pub key: Key,
     pub assessment: Arc<Assessment>,
