@@ -24,7 +24,7 @@
 source "$(dirname "$0")/lib.sh"
 secs=${1:-10}
 clients=${2:-16}
-results=${3:-$root/bench/results/compare-$(date -u +%F)$([[ $transport == unix ]] && echo -unix).md}
+results=${3:-$root/bench/results/compare-$(date -u +%F)$([[ $transport == unix ]] && echo -unix || true).md}
 scale=10
 export POOL_SIZE=20
 mkdir -p "$(dirname "$results")"
