@@ -109,8 +109,8 @@ pub struct QueryStat {
     pub rule: Option<Arc<Rule>>,
     pub reason: Option<Reason>,
     pub tables: Vec<String>,
-    /// Hashes already ([`key_hash`]): kept as they are.
-    pub keys: HashSet<u64, BuildNoHash>,
+    /// [`key_hash`]es.
+    pub keys: HashSet<u64, Hashed>,
     pub first_seen: Instant,
     /// The database it last ran in (the advisor reads that catalog).
     pub database: Arc<str>,
@@ -173,8 +173,8 @@ pub struct Stats {
     pub metrics: Arc<Metrics>,
     started: Instant,
     totals: Totals,
-    /// By fingerprint, which a client can choose: hashed again, with a per-process seed.
-    queries: Mutex<HashMap<u64, QueryStat, foldhash::fast::RandomState>>,
+    /// By fingerprint.
+    queries: Mutex<HashMap<u64, QueryStat, Hashed>>,
     table_writes: Mutex<HashMap<String, Written>>,
     clients: Mutex<HashMap<u64, ClientInfo>>,
     next_client: AtomicU64,
@@ -189,28 +189,9 @@ struct Written {
     key_invalidations: ::metrics::Counter,
 }
 
-/// Maps keyed by a hash already taken (a key's, a fingerprint) use it as it is.
-type BuildNoHash = std::hash::BuildHasherDefault<NoHash>;
-
-#[derive(Default)]
-pub struct NoHash(u64);
-
-impl std::hash::Hasher for NoHash {
-    fn write(&mut self, bytes: &[u8]) {
-        // Only u64s are hashed with it; anything else is folded in, not lost.
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
+/// The hasher of maps keyed by a hash (a cache key's, a statement's fingerprint, which a client
+/// can choose): foldhash, seeded at random per map.
+type Hashed = foldhash::fast::RandomState;
 
 /// A hash of a cache key, for this process only (admission, statistics, an observation's
 /// key): foldhash, a fraction of SipHash's cost on keys of tens to hundreds of bytes, seeded at
