@@ -13,8 +13,10 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use pg_query::protobuf::summary_result::Context;
-use serde_json::Value;
+use pg_query::protobuf::{DiscardMode, ExplainStmt, RawStmt, TransactionStmt, TransactionStmtKind, VariableSetKind};
+use pg_query::{NodeEnum, NodeRef};
 
+use super::children;
 use super::hold::Hold;
 use super::point::Point;
 use super::relation::Relation;
@@ -204,34 +206,48 @@ pub fn fingerprint(sql: &str) -> Option<u64> {
     pg_query::fingerprint(sql, 0, fingerprint_options()).ok().map(|f| f.value)
 }
 
-/// Classifies one SQL string, which may hold several statements.
+/// Classifies one SQL string, which may hold several statements. It is parsed once; a string
+/// of several statements is cut at their boundaries and each part classified as its own text
+/// (its fingerprint, normalized form and literal positions are its own).
 pub fn classify(sql: &str) -> Vec<Classified> {
-    let statements = match pg_query::split_with_parser(sql) {
-        Ok(parts) => parts,
+    let tree = match pg_query::parse(sql, 0) {
+        Ok(tree) => tree.protobuf,
         Err(_) => return vec![Classified::opaque(Kind::Unparseable, sql)],
     };
-    if statements.len() <= 1 {
-        return vec![classify_one(sql)];
+    match tree.stmts.as_slice() {
+        [] | [_] => vec![classify_parsed(sql, tree.stmts.first())],
+        several => several
+            .iter()
+            .map(|s| match statement_text(sql, s).map(|text| (text, pg_query::parse(text, 0))) {
+                Some((text, Ok(tree))) => classify_parsed(text, tree.protobuf.stmts.first()),
+                _ => Classified::opaque(Kind::Unparseable, sql),
+            })
+            .collect(),
     }
-    statements.into_iter().map(classify_one).collect()
 }
 
-fn classify_one(sql: &str) -> Classified {
-    let (summary, tree) = match (pg_query::summary(sql, 0, -1), pg_query::parse(sql, 0)) {
-        (Ok(s), Ok(t)) => (s, t),
-        _ => return Classified::opaque(Kind::Unparseable, sql),
+/// The text of one statement of a string of several, as the parser delimits it (a length of
+/// zero means "to the end").
+fn statement_text<'a>(sql: &'a str, stmt: &RawStmt) -> Option<&'a str> {
+    let start = usize::try_from(stmt.stmt_location).ok()?;
+    let end = match usize::try_from(stmt.stmt_len).ok()? {
+        0 => sql.len(),
+        len => start + len,
     };
-    let Ok(tree) = serde_json::to_value(&tree.protobuf) else {
-        return Classified::opaque(Kind::Unparseable, sql);
-    };
-    let Some((top, node)) =
-        tree["stmts"].get(0).and_then(|s| s["stmt"]["node"].as_object()).and_then(|o| o.iter().next())
-    else {
-        // Only comments or semicolons: the empty query.
+    sql.get(start..end)
+}
+
+/// Classifies the one statement `sql` whose parse tree is `stmt` (`None`: only comments or
+/// semicolons).
+fn classify_parsed(sql: &str, stmt: Option<&RawStmt>) -> Classified {
+    let Some(top) = stmt.and_then(|s| s.stmt.as_ref()).and_then(|s| s.node.as_ref()) else {
         return Classified::new(Shape { never_cache: Some("empty query"), ..Shape::opaque(Kind::Neutral, sql) }, None);
     };
-    let mut facts = Facts::default();
-    facts.walk(&tree);
+    let Ok(summary) = pg_query::summary(sql, 0, -1) else {
+        return Classified::opaque(Kind::Unparseable, sql);
+    };
+    let node = top.to_ref();
+    let facts = Facts::of(node);
 
     let mut reads = BTreeSet::new();
     let mut writes = BTreeSet::new();
@@ -253,40 +269,52 @@ fn classify_one(sql: &str) -> Classified {
         .collect();
     let only_select = summary.statement_types.iter().all(|t| t == "SelectStmt");
 
-    let kind = match top.as_str() {
-        "SelectStmt" if only_select && writes.is_empty() && !facts.into => Kind::Select,
-        "SelectStmt" | "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => Kind::Write,
-        "CopyStmt" if node["is_from"].as_bool() == Some(true) => {
+    let kind = match node {
+        NodeRef::SelectStmt(_) if only_select && writes.is_empty() && !facts.into => Kind::Select,
+        NodeRef::SelectStmt(_)
+        | NodeRef::InsertStmt(_)
+        | NodeRef::UpdateStmt(_)
+        | NodeRef::DeleteStmt(_)
+        | NodeRef::MergeStmt(_) => Kind::Write,
+        NodeRef::CopyStmt(copy) if copy.is_from => {
             // summary() reports COPY FROM's target as read: it is written.
             writes.append(&mut reads);
             Kind::Write
         }
-        "CopyStmt" if writes.is_empty() => Kind::Neutral,
-        "CopyStmt" => Kind::Write,
-        "TruncateStmt" | "RefreshMatViewStmt" => {
+        NodeRef::CopyStmt(_) if writes.is_empty() => Kind::Neutral,
+        NodeRef::CopyStmt(_) => Kind::Write,
+        NodeRef::TruncateStmt(_) | NodeRef::RefreshMatViewStmt(_) => {
             writes.append(&mut reads);
             Kind::Write
         }
-        "TransactionStmt" => Kind::Transaction(tx_control(node)),
-        "VariableSetStmt" if node["name"].as_str() == Some("TRANSACTION") => {
-            Kind::Transaction(TxControl::SetTransaction)
-        }
-        "VariableSetStmt" => Kind::Session(SessionChange::Setting),
-        "DiscardStmt" => Kind::Session(SessionChange::Discard),
-        "VariableShowStmt" | "ListenStmt" | "UnlistenStmt" | "NotifyStmt" | "VacuumStmt" | "CheckPointStmt"
-        | "LockStmt" | "DeallocateStmt" | "PrepareStmt" | "ClusterStmt" | "ReindexStmt" | "LoadStmt"
-        | "ClosePortalStmt" => {
+        NodeRef::TransactionStmt(t) => Kind::Transaction(tx_control(t)),
+        NodeRef::VariableSetStmt(set) if set.name == "TRANSACTION" => Kind::Transaction(TxControl::SetTransaction),
+        NodeRef::VariableSetStmt(_) => Kind::Session(SessionChange::Setting),
+        NodeRef::DiscardStmt(_) => Kind::Session(SessionChange::Discard),
+        NodeRef::VariableShowStmt(_)
+        | NodeRef::ListenStmt(_)
+        | NodeRef::UnlistenStmt(_)
+        | NodeRef::NotifyStmt(_)
+        | NodeRef::VacuumStmt(_)
+        | NodeRef::CheckPointStmt(_)
+        | NodeRef::LockStmt(_)
+        | NodeRef::DeallocateStmt(_)
+        | NodeRef::PrepareStmt(_)
+        | NodeRef::ClusterStmt(_)
+        | NodeRef::ReindexStmt(_)
+        | NodeRef::LoadStmt(_)
+        | NodeRef::ClosePortalStmt(_) => {
             // Maintenance and session plumbing: no rows change, whatever relations they name.
             writes.clear();
             Kind::Neutral
         }
-        // A cursor's query runs on FETCH; a writable one is a write now.
-        "DeclareCursorStmt" | "FetchStmt" | "MoveStmt" if writes.is_empty() => Kind::Neutral,
-        "ExplainStmt" if !explain_analyze(node) => Kind::Neutral,
-        "ExplainStmt" if writes.is_empty() && only_select => Kind::Neutral,
-        "ExplainStmt" => Kind::Write,
-        "DoStmt" | "CallStmt" | "ExecuteStmt" => Kind::Opaque,
-        other if is_ddl(other) => {
+        // A cursor's query runs on FETCH (and MOVE); a writable one is a write now.
+        NodeRef::DeclareCursorStmt(_) | NodeRef::FetchStmt(_) if writes.is_empty() => Kind::Neutral,
+        NodeRef::ExplainStmt(e) if !explain_analyze(e) => Kind::Neutral,
+        NodeRef::ExplainStmt(_) if writes.is_empty() && only_select => Kind::Neutral,
+        NodeRef::ExplainStmt(_) => Kind::Write,
+        NodeRef::DoStmt(_) | NodeRef::CallStmt(_) | NodeRef::ExecuteStmt(_) => Kind::Opaque,
+        other if is_ddl(children::name(other)) => {
             if facts.temp {
                 Kind::Session(SessionChange::CreatesTemp)
             } else {
@@ -297,8 +325,8 @@ fn classify_one(sql: &str) -> Classified {
         }
         _ => Kind::Opaque,
     };
-    let mut settings = settings_change(top, node, &facts);
-    settings.unseen = kind == Kind::Opaque && top != "ExecuteStmt";
+    let mut settings = settings_change(node, &facts);
+    settings.unseen = kind == Kind::Opaque && !matches!(node, NodeRef::ExecuteStmt(_));
     let never_cache = if kind != Kind::Select {
         Some("not a plain SELECT")
     } else if facts.locks {
@@ -314,9 +342,9 @@ fn classify_one(sql: &str) -> Classified {
     } else {
         None
     };
-    let holds = super::hold::hold_of(top, node, &functions, kind == Kind::Session(SessionChange::CreatesTemp));
+    let holds = super::hold::hold_of(node, &functions, kind == Kind::Session(SessionChange::CreatesTemp));
     let point = match kind {
-        Kind::Select | Kind::Write => super::point::of(sql, top, node, !summary.functions.is_empty()),
+        Kind::Select | Kind::Write => super::point::of(sql, node, !summary.functions.is_empty()),
         _ => None,
     };
     let shape = Shape {
@@ -362,28 +390,28 @@ fn is_ddl(node: &str) -> bool {
         )
 }
 
-fn explain_analyze(node: &Value) -> bool {
-    node["options"].as_array().into_iter().flatten().any(|o| {
-        let name = o["node"]["DefElem"]["defname"].as_str().unwrap_or("");
-        name.eq_ignore_ascii_case("analyze")
+fn explain_analyze(explain: &ExplainStmt) -> bool {
+    explain.options.iter().any(|o| match &o.node {
+        Some(NodeEnum::DefElem(d)) => d.defname.eq_ignore_ascii_case("analyze"),
+        _ => false,
     })
 }
 
-fn tx_control(node: &Value) -> TxControl {
-    // TransactionStmtKind in the protobuf (pg_query's enum numbering).
-    match node["kind"].as_i64().unwrap_or(0) {
-        1 | 2 => TxControl::Begin { plain: node["options"].as_array().is_none_or(|o| o.is_empty()) },
-        3 => TxControl::Commit,
-        4 => TxControl::Rollback,
-        5..=7 => TxControl::Savepoint,
-        8 => TxControl::SetTransaction,
-        9..=11 => TxControl::TwoPhase,
-        _ => TxControl::SetTransaction,
+fn tx_control(t: &TransactionStmt) -> TxControl {
+    use TransactionStmtKind as K;
+    match K::try_from(t.kind) {
+        Ok(K::TransStmtBegin | K::TransStmtStart) => TxControl::Begin { plain: t.options.is_empty() },
+        Ok(K::TransStmtCommit) => TxControl::Commit,
+        Ok(K::TransStmtRollback) => TxControl::Rollback,
+        Ok(K::TransStmtSavepoint | K::TransStmtRelease | K::TransStmtRollbackTo) => TxControl::Savepoint,
+        Ok(K::TransStmtPrepare | K::TransStmtCommitPrepared | K::TransStmtRollbackPrepared) => TxControl::TwoPhase,
+        // Not a kind this parser knows: the current transaction's mode may change.
+        Ok(K::Undefined) | Err(_) => TxControl::SetTransaction,
     }
 }
 
-/// What `top` (a statement node) does to session settings.
-fn settings_change(top: &str, node: &Value, facts: &Facts) -> SettingsChange {
+/// What the statement `node` does to session settings.
+fn settings_change(node: NodeRef<'_>, facts: &Facts) -> SettingsChange {
     let mut change = SettingsChange {
         changes: facts.calls_set_config,
         custom: facts.custom_settings.iter().cloned().collect(),
@@ -391,19 +419,17 @@ fn settings_change(top: &str, node: &Value, facts: &Facts) -> SettingsChange {
         unseen: false,
         resets_all: false,
     };
-    match top {
-        "VariableSetStmt" => {
+    match node {
+        NodeRef::VariableSetStmt(set) => {
             change.changes = true;
-            // VariableSetKind 6 is RESET ALL (pg_query's enum numbering).
-            change.resets_all = node["kind"].as_i64() == Some(6);
-            if let Some(custom) = node["name"].as_str().and_then(custom_setting) {
+            change.resets_all = set.kind == VariableSetKind::VarResetAll as i32;
+            if let Some(custom) = custom_setting(&set.name) {
                 change.custom.push(custom);
             }
         }
-        "DiscardStmt" => {
+        NodeRef::DiscardStmt(discard) => {
             change.changes = true;
-            // DiscardMode 1 is DISCARD ALL.
-            change.resets_all = node["target"].as_i64() == Some(1);
+            change.resets_all = discard.target == DiscardMode::DiscardAll as i32;
         }
         _ => {}
     }
@@ -519,6 +545,10 @@ mod tests {
         assert_eq!(one("ABORT").kind, Kind::Transaction(TxControl::Rollback));
         assert_eq!(one("SAVEPOINT a").kind, Kind::Transaction(TxControl::Savepoint));
         assert_eq!(one("ROLLBACK TO SAVEPOINT a").kind, Kind::Transaction(TxControl::Savepoint));
+        assert_eq!(one("RELEASE a").kind, Kind::Transaction(TxControl::Savepoint));
+        for sql in ["PREPARE TRANSACTION 'x'", "COMMIT PREPARED 'x'", "ROLLBACK PREPARED 'x'"] {
+            assert_eq!(one(sql).kind, Kind::Transaction(TxControl::TwoPhase), "{sql}");
+        }
         assert_eq!(
             one("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").kind,
             Kind::Transaction(TxControl::SetTransaction)

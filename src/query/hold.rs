@@ -5,7 +5,8 @@
 
 use std::sync::Arc;
 
-use serde_json::Value;
+use pg_query::NodeRef;
+use pg_query::protobuf::DiscardMode;
 
 use super::relation::Relation;
 
@@ -69,34 +70,23 @@ pub enum Hold {
 }
 
 /// `DECLARE` option bit for `WITH HOLD` (Postgres's `CURSOR_OPT_HOLD`).
-const CURSOR_OPT_HOLD: i64 = 0x0020;
+const CURSOR_OPT_HOLD: i32 = 0x0020;
 
-/// What the statement `top` (its parse-tree node `node`, calling `functions`) does to
-/// backend-bound state.
-pub fn hold_of(top: &str, node: &Value, functions: &[Relation], creates_temp: bool) -> Option<Hold> {
-    let name = |field: &str| node[field].as_str().filter(|s| !s.is_empty()).map(Arc::from);
-    let take = |held| {
-        Some(Hold::Take(
-            held,
-            name_or_empty(name(match held {
-                Held::Listen => "conditionname",
-                Held::Cursor => "portalname",
-                _ => "name",
-            })),
-        ))
-    };
-    match top {
-        "ListenStmt" => take(Held::Listen),
-        "UnlistenStmt" => Some(Hold::Release(Held::Listen, name("conditionname"))),
-        "DeclareCursorStmt" if node["options"].as_i64().unwrap_or(0) & CURSOR_OPT_HOLD != 0 => take(Held::Cursor),
-        "ClosePortalStmt" => Some(Hold::Release(Held::Cursor, name("portalname"))),
-        "PrepareStmt" => take(Held::Prepared),
-        "DeallocateStmt" if node["isall"].as_bool() == Some(true) => Some(Hold::Release(Held::Prepared, None)),
-        "DeallocateStmt" => Some(Hold::Release(Held::Prepared, name("name"))),
-        "LoadStmt" => Some(Hold::Take(Held::Library, Arc::from(""))),
-        // DiscardMode (pg_query's numbering): 1 ALL, 4 TEMP.
-        "DiscardStmt" if node["target"].as_i64() == Some(1) => Some(Hold::ReleaseAll),
-        "DiscardStmt" if node["target"].as_i64() == Some(4) => Some(Hold::Release(Held::Temp, None)),
+/// What the statement `node` (calling `functions`) does to backend-bound state.
+pub fn hold_of(node: NodeRef<'_>, functions: &[Relation], creates_temp: bool) -> Option<Hold> {
+    let named = |name: &str| (!name.is_empty()).then(|| Arc::from(name));
+    let take = |held, name: &str| Some(Hold::Take(held, name_or_empty(named(name))));
+    match node {
+        NodeRef::ListenStmt(s) => take(Held::Listen, &s.conditionname),
+        NodeRef::UnlistenStmt(s) => Some(Hold::Release(Held::Listen, named(&s.conditionname))),
+        NodeRef::DeclareCursorStmt(s) if s.options & CURSOR_OPT_HOLD != 0 => take(Held::Cursor, &s.portalname),
+        NodeRef::ClosePortalStmt(s) => Some(Hold::Release(Held::Cursor, named(&s.portalname))),
+        NodeRef::PrepareStmt(s) => take(Held::Prepared, &s.name),
+        NodeRef::DeallocateStmt(s) if s.isall => Some(Hold::Release(Held::Prepared, None)),
+        NodeRef::DeallocateStmt(s) => Some(Hold::Release(Held::Prepared, named(&s.name))),
+        NodeRef::LoadStmt(_) => Some(Hold::Take(Held::Library, Arc::from(""))),
+        NodeRef::DiscardStmt(s) if s.target == DiscardMode::DiscardAll as i32 => Some(Hold::ReleaseAll),
+        NodeRef::DiscardStmt(s) if s.target == DiscardMode::DiscardTemp as i32 => Some(Hold::Release(Held::Temp, None)),
         _ if creates_temp => Some(Hold::Take(Held::Temp, Arc::from(""))),
         _ if functions.iter().any(|f| f.name == "pg_advisory_unlock_all") => {
             Some(Hold::Release(Held::AdvisoryLock, None))

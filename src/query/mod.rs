@@ -8,6 +8,7 @@
 //! below; knows no rule, cache entry or session.
 
 pub mod catalog;
+mod children;
 pub mod classifier;
 pub mod classify;
 pub mod hold;

@@ -1,20 +1,37 @@
 //! The exhaustive walk of a statement's parse tree, for what `pg_query::summary()` does not
-//! say. The tree is walked in its serde form, so no node type can be missed: `FOR UPDATE/SHARE`,
-//! `SELECT INTO`, SQL-value functions (`CURRENT_TIMESTAMP`, `current_user`), literals whose
-//! meaning changes with time (`'now'`), `TABLESAMPLE`, temporary objects, every type the
-//! statement names (casts and typed literals run the type's input and cast functions, and some
-//! of those read the catalog), the operators it uses (a user-defined one runs its function),
-//! and what it does to session settings (`set_config` calls).
+//! say. The walk reads pg_query's typed nodes and goes through every field of every node type
+//! ([`super::children`], generated from pg_query's own definitions), so no node type can be
+//! missed: `FOR UPDATE/SHARE`, `SELECT INTO`, SQL-value functions (`CURRENT_TIMESTAMP`,
+//! `current_user`), literals whose meaning changes with time (`'now'`), `TABLESAMPLE`,
+//! temporary objects, every type the statement names (casts and typed literals run the type's
+//! input and cast functions, and some of those read the catalog), the operators it uses (a
+//! user-defined one runs its function), and what it does to session settings (`set_config`
+//! calls).
 
 use std::collections::BTreeSet;
 
-use serde_json::Value;
+use pg_query::protobuf::{Node, a_const};
+use pg_query::{NodeEnum, NodeRef};
 
+use super::children::children;
 use super::relation::Relation;
 
 /// Literals whose value depends on when they are evaluated (Postgres docs, "Special Date/Time
 /// Inputs").
 pub(super) const TIME_WORDS: [&str; 4] = ["now", "today", "tomorrow", "yesterday"];
+
+/// Calls `visit` with `node` and every node below it, depth first.
+pub fn walk<'a>(node: NodeRef<'a>, visit: &mut dyn FnMut(NodeRef<'a>)) {
+    visit(node);
+    children(node, &mut |child| walk(child, visit));
+}
+
+/// Whether a node of the type `found` picks occurs in `node` or below it.
+pub fn mentions(node: NodeRef<'_>, found: fn(NodeRef<'_>) -> bool) -> bool {
+    let mut seen = false;
+    walk(node, &mut |n| seen |= found(n));
+    seen
+}
 
 /// What the walk finds.
 #[derive(Debug, Default)]
@@ -24,7 +41,7 @@ pub(super) struct Facts {
     pub stable_builtins: bool,
     pub tablesample: bool,
     pub temp: bool,
-    /// Types named in casts, typed literals and column definition lists.
+    /// Types named in casts, typed literals, column definition lists (every `TypeName`).
     pub types: BTreeSet<Relation>,
     /// `set_config` is called.
     pub calls_set_config: bool,
@@ -40,37 +57,38 @@ pub(super) struct Facts {
 }
 
 impl Facts {
-    pub fn walk(&mut self, v: &Value) {
-        match v {
-            Value::Object(map) => {
-                for (key, child) in map {
-                    match key.as_str() {
-                        "SqlvalueFunction" => self.stable_builtins = true,
-                        "RangeTableSample" => self.tablesample = true,
-                        "locking_clause" if child.as_array().is_some_and(|a| !a.is_empty()) => self.locks = true,
-                        "into_clause" if !child.is_null() => self.into = true,
-                        "relpersistence" if child.as_str() == Some("t") => self.temp = true,
-                        "sval" if child.as_str().is_some_and(is_time_word) => self.stable_builtins = true,
-                        "type_name" => self.type_name(child),
-                        "FuncCall" => self.func_call(child),
-                        "AExpr" => self.operator(&child["name"]),
-                        "SortBy" => self.operator(&child["use_op"]),
-                        "SubLink" => self.operator(&child["oper_name"]),
-                        _ => {}
-                    }
-                    self.walk(child);
-                }
+    /// The facts of `node` and everything below it.
+    pub fn of(node: NodeRef<'_>) -> Facts {
+        let mut facts = Facts::default();
+        walk(node, &mut |n| facts.visit(n));
+        facts
+    }
+
+    fn visit(&mut self, node: NodeRef<'_>) {
+        match node {
+            NodeRef::SqlvalueFunction(_) => self.stable_builtins = true,
+            NodeRef::RangeTableSample(_) => self.tablesample = true,
+            NodeRef::SelectStmt(s) => {
+                self.locks |= !s.locking_clause.is_empty();
+                self.into |= s.into_clause.is_some();
             }
-            Value::Array(items) => items.iter().for_each(|i| self.walk(i)),
+            NodeRef::RangeVar(r) => self.temp |= r.relpersistence == "t",
+            // Identifiers are `String` nodes too: a column named "now" counts, which only
+            // errs on the safe side.
+            NodeRef::String(s) => self.stable_builtins |= is_time_word(&s.sval),
+            NodeRef::TypeName(t) => self.type_name(&t.names),
+            NodeRef::FuncCall(f) => self.func_call(&f.funcname, &f.args),
+            NodeRef::AExpr(e) => self.operator(&e.name),
+            NodeRef::SortBy(s) => self.operator(&s.use_op),
+            NodeRef::SubLink(s) => self.operator(&s.oper_name),
             _ => {}
         }
     }
 
     /// A TypeName: `[schema.]name`, array bounds ignored (an array's elements are read with
     /// the element type's input function).
-    fn type_name(&mut self, v: &Value) {
-        let names = strings(&v["names"]);
-        match names.as_slice() {
+    fn type_name(&mut self, names: &[Node]) {
+        match strings(names).as_slice() {
             [name] => self.types.insert(Relation::new(None, name)),
             [.., schema, name] => self.types.insert(Relation::new(Some(schema), name)),
             [] => false,
@@ -79,9 +97,8 @@ impl Facts {
 
     /// An operator's name list (`[schema.]op`). `BETWEEN` and its variants stand for `>=`
     /// and `<=`.
-    fn operator(&mut self, v: &Value) {
-        let names = strings(v);
-        match names.as_slice() {
+    fn operator(&mut self, names: &[Node]) {
+        match strings(names).as_slice() {
             [name] if name.starts_with("BETWEEN") || name.starts_with("NOT BETWEEN") => {
                 self.operators.insert(Relation::new(None, ">="));
                 self.operators.insert(Relation::new(None, "<="));
@@ -95,15 +112,21 @@ impl Facts {
     /// `set_config` and `current_setting` calls. A custom setting either names is tracked by
     /// the session (probed, keyed, replayed): a read of one is keyed on whether and how it is
     /// set, which another session's definition of it on the same backend could change.
-    fn func_call(&mut self, v: &Value) {
-        let function = strings(&v["funcname"]).last().cloned();
-        let sets = match function.as_deref() {
+    fn func_call(&mut self, funcname: &[Node], args: &[Node]) {
+        let sets = match strings(funcname).last().copied() {
             Some("set_config") => true,
             Some("current_setting") => false,
             _ => return,
         };
         self.calls_set_config |= sets;
-        match v["args"][0]["node"]["AConst"]["val"]["Sval"]["sval"].as_str() {
+        let literal = match args.first().and_then(|a| a.node.as_ref()) {
+            Some(NodeEnum::AConst(c)) => match &c.val {
+                Some(a_const::Val::Sval(s)) => Some(s.sval.as_str()),
+                _ => None,
+            },
+            _ => None,
+        };
+        match literal {
             Some(name) => {
                 if let Some(custom) = custom_setting(name) {
                     self.custom_settings.insert(custom);
@@ -115,9 +138,15 @@ impl Facts {
     }
 }
 
-/// The `String` values of a list of name nodes.
-fn strings(v: &Value) -> Vec<String> {
-    v.as_array().into_iter().flatten().filter_map(|n| n["node"]["String"]["sval"].as_str().map(str::to_owned)).collect()
+/// The texts of a list of `String` nodes (names: `schema.function`, `schema.type`), other
+/// nodes skipped.
+pub fn strings(list: &[Node]) -> Vec<&str> {
+    list.iter()
+        .filter_map(|n| match &n.node {
+            Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A setting name as Postgres compares it (case-insensitively), if it is a custom one
@@ -131,4 +160,93 @@ pub fn custom_setting(name: &str) -> Option<String> {
 pub fn is_time_word(s: &str) -> bool {
     let t = s.trim();
     TIME_WORDS.iter().any(|w| t.eq_ignore_ascii_case(w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    /// What pg_query's serde view of a tree holds: structs (every node, and the structs
+    /// fields hold directly) and `String` texts. Objects with a single key are either a
+    /// `Node` wrapper (`{"node": …}`) or a variant's tag (`{"SelectStmt": {…}}`).
+    fn serde_count(v: &Value, counts: &mut (usize, Vec<String>)) {
+        match v {
+            Value::Object(map) => {
+                let wrapper = map.len() == 1
+                    && map
+                        .keys()
+                        .next()
+                        .is_some_and(|k| k == "node" || k.starts_with(|c: char| c.is_ascii_uppercase()));
+                if !wrapper {
+                    counts.0 += 1;
+                }
+                if let Some(Value::String(s)) = map.get("sval") {
+                    counts.1.push(s.clone());
+                }
+                map.values().for_each(|c| serde_count(c, counts));
+            }
+            Value::Array(items) => items.iter().for_each(|i| serde_count(i, counts)),
+            _ => {}
+        }
+    }
+
+    /// The walk reaches every node pg_query's serde view of the tree has (which serde derives
+    /// from every field), on the test corpus and on statements that use the rarer nodes.
+    #[test]
+    fn every_field_is_walked() {
+        let corpus = [
+            include_str!("../../tests/corpus/10-types.sql"),
+            include_str!("../../tests/corpus/20-writes.sql"),
+            include_str!("../../tests/corpus/30-sessions.sql"),
+            include_str!("../../tests/corpus/40-functions.sql"),
+            "SELECT x, count(*) FILTER (WHERE y > 0) OVER w, array_agg(z ORDER BY z) FROM t \
+             GROUP BY GROUPING SETS ((x), ()) HAVING sum(y) > 1 \
+             WINDOW w AS (PARTITION BY a ORDER BY b ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) \
+             ORDER BY 1 USING < LIMIT 5 FOR UPDATE OF t SKIP LOCKED;
+             SELECT * FROM JSON_TABLE(jsonb '[1]', '$[*]' COLUMNS (a int PATH '$', NESTED PATH '$' COLUMNS (b text PATH '$'))) jt;
+             SELECT JSON_OBJECT('a': 1 RETURNING jsonb), JSON_ARRAYAGG(x ORDER BY x), xmlserialize(content '<a/>' AS text), \
+             CASE WHEN a IS DISTINCT FROM b THEN 1 ELSE 2 END, COALESCE(a, b), GREATEST(a, b), a BETWEEN 1 AND 2, \
+             (ARRAY[1, 2])[1:2], ROW(1, 2), (x).y, x COLLATE \"C\", 'now'::date, CURRENT_TIMESTAMP, \
+             EXISTS (SELECT 1), a = ANY (SELECT b FROM u), set_config('app.t', 'x', false) FROM t TABLESAMPLE BERNOULLI (5);
+             WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SEARCH DEPTH FIRST BY n SET o \
+             CYCLE n SET c USING p SELECT * FROM r, LATERAL (VALUES (1)) v(x), ROWS FROM (generate_series(1, 2), f(x) AS (a int));
+             MERGE INTO t USING u ON t.id = u.id WHEN MATCHED AND u.x > 0 THEN UPDATE SET x = u.x \
+             WHEN NOT MATCHED THEN INSERT (id) VALUES (u.id) RETURNING merge_action(), t.*;
+             INSERT INTO t (a) VALUES (1) ON CONFLICT (a) WHERE a > 0 DO UPDATE SET b = excluded.b WHERE t.b <> 0;
+             CREATE TABLE p (a int DEFAULT 1 CHECK (a > 0), b text COLLATE \"C\" REFERENCES q (b) ON DELETE CASCADE) \
+             PARTITION BY RANGE (a);
+             CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (1) TO (10);
+             CREATE FUNCTION f(a int, OUT b text) RETURNS SETOF record LANGUAGE sql AS 'select 1';
+             CREATE TRIGGER tr BEFORE UPDATE ON t REFERENCING NEW TABLE AS n FOR EACH ROW WHEN (true) EXECUTE FUNCTION f();
+             ALTER TABLE t ALTER COLUMN a TYPE bigint USING a::bigint, ADD CONSTRAINT c UNIQUE (b);
+             CREATE POLICY pol ON t USING (owner = current_user) WITH CHECK (true);
+             GRANT SELECT (a) ON t TO r; COMMENT ON TABLE t IS 'x'; DO $$ BEGIN END $$; CALL p(1);",
+        ];
+        for sql in corpus {
+            let tree = pg_query::parse(sql, 0).expect("the corpus parses");
+            let mut serde = (0, Vec::new());
+            let mut typed = (0, Vec::new());
+            for stmt in &tree.protobuf.stmts {
+                let node = stmt.stmt.as_ref().and_then(|s| s.node.as_ref()).expect("a statement");
+                serde_count(&serde_json::to_value(node).unwrap(), &mut serde);
+                walk(node.to_ref(), &mut |n| {
+                    typed.0 += 1;
+                    if let NodeRef::String(s) = n {
+                        typed.1.push(s.sval.clone());
+                    }
+                });
+            }
+            assert!(typed.0 > 100, "the corpus is no corpus");
+            // serde_json's maps sort their keys: compare the names as multisets.
+            typed.1.sort();
+            serde.1.sort();
+            let first_difference = typed.1.iter().zip(&serde.1).position(|(a, b)| a != b);
+            assert_eq!(
+                typed, serde,
+                "the walk missed or invented nodes ({} walked, {} in serde; names differ first at {first_difference:?}) in:\n{sql}",
+                typed.0, serde.0
+            );
+        }
+    }
 }

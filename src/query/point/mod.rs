@@ -28,7 +28,13 @@ mod key;
 
 use std::sync::Arc;
 
-use serde_json::Value as Json;
+use pg_query::protobuf::{
+    AExprKind, BoolExprType, InsertStmt, Node, OnConflictAction, OnConflictClause, ParamRef, ResTarget, SetOperation,
+    TypeName, a_const,
+};
+use pg_query::{NodeEnum, NodeRef};
+
+use super::tree::{mentions, strings};
 
 pub use key::{KeyType, KeyValue};
 
@@ -100,11 +106,10 @@ fn literal_text(token: &str) -> Option<&str> {
     }
 }
 
-/// The point of a statement (`top` is its node type, `node` its body, `sql` its text), or
-/// `None`. `calls_functions` says whether it calls any function (which rules a read out).
-/// Constants are [`Value::Literal`]s.
-pub fn of(sql: &str, top: &str, node: &Json, calls_functions: bool) -> Option<Point> {
-    let mut point = candidates(top, node, calls_functions)?;
+/// The point of the statement `node` (its text is `sql`), or `None`. `calls_functions` says
+/// whether it calls any function (which rules a read out). Constants are [`Value::Literal`]s.
+pub fn of(sql: &str, node: NodeRef<'_>, calls_functions: bool) -> Option<Point> {
+    let mut point = candidates(node, calls_functions)?;
     let consts = point.columns.iter().flat_map(|(_, v)| v).any(|v| matches!(v, Value::Literal { .. }));
     if consts {
         // Until here a constant's `index` is its byte offset in `sql`.
@@ -127,35 +132,32 @@ fn literal_starts(sql: &str) -> Option<Vec<usize>> {
     Some(super::literals::literals(sql)?.iter().map(|l| l.start).collect())
 }
 
-fn candidates(top: &str, node: &Json, calls_functions: bool) -> Option<Point> {
-    if !node["with_clause"].is_null() {
-        return None;
-    }
-    let mut columns = match top {
-        "SelectStmt" => {
-            let from = node["from_clause"].as_array()?;
-            let single_table = from.len() == 1 && from[0]["node"].get("RangeVar").is_some();
-            if !single_table || calls_functions || node["op"].as_i64() != Some(1) || mentions(node, "SubLink") {
+fn candidates(node: NodeRef<'_>, calls_functions: bool) -> Option<Point> {
+    let mut columns = match node {
+        NodeRef::SelectStmt(s) => {
+            let single_table = matches!(s.from_clause.as_slice(), [t] if matches!(t.node, Some(NodeEnum::RangeVar(_))));
+            if s.with_clause.is_some()
+                || !single_table
+                || calls_functions
+                || s.op != SetOperation::SetopNone as i32
+                || mentions(node, |n| matches!(n, NodeRef::SubLink(_)))
+            {
                 return None;
             }
-            conjuncts(&node["where_clause"])
+            conjuncts(s.where_clause.as_deref())
         }
         // With other relations joined in (`UPDATE … FROM`, `DELETE … USING`), `other.id = 5`
         // pins the other relation's column, not the target's: no point.
-        "UpdateStmt" if node["from_clause"].as_array().is_some_and(|f| !f.is_empty()) => return None,
-        "DeleteStmt" if node["using_clause"].as_array().is_some_and(|u| !u.is_empty()) => return None,
-        "UpdateStmt" => {
-            let assigned: Vec<&str> = node["target_list"]
-                .as_array()?
-                .iter()
-                .filter_map(|t| t["node"]["ResTarget"]["name"].as_str())
-                .collect();
-            let mut c = conjuncts(&node["where_clause"]);
+        NodeRef::UpdateStmt(u) if u.with_clause.is_some() || !u.from_clause.is_empty() => return None,
+        NodeRef::DeleteStmt(d) if d.with_clause.is_some() || !d.using_clause.is_empty() => return None,
+        NodeRef::UpdateStmt(u) => {
+            let assigned: Vec<&str> = u.target_list.iter().filter_map(res_target).map(|t| t.name.as_str()).collect();
+            let mut c = conjuncts(u.where_clause.as_deref());
             c.retain(|(col, _)| !assigned.contains(&col.as_str()));
             c
         }
-        "DeleteStmt" => conjuncts(&node["where_clause"]),
-        "InsertStmt" => insert_values(node)?,
+        NodeRef::DeleteStmt(d) => conjuncts(d.where_clause.as_deref()),
+        NodeRef::InsertStmt(i) if i.with_clause.is_none() => insert_values(i)?,
         _ => return None,
     };
     columns.retain(|(_, values)| !values.is_empty());
@@ -163,45 +165,39 @@ fn candidates(top: &str, node: &Json, calls_functions: bool) -> Option<Point> {
 }
 
 /// `column = constant` and `column IN (constants)` among the top-level AND conjuncts.
-fn conjuncts(clause: &Json) -> Vec<(String, Vec<Value>)> {
-    let node = &clause["node"];
-    if let Some(b) = node.get("BoolExpr") {
-        // BoolExprType: 1 = AND_EXPR.
-        if b["boolop"].as_i64() != Some(1) {
-            return Vec::new();
+fn conjuncts(clause: Option<&Node>) -> Vec<(String, Vec<Value>)> {
+    let e = match clause.and_then(|c| c.node.as_ref()) {
+        Some(NodeEnum::BoolExpr(b)) if b.boolop == BoolExprType::AndExpr as i32 => {
+            return b.args.iter().flat_map(|a| conjuncts(Some(a))).collect();
         }
-        return b["args"].as_array().into_iter().flatten().flat_map(conjuncts).collect();
-    }
-    let Some(e) = node.get("AExpr") else { return Vec::new() };
-    let op = e["name"].as_array().map(|n| n.iter().map(|p| p["node"]["String"]["sval"].as_str()).collect::<Vec<_>>());
-    if op.as_deref() != Some(&[Some("=")]) {
+        Some(NodeEnum::AExpr(e)) => e,
+        _ => return Vec::new(),
+    };
+    if strings(&e.name) != ["="] {
         return Vec::new();
     }
-    // A_Expr_Kind: 1 = AEXPR_OP, 2 = AEXPR_OP_ANY, 7 = AEXPR_IN.
-    match e["kind"].as_i64() {
-        Some(2) => {
-            let Some(c) = column(&e["lexpr"]) else { return Vec::new() };
-            let r = &e["rexpr"]["node"];
-            let values = if let Some(items) = r["AArrayExpr"]["elements"].as_array() {
-                items.iter().map(value).collect::<Option<Vec<Value>>>()
-            } else {
-                array_param(r).map(|n| vec![Value::ArrayParam(n)])
+    let (lexpr, rexpr) = (e.lexpr.as_deref(), e.rexpr.as_deref());
+    match AExprKind::try_from(e.kind) {
+        Ok(AExprKind::AexprOpAny) => {
+            let Some(c) = column(lexpr) else { return Vec::new() };
+            let values = match rexpr.and_then(|r| r.node.as_ref()) {
+                Some(NodeEnum::AArrayExpr(a)) => a.elements.iter().map(value).collect::<Option<Vec<Value>>>(),
+                r => array_param(r).map(|n| vec![Value::ArrayParam(n)]),
             };
             values.map(|v| vec![(c, v)]).unwrap_or_default()
         }
-        Some(1) => {
-            let (l, r) = (&e["lexpr"], &e["rexpr"]);
-            let found = match (column(l), column(r)) {
-                (Some(c), None) => value(r).map(|v| (c, v)),
-                (None, Some(c)) => value(l).map(|v| (c, v)),
+        Ok(AExprKind::AexprOp) => {
+            let found = match (column(lexpr), column(rexpr)) {
+                (Some(c), None) => rexpr.and_then(value).map(|v| (c, v)),
+                (None, Some(c)) => lexpr.and_then(value).map(|v| (c, v)),
                 _ => None,
             };
             found.map(|(c, v)| vec![(c, vec![v])]).unwrap_or_default()
         }
-        Some(7) => {
-            let Some(c) = column(&e["lexpr"]) else { return Vec::new() };
-            let Some(items) = e["rexpr"]["node"]["List"]["items"].as_array() else { return Vec::new() };
-            let values: Option<Vec<Value>> = items.iter().map(value).collect();
+        Ok(AExprKind::AexprIn) => {
+            let Some(c) = column(lexpr) else { return Vec::new() };
+            let Some(NodeEnum::List(list)) = rexpr.and_then(|r| r.node.as_ref()) else { return Vec::new() };
+            let values: Option<Vec<Value>> = list.items.iter().map(value).collect();
             values.map(|v| vec![(c, v)]).unwrap_or_default()
         }
         _ => Vec::new(),
@@ -209,59 +205,84 @@ fn conjuncts(clause: &Json) -> Vec<(String, Vec<Value>)> {
 }
 
 /// The column an expression names, unqualified (`a.id` → `id`).
-fn column(expr: &Json) -> Option<String> {
-    let fields = expr["node"]["ColumnRef"]["fields"].as_array()?;
-    fields.last()?["node"]["String"]["sval"].as_str().map(str::to_owned)
+fn column(expr: Option<&Node>) -> Option<String> {
+    let Some(NodeEnum::ColumnRef(c)) = expr?.node.as_ref() else { return None };
+    match c.fields.last()?.node.as_ref()? {
+        NodeEnum::String(s) => Some(s.sval.clone()),
+        _ => None,
+    }
 }
 
 /// A constant (a [`Value::Literal`] whose `index` is its byte offset, for [`of`] to turn into
 /// its place among the literals) or a parameter.
-fn value(expr: &Json) -> Option<Value> {
-    let node = &expr["node"];
-    if let Some(cast) = node.get("TypeCast") {
+fn value(expr: &Node) -> Option<Value> {
+    match expr.node.as_ref()? {
         // A cast to a key type (`$1::INTEGER`, as SQLAlchemy writes parameters; `'…'::uuid`)
         // keeps the value; its text is still read as the column's type, so a cast that would
         // round (`5.7::int`) reads as nothing.
-        return key_type_name(&cast["type_name"]).then(|| value(&cast["arg"])).flatten();
+        NodeEnum::TypeCast(cast) => {
+            key_type_name(cast.type_name.as_ref()?, false).then(|| value(cast.arg.as_deref()?)).flatten()
+        }
+        NodeEnum::ParamRef(p) => param_number(p),
+        NodeEnum::AConst(c) => {
+            let number_or_string =
+                matches!(c.val, Some(a_const::Val::Ival(_) | a_const::Val::Fval(_) | a_const::Val::Sval(_)));
+            let at = u16::try_from(c.location).ok()?;
+            number_or_string.then_some(Value::Literal { index: at, negative: false })
+        }
+        _ => None,
     }
-    if let Some(p) = node.get("ParamRef") {
-        return p["number"].as_u64().and_then(|n| u16::try_from(n).ok()).filter(|n| *n > 0).map(Value::Param);
+}
+
+/// A parameter's number, if it is one (`$n`, n ≥ 1).
+fn param_number(p: &ParamRef) -> Option<Value> {
+    u16::try_from(p.number).ok().filter(|n| *n > 0).map(Value::Param)
+}
+
+/// A `ResTarget` node (an assignment or a named column).
+fn res_target(node: &Node) -> Option<&ResTarget> {
+    match node.node.as_ref()? {
+        NodeEnum::ResTarget(t) => Some(t),
+        _ => None,
     }
-    let c = &node["AConst"];
-    let val = &c["val"];
-    let number_or_string = ["Ival", "Fval", "Sval"].iter().any(|k| val.get(k).is_some());
-    let at = c["location"].as_u64().and_then(|l| u16::try_from(l).ok())?;
-    number_or_string.then_some(Value::Literal { index: at, negative: false })
 }
 
 /// The candidate columns of `INSERT … (cols) VALUES …`. With `ON CONFLICT (col) DO UPDATE`
 /// the row updated is the one holding the inserted value of `col`, so `col` is the only
 /// candidate (unless the update assigns it).
-fn insert_values(node: &Json) -> Option<Vec<(String, Vec<Value>)>> {
-    // OnConflictAction: 2 = ONCONFLICT_NOTHING, 3 = ONCONFLICT_UPDATE.
-    let conflict = &node["on_conflict_clause"];
-    let only = match conflict["action"].as_i64() {
-        _ if conflict.is_null() => None,
-        Some(2) => None,
-        Some(3) => Some(upsert_column(conflict)?),
-        _ => return None,
+fn insert_values(insert: &InsertStmt) -> Option<Vec<(String, Vec<Value>)>> {
+    let only = match insert.on_conflict_clause.as_deref() {
+        None => None,
+        Some(c) if c.action == OnConflictAction::OnconflictNothing as i32 => None,
+        Some(c) if c.action == OnConflictAction::OnconflictUpdate as i32 => Some(upsert_column(c)?),
+        Some(_) => return None,
     };
-    let select = node["select_stmt"]["node"].get("SelectStmt")?;
-    let plain = select["with_clause"].is_null() && select["from_clause"].as_array().is_none_or(Vec::is_empty);
-    let rows = select["values_lists"].as_array().filter(|r| plain && !r.is_empty())?;
-    let rows: Vec<&Vec<Json>> = rows.iter().map(|r| r["node"]["List"]["items"].as_array()).collect::<Option<_>>()?;
+    let Some(NodeEnum::SelectStmt(select)) = insert.select_stmt.as_deref().and_then(|s| s.node.as_ref()) else {
+        return None;
+    };
+    let plain = select.with_clause.is_none() && select.from_clause.is_empty();
+    if !plain || select.values_lists.is_empty() {
+        return None;
+    }
+    let rows: Vec<&[Node]> = select
+        .values_lists
+        .iter()
+        .map(|r| match r.node.as_ref() {
+            Some(NodeEnum::List(l)) => Some(l.items.as_slice()),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
     let mut out = Vec::new();
-    for (i, col) in node["cols"].as_array()?.iter().enumerate() {
-        let target = &col["node"]["ResTarget"];
-        if target["indirection"].as_array().is_some_and(|ind| !ind.is_empty()) {
+    for (i, col) in insert.cols.iter().enumerate() {
+        let target = res_target(col)?;
+        if !target.indirection.is_empty() {
             continue;
         }
-        let Some(name) = target["name"].as_str() else { continue };
         let values: Option<Vec<Value>> = rows.iter().map(|r| r.get(i).and_then(value)).collect();
         if let Some(values) = values
-            && only.as_ref().is_none_or(|o| o == name)
+            && only.as_ref().is_none_or(|o| *o == target.name)
         {
-            out.push((name.to_owned(), values));
+            out.push((target.name.clone(), values));
         }
     }
     Some(out)
@@ -269,54 +290,37 @@ fn insert_values(node: &Json) -> Option<Vec<(String, Vec<Value>)>> {
 
 /// The one column an `ON CONFLICT (col) DO UPDATE` arbitrates on, if its update leaves it
 /// alone.
-fn upsert_column(conflict: &Json) -> Option<String> {
-    let infer = &conflict["infer"];
-    let [elem] = infer["index_elems"].as_array()?.as_slice() else { return None };
-    let column = elem["node"]["IndexElem"]["name"].as_str().filter(|c| !c.is_empty())?;
-    let assigns =
-        conflict["target_list"].as_array()?.iter().any(|t| t["node"]["ResTarget"]["name"].as_str() == Some(column));
+fn upsert_column(conflict: &OnConflictClause) -> Option<String> {
+    let [elem] = conflict.infer.as_deref()?.index_elems.as_slice() else { return None };
+    let Some(NodeEnum::IndexElem(elem)) = elem.node.as_ref() else { return None };
+    let column = Some(elem.name.as_str()).filter(|c| !c.is_empty())?;
+    let assigns = conflict.target_list.iter().filter_map(res_target).any(|t| t.name == column);
     (!assigns).then(|| column.to_owned())
 }
 
 /// `$n`, or `$n` cast to an array of a key type (`$1::int8[]`).
-fn array_param(node: &Json) -> Option<u16> {
-    let (param, cast) = match node.get("TypeCast") {
-        Some(cast) => (&cast["arg"]["node"]["ParamRef"], Some(&cast["type_name"])),
-        None => (&node["ParamRef"], None),
-    };
-    if let Some(t) = cast {
-        let array = t["array_bounds"].as_array().is_some_and(|b| b.len() == 1);
-        let scalar = serde_json::json!({ "names": t["names"].clone() });
-        if !array || !key_type_name(&scalar) {
-            return None;
+fn array_param(node: Option<&NodeEnum>) -> Option<u16> {
+    let param = match node? {
+        NodeEnum::TypeCast(cast) if key_type_name(cast.type_name.as_ref()?, true) => {
+            cast.arg.as_deref()?.node.as_ref()?
         }
+        other => other,
+    };
+    match param {
+        NodeEnum::ParamRef(p) => u16::try_from(p.number).ok().filter(|n| *n > 0),
+        _ => None,
     }
-    param["number"].as_u64().and_then(|n| u16::try_from(n).ok()).filter(|n| *n > 0)
 }
 
-/// Whether a TypeName is `int2`, `int4`, `int8` or `uuid` (the built-in ones), not an array.
-fn key_type_name(type_name: &Json) -> bool {
-    let names: Vec<&str> = type_name["names"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|n| n["node"]["String"]["sval"].as_str())
-        .collect();
-    let builtin = match names.as_slice() {
+/// Whether a TypeName is `int2`, `int4`, `int8` or `uuid` (the built-in ones) — a one-
+/// dimensional array of one when `array`, else not an array.
+fn key_type_name(type_name: &TypeName, array: bool) -> bool {
+    let builtin = match strings(&type_name.names).as_slice() {
         [name] | ["pg_catalog", name] => Some(*name),
         _ => None,
     };
-    let scalar = type_name["array_bounds"].as_array().is_none_or(Vec::is_empty);
-    scalar && builtin.is_some_and(|n| matches!(n, "int2" | "int4" | "int8" | "uuid"))
-}
-
-/// Whether a node of this type occurs anywhere in `v`.
-fn mentions(v: &Json, node_type: &str) -> bool {
-    match v {
-        Json::Object(map) => map.iter().any(|(k, child)| k == node_type || mentions(child, node_type)),
-        Json::Array(items) => items.iter().any(|i| mentions(i, node_type)),
-        _ => false,
-    }
+    let shape = if array { type_name.array_bounds.len() == 1 } else { type_name.array_bounds.is_empty() };
+    shape && builtin.is_some_and(|n| matches!(n, "int2" | "int4" | "int8" | "uuid"))
 }
 
 #[cfg(test)]
@@ -325,10 +329,10 @@ mod tests {
 
     /// The point of `sql` with its literals resolved from its own text.
     fn point(sql: &str) -> Option<Point> {
-        let tree = serde_json::to_value(pg_query::parse(sql, 0).unwrap().protobuf).unwrap();
-        let (top, node) = tree["stmts"][0]["stmt"]["node"].as_object().unwrap().iter().next().unwrap();
+        let tree = pg_query::parse(sql, 0).unwrap().protobuf;
+        let node = tree.stmts[0].stmt.as_ref().and_then(|s| s.node.as_ref()).unwrap();
         let calls = !pg_query::summary(sql, 0, -1).unwrap().functions.is_empty();
-        let p = of(sql, top, node, calls)?;
+        let p = of(sql, node.to_ref(), calls)?;
         let literals: Vec<&str> =
             crate::query::literals::literals(sql).unwrap().iter().map(|l| &sql[l.start..l.end]).collect();
         p.resolve(&literals)
@@ -373,9 +377,9 @@ mod tests {
     #[test]
     fn literals_are_read_from_each_text_of_a_shape() {
         let sql = "SELECT * FROM t WHERE v = 'a' AND id = 5";
-        let tree = serde_json::to_value(pg_query::parse(sql, 0).unwrap().protobuf).unwrap();
-        let (top, node) = tree["stmts"][0]["stmt"]["node"].as_object().unwrap().iter().next().unwrap();
-        let shared = of(sql, top, node, false).unwrap();
+        let tree = pg_query::parse(sql, 0).unwrap().protobuf;
+        let node = tree.stmts[0].stmt.as_ref().and_then(|s| s.node.as_ref()).unwrap();
+        let shared = of(sql, node.to_ref(), false).unwrap();
         assert!(shared.has_literals());
         // Another text of the same shape: `... v = 'bb' AND id = 77`.
         let other = shared.resolve(&["'bb'", "77"]).unwrap();
