@@ -390,8 +390,12 @@ impl Relay<'_> {
             Turn::Lead(f) => Some(f),
             Turn::Waited { .. } => {
                 ctx.stats.coalesced(&a.rule.name);
-                // What the flight stored (just now: no refresh is due).
+                // What the flight stored (just now: no refresh is due). Where the L2's
+                // versions guard L1, only if the leader looked them up as this request did:
+                // a flight that began before a write this request follows read the old row,
+                // and only the versions tell (another instance's write moves no counter here).
                 if let Some((entry, freshness)) = ctx.store.get(&key)
+                    && (!l2_guards_l1(ctx) || (l2_key.is_some() && entry.l2_key.as_deref() == l2_key.as_deref()))
                     && let Some(served) = usable(freshness, &entry.rule, Serve::Attached, true, false)
                 {
                     return Ok(Plan::Hit { entry, key: hash, stale: served.stale });
