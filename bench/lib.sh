@@ -1,5 +1,6 @@
 # Shared by the benchmark scripts: a throwaway cluster and a release build of pgcache.
 # Source it; it defines $pgport, $work, $host, start_cluster, start_pgcache, run_pgbench, cleanup.
+# PGCACHE_BIN=path: run that pgcache binary instead of building one (to compare two builds).
 # TRANSPORT=unix: clients, PgBouncer and pgcache's upstream connect through Unix sockets in
 # $work (what a sidecar on the same host can use) instead of loopback TCP; $host is then $work.
 set -euo pipefail
@@ -30,7 +31,7 @@ trap cleanup EXIT
 
 # start_cluster SCALE: initdb, start, pgbench -i.
 start_cluster() {
-  cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+  [[ -n ${PGCACHE_BIN:-} ]] || cargo build --release --quiet --manifest-path "$root/Cargo.toml"
   as_pg "$pgbin/initdb" -D "$work/data" -A trust -U postgres --no-sync >/dev/null
   cat >>"$work/data/postgresql.conf" <<CONF
 port = $pgport
@@ -53,7 +54,7 @@ start_pgcache() {
   [[ $transport == unix ]] && unix=(--unix-socket-dir "$work")
   # The throwaway cluster trusts postgres: so does pgcache here (loopback only), unless told.
   [[ " $* " == *" --auth "* ]] && auth=()
-  PGCACHE_LOG=${BENCH_LOG:-warn} "$root/target/release/pgcache" --listen "127.0.0.1:$port" --admin "127.0.0.1:$(free_port)" "${unix[@]}" \
+  PGCACHE_LOG=${BENCH_LOG:-warn} "${PGCACHE_BIN:-$root/target/release/pgcache}" --listen "127.0.0.1:$port" --admin "127.0.0.1:$(free_port)" "${unix[@]}" \
     --upstream "host=$host port=$pgport user=postgres dbname=postgres sslmode=disable" --pool-size "${POOL_SIZE:-32}" "${auth[@]}" "$@" 2>>"$work/pgcache.log" &
   pids+=($!)
   for _ in $(seq 50); do pg_isready -q -h "$host" -p "$port" && return; sleep 0.1; done

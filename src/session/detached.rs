@@ -84,7 +84,7 @@ struct Detached<'a> {
     why: Why,
     /// Session pooling with replicas: the session's own backend, taken again rather than one
     /// from the pool.
-    home: &'a mut Option<Lease>,
+    home: &'a mut Option<Box<Lease>>,
     /// The last request looked up had a cacheable statement the cache lacked: the sample a
     /// replica must have replayed to store its fill.
     fill_at: Option<u64>,
@@ -99,7 +99,7 @@ pub async fn run(
     flow: &mut Flow,
     memo: &mut Assessments,
     why: Why,
-    home: &mut Option<Lease>,
+    home: &mut Option<Box<Lease>>,
 ) -> Result<Outcome, SessionError> {
     let mut d = Detached { ctx, key, startup, flow, memo, why, home, fill_at: None };
     let max = ctx.config().client.max_message_bytes;
@@ -234,7 +234,7 @@ impl Detached<'_> {
             match self.give_settings(&mut lease, settings).await {
                 Ok(()) => {
                     self.forget_backend_state();
-                    return Ok(lease);
+                    return Ok(*lease);
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "the session's own backend could not be given its settings; taking another");

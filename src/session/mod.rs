@@ -123,10 +123,12 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
 
     let mut memo = memo::Assessments::default();
     let mut reported = lease.conn_ref().params.clone();
-    let mut lease = Some(lease);
+    // Boxed, as the session's own backend is below: an idle session's future keeps room for
+    // a pointer, not for a lease it does not hold (see bench/idle.sh).
+    let mut lease = Some(Box::new(lease));
     // Session pooling with replicas: the session's own backend on the primary, while the
     // session is between transactions or on a replica.
-    let mut home: Option<Lease> = None;
+    let mut home: Option<Box<Lease>> = None;
     let mut idle = detached::Why::Lost;
     // On a replica: the client's messages behind the read sent there, read after it.
     let mut behind: Option<BytesMut> = None;
@@ -164,7 +166,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
                     core.tracker = Tracker { used: true, ..Tracker::default() };
                     core.flow.replica = Some(replica);
                     behind = Some(rest);
-                    lease = Some(*new);
+                    lease = Some(new);
                     continue;
                 }
                 Ok(detached::Outcome::Reattached(new)) => {
@@ -173,7 +175,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
                     }
                     client.send(&changed_parameters(&mut reported, &new.conn_ref().params)).await?;
                     core.tracker = Tracker { used: true, ..Tracker::default() };
-                    lease = Some(*new);
+                    lease = Some(new);
                     continue;
                 }
                 Ok(detached::Outcome::ClientLeft) => break Ok(relay::Ending::ClientLeft),
@@ -223,7 +225,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
                     leave(ctx, &mut attached, &key, &mut core);
                     home = Some(attached);
                 } else {
-                    hand_back(ctx, &key, attached, &mut core);
+                    hand_back(ctx, &key, *attached, &mut core);
                 }
                 // What the client is owed goes out before it waits without a backend.
                 if !core.to_client.is_empty() {
@@ -242,7 +244,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
         }
         // What pgcache prepared on the backend stays known with it (a reset clears both).
         attached.conn().prepared = core.server.take();
-        give_back(attached, &core);
+        give_back(*attached, &core);
         break result;
     };
     if let Some(home) = home {
