@@ -174,7 +174,7 @@ impl Answerer<'_> {
                                 let bind = b.raw.clone();
                                 let statement = st;
                                 self.memo.missed =
-                                    Some(Missed { bind, rules, catalog, statement, key, assessment, l2 });
+                                    Some(Box::new(Missed { bind, rules, catalog, statement, key, assessment, l2 }));
                             }
                             return None;
                         }

@@ -340,7 +340,10 @@ impl Relay<'_> {
             return Ok(Plan::Forward(why));
         }
         let looked = match missed {
-            Some(m) => Looked::Missing { key: m.key, a: m.assessment, l2: m.l2 },
+            Some(m) => {
+                let super::memo::Missed { key, assessment, l2, .. } = *m;
+                Looked::Missing { key, a: assessment, l2 }
+            }
             None => {
                 let mut asker = Asker { ctx, key: self.key, flow: &self.core.flow, memo: self.memo, offline: false };
                 asker.look(sql, c, &req, isolated).await

@@ -106,8 +106,8 @@ pub struct Assessments {
     /// role); the `Bytes` kept alive so their address identifies them.
     settings: Vec<(Bytes, u64)>,
     /// The short way's miss of the request being served, for the planner's decision of the
-    /// same Bind ([`Missed`]).
-    pub missed: Option<Missed>,
+    /// same Bind ([`Missed`]); boxed, so that an idle session keeps room for a pointer.
+    pub missed: Option<Box<Missed>>,
 }
 
 /// A Bind the short way ([`super::answer`]) looked up and found cacheable and missing, handed

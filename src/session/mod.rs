@@ -91,9 +91,11 @@ fn backend_startup(ctx: &Context, startup: &Startup) -> Result<(PoolKey, Startup
 pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) -> Result<(), SessionError> {
     let started = Instant::now();
     let (key, params, unsupported) = backend_startup(ctx, &startup)?;
-    // Boxed: what logging in waits with is not kept for the session's life.
-    let mut lease =
-        Box::pin(log_in(ctx, client, startup.minor > 0 || !unsupported.is_empty(), unsupported, &key, &params)).await?;
+    // Boxed: what logging in waits with is not kept for the session's life; nor is room for
+    // a lease while the session waits without one (see bench/idle.sh).
+    let mut lease = Box::new(
+        Box::pin(log_in(ctx, client, startup.minor > 0 || !unsupported.is_empty(), unsupported, &key, &params)).await?,
+    );
     drop(startup);
     let pooling_transactions = ctx.config().pool.mode_for(&key.database, &key.user) == PoolMode::Transaction;
     // Session pooling with replicas: the session leaves its backend between transactions, as
@@ -108,7 +110,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
     });
     // A new session starts as its startup packet says, whoever used the backend before.
     let wanted = adopt::Wanted::session(ctx, Vec::new(), &mut core.flow.settings);
-    if let Err(e) = adopt::adopt(lease.conn(), wanted).await {
+    if let Err(e) = Box::pin(adopt::adopt(lease.conn(), wanted)).await {
         lease.release(Reset::Close);
         return Err(SessionError::Refused(PgError::fatal(
             SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
@@ -123,9 +125,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
 
     let mut memo = memo::Assessments::default();
     let mut reported = lease.conn_ref().params.clone();
-    // Boxed, as the session's own backend is below: an idle session's future keeps room for
-    // a pointer, not for a lease it does not hold (see bench/idle.sh).
-    let mut lease = Some(Box::new(lease));
+    let mut lease = Some(lease);
     // Session pooling with replicas: the session's own backend on the primary, while the
     // session is between transactions or on a replica.
     let mut home: Option<Box<Lease>> = None;
@@ -181,7 +181,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Startup) ->
                 Ok(detached::Outcome::ClientLeft) => break Ok(relay::Ending::ClientLeft),
                 Err(e) => {
                     // No relay to tell the client: say it here (e.g. 57P01 at shutdown).
-                    frontend::report(client, &e).await;
+                    Box::pin(frontend::report(client, &e)).await;
                     break Ok(relay::Ending::ClientLeft);
                 }
             }
