@@ -44,6 +44,17 @@ pub struct Observation {
 
 impl Observation {
     pub fn new(database: Arc<str>, statements: Arc<Vec<crate::query::Classified>>, outcome: Outcome) -> Self {
+        Observation::since(database, statements, outcome, Instant::now())
+    }
+
+    /// An observation of a statement whose answer began at `started` (hits answered together
+    /// share their request's clock reading).
+    pub fn since(
+        database: Arc<str>,
+        statements: Arc<Vec<crate::query::Classified>>,
+        outcome: Outcome,
+        started: Instant,
+    ) -> Self {
         Observation {
             database,
             statements,
@@ -52,7 +63,7 @@ impl Observation {
             reason: None,
             key: None,
             stale: false,
-            started: Instant::now(),
+            started,
             rows: 0,
         }
     }
@@ -232,7 +243,12 @@ impl Stats {
 
     /// Records a completed statement; `served` is the bytes answered from the cache.
     pub fn record(&self, o: &Observation, served: u64, error: bool) {
-        let elapsed = o.started.elapsed();
+        self.record_took(o, served, error, o.started.elapsed());
+    }
+
+    /// [`Stats::record`] of a statement that took `elapsed` (measured by the caller, once for
+    /// several).
+    pub fn record_took(&self, o: &Observation, served: u64, error: bool, elapsed: Duration) {
         let t = &self.totals;
         t.statements.fetch_add(1, Ordering::Relaxed);
         t.busy_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);

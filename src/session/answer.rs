@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
@@ -120,11 +121,12 @@ impl Answerer<'_> {
         if c.kind != Kind::Select {
             return None;
         }
+        let started = Instant::now();
         let (entry, key, stale) = self.lookup(sql, c, Request::Simple, fallback).await.ok()?;
         let mut out = BytesMut::with_capacity(entry.row_description.len() + entry.body.len() + 6);
         out.extend_from_slice(&entry.row_description);
         out.extend_from_slice(&entry.body);
-        self.record(classified.clone(), &entry, key, stale, out.len());
+        self.record(classified.clone(), &entry, key, stale, out.len(), (started, started.elapsed()));
         be::ready_for_query(TransactionStatus::Idle, &mut out);
         Some(out.freeze())
     }
@@ -138,6 +140,7 @@ impl Answerer<'_> {
         // their text before, for the entry): any other Parse goes to Postgres, which may
         // refuse it and must say so in answer to the Parse itself.
         let mut used = std::collections::HashSet::new();
+        let started = Instant::now();
         for f in frames {
             match f.tag() {
                 fe::PARSE => {
@@ -160,7 +163,9 @@ impl Answerer<'_> {
                     }
                     let known = |name: &[u8]| parsed.get(name).or_else(|| self.flow.statements.get(name)).cloned();
                     let st = known(&b.statement[..])?;
-                    used.insert(b.statement.to_vec());
+                    if parsed.contains_key(&b.statement[..]) {
+                        used.insert(b.statement.to_vec());
+                    }
                     let c = st.select()?;
                     let req = Request::Extended { param_types: &st.param_types, bind: &b };
                     let (rules, catalog) = (self.ctx.rules.version(), self.ctx.catalog.epoch());
@@ -226,18 +231,28 @@ impl Answerer<'_> {
         }
         // The unnamed portal bound here ended at the Sync, in the client's view too.
         self.flow.virtual_portal = None;
+        let took = started.elapsed();
         for (Hit { classified, entry, key, stale }, served) in hits {
-            self.record(classified, &entry, key, stale, served);
+            self.record(classified, &entry, key, stale, served, (started, took));
         }
         Some(out.freeze())
     }
 
     /// Records a hit as the planner does: `served` is what its Execute (or Query) sent of the
-    /// result, without ReadyForQuery.
-    fn record(&self, classified: Arc<Vec<Classified>>, entry: &Entry, key: u64, stale: bool, served: usize) {
+    /// result, without ReadyForQuery; `started` when answering its request began, which `took`
+    /// that long (one clock reading for all the hits of a batch).
+    fn record(
+        &self,
+        classified: Arc<Vec<Classified>>,
+        entry: &Entry,
+        key: u64,
+        stale: bool,
+        served: usize,
+        (started, took): (Instant, Duration),
+    ) {
         entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut o = Observation::new(self.flow.database.clone(), classified, metrics::Outcome::Hit);
+        let mut o = Observation::since(self.flow.database.clone(), classified, metrics::Outcome::Hit, started);
         o.hit(&entry.rule, key, stale, entry.rows);
-        self.ctx.stats.record(&o, served as u64, false);
+        self.ctx.stats.record_took(&o, served as u64, false, took);
     }
 }
