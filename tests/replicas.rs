@@ -15,6 +15,8 @@ use pgcache::config::{PoolMode, ReadYourWrites, ReplicaNode};
 use pgcache::replica::State;
 
 struct Env {
+    /// The configuration the proxy was started with (for another instance beside it).
+    config: pgcache::config::Config,
     _primary: PgCluster,
     replica: PgCluster,
     proxy: Proxy,
@@ -51,7 +53,7 @@ async fn setup(rules: Option<&str>, tweak: impl FnOnce(&mut pgcache::config::Con
         config.rules_explicit = true;
     }
     tweak(&mut config);
-    let proxy = Proxy::start(config).await;
+    let proxy = Proxy::start(config.clone()).await;
     let shared = proxy.shared.clone();
     assert!(
         eventually(Duration::from_secs(30), || shared.replicas.nodes[0].state() == State::Up).await,
@@ -61,7 +63,7 @@ async fn setup(rules: Option<&str>, tweak: impl FnOnce(&mut pgcache::config::Con
     let on_replica = replica.admin(&db).await;
     // The schema has been replayed (it was there before the base backup).
     assert_eq!(text(&on_replica, "SELECT count(*) FROM kv").await, "100");
-    Env { _primary: primary, replica, proxy, db, on_primary, on_replica, _rules: dir }
+    Env { config, _primary: primary, replica, proxy, db, on_primary, on_replica, _rules: dir }
 }
 
 impl Env {
@@ -216,6 +218,31 @@ async fn causal_reads_see_other_sessions_writes_and_session_reads_need_not() {
     assert_eq!(stale_reads(&env, &writer, &reader).await, 20);
 }
 
+/// `causal` across instances: a table created and filled through one instance while the
+/// replica is paused, then the very first session of another instance in that database reads
+/// it. The second instance has heard nothing of the first's writes until its peers' link
+/// listens, so its read must not go to the replica (which lacks the table: an error).
+#[tokio::test]
+async fn causal_reads_on_an_instance_that_has_not_heard_yet_stay_on_the_primary() {
+    let env = setup(None, |c| c.replicas.read_your_writes = ReadYourWrites::Causal).await;
+    let other = Proxy::start(env.config.clone()).await;
+    let shared = other.shared.clone();
+    assert!(
+        eventually(Duration::from_secs(30), || shared.replicas.nodes[0].state() == State::Up).await,
+        "the replica is checked and up for the second instance"
+    );
+    env.pause_replay().await;
+    env.client()
+        .await
+        .batch_execute("CREATE TABLE fresh (id int PRIMARY KEY); INSERT INTO fresh VALUES (7)")
+        .await
+        .unwrap();
+    let reader = other.connect(&env.db, "postgres").await;
+    assert_eq!(text(&reader, "SELECT id FROM fresh").await, "7", "read on the primary, not the paused replica");
+    assert_eq!(env.ran("SELECT id FROM fresh").await, (1, 0));
+    env.catch_up().await;
+}
+
 /// A cached read, a write that invalidates it while the replica is paused, a read of the
 /// same key from a session that reads replicas without waiting (`off`), then the replica
 /// caught up: what the last read returns.
@@ -317,6 +344,10 @@ async fn checker(
         )
         .await
         .unwrap();
+    // A read first, as on an instance already running: it starts the peers' link for the
+    // database, before which `causal` sends no read to a replica (what the other instances
+    // wrote is not known until it listens).
+    text(&env.client().await, "SELECT 1").await;
     env.catch_up().await;
     type Acked = Arc<Vec<parking_lot::Mutex<Vec<(i64, Instant)>>>>;
     let acked: Acked = Arc::new((0..4).map(|_| parking_lot::Mutex::new(Vec::new())).collect());

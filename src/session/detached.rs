@@ -294,6 +294,15 @@ impl Detached<'_> {
             replicas.fell_back(crate::replica::Fallback::Fill);
             return None;
         }
+        // `causal`: the other instances' writes are known only while the peers' link for the
+        // database listens (its start counts as an invalidation of everything before it): an
+        // instance that has not heard yet does not know what a replica must have replayed.
+        if replicas.config().read_your_writes == crate::config::ReadYourWrites::Causal
+            && !self.ctx.peers.coherent(&self.key.database).await
+        {
+            replicas.fell_back(crate::replica::Fallback::Behind);
+            return None;
+        }
         let replica = replicas.choose(replicas.needs(self.flow.replica_need), self.fill_at).ok()?;
         let pool = replicas.nodes[replica].pools.get(self.key);
         let s = pool.stats();
