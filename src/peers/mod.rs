@@ -200,6 +200,12 @@ impl Peers {
         *link.state.borrow() == LinkState::Listening
     }
 
+    /// Whether `database`'s link listens now, starting it if it was never started (no
+    /// waiting: for routing, where the primary is always a correct answer).
+    pub fn listening_or_start(self: &Arc<Self>, database: &str) -> bool {
+        !self.config.enabled || *self.link(database).state.borrow() == LinkState::Listening
+    }
+
     /// Whether `database`'s link listens now (no waiting; for detached sessions).
     pub fn listening(&self, database: &str) -> bool {
         !self.config.enabled

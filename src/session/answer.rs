@@ -153,6 +153,8 @@ impl Answerer<'_> {
                     let sql = std::str::from_utf8(p.sql).ok()?;
                     let classified = self.ctx.classifier.classify_off_worker(sql).await;
                     let st = Statement::new(Arc::from(sql), p.param_types.clone(), f.clone(), classified);
+                    // A new text under a name a Bind used before: the new one is unused so far.
+                    used.remove(p.name);
                     parsed.insert(p.name.to_vec(), Arc::new(st));
                     be::parse_complete(&mut out);
                 }
@@ -231,7 +233,8 @@ impl Answerer<'_> {
         }
         // The unnamed portal bound here ended at the Sync, in the client's view too.
         self.flow.virtual_portal = None;
-        let took = started.elapsed();
+        // Each hit's share of the batch's time (one clock reading for all of them).
+        let took = started.elapsed() / u32::try_from(hits.len()).unwrap_or(u32::MAX).max(1);
         for (Hit { classified, entry, key, stale }, served) in hits {
             self.record(classified, &entry, key, stale, served, (started, took));
         }
@@ -239,8 +242,8 @@ impl Answerer<'_> {
     }
 
     /// Records a hit as the planner does: `served` is what its Execute (or Query) sent of the
-    /// result, without ReadyForQuery; `started` when answering its request began, which `took`
-    /// that long (one clock reading for all the hits of a batch).
+    /// result, without ReadyForQuery; `started` when answering its request began; `took` its
+    /// time (a batch's hits share the batch's time, one clock reading for all of them).
     fn record(
         &self,
         classified: Arc<Vec<Classified>>,

@@ -296,9 +296,10 @@ impl Detached<'_> {
         }
         // `causal`: the other instances' writes are known only while the peers' link for the
         // database listens (its start counts as an invalidation of everything before it): an
-        // instance that has not heard yet does not know what a replica must have replayed.
+        // instance that has not heard yet does not know what a replica must have replayed,
+        // and reads on the primary meanwhile (not waiting for the link).
         if replicas.config().read_your_writes == crate::config::ReadYourWrites::Causal
-            && !self.ctx.peers.coherent(&self.key.database).await
+            && !self.ctx.peers.listening_or_start(&self.key.database)
         {
             replicas.fell_back(crate::replica::Fallback::Behind);
             return None;
