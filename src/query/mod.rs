@@ -8,7 +8,6 @@
 //! below; knows no rule, cache entry or session.
 
 pub mod catalog;
-mod children;
 pub mod classifier;
 pub mod classify;
 pub mod hold;
@@ -16,6 +15,7 @@ pub mod literals;
 pub mod point;
 pub mod relation;
 pub mod tree;
+mod walk;
 
 pub use classifier::Classifier;
 pub use classify::{Classified, Kind, SessionChange, SettingsChange, TxControl};

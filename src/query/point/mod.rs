@@ -34,7 +34,7 @@ use pg_query::protobuf::{
 };
 use pg_query::{NodeEnum, NodeRef};
 
-use super::tree::{mentions, strings};
+use super::walk::{mentions, strings};
 
 pub use key::{KeyType, KeyValue};
 
