@@ -223,7 +223,7 @@ fn value(expr: &Node) -> Option<Value> {
         NodeEnum::TypeCast(cast) => {
             key_type_name(cast.type_name.as_ref()?, false).then(|| value(cast.arg.as_deref()?)).flatten()
         }
-        NodeEnum::ParamRef(p) => param_number(p),
+        NodeEnum::ParamRef(p) => param_number(p).map(Value::Param),
         NodeEnum::AConst(c) => {
             let number_or_string =
                 matches!(c.val, Some(a_const::Val::Ival(_) | a_const::Val::Fval(_) | a_const::Val::Sval(_)));
@@ -235,8 +235,8 @@ fn value(expr: &Node) -> Option<Value> {
 }
 
 /// A parameter's number, if it is one (`$n`, n ≥ 1).
-fn param_number(p: &ParamRef) -> Option<Value> {
-    u16::try_from(p.number).ok().filter(|n| *n > 0).map(Value::Param)
+fn param_number(p: &ParamRef) -> Option<u16> {
+    u16::try_from(p.number).ok().filter(|n| *n > 0)
 }
 
 /// A `ResTarget` node (an assignment or a named column).
@@ -307,7 +307,7 @@ fn array_param(node: Option<&NodeEnum>) -> Option<u16> {
         other => other,
     };
     match param {
-        NodeEnum::ParamRef(p) => u16::try_from(p.number).ok().filter(|n| *n > 0),
+        NodeEnum::ParamRef(p) => param_number(p),
         _ => None,
     }
 }
