@@ -30,6 +30,7 @@ mod memo;
 pub mod refresh;
 pub mod relay;
 mod replay;
+pub mod shared;
 pub mod warm;
 
 use std::collections::BTreeMap;
@@ -52,6 +53,9 @@ use self::core::flow::Flow;
 use self::core::settings::Settings;
 use self::core::tracker::Tracker;
 use crate::frontend::{self, Client, SessionError};
+
+/// The startup parameters sessions hold, by their contents.
+static STARTUPS: shared::Shared<Vec<(String, String)>, Vec<(String, String)>> = shared::Shared::new();
 
 /// Derives the pool key and the backend startup parameters from the client's StartupMessage.
 /// The client's parameters pass unchanged and in order; a missing user or database is taken
@@ -83,7 +87,8 @@ fn backend_startup(ctx: &Context, startup: &Startup) -> Result<(PoolKey, Startup
         params.retain(|(k, _)| k != "database");
         params.insert(1, ("database".into(), database.clone()));
     }
-    Ok((PoolKey { database, user }, Arc::new(params), unsupported))
+    // Shared: most clients of a pool start alike, and each keeps its parameters for its life.
+    Ok((PoolKey { database, user }, STARTUPS.get(params.clone(), move || params), unsupported))
 }
 
 /// Serves a client session from its StartupMessage to its end: logs in (leasing a backend),

@@ -28,6 +28,7 @@ use bytes::Bytes;
 use crate::cache::key::KeyBuilder;
 use crate::query::SettingsChange;
 use crate::query::tree::custom_setting;
+use crate::session::shared::Shared;
 
 /// Settings that cannot change what a query returns (only when or whether it runs, or what the
 /// server logs). Leaving one out of this list only splits the cache; it never shares an entry
@@ -82,7 +83,20 @@ pub struct Snapshot {
     without_role: Bytes,
 }
 
+/// The snapshots sessions hold, by their rows: sessions whose probes read the same settings
+/// (nearly every session of a pool: same role, same database, no `SET`) hold one between them.
+static SNAPSHOTS: Shared<Bytes, Snapshot> = Shared::new();
+
 impl Snapshot {
+    /// The snapshot of `rows`, shared with every session whose probe read the same rows.
+    fn shared(rows: Vec<(String, String, Option<String>)>) -> Arc<Snapshot> {
+        let mut kb = KeyBuilder::new(b'r');
+        for (name, source, value) in &rows {
+            kb.str(name).str(source).part(value.as_deref().map(str::as_bytes));
+        }
+        SNAPSHOTS.get(Bytes::copy_from_slice(&kb.finish().0), || Snapshot::build(rows))
+    }
+
     fn get(&self, name: &str) -> Option<&str> {
         self.rows.iter().find(|(n, _, _)| n == name).and_then(|(_, _, v)| v.as_deref())
     }
@@ -104,7 +118,8 @@ impl Snapshot {
                 }
                 kb.str(name).part(value.as_deref().map(str::as_bytes));
             }
-            kb.finish().0
+            // Exactly sized: every session with these settings holds them.
+            Bytes::copy_from_slice(&kb.finish().0)
         };
         Snapshot { with_role: encode(true), without_role: encode(false), rows }
     }
@@ -271,9 +286,9 @@ impl Settings {
             };
             out.push((name, source, value));
         }
-        let snapshot = Snapshot::build(out);
+        let snapshot = Snapshot::shared(out);
         if snapshot.get(CURRENT_USER).is_some() && snapshot.get(SEARCH_PATH).is_some() {
-            self.probed = Some(Arc::new(snapshot));
+            self.probed = Some(snapshot);
             // The probe ran on the session's backend: this is that backend's state.
             self.on_backend = true;
         }
@@ -425,6 +440,18 @@ mod tests {
         assert_ne!(tenant(Some("")).key_part(true), tenant(None).key_part(true), "unset differs from empty");
         let named = probed("alice", "public", vec![row("application_name", "client", Some("x"))]);
         assert_eq!(a.key_part(true), named.key_part(true), "application_name never changes results");
+    }
+
+    #[test]
+    fn sessions_with_the_same_settings_share_one_snapshot() {
+        let (a, b) = (probed("carol", "public", vec![]), probed("carol", "public", vec![]));
+        assert!(Arc::ptr_eq(a.probed.as_ref().unwrap(), b.probed.as_ref().unwrap()));
+        let other = probed("carol", "public", vec![row("work_mem", "session", Some("8MB"))]);
+        assert!(!Arc::ptr_eq(a.probed.as_ref().unwrap(), other.probed.as_ref().unwrap()));
+        // The source counts too: the same value from another source is another snapshot.
+        let file = probed("carol", "public", vec![row("work_mem", "configuration file", Some("8MB"))]);
+        assert!(!Arc::ptr_eq(other.probed.as_ref().unwrap(), file.probed.as_ref().unwrap()));
+        assert_eq!(other.key_part(true), file.key_part(true));
     }
 
     #[test]
