@@ -25,13 +25,23 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(triggers(config, action, database));
     }
+    let runtime = runtime(config.worker_threads)?;
     if let Some(Command::Demo) = &cli.command {
-        return Ok(tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(pgcache::demo::run(config))?);
+        return Ok(runtime.block_on(pgcache::demo::run(config))?);
     }
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(config))
+    runtime.block_on(run(config))
+}
+
+/// The runtime sessions run on: `workers` threads, or one per CPU the process may use.
+/// Fewer than the CPUs can be faster where pgcache shares them with Postgres or the clients
+/// (README, "Benchmarks": on two cores, one thread made pass-through cheaper per statement
+/// and hits dearer in throughput).
+fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder.enable_all().build()
 }
 
 /// glibc's allocator, set so that what the cache and the sessions free goes back to the

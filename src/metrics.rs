@@ -37,6 +37,7 @@ pub const INVALIDATIONS: &str = "pgcache_invalidations_total";
 pub const KEY_INVALIDATIONS: &str = "pgcache_key_invalidations_total";
 pub const UNKNOWN_WRITES: &str = "pgcache_unknown_writes_total";
 pub const QUERY_DURATION: &str = "pgcache_query_duration_seconds";
+pub const RUNTIME_WORKERS: &str = "pgcache_runtime_workers";
 pub const CLIENT_CONNECTIONS: &str = "pgcache_client_connections";
 pub const DETACHED_SESSIONS: &str = "pgcache_detached_sessions";
 pub const BACKEND_CONNECTIONS: &str = "pgcache_backend_connections";
@@ -93,6 +94,7 @@ pub const ALL: &[(&str, Kind, &str)] = &[
     (CACHE_BYTES, Kind::Gauge, "Bytes held by the cache."),
     (CACHE_CAPACITY_BYTES, Kind::Gauge, "Configured cache size in bytes (cache.max_bytes)."),
     (CACHE_EVICTIONS, Kind::Counter, "Entries evicted to stay within the byte bound."),
+    (RUNTIME_WORKERS, Kind::Gauge, "Threads running the sessions (worker_threads)."),
     (
         INVALIDATIONS,
         Kind::Counter,

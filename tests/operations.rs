@@ -1,12 +1,14 @@
 //! Operating pgcache: exact metric deltas after a scripted workload, health and readiness,
-//! every admin console command through psql and tokio-postgres, admin access control, and
-//! the advisor.
+//! every admin console command through psql and tokio-postgres, admin access control, the
+//! advisor, and the runtime's size.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{CacheEnv, ClusterOptions, PgCluster, cache_env, executions, psql, rules_dir, stderr, stdout, text};
+use common::{
+    CacheEnv, ClusterOptions, PgCluster, ProxyProcess, cache_env, executions, psql, rules_dir, stderr, stdout, text,
+};
 use tokio_postgres::Client;
 
 const RULES: &str = r#"
@@ -365,4 +367,56 @@ async fn explain_cache_and_show_queries_agree_with_the_data_path() {
     assert_eq!((p[5].as_str(), p[6].as_str(), p[9].as_str(), p[10].as_str()), ("1", "1", "products", "yes"));
     let s = q.iter().find(|r| r[0] == secret).unwrap_or_else(|| panic!("{q:?}"));
     assert!(s[10].contains("row-level security"), "{s:?}");
+}
+
+/// `--worker-threads 1`: one thread runs every session. Concurrent clients in transaction
+/// pooling, two backends between eight of them, get pass-through answers, cache hits
+/// (Postgres runs each cached read once) and the invalidation their own writes cause; the
+/// process says on /metrics how many threads run its sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_thread_serves_concurrent_sessions() {
+    let cluster = PgCluster::shared();
+    let user = cluster.superuser();
+    let db = cluster.create_db("one_worker").await;
+    let admin = cluster.admin(&db).await;
+    admin
+        .batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+             CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 8) g;",
+        )
+        .await
+        .unwrap();
+    let dir = rules_dir(&[("r.toml", "[[rule]]\nname = \"items\"\nmatch = { tables = [\"items\"] }\nttl = \"1h\"\n")]);
+    let upstream = cluster.url(&db, &user);
+    let rules = dir.path().to_str().unwrap();
+    let args = ["--rules", rules, "--worker-threads", "1", "--pool-mode", "transaction", "--pool-size", "2"];
+    let proxy = ProxyProcess::start(&upstream, &args).await;
+    assert_eq!(proxy.metric("pgcache_runtime_workers").await, 1.0);
+    let url = format!("postgres://{user}@127.0.0.1:{}/{db}?sslmode=disable", proxy.port);
+    let clients: Vec<_> = (1..=8)
+        .map(|id| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let c = common::proxy::connect(&url).await;
+                let read = format!("SELECT v FROM items WHERE id = {id}");
+                for _ in 0..20 {
+                    assert_eq!(text(&c, &read).await, format!("v{id}"));
+                    assert_eq!(text(&c, "SELECT count(*) FROM pg_class WHERE relname = 'items'").await, "1");
+                }
+                c.batch_execute(&format!("UPDATE items SET v = 'new{id}' WHERE id = {id}")).await.unwrap();
+                assert_eq!(text(&c, &read).await, format!("new{id}"));
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(executions(&admin, "FROM items WHERE id").await, 16, "each key read once before its write, once after");
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_pgcache"))
+        .args(["--upstream", &upstream, "--worker-threads", "0", "--auth", "cleartext"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("worker_threads"), "the key at fault is named");
 }

@@ -53,6 +53,8 @@ fn refresh_gauges(ctx: &Context) {
     metrics.gauge(m::CACHE_BYTES, &[]).set(ctx.store.bytes() as f64);
     metrics.gauge(m::CACHE_CAPACITY_BYTES, &[]).set(ctx.store.capacity() as f64);
     metrics.counter(m::CACHE_EVICTIONS, &[]).absolute(ctx.store.evictions());
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    metrics.gauge(m::RUNTIME_WORKERS, &[]).set(workers as f64);
     metrics.gauge(m::RULES_LOADED, &[]).set(ctx.rules.current().rules.len() as f64);
     let (mut active, mut idle) = (0, 0);
     for pool in ctx.pools.all() {

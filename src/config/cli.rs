@@ -51,6 +51,9 @@ pub struct Cli {
     /// When a client gives its backend back: session or transaction [default: session]
     #[arg(long, global = true, env = "PGCACHE_POOL_MODE")]
     pub pool_mode: Option<String>,
+    /// Threads that run the sessions [default: one per CPU the process may use]
+    #[arg(long, global = true, env = "PGCACHE_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Log format: text or json [default: text]
     #[arg(long, global = true, env = "PGCACHE_LOG_FORMAT")]
     pub log_format: Option<String>,

@@ -22,6 +22,8 @@ pub struct FileConfig {
     pub rules: Option<PathBuf>,
     /// Admin HTTP address (default `127.0.0.1:9930`).
     pub admin: Option<String>,
+    /// Threads that run the sessions (default: one per CPU the process may use).
+    pub worker_threads: Option<usize>,
     /// Log format, `text` (default) or `json`.
     pub log_format: Option<String>,
     /// Log statements slower than this, with their normalized text (default `1s`).

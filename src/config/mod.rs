@@ -265,6 +265,9 @@ pub struct Config {
     /// Streaming replicas (none: every statement goes to the upstream).
     pub replicas: ReplicasConfig,
     pub slow_statement: Duration,
+    /// Threads that run the sessions; `None`: one per CPU the process may use (its cgroup's
+    /// CPU quota counted).
+    pub worker_threads: Option<usize>,
 }
 
 /// A configuration problem, naming the key at fault.
@@ -477,6 +480,7 @@ impl Config {
             },
             replicas: replicas::load(cli, &f.replicas, &f.replica)?,
             slow_statement: dur(f.slow_statement, 1),
+            worker_threads: cli.worker_threads.or(f.worker_threads),
             upstream,
         };
         config.validate()?;
@@ -495,6 +499,9 @@ impl Config {
                 "auth.method",
                 format!("\"trust\" needs a loopback listen address, not {}", self.listen),
             ));
+        }
+        if self.worker_threads == Some(0) {
+            return Err(invalid("worker_threads", "must be at least 1"));
         }
         if self.pool.max_size == 0 {
             return Err(invalid("pool.max_size", "must be at least 1"));

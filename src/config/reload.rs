@@ -41,6 +41,7 @@ impl Config {
         differs("upstream", format!("{:?}", self.upstream), format!("{:?}", fresh.upstream));
         differs("rules", format!("{:?}", self.rules), format!("{:?}", fresh.rules));
         differs("log_format", format!("{:?}", self.log_format), format!("{:?}", fresh.log_format));
+        differs("worker_threads", format!("{:?}", self.worker_threads), format!("{:?}", fresh.worker_threads));
         differs("slow_statement", format!("{:?}", self.slow_statement), format!("{:?}", fresh.slow_statement));
         differs("auth.method", format!("{:?}", self.auth.method), format!("{:?}", fresh.auth.method));
         differs("auth.verifiers", format!("{:?}", self.auth.verifiers), format!("{:?}", fresh.auth.verifiers));

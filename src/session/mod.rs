@@ -55,7 +55,8 @@ use self::core::tracker::Tracker;
 use crate::frontend::{self, Client, SessionError};
 
 /// The startup parameters sessions hold, by their contents.
-static STARTUPS: shared::Shared<Vec<(String, String)>, Vec<(String, String)>> = shared::Shared::new();
+static STARTUPS: shared::Shared<Params, Params> = shared::Shared::new();
+type Params = Vec<(String, String)>;
 
 /// Derives the pool key and the backend startup parameters from the client's StartupMessage.
 /// The client's parameters pass unchanged and in order; a missing user or database is taken

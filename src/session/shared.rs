@@ -22,6 +22,12 @@ struct Inner<K, V> {
     sweep_at: usize,
 }
 
+impl<K: Hash + Eq, V> Default for Shared<K, V> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<K: Hash + Eq, V> Shared<K, V> {
     pub const fn new() -> Self {
         Shared { inner: Mutex::new(Inner { map: None, sweep_at: 64 }) }

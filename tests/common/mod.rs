@@ -78,6 +78,8 @@ pub fn unique_db(prefix: &str) -> String {
 pub struct ProxyProcess {
     pub child: std::process::Child,
     pub port: u16,
+    /// Its admin (HTTP) address.
+    pub admin: std::net::SocketAddr,
 }
 
 impl ProxyProcess {
@@ -105,7 +107,12 @@ impl ProxyProcess {
         let up =
             eventually(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
         assert!(up, "pgcache did not start listening");
-        ProxyProcess { child, port }
+        ProxyProcess { child, port, admin: ([127, 0, 0, 1], admin).into() }
+    }
+
+    /// The value of one metric series in a /metrics scrape (0 if absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        proxy::metric_at(self.admin, series).await
     }
 
     /// Resident set size in bytes.
