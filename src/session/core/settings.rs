@@ -81,7 +81,12 @@ pub struct Snapshot {
     /// The key part with the role, and without it (for rules shared across roles).
     with_role: Bytes,
     without_role: Bytes,
+    /// Where the rows of [`FREQUENT`] are, found once: they are read for every statement.
+    frequent: [Option<usize>; FREQUENT.len()],
 }
+
+/// Rows read for every statement (the memo's conditions, the isolation check).
+const FREQUENT: [&str; 4] = [CURRENT_USER, SEARCH_PATH, ISOLATION, DEFAULT_ISOLATION];
 
 /// The snapshots sessions hold, by their rows: sessions whose probes read the same settings
 /// (nearly every session of a pool: same role, same database, no `SET`) hold one between them.
@@ -98,7 +103,11 @@ impl Snapshot {
     }
 
     fn get(&self, name: &str) -> Option<&str> {
-        self.rows.iter().find(|(n, _, _)| n == name).and_then(|(_, _, v)| v.as_deref())
+        let at = match FREQUENT.iter().position(|f| *f == name) {
+            Some(i) => self.frequent[i],
+            None => self.rows.iter().position(|(n, _, _)| n == name),
+        };
+        at.and_then(|i| self.rows[i].2.as_deref())
     }
 
     fn build(rows: Vec<(String, String, Option<String>)>) -> Snapshot {
@@ -121,7 +130,8 @@ impl Snapshot {
             // Exactly sized: every session with these settings holds them.
             Bytes::copy_from_slice(&kb.finish().0)
         };
-        Snapshot { with_role: encode(true), without_role: encode(false), rows }
+        let frequent = FREQUENT.map(|f| rows.iter().position(|(n, _, _)| n == f));
+        Snapshot { with_role: encode(true), without_role: encode(false), rows, frequent }
     }
 }
 
