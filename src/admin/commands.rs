@@ -440,6 +440,7 @@ fn config(ctx: &Context) -> ResultSet {
             ("peers.dead_after", humantime::format_duration(c.peers.dead_after).to_string()),
             ("peers.coalesce", humantime::format_duration(c.peers.coalesce).to_string()),
             ("slow_statement", humantime::format_duration(c.slow_statement).to_string()),
+            ("worker_threads", c.worker_threads.map_or_else(|| "one per CPU".to_owned(), |n| n.to_string())),
             ("shutdown.drain_timeout", humantime::format_duration(c.drain_timeout).to_string()),
         ],
     )

@@ -270,6 +270,9 @@ pub struct Config {
     pub worker_threads: Option<usize>,
 }
 
+/// More threads than this running sessions is a mistake (a typo), not a tuning.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 /// A configuration problem, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -500,8 +503,8 @@ impl Config {
                 format!("\"trust\" needs a loopback listen address, not {}", self.listen),
             ));
         }
-        if self.worker_threads == Some(0) {
-            return Err(invalid("worker_threads", "must be at least 1"));
+        if self.worker_threads.is_some_and(|n| !(1..=MAX_WORKER_THREADS).contains(&n)) {
+            return Err(invalid("worker_threads", format!("must be between 1 and {MAX_WORKER_THREADS}")));
         }
         if self.pool.max_size == 0 {
             return Err(invalid("pool.max_size", "must be at least 1"));

@@ -55,8 +55,7 @@ use self::core::tracker::Tracker;
 use crate::frontend::{self, Client, SessionError};
 
 /// The startup parameters sessions hold, by their contents.
-static STARTUPS: shared::Shared<Params, Params> = shared::Shared::new();
-type Params = Vec<(String, String)>;
+static STARTUPS: shared::Shared<Vec<(String, String)>> = shared::Shared::new();
 
 /// Derives the pool key and the backend startup parameters from the client's StartupMessage.
 /// The client's parameters pass unchanged and in order; a missing user or database is taken
@@ -89,7 +88,7 @@ fn backend_startup(ctx: &Context, startup: &Startup) -> Result<(PoolKey, Startup
         params.insert(1, ("database".into(), database.clone()));
     }
     // Shared: most clients of a pool start alike, and each keeps its parameters for its life.
-    Ok((PoolKey { database, user }, STARTUPS.get(params.clone(), move || params), unsupported))
+    Ok((PoolKey { database, user }, STARTUPS.get(params), unsupported))
 }
 
 /// Serves a client session from its StartupMessage to its end: logs in (leasing a backend),

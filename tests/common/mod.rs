@@ -107,6 +107,9 @@ impl ProxyProcess {
         let up =
             eventually(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
         assert!(up, "pgcache did not start listening");
+        let admin_up =
+            eventually(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok()).await;
+        assert!(admin_up, "pgcache's admin address did not start listening");
         ProxyProcess { child, port, admin: ([127, 0, 0, 1], admin).into() }
     }
 

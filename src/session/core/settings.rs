@@ -75,6 +75,7 @@ const DEFAULT_ISOLATION: &str = ".default_transaction_isolation";
 const CUSTOM: &str = "custom";
 
 /// What one probe read: every row as (name, source, value), and the key parts built from it.
+/// Equal when the rows are (the rest is derived from them).
 #[derive(Debug)]
 pub struct Snapshot {
     rows: Vec<(String, String, Option<String>)>,
@@ -90,16 +91,26 @@ const FREQUENT: [&str; 4] = [CURRENT_USER, SEARCH_PATH, ISOLATION, DEFAULT_ISOLA
 
 /// The snapshots sessions hold, by their rows: sessions whose probes read the same settings
 /// (nearly every session of a pool: same role, same database, no `SET`) hold one between them.
-static SNAPSHOTS: Shared<Bytes, Snapshot> = Shared::new();
+static SNAPSHOTS: Shared<Snapshot> = Shared::new();
+
+impl PartialEq for Snapshot {
+    fn eq(&self, other: &Self) -> bool {
+        self.rows == other.rows
+    }
+}
+
+impl Eq for Snapshot {}
+
+impl std::hash::Hash for Snapshot {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.rows.hash(state);
+    }
+}
 
 impl Snapshot {
     /// The snapshot of `rows`, shared with every session whose probe read the same rows.
     fn shared(rows: Vec<(String, String, Option<String>)>) -> Arc<Snapshot> {
-        let mut kb = KeyBuilder::new(b'r');
-        for (name, source, value) in &rows {
-            kb.str(name).str(source).part(value.as_deref().map(str::as_bytes));
-        }
-        SNAPSHOTS.get(Bytes::copy_from_slice(&kb.finish().0), || Snapshot::build(rows))
+        SNAPSHOTS.get(Snapshot::build(rows))
     }
 
     fn get(&self, name: &str) -> Option<&str> {
