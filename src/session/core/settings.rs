@@ -108,11 +108,6 @@ impl std::hash::Hash for Snapshot {
 }
 
 impl Snapshot {
-    /// The snapshot of `rows`, shared with every session whose probe read the same rows.
-    fn shared(rows: Vec<(String, String, Option<String>)>) -> Arc<Snapshot> {
-        SNAPSHOTS.get(Snapshot::build(rows))
-    }
-
     fn get(&self, name: &str) -> Option<&str> {
         let at = match FREQUENT.iter().position(|f| *f == name) {
             Some(i) => self.frequent[i],
@@ -307,9 +302,9 @@ impl Settings {
             };
             out.push((name, source, value));
         }
-        let snapshot = Snapshot::shared(out);
+        let snapshot = Snapshot::build(out);
         if snapshot.get(CURRENT_USER).is_some() && snapshot.get(SEARCH_PATH).is_some() {
-            self.probed = Some(snapshot);
+            self.probed = Some(SNAPSHOTS.get(snapshot));
             // The probe ran on the session's backend: this is that backend's state.
             self.on_backend = true;
         }
