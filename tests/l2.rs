@@ -31,16 +31,9 @@ const RULES: &str = "[[rule]]\nname = \"items\"\nmatch = { tables = [\"items\"] 
 /// `n` instances sharing `l2` in front of a fresh database of items.
 async fn fleet(n: usize, l2: &L2Config) -> (Vec<Proxy>, String, tokio_postgres::Client, tempfile::TempDir) {
     let cluster = PgCluster::shared();
-    let db = cluster.create_db("l2").await;
-    let admin = cluster.admin(&db).await;
-    admin
-        .batch_execute(
-            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
-             CREATE TABLE items (id int PRIMARY KEY, v text);
-             INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 50) g;",
-        )
-        .await
-        .unwrap();
+    let schema = "CREATE TABLE items (id int PRIMARY KEY, v text);
+                  INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 50) g;";
+    let (db, admin) = common::fresh_db(cluster, "l2", schema).await;
     let dir = rules_dir(&[("r.toml", RULES)]);
     let mut out = Vec::new();
     for _ in 0..n {

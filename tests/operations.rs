@@ -377,16 +377,9 @@ async fn explain_cache_and_show_queries_agree_with_the_data_path() {
 async fn one_worker_thread_serves_concurrent_sessions() {
     let cluster = PgCluster::shared();
     let user = cluster.superuser();
-    let db = cluster.create_db("one_worker").await;
-    let admin = cluster.admin(&db).await;
-    admin
-        .batch_execute(
-            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
-             CREATE TABLE items (id int PRIMARY KEY, v text);
-             INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 8) g;",
-        )
-        .await
-        .unwrap();
+    let schema = "CREATE TABLE items (id int PRIMARY KEY, v text);
+                  INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 8) g;";
+    let (db, admin) = common::fresh_db(cluster, "one_worker", schema).await;
     let dir = rules_dir(&[("r.toml", "[[rule]]\nname = \"items\"\nmatch = { tables = [\"items\"] }\nttl = \"1h\"\n")]);
     let upstream = cluster.url(&db, &user);
     let rules = dir.path().to_str().unwrap();

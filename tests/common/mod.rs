@@ -104,12 +104,11 @@ impl ProxyProcess {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start the pgcache binary");
-        let up =
-            eventually(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
-        assert!(up, "pgcache did not start listening");
-        let admin_up =
-            eventually(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok()).await;
-        assert!(admin_up, "pgcache's admin address did not start listening");
+        for (what, port) in [("client", port), ("admin", admin)] {
+            let up =
+                eventually(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
+            assert!(up, "pgcache's {what} address did not start listening");
+        }
         ProxyProcess { child, port, admin: ([127, 0, 0, 1], admin).into() }
     }
 
@@ -218,6 +217,16 @@ pub struct CacheEnv {
     pub dir: tempfile::TempDir,
 }
 
+/// A fresh database named after `prefix`, with pg_stat_statements (for [`executions`]) and
+/// `schema`; and a superuser client on it, straight to Postgres.
+pub async fn fresh_db(cluster: &PgCluster, prefix: &str, schema: &str) -> (String, tokio_postgres::Client) {
+    let db = cluster.create_db(prefix).await;
+    let admin = cluster.admin(&db).await;
+    admin.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await.unwrap();
+    admin.batch_execute(schema).await.unwrap_or_else(|e| panic!("schema: {e}"));
+    (db, admin)
+}
+
 pub async fn cache_env(
     cluster: &PgCluster,
     prefix: &str,
@@ -225,10 +234,7 @@ pub async fn cache_env(
     rules: &str,
     tweak: impl FnOnce(&mut pgcache::config::Config),
 ) -> CacheEnv {
-    let db = cluster.create_db(prefix).await;
-    let admin = cluster.admin(&db).await;
-    admin.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await.unwrap();
-    admin.batch_execute(schema).await.unwrap_or_else(|e| panic!("schema: {e}"));
+    let (db, admin) = fresh_db(cluster, prefix, schema).await;
     let dir = rules_dir(&[("rules.toml", rules)]);
     let mut config = Proxy::config(cluster);
     config.rules = dir.path().to_owned();
