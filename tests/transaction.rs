@@ -336,6 +336,32 @@ async fn a_do_block_pins_until_reset_all() {
     assert_eq!(text(&b, "SELECT 2").await, "2", "RESET ALL put every setting back");
 }
 
+/// A statement pgcache cannot see into pins only if it ran: a typo, or a DO block that
+/// fails after setting something (its transaction undoes the `SET`), leaves nothing to
+/// replay, so the one backend goes on to the next client. One that succeeds still pins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_statement_pgcache_cannot_see_into_does_not_pin() {
+    let (proxy, db, user) = setup("txn_failed_do", 1).await;
+    let a = proxy.connect(&db, &user).await;
+    let b = proxy.connect(&db, &user).await;
+    let err = a.batch_execute("SELEC 1").await.expect_err("a typo");
+    assert_eq!(sqlstate(&err), "42601");
+    assert_eq!(text(&b, "SELECT 1").await, "1", "the typo left the backend free");
+    let err = a
+        .batch_execute("DO $$ BEGIN PERFORM set_config('app.hidden', '1', false); RAISE 'no'; END $$")
+        .await
+        .expect_err("the block fails");
+    assert_eq!(sqlstate(&err), "P0001");
+    assert_eq!(text(&b, "SELECT 2").await, "2", "the failed block left the backend free");
+    // (Postgres keeps the placeholder it made, empty, as after any rolled-back SET.)
+    let hidden = "SELECT coalesce(current_setting('app.hidden', true), '') = ''";
+    assert_eq!(text(&a, hidden).await, "t", "and set nothing");
+    a.batch_execute("DO $$ BEGIN PERFORM set_config('app.hidden', '1', false); END $$").await.unwrap();
+    let err = try_text(&b, "SELECT 3").await.expect_err("pinned by the block that ran");
+    assert_eq!(sqlstate(&err), "53300");
+    assert_eq!(proxy.metric("pgcache_pins_total{reason=\"settings\"}").await, 1.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_override_pools_one_database_by_transaction() {
     let cluster = PgCluster::shared();

@@ -44,12 +44,16 @@ pub struct Step {
     pub effects: Vec<Effect>,
     /// It writes (a write or DDL, even one whose invalidations are empty).
     pub writes: bool,
+    /// It is a statement pgcache cannot see into (DO, CALL, one it cannot parse): if it runs,
+    /// custom settings it set could not be replayed on another backend. One that fails set
+    /// nothing (its transaction, or subtransaction, undoes its `SET`s).
+    pub unreplayable: bool,
 }
 
 impl Step {
     /// A statement pgcache could not see, which may write anything.
     pub fn unknown(why: &'static str) -> Step {
-        Step { control: None, effects: vec![Effect::Unknown(why)], writes: true }
+        Step { control: None, effects: vec![Effect::Unknown(why)], writes: true, unreplayable: false }
     }
 }
 
@@ -135,13 +139,11 @@ impl Core {
                 f.virtual_portal = None;
             }
             Kind::Session(SessionChange::CreatesTemp) => f.taint = Some(TEMP_TAINT),
+            // Unknowable at once (statements pipelined behind it are not keyed on what it may
+            // set); unreplayable only once it has run (`Step::unreplayable`).
             Kind::Opaque | Kind::Unparseable => {
                 f.settings_may_change();
-                if c.settings.unseen {
-                    f.settings.mark_unreplayable();
-                } else {
-                    f.settings.mark_unknowable();
-                }
+                f.settings.mark_unknowable();
             }
             _ => {}
         }
@@ -174,17 +176,21 @@ impl Core {
             Kind::Transaction(TxControl::Savepoint) => Some(Control::Savepoint),
             _ => None,
         };
-        Step { control, effects, writes }
+        let unreplayable = matches!(c.kind, Kind::Opaque | Kind::Unparseable) && c.settings.unseen;
+        Step { control, effects, writes, unreplayable }
     }
 
     /// A statement's CommandComplete (with its `tag`) arrived: it ran, and did this to its
-    /// transaction. Outside a transaction block its write has committed (it is invalidated
+    /// transaction (and, if pgcache could not see into it, to the session's settings). Outside a transaction block its write has committed (it is invalidated
     /// here, and again when the implicit transaction ends); inside one, its invalidations wait
     /// for the transaction's end. A COMMIT invalidates what its transaction wrote now, before
     /// its CommandComplete reaches the client, whatever follows it in the same request; a
     /// rollback discards it (the entries filled before it stay valid).
     pub(super) fn completed(&mut self, step: Step, tag: &[u8]) {
         self.flow.wrote |= step.writes;
+        if step.unreplayable {
+            self.flow.settings.mark_unreplayable();
+        }
         if !step.effects.is_empty() && self.tracker.status == TransactionStatus::Idle {
             self.act(Action::Invalidate { effects: step.effects.clone(), committed: false });
         }
