@@ -4,7 +4,8 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use pgcache::query::Classifier;
-use pgcache::query::classify::{classify, fingerprint};
+use pgcache::query::classify::classify;
+use pgcache::query::digest::digest;
 use pgcache::query::literals::literals;
 
 const POINT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = 48213";
@@ -14,8 +15,8 @@ const JOIN: &str = "SELECT o.id, o.total, c.name FROM orders o JOIN customers c 
 fn bench(c: &mut Criterion) {
     c.bench_function("classify point select (uncached)", |b| b.iter(|| classify(std::hint::black_box(POINT))));
     c.bench_function("classify 2-table join (uncached)", |b| b.iter(|| classify(std::hint::black_box(JOIN))));
-    c.bench_function("fingerprint point select", |b| b.iter(|| fingerprint(std::hint::black_box(POINT))));
-    c.bench_function("normalize point select", |b| b.iter(|| pg_query::normalize(std::hint::black_box(POINT))));
+    c.bench_function("digest point select", |b| b.iter(|| digest(std::hint::black_box(POINT))));
+    c.bench_function("parse point select", |b| b.iter(|| pg_query::parse(std::hint::black_box(POINT), 0)));
     c.bench_function("scan point select", |b| b.iter(|| pg_query::scan(std::hint::black_box(POINT))));
     c.bench_function("literals point select", |b| b.iter(|| literals(std::hint::black_box(POINT))));
     let shaped = Classifier::default();

@@ -200,6 +200,15 @@ async fn ddl_views_and_new_tables_invalidate() {
     .await;
 }
 
+/// A `WITH` name hides a table of that name only where SQL makes it visible: the outer `kv`
+/// here is the table, so a write to it must reach the cached answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_with_name_out_of_scope_does_not_hide_the_table() {
+    let e = env().await;
+    let read = "SELECT count(*) FROM (WITH kv AS (SELECT id FROM t) SELECT * FROM kv) s CROSS JOIN kv";
+    check(&e, read, "DELETE FROM kv WHERE id > 5", "5").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemas_are_told_apart_and_qualified_names_work() {
     let e = env().await;

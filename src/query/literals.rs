@@ -13,7 +13,7 @@
 //! block comment the lexer fails either way, and no token of the text itself can take in a
 //! newline or a `;`. The extra token lies past the text and is never reported.
 
-use pg_query::protobuf::Token;
+use pg_query::protobuf::{ScanToken, Token};
 
 /// The kind of a literal token, as the lexer tells them apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,27 +41,37 @@ pub struct Literal {
 /// The literals of `sql`, in order. `None` when the lexer refuses the text (an unterminated
 /// string or comment, a NUL byte).
 pub fn literals(sql: &str) -> Option<Vec<Literal>> {
+    let mut out = Vec::new();
+    for t in tokens(sql)? {
+        let Some(kind) = literal_kind(&t) else { continue };
+        out.push(Literal { kind, start: t.start as usize, end: t.end as usize });
+    }
+    Some(out)
+}
+
+/// The kind of literal `t` is, if it is one.
+pub fn literal_kind(t: &ScanToken) -> Option<Kind> {
+    match Token::try_from(t.token) {
+        Ok(Token::Sconst | Token::Usconst) => Some(Kind::String),
+        Ok(Token::Iconst) => Some(Kind::Integer),
+        Ok(Token::Fconst) => Some(Kind::Numeric),
+        Ok(Token::Bconst) => Some(Kind::Bits),
+        Ok(Token::Xconst) => Some(Kind::Hex),
+        _ => None,
+    }
+}
+
+/// Every token of `sql` (comments included), in order, each within the text. `None` when the
+/// lexer refuses the text.
+pub fn tokens(sql: &str) -> Option<Vec<ScanToken>> {
     let mut text = String::with_capacity(sql.len() + 2);
     text.push_str(sql);
     text.push_str("\n;");
-    let tokens = pg_query::scan_tokens(&text).ok()?;
-    let mut out = Vec::new();
-    for t in tokens {
-        let kind = match Token::try_from(t.token) {
-            Ok(Token::Sconst | Token::Usconst) => Kind::String,
-            Ok(Token::Iconst) => Kind::Integer,
-            Ok(Token::Fconst) => Kind::Numeric,
-            Ok(Token::Bconst) => Kind::Bits,
-            Ok(Token::Xconst) => Kind::Hex,
-            _ => continue,
-        };
-        let (start, end) = (usize::try_from(t.start).ok()?, usize::try_from(t.end).ok()?);
-        if end > sql.len() {
-            return None;
-        }
-        out.push(Literal { kind, start, end });
-    }
-    Some(out)
+    let mut tokens = pg_query::scan_tokens(&text).ok()?;
+    // The `;` after the text, and nothing that runs into it.
+    let within = tokens.iter().take_while(|t| usize::try_from(t.start).is_ok_and(|s| s < sql.len())).count();
+    tokens.truncate(within);
+    tokens.iter().all(|t| usize::try_from(t.end).is_ok_and(|e| e <= sql.len())).then_some(tokens)
 }
 
 #[cfg(test)]

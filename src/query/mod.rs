@@ -10,6 +10,7 @@
 pub mod catalog;
 pub mod classifier;
 pub mod classify;
+pub mod digest;
 pub mod hold;
 pub mod literals;
 pub mod point;

@@ -1,5 +1,5 @@
-//! The exhaustive walk of a statement's parse tree, for what `pg_query::summary()` does not
-//! say. The walk reads pg_query's typed nodes and goes through every field of every node type
+//! The exhaustive walk of a statement's parse tree, for what it does besides reading and writing
+//! relations and calling functions ([`super::classify`]'s `refs`). The walk reads pg_query's typed nodes and goes through every field of every node type
 //! ([`super::walk`]), so no node type can be missed: `FOR UPDATE/SHARE`, `SELECT INTO`, SQL-value functions (`CURRENT_TIMESTAMP`,
 //! `current_user`), literals whose meaning changes with time (`'now'`), `TABLESAMPLE`,
 //! temporary objects, every type the statement names (casts and typed literals run the type's

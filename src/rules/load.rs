@@ -10,7 +10,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::query::Relation;
-use crate::query::classify::{Kind, classify, fingerprint};
+use crate::query::classify::{Kind, classify};
 
 use super::{Action, Matcher, Rule, RuleSet};
 
@@ -181,7 +181,7 @@ fn validate(raw: RawRule, path: &Path, line: usize) -> Result<Rule, FieldError> 
             if parsed.len() != 1 || parsed[0].kind != Kind::Select {
                 return Err(("match.query", format!("{q:?} is not a single SELECT")));
             }
-            let fp = fingerprint(&q).ok_or_else(|| ("match.query", format!("{q:?} does not parse")))?;
+            let fp = parsed[0].fingerprint;
             Some((q, fp))
         }
         None => None,

@@ -1,20 +1,21 @@
 //! Statement classification with libpg_query (the real Postgres parser).
 //!
-//! `pg_query::summary()` gives the relations by context (read, DML, DDL), the functions called
-//! and every statement type, including those inside CTEs. What it does not say is found by an
-//! exhaustive walk of the parse tree ([`super::tree`]): locks, `SELECT INTO`, SQL-value
-//! functions, time words, `TABLESAMPLE`, the types it evaluates, and the settings it changes.
+//! A statement is parsed once. Its relations read and written and the functions it calls come
+//! from a walk of that tree ([`refs`]), the rest from an exhaustive walk of it ([`super::tree`]):
+//! locks, `SELECT INTO`, SQL-value functions, time words, `TABLESAMPLE`, the types it evaluates,
+//! and the settings it changes; its fingerprint and normalized text from the lexer's tokens
+//! ([`super::digest`]).
 //!
 //! Cacheability is an allow-list: only a single plain SELECT can be [`Kind::Select`]; anything
 //! whose effect is not understood is [`Kind::Opaque`] and is treated as a write to unknown
 //! tables.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use pg_query::protobuf::summary_result::Context;
 use pg_query::protobuf::{DiscardMode, ExplainStmt, RawStmt, TransactionStmt, TransactionStmtKind, VariableSetKind};
 use pg_query::{NodeEnum, NodeRef};
+
+mod refs;
 
 use super::hold::Hold;
 use super::point::Point;
@@ -194,17 +195,6 @@ impl Shape {
     }
 }
 
-/// Fingerprint options: schema names and full relation names are significant, so a rule for
-/// `s1.orders_2024` never matches `s2.orders_2025`.
-fn fingerprint_options() -> pg_query::FingerprintOptions {
-    pg_query::FingerprintOptions::RANGEVAR_PG17_COMPAT | pg_query::FingerprintOptions::FULL_RELNAME
-}
-
-/// Fingerprint of a statement's shape, or `None` if it does not parse.
-pub fn fingerprint(sql: &str) -> Option<u64> {
-    pg_query::fingerprint(sql, 0, fingerprint_options()).ok().map(|f| f.value)
-}
-
 /// Classifies one SQL string, which may hold several statements. It is parsed once; a string
 /// of several statements is cut at their boundaries and each part classified as its own text
 /// (its fingerprint, normalized form and literal positions are its own).
@@ -242,31 +232,12 @@ fn classify_parsed(sql: &str, stmt: Option<&RawStmt>) -> Classified {
     let Some(top) = stmt.and_then(|s| s.stmt.as_ref()).and_then(|s| s.node.as_ref()) else {
         return Classified::new(Shape { never_cache: Some("empty query"), ..Shape::opaque(Kind::Neutral, sql) }, None);
     };
-    let Ok(summary) = pg_query::summary(sql, 0, -1) else {
-        return Classified::opaque(Kind::Unparseable, sql);
-    };
     let node = top.to_ref();
     let facts = Facts::of(node);
-
-    let mut reads = BTreeSet::new();
-    let mut writes = BTreeSet::new();
-    for t in &summary.tables {
-        let rel = Relation::new(Some(&t.schema_name), &t.table_name);
-        match t.context {
-            Context::Select => reads.insert(rel),
-            Context::Dml | Context::Ddl => writes.insert(rel),
-            Context::None | Context::Call => reads.insert(rel),
-        };
-    }
-    let functions: Vec<Relation> = summary
-        .functions
-        .iter()
-        .filter(|f| f.context == Context::Call)
-        .map(|f| Relation::new(f.schema_name.as_deref(), &f.function_name))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let only_select = summary.statement_types.iter().all(|t| t == "SelectStmt");
+    let refs = refs::of(node);
+    let (mut reads, mut writes, only_select) = (refs.reads, refs.writes, refs.only_select);
+    let calls_functions = !refs.functions.is_empty();
+    let functions: Vec<Relation> = refs.functions.into_iter().collect();
 
     let kind = match node {
         NodeRef::SelectStmt(_) if only_select && writes.is_empty() && !facts.into => Kind::Select,
@@ -276,7 +247,7 @@ fn classify_parsed(sql: &str, stmt: Option<&RawStmt>) -> Classified {
         | NodeRef::DeleteStmt(_)
         | NodeRef::MergeStmt(_) => Kind::Write,
         NodeRef::CopyStmt(copy) if copy.is_from => {
-            // summary() reports COPY FROM's target as read: it is written.
+            // A COPY's relation is read as a query's are: COPY FROM writes it.
             writes.append(&mut reads);
             Kind::Write
         }
@@ -343,9 +314,11 @@ fn classify_parsed(sql: &str, stmt: Option<&RawStmt>) -> Classified {
     };
     let holds = super::hold::hold_of(node, &functions, kind == Kind::Session(SessionChange::CreatesTemp));
     let point = match kind {
-        Kind::Select | Kind::Write => super::point::of(sql, node, !summary.functions.is_empty()),
+        Kind::Select | Kind::Write => super::point::of(sql, node, calls_functions),
         _ => None,
     };
+    // The parser took the text, so the lexer does: `None` is not expected.
+    let digest = super::digest::digest(sql);
     let shape = Shape {
         kind,
         holds,
@@ -357,10 +330,8 @@ fn classify_parsed(sql: &str, stmt: Option<&RawStmt>) -> Classified {
         types: facts.types.into_iter().collect(),
         settings,
         never_cache,
-        fingerprint: pg_query::fingerprint(sql, 0, fingerprint_options()).map(|f| f.value).unwrap_or(0),
-        normalized: Arc::from(
-            pg_query::normalize(sql).unwrap_or_else(|_| sql.to_owned()).trim().trim_end_matches(';').trim_end(),
-        ),
+        fingerprint: digest.as_ref().map_or(0, |d| d.fingerprint),
+        normalized: Arc::from(digest.as_ref().map_or(sql, |d| d.normalized.as_str()).trim()),
     };
     Classified::new(shape, point)
 }

@@ -177,3 +177,92 @@ fn fingerprints_ignore_literals_and_layout() {
     assert_eq!(&*a.normalized, "SELECT * FROM users WHERE id = $1");
     assert_eq!(&*one("SELECT 1 ;").normalized, "SELECT $1");
 }
+
+#[test]
+fn with_names_hide_relations_only_where_they_are_visible() {
+    for (sql, reads) in [
+        // The outer `t` is the table: the inner WITH is out of scope there.
+        ("SELECT * FROM (WITH t AS (SELECT 1) SELECT * FROM t) s, t", vec!["t"]),
+        ("SELECT (WITH u AS (SELECT 1) SELECT count(*) FROM u), (SELECT count(*) FROM u)", vec!["u"]),
+        ("(WITH c AS (SELECT 1) SELECT * FROM c) UNION ALL SELECT * FROM c", vec!["c"]),
+        // A non-recursive WITH query does not see itself, nor the ones after it.
+        ("WITH users AS (SELECT * FROM users) SELECT * FROM users", vec!["users"]),
+        ("WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a, b", vec!["b"]),
+        ("WITH a AS (SELECT 1), b AS (SELECT * FROM a) SELECT * FROM b", vec![]),
+        ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT * FROM r", vec![]),
+        ("WITH c AS (SELECT 1) SELECT * FROM s.c", vec!["s.c"]),
+        ("WITH c AS (SELECT 1) SELECT * FROM c UNION SELECT * FROM c WHERE EXISTS (SELECT 1 FROM c)", vec![]),
+        ("SELECT * FROM t FOR UPDATE OF t", vec!["t"]),
+        ("SELECT * FROM t AS x FOR SHARE OF x", vec!["t"]),
+    ] {
+        let c = one(sql);
+        assert_eq!(names(&c.reads), reads, "{sql}");
+    }
+    let c = one("WITH t AS (SELECT 1) INSERT INTO t SELECT * FROM t");
+    assert_eq!((names(&c.writes), names(&c.reads)), (vec!["t".to_string()], vec![]), "a target is never a WITH name");
+}
+
+/// The walk of the tree pg_query already built finds what `pg_query::summary()` (a second
+/// parse) finds, on the test corpus and the statements above: the same reads, writes and calls
+/// — except where the summary hides a relation behind a `WITH` name out of scope.
+#[test]
+fn references_agree_with_the_summary() {
+    let corpus = [
+        include_str!("../../../tests/corpus/10-types.sql"),
+        include_str!("../../../tests/corpus/20-writes.sql"),
+        include_str!("../../../tests/corpus/30-sessions.sql"),
+        include_str!("../../../tests/corpus/40-functions.sql"),
+        "SELECT * FROM a JOIN b ON a.id = b.id LEFT JOIN LATERAL (SELECT * FROM c WHERE c.x = a.x) l ON true;
+         SELECT * FROM t TABLESAMPLE SYSTEM (1), ROWS FROM (f(1)), JSON_TABLE(jsonb '[1]', '$[*]' COLUMNS (a int PATH '$')) j;
+         UPDATE t SET x = (SELECT max(y) FROM u) FROM v WHERE t.id = v.id RETURNING (SELECT 1 FROM w);
+         DELETE FROM s.t USING u WHERE t.a = u.a; MERGE INTO t USING u ON t.id = u.id WHEN MATCHED THEN DELETE;
+         WITH d AS (DELETE FROM audit RETURNING *) INSERT INTO archive SELECT * FROM d;
+         INSERT INTO t (a) SELECT a FROM u ON CONFLICT (a) DO UPDATE SET b = excluded.b;
+         CREATE TABLE n AS SELECT * FROM t; CREATE VIEW v AS SELECT * FROM t JOIN u USING (id);
+         CREATE INDEX ON t (lower(x)) WHERE y > 0; ALTER TABLE t ADD COLUMN z int; ALTER INDEX i RENAME TO j;
+         DROP TABLE a, s.b; DROP TRIGGER tr ON s.t; DROP RULE r ON t; DROP VIEW v; DROP FUNCTION f(int);
+         GRANT SELECT ON t, s.u TO r; GRANT EXECUTE ON FUNCTION f() TO r; ALTER TABLE t RENAME TO t2;
+         ALTER TABLE t RENAME COLUMN a TO b; CREATE TRIGGER tr AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION f();
+         CREATE RULE r AS ON INSERT TO t DO ALSO INSERT INTO u VALUES (1); LOCK TABLE t, u; VACUUM t, s.u;
+         TRUNCATE t, u; REFRESH MATERIALIZED VIEW mv; COPY t TO STDOUT; COPY (SELECT * FROM t) TO STDOUT;
+         EXPLAIN ANALYZE UPDATE t SET a = 1; PREPARE p AS SELECT * FROM t WHERE id = $1; CALL p(1);
+         CREATE FUNCTION g() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT count(*) FROM t; END;
+         CREATE POLICY p ON t USING (true); COMMENT ON TABLE t IS 'x'; SELECT * INTO n FROM t;",
+    ];
+    use pg_query::protobuf::summary_result::Context;
+    for file in corpus {
+        for sql in pg_query::split_with_parser(file).unwrap() {
+            let tree = pg_query::parse(sql, 0).unwrap().protobuf;
+            let Some(node) = tree.stmts[0].stmt.as_ref().and_then(|s| s.node.as_ref()) else { continue };
+            let refs = refs::of(node.to_ref());
+            let summary = pg_query::summary(sql, 0, -1).unwrap();
+            let (mut reads, mut writes) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
+            for t in &summary.tables {
+                let rel = Relation::new(Some(&t.schema_name), &t.table_name);
+                match t.context {
+                    Context::Dml | Context::Ddl => writes.insert(rel),
+                    _ => reads.insert(rel),
+                };
+            }
+            let calls: std::collections::BTreeSet<Relation> = summary
+                .functions
+                .iter()
+                .filter(|f| f.context == Context::Call)
+                .map(|f| Relation::new(f.schema_name.as_deref(), &f.function_name))
+                .collect();
+            let only_select = summary.statement_types.iter().all(|t| t == "SelectStmt");
+            // What this walk reads besides the summary: only what a schema statement or a
+            // MERGE/LOCK/VACUUM/TRUNCATE/COPY names (the summary files those under writes or not
+            // at all), never fewer.
+            assert!(reads.is_subset(&(&refs.reads | &refs.writes)), "{sql}: reads {reads:?} vs {:?}", refs.reads);
+            assert!(writes.is_subset(&(&refs.reads | &refs.writes)), "{sql}: writes {writes:?} vs {:?}", refs.writes);
+            let dml_or_into = refs.writes.iter().all(|w| writes.contains(w));
+            assert!(dml_or_into, "{sql}: writes {:?}, summary {writes:?}", refs.writes);
+            assert_eq!(refs.functions, calls, "{sql}");
+            if matches!(node.to_ref(), NodeRef::SelectStmt(_)) {
+                assert_eq!(refs.only_select, only_select, "{sql}");
+                assert_eq!(refs.reads, reads, "{sql}");
+            }
+        }
+    }
+}

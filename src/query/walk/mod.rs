@@ -9,7 +9,7 @@ mod names;
 use pg_query::protobuf::Node;
 use pg_query::{NodeEnum, NodeRef};
 
-use children::children;
+pub use children::children;
 pub use names::name;
 
 /// Calls `visit` with `node` and every node below it, depth first.
