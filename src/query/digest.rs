@@ -33,7 +33,8 @@ pub fn digest(sql: &str) -> Option<Digest> {
     let mut normalized = String::with_capacity(sql.len() + 8);
     let mut copied = 0;
     let mut next_param = 1 + tokens.iter().filter_map(|t| param_number(sql, t)).max().unwrap_or(0);
-    let mut previous: Option<&ScanToken> = None;
+    // The two tokens before this one, comments left out.
+    let (mut previous, mut before): (Option<&ScanToken>, Option<&ScanToken>) = (None, None);
     let mut i = 0;
     while i < tokens.len() {
         let t = &tokens[i];
@@ -42,9 +43,9 @@ pub fn digest(sql: &str) -> Option<Digest> {
         if matches!(token, Token::SqlComment | Token::CComment | Token::Ascii59) {
             continue;
         }
-        let literal = if literal_kind(t).is_some() {
+        let literal = if literal_kind(t, previous).is_some() {
             Some(t.start..t.end)
-        } else if token == Token::Ascii45 && sign_may_follow(sql, previous) {
+        } else if token == Token::Ascii45 && sign_may_follow(sql, previous, before) {
             match tokens.get(i) {
                 Some(number) if matches!(Token::try_from(number.token), Ok(Token::Iconst | Token::Fconst)) => {
                     i += 1;
@@ -55,6 +56,7 @@ pub fn digest(sql: &str) -> Option<Digest> {
         } else {
             None
         };
+        let text = &sql[t.start as usize..t.end as usize];
         if let Some(range) = literal {
             let (start, end) = (range.start as usize, range.end as usize);
             normalized.push_str(&sql[copied..start]);
@@ -62,30 +64,42 @@ pub fn digest(sql: &str) -> Option<Digest> {
             normalized.push_str(&next_param.to_string());
             next_param += 1;
             copied = end;
-            hash.write(b"\0?");
+            hash.token(b'?', b"");
         } else if token == Token::Param {
-            hash.write(b"\0?");
+            hash.token(b'?', b"");
+        } else if let Some(name) = name(t, text) {
+            hash.token(b'n', name.as_bytes());
         } else {
-            let text = &sql[t.start as usize..t.end as usize];
-            hash.write(b"\0");
-            if folds(t, text) {
-                text.bytes().for_each(|b| hash.write(&[b.to_ascii_lowercase()]));
-            } else {
-                hash.write(text.as_bytes());
-            }
+            hash.token(b't', text.as_bytes());
         }
-        previous = Some(t);
+        (previous, before) = (Some(t), previous);
     }
     normalized.push_str(&sql[copied..]);
     let normalized = normalized.trim().trim_end_matches(';').trim_end().to_owned();
     Some(Digest { fingerprint: hash.0, normalized })
 }
 
-/// Whether `t` (with text `text`) is a keyword or an unquoted name, which Postgres folds to
-/// lower case.
-fn folds(t: &ScanToken, text: &str) -> bool {
-    let quoted = text.starts_with('"') || text.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("u&"));
-    t.keyword_kind != KeywordKind::NoKeyword as i32 || (t.token == Token::Ident as i32 && !quoted)
+/// The name a keyword or identifier token `t` (with text `text`) stands for, as Postgres reads
+/// it: unquoted, folded to lower case; `"quoted"`, as written (`""` is one `"`); either cut to
+/// 63 bytes, as Postgres cuts names. `None` for other tokens, and for `U&"…"` names (compared
+/// as written).
+fn name(t: &ScanToken, text: &str) -> Option<String> {
+    let name = if t.keyword_kind != KeywordKind::NoKeyword as i32 {
+        text.to_ascii_lowercase()
+    } else if t.token != Token::Ident as i32 {
+        return None;
+    } else if let Some(quoted) = text.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        quoted.replace("\"\"", "\"")
+    } else if text.contains('"') {
+        return None;
+    } else {
+        text.to_ascii_lowercase()
+    };
+    let mut cut = name.len().min(63);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Some(name[..cut].to_owned())
 }
 
 /// The number of a `$n` parameter token.
@@ -93,10 +107,11 @@ fn param_number(sql: &str, t: &ScanToken) -> Option<u32> {
     (t.token == Token::Param as i32).then(|| sql.get(t.start as usize + 1..t.end as usize)?.parse().ok())?
 }
 
-/// Whether a `-` after `previous` can only be a sign: at the start, after an operator, an
-/// opening bracket or a comma, or after a keyword that is always followed by an expression.
-/// Where unsure it is not (the normalized text then reads `-$1`, which is still SQL).
-fn sign_may_follow(sql: &str, previous: Option<&ScanToken>) -> bool {
+/// Whether a `-` after `previous` (itself after `before`) can only be a sign: at the start,
+/// after an operator, an opening bracket or a comma, or after a keyword that is always followed
+/// by an expression (and is not a column name: `t.limit - 1`). Where unsure it is not (the
+/// normalized text then reads `-$1`, which is still SQL).
+fn sign_may_follow(sql: &str, previous: Option<&ScanToken>, before: Option<&ScanToken>) -> bool {
     let Some(p) = previous else { return true };
     match Token::try_from(p.token) {
         Ok(Token::Ascii41 | Token::Ascii93) => false,
@@ -140,6 +155,7 @@ fn sign_may_follow(sql: &str, previous: Option<&ScanToken>) -> bool {
             let text = &sql[p.start as usize..p.end as usize];
             p.keyword_kind == KeywordKind::ReservedKeyword as i32
                 && BEFORE_EXPRESSIONS.iter().any(|k| k.eq_ignore_ascii_case(text))
+                && before.is_none_or(|b| b.token != Token::Ascii46 as i32)
         }
     }
 }
@@ -159,6 +175,13 @@ impl Fnv {
         for b in bytes {
             self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
         }
+    }
+
+    /// One token: its class (`?` a literal or parameter, `n` a name, `t` anything else) and
+    /// its text, after a NUL, which no token's text holds, so tokens cannot run together.
+    fn token(&mut self, class: u8, text: &[u8]) {
+        self.write(&[0, class]);
+        self.write(text);
     }
 }
 
@@ -182,6 +205,7 @@ mod tests {
             "SELECT /* hint */ * FROM users WHERE id = 'x';",
             "SELECT * FROM users WHERE id = -7",
             "SELECT * FROM users WHERE id = - 1.5",
+            "SELECT * FROM \"users\" WHERE \"id\" = 1",
         ];
         for sql in same {
             assert_eq!(fp(sql), fp(same[0]), "{sql}");
@@ -192,6 +216,8 @@ mod tests {
             "SELECT * FROM users WHERE id = 1 - 1",
             "SELECT * FROM users WHERE id IN (1, 2)",
             "SELECT * FROM users WHERE id = (1)",
+            "SELECT * FROM users WHERE id ? 1",
+            "SELECT * FROM \"Users\" WHERE id = 1",
         ] {
             assert_ne!(fp(other), fp(same[0]), "{other}");
         }
@@ -214,6 +240,18 @@ mod tests {
             "SELECT CASE WHEN a THEN $1 ELSE ($2) END - $3"
         );
         assert_eq!(normalized("SELECT CURRENT_DATE -1, NULL - 2"), "SELECT CURRENT_DATE -$1, NULL - $2");
+        assert_eq!(normalized("SELECT p.limit - 1 FROM p"), "SELECT p.limit - $1 FROM p");
+        assert_eq!(
+            normalized("SELECT * FROM U&\"a!0031b\" UESCAPE '!' WHERE x = 'y'"),
+            "SELECT * FROM U&\"a!0031b\" UESCAPE '!' WHERE x = $1"
+        );
+        assert_ne!(fp("SELECT * FROM U&\"a!0031b\" UESCAPE '!'"), fp("SELECT * FROM U&\"a!0031b\" UESCAPE '*'"));
+        let long = "a".repeat(70);
+        assert_eq!(
+            fp(&format!("SELECT * FROM {long}")),
+            fp(&format!("SELECT * FROM {}", &long[..63])),
+            "names are cut to 63 bytes"
+        );
         assert_eq!(normalized("SELECT 'a' -- 'b'\n"), "SELECT $1 -- 'b'");
         assert_eq!(digest("SELECT 'open"), None);
     }

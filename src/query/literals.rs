@@ -41,16 +41,21 @@ pub struct Literal {
 /// The literals of `sql`, in order. `None` when the lexer refuses the text (an unterminated
 /// string or comment, a NUL byte).
 pub fn literals(sql: &str) -> Option<Vec<Literal>> {
+    let tokens = tokens(sql)?;
     let mut out = Vec::new();
-    for t in tokens(sql)? {
-        let Some(kind) = literal_kind(&t) else { continue };
+    for (i, t) in tokens.iter().enumerate() {
+        let Some(kind) = literal_kind(t, i.checked_sub(1).map(|p| &tokens[p])) else { continue };
         out.push(Literal { kind, start: t.start as usize, end: t.end as usize });
     }
     Some(out)
 }
 
-/// The kind of literal `t` is, if it is one.
-pub fn literal_kind(t: &ScanToken) -> Option<Kind> {
+/// The kind of literal `t` (after `previous`) is, if it is one. The string after `UESCAPE` is
+/// not: it is part of the `U&"…"` name or `U&'…'` string before it, whose meaning it changes.
+pub fn literal_kind(t: &ScanToken, previous: Option<&ScanToken>) -> Option<Kind> {
+    if previous.is_some_and(|p| p.token == Token::Uescape as i32) {
+        return None;
+    }
     match Token::try_from(t.token) {
         Ok(Token::Sconst | Token::Usconst) => Some(Kind::String),
         Ok(Token::Iconst) => Some(Kind::Integer),
@@ -109,6 +114,15 @@ mod tests {
         assert_eq!(literals("SELECT $$open"), None);
         assert_eq!(literals("SELECT \"open"), None);
         assert_eq!(texts("SELECT 2 -- trailing comment"), vec![(Kind::Integer, "2")]);
+    }
+
+    #[test]
+    fn the_escape_of_a_unicode_name_or_string_is_part_of_it() {
+        assert_eq!(texts("SELECT * FROM U&\"a!0031b\" UESCAPE '!'"), vec![]);
+        assert_eq!(
+            texts("SELECT U&'d!0061t' UESCAPE '!', 'x'"),
+            vec![(Kind::String, "U&'d!0061t'"), (Kind::String, "'x'")]
+        );
     }
 
     /// The literals `pg_query::scan` (the protobuf copy of the same lexer) finds in `sql`.

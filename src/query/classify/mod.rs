@@ -239,6 +239,14 @@ fn classify_parsed(sql: &str, stmt: Option<&RawStmt>) -> Classified {
     let calls_functions = !refs.functions.is_empty();
     let functions: Vec<Relation> = refs.functions.into_iter().collect();
 
+    // EXECUTE, or EXPLAIN ANALYZE EXECUTE: runs a statement whose PREPARE was classified.
+    let runs_prepared = match node {
+        NodeRef::ExecuteStmt(_) => true,
+        NodeRef::ExplainStmt(e) => {
+            matches!(e.query.as_deref().and_then(|q| q.node.as_ref()), Some(NodeEnum::ExecuteStmt(_)))
+        }
+        _ => false,
+    };
     let kind = match node {
         NodeRef::SelectStmt(_) if only_select && writes.is_empty() && !facts.into => Kind::Select,
         NodeRef::SelectStmt(_)
@@ -281,7 +289,9 @@ fn classify_parsed(sql: &str, stmt: Option<&RawStmt>) -> Classified {
         // A cursor's query runs on FETCH (and MOVE); a writable one is a write now.
         NodeRef::DeclareCursorStmt(_) | NodeRef::FetchStmt(_) if writes.is_empty() => Kind::Neutral,
         NodeRef::ExplainStmt(e) if !explain_analyze(e) => Kind::Neutral,
-        NodeRef::ExplainStmt(_) if writes.is_empty() && only_select => Kind::Neutral,
+        // EXPLAIN ANALYZE runs the statement: what an EXECUTE runs is not seen here, and
+        // even a SELECT may call a function that writes.
+        NodeRef::ExplainStmt(_) if runs_prepared => Kind::Opaque,
         NodeRef::ExplainStmt(_) => Kind::Write,
         NodeRef::DoStmt(_) | NodeRef::CallStmt(_) | NodeRef::ExecuteStmt(_) => Kind::Opaque,
         other if is_ddl(super::walk::name(other)) => {
@@ -296,7 +306,7 @@ fn classify_parsed(sql: &str, stmt: Option<&RawStmt>) -> Classified {
         _ => Kind::Opaque,
     };
     let mut settings = settings_change(node, &facts);
-    settings.unseen = kind == Kind::Opaque && !matches!(node, NodeRef::ExecuteStmt(_));
+    settings.unseen = kind == Kind::Opaque && !runs_prepared;
     let never_cache = if kind != Kind::Select {
         Some("not a plain SELECT")
     } else if facts.locks {

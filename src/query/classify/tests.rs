@@ -44,6 +44,8 @@ fn writes_and_their_targets() {
         ("TRUNCATE a, s.b", vec!["a", "s.b"]),
         ("REFRESH MATERIALIZED VIEW mv", vec!["mv"]),
         ("EXPLAIN ANALYZE DELETE FROM t", vec!["t"]),
+        // It runs the query, which may call a function that writes.
+        ("EXPLAIN ANALYZE SELECT * FROM t", vec![]),
         ("COPY (DELETE FROM t RETURNING *) TO STDOUT", vec!["t"]),
     ] {
         let c = one(sql);
@@ -123,7 +125,7 @@ fn transaction_and_session_statements() {
 
 #[test]
 fn unknown_effects_are_opaque() {
-    for sql in ["DO $$ BEGIN PERFORM 1; END $$", "CALL p()", "EXECUTE q(1)"] {
+    for sql in ["DO $$ BEGIN PERFORM 1; END $$", "CALL p()", "EXECUTE q(1)", "EXPLAIN ANALYZE EXECUTE q(1)"] {
         assert!(one(sql).writes_unknown(), "{sql}");
     }
     use crate::query::{Held, Hold};
@@ -150,6 +152,7 @@ fn unknown_effects_are_opaque() {
     assert!(one("DO $$ BEGIN PERFORM 1; END $$").settings.unseen);
     assert!(one("CALL p()").settings.unseen);
     assert!(!one("EXECUTE p(1)").settings.unseen, "its PREPARE was classified");
+    assert!(!one("EXPLAIN ANALYZE EXECUTE p(1)").settings.unseen);
     let bad = classify("SELEC oops");
     assert_eq!(bad[0].kind, Kind::Unparseable);
     assert!(bad[0].writes_unknown());
@@ -265,4 +268,13 @@ fn references_agree_with_the_summary() {
             }
         }
     }
+}
+
+#[test]
+fn a_unicode_name_escape_is_part_of_the_shape() {
+    let classifier = crate::query::Classifier::default();
+    let bang = classifier.classify("SELECT * FROM U&\"a!0031b\" UESCAPE '!'");
+    let star = classifier.classify("SELECT * FROM U&\"a!0031b\" UESCAPE '*'");
+    assert_eq!(names(&bang[0].reads), vec!["a1b"]);
+    assert_eq!(names(&star[0].reads), vec!["a!0031b"], "not the other text's classification");
 }
