@@ -194,14 +194,25 @@ async fn connection(ctx: Arc<Context>, stream: Stream, peer: Peer, permit: Optio
 /// Upkeep once a second: pools (idle timeout, max lifetime, min idle), the cache (entries
 /// that can never be served again are removed) and the metrics (histogram samples folded into
 /// buckets, which would otherwise pile up until the next scrape).
+///
+/// The cache's sweep runs on a blocking thread (it visits every entry: a worker would stall the
+/// sessions it serves meanwhile), only when an entry can have died (see
+/// [`crate::cache::Store::sweep`]), and rests twenty times as long as it took, so it never
+/// takes more than a twentieth of a core.
 async fn maintain(ctx: Arc<Context>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_sweep = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         ctx.pools.maintain().await;
         ctx.replicas.maintain().await;
-        ctx.store.sweep();
+        if tokio::time::Instant::now() >= next_sweep {
+            let (started, moves, c) = (tokio::time::Instant::now(), ctx.generations.moves(), ctx.clone());
+            if let Ok(true) = tokio::task::spawn_blocking(move || c.store.sweep(moves)).await {
+                next_sweep = tokio::time::Instant::now() + started.elapsed() * 20;
+            }
+        }
         ctx.stats.metrics.upkeep();
     }
 }

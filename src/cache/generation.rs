@@ -124,6 +124,8 @@ pub struct Generations {
 pub struct WalClock {
     started: AtomicU64,
     last_invalidation: AtomicU64,
+    /// How many invalidations there have been.
+    count: AtomicU64,
 }
 
 impl WalClock {
@@ -140,6 +142,7 @@ impl WalClock {
     /// Something was invalidated: notes it before the counters move (so whoever sees a
     /// counter moved sees this too), and returns when, for the counters.
     fn invalidated(&self) -> u64 {
+        self.count.fetch_add(1, Ordering::SeqCst);
         let at = self.next_sample();
         self.last_invalidation.fetch_max(at, Ordering::SeqCst);
         at
@@ -227,6 +230,12 @@ impl Generations {
             deps.push(snap(intern(&self.names, &self.global, &r.name)));
         }
         deps
+    }
+
+    /// A number that moves whenever a counter does — an invalidation, or counters let go —
+    /// so that whoever saw it unchanged knows no entry has died of a write since.
+    pub fn moves(&self) -> u64 {
+        self.clock.count.load(Ordering::SeqCst).wrapping_add(self.global.value.load(Ordering::SeqCst))
     }
 
     /// A write to these resolved relations.

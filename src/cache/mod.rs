@@ -3,7 +3,8 @@
 //!
 //! - [`store`]: entries in `quick_cache` with a byte weighter; freshness (fresh, stale within
 //!   the rule's windows, dead) is kept in the value and checked on every read; a sweep removes
-//!   what can never be served again.
+//!   what can never be served again, when an invalidation or an entry's age says something
+//!   may have died.
 //! - [`generation`]: one counter per relation (and per relation name, and one global). An
 //!   entry records the counters of everything it read when its query was sent, and is dead as
 //!   soon as one moves. A write bumps counters before its completion reaches the client, which

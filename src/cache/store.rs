@@ -110,10 +110,15 @@ impl Entry {
     }
 
     pub fn freshness(&self) -> Freshness {
+        self.freshness_at(Instant::now())
+    }
+
+    /// [`Entry::freshness`] at `now`.
+    pub fn freshness_at(&self, now: Instant) -> Freshness {
         if self.invalidated() {
             return Freshness::Dead;
         }
-        let age = self.age();
+        let age = now.saturating_duration_since(self.created);
         let ttl = self.rule.ttl;
         if age < ttl {
             Freshness::Fresh
@@ -124,6 +129,12 @@ impl Entry {
         } else {
             Freshness::Dead
         }
+    }
+
+    /// When it dies of age, if nothing it read is written first.
+    fn dies_at(&self) -> Instant {
+        let rule = &self.rule;
+        self.created + rule.ttl + rule.stale_while_revalidate.max(rule.stale_if_error)
     }
 }
 
@@ -172,6 +183,12 @@ pub struct Store {
     pub interner: super::key::Interner,
     /// Whether a miss is stored ([`super::admission`]).
     pub admission: super::admission::Admission,
+    /// When the first entry held dies of age, in milliseconds after `born` (`u64::MAX`: none):
+    /// a sweep before then, with no invalidation since the last, would find nothing dead.
+    next_death: AtomicU64,
+    /// The invalidations counted at the last sweep ([`super::Generations::moves`]).
+    swept_moves: AtomicU64,
+    born: Instant,
 }
 
 impl Store {
@@ -186,6 +203,9 @@ impl Store {
             occupied: AtomicBool::new(false),
             interner: Default::default(),
             admission: Default::default(),
+            next_death: AtomicU64::new(u64::MAX),
+            swept_moves: AtomicU64::new(u64::MAX),
+            born: Instant::now(),
         }
     }
 
@@ -207,19 +227,48 @@ impl Store {
         if entry.invalidated() || entry.weight() > self.max_bytes / 2 {
             return false;
         }
+        let dies = self.millis(entry.dies_at());
         self.cache.insert(key, Arc::new(entry));
+        self.next_death.fetch_min(dies, Ordering::SeqCst);
         self.occupied.store(true, Ordering::SeqCst);
         true
     }
 
-    /// Removes entries that can never be served again (dead, or past every window).
-    pub fn sweep(&self) {
-        // Cleared first: an insert racing the sweep either sets it again or is seen below.
+    /// Removes entries that can never be served again (dead, or past every window) — unless
+    /// none can have died since the last sweep: no invalidation since (`moves`, the count of
+    /// invalidations, is what it was then) and none old enough. Returns whether it swept.
+    ///
+    /// A sweep visits every entry (a few cache misses each: tens of milliseconds for a store
+    /// of 100 000), so a workload of reads alone never pays it, and the caller runs it away
+    /// from the threads serving clients.
+    pub fn sweep(&self, moves: u64) -> bool {
+        let now = Instant::now();
+        let aged = self.next_death.load(Ordering::SeqCst) <= self.millis(now);
+        if !aged && self.swept_moves.load(Ordering::SeqCst) == moves {
+            return false;
+        }
+        self.swept_moves.store(moves, Ordering::SeqCst);
+        // Cleared first: an insert racing the sweep either sets them again or is seen below.
         self.occupied.store(false, Ordering::SeqCst);
-        self.cache.retain(|_, e| e.freshness() != Freshness::Dead);
+        self.next_death.store(u64::MAX, Ordering::SeqCst);
+        let next = AtomicU64::new(u64::MAX);
+        self.cache.retain(|_, e| {
+            let keep = e.freshness_at(now) != Freshness::Dead;
+            if keep {
+                next.fetch_min(self.millis(e.dies_at()), Ordering::Relaxed);
+            }
+            keep
+        });
+        self.next_death.fetch_min(next.into_inner(), Ordering::SeqCst);
         if !self.cache.is_empty() {
             self.occupied.store(true, Ordering::SeqCst);
         }
+        true
+    }
+
+    /// `at` in milliseconds after the store was made.
+    fn millis(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.born).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Whether the store may hold entries (false only after a sweep found it empty, with
@@ -347,5 +396,33 @@ mod tests {
         }
         assert!(store.len() < 10_000 && store.len() > 50);
         assert!(store.evictions() > 0);
+    }
+
+    /// A sweep removes what died and only runs when something may have: an invalidation since
+    /// the last one, or an entry past its windows.
+    #[tokio::test(start_paused = true)]
+    async fn a_sweep_runs_only_when_an_entry_can_have_died() {
+        let store = Store::new(1 << 20);
+        let g = Generations::default();
+        let t = Relation::new(Some("public"), "t");
+        let reads_t = || g.snapshot("db", std::slice::from_ref(&t), None);
+        store.insert(key("short"), entry(rule(10, 5, 0), vec![], 10));
+        store.insert(key("long"), entry(rule(600, 0, 0), reads_t(), 10));
+        store.insert(key("other"), entry(rule(600, 0, 0), vec![], 10));
+        assert!(store.sweep(g.moves()), "the first sweep");
+        assert!(!store.sweep(g.moves()), "nothing can have died");
+        tokio::time::advance(Duration::from_secs(14)).await;
+        assert!(!store.sweep(g.moves()), "within its stale window");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(store.sweep(g.moves()), "past every window");
+        assert_eq!(store.len(), 2);
+        assert!(!store.sweep(g.moves()), "the next death is the long ones', minutes away");
+        g.bump_relations(std::slice::from_ref(&t));
+        assert!(store.sweep(g.moves()), "a write since");
+        assert_eq!(store.len(), 1, "only what read the written table goes");
+        assert!(store.get(&key("other")).is_some());
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert!(store.sweep(g.moves()));
+        assert!(store.is_empty() && !store.may_hold_entries());
     }
 }
