@@ -211,6 +211,7 @@ async fn maintain(ctx: Arc<Context>) {
             let (started, moves, c) = (tokio::time::Instant::now(), ctx.generations.moves(), ctx.clone());
             if let Ok(true) = tokio::task::spawn_blocking(move || c.store.sweep(moves)).await {
                 next_sweep = tokio::time::Instant::now() + started.elapsed() * 20;
+                tracing::debug!(took = ?started.elapsed(), entries = ctx.store.len(), "cache swept");
             }
         }
         ctx.stats.metrics.upkeep();

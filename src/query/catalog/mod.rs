@@ -200,6 +200,9 @@ impl Catalog {
 
     /// Volatility of each named function, in order.
     pub async fn functions(&self, db: &str, names: &[Relation]) -> Result<Vec<FunctionInfo>, CatalogError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
         let d = self.db(db);
         const SQL: &str = "SELECT n.nspname::text, p.proname::text, p.provolatile::text \
                            FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE p.proname = ANY($1)";
@@ -222,7 +225,13 @@ impl Catalog {
         }
         let missing: Vec<&Relation> = {
             let map = map.lock();
-            names.iter().filter(|n| map.get(*n).is_none_or(|c| c.at.elapsed() > self.ttl)).collect()
+            let now = Instant::now();
+            let fresh = |n: &Relation| map.get(n).filter(|c| now.saturating_duration_since(c.at) <= self.ttl);
+            // Every name known and fresh (the steady state): one look-up each, under one lock.
+            if let Some(known) = names.iter().map(|n| fresh(n).map(|c| c.value)).collect::<Option<Vec<V>>>() {
+                return Ok(known);
+            }
+            names.iter().filter(|n| fresh(n).is_none()).collect()
         };
         if !missing.is_empty() {
             let fetched =

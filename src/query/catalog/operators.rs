@@ -11,6 +11,9 @@ impl Catalog {
     /// What each operator name (its schema when written `OPERATOR(schema.op)`) may do, in
     /// order; a name with no user-defined operator is immutable.
     pub async fn operators(&self, db: &str, names: &[Relation]) -> Result<Vec<FunctionInfo>, CatalogError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
         let d = self.db(db);
         const SQL: &str = "SELECT n.nspname::text, o.oprname::text, p.provolatile::text \
                            FROM pg_operator o JOIN pg_namespace n ON n.oid = o.oprnamespace \
