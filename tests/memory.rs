@@ -27,14 +27,26 @@ async fn statement_timings_are_drained_without_a_scraper() {
         }
     };
     const PHASE: usize = 400_000;
-    let record = Arc::new(record);
-    let r = record.clone();
-    tokio::task::spawn_blocking(move || r(PHASE)).await.unwrap();
+    // One thread records every phase: each thread allocates from its own malloc arena, so
+    // phases on different threads (the blocking pool's, which the server's own upkeep also
+    // uses) would grow RSS by what an arena keeps, whatever pgcache holds.
+    let (start, phases) = std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<()>>();
+    std::thread::spawn(move || {
+        for done in phases {
+            record(PHASE);
+            let _ = done.send(());
+        }
+    });
+    let phase = || {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        start.send(done).unwrap();
+        finished
+    };
+    phase().await.unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let after_first = rss();
     for _ in 0..3 {
-        let r = record.clone();
-        tokio::task::spawn_blocking(move || r(PHASE)).await.unwrap();
+        phase().await.unwrap();
         tokio::time::sleep(Duration::from_millis(2500)).await;
     }
     let grown = rss().saturating_sub(after_first);

@@ -204,31 +204,31 @@ pub fn classify(sql: &str) -> Vec<Classified> {
         Err(_) => return vec![Classified::opaque(Kind::Unparseable, sql)],
     };
     match tree.stmts.as_slice() {
-        [] | [_] => vec![classify_parsed(sql, tree.stmts.first())],
+        [] | [_] => vec![classify_parsed(sql, 0, tree.stmts.first())],
         several => several
             .iter()
-            .map(|s| match statement_text(sql, s).map(|text| (text, pg_query::parse(text, 0))) {
-                Some((text, Ok(tree))) => classify_parsed(text, tree.protobuf.stmts.first()),
-                _ => Classified::opaque(Kind::Unparseable, sql),
+            .map(|s| match statement_text(sql, s) {
+                Some((text, start)) => classify_parsed(text, start, Some(s)),
+                None => Classified::opaque(Kind::Unparseable, sql),
             })
             .collect(),
     }
 }
 
 /// The text of one statement of a string of several, as the parser delimits it (a length of
-/// zero means "to the end").
-fn statement_text<'a>(sql: &'a str, stmt: &RawStmt) -> Option<&'a str> {
+/// zero means "to the end"), and where it starts.
+fn statement_text<'a>(sql: &'a str, stmt: &RawStmt) -> Option<(&'a str, usize)> {
     let start = usize::try_from(stmt.stmt_location).ok()?;
     let end = match usize::try_from(stmt.stmt_len).ok()? {
         0 => sql.len(),
         len => start + len,
     };
-    sql.get(start..end)
+    Some((sql.get(start..end)?, start))
 }
 
 /// Classifies the one statement `sql` whose parse tree is `stmt` (`None`: only comments or
-/// semicolons).
-fn classify_parsed(sql: &str, stmt: Option<&RawStmt>) -> Classified {
+/// semicolons); `sql` starts at byte `base` of the string parsed.
+fn classify_parsed(sql: &str, base: usize, stmt: Option<&RawStmt>) -> Classified {
     let Some(top) = stmt.and_then(|s| s.stmt.as_ref()).and_then(|s| s.node.as_ref()) else {
         return Classified::new(Shape { never_cache: Some("empty query"), ..Shape::opaque(Kind::Neutral, sql) }, None);
     };
@@ -324,7 +324,7 @@ fn classify_parsed(sql: &str, stmt: Option<&RawStmt>) -> Classified {
     };
     let holds = super::hold::hold_of(node, &functions, kind == Kind::Session(SessionChange::CreatesTemp));
     let point = match kind {
-        Kind::Select | Kind::Write => super::point::of(sql, node, calls_functions),
+        Kind::Select | Kind::Write => super::point::of(sql, base, node, calls_functions),
         _ => None,
     };
     // The parser took the text, so the lexer does: `None` is not expected.

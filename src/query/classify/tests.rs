@@ -167,6 +167,15 @@ fn multi_statement_strings_are_split() {
     let kinds: Vec<Kind> = v.iter().map(|c| c.kind.clone()).collect();
     assert_eq!(kinds, vec![Kind::Select, Kind::Write, Kind::Select]);
     assert_eq!(classify("").len(), 1);
+    // Parsed once: each part's key values are read from its own literals.
+    let classifier = crate::query::Classifier::default();
+    for (first, second) in [(1, 2), (3, 4)] {
+        let v = classifier
+            .classify(&format!("SELECT v FROM t WHERE id = {first}; SELECT v FROM t WHERE k = 'x' AND id = {second}"));
+        let id = |c: &Classified| c.point.as_ref().and_then(|p| p.values("id").map(<[_]>::to_vec));
+        assert_eq!(id(&v[0]), Some(vec![crate::query::point::Value::Const(first.to_string().into())]));
+        assert_eq!(id(&v[1]), Some(vec![crate::query::point::Value::Const(second.to_string().into())]));
+    }
     assert_eq!(classify(";")[0].kind, Kind::Neutral);
 }
 

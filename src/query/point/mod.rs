@@ -106,18 +106,19 @@ fn literal_text(token: &str) -> Option<&str> {
     }
 }
 
-/// The point of the statement `node` (its text is `sql`), or `None`. `calls_functions` says
-/// whether it calls any function (which rules a read out). Constants are [`Value::Literal`]s.
-pub fn of(sql: &str, node: NodeRef<'_>, calls_functions: bool) -> Option<Point> {
+/// The point of the statement `node` (its text is `sql`, which starts at byte `base` of the
+/// string the tree was parsed from), or `None`. `calls_functions` says whether it calls any
+/// function (which rules a read out). Constants are [`Value::Literal`]s.
+pub fn of(sql: &str, base: usize, node: NodeRef<'_>, calls_functions: bool) -> Option<Point> {
     let mut point = candidates(node, calls_functions)?;
     let consts = point.columns.iter().flat_map(|(_, v)| v).any(|v| matches!(v, Value::Literal { .. }));
     if consts {
-        // Until here a constant's `index` is its byte offset in `sql`.
+        // Until here a constant's `index` is its byte offset in what was parsed.
         let starts = literal_starts(sql)?;
         for (_, values) in &mut point.columns {
             for v in values.iter_mut() {
                 if let Value::Literal { index, negative } = v {
-                    let at = usize::from(*index);
+                    let at = usize::from(*index).checked_sub(base)?;
                     *negative = sql.as_bytes().get(at) == Some(&b'-');
                     *index = u16::try_from(starts.iter().position(|s| *s >= at)?).ok()?;
                 }
@@ -332,7 +333,7 @@ mod tests {
         let tree = pg_query::parse(sql, 0).unwrap().protobuf;
         let node = tree.stmts[0].stmt.as_ref().and_then(|s| s.node.as_ref()).unwrap();
         let calls = !pg_query::summary(sql, 0, -1).unwrap().functions.is_empty();
-        let p = of(sql, node.to_ref(), calls)?;
+        let p = of(sql, 0, node.to_ref(), calls)?;
         let literals: Vec<&str> =
             crate::query::literals::literals(sql).unwrap().iter().map(|l| &sql[l.start..l.end]).collect();
         p.resolve(&literals)
@@ -379,7 +380,7 @@ mod tests {
         let sql = "SELECT * FROM t WHERE v = 'a' AND id = 5";
         let tree = pg_query::parse(sql, 0).unwrap().protobuf;
         let node = tree.stmts[0].stmt.as_ref().and_then(|s| s.node.as_ref()).unwrap();
-        let shared = of(sql, node.to_ref(), false).unwrap();
+        let shared = of(sql, 0, node.to_ref(), false).unwrap();
         assert!(shared.has_literals());
         // Another text of the same shape: `... v = 'bb' AND id = 77`.
         let other = shared.resolve(&["'bb'", "77"]).unwrap();
