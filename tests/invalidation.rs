@@ -200,6 +200,14 @@ async fn ddl_views_and_new_tables_invalidate() {
     .await;
 }
 
+/// A key written with two signs is the number they make: `- -5` is 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_written_with_two_signs_invalidates_its_own_key() {
+    let e = env().await;
+    check(&e, "SELECT v FROM kv WHERE id = 5", "UPDATE kv SET v = 'five' WHERE id = - -5", "five").await;
+    check(&e, "SELECT v FROM kv WHERE id = 6", "UPDATE kv SET v = 'six' WHERE id = -(-6)", "six").await;
+}
+
 /// A `WITH` name hides a table of that name only where SQL makes it visible: the outer `kv`
 /// here is the table, so a write to it must reach the cached answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -142,10 +142,16 @@ impl WalClock {
     /// Something was invalidated: notes it before the counters move (so whoever sees a
     /// counter moved sees this too), and returns when, for the counters.
     fn invalidated(&self) -> u64 {
-        self.count.fetch_add(1, Ordering::SeqCst);
+        self.settled();
         let at = self.next_sample();
         self.last_invalidation.fetch_max(at, Ordering::SeqCst);
         at
+    }
+
+    /// Counts an invalidation: before its counters move and again after (a sweep that read
+    /// the count in between, and visited an entry before its counter moved, runs again).
+    fn settled(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The first sample taken after the last invalidation (0: none yet).
@@ -245,6 +251,7 @@ impl Generations {
             intern(&self.relations, &self.global, r).bump(at);
             intern(&self.wide, &self.global, r).bump(at);
         }
+        self.clock.settled();
     }
 
     /// Whether `column` is the key column of `relation` (it becomes it if it has none yet).
@@ -277,12 +284,14 @@ impl Generations {
             self.keys[key_slot(relation, v)].bump(at);
         }
         intern(&self.relations, &self.global, relation).bump(at);
+        self.clock.settled();
     }
 
     /// A write to every relation called `name`, in any schema (unresolved writes and DDL).
     pub fn bump_name(&self, name: &str) {
         let at = self.clock.invalidated();
         intern(&self.names, &self.global, &name.to_owned()).bump(at);
+        self.clock.settled();
     }
 
     /// Everything read in `database` may have changed (another instance's invalidations may
@@ -290,12 +299,14 @@ impl Generations {
     pub fn bump_database(&self, database: &str) {
         let at = self.clock.invalidated();
         intern(&self.databases, &self.global, &database.to_owned()).bump(at);
+        self.clock.settled();
     }
 
     /// A write whose targets are unknown: every entry dies.
     pub fn bump_all(&self) {
         let at = self.clock.invalidated();
         self.global.bump(at);
+        self.clock.settled();
     }
 }
 

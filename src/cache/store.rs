@@ -122,19 +122,19 @@ impl Entry {
         let ttl = self.rule.ttl;
         if age < ttl {
             Freshness::Fresh
-        } else if age < ttl + self.rule.stale_while_revalidate {
+        } else if age < ttl.saturating_add(self.rule.stale_while_revalidate) {
             Freshness::Stale
-        } else if age < ttl + self.rule.stale_if_error {
+        } else if age < ttl.saturating_add(self.rule.stale_if_error) {
             Freshness::Fallback
         } else {
             Freshness::Dead
         }
     }
 
-    /// When it dies of age, if nothing it read is written first.
-    fn dies_at(&self) -> Instant {
+    /// When it dies of age, if nothing it read is written first (`None`: past any instant).
+    fn dies_at(&self) -> Option<Instant> {
         let rule = &self.rule;
-        self.created + rule.ttl + rule.stale_while_revalidate.max(rule.stale_if_error)
+        self.created.checked_add(rule.ttl.saturating_add(rule.stale_while_revalidate.max(rule.stale_if_error)))
     }
 }
 
@@ -243,7 +243,7 @@ impl Store {
     /// from the threads serving clients.
     pub fn sweep(&self, moves: u64) -> bool {
         let now = Instant::now();
-        let aged = self.next_death.load(Ordering::SeqCst) <= self.millis(now);
+        let aged = self.next_death.load(Ordering::SeqCst) <= self.millis(Some(now));
         if !aged && self.swept_moves.load(Ordering::SeqCst) == moves {
             return false;
         }
@@ -266,9 +266,9 @@ impl Store {
         true
     }
 
-    /// `at` in milliseconds after the store was made.
-    fn millis(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.born).as_millis()).unwrap_or(u64::MAX)
+    /// `at` in milliseconds after the store was made (`None`: never).
+    fn millis(&self, at: Option<Instant>) -> u64 {
+        at.map_or(u64::MAX, |at| u64::try_from(at.saturating_duration_since(self.born).as_millis()).unwrap_or(u64::MAX))
     }
 
     /// Whether the store may hold entries (false only after a sweep found it empty, with

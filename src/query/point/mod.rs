@@ -48,7 +48,8 @@ pub enum Value {
     /// Every element of the array bound to `$n` (`id = ANY($1)`).
     ArrayParam(u16),
     /// The statement's `index`th literal token (0-based, as Postgres's lexer counts them),
-    /// negated when a minus sign precedes it: the same for every text of one shape, and
+    /// negated when the constant is negative (the parser folds the signs before a number into
+    /// it): the same for every text of one shape, and
     /// turned into [`Value::Const`] for each text by [`Point::resolve`].
     Literal { index: u16, negative: bool },
 }
@@ -117,9 +118,8 @@ pub fn of(sql: &str, base: usize, node: NodeRef<'_>, calls_functions: bool) -> O
         let starts = literal_starts(sql)?;
         for (_, values) in &mut point.columns {
             for v in values.iter_mut() {
-                if let Value::Literal { index, negative } = v {
+                if let Value::Literal { index, .. } = v {
                     let at = usize::from(*index).checked_sub(base)?;
-                    *negative = sql.as_bytes().get(at) == Some(&b'-');
                     *index = u16::try_from(starts.iter().position(|s| *s >= at)?).ok()?;
                 }
             }
@@ -226,10 +226,17 @@ fn value(expr: &Node) -> Option<Value> {
         }
         NodeEnum::ParamRef(p) => param_number(p).map(Value::Param),
         NodeEnum::AConst(c) => {
-            let number_or_string =
-                matches!(c.val, Some(a_const::Val::Ival(_) | a_const::Val::Fval(_) | a_const::Val::Sval(_)));
+            // A negated number is one constant located at its sign (`-5`; `- -5` is 5, at the
+            // first sign): the sign comes from the value, the digits from the first literal
+            // token from there on.
+            let negative = match &c.val {
+                Some(a_const::Val::Ival(i)) => i.ival < 0,
+                Some(a_const::Val::Fval(f)) => f.fval.starts_with('-'),
+                Some(a_const::Val::Sval(_)) => false,
+                _ => return None,
+            };
             let at = u16::try_from(c.location).ok()?;
-            number_or_string.then_some(Value::Literal { index: at, negative: false })
+            Some(Value::Literal { index: at, negative })
         }
         _ => None,
     }
@@ -364,6 +371,9 @@ mod tests {
         assert_eq!(cols("SELECT * FROM t WHERE id = 0"), [("id".into(), vec![k("0")])]);
         assert_eq!(cols("SELECT * FROM t WHERE id = 5000000000"), [("id".into(), vec![k("5000000000")])]);
         assert_eq!(cols("SELECT * FROM t WHERE id = - 5 AND 'x' = 'x'"), [("id".into(), vec![k("-5")])]);
+        assert_eq!(cols("SELECT * FROM t WHERE id = - -5"), [("id".into(), vec![k("5")])], "two signs");
+        assert_eq!(cols("SELECT * FROM t WHERE id = -(-5)"), [("id".into(), vec![k("5")])]);
+        assert_eq!(cols("SELECT * FROM t WHERE id = -(-(-5.5))"), [("id".into(), vec![k("-5.5")])]);
         // Casts to key types, as SQLAlchemy renders parameters.
         assert_eq!(cols("SELECT * FROM t WHERE t.id = $1::INTEGER"), [("id".into(), vec![Param(1)])]);
         assert_eq!(cols("SELECT * FROM t WHERE id = 5::int8"), [("id".into(), vec![k("5")])]);
