@@ -38,13 +38,13 @@ impl Relay<'_> {
     /// the core, and returns the step to apply when it completes.
     async fn noted(&mut self, c: &Classified, params: Option<effects::Params<'_>>) -> Step {
         let (ctx, database) = (self.ctx, &self.key.database);
-        let effects = effects::of_statement(ctx, database, c, params).await;
+        let effects = effects::of_statement(ctx, database, c, params, self.memo).await;
         let caching = ctx.caching();
         // A backend handed on must not carry settings a function or trigger set unseen: while
         // the cache is in use the effects say so; otherwise the catalog is asked here.
         let unseen = !caching
             && self.core.flow.transaction_pooling
-            && effects::may_change_settings_unseen(ctx, database, c).await;
+            && effects::may_change_settings_unseen(ctx, database, c, self.memo).await;
         self.core.note(c, effects, caching, unseen)
     }
 

@@ -12,6 +12,7 @@
 //! published to the other instances ([`crate::peers`]).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::config::UnknownWrites;
 use crate::context::Context;
@@ -19,6 +20,8 @@ use crate::protocol::frontend::BindParts;
 use crate::query::catalog::{CatalogError, RelationInfo};
 use crate::query::point::{self, KeyType, KeyValue};
 use crate::query::{Classified, Kind, Relation, TxControl};
+
+use super::memo::Assessments;
 
 pub use super::core::effect::Effect;
 
@@ -186,11 +189,18 @@ fn keys_of(ctx: &Context, c: &Classified, info: &RelationInfo, params: Option<Pa
 
 /// The invalidations `c` causes in `database`. Looks up the catalog (cached, bounded wait).
 /// `params` are the execution's parameters (extended protocol), for writes pinned to keys.
-pub async fn of(ctx: &Context, database: &str, c: &Classified, params: Option<Params<'_>>) -> Vec<Effect> {
+/// `memo`: the session's, which keeps what the catalog said of a shape's functions.
+pub async fn of(
+    ctx: &Context,
+    database: &str,
+    c: &Classified,
+    params: Option<Params<'_>>,
+    memo: &mut Assessments,
+) -> Vec<Effect> {
     match c.kind {
         Kind::Write => {
             let mut out = writes(ctx, database, c, params).await;
-            out.extend(function_effects(ctx, database, c).await);
+            out.extend(function_effects(ctx, database, c, memo).await);
             out
         }
         Kind::Ddl => {
@@ -206,7 +216,7 @@ pub async fn of(ctx: &Context, database: &str, c: &Classified, params: Option<Pa
         // COMMIT PREPARED makes visible writes pgcache may never have seen.
         Kind::Transaction(TxControl::TwoPhase) => vec![Effect::Unknown("two-phase commit")],
         Kind::Unparseable => vec![Effect::Unknown("statement pgcache cannot parse")],
-        Kind::Select | Kind::Neutral => function_effects(ctx, database, c).await,
+        Kind::Select | Kind::Neutral => function_effects(ctx, database, c, memo).await,
         Kind::Transaction(_) | Kind::Session(_) => Vec::new(),
     }
 }
@@ -255,20 +265,30 @@ fn unknown_after(e: CatalogError, targets: &[Relation]) -> Vec<Effect> {
 
 /// A volatile function outside pg_catalog, or an operator running one, may write anything —
 /// in any statement, a plain SELECT too (`SELECT 1 WHERE 0 ~=~ 0`). Both are looked up in the
-/// catalog's cache of names (one map look-up per name while it is fresh).
-async fn function_effects(ctx: &Context, database: &str, c: &Classified) -> Vec<Effect> {
+/// catalog's cache of names, and what it said is kept per statement shape in the session's
+/// `memo` while the catalog's facts hold (its epoch, `cache.catalog_ttl`): a statement of a
+/// known shape costs no catalog look-up.
+async fn function_effects(ctx: &Context, database: &str, c: &Classified, memo: &mut Assessments) -> Vec<Effect> {
     if c.functions.is_empty() && c.operators.is_empty() {
         return Vec::new();
     }
-    let functions = ctx.catalog.functions(database, &c.functions).await;
-    let operators = ctx.catalog.operators(database, &c.operators).await;
-    match (functions, operators) {
-        (Ok(f), Ok(o)) if f.iter().chain(&o).any(|f| f.may_write) => {
-            vec![Effect::Unknown("volatile user function or operator")]
+    let epoch = ctx.catalog.epoch();
+    let may_write = match memo.calls_may_write(c, epoch) {
+        Some(known) => known,
+        None => {
+            let functions = ctx.catalog.functions(database, &c.functions).await;
+            let operators = ctx.catalog.operators(database, &c.operators).await;
+            match (functions, operators) {
+                (Ok(f), Ok(o)) => {
+                    let may_write = f.iter().chain(&o).any(|f| f.may_write);
+                    memo.keep_calls(c, epoch, Instant::now() + ctx.catalog.ttl(), may_write);
+                    may_write
+                }
+                _ => return vec![Effect::Unknown("catalog unavailable for a function call")],
+            }
         }
-        (Ok(_), Ok(_)) => Vec::new(),
-        _ => vec![Effect::Unknown("catalog unavailable for a function call")],
-    }
+    };
+    if may_write { vec![Effect::Unknown("volatile user function or operator")] } else { Vec::new() }
 }
 
 /// Whether running `c` may change session settings out of pgcache's sight: it calls a
@@ -276,8 +296,8 @@ async fn function_effects(ctx: &Context, database: &str, c: &Classified) -> Vec<
 /// functions may `SET` or `set_config`), or the catalog cannot say. For sessions whose
 /// backend is handed on (transaction pooling) while the cache is not in use — otherwise
 /// [`of`] finds these as unknown effects.
-pub async fn may_change_settings_unseen(ctx: &Context, database: &str, c: &Classified) -> bool {
-    if !function_effects(ctx, database, c).await.is_empty() {
+pub async fn may_change_settings_unseen(ctx: &Context, database: &str, c: &Classified, memo: &mut Assessments) -> bool {
+    if !function_effects(ctx, database, c, memo).await.is_empty() {
         return true;
     }
     if !matches!(c.kind, Kind::Write) || c.writes.is_empty() {
@@ -291,9 +311,15 @@ pub async fn may_change_settings_unseen(ctx: &Context, database: &str, c: &Class
 
 /// The invalidations `c` causes in `database`, as far as the cache needs them: while it is
 /// not in use there is nothing to invalidate, so the catalog is not asked.
-pub async fn of_statement(ctx: &Context, database: &str, c: &Classified, params: Option<Params<'_>>) -> Vec<Effect> {
+pub async fn of_statement(
+    ctx: &Context,
+    database: &str,
+    c: &Classified,
+    params: Option<Params<'_>>,
+    memo: &mut Assessments,
+) -> Vec<Effect> {
     if ctx.caching() {
-        return of(ctx, database, c, params).await;
+        return of(ctx, database, c, params, memo).await;
     }
     match c.kind {
         Kind::Write | Kind::Ddl => by_name(&c.writes),

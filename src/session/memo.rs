@@ -90,6 +90,9 @@ struct Memo {
     _shape: Arc<Shape>,
     /// Each verdict with what it was drawn from and how long it holds, oldest first.
     kept: Vec<(Stamp, Instant, Verdict)>,
+    /// Whether a function or operator the shape calls may write, as the catalog said: with
+    /// its epoch then, and until when its facts hold ([`super::effects`]).
+    calls: Option<(u64, Instant, bool)>,
 }
 
 /// The memo. Keyed by the statement's shape ([`Classified::shape_id`]), which every text of
@@ -167,6 +170,27 @@ impl Assessments {
         (any_age || Instant::now() < *until).then_some(verdict)
     }
 
+    /// Whether a function or operator `c` calls may write, if the catalog said so under
+    /// epoch `catalog` and its facts still hold.
+    pub fn calls_may_write(&self, c: &Classified, catalog: u64) -> Option<bool> {
+        let (epoch, until, may_write) = self.entries.get(&c.shape_id())?.calls?;
+        (epoch == catalog && Instant::now() < until).then_some(may_write)
+    }
+
+    /// Keeps what the catalog said of the functions and operators `c` calls (under epoch
+    /// `catalog`, until `until`).
+    pub fn keep_calls(&mut self, c: &Classified, catalog: u64, until: Instant, may_write: bool) {
+        if self.entries.len() >= MAX_ENTRIES && !self.entries.contains_key(&c.shape_id()) {
+            self.entries.clear();
+        }
+        let m = self.entries.entry(c.shape_id()).or_insert_with(|| Memo {
+            _shape: c.shape().clone(),
+            kept: Vec::new(),
+            calls: None,
+        });
+        m.calls = Some((catalog, until, may_write));
+    }
+
     /// Keeps `verdict` for `c` until `until`, unless it depends on a passing condition.
     pub fn keep(&mut self, c: &Classified, stamp: Stamp, until: Instant, verdict: &Verdict) {
         let passing = matches!(verdict, Verdict::NeedsSearchPath | Verdict::Forward(Reason::CatalogUnavailable(_)));
@@ -176,10 +200,11 @@ impl Assessments {
         if self.entries.len() >= MAX_ENTRIES && !self.entries.contains_key(&c.shape_id()) {
             self.entries.clear();
         }
-        let m = self
-            .entries
-            .entry(c.shape_id())
-            .or_insert_with(|| Memo { _shape: c.shape().clone(), kept: Vec::with_capacity(1) });
+        let m = self.entries.entry(c.shape_id()).or_insert_with(|| Memo {
+            _shape: c.shape().clone(),
+            kept: Vec::with_capacity(1),
+            calls: None,
+        });
         // A verdict drawn under conditions that no longer hold is never matched again.
         m.kept.retain(|(s, ..)| s != &stamp && s.rules == stamp.rules && s.catalog == stamp.catalog);
         if m.kept.len() >= MAX_PER_SHAPE {
@@ -251,6 +276,21 @@ mod tests {
         m.keep(&one[0], stamp(1, "public"), later, &Verdict::Forward(Reason::NoMatch));
         assert!(m.get(&two[0], &now(1, 7, "app", "public"), false).is_some(), "same shape");
         assert!(m.get(&other[0], &now(1, 7, "app", "public"), false).is_none(), "another shape");
+    }
+
+    #[test]
+    fn what_the_catalog_said_of_calls_holds_while_its_facts_do() {
+        let statements = Arc::new(crate::query::classify::classify("SELECT f(1)"));
+        let c = &statements[0];
+        let mut m = Assessments::default();
+        assert_eq!(m.calls_may_write(c, 7), None);
+        m.keep_calls(c, 7, Instant::now() + Duration::from_secs(60), true);
+        assert_eq!(m.calls_may_write(c, 7), Some(true));
+        assert_eq!(m.calls_may_write(c, 8), None, "catalog facts forgotten since");
+        m.keep(c, stamp(1, "p"), Instant::now() + Duration::from_secs(60), &Verdict::Forward(Reason::NoMatch));
+        assert_eq!(m.calls_may_write(c, 7), Some(true), "a verdict kept beside it");
+        m.keep_calls(c, 7, Instant::now(), false);
+        assert_eq!(m.calls_may_write(c, 7), None, "past the catalog's TTL");
     }
 
     #[test]
