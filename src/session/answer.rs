@@ -107,12 +107,15 @@ impl Answerer<'_> {
     async fn answer_query(&mut self, q: &Frame, fallback: bool) -> Option<Bytes> {
         let sql = sql_of(q)?;
         let classified = self.ctx.classifier.classify_off_worker(sql).await;
-        self.answer_simple(sql, &classified, fallback).await
+        self.answer_simple(q, sql, &classified, fallback).await
     }
 
-    /// The whole answer to a Query of `sql`, already classified, if the cache holds it.
+    /// The whole answer to the Query `frame` of `sql`, already classified, if the cache holds
+    /// it; if it is cacheable and missing, what the look-up found is left for the planner
+    /// ([`Missed`]).
     pub async fn answer_simple(
         &mut self,
+        frame: &Frame,
         sql: &str,
         classified: &Arc<Vec<Classified>>,
         fallback: bool,
@@ -122,7 +125,17 @@ impl Answerer<'_> {
             return None;
         }
         let started = Instant::now();
-        let (entry, key, stale) = self.lookup(sql, c, Request::Simple, fallback).await.ok()?;
+        let (rules, catalog) = (self.ctx.rules.version(), self.ctx.catalog.epoch());
+        let (entry, key, stale) = match self.lookup(sql, c, Request::Simple, fallback).await {
+            Ok(found) => found,
+            Err(missing) => {
+                if let Some((key, assessment, l2)) = missing {
+                    let (frame, statement) = (frame.raw().clone(), None);
+                    self.memo.missed = Some(Box::new(Missed { frame, rules, catalog, statement, key, assessment, l2 }));
+                }
+                return None;
+            }
+        };
         let mut out = BytesMut::with_capacity(entry.row_description.len() + entry.body.len() + 6);
         out.extend_from_slice(&entry.row_description);
         out.extend_from_slice(&entry.body);
@@ -178,10 +191,9 @@ impl Answerer<'_> {
                             // ends the answer): what the planner does for those changes
                             // nothing this one's look-up would find.
                             if let Some((key, assessment, l2)) = missing {
-                                let bind = b.raw.clone();
-                                let statement = st;
+                                let (frame, statement) = (b.raw.clone(), Some(st));
                                 self.memo.missed =
-                                    Some(Box::new(Missed { bind, rules, catalog, statement, key, assessment, l2 }));
+                                    Some(Box::new(Missed { frame, rules, catalog, statement, key, assessment, l2 }));
                             }
                             return None;
                         }

@@ -322,19 +322,23 @@ impl Asker<'_> {
 }
 
 impl Relay<'_> {
-    /// Decides `c`, a statement of `sql`.
-    pub(super) async fn decide(&mut self, sql: &str, c: &Classified, req: Request<'_>) -> Result<Plan, SessionError> {
+    /// Decides `c`, a statement of `sql` (of the Query frame `query`, in the simple protocol).
+    pub(super) async fn decide(
+        &mut self,
+        sql: &str,
+        c: &Classified,
+        req: Request<'_>,
+        query: Option<&Bytes>,
+    ) -> Result<Plan, SessionError> {
         let ctx = self.ctx;
         let isolated = self.core.tracker.status == TransactionStatus::InBlock;
-        // What the short way just found missing for this very Bind (see Missed).
-        let missed = self.memo.missed.take().filter(|m| match &req {
-            Request::Extended { param_types, bind } => {
-                !isolated
-                    && m.is_for(sql, param_types, bind)
-                    && m.rules == ctx.rules.version()
-                    && m.catalog == ctx.catalog.epoch()
-            }
-            Request::Simple => false,
+        // What the short way just found missing for this very request (see Missed).
+        let missed = self.memo.missed.take().filter(|m| {
+            let same = match &req {
+                Request::Extended { param_types, bind } => m.is_for(sql, param_types, bind),
+                Request::Simple => query.is_some_and(|q| m.is_for_query(q)),
+            };
+            same && !isolated && m.rules == ctx.rules.version() && m.catalog == ctx.catalog.epoch()
         });
         if let Some(why) = self.core.refuses() {
             return Ok(Plan::Forward(why));

@@ -30,7 +30,7 @@ enum Whole<'a> {
     /// An extended-protocol batch up to its Sync.
     Batch(&'a [Frame]),
     /// A simple Query, already classified.
-    Query { sql: &'a str, classified: &'a Arc<Vec<Classified>> },
+    Query { frame: &'a Frame, sql: &'a str, classified: &'a Arc<Vec<Classified>> },
 }
 
 impl Relay<'_> {
@@ -64,7 +64,7 @@ impl Relay<'_> {
         // Noted as the planner notes it, then, if it writes nothing, the short way.
         if let Some(sql) = sql
             && invalidates_nothing(&steps)
-            && self.answered_whole(Whole::Query { sql, classified: &classified }).await
+            && self.answered_whole(Whole::Query { frame: &frame, sql, classified: &classified }).await
         {
             return Ok(());
         }
@@ -79,7 +79,7 @@ impl Relay<'_> {
         steps: Vec<Step>,
     ) -> Result<(), SessionError> {
         let plan = match query::candidate(&frame, &classified, &steps) {
-            Some((sql, c)) => Some(self.decide(sql, c, Request::Simple).await?),
+            Some((sql, c)) => Some(self.decide(sql, c, Request::Simple, Some(frame.raw())).await?),
             None => None,
         };
         if !matches!(plan, Some(Plan::Hit { .. } | Plan::Probe)) {
@@ -149,7 +149,7 @@ impl Relay<'_> {
                 Need::Decision { statement, bind, .. } => {
                     let req = Request::Extended { param_types: &statement.param_types, bind: &bind };
                     let select = statement.select().expect("a decision is asked only for a single SELECT");
-                    let plan = self.decide(&statement.sql, select, req).await?;
+                    let plan = self.decide(&statement.sql, select, req, None).await?;
                     if planner.decision(self.core, plan) == Decided::Parked {
                         return Ok(());
                     }
@@ -177,7 +177,7 @@ impl Relay<'_> {
         let mut a = Answerer { ctx, key, flow: &mut core.flow, memo: self.memo, serve: Serve::Attached, fill_at: None };
         let answer = match request {
             Whole::Batch(frames) => a.answer(frames, false).await,
-            Whole::Query { sql, classified } => a.answer_simple(sql, classified, false).await,
+            Whole::Query { frame, sql, classified } => a.answer_simple(frame, sql, classified, false).await,
         };
         let Some(answer) = answer else { return false };
         core.to_client.push(answer);

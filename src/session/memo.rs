@@ -109,24 +109,26 @@ pub struct Assessments {
     /// role); the `Bytes` kept alive so their address identifies them.
     settings: Vec<(Bytes, u64)>,
     /// The short way's miss of the request being served, for the planner's decision of the
-    /// same Bind ([`Missed`]); boxed, so that an idle session keeps room for a pointer.
+    /// same request ([`Missed`]); boxed, so that an idle session keeps room for a pointer.
     pub missed: Option<Box<Missed>>,
 }
 
-/// A Bind the short way ([`super::answer`]) looked up and found cacheable and missing, handed
-/// to the planner, which decides the same Bind next, so that a miss is looked up once (rule,
-/// settings, key, store) rather than twice. Taken by the next decision whatever it is, and
-/// used only by the decision of this very frame (held, so its address cannot be reused), of
-/// the same statement text and parameter types, outside a transaction (as the short way
-/// looked it up), under the same rule set and catalog facts (a DDL or a reload meanwhile —
-/// the planner may wait on the catalog or a throttle first — and it is looked up again): the
-/// look-up would give the same answer again.
+/// A Bind or a Query the short way ([`super::answer`]) looked up and found cacheable and
+/// missing, handed to the planner, which decides the same request next, so that a miss is
+/// looked up once (rule, settings, key, store) rather than twice. Taken by the next decision
+/// whatever it is, and used only by the decision of this very frame (held, so its address
+/// cannot be reused) — for a Bind, of the same statement text and parameter types — outside a
+/// transaction (as the short way looked it up), under the same rule set and catalog facts (a
+/// DDL or a reload meanwhile — the planner may wait on the catalog or a throttle first — and it
+/// is looked up again): the look-up would give the same answer again.
 pub struct Missed {
-    pub bind: Bytes,
+    /// The request's frame: the Bind, or the Query.
+    pub frame: Bytes,
     /// The rule set's version and the catalog's epoch, read before the look-up.
     pub rules: u64,
     pub catalog: u64,
-    pub statement: Arc<Statement>,
+    /// The statement the Bind executes (`None`: a Query).
+    pub statement: Option<Arc<Statement>>,
     pub key: Key,
     pub assessment: Arc<Assessment>,
     pub l2: Option<String>,
@@ -135,7 +137,13 @@ pub struct Missed {
 impl Missed {
     /// Whether this is the miss of `bind` of `sql` with `param_types`.
     pub fn is_for(&self, sql: &str, param_types: &[u32], bind: &crate::protocol::frontend::BindParts) -> bool {
-        same_frame(&self.bind, &bind.raw) && *self.statement.sql == *sql && self.statement.param_types == param_types
+        same_frame(&self.frame, &bind.raw)
+            && self.statement.as_ref().is_some_and(|s| *s.sql == *sql && s.param_types == param_types)
+    }
+
+    /// Whether this is the miss of the Query frame `query`.
+    pub fn is_for_query(&self, query: &Bytes) -> bool {
+        self.statement.is_none() && same_frame(&self.frame, query)
     }
 }
 
@@ -236,6 +244,32 @@ mod tests {
         assert!(!same_frame(&held, &copy), "an equal Bind elsewhere is another request");
         assert!(!same_frame(&held, &frame.slice(..5)), "a part of it");
         assert!(!same_frame(&Bytes::new(), &Bytes::new()), "a Bind made otherwise is never the same");
+    }
+
+    #[test]
+    fn a_query_miss_is_handed_on_only_to_the_same_query() {
+        let query = Bytes::from_static(b"Q\0\0\0\x0dSELECT 1\0");
+        let missed = Missed {
+            frame: query.clone(),
+            rules: 1,
+            catalog: 1,
+            statement: None,
+            key: crate::cache::key::KeyBuilder::new(b'Q').str("SELECT 1").finish(),
+            assessment: Arc::new(Assessment {
+                keyed: None,
+                deps: Vec::new(),
+                resolved: Vec::new(),
+                row_security: false,
+                reads_custom_settings: false,
+                rule: Arc::new(crate::rules::Rule::cache("r", Duration::from_secs(60))),
+            }),
+            l2: None,
+        };
+        assert!(missed.is_for_query(&query));
+        assert!(!missed.is_for_query(&Bytes::copy_from_slice(&query)), "the same text sent again");
+        let bind = crate::protocol::frontend::BindParts::decode(&Bytes::from_static(b"B\0\0\0\x0e\0s1\0\0\0\0\0\0\0"));
+        let bind = bind.expect("a Bind");
+        assert!(!missed.is_for("SELECT 1", &[], &bind), "a Query's miss is no Bind's");
     }
 
     #[test]
