@@ -23,7 +23,7 @@ use pg_query::protobuf::{CommonTableExpr, Node, ObjectType, RangeVar, WithClause
 use pg_query::{NodeEnum, NodeRef};
 
 use super::super::relation::Relation;
-use super::super::walk::{children, name, strings, walk};
+use super::super::walk::{children, name, strings};
 use super::is_ddl;
 
 /// What a statement reads, writes and calls.
@@ -33,23 +33,15 @@ pub(super) struct Refs {
     pub writes: BTreeSet<Relation>,
     /// Functions called (`FuncCall`), with their schema when qualified.
     pub functions: BTreeSet<Relation>,
-    /// Holds no statement below the top one but SELECTs (no data-modifying `WITH`, no
-    /// `EXPLAIN`ed write).
+    /// Holds no statement but SELECTs, itself included (no data-modifying `WITH`). Read for a
+    /// SELECT, below which the walk reaches every node but those naming no statement.
     pub only_select: bool,
 }
 
 /// The references of the statement `top`.
 pub(super) fn of(top: NodeRef<'_>) -> Refs {
-    let mut w = Walker { scope: Vec::new(), refs: Refs::default() };
+    let mut w = Walker { scope: Vec::new(), refs: Refs { only_select: true, ..Refs::default() } };
     w.visit(top);
-    let mut only_select = true;
-    children(top, &mut |child| {
-        walk(child, &mut |n| {
-            let kind = name(n);
-            only_select &= !kind.ends_with("Stmt") || kind == "SelectStmt";
-        })
-    });
-    w.refs.only_select = only_select;
     w.refs
 }
 
@@ -61,6 +53,10 @@ struct Walker<'a> {
 
 impl<'a> Walker<'a> {
     fn visit(&mut self, node: NodeRef<'a>) {
+        let kind = name(node);
+        if kind.ends_with("Stmt") && kind != "SelectStmt" {
+            self.refs.only_select = false;
+        }
         match node {
             NodeRef::SelectStmt(s) => self.query(node, s.with_clause.as_ref(), None),
             NodeRef::InsertStmt(s) => self.query(node, s.with_clause.as_ref(), s.relation.as_ref()),
@@ -83,7 +79,7 @@ impl<'a> Walker<'a> {
                 }
                 self.below(node, None);
             }
-            other if is_ddl(name(other)) => self.schema_statement(other),
+            other if is_ddl(kind) => self.schema_statement(other),
             _ => self.below(node, None),
         }
     }
