@@ -15,7 +15,7 @@
 
 use pg_query::protobuf::{KeywordKind, ScanToken, Token};
 
-use super::literals::{literal_kind, tokens};
+use super::literals::{is_comment, literal_kind, tokens};
 
 /// A statement's fingerprint and normalized text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,15 +40,18 @@ pub fn digest(sql: &str) -> Option<Digest> {
         let t = &tokens[i];
         let token = Token::try_from(t.token).unwrap_or(Token::Nul);
         i += 1;
-        if matches!(token, Token::SqlComment | Token::CComment | Token::Ascii59) {
+        if is_comment(t) || token == Token::Ascii59 {
             continue;
         }
+        // The last token this one takes in: a sign takes in its number.
+        let mut last = t;
         let literal = if literal_kind(t, previous).is_some() {
             Some(t.start..t.end)
         } else if token == Token::Ascii45 && sign_may_follow(sql, previous, before) {
             match tokens.get(i) {
                 Some(number) if matches!(Token::try_from(number.token), Ok(Token::Iconst | Token::Fconst)) => {
                     i += 1;
+                    last = number;
                     Some(t.start..number.end)
                 }
                 _ => None,
@@ -72,7 +75,7 @@ pub fn digest(sql: &str) -> Option<Digest> {
         } else {
             hash.token(b't', text.as_bytes());
         }
-        (previous, before) = (Some(t), previous);
+        (previous, before) = (Some(last), previous);
     }
     normalized.push_str(&sql[copied..]);
     let normalized = normalized.trim().trim_end_matches(';').trim_end().to_owned();
@@ -241,6 +244,7 @@ mod tests {
         );
         assert_eq!(normalized("SELECT CURRENT_DATE -1, NULL - 2"), "SELECT CURRENT_DATE -$1, NULL - $2");
         assert_eq!(normalized("SELECT p.limit - 1 FROM p"), "SELECT p.limit - $1 FROM p");
+        assert_eq!(normalized("SELECT -5 - 3, (-1)-2"), "SELECT $1 - $2, ($3)-$4", "a signed number is an operand");
         assert_eq!(
             normalized("SELECT * FROM U&\"a!0031b\" UESCAPE '!' WHERE x = 'y'"),
             "SELECT * FROM U&\"a!0031b\" UESCAPE '!' WHERE x = $1"

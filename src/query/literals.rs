@@ -43,15 +43,23 @@ pub struct Literal {
 pub fn literals(sql: &str) -> Option<Vec<Literal>> {
     let tokens = tokens(sql)?;
     let mut out = Vec::new();
-    for (i, t) in tokens.iter().enumerate() {
-        let Some(kind) = literal_kind(t, i.checked_sub(1).map(|p| &tokens[p])) else { continue };
-        out.push(Literal { kind, start: t.start as usize, end: t.end as usize });
+    let mut previous = None;
+    for t in tokens.iter().filter(|t| !is_comment(t)) {
+        if let Some(kind) = literal_kind(t, previous) {
+            out.push(Literal { kind, start: t.start as usize, end: t.end as usize });
+        }
+        previous = Some(t);
     }
     Some(out)
 }
 
-/// The kind of literal `t` (after `previous`) is, if it is one. The string after `UESCAPE` is
-/// not: it is part of the `U&"…"` name or `U&'…'` string before it, whose meaning it changes.
+/// Whether `t` is a comment (`--` or `/* */`), which the grammar never sees.
+pub fn is_comment(t: &ScanToken) -> bool {
+    matches!(Token::try_from(t.token), Ok(Token::SqlComment | Token::CComment))
+}
+
+/// The kind of literal `t` (after `previous`, comments left out) is, if it is one. The string
+/// after `UESCAPE` is not: it is part of the `U&"…"` name or `U&'…'` string before it, whose meaning it changes.
 pub fn literal_kind(t: &ScanToken, previous: Option<&ScanToken>) -> Option<Kind> {
     if previous.is_some_and(|p| p.token == Token::Uescape as i32) {
         return None;
@@ -119,6 +127,7 @@ mod tests {
     #[test]
     fn the_escape_of_a_unicode_name_or_string_is_part_of_it() {
         assert_eq!(texts("SELECT * FROM U&\"a!0031b\" UESCAPE '!'"), vec![]);
+        assert_eq!(texts("SELECT * FROM U&\"a!0031b\" UESCAPE /* the escape */ '!'"), vec![]);
         assert_eq!(
             texts("SELECT U&'d!0061t' UESCAPE '!', 'x'"),
             vec![(Kind::String, "U&'d!0061t'"), (Kind::String, "'x'")]
