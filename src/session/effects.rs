@@ -190,7 +190,7 @@ fn keys_of(ctx: &Context, c: &Classified, info: &RelationInfo, params: Option<Pa
 /// The invalidations `c` causes in `database`. Looks up the catalog (cached, bounded wait).
 /// `params` are the execution's parameters (extended protocol), for writes pinned to keys.
 /// `memo`: the session's, which keeps what the catalog said of a shape's functions.
-pub async fn of(
+async fn of(
     ctx: &Context,
     database: &str,
     c: &Classified,
