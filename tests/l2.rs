@@ -72,9 +72,17 @@ async fn a_fleet_asks_postgres_once_per_key_and_a_new_instance_starts_warm() {
         assert!(listening);
         clients.push(c);
     }
+    // The instance that fills a key stores it in the L2 in the background, after its client
+    // has the answer: the others ask once it has landed.
+    let stored = || fleet.iter().map(|p| p.shared.l2.as_ref().map_or(0, |l| l.state().stores)).sum::<u64>();
     for id in 1..=20 {
-        for c in &clients {
+        for (i, c) in clients.iter().enumerate() {
+            let before = stored();
             assert_eq!(text(c, &format!("SELECT v FROM items WHERE id = {id}")).await, format!("v{id}"));
+            if i == 0 {
+                let landed = common::eventually(Duration::from_secs(10), || stored() > before).await;
+                assert!(landed, "the fill of id {id} reached the L2");
+            }
         }
     }
     let ran = executions(&admin, "SELECT v FROM items WHERE id").await;
