@@ -24,6 +24,7 @@ use crate::frontend::{self, SessionError};
 use crate::net::{Peer, Stream};
 use crate::protocol::backend::PgError;
 use crate::protocol::sqlstate::SqlState;
+use crate::protocol::startup::Startup;
 use crate::session;
 
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +127,7 @@ pub async fn run(listeners: Listeners, ctx: Arc<Context>) {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 let permit = limit.clone().try_acquire_owned().ok();
-                sessions.spawn(connection(ctx.clone(), stream, peer, permit));
+                sessions.spawn(connection(Box::new(Accepted { ctx: ctx.clone(), stream, peer, permit })));
             }
             Err(e) => {
                 // Usually EMFILE: wait for connections to close rather than spin.
@@ -162,33 +163,76 @@ pub async fn run(listeners: Listeners, ctx: Arc<Context>) {
     tracing::info!("shutdown complete");
 }
 
-/// Serves one accepted connection. `permit` is `None` when the client limit is reached.
-async fn connection(ctx: Arc<Context>, stream: Stream, peer: Peer, permit: Option<OwnedSemaphorePermit>) {
-    let Some((mut client, startup)) = Box::pin(frontend::accept(&ctx, stream, peer)).await else { return };
+/// A connection just accepted, for its task.
+struct Accepted {
+    ctx: Arc<Context>,
+    stream: Stream,
+    peer: Peer,
+    /// `None` when the client limit is reached.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Serves one accepted connection.
+///
+/// Its future is the task's for the connection's life, idle clients' included (see
+/// bench/idle.sh): its argument is a pointer (arguments are kept throughout), and what it
+/// awaits besides the session — which waits between its stretches here — is boxed, each in a
+/// statement of its own (a temporary or a binding still in scope at an await keeps its room
+/// in the future, even once moved).
+async fn connection(accepted: Box<Accepted>) {
+    let Accepted { ctx, stream, peer, permit } = *accepted;
+    let (mut client, startup) = {
+        let accepting = Box::pin(frontend::accept(&ctx, stream, peer));
+        let Some((client, startup)) = accepting.await else { return };
+        (client, Box::new(startup))
+    };
+    let report = {
+        let result = match route(&ctx, &client, &startup, permit.is_some()) {
+            Route::Refused(e) => Err(*e),
+            Route::Console => {
+                let console = Box::pin(admin::console::serve(&ctx, &mut client, &startup));
+                frontend::guard(console).await
+            }
+            Route::Session => session::serve(&ctx, &mut client, startup).await,
+        };
+        let Err(e) = result else { return };
+        let client = &mut client;
+        Box::pin(async move { frontend::report(client, &e).await })
+    };
+    report.await;
+}
+
+/// Where an opened connection goes.
+enum Route {
+    Console,
+    Session,
+    Refused(Box<SessionError>),
+}
+
+/// Routes an opened connection, or refuses it: over the client limit (`admitted` false), or
+/// without TLS where it is required.
+fn route(ctx: &Context, client: &frontend::Client, startup: &Startup, admitted: bool) -> Route {
     let config = ctx.config();
-    let result = if permit.is_none() {
-        Err(SessionError::Refused(PgError::fatal(
+    let refused = |e| Route::Refused(Box::new(SessionError::Refused(e)));
+    if !admitted {
+        return refused(PgError::fatal(
             SqlState::TOO_MANY_CONNECTIONS,
             format!(
                 "sorry, too many clients already (pgcache client.max_connections = {})",
                 config.client.max_connections
             ),
-        )))
-    } else if config.client.tls_required && !client.stream.is_tls() && client.peer != Peer::Unix {
-        Err(SessionError::Refused(PgError::fatal(
+        ));
+    }
+    if config.client.tls_required && !client.stream.is_tls() && client.peer != Peer::Unix {
+        return refused(PgError::fatal(
             SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
             "pgcache requires TLS: connect with sslmode=require or stronger",
-        )))
-    } else if startup.param("database") == Some(config.console.database.as_str()) {
-        drop(config);
-        frontend::guard(Box::pin(admin::console::serve(&ctx, &mut client, &startup))).await
-    } else {
-        drop(config);
-        frontend::guard(Box::pin(session::serve(&ctx, &mut client, startup))).await
-    };
-    if let Err(e) = result {
-        frontend::report(&mut client, &e).await;
+        ));
     }
+    if startup.param("database") == Some(config.console.database.as_str()) {
+        return Route::Console;
+    }
+    Route::Session
 }
 
 /// Upkeep once a second: pools (idle timeout, max lifetime, min idle), the cache (entries

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 
+use crate::backend::PoolKey;
 use crate::metrics::{self as m, Metrics, Outcome};
 use crate::net::Peer;
 use crate::policy::Reason;
@@ -142,8 +143,8 @@ pub struct TableWrites {
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
     pub peer: Peer,
-    pub user: String,
-    pub database: String,
+    /// Its database and user (shared by the clients of a pool).
+    pub key: Arc<PoolKey>,
     pub since: SystemTime,
     /// The backend's pid, 0 while the session has none.
     pub backend_pid: Arc<AtomicI64>,
@@ -391,16 +392,10 @@ impl Stats {
     }
 
     /// Registers a connected client until the guard is dropped.
-    pub fn client(self: &Arc<Self>, peer: Peer, user: &str, database: &str) -> ClientGuard {
+    pub fn client(self: &Arc<Self>, peer: Peer, key: &Arc<PoolKey>) -> ClientGuard {
         let id = self.next_client.fetch_add(1, Ordering::Relaxed);
         let backend_pid = Arc::new(AtomicI64::new(0));
-        let info = ClientInfo {
-            peer,
-            user: user.to_owned(),
-            database: database.to_owned(),
-            since: SystemTime::now(),
-            backend_pid: backend_pid.clone(),
-        };
+        let info = ClientInfo { peer, key: key.clone(), since: SystemTime::now(), backend_pid: backend_pid.clone() };
         self.clients.lock().insert(id, info);
         self.metrics.gauge(m::CLIENT_CONNECTIONS, &[]).increment(1.0);
         ClientGuard { stats: self.clone(), id, backend_pid }

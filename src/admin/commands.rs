@@ -192,7 +192,7 @@ fn pools(ctx: &Context) -> ResultSet {
     let clients = ctx.stats.clients();
     for p in ctx.pools.all() {
         let s = p.stats();
-        let mine = clients.iter().filter(|c| c.user == p.key.user && c.database == p.key.database);
+        let mine = clients.iter().filter(|c| *c.key == p.key);
         let (mut holding, mut without) = (0, 0);
         for c in mine {
             match c.backend_pid.load(std::sync::atomic::Ordering::Relaxed) {
@@ -228,8 +228,8 @@ fn clients(ctx: &Context) -> ResultSet {
         let pid = c.backend_pid.load(std::sync::atomic::Ordering::Relaxed);
         r.row([
             c.peer.to_string(),
-            c.user,
-            c.database,
+            c.key.user.clone(),
+            c.key.database.clone(),
             humantime::format_rfc3339_seconds(c.since).to_string(),
             if pid == 0 { "none".into() } else { pid.to_string() },
         ]);

@@ -48,9 +48,9 @@ pub enum SessionError {
 /// [`SessionError::Internal`], so the client hears XX000 instead of a dropped connection and
 /// the log says what happened. What the future held is dropped during unwinding: a leased
 /// backend is closed, never reused.
-pub async fn guard<F>(work: F) -> Result<(), SessionError>
+pub async fn guard<F, T>(work: F) -> Result<T, SessionError>
 where
-    F: std::future::Future<Output = Result<(), SessionError>>,
+    F: std::future::Future<Output = Result<T, SessionError>>,
 {
     use futures_util::FutureExt;
     match std::panic::AssertUnwindSafe(work).catch_unwind().await {
@@ -168,7 +168,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panic_becomes_a_fatal_internal_error() {
-        let e = guard(async { panic!("index out of bounds") }).await.expect_err("the panic is caught");
+        let e = guard::<_, ()>(async { panic!("index out of bounds") }).await.expect_err("the panic is caught");
         assert!(matches!(&e, SessionError::Internal(m) if m == "index out of bounds"), "{e:?}");
         assert!(e.is_noteworthy());
         let Reply::Error(pg) = e.reply() else { panic!("an ErrorResponse") };
@@ -180,6 +180,9 @@ mod tests {
     #[tokio::test]
     async fn a_session_that_ends_normally_is_untouched() {
         assert!(guard(async { Ok(()) }).await.is_ok());
-        assert!(matches!(guard(async { Err(SessionError::ClientClosed) }).await, Err(SessionError::ClientClosed)));
+        assert!(matches!(
+            guard::<_, ()>(async { Err(SessionError::ClientClosed) }).await,
+            Err(SessionError::ClientClosed)
+        ));
     }
 }

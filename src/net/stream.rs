@@ -25,13 +25,15 @@ impl Stream {
 
     /// Waits until a read would find data (or the end), without reading, so that a reader
     /// can allocate its buffer only then. TLS streams may hold decrypted data already: they
-    /// return at once.
+    /// return at once. Its future is a pointer (an idle client waits with it: see
+    /// bench/idle.sh); only one task may wait on a stream at a time.
     pub async fn readable(&self) -> std::io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.readable().await,
-            Stream::Unix(s) => s.readable().await,
-            Stream::TlsClient(_) | Stream::TlsServer(_) => Ok(()),
-        }
+        std::future::poll_fn(|cx| match self {
+            Stream::Tcp(s) => s.poll_read_ready(cx),
+            Stream::Unix(s) => s.poll_read_ready(cx),
+            Stream::TlsClient(_) | Stream::TlsServer(_) => Poll::Ready(Ok(())),
+        })
+        .await
     }
 }
 

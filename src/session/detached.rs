@@ -72,6 +72,9 @@ pub enum Outcome {
         replica: usize,
         behind: BytesMut,
     },
+    /// Transaction pooling: the request was answered from the cache and the client has sent
+    /// nothing more; the session waits at rest.
+    Resting,
     ClientLeft,
 }
 
@@ -134,8 +137,12 @@ pub async fn run(
         if let Some(answer) = d.answer(&frames, false).await {
             client.send(&answer).await?;
             if client.rbuf.is_empty() {
-                // Waiting again: the buffer is made when the client next speaks.
+                // Waiting again: the buffer is made when the client next speaks, and a
+                // pooled session waits at rest (see `session::serve`).
                 client.rbuf = BytesMut::new();
+                if d.why == Why::Pooled {
+                    return Ok(Outcome::Resting);
+                }
             }
             continue;
         }

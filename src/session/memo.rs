@@ -104,7 +104,9 @@ struct Memo {
 /// invalidated with its whole table ([`super::effects::pinned_keys`]).
 #[derive(Default)]
 pub struct Assessments {
-    entries: HashMap<usize, Memo>,
+    /// Boxed: a table's buckets are its entries' size, and a session with one shape has room
+    /// for four (an idle session keeps this; see bench/idle.sh).
+    entries: HashMap<usize, Box<Memo>>,
     /// The interned ids of the session's current settings key parts (with and without the
     /// role); the `Bytes` kept alive so their address identifies them.
     settings: Vec<(Bytes, u64)>,
@@ -165,6 +167,8 @@ impl Assessments {
         if self.settings.len() >= 2 {
             self.settings.remove(0);
         }
+        // Room for the two kept, not the four a first push makes (idle sessions keep this).
+        self.settings.reserve_exact(1);
         self.settings.push((part, id));
         id
     }
@@ -191,11 +195,10 @@ impl Assessments {
         if self.entries.len() >= MAX_ENTRIES && !self.entries.contains_key(&c.shape_id()) {
             self.entries.clear();
         }
-        let m = self.entries.entry(c.shape_id()).or_insert_with(|| Memo {
-            _shape: c.shape().clone(),
-            kept: Vec::new(),
-            calls: None,
-        });
+        let m = self
+            .entries
+            .entry(c.shape_id())
+            .or_insert_with(|| Box::new(Memo { _shape: c.shape().clone(), kept: Vec::new(), calls: None }));
         m.calls = Some((catalog, until, may_write));
     }
 
@@ -208,11 +211,10 @@ impl Assessments {
         if self.entries.len() >= MAX_ENTRIES && !self.entries.contains_key(&c.shape_id()) {
             self.entries.clear();
         }
-        let m = self.entries.entry(c.shape_id()).or_insert_with(|| Memo {
-            _shape: c.shape().clone(),
-            kept: Vec::with_capacity(1),
-            calls: None,
-        });
+        let m = self
+            .entries
+            .entry(c.shape_id())
+            .or_insert_with(|| Box::new(Memo { _shape: c.shape().clone(), kept: Vec::with_capacity(1), calls: None }));
         // A verdict drawn under conditions that no longer hold is never matched again.
         m.kept.retain(|(s, ..)| s != &stamp && s.rules == stamp.rules && s.catalog == stamp.catalog);
         if m.kept.len() >= MAX_PER_SHAPE {

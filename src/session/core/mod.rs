@@ -27,6 +27,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod query;
 pub mod queue;
+pub mod rest;
 pub mod route;
 pub mod settings;
 pub mod tracker;
