@@ -549,3 +549,31 @@ async fn shutdown_closes_clients_waiting_between_transactions_at_once() {
     let err = try_text(&a, "SELECT 2").await.expect_err("the session was closed");
     assert!(err.is_closed() || sqlstate(&err) == "57P01", "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_between_transactions_is_shown_without_a_backend() {
+    let (proxy, db, user) = setup("txn_show_idle", 2).await;
+    let c = proxy.connect(&db, &user).await;
+    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    // The client has its answer; its session gives the backend back and rests (SHOW CLIENTS
+    // and SHOW POOLS read this): it must not keep showing a backend another client may use.
+    let shown = || {
+        proxy
+            .shared
+            .stats
+            .clients()
+            .iter()
+            .map(|i| i.backend_pid.load(std::sync::atomic::Ordering::Relaxed))
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while shown() != [0] && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(shown(), [0], "the backend {pid} is still shown as the client's");
+    // In a transaction it is shown with its backend.
+    c.batch_execute("BEGIN").await.unwrap();
+    let in_tx: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_eq!(shown(), [i64::from(in_tx)]);
+    c.batch_execute("COMMIT").await.unwrap();
+}

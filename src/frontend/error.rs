@@ -55,15 +55,18 @@ where
     use futures_util::FutureExt;
     match std::panic::AssertUnwindSafe(work).catch_unwind().await {
         Ok(result) => result,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "panic".into());
-            Err(SessionError::Internal(what))
-        }
+        Err(panic) => Err(panicked(panic)),
     }
+}
+
+/// The error a caught panic becomes ([`guard`]).
+pub fn panicked(panic: Box<dyn std::any::Any + Send>) -> SessionError {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into());
+    SessionError::Internal(what)
 }
 
 /// A client message that breaks the protocol's rules (as opposed to one that cannot be

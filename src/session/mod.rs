@@ -125,7 +125,9 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Box<Startup
             break Err(e.into());
         }
     };
-    session.finish(ctx, client, result)
+    // Guarded as the stretches are (it needs no future of its own).
+    let finishing = std::panic::AssertUnwindSafe(|| session.finish(ctx, client, result));
+    std::panic::catch_unwind(finishing).unwrap_or_else(|panic| Err(frontend::error::panicked(panic)))
 }
 
 /// How a stretch of a session's life ended.
@@ -358,8 +360,9 @@ impl Session<Core> {
                 }
                 Ok(relay::Ending::Released) => {
                     // A cancel from now on finds nothing to cancel: this backend may soon run
-                    // another session's query.
+                    // another session's query; nor is it the client's any more (SHOW CLIENTS).
                     self.handle.set_backend(None);
+                    self.registered.backend_pid.store(0, std::sync::atomic::Ordering::Relaxed);
                     if !on_replica {
                         changed_parameters(&mut self.reported, &attached.conn_ref().params);
                     }
@@ -423,6 +426,8 @@ impl Session<Core> {
         tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, duration_ms, "client disconnected");
         match result {
             Ok(_) | Err(SessionError::ClientIo(_)) => Ok(()),
+            // A panic caught in a stretch: the client is told (XX000) by the caller.
+            Err(e @ SessionError::Internal(_)) => Err(e),
             // The relay already told the client.
             Err(e) => {
                 if e.is_noteworthy() {
