@@ -250,3 +250,36 @@ async fn clients_can_use_tls_and_it_can_be_required() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("requires TLS"), "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_in_transaction_pooling_carries_on_between_transactions() {
+    // Between transactions a session waits at rest, for the socket to be readable; over TLS
+    // decrypted bytes may already be waiting, so it waits by reading instead. Either way each
+    // statement (a transaction of its own, the backend given back after it) is answered.
+    let cluster = PgCluster::shared();
+    let (ca, cert, key) = test_pki(&["localhost", "127.0.0.1"]);
+    let dir = tempfile::tempdir().unwrap();
+    for (name, pem) in [("ca.pem", &ca), ("cert.pem", &cert), ("key.pem", &key)] {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let mut config = Proxy::config(cluster);
+    config.client.tls_cert = Some(dir.path().join("cert.pem"));
+    config.client.tls_key = Some(dir.path().join("key.pem"));
+    config.pool.mode = pgcache::config::PoolMode::Transaction;
+    config.pool.max_size = 1;
+    let proxy = Proxy::start(config).await;
+    let conninfo = format!(
+        "host=localhost port={} user={} dbname=postgres sslmode=verify-full sslrootcert={}",
+        proxy.port(),
+        cluster.superuser(),
+        dir.path().join("ca.pem").display()
+    );
+    let mut args = vec![conninfo, "-X".into(), "-At".into()];
+    for i in 1..=5 {
+        args.extend(["-c".into(), format!("SELECT {i}, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")]);
+    }
+    let out = common::run_tool("psql", args, vec![], None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    // pgcache's backend connection is not TLS here; the client's is (verify-full).
+    assert_eq!(stdout(&out).lines().collect::<Vec<_>>(), ["1|f", "2|f", "3|f", "4|f", "5|f"]);
+}
