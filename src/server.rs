@@ -179,55 +179,78 @@ struct Accepted {
 /// awaits besides the session — which waits between its stretches here — is boxed, each in a
 /// statement of its own (a temporary or a binding still in scope at an await keeps its room
 /// in the future, even once moved).
-async fn connection(accepted: Box<Accepted>) {
-    let Accepted { ctx, stream, peer, permit } = *accepted;
-    let (mut client, startup) = {
-        let accepting = Box::pin(frontend::accept(&ctx, stream, peer));
-        let Some((client, startup)) = accepting.await else { return };
-        (client, Box::new(startup))
-    };
-    let report = {
-        let result = match route(&ctx, &client, &startup, permit.is_some()) {
-            Route::Refused(e) => Err(*e),
-            Route::Console => {
-                let console = Box::pin(admin::console::serve(&ctx, &mut client, &startup));
-                frontend::guard(console).await
-            }
-            Route::Session => session::serve(&ctx, &mut client, startup).await,
+// An async fn would keep its arguments twice in its future (see below).
+#[allow(clippy::manual_async_fn)]
+fn connection(accepted: Box<Accepted>) -> impl Future<Output = ()> + Send {
+    // An async block rather than an async fn: its argument is not copied a second time.
+    async move {
+        let Accepted { ctx, stream, peer, permit } = *accepted;
+        let (mut client, startup) = {
+            let accepting = Box::pin(frontend::accept(&ctx, stream, peer));
+            let Some((client, startup)) = accepting.await else { return };
+            (client, Box::new(startup))
         };
-        let Err(e) = result else { return };
-        let client = &mut client;
-        Box::pin(async move { frontend::report(client, &e).await })
-    };
-    report.await;
+        let report = {
+            let result = match route(&ctx, &client, &startup, permit.is_some()) {
+                Route::Refused(why) => Err(why.error(&ctx)),
+                Route::Console => {
+                    let console = Box::pin(admin::console::serve(&ctx, &mut client, &startup));
+                    frontend::guard(console).await
+                }
+                Route::Session => session::serve(&ctx, &mut client, startup).await,
+            };
+            let Err(e) = result else { return };
+            let client = &mut client;
+            Box::pin(async move { frontend::report(client, &e).await })
+        };
+        report.await;
+    }
 }
 
-/// Where an opened connection goes.
+/// Where an opened connection goes (small: it is matched across the session's awaits).
+#[derive(Clone, Copy)]
 enum Route {
     Console,
     Session,
-    Refused(Box<SessionError>),
+    Refused(Refusal),
+}
+
+/// Why an opened connection is refused.
+#[derive(Clone, Copy)]
+enum Refusal {
+    /// `client.max_connections` reached.
+    TooMany,
+    /// `client.tls_required`, and the client did not use TLS (nor the Unix socket).
+    NeedsTls,
+}
+
+impl Refusal {
+    fn error(self, ctx: &Context) -> SessionError {
+        SessionError::Refused(match self {
+            Refusal::TooMany => PgError::fatal(
+                SqlState::TOO_MANY_CONNECTIONS,
+                format!(
+                    "sorry, too many clients already (pgcache client.max_connections = {})",
+                    ctx.config().client.max_connections
+                ),
+            ),
+            Refusal::NeedsTls => PgError::fatal(
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+                "pgcache requires TLS: connect with sslmode=require or stronger",
+            ),
+        })
+    }
 }
 
 /// Routes an opened connection, or refuses it: over the client limit (`admitted` false), or
 /// without TLS where it is required.
 fn route(ctx: &Context, client: &frontend::Client, startup: &Startup, admitted: bool) -> Route {
     let config = ctx.config();
-    let refused = |e| Route::Refused(Box::new(SessionError::Refused(e)));
     if !admitted {
-        return refused(PgError::fatal(
-            SqlState::TOO_MANY_CONNECTIONS,
-            format!(
-                "sorry, too many clients already (pgcache client.max_connections = {})",
-                config.client.max_connections
-            ),
-        ));
+        return Route::Refused(Refusal::TooMany);
     }
     if config.client.tls_required && !client.stream.is_tls() && client.peer != Peer::Unix {
-        return refused(PgError::fatal(
-            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
-            "pgcache requires TLS: connect with sslmode=require or stronger",
-        ));
+        return Route::Refused(Refusal::NeedsTls);
     }
     if startup.param("database") == Some(config.console.database.as_str()) {
         return Route::Console;

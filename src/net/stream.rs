@@ -28,12 +28,16 @@ impl Stream {
     /// return at once. Its future is a pointer (an idle client waits with it: see
     /// bench/idle.sh); only one task may wait on a stream at a time.
     pub async fn readable(&self) -> std::io::Result<()> {
-        std::future::poll_fn(|cx| match self {
+        std::future::poll_fn(|cx| self.poll_read_ready(cx)).await
+    }
+
+    /// [`Stream::readable`] as a poll.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
             Stream::Tcp(s) => s.poll_read_ready(cx),
             Stream::Unix(s) => s.poll_read_ready(cx),
             Stream::TlsClient(_) | Stream::TlsServer(_) => Poll::Ready(Ok(())),
-        })
-        .await
+        }
     }
 }
 

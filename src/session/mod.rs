@@ -103,31 +103,61 @@ fn backend_startup(ctx: &Context, startup: &Startup) -> Result<(PoolKey, Startup
 /// session waits as a compact struct ([`Session`] with its core at rest, [`core::rest`]):
 /// what it does at work lives in futures boxed for the stretch and dropped before it waits
 /// (see bench/idle.sh).
-pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: Box<Startup>) -> Result<(), SessionError> {
-    // Each stretch is a future of its own, boxed and guarded ([`frontend::guard`]: a panic
-    // becomes an error for the client, and what the stretch held is dropped — a leased backend
-    // closed): this one keeps only what waits between stretches.
-    let opening = Box::pin(Session::open(ctx, client, startup));
-    let mut session = Box::new(frontend::guard(opening).await?);
-    let result = loop {
-        let stretch = Box::pin(async { Ok(session.run(ctx, client).await) });
-        let resting = match frontend::guard(stretch).await {
-            Err(e) => break Err(e),
-            Ok(Stretch::Over(result)) => break result,
-            Ok(Stretch::Resting) => Session::rest(session),
+// An async fn would keep its arguments twice in its future (see below).
+#[allow(clippy::manual_async_fn)]
+pub fn serve<'a>(
+    ctx: &'a Arc<Context>,
+    client: &'a mut Client,
+    startup: Box<Startup>,
+) -> impl Future<Output = Result<(), SessionError>> + Send + 'a {
+    // An async block rather than an async fn: its arguments are not copied into its future
+    // a second time.
+    async move {
+        // Each stretch is a future of its own, boxed and guarded ([`frontend::guard`]: a panic
+        // becomes an error for the client, and what the stretch held is dropped — a leased backend
+        // closed): this one keeps only what waits between stretches.
+        let opening = Box::pin(Session::open(ctx, client, startup));
+        let mut session = Box::new(frontend::guard(opening).await?);
+        let result = loop {
+            let stretch = Box::pin(async { Ok(session.run(ctx, client).await) });
+            let resting = match frontend::guard(stretch).await {
+                Err(e) => break Err(e),
+                Ok(Stretch::Over(result)) => break result,
+                Ok(Stretch::Resting) => Session::rest(session),
+            };
+            let woken = Woken { shutdown: ctx.shutdown.cancelled(), stream: &client.stream }.await;
+            session = Session::wake(resting);
+            if let Err(e) = woken {
+                break Err(e.into());
+            }
         };
-        let woken = tokio::select! {
-            r = client.stream.readable() => r,
-            _ = ctx.shutdown.cancelled() => Ok(()),
-        };
-        session = Session::wake(resting);
-        if let Err(e) = woken {
-            break Err(e.into());
+        // Guarded as the stretches are (it needs no future of its own).
+        let finishing = std::panic::AssertUnwindSafe(|| session.finish(ctx, client, result));
+        std::panic::catch_unwind(finishing).unwrap_or_else(|panic| Err(frontend::error::panicked(panic)))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// What a session at rest waits for: its client's socket to be readable, or shutdown —
+    /// whichever comes first. A future of its own, as small as what it holds (`select!` keeps
+    /// more), since every idle client waits with one.
+    struct Woken<'a> {
+        #[pin]
+        shutdown: tokio_util::sync::WaitForCancellationFuture<'a>,
+        stream: &'a crate::net::Stream,
+    }
+}
+
+impl Future for Woken<'_> {
+    type Output = std::io::Result<()>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if this.shutdown.poll(cx).is_ready() {
+            return std::task::Poll::Ready(Ok(()));
         }
-    };
-    // Guarded as the stretches are (it needs no future of its own).
-    let finishing = std::panic::AssertUnwindSafe(|| session.finish(ctx, client, result));
-    std::panic::catch_unwind(finishing).unwrap_or_else(|panic| Err(frontend::error::panicked(panic)))
+        this.stream.poll_read_ready(cx)
+    }
 }
 
 /// How a stretch of a session's life ended.
