@@ -290,6 +290,23 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn an_idle_clients_task_stays_in_the_small_cell() {
+        // Every connected client, idle ones included, keeps this future in its task: tokio's
+        // task cell is 128-aligned, and at 272 bytes or less the cell is 384 (bench/idle.sh).
+        // A binding or temporary kept across an await, or an async fn's second copy of its
+        // arguments, pushes it to 512.
+        let config = Config::for_upstream("postgres://postgres@127.0.0.1:1/postgres").unwrap();
+        let ctx = Context::new(config, tokio_util::sync::CancellationToken::new()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let accepted = Box::new(Accepted { ctx, stream: Stream::Tcp(tcp), peer: Peer::Unix, permit: None });
+        let size = std::mem::size_of_val(&connection(accepted));
+        // Optimized builds lay it out a little tighter: 272 bytes in release, 280 in tests.
+        let most = if cfg!(debug_assertions) { 280 } else { 272 };
+        assert!(size <= most, "the connection's future is {size} bytes");
+    }
+
+    #[tokio::test]
     async fn a_unix_socket_in_use_is_refused_and_a_dead_one_replaced() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(".s.PGSQL.1");
