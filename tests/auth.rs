@@ -221,9 +221,9 @@ async fn verify_ca_ignores_the_name_verify_full_does_not() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_can_use_tls_and_it_can_be_required() {
-    let cluster = PgCluster::shared();
+/// pgcache's configuration with TLS for clients: a test certificate for localhost, written
+/// (with its CA, `ca.pem`) into the directory returned.
+fn tls_for_clients(cluster: &PgCluster) -> (pgcache::config::Config, tempfile::TempDir) {
     let (ca, cert, key) = test_pki(&["localhost", "127.0.0.1"]);
     let dir = tempfile::tempdir().unwrap();
     for (name, pem) in [("ca.pem", &ca), ("cert.pem", &cert), ("key.pem", &key)] {
@@ -232,6 +232,13 @@ async fn clients_can_use_tls_and_it_can_be_required() {
     let mut config = Proxy::config(cluster);
     config.client.tls_cert = Some(dir.path().join("cert.pem"));
     config.client.tls_key = Some(dir.path().join("key.pem"));
+    (config, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_can_use_tls_and_it_can_be_required() {
+    let cluster = PgCluster::shared();
+    let (mut config, dir) = tls_for_clients(cluster);
     config.client.tls_required = true;
     let proxy = Proxy::start(config).await;
     let conninfo = |mode: &str| {
@@ -257,14 +264,7 @@ async fn a_tls_client_in_transaction_pooling_carries_on_between_transactions() {
     // decrypted bytes may already be waiting, so it waits by reading instead. Either way each
     // statement (a transaction of its own, the backend given back after it) is answered.
     let cluster = PgCluster::shared();
-    let (ca, cert, key) = test_pki(&["localhost", "127.0.0.1"]);
-    let dir = tempfile::tempdir().unwrap();
-    for (name, pem) in [("ca.pem", &ca), ("cert.pem", &cert), ("key.pem", &key)] {
-        std::fs::write(dir.path().join(name), pem).unwrap();
-    }
-    let mut config = Proxy::config(cluster);
-    config.client.tls_cert = Some(dir.path().join("cert.pem"));
-    config.client.tls_key = Some(dir.path().join("key.pem"));
+    let (mut config, dir) = tls_for_clients(cluster);
     config.pool.mode = pgcache::config::PoolMode::Transaction;
     config.pool.max_size = 1;
     let proxy = Proxy::start(config).await;
