@@ -24,9 +24,9 @@ use super::core::Core;
 use super::core::flow::Flow;
 use super::core::settings::Settings;
 use super::core::tracker::Tracker;
-use super::{
-    KEYS, adopt, backend_startup, changed_parameters, core, detached, give_back, hand_back, leave, log_in, memo, relay,
-};
+use super::handover::{changed_parameters, give_back, hand_back, leave};
+use super::login::{KEYS, backend_startup, log_in};
+use super::{adopt, core, detached, memo, relay};
 
 /// Serves a client session from its StartupMessage to its end: logs in (leasing a backend),
 /// welcomes the client, and relays until one side ends.
