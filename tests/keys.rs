@@ -80,6 +80,41 @@ async fn search_path_time_zone_and_formats_are_in_the_key() {
     assert_eq!(text(&tokyo, "SELECT at FROM stamps").await, "2024-01-01 21:00:00+09");
 }
 
+/// Sessions of one database and user share what was decided of a statement, but only under
+/// the same search path: a rule naming `s1.v` caches `SELECT x FROM v` for the session whose
+/// path finds `s1.v`, and never for the one whose path finds `s2.v`, whichever decides first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_of_one_pool_share_decisions_only_under_the_same_search_path() {
+    let rules = "[[rule]]\nname = \"s1 only\"\nmatch = { tables = [\"s1.v\"] }\nttl = \"10m\"\n";
+    let e = cache_env(
+        PgCluster::shared(),
+        "shared_decisions",
+        "CREATE SCHEMA s1; CREATE SCHEMA s2;
+         CREATE TABLE s1.v (x text); INSERT INTO s1.v VALUES ('in s1');
+         CREATE TABLE s2.v (x text); INSERT INTO s2.v VALUES ('in s2');",
+        rules,
+        |_| {},
+    )
+    .await;
+    let sql = "SELECT x FROM v WHERE x IS NOT NULL";
+    let (one, two) = (e.proxy.connect(&e.db, "postgres").await, e.proxy.connect(&e.db, "postgres").await);
+    one.batch_execute("SET search_path = s1, public").await.unwrap();
+    two.batch_execute("SET search_path = s2, public").await.unwrap();
+    // The session that may not cache decides first; the one that may, second; then both again.
+    let before = executions(&e.admin, "FROM v WHERE x IS NOT NULL").await;
+    for _ in 0..3 {
+        assert_eq!(text(&two, sql).await, "in s2");
+        assert_eq!(text(&one, sql).await, "in s1");
+    }
+    // s2's three reads, and s1's first: s1's other two were answered from the cache.
+    assert_eq!(executions(&e.admin, "FROM v WHERE x IS NOT NULL").await - before, 4);
+    // A third session of the pool, with s1's path, is served what s1's decided.
+    let three = e.proxy.connect(&e.db, "postgres").await;
+    three.batch_execute("SET search_path = s1, public").await.unwrap();
+    assert_eq!(text(&three, sql).await, "in s1");
+    assert_eq!(executions(&e.admin, "FROM v WHERE x IS NOT NULL").await - before, 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn time_dependent_and_volatile_results_are_never_cached() {
     let e = env("CREATE TABLE n (x int); INSERT INTO n VALUES (1);

@@ -8,6 +8,7 @@
 //! any of those.
 
 pub mod cancel;
+pub mod verdicts;
 
 use std::sync::Arc;
 
@@ -79,6 +80,8 @@ pub struct Context {
     pub generations: Arc<Generations>,
     pub flights: Arc<Flights>,
     pub classifier: Arc<Classifier>,
+    /// What sessions of each database and user have decided of their statements.
+    pub verdicts: verdicts::Verdicts,
     pub catalog: Arc<Catalog>,
     pub peers: Arc<Peers>,
     pub stats: Arc<Stats>,
@@ -187,6 +190,7 @@ impl Context {
             generations,
             flights: Arc::new(Flights::default()),
             classifier: Arc::new(Classifier::default()),
+            verdicts: Default::default(),
             catalog,
             peers,
             rules: Arc::new(rules),

@@ -35,10 +35,11 @@ use super::core::flow::{Flow, Probe};
 use super::core::pipeline::Fill;
 use super::core::plan::Plan;
 use super::effects;
-use super::memo::{Assessments, Conditions, Stamp, Verdict};
+use super::memo::Assessments;
 use super::refresh;
 use super::relay::Relay;
 use super::replay;
+use crate::context::verdicts::{Conditions, Stamp, Verdict};
 
 /// The protocol-specific parts of a request.
 pub(super) enum Request<'a> {
@@ -115,7 +116,7 @@ pub enum Serve {
     /// are heard (or the rule accepts stale answers during an outage). A stale one goes to a
     /// backend, which refreshes it.
     Pooled,
-    /// Its backend went away: stale entries too, and only verdicts the session's memo already
+    /// Its backend went away: stale entries too, and only verdicts its pool's book already
     /// holds (Postgres, and so the catalog, may be down).
     Lost,
 }
@@ -282,8 +283,8 @@ impl Asker<'_> {
         }
     }
 
-    /// The session-free half of the decision ([`policy::assess`]), from the session's memo
-    /// when it still holds.
+    /// The session-free half of the decision ([`policy::assess`]), from its pool's book of
+    /// verdicts when one still holds.
     async fn assess(&mut self, sql: &str, c: &Classified) -> Verdict {
         let ctx = self.ctx;
         let settings = &self.flow.settings;
@@ -296,8 +297,8 @@ impl Asker<'_> {
             (set.version, set.pattern_matches(sql))
         };
         let now = Conditions { rules: version, catalog: epoch, role, search_path, patterns: patterns.as_deref() };
-        if let Some(v) = self.memo.get(c, &now, self.offline) {
-            return v.clone();
+        if let Some(v) = self.memo.book.get(c, &now, self.offline) {
+            return v;
         }
         if self.offline {
             return Verdict::Forward(Reason::CatalogUnavailable("the session's backend was lost".into()));
@@ -316,7 +317,7 @@ impl Asker<'_> {
             search_path: search_path.map(Into::into),
             patterns: if rules.version == version { patterns } else { rules.pattern_matches(sql) },
         };
-        self.memo.keep(c, stamp, Instant::now() + ctx.catalog.ttl(), &verdict);
+        self.memo.book.keep(c, stamp, Instant::now() + ctx.catalog.ttl(), &verdict);
         verdict
     }
 }

@@ -8,7 +8,7 @@
 //! - requests the cache can answer whole are answered ([`super::answer`], with the relay's own
 //!   lookup) — fresh entries, and (only when the backend was lost) stale ones and entries
 //!   within their rule's `stale_if_error` window when Postgres cannot be reached. After a lost
-//!   backend only verdicts the session's memo already holds are used (Postgres, and so the
+//!   backend only verdicts its pool's book already holds are used (Postgres, and so the
 //!   catalog, may be down);
 //! - any other request takes a backend (after a lost one, at most once a second while
 //!   Postgres is down): the session's settings are given to it — nothing to do when the

@@ -273,7 +273,7 @@ async fn function_effects(ctx: &Context, database: &str, c: &Classified, memo: &
         return Vec::new();
     }
     let epoch = ctx.catalog.epoch();
-    let may_write = match memo.calls_may_write(c, epoch) {
+    let may_write = match memo.book.calls_may_write(c, epoch) {
         Some(known) => known,
         None => {
             let functions = ctx.catalog.functions(database, &c.functions).await;
@@ -281,7 +281,7 @@ async fn function_effects(ctx: &Context, database: &str, c: &Classified, memo: &
             match (functions, operators) {
                 (Ok(f), Ok(o)) => {
                     let may_write = f.iter().chain(&o).any(|f| f.may_write);
-                    memo.keep_calls(c, epoch, Instant::now() + ctx.catalog.ttl(), may_write);
+                    memo.book.keep_calls(c, epoch, Instant::now() + ctx.catalog.ttl(), may_write);
                     may_write
                 }
                 _ => return vec![Effect::Unknown("catalog unavailable for a function call")],

@@ -219,11 +219,12 @@ impl Session<Core> {
         let registered = ctx.stats.client(client.peer, &key);
         client.send(&frontend::welcome(&lease.conn_ref().params, handle.pid, handle.secret)).await?;
         tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, "client connected");
+        let memo = memo::Assessments::new(ctx.verdicts.book(&key));
         Ok(Session {
             core,
             key,
             params,
-            memo: memo::Assessments::default(),
+            memo,
             reported: lease.conn_ref().params.clone(),
             lease: Some(lease),
             home: None,

@@ -229,7 +229,7 @@ async fn fill(
         (Some(e), Some(bind)) => Request::Extended { param_types: &e.param_types, bind },
         _ => Request::Simple,
     };
-    let mut memo = Assessments::default();
+    let mut memo = Assessments::new(ctx.verdicts.book(pool));
     let mut asker = Asker { ctx, key: pool, flow: &flow, memo: &mut memo, offline: false };
     let (key, a, l2) = match asker.look(&r.sql, c, &req, false).await {
         Looked::Missing { key, a, l2 } => (key, a, l2),
