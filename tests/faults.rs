@@ -205,6 +205,43 @@ async fn five_hundred_concurrent_clients() {
     assert!(n <= 41, "{n} backends for a pool of 40 (plus this admin)");
 }
 
+/// A crowd of clients logging in before any of them is known (cleartext: Postgres judges
+/// each password on a connection opened for it) opens no more connections than the pool may
+/// hold: with Postgres allowing 20 connections and a pool of 5, 200 first log-ins at once all
+/// get in, and Postgres never refuses one for want of connections (53300).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_of_first_log_ins_stays_within_the_pool() {
+    common::raise_fd_limit();
+    let cluster = PgCluster::start(ClusterOptions { conf: vec!["max_connections = 20".into()], ..Default::default() });
+    let mut config = Proxy::config(&cluster);
+    assert_eq!(config.auth.method, pgcache::config::AuthMethod::Cleartext);
+    config.pool.max_size = 5;
+    config.pool.acquire_timeout = Duration::from_secs(60);
+    let proxy = Proxy::start(config).await;
+    let url = proxy.url("postgres", "postgres");
+    let tasks: Vec<_> = (0..200i32)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let c = try_connect(&url).await?;
+                c.query_one("SELECT $1::int4 + 1", &[&i]).await.map(|r| r.get::<_, i32>(0))
+            })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let i = i as i32;
+        assert_eq!(t.await.unwrap().unwrap_or_else(|e| panic!("client {i}: {e:?}")), i + 1);
+    }
+    let admin = cluster.admin("postgres").await;
+    let n: i64 = admin
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The pool's five, pgcache's catalog connection and this admin.
+    assert!(n <= 7, "{n} backends for a pool of 5");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_running_statements_and_exits_zero() {
     let cluster = PgCluster::shared();

@@ -324,7 +324,7 @@ impl Pool {
 
     /// Takes into the pool a connection opened outside it (a log-in Postgres just accepted),
     /// lent to its session: waits up to the acquire timeout for a slot, as [`Pool::acquire`].
-    pub async fn adopt(self: &Arc<Self>, conn: Connection) -> Result<Lease, PoolError> {
+    async fn adopt(self: &Arc<Self>, conn: Connection) -> Result<Lease, PoolError> {
         let asked = Instant::now();
         let counted = Waiting::new(&self.waiting);
         let waited = tokio::time::timeout(self.settings.acquire_timeout, self.slots.clone().acquire_owned()).await;
@@ -524,6 +524,8 @@ pub struct Pools {
     endpoint: Arc<Endpoint>,
     pub credentials: Arc<Credentials>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// Log-ins on connections of their own for keys without a pool yet ([`Pools::log_in`]).
+    first_logins: Arc<Semaphore>,
     metrics: Arc<Metrics>,
 }
 
@@ -535,12 +537,55 @@ impl Pools {
         metrics: Arc<Metrics>,
     ) -> Self {
         Pools {
-            settings,
             endpoint,
             credentials: Arc::new(Credentials::new(verify_interval)),
             pools: Mutex::new(HashMap::new()),
+            first_logins: Arc::new(Semaphore::new(settings.max_size.max(1))),
+            settings,
             metrics,
         }
+    }
+
+    /// A backend for a log-in whose password Postgres must judge, on a connection opened for
+    /// it, within the pools' bounds: through its pool's slots when the pool exists (a client of
+    /// the same database and user logged in before), else as one of at most `max_size` first
+    /// log-ins at a time, each holding its place until its connection has a slot. A crowd of
+    /// clients arriving before the first of them has logged in so never opens a connection
+    /// each (which could take every connection Postgres allows), and a pool is still made only
+    /// for a log-in Postgres accepted.
+    pub async fn log_in(
+        &self,
+        key: &PoolKey,
+        startup: &StartupParams,
+        secret: Option<&Secret>,
+    ) -> Result<Lease, PoolError> {
+        let existing = || self.pools.lock().get(key).cloned();
+        if let Some(pool) = existing() {
+            return pool.acquire(startup, secret, true).await;
+        }
+        let waited = tokio::time::timeout(self.settings.acquire_timeout, self.first_logins.clone().acquire_owned());
+        let _place = match waited.await {
+            Ok(Ok(place)) => place,
+            Ok(Err(_)) => return Err(PoolError::Closed),
+            Err(_) => {
+                return Err(PoolError::Timeout {
+                    database: key.database.clone(),
+                    user: key.user.clone(),
+                    timeout: self.settings.acquire_timeout,
+                    max: self.settings.max_size,
+                });
+            }
+        };
+        // Another client's log-in made the pool meanwhile.
+        if let Some(pool) = existing() {
+            return pool.acquire(startup, secret, true).await;
+        }
+        let conn = Connection::connect(&self.endpoint, startup.clone(), secret).await.inspect_err(|e| {
+            if e.is_refusal() {
+                self.metrics.backend_error();
+            }
+        })?;
+        self.get(key).adopt(conn).await
     }
 
     pub fn endpoint(&self) -> &Arc<Endpoint> {

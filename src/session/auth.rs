@@ -18,11 +18,13 @@
 //! Nothing is created for a client that has not logged in: its pool (and the pool's metric
 //! series) is made only once the client has proved who it is — for `cleartext`, once Postgres
 //! has accepted its password on a connection opened for that purpose, which then joins the
-//! pool. Failed log-ins are counted (`pgcache_login_failures_total`).
+//! pool (connections opened for log-ins wait for a pool slot first, so a crowd of clients
+//! logging in at once never opens more than the pools may hold). Failed log-ins are counted
+//! (`pgcache_login_failures_total`).
 
 use crate::backend::connection::StartupParams;
 use crate::backend::credentials::Known;
-use crate::backend::{ConnectError, Connection, Lease, PoolError, PoolKey, Secret};
+use crate::backend::{ConnectError, Lease, PoolError, PoolKey, Secret};
 use crate::config::{AuthMethod, Password};
 use crate::context::Context;
 use crate::frontend::scram;
@@ -97,8 +99,11 @@ async fn cleartext(
     fresh(client, ctx, key, startup, None).await
 }
 
-/// Logs in on a connection of its own, asking the client for a password if Postgres wants
-/// one; once Postgres has accepted, the login is remembered and the connection joins the pool.
+/// Logs in on a connection of its own (within the pools' bounds, [`Pools::log_in`]), asking
+/// the client for a password if Postgres wants one; once Postgres has accepted, the login is
+/// remembered and the connection is the session's.
+///
+/// [`Pools::log_in`]: crate::backend::Pools::log_in
 async fn fresh(
     client: &mut Client,
     ctx: &Context,
@@ -109,21 +114,19 @@ async fn fresh(
     let allow = ctx.config().auth.allow_plaintext_over_network;
     loop {
         let secret = password.clone().map(Secret::Password);
-        match Connection::connect(ctx.pools.endpoint(), startup.clone(), secret.as_ref()).await {
-            Ok(conn) => {
+        match ctx.pools.log_in(key, startup, secret.as_ref()).await {
+            Ok(lease) => {
                 ctx.pools.credentials.remember(key, secret.as_ref());
-                return Ok(ctx.pools.get(key).adopt(conn).await?);
+                return Ok(lease);
             }
-            Err(ConnectError::PasswordRequired) if password.is_none() => {
+            Err(PoolError::Connect(ConnectError::PasswordRequired)) if password.is_none() => {
                 password = Some(frontend::ask_password(client, allow).await?);
             }
             Err(e) => {
-                if e.is_bad_password() {
+                if matches!(&e, PoolError::Connect(e) if e.is_bad_password()) {
                     ctx.stats.metrics.counter(metrics::LOGIN_FAILURES, &[]).increment(1);
-                } else if !matches!(e, ConnectError::Server { .. }) {
-                    ctx.stats.metrics.backend_error();
                 }
-                return Err(PoolError::Connect(e).into());
+                return Err(e.into());
             }
         }
     }
