@@ -91,6 +91,34 @@ async fn wrong_password_is_refused_with_28p01_and_leaks_nothing() {
     assert_eq!(backends_of(&cluster, "md5_user").await, before, "failed logins left backend connections behind");
 }
 
+/// A log-in Postgres has not yet accepted touches nothing of its pool: wrong passwords for a
+/// user whose pool holds an idle backend leave that backend to the next client who logs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_leaves_the_pools_idle_backend_alone() {
+    let cluster = auth_cluster().await;
+    let proxy = Proxy::with_defaults(&cluster).await;
+    let pid = |c: tokio_postgres::Client| async move {
+        c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get::<_, i32>(0)
+    };
+    let first = pid(try_connect(&url(&proxy, "clear_user", "plain")).await.unwrap()).await;
+    // The session is over and its backend idle in the pool once it has been reset.
+    let key = pgcache::backend::PoolKey { database: "postgres".into(), user: "clear_user".into() };
+    let pool = proxy.shared.pools.get(&key);
+    for _ in 0..500 {
+        if pool.stats().idle == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(pool.stats().idle, 1);
+    for _ in 0..3 {
+        let err = try_connect(&url(&proxy, "clear_user", "wrong")).await.expect_err("refused");
+        assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD), "{err}");
+    }
+    let next = pid(try_connect(&url(&proxy, "clear_user", "plain")).await.unwrap()).await;
+    assert_eq!(next, first, "the idle backend was given to the next client");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trust_upstream_needs_no_password() {
     let cluster = auth_cluster().await;

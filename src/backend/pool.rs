@@ -295,7 +295,7 @@ impl Pool {
         };
         self.metrics.pool_wait(&self.key.database, &self.key.user, asked.elapsed());
         *self.last_startup.lock() = Some(startup.clone());
-        while let Some(mut conn) = self.take_idle(startup).filter(|_| !fresh) {
+        while let Some(mut conn) = if fresh { None } else { self.take_idle(startup) } {
             if conn.is_alive() && !self.expired(&conn) {
                 return Ok(Lease::new(conn, permit, self.clone()));
             }
@@ -322,28 +322,35 @@ impl Pool {
         }
     }
 
-    /// Takes into the pool a connection opened outside it (a log-in Postgres just accepted),
-    /// lent to its session: waits up to the acquire timeout for a slot, as [`Pool::acquire`].
-    async fn adopt(self: &Arc<Self>, conn: Connection) -> Result<Lease, PoolError> {
-        let asked = Instant::now();
-        let counted = Waiting::new(&self.waiting);
-        let waited = tokio::time::timeout(self.settings.acquire_timeout, self.slots.clone().acquire_owned()).await;
-        drop(counted);
-        let permit = match waited {
+    /// A backend for a log-in whose password Postgres must judge, on a connection opened for
+    /// it once a slot is free. Unlike [`Pool::acquire`], nothing of the pool is touched before
+    /// Postgres has accepted the log-in: no idle connection is taken or closed, the startup
+    /// parameters are not remembered, the wait is not counted against `pool.max_waiting`, and
+    /// a failure (a wrong password, authentication slower than the connect timeout) is not
+    /// taken for Postgres being unavailable; nor is a recent such failure a reason to refuse.
+    pub async fn log_in(
+        self: &Arc<Self>,
+        startup: &StartupParams,
+        secret: Option<&Secret>,
+    ) -> Result<Lease, PoolError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(PoolError::Closed);
+        }
+        let permit = match tokio::time::timeout(self.settings.acquire_timeout, self.slots.clone().acquire_owned()).await
+        {
             Ok(Ok(p)) => p,
-            Ok(Err(_)) => {
-                tokio::spawn(conn.terminate());
-                return Err(PoolError::Closed);
-            }
-            Err(_) => {
-                tokio::spawn(conn.terminate());
-                return Err(self.timeout());
-            }
+            Ok(Err(_)) => return Err(PoolError::Closed),
+            Err(_) => return Err(self.timeout()),
         };
-        self.metrics.pool_wait(&self.key.database, &self.key.user, asked.elapsed());
+        let conn = Connection::connect(&self.endpoint, startup.clone(), secret).await?;
+        Ok(self.admit(conn, permit))
+    }
+
+    /// `conn`, a log-in Postgres accepted, lent to its session in the slot `permit` holds.
+    fn admit(self: &Arc<Self>, conn: Connection, permit: OwnedSemaphorePermit) -> Lease {
         *self.last_startup.lock() = Some(conn.startup.clone());
         self.make_room(&permit);
-        Ok(Lease::new(conn, permit, self.clone()))
+        Lease::new(conn, permit, self.clone())
     }
 
     fn timeout(&self) -> PoolError {
@@ -548,11 +555,12 @@ impl Pools {
 
     /// A backend for a log-in whose password Postgres must judge, on a connection opened for
     /// it, within the pools' bounds: through its pool's slots when the pool exists (a client of
-    /// the same database and user logged in before), else as one of at most `max_size` first
-    /// log-ins at a time, each holding its place until its connection has a slot. A crowd of
-    /// clients arriving before the first of them has logged in so never opens a connection
-    /// each (which could take every connection Postgres allows), and a pool is still made only
-    /// for a log-in Postgres accepted.
+    /// the same database and user logged in before; [`Pool::log_in`]), else as one of at most
+    /// `max_size` first log-ins connecting at once. A crowd of clients arriving before the first
+    /// of them has logged in so never opens a connection each (which could take every
+    /// connection Postgres allows), and a pool is still made only for a log-in Postgres
+    /// accepted. A place is held only while connecting: a flood of failing log-ins for unknown
+    /// users delays other first log-ins by their turn in a fair queue, not longer.
     pub async fn log_in(
         &self,
         key: &PoolKey,
@@ -561,10 +569,10 @@ impl Pools {
     ) -> Result<Lease, PoolError> {
         let existing = || self.pools.lock().get(key).cloned();
         if let Some(pool) = existing() {
-            return pool.acquire(startup, secret, true).await;
+            return pool.log_in(startup, secret).await;
         }
         let waited = tokio::time::timeout(self.settings.acquire_timeout, self.first_logins.clone().acquire_owned());
-        let _place = match waited.await {
+        let place = match waited.await {
             Ok(Ok(place)) => place,
             Ok(Err(_)) => return Err(PoolError::Closed),
             Err(_) => {
@@ -576,16 +584,26 @@ impl Pools {
                 });
             }
         };
-        // Another client's log-in made the pool meanwhile.
+        // Another client's log-in made the pool meanwhile: its slots bound this one.
         if let Some(pool) = existing() {
-            return pool.acquire(startup, secret, true).await;
+            drop(place);
+            return pool.log_in(startup, secret).await;
         }
-        let conn = Connection::connect(&self.endpoint, startup.clone(), secret).await.inspect_err(|e| {
-            if e.is_refusal() {
-                self.metrics.backend_error();
+        let conn = Connection::connect(&self.endpoint, startup.clone(), secret).await?;
+        // Made before the place is given up, so the next in line goes through its slots. Made
+        // since by another first log-in, its slots may all be taken: this connection, open
+        // already, waits for one.
+        let pool = self.get(key);
+        drop(place);
+        let permit = match tokio::time::timeout(self.settings.acquire_timeout, pool.slots.clone().acquire_owned()).await
+        {
+            Ok(Ok(p)) => p,
+            waited => {
+                tokio::spawn(conn.terminate());
+                return Err(if waited.is_err() { pool.timeout() } else { PoolError::Closed });
             }
-        })?;
-        self.get(key).adopt(conn).await
+        };
+        Ok(pool.admit(conn, permit))
     }
 
     pub fn endpoint(&self) -> &Arc<Endpoint> {

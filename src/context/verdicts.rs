@@ -31,7 +31,8 @@ use crate::policy::{Assessed, Assessment, Reason};
 use crate::query::Classified;
 use crate::query::classify::Shape;
 
-/// Above this many shapes a book starts over (sessions that generate SQL endlessly).
+/// Above this many shapes a book gives one up for each new one (sessions that generate SQL
+/// endlessly).
 const MAX_ENTRIES: usize = 2048;
 
 /// Above this many verdicts for one shape, the oldest goes (texts of one shape matching
@@ -143,6 +144,11 @@ impl Book {
         }
         let mut entries = self.entries.lock();
         let m = memo(&mut entries, c);
+        // Drawn under a rule set or catalog facts older than a verdict kept meanwhile (a slow
+        // look-up): it would never be matched again, nor should it push that one out.
+        if m.kept.iter().any(|(s, ..)| s.rules > stamp.rules || s.catalog > stamp.catalog) {
+            return;
+        }
         // A verdict drawn under conditions that no longer hold is never matched again.
         m.kept.retain(|(s, ..)| s != &stamp && s.rules == stamp.rules && s.catalog == stamp.catalog);
         if m.kept.len() >= MAX_PER_SHAPE {
@@ -161,10 +167,15 @@ impl Book {
     }
 }
 
-/// `c`'s memo in `entries`, made if missing (starting over when the book is full).
+/// `c`'s memo in `entries`, made if missing (in place of another shape's when the book is
+/// full: a session generating endless new SQL costs the others of its pool a look-up now and
+/// then, not every verdict at once).
 fn memo<'a>(entries: &'a mut HashMap<usize, Memo>, c: &Classified) -> &'a mut Memo {
-    if entries.len() >= MAX_ENTRIES && !entries.contains_key(&c.shape_id()) {
-        entries.clear();
+    if entries.len() >= MAX_ENTRIES
+        && !entries.contains_key(&c.shape_id())
+        && let Some(&other) = entries.keys().next()
+    {
+        entries.remove(&other);
     }
     entries.entry(c.shape_id()).or_insert_with(|| Memo { _shape: c.shape().clone(), kept: Vec::new(), calls: None })
 }
@@ -239,9 +250,9 @@ mod tests {
         m.keep(c, patterned(&[]), later, &Verdict::Forward(Reason::NoMatch));
         assert!(m.get(c, &texts(&[]), false).is_some(), "a text matching the same patterns");
         assert!(m.get(c, &texts(&[3]), false).is_some(), "the other text's, still kept");
-        m.keep(c, stamp(1, "public"), Instant::now(), &Verdict::Forward(Reason::NoMatch));
-        assert!(m.get(c, &now(1, 7, "app", "public"), false).is_none(), "past the catalog's TTL");
-        assert!(m.get(c, &now(1, 7, "app", "public"), true).is_some(), "of any age while offline");
+        m.keep(c, stamp(3, "public"), Instant::now(), &Verdict::Forward(Reason::NoMatch));
+        assert!(m.get(c, &now(3, 7, "app", "public"), false).is_none(), "past the catalog's TTL");
+        assert!(m.get(c, &now(3, 7, "app", "public"), true).is_some(), "of any age while offline");
     }
 
     #[test]
@@ -271,6 +282,34 @@ mod tests {
         assert_eq!(m.calls_may_write(c, 7), Some(true), "a verdict kept beside it");
         m.keep_calls(c, 7, Instant::now(), false);
         assert_eq!(m.calls_may_write(c, 7), None, "past the catalog's TTL");
+    }
+
+    #[test]
+    fn a_verdict_drawn_under_older_facts_does_not_replace_a_newer_one() {
+        let statements = Arc::new(crate::query::classify::classify("SELECT 1"));
+        let c = &statements[0];
+        let m = Book::default();
+        let later = Instant::now() + Duration::from_secs(60);
+        let at = |catalog| Stamp { catalog, ..stamp(1, "p") };
+        m.keep(c, at(8), later, &Verdict::Forward(Reason::NoMatch));
+        m.keep(c, at(7), later, &Verdict::Forward(Reason::NoRules));
+        assert!(m.get(c, &now(1, 8, "app", "p"), false).is_some(), "the newer one kept");
+        assert!(m.get(c, &now(1, 7, "app", "p"), false).is_none());
+    }
+
+    #[test]
+    fn a_full_book_gives_up_one_shape_for_a_new_one() {
+        let classifier = crate::query::Classifier::default();
+        let m = Book::default();
+        let later = Instant::now() + Duration::from_secs(60);
+        let shapes: Vec<_> =
+            (0..MAX_ENTRIES + 1).map(|i| classifier.classify(&format!("SELECT c{i} FROM t"))).collect();
+        for s in &shapes {
+            m.keep(&s[0], stamp(1, "p"), later, &Verdict::Forward(Reason::NoMatch));
+        }
+        assert_eq!(m.len(), MAX_ENTRIES);
+        let kept = shapes.iter().filter(|s| m.get(&s[0], &now(1, 7, "app", "p"), false).is_some()).count();
+        assert_eq!(kept, MAX_ENTRIES);
     }
 
     #[test]
