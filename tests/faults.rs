@@ -171,6 +171,13 @@ async fn pool_exhaustion_returns_53300_after_the_acquire_timeout() {
     proxy.connect("postgres", &user).await.simple_query("SELECT 1").await.unwrap();
 }
 
+/// The client backends Postgres has (this query's own included).
+async fn client_backends(cluster: &PgCluster) -> i64 {
+    let admin = cluster.admin("postgres").await;
+    let sql = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'";
+    admin.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_concurrent_clients() {
     common::raise_fd_limit();
@@ -196,12 +203,7 @@ async fn five_hundred_concurrent_clients() {
         let i = i as i32;
         assert_eq!(t.await.unwrap().unwrap_or_else(|e| panic!("client {i}: {e:?}")), 5 * i + 10);
     }
-    let admin = cluster.admin("postgres").await;
-    let n: i64 = admin
-        .query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = client_backends(&cluster).await;
     assert!(n <= 41, "{n} backends for a pool of 40 (plus this admin)");
 }
 
@@ -232,12 +234,7 @@ async fn a_crowd_of_first_log_ins_stays_within_the_pool() {
         let i = i as i32;
         assert_eq!(t.await.unwrap().unwrap_or_else(|e| panic!("client {i}: {e:?}")), i + 1);
     }
-    let admin = cluster.admin("postgres").await;
-    let n: i64 = admin
-        .query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = client_backends(&cluster).await;
     // The pool's five, pgcache's catalog connection and this admin.
     assert!(n <= 7, "{n} backends for a pool of 5");
 }
