@@ -91,12 +91,16 @@ async fn wrong_password_is_refused_with_28p01_and_leaks_nothing() {
     assert_eq!(backends_of(&cluster, "md5_user").await, before, "failed logins left backend connections behind");
 }
 
-/// A log-in Postgres has not yet accepted touches nothing of its pool: wrong passwords for a
-/// user whose pool holds an idle backend leave that backend to the next client who logs in.
+/// A log-in Postgres has not yet accepted changes nothing of its pool: wrong passwords for a
+/// user whose pool (of one backend) holds an idle backend leave that backend to the next
+/// client who logs in — set aside while each wrong password is tried, so that the pool never
+/// has two connections open, and taken back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_leaves_the_pools_idle_backend_alone() {
     let cluster = auth_cluster().await;
-    let proxy = Proxy::with_defaults(&cluster).await;
+    let mut config = Proxy::config(&cluster);
+    config.pool.max_size = 1;
+    let proxy = Proxy::start(config).await;
     let pid = |c: tokio_postgres::Client| async move {
         c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get::<_, i32>(0)
     };

@@ -144,9 +144,11 @@ impl Book {
         }
         let mut entries = self.entries.lock();
         let m = memo(&mut entries, c);
-        // Drawn under a rule set or catalog facts older than a verdict kept meanwhile (a slow
-        // look-up): it would never be matched again, nor should it push that one out.
-        if m.kept.iter().any(|(s, ..)| s.rules > stamp.rules || s.catalog > stamp.catalog) {
+        // Drawn under catalog facts older than a verdict of the same rule set kept meanwhile (a
+        // slow look-up): it would never be matched again, nor should it push that one out.
+        // (Rule set versions are not compared so: concurrent reloads may store them out of
+        // order, and the verdicts of the set in force must be kept whatever its number.)
+        if m.kept.iter().any(|(s, ..)| s.rules == stamp.rules && s.catalog > stamp.catalog) {
             return;
         }
         // A verdict drawn under conditions that no longer hold is never matched again.

@@ -12,6 +12,8 @@
 //! busy or dirty backend is never reused. The same acquire/release pair serves a session for
 //! its whole life (session pooling) or for one transaction.
 
+mod login;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -322,35 +324,11 @@ impl Pool {
         }
     }
 
-    /// A backend for a log-in whose password Postgres must judge, on a connection opened for
-    /// it once a slot is free. Unlike [`Pool::acquire`], nothing of the pool is touched before
-    /// Postgres has accepted the log-in: no idle connection is taken or closed, the startup
-    /// parameters are not remembered, the wait is not counted against `pool.max_waiting`, and
-    /// a failure (a wrong password, authentication slower than the connect timeout) is not
-    /// taken for Postgres being unavailable; nor is a recent such failure a reason to refuse.
-    pub async fn log_in(
-        self: &Arc<Self>,
-        startup: &StartupParams,
-        secret: Option<&Secret>,
-    ) -> Result<Lease, PoolError> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(PoolError::Closed);
-        }
-        let permit = match tokio::time::timeout(self.settings.acquire_timeout, self.slots.clone().acquire_owned()).await
-        {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(PoolError::Closed),
-            Err(_) => return Err(self.timeout()),
-        };
-        let conn = Connection::connect(&self.endpoint, startup.clone(), secret).await?;
-        Ok(self.admit(conn, permit))
-    }
-
-    /// `conn`, a log-in Postgres accepted, lent to its session in the slot `permit` holds.
-    fn admit(self: &Arc<Self>, conn: Connection, permit: OwnedSemaphorePermit) -> Lease {
-        *self.last_startup.lock() = Some(conn.startup.clone());
-        self.make_room(&permit);
-        Lease::new(conn, permit, self.clone())
+    /// The oldest idle connection, taken out if opening one more would exceed the pool size.
+    fn room_for(&self, _held: &OwnedSemaphorePermit) -> Option<Idle> {
+        let lent = self.settings.max_size - self.slots.available_permits();
+        let mut idle = self.idle.lock();
+        if idle.len() + lent > self.settings.max_size { idle.pop_front() } else { None }
     }
 
     fn timeout(&self) -> PoolError {
@@ -382,12 +360,8 @@ impl Pool {
     }
 
     /// Closes the oldest idle connection if opening one more would exceed the pool size.
-    fn make_room(&self, _held: &OwnedSemaphorePermit) {
-        let lent = self.settings.max_size - self.slots.available_permits();
-        let mut idle = self.idle.lock();
-        if idle.len() + lent > self.settings.max_size
-            && let Some(old) = idle.pop_front()
-        {
+    fn make_room(&self, held: &OwnedSemaphorePermit) {
+        if let Some(old) = self.room_for(held) {
             tokio::spawn(old.conn.terminate());
         }
     }
@@ -551,59 +525,6 @@ impl Pools {
             settings,
             metrics,
         }
-    }
-
-    /// A backend for a log-in whose password Postgres must judge, on a connection opened for
-    /// it, within the pools' bounds: through its pool's slots when the pool exists (a client of
-    /// the same database and user logged in before; [`Pool::log_in`]), else as one of at most
-    /// `max_size` first log-ins connecting at once. A crowd of clients arriving before the first
-    /// of them has logged in so never opens a connection each (which could take every
-    /// connection Postgres allows), and a pool is still made only for a log-in Postgres
-    /// accepted. A place is held only while connecting: a flood of failing log-ins for unknown
-    /// users delays other first log-ins by their turn in a fair queue, not longer.
-    pub async fn log_in(
-        &self,
-        key: &PoolKey,
-        startup: &StartupParams,
-        secret: Option<&Secret>,
-    ) -> Result<Lease, PoolError> {
-        let existing = || self.pools.lock().get(key).cloned();
-        if let Some(pool) = existing() {
-            return pool.log_in(startup, secret).await;
-        }
-        let waited = tokio::time::timeout(self.settings.acquire_timeout, self.first_logins.clone().acquire_owned());
-        let place = match waited.await {
-            Ok(Ok(place)) => place,
-            Ok(Err(_)) => return Err(PoolError::Closed),
-            Err(_) => {
-                return Err(PoolError::Timeout {
-                    database: key.database.clone(),
-                    user: key.user.clone(),
-                    timeout: self.settings.acquire_timeout,
-                    max: self.settings.max_size,
-                });
-            }
-        };
-        // Another client's log-in made the pool meanwhile: its slots bound this one.
-        if let Some(pool) = existing() {
-            drop(place);
-            return pool.log_in(startup, secret).await;
-        }
-        let conn = Connection::connect(&self.endpoint, startup.clone(), secret).await?;
-        // Made before the place is given up, so the next in line goes through its slots. Made
-        // since by another first log-in, its slots may all be taken: this connection, open
-        // already, waits for one.
-        let pool = self.get(key);
-        drop(place);
-        let permit = match tokio::time::timeout(self.settings.acquire_timeout, pool.slots.clone().acquire_owned()).await
-        {
-            Ok(Ok(p)) => p,
-            waited => {
-                tokio::spawn(conn.terminate());
-                return Err(if waited.is_err() { pool.timeout() } else { PoolError::Closed });
-            }
-        };
-        Ok(pool.admit(conn, permit))
     }
 
     pub fn endpoint(&self) -> &Arc<Endpoint> {
