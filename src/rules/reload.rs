@@ -100,9 +100,12 @@ impl Rules {
         match result {
             Ok(set) => {
                 let n = set.rules.len();
-                self.current.store(Arc::new(set));
+                if self.install(set) {
+                    tracing::info!(dir = %self.dir.display(), rules = n, "rules reloaded");
+                } else {
+                    tracing::info!(dir = %self.dir.display(), "rules reloaded meanwhile by a later reload, kept");
+                }
                 status.error = None;
-                tracing::info!(dir = %self.dir.display(), rules = n, "rules reloaded");
                 Ok(n)
             }
             Err(e) => {
@@ -111,6 +114,19 @@ impl Rules {
                 Err(e)
             }
         }
+    }
+
+    /// Puts `set` in force unless a set loaded after it already is: reloads can run at once
+    /// (the watcher, SIGHUP, the console's `RELOAD`), and the one that read the directory last
+    /// — the higher version — must win whichever finishes first. Returns whether it did.
+    fn install(&self, set: RuleSet) -> bool {
+        let set = Arc::new(set);
+        let mut installed = false;
+        self.current.rcu(|current| {
+            installed = current.version < set.version;
+            if installed { set.clone() } else { current.clone() }
+        });
+        installed
     }
 
     /// Reloads whenever the directory's contents change, checking every `interval`.
@@ -163,6 +179,20 @@ mod tests {
         assert_eq!(rules.current().rules[0].name, "b");
         assert!(rules.current().version > before.version);
         assert!(rules.status().error.is_none());
+    }
+
+    #[test]
+    fn a_reload_that_finishes_after_a_later_one_does_not_undo_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("r.toml"), GOOD).expect("write");
+        let rules = Rules::load(dir.path(), None).expect("loads");
+        let v = rules.version();
+        let earlier = load_dir(dir.path(), v + 1).expect("loads");
+        std::fs::write(dir.path().join("r.toml"), GOOD.replace("\"a\"", "\"b\"")).expect("write");
+        let later = load_dir(dir.path(), v + 2).expect("loads");
+        assert!(rules.install(later));
+        assert!(!rules.install(earlier), "read before the later one: not put in force");
+        assert_eq!((rules.version(), rules.current().rules[0].name.as_str()), (v + 2, "b"));
     }
 
     #[tokio::test(start_paused = true)]
