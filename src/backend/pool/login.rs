@@ -7,9 +7,10 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::{Idle, Lease, Pool, PoolError, PoolKey, Pools};
+use super::{Idle, Lease, Pool, PoolError, PoolKey, Pools, permit};
 use crate::backend::connection::StartupParams;
-use crate::backend::{Connection, Secret};
+use crate::backend::{Connection, Endpoint, Secret};
+use crate::metrics::Metrics;
 
 /// An idle connection set aside while a log-in connects ([`Pool::log_in`]): back at the front
 /// of the idle list unless taken (the log-in failed, or was abandoned).
@@ -46,39 +47,15 @@ impl Pool {
         if self.closed.load(Ordering::Acquire) {
             return Err(PoolError::Closed);
         }
-        let permit = match tokio::time::timeout(self.settings.acquire_timeout, self.slots.clone().acquire_owned()).await
-        {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(PoolError::Closed),
-            Err(_) => return Err(self.timeout()),
-        };
+        let permit = self.slot().await?;
         let mut aside = Aside { pool: self, idle: self.room_for(&permit) };
-        let conn = self.connect_for_log_in(startup, secret).await?;
+        let conn = connect(&self.endpoint, &self.metrics, startup, secret).await?;
+        // Postgres answers: whatever failed before is over.
+        *self.last_failure.lock() = None;
         if let Some(old) = aside.idle.take() {
             tokio::spawn(old.conn.terminate());
         }
         Ok(self.admit(conn, permit))
-    }
-
-    /// Opens a connection for a log-in: a failure that says Postgres cannot be reached is
-    /// counted as a backend error, a success says it can.
-    async fn connect_for_log_in(
-        &self,
-        startup: &StartupParams,
-        secret: Option<&Secret>,
-    ) -> Result<Connection, PoolError> {
-        match Connection::connect(&self.endpoint, startup.clone(), secret).await {
-            Ok(conn) => {
-                *self.last_failure.lock() = None;
-                Ok(conn)
-            }
-            Err(e) => {
-                if e.is_refusal() {
-                    self.metrics.backend_error();
-                }
-                Err(e.into())
-            }
-        }
     }
 
     /// `conn`, a log-in Postgres accepted, lent to its session in the slot `permit` holds.
@@ -108,42 +85,40 @@ impl Pools {
         if let Some(pool) = existing() {
             return pool.log_in(startup, secret).await;
         }
-        let waited = tokio::time::timeout(self.settings.acquire_timeout, self.first_logins.clone().acquire_owned());
-        let place = match waited.await {
-            Ok(Ok(place)) => place,
-            Ok(Err(_)) => return Err(PoolError::Closed),
-            Err(_) => {
-                return Err(PoolError::Timeout {
-                    database: key.database.clone(),
-                    user: key.user.clone(),
-                    timeout: self.settings.acquire_timeout,
-                    max: self.settings.max_size,
-                });
-            }
-        };
+        let place = permit(&self.first_logins, key, &self.settings).await?;
         // Another client's log-in made the pool meanwhile: its slots bound this one.
         if let Some(pool) = existing() {
             drop(place);
             return pool.log_in(startup, secret).await;
         }
-        let conn = Connection::connect(&self.endpoint, startup.clone(), secret).await.inspect_err(|e| {
-            if e.is_refusal() {
-                self.metrics.backend_error();
-            }
-        })?;
+        let conn = connect(&self.endpoint, &self.metrics, startup, secret).await?;
         // Made before the place is given up, so the next in line goes through its slots. Made
         // since by another first log-in, its slots may all be taken: this connection, open
         // already, waits for one.
         let pool = self.get(key);
         drop(place);
-        let permit = match tokio::time::timeout(self.settings.acquire_timeout, pool.slots.clone().acquire_owned()).await
-        {
-            Ok(Ok(p)) => p,
-            waited => {
+        match pool.slot().await {
+            Ok(permit) => Ok(pool.admit(conn, permit)),
+            Err(e) => {
                 tokio::spawn(conn.terminate());
-                return Err(if waited.is_err() { pool.timeout() } else { PoolError::Closed });
+                Err(e)
             }
-        };
-        Ok(pool.admit(conn, permit))
+        }
     }
+}
+
+/// Opens a connection for a log-in; a failure that says Postgres cannot be reached is counted
+/// as a backend error (a wrong password is not).
+async fn connect(
+    endpoint: &Endpoint,
+    metrics: &Metrics,
+    startup: &StartupParams,
+    secret: Option<&Secret>,
+) -> Result<Connection, PoolError> {
+    Connection::connect(endpoint, startup.clone(), secret).await.map_err(|e| {
+        if e.is_refusal() {
+            metrics.backend_error();
+        }
+        e.into()
+    })
 }

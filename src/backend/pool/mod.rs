@@ -288,13 +288,9 @@ impl Pool {
         }
         let asked = Instant::now();
         let counted = Waiting::new(&self.waiting);
-        let waited = tokio::time::timeout(self.settings.acquire_timeout, self.slots.clone().acquire_owned()).await;
+        let waited = self.slot().await;
         drop(counted);
-        let permit = match waited {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(PoolError::Closed),
-            Err(_) => return Err(self.timeout()),
-        };
+        let permit = waited?;
         self.metrics.pool_wait(&self.key.database, &self.key.user, asked.elapsed());
         *self.last_startup.lock() = Some(startup.clone());
         while let Some(mut conn) = if fresh { None } else { self.take_idle(startup) } {
@@ -331,13 +327,9 @@ impl Pool {
         if idle.len() + lent > self.settings.max_size { idle.pop_front() } else { None }
     }
 
-    fn timeout(&self) -> PoolError {
-        PoolError::Timeout {
-            database: self.key.database.clone(),
-            user: self.key.user.clone(),
-            timeout: self.settings.acquire_timeout,
-            max: self.settings.max_size,
-        }
+    /// A slot, waited for up to the acquire timeout.
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, PoolError> {
+        permit(&self.slots, &self.key, &self.settings).await
     }
 
     /// Whether opening a connection failed within `within` (to avoid hammering a server that
@@ -496,6 +488,25 @@ impl Drop for Lease {
                 handle.spawn(conn.terminate());
             }
         }
+    }
+}
+
+/// A permit of `semaphore` (a pool's slots, or the places of first log-ins), waited for up to
+/// `settings.acquire_timeout`: past it, the timeout error for `key`'s pool.
+async fn permit(
+    semaphore: &Arc<Semaphore>,
+    key: &PoolKey,
+    settings: &PoolConfig,
+) -> Result<OwnedSemaphorePermit, PoolError> {
+    match tokio::time::timeout(settings.acquire_timeout, semaphore.clone().acquire_owned()).await {
+        Ok(Ok(p)) => Ok(p),
+        Ok(Err(_)) => Err(PoolError::Closed),
+        Err(_) => Err(PoolError::Timeout {
+            database: key.database.clone(),
+            user: key.user.clone(),
+            timeout: settings.acquire_timeout,
+            max: settings.max_size,
+        }),
     }
 }
 
