@@ -18,14 +18,18 @@
 #   mixed                             90 % hot point selects / 10 % updates of the same rows
 #   mixed-random                      90 % point selects / 10 % updates on random keys, with
 #                                     no rule and with the rule
-# PgBouncer's CPU per statement is read from /proc like pgcache's. A last table gives, for the
-# workloads run with and without the rule, the rule's TPS over no rule's.
+# PgBouncer's CPU per statement is read from /proc like pgcache's; pgbench's own CPU per
+# transaction and the machine's idle share over each run are reported beside them (on a
+# saturated machine TPS is the cores over everyone's CPU per transaction). A last table gives,
+# for the workloads run with and without the rule, the rule's TPS over no rule's in ROUNDS
+# (default 3) alternating rounds, and their median.
 # TRANSPORT=unix bench/compare.sh ...: everything through Unix sockets (direct too).
 source "$(dirname "$0")/lib.sh"
 secs=${1:-10}
 clients=${2:-16}
 results=${3:-$root/bench/results/compare-$(date -u +%F)$([[ $transport == unix ]] && echo -unix || true).md}
 scale=10
+rounds=${ROUNDS:-3}
 export POOL_SIZE=20
 mkdir -p "$(dirname "$results")"
 start_cluster "$scale"
@@ -81,6 +85,8 @@ mix_script $((scale * 100000)) >"$work/mixed-random.sql"
 # cpu_ticks PID: utime and stime of a process, in clock ticks.
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 tick_us=$(python3 -c "import os; print(1e6 / os.sysconf('SC_CLK_TCK'))")
+# box_ticks: the machine's idle ticks (idle + iowait) and all its ticks, from /proc/stat.
+box_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print $5 + $6, t}' /proc/stat; }
 
 # measure NAME PORT PID CLIENTS ARGS... -> prints one table row; PID is "" for non-pgcache.
 measure() {
@@ -88,11 +94,15 @@ measure() {
   shift 4
   local logdir="$work/log-$RANDOM"
   mkdir -p "$logdir"
-  local before="0 0" after="0 0"
+  local before="0 0" after="0 0" box_before box_after client
   [[ -n $pid ]] && before=$(cpu_ticks "$pid")
-  local out
-  out=$(cd "$logdir" && pgbench -h "$host" -p "$port" -U postgres -n -c "$n" -j "$(( n < 2 ? n : 2 ))" -T "$secs" \
-    --log --sampling-rate=0.1 "$@" postgres 2>&1)
+  box_before=$(box_ticks)
+  local out TIMEFORMAT='%3U %3S'
+  # pgbench's own CPU (bash's `time`: user and system seconds of what it ran).
+  client=$( { time (cd "$logdir" && pgbench -h "$host" -p "$port" -U postgres -n -c "$n" -j "$(( n < 2 ? n : 2 ))" -T "$secs" \
+    --log --sampling-rate=0.1 "$@" postgres >"$logdir/out" 2>&1); } 2>&1)
+  out=$(cat "$logdir/out")
+  box_after=$(box_ticks)
   [[ -n $pid ]] && after=$(cpu_ticks "$pid")
   local tps txns p99 cpu="-"
   tps=$(grep -oP 'tps = \K[0-9.]+' <<<"$out" | head -1)
@@ -104,8 +114,11 @@ measure() {
 b, a = [int(x) for x in '$before'.split()], [int(x) for x in '$after'.split()]
 u, s = (a[0] - b[0]) * $tick_us / $txns, (a[1] - b[1]) * $tick_us / $txns
 print(f'{u + s:.1f} ({u:.1f})')")
+  local per_txn idle
+  per_txn=$(python3 -c "u, s = '$client'.split(); print(f'{(float(u) + float(s)) * 1e6 / max($txns, 1):.1f}')")
+  idle=$(python3 -c "b, a = '$box_before'.split(), '$box_after'.split(); print(f'{100 * (int(a[0]) - int(b[0])) / max(int(a[1]) - int(b[1]), 1):.0f}')")
   rm -rf "$logdir"
-  echo "$name|$tps|$p99|$cpu"
+  echo "$name|$tps|$p99|$cpu|$per_txn|$idle"
 }
 
 warm() {
@@ -118,16 +131,19 @@ warm() {
   echo "# pgcache vs direct Postgres ($(date -u '+%F %H:%M') UTC)"
   echo
   echo "$(nproc) cores; pgbench scale $scale; ${secs}s per run; $clients clients unless said; every target in"
-  echo "one run against one cluster, over $transport sockets. pgcache: release build, --pool-size 20. CPU is the proxy's own per statement (pgcache's or PgBouncer's, from /proc)."
+  echo "one run against one cluster, over $transport sockets. pgcache: release build, --pool-size 20. CPU is the proxy's own per statement (pgcache's or PgBouncer's, from /proc);"
+  echo "pgbench's own per transaction, and how much of the machine's CPU time was idle during the run (0: saturated)."
   echo
-  echo "| workload | target | TPS | vs direct | p99 (ms) | proxy CPU/stmt, µs (userland) |"
-  echo "|---|---|---|---|---|---|"
+  echo "| workload | target | TPS | vs direct | p99 (ms) | proxy CPU/stmt, µs (userland) | pgbench CPU/txn, µs | box idle % |"
+  echo "|---|---|---|---|---|---|---|---|"
 } >"$results"
 
+# row WORKLOAD BASE [ROUND]: the table row of what measure printed (only round 1's is written).
 row() {
-  local workload=$1 base=$2 name tps p99 cpu
-  IFS="|" read -r name tps p99 cpu
-  printf '| %s | %s | %.0f | %s | %s | %s |\n' "$workload" "$name" "$tps" "$(ratio "$tps" "${base:-$tps}")" "$p99" "$cpu" >>"$results"
+  local workload=$1 base=$2 round=${3:-1} name tps p99 cpu client idle
+  IFS="|" read -r name tps p99 cpu client idle
+  ((round == 1)) && printf '| %s | %s | %.0f | %s | %s | %s | %s | %s |\n' "$workload" "$name" "$tps" \
+    "$(ratio "$tps" "${base:-$tps}")" "$p99" "$cpu" "$client" "$idle" >>"$results"
   echo "$tps"
 }
 
@@ -142,10 +158,25 @@ run_workload() {
   if [[ $port_for_cache == pass ]]; then
     measure "pgcache (no rules)" "$passport" "$passpid" "$n" "$@" | row "$workload" "$base" >/dev/null
   elif [[ $port_for_cache == both ]]; then
-    local plain ruled
-    plain=$(measure "pgcache (no rules)" "$passport" "$passpid" "$n" "$@" | row "$workload" "$base")
-    ruled=$(measure "pgcache (rule)" "$cacheport" "$cachepid" "$n" "$@" | row "$workload" "$base")
-    printf '| %s | %.0f | %.0f | %s |\n' "$workload" "$plain" "$ruled" "$(ratio "$ruled" "$plain")" >>"$work/rule-vs-none"
+    # The main table gets the first round; the rule-vs-none table every round (alternating
+    # which instance runs first: the second of a pair fares worse on this kind of box) and
+    # the median of their ratios.
+    local plain ruled plains=() ruleds=() ratios=() round
+    for round in $(seq "$rounds"); do
+      if ((round % 2)); then
+        plain=$(measure "pgcache (no rules)" "$passport" "$passpid" "$n" "$@" | row "$workload" "$base" "$round")
+        ruled=$(measure "pgcache (rule)" "$cacheport" "$cachepid" "$n" "$@" | row "$workload" "$base" "$round")
+      else
+        ruled=$(measure "pgcache (rule)" "$cacheport" "$cachepid" "$n" "$@" | row "$workload" "$base" "$round")
+        plain=$(measure "pgcache (no rules)" "$passport" "$passpid" "$n" "$@" | row "$workload" "$base" "$round")
+      fi
+      plains+=("$(printf '%.0f' "$plain")")
+      ruleds+=("$(printf '%.0f' "$ruled")")
+      ratios+=("$(ratio "$ruled" "$plain")")
+    done
+    local median
+    median=$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+    printf '| %s | %s | %s | %s | **%s** |\n' "$workload" "${plains[*]}" "${ruleds[*]}" "${ratios[*]}" "$median" >>"$work/rule-vs-none"
   else
     measure "pgcache (rule)" "$cacheport" "$cachepid" "$n" "$@" | row "$workload" "$base" >/dev/null
     measure "pgcache (rule, transaction pooling)" "$txnport" "$txnpid" "$n" "$@" | row "$workload" "$base" >/dev/null
@@ -166,10 +197,11 @@ run_workload "mixed 90/10" "$clients" cache -M prepared -f "$work/mixed.sql"
 
 {
   echo
-  echo "A rule on the table against none, same run (random keys: nearly every read a miss):"
+  echo "A rule on the table against none, same run (random keys: nearly every read a miss), $rounds"
+  echo "rounds of each, alternating which instance runs first:"
   echo
-  echo "| workload | no rules TPS | rule TPS | rule / no rules |"
-  echo "|---|---|---|---|"
+  echo "| workload | no rules TPS | rule TPS | rule / no rules | median |"
+  echo "|---|---|---|---|---|"
   cat "$work/rule-vs-none"
 } >>"$results"
 cat "$results"

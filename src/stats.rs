@@ -433,6 +433,12 @@ impl Stats {
         v
     }
 
+    /// How many clients have ever connected and how many are connected now: it changes
+    /// whenever one comes or goes.
+    pub fn client_activity(&self) -> (u64, usize) {
+        (self.next_client.load(Ordering::Relaxed), self.clients.lock().len())
+    }
+
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }
