@@ -22,14 +22,15 @@
 # transaction and the machine's idle share over each run are reported beside them (on a
 # saturated machine TPS is the cores over everyone's CPU per transaction). A last table gives,
 # for the workloads run with and without the rule, the rule's TPS over no rule's in ROUNDS
-# (default 3) alternating rounds, and their median.
+# (default 4: no-rule first in odd rounds, the rule first in even ones) and their median.
 # TRANSPORT=unix bench/compare.sh ...: everything through Unix sockets (direct too).
 source "$(dirname "$0")/lib.sh"
 secs=${1:-10}
 clients=${2:-16}
 results=${3:-$root/bench/results/compare-$(date -u +%F)$([[ $transport == unix ]] && echo -unix || true).md}
 scale=10
-rounds=${ROUNDS:-3}
+rounds=${ROUNDS:-4}
+((rounds >= 1)) || { echo "ROUNDS must be at least 1" >&2; exit 2; }
 export POOL_SIZE=20
 mkdir -p "$(dirname "$results")"
 start_cluster "$scale"
@@ -86,7 +87,8 @@ mix_script $((scale * 100000)) >"$work/mixed-random.sql"
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 tick_us=$(python3 -c "import os; print(1e6 / os.sysconf('SC_CLK_TCK'))")
 # box_ticks: the machine's idle ticks (idle + iowait) and all its ticks, from /proc/stat.
-box_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print $5 + $6, t}' /proc/stat; }
+# (guest time is already counted in user time: fields 2-9 only.)
+box_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= 9; i++) t += $i; print $5 + $6, t}' /proc/stat; }
 
 # measure NAME PORT PID CLIENTS ARGS... -> prints one table row; PID is "" for non-pgcache.
 measure() {
@@ -97,7 +99,7 @@ measure() {
   local before="0 0" after="0 0" box_before box_after client
   [[ -n $pid ]] && before=$(cpu_ticks "$pid")
   box_before=$(box_ticks)
-  local out TIMEFORMAT='%3U %3S'
+  local out TIMEFORMAT='%3U %3S' LC_NUMERIC=C
   # pgbench's own CPU (bash's `time`: user and system seconds of what it ran).
   client=$( { time (cd "$logdir" && pgbench -h "$host" -p "$port" -U postgres -n -c "$n" -j "$(( n < 2 ? n : 2 ))" -T "$secs" \
     --log --sampling-rate=0.1 "$@" postgres >"$logdir/out" 2>&1); } 2>&1)
@@ -115,7 +117,7 @@ b, a = [int(x) for x in '$before'.split()], [int(x) for x in '$after'.split()]
 u, s = (a[0] - b[0]) * $tick_us / $txns, (a[1] - b[1]) * $tick_us / $txns
 print(f'{u + s:.1f} ({u:.1f})')")
   local per_txn idle
-  per_txn=$(python3 -c "u, s = '$client'.split(); print(f'{(float(u) + float(s)) * 1e6 / max($txns, 1):.1f}')")
+  per_txn=$(python3 -c "u, s = '$client'.split(); n = int('${txns:-0}' or 0); print(f'{(float(u) + float(s)) * 1e6 / n:.1f}' if n else '-')")
   idle=$(python3 -c "b, a = '$box_before'.split(), '$box_after'.split(); print(f'{100 * (int(a[0]) - int(b[0])) / max(int(a[1]) - int(b[1]), 1):.0f}')")
   rm -rf "$logdir"
   echo "$name|$tps|$p99|$cpu|$per_txn|$idle"
@@ -175,7 +177,7 @@ run_workload() {
       ratios+=("$(ratio "$ruled" "$plain")")
     done
     local median
-    median=$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+    median=$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{a[NR]=$1} END {m = int((NR+1)/2); printf "%.2f", NR % 2 ? a[m] : (a[m]+a[m+1])/2}')
     printf '| %s | %s | %s | %s | **%s** |\n' "$workload" "${plains[*]}" "${ruleds[*]}" "${ratios[*]}" "$median" >>"$work/rule-vs-none"
   else
     measure "pgcache (rule)" "$cacheport" "$cachepid" "$n" "$@" | row "$workload" "$base" >/dev/null

@@ -16,7 +16,7 @@ pid=${pids[-1]}
 rss() { awk '/VmRSS/ {print $2}' "/proc/$pid/status"; }
 # Warm: one client through the whole path, so what is allocated once is not counted per client.
 python3 "$root/bench/idle_clients.py" 127.0.0.1 "$port" postgres postgres 10 </dev/null >/dev/null
-sleep 1
+sleep 3
 before=$(rss)
 fifo="$work/hold"
 mkfifo "$fifo"
@@ -25,8 +25,8 @@ holder=$!
 exec 3>"$fifo"
 for _ in $(seq 600); do grep -q ready "$work/idle.out" 2>/dev/null && break; sleep 0.2; done
 grep -q ready "$work/idle.out" || { echo "the clients did not all connect" >&2; cat "$work/idle.out" >&2; exit 1; }
-# pgcache gives the heap's free pages back once a second has passed with no client coming or
-# going (its upkeep ticks once a second): measured after that.
+# pgcache gives the heap's free pages back after a crowd of clients, at the first upkeep tick
+# (once a second) with none coming or going: measured after that.
 sleep 4
 after=$(rss)
 backends=$(psql -h 127.0.0.1 -p "$pgport" -U postgres -Atc "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()" postgres)

@@ -8,14 +8,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::backend::PoolKey;
 use crate::metrics::{self as m, Metrics, Outcome};
-use crate::net::Peer;
 use crate::policy::Reason;
 use crate::query::point::KeyValue;
 use crate::rules::Rule;
@@ -139,17 +137,6 @@ pub struct TableWrites {
     pub keys: HashSet<KeyValue>,
 }
 
-/// A connected client, for `SHOW CLIENTS`.
-#[derive(Debug, Clone)]
-pub struct ClientInfo {
-    pub peer: Peer,
-    /// Its database and user (shared by the clients of a pool).
-    pub key: Arc<PoolKey>,
-    pub since: SystemTime,
-    /// The backend's pid, 0 while the session has none.
-    pub backend_pid: Arc<AtomicI64>,
-}
-
 #[derive(Debug, Default)]
 struct Totals {
     statements: AtomicU64,
@@ -188,8 +175,6 @@ pub struct Stats {
     /// By fingerprint.
     queries: Mutex<HashMap<u64, QueryStat, Hashed>>,
     table_writes: Mutex<HashMap<String, Written>>,
-    clients: Mutex<HashMap<u64, ClientInfo>>,
-    next_client: AtomicU64,
     slow: Duration,
 }
 
@@ -214,20 +199,6 @@ pub fn key_hash(key: &[u8]) -> u64 {
     STATE.hash_one(key)
 }
 
-/// Removes the client from the registry when dropped.
-pub struct ClientGuard {
-    stats: Arc<Stats>,
-    id: u64,
-    pub backend_pid: Arc<AtomicI64>,
-}
-
-impl Drop for ClientGuard {
-    fn drop(&mut self) {
-        self.stats.clients.lock().remove(&self.id);
-        self.stats.metrics.gauge(m::CLIENT_CONNECTIONS, &[]).decrement(1.0);
-    }
-}
-
 impl Stats {
     pub fn new(max_table_labels: usize, slow: Duration) -> Self {
         Stats {
@@ -236,8 +207,6 @@ impl Stats {
             totals: Totals::default(),
             queries: Mutex::new(HashMap::default()),
             table_writes: Mutex::new(HashMap::new()),
-            clients: Mutex::new(HashMap::new()),
-            next_client: AtomicU64::new(1),
             slow,
         }
     }
@@ -391,16 +360,6 @@ impl Stats {
         self.metrics.gauge(m::DETACHED_SESSIONS, &[]).increment(delta);
     }
 
-    /// Registers a connected client until the guard is dropped.
-    pub fn client(self: &Arc<Self>, peer: Peer, key: &Arc<PoolKey>) -> ClientGuard {
-        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
-        let backend_pid = Arc::new(AtomicI64::new(0));
-        let info = ClientInfo { peer, key: key.clone(), since: SystemTime::now(), backend_pid: backend_pid.clone() };
-        self.clients.lock().insert(id, info);
-        self.metrics.gauge(m::CLIENT_CONNECTIONS, &[]).increment(1.0);
-        ClientGuard { stats: self.clone(), id, backend_pid }
-    }
-
     pub fn totals(&self) -> TotalsSnapshot {
         let t = &self.totals;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -425,18 +384,6 @@ impl Stats {
 
     pub fn table_writes(&self) -> HashMap<String, TableWrites> {
         self.table_writes.lock().iter().map(|(t, w)| (t.clone(), w.writes.clone())).collect()
-    }
-
-    pub fn clients(&self) -> Vec<ClientInfo> {
-        let mut v: Vec<ClientInfo> = self.clients.lock().values().cloned().collect();
-        v.sort_by_key(|c| c.since);
-        v
-    }
-
-    /// How many clients have ever connected and how many are connected now: it changes
-    /// whenever one comes or goes.
-    pub fn client_activity(&self) -> (u64, usize) {
-        (self.next_client.load(Ordering::Relaxed), self.clients.lock().len())
     }
 
     pub fn uptime(&self) -> Duration {

@@ -287,7 +287,7 @@ async fn a_client_leaving_while_postgres_skips_to_sync_frees_its_backend() {
         drop(c);
     }
     let freed = common::eventually(Duration::from_secs(5), || {
-        proxy.shared.pools.all().iter().all(|p| p.stats().active == 0) && proxy.shared.stats.clients().is_empty()
+        proxy.shared.pools.all().iter().all(|p| p.stats().active == 0) && proxy.shared.clients.list().is_empty()
     })
     .await;
     assert!(freed, "every session and backend went away with its client");

@@ -240,14 +240,14 @@ async fn fuzz(rules: Option<&str>, mode: pgcache::config::PoolMode) {
     // Every fuzzing client is gone: so must be its session, and its backend must be idle in
     // the pool or closed.
     let settled = common::eventually(Duration::from_secs(10), || {
-        proxy.shared.stats.clients().is_empty() && proxy.shared.pools.all().iter().all(|p| p.stats().active == 0)
+        proxy.shared.clients.list().is_empty() && proxy.shared.pools.all().iter().all(|p| p.stats().active == 0)
     })
     .await;
     let pools: Vec<_> = proxy.shared.pools.all().iter().map(|p| (p.key.clone(), p.stats())).collect();
     assert!(
         settled,
         "sessions or backends outlived their clients: {} clients, pools {pools:?}",
-        proxy.shared.stats.clients().len()
+        proxy.shared.clients.list().len()
     );
     let busy: i64 = admin
         .query_one(

@@ -163,7 +163,7 @@ fn stats(ctx: &Context) -> ResultSet {
         "".into(),
     ]);
     r.row(["uptime_seconds".into(), format!("{:.0}", up), "".into()]);
-    r.row(["clients".into(), ctx.stats.clients().len().to_string(), "".into()]);
+    r.row(["clients".into(), ctx.clients.list().len().to_string(), "".into()]);
     r.row(["cache_entries".into(), ctx.store.len().to_string(), "".into()]);
     r.row(["cache_bytes".into(), ctx.store.bytes().to_string(), "".into()]);
     r.row(["cache_evictions".into(), ctx.store.evictions().to_string(), "".into()]);
@@ -189,15 +189,15 @@ fn pools(ctx: &Context) -> ResultSet {
         ],
         "SHOW",
     );
-    let clients = ctx.stats.clients();
+    let clients = ctx.clients.list();
     for p in ctx.pools.all() {
         let s = p.stats();
         let mine = clients.iter().filter(|c| *c.key == p.key);
         let (mut holding, mut without) = (0, 0);
         for c in mine {
-            match c.backend_pid.load(std::sync::atomic::Ordering::Relaxed) {
-                0 => without += 1,
-                _ => holding += 1,
+            match c.backend_pid {
+                None => without += 1,
+                Some(_) => holding += 1,
             }
         }
         let pins: Vec<String> = p.pins().iter().map(|(reason, n)| format!("{reason}: {n}")).collect();
@@ -224,14 +224,13 @@ fn pools(ctx: &Context) -> ResultSet {
 
 fn clients(ctx: &Context) -> ResultSet {
     let mut r = ResultSet::new(&["peer", "user", "database", "connected_since", "backend_pid"], "SHOW");
-    for c in ctx.stats.clients() {
-        let pid = c.backend_pid.load(std::sync::atomic::Ordering::Relaxed);
+    for c in ctx.clients.list() {
         r.row([
             c.peer.to_string(),
             c.key.user.clone(),
             c.key.database.clone(),
             humantime::format_rfc3339_seconds(c.since).to_string(),
-            if pid == 0 { "none".into() } else { pid.to_string() },
+            c.backend_pid.map_or_else(|| "none".into(), |pid| pid.to_string()),
         ]);
     }
     r

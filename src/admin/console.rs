@@ -36,7 +36,7 @@ pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: &Startup) -
         )));
     }
     let server_version = authenticate(ctx, client, &user).await?;
-    let handle = ctx.cancels.register();
+    let handle = ctx.clients.register(None);
     let params: BTreeMap<String, String> = [
         ("server_version", server_version.as_str()),
         ("server_encoding", "UTF8"),

@@ -7,7 +7,7 @@
 //! connection handlers above it (front end, sessions, console, server); it must not import
 //! any of those.
 
-pub mod cancel;
+pub mod clients;
 pub mod verdicts;
 
 use std::sync::Arc;
@@ -27,7 +27,7 @@ use crate::query::catalog::Catalog;
 use crate::rules::{LoadError, Rules};
 use crate::stats::Stats;
 
-use cancel::CancelRegistry;
+use clients::Clients;
 
 /// Why a server could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +60,8 @@ pub struct Context {
     /// from a `Config` directly, as in tests).
     pub config_source: parking_lot::Mutex<Option<Vec<std::ffi::OsString>>>,
     pub pools: Pools,
-    pub cancels: Arc<CancelRegistry>,
+    /// The connected clients and their cancel keys.
+    pub clients: Arc<Clients>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Channel-binding data of the client certificate (SCRAM-SHA-256-PLUS is offered over TLS
     /// only when this is known).
@@ -156,6 +157,7 @@ impl Context {
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut process_secret)
             .expect("the system's random source");
         let stats = Arc::new(Stats::new(config.max_table_labels, config.slow_statement));
+        let clients = Arc::new(Clients::new(stats.metrics.gauge(crate::metrics::CLIENT_CONNECTIONS, &[])));
         let l2 = config.l2.clone().map(|c| L2::start(c, stats.metrics.clone(), shutdown.clone()));
         let rules = if config.rules_explicit || config.rules.exists() {
             Rules::load(&config.rules, Some(stats.metrics.clone()))?
@@ -198,7 +200,7 @@ impl Context {
             paused: tokio::sync::watch::channel(false).0,
             config: arc_swap::ArcSwap::from_pointee(config),
             config_source: parking_lot::Mutex::new(None),
-            cancels: Arc::new(CancelRegistry::default()),
+            clients,
             tls,
             tls_end_point,
             verifiers,

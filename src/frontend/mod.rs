@@ -3,7 +3,7 @@
 //! forwarded, the StartupMessage read), the SCRAM ([`scram`]) and cleartext password
 //! exchanges, the welcome a client
 //! gets after authentication, and the one place where an error becomes what the client sees
-//! ([`error`]). (The cancel keys handed out live in [`crate::context::cancel`].)
+//! ([`error`]). (The cancel keys handed out live in [`crate::context::clients`].)
 //!
 //! Both sessions and the admin console use it; it knows neither of them.
 
@@ -57,7 +57,7 @@ pub async fn accept(ctx: &Arc<Context>, stream: Stream, peer: Peer) -> Option<(C
 
 /// Turns a client's CancelRequest into one for the backend it is using.
 async fn cancel(ctx: &Context, pid: i32, secret: &[u8]) {
-    match ctx.cancels.lookup(pid, secret) {
+    match ctx.clients.lookup(pid, secret) {
         Some((key, endpoint)) => {
             if let Err(e) = endpoint.cancel(key).await {
                 tracing::warn!(error = %e, "could not forward cancel request");

@@ -117,8 +117,8 @@ struct Session<C> {
     idle: detached::Why,
     /// On a replica: the client's messages behind the read sent there, read after it.
     behind: Option<Box<BytesMut>>,
-    handle: crate::context::cancel::CancelHandle,
-    registered: crate::stats::ClientGuard,
+    /// Its entry among the connected clients (`SHOW CLIENTS`; cancels).
+    handle: crate::context::clients::ClientHandle,
     started: Instant,
     pooling_transactions: bool,
     keeps_backend: bool,
@@ -152,7 +152,6 @@ impl<C> Session<C> {
             idle,
             behind,
             handle,
-            registered,
             started,
             pooling_transactions,
             keeps_backend,
@@ -168,7 +167,6 @@ impl<C> Session<C> {
             idle,
             behind,
             handle,
-            registered,
             started,
             pooling_transactions,
             keeps_backend,
@@ -214,9 +212,8 @@ impl Session<Core> {
                 format!("pgcache: could not reset a backend connection for the session: {e}"),
             )));
         }
-        let handle = ctx.cancels.register();
+        let handle = ctx.clients.register(Some((client.peer, &key)));
         handle.set_backend(Some((lease.conn_ref().key, lease.pool().endpoint().clone())));
-        let registered = ctx.stats.client(client.peer, &key);
         client.send(&frontend::welcome(&lease.conn_ref().params, handle.pid, handle.secret)).await?;
         tracing::info!(peer = %client.peer, user = %key.user, database = %key.database, "client connected");
         let memo = memo::Assessments::new(ctx.verdicts.book(&key));
@@ -231,7 +228,6 @@ impl Session<Core> {
             idle: detached::Why::Lost,
             behind: None,
             handle,
-            registered,
             started,
             pooling_transactions,
             keeps_backend,
@@ -246,7 +242,6 @@ impl Session<Core> {
         loop {
             let Some(mut attached) = self.lease.take() else {
                 self.handle.set_backend(None);
-                self.registered.backend_pid.store(0, std::sync::atomic::Ordering::Relaxed);
                 let (idle, home) = (self.idle, &mut self.home);
                 let waiting =
                     Box::pin(detached::run(ctx, key, &self.params, client, &mut core.flow, &mut self.memo, idle, home));
@@ -298,7 +293,6 @@ impl Session<Core> {
                 core.server = Some(attached.conn().prepared.take().unwrap_or_else(|| Prepared::new(max)));
             }
             self.handle.set_backend(Some((attached.conn_ref().key, attached.pool().endpoint().clone())));
-            self.registered.backend_pid.store(attached.conn_ref().key.pid as i64, std::sync::atomic::Ordering::Relaxed);
             // Boxed, like the other long-lived futures here: a session waiting between
             // transactions keeps only what it waits with (see bench/idle.sh).
             let relaying = Box::pin(relay::run(ctx, key, &self.params, client, attached.conn(), core, &mut self.memo));
@@ -325,7 +319,6 @@ impl Session<Core> {
                     // A cancel from now on finds nothing to cancel: this backend may soon run
                     // another session's query; nor is it the client's any more (SHOW CLIENTS).
                     self.handle.set_backend(None);
-                    self.registered.backend_pid.store(0, std::sync::atomic::Ordering::Relaxed);
                     if !on_replica {
                         changed_parameters(&mut self.reported, &attached.conn_ref().params);
                     }
@@ -411,7 +404,7 @@ mod tests {
         // What ten thousand idle clients each keep besides their socket and task (bench/idle.sh):
         // the core at rest, not at work.
         let (rest, work) = (size_of::<Session<core::rest::Rest>>(), size_of::<Session<Core>>());
-        assert!(rest <= 384, "{rest} bytes");
+        assert!(rest <= 304, "{rest} bytes");
         assert!(rest * 2 < work, "{rest} bytes at rest, {work} at work");
     }
 }

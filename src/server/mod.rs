@@ -27,6 +27,8 @@ use crate::protocol::sqlstate::SqlState;
 use crate::protocol::startup::Startup;
 use crate::session;
 
+mod trim;
+
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr}: {source}")]
 pub struct BindError {
@@ -261,7 +263,7 @@ fn route(ctx: &Context, client: &frontend::Client, startup: &Startup, admitted: 
 /// Upkeep once a second: pools (idle timeout, max lifetime, min idle), the cache (entries
 /// that can never be served again are removed), the metrics (histogram samples folded into
 /// buckets, which would otherwise pile up until the next scrape) and the heap (free pages
-/// given back after clients came or went, [`Trimmer`]).
+/// given back after crowds of clients came or went, [`trim::Trimmer`]).
 ///
 /// The cache's sweep runs on a blocking thread (it visits every entry: a worker would stall the
 /// sessions it serves meanwhile), only when an entry can have died (see
@@ -271,7 +273,7 @@ async fn maintain(ctx: Arc<Context>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_sweep = tokio::time::Instant::now();
-    let mut trimmer = Trimmer::new(next_sweep);
+    let mut trimmer = trim::Trimmer::new(next_sweep);
     loop {
         tick.tick().await;
         ctx.pools.maintain().await;
@@ -284,67 +286,7 @@ async fn maintain(ctx: Arc<Context>) {
             }
         }
         ctx.stats.metrics.upkeep();
-        if trimmer.due(ctx.stats.client_activity(), tokio::time::Instant::now()) {
-            let started = tokio::time::Instant::now();
-            if tokio::task::spawn_blocking(trim_heap).await.is_ok() {
-                trimmer.trimmed(tokio::time::Instant::now(), started.elapsed());
-                tracing::debug!(took = ?started.elapsed(), "heap trimmed");
-            }
-        }
-    }
-}
-
-/// When to give the heap's free pages back ([`trim_heap`]): after clients came or went, once a
-/// tick has passed with none coming or going (a crowd's log-ins are over), or a minute after
-/// the first change when they never stop; never sooner than twenty times as long as the last
-/// trim took after it.
-#[derive(Debug)]
-struct Trimmer {
-    /// The clients' activity ([`crate::stats::Stats::client_activity`]) at the last tick.
-    last: Option<(u64, usize)>,
-    /// Since when clients have come or gone without a trim after it.
-    pending: Option<tokio::time::Instant>,
-    /// Not before.
-    next: tokio::time::Instant,
-}
-
-/// The longest a trim waits for clients to stop coming and going.
-const TRIM_WAIT: Duration = Duration::from_secs(60);
-
-impl Trimmer {
-    fn new(now: tokio::time::Instant) -> Trimmer {
-        Trimmer { last: None, pending: None, next: now }
-    }
-
-    /// Whether to trim now, given the clients' activity at this tick.
-    fn due(&mut self, activity: (u64, usize), now: tokio::time::Instant) -> bool {
-        let quiet = self.last == Some(activity);
-        self.last = Some(activity);
-        if !quiet && self.pending.is_none() {
-            self.pending = Some(now);
-        }
-        let Some(since) = self.pending else { return false };
-        now >= self.next && (quiet || now.duration_since(since) >= TRIM_WAIT)
-    }
-
-    fn trimmed(&mut self, now: tokio::time::Instant, took: Duration) {
-        self.pending = None;
-        self.next = now + took * 20;
-    }
-}
-
-/// Gives the heap's free pages back to the system. glibc returns only the free memory at the
-/// top of its heaps by itself; what a log-in and a first transaction free (read buffers, the
-/// startup exchange, the statement's result) between the small things an idle client keeps
-/// stays mapped. `bench/idle.sh`, 10 000 idle clients in transaction pooling: 1.95 KB per
-/// client before, 1.69 KB after (2026-12-07). It walks the free chunks (not the live ones)
-/// and holds each arena's lock meanwhile, so it runs on a blocking thread, after crowds, and
-/// rests twenty times as long as it took.
-fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only hands free pages back to the system; any thread may call it.
-    unsafe {
-        libc::malloc_trim(0);
+        trimmer.tick(ctx.clients.churn(), tokio::time::Instant::now());
     }
 }
 
@@ -367,34 +309,6 @@ mod tests {
         // Optimized builds lay it out a little tighter: 272 bytes in release, 280 in tests.
         let most = if cfg!(debug_assertions) { 280 } else { 272 };
         assert!(size <= most, "the connection's future is {size} bytes");
-    }
-
-    #[test]
-    fn the_heap_is_trimmed_once_clients_stop_coming_and_going() {
-        let t0 = tokio::time::Instant::now();
-        let s = Duration::from_secs(1);
-        let mut t = Trimmer::new(t0);
-        assert!(!t.due((1, 0), t0), "the first tick sees a change");
-        assert!(t.due((1, 0), t0 + s), "a quiet tick after it");
-        t.trimmed(t0 + s, Duration::from_millis(100));
-        assert!(!t.due((1, 0), t0 + s * 2), "nothing came or went since");
-        assert!(!t.due((2, 1), t0 + s * 3), "a client came: wait for quiet");
-        assert!(t.due((2, 1), t0 + s * 4));
-        t.trimmed(t0 + s * 4, Duration::from_secs(1));
-        assert!(!t.due((2, 0), t0 + s * 5), "a client left");
-        assert!(!t.due((2, 0), t0 + s * 6), "quiet, but resting twenty times the last trim");
-        assert!(t.due((2, 0), t0 + s * 24));
-        t.trimmed(t0 + s * 24, Duration::ZERO);
-        // Clients that never stop coming and going: a trim a minute after the first change.
-        let mut at = t0 + s * 25;
-        for n in 3..=85 {
-            if t.due((n, 1), at) {
-                assert!(at.duration_since(t0 + s * 25) >= TRIM_WAIT, "not before a minute");
-                return;
-            }
-            at += s;
-        }
-        panic!("no trim while clients kept coming");
     }
 
     #[tokio::test]
