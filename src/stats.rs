@@ -1,6 +1,6 @@
 //! What pgcache observes, for the admin console and Prometheus at once: totals, one row per
 //! normalized query (calls, time, rows, outcomes, the rule that matched or why none could, the
-//! tables read, how many distinct keys it used), writes per table, and the connected clients.
+//! tables read, how many distinct keys it used) and writes per table.
 //! Each event is recorded once here and fed to [`Metrics`] too.
 //!
 //! Owns the observations; may use `cache`, `policy`, `rules`, `query` and below. Nothing here

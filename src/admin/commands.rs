@@ -163,7 +163,7 @@ fn stats(ctx: &Context) -> ResultSet {
         "".into(),
     ]);
     r.row(["uptime_seconds".into(), format!("{:.0}", up), "".into()]);
-    r.row(["clients".into(), ctx.clients.list().len().to_string(), "".into()]);
+    r.row(["clients".into(), ctx.clients.sessions().to_string(), "".into()]);
     r.row(["cache_entries".into(), ctx.store.len().to_string(), "".into()]);
     r.row(["cache_bytes".into(), ctx.store.bytes().to_string(), "".into()]);
     r.row(["cache_evictions".into(), ctx.store.evictions().to_string(), "".into()]);

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use parking_lot::Mutex;
@@ -55,7 +55,8 @@ pub struct Clients {
     map: Mutex<HashMap<i32, Slot>>,
     /// How many have registered or left, ever.
     churn: AtomicU64,
-    /// `pgcache_client_connections`: the sessions' clients connected now.
+    /// The sessions' clients connected now, and `pgcache_client_connections` with it.
+    sessions: AtomicUsize,
     connected: metrics::Gauge,
 }
 
@@ -70,7 +71,7 @@ pub struct ClientHandle {
 impl Clients {
     /// `connected` is the gauge of sessions' clients connected.
     pub fn new(connected: metrics::Gauge) -> Clients {
-        Clients { map: Mutex::new(HashMap::new()), churn: AtomicU64::new(0), connected }
+        Clients { map: Mutex::new(HashMap::new()), churn: AtomicU64::new(0), sessions: AtomicUsize::new(0), connected }
     }
 
     /// Issues a fresh key for a new client of a session (`who`: its peer and pool key, listed
@@ -79,6 +80,7 @@ impl Clients {
         let mut rng = rand::rng();
         let who = who.map(|(peer, key)| Who { peer, key: key.clone(), since: SystemTime::now() });
         if who.is_some() {
+            self.sessions.fetch_add(1, Ordering::Relaxed);
             self.connected.increment(1.0);
         }
         self.churn.fetch_add(1, Ordering::Relaxed);
@@ -119,6 +121,11 @@ impl Clients {
         v
     }
 
+    /// How many sessions' clients are connected (what [`Clients::list`] would list).
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
     /// How many clients (of sessions and the console) have come or gone, ever.
     pub fn churn(&self) -> u64 {
         self.churn.load(Ordering::Relaxed)
@@ -140,6 +147,7 @@ impl Drop for ClientHandle {
         let slot = self.clients.map.lock().remove(&self.pid);
         self.clients.churn.fetch_add(1, Ordering::Relaxed);
         if slot.is_some_and(|s| s.who.is_some()) {
+            self.clients.sessions.fetch_sub(1, Ordering::Relaxed);
             self.clients.connected.decrement(1.0);
         }
     }
@@ -175,13 +183,14 @@ mod tests {
         let console = reg.register(None);
         let session = reg.register(Some((Peer::Unix, &key)));
         let listed = reg.list();
-        assert_eq!(listed.len(), 1);
+        assert_eq!((listed.len(), reg.sessions()), (1, 1));
         assert_eq!((listed[0].peer, listed[0].backend_pid), (Peer::Unix, None));
         session.set_backend(Some((BackendKey { pid: 42, secret: 7 }, endpoint())));
         assert_eq!(reg.list()[0].backend_pid, Some(42));
         assert_eq!(reg.churn(), 2, "two came");
         drop(session);
         assert!(reg.list().is_empty());
+        assert_eq!(reg.sessions(), 0);
         drop(console);
         assert_eq!(reg.churn(), 4, "and left");
     }

@@ -351,6 +351,8 @@ impl Session<Core> {
             }
             // What pgcache prepared on the backend stays known with it (a reset clears both).
             attached.conn().prepared = core.server.take();
+            // No cancel may reach the backend once another session can have it.
+            self.handle.set_backend(None);
             give_back(*attached, core);
             return Stretch::Over(result);
         }
