@@ -231,13 +231,22 @@ mod tests {
         PoolKey { database: "db".into(), user: user.into() }
     }
 
+    /// The classification of `sql`, one statement (`[0]`), outside any classifier's cache.
+    fn statement(sql: &str) -> Arc<Vec<Classified>> {
+        Arc::new(crate::query::classify::classify(sql))
+    }
+
+    /// A minute from now: a verdict kept until then holds through the test.
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
     #[test]
     fn a_verdict_is_reused_only_under_the_same_conditions() {
-        let statements = Arc::new(crate::query::classify::classify("SELECT 1"));
+        let statements = statement("SELECT 1");
         let c = &statements[0];
         let m = Book::default();
-        let later = Instant::now() + Duration::from_secs(60);
-        m.keep(c, stamp(1, "public"), later, &Verdict::Forward(Reason::NoMatch));
+        m.keep(c, stamp(1, "public"), later(), &Verdict::Forward(Reason::NoMatch));
         assert!(m.get(c, &now(1, 7, "app", "public"), false).is_some());
         assert!(m.get(c, &now(2, 7, "app", "public"), false).is_none(), "another rule set");
         assert!(m.get(c, &now(1, 8, "app", "public"), false).is_none(), "catalog facts forgotten");
@@ -247,9 +256,9 @@ mod tests {
         // last few kept.
         let patterned = |matched: &[u32]| Stamp { patterns: Some(matched.into()), ..stamp(2, "public") };
         let texts = |matched: &'static [u32]| Conditions { patterns: Some(matched), ..now(2, 7, "app", "public") };
-        m.keep(c, patterned(&[3]), later, &Verdict::Forward(Reason::NoMatch));
+        m.keep(c, patterned(&[3]), later(), &Verdict::Forward(Reason::NoMatch));
         assert!(m.get(c, &texts(&[]), false).is_none(), "a text matching other patterns");
-        m.keep(c, patterned(&[]), later, &Verdict::Forward(Reason::NoMatch));
+        m.keep(c, patterned(&[]), later(), &Verdict::Forward(Reason::NoMatch));
         assert!(m.get(c, &texts(&[]), false).is_some(), "a text matching the same patterns");
         assert!(m.get(c, &texts(&[3]), false).is_some(), "the other text's, still kept");
         m.keep(c, stamp(3, "public"), Instant::now(), &Verdict::Forward(Reason::NoMatch));
@@ -265,22 +274,21 @@ mod tests {
         let other = classifier.classify("SELECT v FROM u WHERE id = 1");
         assert_ne!(one[0].point, two[0].point, "each text pins its own key");
         let m = Book::default();
-        let later = Instant::now() + Duration::from_secs(60);
-        m.keep(&one[0], stamp(1, "public"), later, &Verdict::Forward(Reason::NoMatch));
+        m.keep(&one[0], stamp(1, "public"), later(), &Verdict::Forward(Reason::NoMatch));
         assert!(m.get(&two[0], &now(1, 7, "app", "public"), false).is_some(), "same shape");
         assert!(m.get(&other[0], &now(1, 7, "app", "public"), false).is_none(), "another shape");
     }
 
     #[test]
     fn what_the_catalog_said_of_calls_holds_while_its_facts_do() {
-        let statements = Arc::new(crate::query::classify::classify("SELECT f(1)"));
+        let statements = statement("SELECT f(1)");
         let c = &statements[0];
         let m = Book::default();
         assert_eq!(m.calls_may_write(c, 7), None);
-        m.keep_calls(c, 7, Instant::now() + Duration::from_secs(60), true);
+        m.keep_calls(c, 7, later(), true);
         assert_eq!(m.calls_may_write(c, 7), Some(true));
         assert_eq!(m.calls_may_write(c, 8), None, "catalog facts forgotten since");
-        m.keep(c, stamp(1, "p"), Instant::now() + Duration::from_secs(60), &Verdict::Forward(Reason::NoMatch));
+        m.keep(c, stamp(1, "p"), later(), &Verdict::Forward(Reason::NoMatch));
         assert_eq!(m.calls_may_write(c, 7), Some(true), "a verdict kept beside it");
         m.keep_calls(c, 7, Instant::now(), false);
         assert_eq!(m.calls_may_write(c, 7), None, "past the catalog's TTL");
@@ -288,13 +296,12 @@ mod tests {
 
     #[test]
     fn a_verdict_drawn_under_older_facts_does_not_replace_a_newer_one() {
-        let statements = Arc::new(crate::query::classify::classify("SELECT 1"));
+        let statements = statement("SELECT 1");
         let c = &statements[0];
         let m = Book::default();
-        let later = Instant::now() + Duration::from_secs(60);
         let at = |catalog| Stamp { catalog, ..stamp(1, "p") };
-        m.keep(c, at(8), later, &Verdict::Forward(Reason::NoMatch));
-        m.keep(c, at(7), later, &Verdict::Forward(Reason::NoRules));
+        m.keep(c, at(8), later(), &Verdict::Forward(Reason::NoMatch));
+        m.keep(c, at(7), later(), &Verdict::Forward(Reason::NoRules));
         assert!(m.get(c, &now(1, 8, "app", "p"), false).is_some(), "the newer one kept");
         assert!(m.get(c, &now(1, 7, "app", "p"), false).is_none());
     }
@@ -303,11 +310,10 @@ mod tests {
     fn a_full_book_gives_up_one_shape_for_a_new_one() {
         let classifier = crate::query::Classifier::default();
         let m = Book::default();
-        let later = Instant::now() + Duration::from_secs(60);
         let shapes: Vec<_> =
             (0..MAX_ENTRIES + 1).map(|i| classifier.classify(&format!("SELECT c{i} FROM t"))).collect();
         for s in &shapes {
-            m.keep(&s[0], stamp(1, "p"), later, &Verdict::Forward(Reason::NoMatch));
+            m.keep(&s[0], stamp(1, "p"), later(), &Verdict::Forward(Reason::NoMatch));
         }
         assert_eq!(m.len(), MAX_ENTRIES);
         let kept = shapes.iter().filter(|s| m.get(&s[0], &now(1, 7, "app", "p"), false).is_some()).count();
@@ -316,23 +322,22 @@ mod tests {
 
     #[test]
     fn passing_conditions_are_not_kept() {
-        let statements = Arc::new(crate::query::classify::classify("SELECT 1"));
+        let statements = statement("SELECT 1");
         let c = &statements[0];
         let m = Book::default();
-        let later = Instant::now() + Duration::from_secs(60);
-        m.keep(c, stamp(1, "p"), later, &Verdict::NeedsSearchPath);
-        m.keep(c, stamp(1, "p"), later, &Verdict::Forward(Reason::CatalogUnavailable("down".into())));
+        m.keep(c, stamp(1, "p"), later(), &Verdict::NeedsSearchPath);
+        m.keep(c, stamp(1, "p"), later(), &Verdict::Forward(Reason::CatalogUnavailable("down".into())));
         assert!(m.get(c, &now(1, 7, "app", "p"), false).is_none());
     }
 
     #[test]
     fn sessions_of_one_pool_key_share_a_book_and_no_other_does() {
-        let statements = Arc::new(crate::query::classify::classify("SELECT 1"));
+        let statements = statement("SELECT 1");
         let c = &statements[0];
         let verdicts = Verdicts::default();
         let (a, b, other) = (verdicts.book(&key("app")), verdicts.book(&key("app")), verdicts.book(&key("other")));
         assert!(Arc::ptr_eq(&a, &b));
-        a.keep(c, stamp(1, "p"), Instant::now() + Duration::from_secs(60), &Verdict::Forward(Reason::NoMatch));
+        a.keep(c, stamp(1, "p"), later(), &Verdict::Forward(Reason::NoMatch));
         assert!(b.get(c, &now(1, 7, "app", "p"), false).is_some(), "another session of the pool");
         assert!(other.get(c, &now(1, 7, "app", "p"), false).is_none(), "another user's sessions");
         drop((a, b));

@@ -164,11 +164,17 @@ mod tests {
 
     const GOOD: &str = "[[rule]]\nname = \"a\"\nmatch = { tables = [\"t\"] }\nttl = \"5s\"\n";
 
-    #[test]
-    fn bad_reload_keeps_the_old_rules() {
+    /// A directory holding one good rule file (`r.toml`), and its rules loaded.
+    fn loaded() -> (tempfile::TempDir, Rules) {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("r.toml"), GOOD).expect("write");
         let rules = Rules::load(dir.path(), None).expect("loads");
+        (dir, rules)
+    }
+
+    #[test]
+    fn bad_reload_keeps_the_old_rules() {
+        let (dir, rules) = loaded();
         let before = rules.current();
         std::fs::write(dir.path().join("r.toml"), "[[rule]]\nname = \"a\"\n").expect("write");
         assert!(rules.reload().is_err());
@@ -183,9 +189,7 @@ mod tests {
 
     #[test]
     fn a_reload_that_finishes_after_a_later_one_does_not_undo_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("r.toml"), GOOD).expect("write");
-        let rules = Rules::load(dir.path(), None).expect("loads");
+        let (dir, rules) = loaded();
         let v = rules.version();
         let earlier = load_dir(dir.path(), v + 1).expect("loads");
         std::fs::write(dir.path().join("r.toml"), GOOD.replace("\"a\"", "\"b\"")).expect("write");
@@ -197,9 +201,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_changed_file_is_picked_up() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("r.toml"), GOOD).expect("write");
-        let rules = Arc::new(Rules::load(dir.path(), None).expect("loads"));
+        let (dir, rules) = loaded();
+        let rules = Arc::new(rules);
         tokio::spawn(rules.clone().watch(Duration::from_secs(1)));
         std::fs::write(dir.path().join("s.toml"), GOOD.replace("\"a\"", "\"c\"").replace("\"t\"", "\"u\""))
             .expect("write");
