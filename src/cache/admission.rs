@@ -55,8 +55,9 @@ impl Admission {
     fn seen_before(&self, hash: u64) -> bool {
         let mut seen = true;
         for bit in [hash as usize % BITS, (hash >> 32) as usize % BITS] {
-            let mask = 1u64 << (bit % 64);
-            seen &= self.words[bit / 64].fetch_or(mask, Ordering::Relaxed) & mask != 0;
+            let (word, mask) = (&self.words[bit / 64], 1u64 << (bit % 64));
+            // Read first: a bit already set needs no locked write (nor the cache line taken).
+            seen &= word.load(Ordering::Relaxed) & mask != 0 || word.fetch_or(mask, Ordering::Relaxed) & mask != 0;
         }
         if !seen && self.inserted.fetch_add(1, Ordering::Relaxed) + 1 >= RESET_AFTER {
             self.inserted.store(0, Ordering::Relaxed);

@@ -113,6 +113,50 @@ pub struct Generations {
     /// When the last invalidation happened, against the replica monitor's samples of the
     /// primary's WAL position ([`WalClock`]).
     pub clock: Arc<WalClock>,
+    /// Key slots read since they last moved, moved by writes that killed nothing else
+    /// ([`Moves::slots`]).
+    slots_moved: AtomicU64,
+    /// Which key slots were read (a snapshot took them) since they last moved.
+    read_slots: SlotBits,
+}
+
+/// One bit per key slot.
+#[derive(Debug)]
+struct SlotBits(Box<[AtomicU64]>);
+
+impl Default for SlotBits {
+    fn default() -> Self {
+        SlotBits((0..KEY_SLOTS / 64).map(|_| AtomicU64::new(0)).collect())
+    }
+}
+
+impl SlotBits {
+    /// Sets `slot`'s bit, before the slot's value is read (a write that moves it after
+    /// that finds the bit set).
+    fn note(&self, slot: usize) {
+        let (word, mask) = (&self.0[slot / 64], 1u64 << (slot % 64));
+        if word.load(Ordering::SeqCst) & mask == 0 {
+            word.fetch_or(mask, Ordering::SeqCst);
+        }
+    }
+
+    /// Clears `slot`'s bit, after the slot moved: whether it was set.
+    fn take(&self, slot: usize) -> bool {
+        let (word, mask) = (&self.0[slot / 64], 1u64 << (slot % 64));
+        word.load(Ordering::SeqCst) & mask != 0 && word.fetch_and(!mask, Ordering::SeqCst) & mask != 0
+    }
+}
+
+/// How far the counters have moved, for the cache's sweep ([`crate::cache::Store::sweep`]).
+/// A write pinned to keys kills only the entries that read those keys (and any that read its
+/// relation unpinned): when nothing reads it unpinned, it moves `slots` by how many of its
+/// keys' slots were read since they last moved (at least one entry died for each) and leaves
+/// `spread` alone, so a sweep can wait until enough entries died to be worth visiting every
+/// entry. Every other move — a wider write, counters let go — moves `spread`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moves {
+    pub spread: u64,
+    pub slots: u64,
 }
 
 /// Orders invalidations against the samples the replica monitor ([`crate::replica`]) takes
@@ -143,6 +187,12 @@ impl WalClock {
     /// counter moved sees this too), and returns when, for the counters.
     fn invalidated(&self) -> u64 {
         self.settled();
+        self.next_invalidation()
+    }
+
+    /// Notes an invalidation's time without counting it (a write to keys alone is counted
+    /// by the slots it moved, [`Moves::slots`]).
+    fn next_invalidation(&self) -> u64 {
         let at = self.next_sample();
         self.last_invalidation.fetch_max(at, Ordering::SeqCst);
         at
@@ -171,6 +221,8 @@ impl Default for Generations {
             keys: (0..KEY_SLOTS).map(|_| Gen::default()).collect(),
             key_columns: Default::default(),
             clock: Default::default(),
+            slots_moved: Default::default(),
+            read_slots: Default::default(),
         }
     }
 }
@@ -228,7 +280,9 @@ impl Generations {
                 Some(k) if k.relation == r => {
                     deps.push(snap(intern(&self.wide, &self.global, r)));
                     for v in k.values {
-                        deps.push(snap_counter(Counter::Slot(self.keys.clone(), key_slot(r, v))));
+                        let slot = key_slot(r, v);
+                        self.read_slots.note(slot);
+                        deps.push(snap_counter(Counter::Slot(self.keys.clone(), slot)));
                     }
                 }
                 _ => deps.push(snap(intern(&self.relations, &self.global, r))),
@@ -238,10 +292,13 @@ impl Generations {
         deps
     }
 
-    /// A number that moves whenever a counter does — an invalidation, or counters let go —
-    /// so that whoever saw it unchanged knows no entry has died of a write since.
-    pub fn moves(&self) -> u64 {
-        self.clock.count.load(Ordering::SeqCst).wrapping_add(self.global.value.load(Ordering::SeqCst))
+    /// What has moved so far ([`Moves`]): whoever saw it unchanged knows no entry has died of
+    /// a write since, and how many key slots alone moved in between.
+    pub fn moves(&self) -> Moves {
+        Moves {
+            spread: self.clock.count.load(Ordering::SeqCst).wrapping_add(self.global.value.load(Ordering::SeqCst)),
+            slots: self.slots_moved.load(Ordering::SeqCst),
+        }
     }
 
     /// A write to these resolved relations.
@@ -279,12 +336,24 @@ impl Generations {
             self.bump_relations(std::slice::from_ref(relation));
             return;
         }
-        let at = self.clock.invalidated();
+        let at = self.clock.next_invalidation();
+        let mut read = 0;
         for v in values {
-            self.keys[key_slot(relation, v)].bump(at);
+            let slot = key_slot(relation, v);
+            self.keys[slot].bump(at);
+            read += u64::from(self.read_slots.take(slot));
         }
-        intern(&self.relations, &self.global, relation).bump(at);
-        self.clock.settled();
+        let every_write = intern(&self.relations, &self.global, relation);
+        every_write.bump(at);
+        // Only entries that depend on the every-write counter hold it besides the map and
+        // this: when none does, the write killed nothing but its keys' readers, and the sweep
+        // need not visit every entry for them (see [`Moves`]). A snapshot taken after this
+        // reads the moved value (it takes the counter before it reads it).
+        if Arc::strong_count(&every_write) > 2 {
+            self.clock.settled();
+        } else {
+            self.slots_moved.fetch_add(read, Ordering::SeqCst);
+        }
     }
 
     /// A write to every relation called `name`, in any schema (unresolved writes and DDL).

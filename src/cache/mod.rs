@@ -29,6 +29,6 @@ pub mod store;
 pub mod warm;
 
 pub use flight::{Flight, Flights};
-pub use generation::{Dependency, Generations, Keyed};
+pub use generation::{Dependency, Generations, Keyed, Moves};
 pub use key::Key;
 pub use store::{Entry, Freshness, Store};

@@ -138,6 +138,10 @@ impl Entry {
     }
 }
 
+/// Writes to keys alone wait for a sweep until they number one in this many entries (each
+/// kills the few entries that read its key, so at most about that share is dead and unswept).
+const KEYS_PER_SWEEP: u64 = 8;
+
 /// What one heap allocation costs beyond its bytes (the allocator's header and rounding).
 const ALLOCATION: usize = 32;
 
@@ -186,8 +190,10 @@ pub struct Store {
     /// When the first entry held dies of age, in milliseconds after `born` (`u64::MAX`: none):
     /// a sweep before then, with no invalidation since the last, would find nothing dead.
     next_death: AtomicU64,
-    /// The invalidations counted at the last sweep ([`super::Generations::moves`]).
+    /// The invalidations counted at the last sweep ([`super::Moves::spread`]).
     swept_moves: AtomicU64,
+    /// The key slots moved alone as of the last sweep ([`super::Moves::slots`]).
+    swept_slots: AtomicU64,
     born: Instant,
 }
 
@@ -205,6 +211,7 @@ impl Store {
             admission: Default::default(),
             next_death: AtomicU64::new(u64::MAX),
             swept_moves: AtomicU64::new(u64::MAX),
+            swept_slots: AtomicU64::new(0),
             born: Instant::now(),
         }
     }
@@ -235,19 +242,24 @@ impl Store {
     }
 
     /// Removes entries that can never be served again (dead, or past every window) — unless
-    /// none can have died since the last sweep: no invalidation since (`moves`, the count of
-    /// invalidations, is what it was then) and none old enough. Returns whether it swept.
+    /// too few can have died since the last sweep: none old enough, no invalidation since but
+    /// writes to keys alone ([`super::Moves`]), and those killed fewer than one entry in
+    /// [`KEYS_PER_SWEEP`]. Returns whether it swept.
     ///
     /// A sweep visits every entry (a few cache misses each: tens of milliseconds for a store
-    /// of 100 000), so a workload of reads alone never pays it, and the caller runs it away
-    /// from the threads serving clients.
-    pub fn sweep(&self, moves: u64) -> bool {
+    /// of 100 000), so a workload of reads alone never pays it, nor one whose writes each kill
+    /// a key's few entries until they add up; the caller runs it away from the threads
+    /// serving clients. Until then a dead entry only takes room: it is never served.
+    pub fn sweep(&self, moves: super::Moves) -> bool {
         let now = Instant::now();
         let aged = self.next_death.load(Ordering::SeqCst) <= self.millis(Some(now));
-        if !aged && self.swept_moves.load(Ordering::SeqCst) == moves {
+        let slots = moves.slots.wrapping_sub(self.swept_slots.load(Ordering::SeqCst));
+        let few = slots < (self.cache.len() as u64 / KEYS_PER_SWEEP).max(1);
+        if !aged && self.swept_moves.load(Ordering::SeqCst) == moves.spread && few {
             return false;
         }
-        self.swept_moves.store(moves, Ordering::SeqCst);
+        self.swept_moves.store(moves.spread, Ordering::SeqCst);
+        self.swept_slots.store(moves.slots, Ordering::SeqCst);
         // Cleared first: an insert racing the sweep either sets them again or is seen below.
         self.occupied.store(false, Ordering::SeqCst);
         self.next_death.store(u64::MAX, Ordering::SeqCst);
@@ -424,5 +436,50 @@ mod tests {
         tokio::time::advance(Duration::from_secs(600)).await;
         assert!(store.sweep(g.moves()));
         assert!(store.is_empty() && !store.may_hold_entries());
+    }
+
+    /// Writes to keys alone wait for the sweep until they killed one entry in eight; a write
+    /// to a key of a relation something reads unpinned sweeps at once.
+    #[tokio::test]
+    async fn writes_to_keys_alone_are_swept_once_they_add_up() {
+        use crate::cache::Keyed;
+        use crate::query::point::KeyValue;
+        let store = Store::new(1 << 24);
+        let g = Generations::default();
+        let t = Relation::new(Some("public"), "t");
+        let reads = |k: i64| {
+            let values = [KeyValue::Int(k)];
+            g.snapshot("db", std::slice::from_ref(&t), Some(Keyed { relation: &t, column: "id", values: &values }))
+        };
+        for k in 0..64 {
+            store.insert(key(&format!("k{k}")), entry(rule(600, 0, 0), reads(k), 10));
+        }
+        assert!(store.sweep(g.moves()), "the first sweep");
+        // Keys nobody read (not even through a shared slot) move no slot that counts.
+        let slot = |k: i64| crate::cache::generation::key_slot(&t, &KeyValue::Int(k));
+        let read: std::collections::HashSet<usize> = (0..64).map(slot).collect();
+        for k in (1000..).filter(|k| !read.contains(&slot(*k))).take(100) {
+            g.bump_keys(&t, "id", &[KeyValue::Int(k)]);
+        }
+        assert!(!store.sweep(g.moves()), "no entry died");
+        for k in 0..7 {
+            g.bump_keys(&t, "id", &[KeyValue::Int(k)]);
+        }
+        assert!(!store.sweep(g.moves()), "seven of 64 dead: fewer than one in eight");
+        assert_eq!(store.len(), 64, "unswept");
+        assert!(store.get(&key("k0")).is_none(), "but never served");
+        g.bump_keys(&t, "id", &[KeyValue::Int(7)]);
+        assert!(store.sweep(g.moves()), "eight of 64");
+        // Gone: the eight keys written and any key sharing a slot with one of them.
+        let written: std::collections::HashSet<usize> = (0..8).map(slot).collect();
+        let left = (0..64).filter(|k| !written.contains(&slot(*k))).count();
+        assert_eq!(store.len(), left);
+        // Something reads t unpinned: a write to one key may kill it, and is swept at once.
+        store.insert(key("all"), entry(rule(600, 0, 0), g.snapshot("db", std::slice::from_ref(&t), None), 10));
+        assert!(!store.sweep(g.moves()));
+        let unread = (2000..).find(|k| !read.contains(&slot(*k))).unwrap();
+        g.bump_keys(&t, "id", &[KeyValue::Int(unread)]);
+        assert!(store.sweep(g.moves()), "an unpinned read died");
+        assert!(store.get(&key("all")).is_none() && store.len() == left);
     }
 }
