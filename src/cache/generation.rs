@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -113,44 +113,46 @@ pub struct Generations {
     /// When the last invalidation happened, against the replica monitor's samples of the
     /// primary's WAL position ([`WalClock`]).
     pub clock: Arc<WalClock>,
-    /// Key slots read since they last moved, moved by writes that killed nothing else
-    /// ([`Moves::slots`]).
+    /// Reads of key slots since they last moved, counted by the writes that moved them and
+    /// killed nothing else ([`Moves::slots`]).
     slots_moved: AtomicU64,
-    /// Which key slots were read (a snapshot took them) since they last moved.
-    read_slots: SlotBits,
+    /// How many reads took each key slot since it last moved.
+    read_slots: SlotReads,
 }
 
-/// One bit per key slot.
+/// Per key slot, how many reads took it since it last moved (saturating at 255): at least
+/// the entries on it that a write to it kills (more when fills were dropped or replaced).
 #[derive(Debug)]
-struct SlotBits(Box<[AtomicU64]>);
+struct SlotReads(Box<[AtomicU8]>);
 
-impl Default for SlotBits {
+impl Default for SlotReads {
     fn default() -> Self {
-        SlotBits((0..KEY_SLOTS / 64).map(|_| AtomicU64::new(0)).collect())
+        SlotReads((0..KEY_SLOTS).map(|_| AtomicU8::new(0)).collect())
     }
 }
 
-impl SlotBits {
-    /// Sets `slot`'s bit, before the slot's value is read (a write that moves it after
-    /// that finds the bit set).
+impl SlotReads {
+    /// Counts a read of `slot`, before the slot's value is read.
     fn note(&self, slot: usize) {
-        let (word, mask) = (&self.0[slot / 64], 1u64 << (slot % 64));
-        if word.load(Ordering::SeqCst) & mask == 0 {
-            word.fetch_or(mask, Ordering::SeqCst);
+        let reads = &self.0[slot];
+        if reads.load(Ordering::Relaxed) < u8::MAX {
+            reads.fetch_add(1, Ordering::SeqCst);
         }
     }
 
-    /// Clears `slot`'s bit, after the slot moved: whether it was set.
-    fn take(&self, slot: usize) -> bool {
-        let (word, mask) = (&self.0[slot / 64], 1u64 << (slot % 64));
-        word.load(Ordering::SeqCst) & mask != 0 && word.fetch_and(!mask, Ordering::SeqCst) & mask != 0
+    /// The reads of `slot` counted since it last moved, after it moved (reset to none). An
+    /// approximation: a read counted just before another write moved the slot, which reads
+    /// the moved value, is taken by that write, not by the one that later kills it.
+    fn take(&self, slot: usize) -> u64 {
+        let reads = &self.0[slot];
+        if reads.load(Ordering::Relaxed) == 0 { 0 } else { u64::from(reads.swap(0, Ordering::SeqCst)) }
     }
 }
 
 /// How far the counters have moved, for the cache's sweep ([`crate::cache::Store::sweep`]).
 /// A write pinned to keys kills only the entries that read those keys (and any that read its
-/// relation unpinned): when nothing reads it unpinned, it moves `slots` by how many of its
-/// keys' slots were read since they last moved (at least one entry died for each) and leaves
+/// relation unpinned): when nothing reads it unpinned, it moves `slots` by how many reads took
+/// its keys' slots since they last moved (about as many as it killed, or more) and leaves
 /// `spread` alone, so a sweep can wait until enough entries died to be worth visiting every
 /// entry. Every other move — a wider write, counters let go — moves `spread`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,15 +237,25 @@ pub const MAX_COUNTERS: usize = 100_000;
 /// entry that depended on a counter let go dies (a new counter for the same key would not
 /// move for it).
 fn intern<K: std::hash::Hash + Eq + Clone>(map: &Mutex<HashMap<K, Arc<Gen>>>, global: &Gen, k: &K) -> Arc<Gen> {
+    with_interned(map, global, k, Arc::clone)
+}
+
+/// `f` of the counter for `k` ([`intern`]), under the map's lock.
+fn with_interned<K: std::hash::Hash + Eq + Clone, R>(
+    map: &Mutex<HashMap<K, Arc<Gen>>>,
+    global: &Gen,
+    k: &K,
+    f: impl FnOnce(&Arc<Gen>) -> R,
+) -> R {
     let mut map = map.lock();
     if let Some(c) = map.get(k) {
-        return c.clone();
+        return f(c);
     }
     if map.len() >= MAX_COUNTERS {
         map.clear();
         global.shift();
     }
-    map.entry(k.clone()).or_default().clone()
+    f(map.entry(k.clone()).or_default())
 }
 
 fn snap(counter: Arc<Gen>) -> Dependency {
@@ -341,15 +353,18 @@ impl Generations {
         for v in values {
             let slot = key_slot(relation, v);
             self.keys[slot].bump(at);
-            read += u64::from(self.read_slots.take(slot));
+            read += self.read_slots.take(slot);
         }
-        let every_write = intern(&self.relations, &self.global, relation);
-        every_write.bump(at);
-        // Only entries that depend on the every-write counter hold it besides the map and
-        // this: when none does, the write killed nothing but its keys' readers, and the sweep
-        // need not visit every entry for them (see [`Moves`]). A snapshot taken after this
-        // reads the moved value (it takes the counter before it reads it).
-        if Arc::strong_count(&every_write) > 2 {
+        // Only what depends on the every-write counter holds it besides the map (entries,
+        // fills in flight, refreshes): when nothing does, the write killed nothing but its
+        // keys' readers, and the sweep need not visit every entry for them (see [`Moves`]).
+        // Moved and counted under the map's lock, under which a snapshot takes the counter
+        // before it reads it: one taken after this reads the moved value.
+        let held = with_interned(&self.relations, &self.global, relation, |every_write| {
+            every_write.bump(at);
+            Arc::strong_count(every_write) > 1
+        });
+        if held {
             self.clock.settled();
         } else {
             self.slots_moved.fetch_add(read, Ordering::SeqCst);

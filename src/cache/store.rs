@@ -138,8 +138,8 @@ impl Entry {
     }
 }
 
-/// Writes to keys alone wait for a sweep until they number one in this many entries (each
-/// kills the few entries that read its key, so at most about that share is dead and unswept).
+/// Writes to keys alone wait for a sweep until the reads of the slots they moved number one
+/// in this many entries (at least the entries they killed: about that share is dead, unswept).
 const KEYS_PER_SWEEP: u64 = 8;
 
 /// What one heap allocation costs beyond its bytes (the allocator's header and rounding).
@@ -243,8 +243,8 @@ impl Store {
 
     /// Removes entries that can never be served again (dead, or past every window) — unless
     /// too few can have died since the last sweep: none old enough, no invalidation since but
-    /// writes to keys alone ([`super::Moves`]), and those killed fewer than one entry in
-    /// [`KEYS_PER_SWEEP`]. Returns whether it swept.
+    /// writes to keys alone ([`super::Moves`]), and the reads of the key slots those moved
+    /// number fewer than one in [`KEYS_PER_SWEEP`] entries. Returns whether it swept.
     ///
     /// A sweep visits every entry (a few cache misses each: tens of milliseconds for a store
     /// of 100 000), so a workload of reads alone never pays it, nor one whose writes each kill
@@ -444,6 +444,7 @@ mod tests {
     async fn writes_to_keys_alone_are_swept_once_they_add_up() {
         use crate::cache::Keyed;
         use crate::query::point::KeyValue;
+        use std::collections::HashSet;
         let store = Store::new(1 << 24);
         let g = Generations::default();
         let t = Relation::new(Some("public"), "t");
@@ -451,35 +452,49 @@ mod tests {
             let values = [KeyValue::Int(k)];
             g.snapshot("db", std::slice::from_ref(&t), Some(Keyed { relation: &t, column: "id", values: &values }))
         };
-        for k in 0..64 {
-            store.insert(key(&format!("k{k}")), entry(rule(600, 0, 0), reads(k), 10));
+        // 64 keys in 64 slots (two keys sharing a slot die together: a write counts both).
+        let slot = |k: i64| crate::cache::generation::key_slot(&t, &KeyValue::Int(k));
+        let mut taken = HashSet::new();
+        let keys: Vec<i64> = (0..).filter(|k| taken.insert(slot(*k))).take(64).collect();
+        let fresh = |from: i64| (from..).find(|k| !taken.contains(&slot(*k))).unwrap();
+        for k in &keys {
+            store.insert(key(&format!("k{k}")), entry(rule(600, 0, 0), reads(*k), 10));
         }
         assert!(store.sweep(g.moves()), "the first sweep");
         // Keys nobody read (not even through a shared slot) move no slot that counts.
-        let slot = |k: i64| crate::cache::generation::key_slot(&t, &KeyValue::Int(k));
-        let read: std::collections::HashSet<usize> = (0..64).map(slot).collect();
-        for k in (1000..).filter(|k| !read.contains(&slot(*k))).take(100) {
+        for k in (1000..).filter(|k| !taken.contains(&slot(*k))).take(100) {
             g.bump_keys(&t, "id", &[KeyValue::Int(k)]);
         }
         assert!(!store.sweep(g.moves()), "no entry died");
-        for k in 0..7 {
-            g.bump_keys(&t, "id", &[KeyValue::Int(k)]);
+        for k in &keys[..7] {
+            g.bump_keys(&t, "id", &[KeyValue::Int(*k)]);
         }
         assert!(!store.sweep(g.moves()), "seven of 64 dead: fewer than one in eight");
         assert_eq!(store.len(), 64, "unswept");
-        assert!(store.get(&key("k0")).is_none(), "but never served");
-        g.bump_keys(&t, "id", &[KeyValue::Int(7)]);
+        g.bump_keys(&t, "id", &[KeyValue::Int(keys[7])]);
+        assert_eq!(store.len(), 64);
         assert!(store.sweep(g.moves()), "eight of 64");
-        // Gone: the eight keys written and any key sharing a slot with one of them.
-        let written: std::collections::HashSet<usize> = (0..8).map(slot).collect();
-        let left = (0..64).filter(|k| !written.contains(&slot(*k))).count();
-        assert_eq!(store.len(), left);
+        assert_eq!(store.len(), 56);
+        assert!(
+            store.get(&key(&format!("k{}", keys[0]))).is_none() && store.get(&key(&format!("k{}", keys[8]))).is_some()
+        );
+        // Eight statements reading one key (other texts, protocols, roles): its write killed
+        // eight entries, one in eight, and counts as such.
+        let one = fresh(5000);
+        for i in 0..8 {
+            store.insert(key(&format!("one{i}")), entry(rule(600, 0, 0), reads(one), 10));
+        }
+        assert!(!store.sweep(g.moves()));
+        g.bump_keys(&t, "id", &[KeyValue::Int(one)]);
+        assert_eq!(store.len(), 64);
+        assert!(store.get(&key("one0")).is_none(), "dead: never served, swept or not");
+        assert!(store.sweep(g.moves()), "eight dead of 64");
+        assert_eq!(store.len(), 56);
         // Something reads t unpinned: a write to one key may kill it, and is swept at once.
         store.insert(key("all"), entry(rule(600, 0, 0), g.snapshot("db", std::slice::from_ref(&t), None), 10));
         assert!(!store.sweep(g.moves()));
-        let unread = (2000..).find(|k| !read.contains(&slot(*k))).unwrap();
-        g.bump_keys(&t, "id", &[KeyValue::Int(unread)]);
+        g.bump_keys(&t, "id", &[KeyValue::Int(fresh(9000))]);
         assert!(store.sweep(g.moves()), "an unpinned read died");
-        assert!(store.get(&key("all")).is_none() && store.len() == left);
+        assert!(store.get(&key("all")).is_none() && store.len() == 56);
     }
 }
