@@ -42,8 +42,8 @@ async fn statement_timings_are_drained_without_a_scraper() {
         start.send(done).unwrap();
         finished
     };
-    // Drained samples are freed only once no thread can still be reading them (the
-    // exporter's buckets reclaim by epochs): until later records collect them, up to two
+    // Drained samples are freed late (the exporter's buckets appear to reclaim by epochs;
+    // not traced further): until later records release them, up to two
     // phases' worth stay allocated beside the new phase's samples (heap in use, measured:
     // 1.5–8 MB from phase to phase, not growing). RSS keeps that peak; it is not always
     // reached in the first phase (once in CI RSS then grew 6.2 MiB, all of it free), so the
@@ -52,12 +52,12 @@ async fn statement_timings_are_drained_without_a_scraper() {
         phase().await.unwrap();
         tokio::time::sleep(Duration::from_millis(2500)).await;
     }
-    let after_first = rss();
+    let baseline = rss();
     for _ in 0..3 {
         phase().await.unwrap();
         tokio::time::sleep(Duration::from_millis(2500)).await;
     }
-    let grown = rss().saturating_sub(after_first);
+    let grown = rss().saturating_sub(baseline);
     // Held samples cost at least 8 bytes each: 1.2 million would be over 9 MB.
     assert!(grown < 3 << 20, "RSS grew by {} KiB over {} statements with no scraper", grown >> 10, 3 * PHASE);
 }
