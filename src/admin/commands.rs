@@ -76,11 +76,11 @@ pub async fn run(ctx: &Arc<Context>, text: &str) -> Result<ResultSet, PgError> {
         }
         ["RELOAD"] => reload(ctx),
         ["PAUSE"] => {
-            ctx.paused.send_replace(true);
+            ctx.pause(true);
             Ok(ResultSet::pairs("PAUSE", vec![("paused", "new backend work waits until RESUME".into())]))
         }
         ["RESUME"] => {
-            ctx.paused.send_replace(false);
+            ctx.pause(false);
             Ok(ResultSet::pairs("RESUME", vec![("paused", "no".into())]))
         }
         _ => Err(unknown(text.trim())),
@@ -167,7 +167,7 @@ fn stats(ctx: &Context) -> ResultSet {
     r.row(["cache_entries".into(), ctx.store.len().to_string(), "".into()]);
     r.row(["cache_bytes".into(), ctx.store.bytes().to_string(), "".into()]);
     r.row(["cache_evictions".into(), ctx.store.evictions().to_string(), "".into()]);
-    r.row(["paused".into(), (if *ctx.paused.borrow() { "yes" } else { "no" }).into(), "".into()]);
+    r.row(["paused".into(), (if ctx.is_paused() { "yes" } else { "no" }).into(), "".into()]);
     r
 }
 

@@ -86,8 +86,10 @@ pub struct Context {
     pub catalog: Arc<Catalog>,
     pub peers: Arc<Peers>,
     pub stats: Arc<Stats>,
-    /// New backend work waits while this is true (admin `PAUSE`).
-    pub paused: tokio::sync::watch::Sender<bool>,
+    /// New backend work waits while this is true (admin `PAUSE`; set by [`Context::pause`]).
+    paused: tokio::sync::watch::Sender<bool>,
+    /// The same flag, read without the channel's lock by every request ([`Context::wait_while_paused`]).
+    paused_now: std::sync::atomic::AtomicBool,
     /// Stop accepting and drain.
     pub shutdown: CancellationToken,
     /// The drain timeout passed: close what is left.
@@ -98,7 +100,7 @@ impl Context {
     /// Waits while new backend work is paused (admin `PAUSE`), or until shutdown forces
     /// sessions closed.
     pub async fn wait_while_paused(&self) {
-        if !*self.paused.borrow() {
+        if !self.is_paused() {
             return;
         }
         let mut rx = self.paused.subscribe();
@@ -106,6 +108,20 @@ impl Context {
             _ = rx.wait_for(|paused| !*paused) => {}
             _ = self.force_close.cancelled() => {}
         }
+    }
+
+    /// Pauses new backend work (admin `PAUSE`) or resumes it.
+    pub fn pause(&self, paused: bool) {
+        // Both under the channel's lock, so two admins at once leave them agreeing.
+        self.paused.send_modify(|p| {
+            *p = paused;
+            self.paused_now.store(paused, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+
+    /// Whether new backend work is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused_now.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether the cache is in use at all: rules are loaded, or entries remain from when they
@@ -198,6 +214,7 @@ impl Context {
             rules: Arc::new(rules),
             stats,
             paused: tokio::sync::watch::channel(false).0,
+            paused_now: std::sync::atomic::AtomicBool::new(false),
             config: arc_swap::ArcSwap::from_pointee(config),
             config_source: parking_lot::Mutex::new(None),
             clients,
