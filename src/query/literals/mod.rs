@@ -200,6 +200,13 @@ mod tests {
             assert_eq!(quick::literals(plain), lexed(plain), "{plain}");
             assert!(quick::literals(plain).is_some(), "the quick reader reads {plain}");
         }
+        for run in [31, 63, 64, 65, 100] {
+            let sql = format!("SELECT 1 {} 2", "<".repeat(run));
+            if let Some(quick) = quick::literals(&sql) {
+                assert_eq!(Some(quick), lexed(&sql), "an operator of {run} characters");
+            }
+        }
+        assert_eq!(lexed(&format!("SELECT 1 {} 2", "<".repeat(64))), None, "the lexer refuses a long operator");
     }
 
     #[test]

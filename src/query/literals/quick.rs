@@ -20,8 +20,14 @@ pub fn literals(sql: &str) -> Option<Vec<Literal>> {
     let b = sql.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
+    // Operator characters in a row: the lexer refuses an operator of 64 or more.
+    let mut operator = 0;
     while i < b.len() {
         let c = b[i];
+        operator = if OPERATOR.contains(&c) { operator + 1 } else { 0 };
+        if operator >= LONG_OPERATOR {
+            return None;
+        }
         match c {
             b' ' | b'\t' | b'\n' | b'\r' => i += 1,
             b'a'..=b'z' | b'A'..=b'Z' | b'_' => {
@@ -80,6 +86,13 @@ pub fn literals(sql: &str) -> Option<Vec<Literal>> {
     }
     Some(out)
 }
+
+/// The characters operators are made of.
+const OPERATOR: &[u8] = b"~!@#^&|`?+-*/%<>=";
+
+/// A run of operator characters this long goes to the lexer (which refuses 64 or more, after
+/// trimming some; well below that is simply left to it).
+const LONG_OPERATOR: usize = 32;
 
 /// The end of the quoted string or name opening at `at` (a doubled quote stays inside), or
 /// `None` if it is not closed or holds a backslash (whose meaning depends on settings).
