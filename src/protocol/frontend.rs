@@ -124,15 +124,22 @@ pub struct BindParts {
 impl BindParts {
     /// Decodes the Bind in `raw` (a whole frame, header included).
     pub fn decode(raw: &Bytes) -> Result<BindParts, Truncated> {
-        let b = bind(raw.get(5..).ok_or(Truncated)?)?;
-        Ok(BindParts {
-            raw: raw.clone(),
-            portal: raw.slice_ref(b.portal),
-            statement: raw.slice_ref(b.statement),
-            param_formats: b.param_formats,
-            params: b.params.iter().map(|p| p.map(|v| raw.slice_ref(v))).collect(),
-            result_formats: b.result_formats,
-        })
+        // As [`bind`], with each value sliced as it is read (no second vector).
+        let mut r = Reader::new(raw.get(5..).ok_or(Truncated)?);
+        let portal = raw.slice_ref(r.cstr()?);
+        let statement = raw.slice_ref(r.cstr()?);
+        let param_formats = formats(&mut r)?;
+        let n = r.count16()?;
+        if r.remaining() < n * 4 {
+            return Err(Truncated);
+        }
+        let mut params = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = r.i32()?;
+            params.push(if len < 0 { None } else { Some(raw.slice_ref(r.bytes(len as usize)?)) });
+        }
+        let result_formats = formats(&mut r)?;
+        finish(&r, BindParts { raw: raw.clone(), portal, statement, param_formats, params, result_formats })
     }
 
     /// The format of parameter `i` (Postgres docs, "Bind": none given means text, one given
@@ -249,6 +256,26 @@ mod tests {
         let mut long = body.clone();
         long.push(0);
         assert!(bind(&long).is_err());
+    }
+
+    #[test]
+    fn bind_parts_are_the_binds_slices_of_the_frame() {
+        let frame = |body: &[u8]| {
+            let mut f = vec![BIND];
+            f.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+            f.extend_from_slice(body);
+            Bytes::from(f)
+        };
+        let body = bind_body();
+        let (raw, b) = (frame(&body), bind(&body).unwrap());
+        let parts = BindParts::decode(&raw).unwrap();
+        assert_eq!((&parts.portal[..], &parts.statement[..]), (b.portal, b.statement));
+        assert_eq!((parts.param_formats, parts.result_formats), (b.param_formats, b.result_formats));
+        assert_eq!(parts.params.iter().map(|p| p.as_deref()).collect::<Vec<_>>(), b.params);
+        for cut in 0..body.len() {
+            assert!(BindParts::decode(&frame(&body[..cut])).is_err(), "cut at {cut}");
+        }
+        assert!(BindParts::decode(&frame(&[body.as_slice(), &[0]].concat())).is_err());
     }
 
     #[test]

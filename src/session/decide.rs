@@ -287,6 +287,10 @@ impl Asker<'_> {
     /// verdicts when one still holds.
     async fn assess(&mut self, sql: &str, c: &Classified) -> Verdict {
         let ctx = self.ctx;
+        if ctx.rules.is_empty() {
+            // What the policy would say first, without the pattern pass and the memo look-up.
+            return Verdict::Forward(Reason::NoRules);
+        }
         let settings = &self.flow.settings;
         let (role, search_path) = (settings.role(), settings.search_path());
         // Read before the facts are: an invalidation meanwhile leaves the memo stale, not wrong.

@@ -21,6 +21,7 @@ mod virtuals;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 
 use crate::cache::Entry;
 use crate::metrics::Outcome;
@@ -37,11 +38,12 @@ use super::flow::{Parked, Statement};
 use super::pipeline::Fill;
 use super::plan::Plan;
 
-/// One extended-protocol message, its parts sliced from its frame.
+/// One extended-protocol message, its parts sliced from its frame. A Bind's parts are shared
+/// with the [`Need`]s that carry them (a clone is a count, not a copy).
 #[derive(Debug, Clone)]
 pub(crate) enum Msg {
     Parse { name: Bytes, sql: Bytes, param_types: Vec<u32> },
-    Bind(BindParts),
+    Bind(Arc<BindParts>),
     Describe(Target, Bytes),
     Execute { portal: Bytes, max_rows: i32 },
     Close(Target, Bytes),
@@ -58,7 +60,7 @@ impl Msg {
                 let p = fe::parse(f.body()).ok()?;
                 Msg::Parse { name: raw.slice_ref(p.name), sql: raw.slice_ref(p.sql), param_types: p.param_types }
             }
-            fe::BIND => Msg::Bind(BindParts::decode(raw).ok()?),
+            fe::BIND => Msg::Bind(Arc::new(BindParts::decode(raw).ok()?)),
             fe::DESCRIBE => {
                 let (t, n) = named(fe::named(f.body()).ok()?);
                 Msg::Describe(t, n)
@@ -88,14 +90,19 @@ pub(crate) enum Exec {
     Forward,
 }
 
+/// Up to this many messages, a batch is planned without allocating its per-message tables
+/// (a prepared statement's Bind, Execute and Sync fit).
+const SHORT_BATCH: usize = 4;
+
 /// Facts about some messages of a batch, by message index. Batches are short, so this is a
-/// vector rather than a map: planning a batch allocates little and hashes nothing.
+/// vector rather than a map, kept inline for a short batch: planning one allocates little and
+/// hashes nothing.
 #[derive(Debug)]
-pub(crate) struct Slots<T>(Vec<Option<T>>);
+pub(crate) struct Slots<T>(SmallVec<[Option<T>; SHORT_BATCH]>);
 
 impl<T> Default for Slots<T> {
     fn default() -> Self {
-        Slots(Vec::new())
+        Slots(SmallVec::new())
     }
 }
 
@@ -105,6 +112,10 @@ impl<T> Slots<T> {
             self.0.resize_with(i + 1, || None);
         }
         self.0[i] = Some(v);
+    }
+
+    fn has(&self, i: usize) -> bool {
+        self.get(&i).is_some()
     }
 
     fn get(&self, i: &usize) -> Option<&T> {
@@ -131,7 +142,7 @@ impl<T> Slots<T> {
 /// Statements or portals by name as a batch leaves them (`None`: closed). A batch names few,
 /// so a vector searched from the end.
 #[derive(Debug, Default)]
-struct Names(Vec<(Bytes, Option<Arc<Statement>>)>);
+struct Names(SmallVec<[(Bytes, Option<Arc<Statement>>); 2]>);
 
 impl Names {
     fn get(&self, name: &[u8]) -> Option<&Option<Arc<Statement>>> {
@@ -157,8 +168,9 @@ pub(crate) struct BatchPlan {
     observe: Slots<Observation>,
     /// The unnamed-portal Bind each Execute/Describe of the unnamed portal refers to.
     bound_by: Slots<usize>,
-    virtual_parse: Vec<bool>,
-    virtual_bind: Vec<bool>,
+    /// The Parses and Binds that need not reach the backend ([`virtuals`]).
+    virtual_parse: Slots<()>,
+    virtual_bind: Slots<()>,
     /// The client's unnamed statement when the batch began.
     unnamed_at_start: Option<Arc<Statement>>,
     /// The statement a Bind or a Describe of a statement names at that point of the batch,
@@ -173,11 +185,11 @@ pub enum Need {
     /// each statement ([`Core::note`]) and hands them back ([`Planner::effects`]). `bind` is
     /// the portal's Bind when it is in this batch and the statement pins key values (a write
     /// to `WHERE id = $1` invalidates by the value bound).
-    Effects { statement: Arc<Statement>, bind: Option<BindParts> },
+    Effects { statement: Arc<Statement>, bind: Option<Arc<BindParts>> },
     /// Whether this Execute is answered from the cache, filled, or forwarded
     /// ([`Planner::decision`]).
     /// The statement is a single SELECT ([`Statement::select`]).
-    Decision { statement: Arc<Statement>, bind: BindParts, max_rows: i32 },
+    Decision { statement: Arc<Statement>, bind: Arc<BindParts>, max_rows: i32 },
 }
 
 /// The Execute being planned, waiting for a fact.
@@ -192,7 +204,7 @@ enum Waiting {
 #[derive(Debug)]
 pub struct Planner {
     frames: Vec<Frame>,
-    msgs: Vec<Msg>,
+    msgs: SmallVec<[Msg; SHORT_BATCH]>,
     /// The batch ends in Sync: its Executes may use the cache.
     cacheable: bool,
     at: usize,
@@ -222,19 +234,14 @@ impl Core {
     /// case the batch was sent as it is). `classify` classifies a Parse's SQL.
     pub fn begin_batch(&mut self, classify: &dyn Fn(&str) -> Arc<Vec<Classified>>) -> Option<Planner> {
         let frames = std::mem::take(&mut self.flow.batch);
-        let Some(msgs) = frames.iter().map(Msg::decode).collect::<Option<Vec<_>>>() else {
+        let Some(msgs) = frames.iter().map(Msg::decode).collect::<Option<SmallVec<_>>>() else {
             // A message pgcache cannot read: Postgres will report it. Send as is.
             self.forward_raw(frames);
             return None;
         };
         let cacheable = frames.last().is_some_and(|f| f.tag() == fe::SYNC);
-        let n = msgs.len();
-        let mut plan = BatchPlan {
-            virtual_parse: vec![false; n],
-            virtual_bind: vec![false; n],
-            unnamed_at_start: self.flow.statements.get(&b""[..]).cloned(),
-            ..Default::default()
-        };
+        let mut plan =
+            BatchPlan { unnamed_at_start: self.flow.statements.get(&b""[..]).cloned(), ..Default::default() };
         for (i, m) in msgs.iter().enumerate() {
             if let Msg::Parse { sql, param_types, .. } = m {
                 let classified = match std::str::from_utf8(sql) {
@@ -445,11 +452,17 @@ impl Planner {
         }
         emit::emit(core, &self.frames, &self.msgs, self.plan);
         core.flush_locals();
+        // The next batch is collected in this one's vector (its capacity kept).
+        let mut frames = self.frames;
+        frames.clear();
+        if core.flow.batch.is_empty() {
+            core.flow.batch = frames;
+        }
     }
 }
 
 /// The Bind that made `portal` what it is at the end of `msgs`, if there is one.
-fn bind_of(msgs: &[Msg], portal: &[u8]) -> Option<BindParts> {
+fn bind_of(msgs: &[Msg], portal: &[u8]) -> Option<Arc<BindParts>> {
     for m in msgs.iter().rev() {
         match m {
             Msg::Bind(b) if b.portal == portal => return Some(b.clone()),

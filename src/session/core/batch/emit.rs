@@ -139,7 +139,7 @@ impl Emitter<'_> {
         if name.is_empty() {
             self.current_unnamed = self.plan.parsed.get(&i).cloned();
         }
-        if self.plan.virtual_parse[i] {
+        if self.plan.virtual_parse.has(i) {
             self.core.answer_locally(encoded(be::parse_complete));
             self.core.flow.unprepared.insert(Bytes::new());
         } else {
@@ -155,7 +155,7 @@ impl Emitter<'_> {
 
     fn bind(&mut self, i: usize, statement: &Bytes, unnamed_portal: bool, frame: Frame) {
         self.described = false;
-        if self.plan.virtual_bind[i] {
+        if self.plan.virtual_bind.has(i) {
             self.core.answer_locally(encoded(be::bind_complete));
             self.core.flow.virtual_portal = Some(frame);
         } else {
@@ -232,7 +232,7 @@ impl Emitter<'_> {
 /// Answers a Describe of a portal that only pgcache has, from the entry of the hit it is bound
 /// for. Returns whether it did.
 fn describe_locally(core: &mut Core, plan: &BatchPlan, i: usize) -> bool {
-    if !plan.bound_by.get(&i).is_some_and(|bi| plan.virtual_bind[*bi]) {
+    if !plan.bound_by.get(&i).is_some_and(|bi| plan.virtual_bind.has(*bi)) {
         return false;
     }
     let entry = plan.exec.iter().find_map(|(e, (exec, _))| match exec {

@@ -3,8 +3,6 @@
 //! virtual when all its Binds are. pgcache answers them itself and re-sends them later if the
 //! backend ever needs that statement or portal.
 
-use std::collections::HashMap;
-
 use crate::metrics::Outcome;
 use crate::policy::Reason;
 use crate::protocol::frontend::Target;
@@ -12,23 +10,34 @@ use crate::protocol::frontend::Target;
 use super::{BatchPlan, Exec, Msg};
 
 pub(super) fn find(msgs: &[Msg], plan: &mut BatchPlan) {
-    let mut uses: HashMap<usize, Vec<usize>> = HashMap::new();
-    for (i, &bi) in plan.bound_by.iter() {
-        uses.entry(bi).or_default().push(i);
+    // A message's Bind is the last unnamed-portal Bind before it, so in message order the uses
+    // of one Bind come in one run: each run is judged when the next begins (and at the end).
+    let BatchPlan { bound_by, exec, virtual_bind, .. } = &mut *plan;
+    let mut run: Option<(usize, bool, usize)> = None; // (bind, all uses hits so far, executes)
+    let mut close = |run: Option<(usize, bool, usize)>| {
+        if let Some((bi, true, 1)) = run {
+            virtual_bind.insert(bi, ());
+        }
+    };
+    for (i, &bi) in bound_by.iter() {
+        if run.is_some_and(|(b, ..)| b != bi) {
+            close(run.take());
+        }
+        let (_, all_hits, executes) = run.get_or_insert((bi, true, 0));
+        match &msgs[i] {
+            Msg::Execute { .. } => {
+                *all_hits &= matches!(exec.get(&i), Some((Exec::Hit(_), _)));
+                *executes += 1;
+            }
+            Msg::Describe(..) => {}
+            _ => *all_hits = false,
+        }
     }
-    for (bi, used) in uses {
-        let all_hits = used.iter().all(|i| match &msgs[*i] {
-            Msg::Execute { .. } => matches!(plan.exec.get(i), Some((Exec::Hit(_), _))),
-            Msg::Describe(..) => true,
-            _ => false,
-        });
-        let executes = used.iter().filter(|i| matches!(msgs[**i], Msg::Execute { .. })).count();
-        plan.virtual_bind[bi] = all_hits && executes == 1;
-    }
+    close(run);
     // A hit whose Bind must reach the backend anyway is not served from the cache.
     let mut demote = Vec::new();
     for (i, (exec, _)) in plan.exec.iter() {
-        if matches!(exec, Exec::Hit(_)) && plan.bound_by.get(&i).is_none_or(|bi| !plan.virtual_bind[*bi]) {
+        if matches!(exec, Exec::Hit(_)) && plan.bound_by.get(&i).is_none_or(|bi| !plan.virtual_bind.has(*bi)) {
             demote.push(i);
         }
     }
@@ -58,11 +67,13 @@ pub(super) fn find(msgs: &[Msg], plan: &mut BatchPlan) {
                 Msg::Describe(Target::Statement, name) if name.is_empty() => ok = false,
                 Msg::Bind(b) if b.statement.is_empty() => {
                     binds += 1;
-                    ok &= plan.virtual_bind[j];
+                    ok &= plan.virtual_bind.has(j);
                 }
                 _ => {}
             }
         }
-        plan.virtual_parse[pi] = ok && binds > 0;
+        if ok && binds > 0 {
+            plan.virtual_parse.insert(pi, ());
+        }
     }
 }
