@@ -50,7 +50,7 @@ pub(super) async fn run(peers: Arc<Peers>, link: Arc<Link>) {
             }
             Err(e) => Err(e),
         };
-        link.state.send_replace(LinkState::Down);
+        link.set_state(LinkState::Down);
         peers.stats.metrics.gauge(m::PEER_LISTENING, &[("database", &link.database)]).set(0.0);
         match result {
             Ok(()) => return,
@@ -95,7 +95,7 @@ async fn connect(peers: &Peers, link: &Link) -> Result<(Client, mpsc::UnboundedR
             peers.stats.metrics.counter(m::PEER_RESYNCS, &[]).increment(1);
         }
     }
-    link.state.send_replace(LinkState::Listening);
+    link.set_state(LinkState::Listening);
     peers.stats.metrics.gauge(m::PEER_LISTENING, &[("database", &link.database)]).set(1.0);
     tracing::info!(database = %link.database, channel = %peers.config.channel, "peer invalidation listening");
     Ok((client, rx))
@@ -205,6 +205,13 @@ async fn send(peers: &Peers, link: &Link, client: &Client, payloads: &[String]) 
 
 /// Applies one notification. Returns whether it was this instance's own.
 async fn receive(peers: &Peers, link: &Link, payload: &str) -> bool {
+    // Unsealed, its own publications (the keys of every write it saw) are known by how they
+    // begin, not decoded only to be dropped. (Sealed ones are opened first: the seal is what
+    // says who sent them.)
+    if peers.seal.is_none() && payload.starts_with(peers.own_prefix.as_str()) {
+        link.seen.lock().last_message = Some(SystemTime::now());
+        return true;
+    }
     // With the fleet's secret, only what it sealed is read: a role that can NOTIFY the channel
     // cannot invalidate, flush or play an instance.
     let opened = match &peers.seal {

@@ -219,6 +219,12 @@ pub fn encode(m: &Message) -> String {
     serde_json::to_string(m).expect("a message of plain fields serializes")
 }
 
+/// How every message `instance` encodes begins (its fields serialize in declaration order):
+/// an instance hears its own publications too, and knows them by this without decoding them.
+pub fn own_prefix(instance: &str) -> String {
+    format!("{{\"v\":1,\"i\":{},", serde_json::to_string(instance).expect("a string serializes"))
+}
+
 /// Reads a payload; anything else on the channel is not a message of ours.
 pub fn decode(payload: &str) -> Option<Message> {
     serde_json::from_str::<Message>(payload).ok().filter(|m| m.v == 1)
@@ -295,6 +301,8 @@ mod tests {
             assert!(s.len() <= MAX_PAYLOAD, "{} bytes", s.len());
             let m = decode(s).expect("decodes");
             assert_eq!((m.i.as_str(), m.d.as_str(), m.a), ("abc", "app", false));
+            assert!(s.starts_with(&own_prefix("abc")), "an instance knows its own: {s}");
+            assert!(!s.starts_with(&own_prefix("ab")) && !s.starts_with(&own_prefix("abcd")));
             seen.oids.extend(m.r);
             seen.names.extend(m.n);
         }

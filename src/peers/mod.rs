@@ -34,6 +34,7 @@ pub mod triggers;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
 use parking_lot::Mutex;
@@ -63,10 +64,15 @@ pub struct Peers {
     l2: Option<Arc<crate::l2::L2>>,
     /// This instance's id in messages.
     instance: String,
+    /// How this instance's own messages begin ([`message::own_prefix`]).
+    own_prefix: String,
     catalog: Arc<Catalog>,
     generations: Arc<Generations>,
     stats: Arc<Stats>,
-    links: Mutex<HashMap<String, Arc<Link>>>,
+    /// The links by database: read by every request (a copy swapped in when a link is added,
+    /// under `adding`), so looking one up takes no lock every session shares.
+    links: arc_swap::ArcSwap<HashMap<String, Arc<Link>>>,
+    adding: Mutex<()>,
     /// Links stop (saying goodbye) when this is cancelled.
     closing: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
@@ -85,10 +91,27 @@ pub enum LinkState {
 /// One database's link: its state, what it has seen, and what waits to be published.
 pub struct Link {
     pub database: String,
+    /// Changed only by [`Link::set_state`].
     state: watch::Sender<LinkState>,
+    /// Whether `state` is `Listening`, read without the channel's lock by every request.
+    listening: AtomicBool,
     pending: Mutex<(Pending, u64)>,
     wake: Notify,
     seen: Mutex<Seen>,
+}
+
+impl Link {
+    /// Moves the link to `state` (and its mirror with it, under the channel's lock).
+    fn set_state(&self, state: LinkState) {
+        self.state.send_modify(|s| {
+            *s = state;
+            self.listening.store(state == LinkState::Listening, Ordering::SeqCst);
+        });
+    }
+
+    fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::SeqCst)
+    }
 }
 
 /// What a link has seen, for `SHOW PEERS`.
@@ -134,11 +157,13 @@ impl Peers {
             replays: Mutex::default(),
             l2,
             config,
+            own_prefix: message::own_prefix(&instance),
             instance,
             catalog,
             generations,
             stats,
-            links: Mutex::new(HashMap::new()),
+            links: Default::default(),
+            adding: Mutex::new(()),
             closing: CancellationToken::new(),
             tasks: tokio_util::task::TaskTracker::new(),
         }
@@ -163,18 +188,24 @@ impl Peers {
 
     /// The link for `database`, started on first use.
     fn link(self: &Arc<Self>, database: &str) -> Arc<Link> {
-        let mut links = self.links.lock();
-        if let Some(l) = links.get(database) {
+        if let Some(l) = self.links.load().get(database) {
+            return l.clone();
+        }
+        let _adding = self.adding.lock();
+        if let Some(l) = self.links.load().get(database) {
             return l.clone();
         }
         let link = Arc::new(Link {
             database: database.to_owned(),
             state: watch::channel(LinkState::Starting).0,
+            listening: AtomicBool::new(false),
             pending: Mutex::new((Pending::default(), 0)),
             wake: Notify::new(),
             seen: Mutex::new(Seen::default()),
         });
+        let mut links = HashMap::clone(&self.links.load());
         links.insert(database.to_owned(), link.clone());
+        self.links.store(Arc::new(links));
         if !self.closing.is_cancelled() {
             self.tasks.spawn(link::run(self.clone(), link.clone()));
         }
@@ -184,7 +215,7 @@ impl Peers {
     /// Whether entries for `database` may be served and filled: always when peers are off;
     /// otherwise only while its link listens (the first time, waiting briefly for it).
     pub async fn coherent(self: &Arc<Self>, database: &str) -> bool {
-        if !self.config.enabled {
+        if !self.config.enabled || self.listening(database) {
             return true;
         }
         let link = self.link(database);
@@ -203,13 +234,12 @@ impl Peers {
     /// Whether `database`'s link listens now, starting it if it was never started (no
     /// waiting: for routing, where the primary is always a correct answer).
     pub fn listening_or_start(self: &Arc<Self>, database: &str) -> bool {
-        !self.config.enabled || *self.link(database).state.borrow() == LinkState::Listening
+        !self.config.enabled || self.link(database).is_listening()
     }
 
     /// Whether `database`'s link listens now (no waiting; for detached sessions).
     pub fn listening(&self, database: &str) -> bool {
-        !self.config.enabled
-            || self.links.lock().get(database).is_some_and(|l| *l.state.borrow() == LinkState::Listening)
+        !self.config.enabled || self.links.load().get(database).is_some_and(|l| l.is_listening())
     }
 
     /// Queues what a committed transaction wrote in `database` for the other instances.
@@ -249,7 +279,7 @@ impl Peers {
 
     /// Publishes to every database's link (an operator's `INVALIDATE`).
     pub fn publish_everywhere(self: &Arc<Self>, names: &[String], all: bool) {
-        let databases: Vec<String> = self.links.lock().keys().cloned().collect();
+        let databases: Vec<String> = self.links.load().keys().cloned().collect();
         for db in databases {
             self.publish(&db, &[], &[], names, all);
         }
@@ -259,7 +289,7 @@ impl Peers {
     pub fn not_listening(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .links
-            .lock()
+            .load()
             .values()
             .filter(|l| *l.state.borrow() != LinkState::Listening)
             .map(|l| l.database.clone())
@@ -272,7 +302,7 @@ impl Peers {
     pub fn status(&self) -> Vec<Status> {
         let mut v: Vec<Status> = self
             .links
-            .lock()
+            .load()
             .values()
             .map(|l| Status { database: l.database.clone(), state: *l.state.borrow(), seen: l.seen.lock().clone() })
             .collect();
