@@ -56,6 +56,34 @@ async fn extended_protocol_hit_with_tokio_postgres() {
     assert_eq!(executions(&admin, "FROM items WHERE id =").await, before + 1);
 }
 
+/// After a run of misses a session tries the short way (the whole answer without planning)
+/// only now and then; the hits that come meanwhile are served by the planner, still without
+/// Postgres, in both protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_after_a_run_of_misses_skip_the_backend_too() {
+    let (cluster, proxy, db, _dir, admin) = setup(RULES).await;
+    let c = proxy.connect(&db, &cluster.superuser()).await;
+    let stmt = c.prepare("SELECT name FROM items WHERE id = $1").await.unwrap();
+    assert_eq!(c.query_one(&stmt, &[&7i32]).await.unwrap().get::<_, String>(0), "item 7");
+    c.simple_query("SELECT name FROM items WHERE id = 7").await.unwrap();
+    for id in 20..60i32 {
+        // Misses, each of its own key, in both protocols.
+        assert_eq!(c.query_one(&stmt, &[&id]).await.unwrap().get::<_, String>(0), format!("item {id}"));
+        c.simple_query(&format!("SELECT name FROM items WHERE id = {id}")).await.unwrap();
+    }
+    let before = executions(&admin, "FROM items WHERE id =").await;
+    for _ in 0..20 {
+        assert_eq!(c.query_one(&stmt, &[&7i32]).await.unwrap().get::<_, String>(0), "item 7");
+        let rows = c.simple_query("SELECT name FROM items WHERE id = 7").await.unwrap();
+        let row = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        });
+        assert_eq!(row.as_deref(), Some("item 7"));
+    }
+    assert_eq!(executions(&admin, "FROM items WHERE id =").await, before, "hits, served from the cache");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_hits_in_every_mode() {
     let (cluster, proxy, db, _dir, admin) = setup(RULES).await;

@@ -170,7 +170,7 @@ impl Relay<'_> {
         // Nothing owed covers the settings probe too (it is a pipeline item while it runs).
         let idle =
             core.tracker.status == TransactionStatus::Idle && core.flow.pipeline.is_empty() && core.refuses().is_none();
-        if !idle || !self.ctx.caching() {
+        if !idle || !self.ctx.caching() || !core.flow.short_way.worth_trying() {
             return false;
         }
         let (ctx, key) = (self.ctx, self.key);
@@ -179,6 +179,7 @@ impl Relay<'_> {
             Whole::Batch(frames) => a.answer(frames, false).await,
             Whole::Query { frame, sql, classified } => a.answer_simple(frame, sql, classified, false).await,
         };
+        core.flow.short_way.answered(answer.is_some());
         let Some(answer) = answer else { return false };
         core.to_client.push(answer);
         true

@@ -462,10 +462,9 @@ impl Relay<'_> {
         let ctx = self.ctx;
         // (A session that keeps its backend has nothing to pin.)
         let pooling_transactions = self.core.flow.gives_backend_back();
-        // What the backend's settings are, as read on it: a fill keyed otherwise is not stored.
-        let backend_state = self.core.flow.settings.verified().cloned();
         let (mut wrote, mut ddl) = (false, false);
-        for action in self.core.take_actions() {
+        let (actions, backend_state) = self.core.take_actions();
+        for action in actions {
             match action {
                 Action::Committed { ddl: d } => {
                     wrote = true;
@@ -478,9 +477,10 @@ impl Relay<'_> {
                     }
                 }
                 Action::Store(fill) => {
-                    if let (Some((entry, Some(key))), Some(l2)) =
-                        (fill.finish(&ctx.store, backend_state.as_ref()), &ctx.l2)
-                    {
+                    // What the backend's settings are, as read on it: a fill keyed otherwise is
+                    // not stored. (Borrowed, not cloned: the bytes may be shared with other
+                    // sessions, whose cores would contend for their count.)
+                    if let (Some((entry, Some(key))), Some(l2)) = (fill.finish(&ctx.store, backend_state), &ctx.l2) {
                         l2.store(key, effects::l2_value(&entry), entry.rule.l2_ttl());
                     }
                 }

@@ -120,8 +120,10 @@ impl Core {
     }
 
     /// The actions the relay must carry out, in order.
-    pub fn take_actions(&mut self) -> std::vec::Drain<'_, Action> {
-        self.actions.drain(..)
+    /// The actions to carry out, with the settings the backend was read to have (what a fill
+    /// may be stored under: [`super::core::settings::Settings::verified`]).
+    pub fn take_actions(&mut self) -> (std::vec::Drain<'_, Action>, Option<&Bytes>) {
+        (self.actions.drain(..), self.flow.settings.verified())
     }
 
     pub(crate) fn act(&mut self, action: Action) {

@@ -112,6 +112,7 @@ impl Core {
             batch: _,
             replica,
             replica_need,
+            short_way: _,
         } = flow;
         let flags = Flags {
             transaction_pooling,

@@ -103,7 +103,7 @@ impl T {
                 tag => self.core.send_plain(frame.into_raw(), [tag]),
             }
         }
-        self.actions.extend(self.core.take_actions());
+        self.actions.extend(self.core.take_actions().0);
     }
 
     fn query(&mut self, frame: crate::protocol::Frame, classified: Arc<Vec<Classified>>, steps: Vec<Step>) {
@@ -141,7 +141,7 @@ impl T {
         }
         self.core.on_backend(&mut buf, &mut self.params).expect("test frames are well formed");
         assert!(buf.is_empty(), "every frame routed");
-        self.actions.extend(self.core.take_actions());
+        self.actions.extend(self.core.take_actions().0);
         if let Some(parked) = self.core.unpark() {
             match parked {
                 Parked::Query { frame, classified, steps } => self.query(frame, classified, steps),
