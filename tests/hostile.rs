@@ -341,6 +341,19 @@ async fn a_pool_over_its_statement_rate_waits_its_turn_and_hits_do_not() {
         assert!(served_from_cache(&env, &c, "SELECT v FROM t WHERE id = 1").await);
     }
     assert_eq!(env.proxy.metric(&series).await, before, "hits took no turn");
+    // Nor do prepared hits after a run of requests the cache did not answer (which make a
+    // session stop trying to answer requests whole, unless a throttle is on).
+    let st = c.prepare("SELECT v FROM t WHERE id = $1").await.unwrap();
+    c.query(&st, &[&2i32]).await.unwrap();
+    for i in 0..10 {
+        text(&c, &format!("SELECT {i}")).await;
+    }
+    let before = env.proxy.metric(&series).await;
+    for _ in 0..50 {
+        let rows = c.query(&st, &[&2i32]).await.unwrap();
+        assert_eq!(rows[0].get::<_, String>(0), "two");
+    }
+    assert_eq!(env.proxy.metric(&series).await, before, "prepared hits took no turn");
     // Inside a transaction nothing waits (a wait would hold its locks): at most its BEGIN did.
     text(&c, "BEGIN").await;
     for i in 0..30 {

@@ -379,6 +379,7 @@ impl Relay<'_> {
             if served.refresh {
                 self.refresh_in_background(&key, &entry, sql, &req, a.deps.clone());
             }
+            self.core.flow.short_way.answered(true);
             return Ok(Plan::Hit { entry, key: hash, stale: served.stale });
         }
         // On a replica a fill is never stored into the L2, whose versions other instances move
@@ -410,6 +411,7 @@ impl Relay<'_> {
                     && (!l2_guards_l1(ctx) || (l2_key.is_some() && entry.l2_key.as_deref() == l2_key.as_deref()))
                     && let Some(served) = usable(freshness, &entry.rule, Serve::Attached, true, false)
                 {
+                    self.core.flow.short_way.answered(true);
                     return Ok(Plan::Hit { entry, key: hash, stale: served.stale });
                 }
                 None

@@ -170,7 +170,10 @@ impl Relay<'_> {
         // Nothing owed covers the settings probe too (it is a pipeline item while it runs).
         let idle =
             core.tracker.status == TransactionStatus::Idle && core.flow.pipeline.is_empty() && core.refuses().is_none();
-        if !idle || !self.ctx.caching() || !core.flow.short_way.worth_trying() {
+        // Under a statement throttle the planner's way counts every Execute, hits included
+        // (see `send_batch`): there the short way is always tried, so hits take no token.
+        let throttled = self.ctx.config().pool.max_statements_per_second > 0 && !core.flow.gives_backend_back();
+        if !idle || !self.ctx.caching() || !(throttled || core.flow.short_way.worth_trying()) {
             return false;
         }
         let (ctx, key) = (self.ctx, self.key);

@@ -165,7 +165,7 @@ pub(crate) struct BatchPlan {
     /// Per Execute: its plan and its writes.
     exec: Slots<(Exec, Vec<Step>)>,
     /// Per Execute: what the statistics will record.
-    observe: Slots<Observation>,
+    observe: Slots<Box<Observation>>,
     /// The unnamed-portal Bind each Execute/Describe of the unnamed portal refers to.
     bound_by: Slots<usize>,
     /// The Parses and Binds that need not reach the backend ([`virtuals`]).
@@ -394,7 +394,7 @@ impl Planner {
         self.settings_seen |= st.as_ref().is_none_or(|s| s.classified.iter().any(may_change_settings));
         self.tx_seen |= st.as_ref().is_none_or(|s| s.classified.iter().any(|c| matches!(c.kind, Kind::Transaction(_))));
         if let Some(o) = observe {
-            self.plan.observe.insert(i, o);
+            self.plan.observe.insert(i, Box::new(o));
         }
         match need {
             Some(n) => {
@@ -452,10 +452,11 @@ impl Planner {
         }
         emit::emit(core, &self.frames, &self.msgs, self.plan);
         core.flush_locals();
-        // The next batch is collected in this one's vector (its capacity kept).
+        // The next batch is collected in this one's vector, if it is a short one's (a long
+        // pipeline's capacity is not kept for the rest of the session).
         let mut frames = self.frames;
         frames.clear();
-        if core.flow.batch.is_empty() {
+        if core.flow.batch.is_empty() && frames.capacity() <= 4 * SHORT_BATCH {
             core.flow.batch = frames;
         }
     }

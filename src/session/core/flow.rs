@@ -136,7 +136,7 @@ pub struct Flow {
     /// The replica monitor's sample a read of this session must see: the first taken after
     /// its last committed write (0: none).
     pub replica_need: u64,
-    /// The short way's record (not kept at rest: a session starts trying it again).
+    /// The short way's record.
     pub short_way: ShortWay,
 }
 
@@ -146,7 +146,7 @@ pub struct Flow {
 /// on one request in that many, until it answers one. Skipping it changes no answer: the
 /// planner serves the same hits, only by a longer way. (A session that misses nearly always —
 /// random keys — pays it rarely; one with hits among its requests keeps trying.)
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct ShortWay(u8);
 
 impl ShortWay {

@@ -62,6 +62,7 @@ struct Flags {
     settings_touched: bool,
     settings_pinned: bool,
     upstream_said_fatal: bool,
+    short_way: super::flow::ShortWay,
 }
 
 impl Core {
@@ -112,7 +113,7 @@ impl Core {
             batch: _,
             replica,
             replica_need,
-            short_way: _,
+            short_way,
         } = flow;
         let flags = Flags {
             transaction_pooling,
@@ -127,6 +128,7 @@ impl Core {
             settings_touched,
             settings_pinned,
             upstream_said_fatal,
+            short_way,
         };
         let statements = (!statements.is_empty() || !unprepared.is_empty()).then(|| Box::new((statements, unprepared)));
         Rest::Compact(Kept {
@@ -177,6 +179,7 @@ impl Rest {
                 unprepared,
                 replica: k.replica,
                 replica_need: k.replica_need,
+                short_way: f.short_way,
                 ..Flow::default()
             },
             tracker: k.tracker,

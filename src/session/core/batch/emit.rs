@@ -187,7 +187,7 @@ impl Emitter<'_> {
 
     fn execute(&mut self, i: usize, unnamed: bool, max_rows: i32, frame: Frame) {
         let (exec, steps) = self.plan.exec.remove(&i).unwrap_or((Exec::Forward, Vec::new()));
-        let observe = self.plan.observe.remove(&i).map(Box::new);
+        let observe = self.plan.observe.remove(&i);
         match exec {
             Exec::Hit(entry) => {
                 entry.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
