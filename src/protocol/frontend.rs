@@ -90,9 +90,18 @@ pub fn parse(body: &[u8]) -> Result<Parse<'_>, Truncated> {
 }
 
 pub fn bind(body: &[u8]) -> Result<Bind<'_>, Truncated> {
+    let (portal, statement, param_formats, params, result_formats) = bind_with(body, |v| v)?;
+    Ok(Bind { portal, statement, param_formats, params, result_formats })
+}
+
+/// A Bind's portal, statement, parameter formats, parameters and result formats.
+type BindOf<P> = (P, P, Vec<i16>, Vec<Option<P>>, Vec<i16>);
+
+/// The parts of a Bind's `body`, each name and value passed through `part` as it is read.
+fn bind_with<'a, P>(body: &'a [u8], part: impl Fn(&'a [u8]) -> P) -> Result<BindOf<P>, Truncated> {
     let mut r = Reader::new(body);
-    let portal = r.cstr()?;
-    let statement = r.cstr()?;
+    let portal = part(r.cstr()?);
+    let statement = part(r.cstr()?);
     let param_formats = formats(&mut r)?;
     let n = r.count16()?;
     if r.remaining() < n * 4 {
@@ -101,10 +110,10 @@ pub fn bind(body: &[u8]) -> Result<Bind<'_>, Truncated> {
     let mut params = Vec::with_capacity(n);
     for _ in 0..n {
         let len = r.i32()?;
-        params.push(if len < 0 { None } else { Some(r.bytes(len as usize)?) });
+        params.push(if len < 0 { None } else { Some(part(r.bytes(len as usize)?)) });
     }
     let result_formats = formats(&mut r)?;
-    finish(&r, Bind { portal, statement, param_formats, params, result_formats })
+    finish(&r, (portal, statement, param_formats, params, result_formats))
 }
 
 /// A Bind whose parts are slices of its frame (no copies), for code that keeps it past the
@@ -124,22 +133,10 @@ pub struct BindParts {
 impl BindParts {
     /// Decodes the Bind in `raw` (a whole frame, header included).
     pub fn decode(raw: &Bytes) -> Result<BindParts, Truncated> {
-        // As [`bind`], with each value sliced as it is read (no second vector).
-        let mut r = Reader::new(raw.get(5..).ok_or(Truncated)?);
-        let portal = raw.slice_ref(r.cstr()?);
-        let statement = raw.slice_ref(r.cstr()?);
-        let param_formats = formats(&mut r)?;
-        let n = r.count16()?;
-        if r.remaining() < n * 4 {
-            return Err(Truncated);
-        }
-        let mut params = Vec::with_capacity(n);
-        for _ in 0..n {
-            let len = r.i32()?;
-            params.push(if len < 0 { None } else { Some(raw.slice_ref(r.bytes(len as usize)?)) });
-        }
-        let result_formats = formats(&mut r)?;
-        finish(&r, BindParts { raw: raw.clone(), portal, statement, param_formats, params, result_formats })
+        // Each name and value sliced as it is read (no second vector).
+        let body = raw.get(5..).ok_or(Truncated)?;
+        let (portal, statement, param_formats, params, result_formats) = bind_with(body, |v| raw.slice_ref(v))?;
+        Ok(BindParts { raw: raw.clone(), portal, statement, param_formats, params, result_formats })
     }
 
     /// The format of parameter `i` (Postgres docs, "Bind": none given means text, one given
