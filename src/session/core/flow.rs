@@ -140,12 +140,14 @@ pub struct Flow {
     pub short_way: ShortWay,
 }
 
-/// Requests in a row the short way ([`crate::session::answer`]) did not answer whole. Trying it costs
-/// a miss about half a microsecond beyond the look-up the planner would make anyway (the
-/// Bind decoded twice, the miss handed over): after [`ShortWay::TRIES`] in a row it is tried
-/// on one request in that many, until it answers one. Skipping it changes no answer: the
-/// planner serves the same hits, only by a longer way. (A session that misses nearly always —
-/// random keys — pays it rarely; one with hits among its requests keeps trying.)
+/// Requests in a row the short way ([`crate::session::answer`]) did not answer whole. Trying
+/// it costs a miss about half a microsecond beyond the look-up the planner would make anyway
+/// (the Bind decoded twice, the miss handed over): after [`ShortWay::TRIES`] in a row it is
+/// tried on one request in that many, until it answers one, or the planner serves a hit.
+/// Skipping it changes no answer: the planner serves the same hits, only by a longer way. (A
+/// session that misses nearly always — random keys — pays it rarely; one with hits among its
+/// requests keeps trying. Under a statement throttle it is always tried: see
+/// `Relay::answered_whole`.)
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ShortWay(u8);
 
