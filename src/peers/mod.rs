@@ -287,13 +287,8 @@ impl Peers {
 
     /// Databases whose link is not listening (for `/readyz`).
     pub fn not_listening(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .links
-            .load()
-            .values()
-            .filter(|l| *l.state.borrow() != LinkState::Listening)
-            .map(|l| l.database.clone())
-            .collect();
+        let mut v: Vec<String> =
+            self.links.load().values().filter(|l| !l.is_listening()).map(|l| l.database.clone()).collect();
         v.sort();
         v
     }

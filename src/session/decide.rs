@@ -389,10 +389,11 @@ impl Relay<'_> {
             return Ok(Plan::Forward(Reason::ReplicaBehind));
         }
         // A fill is stored under the state the backend computes it in: the settings a probe
-        // read on this backend. Until it has been read here, read it first.
-        if self.core.flow.settings.verified().is_none() {
+        // read on this backend. Until it has been read here, read it first. (Borrowed: cloned
+        // below only for an admitted fill, as the bytes may be shared with other sessions.)
+        let Some(state) = self.core.flow.settings.verified() else {
             return Ok(self.probe_or(Reason::SettingsUnknown));
-        }
+        };
         // A rule whose entries are seldom read again stores a key only at its second miss
         // (asked once per miss: after the probe, which decides the miss again).
         if !ctx.store.admission.admit(&a.rule, hash, ctx.config().cache.adaptive_admission) {
@@ -426,13 +427,10 @@ impl Relay<'_> {
             ctx.replicas.fill_skipped();
             return Ok(Plan::Forward(Reason::ReplicaBehind));
         }
-        // (Taken only now, for an admitted fill: the bytes may be shared with other sessions.)
-        let Some(state) = self.core.flow.settings.verified().cloned() else {
-            return Ok(self.probe_or(Reason::SettingsUnknown));
-        };
         let limit = ctx.config().cache.max_entry_bytes;
         let rule = a.rule.clone();
-        let mut fill = Fill::new(key, rule, deps, a.resolved.clone(), Arc::from(sql), flight, limit).computed_in(state);
+        let mut fill =
+            Fill::new(key, rule, deps, a.resolved.clone(), Arc::from(sql), flight, limit).computed_in(state.clone());
         fill.l2 = l2_key;
         if ctx.warm.is_some() {
             fill.recipe = self.recipe(sql, &req).map(Arc::new);

@@ -119,9 +119,8 @@ impl Core {
         Core { flow, ..Core::default() }
     }
 
-    /// The actions the relay must carry out, in order.
-    /// The actions to carry out, with the settings the backend was read to have (what a fill
-    /// may be stored under: [`super::core::settings::Settings::verified`]).
+    /// The actions the relay must carry out, in order, with the settings the backend was read
+    /// to have (what a fill may be stored under: [`settings::Settings::verified`]).
     pub fn take_actions(&mut self) -> (std::vec::Drain<'_, Action>, Option<&Bytes>) {
         (self.actions.drain(..), self.flow.settings.verified())
     }
