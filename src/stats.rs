@@ -289,7 +289,12 @@ impl Stats {
             Outcome::Miss => q.misses += 1,
             Outcome::Passthrough => q.passthrough += 1,
         }
-        q.rule = o.rule.clone();
+        // A read admission forwarded is still its rule's (the observation names no rule): its
+        // hits and misses stay attributed to it (`SHOW RULES`, `SHOW QUERIES`). (As for any
+        // query, they are its lifetime counts, given to the rule it last had.)
+        if o.rule.is_some() || !matches!(o.reason, Some(Reason::NotAdmitted | Reason::Dormant)) {
+            q.rule = o.rule.clone();
+        }
         q.reason = o.reason.clone();
         if let Some(k) = o.key
             && q.keys.len() < MAX_KEYS
@@ -438,5 +443,13 @@ mod tests {
         assert_eq!((q.calls, q.hits, q.misses, q.keys.len()), (2, 1, 1, 2));
         let text = s.metrics.render();
         assert!(text.contains("pgcache_cache_stale_served_total{rule=\"r\"} 1"), "{text}");
+        // A read admission forwarded keeps the query its rule's; any other forward does not.
+        let forwarded =
+            |reason| Observation { outcome: Outcome::Passthrough, rule: None, reason: Some(reason), ..o.clone() };
+        s.record(&forwarded(Reason::Dormant), 0, false);
+        s.record(&forwarded(Reason::NotAdmitted), 0, false);
+        assert_eq!(s.queries()[0].rule.as_ref().map(|r| &*r.name), Some("r"));
+        s.record(&forwarded(Reason::NoMatch), 0, false);
+        assert!(s.queries()[0].rule.is_none());
     }
 }

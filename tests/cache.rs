@@ -373,7 +373,7 @@ async fn a_rule_whose_lookups_seldom_find_anything_skips_most_and_wakes_when_rea
     assert!(dormant, "two windows without a hit");
     eprintln!("{skipped} reads skipped; woke after {woke:?}");
     // Dormant from about the 2048th read: of the 550 after, the planner skips three in four at
-    // random (the short way, tried on one in eight after a run of misses, looks its own up):
+    // random, of those the short way (tried on one in eight after a run of misses) leaves it:
     // about 360 expected, sd about 10.
     assert!(skipped >= 250.0, "{skipped} reads forwarded without a look-up");
     assert!(woke.is_some(), "hot reads wake the rule");

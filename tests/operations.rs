@@ -161,6 +161,7 @@ async fn every_console_command_answers_through_psql_and_tokio_postgres() {
     );
     let rules = rows(&console, "SHOW RULES").await;
     assert_eq!(lookup(&rules, "items")[7], "tables=items");
+    assert_eq!(lookup(&rules, "items")[10], "open", "admission standing");
     assert_eq!(lookup(&rules, "all-selects")[7], r#"pattern="(?i)from\\s+numbers""#);
     let stats = rows(&console, "SHOW STATS").await;
     assert_eq!(lookup(&stats, "hits")[1], "1");

@@ -10,6 +10,7 @@ use crate::protocol::backend::PgError;
 use crate::protocol::sqlstate::SqlState;
 use crate::query::Relation;
 use crate::rules::Action;
+use crate::rules::usage::Standing;
 
 use super::advice;
 pub use super::table::ResultSet;
@@ -291,6 +292,7 @@ fn rules(ctx: &Context) -> ResultSet {
             "match",
             "hits",
             "misses",
+            "admission",
             "last_reload",
             "reload_error",
         ],
@@ -312,6 +314,13 @@ fn rules(ctx: &Context) -> ResultSet {
             rule.matcher.describe(),
             hits.to_string(),
             misses.to_string(),
+            match (rule.action, rule.usage.standing()) {
+                (Action::Bypass, _) => "",
+                (_, Standing::Open) => "open",
+                (_, Standing::Gated) => "gated",
+                (_, Standing::Dormant) => "dormant",
+            }
+            .into(),
             humantime::format_rfc3339_seconds(status.at).to_string(),
             status.error.clone().unwrap_or_default(),
         ]);
@@ -320,6 +329,7 @@ fn rules(ctx: &Context) -> ResultSet {
         r.rows.push(vec![
             Some("(no rules)".into()),
             Some(ctx.rules.dir().display().to_string()),
+            None,
             None,
             None,
             None,

@@ -348,12 +348,7 @@ pub fn describe(r: &Rule) -> String {
         }
     };
     let route = if r.route == Route::Primary { " route=primary" } else { "" };
-    let gated = match r.usage.standing() {
-        usage::Standing::Open => "",
-        usage::Standing::Gated => " (admission: gated, entries seldom read again)",
-        usage::Standing::Dormant => " (admission: dormant, entries seldom read again, reads sampled)",
-    };
-    format!("{} ({}:{}): {} -> {action}{route}{gated}", r.name, r.file.display(), r.line, r.matcher.describe())
+    format!("{} ({}:{}): {} -> {action}{route}", r.name, r.file.display(), r.line, r.matcher.describe())
 }
 
 #[cfg(test)]

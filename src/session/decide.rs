@@ -155,9 +155,11 @@ pub(super) struct Asker<'a> {
     /// Postgres may be unreachable (a session whose backend was lost): decide only from what
     /// the memo holds, of any age, instead of waiting on the catalog.
     pub offline: bool,
-    /// A read of a dormant rule may be forwarded without a look-up (only the planner's: a
-    /// session without a backend has nowhere to forward it, the short way and a detached
-    /// session would tick the sample twice for one read, warm-up must fill).
+    /// A read of a dormant rule may be forwarded without a look-up: only the planner's, so
+    /// that each read is drawn once. Not the short way (whose skip would leave the read to
+    /// the planner to draw again, and under a statement throttle make a hit take a turn), nor
+    /// a session without a backend (it has nowhere to forward it), nor one between
+    /// transactions (it would wait for a backend instead), nor warm-up (which must fill).
     pub may_skip: bool,
 }
 
@@ -297,19 +299,19 @@ impl Asker<'_> {
     /// verdicts when one still holds.
     async fn assess(&mut self, sql: &str, c: &Classified) -> Verdict {
         let ctx = self.ctx;
-        if ctx.rules.is_empty() {
-            // What the policy would say first, without the pattern pass and the memo look-up.
-            return Verdict::Forward(Reason::NoRules);
-        }
+        // What the rules read of the text: the patterns it matches (one pass over it).
+        let (version, patterns) = {
+            let set = ctx.rules.peek();
+            if set.rules.is_empty() {
+                // What the policy would say first, without the pattern pass and the memo look-up.
+                return Verdict::Forward(Reason::NoRules);
+            }
+            (set.version, set.pattern_matches(sql))
+        };
         let settings = &self.flow.settings;
         let (role, search_path) = (settings.role(), settings.search_path());
         // Read before the facts are: an invalidation meanwhile leaves the memo stale, not wrong.
         let epoch = ctx.catalog.epoch();
-        // What the rules read of the text: the patterns it matches (one pass over it).
-        let (version, patterns) = {
-            let set = ctx.rules.peek();
-            (set.version, set.pattern_matches(sql))
-        };
         let now = Conditions { rules: version, catalog: epoch, role, search_path, patterns: patterns.as_deref() };
         if let Some(v) = self.memo.book.get(c, &now, self.offline) {
             return v;
