@@ -106,11 +106,21 @@ pub async fn run(
 ) -> Result<Outcome, SessionError> {
     let mut d = Detached { ctx, key, startup, flow, memo, why, home, fill_at: None };
     let max = ctx.config().client.max_message_bytes;
+    let mut turns = 0u32;
     loop {
         let mut frames = Vec::new();
         let mut held = 0;
         loop {
+            // The client first: a frame already read or readable is taken without joining the
+            // shutdown token's waiters (a lock every session shares) — but shutdown is asked
+            // first every SIGNALS_EVERY frames, so that a client that never stops sending is
+            // still told (as the relay does).
+            turns = turns.wrapping_add(1);
+            if turns.is_multiple_of(super::relay::SIGNALS_EVERY) && ctx.shutdown.is_cancelled() {
+                return Err(SessionError::Shutdown);
+            }
             let frame = tokio::select! {
+                biased;
                 f = client.read_frame(max) => f,
                 _ = ctx.shutdown.cancelled() => return Err(SessionError::Shutdown),
             };

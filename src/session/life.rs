@@ -240,8 +240,9 @@ impl Session<Core> {
         let key = &self.key;
         let core = &mut self.core;
         loop {
+            // (Every way here without a backend has already told the clients' registry so: a
+            // released or lost backend, or a wake from rest, which only a released one leads to.)
             let Some(mut attached) = self.lease.take() else {
-                self.handle.set_backend(None);
                 let (idle, home) = (self.idle, &mut self.home);
                 let waiting =
                     Box::pin(detached::run(ctx, key, &self.params, client, &mut core.flow, &mut self.memo, idle, home));
@@ -305,6 +306,7 @@ impl Session<Core> {
             }
             match result {
                 Ok(relay::Ending::BackendLost) => {
+                    self.handle.set_backend(None);
                     ctx.stats.backend_error();
                     tracing::warn!(peer = %client.peer, user = %key.user, "backend connection lost; the session continues without one");
                     if !on_replica {

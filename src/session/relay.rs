@@ -50,8 +50,9 @@ const MAX_OWED: usize = 4096;
 const READ_CHUNK: usize = 32 * 1024;
 
 /// The relay polls the shutdown signals first on every this many turns (else only before it
-/// sleeps; see [`Relay::main_loop`]).
-const SIGNALS_EVERY: u32 = 32;
+/// sleeps; see [`Relay::main_loop`]); a session without a backend asks on every this many
+/// frames (else only when its client has nothing to read).
+pub(super) const SIGNALS_EVERY: u32 = 32;
 
 /// How a relay ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
