@@ -551,6 +551,63 @@ async fn shutdown_closes_clients_waiting_between_transactions_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_reaches_a_client_whose_pipelined_hits_never_stop() {
+    // Answered from the cache between transactions, such a client nearly always has its next
+    // request readable: the session must still be told of shutdown, not answer forever. (The
+    // session reads its client before the shutdown token; it asks the token first every 32
+    // frames, and a session woken from rest by shutdown is told at once. Here the session
+    // outpaces the client, so this passes without those two; it guards the drain.)
+    let cluster = PgCluster::shared();
+    let env = cache_env(
+        cluster,
+        "txn_hits_shutdown",
+        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items VALUES (1, 'one');",
+        "[[rule]]\nname = \"items\"\nmatch = { tables = [\"items\"] }\nttl = \"1h\"\n",
+        |c| {
+            c.pool.mode = PoolMode::Transaction;
+            c.pool.max_size = 1;
+            // (With peers on, a closing instance stops hearing them and stops answering from
+            // the cache: requests would take a backend, whose relay tells of shutdown.)
+            c.peers.enabled = false;
+        },
+    )
+    .await;
+    let c = env.proxy.connect(&env.db, &cluster.superuser()).await;
+    let st = c.prepare("SELECT v FROM items WHERE id = $1").await.unwrap();
+    assert_eq!(c.query_one(&st, &[&1]).await.unwrap().get::<_, String>(0), "one");
+    let (hits, hitting) = (std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)), tokio::sync::Notify::new());
+    let hitting = std::sync::Arc::new(hitting);
+    let hammer = {
+        let (hits, hitting) = (hits.clone(), hitting.clone());
+        tokio::spawn(async move {
+            // Eight requests in flight all the time (each answered one replaced at once), until
+            // the session ends.
+            use futures_util::StreamExt;
+            let mut in_flight = futures_util::stream::FuturesUnordered::new();
+            for _ in 0..8 {
+                in_flight.push(c.query_one(&st, &[&1]));
+            }
+            while let Some(answer) = in_flight.next().await {
+                if let Err(e) = answer {
+                    return e;
+                }
+                in_flight.push(c.query_one(&st, &[&1]));
+                if hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 800 {
+                    hitting.notify_one();
+                }
+            }
+            unreachable!("eight requests are always in flight")
+        })
+    };
+    hitting.notified().await;
+    // Well under the drain timeout (30 s): a session that never looked would hold it that long.
+    let drained = tokio::time::timeout(Duration::from_secs(10), env.proxy.shutdown()).await;
+    assert!(drained.is_ok(), "a client with hits always in flight held up the drain");
+    let err = hammer.await.unwrap();
+    assert!(err.is_closed() || sqlstate(&err) == "57P01", "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_between_transactions_is_shown_without_a_backend() {
     let (proxy, db, user) = setup("txn_show_idle", 2).await;
     let c = proxy.connect(&db, &user).await;

@@ -59,8 +59,16 @@ pub fn serve<'a>(
             };
             let woken = Woken { shutdown: ctx.shutdown.cancelled(), stream: &client.stream }.await;
             session = Session::wake(resting);
-            if let Err(e) = woken {
-                break Err(e.into());
+            match woken {
+                Err(e) => break Err(e.into()),
+                // Told here, not by the next stretch: that one reads its client first, and a
+                // client that always has a request ready would be answered, rest and wake
+                // again without end.
+                Ok(Wake::Shutdown) => {
+                    Box::pin(frontend::report(client, &SessionError::Shutdown)).await;
+                    break Ok(relay::Ending::ClientLeft);
+                }
+                Ok(Wake::Spoke) => {}
             }
         };
         // Guarded as the stretches are (it needs no future of its own).
@@ -80,15 +88,21 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// Why a session at rest woke.
+enum Wake {
+    Spoke,
+    Shutdown,
+}
+
 impl Future for Woken<'_> {
-    type Output = std::io::Result<()>;
+    type Output = std::io::Result<Wake>;
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         let this = self.project();
         if this.shutdown.poll(cx).is_ready() {
-            return std::task::Poll::Ready(Ok(()));
+            return std::task::Poll::Ready(Ok(Wake::Shutdown));
         }
-        this.stream.poll_read_ready(cx)
+        this.stream.poll_read_ready(cx).map_ok(|()| Wake::Spoke)
     }
 }
 
