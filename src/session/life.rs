@@ -50,6 +50,7 @@ pub fn serve<'a>(
         // closed): this one keeps only what waits between stretches.
         let opening = Box::pin(Session::open(ctx, client, startup));
         let mut session = Box::new(frontend::guard(opening).await?);
+        let mut shutdown_at_rest = false;
         let result = loop {
             let stretch = Box::pin(async { Ok(session.run(ctx, client).await) });
             let resting = match frontend::guard(stretch).await {
@@ -61,11 +62,12 @@ pub fn serve<'a>(
             session = Session::wake(resting);
             match woken {
                 Err(e) => break Err(e.into()),
-                // Told here, not by the next stretch: that one reads its client first, and a
+                // Ended here, not by the next stretch: that one reads its client first, and a
                 // client that always has a request ready would be answered, rest and wake
-                // again without end.
+                // again without end. (Told by the caller, as any error this returns: this
+                // future keeps no error, nor a report's future, while every idle client waits.)
                 Ok(Wake::Shutdown) => {
-                    Box::pin(frontend::report(client, &SessionError::Shutdown)).await;
+                    shutdown_at_rest = true;
                     break Ok(relay::Ending::ClientLeft);
                 }
                 Ok(Wake::Spoke) => {}
@@ -73,7 +75,11 @@ pub fn serve<'a>(
         };
         // Guarded as the stretches are (it needs no future of its own).
         let finishing = std::panic::AssertUnwindSafe(|| session.finish(ctx, client, result));
-        std::panic::catch_unwind(finishing).unwrap_or_else(|panic| Err(frontend::error::panicked(panic)))
+        std::panic::catch_unwind(finishing).unwrap_or_else(|panic| Err(frontend::error::panicked(panic)))?;
+        if shutdown_at_rest {
+            return Err(SessionError::Shutdown);
+        }
+        Ok(())
     }
 }
 
