@@ -297,19 +297,23 @@ async fn a_pattern_on_literals_decides_each_text_of_a_shape_by_its_own() {
     assert_eq!(executions(&admin, "FROM items WHERE id =").await - before, 10);
 }
 
+/// A table `table` of `rows` keys (`id`, `v` = `id`) under a rule of its own (TTL 60 s), with
+/// `cache.admission` = `admission`.
+async fn keyed_table_env(table: &str, rows: i32, admission: &str) -> common::CacheEnv {
+    let schema = format!(
+        "CREATE TABLE {table} (id int PRIMARY KEY, v int);
+         INSERT INTO {table} SELECT g, g FROM generate_series(1, {rows}) g;"
+    );
+    let rules = format!("[[rule]]\nname = \"{table}\"\nmatch = {{ tables = [\"{table}\"] }}\nttl = \"60s\"\n");
+    let adaptive = admission == "adaptive";
+    cache_env(PgCluster::shared(), table, &schema, &rules, move |c| c.cache.adaptive_admission = adaptive).await
+}
+
 /// Reads 1100 keys once each through a rule on their table (every one a miss), then one more
 /// key three times: how many of those three Postgres ran, and the misses not stored.
 async fn after_a_window_of_misses(admission: &str) -> (i64, f64) {
-    let cluster = PgCluster::shared();
-    let schema = "CREATE TABLE wide (id int PRIMARY KEY, v int);
-                  INSERT INTO wide SELECT g, g FROM generate_series(1, 2000) g;";
-    let rules = "[[rule]]\nname = \"wide\"\nmatch = { tables = [\"wide\"] }\nttl = \"60s\"\n";
-    let admission = admission.to_owned();
-    let e = cache_env(cluster, "admission", schema, rules, move |c| {
-        c.cache.adaptive_admission = admission == "adaptive";
-    })
-    .await;
-    let c = e.proxy.connect(&e.db, &cluster.superuser()).await;
+    let e = keyed_table_env("wide", 2000, admission).await;
+    let c = e.proxy.connect(&e.db, &PgCluster::shared().superuser()).await;
     let once = c.prepare("SELECT v FROM wide WHERE id = $1").await.unwrap();
     for id in 1..=1100 {
         c.query_one(&once, &[&id]).await.unwrap();
@@ -329,17 +333,9 @@ async fn after_a_window_of_misses(admission: &str) -> (i64, f64) {
 /// while it was dormant, whether it was dormant, after how many hot reads it woke, and how
 /// many of 50 reads after that Postgres ran.
 async fn dormant_then_hot(admission: &str) -> (f64, bool, Option<usize>, i64) {
-    let cluster = PgCluster::shared();
-    let schema = "CREATE TABLE sparse (id int PRIMARY KEY, v int);
-                  INSERT INTO sparse SELECT g, g FROM generate_series(1, 3000) g;";
-    let rules = "[[rule]]\nname = \"sparse\"\nmatch = { tables = [\"sparse\"] }\nttl = \"60s\"\n";
-    let admission = admission.to_owned();
-    let e = cache_env(cluster, "dormant", schema, rules, move |c| {
-        c.cache.adaptive_admission = admission == "adaptive";
-    })
-    .await;
+    let e = keyed_table_env("sparse", 3000, admission).await;
     let usage = || e.proxy.shared.rules.current().rules[0].clone();
-    let c = e.proxy.connect(&e.db, &cluster.superuser()).await;
+    let c = e.proxy.connect(&e.db, &PgCluster::shared().superuser()).await;
     let read = c.prepare("SELECT v FROM sparse WHERE id = $1").await.unwrap();
     // A window of misses gates the rule; a second (no hits at all) makes it dormant.
     for id in 1..=2200 {
