@@ -62,7 +62,6 @@ pub const RULES_LOADED: &str = "pgcache_rules_loaded";
 pub const WARM_STATEMENTS: &str = "pgcache_warm_statements_total";
 pub const WARM_PENDING: &str = "pgcache_warm_pending";
 pub const FILLS_NOT_ADMITTED: &str = "pgcache_cache_fills_not_admitted_total";
-pub const LOOKUPS_SKIPPED: &str = "pgcache_cache_lookups_skipped_total";
 pub const REPLICA_UP: &str = "pgcache_replica_up";
 pub const REPLICA_LAG: &str = "pgcache_replica_lag_bytes";
 pub const REPLICA_LAG_SECONDS: &str = "pgcache_replica_lag_seconds";
@@ -160,11 +159,6 @@ pub const ALL: &[(&str, Kind, &str)] = &[
         FILLS_NOT_ADMITTED,
         Kind::Counter,
         "Misses not stored because their rule's entries are seldom read again and the key was not missed recently (cache.admission).",
-    ),
-    (
-        LOOKUPS_SKIPPED,
-        Kind::Counter,
-        "Reads forwarded without a cache look-up because their rule is dormant: its look-ups seldom find an entry (cache.admission).",
     ),
     (
         REPLICA_UP,
@@ -267,9 +261,6 @@ pub struct Metrics {
     /// `pgcache_cache_fills_not_admitted_total`, registered once (counted per miss of a gated
     /// rule).
     not_admitted: Counter,
-    /// `pgcache_cache_lookups_skipped_total`, registered once (counted per read of a dormant
-    /// rule not looked up).
-    lookups_skipped: Counter,
 }
 
 /// One rule's counters, registered once per rule (see `Rule::counters`) rather than looked up
@@ -313,27 +304,13 @@ impl Metrics {
         let durations = [duration(Outcome::Hit), duration(Outcome::Miss), duration(Outcome::Passthrough)];
         let handoffs = recorder.register_counter(&Self::key(HANDOFFS, &[]), &METADATA);
         let not_admitted = recorder.register_counter(&Self::key(FILLS_NOT_ADMITTED, &[]), &METADATA);
-        let lookups_skipped = recorder.register_counter(&Self::key(LOOKUPS_SKIPPED, &[]), &METADATA);
-        Metrics {
-            recorder,
-            tables: Mutex::new(HashSet::new()),
-            max_table_labels,
-            durations,
-            handoffs,
-            not_admitted,
-            lookups_skipped,
-        }
+        Metrics { recorder, tables: Mutex::new(HashSet::new()), max_table_labels, durations, handoffs, not_admitted }
     }
 
     /// A miss was not stored: its rule's entries are seldom read again and its key was not
     /// seen recently ([`crate::cache::admission`]).
     pub fn not_admitted(&self) {
         self.not_admitted.increment(1);
-    }
-
-    /// A read of a dormant rule was forwarded without a look-up ([`crate::cache::admission`]).
-    pub fn lookup_skipped(&self) {
-        self.lookups_skipped.increment(1);
     }
 
     /// Transaction pooling gave a backend back at the end of a transaction.

@@ -77,9 +77,6 @@ pub enum Reason {
     /// The rule's entries are seldom read again, and this key was not missed recently
     /// ([`crate::cache::admission`]): forwarded, stored if missed again soon.
     NotAdmitted,
-    /// The rule's look-ups seldom find an entry: this read was not looked up
-    /// ([`crate::cache::admission`]; one in [`crate::rules::usage::SAMPLED`] is).
-    Dormant,
 }
 
 impl Reason {
@@ -127,9 +124,6 @@ impl std::fmt::Display for Reason {
             Reason::Unreadable => f.write_str("part of a request pgcache could not follow"),
             Reason::NotAdmitted => f.write_str(
                 "not stored: the rule's entries are seldom read again, and this key was not missed recently (admission)",
-            ),
-            Reason::Dormant => f.write_str(
-                "not looked up: the rule's look-ups seldom find an entry, so only some reads are (admission)",
             ),
             Reason::ReplicaBehind => {
                 f.write_str("answered by a replica that had not replayed the last invalidation (served, not stored)")

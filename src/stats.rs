@@ -292,7 +292,7 @@ impl Stats {
         // A read admission forwarded is still its rule's (the observation names no rule): its
         // hits and misses stay attributed to it (`SHOW RULES`, `SHOW QUERIES`). (As for any
         // query, they are its lifetime counts, given to the rule it last had.)
-        if o.rule.is_some() || !matches!(o.reason, Some(Reason::NotAdmitted | Reason::Dormant)) {
+        if o.rule.is_some() || !matches!(o.reason, Some(Reason::NotAdmitted)) {
             q.rule = o.rule.clone();
         }
         q.reason = o.reason.clone();
@@ -446,7 +446,6 @@ mod tests {
         // A read admission forwarded keeps the query its rule's; any other forward does not.
         let forwarded =
             |reason| Observation { outcome: Outcome::Passthrough, rule: None, reason: Some(reason), ..o.clone() };
-        s.record(&forwarded(Reason::Dormant), 0, false);
         s.record(&forwarded(Reason::NotAdmitted), 0, false);
         assert_eq!(s.queries()[0].rule.as_ref().map(|r| &*r.name), Some("r"));
         s.record(&forwarded(Reason::NoMatch), 0, false);

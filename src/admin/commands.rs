@@ -10,7 +10,6 @@ use crate::protocol::backend::PgError;
 use crate::protocol::sqlstate::SqlState;
 use crate::query::Relation;
 use crate::rules::Action;
-use crate::rules::usage::Standing;
 
 use super::advice;
 pub use super::table::ResultSet;
@@ -314,11 +313,10 @@ fn rules(ctx: &Context) -> ResultSet {
             rule.matcher.describe(),
             hits.to_string(),
             misses.to_string(),
-            match (rule.action, rule.usage.standing()) {
+            match (rule.action, rule.usage.gated()) {
                 (Action::Bypass, _) => "",
-                (_, Standing::Open) => "open",
-                (_, Standing::Gated) => "gated",
-                (_, Standing::Dormant) => "dormant",
+                (_, false) => "open",
+                (_, true) => "gated",
             }
             .into(),
             humantime::format_rfc3339_seconds(status.at).to_string(),

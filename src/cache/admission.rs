@@ -12,11 +12,6 @@
 //!   recently — a doorkeeper, as in TinyLFU: a bit set of [`BITS`] bits, two per key, cleared
 //!   after [`BITS`]/8 keys so that it remembers the recent past only. A hot key is stored at
 //!   its second miss; a key read once is never stored;
-//! - a gated rule whose next window answers fewer than one look-up in sixteen is **dormant**:
-//!   then even the look-up (key, store, doorkeeper) costs more than its rare hits save, and
-//!   the batch planner looks up only about one read in four, forwarding the others
-//!   ([`crate::rules::usage::sampled`]); a window of those look-ups that answers one in eight
-//!   wakes it (gated again);
 //! - once a window's hits outnumber its misses, the gate opens again (the hysteresis keeps a
 //!   rule near the line from flapping).
 //!

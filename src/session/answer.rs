@@ -84,8 +84,7 @@ impl Answerer<'_> {
             return Err(None);
         }
         let offline = self.serve == Serve::Lost;
-        let mut asker =
-            Asker { ctx: self.ctx, key: self.key, flow: self.flow, memo: self.memo, offline, may_skip: false };
+        let mut asker = Asker { ctx: self.ctx, key: self.key, flow: self.flow, memo: self.memo, offline };
         let looked = asker.look(sql, c, &req, false).await;
         if let Looked::Missing { a, .. } = &looked
             && !self.ctx.replicas.is_empty()

@@ -28,7 +28,7 @@ use crate::protocol::backend::TransactionStatus;
 use crate::protocol::frontend::BindParts;
 use crate::query::Classified;
 use crate::query::tree::is_time_word;
-use crate::rules::{Rule, usage};
+use crate::rules::Rule;
 use crate::stats::key_hash;
 
 use super::core::flow::{Flow, Probe};
@@ -155,12 +155,6 @@ pub(super) struct Asker<'a> {
     /// Postgres may be unreachable (a session whose backend was lost): decide only from what
     /// the memo holds, of any age, instead of waiting on the catalog.
     pub offline: bool,
-    /// A read of a dormant rule may be forwarded without a look-up: only the planner's, so
-    /// that each read is drawn once. Not the short way (whose skip would leave the read to
-    /// the planner to draw again, and under a statement throttle make a hit take a turn), nor
-    /// a session without a backend (it has nowhere to forward it), nor one between
-    /// transactions (it would wait for a backend instead), nor warm-up (which must fill).
-    pub may_skip: bool,
 }
 
 impl Asker<'_> {
@@ -188,12 +182,6 @@ impl Asker<'_> {
             && has_time_word(bind)
         {
             return Looked::Forward(Reason::TimeWordParameter);
-        }
-        // A rule whose look-ups seldom find anything costs more than it saves: most of the
-        // planner's reads skip the key and the store (crate::cache::admission).
-        if self.may_skip && a.rule.usage.dormant() && ctx.config().cache.adaptive_admission && !usage::sampled() {
-            ctx.stats.metrics.lookup_skipped();
-            return Looked::Forward(Reason::Dormant);
         }
         // Row-level security makes what a role sees its own, whatever the rule says.
         let with_role = !a.rule.share_across_roles || a.row_security;
@@ -366,14 +354,7 @@ impl Relay<'_> {
                 Looked::Missing { key, a: assessment, l2 }
             }
             None => {
-                let mut asker = Asker {
-                    ctx,
-                    key: self.key,
-                    flow: &self.core.flow,
-                    memo: self.memo,
-                    offline: false,
-                    may_skip: true,
-                };
+                let mut asker = Asker { ctx, key: self.key, flow: &self.core.flow, memo: self.memo, offline: false };
                 asker.look(sql, c, &req, isolated).await
             }
         };

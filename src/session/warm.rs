@@ -230,7 +230,7 @@ async fn fill(
         _ => Request::Simple,
     };
     let mut memo = Assessments::new(ctx.verdicts.book(pool));
-    let mut asker = Asker { ctx, key: pool, flow: &flow, memo: &mut memo, offline: false, may_skip: false };
+    let mut asker = Asker { ctx, key: pool, flow: &flow, memo: &mut memo, offline: false };
     let (key, a, l2) = match asker.look(&r.sql, c, &req, false).await {
         Looked::Missing { key, a, l2 } => (key, a, l2),
         Looked::Found { .. } => return Ok(Outcome::Present),
