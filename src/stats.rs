@@ -6,7 +6,7 @@
 //! Owns the observations; may use `cache`, `policy`, `rules`, `query` and below. Nothing here
 //! changes what a client receives.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,8 +20,10 @@ use crate::rules::Rule;
 
 /// Queries tracked at most; past that, new shapes are counted in the totals only.
 const MAX_QUERIES: usize = 5000;
-/// Distinct keys counted per query at most.
-const MAX_KEYS: usize = 1024;
+
+/// A count of distinct keys, however many: exact (hashes kept) up to 128, then a HyperLogLog
+/// of 2^12 registers (about 1.6 % error, 3 KiB; at most [`MAX_QUERIES`] of them).
+pub type Distinct<T> = cardinality_estimator::CardinalityEstimator<T>;
 
 /// One request's outcome, built when it is planned and recorded when it completes.
 #[derive(Debug, Clone)]
@@ -119,8 +121,11 @@ pub struct QueryStat {
     pub rule: Option<Arc<Rule>>,
     pub reason: Option<Reason>,
     pub tables: Vec<String>,
-    /// [`key_hash`]es.
-    pub keys: HashSet<u64, Hashed>,
+    /// Its distinct keys: [`key_hash`]es of cache keys (hits, fills, reads admission sent
+    /// on), or, for reads no rule caches, of the text and parameters ([`read_hash`]). (The
+    /// same key hashed both ways counts twice: a query watched both before and after it got a
+    /// rule may count up to twice its keys, which only makes the advisor more cautious.)
+    pub keys: Distinct<u64>,
     pub first_seen: Instant,
     /// The database it last ran in (the advisor reads that catalog).
     pub database: Arc<str>,
@@ -133,8 +138,8 @@ pub struct TableWrites {
     pub all: u64,
     /// Those that invalidated only the keys they wrote.
     pub keyed: u64,
-    /// The distinct keys those wrote (up to a bound).
-    pub keys: HashSet<KeyValue>,
+    /// The distinct keys those wrote.
+    pub keys: Distinct<KeyValue>,
 }
 
 #[derive(Debug, Default)]
@@ -195,8 +200,20 @@ type Hashed = foldhash::fast::RandomState;
 /// random once per process.
 pub fn key_hash(key: &[u8]) -> u64 {
     use std::hash::BuildHasher;
-    static STATE: std::sync::LazyLock<foldhash::quality::RandomState> = std::sync::LazyLock::new(Default::default);
-    STATE.hash_one(key)
+    KEY_STATE.hash_one(key)
+}
+
+static KEY_STATE: std::sync::LazyLock<foldhash::quality::RandomState> = std::sync::LazyLock::new(Default::default);
+
+/// A hash of a read no rule caches — its text and its parameters' values — standing for its
+/// key in the advisor's count of distinct keys (there is no cache key to hash). Its settings
+/// are left out: the advisor asks how many different answers a query gives, not to whom.
+pub fn read_hash(sql: &str, params: &[Option<bytes::Bytes>]) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = KEY_STATE.build_hasher();
+    sql.hash(&mut h);
+    params.hash(&mut h);
+    h.finish()
 }
 
 impl Stats {
@@ -273,7 +290,7 @@ impl Stats {
             rule: None,
             reason: None,
             tables: o.tables(),
-            keys: HashSet::default(),
+            keys: Distinct::new(),
             first_seen: o.started,
             database: o.database.clone(),
         });
@@ -296,10 +313,8 @@ impl Stats {
             q.rule = o.rule.clone();
         }
         q.reason = o.reason.clone();
-        if let Some(k) = o.key
-            && q.keys.len() < MAX_KEYS
-        {
-            q.keys.insert(k);
+        if let Some(k) = o.key {
+            q.keys.insert_hash(k);
         }
     }
 
@@ -316,9 +331,7 @@ impl Stats {
     pub fn keys_written(&self, table: &str, values: &[KeyValue]) {
         self.written(table, |w| {
             w.writes.keyed += 1;
-            for v in values.iter().take(MAX_KEYS.saturating_sub(w.writes.keys.len())) {
-                w.writes.keys.insert(*v);
-            }
+            values.iter().for_each(|v| w.writes.keys.insert(v));
             w.key_invalidations.increment(1);
         });
     }
@@ -396,18 +409,66 @@ impl Stats {
     }
 }
 
+/// How many keys a query draws from, judged from its `calls` and the `distinct` keys they used
+/// with the keys taken as drawn evenly: the `n` for which `n·(1 − e^(−calls/n)) = distinct`
+/// (the keys expected among `calls` even draws from `n`). `None` when every call used a new
+/// key so far: no key was seen twice, and nothing says how many there are. Past 128 keys
+/// `distinct` is a sketch's ([`Distinct`], about 1.6 % error): fewer repeats than twice that
+/// are not told from none.
+pub fn key_space(calls: u64, distinct: u64) -> Option<f64> {
+    let (c, d) = (calls as f64, distinct.max(1) as f64);
+    let noise = if distinct > 128 { 0.033 * d } else { 0.0 };
+    if c - d <= noise {
+        return None;
+    }
+    let seen = |n: f64| n * -(-c / n).exp_m1();
+    // `seen` grows with n, from below d at n = d towards c.
+    let (mut low, mut high) = (d, 2.0 * d);
+    while seen(high) < d {
+        (low, high) = (high, high * 2.0);
+        if high > 1e18 {
+            return None;
+        }
+    }
+    for _ in 0..64 {
+        let mid = (low + high) / 2.0;
+        if seen(mid) < d { low = mid } else { high = mid }
+    }
+    Some(high)
+}
+
 /// The fraction of calls a cache would answer for a query called `calls` times over `period`
-/// with `keys` distinct keys, reading tables written `writes` times over the same period, with
-/// entries living `ttl`: each entry lives until its TTL or the next write (Poisson writes at
-/// rate w: expected life (1 - e^{-w·ttl}) / w), and answers the calls for its key meanwhile.
-pub fn estimated_hit_ratio(calls: u64, keys: usize, writes: u64, period: Duration, ttl: Duration) -> f64 {
+/// with `distinct` keys seen, reading tables written `writes` times over the same period, with
+/// entries living `ttl`, in a cache with room for `room` entries of its size (`None`: not
+/// known).
+///
+/// Its keys are taken as drawn evenly from a [`key_space`] of `n`: each is read at `calls / n`
+/// per period; an entry lives until its TTL or the next write (Poisson writes at rate w:
+/// expected life `(1 − e^(−w·ttl)) / w`) and answers the calls for its key meanwhile; and no
+/// more than `room` of the `n` keys can be held at once. Counting the keys actually seen, not
+/// a bounded sample of them, is what tells a read of a million random keys (a rule would only
+/// pay for fills) from one of a few hot ones. A workload skewed towards some keys hits more
+/// often than this says: the estimate errs on the side of not caching.
+pub fn estimated_hit_ratio(
+    calls: u64,
+    distinct: u64,
+    writes: u64,
+    period: Duration,
+    ttl: Duration,
+    room: Option<u64>,
+) -> f64 {
+    let Some(n) = key_space(calls, distinct) else { return 0.0 };
     let secs = period.as_secs_f64().max(1.0);
-    let per_key = calls as f64 / secs / keys.max(1) as f64;
+    let per_key = calls as f64 / secs / n;
     let w = writes as f64 / secs;
     let t = ttl.as_secs_f64();
     let life = if w > 0.0 { (1.0 - (-w * t).exp()) / w } else { t };
     let served = per_key * life;
-    served / (1.0 + served)
+    let ratio = served / (1.0 + served);
+    match room {
+        Some(room) => ratio.min(room as f64 / n),
+        None => ratio,
+    }
 }
 
 #[cfg(test)]
@@ -417,12 +478,47 @@ mod tests {
     #[test]
     fn hit_ratio_estimate_behaves() {
         let minute = Duration::from_secs(60);
-        let hot = estimated_hit_ratio(6000, 1, 0, minute, minute);
+        let hot = estimated_hit_ratio(6000, 1, 0, minute, minute, None);
         assert!(hot > 0.99, "{hot}");
-        let written = estimated_hit_ratio(6000, 1, 6000, minute, minute);
+        let written = estimated_hit_ratio(6000, 1, 6000, minute, minute, None);
         assert!(written < 0.55 && written > 0.45, "{written}");
-        let spread = estimated_hit_ratio(60, 1000, 0, minute, minute);
-        assert!(spread < 0.1, "{spread}");
+        // Every call a new key: nothing to say it would ever be read again.
+        assert_eq!(estimated_hit_ratio(60, 60, 0, minute, minute, None), 0.0);
+        // 300 000 reads of keys drawn evenly from a million (about 259 000 of them distinct)
+        // over a minute, ten-minute entries: the key space is found again from the two counts…
+        let n = key_space(300_000, 259_182).unwrap();
+        assert!((n - 1e6).abs() < 1e4, "{n}");
+        // … and with room for every key, an entry answers about three reads (what counting
+        // at most 1 024 keys, as the advisor once did, made 0.99).
+        let ten = Duration::from_secs(600);
+        let roomy = estimated_hit_ratio(300_000, 259_182, 0, minute, ten, None);
+        assert!(roomy > 0.7 && roomy < 0.8, "{roomy}");
+        // With room for a tenth of them, a tenth at most.
+        let cramped = estimated_hit_ratio(300_000, 259_182, 0, minute, ten, Some(100_000));
+        assert!((cramped - 0.1).abs() < 0.01, "{cramped}");
+        // A few hot keys are still hot.
+        assert_eq!(key_space(6000, 10).map(f64::round), Some(10.0));
+    }
+
+    #[test]
+    fn distinct_keys_are_counted_past_any_bound() {
+        // (Hashed with the sketch's own fixed hasher here, so the figures are the same each run.)
+        let mut d = Distinct::<u64>::new();
+        (0..100_000u64).for_each(|i| d.insert(&i));
+        let n = d.estimate() as f64;
+        assert!((n - 100_000.0).abs() < 8_000.0, "{n}");
+        let mut few = Distinct::<u64>::new();
+        (0..20u64).for_each(|i| few.insert(&(i % 5)));
+        assert_eq!(few.estimate(), 5);
+        // Repeats within the sketch's error are not taken for re-use; below 128 keys, every
+        // repeat counts.
+        assert_eq!(key_space(100_000, 98_000), None);
+        assert!(key_space(100, 99).is_some());
+        // A read's text and parameters make its key.
+        let p = |v: &'static [u8]| read_hash("SELECT v FROM t WHERE k = $1", &[Some(bytes::Bytes::from_static(v))]);
+        assert_eq!(p(b"1"), p(b"1"));
+        assert_ne!(p(b"1"), p(b"2"));
+        assert_ne!(read_hash("SELECT 1", &[None]), read_hash("SELECT 1", &[]));
     }
 
     #[test]
@@ -440,7 +536,7 @@ mod tests {
         let t = s.totals();
         assert_eq!((t.statements, t.hits, t.misses, t.stale, t.bytes_served), (2, 1, 1, 1, 40));
         let q = &s.queries()[0];
-        assert_eq!((q.calls, q.hits, q.misses, q.keys.len()), (2, 1, 1, 2));
+        assert_eq!((q.calls, q.hits, q.misses, q.keys.estimate()), (2, 1, 1, 2));
         let text = s.metrics.render();
         assert!(text.contains("pgcache_cache_stale_served_total{rule=\"r\"} 1"), "{text}");
         // A read admission forwarded keeps the query its rule's; any other forward does not.

@@ -296,7 +296,7 @@ async fn show_advice_counts_writes_to_other_keys_by_their_share() {
     }
     // The control: counted in full, 200 writes against 20 reads of two keys leave no candidate
     // (at the shortest period the estimate uses; longer ones scale reads and writes alike).
-    let naive = pgcache::stats::estimated_hit_ratio(20, 2, 200, Duration::from_secs(1), Duration::from_secs(60));
+    let naive = pgcache::stats::estimated_hit_ratio(20, 2, 200, Duration::from_secs(1), Duration::from_secs(60), None);
     assert!(naive < 0.3, "{naive}");
     let console = e.console().await;
     let advice: Vec<String> = rows(&console, "SHOW ADVICE").await.into_iter().map(|r| r[0].clone()).collect();
@@ -307,6 +307,40 @@ async fn show_advice_counts_writes_to_other_keys_by_their_share() {
     let read = q.iter().find(|r| r[0] == "SELECT v FROM uncached WHERE k = $1").unwrap_or_else(|| panic!("{q:?}"));
     assert_eq!(read[12], "200", "table_writes shows every write");
     assert!(read[15].parse::<f64>().unwrap() >= 0.3, "{read:?}");
+}
+
+/// Reads of keys that are never read twice: the advisor counts their distinct keys (it once
+/// counted none for a read no rule caches, and so took every such read for one of a single hot
+/// key) and does not draft a rule that would only pay for fills; a read of two hot keys in the
+/// same run is drafted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_advice_leaves_out_reads_of_keys_never_read_twice() {
+    let e = env().await;
+    e.admin.batch_execute("INSERT INTO uncached SELECT g, 'u' || g FROM generate_series(6, 1000) g").await.unwrap();
+    let app = e.app().await;
+    // Extended protocol: the key is in the parameters. 120 reads, each of its own key.
+    let spread = app.prepare("SELECT v FROM uncached WHERE k = $1 AND v IS NOT NULL").await.unwrap();
+    for i in 0..120 {
+        let k: i32 = 7 * i + 10;
+        app.query(&spread, &[&k]).await.unwrap();
+    }
+    // Simple protocol: the key is in the text. 40 reads of two keys.
+    for i in 0..40 {
+        text(&app, &format!("SELECT v FROM uncached WHERE k = {}", i % 2 + 1)).await;
+    }
+    let console = e.console().await;
+    let q = rows(&console, "SHOW QUERIES").await;
+    let row = |sql: &str| q.iter().find(|r| r[0] == sql).unwrap_or_else(|| panic!("{sql}: {q:?}")).clone();
+    let spread = row("SELECT v FROM uncached WHERE k = $1 AND v IS NOT NULL");
+    assert_eq!(spread[13], "120", "distinct_keys {spread:?}");
+    assert_eq!(spread[15], "0.000", "{spread:?}");
+    let hot = row("SELECT v FROM uncached WHERE k = $1");
+    assert_eq!(hot[13], "2", "{hot:?}");
+    assert!(hot[15].parse::<f64>().unwrap() >= 0.3, "{hot:?}");
+    let advice: Vec<String> = rows(&console, "SHOW ADVICE").await.into_iter().map(|r| r[0].clone()).collect();
+    let toml = advice.join("\n");
+    assert!(toml.contains("match = { query = \"SELECT v FROM uncached WHERE k = $1\" }"), "{toml}");
+    assert!(!toml.contains("AND v IS NOT NULL"), "{toml}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

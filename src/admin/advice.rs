@@ -59,10 +59,17 @@ fn effective_writes(q: &QueryStat, writes: &HashMap<String, TableWrites>, keyed:
         if keyed != Some(name) {
             return w.all as f64;
         }
-        let spread = w.keys.len().max(q.keys.len()).max(1) as f64;
+        let spread = w.keys.estimate().max(q.keys.estimate()).max(1) as f64;
         w.all.saturating_sub(w.keyed) as f64 + w.keyed as f64 / spread
     };
     q.tables.iter().map(per_table).sum()
+}
+
+/// How many entries the cache holds at most, at the mean size of those it holds now (not known
+/// while it holds none).
+fn room(ctx: &Context) -> Option<u64> {
+    let (entries, bytes) = (ctx.store.len() as u64, ctx.store.bytes());
+    (entries > 0 && bytes > 0).then(|| ctx.store.capacity().saturating_mul(entries) / bytes)
 }
 
 struct Estimate<'a> {
@@ -88,7 +95,10 @@ async fn assess<'a>(ctx: &Context, q: &'a QueryStat, writes: &HashMap<String, Ta
     let period = q.first_seen.elapsed().max(Duration::from_secs(1));
     // Writes were counted since start; the query has been seen for `period`.
     let scaled = (effective * period.as_secs_f64() / uptime.as_secs_f64()).round() as u64;
-    let estimate = cacheable.then(|| estimated_hit_ratio(q.calls, q.keys.len(), scaled, period, ttl));
+    // (No key counted: none of its reads was decided, so there is nothing to go on.)
+    let distinct = q.keys.estimate() as u64;
+    let estimate =
+        (cacheable && distinct > 0).then(|| estimated_hit_ratio(q.calls, distinct, scaled, period, ttl, room(ctx)));
     Estimate { q, writes: total_writes, by_key: keyed.is_some(), ttl, estimate }
 }
 
@@ -136,7 +146,7 @@ pub async fn queries(ctx: &Context) -> ResultSet {
             }),
             Some(q.tables.join(",")),
             Some(a.writes.to_string()),
-            Some(q.keys.len().to_string()),
+            Some(q.keys.estimate().to_string()),
             Some(humantime::format_duration(a.ttl).to_string()),
             a.estimate.map(|e| format!("{e:.3}")),
         ]);
@@ -172,7 +182,7 @@ pub async fn advice(ctx: &Context) -> ResultSet {
         r.row([format!(
             "# {} calls, {mean_ms:.2} ms mean, {} distinct keys, est. hit ratio {:.2} with ttl {}; reads {}; {} writes seen{}",
             q.calls,
-            q.keys.len().max(1),
+            q.keys.estimate(),
             a.estimate.unwrap_or(0.0),
             humantime::format_duration(a.ttl),
             if q.tables.is_empty() { "no tables".to_owned() } else { q.tables.join(", ") },

@@ -29,7 +29,7 @@ use crate::protocol::frontend::BindParts;
 use crate::query::Classified;
 use crate::query::tree::is_time_word;
 use crate::rules::Rule;
-use crate::stats::key_hash;
+use crate::stats::{key_hash, read_hash};
 
 use super::core::flow::{Flow, Probe};
 use super::core::pipeline::Fill;
@@ -346,7 +346,7 @@ impl Relay<'_> {
             same && !isolated && m.rules == ctx.rules.version() && m.catalog == ctx.catalog.epoch()
         });
         if let Some(why) = self.core.refuses() {
-            return Ok(Plan::Forward(why));
+            return Ok(Plan::forward(why));
         }
         let looked = match missed {
             Some(m) => {
@@ -360,7 +360,16 @@ impl Relay<'_> {
         };
         let mut l2_key = None;
         let (entry, key, a) = match looked {
-            Looked::Forward(why) => return Ok(Plan::Forward(why)),
+            Looked::Forward(why) if why.only_lacks_a_rule() => {
+                // No cache key is built: the text and parameters stand for it.
+                let params = match &req {
+                    Request::Extended { bind, .. } => bind.params.as_slice(),
+                    Request::Simple => &[],
+                };
+                let key = read_hash(sql, params);
+                return Ok(Plan::Forward(why, Some(key)));
+            }
+            Looked::Forward(why) => return Ok(Plan::forward(why)),
             Looked::SettingsUnknown => return Ok(self.probe_or(Reason::SettingsUnknown)),
             Looked::Found { entry, freshness, key, a } => (Some((entry, freshness)), key, a),
             Looked::Missing { key, a, l2 } => {
@@ -370,7 +379,7 @@ impl Relay<'_> {
         };
         // Another instance's invalidation could be missed while this one is not listening.
         if !ctx.peers.coherent(&self.key.database).await {
-            return Ok(Plan::Forward(Reason::PeersNotListening));
+            return Ok(Plan::forward(Reason::PeersNotListening));
         }
         let hash = key_hash(&key.0);
         if let Some((entry, freshness)) = entry
@@ -386,7 +395,7 @@ impl Relay<'_> {
         // (see crate::replica).
         let replica = self.core.flow.replica;
         if replica.is_some() && ctx.l2.is_some() {
-            return Ok(Plan::Forward(Reason::ReplicaBehind));
+            return Ok(Plan::forward(Reason::ReplicaBehind));
         }
         // A fill is stored under the state the backend computes it in: the settings a probe
         // read on this backend. Until it has been read here, read it first. (Borrowed: cloned
@@ -398,7 +407,7 @@ impl Relay<'_> {
         // (asked once per miss: after the probe, which decides the miss again).
         if !ctx.store.admission.admit(&a.rule, hash, ctx.config().cache.adaptive_admission) {
             ctx.stats.metrics.not_admitted();
-            return Ok(Plan::Forward(Reason::NotAdmitted));
+            return Ok(Plan::Forward(Reason::NotAdmitted, Some(hash)));
         }
         let flight = match ctx.flights.join(&key, ctx.config().cache.single_flight_wait).await {
             Turn::Lead(f) => Some(f),
@@ -425,7 +434,7 @@ impl Relay<'_> {
             && !ctx.replicas.fill_storable(i, crate::cache::generation::written_at(&deps))
         {
             ctx.replicas.fill_skipped();
-            return Ok(Plan::Forward(Reason::ReplicaBehind));
+            return Ok(Plan::forward(Reason::ReplicaBehind));
         }
         let limit = ctx.config().cache.max_entry_bytes;
         let rule = a.rule.clone();
@@ -440,7 +449,7 @@ impl Relay<'_> {
 
     /// [`Plan::Probe`], unless the probe already failed for these settings.
     fn probe_or(&self, why: Reason) -> Plan {
-        if self.core.flow.probe == Some(Probe::Failed) { Plan::Forward(why) } else { Plan::Probe }
+        if self.core.flow.probe == Some(Probe::Failed) { Plan::forward(why) } else { Plan::Probe }
     }
 
     /// How to compute this request's entry again at the next start (none when the session's

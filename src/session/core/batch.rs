@@ -418,7 +418,7 @@ impl Planner {
         let exec = match plan {
             Plan::Hit { entry, .. } => Exec::Hit(entry),
             Plan::Fill(fill) => Exec::Fill(fill),
-            Plan::Forward(_) => Exec::Forward,
+            Plan::Forward(..) => Exec::Forward,
             Plan::Probe => {
                 // Nothing planned so far has been sent or changed beyond what planning again
                 // redoes the same way: no statement before this one in the batch wrote or

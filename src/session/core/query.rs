@@ -78,7 +78,7 @@ impl Core {
                     self.request(frame.into_raw(), answer);
                     return;
                 }
-                Plan::Forward(_) => {}
+                Plan::Forward(..) => {}
             }
         }
         self.request(

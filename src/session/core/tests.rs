@@ -59,12 +59,12 @@ impl T {
 
     /// Nothing is cached.
     fn plain() -> T {
-        T::new(|_, _| Plan::Forward(Reason::NoRules))
+        T::new(|_, _| Plan::forward(Reason::NoRules))
     }
 
     fn decide(&mut self, sql: &str) -> Plan {
         match self.core.refuses() {
-            Some(why) => Plan::Forward(why),
+            Some(why) => Plan::forward(why),
             None => (self.decide)(&self.core, sql),
         }
     }
@@ -272,7 +272,7 @@ fn caching(rows: usize) -> impl FnMut(&Core, &str) -> Plan {
         if sql.contains("cached") {
             Plan::Hit { entry: entry(rows), key: 1, stale: false }
         } else {
-            Plan::Forward(Reason::NoMatch)
+            Plan::forward(Reason::NoMatch)
         }
     }
 }
@@ -368,7 +368,7 @@ fn a_batch_answered_from_the_cache_gets_its_ready_locally_unless_postgres_is_uns
 #[test]
 fn a_request_needing_the_settings_waits_for_the_probe_and_what_follows_waits_too() {
     let mut t = T::new(|core: &Core, sql: &str| match (sql.contains("cached"), core.flow.settings.known()) {
-        (false, _) => Plan::Forward(Reason::NoMatch),
+        (false, _) => Plan::forward(Reason::NoMatch),
         (true, false) => Plan::Probe,
         (true, true) => Plan::Hit { entry: entry(1), key: 1, stale: false },
     });
@@ -486,7 +486,7 @@ fn a_statement_only_pgcache_had_is_sent_before_postgres_needs_it() {
     t.client(&[p("", "SELECT cached"), b("", ""), e("", 0), s()]).expect("", "12DCZ");
     // The client binds its unnamed statement again (another result format, not a hit here):
     // pgcache re-creates it first, hidden.
-    t.decide = Box::new(|_, _| Plan::Forward(Reason::NoMatch));
+    t.decide = Box::new(|_, _| Plan::forward(Reason::NoMatch));
     t.client(&[b("", ""), e("", 0), s()]).expect("PBES", "");
     t.backend(&[one(), two(), row("0"), c("SELECT 1"), z(b'I')]).expect("", "2DCZ");
 }
@@ -567,7 +567,7 @@ fn probe_answer() -> Vec<BytesMut> {
 #[test]
 fn one_probe_runs_at_a_time_and_an_answer_older_than_a_change_is_not_learned() {
     let mut t = T::new(|core: &Core, sql: &str| match (sql.contains("cached"), core.flow.settings.known()) {
-        (false, _) => Plan::Forward(Reason::NoMatch),
+        (false, _) => Plan::forward(Reason::NoMatch),
         (true, false) => Plan::Probe,
         (true, true) => Plan::Hit { entry: entry(1), key: 1, stale: false },
     });
