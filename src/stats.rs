@@ -124,8 +124,12 @@ pub struct QueryStat {
     /// Its distinct keys: [`key_hash`]es of cache keys (hits, fills, reads admission sent
     /// on), or, for reads no rule caches, of the text and parameters ([`read_hash`]). (The
     /// same key hashed both ways counts twice: a query watched both before and after it got a
-    /// rule may count up to twice its keys, which only makes the advisor more cautious.)
+    /// rule may count up to twice its keys.)
     pub keys: Distinct<u64>,
+    /// The calls that counted a key in `keys` (reads the cache decided; not those a session
+    /// refused it — in a transaction that wrote, say — nor executions the planner did not
+    /// decide): the calls the keys are compared with.
+    pub keyed_calls: u64,
     pub first_seen: Instant,
     /// The database it last ran in (the advisor reads that catalog).
     pub database: Arc<str>,
@@ -205,13 +209,14 @@ pub fn key_hash(key: &[u8]) -> u64 {
 
 static KEY_STATE: std::sync::LazyLock<foldhash::quality::RandomState> = std::sync::LazyLock::new(Default::default);
 
-/// A hash of a read no rule caches — its text and its parameters' values — standing for its
-/// key in the advisor's count of distinct keys (there is no cache key to hash). Its settings
-/// are left out: the advisor asks how many different answers a query gives, not to whom.
-pub fn read_hash(sql: &str, params: &[Option<bytes::Bytes>]) -> u64 {
+/// A hash of a read no rule caches — its database, user, text and parameters' values —
+/// standing for its key in the advisor's count of distinct keys (there is no cache key to
+/// hash). The rest of a cache key (settings, `SET ROLE`, formats) is left out: roles switched
+/// within a session count as one.
+pub fn read_hash(database: &str, user: &str, sql: &str, params: &[Option<bytes::Bytes>]) -> u64 {
     use std::hash::{BuildHasher, Hash, Hasher};
     let mut h = KEY_STATE.build_hasher();
-    sql.hash(&mut h);
+    (database, user, sql).hash(&mut h);
     params.hash(&mut h);
     h.finish()
 }
@@ -291,6 +296,7 @@ impl Stats {
             reason: None,
             tables: o.tables(),
             keys: Distinct::new(),
+            keyed_calls: 0,
             first_seen: o.started,
             database: o.database.clone(),
         });
@@ -315,6 +321,7 @@ impl Stats {
         q.reason = o.reason.clone();
         if let Some(k) = o.key {
             q.keys.insert_hash(k);
+            q.keyed_calls += 1;
         }
     }
 
@@ -413,11 +420,11 @@ impl Stats {
 /// with the keys taken as drawn evenly: the `n` for which `n·(1 − e^(−calls/n)) = distinct`
 /// (the keys expected among `calls` even draws from `n`). `None` when every call used a new
 /// key so far: no key was seen twice, and nothing says how many there are. Past 128 keys
-/// `distinct` is a sketch's ([`Distinct`], about 1.6 % error): fewer repeats than twice that
-/// are not told from none.
+/// `distinct` is a sketch's ([`Distinct`], about 1.6 % error): fewer repeats than four times
+/// that (6.5 % of the keys) are not told from none.
 pub fn key_space(calls: u64, distinct: u64) -> Option<f64> {
     let (c, d) = (calls as f64, distinct.max(1) as f64);
-    let noise = if distinct > 128 { 0.033 * d } else { 0.0 };
+    let noise = if distinct > 128 { 0.065 * d } else { 0.0 };
     if c - d <= noise {
         return None;
     }
@@ -512,13 +519,15 @@ mod tests {
         assert_eq!(few.estimate(), 5);
         // Repeats within the sketch's error are not taken for re-use; below 128 keys, every
         // repeat counts.
-        assert_eq!(key_space(100_000, 98_000), None);
+        assert_eq!(key_space(100_000, 95_000), None);
         assert!(key_space(100, 99).is_some());
         // A read's text and parameters make its key.
-        let p = |v: &'static [u8]| read_hash("SELECT v FROM t WHERE k = $1", &[Some(bytes::Bytes::from_static(v))]);
+        let sql = "SELECT v FROM t WHERE k = $1";
+        let p = |v: &'static [u8]| read_hash("db", "app", sql, &[Some(bytes::Bytes::from_static(v))]);
         assert_eq!(p(b"1"), p(b"1"));
         assert_ne!(p(b"1"), p(b"2"));
-        assert_ne!(read_hash("SELECT 1", &[None]), read_hash("SELECT 1", &[]));
+        assert_ne!(read_hash("db", "app", "SELECT 1", &[None]), read_hash("db", "app", "SELECT 1", &[]));
+        assert_ne!(read_hash("db", "app", "SELECT 1", &[]), read_hash("db", "other", "SELECT 1", &[]));
     }
 
     #[test]
@@ -546,5 +555,10 @@ mod tests {
         assert_eq!(s.queries()[0].rule.as_ref().map(|r| &*r.name), Some("r"));
         s.record(&forwarded(Reason::NoMatch), 0, false);
         assert!(s.queries()[0].rule.is_none());
+        // A read not decided counts a call and no key: the estimate compares keys with the
+        // calls that counted one.
+        s.record(&Observation { key: None, ..forwarded(Reason::Isolation) }, 0, false);
+        let q = &s.queries()[0];
+        assert_eq!((q.calls, q.keyed_calls, q.keys.estimate()), (5, 4, 2));
     }
 }

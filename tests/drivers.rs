@@ -245,3 +245,68 @@ async fn node_postgres_logs_in_with_scram() {
 async fn pgjdbc_logs_in_with_scram() {
     run("jdbc", Mode::Scram).await;
 }
+
+/// The admin console from drivers that speak the extended protocol only (asyncpg, pgjdbc) or
+/// once they prepare (psycopg with `prepare=True`, as it does by itself after five runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_answers_drivers_in_the_extended_protocol() {
+    let cluster = PgCluster::shared();
+    let user = cluster.superuser();
+    let mut config = Proxy::config(cluster);
+    config.console.users = vec![user.clone()];
+    let proxy = Proxy::start(config).await;
+    let url = proxy.url("pgcache", &user);
+    let scripts = [
+        (
+            "asyncpg",
+            "import asyncio, asyncpg, os
+async def main():
+    c = await asyncpg.connect(os.environ['CONSOLE_URL'])
+    rows = await c.fetch('SHOW STATS')
+    assert any(r['stat'] == 'statements' for r in rows), [dict(r) for r in rows]
+    st = await c.prepare('SHOW RULES')
+    assert st.get_attributes()[0].name == 'name', st.get_attributes()
+    assert (await c.fetchrow('RESUME'))['value'] == 'no'
+    await c.close()
+    print('ok asyncpg')
+asyncio.run(main())",
+        ),
+        (
+            "psycopg",
+            "import os, psycopg
+with psycopg.connect(os.environ['CONSOLE_URL'], autocommit=True) as c:
+    for _ in range(3):
+        rows = c.execute('SHOW STATS', prepare=True).fetchall()
+        assert any(r[0] == 'statements' for r in rows), rows
+    print('ok psycopg')",
+        ),
+    ];
+    for (driver, script) in scripts {
+        let env = vec![("CONSOLE_URL".to_owned(), url.clone())];
+        let out = common::run_tool("python3", vec!["-c".into(), script.into()], env, None).await;
+        let (stdout, stderr) = (common::stdout(&out), common::stderr(&out));
+        assert!(out.status.success() && stdout.contains(&format!("ok {driver}")), "{driver}: {stdout}\n{stderr}");
+    }
+    let jdbc_url = jdbc(&url);
+    let java = format!(
+        "import java.sql.*;
+public class Console {{ public static void main(String[] a) throws Exception {{
+  try (Connection c = DriverManager.getConnection(\"{jdbc_url}\");
+       PreparedStatement p = c.prepareStatement(\"SHOW STATS\")) {{
+    for (int i = 0; i < 6; i++) {{
+      boolean seen = false;
+      try (ResultSet r = p.executeQuery()) {{ while (r.next()) seen |= r.getString(\"stat\").equals(\"statements\"); }}
+      if (!seen) throw new AssertionError(\"no statements row\");
+    }}
+  }}
+  System.out.println(\"ok pgjdbc\");
+}} }}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("Console.java");
+    std::fs::write(&file, java).unwrap();
+    let args = vec!["-cp".into(), "/usr/share/java/postgresql.jar".into(), file.display().to_string()];
+    let out = common::run_tool("java", args, Vec::new(), None).await;
+    let (stdout, stderr) = (common::stdout(&out), common::stderr(&out));
+    assert!(out.status.success() && stdout.contains("ok pgjdbc"), "pgjdbc: {stdout}\n{stderr}");
+}

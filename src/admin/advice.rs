@@ -97,8 +97,8 @@ async fn assess<'a>(ctx: &Context, q: &'a QueryStat, writes: &HashMap<String, Ta
     let scaled = (effective * period.as_secs_f64() / uptime.as_secs_f64()).round() as u64;
     // (No key counted: none of its reads was decided, so there is nothing to go on.)
     let distinct = q.keys.estimate() as u64;
-    let estimate =
-        (cacheable && distinct > 0).then(|| estimated_hit_ratio(q.calls, distinct, scaled, period, ttl, room(ctx)));
+    let estimate = (cacheable && distinct > 0)
+        .then(|| estimated_hit_ratio(q.keyed_calls, distinct, scaled, period, ttl, room(ctx)));
     Estimate { q, writes: total_writes, by_key: keyed.is_some(), ttl, estimate }
 }
 

@@ -22,6 +22,14 @@ fn unknown(cmd: &str) -> PgError {
         .with_hint(format!("commands: {COMMANDS}"))
 }
 
+/// Whether `text` is a command that changes something (`INVALIDATE …`, `RELOAD`, `PAUSE`,
+/// `RESUME`), rather than one that only reads: each of those answers in two columns, `item` and
+/// `value` ([`ResultSet::pairs`]).
+pub fn changes_something(text: &str) -> bool {
+    let first = text.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+    matches!(first.as_str(), "INVALIDATE" | "RELOAD" | "PAUSE" | "RESUME")
+}
+
 /// Runs one command (a statement without its trailing semicolon).
 pub async fn run(ctx: &Arc<Context>, text: &str) -> Result<ResultSet, PgError> {
     let words: Vec<&str> = text.split_whitespace().collect();
@@ -74,6 +82,9 @@ pub async fn run(ctx: &Arc<Context>, text: &str) -> Result<ResultSet, PgError> {
             let n = ctx.store.remove_where(|_| true);
             Ok(ResultSet::pairs("INVALIDATE", vec![("entries_removed", n.to_string())]))
         }
+        // Drivers set session parameters as they connect (pgjdbc: `extra_float_digits`); the
+        // console has no session settings to change, and answers as Postgres would.
+        ["SET", ..] => Ok(ResultSet::new(&[], "SET")),
         ["RELOAD"] => reload(ctx),
         ["PAUSE"] => {
             ctx.pause(true);

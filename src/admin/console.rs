@@ -4,8 +4,9 @@
 //! Only users listed in `console.users` may connect, and they authenticate as for any
 //! database: in `passthrough` mode Postgres verifies the login (on a connection of its own to
 //! the upstream URL's database, closed at once — the console shares no pool and no cache with
-//! applications). Commands use the simple query protocol (psql, `simple_query` in drivers);
-//! several may be sent in one string, separated by semicolons.
+//! applications). Commands come in the simple query protocol (psql, `simple_query` in
+//! drivers), several in one string separated by semicolons, or in the extended protocol, one
+//! per statement ([`super::extended`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -91,7 +92,7 @@ async fn authenticate(ctx: &Arc<Context>, client: &mut Client, user: &str) -> Re
 
 /// The command loop.
 async fn run(ctx: &Arc<Context>, client: &mut Client) -> Result<(), SessionError> {
-    let mut skipping = false;
+    let mut extended = super::extended::Extended::default();
     loop {
         let frame = tokio::select! {
             f = client.read_frame(MAX_STARTUP_PACKET.max(1 << 20)) => f,
@@ -106,25 +107,12 @@ async fn run(ctx: &Arc<Context>, client: &mut Client) -> Result<(), SessionError
         match frame.tag() {
             fe::TERMINATE => return Ok(()),
             fe::QUERY => {
+                extended.on_query();
                 let sql = fe::query(frame.body()).ok().and_then(|q| std::str::from_utf8(q.sql).ok()).unwrap_or("");
                 answer(ctx, sql, &mut out).await;
                 be::ready_for_query(TransactionStatus::Idle, &mut out);
             }
-            fe::SYNC => {
-                skipping = false;
-                be::ready_for_query(TransactionStatus::Idle, &mut out);
-            }
-            fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE | fe::FLUSH if !skipping => {
-                // As after any error in the extended protocol: skip to the Sync.
-                skipping = true;
-                PgError::error(
-                    SqlState::FEATURE_NOT_SUPPORTED,
-                    "the pgcache admin console speaks the simple query protocol only",
-                )
-                .with_hint("use psql, or simple_query in your driver")
-                .encode(&mut out);
-            }
-            _ => {}
+            _ => extended.on_message(ctx, &frame, &mut out).await,
         }
         if !out.is_empty() {
             client.send(&out).await?;
@@ -150,20 +138,27 @@ async fn answer(ctx: &Arc<Context>, sql: &str, out: &mut BytesMut) {
     }
 }
 
-/// RowDescription (text columns), DataRows and CommandComplete.
+/// RowDescription (text columns; none for a command without any, `SET`), DataRows and
+/// CommandComplete.
 fn encode(r: &ResultSet, out: &mut BytesMut) {
-    be::row_description_text(&r.columns, out);
+    if !r.columns.is_empty() {
+        be::row_description_text(&r.columns, out);
+    }
     for row in &r.rows {
         be::data_row_text_msg(row, out);
     }
-    let tag = if r.tag == "SHOW" || r.tag == "EXPLAIN" { format!("SELECT {}", r.rows.len()) } else { r.tag.clone() };
-    be::command_complete(&tag, out);
+    be::command_complete(&tag_of(r), out);
+}
+
+/// The command tag of an answer: `SELECT n` for those that show rows, as psql expects.
+pub(super) fn tag_of(r: &ResultSet) -> String {
+    if r.tag == "SHOW" || r.tag == "EXPLAIN" { format!("SELECT {}", r.rows.len()) } else { r.tag.clone() }
 }
 
 /// Splits on semicolons outside quotes (`'...'`, `"..."`, `$tag$...$tag$`). pg_query's
 /// splitters do not fit: console commands are not SQL, and its scanner drops statements it
 /// does not recognise.
-fn split(sql: &str) -> Vec<&str> {
+pub(super) fn split(sql: &str) -> Vec<&str> {
     let bytes = sql.as_bytes();
     let (mut parts, mut start, mut i) = (Vec::new(), 0, 0);
     while i < bytes.len() {

@@ -1,6 +1,7 @@
 //! Operating pgcache: the HTTP endpoints Prometheus and Kubernetes use ([`http`]: `/metrics`,
-//! `/healthz`, `/readyz`) and the psql admin console on the virtual database ([`console`],
-//! running the [`commands`], with the query advisor in [`advice`]).
+//! `/healthz`, `/readyz`) and the psql admin console on the virtual database ([`console`], in
+//! the simple and the [`extended`] query protocol, running the [`commands`], with the query
+//! advisor in [`advice`]).
 //!
 //! Owns the operator's interfaces. May use `frontend`, `context` and everything below; never
 //! the session's internals (it reads the same [`crate::policy`] decision instead).
@@ -8,5 +9,6 @@
 pub mod advice;
 pub mod commands;
 pub mod console;
+pub mod extended;
 pub mod http;
 pub mod table;

@@ -253,10 +253,35 @@ pub fn backend_key_data(pid: i32, secret: i32, out: &mut BytesMut) {
 
 /// A RowDescription of text columns (for pgcache's own result sets).
 pub fn row_description_text(columns: &[&str], out: &mut BytesMut) {
+    row_description_text_as(columns, &[], out);
+}
+
+/// A RowDescription of text columns sent in the result formats a Bind asked for (none: all
+/// text; one: all in that one; else one per column). A text value's binary form is its text.
+pub fn row_description_text_as(columns: &[&str], formats: &[i16], out: &mut BytesMut) {
     use pgwire::messages::data::{FieldDescription, RowDescription};
     const TEXT: u32 = 25;
-    let fields = columns.iter().map(|c| FieldDescription::new((*c).to_owned(), 0, 0, TEXT, -1, -1, 0)).collect();
+    let format = |i: usize| match formats {
+        [] => 0,
+        [one] => *one,
+        all => all.get(i).copied().unwrap_or(0),
+    };
+    let fields = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| FieldDescription::new((*c).to_owned(), 0, 0, TEXT, -1, -1, format(i)))
+        .collect();
     put(out, &RowDescription::new(fields));
+}
+
+/// A ParameterDescription of these parameter types.
+pub fn parameter_description(types: &[u32], out: &mut BytesMut) {
+    put(out, &pgwire::messages::data::ParameterDescription::new(types.to_vec()));
+}
+
+/// NoData: a described statement returns no rows.
+pub fn no_data(out: &mut BytesMut) {
+    put(out, &pgwire::messages::data::NoData::new());
 }
 
 /// A DataRow of text values (`None` is NULL).

@@ -366,7 +366,7 @@ impl Relay<'_> {
                     Request::Extended { bind, .. } => bind.params.as_slice(),
                     Request::Simple => &[],
                 };
-                let key = read_hash(sql, params);
+                let key = read_hash(&self.key.database, &self.key.user, sql, params);
                 return Ok(Plan::Forward(why, Some(key)));
             }
             Looked::Forward(why) => return Ok(Plan::forward(why)),

@@ -1,0 +1,233 @@
+//! The console's extended query protocol, for drivers that speak nothing else (asyncpg,
+//! pgjdbc, pgx — Grafana's Postgres data source —, psycopg once it prepares): Parse, Bind,
+//! Describe, Execute (with its row limit: the rest waits in the portal), Close, Flush and Sync,
+//! with Postgres's rules — after an error every message is skipped up to the Sync, and the Sync
+//! closes every portal.
+//!
+//! A statement holds one command and no parameters. A command runs when its portal is first
+//! executed, never more often: a Describe of a portal that reads (`SHOW`, `EXPLAIN CACHE`) runs
+//! it there and keeps the answer for the Execute; a Describe of a statement runs a reading one
+//! to learn its columns (and forgets the answer); a command that changes something (`RELOAD`,
+//! `PAUSE`, `RESUME`, `INVALIDATE …`) always answers in two columns, `item` and `value`, so it
+//! is described without running it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::context::Context;
+use crate::protocol::Frame;
+use crate::protocol::backend::{self as be, PgError};
+use crate::protocol::frontend::{self as fe, Target};
+use crate::protocol::sqlstate::SqlState;
+
+use super::commands::{self, ResultSet};
+
+/// Statements a console session may hold at once.
+const MAX_STATEMENTS: usize = 256;
+
+/// A session's statements and portals.
+#[derive(Default)]
+pub struct Extended {
+    statements: HashMap<Bytes, Statement>,
+    portals: HashMap<Bytes, Portal>,
+    /// An error was sent: skip to the Sync.
+    skipping: bool,
+}
+
+struct Statement {
+    /// The command, trimmed (empty: an empty query).
+    command: Arc<str>,
+    param_types: Vec<u32>,
+}
+
+struct Portal {
+    command: Arc<str>,
+    formats: Vec<i16>,
+    /// The command's answer, once it ran: rows not yet sent, and its tag.
+    answer: Option<(VecDeque<Vec<Option<String>>>, String)>,
+}
+
+impl Extended {
+    /// Answers one extended-protocol message (anything but a Query or a Terminate) into `out`.
+    pub async fn on_message(&mut self, ctx: &Arc<Context>, frame: &Frame, out: &mut BytesMut) {
+        if frame.tag() == fe::SYNC {
+            self.skipping = false;
+            self.portals.clear();
+            be::ready_for_query(be::TransactionStatus::Idle, out);
+            return;
+        }
+        if self.skipping {
+            return;
+        }
+        if let Err(e) = self.step(ctx, frame, out).await {
+            self.skipping = true;
+            e.encode(out);
+        }
+    }
+
+    /// A simple Query drops the unnamed statement and portal, as in Postgres.
+    pub fn on_query(&mut self) {
+        self.statements.remove(&Bytes::new());
+        self.portals.remove(&Bytes::new());
+    }
+
+    async fn step(&mut self, ctx: &Arc<Context>, frame: &Frame, out: &mut BytesMut) -> Result<(), PgError> {
+        let body = frame.body();
+        let malformed = || PgError::error(SqlState::PROTOCOL_VIOLATION, "malformed message");
+        match frame.tag() {
+            fe::PARSE => {
+                let p = fe::parse(body).map_err(|_| malformed())?;
+                let sql = std::str::from_utf8(p.sql).map_err(|_| malformed())?;
+                let name = Bytes::copy_from_slice(p.name);
+                if !name.is_empty() && self.statements.contains_key(&name) {
+                    return Err(PgError::error(
+                        SqlState::DUPLICATE_PREPARED_STATEMENT,
+                        format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(&name)),
+                    ));
+                }
+                if self.statements.len() >= MAX_STATEMENTS && !self.statements.contains_key(&name) {
+                    return Err(PgError::error(
+                        SqlState::PROGRAM_LIMIT_EXCEEDED,
+                        format!("the pgcache admin console holds at most {MAX_STATEMENTS} prepared statements"),
+                    ));
+                }
+                let mut parts = super::console::split(sql).into_iter().map(str::trim).filter(|p| !p.is_empty());
+                let command: Arc<str> = parts.next().unwrap_or("").into();
+                if parts.next().is_some() {
+                    return Err(PgError::error(
+                        SqlState::SYNTAX_ERROR,
+                        "cannot insert multiple commands into a prepared statement",
+                    ));
+                }
+                self.statements.insert(name, Statement { command, param_types: p.param_types });
+                be::parse_complete(out);
+            }
+            fe::BIND => {
+                let b = fe::bind(body).map_err(|_| malformed())?;
+                let statement = self.statement(b.statement)?;
+                if b.params.len() != statement.param_types.len() {
+                    return Err(PgError::error(
+                        SqlState::PROTOCOL_VIOLATION,
+                        format!(
+                            "bind message supplies {} parameters, but prepared statement \"{}\" requires {}",
+                            b.params.len(),
+                            String::from_utf8_lossy(b.statement),
+                            statement.param_types.len()
+                        ),
+                    ));
+                }
+                let portal = Portal { command: statement.command.clone(), formats: b.result_formats, answer: None };
+                self.portals.insert(Bytes::copy_from_slice(b.portal), portal);
+                be::bind_complete(out);
+            }
+            fe::DESCRIBE => {
+                let d = fe::named(body).map_err(|_| malformed())?;
+                match d.target {
+                    Target::Statement => {
+                        let statement = self.statement(d.name)?;
+                        be::parameter_description(&statement.param_types, out);
+                        match columns(ctx, &statement.command.clone()).await? {
+                            Some(columns) if !columns.is_empty() => be::row_description_text(&columns, out),
+                            _ => be::no_data(out),
+                        }
+                    }
+                    Target::Portal => {
+                        let portal = self.portal(d.name)?;
+                        if commands::changes_something(&portal.command) {
+                            be::row_description_text_as(&["item", "value"], &portal.formats, out);
+                        } else if portal.command.is_empty() {
+                            be::no_data(out);
+                        } else {
+                            let answer = portal.run(ctx).await?;
+                            match answer.columns.as_slice() {
+                                [] => be::no_data(out),
+                                columns => be::row_description_text_as(columns, &portal.formats, out),
+                            }
+                            portal.keep(answer);
+                        }
+                    }
+                }
+            }
+            fe::EXECUTE => {
+                let e = fe::execute(body).map_err(|_| malformed())?;
+                let portal = self.portal(e.portal)?;
+                if portal.command.is_empty() {
+                    be::empty_query_response(out);
+                    return Ok(());
+                }
+                if portal.answer.is_none() {
+                    let answer = portal.run(ctx).await?;
+                    portal.keep(answer);
+                }
+                let (rows, tag) = portal.answer.as_mut().expect("just kept");
+                let n = if e.max_rows > 0 { (e.max_rows as usize).min(rows.len()) } else { rows.len() };
+                rows.drain(..n).for_each(|row| be::data_row_text_msg(&row, out));
+                if rows.is_empty() {
+                    be::command_complete(tag, out);
+                } else {
+                    be::portal_suspended(out);
+                }
+            }
+            fe::CLOSE => {
+                let c = fe::named(body).map_err(|_| malformed())?;
+                match c.target {
+                    Target::Statement => drop(self.statements.remove(c.name)),
+                    Target::Portal => drop(self.portals.remove(c.name)),
+                }
+                be::close_complete(out);
+            }
+            // Everything is sent as it is answered.
+            fe::FLUSH => {}
+            other => {
+                return Err(PgError::error(
+                    SqlState::PROTOCOL_VIOLATION,
+                    format!("unexpected message type {:?} on the admin console", other as char),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn statement(&self, name: &[u8]) -> Result<&Statement, PgError> {
+        self.statements.get(name).ok_or_else(|| {
+            PgError::error(
+                SqlState::INVALID_SQL_STATEMENT_NAME,
+                format!("prepared statement \"{}\" does not exist", String::from_utf8_lossy(name)),
+            )
+        })
+    }
+
+    fn portal(&mut self, name: &[u8]) -> Result<&mut Portal, PgError> {
+        self.portals.get_mut(name).ok_or_else(|| {
+            PgError::error(
+                SqlState::INVALID_CURSOR_NAME,
+                format!("portal \"{}\" does not exist", String::from_utf8_lossy(name)),
+            )
+        })
+    }
+}
+
+impl Portal {
+    async fn run(&self, ctx: &Arc<Context>) -> Result<ResultSet, PgError> {
+        commands::run(ctx, &self.command).await
+    }
+
+    fn keep(&mut self, answer: ResultSet) {
+        let tag = super::console::tag_of(&answer);
+        self.answer = Some((answer.rows.into(), tag));
+    }
+}
+
+/// The columns `command`'s answer has (`None`: an empty query, no rows), running it only if it
+/// changes nothing.
+async fn columns(ctx: &Arc<Context>, command: &str) -> Result<Option<Vec<&'static str>>, PgError> {
+    if command.is_empty() {
+        return Ok(None);
+    }
+    if commands::changes_something(command) {
+        return Ok(Some(vec!["item", "value"]));
+    }
+    Ok(Some(commands::run(ctx, command).await?.columns))
+}
