@@ -246,8 +246,9 @@ async fn pgjdbc_logs_in_with_scram() {
     run("jdbc", Mode::Scram).await;
 }
 
-/// The admin console from drivers that speak the extended protocol only (asyncpg, pgjdbc) or
-/// once they prepare (psycopg with `prepare=True`, as it does by itself after five runs).
+/// The admin console from drivers that speak the extended protocol only (asyncpg, pgjdbc, with
+/// its named statements) or once they prepare (psycopg with `prepare=True`, as it does by itself
+/// after five runs). (In autocommit: the console has no transactions.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_answers_drivers_in_the_extended_protocol() {
     let cluster = PgCluster::shared();
@@ -287,7 +288,8 @@ with psycopg.connect(os.environ['CONSOLE_URL'], autocommit=True) as c:
         let (stdout, stderr) = (common::stdout(&out), common::stderr(&out));
         assert!(out.status.success() && stdout.contains(&format!("ok {driver}")), "{driver}: {stdout}\n{stderr}");
     }
-    let jdbc_url = jdbc(&url);
+    // Named statements from the second run on.
+    let jdbc_url = jdbc(&format!("{url}&prepareThreshold=2"));
     let java = format!(
         "import java.sql.*;
 public class Console {{ public static void main(String[] a) throws Exception {{

@@ -204,9 +204,12 @@ async fn the_console_speaks_the_extended_protocol() {
     let resumed = console.query("RESUME", &[]).await.unwrap();
     assert_eq!(resumed[0].get::<_, &str>(1), "no");
     assert_eq!(paused(console.query("SHOW STATS", &[]).await.unwrap()), "no");
-    // What drivers send as they connect is accepted (and changes nothing: no session settings).
+    // What drivers send as they connect is accepted (and changes nothing: no session
+    // settings); any other setting is refused rather than seeming to take.
     console.batch_execute("SET application_name = 'ops'").await.unwrap();
     assert_eq!(console.execute("SET extra_float_digits = 3", &[]).await.unwrap(), 0);
+    let err = console.batch_execute("SET ROLE nobody").await.unwrap_err();
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("0A000"), "{err}");
     // Errors: an unknown command, two commands in one statement.
     let err = console.query("SHOW NOTHING", &[]).await.unwrap_err();
     assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("42601"), "{err}");
@@ -241,6 +244,8 @@ async fn console_portals_keep_their_rows_between_executes() {
         .await;
     let tags: String = got.iter().map(|m| m.tag as char).collect();
     assert_eq!(tags, format!("12T{}s{}CZ", "D".repeat(3), "D".repeat(total - 3)), "{got:?}");
+    // The last Execute's count, as Postgres gives it: the rows it sent.
+    assert_eq!(&got[got.len() - 2].body[..], format!("SELECT {}\0", total - 3).as_bytes());
     // The described formats are the Bind's: binary, whose form of text is the text.
     assert!(got[2].body.ends_with(&[0, 1]), "{:?}", got[2]);
     // An unknown portal: the error, then nothing until the Sync. The Sync closed the portal.
@@ -248,6 +253,39 @@ async fn console_portals_keep_their_rows_between_executes() {
     let tags: String = got.iter().map(|m| m.tag as char).collect();
     assert_eq!(tags, "EZ", "{got:?}");
     assert!(String::from_utf8_lossy(&got[0].body).contains("34000"), "{got:?}");
+    // A described portal ran its command then, once: a client connecting before its Execute
+    // is not in the rows the Execute sends.
+    let described = c
+        .exchange(
+            &batch(&[
+                parse("", "SHOW CLIENTS", &[]),
+                bind("", "", &[], &[]),
+                describe(b'P', ""),
+                execute("", 0),
+                sync(),
+            ]),
+            1,
+        )
+        .await;
+    let before = described.iter().filter(|m| m.tag == b'D').count();
+    c.send(&batch(&[bind("p", "", &[], &[]), describe(b'P', "p"), common::raw::flush()])).await;
+    assert_eq!(c.recv().await.tag, b'2');
+    assert_eq!(c.recv().await.tag, b'T');
+    let _another = e.app().await;
+    let got = c.exchange(&batch(&[describe(b'P', "p"), execute("p", 0), sync()]), 1).await;
+    assert_eq!(got.iter().filter(|m| m.tag == b'D').count(), before, "{got:?}");
+    let after = c.exchange(&batch(&[bind("", "", &[], &[]), execute("", 0), sync()]), 1).await;
+    assert_eq!(after.iter().filter(|m| m.tag == b'D').count(), before + 1, "{after:?}");
+    // 256 named statements at most; the unnamed one is never refused for it.
+    let many: Vec<_> = (0..256).map(|i| parse(&format!("s{i}"), "SHOW STATS", &[])).chain([sync()]).collect();
+    let got = c.exchange(&batch(&many), 1).await;
+    assert!(got.iter().all(|m| m.tag == b'1' || m.tag == b'Z'), "{:?}", got.last());
+    let got = c.exchange(&batch(&[parse("one_more", "SHOW STATS", &[]), sync()]), 1).await;
+    assert!(String::from_utf8_lossy(&got[0].body).contains("54000"), "{got:?}");
+    let got =
+        c.exchange(&batch(&[parse("", "SHOW STATS", &[]), bind("", "", &[], &[]), execute("", 0), sync()]), 1).await;
+    assert_eq!(got.last().map(|m| m.tag), Some(b'Z'));
+    assert!(got.iter().all(|m| m.tag != b'E'), "{got:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,21 @@ fn unknown(cmd: &str) -> PgError {
         .with_hint(format!("commands: {COMMANDS}"))
 }
 
+/// The session parameters drivers set as they connect, which the console accepts (and ignores).
+const DRIVER_PARAMETERS: [&str; 6] =
+    ["EXTRA_FLOAT_DIGITS", "APPLICATION_NAME", "CLIENT_ENCODING", "DATESTYLE", "TIMEZONE", "INTERVALSTYLE"];
+
+/// `SET [SESSION] <one of DRIVER_PARAMETERS> {= | TO} …` (words in upper case).
+fn sets_a_driver_parameter(up: &[&str]) -> bool {
+    let rest = match up {
+        ["SET", "SESSION", rest @ ..] | ["SET", rest @ ..] => rest,
+        _ => return false,
+    };
+    // `name=value` may come as one word.
+    let name = rest.first().map(|w| w.split('=').next().unwrap_or(w)).unwrap_or("");
+    DRIVER_PARAMETERS.contains(&name) && (rest.len() >= 2 || rest[0].contains('='))
+}
+
 /// Whether `text` is a command that changes something (`INVALIDATE …`, `RELOAD`, `PAUSE`,
 /// `RESUME`), rather than one that only reads: each of those answers in two columns, `item` and
 /// `value` ([`ResultSet::pairs`]).
@@ -82,9 +97,14 @@ pub async fn run(ctx: &Arc<Context>, text: &str) -> Result<ResultSet, PgError> {
             let n = ctx.store.remove_where(|_| true);
             Ok(ResultSet::pairs("INVALIDATE", vec![("entries_removed", n.to_string())]))
         }
-        // Drivers set session parameters as they connect (pgjdbc: `extra_float_digits`); the
-        // console has no session settings to change, and answers as Postgres would.
-        ["SET", ..] => Ok(ResultSet::new(&[], "SET")),
+        // Drivers set session parameters as they connect (pgjdbc: `extra_float_digits`): those
+        // are accepted, and change nothing (the console answers in text whatever they say).
+        // Any other setting is refused rather than seeming to take.
+        ["SET", ..] if sets_a_driver_parameter(&up) => Ok(ResultSet::new(&[], "SET")),
+        ["SET", ..] => {
+            Err(PgError::error(SqlState::FEATURE_NOT_SUPPORTED, "the pgcache admin console has no session settings")
+                .with_hint(format!("accepted and ignored: SET {}", DRIVER_PARAMETERS.join(" | "))))
+        }
         ["RELOAD"] => reload(ctx),
         ["PAUSE"] => {
             ctx.pause(true);

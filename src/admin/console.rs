@@ -106,6 +106,8 @@ async fn run(ctx: &Arc<Context>, client: &mut Client) -> Result<(), SessionError
         let mut out = BytesMut::new();
         match frame.tag() {
             fe::TERMINATE => return Ok(()),
+            // After an error in the extended protocol everything up to the Sync is ignored.
+            fe::QUERY if extended.skipping() => {}
             fe::QUERY => {
                 extended.on_query();
                 let sql = fe::query(frame.body()).ok().and_then(|q| std::str::from_utf8(q.sql).ok()).unwrap_or("");
@@ -151,7 +153,7 @@ fn encode(r: &ResultSet, out: &mut BytesMut) {
 }
 
 /// The command tag of an answer: `SELECT n` for those that show rows, as psql expects.
-pub(super) fn tag_of(r: &ResultSet) -> String {
+fn tag_of(r: &ResultSet) -> String {
     if r.tag == "SHOW" || r.tag == "EXPLAIN" { format!("SELECT {}", r.rows.len()) } else { r.tag.clone() }
 }
 

@@ -4,12 +4,12 @@
 //! with Postgres's rules — after an error every message is skipped up to the Sync, and the Sync
 //! closes every portal.
 //!
-//! A statement holds one command and no parameters. A command runs when its portal is first
-//! executed, never more often: a Describe of a portal that reads (`SHOW`, `EXPLAIN CACHE`) runs
-//! it there and keeps the answer for the Execute; a Describe of a statement runs a reading one
-//! to learn its columns (and forgets the answer); a command that changes something (`RELOAD`,
-//! `PAUSE`, `RESUME`, `INVALIDATE …`) always answers in two columns, `item` and `value`, so it
-//! is described without running it.
+//! A statement holds one command and no parameters. A portal runs its command once, when it is
+//! first described or executed, and keeps the answer for its Executes. A command that changes
+//! something (`RELOAD`, `PAUSE`, `RESUME`, `INVALIDATE …`) always answers in two columns,
+//! `item` and `value`, so describing it runs nothing; a Describe of a statement that reads
+//! (`SHOW`, `EXPLAIN CACHE`) runs it to learn its columns and forgets the answer, so drivers
+//! that describe statements (asyncpg, pgx) run a reading command twice.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -24,8 +24,11 @@ use crate::protocol::sqlstate::SqlState;
 
 use super::commands::{self, ResultSet};
 
-/// Statements a console session may hold at once.
+/// Named statements (and named portals) a console session may hold at once.
 const MAX_STATEMENTS: usize = 256;
+
+/// The type oid of `text`.
+const TEXT: u32 = 25;
 
 /// A session's statements and portals.
 #[derive(Default)]
@@ -45,8 +48,15 @@ struct Statement {
 struct Portal {
     command: Arc<str>,
     formats: Vec<i16>,
-    /// The command's answer, once it ran: rows not yet sent, and its tag.
-    answer: Option<(VecDeque<Vec<Option<String>>>, String)>,
+    /// The command's answer, once it ran.
+    answer: Option<Answer>,
+}
+
+/// A command's answer, kept in its portal: its columns, the rows not yet sent, and its tag.
+struct Answer {
+    columns: Vec<&'static str>,
+    rows: VecDeque<Vec<Option<String>>>,
+    tag: String,
 }
 
 impl Extended {
@@ -65,6 +75,11 @@ impl Extended {
             self.skipping = true;
             e.encode(out);
         }
+    }
+
+    /// Whether an error was sent and everything up to the Sync is skipped.
+    pub fn skipping(&self) -> bool {
+        self.skipping
     }
 
     /// A simple Query drops the unnamed statement and portal, as in Postgres.
@@ -87,7 +102,8 @@ impl Extended {
                         format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(&name)),
                     ));
                 }
-                if self.statements.len() >= MAX_STATEMENTS && !self.statements.contains_key(&name) {
+                let named = self.statements.len() - usize::from(self.statements.contains_key(&Bytes::new()));
+                if !name.is_empty() && named >= MAX_STATEMENTS && !self.statements.contains_key(&name) {
                     return Err(PgError::error(
                         SqlState::PROGRAM_LIMIT_EXCEEDED,
                         format!("the pgcache admin console holds at most {MAX_STATEMENTS} prepared statements"),
@@ -119,7 +135,21 @@ impl Extended {
                     ));
                 }
                 let portal = Portal { command: statement.command.clone(), formats: b.result_formats, answer: None };
-                self.portals.insert(Bytes::copy_from_slice(b.portal), portal);
+                let name = Bytes::copy_from_slice(b.portal);
+                if !name.is_empty() && self.portals.contains_key(&name) {
+                    return Err(PgError::error(
+                        SqlState::DUPLICATE_CURSOR,
+                        format!("portal \"{}\" already exists", String::from_utf8_lossy(&name)),
+                    ));
+                }
+                let named = self.portals.len() - usize::from(self.portals.contains_key(&Bytes::new()));
+                if !name.is_empty() && named >= MAX_STATEMENTS {
+                    return Err(PgError::error(
+                        SqlState::PROGRAM_LIMIT_EXCEEDED,
+                        format!("the pgcache admin console holds at most {MAX_STATEMENTS} portals"),
+                    ));
+                }
+                self.portals.insert(name, portal);
                 be::bind_complete(out);
             }
             fe::DESCRIBE => {
@@ -127,7 +157,10 @@ impl Extended {
                 match d.target {
                     Target::Statement => {
                         let statement = self.statement(d.name)?;
-                        be::parameter_description(&statement.param_types, out);
+                        // (A type left to the server is text, as Postgres would infer it here.)
+                        let types: Vec<u32> =
+                            statement.param_types.iter().map(|&t| if t == 0 { TEXT } else { t }).collect();
+                        be::parameter_description(&types, out);
                         match columns(ctx, &statement.command.clone()).await? {
                             Some(columns) if !columns.is_empty() => be::row_description_text(&columns, out),
                             _ => be::no_data(out),
@@ -140,12 +173,11 @@ impl Extended {
                         } else if portal.command.is_empty() {
                             be::no_data(out);
                         } else {
-                            let answer = portal.run(ctx).await?;
-                            match answer.columns.as_slice() {
+                            let columns = portal.answer(ctx).await?.columns.clone();
+                            match columns.as_slice() {
                                 [] => be::no_data(out),
                                 columns => be::row_description_text_as(columns, &portal.formats, out),
                             }
-                            portal.keep(answer);
                         }
                     }
                 }
@@ -157,17 +189,17 @@ impl Extended {
                     be::empty_query_response(out);
                     return Ok(());
                 }
-                if portal.answer.is_none() {
-                    let answer = portal.run(ctx).await?;
-                    portal.keep(answer);
-                }
-                let (rows, tag) = portal.answer.as_mut().expect("just kept");
+                let answer = portal.answer(ctx).await?;
+                let rows = &mut answer.rows;
                 let n = if e.max_rows > 0 { (e.max_rows as usize).min(rows.len()) } else { rows.len() };
                 rows.drain(..n).for_each(|row| be::data_row_text_msg(&row, out));
-                if rows.is_empty() {
-                    be::command_complete(tag, out);
-                } else {
+                if !rows.is_empty() {
                     be::portal_suspended(out);
+                } else if answer.tag == "SHOW" || answer.tag == "EXPLAIN" {
+                    // As Postgres counts them: the rows this Execute sent.
+                    be::command_complete(&format!("SELECT {n}"), out);
+                } else {
+                    be::command_complete(&answer.tag, out);
                 }
             }
             fe::CLOSE => {
@@ -210,13 +242,13 @@ impl Extended {
 }
 
 impl Portal {
-    async fn run(&self, ctx: &Arc<Context>) -> Result<ResultSet, PgError> {
-        commands::run(ctx, &self.command).await
-    }
-
-    fn keep(&mut self, answer: ResultSet) {
-        let tag = super::console::tag_of(&answer);
-        self.answer = Some((answer.rows.into(), tag));
+    /// The command's answer: run the first time it is asked for, then kept.
+    async fn answer(&mut self, ctx: &Arc<Context>) -> Result<&mut Answer, PgError> {
+        if self.answer.is_none() {
+            let r: ResultSet = commands::run(ctx, &self.command).await?;
+            self.answer = Some(Answer { columns: r.columns, rows: r.rows.into(), tag: r.tag });
+        }
+        Ok(self.answer.as_mut().expect("just kept"))
     }
 }
 

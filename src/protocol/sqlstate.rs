@@ -11,6 +11,7 @@ impl SqlState {
     pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
     pub const INVALID_SQL_STATEMENT_NAME: SqlState = SqlState("26000");
     pub const INVALID_CURSOR_NAME: SqlState = SqlState("34000");
+    pub const DUPLICATE_CURSOR: SqlState = SqlState("42P03");
     pub const CONNECTION_FAILURE: SqlState = SqlState("08006");
     pub const SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION: SqlState = SqlState("08001");
     pub const INVALID_AUTHORIZATION_SPECIFICATION: SqlState = SqlState("28000");
