@@ -103,7 +103,7 @@ impl Extended {
                     ));
                 }
                 let named = self.statements.len() - usize::from(self.statements.contains_key(&Bytes::new()));
-                if !name.is_empty() && named >= MAX_STATEMENTS && !self.statements.contains_key(&name) {
+                if !name.is_empty() && named >= MAX_STATEMENTS {
                     return Err(PgError::error(
                         SqlState::PROGRAM_LIMIT_EXCEEDED,
                         format!("the pgcache admin console holds at most {MAX_STATEMENTS} prepared statements"),
