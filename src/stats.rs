@@ -121,8 +121,8 @@ pub struct QueryStat {
     pub rule: Option<Arc<Rule>>,
     pub reason: Option<Reason>,
     pub tables: Vec<String>,
-    /// Its distinct keys: [`key_hash`]es of cache keys (hits, fills, reads admission sent
-    /// on), or, for reads no rule caches, of the text and parameters ([`read_hash`]). (The
+    /// Its distinct keys: [`key_hash`]es of cache keys (hits and fills), or, for reads no
+    /// rule caches, of the text and parameters ([`read_hash`]). (The
     /// same key hashed both ways counts twice: a query watched both before and after it got a
     /// rule may count up to twice its keys.)
     pub keys: Distinct<u64>,

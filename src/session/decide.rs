@@ -407,7 +407,7 @@ impl Relay<'_> {
         // (asked once per miss: after the probe, which decides the miss again).
         if !ctx.store.admission.admit(&a.rule, hash, ctx.config().cache.adaptive_admission) {
             ctx.stats.metrics.not_admitted();
-            return Ok(Plan::Forward(Reason::NotAdmitted, Some(hash)));
+            return Ok(Plan::forward(Reason::NotAdmitted));
         }
         let flight = match ctx.flights.join(&key, ctx.config().cache.single_flight_wait).await {
             Turn::Lead(f) => Some(f),

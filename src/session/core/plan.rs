@@ -16,9 +16,8 @@ pub enum Plan {
     Hit { entry: Arc<Entry>, key: u64, stale: bool },
     /// Forward, and keep the answer.
     Fill(Box<Fill>),
-    /// Forward only, for this reason; with a hash of the read's key when no rule caches it or
-    /// admission turned it away, for the advisor's count of distinct keys
-    /// ([`crate::stats::QueryStat::keys`]).
+    /// Forward only, for this reason; with a hash of the read's key when no rule caches it,
+    /// for the advisor's count of distinct keys ([`crate::stats::QueryStat::keys`]).
     Forward(Reason, Option<u64>),
     /// The session's settings must be read first: send the probe, decide again on its answer.
     Probe,
