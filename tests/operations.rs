@@ -276,6 +276,22 @@ async fn console_portals_keep_their_rows_between_executes() {
     assert_eq!(got.iter().filter(|m| m.tag == b'D').count(), before, "{got:?}");
     let after = c.exchange(&batch(&[bind("", "", &[], &[]), execute("", 0), sync()]), 1).await;
     assert_eq!(after.iter().filter(|m| m.tag == b'D').count(), before + 1, "{after:?}");
+    // Closing a statement closes the portals bound from it.
+    let got = c
+        .exchange(
+            &batch(&[
+                parse("closing", "SHOW STATS", &[]),
+                bind("q", "closing", &[], &[]),
+                common::raw::close(b'S', "closing"),
+                execute("q", 0),
+                sync(),
+            ]),
+            1,
+        )
+        .await;
+    let tags: String = got.iter().map(|m| m.tag as char).collect();
+    assert_eq!(tags, "123EZ", "{got:?}");
+    assert!(String::from_utf8_lossy(&got[3].body).contains("34000"), "{got:?}");
     // 256 named statements at most; the unnamed one is never refused for it.
     let many: Vec<_> = (0..256).map(|i| parse(&format!("s{i}"), "SHOW STATS", &[])).chain([sync()]).collect();
     let got = c.exchange(&batch(&many), 1).await;

@@ -46,6 +46,8 @@ struct Statement {
 }
 
 struct Portal {
+    /// The statement it was bound from: closing that statement closes it too.
+    statement: Bytes,
     command: Arc<str>,
     formats: Vec<i16>,
     /// The command's answer, once it ran.
@@ -134,7 +136,12 @@ impl Extended {
                         ),
                     ));
                 }
-                let portal = Portal { command: statement.command.clone(), formats: b.result_formats, answer: None };
+                let portal = Portal {
+                    statement: Bytes::copy_from_slice(b.statement),
+                    command: statement.command.clone(),
+                    formats: b.result_formats,
+                    answer: None,
+                };
                 let name = Bytes::copy_from_slice(b.portal);
                 if !name.is_empty() && self.portals.contains_key(&name) {
                     return Err(PgError::error(
@@ -205,7 +212,11 @@ impl Extended {
             fe::CLOSE => {
                 let c = fe::named(body).map_err(|_| malformed())?;
                 match c.target {
-                    Target::Statement => drop(self.statements.remove(c.name)),
+                    Target::Statement => {
+                        self.statements.remove(c.name);
+                        // As in Postgres: the portals bound from it go with it.
+                        self.portals.retain(|_, p| p.statement != c.name);
+                    }
                     Target::Portal => drop(self.portals.remove(c.name)),
                 }
                 be::close_complete(out);
