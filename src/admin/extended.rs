@@ -98,19 +98,7 @@ impl Extended {
                 let p = fe::parse(body).map_err(|_| malformed())?;
                 let sql = std::str::from_utf8(p.sql).map_err(|_| malformed())?;
                 let name = Bytes::copy_from_slice(p.name);
-                if !name.is_empty() && self.statements.contains_key(&name) {
-                    return Err(PgError::error(
-                        SqlState::DUPLICATE_PREPARED_STATEMENT,
-                        format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(&name)),
-                    ));
-                }
-                let named = self.statements.len() - usize::from(self.statements.contains_key(&Bytes::new()));
-                if !name.is_empty() && named >= MAX_STATEMENTS {
-                    return Err(PgError::error(
-                        SqlState::PROGRAM_LIMIT_EXCEEDED,
-                        format!("the pgcache admin console holds at most {MAX_STATEMENTS} prepared statements"),
-                    ));
-                }
+                may_add(&self.statements, &name, "prepared statement", SqlState::DUPLICATE_PREPARED_STATEMENT)?;
                 let mut parts = super::console::split(sql).into_iter().map(str::trim).filter(|p| !p.is_empty());
                 let command: Arc<str> = parts.next().unwrap_or("").into();
                 if parts.next().is_some() {
@@ -143,19 +131,7 @@ impl Extended {
                     answer: None,
                 };
                 let name = Bytes::copy_from_slice(b.portal);
-                if !name.is_empty() && self.portals.contains_key(&name) {
-                    return Err(PgError::error(
-                        SqlState::DUPLICATE_CURSOR,
-                        format!("portal \"{}\" already exists", String::from_utf8_lossy(&name)),
-                    ));
-                }
-                let named = self.portals.len() - usize::from(self.portals.contains_key(&Bytes::new()));
-                if !name.is_empty() && named >= MAX_STATEMENTS {
-                    return Err(PgError::error(
-                        SqlState::PROGRAM_LIMIT_EXCEEDED,
-                        format!("the pgcache admin console holds at most {MAX_STATEMENTS} portals"),
-                    ));
-                }
+                may_add(&self.portals, &name, "portal", SqlState::DUPLICATE_CURSOR)?;
                 self.portals.insert(name, portal);
                 be::bind_complete(out);
             }
@@ -261,6 +237,26 @@ impl Portal {
         }
         Ok(self.answer.as_mut().expect("just kept"))
     }
+}
+
+/// Whether `map` (of statements or portals, each called `what`) may take a new one named `name`:
+/// a named one must be new (else `duplicate`), and at most [`MAX_STATEMENTS`] named ones are
+/// held (the unnamed one is replaced, never refused).
+fn may_add<V>(map: &HashMap<Bytes, V>, name: &Bytes, what: &str, duplicate: SqlState) -> Result<(), PgError> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    if map.contains_key(name) {
+        return Err(PgError::error(duplicate, format!("{what} \"{}\" already exists", String::from_utf8_lossy(name))));
+    }
+    let named = map.len() - usize::from(map.contains_key(&Bytes::new()));
+    if named >= MAX_STATEMENTS {
+        return Err(PgError::error(
+            SqlState::PROGRAM_LIMIT_EXCEEDED,
+            format!("the pgcache admin console holds at most {MAX_STATEMENTS} {what}s"),
+        ));
+    }
+    Ok(())
 }
 
 /// The columns `command`'s answer has (`None`: an empty query, no rows), running it only if it
