@@ -122,9 +122,9 @@ pub struct QueryStat {
     pub reason: Option<Reason>,
     pub tables: Vec<String>,
     /// Its distinct keys: [`key_hash`]es of cache keys (hits and fills), or, for reads no
-    /// rule caches, of the text and parameters ([`read_hash`]). (The
-    /// same key hashed both ways counts twice: a query watched both before and after it got a
-    /// rule may count up to twice its keys.)
+    /// rule caches, of the text and parameters ([`read_hash`]). (The same key hashed both
+    /// ways counts twice: a query watched both before and after it got a rule may count up
+    /// to twice its keys.)
     pub keys: Distinct<u64>,
     /// The calls that counted a key in `keys` (reads the cache decided; not those a session
     /// refused it — in a transaction that wrote, say — nor executions the planner did not
