@@ -154,7 +154,13 @@ fn encode(r: &ResultSet, out: &mut BytesMut) {
 
 /// The command tag of an answer: `SELECT n` for those that show rows, as psql expects.
 fn tag_of(r: &ResultSet) -> String {
-    if r.tag == "SHOW" || r.tag == "EXPLAIN" { format!("SELECT {}", r.rows.len()) } else { r.tag.clone() }
+    command_tag(&r.tag, r.rows.len())
+}
+
+/// The CommandComplete tag of a command tagged `tag` that sent `rows` rows: `SELECT n` for
+/// the commands that show rows (`SHOW`, `EXPLAIN`), else the command's own.
+pub(super) fn command_tag(tag: &str, rows: usize) -> String {
+    if tag == "SHOW" || tag == "EXPLAIN" { format!("SELECT {rows}") } else { tag.to_owned() }
 }
 
 /// Splits on semicolons outside quotes (`'...'`, `"..."`, `$tag$...$tag$`). pg_query's

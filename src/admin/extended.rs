@@ -176,13 +176,11 @@ impl Extended {
                 let rows = &mut answer.rows;
                 let n = if e.max_rows > 0 { (e.max_rows as usize).min(rows.len()) } else { rows.len() };
                 rows.drain(..n).for_each(|row| be::data_row_text_msg(&row, out));
-                if !rows.is_empty() {
-                    be::portal_suspended(out);
-                } else if answer.tag == "SHOW" || answer.tag == "EXPLAIN" {
+                if rows.is_empty() {
                     // As Postgres counts them: the rows this Execute sent.
-                    be::command_complete(&format!("SELECT {n}"), out);
+                    be::command_complete(&super::console::command_tag(&answer.tag, n), out);
                 } else {
-                    be::command_complete(&answer.tag, out);
+                    be::portal_suspended(out);
                 }
             }
             fe::CLOSE => {
