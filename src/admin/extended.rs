@@ -27,9 +27,6 @@ use super::commands::{self, ResultSet};
 /// Named statements (and named portals) a console session may hold at once.
 const MAX_STATEMENTS: usize = 256;
 
-/// The type oid of `text`.
-const TEXT: u32 = 25;
-
 /// A session's statements and portals.
 #[derive(Default)]
 pub struct Extended {
@@ -142,7 +139,7 @@ impl Extended {
                         let statement = self.statement(d.name)?;
                         // (A type left to the server is text, as Postgres would infer it here.)
                         let types: Vec<u32> =
-                            statement.param_types.iter().map(|&t| if t == 0 { TEXT } else { t }).collect();
+                            statement.param_types.iter().map(|&t| if t == 0 { be::TEXT_OID } else { t }).collect();
                         be::parameter_description(&types, out);
                         match columns(ctx, &statement.command.clone()).await? {
                             Some(columns) if !columns.is_empty() => be::row_description_text(&columns, out),

@@ -251,6 +251,9 @@ pub fn backend_key_data(pid: i32, secret: i32, out: &mut BytesMut) {
     put(out, &BackendKeyData::new(pid, SecretKey::I32(secret)));
 }
 
+/// The type oid of `text`, the type of every column pgcache answers itself.
+pub const TEXT_OID: u32 = 25;
+
 /// A RowDescription of text columns (for pgcache's own result sets).
 pub fn row_description_text(columns: &[&str], out: &mut BytesMut) {
     row_description_text_as(columns, &[], out);
@@ -260,7 +263,6 @@ pub fn row_description_text(columns: &[&str], out: &mut BytesMut) {
 /// text; one: all in that one; else one per column). A text value's binary form is its text.
 pub fn row_description_text_as(columns: &[&str], formats: &[i16], out: &mut BytesMut) {
     use pgwire::messages::data::{FieldDescription, RowDescription};
-    const TEXT: u32 = 25;
     let format = |i: usize| match formats {
         [] => 0,
         [one] => *one,
@@ -269,7 +271,7 @@ pub fn row_description_text_as(columns: &[&str], formats: &[i16], out: &mut Byte
     let fields = columns
         .iter()
         .enumerate()
-        .map(|(i, c)| FieldDescription::new((*c).to_owned(), 0, 0, TEXT, -1, -1, format(i)))
+        .map(|(i, c)| FieldDescription::new((*c).to_owned(), 0, 0, TEXT_OID, -1, -1, format(i)))
         .collect();
     put(out, &RowDescription::new(fields));
 }
