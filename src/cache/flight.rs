@@ -1,7 +1,7 @@
 //! Single-flight: when many sessions miss on the same key at once, one sends the query and
 //! the others wait (bounded) for its result instead of sending it too.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 

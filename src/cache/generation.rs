@@ -19,7 +19,7 @@
 //! changed, and the catalog facts with it) moves the wide counter and becomes the new key
 //! column, and a keyed read by another column depends on every write.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 

@@ -20,7 +20,7 @@
 //!
 //! [`policy::assess`]: crate::policy::assess
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 

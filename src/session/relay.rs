@@ -35,7 +35,7 @@ use super::core::flow::Probe;
 use super::core::pipeline::Expect;
 use super::core::queue::OutQueue;
 use super::core::{Action, BackendError, Core};
-use super::effects;
+use super::effects::{self, Effect};
 use super::memo::Assessments;
 
 /// Why a session whose settings cannot be replayed stays on its backend.
@@ -465,12 +465,17 @@ impl Relay<'_> {
         let pooling_transactions = self.core.flow.gives_backend_back();
         let (mut wrote, mut ddl) = (false, false);
         let (actions, backend_state) = self.core.take_actions();
-        for action in actions {
+        let mut actions = actions.peekable();
+        while let Some(action) = actions.next() {
             match action {
                 Action::Committed { ddl: d } => {
                     wrote = true;
                     ddl |= d;
                 }
+                // A write outside a transaction block is invalidated at its CommandComplete and
+                // again when its implicit transaction ends; when both came in together, the
+                // second (which covers the first) alone, before either reaches the client.
+                Action::Invalidate { effects, committed: false } if covered_next(&effects, actions.peek()) => {}
                 Action::Invalidate { effects, committed } => {
                     effects::apply(ctx, &self.key.database, &effects, committed);
                     if ctx.l2.is_some() {
@@ -493,6 +498,7 @@ impl Relay<'_> {
                 Action::Pinned(_) | Action::Unpinned(_) => {}
             }
         }
+        drop(actions);
         // (Nothing run on a replica writes: a standby refuses writes, so a read there that
         // might have written by its text — a function while the cache is not in use — did not.)
         if wrote && !ctx.replicas.is_empty() && self.core.flow.replica.is_none() {
@@ -503,6 +509,11 @@ impl Relay<'_> {
             }
         }
     }
+}
+
+/// Whether `next` is the committed invalidation of everything in `effects`.
+fn covered_next(effects: &[Effect], next: Option<&Action>) -> bool {
+    matches!(next, Some(Action::Invalidate { effects: later, committed: true }) if effects.iter().all(|e| later.contains(e)))
 }
 
 /// Transaction pooling: a session was pinned to its backend (or released) for `reason`:

@@ -21,7 +21,7 @@ mod triggers;
 
 pub use relations::{PointKey, RelationInfo};
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
