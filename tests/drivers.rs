@@ -248,7 +248,7 @@ async fn pgjdbc_logs_in_with_scram() {
 
 /// The admin console from drivers that speak the extended protocol only (asyncpg, pgjdbc, with
 /// its named statements) or once they prepare (psycopg with `prepare=True`, as it does by itself
-/// after five runs). (In autocommit: the console has no transactions.)
+/// after five runs), in autocommit and in the transaction blocks they open by default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_answers_drivers_in_the_extended_protocol() {
     let cluster = PgCluster::shared();
@@ -268,6 +268,8 @@ async def main():
     st = await c.prepare('SHOW RULES')
     assert st.get_attributes()[0].name == 'name', st.get_attributes()
     assert (await c.fetchrow('RESUME'))['value'] == 'no'
+    async with c.transaction():
+        assert len(await c.fetch('SHOW POOLS')) >= 0
     await c.close()
     print('ok asyncpg')
 asyncio.run(main())",
@@ -279,6 +281,18 @@ with psycopg.connect(os.environ['CONSOLE_URL'], autocommit=True) as c:
     for _ in range(3):
         rows = c.execute('SHOW STATS', prepare=True).fetchall()
         assert any(r[0] == 'statements' for r in rows), rows
+# Its default: a transaction block opened before the first command.
+with psycopg.connect(os.environ['CONSOLE_URL']) as c:
+    rows = c.execute('SHOW STATS').fetchall()
+    assert any(r[0] == 'statements' for r in rows), rows
+    try:
+        c.execute('RESUME')
+        raise AssertionError('RESUME ran inside a transaction block')
+    except psycopg.errors.ActiveSqlTransaction:
+        pass
+    c.rollback()
+    c.autocommit = True
+    assert c.execute('RESUME').fetchone()[0] == 'paused'
     print('ok psycopg')",
         ),
     ];
@@ -300,6 +314,11 @@ public class Console {{ public static void main(String[] a) throws Exception {{
       try (ResultSet r = p.executeQuery()) {{ while (r.next()) seen |= r.getString(\"stat\").equals(\"statements\"); }}
       if (!seen) throw new AssertionError(\"no statements row\");
     }}
+  }}
+  try (Connection c = DriverManager.getConnection(\"{jdbc_url}\")) {{
+    c.setAutoCommit(false);
+    try (Statement s = c.createStatement(); ResultSet r = s.executeQuery(\"SHOW POOLS\")) {{ while (r.next()) {{ }} }}
+    c.commit();
   }}
   System.out.println(\"ok pgjdbc\");
 }} }}"

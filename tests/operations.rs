@@ -218,9 +218,90 @@ async fn the_console_speaks_the_extended_protocol() {
     assert!(!console.query("SHOW STATS", &[]).await.unwrap().is_empty());
 }
 
+/// Every console command's columns are known without running it: what a Describe of its
+/// statement says is what running it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_commands_are_described_as_they_answer() {
+    let e = env().await;
+    let console = e.console().await;
+    let commands = [
+        "SHOW STATS",
+        "SHOW POOLS",
+        "SHOW CLIENTS",
+        "SHOW SERVERS",
+        "SHOW CACHE",
+        "SHOW RULES",
+        "SHOW CONFIG",
+        "SHOW QUERIES",
+        "SHOW ADVICE",
+        "SHOW PEERS",
+        "SHOW L2",
+        "SHOW REPLICAS",
+        "EXPLAIN CACHE SELECT v FROM items WHERE id = 1",
+        "INVALIDATE RULE items",
+        "RELOAD",
+        "PAUSE",
+        "RESUME",
+    ];
+    for command in commands {
+        let described: Vec<String> =
+            console.prepare(command).await.unwrap().columns().iter().map(|c| c.name().to_owned()).collect();
+        let mut answered = Vec::new();
+        for m in console.simple_query(command).await.unwrap() {
+            if let tokio_postgres::SimpleQueryMessage::RowDescription(columns) = m {
+                answered = columns.iter().map(|c| c.name().to_owned()).collect();
+            }
+        }
+        assert_eq!(described, answered, "{command}");
+    }
+}
+
+/// Drivers open transaction blocks unless told not to: the console keeps them as Postgres
+/// would (the status in ReadyForQuery, a block failed by an error until its end) and refuses
+/// inside one the commands that change something, which no ROLLBACK could undo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_keeps_transaction_blocks_as_drivers_open_them() {
+    use common::raw::{RawConn, query};
+    let e = env().await;
+    let mut console = e.console().await;
+    let tx = console.transaction().await.unwrap();
+    assert!(!tx.query("SHOW CONFIG", &[]).await.unwrap().is_empty());
+    let err = tx.batch_execute("PAUSE").await.unwrap_err();
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("25001"), "{err}");
+    let err = tx.query("SHOW STATS", &[]).await.unwrap_err();
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("25P02"), "{err}");
+    tx.rollback().await.unwrap();
+    let stats = rows(&console, "SHOW STATS").await;
+    assert_eq!(lookup(&stats, "paused")[1], "no", "PAUSE did not run");
+    // The status each ReadyForQuery reports, and the tags.
+    let mut c = RawConn::connect(e.proxy.addr, &PgCluster::shared_or_superuser(), "pgcache", &[]).await;
+    let status = |got: &[common::raw::Msg]| got.last().map(|m| m.body[0] as char);
+    let tag = |got: &[common::raw::Msg]| {
+        got.iter()
+            .rev()
+            .find(|m| m.tag == b'C')
+            .map(|m| String::from_utf8_lossy(&m.body).trim_end_matches('\0').to_owned())
+    };
+    let got = c.exchange(&query("BEGIN"), 1).await;
+    assert_eq!((status(&got), tag(&got).as_deref()), (Some('T'), Some("BEGIN")), "{got:?}");
+    let got = c.exchange(&query("SHOW STATS"), 1).await;
+    assert_eq!(status(&got), Some('T'), "{got:?}");
+    let got = c.exchange(&query("SHOW NOTHING"), 1).await;
+    assert_eq!(status(&got), Some('E'), "{got:?}");
+    let got = c.exchange(&query("COMMIT"), 1).await;
+    assert_eq!((status(&got), tag(&got).as_deref()), (Some('I'), Some("ROLLBACK")), "a failed block rolls back");
+    // An end outside a block warns, as Postgres does.
+    let got = c.exchange(&query("COMMIT"), 1).await;
+    assert!(got.iter().any(|m| m.tag == b'N' && String::from_utf8_lossy(&m.body).contains("25P01")), "{got:?}");
+    assert_eq!(status(&got), Some('I'));
+    // Outside a block an error keeps nothing.
+    let got = c.exchange(&query("SHOW NOTHING"), 1).await;
+    assert_eq!(status(&got), Some('I'), "{got:?}");
+}
+
 /// The console's portals in raw messages: an Execute's row limit leaves the rest in the portal
-/// (PortalSuspended) for the next Execute; a Describe of the portal runs a reading command once
-/// for both; after an error everything up to the Sync is skipped; the Sync closes the portals.
+/// (PortalSuspended) for the next Execute; a Describe runs nothing; after an error everything up
+/// to the Sync is skipped; the Sync closes the portals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_portals_keep_their_rows_between_executes() {
     use common::raw::{RawConn, batch, bind, describe, execute, parse, query, sync};
@@ -253,8 +334,8 @@ async fn console_portals_keep_their_rows_between_executes() {
     let tags: String = got.iter().map(|m| m.tag as char).collect();
     assert_eq!(tags, "EZ", "{got:?}");
     assert!(String::from_utf8_lossy(&got[0].body).contains("34000"), "{got:?}");
-    // A described portal ran its command then, once: a client connecting before its Execute
-    // is not in the rows the Execute sends.
+    // A Describe runs nothing (every command's columns are known): a portal runs its command
+    // at its first Execute, so a client connecting after the Describe is in the rows.
     let described = c
         .exchange(
             &batch(&[
@@ -273,9 +354,12 @@ async fn console_portals_keep_their_rows_between_executes() {
     assert_eq!(c.recv().await.tag, b'T');
     let _another = e.app().await;
     let got = c.exchange(&batch(&[describe(b'P', "p"), execute("p", 0), sync()]), 1).await;
-    assert_eq!(got.iter().filter(|m| m.tag == b'D').count(), before, "{got:?}");
-    let after = c.exchange(&batch(&[bind("", "", &[], &[]), execute("", 0), sync()]), 1).await;
-    assert_eq!(after.iter().filter(|m| m.tag == b'D').count(), before + 1, "{after:?}");
+    assert_eq!(got.iter().filter(|m| m.tag == b'D').count(), before + 1, "{got:?}");
+    // Result formats for neither every column nor all of them: refused at the Bind.
+    let got = c.exchange(&batch(&[parse("", "SHOW STATS", &[]), bind("", "", &[], &[0, 1]), sync()]), 1).await;
+    let tags: String = got.iter().map(|m| m.tag as char).collect();
+    assert_eq!(tags, "1EZ", "{got:?}");
+    assert!(String::from_utf8_lossy(&got[1].body).contains("08P01"), "{got:?}");
     // Closing a statement closes the portals bound from it.
     let got = c
         .exchange(

@@ -102,29 +102,32 @@ async fn assess<'a>(ctx: &Context, q: &'a QueryStat, writes: &HashMap<String, Ta
     Estimate { q, writes: total_writes, by_key: keyed.is_some(), ttl, estimate }
 }
 
+/// The columns of `SHOW QUERIES`.
+pub const QUERIES: &[&str] = &[
+    "query",
+    "calls",
+    "total_ms",
+    "mean_ms",
+    "rows",
+    "hits",
+    "misses",
+    "passthrough",
+    "errors",
+    "rule",
+    "cacheable",
+    "tables",
+    "table_writes",
+    "distinct_keys",
+    "candidate_ttl",
+    "est_hit_ratio",
+];
+
+/// The column of `SHOW ADVICE`.
+pub const ADVICE: &[&str] = &["advice"];
+
 pub async fn queries(ctx: &Context) -> ResultSet {
     let writes = ctx.stats.table_writes();
-    let mut r = ResultSet::new(
-        &[
-            "query",
-            "calls",
-            "total_ms",
-            "mean_ms",
-            "rows",
-            "hits",
-            "misses",
-            "passthrough",
-            "errors",
-            "rule",
-            "cacheable",
-            "tables",
-            "table_writes",
-            "distinct_keys",
-            "candidate_ttl",
-            "est_hit_ratio",
-        ],
-        "SHOW",
-    );
+    let mut r = ResultSet::new(QUERIES, "SHOW");
     for q in ctx.stats.queries() {
         let a = assess(ctx, &q, &writes).await;
         let total_ms = q.total.as_secs_f64() * 1000.0;
@@ -169,7 +172,7 @@ pub async fn advice(ctx: &Context) -> ResultSet {
         let gain = |x: &Estimate<'_>| x.estimate.unwrap_or(0.0) * x.q.total.as_secs_f64();
         gain(b).total_cmp(&gain(a))
     });
-    let mut r = ResultSet::new(&["advice"], "SHOW");
+    let mut r = ResultSet::new(ADVICE, "SHOW");
     if candidates.is_empty() {
         r.row(["# No candidates yet: run the workload through pgcache, then ask again.".to_owned()]);
         return r;

@@ -1,5 +1,7 @@
-//! The admin console's commands. Each runs against the live server and answers with a result
-//! set (text columns), so psql shows a table. Unknown commands get an error listing them.
+//! The admin console's commands, parsed once into a [`Command`] that knows its columns (so a
+//! driver's Describe runs nothing) and whether it changes something (so a transaction block
+//! can refuse it, [`super::block`]). Each runs against the live server and answers with a
+//! result set (text columns), so psql shows a table. Unknown commands get an error listing them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +17,7 @@ use super::advice;
 pub use super::table::ResultSet;
 
 pub const COMMANDS: &str = "SHOW STATS | POOLS | CLIENTS | SERVERS | CACHE | RULES | CONFIG | QUERIES | ADVICE | PEERS | L2 | REPLICAS, \
-    EXPLAIN CACHE [ON <database>] <select>, INVALIDATE TABLE <name> | RULE <name> | ALL, RELOAD, PAUSE, RESUME";
+    EXPLAIN CACHE [ON <database>] <select>, INVALIDATE TABLE <name> | RULE <name> | ALL, RELOAD, PAUSE, RESUME, BEGIN, COMMIT, ROLLBACK";
 
 fn unknown(cmd: &str) -> PgError {
     PgError::error(SqlState::SYNTAX_ERROR, format!("unknown pgcache admin command: {cmd:?}"))
@@ -37,57 +39,256 @@ fn sets_a_driver_parameter(up: &[&str]) -> bool {
     DRIVER_PARAMETERS.contains(&name) && (rest.len() >= 2 || rest[0].contains('='))
 }
 
-/// Whether `text` is a command that changes something (`INVALIDATE …`, `RELOAD`, `PAUSE`,
-/// `RESUME`), rather than one that only reads: each of those answers in two columns, `item` and
-/// `value` ([`ResultSet::pairs`]).
-pub fn changes_something(text: &str) -> bool {
-    let first = text.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
-    matches!(first.as_str(), "INVALIDATE" | "RELOAD" | "PAUSE" | "RESUME")
+/// The columns of the commands that answer in names and values ([`ResultSet::pairs`]).
+const PAIRS: &[&str] = &["item", "value"];
+const STATS: &[&str] = &["stat", "total", "per_second"];
+const POOLS: &[&str] = &[
+    "database",
+    "user",
+    "mode",
+    "clients_active",
+    "clients_idle",
+    "clients_waiting",
+    "active",
+    "idle",
+    "max",
+    "pinned",
+    "throttled",
+];
+const CLIENTS: &[&str] = &["peer", "user", "database", "connected_since", "backend_pid"];
+const SERVERS: &[&str] = &["database", "user", "pid", "state", "age_seconds"];
+const CACHE: &[&str] = &["rule", "entries", "bytes", "hits_on_entries", "oldest_age_seconds"];
+const RULES: &[&str] = &[
+    "name",
+    "file",
+    "line",
+    "action",
+    "ttl",
+    "stale_while_revalidate",
+    "stale_if_error",
+    "match",
+    "hits",
+    "misses",
+    "admission",
+    "last_reload",
+    "reload_error",
+];
+const PEERS: &[&str] = &[
+    "database",
+    "channel",
+    "state",
+    "listening_since",
+    "last_message",
+    "instances",
+    "sent",
+    "received",
+    "resyncs",
+    "last_error",
+];
+const REPLICAS: &[&str] =
+    &["replica", "state", "weight", "replay_lsn", "lag_bytes", "lag_ms", "reads", "active", "idle", "last_error"];
+
+/// What a `SHOW` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Show {
+    Stats,
+    Pools,
+    Clients,
+    Servers,
+    Cache,
+    Rules,
+    Config,
+    Queries,
+    Advice,
+    Peers,
+    L2,
+    Replicas,
 }
 
-/// Runs one command (a statement without its trailing semicolon).
-pub async fn run(ctx: &Arc<Context>, text: &str) -> Result<ResultSet, PgError> {
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
-    let up: Vec<&str> = upper.iter().map(String::as_str).collect();
-    match up.as_slice() {
-        ["SHOW", "STATS"] => Ok(stats(ctx)),
-        ["SHOW", "POOLS"] => Ok(pools(ctx)),
-        ["SHOW", "CLIENTS"] => Ok(clients(ctx)),
-        ["SHOW", "SERVERS"] => Ok(servers(ctx)),
-        ["SHOW", "CACHE"] => Ok(cache(ctx)),
-        ["SHOW", "RULES"] => Ok(rules(ctx)),
-        ["SHOW", "CONFIG"] => Ok(config(ctx)),
-        ["SHOW", "QUERIES"] => Ok(advice::queries(ctx).await),
-        ["SHOW", "ADVICE"] => Ok(advice::advice(ctx).await),
-        ["SHOW", "PEERS"] => Ok(peers(ctx)),
-        ["SHOW", "L2"] => Ok(l2(ctx)),
-        ["SHOW", "REPLICAS"] => Ok(replicas(ctx)),
-        ["EXPLAIN", "CACHE", ..] => {
-            // EXPLAIN CACHE [ON database] <select>
-            let rest = text.trim_start()[7..].trim_start()[5..].trim_start();
-            let (database, sql) = match up.get(2) {
-                Some(&"ON") if words.len() > 3 => {
-                    let after_on = rest[2..].trim_start();
-                    let db = words[3];
-                    (Some(db), after_on[db.len()..].trim())
+/// A transaction-control statement. The console has no transactions: it accepts the block for
+/// drivers that open one before every query (psycopg's default, pgjdbc with autocommit off),
+/// and refuses commands that change something inside it ([`Command::changes_something`]),
+/// which no ROLLBACK could undo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Begin,
+    Commit,
+    Rollback,
+}
+
+/// One console command, parsed: what it shows or does, with its columns known without running
+/// it (a driver's Describe of a statement runs nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command<'a> {
+    Show(Show),
+    /// `EXPLAIN CACHE [ON <database>] <select>`.
+    Explain {
+        database: Option<&'a str>,
+        sql: &'a str,
+    },
+    InvalidateTable(&'a str),
+    InvalidateRule(&'a str),
+    InvalidateAll,
+    /// A driver's `SET` of a parameter the console accepts and ignores.
+    Set,
+    Reload,
+    Pause,
+    Resume,
+    Control(Control),
+}
+
+impl<'a> Command<'a> {
+    /// Parses one command (a statement without its trailing semicolon).
+    pub fn parse(text: &'a str) -> Result<Self, PgError> {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+        let up: Vec<&str> = upper.iter().map(String::as_str).collect();
+        Ok(match up.as_slice() {
+            ["SHOW", what] => Command::Show(match *what {
+                "STATS" => Show::Stats,
+                "POOLS" => Show::Pools,
+                "CLIENTS" => Show::Clients,
+                "SERVERS" => Show::Servers,
+                "CACHE" => Show::Cache,
+                "RULES" => Show::Rules,
+                "CONFIG" => Show::Config,
+                "QUERIES" => Show::Queries,
+                "ADVICE" => Show::Advice,
+                "PEERS" => Show::Peers,
+                "L2" => Show::L2,
+                "REPLICAS" => Show::Replicas,
+                _ => return Err(unknown(text.trim())),
+            }),
+            ["EXPLAIN", "CACHE", ..] => {
+                // EXPLAIN CACHE [ON database] <select>
+                let rest = text.trim_start()[7..].trim_start()[5..].trim_start();
+                let (database, sql) = match up.get(2) {
+                    Some(&"ON") if words.len() > 3 => {
+                        let after_on = rest[2..].trim_start();
+                        let db = words[3];
+                        (Some(db), after_on[db.len()..].trim())
+                    }
+                    _ => (None, rest.trim()),
+                };
+                if sql.is_empty() {
+                    return Err(PgError::error(SqlState::SYNTAX_ERROR, "EXPLAIN CACHE needs a SELECT"));
                 }
-                _ => (None, rest.trim()),
-            };
-            if sql.is_empty() {
-                return Err(PgError::error(SqlState::SYNTAX_ERROR, "EXPLAIN CACHE needs a SELECT"));
+                Command::Explain { database, sql }
             }
-            Ok(advice::explain(ctx, database, sql).await)
+            ["INVALIDATE", "TABLE", _] => Command::InvalidateTable(words[2]),
+            ["INVALIDATE", "RULE", _] => Command::InvalidateRule(words[2]),
+            ["INVALIDATE", "ALL"] => Command::InvalidateAll,
+            // Drivers set session parameters as they connect (pgjdbc: `extra_float_digits`):
+            // those are accepted, and change nothing (the console answers in text whatever
+            // they say). Any other setting is refused rather than seeming to take.
+            ["SET", ..] if sets_a_driver_parameter(&up) => Command::Set,
+            ["SET", ..] => {
+                return Err(PgError::error(
+                    SqlState::FEATURE_NOT_SUPPORTED,
+                    "the pgcache admin console has no session settings",
+                )
+                .with_hint(format!("accepted and ignored: SET {}", DRIVER_PARAMETERS.join(" | "))));
+            }
+            ["RELOAD"] => Command::Reload,
+            ["PAUSE"] => Command::Pause,
+            ["RESUME"] => Command::Resume,
+            // (Isolation levels and access modes are accepted: nothing here is isolated.)
+            ["BEGIN" | "START", ..] if up[0] == "BEGIN" || up.get(1) == Some(&"TRANSACTION") => {
+                Command::Control(Control::Begin)
+            }
+            ["COMMIT" | "END"] | ["COMMIT" | "END", "WORK" | "TRANSACTION"] => Command::Control(Control::Commit),
+            ["ROLLBACK" | "ABORT"] | ["ROLLBACK" | "ABORT", "WORK" | "TRANSACTION"] => {
+                Command::Control(Control::Rollback)
+            }
+            _ => return Err(unknown(text.trim())),
+        })
+    }
+
+    /// The columns of the command's answer (none: only a command tag).
+    pub fn columns(&self) -> &'static [&'static str] {
+        match self {
+            Command::Show(show) => match show {
+                Show::Stats => STATS,
+                Show::Pools => POOLS,
+                Show::Clients => CLIENTS,
+                Show::Servers => SERVERS,
+                Show::Cache => CACHE,
+                Show::Rules => RULES,
+                Show::Queries => advice::QUERIES,
+                Show::Advice => advice::ADVICE,
+                Show::Peers => PEERS,
+                Show::Replicas => REPLICAS,
+                Show::Config | Show::L2 => PAIRS,
+            },
+            Command::Explain { .. }
+            | Command::InvalidateTable(_)
+            | Command::InvalidateRule(_)
+            | Command::InvalidateAll
+            | Command::Reload
+            | Command::Pause
+            | Command::Resume => PAIRS,
+            Command::Set | Command::Control(_) => &[],
         }
-        ["INVALIDATE", "TABLE", _] => {
+    }
+
+    /// Whether the command changes something (and so may not run inside a transaction block).
+    pub fn changes_something(&self) -> bool {
+        matches!(
+            self,
+            Command::InvalidateTable(_)
+                | Command::InvalidateRule(_)
+                | Command::InvalidateAll
+                | Command::Reload
+                | Command::Pause
+                | Command::Resume
+        )
+    }
+
+    /// The name Postgres-style errors call the command by.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Show(_) => "SHOW",
+            Command::Explain { .. } => "EXPLAIN CACHE",
+            Command::InvalidateTable(_) | Command::InvalidateRule(_) | Command::InvalidateAll => "INVALIDATE",
+            Command::Set => "SET",
+            Command::Reload => "RELOAD",
+            Command::Pause => "PAUSE",
+            Command::Resume => "RESUME",
+            Command::Control(Control::Begin) => "BEGIN",
+            Command::Control(Control::Commit) => "COMMIT",
+            Command::Control(Control::Rollback) => "ROLLBACK",
+        }
+    }
+}
+
+/// Runs a parsed command. A transaction-control statement only answers its tag: the console
+/// session keeps the block ([`super::console`]).
+pub async fn run(ctx: &Arc<Context>, command: Command<'_>) -> Result<ResultSet, PgError> {
+    Ok(match command {
+        Command::Show(show) => match show {
+            Show::Stats => stats(ctx),
+            Show::Pools => pools(ctx),
+            Show::Clients => clients(ctx),
+            Show::Servers => servers(ctx),
+            Show::Cache => cache(ctx),
+            Show::Rules => rules(ctx),
+            Show::Config => config(ctx),
+            Show::Queries => advice::queries(ctx).await,
+            Show::Advice => advice::advice(ctx).await,
+            Show::Peers => peers(ctx),
+            Show::L2 => l2(ctx),
+            Show::Replicas => replicas(ctx),
+        },
+        Command::Explain { database, sql } => advice::explain(ctx, database, sql).await,
+        Command::InvalidateTable(name) => {
             // (In the L2, by name in every database is not one version: everything moves.)
             if let Some(l2) = &ctx.l2 {
                 l2.bump(&[crate::l2::Version::All]).await;
             }
-            invalidate_table(ctx, words[2])
+            invalidate_table(ctx, name)?
         }
-        ["INVALIDATE", "RULE", _] => invalidate_rule(ctx, words[2]),
-        ["INVALIDATE", "ALL"] => {
+        Command::InvalidateRule(name) => invalidate_rule(ctx, name)?,
+        Command::InvalidateAll => {
             ctx.generations.bump_all();
             if let Some(l2) = &ctx.l2 {
                 l2.bump(&[crate::l2::Version::All]).await;
@@ -95,27 +296,20 @@ pub async fn run(ctx: &Arc<Context>, text: &str) -> Result<ResultSet, PgError> {
             ctx.peers.publish_everywhere(&[], true);
             ctx.stats.all_invalidated();
             let n = ctx.store.remove_where(|_| true);
-            Ok(ResultSet::pairs("INVALIDATE", vec![("entries_removed", n.to_string())]))
+            ResultSet::pairs("INVALIDATE", vec![("entries_removed", n.to_string())])
         }
-        // Drivers set session parameters as they connect (pgjdbc: `extra_float_digits`): those
-        // are accepted, and change nothing (the console answers in text whatever they say).
-        // Any other setting is refused rather than seeming to take.
-        ["SET", ..] if sets_a_driver_parameter(&up) => Ok(ResultSet::new(&[], "SET")),
-        ["SET", ..] => {
-            Err(PgError::error(SqlState::FEATURE_NOT_SUPPORTED, "the pgcache admin console has no session settings")
-                .with_hint(format!("accepted and ignored: SET {}", DRIVER_PARAMETERS.join(" | "))))
-        }
-        ["RELOAD"] => reload(ctx),
-        ["PAUSE"] => {
+        Command::Set => ResultSet::new(&[], "SET"),
+        Command::Reload => reload(ctx)?,
+        Command::Pause => {
             ctx.pause(true);
-            Ok(ResultSet::pairs("PAUSE", vec![("paused", "new backend work waits until RESUME".into())]))
+            ResultSet::pairs("PAUSE", vec![("paused", "new backend work waits until RESUME".into())])
         }
-        ["RESUME"] => {
+        Command::Resume => {
             ctx.pause(false);
-            Ok(ResultSet::pairs("RESUME", vec![("paused", "no".into())]))
+            ResultSet::pairs("RESUME", vec![("paused", "no".into())])
         }
-        _ => Err(unknown(text.trim())),
-    }
+        Command::Control(_) => ResultSet::new(&[], command.name()),
+    })
 }
 
 /// `SHOW L2`: the shared L2's server, connection, breaker and calls.
@@ -142,10 +336,7 @@ fn l2(ctx: &Context) -> ResultSet {
 
 /// One row per replica: what the monitor last found, and the reads sent there.
 fn replicas(ctx: &Context) -> ResultSet {
-    let mut r = ResultSet::new(
-        &["replica", "state", "weight", "replay_lsn", "lag_bytes", "lag_ms", "reads", "active", "idle", "last_error"],
-        "SHOW",
-    );
+    let mut r = ResultSet::new(REPLICAS, "SHOW");
     for node in &ctx.replicas.nodes {
         let (mut active, mut idle) = (0, 0);
         for p in node.pools.all() {
@@ -177,7 +368,7 @@ fn secs(d: Duration) -> String {
 fn stats(ctx: &Context) -> ResultSet {
     let t = ctx.stats.totals();
     let up = t.uptime.as_secs_f64().max(1e-3);
-    let mut r = ResultSet::new(&["stat", "total", "per_second"], "SHOW");
+    let mut r = ResultSet::new(STATS, "SHOW");
     let mut add =
         |name: &str, total: u64| r.row([name.to_owned(), total.to_string(), format!("{:.2}", total as f64 / up)]);
     add("statements", t.statements);
@@ -204,22 +395,7 @@ fn stats(ctx: &Context) -> ResultSet {
 
 fn pools(ctx: &Context) -> ResultSet {
     let config = ctx.config();
-    let mut r = ResultSet::new(
-        &[
-            "database",
-            "user",
-            "mode",
-            "clients_active",
-            "clients_idle",
-            "clients_waiting",
-            "active",
-            "idle",
-            "max",
-            "pinned",
-            "throttled",
-        ],
-        "SHOW",
-    );
+    let mut r = ResultSet::new(POOLS, "SHOW");
     let clients = ctx.clients.list();
     for p in ctx.pools.all() {
         let s = p.stats();
@@ -254,7 +430,7 @@ fn pools(ctx: &Context) -> ResultSet {
 }
 
 fn clients(ctx: &Context) -> ResultSet {
-    let mut r = ResultSet::new(&["peer", "user", "database", "connected_since", "backend_pid"], "SHOW");
+    let mut r = ResultSet::new(CLIENTS, "SHOW");
     for c in ctx.clients.list() {
         r.row([
             c.peer.to_string(),
@@ -268,7 +444,7 @@ fn clients(ctx: &Context) -> ResultSet {
 }
 
 fn servers(ctx: &Context) -> ResultSet {
-    let mut r = ResultSet::new(&["database", "user", "pid", "state", "age_seconds"], "SHOW");
+    let mut r = ResultSet::new(SERVERS, "SHOW");
     for p in ctx.pools.all() {
         for s in p.servers() {
             r.row([
@@ -292,7 +468,7 @@ fn cache(ctx: &Context) -> ResultSet {
         slot.2 += e.hits.load(std::sync::atomic::Ordering::Relaxed);
         slot.3 = slot.3.max(e.age());
     }
-    let mut r = ResultSet::new(&["rule", "entries", "bytes", "hits_on_entries", "oldest_age_seconds"], "SHOW");
+    let mut r = ResultSet::new(CACHE, "SHOW");
     for (rule, (n, b, h, age)) in per_rule {
         r.row([rule, n.to_string(), b.to_string(), h.to_string(), secs(age)]);
     }
@@ -310,24 +486,7 @@ fn rules(ctx: &Context) -> ResultSet {
     let set = ctx.rules.current();
     let status = ctx.rules.status();
     let queries = ctx.stats.queries();
-    let mut r = ResultSet::new(
-        &[
-            "name",
-            "file",
-            "line",
-            "action",
-            "ttl",
-            "stale_while_revalidate",
-            "stale_if_error",
-            "match",
-            "hits",
-            "misses",
-            "admission",
-            "last_reload",
-            "reload_error",
-        ],
-        "SHOW",
-    );
+    let mut r = ResultSet::new(RULES, "SHOW");
     for rule in &set.rules {
         let (hits, misses) = queries
             .iter()
@@ -487,21 +646,7 @@ fn config(ctx: &Context) -> ResultSet {
 /// Per database: the invalidation link's state, since when it listens, the last message, and
 /// the other instances heard from.
 fn peers(ctx: &Context) -> ResultSet {
-    let mut r = ResultSet::new(
-        &[
-            "database",
-            "channel",
-            "state",
-            "listening_since",
-            "last_message",
-            "instances",
-            "sent",
-            "received",
-            "resyncs",
-            "last_error",
-        ],
-        "SHOW",
-    );
+    let mut r = ResultSet::new(PEERS, "SHOW");
     let time = |t: Option<std::time::SystemTime>| t.map(|t| humantime::format_rfc3339_millis(t).to_string());
     for p in ctx.peers.status() {
         let mut instances: Vec<String> = p

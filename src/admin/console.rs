@@ -6,7 +6,8 @@
 //! the upstream URL's database, closed at once — the console shares no pool and no cache with
 //! applications). Commands come in the simple query protocol (psql, `simple_query` in
 //! drivers), several in one string separated by semicolons, or in the extended protocol, one
-//! per statement ([`super::extended`]).
+//! per statement ([`super::extended`]); within a transaction block if the client opens one
+//! ([`super::block`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,12 +20,13 @@ use crate::backend::{ConnectError, PoolError};
 use crate::config::AuthMethod;
 use crate::context::Context;
 use crate::frontend::{Client, SessionError, ask_password, welcome};
-use crate::protocol::backend::{self as be, PgError, TransactionStatus};
+use crate::protocol::backend::{self as be, PgError};
 use crate::protocol::frontend as fe;
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::startup::{MAX_STARTUP_PACKET, Startup};
 
-use super::commands::{self, ResultSet};
+use super::block::Block;
+use super::commands::{Command, ResultSet};
 
 /// Serves an admin session from its StartupMessage to its end.
 pub async fn serve(ctx: &Arc<Context>, client: &mut Client, startup: &Startup) -> Result<(), SessionError> {
@@ -93,6 +95,7 @@ async fn authenticate(ctx: &Arc<Context>, client: &mut Client, user: &str) -> Re
 /// The command loop.
 async fn run(ctx: &Arc<Context>, client: &mut Client) -> Result<(), SessionError> {
     let mut extended = super::extended::Extended::default();
+    let mut block = Block::default();
     loop {
         let frame = tokio::select! {
             f = client.read_frame(MAX_STARTUP_PACKET.max(1 << 20)) => f,
@@ -111,10 +114,10 @@ async fn run(ctx: &Arc<Context>, client: &mut Client) -> Result<(), SessionError
             fe::QUERY => {
                 extended.on_query();
                 let sql = fe::query(frame.body()).ok().and_then(|q| std::str::from_utf8(q.sql).ok()).unwrap_or("");
-                answer(ctx, sql, &mut out).await;
-                be::ready_for_query(TransactionStatus::Idle, &mut out);
+                answer(ctx, &mut block, sql, &mut out).await;
+                be::ready_for_query(block.status(), &mut out);
             }
-            _ => extended.on_message(ctx, &frame, &mut out).await,
+            _ => extended.on_message(ctx, &mut block, &frame, &mut out).await,
         }
         if !out.is_empty() {
             client.send(&out).await?;
@@ -123,17 +126,22 @@ async fn run(ctx: &Arc<Context>, client: &mut Client) -> Result<(), SessionError
 }
 
 /// Runs every command in `sql` (semicolon-separated), stopping at the first error.
-async fn answer(ctx: &Arc<Context>, sql: &str, out: &mut BytesMut) {
+async fn answer(ctx: &Arc<Context>, block: &mut Block, sql: &str, out: &mut BytesMut) {
     let parts: Vec<&str> = split(sql).into_iter().map(str::trim).filter(|p| !p.is_empty()).collect();
     if parts.is_empty() {
         be::empty_query_response(out);
         return;
     }
     for part in parts {
-        match commands::run(ctx, part).await {
+        let answered = match Command::parse(part) {
+            Ok(command) => block.run(ctx, command, out).await,
+            Err(e) => Err(e),
+        };
+        match answered {
             Ok(result) => encode(&result, out),
             Err(e) => {
                 e.encode(out);
+                block.failed();
                 return;
             }
         }

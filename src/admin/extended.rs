@@ -4,12 +4,11 @@
 //! with Postgres's rules — after an error every message is skipped up to the Sync, and the Sync
 //! closes every portal.
 //!
-//! A statement holds one command and no parameters. A portal runs its command once, when it is
-//! first described or executed, and keeps the answer for its Executes. A command that changes
-//! something (`RELOAD`, `PAUSE`, `RESUME`, `INVALIDATE …`) always answers in two columns,
-//! `item` and `value`, so describing it runs nothing; a Describe of a statement that reads
-//! (`SHOW`, `EXPLAIN CACHE`) runs it to learn its columns and forgets the answer, so drivers
-//! that describe statements (asyncpg, pgx) run a reading command twice.
+//! A statement holds one command, checked when it is parsed, and no parameters. Every
+//! command's columns are known without running it ([`Command::columns`]), so a Describe runs
+//! nothing; a portal runs its command at its first Execute and keeps the answer for the next
+//! ones. Transaction blocks are the session's ([`super::block`]): the Sync reports their
+//! status.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -22,7 +21,8 @@ use crate::protocol::backend::{self as be, PgError};
 use crate::protocol::frontend::{self as fe, Target};
 use crate::protocol::sqlstate::SqlState;
 
-use super::commands::{self, ResultSet};
+use super::block::Block;
+use super::commands::Command;
 
 /// Named statements (and named portals) a console session may hold at once.
 const MAX_STATEMENTS: usize = 256;
@@ -51,28 +51,28 @@ struct Portal {
     answer: Option<Answer>,
 }
 
-/// A command's answer, kept in its portal: its columns, the rows not yet sent, and its tag.
+/// A command's answer, kept in its portal: the rows not yet sent, and its tag.
 struct Answer {
-    columns: Vec<&'static str>,
     rows: VecDeque<Vec<Option<String>>>,
     tag: String,
 }
 
 impl Extended {
     /// Answers one extended-protocol message (anything but a Query or a Terminate) into `out`.
-    pub async fn on_message(&mut self, ctx: &Arc<Context>, frame: &Frame, out: &mut BytesMut) {
+    pub async fn on_message(&mut self, ctx: &Arc<Context>, block: &mut Block, frame: &Frame, out: &mut BytesMut) {
         if frame.tag() == fe::SYNC {
             self.skipping = false;
             self.portals.clear();
-            be::ready_for_query(be::TransactionStatus::Idle, out);
+            be::ready_for_query(block.status(), out);
             return;
         }
         if self.skipping {
             return;
         }
-        if let Err(e) = self.step(ctx, frame, out).await {
+        if let Err(e) = self.step(ctx, block, frame, out).await {
             self.skipping = true;
             e.encode(out);
+            block.failed();
         }
     }
 
@@ -87,7 +87,13 @@ impl Extended {
         self.portals.remove(&Bytes::new());
     }
 
-    async fn step(&mut self, ctx: &Arc<Context>, frame: &Frame, out: &mut BytesMut) -> Result<(), PgError> {
+    async fn step(
+        &mut self,
+        ctx: &Arc<Context>,
+        block: &mut Block,
+        frame: &Frame,
+        out: &mut BytesMut,
+    ) -> Result<(), PgError> {
         let body = frame.body();
         let malformed = || PgError::error(SqlState::PROTOCOL_VIOLATION, "malformed message");
         match frame.tag() {
@@ -104,6 +110,8 @@ impl Extended {
                         "cannot insert multiple commands into a prepared statement",
                     ));
                 }
+                // An unknown command is refused here, as Postgres refuses a syntax error.
+                columns(&command)?;
                 self.statements.insert(name, Statement { command, param_types: p.param_types });
                 be::parse_complete(out);
             }
@@ -118,6 +126,16 @@ impl Extended {
                             b.params.len(),
                             String::from_utf8_lossy(b.statement),
                             statement.param_types.len()
+                        ),
+                    ));
+                }
+                let width = columns(&statement.command)?.map_or(0, <[_]>::len);
+                if b.result_formats.len() > 1 && b.result_formats.len() != width {
+                    return Err(PgError::error(
+                        SqlState::PROTOCOL_VIOLATION,
+                        format!(
+                            "bind message has {} result formats but query has {width} columns",
+                            b.result_formats.len()
                         ),
                     ));
                 }
@@ -141,23 +159,18 @@ impl Extended {
                         let types: Vec<u32> =
                             statement.param_types.iter().map(|&t| if t == 0 { be::TEXT_OID } else { t }).collect();
                         be::parameter_description(&types, out);
-                        match columns(ctx, &statement.command.clone()).await? {
-                            Some(columns) if !columns.is_empty() => be::row_description_text(&columns, out),
+                        match columns(&statement.command)? {
+                            Some(columns) if !columns.is_empty() => be::row_description_text(columns, out),
                             _ => be::no_data(out),
                         }
                     }
                     Target::Portal => {
                         let portal = self.portal(d.name)?;
-                        if commands::changes_something(&portal.command) {
-                            be::row_description_text_as(&["item", "value"], &portal.formats, out);
-                        } else if portal.command.is_empty() {
-                            be::no_data(out);
-                        } else {
-                            let columns = portal.answer(ctx).await?.columns.clone();
-                            match columns.as_slice() {
-                                [] => be::no_data(out),
-                                columns => be::row_description_text_as(columns, &portal.formats, out),
+                        match columns(&portal.command)? {
+                            Some(columns) if !columns.is_empty() => {
+                                be::row_description_text_as(columns, &portal.formats, out)
                             }
+                            _ => be::no_data(out),
                         }
                     }
                 }
@@ -169,7 +182,7 @@ impl Extended {
                     be::empty_query_response(out);
                     return Ok(());
                 }
-                let answer = portal.answer(ctx).await?;
+                let answer = portal.answer(ctx, block, out).await?;
                 let rows = &mut answer.rows;
                 let n = if e.max_rows > 0 { (e.max_rows as usize).min(rows.len()) } else { rows.len() };
                 rows.drain(..n).for_each(|row| be::data_row_text_msg(&row, out));
@@ -224,11 +237,17 @@ impl Extended {
 }
 
 impl Portal {
-    /// The command's answer: run the first time it is asked for, then kept.
-    async fn answer(&mut self, ctx: &Arc<Context>) -> Result<&mut Answer, PgError> {
+    /// The command's answer: run (as `block` allows, a warning into `out`) the first time it
+    /// is asked for, then kept.
+    async fn answer(
+        &mut self,
+        ctx: &Arc<Context>,
+        block: &mut Block,
+        out: &mut BytesMut,
+    ) -> Result<&mut Answer, PgError> {
         if self.answer.is_none() {
-            let r: ResultSet = commands::run(ctx, &self.command).await?;
-            self.answer = Some(Answer { columns: r.columns, rows: r.rows.into(), tag: r.tag });
+            let r = block.run(ctx, Command::parse(&self.command)?, out).await?;
+            self.answer = Some(Answer { rows: r.rows.into(), tag: r.tag });
         }
         Ok(self.answer.as_mut().expect("just kept"))
     }
@@ -254,14 +273,10 @@ fn may_add<V>(map: &HashMap<Bytes, V>, name: &Bytes, what: &str, duplicate: SqlS
     Ok(())
 }
 
-/// The columns `command`'s answer has (`None`: an empty query, no rows), running it only if it
-/// changes nothing.
-async fn columns(ctx: &Arc<Context>, command: &str) -> Result<Option<Vec<&'static str>>, PgError> {
+/// The columns `command`'s answer has (`None`: an empty query, no rows), or why it is no command.
+fn columns(command: &str) -> Result<Option<&'static [&'static str]>, PgError> {
     if command.is_empty() {
         return Ok(None);
     }
-    if commands::changes_something(command) {
-        return Ok(Some(vec!["item", "value"]));
-    }
-    Ok(Some(commands::run(ctx, command).await?.columns))
+    Ok(Some(Command::parse(command)?.columns()))
 }

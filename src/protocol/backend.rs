@@ -140,6 +140,8 @@ pub fn error_fields(body: &[u8]) -> Result<ErrorFields, Truncated> {
 pub enum Severity {
     Error,
     Fatal,
+    /// In a NoticeResponse only.
+    Warning,
 }
 
 impl Severity {
@@ -147,6 +149,7 @@ impl Severity {
         match self {
             Severity::Error => "ERROR",
             Severity::Fatal => "FATAL",
+            Severity::Warning => "WARNING",
         }
     }
 }
@@ -178,6 +181,11 @@ impl PgError {
 
     pub fn fatal(code: SqlState, message: impl Into<String>) -> Self {
         Self::new(Severity::Fatal, code, message)
+    }
+
+    /// A warning, sent with [`PgError::encode_notice`].
+    pub fn warning(code: SqlState, message: impl Into<String>) -> Self {
+        Self::new(Severity::Warning, code, message)
     }
 
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {

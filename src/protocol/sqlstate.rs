@@ -26,6 +26,9 @@ impl SqlState {
     pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState("42501");
     pub const INVALID_CATALOG_NAME: SqlState = SqlState("3D000");
     pub const CONFIG_FILE_ERROR: SqlState = SqlState("F0000");
+    pub const ACTIVE_SQL_TRANSACTION: SqlState = SqlState("25001");
+    pub const NO_ACTIVE_SQL_TRANSACTION: SqlState = SqlState("25P01");
+    pub const IN_FAILED_SQL_TRANSACTION: SqlState = SqlState("25P02");
 
     pub fn code(self) -> &'static str {
         self.0
