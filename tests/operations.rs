@@ -549,6 +549,37 @@ async fn show_advice_leaves_out_reads_of_keys_never_read_twice() {
     assert!(!toml.contains("AND v IS NOT NULL"), "{toml}");
 }
 
+/// Reads that only lack a rule but that a rule would not cache either (a volatile function: the
+/// catalog says so only once a rule matches) are not drafted, and SHOW QUERIES says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_advice_drafts_no_rule_a_read_would_not_be_cached_under() {
+    let e = env().await;
+    e.admin
+        .batch_execute(
+            "CREATE SEQUENCE ops_seq; CREATE FUNCTION ops_pick(int) RETURNS int VOLATILE LANGUAGE sql AS 'SELECT $1'",
+        )
+        .await
+        .unwrap();
+    let app = e.app().await;
+    for _ in 0..30 {
+        text(&app, "SELECT ops_pick(1)").await;
+        text(&app, "SELECT nextval('ops_seq')").await;
+        text(&app, "SELECT v FROM uncached WHERE k = 3").await;
+    }
+    let console = e.console().await;
+    let q = rows(&console, "SHOW QUERIES").await;
+    let row = |sql: &str| q.iter().find(|r| r[0] == sql).unwrap_or_else(|| panic!("{sql}: {q:?}")).clone();
+    for sql in ["SELECT ops_pick($1)", "SELECT nextval($1)"] {
+        let r = row(sql);
+        assert!(r[10].contains("volatile"), "cacheable {r:?}");
+        assert_eq!(r[15], "", "no estimate for what no rule would cache: {r:?}");
+    }
+    let advice: Vec<String> = rows(&console, "SHOW ADVICE").await.into_iter().map(|r| r[0].clone()).collect();
+    let toml = advice.join("\n");
+    assert!(toml.contains("SELECT v FROM uncached WHERE k = $1"), "{toml}");
+    assert!(!toml.contains("ops_pick") && !toml.contains("nextval"), "{toml}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_holds_new_backend_work_until_resume() {
     let e = env().await;

@@ -6,8 +6,9 @@
 //! from its call rate, its number of distinct keys and its tables' write rate
 //! ([`estimated_hit_ratio`]) — for a read by primary key, the rate of the writes that would
 //! reach its entries ([`effective_writes`]). `SHOW ADVICE` turns the best uncached candidates
-//! into rule TOML to paste into a rule file. `EXPLAIN CACHE <select>` shows how one statement would be
-//! handled and what the cache holds for it.
+//! — those a rule would make cached ([`blocker`]) — into rule TOML to paste into a rule file.
+//! `EXPLAIN CACHE <select>` shows how one statement would be handled and what the cache holds
+//! for it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use crate::cache::Freshness;
 use crate::context::Context;
 use crate::policy::{self, Assessed, Reason, SearchPath, Target};
 use crate::query::Relation;
-use crate::rules::Action;
+use crate::rules::{Action, Rule};
 use crate::stats::{QueryStat, TableWrites, estimated_hit_ratio};
 
 use super::table::ResultSet;
@@ -28,6 +29,28 @@ pub const CANDIDATE_TTL: Duration = Duration::from_secs(60);
 /// Reasons that only say "no rule" (the statement itself could be cached).
 fn only_lacks_a_rule(q: &QueryStat) -> bool {
     q.reason.as_ref().is_some_and(Reason::only_lacks_a_rule)
+}
+
+/// Why a rule would not make `q` cached either, when it only lacks one: what the statement
+/// calls or reads (a volatile function such as `nextval`, a stable one, a volatile type, row
+/// security, a table the catalog says never to cache), as a catch-all rule of the candidate
+/// TTL would find it in the database it last ran in (as its default user; `None`: it would be
+/// cached). Reads that no rule matches are forwarded before any of that is looked at, so their
+/// own reason does not say.
+async fn blocker(ctx: &Context, q: &QueryStat) -> Option<Reason> {
+    let classified = ctx.classifier.classify(&q.normalized);
+    let [c] = classified.as_slice() else { return Some(Reason::SeveralStatements) };
+    let (user, search_path) = match ctx.catalog.defaults(&q.database).await {
+        Ok(d) => (d.user.clone(), d.search_path.clone()),
+        Err(e) => return Some(Reason::CatalogUnavailable(e.to_string())),
+    };
+    let candidate = crate::rules::RuleSet::new(vec![Arc::new(Rule::cache("candidate", CANDIDATE_TTL))], 0);
+    let target = Target { sql: &q.normalized, statement: c, database: &q.database, user: &user };
+    let path = SearchPath { role: &user, search_path: &search_path };
+    match policy::assess(&ctx.catalog, &candidate, &target, Some(path)).await {
+        Assessed::Forward(why) => Some(why),
+        Assessed::Cacheable(_) | Assessed::NeedsSearchPath => None,
+    }
 }
 
 /// The table `q` reads by its primary key, if it is such a point read (one plain table with a
@@ -80,6 +103,8 @@ struct Estimate<'a> {
     by_key: bool,
     ttl: Duration,
     estimate: Option<f64>,
+    /// Why a rule would not help, when it lacks one ([`blocker`]).
+    blocker: Option<Reason>,
 }
 
 async fn assess<'a>(ctx: &Context, q: &'a QueryStat, writes: &HashMap<String, TableWrites>) -> Estimate<'a> {
@@ -88,7 +113,8 @@ async fn assess<'a>(ctx: &Context, q: &'a QueryStat, writes: &HashMap<String, Ta
         q.rule.as_ref().and_then(|r| rules.get(&r.name)).filter(|r| r.action == Action::Cache).map(|r| r.ttl);
     let ttl = rule_ttl.unwrap_or(CANDIDATE_TTL);
     let total_writes = q.tables.iter().filter_map(|t| writes.get(table_name(t))).map(|w| w.all).sum();
-    let cacheable = q.hits + q.misses > 0 || only_lacks_a_rule(q);
+    let blocker = if only_lacks_a_rule(q) { blocker(ctx, q).await } else { None };
+    let cacheable = q.hits + q.misses > 0 || (only_lacks_a_rule(q) && blocker.is_none());
     let keyed = if cacheable { keyed_table(ctx, q).await } else { None };
     let effective = effective_writes(q, writes, keyed.as_deref());
     let uptime = ctx.stats.uptime().max(Duration::from_secs(1));
@@ -99,7 +125,7 @@ async fn assess<'a>(ctx: &Context, q: &'a QueryStat, writes: &HashMap<String, Ta
     let distinct = q.keys.estimate() as u64;
     let estimate = (cacheable && distinct > 0)
         .then(|| estimated_hit_ratio(q.keyed_calls, distinct, scaled, period, ttl, room(ctx)));
-    Estimate { q, writes: total_writes, by_key: keyed.is_some(), ttl, estimate }
+    Estimate { q, writes: total_writes, by_key: keyed.is_some(), ttl, estimate, blocker }
 }
 
 /// The columns of `SHOW QUERIES`.
@@ -142,10 +168,12 @@ pub async fn queries(ctx: &Context) -> ResultSet {
             Some(q.passthrough.to_string()),
             Some(q.errors.to_string()),
             q.rule.as_ref().map(|r| r.name.clone()),
-            Some(if q.hits + q.misses > 0 && q.passthrough == 0 {
-                "yes".to_owned()
-            } else {
-                q.reason.as_ref().map_or_else(|| "yes".to_owned(), ToString::to_string)
+            Some(match (&q.reason, &a.blocker) {
+                _ if q.hits + q.misses > 0 && q.passthrough == 0 => "yes".to_owned(),
+                (Some(reason), Some(blocker)) => format!("{reason}; with a rule: {blocker}"),
+                (Some(reason), None) => reason.to_string(),
+                // (A blocker is looked for only when a reason says a rule is lacking.)
+                (None, _) => "yes".to_owned(),
             }),
             Some(q.tables.join(",")),
             Some(a.writes.to_string()),
