@@ -121,7 +121,7 @@ pub struct QueryStat {
     pub rule: Option<Arc<Rule>>,
     pub reason: Option<Reason>,
     pub tables: Vec<String>,
-    /// Its distinct keys: [`key_hash`]es of cache keys (hits and fills), or, for reads no
+    /// Its distinct keys: [`hashed`](crate::cache::Key::hashed) cache keys (hits and fills), or, for reads no
     /// rule caches, of the text and parameters ([`read_hash`]). (The same key hashed both
     /// ways counts twice: a query watched both before and after it got a rule may count up
     /// to twice its keys.)
@@ -199,14 +199,8 @@ struct Written {
 /// can choose): foldhash, seeded at random per map.
 type Hashed = foldhash::fast::RandomState;
 
-/// A hash of a cache key, for this process only (admission, statistics, an observation's
-/// key): foldhash, a fraction of SipHash's cost on keys of tens to hundreds of bytes, seeded at
-/// random once per process.
-pub fn key_hash(key: &[u8]) -> u64 {
-    use std::hash::BuildHasher;
-    KEY_STATE.hash_one(key)
-}
-
+/// Hashes reads no rule caches ([`read_hash`]), as [`Key::hashed`](crate::cache::Key::hashed)
+/// hashes cache keys.
 static KEY_STATE: std::sync::LazyLock<foldhash::quality::RandomState> = std::sync::LazyLock::new(Default::default);
 
 /// A hash of a read no rule caches — its database, user, text and parameters' values —

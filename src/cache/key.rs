@@ -35,9 +35,49 @@ impl Interner {
     }
 }
 
-/// A complete cache key.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Key(pub Bytes);
+/// A complete cache key: its bytes, and their hash, taken once as the key is built. The store,
+/// the single flights, admission and the statistics all go by that hash instead of each
+/// hashing the bytes (a statement's text and parameters) again; equal keys still compare their
+/// bytes.
+#[derive(Debug, Clone)]
+pub struct Key {
+    bytes: Bytes,
+    hash: u64,
+}
+
+impl Key {
+    pub fn new(bytes: Bytes) -> Key {
+        use std::hash::BuildHasher;
+        Key { hash: KEY_STATE.hash_one(&bytes[..]), bytes }
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// The key's hash, for this process only: foldhash, a fraction of SipHash's cost on keys
+    /// of tens to hundreds of bytes, seeded at random once per process (a client chooses the
+    /// bytes).
+    pub fn hashed(&self) -> u64 {
+        self.hash
+    }
+}
+
+static KEY_STATE: std::sync::LazyLock<foldhash::quality::RandomState> = std::sync::LazyLock::new(Default::default);
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.bytes == other.bytes
+    }
+}
+
+impl Eq for Key {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
 
 /// Builds a key part by part.
 #[derive(Debug, Default)]
@@ -86,7 +126,12 @@ impl KeyBuilder {
     }
 
     pub fn finish(&mut self) -> Key {
-        Key(std::mem::take(&mut self.buf).freeze())
+        Key::new(self.finish_part())
+    }
+
+    /// The bytes built, when they are a part of keys (interned, say) rather than a key.
+    pub fn finish_part(&mut self) -> Bytes {
+        std::mem::take(&mut self.buf).freeze()
     }
 }
 

@@ -160,7 +160,7 @@ struct ByBytes;
 
 impl Weighter<Key, Arc<Entry>> for ByBytes {
     fn weight(&self, key: &Key, entry: &Arc<Entry>) -> u64 {
-        (key.0.len() + size_of::<Key>() + ALLOCATION) as u64 + entry.weight()
+        (key.bytes().len() + size_of::<Key>() + ALLOCATION) as u64 + entry.weight()
     }
 }
 

@@ -24,7 +24,7 @@ use crate::protocol::Frame;
 use crate::protocol::backend::{self as be, TransactionStatus};
 use crate::protocol::frontend::{self as fe, Named, Target};
 use crate::query::{Classified, Kind};
-use crate::stats::{Observation, key_hash};
+use crate::stats::Observation;
 
 use super::core::flow::{Flow, Statement};
 use super::core::query::sql_of;
@@ -101,7 +101,7 @@ impl Answerer<'_> {
         // An entry that needs refreshing is left to the planner, which refreshes it.
         let served =
             usable(freshness, &entry.rule, self.serve, listening, fallback).filter(|s| !s.refresh).ok_or(None)?;
-        Ok((entry, key_hash(&key.0), served.stale))
+        Ok((entry, key.hashed(), served.stale))
     }
 
     async fn answer_query(&mut self, q: &Frame, fallback: bool) -> Option<Bytes> {

@@ -29,7 +29,7 @@ use crate::protocol::frontend::BindParts;
 use crate::query::Classified;
 use crate::query::tree::is_time_word;
 use crate::rules::Rule;
-use crate::stats::{key_hash, read_hash};
+use crate::stats::read_hash;
 
 use super::core::flow::{Flow, Probe};
 use super::core::pipeline::Fill;
@@ -381,7 +381,7 @@ impl Relay<'_> {
         if !ctx.peers.coherent(&self.key.database).await {
             return Ok(Plan::forward(Reason::PeersNotListening));
         }
-        let hash = key_hash(&key.0);
+        let hash = key.hashed();
         if let Some((entry, freshness)) = entry
             && let Some(served) = usable(freshness, &entry.rule, Serve::Attached, true, false)
         {
@@ -546,7 +546,7 @@ fn l2_base(database: &str, settings: &Bytes, rule: &str, sql: &str, req: &Reques
         }
         kb.i16s(&bind.result_formats);
     }
-    kb.finish().0.to_vec()
+    kb.finish_part().to_vec()
 }
 
 /// The key of a request: protocol, database, the session's settings (the interned id of their

@@ -241,7 +241,7 @@ impl Fill {
             l2_key: self.l2.map(Into::into),
             recipe: self.recipe,
         };
-        Some((Key(exact(&self.key.0)), entry))
+        Some((Key::new(exact(self.key.bytes())), entry))
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::cache::Entry;
 use crate::policy::Reason;
-use crate::stats::{Observation, key_hash};
+use crate::stats::Observation;
 
 use super::pipeline::Fill;
 
@@ -33,7 +33,7 @@ impl Plan {
     pub fn observe(&self, o: &mut Observation) {
         match self {
             Plan::Hit { entry, key, stale } => o.hit(&entry.rule, *key, *stale, entry.rows),
-            Plan::Fill(fill) => o.miss(&fill.rule, key_hash(&fill.key.0)),
+            Plan::Fill(fill) => o.miss(&fill.rule, fill.key.hashed()),
             Plan::Forward(why, key) => {
                 tracing::debug!(reason = %why, "forwarded, not cached");
                 o.reason = Some(why.clone());

@@ -134,7 +134,7 @@ impl Snapshot {
                 kb.str(name).part(value.as_deref().map(str::as_bytes));
             }
             // Exactly sized: every session with these settings holds them.
-            Bytes::copy_from_slice(&kb.finish().0)
+            Bytes::copy_from_slice(&kb.finish_part())
         };
         let frequent = FREQUENT.map(|f| rows.iter().position(|(n, _, _)| n == f));
         Snapshot { with_role: encode(true), without_role: encode(false), rows, frequent }
