@@ -116,6 +116,8 @@ pub struct Pool {
     /// Statements that waited for the throttle.
     throttled: AtomicU64,
     metrics: Arc<Metrics>,
+    /// `pgcache_pool_wait_seconds` of this pool, registered once (recorded per acquire).
+    wait: ::metrics::Histogram,
 }
 
 /// One backend connection, for `SHOW SERVERS`.
@@ -141,6 +143,7 @@ impl Pool {
         let throttle = (settings.max_statements_per_second > 0)
             .then(|| super::throttle::Throttle::new(settings.max_statements_per_second));
         Pool {
+            wait: metrics.pool_wait(&key.database, &key.user),
             slots: Arc::new(Semaphore::new(settings.max_size)),
             key,
             settings,
@@ -291,7 +294,7 @@ impl Pool {
         let waited = self.slot().await;
         drop(counted);
         let permit = waited?;
-        self.metrics.pool_wait(&self.key.database, &self.key.user, asked.elapsed());
+        self.wait.record(asked.elapsed().as_secs_f64());
         *self.last_startup.lock() = Some(startup.clone());
         while let Some(mut conn) = if fresh { None } else { self.take_idle(startup) } {
             if conn.is_alive() && !self.expired(&conn) {
