@@ -55,6 +55,12 @@ impl Key {
         &self.bytes
     }
 
+    /// The same key in an allocation of its own, sized exactly (a stored entry's key does not
+    /// keep the buffer it was built in alive), with the hash it has.
+    pub fn copied(&self) -> Key {
+        Key { bytes: Bytes::copy_from_slice(&self.bytes), hash: self.hash }
+    }
+
     /// The key's hash, for this process only: foldhash, a fraction of SipHash's cost on keys
     /// of tens to hundreds of bytes, seeded at random once per process (a client chooses the
     /// bytes).

@@ -72,8 +72,9 @@ impl Rule {
 }
 
 impl Rule {
-    /// A `cache` rule with this TTL that matches nothing by itself and keeps every default
-    /// (for building rule sets in code, as the tests do).
+    /// A `cache` rule with this TTL and every default, whose matcher has no condition and so
+    /// matches every statement (for building rule sets in code: the tests, the advisor's
+    /// candidate rule).
     pub fn cache(name: &str, ttl: Duration) -> Rule {
         Rule {
             name: name.to_owned(),

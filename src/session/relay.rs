@@ -34,8 +34,8 @@ use crate::protocol::sqlstate::SqlState;
 use super::core::flow::Probe;
 use super::core::pipeline::Expect;
 use super::core::queue::OutQueue;
-use super::core::{Action, BackendError, Core};
-use super::effects::{self, Effect};
+use super::core::{Action, BackendError, Core, superseded};
+use super::effects;
 use super::memo::Assessments;
 
 /// Why a session whose settings cannot be replayed stays on its backend.
@@ -464,18 +464,15 @@ impl Relay<'_> {
         // (A session that keeps its backend has nothing to pin.)
         let pooling_transactions = self.core.flow.gives_backend_back();
         let (mut wrote, mut ddl) = (false, false);
-        let (actions, backend_state) = self.core.take_actions();
-        let mut actions = actions.peekable();
+        let (mut actions, backend_state) = self.core.take_actions();
         while let Some(action) = actions.next() {
             match action {
                 Action::Committed { ddl: d } => {
                     wrote = true;
                     ddl |= d;
                 }
-                // A write outside a transaction block is invalidated at its CommandComplete and
-                // again when its implicit transaction ends; when both came in together, the
-                // second (which covers the first) alone, before either reaches the client.
-                Action::Invalidate { effects, committed: false } if covered_next(&effects, actions.peek()) => {}
+                // (Covered by the committed invalidation of the same write, coming next.)
+                Action::Invalidate { effects, committed: false } if superseded(&effects, actions.as_slice()) => {}
                 Action::Invalidate { effects, committed } => {
                     effects::apply(ctx, &self.key.database, &effects, committed);
                     if ctx.l2.is_some() {
@@ -509,11 +506,6 @@ impl Relay<'_> {
             }
         }
     }
-}
-
-/// Whether `next` is the committed invalidation of everything in `effects`.
-fn covered_next(effects: &[Effect], next: Option<&Action>) -> bool {
-    matches!(next, Some(Action::Invalidate { effects: later, committed: true }) if effects.iter().all(|e| later.contains(e)))
 }
 
 /// Transaction pooling: a session was pinned to its backend (or released) for `reason`:

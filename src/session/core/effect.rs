@@ -181,11 +181,13 @@ impl Core {
     }
 
     /// A statement's CommandComplete (with its `tag`) arrived: it ran, and did this to its
-    /// transaction (and, if pgcache could not see into it, to the session's settings). Outside a transaction block its write has committed (it is invalidated
-    /// here, and again when the implicit transaction ends); inside one, its invalidations wait
-    /// for the transaction's end. A COMMIT invalidates what its transaction wrote now, before
-    /// its CommandComplete reaches the client, whatever follows it in the same request; a
-    /// rollback discards it (the entries filled before it stay valid).
+    /// transaction (and, if pgcache could not see into it, to the session's settings). Outside
+    /// a transaction block its write has committed (it is invalidated here, and again when the
+    /// implicit transaction ends: once if both answers came in together,
+    /// [`super::superseded`]); inside one, its invalidations wait for the transaction's end. A
+    /// COMMIT invalidates what its transaction wrote now, before its CommandComplete reaches
+    /// the client, whatever follows it in the same request; a rollback discards it (the
+    /// entries filled before it stay valid).
     pub(super) fn completed(&mut self, step: Step, tag: &[u8]) {
         self.flow.wrote |= step.writes;
         if step.unreplayable {

@@ -74,6 +74,23 @@ pub enum Action {
     Committed { ddl: bool },
 }
 
+/// Whether an invalidation of `effects` not yet committed is covered by a committed one that
+/// follows in `rest` with only records between them: a write outside a transaction block,
+/// invalidated at its CommandComplete and again when its implicit transaction ends, whose two
+/// answers came in together — the committed invalidation alone is carried out, before either
+/// reaches the client. Never across anything else (a fill stored between the two must see the
+/// first).
+pub fn superseded(effects: &[Effect], rest: &[Action]) -> bool {
+    for action in rest {
+        match action {
+            Action::Record { .. } => {}
+            Action::Invalidate { effects: later, committed: true } => return effects.iter().all(|e| later.contains(e)),
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// Postgres sent something the core cannot read.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {

@@ -241,7 +241,7 @@ impl Fill {
             l2_key: self.l2.map(Into::into),
             recipe: self.recipe,
         };
-        Some((Key::new(exact(self.key.bytes())), entry))
+        Some((self.key.copied(), entry))
     }
 }
 

@@ -455,6 +455,29 @@ fn invalidations(t: &mut T) -> Vec<bool> {
 }
 
 #[test]
+fn an_autocommit_write_answered_at_once_is_invalidated_once() {
+    let mut t = T::plain();
+    t.client(&[q("UPDATE items SET v = 1")]).backend(&[c("UPDATE 1"), z(b'I')]);
+    let at = |committed: bool| {
+        t.actions.iter().position(
+            |a| matches!(a, Action::Invalidate { effects, committed: c } if *c == committed && !effects.is_empty()),
+        )
+    };
+    let (first, last) = (at(false).unwrap(), at(true).unwrap());
+    assert!(first < last);
+    let Action::Invalidate { effects, .. } = &t.actions[first] else { unreachable!() };
+    let effects = &effects.clone();
+    assert!(super::superseded(effects, &t.actions[first + 1..]), "only records between them");
+    // Never across anything else, nor by an invalidation of less.
+    let mut between: Vec<Action> = vec![Action::Committed { ddl: false }];
+    between.extend(t.actions.drain(first + 1..));
+    assert!(!super::superseded(effects, &between));
+    let less = [Action::Invalidate { effects: Vec::new(), committed: true }];
+    assert!(!super::superseded(effects, &less));
+    assert!(!super::superseded(effects, &[]));
+}
+
+#[test]
 fn writes_invalidate_on_completion_and_transactions_on_commit_only() {
     let mut t = T::plain();
     t.client(&[q("UPDATE items SET v = 1")]).backend(&[c("UPDATE 1"), z(b'I')]);
