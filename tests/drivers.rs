@@ -269,7 +269,7 @@ async def main():
     assert st.get_attributes()[0].name == 'name', st.get_attributes()
     assert (await c.fetchrow('RESUME'))['value'] == 'no'
     async with c.transaction():
-        assert len(await c.fetch('SHOW POOLS')) >= 0
+        assert any(r['item'] == 'listen' for r in await c.fetch('SHOW CONFIG'))
     await c.close()
     print('ok asyncpg')
 asyncio.run(main())",
@@ -291,6 +291,16 @@ with psycopg.connect(os.environ['CONSOLE_URL']) as c:
     except psycopg.errors.ActiveSqlTransaction:
         pass
     c.rollback()
+    # A nested transaction is a savepoint; an error in it is rolled back to it.
+    with c.transaction():
+        c.execute('SHOW STATS')
+        try:
+            with c.transaction():
+                c.execute('SHOW NOTHING')
+            raise AssertionError('SHOW NOTHING ran')
+        except psycopg.errors.SyntaxError:
+            pass
+        assert c.execute('SHOW CONFIG').fetchall()
     c.autocommit = True
     assert c.execute('RESUME').fetchone()[0] == 'paused'
     print('ok psycopg')",

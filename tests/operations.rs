@@ -242,6 +242,14 @@ async fn console_commands_are_described_as_they_answer() {
         "RELOAD",
         "PAUSE",
         "RESUME",
+        "INVALIDATE TABLE items",
+        "INVALIDATE ALL",
+        "SET application_name = 'ops'",
+        // Last: the block refuses what changes something.
+        "BEGIN",
+        "SAVEPOINT s",
+        "RELEASE s",
+        "COMMIT",
     ];
     for command in commands {
         let described: Vec<String> =
@@ -261,7 +269,7 @@ async fn console_commands_are_described_as_they_answer() {
 /// inside one the commands that change something, which no ROLLBACK could undo.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_keeps_transaction_blocks_as_drivers_open_them() {
-    use common::raw::{RawConn, query};
+    use common::raw::{RawConn, batch, bind, execute, parse, query, sync};
     let e = env().await;
     let mut console = e.console().await;
     let tx = console.transaction().await.unwrap();
@@ -273,6 +281,19 @@ async fn the_console_keeps_transaction_blocks_as_drivers_open_them() {
     tx.rollback().await.unwrap();
     let stats = rows(&console, "SHOW STATS").await;
     assert_eq!(lookup(&stats, "paused")[1], "no", "PAUSE did not run");
+    // A savepoint takes a failed block back to work.
+    let tx = console.transaction().await.unwrap();
+    tx.batch_execute("SAVEPOINT before").await.unwrap();
+    tx.batch_execute("SHOW NOTHING").await.unwrap_err();
+    let err = tx.query("SHOW STATS", &[]).await.unwrap_err();
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("25P02"), "{err}");
+    tx.batch_execute("ROLLBACK TO SAVEPOINT before").await.unwrap();
+    assert!(!tx.query("SHOW STATS", &[]).await.unwrap().is_empty());
+    let err = tx.batch_execute("RELEASE SAVEPOINT never").await.unwrap_err();
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("3B001"), "{err}");
+    tx.rollback().await.unwrap();
+    let err = console.batch_execute("SAVEPOINT outside").await.unwrap_err();
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("25P01"), "{err}");
     // The status each ReadyForQuery reports, and the tags.
     let mut c = RawConn::connect(e.proxy.addr, &PgCluster::shared_or_superuser(), "pgcache", &[]).await;
     let status = |got: &[common::raw::Msg]| got.last().map(|m| m.body[0] as char);
@@ -296,6 +317,20 @@ async fn the_console_keeps_transaction_blocks_as_drivers_open_them() {
     assert_eq!(status(&got), Some('I'));
     // Outside a block an error keeps nothing.
     let got = c.exchange(&query("SHOW NOTHING"), 1).await;
+    assert_eq!(status(&got), Some('I'), "{got:?}");
+    // The same in the extended protocol, whose Sync reports the status.
+    let run = |sql: &str| batch(&[parse("", sql, &[]), bind("", "", &[], &[]), execute("", 0), sync()]);
+    let got = c.exchange(&run("START TRANSACTION READ ONLY"), 1).await;
+    assert_eq!((status(&got), tag(&got).as_deref()), (Some('T'), Some("START TRANSACTION")), "{got:?}");
+    let got = c.exchange(&run("SHOW NOTHING"), 1).await;
+    assert_eq!(status(&got), Some('E'), "{got:?}");
+    // A failed block refuses the Parse itself, as Postgres does.
+    let got = c.exchange(&batch(&[parse("", "SHOW STATS", &[]), sync()]), 1).await;
+    assert!(String::from_utf8_lossy(&got[0].body).contains("25P02"), "{got:?}");
+    assert_eq!(status(&got), Some('E'), "{got:?}");
+    let got = c.exchange(&run("ROLLBACK"), 1).await;
+    assert_eq!((status(&got), tag(&got).as_deref()), (Some('I'), Some("ROLLBACK")), "{got:?}");
+    let got = c.exchange(&run("SHOW NOTHING"), 1).await;
     assert_eq!(status(&got), Some('I'), "{got:?}");
 }
 

@@ -6,7 +6,7 @@
 //! from its call rate, its number of distinct keys and its tables' write rate
 //! ([`estimated_hit_ratio`]) — for a read by primary key, the rate of the writes that would
 //! reach its entries ([`effective_writes`]). `SHOW ADVICE` turns the best uncached candidates
-//! — those a rule would make cached ([`blocker`]) — into rule TOML to paste into a rule file.
+//! — those a rule would make cached ([`Judge::blocker`]) — into rule TOML to paste into a rule file.
 //! `EXPLAIN CACHE <select>` shows how one statement would be handled and what the cache holds
 //! for it.
 
@@ -18,6 +18,7 @@ use crate::cache::Freshness;
 use crate::context::Context;
 use crate::policy::{self, Assessed, Reason, SearchPath, Target};
 use crate::query::Relation;
+use crate::query::catalog::Defaults;
 use crate::rules::{Action, Rule};
 use crate::stats::{QueryStat, TableWrites, estimated_hit_ratio};
 
@@ -31,25 +32,47 @@ fn only_lacks_a_rule(q: &QueryStat) -> bool {
     q.reason.as_ref().is_some_and(Reason::only_lacks_a_rule)
 }
 
-/// Why a rule would not make `q` cached either, when it only lacks one: what the statement
-/// calls or reads (a volatile function such as `nextval`, a stable one, a volatile type, row
-/// security, a table the catalog says never to cache), as a catch-all rule of the candidate
-/// TTL would find it in the database it last ran in (as its default user; `None`: it would be
-/// cached). Reads that no rule matches are forwarded before any of that is looked at, so their
-/// own reason does not say.
-async fn blocker(ctx: &Context, q: &QueryStat) -> Option<Reason> {
-    let classified = ctx.classifier.classify(&q.normalized);
-    let [c] = classified.as_slice() else { return Some(Reason::SeveralStatements) };
-    let (user, search_path) = match ctx.catalog.defaults(&q.database).await {
-        Ok(d) => (d.user.clone(), d.search_path.clone()),
-        Err(e) => return Some(Reason::CatalogUnavailable(e.to_string())),
-    };
-    let candidate = crate::rules::RuleSet::new(vec![Arc::new(Rule::cache("candidate", CANDIDATE_TTL))], 0);
-    let target = Target { sql: &q.normalized, statement: c, database: &q.database, user: &user };
-    let path = SearchPath { role: &user, search_path: &search_path };
-    match policy::assess(&ctx.catalog, &candidate, &target, Some(path)).await {
-        Assessed::Forward(why) => Some(why),
-        Assessed::Cacheable(_) | Assessed::NeedsSearchPath => None,
+/// What one `SHOW QUERIES` or `SHOW ADVICE` judges queries under: the catalog, and each
+/// database's default user and `search_path`, looked up once per database.
+struct Judge<'c> {
+    ctx: &'c Context,
+    /// `None`: the database's catalog cannot be read now.
+    defaults: HashMap<Arc<str>, Option<Arc<Defaults>>>,
+}
+
+impl<'c> Judge<'c> {
+    fn new(ctx: &'c Context) -> Self {
+        Judge { ctx, defaults: HashMap::new() }
+    }
+
+    /// Why a rule would not make `q` cached either, when it only lacks one: what the statement
+    /// calls or reads (a volatile function such as `nextval`, a stable one, a volatile type,
+    /// row security, a table the catalog says never to cache), as a catch-all rule of the
+    /// candidate TTL with every default would find it in the database it last ran in (as its
+    /// default user; `None`: it would be cached). Reads that no rule matches are forwarded
+    /// before any of that is looked at, so their own reason does not say. A database whose
+    /// catalog cannot be read is not judged (once per command: its queries are taken to be
+    /// cacheable, as they were before this was looked at).
+    async fn blocker(&mut self, q: &QueryStat) -> Option<Reason> {
+        let ctx = self.ctx;
+        if !self.defaults.contains_key(&q.database) {
+            let defaults = ctx.catalog.defaults(&q.database).await.ok();
+            self.defaults.insert(q.database.clone(), defaults);
+        }
+        let defaults = self.defaults.get(&q.database)?.as_ref()?;
+        let classified = ctx.classifier.classify(&q.normalized);
+        let [c] = classified.as_slice() else { return Some(Reason::SeveralStatements) };
+        let candidate = crate::rules::RuleSet::new(vec![Arc::new(Rule::cache("candidate", CANDIDATE_TTL))], 0);
+        let target = Target { sql: &q.normalized, statement: c, database: &q.database, user: &defaults.user };
+        let path = SearchPath { role: &defaults.user, search_path: &defaults.search_path };
+        match policy::assess(&ctx.catalog, &candidate, &target, Some(path)).await {
+            Assessed::Forward(Reason::CatalogUnavailable(_)) => {
+                self.defaults.insert(q.database.clone(), None);
+                None
+            }
+            Assessed::Forward(why) => Some(why),
+            Assessed::Cacheable(_) | Assessed::NeedsSearchPath => None,
+        }
     }
 }
 
@@ -103,17 +126,18 @@ struct Estimate<'a> {
     by_key: bool,
     ttl: Duration,
     estimate: Option<f64>,
-    /// Why a rule would not help, when it lacks one ([`blocker`]).
+    /// Why a rule would not help, when it lacks one ([`Judge::blocker`]).
     blocker: Option<Reason>,
 }
 
-async fn assess<'a>(ctx: &Context, q: &'a QueryStat, writes: &HashMap<String, TableWrites>) -> Estimate<'a> {
+async fn assess<'a>(judge: &mut Judge<'_>, q: &'a QueryStat, writes: &HashMap<String, TableWrites>) -> Estimate<'a> {
+    let ctx = judge.ctx;
     let rules = ctx.rules.current();
     let rule_ttl =
         q.rule.as_ref().and_then(|r| rules.get(&r.name)).filter(|r| r.action == Action::Cache).map(|r| r.ttl);
     let ttl = rule_ttl.unwrap_or(CANDIDATE_TTL);
     let total_writes = q.tables.iter().filter_map(|t| writes.get(table_name(t))).map(|w| w.all).sum();
-    let blocker = if only_lacks_a_rule(q) { blocker(ctx, q).await } else { None };
+    let blocker = if only_lacks_a_rule(q) { judge.blocker(q).await } else { None };
     let cacheable = q.hits + q.misses > 0 || (only_lacks_a_rule(q) && blocker.is_none());
     let keyed = if cacheable { keyed_table(ctx, q).await } else { None };
     let effective = effective_writes(q, writes, keyed.as_deref());
@@ -153,9 +177,10 @@ pub const ADVICE: &[&str] = &["advice"];
 
 pub async fn queries(ctx: &Context) -> ResultSet {
     let writes = ctx.stats.table_writes();
+    let mut judge = Judge::new(ctx);
     let mut r = ResultSet::new(QUERIES, "SHOW");
     for q in ctx.stats.queries() {
-        let a = assess(ctx, &q, &writes).await;
+        let a = assess(&mut judge, &q, &writes).await;
         let total_ms = q.total.as_secs_f64() * 1000.0;
         r.rows.push(vec![
             Some(q.normalized.to_string()),
@@ -189,9 +214,11 @@ pub async fn queries(ctx: &Context) -> ResultSet {
 pub async fn advice(ctx: &Context) -> ResultSet {
     let writes = ctx.stats.table_writes();
     let all = ctx.stats.queries();
-    let mut candidates: Vec<Estimate<'_>> = Vec::new();
+    let mut judge = Judge::new(ctx);
+    let (mut candidates, mut blocked): (Vec<Estimate<'_>>, usize) = (Vec::new(), 0);
     for q in all.iter().filter(|q| only_lacks_a_rule(q) && q.calls >= 2) {
-        let a = assess(ctx, q, &writes).await;
+        let a = assess(&mut judge, q, &writes).await;
+        blocked += usize::from(a.blocker.is_some());
         if a.estimate.is_some_and(|e| e >= 0.3) {
             candidates.push(a);
         }
@@ -203,6 +230,13 @@ pub async fn advice(ctx: &Context) -> ResultSet {
     let mut r = ResultSet::new(ADVICE, "SHOW");
     if candidates.is_empty() {
         r.row(["# No candidates yet: run the workload through pgcache, then ask again.".to_owned()]);
+    }
+    if blocked > 0 {
+        r.row([format!(
+            "# {blocked} queries run more than once are not drafted: no rule would cache them as written (SHOW QUERIES, column cacheable, says why)."
+        )]);
+    }
+    if candidates.is_empty() {
         return r;
     }
     r.row(["# Draft rules from observed traffic; review, then paste into a rule file.".to_owned()]);

@@ -14,10 +14,12 @@ use crate::query::Relation;
 use crate::rules::Action;
 
 use super::advice;
+use super::control::Control;
+use super::table::PAIRS;
 pub use super::table::ResultSet;
 
 pub const COMMANDS: &str = "SHOW STATS | POOLS | CLIENTS | SERVERS | CACHE | RULES | CONFIG | QUERIES | ADVICE | PEERS | L2 | REPLICAS, \
-    EXPLAIN CACHE [ON <database>] <select>, INVALIDATE TABLE <name> | RULE <name> | ALL, RELOAD, PAUSE, RESUME, BEGIN, COMMIT, ROLLBACK";
+    EXPLAIN CACHE [ON <database>] <select>, INVALIDATE TABLE <name> | RULE <name> | ALL, RELOAD, PAUSE, RESUME, BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE";
 
 fn unknown(cmd: &str) -> PgError {
     PgError::error(SqlState::SYNTAX_ERROR, format!("unknown pgcache admin command: {cmd:?}"))
@@ -39,8 +41,6 @@ fn sets_a_driver_parameter(up: &[&str]) -> bool {
     DRIVER_PARAMETERS.contains(&name) && (rest.len() >= 2 || rest[0].contains('='))
 }
 
-/// The columns of the commands that answer in names and values ([`ResultSet::pairs`]).
-const PAIRS: &[&str] = &["item", "value"];
 const STATS: &[&str] = &["stat", "total", "per_second"];
 const POOLS: &[&str] = &[
     "database",
@@ -105,17 +105,6 @@ pub enum Show {
     Replicas,
 }
 
-/// A transaction-control statement. The console has no transactions: it accepts the block for
-/// drivers that open one before every query (psycopg's default, pgjdbc with autocommit off),
-/// and refuses commands that change something inside it ([`Command::changes_something`]),
-/// which no ROLLBACK could undo.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Control {
-    Begin,
-    Commit,
-    Rollback,
-}
-
 /// One console command, parsed: what it shows or does, with its columns known without running
 /// it (a driver's Describe of a statement runs nothing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +123,8 @@ pub enum Command<'a> {
     Reload,
     Pause,
     Resume,
-    Control(Control),
+    /// A transaction-control statement ([`super::block`] keeps the block).
+    Control(Control<'a>),
 }
 
 impl<'a> Command<'a> {
@@ -143,6 +133,9 @@ impl<'a> Command<'a> {
         let words: Vec<&str> = text.split_whitespace().collect();
         let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
         let up: Vec<&str> = upper.iter().map(String::as_str).collect();
+        if let Some(control) = Control::parse(&words, &up) {
+            return control.map(Command::Control);
+        }
         Ok(match up.as_slice() {
             ["SHOW", what] => Command::Show(match *what {
                 "STATS" => Show::Stats,
@@ -192,14 +185,6 @@ impl<'a> Command<'a> {
             ["RELOAD"] => Command::Reload,
             ["PAUSE"] => Command::Pause,
             ["RESUME"] => Command::Resume,
-            // (Isolation levels and access modes are accepted: nothing here is isolated.)
-            ["BEGIN" | "START", ..] if up[0] == "BEGIN" || up.get(1) == Some(&"TRANSACTION") => {
-                Command::Control(Control::Begin)
-            }
-            ["COMMIT" | "END"] | ["COMMIT" | "END", "WORK" | "TRANSACTION"] => Command::Control(Control::Commit),
-            ["ROLLBACK" | "ABORT"] | ["ROLLBACK" | "ABORT", "WORK" | "TRANSACTION"] => {
-                Command::Control(Control::Rollback)
-            }
             _ => return Err(unknown(text.trim())),
         })
     }
@@ -254,9 +239,7 @@ impl<'a> Command<'a> {
             Command::Reload => "RELOAD",
             Command::Pause => "PAUSE",
             Command::Resume => "RESUME",
-            Command::Control(Control::Begin) => "BEGIN",
-            Command::Control(Control::Commit) => "COMMIT",
-            Command::Control(Control::Rollback) => "ROLLBACK",
+            Command::Control(control) => control.name(),
         }
     }
 }

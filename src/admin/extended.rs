@@ -110,8 +110,11 @@ impl Extended {
                         "cannot insert multiple commands into a prepared statement",
                     ));
                 }
-                // An unknown command is refused here, as Postgres refuses a syntax error.
-                columns(&command)?;
+                // An unknown command is refused here, as Postgres refuses a syntax error; so is
+                // any but the end of a failed block.
+                if !command.is_empty() {
+                    block.admits(&Command::parse(&command)?)?;
+                }
                 self.statements.insert(name, Statement { command, param_types: p.param_types });
                 be::parse_complete(out);
             }
@@ -129,8 +132,12 @@ impl Extended {
                         ),
                     ));
                 }
+                if !statement.command.is_empty() {
+                    block.admits(&Command::parse(&statement.command)?)?;
+                }
+                // (Formats for a command with no columns are not looked at, as in Postgres.)
                 let width = columns(&statement.command)?.map_or(0, <[_]>::len);
-                if b.result_formats.len() > 1 && b.result_formats.len() != width {
+                if width > 0 && b.result_formats.len() > 1 && b.result_formats.len() != width {
                     return Err(PgError::error(
                         SqlState::PROTOCOL_VIOLATION,
                         format!(

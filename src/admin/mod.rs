@@ -10,6 +10,7 @@ pub mod advice;
 pub mod block;
 pub mod commands;
 pub mod console;
+pub mod control;
 pub mod extended;
 pub mod http;
 pub mod table;

@@ -1,6 +1,9 @@
 //! What every console command answers: rows of text under named columns, shown by psql as a
 //! table.
 
+/// The columns of the commands that answer in names and values ([`ResultSet::pairs`]).
+pub const PAIRS: &[&str] = &["item", "value"];
+
 /// Rows of text values under named columns, with the command tag Postgres would use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResultSet {
@@ -20,7 +23,7 @@ impl ResultSet {
 
     /// Two columns of names and values.
     pub fn pairs(tag: &str, pairs: Vec<(&str, String)>) -> Self {
-        let mut r = ResultSet::new(&["item", "value"], tag);
+        let mut r = ResultSet::new(PAIRS, tag);
         for (k, v) in pairs {
             r.row([k.to_owned(), v]);
         }
