@@ -31,6 +31,10 @@ use super::core::query::sql_of;
 use super::decide::{Asker, Looked, Request, Serve, fill_deps, usable};
 use super::memo::{Assessments, Missed};
 
+/// The bytes a batch's answer starts with room for: its BindComplete, a point read's rows and
+/// its ReadyForQuery in one allocation.
+const ANSWER_ROOM: usize = 256;
+
 /// A cacheable request's key, assessment and L2 key, as [`Looked::Missing`] has them.
 type Missing = (crate::cache::Key, Arc<crate::policy::Assessment>, Option<String>);
 
@@ -145,7 +149,8 @@ impl Answerer<'_> {
     }
 
     async fn answer_batch(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
-        let mut out = BytesMut::new();
+        // Room for a point read's answer at once (grown, once, for a larger one at its Execute).
+        let mut out = BytesMut::with_capacity(ANSWER_ROOM);
         let mut parsed: HashMap<Vec<u8>, Arc<Statement>> = HashMap::new();
         let mut current: Option<Hit> = None;
         let mut hits = Vec::new();
@@ -215,6 +220,7 @@ impl Answerer<'_> {
                     }
                     // Outside any transaction: the portal ends at Sync.
                     let answer = hit.entry.answer(e.max_rows);
+                    out.reserve(answer.len() + ANSWER_ROOM);
                     out.extend_from_slice(&answer);
                     hits.push((hit, answer.len()));
                 }
