@@ -112,9 +112,7 @@ impl Extended {
                 }
                 // An unknown command is refused here, as Postgres refuses a syntax error; so is
                 // any but the end of a failed block.
-                if !command.is_empty() {
-                    block.admits(&Command::parse(&command)?)?;
-                }
+                admitted(&command, block)?;
                 self.statements.insert(name, Statement { command, param_types: p.param_types });
                 be::parse_complete(out);
             }
@@ -132,11 +130,8 @@ impl Extended {
                         ),
                     ));
                 }
-                if !statement.command.is_empty() {
-                    block.admits(&Command::parse(&statement.command)?)?;
-                }
                 // (Formats for a command with no columns are not looked at, as in Postgres.)
-                let width = columns(&statement.command)?.map_or(0, <[_]>::len);
+                let width = admitted(&statement.command, block)?.len();
                 if width > 0 && b.result_formats.len() > 1 && b.result_formats.len() != width {
                     return Err(PgError::error(
                         SqlState::PROTOCOL_VIOLATION,
@@ -166,19 +161,11 @@ impl Extended {
                         let types: Vec<u32> =
                             statement.param_types.iter().map(|&t| if t == 0 { be::TEXT_OID } else { t }).collect();
                         be::parameter_description(&types, out);
-                        match columns(&statement.command)? {
-                            Some(columns) if !columns.is_empty() => be::row_description_text(columns, out),
-                            _ => be::no_data(out),
-                        }
+                        describe(columns(&statement.command)?, &[], out);
                     }
                     Target::Portal => {
                         let portal = self.portal(d.name)?;
-                        match columns(&portal.command)? {
-                            Some(columns) if !columns.is_empty() => {
-                                be::row_description_text_as(columns, &portal.formats, out)
-                            }
-                            _ => be::no_data(out),
-                        }
+                        describe(columns(&portal.command)?, &portal.formats, out);
                     }
                 }
             }
@@ -280,10 +267,30 @@ fn may_add<V>(map: &HashMap<Bytes, V>, name: &Bytes, what: &str, duplicate: SqlS
     Ok(())
 }
 
-/// The columns `command`'s answer has (`None`: an empty query, no rows), or why it is no command.
-fn columns(command: &str) -> Result<Option<&'static [&'static str]>, PgError> {
+/// The columns `command`'s answer has (none for an empty query), or why it is no command.
+fn columns(command: &str) -> Result<&'static [&'static str], PgError> {
     if command.is_empty() {
-        return Ok(None);
+        return Ok(&[]);
     }
-    Ok(Some(Command::parse(command)?.columns()))
+    Ok(Command::parse(command)?.columns())
+}
+
+/// [`columns`], once `block` has admitted the command (a Parse or a Bind of it).
+fn admitted(command: &str, block: &Block) -> Result<&'static [&'static str], PgError> {
+    if command.is_empty() {
+        return Ok(&[]);
+    }
+    let command = Command::parse(command)?;
+    block.admits(&command)?;
+    Ok(command.columns())
+}
+
+/// The answer to a Describe of a command with these columns, sent in these formats: its
+/// RowDescription, or NoData for a command without columns.
+fn describe(columns: &[&str], formats: &[i16], out: &mut BytesMut) {
+    if columns.is_empty() {
+        be::no_data(out);
+    } else {
+        be::row_description_text_as(columns, formats, out);
+    }
 }
