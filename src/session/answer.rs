@@ -35,6 +35,9 @@ use super::memo::{Assessments, Missed};
 /// its ReadyForQuery in one allocation.
 const ANSWER_ROOM: usize = 256;
 
+/// The bytes of a ReadyForQuery, which ends a batch's answer.
+const READY_FOR_QUERY: usize = 6;
+
 /// A cacheable request's key, assessment and L2 key, as [`Looked::Missing`] has them.
 type Missing = (crate::cache::Key, Arc<crate::policy::Assessment>, Option<String>);
 
@@ -149,7 +152,8 @@ impl Answerer<'_> {
     }
 
     async fn answer_batch(&mut self, frames: &[Frame], fallback: bool) -> Option<Bytes> {
-        // Room for a point read's answer at once (grown, once, for a larger one at its Execute).
+        // Room for a point read's answer at once (grown, once, for a larger one at its Execute,
+        // to hold it and the ReadyForQuery).
         let mut out = BytesMut::with_capacity(ANSWER_ROOM);
         let mut parsed: HashMap<Vec<u8>, Arc<Statement>> = HashMap::new();
         let mut current: Option<Hit> = None;
@@ -220,7 +224,7 @@ impl Answerer<'_> {
                     }
                     // Outside any transaction: the portal ends at Sync.
                     let answer = hit.entry.answer(e.max_rows);
-                    out.reserve(answer.len() + ANSWER_ROOM);
+                    out.reserve(answer.len() + READY_FOR_QUERY);
                     out.extend_from_slice(&answer);
                     hits.push((hit, answer.len()));
                 }
