@@ -615,6 +615,34 @@ async fn show_advice_drafts_no_rule_a_read_would_not_be_cached_under() {
     assert!(!toml.contains("ops_pick") && !toml.contains("nextval"), "{toml}");
 }
 
+/// A read that calls a stable function (`now()`) is cached only by a rule that opts in: the
+/// advisor drafts it with `allow_stable_functions = true` (it was once left out, as if nothing
+/// could cache it), SHOW QUERIES says what it takes, and the draft caches it once loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_advice_drafts_a_read_of_a_stable_function_with_its_opt_in() {
+    let e = env().await;
+    let app = e.app().await;
+    let sql = "SELECT v FROM uncached WHERE k = 1 AND now() > '2000-01-01'";
+    for _ in 0..30 {
+        text(&app, sql).await;
+    }
+    let console = e.console().await;
+    let q = rows(&console, "SHOW QUERIES").await;
+    let read = q.iter().find(|r| r[0].contains("now()")).unwrap_or_else(|| panic!("{q:?}"));
+    assert!(read[10].contains("cached by a rule that sets allow_stable_functions"), "cacheable {read:?}");
+    assert!(read[15].parse::<f64>().unwrap() >= 0.3, "{read:?}");
+    let advice: Vec<String> = rows(&console, "SHOW ADVICE").await.into_iter().map(|r| r[0].clone()).collect();
+    let toml = advice.join("\n");
+    assert!(toml.contains("now()") && toml.contains("allow_stable_functions = true"), "{toml}");
+    assert!(!toml.contains("allow_row_security"), "{toml}");
+    std::fs::write(e.dir.path().join("advice.toml"), &toml).unwrap();
+    rows(&console, "RELOAD").await;
+    text(&app, sql).await;
+    let n = executions(&e.admin, "AND now() >").await;
+    text(&app, sql).await;
+    assert_eq!(executions(&e.admin, "AND now() >").await, n, "the drafted rule caches it");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_holds_new_backend_work_until_resume() {
     let e = env().await;

@@ -6,7 +6,7 @@
 //! from its call rate, its number of distinct keys and its tables' write rate
 //! ([`estimated_hit_ratio`]) — for a read by primary key, the rate of the writes that would
 //! reach its entries ([`effective_writes`]). `SHOW ADVICE` turns the best uncached candidates
-//! — those a rule would make cached ([`Judge::blocker`]) — into rule TOML to paste into a rule file.
+//! — those a rule would make cached ([`Judge::judge`]) — into rule TOML to paste into a rule file.
 //! `EXPLAIN CACHE <select>` shows how one statement would be handled and what the cache holds
 //! for it.
 
@@ -45,34 +45,78 @@ impl<'c> Judge<'c> {
         Judge { ctx, defaults: HashMap::new() }
     }
 
-    /// Why a rule would not make `q` cached either, when it only lacks one: what the statement
-    /// calls or reads (a volatile function such as `nextval`, a stable one, a volatile type,
-    /// row security, a table the catalog says never to cache), as a catch-all rule of the
-    /// candidate TTL with every default would find it in the database it last ran in (as its
-    /// default user; `None`: it would be cached). Reads that no rule matches are forwarded
-    /// before any of that is looked at, so their own reason does not say. A database whose
-    /// catalog cannot be read is not judged (once per command: its queries are taken to be
-    /// cacheable, as they were before this was looked at).
-    async fn blocker(&mut self, q: &QueryStat) -> Option<Reason> {
+    /// What a catch-all rule of the candidate TTL would make of `q`, when it only lacks a rule,
+    /// as [`policy::assess`] finds it in the database it last ran in (as its default user):
+    /// whether it would be cached, and which of the rule's opt-ins that takes. Reads that no
+    /// rule matches are forwarded before what they call or read is looked at, so their own
+    /// reason does not say. A read that calls a stable function (`now()`) or reads a table
+    /// with row security is judged again under a rule that opts in (`allow_stable_functions`,
+    /// `allow_row_security`): the draft says so, and the operator decides. Anything else (a
+    /// volatile function such as `nextval`, a volatile type, a table the catalog says never
+    /// to cache) blocks it. A database whose catalog cannot be read is not judged (once per
+    /// command: its queries are taken to be cacheable by a plain rule).
+    async fn judge(&mut self, q: &QueryStat) -> Judged {
         let ctx = self.ctx;
         if !self.defaults.contains_key(&q.database) {
             let defaults = ctx.catalog.defaults(&q.database).await.ok();
             self.defaults.insert(q.database.clone(), defaults);
         }
-        let defaults = self.defaults.get(&q.database)?.as_ref()?;
+        let Some(defaults) = self.defaults.get(&q.database).cloned().flatten() else { return Judged::default() };
         let classified = ctx.classifier.classify(&q.normalized);
-        let [c] = classified.as_slice() else { return Some(Reason::SeveralStatements) };
-        let candidate = crate::rules::RuleSet::new(vec![Arc::new(Rule::cache("candidate", CANDIDATE_TTL))], 0);
+        let [c] = classified.as_slice() else { return Judged::blocked(Reason::SeveralStatements) };
         let target = Target { sql: &q.normalized, statement: c, database: &q.database, user: &defaults.user };
         let path = SearchPath { role: &defaults.user, search_path: &defaults.search_path };
-        match policy::assess(&ctx.catalog, &candidate, &target, Some(path)).await {
-            Assessed::Forward(Reason::CatalogUnavailable(_)) => {
-                self.defaults.insert(q.database.clone(), None);
-                None
+        let mut judged = Judged::default();
+        // Each opt-in at most once: three verdicts at most.
+        loop {
+            let mut candidate = Rule::cache("candidate", CANDIDATE_TTL);
+            candidate.allow_stable_functions = judged.stable_functions;
+            candidate.allow_row_security = judged.row_security;
+            let candidate = crate::rules::RuleSet::new(vec![Arc::new(candidate)], 0);
+            match policy::assess(&ctx.catalog, &candidate, &target, Some(path)).await {
+                Assessed::Forward(Reason::CatalogUnavailable(_)) => {
+                    self.defaults.insert(q.database.clone(), None);
+                    return Judged::default();
+                }
+                Assessed::Forward(Reason::StableFunction | Reason::StableBuiltins | Reason::StableType(_))
+                    if !judged.stable_functions =>
+                {
+                    judged.stable_functions = true;
+                }
+                Assessed::Forward(Reason::RowSecurity) if !judged.row_security => judged.row_security = true,
+                Assessed::Forward(why) => return Judged::blocked(why),
+                Assessed::Cacheable(_) | Assessed::NeedsSearchPath => return judged,
             }
-            Assessed::Forward(why) => Some(why),
-            Assessed::Cacheable(_) | Assessed::NeedsSearchPath => None,
         }
+    }
+}
+
+/// What a rule would make of a query that lacks one ([`Judge::judge`]).
+#[derive(Debug, Default)]
+struct Judged {
+    /// Why no rule would cache it.
+    blocker: Option<Reason>,
+    /// A rule caches it only if it sets `allow_stable_functions` (it calls a stable function).
+    stable_functions: bool,
+    /// ... only if it sets `allow_row_security` (it reads a table with row security).
+    row_security: bool,
+}
+
+impl Judged {
+    fn blocked(why: Reason) -> Judged {
+        Judged { blocker: Some(why), ..Judged::default() }
+    }
+
+    /// The opt-ins a rule needs, as rule-file keys.
+    fn opt_ins(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.stable_functions {
+            out.push("allow_stable_functions");
+        }
+        if self.row_security {
+            out.push("allow_row_security");
+        }
+        out
     }
 }
 
@@ -126,8 +170,8 @@ struct Estimate<'a> {
     by_key: bool,
     ttl: Duration,
     estimate: Option<f64>,
-    /// Why a rule would not help, when it lacks one ([`Judge::blocker`]).
-    blocker: Option<Reason>,
+    /// What a rule would make of it, when it lacks one ([`Judge::judge`]).
+    judged: Judged,
 }
 
 async fn assess<'a>(judge: &mut Judge<'_>, q: &'a QueryStat, writes: &HashMap<String, TableWrites>) -> Estimate<'a> {
@@ -137,8 +181,8 @@ async fn assess<'a>(judge: &mut Judge<'_>, q: &'a QueryStat, writes: &HashMap<St
         q.rule.as_ref().and_then(|r| rules.get(&r.name)).filter(|r| r.action == Action::Cache).map(|r| r.ttl);
     let ttl = rule_ttl.unwrap_or(CANDIDATE_TTL);
     let total_writes = q.tables.iter().filter_map(|t| writes.get(table_name(t))).map(|w| w.all).sum();
-    let blocker = if only_lacks_a_rule(q) { judge.blocker(q).await } else { None };
-    let cacheable = q.hits + q.misses > 0 || (only_lacks_a_rule(q) && blocker.is_none());
+    let judged = if only_lacks_a_rule(q) { judge.judge(q).await } else { Judged::default() };
+    let cacheable = q.hits + q.misses > 0 || (only_lacks_a_rule(q) && judged.blocker.is_none());
     let keyed = if cacheable { keyed_table(ctx, q).await } else { None };
     let effective = effective_writes(q, writes, keyed.as_deref());
     let uptime = ctx.stats.uptime().max(Duration::from_secs(1));
@@ -149,7 +193,7 @@ async fn assess<'a>(judge: &mut Judge<'_>, q: &'a QueryStat, writes: &HashMap<St
     let distinct = q.keys.estimate() as u64;
     let estimate = (cacheable && distinct > 0)
         .then(|| estimated_hit_ratio(q.keyed_calls, distinct, scaled, period, ttl, room(ctx)));
-    Estimate { q, writes: total_writes, by_key: keyed.is_some(), ttl, estimate, blocker }
+    Estimate { q, writes: total_writes, by_key: keyed.is_some(), ttl, estimate, judged }
 }
 
 /// The columns of `SHOW QUERIES`.
@@ -193,9 +237,12 @@ pub async fn queries(ctx: &Context) -> ResultSet {
             Some(q.passthrough.to_string()),
             Some(q.errors.to_string()),
             q.rule.as_ref().map(|r| r.name.clone()),
-            Some(match (&q.reason, &a.blocker) {
+            Some(match (&q.reason, &a.judged.blocker) {
                 _ if q.hits + q.misses > 0 && q.passthrough == 0 => "yes".to_owned(),
                 (Some(reason), Some(blocker)) => format!("{reason}; with a rule: {blocker}"),
+                (Some(reason), None) if !a.judged.opt_ins().is_empty() => {
+                    format!("{reason}; cached by a rule that sets {}", a.judged.opt_ins().join(" and "))
+                }
                 (Some(reason), None) => reason.to_string(),
                 // (A blocker is looked for only when a reason says a rule is lacking.)
                 (None, _) => "yes".to_owned(),
@@ -218,7 +265,7 @@ pub async fn advice(ctx: &Context) -> ResultSet {
     let (mut candidates, mut blocked): (Vec<Estimate<'_>>, usize) = (Vec::new(), 0);
     for q in all.iter().filter(|q| only_lacks_a_rule(q) && q.calls >= 2) {
         let a = assess(&mut judge, q, &writes).await;
-        blocked += usize::from(a.blocker.is_some());
+        blocked += usize::from(a.judged.blocker.is_some());
         if a.estimate.is_some_and(|e| e >= 0.3) {
             candidates.push(a);
         }
@@ -259,6 +306,14 @@ pub async fn advice(ctx: &Context) -> ResultSet {
         r.row([format!("name = {}", toml::Value::String(format!("advice-{}-{base}", i + 1)))]);
         r.row([format!("match = {{ query = {} }}", toml::Value::String(q.normalized.to_string()))]);
         r.row([format!("ttl = \"{}\"", humantime::format_duration(a.ttl))]);
+        if a.judged.stable_functions {
+            r.row(["# It calls a stable function (now(), current_user, ...): entries keep what it returned when they were filled, for up to the TTL.".to_owned()]);
+            r.row(["allow_stable_functions = true".to_owned()]);
+        }
+        if a.judged.row_security {
+            r.row(["# It reads a table with row-level security: entries are kept per role and settings.".to_owned()]);
+            r.row(["allow_row_security = true".to_owned()]);
+        }
     }
     r
 }
