@@ -617,14 +617,23 @@ async fn show_advice_drafts_no_rule_a_read_would_not_be_cached_under() {
 
 /// A read that calls a stable function (`now()`) is cached only by a rule that opts in: the
 /// advisor drafts it with `allow_stable_functions = true` (it was once left out, as if nothing
-/// could cache it), SHOW QUERIES says what it takes, and the draft caches it once loaded.
+/// could cache it), SHOW QUERIES says what it takes, and the draft caches it once loaded. A
+/// read of a table with row security is drafted with `allow_row_security = true`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn show_advice_drafts_a_read_of_a_stable_function_with_its_opt_in() {
     let e = env().await;
+    e.admin
+        .batch_execute(
+            "CREATE TABLE ops_private (k int PRIMARY KEY, v text); INSERT INTO ops_private VALUES (1, 'p'); \
+             ALTER TABLE ops_private ENABLE ROW LEVEL SECURITY",
+        )
+        .await
+        .unwrap();
     let app = e.app().await;
     let sql = "SELECT v FROM uncached WHERE k = 1 AND now() > '2000-01-01'";
     for _ in 0..30 {
         text(&app, sql).await;
+        text(&app, "SELECT v FROM ops_private WHERE k = 1").await;
     }
     let console = e.console().await;
     let q = rows(&console, "SHOW QUERIES").await;
@@ -633,8 +642,12 @@ async fn show_advice_drafts_a_read_of_a_stable_function_with_its_opt_in() {
     assert!(read[15].parse::<f64>().unwrap() >= 0.3, "{read:?}");
     let advice: Vec<String> = rows(&console, "SHOW ADVICE").await.into_iter().map(|r| r[0].clone()).collect();
     let toml = advice.join("\n");
-    assert!(toml.contains("now()") && toml.contains("allow_stable_functions = true"), "{toml}");
-    assert!(!toml.contains("allow_row_security"), "{toml}");
+    // Each draft is its comment and its table, after an empty line.
+    let drafted = |needle: &str| toml.split("\n\n").find(|d| d.contains(needle)).unwrap_or_else(|| panic!("{toml}"));
+    let stable = drafted("now()");
+    assert!(stable.contains("allow_stable_functions = true") && !stable.contains("allow_row_security"), "{toml}");
+    let private = drafted("ops_private");
+    assert!(private.contains("allow_row_security = true") && !private.contains("allow_stable"), "{toml}");
     std::fs::write(e.dir.path().join("advice.toml"), &toml).unwrap();
     rows(&console, "RELOAD").await;
     text(&app, sql).await;
