@@ -269,7 +269,7 @@ async fn console_commands_are_described_as_they_answer() {
 /// inside one the commands that change something, which no ROLLBACK could undo.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_keeps_transaction_blocks_as_drivers_open_them() {
-    use common::raw::{RawConn, batch, bind, execute, parse, query, sync};
+    use common::raw::{RawConn, batch, bind, describe, execute, parse, query, sync};
     let e = env().await;
     let mut console = e.console().await;
     let tx = console.transaction().await.unwrap();
@@ -322,12 +322,19 @@ async fn the_console_keeps_transaction_blocks_as_drivers_open_them() {
     let run = |sql: &str| batch(&[parse("", sql, &[]), bind("", "", &[], &[]), execute("", 0), sync()]);
     let got = c.exchange(&run("START TRANSACTION READ ONLY"), 1).await;
     assert_eq!((status(&got), tag(&got).as_deref()), (Some('T'), Some("START TRANSACTION")), "{got:?}");
+    let got = c.exchange(&batch(&[parse("shown", "SHOW STATS", &[]), parse("done", "ROLLBACK", &[]), sync()]), 1).await;
+    assert_eq!(status(&got), Some('T'), "{got:?}");
     let got = c.exchange(&run("SHOW NOTHING"), 1).await;
     assert_eq!(status(&got), Some('E'), "{got:?}");
     // A failed block refuses the Parse itself, as Postgres does.
     let got = c.exchange(&batch(&[parse("", "SHOW STATS", &[]), sync()]), 1).await;
     assert!(String::from_utf8_lossy(&got[0].body).contains("25P02"), "{got:?}");
     assert_eq!(status(&got), Some('E'), "{got:?}");
+    // And a Describe of rows (statement prepared before the failure), but not of its end.
+    let got = c.exchange(&batch(&[describe(b'S', "shown"), sync()]), 1).await;
+    assert!(got[0].tag == b'E' && String::from_utf8_lossy(&got[0].body).contains("25P02"), "{got:?}");
+    let got = c.exchange(&batch(&[describe(b'S', "done"), sync()]), 1).await;
+    assert_eq!(got.iter().map(|m| m.tag).collect::<Vec<_>>(), b"tnZ", "{got:?}");
     let got = c.exchange(&run("ROLLBACK"), 1).await;
     assert_eq!((status(&got), tag(&got).as_deref()), (Some('I'), Some("ROLLBACK")), "{got:?}");
     let got = c.exchange(&run("SHOW NOTHING"), 1).await;

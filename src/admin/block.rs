@@ -50,11 +50,18 @@ impl Block {
         match command {
             _ if self.status != TransactionStatus::Failed => Ok(()),
             Command::Control(c) if c.ends_a_failure() => Ok(()),
-            _ => Err(PgError::error(
-                SqlState::IN_FAILED_SQL_TRANSACTION,
-                "current transaction is aborted, commands ignored until end of transaction block",
-            )),
+            _ => Err(aborted()),
         }
+    }
+
+    /// Whether a Describe of a statement or portal whose command has `columns` may be
+    /// answered: in a failed block only one without columns is (as Postgres describes no rows
+    /// there, and answers a Describe of `COMMIT`).
+    pub fn describes(&self, columns: &[&str]) -> Result<(), PgError> {
+        if self.status == TransactionStatus::Failed && !columns.is_empty() {
+            return Err(aborted());
+        }
+        Ok(())
     }
 
     /// Whether `command` may run now: as [`Block::admits`], and not if it changes something
@@ -147,6 +154,14 @@ impl Block {
     }
 }
 
+/// The error of a command refused in a failed block.
+fn aborted() -> PgError {
+    PgError::error(
+        SqlState::IN_FAILED_SQL_TRANSACTION,
+        "current transaction is aborted, commands ignored until end of transaction block",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +174,7 @@ mod tests {
     fn a_block_refuses_changes_and_fails_at_an_error() {
         let mut block = Block { status: TransactionStatus::InBlock, ..Block::default() };
         assert!(block.allows(&Command::Show(commands::Show::Stats)).is_ok());
+        assert!(block.describes(&["name"]).is_ok());
         let e = block.allows(&Command::Reload).unwrap_err();
         assert_eq!(e.code, SqlState::ACTIVE_SQL_TRANSACTION);
         assert!(block.admits(&Command::Reload).is_ok(), "parsed and bound, refused when run");
@@ -167,6 +183,8 @@ mod tests {
         let e = block.allows(&Command::Show(commands::Show::Stats)).unwrap_err();
         assert_eq!(e.code, SqlState::IN_FAILED_SQL_TRANSACTION);
         assert!(block.admits(&Command::Show(commands::Show::Stats)).is_err());
+        assert!(block.describes(&["name"]).is_err(), "no rows described in a failed block");
+        assert!(block.describes(&[]).is_ok(), "a command without rows is (COMMIT, say)");
         assert!(block.allows(&Command::Control(Control::Rollback { chain: false })).is_ok());
         assert!(block.allows(&Command::Control(Control::Begin { start: false })).is_err(), "as in Postgres");
         assert!(block.allows(&Command::Control(Control::Savepoint("s"))).is_err());

@@ -160,12 +160,16 @@ impl Extended {
                         // (A type left to the server is text, as Postgres would infer it here.)
                         let types: Vec<u32> =
                             statement.param_types.iter().map(|&t| if t == 0 { be::TEXT_OID } else { t }).collect();
+                        let columns = columns(&statement.command)?;
+                        block.describes(columns)?;
                         be::parameter_description(&types, out);
-                        describe(columns(&statement.command)?, &[], out);
+                        describe(columns, &[], out);
                     }
                     Target::Portal => {
                         let portal = self.portal(d.name)?;
-                        describe(columns(&portal.command)?, &portal.formats, out);
+                        let columns = columns(&portal.command)?;
+                        block.describes(columns)?;
+                        describe(columns, &portal.formats, out);
                     }
                 }
             }
