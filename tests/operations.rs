@@ -330,9 +330,17 @@ async fn the_console_keeps_transaction_blocks_as_drivers_open_them() {
     let got = c.exchange(&batch(&[parse("", "SHOW STATS", &[]), sync()]), 1).await;
     assert!(String::from_utf8_lossy(&got[0].body).contains("25P02"), "{got:?}");
     assert_eq!(status(&got), Some('E'), "{got:?}");
-    // And a Describe of rows (statement prepared before the failure), but not of its end.
-    let got = c.exchange(&batch(&[describe(b'S', "shown"), sync()]), 1).await;
-    assert!(got[0].tag == b'E' && String::from_utf8_lossy(&got[0].body).contains("25P02"), "{got:?}");
+    // A refused Parse into the unnamed statement dropped the old one (START TRANSACTION), as
+    // in Postgres.
+    let got = c.exchange(&batch(&[describe(b'S', ""), sync()]), 1).await;
+    assert!(got[0].tag == b'E' && String::from_utf8_lossy(&got[0].body).contains("26000"), "{got:?}");
+    // A Describe of rows (a statement prepared before the failure) is refused, and the rest of
+    // the batch skipped; the block stays failed.
+    let got = c.exchange(&batch(&[describe(b'S', "shown"), describe(b'S', "done"), sync()]), 1).await;
+    assert_eq!(got.iter().map(|m| m.tag).collect::<Vec<_>>(), b"EZ", "{got:?}");
+    assert!(String::from_utf8_lossy(&got[0].body).contains("25P02"), "{got:?}");
+    assert_eq!(status(&got), Some('E'), "{got:?}");
+    // One of the block's end is answered.
     let got = c.exchange(&batch(&[describe(b'S', "done"), sync()]), 1).await;
     assert_eq!(got.iter().map(|m| m.tag).collect::<Vec<_>>(), b"tnZ", "{got:?}");
     let got = c.exchange(&run("ROLLBACK"), 1).await;
@@ -625,7 +633,8 @@ async fn show_advice_drafts_no_rule_a_read_would_not_be_cached_under() {
 /// A read that calls a stable function (`now()`) is cached only by a rule that opts in: the
 /// advisor drafts it with `allow_stable_functions = true` (it was once left out, as if nothing
 /// could cache it), SHOW QUERIES says what it takes, and the draft caches it once loaded. A
-/// read of a table with row security is drafted with `allow_row_security = true`.
+/// read of a table with row security is drafted with `allow_row_security = true` commented out,
+/// for the operator to decide.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn show_advice_drafts_a_read_of_a_stable_function_with_its_opt_in() {
     let e = env().await;
@@ -645,7 +654,9 @@ async fn show_advice_drafts_a_read_of_a_stable_function_with_its_opt_in() {
     let console = e.console().await;
     let q = rows(&console, "SHOW QUERIES").await;
     let read = q.iter().find(|r| r[0].contains("now()")).unwrap_or_else(|| panic!("{q:?}"));
-    assert!(read[10].contains("cached by a rule that sets allow_stable_functions"), "cacheable {read:?}");
+    assert!(read[10].contains("would be cached by a rule that sets allow_stable_functions"), "cacheable {read:?}");
+    let private = q.iter().find(|r| r[0].contains("ops_private")).unwrap_or_else(|| panic!("{q:?}"));
+    assert!(private[10].contains("would be cached by a rule that sets allow_row_security"), "{private:?}");
     assert!(read[15].parse::<f64>().unwrap() >= 0.3, "{read:?}");
     let advice: Vec<String> = rows(&console, "SHOW ADVICE").await.into_iter().map(|r| r[0].clone()).collect();
     let toml = advice.join("\n");
@@ -653,8 +664,11 @@ async fn show_advice_drafts_a_read_of_a_stable_function_with_its_opt_in() {
     let drafted = |needle: &str| toml.split("\n\n").find(|d| d.contains(needle)).unwrap_or_else(|| panic!("{toml}"));
     let stable = drafted("now()");
     assert!(stable.contains("allow_stable_functions = true") && !stable.contains("allow_row_security"), "{toml}");
+    assert!(stable.contains("as it calls a stable function"), "{toml}");
+    // Row security is drafted for the operator to turn on: what a policy reads is not watched.
     let private = drafted("ops_private");
-    assert!(private.contains("allow_row_security = true") && !private.contains("allow_stable"), "{toml}");
+    assert!(private.contains("\n# allow_row_security = true") && !private.contains("\nallow_row"), "{toml}");
+    assert!(!private.contains("allow_stable"), "{toml}");
     std::fs::write(e.dir.path().join("advice.toml"), &toml).unwrap();
     rows(&console, "RELOAD").await;
     text(&app, sql).await;

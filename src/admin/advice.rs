@@ -51,7 +51,9 @@ impl<'c> Judge<'c> {
     /// rule matches are forwarded before what they call or read is looked at, so their own
     /// reason does not say. A read that calls a stable function (`now()`) or reads a table
     /// with row security is judged again under a rule that opts in (`allow_stable_functions`,
-    /// `allow_row_security`): the draft says so, and the operator decides. Anything else (a
+    /// `allow_row_security`): the draft says so, and the operator decides. (It is judged as its
+    /// normalized text, literals replaced: a time word among them, `'today'::date`, is not
+    /// seen here.) Anything else (a
     /// volatile function such as `nextval`, a volatile type, a table the catalog says never
     /// to cache) blocks it. A database whose catalog cannot be read is not judged (once per
     /// command: its queries are taken to be cacheable by a plain rule).
@@ -70,7 +72,7 @@ impl<'c> Judge<'c> {
         // Each opt-in at most once: three verdicts at most.
         loop {
             let mut candidate = Rule::cache("candidate", CANDIDATE_TTL);
-            candidate.allow_stable_functions = judged.stable_functions;
+            candidate.allow_stable_functions = judged.stable.is_some();
             candidate.allow_row_security = judged.row_security;
             let candidate = crate::rules::RuleSet::new(vec![Arc::new(candidate)], 0);
             match policy::assess(&ctx.catalog, &candidate, &target, Some(path)).await {
@@ -78,10 +80,10 @@ impl<'c> Judge<'c> {
                     self.defaults.insert(q.database.clone(), None);
                     return Judged::default();
                 }
-                Assessed::Forward(Reason::StableFunction | Reason::StableBuiltins | Reason::StableType(_))
-                    if !judged.stable_functions =>
+                Assessed::Forward(why @ (Reason::StableFunction | Reason::StableBuiltins | Reason::StableType(_)))
+                    if judged.stable.is_none() =>
                 {
-                    judged.stable_functions = true;
+                    judged.stable = Some(why);
                 }
                 Assessed::Forward(Reason::RowSecurity) if !judged.row_security => judged.row_security = true,
                 Assessed::Forward(why) => return Judged::blocked(why),
@@ -96,8 +98,9 @@ impl<'c> Judge<'c> {
 struct Judged {
     /// Why no rule would cache it.
     blocker: Option<Reason>,
-    /// A rule caches it only if it sets `allow_stable_functions` (it calls a stable function).
-    stable_functions: bool,
+    /// A rule caches it only if it sets `allow_stable_functions`, for this reason (it calls
+    /// a stable function, depends on the time or the session, or evaluates a stable type).
+    stable: Option<Reason>,
     /// ... only if it sets `allow_row_security` (it reads a table with row security).
     row_security: bool,
 }
@@ -110,7 +113,7 @@ impl Judged {
     /// The opt-ins a rule needs, as rule-file keys.
     fn opt_ins(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
-        if self.stable_functions {
+        if self.stable.is_some() {
             out.push("allow_stable_functions");
         }
         if self.row_security {
@@ -241,7 +244,7 @@ pub async fn queries(ctx: &Context) -> ResultSet {
                 _ if q.hits + q.misses > 0 && q.passthrough == 0 => "yes".to_owned(),
                 (Some(reason), Some(blocker)) => format!("{reason}; with a rule: {blocker}"),
                 (Some(reason), None) if !a.judged.opt_ins().is_empty() => {
-                    format!("{reason}; cached by a rule that sets {}", a.judged.opt_ins().join(" and "))
+                    format!("{reason}; would be cached by a rule that sets {}", a.judged.opt_ins().join(" and "))
                 }
                 (Some(reason), None) => reason.to_string(),
                 // (A blocker is looked for only when a reason says a rule is lacking.)
@@ -306,13 +309,18 @@ pub async fn advice(ctx: &Context) -> ResultSet {
         r.row([format!("name = {}", toml::Value::String(format!("advice-{}-{base}", i + 1)))]);
         r.row([format!("match = {{ query = {} }}", toml::Value::String(q.normalized.to_string()))]);
         r.row([format!("ttl = \"{}\"", humantime::format_duration(a.ttl))]);
-        if a.judged.stable_functions {
-            r.row(["# It calls a stable function (now(), current_user, ...): entries keep what it returned when they were filled, for up to the TTL.".to_owned()]);
+        if let Some(why) = &a.judged.stable {
+            r.row([format!(
+                "# Cached only with this opt-in, as it {why}: entries keep what that gave when they were filled, for up to the TTL."
+            )]);
             r.row(["allow_stable_functions = true".to_owned()]);
         }
         if a.judged.row_security {
-            r.row(["# It reads a table with row-level security: entries are kept per role and settings.".to_owned()]);
-            r.row(["allow_row_security = true".to_owned()]);
+            // Left for the operator to turn on: a policy's own reads are not watched.
+            r.row(["# It reads a table with row-level security. Cached only with the opt-in below (entries kept per role and".to_owned()]);
+            r.row(["# settings); what a policy reads besides the table (other tables, functions) is not watched, so a change".to_owned()]);
+            r.row(["# there shows only after the TTL. Uncomment if that is acceptable.".to_owned()]);
+            r.row(["# allow_row_security = true".to_owned()]);
         }
     }
     r

@@ -101,6 +101,11 @@ impl Extended {
                 let p = fe::parse(body).map_err(|_| malformed())?;
                 let sql = std::str::from_utf8(p.sql).map_err(|_| malformed())?;
                 let name = Bytes::copy_from_slice(p.name);
+                // As in Postgres, a Parse into the unnamed statement drops the old one first,
+                // whether or not the new one is refused.
+                if name.is_empty() {
+                    self.statements.remove(&name);
+                }
                 may_add(&self.statements, &name, "prepared statement", SqlState::DUPLICATE_PREPARED_STATEMENT)?;
                 let mut parts = super::console::split(sql).into_iter().map(str::trim).filter(|p| !p.is_empty());
                 let command: Arc<str> = parts.next().unwrap_or("").into();
