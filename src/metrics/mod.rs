@@ -10,6 +10,8 @@
 //!
 //! A leaf: it imports nothing from the crate; every module above records through it.
 
+mod durations;
+
 use std::collections::HashSet;
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString, Unit};
@@ -254,8 +256,9 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     tables: Mutex<HashSet<String>>,
     max_table_labels: usize,
-    /// `pgcache_query_duration_seconds` per outcome, registered once (recorded per statement).
-    durations: [Histogram; 3],
+    /// `pgcache_query_duration_seconds` per outcome, registered once and tallied per thread
+    /// (recorded per statement; see [`durations`]).
+    durations: durations::Durations,
     /// `pgcache_backend_handoffs_total`, registered once (counted per transaction).
     handoffs: Counter,
     /// `pgcache_cache_fills_not_admitted_total`, registered once (counted per miss of a gated
@@ -301,7 +304,11 @@ impl Metrics {
         }
         let duration =
             |o: Outcome| recorder.register_histogram(&Self::key(QUERY_DURATION, &[("outcome", o.as_str())]), &METADATA);
-        let durations = [duration(Outcome::Hit), duration(Outcome::Miss), duration(Outcome::Passthrough)];
+        let durations = durations::Durations::new([
+            duration(Outcome::Hit),
+            duration(Outcome::Miss),
+            duration(Outcome::Passthrough),
+        ]);
         let handoffs = recorder.register_counter(&Self::key(HANDOFFS, &[]), &METADATA);
         let not_admitted = recorder.register_counter(&Self::key(FILLS_NOT_ADMITTED, &[]), &METADATA);
         Metrics { recorder, tables: Mutex::new(HashSet::new()), max_table_labels, durations, handoffs, not_admitted }
@@ -318,9 +325,10 @@ impl Metrics {
         self.handoffs.increment(1);
     }
 
-    /// The duration histogram for statements with this outcome.
-    pub fn query_duration(&self, outcome: Outcome) -> &Histogram {
-        &self.durations[outcome as usize]
+    /// A statement of `outcome` took `seconds` (`pgcache_query_duration_seconds`; in the
+    /// rendered metrics from the next upkeep on).
+    pub fn query_duration(&self, outcome: Outcome, seconds: f64) {
+        self.durations.record(outcome, seconds);
     }
 
     /// Registers the counters of the rule named `rule`.
@@ -379,14 +387,15 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let handle = self.recorder.handle();
-        handle.run_upkeep();
-        handle.render()
+        self.upkeep();
+        self.recorder.handle().render()
     }
 
-    /// Folds recorded histogram samples into their buckets. The exporter keeps every sample
-    /// until this runs, so the server calls it periodically whether or not anyone scrapes.
+    /// Folds recorded histogram samples into their buckets (the statement durations tallied
+    /// per thread first). The exporter keeps every sample until this runs, so the server calls
+    /// it periodically whether or not anyone scrapes.
     pub fn upkeep(&self) {
+        self.durations.drain();
         self.recorder.handle().run_upkeep();
     }
 }
@@ -404,6 +413,40 @@ mod tests {
         assert!(text.contains("pgcache_query_duration_seconds_bucket{outcome=\"hit\",le=\"0.00025\"} 1"), "{text}");
         assert!(text.contains("pgcache_cache_hits_total{rule=\"r\"} 3"), "{text}");
         assert!(text.contains("# HELP pgcache_cache_hits_total Statements answered from the cache"), "{text}");
+    }
+
+    /// Durations tallied per thread render as the exporter renders samples recorded one by
+    /// one: the same buckets, count and sum.
+    #[test]
+    fn tallied_durations_render_as_recorded_ones() {
+        let (tallied, direct) = (Metrics::new(2), Metrics::new(2));
+        let samples = [0.00002, 0.00005, 0.00007, 0.0003, 0.0003, 0.004, 0.7, 12.0];
+        std::thread::scope(|s| {
+            for half in samples.chunks(4) {
+                s.spawn(|| half.iter().for_each(|&v| tallied.query_duration(Outcome::Hit, v)));
+            }
+        });
+        let hits = direct.histogram(QUERY_DURATION, &[("outcome", "hit")]);
+        samples.iter().for_each(|&v| hits.record(v));
+        // (Sorted: the exporter renders the series in no set order.)
+        let lines = |m: &Metrics| {
+            let mut l: Vec<String> = m
+                .render()
+                .lines()
+                .filter(|l| l.starts_with("pgcache_query_duration_seconds"))
+                .map(str::to_owned)
+                .collect();
+            l.sort();
+            l
+        };
+        let (got, want): (Vec<String>, Vec<String>) = (lines(&tallied), lines(&direct));
+        let (sum, rest): (Vec<_>, Vec<_>) = got.iter().partition(|l| l.contains("_sum"));
+        let (want_sum, want_rest): (Vec<_>, Vec<_>) = want.iter().partition(|l| l.contains("_sum"));
+        assert_eq!(rest, want_rest, "buckets and count");
+        assert!(rest.iter().any(|l| l.contains("le=\"0.00005\"} 2")), "{got:?}");
+        let value = |l: &[&String]| l[0].rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+        assert!((value(&sum) - value(&want_sum)).abs() < 1e-9, "{sum:?} {want_sum:?}");
+        assert_eq!(lines(&tallied), got, "drained once, not again at the next render");
     }
 
     #[test]
