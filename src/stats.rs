@@ -267,7 +267,7 @@ impl Stats {
         if error {
             t.errors.fetch_add(1, Ordering::Relaxed);
         }
-        self.metrics.query_duration(o.outcome, elapsed.as_secs_f64());
+        self.metrics.query_duration(o.outcome, elapsed);
         if elapsed >= self.slow && o.outcome != Outcome::Hit {
             // The normalized text only: never parameter values.
             tracing::warn!(duration_ms = elapsed.as_millis() as u64, query = %o.normalized(), "slow statement");

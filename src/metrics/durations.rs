@@ -4,23 +4,27 @@
 //! The exporter's own histogram takes a clock reading and writes two atomics on cache lines
 //! every thread shares for each sample, and keeps the sample until its upkeep: in profiles of
 //! point reads that was 1.25 % of pgcache's CPU, more than any other metric. So samples are
-//! first tallied here, in shards a thread keeps to itself (a count and a sum per bucket and
-//! outcome, behind a lock only its own thread takes between upkeeps), and handed to the
-//! exporter at upkeep — which runs every second and before every render — each bucket's
-//! samples as their mean, that many times. The exporter's bucket counts, count and sum come
-//! out as if each sample had been recorded itself (the mean of samples in a bucket lies in
-//! it); only the samples' order and arrival times within the second are not kept, which the
-//! rendered histogram does not show.
+//! first tallied here, in shards threads take in turn (a count and a sum per bucket and
+//! outcome, behind a lock that, with at least as many shards as the host has CPUs, is mostly
+//! its own thread's), and handed to the exporter at upkeep — about once a second, and at
+//! every scrape — each bucket's samples as their mean, that many times. The exporter's bucket
+//! counts, count and sum come out as if each sample had been recorded itself (the mean of
+//! samples in a bucket lies in it); only the samples' order and arrival times within the
+//! second are not kept, which the rendered histogram does not show. The exporter takes the
+//! samples one by one even then, so the upkeep's work grows with the statements since the
+//! last one: it runs off the runtime's workers (`spawn_blocking`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use metrics::Histogram;
 use parking_lot::Mutex;
 
 use super::{BUCKETS, Outcome};
 
-/// Shards: more than a runtime has worker threads here, so that threads seldom share one.
-const SHARDS: usize = 16;
+/// Shards at least: more than a runtime has worker threads on most hosts (more on hosts with
+/// more CPUs), so that threads seldom share one.
+const MIN_SHARDS: usize = 16;
 
 /// Buckets per outcome: one per bound, and one above the last.
 const SLOTS: usize = BUCKETS.len() + 1;
@@ -49,14 +53,17 @@ pub struct Durations {
 impl Durations {
     /// Tallies for `targets` (hit, miss, pass-through).
     pub fn new(targets: [Histogram; 3]) -> Durations {
-        Durations { shards: (0..SHARDS).map(|_| Shard(Mutex::new(Tally::EMPTY))).collect(), targets }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let shards = cpus.next_power_of_two().max(MIN_SHARDS);
+        Durations { shards: (0..shards).map(|_| Shard(Mutex::new(Tally::EMPTY))).collect(), targets }
     }
 
-    /// One statement of `outcome` that took `seconds`.
-    pub fn record(&self, outcome: Outcome, seconds: f64) {
+    /// One statement of `outcome` that took `took`.
+    pub fn record(&self, outcome: Outcome, took: Duration) {
+        let seconds = took.as_secs_f64();
         // A bucket counts the samples up to its bound (Prometheus's `le`).
         let slot = BUCKETS.partition_point(|&bound| bound < seconds);
-        let mut tally = self.shards[shard()].0.lock();
+        let mut tally = self.shards[shard() % self.shards.len()].0.lock();
         tally.counts[outcome as usize][slot] += 1;
         tally.sums[outcome as usize][slot] += seconds;
     }
@@ -85,11 +92,11 @@ fn mean_in(slot: usize, mean: f64) -> f64 {
     mean.clamp(above, up_to)
 }
 
-/// This thread's shard: threads take them in turn as they first record.
+/// This thread's turn among the threads that record (its shard, modulo their number).
 fn shard() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed);
     }
     SHARD.with(|s| *s)
 }
@@ -97,6 +104,11 @@ fn shard() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buckets_rise() {
+        assert!(BUCKETS.windows(2).all(|w| w[0] < w[1]), "mean_in clamps between neighbours");
+    }
 
     #[test]
     fn a_bucket_keeps_the_mean_of_its_samples_inside_it() {

@@ -325,10 +325,10 @@ impl Metrics {
         self.handoffs.increment(1);
     }
 
-    /// A statement of `outcome` took `seconds` (`pgcache_query_duration_seconds`; in the
+    /// A statement of `outcome` took `took` (`pgcache_query_duration_seconds`; in the
     /// rendered metrics from the next upkeep on).
-    pub fn query_duration(&self, outcome: Outcome, seconds: f64) {
-        self.durations.record(outcome, seconds);
+    pub fn query_duration(&self, outcome: Outcome, took: std::time::Duration) {
+        self.durations.record(outcome, took);
     }
 
     /// Registers the counters of the rule named `rule`.
@@ -419,15 +419,16 @@ mod tests {
     /// one: the same buckets, count and sum.
     #[test]
     fn tallied_durations_render_as_recorded_ones() {
+        use std::time::Duration;
         let (tallied, direct) = (Metrics::new(2), Metrics::new(2));
         let samples = [0.00002, 0.00005, 0.00007, 0.0003, 0.0003, 0.004, 0.7, 12.0];
         std::thread::scope(|s| {
             for half in samples.chunks(4) {
-                s.spawn(|| half.iter().for_each(|&v| tallied.query_duration(Outcome::Hit, v)));
+                s.spawn(|| half.iter().for_each(|&v| tallied.query_duration(Outcome::Hit, Duration::from_secs_f64(v))));
             }
         });
         let hits = direct.histogram(QUERY_DURATION, &[("outcome", "hit")]);
-        samples.iter().for_each(|&v| hits.record(v));
+        samples.iter().for_each(|&v| hits.record(Duration::from_secs_f64(v).as_secs_f64()));
         // (Sorted: the exporter renders the series in no set order.)
         let lines = |m: &Metrics| {
             let mut l: Vec<String> = m

@@ -285,7 +285,10 @@ async fn maintain(ctx: Arc<Context>) {
                 tracing::debug!(took = ?started.elapsed(), entries = ctx.store.len(), "cache swept");
             }
         }
-        ctx.stats.metrics.upkeep();
+        // Off the workers, as the sweep: it hands the exporter every statement duration
+        // tallied since the last one (crate::metrics::durations).
+        let c = ctx.clone();
+        let _ = tokio::task::spawn_blocking(move || c.stats.metrics.upkeep()).await;
         trimmer.tick(ctx.clients.churn(), tokio::time::Instant::now());
     }
 }
