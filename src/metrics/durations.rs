@@ -1,26 +1,25 @@
 //! The statement-duration histograms (`pgcache_query_duration_seconds`), recorded for every
 //! statement by every worker thread at once.
 //!
-//! The exporter's own histogram takes a clock reading and writes two atomics on cache lines
-//! every thread shares for each sample, and keeps the sample until its upkeep: in profiles of
-//! point reads that was 1.25 % of pgcache's CPU, more than any other metric. So samples are
-//! first tallied here, in shards threads take in turn (a count and a sum per bucket and
-//! outcome, behind a lock that, with at least as many shards as the host has CPUs, is mostly
-//! its own thread's), and handed to the exporter at upkeep — about once a second, and at
-//! every scrape — each bucket's samples as their mean, that many times. The exporter's bucket
-//! counts, count and sum come out as if each sample had been recorded itself (the mean of
-//! samples in a bucket lies in it); only the samples' order and arrival times within the
-//! second are not kept, which the rendered histogram does not show. The exporter takes the
-//! samples one by one even then, so the upkeep's work grows with the statements since the
-//! last one: it runs off the runtime's workers (`spawn_blocking`).
+//! The exporter's histogram takes a clock reading and writes two atomics on cache lines every
+//! thread shares for each sample, and keeps every sample until its upkeep folds them into
+//! buckets: in profiles of point reads that was 1.25 % of pgcache's CPU, more than any other
+//! metric, and an upkeep's work (and memory: 16 bytes a sample) grew with the traffic since the
+//! last one. So these histograms are kept here instead, as Prometheus defines them — a count
+//! per bucket, a sum and a count per outcome — and rendered beside the exporter's output.
+//! Each thread adds its samples in a shard it mostly has to itself (threads take shards in
+//! turn; there are at least as many as the host has CPUs), behind a lock; at upkeep (about
+//! once a second) and at every scrape the shards are folded into the totals: fixed work, fixed
+//! memory, whatever the traffic. Buckets, sums and counts come out as if each sample had been
+//! recorded one by one.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use metrics::Histogram;
 use parking_lot::Mutex;
 
-use super::{BUCKETS, Outcome};
+use super::{BUCKETS, Outcome, QUERY_DURATION};
 
 /// Shards at least: more than a runtime has worker threads on most hosts (more on hosts with
 /// more CPUs), so that threads seldom share one.
@@ -29,35 +28,51 @@ const MIN_SHARDS: usize = 16;
 /// Buckets per outcome: one per bound, and one above the last.
 const SLOTS: usize = BUCKETS.len() + 1;
 
-/// The samples one shard holds since the last upkeep, per outcome and bucket.
+/// The outcomes, in the order their histograms are rendered.
+const OUTCOMES: [Outcome; 3] = [Outcome::Hit, Outcome::Miss, Outcome::Passthrough];
+
+/// Samples per outcome and bucket (not cumulative), and their sum per outcome.
 #[derive(Clone, Copy)]
 struct Tally {
     counts: [[u64; SLOTS]; 3],
-    sums: [[f64; SLOTS]; 3],
+    sums: [f64; 3],
 }
 
 impl Tally {
-    const EMPTY: Tally = Tally { counts: [[0; SLOTS]; 3], sums: [[0.0; SLOTS]; 3] };
+    const EMPTY: Tally = Tally { counts: [[0; SLOTS]; 3], sums: [0.0; 3] };
+
+    fn add(&mut self, other: &Tally) {
+        for o in 0..3 {
+            for slot in 0..SLOTS {
+                self.counts[o][slot] += other.counts[o][slot];
+            }
+            self.sums[o] += other.sums[o];
+        }
+    }
 }
 
 /// A shard on a cache line of its own.
 #[repr(align(128))]
 struct Shard(Mutex<Tally>);
 
-/// The tallies of the three outcomes' histograms, and the exporter's histograms they go to.
+/// The three outcomes' histograms: what the shards hold since the last fold, and the totals.
 pub struct Durations {
     shards: Box<[Shard]>,
-    targets: [Histogram; 3],
+    totals: Mutex<Tally>,
+}
+
+impl Default for Durations {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let shards = cpus.next_power_of_two().max(MIN_SHARDS);
+        Durations {
+            shards: (0..shards).map(|_| Shard(Mutex::new(Tally::EMPTY))).collect(),
+            totals: Mutex::new(Tally::EMPTY),
+        }
+    }
 }
 
 impl Durations {
-    /// Tallies for `targets` (hit, miss, pass-through).
-    pub fn new(targets: [Histogram; 3]) -> Durations {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let shards = cpus.next_power_of_two().max(MIN_SHARDS);
-        Durations { shards: (0..shards).map(|_| Shard(Mutex::new(Tally::EMPTY))).collect(), targets }
-    }
-
     /// One statement of `outcome` that took `took`.
     pub fn record(&self, outcome: Outcome, took: Duration) {
         let seconds = took.as_secs_f64();
@@ -65,31 +80,37 @@ impl Durations {
         let slot = BUCKETS.partition_point(|&bound| bound < seconds);
         let mut tally = self.shards[shard() % self.shards.len()].0.lock();
         tally.counts[outcome as usize][slot] += 1;
-        tally.sums[outcome as usize][slot] += seconds;
+        tally.sums[outcome as usize] += seconds;
     }
 
-    /// Hands every tallied sample to the exporter's histograms.
-    pub fn drain(&self) {
+    /// Folds what the shards hold into the totals.
+    pub fn fold(&self) {
+        let mut totals = self.totals.lock();
         for shard in self.shards.iter() {
             let tally = std::mem::replace(&mut *shard.0.lock(), Tally::EMPTY);
-            for (outcome, target) in self.targets.iter().enumerate() {
-                for slot in 0..SLOTS {
-                    let n = tally.counts[outcome][slot];
-                    if n > 0 {
-                        target.record_many(mean_in(slot, tally.sums[outcome][slot] / n as f64), n as usize);
-                    }
-                }
-            }
+            totals.add(&tally);
         }
     }
-}
 
-/// `mean` kept inside bucket `slot` (rounding could put the mean of samples at a bound just
-/// past it).
-fn mean_in(slot: usize, mean: f64) -> f64 {
-    let above = if slot == 0 { f64::NEG_INFINITY } else { BUCKETS[slot - 1].next_up() };
-    let up_to = BUCKETS.get(slot).copied().unwrap_or(f64::INFINITY);
-    mean.clamp(above, up_to)
+    /// The histograms in Prometheus's text format, with `help` (folded first).
+    pub fn render(&self, help: &str, out: &mut String) {
+        self.fold();
+        let totals = *self.totals.lock();
+        let name = QUERY_DURATION;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for outcome in OUTCOMES {
+            let (o, label) = (outcome as usize, outcome.as_str());
+            let mut cumulative = 0;
+            for (slot, n) in totals.counts[o].iter().enumerate() {
+                cumulative += n;
+                let le = BUCKETS.get(slot).map_or_else(|| "+Inf".to_owned(), f64::to_string);
+                let _ = writeln!(out, "{name}_bucket{{outcome=\"{label}\",le=\"{le}\"}} {cumulative}");
+            }
+            let _ = writeln!(out, "{name}_sum{{outcome=\"{label}\"}} {}", totals.sums[o]);
+            let _ = writeln!(out, "{name}_count{{outcome=\"{label}\"}} {cumulative}");
+        }
+        out.push('\n');
+    }
 }
 
 /// This thread's turn among the threads that record (its shard, modulo their number).
@@ -105,17 +126,46 @@ fn shard() -> usize {
 mod tests {
     use super::*;
 
+    /// Samples recorded from several threads render as Prometheus defines a histogram:
+    /// cumulative buckets (a sample on a bound counted in it), sum, count; and a second render
+    /// counts nothing twice.
     #[test]
-    fn buckets_rise() {
-        assert!(BUCKETS.windows(2).all(|w| w[0] < w[1]), "mean_in clamps between neighbours");
+    fn samples_render_as_a_prometheus_histogram() {
+        let d = Durations::default();
+        let samples = [0.00002, 0.00005, 0.00007, 0.0003, 0.0003, 0.004, 0.7, 12.0];
+        std::thread::scope(|s| {
+            for half in samples.chunks(4) {
+                s.spawn(|| half.iter().for_each(|&v| d.record(Outcome::Hit, Duration::from_secs_f64(v))));
+            }
+        });
+        d.record(Outcome::Miss, Duration::from_millis(3));
+        let mut text = String::new();
+        d.render("help", &mut text);
+        let value = |series: &str| -> f64 {
+            let line = text.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("{series}: {text}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        let bucket = |le: &str| value(&format!("{QUERY_DURATION}_bucket{{outcome=\"hit\",le=\"{le}\"}} "));
+        assert_eq!(bucket("0.00005"), 2.0, "a sample on the bound is in its bucket");
+        assert_eq!(bucket("0.0001"), 3.0);
+        assert_eq!(bucket("0.0005"), 5.0);
+        assert_eq!(bucket("0.005"), 6.0);
+        assert_eq!(bucket("1"), 7.0);
+        assert_eq!(bucket("10"), 7.0);
+        assert_eq!(bucket("+Inf"), 8.0);
+        assert_eq!(value(&format!("{QUERY_DURATION}_count{{outcome=\"hit\"}} ")), 8.0);
+        let sum: f64 = samples.iter().sum();
+        assert!((value(&format!("{QUERY_DURATION}_sum{{outcome=\"hit\"}} ")) - sum).abs() < 1e-9, "{text}");
+        assert_eq!(value(&format!("{QUERY_DURATION}_count{{outcome=\"miss\"}} ")), 1.0);
+        assert_eq!(value(&format!("{QUERY_DURATION}_count{{outcome=\"passthrough\"}} ")), 0.0);
+        assert!(text.starts_with(&format!("# HELP {QUERY_DURATION} help\n# TYPE {QUERY_DURATION} histogram\n")));
+        let mut again = String::new();
+        d.render("help", &mut again);
+        assert_eq!(again, text, "folded once");
     }
 
     #[test]
-    fn a_bucket_keeps_the_mean_of_its_samples_inside_it() {
-        assert_eq!(mean_in(0, 0.00005), 0.00005);
-        assert_eq!(mean_in(1, 0.00005), 0.00005f64.next_up(), "a bound belongs to the bucket below");
-        assert_eq!(mean_in(2, 0.00011), 0.00011);
-        assert_eq!(mean_in(SLOTS - 1, 30.0), 30.0);
-        assert_eq!(mean_in(SLOTS - 1, 10.0), 10.0f64.next_up());
+    fn buckets_rise() {
+        assert!(BUCKETS.windows(2).all(|w| w[0] < w[1]));
     }
 }

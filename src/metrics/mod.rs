@@ -256,8 +256,8 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     tables: Mutex<HashSet<String>>,
     max_table_labels: usize,
-    /// `pgcache_query_duration_seconds` per outcome, registered once and tallied per thread
-    /// (recorded per statement; see [`durations`]).
+    /// `pgcache_query_duration_seconds` per outcome, recorded per statement: kept and rendered
+    /// by [`durations`], not the exporter.
     durations: durations::Durations,
     /// `pgcache_backend_handoffs_total`, registered once (counted per transaction).
     handoffs: Counter,
@@ -293,7 +293,8 @@ impl Metrics {
             }
         }
         let recorder = builder.build_recorder();
-        for (name, kind, help) in ALL {
+        // (The statement durations are kept and rendered by `durations`, not the exporter.)
+        for (name, kind, help) in ALL.iter().filter(|(name, ..)| *name != QUERY_DURATION) {
             let help = SharedString::from(*help);
             let key = (*name).into();
             match kind {
@@ -302,13 +303,7 @@ impl Metrics {
                 Kind::Histogram => recorder.describe_histogram(key, Some(Unit::Seconds), help),
             }
         }
-        let duration =
-            |o: Outcome| recorder.register_histogram(&Self::key(QUERY_DURATION, &[("outcome", o.as_str())]), &METADATA);
-        let durations = durations::Durations::new([
-            duration(Outcome::Hit),
-            duration(Outcome::Miss),
-            duration(Outcome::Passthrough),
-        ]);
+        let durations = durations::Durations::default();
         let handoffs = recorder.register_counter(&Self::key(HANDOFFS, &[]), &METADATA);
         let not_admitted = recorder.register_counter(&Self::key(FILLS_NOT_ADMITTED, &[]), &METADATA);
         Metrics { recorder, tables: Mutex::new(HashSet::new()), max_table_labels, durations, handoffs, not_admitted }
@@ -325,8 +320,7 @@ impl Metrics {
         self.handoffs.increment(1);
     }
 
-    /// A statement of `outcome` took `took` (`pgcache_query_duration_seconds`; in the
-    /// rendered metrics from the next upkeep on).
+    /// A statement of `outcome` took `took` (`pgcache_query_duration_seconds`).
     pub fn query_duration(&self, outcome: Outcome, took: std::time::Duration) {
         self.durations.record(outcome, took);
     }
@@ -387,15 +381,19 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        self.upkeep();
-        self.recorder.handle().render()
+        let handle = self.recorder.handle();
+        handle.run_upkeep();
+        let mut text = handle.render();
+        let help = ALL.iter().find(|(name, ..)| *name == QUERY_DURATION).map_or("", |(.., help)| *help);
+        self.durations.render(help, &mut text);
+        text
     }
 
-    /// Folds recorded histogram samples into their buckets (the statement durations tallied
-    /// per thread first). The exporter keeps every sample until this runs, so the server calls
-    /// it periodically whether or not anyone scrapes.
+    /// Folds recorded histogram samples into their buckets. The exporter keeps every sample
+    /// until this runs, so the server calls it periodically whether or not anyone scrapes (and
+    /// the statement durations' shards are folded too).
     pub fn upkeep(&self) {
-        self.durations.drain();
+        self.durations.fold();
         self.recorder.handle().run_upkeep();
     }
 }
@@ -407,47 +405,18 @@ mod tests {
     #[test]
     fn histograms_render_as_histograms_and_help_is_present() {
         let m = Metrics::new(2);
-        m.histogram(QUERY_DURATION, &[("outcome", "hit")]).record(0.0002);
+        m.query_duration(Outcome::Hit, std::time::Duration::from_micros(200));
+        m.histogram(POOL_WAIT, &[("database", "d"), ("user", "u")]).record(0.0002);
         m.counter(CACHE_HITS, &[("rule", "r")]).increment(3);
         let text = m.render();
         assert!(text.contains("pgcache_query_duration_seconds_bucket{outcome=\"hit\",le=\"0.00025\"} 1"), "{text}");
+        assert!(
+            text.contains("pgcache_pool_wait_seconds_bucket{database=\"d\",user=\"u\",le=\"0.00025\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("pgcache_cache_hits_total{rule=\"r\"} 3"), "{text}");
         assert!(text.contains("# HELP pgcache_cache_hits_total Statements answered from the cache"), "{text}");
-    }
-
-    /// Durations tallied per thread render as the exporter renders samples recorded one by
-    /// one: the same buckets, count and sum.
-    #[test]
-    fn tallied_durations_render_as_recorded_ones() {
-        use std::time::Duration;
-        let (tallied, direct) = (Metrics::new(2), Metrics::new(2));
-        let samples = [0.00002, 0.00005, 0.00007, 0.0003, 0.0003, 0.004, 0.7, 12.0];
-        std::thread::scope(|s| {
-            for half in samples.chunks(4) {
-                s.spawn(|| half.iter().for_each(|&v| tallied.query_duration(Outcome::Hit, Duration::from_secs_f64(v))));
-            }
-        });
-        let hits = direct.histogram(QUERY_DURATION, &[("outcome", "hit")]);
-        samples.iter().for_each(|&v| hits.record(Duration::from_secs_f64(v).as_secs_f64()));
-        // (Sorted: the exporter renders the series in no set order.)
-        let lines = |m: &Metrics| {
-            let mut l: Vec<String> = m
-                .render()
-                .lines()
-                .filter(|l| l.starts_with("pgcache_query_duration_seconds"))
-                .map(str::to_owned)
-                .collect();
-            l.sort();
-            l
-        };
-        let (got, want): (Vec<String>, Vec<String>) = (lines(&tallied), lines(&direct));
-        let (sum, rest): (Vec<_>, Vec<_>) = got.iter().partition(|l| l.contains("_sum"));
-        let (want_sum, want_rest): (Vec<_>, Vec<_>) = want.iter().partition(|l| l.contains("_sum"));
-        assert_eq!(rest, want_rest, "buckets and count");
-        assert!(rest.iter().any(|l| l.contains("le=\"0.00005\"} 2")), "{got:?}");
-        let value = |l: &[&String]| l[0].rsplit(' ').next().unwrap().parse::<f64>().unwrap();
-        assert!((value(&sum) - value(&want_sum)).abs() < 1e-9, "{sum:?} {want_sum:?}");
-        assert_eq!(lines(&tallied), got, "drained once, not again at the next render");
+        assert_eq!(text.matches("# TYPE pgcache_query_duration_seconds histogram").count(), 1, "{text}");
     }
 
     #[test]

@@ -285,10 +285,7 @@ async fn maintain(ctx: Arc<Context>) {
                 tracing::debug!(took = ?started.elapsed(), entries = ctx.store.len(), "cache swept");
             }
         }
-        // Off the workers, as the sweep: it hands the exporter every statement duration
-        // tallied since the last one (crate::metrics::durations).
-        let c = ctx.clone();
-        let _ = tokio::task::spawn_blocking(move || c.stats.metrics.upkeep()).await;
+        ctx.stats.metrics.upkeep();
         trimmer.tick(ctx.clients.churn(), tokio::time::Instant::now());
     }
 }
