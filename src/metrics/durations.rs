@@ -10,8 +10,8 @@
 //! Each thread adds its samples in a shard it mostly has to itself (threads take shards in
 //! turn; there are at least as many as the host has CPUs), behind a lock; at upkeep (about
 //! once a second) and at every scrape the shards are folded into the totals: fixed work, fixed
-//! memory, whatever the traffic. Buckets, sums and counts come out as if each sample had been
-//! recorded one by one.
+//! memory, whatever the traffic. Buckets and counts come out as if each sample had been
+//! recorded one by one, and sums up to the last bits (the additions run in another order).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,21 +28,28 @@ const MIN_SHARDS: usize = 16;
 /// Buckets per outcome: one per bound, and one above the last.
 const SLOTS: usize = BUCKETS.len() + 1;
 
-/// The outcomes, in the order their histograms are rendered.
+/// The outcomes, in the order their histograms are rendered (each at its index).
 const OUTCOMES: [Outcome; 3] = [Outcome::Hit, Outcome::Miss, Outcome::Passthrough];
+const _: () = assert!(
+    Outcome::Hit as usize == 0 && Outcome::Miss as usize == 1 && Outcome::Passthrough as usize == 2,
+    "every outcome has its index in OUTCOMES"
+);
+
+/// How many outcomes there are.
+const N: usize = OUTCOMES.len();
 
 /// Samples per outcome and bucket (not cumulative), and their sum per outcome.
 #[derive(Clone, Copy)]
 struct Tally {
-    counts: [[u64; SLOTS]; 3],
-    sums: [f64; 3],
+    counts: [[u64; SLOTS]; N],
+    sums: [f64; N],
 }
 
 impl Tally {
-    const EMPTY: Tally = Tally { counts: [[0; SLOTS]; 3], sums: [0.0; 3] };
+    const EMPTY: Tally = Tally { counts: [[0; SLOTS]; N], sums: [0.0; N] };
 
     fn add(&mut self, other: &Tally) {
-        for o in 0..3 {
+        for o in 0..N {
             for slot in 0..SLOTS {
                 self.counts[o][slot] += other.counts[o][slot];
             }
@@ -51,7 +58,7 @@ impl Tally {
     }
 }
 
-/// A shard on a cache line of its own.
+/// A shard on cache lines of its own.
 #[repr(align(128))]
 struct Shard(Mutex<Tally>);
 

@@ -6,7 +6,8 @@
 //! through it, rather than installing the `metrics` crate's process-wide global recorder: many
 //! servers can then run in one process (as the tests do) with separate counts. Histograms use
 //! explicit buckets, rendered as real Prometheus histograms (summaries cannot be aggregated
-//! across the replicas of a sidecar).
+//! across the replicas of a sidecar). One family is kept and rendered by pgcache itself, the
+//! statement durations, recorded for every statement ([`durations`] says why).
 //!
 //! A leaf: it imports nothing from the crate; every module above records through it.
 
@@ -286,7 +287,7 @@ impl Metrics {
     pub fn new(max_table_labels: usize) -> Self {
         let mut builder = PrometheusBuilder::new();
         for (name, kind, _) in ALL {
-            if *kind == Kind::Histogram {
+            if *kind == Kind::Histogram && *name != QUERY_DURATION {
                 builder = builder
                     .set_buckets_for_metric(Matcher::Full((*name).to_owned()), BUCKETS)
                     .expect("the bucket list is not empty");
@@ -348,6 +349,8 @@ impl Metrics {
     }
 
     pub fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+        // Its family is rendered by `durations`: the exporter would render it a second time.
+        debug_assert_ne!(name, QUERY_DURATION, "statement durations go through query_duration");
         self.recorder.register_histogram(&Self::key(name, labels), &METADATA)
     }
 
@@ -419,6 +422,37 @@ mod tests {
         assert_eq!(text.matches("# TYPE pgcache_query_duration_seconds histogram").count(), 1, "{text}");
     }
 
+    /// The durations pgcache renders itself and a histogram the exporter renders, fed the same
+    /// samples, give the same buckets (as `le` strings), sum and count.
+    #[test]
+    fn durations_render_as_the_exporter_renders_a_histogram() {
+        use std::collections::BTreeMap;
+        use std::time::Duration;
+        let m = Metrics::new(2);
+        let exporter = m.histogram(POOL_WAIT, &[("database", "d"), ("user", "u")]);
+        for v in [0.00002, 0.00005, 0.00007, 0.0003, 0.004, 0.7, 2.5, 12.0] {
+            let took = Duration::from_secs_f64(v);
+            m.query_duration(Outcome::Miss, took);
+            exporter.record(took.as_secs_f64());
+        }
+        let text = m.render();
+        // Each series of a family (whose lines contain `only`) as (suffix, `le`) -> value.
+        let family = |prefix: &str, only: &str| -> BTreeMap<(String, String), String> {
+            text.lines()
+                .filter(|l| l.starts_with(prefix) && l.contains(only))
+                .map(|l| {
+                    let (series, value) = l.rsplit_once(' ').unwrap();
+                    let suffix = series[prefix.len()..].split('{').next().unwrap().to_owned();
+                    let le = series.split("le=\"").nth(1).map_or("", |r| r.split('"').next().unwrap()).to_owned();
+                    ((suffix, le), value.to_owned())
+                })
+                .collect()
+        };
+        let ours = family(QUERY_DURATION, "outcome=\"miss\"");
+        assert_eq!(ours.len(), BUCKETS.len() + 3, "{text}");
+        assert_eq!(ours, family(POOL_WAIT, "database=\"d\""), "{text}");
+    }
+
     #[test]
     fn table_labels_are_capped() {
         let m = Metrics::new(2);
@@ -433,6 +467,8 @@ mod tests {
         let mut seen = HashSet::new();
         for (name, _, help) in ALL {
             assert!(name.starts_with("pgcache_") && seen.insert(*name) && !help.is_empty());
+            // (Written as they are where pgcache renders a family itself: nothing to escape.)
+            assert!(!help.contains(['\\', '\n']), "{name}");
         }
     }
 }
