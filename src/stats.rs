@@ -199,17 +199,13 @@ struct Written {
 /// can choose): foldhash, seeded at random per map.
 type Hashed = foldhash::fast::RandomState;
 
-/// Hashes reads no rule caches ([`read_hash`]), as [`Key::hashed`](crate::cache::Key::hashed)
-/// hashes cache keys.
-static KEY_STATE: std::sync::LazyLock<foldhash::quality::RandomState> = std::sync::LazyLock::new(Default::default);
-
 /// A hash of a read no rule caches — its database, user, text and parameters' values —
 /// standing for its key in the advisor's count of distinct keys (there is no cache key to
 /// hash). The rest of a cache key (settings, `SET ROLE`, formats) is left out: roles switched
 /// within a session count as one.
 pub fn read_hash(database: &str, user: &str, sql: &str, params: &[Option<bytes::Bytes>]) -> u64 {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    let mut h = KEY_STATE.build_hasher();
+    use std::hash::{Hash, Hasher};
+    let mut h = crate::cache::key::hasher();
     (database, user, sql).hash(&mut h);
     params.hash(&mut h);
     h.finish()

@@ -71,6 +71,13 @@ impl Key {
 
 static KEY_STATE: std::sync::LazyLock<foldhash::quality::RandomState> = std::sync::LazyLock::new(Default::default);
 
+/// A hasher seeded as cache keys are hashed ([`Key::hashed`]), for what stands for a key where
+/// there is none (the statistics' hash of a read no rule caches).
+pub fn hasher() -> foldhash::quality::FoldHasher<'static> {
+    use std::hash::BuildHasher;
+    KEY_STATE.build_hasher()
+}
+
 impl PartialEq for Key {
     fn eq(&self, other: &Self) -> bool {
         self.hash == other.hash && self.bytes == other.bytes
