@@ -53,10 +53,10 @@ impl<'c> Judge<'c> {
     /// with row security is judged again under a rule that opts in (`allow_stable_functions`,
     /// `allow_row_security`): the draft says so, and the operator decides. (It is judged as its
     /// normalized text, literals replaced: a time word among them, `'today'::date`, is not
-    /// seen here.) Anything else (a
-    /// volatile function such as `nextval`, a volatile type, a table the catalog says never
-    /// to cache) blocks it. A database whose catalog cannot be read is not judged (once per
-    /// command: its queries are taken to be cacheable by a plain rule).
+    /// seen here.) Anything else (a volatile function such as `nextval`, a volatile type, a
+    /// table the catalog says never to cache) blocks it. A database whose catalog cannot be
+    /// read is not judged (once per command: its queries are taken to be cacheable by a plain
+    /// rule).
     async fn judge(&mut self, q: &QueryStat) -> Judged {
         let ctx = self.ctx;
         if !self.defaults.contains_key(&q.database) {
@@ -229,6 +229,7 @@ pub async fn queries(ctx: &Context) -> ResultSet {
     for q in ctx.stats.queries() {
         let a = assess(&mut judge, &q, &writes).await;
         let total_ms = q.total.as_secs_f64() * 1000.0;
+        let opt_ins = a.judged.opt_ins();
         r.rows.push(vec![
             Some(q.normalized.to_string()),
             Some(q.calls.to_string()),
@@ -243,8 +244,8 @@ pub async fn queries(ctx: &Context) -> ResultSet {
             Some(match (&q.reason, &a.judged.blocker) {
                 _ if q.hits + q.misses > 0 && q.passthrough == 0 => "yes".to_owned(),
                 (Some(reason), Some(blocker)) => format!("{reason}; with a rule: {blocker}"),
-                (Some(reason), None) if !a.judged.opt_ins().is_empty() => {
-                    format!("{reason}; would be cached by a rule that sets {}", a.judged.opt_ins().join(" and "))
+                (Some(reason), None) if !opt_ins.is_empty() => {
+                    format!("{reason}; would be cached by a rule that sets {}", opt_ins.join(" and "))
                 }
                 (Some(reason), None) => reason.to_string(),
                 // (A blocker is looked for only when a reason says a rule is lacking.)

@@ -60,12 +60,10 @@ impl<'a> Control<'a> {
             ["SAVEPOINT", _] => Control::Savepoint(words[1]),
             ["RELEASE", "SAVEPOINT", _] => Control::Release(words[2]),
             ["RELEASE", _] => Control::Release(words[1]),
-            ["ROLLBACK", "TO", "SAVEPOINT", _] | ["ROLLBACK", "WORK" | "TRANSACTION", "TO", "SAVEPOINT", _] => {
-                Control::RollbackTo(words[words.len() - 1])
-            }
-            ["ROLLBACK", "TO", _] | ["ROLLBACK", "WORK" | "TRANSACTION", "TO", _] => {
-                Control::RollbackTo(words[words.len() - 1])
-            }
+            ["ROLLBACK", "TO", "SAVEPOINT", _]
+            | ["ROLLBACK", "WORK" | "TRANSACTION", "TO", "SAVEPOINT", _]
+            | ["ROLLBACK", "TO", _]
+            | ["ROLLBACK", "WORK" | "TRANSACTION", "TO", _] => Control::RollbackTo(words[words.len() - 1]),
             [verb @ ("COMMIT" | "END" | "ROLLBACK" | "ABORT"), rest @ ..] => {
                 let rest = match rest {
                     ["WORK" | "TRANSACTION", rest @ ..] => rest,
